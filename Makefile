@@ -1,0 +1,35 @@
+# The two commands that set up everything on a fresh machine:
+#   make demo   run one job through the whole fleet on small local models
+#   make test   run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test redis bench small-models clean
+
+# Reinstall when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+redis:
+	scripts/ensure-redis
+
+small-models: $(STAMP)
+	$(PY) -m worker.small_models --out var/small-models
+
+demo: $(STAMP) redis
+	$(PY) scripts/demo.py
+
+test: $(STAMP) redis
+	$(PY) -m pytest
+
+bench: $(STAMP) redis
+	$(PY) bench/enqueue.py
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf var .pytest_cache

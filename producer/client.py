@@ -1,0 +1,216 @@
+"""The Python SDK backends use to submit jobs and learn their outcome.
+
+    client = Client()                                   # settings from FLEET_* variables
+    job = client.submit({"model": "z-image-turbo", "prompt": "a red fox", "width": 512, "height": 512})
+    record = job.wait(timeout_s=120)                    # JobRecord, terminal
+    for out in job.result():                            # presigned URLs of the outputs
+        print(out.url)
+
+Errors are those of ``routing.errors`` (``InvalidRequest``, ``NotFound``, ``Conflict``,
+``Unavailable``, ``JobNotSucceeded``, ``WaitTimeout``), all ``FleetError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from routing.celery_config import RUN_JOB_TASK, make_celery
+from routing.decision import route
+from routing.errors import Conflict, JobNotSucceeded, Unavailable, WaitTimeout
+from routing.jobs import JobRecord, JobStatus, JobStore
+from routing.keys import Keys
+from routing.schemas import RequestBase, parse_request
+from routing.settings import Settings, get_settings
+from routing.storage import Storage, make_storage
+
+ProgressCallback = Callable[[JobRecord], None]
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    key: str
+    url: str
+    content_type: str
+    size_bytes: int
+    width: int | None
+    height: int | None
+
+
+class Client:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        redis_client: redis.Redis | None = None,
+        celery_app: Celery | None = None,
+        storage: Storage | None = None,
+    ):
+        self.settings = settings or get_settings()
+        self._redis = redis_client or redis.Redis.from_url(self.settings.redis_url)
+        self._celery = celery_app or make_celery(self.settings)
+        self._storage = storage
+        self.keys = Keys(self.settings.key_prefix)
+        self.store = JobStore(self._redis, self.keys, ttl_s=self.settings.job_ttl_s)
+
+    @property
+    def storage(self) -> Storage:
+        # Built on first use: a backend that only submits never needs storage credentials.
+        if self._storage is None:
+            self._storage = make_storage(self.settings)
+        return self._storage
+
+    def submit(self, request: Mapping[str, Any] | RequestBase, idempotency_key: str | None = None) -> Job:
+        """Validate, route and queue ``request``. Nothing is queued when it raises.
+
+        With ``idempotency_key``, a second submit of the same request returns the first job;
+        the same key with another request raises ``Conflict``.
+        """
+        parsed = parse_request(request)
+        destination = route(parsed)
+        request_json = parsed.model_dump_json()
+        request_hash = hashlib.sha256(request_json.encode()).hexdigest()
+        job_id = uuid.uuid4().hex
+        with _redis_errors():
+            created, found_id = self.store.create(
+                job_id=job_id,
+                model=parsed.model,
+                kind=parsed.kind.value,
+                request_json=request_json,
+                queue=destination.queue,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+            )
+            if not created:
+                if self.store.request_hash(found_id) != request_hash:
+                    raise Conflict(f"idempotency key {idempotency_key!r} was used for another request")
+                return Job(self, found_id)
+        try:
+            self._celery.send_task(RUN_JOB_TASK, args=[job_id], queue=destination.queue, task_id=job_id)
+        except Exception as exc:
+            # The record exists but no message does: fail it so no one waits on it forever, and
+            # free the idempotency key so the caller's retry can succeed.
+            with _redis_errors():
+                self.store.transition(job_id, JobStatus.FAILED, error={"type": "enqueue", "message": str(exc)})
+                if idempotency_key:
+                    self._redis.delete(self.keys.idempotency(idempotency_key))
+            raise Unavailable(f"could not queue the job: {exc}") from exc
+        return Job(self, job_id)
+
+    def status(self, job_id: str) -> JobRecord:
+        with _redis_errors():
+            return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel: a queued job never runs, a running one stops at its next step. A finished job
+        is returned unchanged."""
+        with _redis_errors():
+            self.store.cancel(job_id)
+            return self.store.get(job_id)
+
+    def wait(
+        self, job_id: str, timeout_s: float | None = None, on_progress: ProgressCallback | None = None
+    ) -> JobRecord:
+        """Block until the job is terminal and return its record; ``on_progress`` is called with
+        the record each time the job changes. Raises ``WaitTimeout`` after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with _redis_errors():
+            # Take the stream position before reading the record, so no event between the two
+            # is missed.
+            last_id = self._last_event_id()
+            record = self.store.get(job_id)
+            while not record.status.is_terminal():
+                if on_progress is not None:
+                    on_progress(record)
+                block_ms = 1000
+                if deadline is not None:
+                    left_s = deadline - time.monotonic()
+                    if left_s <= 0:
+                        raise WaitTimeout(f"job {job_id} is still {record.status.value} after {timeout_s} s")
+                    block_ms = max(1, min(block_ms, int(left_s * 1000)))
+                last_id = self._wait_for_event(job_id, last_id, block_ms)
+                record = self.store.get(job_id)
+        return record
+
+    def result(self, job_id: str) -> list[OutputFile]:
+        """The outputs of a succeeded job, with presigned URLs. Raises ``JobNotSucceeded`` for a
+        failed or canceled job and ``Conflict`` for one not finished yet."""
+        record = self.status(job_id)
+        if record.status in (JobStatus.FAILED, JobStatus.CANCELED):
+            reason = (record.error or {}).get("message", "")
+            raise JobNotSucceeded(record, f"job {job_id} {record.status.value}: {reason}".rstrip(": "))
+        if record.status is not JobStatus.SUCCEEDED:
+            raise Conflict(f"job {job_id} is {record.status.value}; it has no result yet")
+        expires_s = self.settings.presign_expiry_s
+        return [
+            OutputFile(o.key, self.storage.url(o.key, expires_s), o.content_type, o.size_bytes, o.width, o.height)
+            for o in record.outputs
+        ]
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _last_event_id(self) -> str:
+        last = self._redis.xrevrange(self.keys.events, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    def _wait_for_event(self, job_id: str, last_id: str, block_ms: int) -> str:
+        """Read the events stream from ``last_id`` until one of ``job_id``'s events arrives or
+        ``block_ms`` passes; returns the new stream position."""
+        deadline = time.monotonic() + block_ms / 1000
+        wanted = job_id.encode()
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return last_id
+            reply = self._redis.xread({self.keys.events: last_id}, block=left_ms, count=500)
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode()
+                    if fields.get(b"job_id") == wanted:
+                        return last_id
+
+
+class Job:
+    """A handle on one submitted job."""
+
+    def __init__(self, client: Client, job_id: str):
+        self.client = client
+        self.id = job_id
+
+    def status(self) -> JobRecord:
+        return self.client.status(self.id)
+
+    def wait(self, timeout_s: float | None = None, on_progress: ProgressCallback | None = None) -> JobRecord:
+        return self.client.wait(self.id, timeout_s=timeout_s, on_progress=on_progress)
+
+    def result(self) -> list[OutputFile]:
+        return self.client.result(self.id)
+
+    def cancel(self) -> JobRecord:
+        return self.client.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise Unavailable(f"job store unreachable: {exc}") from exc

@@ -1,0 +1,187 @@
+"""The model catalog: every model the fleet knows, what it does, where it runs, what it accepts.
+
+Figures for VRAM come from the model cards and the fleet's source notes (Z-Image 16 GB; Qwen-Image
+~40-45 GB; Qwen-Image-Edit ~60 GB; Wan2.2-TI2V-5B 24 GB, 16 GB with offload; Animate-14B ~80 GB;
+S2V-14B ~40 GB per GPU on 4-8 GPUs). Size multiples are what each pipeline accepts: the VAE's
+spatial compression times the transformer's patch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from routing.classes import VramClass
+
+
+class TaskKind(str, Enum):
+    TEXT_TO_IMAGE = "text-to-image"
+    EDIT = "edit"
+    TEXT_TO_VIDEO = "text-to-video"
+    IMAGE_TO_VIDEO = "image-to-video"
+    ANIMATE = "animate"
+    SPEECH_TO_VIDEO = "speech-to-video"
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    default_width: int
+    default_height: int
+    multiple_of: int
+    min_side: int
+    max_side: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    default_frames: int
+    max_frames: int
+    # Valid frame counts are k * frames_step + frames_offset: Wan's VAE compresses time by 4,
+    # so its counts are 4k+1; S2V generates whole clips of 80 frames.
+    frames_step: int
+    fps: int
+    frames_offset: int = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    key: str
+    task_kinds: tuple[TaskKind, ...]
+    vram_class: VramClass
+    pipeline: str  # the class that runs it (diffusers pipeline, or the official code's)
+    hub_id: str
+    vram_gb: int  # resident footprint on its class, what the worker pool budgets with
+    size: SizeLimits
+    default_steps: int
+    max_steps: int
+    default_guidance: float
+    max_prompt_chars: int
+    video: VideoLimits | None = None
+    max_input_images: int = 0
+    # False while the fleet has no adapter that really runs the model: such a model is listed
+    # (so callers can plan) but refused at submit with a message that says so.
+    served: bool = False
+    notes: str = ""
+
+
+_IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
+
+CATALOG: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in [
+        ModelSpec(
+            key="z-image-turbo",
+            task_kinds=(TaskKind.TEXT_TO_IMAGE,),
+            vram_class=VramClass.GPU16,
+            pipeline="diffusers.ZImagePipeline",
+            hub_id="Tongyi-MAI/Z-Image-Turbo",
+            vram_gb=16,
+            size=_IMAGE_SIZE_16,
+            # Turbo is distilled for 8 function evaluations (9 scheduler steps) without guidance.
+            default_steps=9,
+            max_steps=50,
+            default_guidance=0.0,
+            max_prompt_chars=2000,
+            served=True,
+        ),
+        ModelSpec(
+            key="qwen-image",
+            task_kinds=(TaskKind.TEXT_TO_IMAGE,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.QwenImagePipeline",
+            hub_id="Qwen/Qwen-Image",
+            vram_gb=45,
+            size=SizeLimits(1328, 1328, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048),
+            default_steps=50,
+            max_steps=100,
+            default_guidance=4.0,
+            max_prompt_chars=4000,
+        ),
+        ModelSpec(
+            key="qwen-image-edit",
+            task_kinds=(TaskKind.EDIT,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.QwenImageEditPipeline",
+            hub_id="Qwen/Qwen-Image-Edit",
+            vram_gb=60,
+            size=_IMAGE_SIZE_16,
+            default_steps=50,
+            max_steps=100,
+            default_guidance=4.0,
+            max_prompt_chars=4000,
+            max_input_images=1,
+        ),
+        ModelSpec(
+            key="qwen-image-edit-2509",
+            task_kinds=(TaskKind.EDIT,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.QwenImageEditPlusPipeline",
+            hub_id="Qwen/Qwen-Image-Edit-2509",
+            vram_gb=64,
+            size=_IMAGE_SIZE_16,
+            default_steps=40,
+            max_steps=100,
+            default_guidance=4.0,
+            max_prompt_chars=4000,
+            max_input_images=3,
+            notes="1-3 images: person + person, person + scene, person + object",
+        ),
+        ModelSpec(
+            key="wan2.2-ti2v-5b",
+            task_kinds=(TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO),
+            vram_class=VramClass.GPU16,
+            pipeline="diffusers.WanPipeline / diffusers.WanImageToVideoPipeline",
+            hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            vram_gb=16,  # with offloading; 24 GB resident without
+            # 720p class; the Wan2.2 VAE compresses 16x and the DiT patches 2x2.
+            size=SizeLimits(1280, 704, multiple_of=32, min_side=128, max_side=1280, max_pixels=1280 * 704),
+            default_steps=50,
+            max_steps=100,
+            default_guidance=5.0,
+            max_prompt_chars=2000,
+            video=VideoLimits(default_frames=121, max_frames=121, frames_step=4, fps=24),
+            max_input_images=1,
+            notes="16 GB class with offloading, 80 GB class without",
+        ),
+        ModelSpec(
+            key="wan2.2-animate-14b",
+            task_kinds=(TaskKind.ANIMATE,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.WanAnimatePipeline",
+            hub_id="Wan-AI/Wan2.2-Animate-14B-Diffusers",
+            vram_gb=80,
+            size=SizeLimits(1280, 720, multiple_of=16, min_side=128, max_side=1280, max_pixels=1280 * 720),
+            default_steps=20,
+            max_steps=50,
+            default_guidance=1.0,
+            max_prompt_chars=2000,
+            video=VideoLimits(default_frames=77, max_frames=617, frames_step=4, fps=30),
+            max_input_images=1,
+            notes='modes "move" (character follows a driving video) and "mix" (character replaces one)',
+        ),
+        ModelSpec(
+            key="wan2.2-s2v-14b",
+            task_kinds=(TaskKind.SPEECH_TO_VIDEO,),
+            vram_class=VramClass.H100X8,
+            pipeline="wan.WanS2V (official Wan2.2 code, torchrun, FSDP + Ulysses)",
+            hub_id="Wan-AI/Wan2.2-S2V-14B",
+            vram_gb=40,
+            size=SizeLimits(1024, 704, multiple_of=32, min_side=256, max_side=1280, max_pixels=1280 * 720),
+            default_steps=40,
+            max_steps=60,
+            default_guidance=4.5,
+            max_prompt_chars=2000,
+            video=VideoLimits(default_frames=80, max_frames=80 * 10, frames_step=80, fps=16, frames_offset=0),
+            max_input_images=1,
+        ),
+    ]
+}
+
+
+def get_model(key: str) -> ModelSpec:
+    """The catalog entry for ``key``; KeyError names the known keys."""
+    try:
+        return CATALOG[key]
+    except KeyError:
+        raise KeyError(f"unknown model {key!r}; known models: {', '.join(sorted(CATALOG))}") from None

@@ -1,0 +1,63 @@
+"""The Celery app both sides build: the producer to send, the worker to consume.
+
+Settings for long GPU tasks on a Redis broker:
+
+- JSON only, both ways: a message can never carry code (pickle is refused at the door).
+- Late acknowledgement with rejection on worker loss: a job is acknowledged only once it has
+  finished, so a worker that dies mid-job hands it back instead of losing it.
+- Prefetch 1: a worker holds no job it is not running; the next one stays in Redis where any
+  other free worker can take it.
+- A visibility timeout above the longest wait plus run, so Redis never hands a job still running
+  to a second worker.
+- Queue order "priority": a worker polls its queues in the order it lists them (its own class
+  first, see ``routing.classes.consumed_queues``) instead of Kombu's default round robin.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from routing.classes import VramClass, consumed_queues
+from routing.settings import Settings
+
+RUN_JOB_TASK = "fleet.run_job"
+_VISIBILITY_MARGIN_S = 15 * 60
+
+
+def celery_settings(settings: Settings) -> dict[str, object]:
+    visibility_timeout_s = settings.max_wait_s + settings.max_run_s + _VISIBILITY_MARGIN_S
+    return {
+        "broker_url": settings.redis_url,
+        "result_backend": settings.redis_url,
+        "result_expires": 24 * 3600,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.max_run_s,
+        "task_soft_time_limit": max(settings.max_run_s - 60, 1),
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout_s,
+            "queue_order_strategy": "priority",
+        },
+        "result_backend_transport_options": {"visibility_timeout": visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": VramClass.GPU16.queue,
+    }
+
+
+def make_celery(settings: Settings, vram_class: VramClass | None = None) -> Celery:
+    """A Celery app for ``settings``; for a worker, ``vram_class`` declares the queues it consumes
+    in the order it prefers them."""
+    app = Celery("fleet", set_as_current=False)
+    app.conf.update(celery_settings(settings))
+    if vram_class is not None:
+        app.conf.task_queues = [Queue(name, routing_key=name) for name in consumed_queues(vram_class)]
+    return app

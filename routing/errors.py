@@ -1,0 +1,62 @@
+"""Errors a backend can branch on.
+
+    FleetError
+    ├── InvalidRequest     the request was refused before anything was queued (``errors`` names fields)
+    ├── NotFound           no such job (or not yours)
+    ├── Conflict           the idempotency key was used with another request, or a state change
+    │                      is not allowed from the job's current state
+    ├── Unavailable        the broker or the job store could not be reached; nothing was accepted
+    ├── JobNotSucceeded    asked for the result of a job that failed or was canceled
+    └── WaitTimeout        a wait ran out of time (the job goes on)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FleetError(Exception):
+    """Base of every error the fleet raises to its callers."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str  # dotted path into the request, e.g. "width" or "images.1"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class InvalidRequest(FleetError):
+    def __init__(self, errors: list[FieldError]):
+        self.errors = errors
+        super().__init__("invalid request: " + "; ".join(str(e) for e in errors))
+
+    @property
+    def fields(self) -> list[str]:
+        return [e.field for e in self.errors]
+
+
+class NotFound(FleetError):
+    pass
+
+
+class Conflict(FleetError):
+    pass
+
+
+class Unavailable(FleetError):
+    pass
+
+
+class JobNotSucceeded(FleetError):
+    """``result()`` of a job that failed or was canceled; ``record`` says why."""
+
+    def __init__(self, record: object, message: str):
+        self.record = record
+        super().__init__(message)
+
+
+class WaitTimeout(FleetError):
+    """``wait()`` ran out of time; the job goes on."""

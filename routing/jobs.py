@@ -1,0 +1,344 @@
+"""The job record: one Redis hash per job, and every change to it.
+
+Each state change is one Lua script: it checks the transition against ``TRANSITIONS``, writes the
+record and appends the event to the events stream in one atomic step, so the status API, Flower
+and webhooks can never see a record and an event that disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import redis
+
+from routing.errors import Conflict, NotFound
+from routing.keys import Keys
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+# The only allowed state changes. running -> running is a redelivery (the worker that had the
+# job died); running -> queued hands a job back (escalation to a bigger class).
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.RUNNING, JobStatus.QUEUED, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+def allowed_sources(target: JobStatus) -> list[JobStatus]:
+    return [source for source, targets in TRANSITIONS.items() if target in targets]
+
+
+class EventType(str, Enum):
+    QUEUED = "job.queued"
+    STARTED = "job.started"
+    PROGRESS = "job.progress"
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    CANCELED = "job.canceled"
+
+
+_EVENT_FOR = {
+    JobStatus.QUEUED: EventType.QUEUED,
+    JobStatus.RUNNING: EventType.STARTED,
+    JobStatus.SUCCEEDED: EventType.SUCCEEDED,
+    JobStatus.FAILED: EventType.FAILED,
+    JobStatus.CANCELED: EventType.CANCELED,
+}
+
+
+@dataclass(frozen=True)
+class Output:
+    key: str
+    content_type: str
+    size_bytes: int
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    model: str
+    kind: str
+    request: dict[str, Any]
+    status: JobStatus
+    queue: str
+    attempt: int
+    step: int
+    total_steps: int
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    outputs: list[Output] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    worker: str | None = None
+    cancel_requested: bool = False
+    idempotency_key: str | None = None
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> JobRecord:
+        def opt_float(name: str) -> float | None:
+            return float(raw[name]) if raw.get(name) else None
+
+        return cls(
+            id=raw["id"],
+            model=raw["model"],
+            kind=raw["kind"],
+            request=json.loads(raw["request"]),
+            status=JobStatus(raw["status"]),
+            queue=raw["queue"],
+            attempt=int(raw.get("attempt", 0)),
+            step=int(raw.get("step", 0)),
+            total_steps=int(raw.get("total_steps", 0)),
+            created_at=float(raw["created_at"]),
+            updated_at=float(raw["updated_at"]),
+            started_at=opt_float("started_at"),
+            finished_at=opt_float("finished_at"),
+            outputs=[Output(**o) for o in json.loads(raw.get("outputs") or "[]")],
+            error=json.loads(raw["error"]) if raw.get("error") else None,
+            timings=json.loads(raw.get("timings") or "{}"),
+            worker=raw.get("worker") or None,
+            cancel_requested=raw.get("cancel_requested") == "1",
+            idempotency_key=raw.get("idempotency_key") or None,
+        )
+
+
+# KEYS: job, events.  ARGV: target, allowed sources (comma list), now, event type, stream maxlen,
+# ttl_s (0: keep), field to increment ('' for none), then field/value pairs to set.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {0, ''} end
+local allowed = false
+for source in string.gmatch(ARGV[2], '[^,]+') do
+  if source == current then allowed = true end
+end
+if not allowed then return {0, current} end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[7], 1) end
+if ARGV[6] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+  'type', ARGV[4], 'job_id', id, 'status', ARGV[1], 'at', ARGV[3])
+return {1, current}
+"""
+
+# KEYS: job, events, idempotency key (or the job key again when there is none).
+# ARGV: now, stream maxlen, idempotency ttl_s, has idempotency key ('1'/'0'), field/value pairs.
+_CREATE = """
+if ARGV[4] == '1' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {0, existing} end
+end
+local id
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if ARGV[i] == 'id' then id = ARGV[i + 1] end
+end
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'EX', ARGV[3]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
+  'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', ARGV[1])
+return {1, id}
+"""
+
+# KEYS: job, events.  ARGV: step, total, now, stream maxlen.
+# Returns the job's status and whether a cancel was asked, so a step costs one round trip.
+_PROGRESS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return {status or '', '1'} end
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total_steps', ARGV[2], 'updated_at', ARGV[3])
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
+  'type', 'job.progress', 'job_id', id, 'status', status, 'at', ARGV[3],
+  'step', ARGV[1], 'total', ARGV[2])
+return {status, redis.call('HGET', KEYS[1], 'cancel_requested') or '0'}
+"""
+
+# KEYS: job.  Marks a cancel on a running job; the worker sees it at the next step.
+_REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return status or ''
+"""
+
+
+class JobStore:
+    """Reads and changes job records. Safe to share between threads (redis-py pools connections)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, events_maxlen: int = 100_000):
+        self.client = client
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self.events_maxlen = events_maxlen
+        self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
+        self._progress = client.register_script(_PROGRESS)
+        self._request_cancel = client.register_script(_REQUEST_CANCEL)
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        model: str,
+        kind: str,
+        request_json: str,
+        queue: str,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+    ) -> tuple[bool, str]:
+        """Write a new queued record. Returns (created, job id); with an idempotency key already
+        used, nothing is written and the id is the earlier job's."""
+        now = repr(time.time())
+        fields = {
+            "id": job_id,
+            "model": model,
+            "kind": kind,
+            "request": request_json,
+            "request_hash": request_hash,
+            "status": JobStatus.QUEUED.value,
+            "queue": queue,
+            "attempt": "0",
+            "step": "0",
+            "total_steps": "0",
+            "created_at": now,
+            "updated_at": now,
+            "cancel_requested": "0",
+            "idempotency_key": idempotency_key or "",
+        }
+        idem_key = self.keys.idempotency(idempotency_key) if idempotency_key else self.keys.job(job_id)
+        created, found_id = self._create(
+            keys=[self.keys.job(job_id), self.keys.events, idem_key],
+            args=[now, self.events_maxlen, self.ttl_s, "1" if idempotency_key else "0", *_flatten(fields)],
+        )
+        return bool(created), _text(found_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = self.client.hgetall(self.keys.job(job_id))
+        if not raw:
+            raise NotFound(f"no job {job_id!r}")
+        return JobRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
+
+    def request_hash(self, job_id: str) -> str:
+        return _text(self.client.hget(self.keys.job(job_id), "request_hash") or b"")
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobStatus,
+        *,
+        only_from: JobStatus | None = None,
+        count_attempt: bool = False,
+        **fields: Any,
+    ) -> JobStatus:
+        """Move the job to ``target`` if ``TRANSITIONS`` allows it from its current state
+        (narrowed to ``only_from`` when given).
+
+        Returns the state it moved from. Raises ``Conflict`` when the change is not allowed,
+        ``NotFound`` when there is no such job.
+        """
+        sources_allowed = allowed_sources(target)
+        if only_from is not None:
+            sources_allowed = [s for s in sources_allowed if s is only_from]
+        sources = ",".join(s.value for s in sources_allowed)
+        ttl = self.ttl_s if target.is_terminal() else 0
+        values = {k: _encode(v) for k, v in fields.items()}
+        ok, current = self._transition(
+            keys=[self.keys.job(job_id), self.keys.events],
+            args=[
+                target.value,
+                sources,
+                repr(time.time()),
+                _EVENT_FOR[target].value,
+                self.events_maxlen,
+                ttl,
+                "attempt" if count_attempt else "",
+                *_flatten(values),
+            ],
+        )
+        current = _text(current)
+        if not current:
+            raise NotFound(f"no job {job_id!r}")
+        if not ok:
+            raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}")
+        return JobStatus(current)
+
+    def progress(self, job_id: str, step: int, total: int) -> tuple[JobStatus | None, bool]:
+        """Record a finished step. Returns (status, stop): stop is true when the job should stop
+        (a cancel was asked, or it is no longer running)."""
+        status, stop = self._progress(
+            keys=[self.keys.job(job_id), self.keys.events],
+            args=[step, total, repr(time.time()), self.events_maxlen],
+        )
+        status = _text(status)
+        return (JobStatus(status) if status else None), _text(stop) == "1"
+
+    def cancel(self, job_id: str) -> JobStatus:
+        """Cancel a job: a queued job becomes canceled at once and never runs; a running job is
+        marked and stops at its next step. A finished job is left as it is. Returns the status
+        after the call."""
+        try:
+            self.transition(job_id, JobStatus.CANCELED, only_from=JobStatus.QUEUED, finished_at=time.time())
+            return JobStatus.CANCELED
+        except Conflict:
+            pass
+        status = _text(self._request_cancel(keys=[self.keys.job(job_id)]))
+        if not status:
+            raise NotFound(f"no job {job_id!r}")
+        return JobStatus(status)
+
+    def events(self, job_id: str | None = None, count: int = 10_000) -> list[dict[str, str]]:
+        """Recent events, oldest first, optionally of one job (for tests and tools; webhooks
+        read the stream with a consumer group)."""
+        entries = self.client.xrange(self.keys.events, count=count)
+        events = [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
+        return [e for e in events if job_id is None or e["job_id"] == job_id]
+
+
+def _encode(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: getattr(value, k) for k in value.__dataclass_fields__}
+    raise TypeError(f"cannot store {type(value).__name__} in a job record")
+
+
+def _flatten(fields: dict[str, Any]) -> list[Any]:
+    return [item for pair in fields.items() for item in pair]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,65 @@
+"""The fleet's settings: one typed object, read from ``FLEET_*`` environment variables.
+
+Every process (SDK, CLI, worker, benchmarks) reads the same object, so a value means the same
+thing wherever it is used. Defaults are the embedded set-up: the local Redis and a local
+object-store directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every key the fleet writes (job records, idempotency keys, events). Tests give
+    # each run its own so they never see another run's state.
+    key_prefix: str = "fleet"
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Path("var/objects")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "fleet-outputs"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    presign_expiry_s: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
+
+    # Where weights come from. A model's weights are, in order: an entry of `weights`
+    # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the
+    # catalog's hub id.
+    model_root: Path | None = None
+    weights: dict[str, str] = Field(default_factory=dict)
+    device: str = "auto"  # "auto" picks cuda when present
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # The class of GPU this worker runs on: decides which queues it consumes.
+    worker_class: Literal["gpu16", "gpu80", "h100x8"] = "gpu16"
+    # Models to load when the worker process starts, before taking the first job.
+    warm_models: list[str] = Field(default_factory=list)
+
+    # How long a finished job's record is kept.
+    job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    # Longest a job may wait in a queue plus run; the broker's visibility timeout sits above it
+    # so a slow job is never handed to a second worker while the first still runs it.
+    max_wait_s: int = Field(default=6 * 3600, gt=0)
+    max_run_s: int = Field(default=2 * 3600, gt=0)
+
+    def weights_for(self, model_key: str, hub_id: str) -> str:
+        if model_key in self.weights:
+            return self.weights[model_key]
+        if self.model_root is not None:
+            return str(self.model_root / model_key)
+        return hub_id
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,208 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import pytest
+
+# Loopback servers must never be reached through a proxy a CI runner may have configured.
+_no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_answers(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False  # died, most likely the port was taken between probe and bind
+        try:
+            _no_proxy.open(url, timeout=1).close()
+            return True
+        except urllib.error.HTTPError:
+            return True  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Endpoint URL (``http://127.0.0.1:<port>``) of a standalone moto S3 server.
+
+    A real server over real HTTP, not moto's in-process mock, so presigned URLs and path-style
+    addressing go over the wire as they do against MinIO or AWS. It does not check signatures,
+    credentials or presign expiry, so tests cannot rely on it to reject a bad URL. State lives
+    for the whole session: tests should use their own bucket or key prefix.
+    """
+    # Its log goes to a file, not a pipe: it logs every request, and a pipe nobody drains
+    # fills up and stalls the server mid-test.
+    log = tempfile.TemporaryFile()
+    for _ in range(3):  # the free port can be taken before moto binds it; try another
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        if _wait_until_answers(endpoint, proc, timeout_s=30):
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        log.seek(0)
+        pytest.fail(f"moto server did not start:\n{log.read()[-2000:].decode(errors='replace')}")
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# --- The fleet under test: real Redis, real worker processes, small models ---------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import redis as redis_lib  # noqa: E402
+
+from producer.client import Client  # noqa: E402
+from routing.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+# The suite owns this database of the local Redis and empties it at the start; the demo and
+# anything else use database 0.
+TEST_REDIS_URL = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis_lib.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except redis_lib.ConnectionError:
+        pytest.fail(f"no Redis at {TEST_REDIS_URL}: `make test` starts one (scripts/ensure-redis)")
+    client.flushdb()
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def small_models_dir() -> Path:
+    """Small random-weight models, built once and kept under var/ (the demo uses them too)."""
+    from worker.small_models import build
+
+    out = ROOT / "var" / "small-models"
+    build(out)
+    return out
+
+
+@pytest.fixture
+def fleet_settings(redis_url: str, small_models_dir: Path, tmp_path: Path) -> Settings:
+    """Settings for one test: its own key prefix and object store directory."""
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=f"test-{uuid.uuid4().hex[:8]}",
+        storage_backend="local",
+        storage_dir=tmp_path / "objects",
+        model_root=small_models_dir,
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The FLEET_* environment that gives a child process ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+class WorkerProcess:
+    """``python -m worker`` in a subprocess, logging to a file the test can read."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = settings_env(settings) | (extra_env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--without-mingle", "--without-gossip"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if " ready." in self.log():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(fleet_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers on the test's settings; all are stopped when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings | None = None, **extra_env: str) -> WorkerProcess:
+        worker = WorkerProcess(settings or fleet_settings, tmp_path / f"worker-{len(started)}.log", extra_env)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def client(fleet_settings: Settings) -> Iterator[Client]:
+    with Client(fleet_settings) as fleet_client:
+        yield fleet_client

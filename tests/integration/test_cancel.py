@@ -1,0 +1,73 @@
+"""Cancel through the real worker: a queued job never runs; a running one stops at its next step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from producer.client import Client
+from routing.jobs import EventType, JobStatus
+from routing.storage import LocalStorage
+
+pytestmark = pytest.mark.integration
+
+# Big enough that the small model takes seconds, so the test can act while it runs.
+SLOW = {"model": "z-image-turbo", "prompt": "a slow one", "width": 1024, "height": 1024, "steps": 50}
+
+
+def _wait_for_step(client: Client, job_id: str, step: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = client.status(job_id)
+        if record.step >= step or record.status.is_terminal():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"job {job_id} did not reach step {step}")
+
+
+def test_cancel_a_running_job_stops_it_at_the_next_step(client: Client, start_worker, fleet_settings):
+    start_worker()
+    job = client.submit(SLOW)
+    _wait_for_step(client, job.id, 2)
+
+    canceled_at_step = client.cancel(job.id).step
+    record = job.wait(timeout_s=60)
+
+    assert record.status is JobStatus.CANCELED
+    assert record.cancel_requested
+    # It stopped at the step after the cancel, far from the end.
+    assert canceled_at_step <= record.step <= canceled_at_step + 2 < SLOW["steps"]
+    assert record.outputs == []
+    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
+    assert client.store.events(job.id)[-1]["type"] == EventType.CANCELED.value
+
+
+def test_cancel_a_queued_job_it_never_runs(client: Client, start_worker, redis_client):
+    start_worker()
+    busy = client.submit(SLOW)  # holds the only worker
+    _wait_for_step(client, busy.id, 1)
+    queued = client.submit({"model": "z-image-turbo", "prompt": "never", "width": 64, "height": 64, "steps": 2})
+
+    assert client.cancel(queued.id).status is JobStatus.CANCELED
+    client.cancel(busy.id)
+    assert busy.wait(timeout_s=60).status is JobStatus.CANCELED
+
+    # The worker took the canceled job's message off the queue and did not run it.
+    deadline = time.monotonic() + 30
+    while redis_client.llen("gpu16") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    record = client.status(queued.id)
+    assert record.status is JobStatus.CANCELED
+    assert record.started_at is None and record.attempt == 0 and record.step == 0
+    assert [e["type"] for e in client.store.events(queued.id)] == ["job.queued", "job.canceled"]
+    assert redis_client.llen("gpu16") == 0
+
+
+def test_cancel_of_a_finished_job_leaves_it_as_it_was(client: Client, start_worker):
+    start_worker()
+    job = client.submit({"model": "z-image-turbo", "prompt": "done", "width": 64, "height": 64, "steps": 2})
+    assert job.wait(timeout_s=120).status is JobStatus.SUCCEEDED
+
+    assert client.cancel(job.id).status is JobStatus.SUCCEEDED

@@ -1,0 +1,110 @@
+"""The job state machine and its atomic Redis writes (fakeredis runs the same Lua)."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from routing.errors import Conflict, NotFound
+from routing.jobs import TRANSITIONS, JobStatus, JobStore, allowed_sources
+from routing.keys import Keys
+
+
+@pytest.fixture
+def store() -> JobStore:
+    return JobStore(fakeredis.FakeRedis(), Keys("unit"), ttl_s=3600)
+
+
+def _create(store: JobStore, job_id: str = "a" * 32, **kwargs) -> str:
+    created, found = store.create(
+        job_id=job_id, model="z-image-turbo", kind="text-to-image", request_json="{}", queue="gpu16", **kwargs
+    )
+    assert created
+    return found
+
+
+def test_terminal_states_have_no_way_out():
+    for status in JobStatus:
+        assert status.is_terminal() == (not TRANSITIONS[status])
+    assert allowed_sources(JobStatus.SUCCEEDED) == [JobStatus.RUNNING]
+
+
+def test_lifecycle_writes_record_and_events_together(store: JobStore):
+    job_id = _create(store)
+    assert store.get(job_id).status is JobStatus.QUEUED
+
+    assert store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=1.0) is JobStatus.QUEUED
+    assert store.progress(job_id, 1, 4) == (JobStatus.RUNNING, False)
+    store.transition(job_id, JobStatus.SUCCEEDED, timings={"run_s": 1.5})
+
+    record = store.get(job_id)
+    assert record.status is JobStatus.SUCCEEDED
+    assert record.attempt == 1 and record.step == 1 and record.total_steps == 4
+    assert record.timings == {"run_s": 1.5}
+    assert [e["type"] for e in store.events(job_id)] == ["job.queued", "job.started", "job.progress", "job.succeeded"]
+    # A finished record expires; a live one does not.
+    assert 0 < store.client.ttl(store.keys.job(job_id)) <= 3600
+
+
+@pytest.mark.parametrize("terminal", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED])
+def test_nothing_leaves_a_terminal_state(store: JobStore, terminal: JobStatus):
+    job_id = _create(store)
+    store.transition(job_id, JobStatus.RUNNING)
+    store.transition(job_id, terminal)
+    for target in JobStatus:
+        with pytest.raises(Conflict, match=f"is {terminal.value}"):
+            store.transition(job_id, target)
+    assert store.get(job_id).status is terminal
+
+
+def test_a_queued_job_cannot_succeed_without_running(store: JobStore):
+    job_id = _create(store)
+    with pytest.raises(Conflict):
+        store.transition(job_id, JobStatus.SUCCEEDED)
+
+
+def test_redelivery_counts_attempts(store: JobStore):
+    job_id = _create(store)
+    store.transition(job_id, JobStatus.RUNNING, count_attempt=True)
+    store.transition(job_id, JobStatus.RUNNING, count_attempt=True)
+    assert store.get(job_id).attempt == 2
+
+
+def test_cancel_queued_is_immediate_cancel_running_is_a_request(store: JobStore):
+    queued = _create(store, "1" * 32)
+    assert store.cancel(queued) is JobStatus.CANCELED
+
+    running = _create(store, "2" * 32)
+    store.transition(running, JobStatus.RUNNING)
+    assert store.cancel(running) is JobStatus.RUNNING
+    assert store.get(running).cancel_requested
+    assert store.progress(running, 2, 4) == (JobStatus.RUNNING, True)
+
+    store.transition(running, JobStatus.SUCCEEDED)
+    assert store.cancel(running) is JobStatus.SUCCEEDED
+
+
+def test_progress_of_a_job_no_longer_running_says_stop(store: JobStore):
+    job_id = _create(store)
+    store.transition(job_id, JobStatus.CANCELED)
+    assert store.progress(job_id, 1, 4) == (JobStatus.CANCELED, True)
+    assert store.get(job_id).step == 0
+
+
+def test_idempotency_key_returns_the_first_job(store: JobStore):
+    first = _create(store, "1" * 32, idempotency_key="k1", request_hash="h")
+    created, found = store.create(
+        job_id="2" * 32, model="m", kind="k", request_json="{}", queue="gpu16", idempotency_key="k1"
+    )
+    assert (created, found) == (False, first)
+    with pytest.raises(NotFound):
+        store.get("2" * 32)
+
+
+def test_unknown_job(store: JobStore):
+    with pytest.raises(NotFound):
+        store.get("f" * 32)
+    with pytest.raises(NotFound):
+        store.transition("f" * 32, JobStatus.RUNNING)
+    with pytest.raises(NotFound):
+        store.cancel("f" * 32)

@@ -1,0 +1,78 @@
+"""Classes, queues, the catalog and the routing decision."""
+
+from __future__ import annotations
+
+import pytest
+
+from routing.catalog import CATALOG, TaskKind, get_model
+from routing.celery_config import celery_settings, make_celery
+from routing.classes import VramClass, bigger_classes, consumed_queues
+from routing.decision import escalate, route
+from routing.schemas import parse_request
+from routing.settings import Settings
+
+
+def test_each_class_consumes_its_own_queue_first_then_smaller_ones_biggest_first():
+    assert consumed_queues(VramClass.GPU16) == ["gpu16"]
+    assert consumed_queues(VramClass.GPU80) == ["gpu80", "gpu16"]
+    assert consumed_queues(VramClass.H100X8) == ["h100x8", "gpu80", "gpu16"]
+
+
+def test_a_worker_app_declares_its_queues_in_preference_order():
+    app = make_celery(Settings(), VramClass.H100X8)
+    assert [q.name for q in app.conf.task_queues] == ["h100x8", "gpu80", "gpu16"]
+    # Kombu's "priority" cycle polls queues in declared order instead of rotating them.
+    assert app.conf.broker_transport_options["queue_order_strategy"] == "priority"
+
+
+def test_escalation_goes_one_class_up_and_stops_at_the_top():
+    assert bigger_classes(VramClass.GPU16) == [VramClass.GPU80, VramClass.H100X8]
+    assert escalate(VramClass.GPU16).vram_class is VramClass.GPU80
+    assert escalate(VramClass.GPU80).vram_class is VramClass.H100X8
+    assert escalate(VramClass.H100X8) is None
+
+
+def test_catalog_holds_the_seven_models_with_their_classes():
+    expected = {
+        "z-image-turbo": VramClass.GPU16,
+        "qwen-image": VramClass.GPU80,
+        "qwen-image-edit": VramClass.GPU80,
+        "qwen-image-edit-2509": VramClass.GPU80,
+        "wan2.2-ti2v-5b": VramClass.GPU16,
+        "wan2.2-animate-14b": VramClass.GPU80,
+        "wan2.2-s2v-14b": VramClass.H100X8,
+    }
+    assert {key: spec.vram_class for key, spec in CATALOG.items()} == expected
+    assert get_model("qwen-image-edit-2509").max_input_images == 3
+    assert set(get_model("wan2.2-ti2v-5b").task_kinds) == {TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO}
+    for spec in CATALOG.values():
+        size = spec.size
+        assert size.default_width % size.multiple_of == 0 and size.default_height % size.multiple_of == 0, spec.key
+        assert size.min_side <= min(size.default_width, size.default_height), spec.key
+        assert 1 <= spec.default_steps <= spec.max_steps, spec.key
+        if spec.video is not None:
+            video = spec.video
+            assert (video.default_frames - video.frames_offset) % video.frames_step == 0, spec.key
+            assert (video.max_frames - video.frames_offset) % video.frames_step == 0, spec.key
+        assert spec.vram_gb <= spec.vram_class.vram_gb, spec.key
+
+
+def test_unknown_model_lookup_names_the_known_ones():
+    with pytest.raises(KeyError, match="z-image-turbo"):
+        get_model("nope")
+
+
+def test_z_image_routes_to_the_16gb_queue():
+    decision = route(parse_request({"model": "z-image-turbo", "prompt": "x"}))
+    assert decision.vram_class is VramClass.GPU16 and decision.queue == "gpu16"
+
+
+def test_celery_settings_for_long_gpu_jobs():
+    settings = Settings(max_wait_s=3600, max_run_s=1800)
+    conf = celery_settings(settings)
+    assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
+    assert conf["task_acks_late"] is True and conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["broker_transport_options"]["visibility_timeout"] > 3600 + 1800
+    assert conf["task_time_limit"] == 1800 < conf["broker_transport_options"]["visibility_timeout"]
+    assert conf["result_expires"] > 0

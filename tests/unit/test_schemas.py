@@ -1,0 +1,49 @@
+"""Request validation: defaults from the catalog, limits per model, errors that name fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from routing.catalog import TaskKind
+from routing.errors import InvalidRequest
+from routing.schemas import TextToImageRequest, parse_request
+
+
+def test_defaults_come_from_the_catalog_and_are_written_into_the_request():
+    request = parse_request({"model": "z-image-turbo", "prompt": "  a fox  "})
+    assert isinstance(request, TextToImageRequest)
+    assert request.kind is TaskKind.TEXT_TO_IMAGE
+    assert (request.width, request.height, request.steps, request.guidance_scale) == (1024, 1024, 9, 0.0)
+    assert request.prompt == "a fox"
+
+
+def test_a_parsed_request_parses_to_itself():
+    request = parse_request({"model": "z-image-turbo", "prompt": "x", "width": 512, "height": 768, "seed": 3})
+    assert parse_request(request) == request
+    assert parse_request(request.model_dump(mode="json")) == request
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request({"model": "z-image-turbo", "prompt": "x", "width": 100, "height": 30, "steps": 51})
+    assert raised.value.fields == ["width", "height", "steps"]
+
+
+def test_pixel_budget_is_checked_after_each_side():
+    from routing.catalog import CATALOG
+
+    limits = CATALOG["wan2.2-ti2v-5b"].size
+    assert limits.max_side * limits.max_side > limits.max_pixels  # so the check matters
+
+
+def test_not_an_object():
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request(["z-image-turbo"])  # type: ignore[arg-type]
+    assert raised.value.fields == ["request"]
+
+
+def test_model_with_two_kinds_needs_the_kind():
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request({"model": "wan2.2-ti2v-5b", "prompt": "x"})
+    assert raised.value.fields == ["kind"]
+    assert "text-to-video, image-to-video" in str(raised.value)

@@ -1,0 +1,33 @@
+"""Pipeline adapters, one per model family, imported only when a worker loads that model."""
+
+from __future__ import annotations
+
+import importlib
+
+from routing.catalog import ModelSpec
+from worker.adapters.base import Adapter, Runtime
+
+# model key -> "module:class"; a model without an entry is not served.
+ADAPTERS: dict[str, str] = {
+    "z-image-turbo": "worker.adapters.z_image:ZImageAdapter",
+}
+
+
+def load_adapter(spec: ModelSpec, weights: str, runtime: Runtime) -> Adapter:
+    try:
+        target = ADAPTERS[spec.key]
+    except KeyError:
+        raise LookupError(f"no adapter runs {spec.key}") from None
+    _quiet_loading()
+    module_name, class_name = target.split(":")
+    adapter_class = getattr(importlib.import_module(module_name), class_name)
+    return adapter_class(spec, weights, runtime)
+
+
+def _quiet_loading() -> None:
+    """Loading bars belong on a terminal, not in a worker's log."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,84 @@
+"""The resident pipeline pool: each model is loaded once per worker process and kept.
+
+Models stay loaded while they fit the worker's VRAM budget; loading one that does not fit
+evicts the least recently used first. Loads and evictions are counted so tests and benchmarks
+can tell a warm job from a cold one.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from routing.catalog import ModelSpec, get_model
+from worker.adapters.base import Adapter
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[ModelSpec], Adapter]
+
+
+@dataclass(frozen=True)
+class Checkout:
+    adapter: Adapter
+    loaded: bool  # this call loaded the model (a cold start)
+    load_s: float
+
+
+class PipelinePool:
+    def __init__(self, loader: Loader, budget_gb: int, on_load: Callable[[str], None] | None = None):
+        self._loader = loader
+        self.budget_gb = budget_gb
+        self._on_load = on_load
+        self._resident: OrderedDict[str, Adapter] = OrderedDict()
+        self.loads: dict[str, int] = {}
+        self.evictions: dict[str, int] = {}
+
+    @property
+    def resident(self) -> list[str]:
+        """Resident models, least recently used first."""
+        return list(self._resident)
+
+    def get(self, model_key: str) -> Checkout:
+        if model_key in self._resident:
+            self._resident.move_to_end(model_key)
+            return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
+        spec = get_model(model_key)
+        if spec.vram_gb > self.budget_gb:
+            raise MemoryError(f"{model_key} needs {spec.vram_gb} GB; this worker's budget is {self.budget_gb} GB")
+        self._make_room(spec.vram_gb)
+        started = time.perf_counter()
+        adapter = self._loader(spec)
+        load_s = time.perf_counter() - started
+        self._resident[model_key] = adapter
+        self.loads[model_key] = self.loads.get(model_key, 0) + 1
+        if self._on_load is not None:
+            self._on_load(model_key)
+        log.info("loaded %s in %.2f s (resident: %s)", model_key, load_s, ", ".join(self._resident))
+        return Checkout(adapter, loaded=True, load_s=load_s)
+
+    def _used_gb(self) -> int:
+        return sum(adapter.spec.vram_gb for adapter in self._resident.values())
+
+    def _make_room(self, needed_gb: int) -> None:
+        while self._resident and self._used_gb() + needed_gb > self.budget_gb:
+            key, adapter = self._resident.popitem(last=False)
+            self.evictions[key] = self.evictions.get(key, 0) + 1
+            del adapter
+            _release_memory()
+            log.info("evicted %s", key)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
