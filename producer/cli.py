@@ -1,9 +1,9 @@
 """Command line for the fleet, on top of the SDK.
 
-    python -m producer submit z-image-turbo --prompt "a red fox" --width 512 --height 512 --wait
-    python -m producer status JOB_ID
-    python -m producer wait JOB_ID
-    python -m producer cancel JOB_ID
+python -m producer submit z-image-turbo --prompt "a red fox" --width 512 --height 512 --wait
+python -m producer status JOB_ID
+python -m producer wait JOB_ID
+python -m producer cancel JOB_ID
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
     submit.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
 
-    for name, text in (("status", "print a job's record"), ("wait", "follow a job to its end"), ("cancel", "cancel a job")):
+    for name, text in (
+        ("status", "print a job's record"),
+        ("wait", "follow a job to its end"),
+        ("cancel", "cancel a job"),
+    ):
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id")
         if name == "wait":
@@ -78,7 +82,11 @@ def _dispatch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO
         return _follow(client, args.job_id, args.timeout, out, err)
     if args.command == "cancel":
         record = client.cancel(args.job_id)
-        print(f"{record.id} {record.status.value}" + (" (stops at its next step)" if record.cancel_requested else ""), file=out)
+        print(
+            f"{record.id} {record.status.value}"
+            + (" (stops at its next step)" if record.cancel_requested else ""),
+            file=out,
+        )
         return 0
     record = client.status(args.job_id)
     print(json.dumps(_as_json(record), indent=2), file=out)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +23,12 @@ from typing import Any
 import redis
 from celery import Celery
 
-from routing.celery_config import RUN_JOB_TASK, make_celery
+from routing.celery_config import make_celery
 from routing.decision import route
-from routing.errors import Conflict, JobNotSucceeded, Unavailable, WaitTimeout
-from routing.jobs import JobRecord, JobStatus, JobStore
+from routing.errors import Conflict, FieldError, InvalidRequest, JobNotSucceeded, Unavailable, WaitTimeout
+from routing.jobs import JobRecord, JobStatus, JobStore, NewJob
 from routing.keys import Keys
+from routing.messages import RunJobMessages
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
 from routing.storage import Storage, make_storage
@@ -56,7 +57,7 @@ class Client:
     ):
         self.settings = settings or get_settings()
         self._redis = redis_client or redis.Redis.from_url(self.settings.redis_url)
-        self._celery = celery_app or make_celery(self.settings)
+        self._messages = RunJobMessages(celery_app or make_celery(self.settings))
         self._storage = storage
         self.keys = Keys(self.settings.key_prefix)
         self.store = JobStore(self._redis, self.keys, ttl_s=self.settings.job_ttl_s)
@@ -74,36 +75,52 @@ class Client:
         With ``idempotency_key``, a second submit of the same request returns the first job;
         the same key with another request raises ``Conflict``.
         """
-        parsed = parse_request(request)
-        destination = route(parsed)
-        request_json = parsed.model_dump_json()
-        request_hash = hashlib.sha256(request_json.encode()).hexdigest()
-        job_id = uuid.uuid4().hex
-        with _redis_errors():
-            created, found_id = self.store.create(
-                job_id=job_id,
-                model=parsed.model,
-                kind=parsed.kind.value,
-                request_json=request_json,
-                queue=destination.queue,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
+        return self.submit_many([request], [idempotency_key])[0]
+
+    def submit_many(
+        self,
+        requests: Sequence[Mapping[str, Any] | RequestBase],
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[Job]:
+        """Submit several requests in one round trip to Redis.
+
+        Every request is validated first: if any is invalid, ``InvalidRequest`` names it by index
+        (``"3.width"``) and none is queued. Each accepted job is written atomically on its own.
+        """
+        keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(requests)
+        if len(keys) != len(requests):
+            raise ValueError("one idempotency key (or None) per request")
+        jobs = []
+        for index, (request, idempotency_key) in enumerate(zip(requests, keys, strict=True)):
+            try:
+                parsed = parse_request(request)
+            except InvalidRequest as exc:
+                if len(requests) == 1:
+                    raise
+                raise InvalidRequest(
+                    [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
+                ) from None
+            queue = route(parsed).queue
+            request_json = parsed.model_dump_json()
+            job_id = uuid.uuid4().hex
+            jobs.append(
+                NewJob(
+                    id=job_id,
+                    model=parsed.model,
+                    kind=parsed.kind.value,
+                    request_json=request_json,
+                    queue=queue,
+                    message=self._messages.build(job_id, queue),
+                    idempotency_key=idempotency_key,
+                    request_hash=hashlib.sha256(request_json.encode()).hexdigest(),
+                )
             )
-            if not created:
-                if self.store.request_hash(found_id) != request_hash:
-                    raise Conflict(f"idempotency key {idempotency_key!r} was used for another request")
-                return Job(self, found_id)
-        try:
-            self._celery.send_task(RUN_JOB_TASK, args=[job_id], queue=destination.queue, task_id=job_id)
-        except Exception as exc:
-            # The record exists but no message does: fail it so no one waits on it forever, and
-            # free the idempotency key so the caller's retry can succeed.
-            with _redis_errors():
-                self.store.transition(job_id, JobStatus.FAILED, error={"type": "enqueue", "message": str(exc)})
-                if idempotency_key:
-                    self._redis.delete(self.keys.idempotency(idempotency_key))
-            raise Unavailable(f"could not queue the job: {exc}") from exc
-        return Job(self, job_id)
+        with _redis_errors():
+            results = self.store.create(jobs)
+            for job, (created, found_id) in zip(jobs, results, strict=True):
+                if not created and self.store.request_hash(found_id) != job.request_hash:
+                    raise Conflict(f"idempotency key {job.idempotency_key!r} was used for another request")
+        return [Job(self, found_id) for _created, found_id in results]
 
     def status(self, job_id: str) -> JobRecord:
         with _redis_errors():
@@ -151,7 +168,9 @@ class Client:
             raise Conflict(f"job {job_id} is {record.status.value}; it has no result yet")
         expires_s = self.settings.presign_expiry_s
         return [
-            OutputFile(o.key, self.storage.url(o.key, expires_s), o.content_type, o.size_bytes, o.width, o.height)
+            OutputFile(
+                o.key, self.storage.url(o.key, expires_s), o.content_type, o.size_bytes, o.width, o.height
+            )
             for o in record.outputs
         ]
 

@@ -9,12 +9,12 @@ spatial compression times the transformer's patch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from routing.classes import VramClass
 
 
-class TaskKind(str, Enum):
+class TaskKind(StrEnum):
     TEXT_TO_IMAGE = "text-to-image"
     EDIT = "edit"
     TEXT_TO_VIDEO = "text-to-video"

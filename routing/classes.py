@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class VramClass(str, Enum):
+class VramClass(StrEnum):
     """A class of GPU machine. The value is also the name of the class's Celery queue."""
 
     GPU16 = "gpu16"  # one 16-24 GB GPU (g5 / g6)

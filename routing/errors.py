@@ -1,13 +1,13 @@
 """Errors a backend can branch on.
 
-    FleetError
-    ├── InvalidRequest     the request was refused before anything was queued (``errors`` names fields)
-    ├── NotFound           no such job (or not yours)
-    ├── Conflict           the idempotency key was used with another request, or a state change
-    │                      is not allowed from the job's current state
-    ├── Unavailable        the broker or the job store could not be reached; nothing was accepted
-    ├── JobNotSucceeded    asked for the result of a job that failed or was canceled
-    └── WaitTimeout        a wait ran out of time (the job goes on)
+FleetError
+├── InvalidRequest     the request was refused before anything was queued (``errors`` names fields)
+├── NotFound           no such job (or not yours)
+├── Conflict           the idempotency key was used with another request, or a state change
+│                      is not allowed from the job's current state
+├── Unavailable        the broker or the job store could not be reached; nothing was accepted
+├── JobNotSucceeded    asked for the result of a job that failed or was canceled
+└── WaitTimeout        a wait ran out of time (the job goes on)
 """
 
 from __future__ import annotations

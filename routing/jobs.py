@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -19,7 +19,7 @@ from routing.errors import Conflict, NotFound
 from routing.keys import Keys
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -49,7 +49,7 @@ def allowed_sources(target: JobStatus) -> list[JobStatus]:
     return [source for source, targets in TRANSITIONS.items() if target in targets]
 
 
-class EventType(str, Enum):
+class EventType(StrEnum):
     QUEUED = "job.queued"
     STARTED = "job.started"
     PROGRESS = "job.progress"
@@ -138,7 +138,7 @@ for source in string.gmatch(ARGV[2], '[^,]+') do
 end
 if not allowed then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if #ARGV >= 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[7], 1) end
 if ARGV[6] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
 local id = redis.call('HGET', KEYS[1], 'id')
@@ -147,21 +147,33 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
 return {1, current}
 """
 
-# KEYS: job, events, idempotency key (or the job key again when there is none).
-# ARGV: now, stream maxlen, idempotency ttl_s, has idempotency key ('1'/'0'), field/value pairs.
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    model: str
+    kind: str
+    request_json: str
+    queue: str
+    message: tuple[str, str]  # (Redis list key, payload): see routing.messages
+    idempotency_key: str | None = None
+    request_hash: str = ""
+
+
+# KEYS: job, events, idempotency key (or the job key again when there is none), queue.
+# ARGV: now, stream maxlen, idempotency ttl_s, has idempotency key ('1'/'0'), queue message,
+# then field/value pairs. Record, event and queue message are written together or not at all.
 _CREATE = """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
 end
-local id
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  if ARGV[i] == 'id' then id = ARGV[i + 1] end
-end
+local id = ARGV[7]
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'EX', ARGV[3]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
   'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', ARGV[1])
+redis.call('LPUSH', KEYS[4], ARGV[5])
 return {1, id}
 """
 
@@ -199,42 +211,46 @@ class JobStore:
         self._progress = client.register_script(_PROGRESS)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
-    def create(
-        self,
-        *,
-        job_id: str,
-        model: str,
-        kind: str,
-        request_json: str,
-        queue: str,
-        idempotency_key: str | None = None,
-        request_hash: str = "",
-    ) -> tuple[bool, str]:
-        """Write a new queued record. Returns (created, job id); with an idempotency key already
-        used, nothing is written and the id is the earlier job's."""
+    def create(self, jobs: list[NewJob]) -> list[tuple[bool, str]]:
+        """Write each new job's queued record, its ``job.queued`` event and its queue message in
+        one atomic step per job, all jobs in one round trip.
+
+        Returns (created, job id) per job; for an idempotency key already used nothing is
+        written and the id is the earlier job's.
+        """
         now = repr(time.time())
-        fields = {
-            "id": job_id,
-            "model": model,
-            "kind": kind,
-            "request": request_json,
-            "request_hash": request_hash,
-            "status": JobStatus.QUEUED.value,
-            "queue": queue,
-            "attempt": "0",
-            "step": "0",
-            "total_steps": "0",
-            "created_at": now,
-            "updated_at": now,
-            "cancel_requested": "0",
-            "idempotency_key": idempotency_key or "",
-        }
-        idem_key = self.keys.idempotency(idempotency_key) if idempotency_key else self.keys.job(job_id)
-        created, found_id = self._create(
-            keys=[self.keys.job(job_id), self.keys.events, idem_key],
-            args=[now, self.events_maxlen, self.ttl_s, "1" if idempotency_key else "0", *_flatten(fields)],
-        )
-        return bool(created), _text(found_id)
+        with self.client.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                fields = {
+                    "id": job.id,  # first: the script reads the id from this position
+                    "model": job.model,
+                    "kind": job.kind,
+                    "request": job.request_json,
+                    "request_hash": job.request_hash,
+                    "status": JobStatus.QUEUED.value,
+                    "queue": job.queue,
+                    "attempt": "0",
+                    "step": "0",
+                    "total_steps": "0",
+                    "created_at": now,
+                    "updated_at": now,
+                    "cancel_requested": "0",
+                    "idempotency_key": job.idempotency_key or "",
+                }
+                idem_key = (
+                    self.keys.idempotency(job.idempotency_key)
+                    if job.idempotency_key
+                    else self.keys.job(job.id)
+                )
+                queue_key, payload = job.message
+                self._create(
+                    keys=[self.keys.job(job.id), self.keys.events, idem_key, queue_key],
+                    args=[now, self.events_maxlen, self.ttl_s, "1" if job.idempotency_key else "0", payload]
+                    + _flatten(fields),
+                    client=pipe,
+                )
+            replies = pipe.execute()
+        return [(bool(created), _text(found_id)) for created, found_id in replies]
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.client.hgetall(self.keys.job(job_id))

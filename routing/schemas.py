@@ -101,7 +101,9 @@ def _resolve_kind(data: dict[str, Any], spec: ModelSpec) -> TaskKind:
         kind = TaskKind(raw)
     except ValueError:
         known = ", ".join(k.value for k in TaskKind)
-        raise InvalidRequest([FieldError("kind", f"unknown task kind {raw!r}; known kinds: {known}")]) from None
+        raise InvalidRequest(
+            [FieldError("kind", f"unknown task kind {raw!r}; known kinds: {known}")]
+        ) from None
     if kind not in spec.task_kinds:
         raise InvalidRequest([FieldError("kind", f"{spec.key} does not do {kind.value}; it does: {does}")])
     return kind
@@ -120,7 +122,9 @@ def _with_defaults(request: TextToImageRequest, spec: ModelSpec) -> TextToImageR
             "width": request.width or spec.size.default_width,
             "height": request.height or spec.size.default_height,
             "steps": request.steps or spec.default_steps,
-            "guidance_scale": spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
+            "guidance_scale": spec.default_guidance
+            if request.guidance_scale is None
+            else request.guidance_scale,
         }
     )
 
@@ -131,23 +135,31 @@ def _check_limits(request: TextToImageRequest, spec: ModelSpec) -> list[FieldErr
     for name in ("width", "height"):
         value = getattr(request, name)
         if value % size.multiple_of:
-            errors.append(FieldError(name, f"must be a multiple of {size.multiple_of} for {spec.key} (got {value})"))
+            errors.append(
+                FieldError(name, f"must be a multiple of {size.multiple_of} for {spec.key} (got {value})")
+            )
         elif not size.min_side <= value <= size.max_side:
             errors.append(
-                FieldError(name, f"must be between {size.min_side} and {size.max_side} for {spec.key} (got {value})")
+                FieldError(
+                    name, f"must be between {size.min_side} and {size.max_side} for {spec.key} (got {value})"
+                )
             )
     if not errors and request.width * request.height > size.max_pixels:
         errors.append(
             FieldError("width", f"width x height must be at most {size.max_pixels} pixels for {spec.key}")
         )
     if request.steps > spec.max_steps:
-        errors.append(FieldError("steps", f"must be at most {spec.max_steps} for {spec.key} (got {request.steps})"))
+        errors.append(
+            FieldError("steps", f"must be at most {spec.max_steps} for {spec.key} (got {request.steps})")
+        )
     if len(request.prompt) > spec.max_prompt_chars:
         errors.append(
             FieldError("prompt", f"must be at most {spec.max_prompt_chars} characters for {spec.key}")
         )
     if request.negative_prompt and len(request.negative_prompt) > spec.max_prompt_chars:
         errors.append(
-            FieldError("negative_prompt", f"must be at most {spec.max_prompt_chars} characters for {spec.key}")
+            FieldError(
+                "negative_prompt", f"must be at most {spec.max_prompt_chars} characters for {spec.key}"
+            )
         )
     return errors

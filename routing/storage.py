@@ -276,9 +276,7 @@ class S3Storage:
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Keys starting with ``prefix``, sorted."""
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
-            )
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
             return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
         except _BOTO_ERRORS as e:
             raise StorageError(f"listing {prefix!r}: {e}") from e

@@ -49,7 +49,9 @@ class PipelinePool:
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
         spec = get_model(model_key)
         if spec.vram_gb > self.budget_gb:
-            raise MemoryError(f"{model_key} needs {spec.vram_gb} GB; this worker's budget is {self.budget_gb} GB")
+            raise MemoryError(
+                f"{model_key} needs {spec.vram_gb} GB; this worker's budget is {self.budget_gb} GB"
+            )
         self._make_room(spec.vram_gb)
         started = time.perf_counter()
         adapter = self._loader(spec)

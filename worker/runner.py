@@ -71,10 +71,14 @@ class JobRunner:
         except JobCanceled:
             return self._finish(job_id, JobStatus.CANCELED, timings, started_at)
         except InvalidRequest as exc:
-            return self._finish(job_id, JobStatus.FAILED, timings, started_at, error=_error("invalid_request", exc))
+            return self._finish(
+                job_id, JobStatus.FAILED, timings, started_at, error=_error("invalid_request", exc)
+            )
         except Exception as exc:  # a model failure is the job's result, not the worker's
             log.exception("job %s failed", job_id)
-            return self._finish(job_id, JobStatus.FAILED, timings, started_at, error=_error("model_error", exc))
+            return self._finish(
+                job_id, JobStatus.FAILED, timings, started_at, error=_error("model_error", exc)
+            )
         return self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
 
     def _store_outputs(self, job_id: str, generated: Generated, timings: dict[str, float]) -> list[Output]:
@@ -86,7 +90,9 @@ class JobRunner:
         for index, (image, data) in enumerate(encoded):
             stored = self.storage.put(output_key(job_id, index, "png"), data, "image/png")
             outputs.append(
-                Output(stored.key, "image/png", stored.size_bytes, image.width, image.height, seed=generated.seed)
+                Output(
+                    stored.key, "image/png", stored.size_bytes, image.width, image.height, seed=generated.seed
+                )
             )
         timings["store_s"] = round(time.perf_counter() - t0, 4)
         return outputs

@@ -155,7 +155,9 @@ def _build_z_image_turbo(out: Path) -> None:
     )
 
     # The real Z-Image-Turbo scheduler config: fixed shift 3, no resolution-dependent shift.
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    )
 
     tokenizer = _qwen_tokenizer()
     torch.manual_seed(0)
@@ -234,8 +236,12 @@ def build(out_dir: Path, models: list[str] | None = None, force: bool = False) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.small_models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory that receives one folder per model")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.small_models", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory that receives one folder per model"
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(BUILDERS), help="model keys (default: all)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete build is present")
     args = parser.parse_args(argv)

@@ -47,7 +47,9 @@ def test_cancel_a_queued_job_it_never_runs(client: Client, start_worker, redis_c
     start_worker()
     busy = client.submit(SLOW)  # holds the only worker
     _wait_for_step(client, busy.id, 1)
-    queued = client.submit({"model": "z-image-turbo", "prompt": "never", "width": 64, "height": 64, "steps": 2})
+    queued = client.submit(
+        {"model": "z-image-turbo", "prompt": "never", "width": 64, "height": 64, "steps": 2}
+    )
 
     assert client.cancel(queued.id).status is JobStatus.CANCELED
     client.cancel(busy.id)

@@ -16,9 +16,13 @@ from routing.storage import LocalStorage
 pytestmark = pytest.mark.integration
 
 
-def test_submit_runs_to_succeeded_with_a_png_of_the_requested_size(client: Client, start_worker, fleet_settings):
+def test_submit_runs_to_succeeded_with_a_png_of_the_requested_size(
+    client: Client, start_worker, fleet_settings
+):
     start_worker()
-    job = client.submit({"model": "z-image-turbo", "prompt": "a red fox in snow", "width": 96, "height": 64, "steps": 4})
+    job = client.submit(
+        {"model": "z-image-turbo", "prompt": "a red fox in snow", "width": 96, "height": 64, "steps": 4}
+    )
 
     record = job.wait(timeout_s=120)
 
@@ -52,7 +56,9 @@ def test_submit_runs_to_succeeded_with_a_png_of_the_requested_size(client: Clien
     assert result.content_type == "image/png"
 
 
-def test_second_job_on_the_same_model_loads_nothing(client: Client, start_worker, redis_client, fleet_settings):
+def test_second_job_on_the_same_model_loads_nothing(
+    client: Client, start_worker, redis_client, fleet_settings
+):
     start_worker()
     first = client.submit({"model": "z-image-turbo", "prompt": "one", "width": 64, "height": 64, "steps": 2})
     first_record = first.wait(timeout_s=120)
@@ -70,7 +76,14 @@ def test_second_job_on_the_same_model_loads_nothing(client: Client, start_worker
 
 def test_the_seed_makes_the_image_reproducible(client: Client, start_worker, fleet_settings):
     start_worker()
-    request = {"model": "z-image-turbo", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    request = {
+        "model": "z-image-turbo",
+        "prompt": "a lighthouse",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "seed": 7,
+    }
     records = [client.submit(request).wait(timeout_s=120) for _ in range(2)]
     other = client.submit(request | {"seed": 8}).wait(timeout_s=60)
 
@@ -93,7 +106,19 @@ def test_cli_submit_wait_prints_progress_and_where_the_output_is(fleet_settings,
     started = time.monotonic()
 
     code = cli.main(
-        ["submit", "z-image-turbo", "--prompt", "a cat", "--width", "64", "--height", "80", "--steps", "3", "--wait"],
+        [
+            "submit",
+            "z-image-turbo",
+            "--prompt",
+            "a cat",
+            "--width",
+            "64",
+            "--height",
+            "80",
+            "--steps",
+            "3",
+            "--wait",
+        ],
         out=out,
         err=err,
     )

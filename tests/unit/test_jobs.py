@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 
 from routing.errors import Conflict, NotFound
-from routing.jobs import TRANSITIONS, JobStatus, JobStore, allowed_sources
+from routing.jobs import TRANSITIONS, JobStatus, JobStore, NewJob, allowed_sources
 from routing.keys import Keys
 
 
@@ -15,10 +15,20 @@ def store() -> JobStore:
     return JobStore(fakeredis.FakeRedis(), Keys("unit"), ttl_s=3600)
 
 
-def _create(store: JobStore, job_id: str = "a" * 32, **kwargs) -> str:
-    created, found = store.create(
-        job_id=job_id, model="z-image-turbo", kind="text-to-image", request_json="{}", queue="gpu16", **kwargs
+def _new(job_id: str, **kwargs) -> NewJob:
+    return NewJob(
+        id=job_id,
+        model="z-image-turbo",
+        kind="text-to-image",
+        request_json="{}",
+        queue="gpu16",
+        message=("gpu16", f"message-{job_id}"),
+        **kwargs,
     )
+
+
+def _create(store: JobStore, job_id: str = "a" * 32, **kwargs) -> str:
+    [(created, found)] = store.create([_new(job_id, **kwargs)])
     assert created
     return found
 
@@ -32,6 +42,7 @@ def test_terminal_states_have_no_way_out():
 def test_lifecycle_writes_record_and_events_together(store: JobStore):
     job_id = _create(store)
     assert store.get(job_id).status is JobStatus.QUEUED
+    assert store.client.lrange("gpu16", 0, -1) == [f"message-{job_id}".encode()]
 
     assert store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=1.0) is JobStatus.QUEUED
     assert store.progress(job_id, 1, 4) == (JobStatus.RUNNING, False)
@@ -41,7 +52,12 @@ def test_lifecycle_writes_record_and_events_together(store: JobStore):
     assert record.status is JobStatus.SUCCEEDED
     assert record.attempt == 1 and record.step == 1 and record.total_steps == 4
     assert record.timings == {"run_s": 1.5}
-    assert [e["type"] for e in store.events(job_id)] == ["job.queued", "job.started", "job.progress", "job.succeeded"]
+    assert [e["type"] for e in store.events(job_id)] == [
+        "job.queued",
+        "job.started",
+        "job.progress",
+        "job.succeeded",
+    ]
     # A finished record expires; a live one does not.
     assert 0 < store.client.ttl(store.keys.job(job_id)) <= 3600
 
@@ -93,12 +109,11 @@ def test_progress_of_a_job_no_longer_running_says_stop(store: JobStore):
 
 def test_idempotency_key_returns_the_first_job(store: JobStore):
     first = _create(store, "1" * 32, idempotency_key="k1", request_hash="h")
-    created, found = store.create(
-        job_id="2" * 32, model="m", kind="k", request_json="{}", queue="gpu16", idempotency_key="k1"
-    )
+    [(created, found)] = store.create([_new("2" * 32, idempotency_key="k1")])
     assert (created, found) == (False, first)
     with pytest.raises(NotFound):
         store.get("2" * 32)
+    assert store.client.lrange("gpu16", 0, -1) == [f"message-{first}".encode()]
 
 
 def test_unknown_job(store: JobStore):
@@ -108,3 +123,10 @@ def test_unknown_job(store: JobStore):
         store.transition("f" * 32, JobStatus.RUNNING)
     with pytest.raises(NotFound):
         store.cancel("f" * 32)
+
+
+def test_many_jobs_in_one_call_each_with_its_message(store: JobStore):
+    ids = [f"{i:032x}" for i in range(1, 6)]
+    results = store.create([_new(job_id) for job_id in ids])
+    assert results == [(True, job_id) for job_id in ids]
+    assert store.client.lrange("gpu16", 0, -1)[::-1] == [f"message-{job_id}".encode() for job_id in ids]

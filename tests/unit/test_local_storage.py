@@ -97,8 +97,15 @@ def test_symlink_out_of_the_root_is_rejected(storage: LocalStorage, tmp_path: Pa
 
 @pytest.mark.parametrize(
     "job_id, index, ext",
-    [("../x", 0, "png"), ("ABCDEF12", 0, "png"), ("abc", 0, "png"), ("0123abcd", -1, "png"),
-     ("0123abcd", True, "png"), ("0123abcd", 0, "p/ng"), ("0123abcd", 0, "")],
+    [
+        ("../x", 0, "png"),
+        ("ABCDEF12", 0, "png"),
+        ("abc", 0, "png"),
+        ("0123abcd", -1, "png"),
+        ("0123abcd", True, "png"),
+        ("0123abcd", 0, "p/ng"),
+        ("0123abcd", 0, ""),
+    ],
 )
 def test_output_key_rejects_bad_parts(job_id: str, index: int, ext: str) -> None:
     with pytest.raises(ValueError):

@@ -47,7 +47,9 @@ def test_catalog_holds_the_seven_models_with_their_classes():
     assert set(get_model("wan2.2-ti2v-5b").task_kinds) == {TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO}
     for spec in CATALOG.values():
         size = spec.size
-        assert size.default_width % size.multiple_of == 0 and size.default_height % size.multiple_of == 0, spec.key
+        assert size.default_width % size.multiple_of == 0 and size.default_height % size.multiple_of == 0, (
+            spec.key
+        )
         assert size.min_side <= min(size.default_width, size.default_height), spec.key
         assert 1 <= spec.default_steps <= spec.max_steps, spec.key
         if spec.video is not None:
@@ -76,3 +78,23 @@ def test_celery_settings_for_long_gpu_jobs():
     assert conf["broker_transport_options"]["visibility_timeout"] > 3600 + 1800
     assert conf["task_time_limit"] == 1800 < conf["broker_transport_options"]["visibility_timeout"]
     assert conf["result_expires"] > 0
+
+
+def test_the_queue_message_is_the_one_celery_builds():
+    import base64
+    import json
+
+    from routing.messages import RunJobMessages
+
+    app = make_celery(Settings())
+    job_id = "ab" * 16
+    queue, payload = RunJobMessages(app).build(job_id, "gpu80")
+    envelope = json.loads(payload)
+    celery_own = app.amqp.as_task_v2(job_id, "fleet.run_job", args=[job_id], kwargs={})
+
+    assert queue == "gpu80"
+    assert envelope["headers"] == celery_own.headers
+    assert json.loads(base64.b64decode(envelope["body"])) == [list(celery_own.body[0]), {}, celery_own.body[2]]
+    assert envelope["properties"]["correlation_id"] == job_id
+    assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "gpu80"}
+    assert envelope["content-type"] == "application/json"

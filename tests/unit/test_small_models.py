@@ -63,7 +63,10 @@ def test_layout_is_a_diffusers_repo(built: Path) -> None:
     assert isinstance(tok, Qwen2Tokenizer)
     assert tok.pad_token == "<|endoftext|>" and tok.padding_side == "right"
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "a red fox"}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        [{"role": "user", "content": "a red fox"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=True,
     )
     assert text == "<|im_start|>user\na red fox<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text).input_ids
@@ -92,7 +95,10 @@ def test_size_must_be_a_multiple_of_16(pipe) -> None:
 
 
 def test_second_build_skips(built: Path) -> None:
-    files = [built / KEY / "model_index.json", built / KEY / "transformer" / "diffusion_pytorch_model.safetensors"]
+    files = [
+        built / KEY / "model_index.json",
+        built / KEY / "transformer" / "diffusion_pytorch_model.safetensors",
+    ]
     before = [f.stat().st_mtime_ns for f in files]
     start = time.perf_counter()
     small_models.build(built, [KEY])
