@@ -219,38 +219,62 @@ class JobStore:
         written and the id is the earlier job's.
         """
         now = repr(time.time())
-        with self.client.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                fields = {
-                    "id": job.id,  # first: the script reads the id from this position
-                    "model": job.model,
-                    "kind": job.kind,
-                    "request": job.request_json,
-                    "request_hash": job.request_hash,
-                    "status": JobStatus.QUEUED.value,
-                    "queue": job.queue,
-                    "attempt": "0",
-                    "step": "0",
-                    "total_steps": "0",
-                    "created_at": now,
-                    "updated_at": now,
-                    "cancel_requested": "0",
-                    "idempotency_key": job.idempotency_key or "",
-                }
-                idem_key = (
-                    self.keys.idempotency(job.idempotency_key)
-                    if job.idempotency_key
-                    else self.keys.job(job.id)
-                )
-                queue_key, payload = job.message
-                self._create(
-                    keys=[self.keys.job(job.id), self.keys.events, idem_key, queue_key],
-                    args=[now, self.events_maxlen, self.ttl_s, "1" if job.idempotency_key else "0", payload]
-                    + _flatten(fields),
-                    client=pipe,
-                )
-            replies = pipe.execute()
+        calls = [self._create_call(job, now) for job in jobs]
+        if len(calls) == 1:
+            replies = [self._create(keys=calls[0][0], args=calls[0][1])]
+        else:
+            replies = self._create_pipelined(calls)
         return [(bool(created), _text(found_id)) for created, found_id in replies]
+
+    def _create_call(self, job: NewJob, now: str) -> tuple[list[str], list[Any]]:
+        fields = {
+            "id": job.id,  # first: the script reads the id from this position
+            "model": job.model,
+            "kind": job.kind,
+            "request": job.request_json,
+            "request_hash": job.request_hash,
+            "status": JobStatus.QUEUED.value,
+            "queue": job.queue,
+            "attempt": "0",
+            "step": "0",
+            "total_steps": "0",
+            "created_at": now,
+            "updated_at": now,
+            "cancel_requested": "0",
+            "idempotency_key": job.idempotency_key or "",
+        }
+        idem_key = self.keys.idempotency(job.idempotency_key) if job.idempotency_key else self.keys.job(job.id)
+        queue_key, payload = job.message
+        keys = [self.keys.job(job.id), self.keys.events, idem_key, queue_key]
+        args = [now, self.events_maxlen, self.ttl_s, "1" if job.idempotency_key else "0", payload, *_flatten(fields)]
+        return keys, args
+
+    def _create_pipelined(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        # EVALSHA straight into the pipeline: redis-py's script objects would add a SCRIPT EXISTS
+        # round trip to every batch. A call refused for a missing script (Redis restarted) did
+        # nothing, so exactly those are sent again once the script is loaded.
+        sha = self._create.sha
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _attempt in range(2):
+            with self.client.pipeline(transaction=False) as pipe:
+                for index in pending:
+                    keys, args = calls[index]
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                results = pipe.execute(raise_on_error=False)
+            missing = []
+            for index, result in zip(pending, results, strict=True):
+                if isinstance(result, redis.exceptions.NoScriptError):
+                    missing.append(index)
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    replies[index] = result
+            if not missing:
+                return replies
+            self.client.script_load(_CREATE)
+            pending = missing
+        raise redis.exceptions.NoScriptError("create script could not be loaded")
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.client.hgetall(self.keys.job(job_id))

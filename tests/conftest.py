@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 import socket
 import subprocess
 import sys
@@ -10,9 +10,16 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import redis as redis_lib
+
+from producer.client import Client
+from routing.settings import Settings
+from worker.process import WorkerProcess
 
 # Loopback servers must never be reached through a proxy a CI runner may have configured.
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -80,16 +87,6 @@ def s3_server() -> Iterator[str]:
 
 # --- The fleet under test: real Redis, real worker processes, small models ---------------------
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import redis as redis_lib  # noqa: E402
-
-from producer.client import Client  # noqa: E402
-from routing.settings import Settings  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 # The suite owns this database of the local Redis and empties it at the start; the demo and
 # anything else use database 0.
@@ -134,56 +131,6 @@ def fleet_settings(redis_url: str, small_models_dir: Path, tmp_path: Path) -> Se
         storage_dir=tmp_path / "objects",
         model_root=small_models_dir,
     )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The FLEET_* environment that gives a child process ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            continue
-        env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
-    return env
-
-
-class WorkerProcess:
-    """``python -m worker`` in a subprocess, logging to a file the test can read."""
-
-    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = settings_env(settings) | (extra_env or {})
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--without-mingle", "--without-gossip"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            if " ready." in self.log():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture

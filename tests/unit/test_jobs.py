@@ -130,3 +130,11 @@ def test_many_jobs_in_one_call_each_with_its_message(store: JobStore):
     results = store.create([_new(job_id) for job_id in ids])
     assert results == [(True, job_id) for job_id in ids]
     assert store.client.lrange("gpu16", 0, -1)[::-1] == [f"message-{job_id}".encode() for job_id in ids]
+
+
+def test_a_batch_after_redis_lost_its_scripts_writes_each_job_once(store: JobStore):
+    store.client.script_flush()  # what a Redis restart does
+    ids = [f"{i:032x}" for i in range(10, 13)]
+    assert store.create([_new(job_id) for job_id in ids]) == [(True, job_id) for job_id in ids]
+    assert store.client.llen("gpu16") == 3
+    assert len(store.events()) == 3

@@ -1,0 +1,82 @@
+"""Start and stop a worker as a child process: used by the demo, the benchmarks and the tests.
+
+Production runs ``python -m worker`` under its own supervisor (compose, Kubernetes); this is for
+one host that wants a worker for a while and then wants it gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from routing.settings import Settings
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that gives a child process ``settings`` (FLEET_* variables)."""
+    source = os.environ if base is None else base
+    env = {k: v for k, v in source.items() if not k.startswith("FLEET_")}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+class WorkerProcess:
+    """``python -m worker`` in its own process group, logging to ``log_path``."""
+
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            # Mingle and gossip talk to other workers at start; a lone worker only waits on them.
+            [sys.executable, "-m", "worker", "--without-mingle", "--without-gossip"],
+            cwd=_ROOT,
+            env=settings_env(settings) | (extra_env or {}),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> WorkerProcess:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker's main process only."""
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to the whole group if it does not end in time."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
