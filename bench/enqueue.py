@@ -21,7 +21,13 @@ import redis
 from producer.client import Client
 from routing.settings import Settings
 
-REQUEST = {"model": "z-image-turbo", "prompt": "a red fox in the snow", "width": 1024, "height": 1024, "steps": 9}
+REQUEST = {
+    "model": "z-image-turbo",
+    "prompt": "a red fox in the snow",
+    "width": 1024,
+    "height": 1024,
+    "steps": 9,
+}
 
 
 def rate(n: int, run: Callable[[], None]) -> float:
@@ -34,7 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"))
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    )
     args = parser.parse_args()
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -74,8 +82,10 @@ def main() -> None:
     print(
         f"submit_many(), pipelined         {batched:8.0f} /s   ratio to pipelined LPUSH {batched / lpush_pipelined:.2f}"
     )
-    print(f"goal >= 3000 submits/s: single {'met' if single >= 3000 else 'NOT met'}, "
-          f"batched {'met' if batched >= 3000 else 'NOT met'}")
+    print(
+        f"goal >= 3000 submits/s: single {'met' if single >= 3000 else 'NOT met'}, "
+        f"batched {'met' if batched >= 3000 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":
