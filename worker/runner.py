@@ -62,7 +62,7 @@ class JobRunner:
                     raise JobCanceled()
 
             t0 = time.perf_counter()
-            generated = checkout.adapter.run(request, on_step)
+            generated = checkout.adapter.run(request, {}, on_step)
             timings["inference_s"] = round(time.perf_counter() - t0, 4)
 
             # 4. Encode and store under keys derived from the job id: a redelivered job

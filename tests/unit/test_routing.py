@@ -94,7 +94,11 @@ def test_the_queue_message_is_the_one_celery_builds():
 
     assert queue == "gpu80"
     assert envelope["headers"] == celery_own.headers
-    assert json.loads(base64.b64decode(envelope["body"])) == [list(celery_own.body[0]), {}, celery_own.body[2]]
+    assert json.loads(base64.b64decode(envelope["body"])) == [
+        list(celery_own.body[0]),
+        {},
+        celery_own.body[2],
+    ]
     assert envelope["properties"]["correlation_id"] == job_id
     assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "gpu80"}
     assert envelope["content-type"] == "application/json"

@@ -106,18 +106,17 @@ def test_second_build_skips(built: Path) -> None:
     assert [f.stat().st_mtime_ns for f in files] == before
 
 
-def _fake_builder(fail: bool):
+def _use_fake_builder(monkeypatch, fail: bool) -> None:
     def builder(out: Path) -> None:
         (out / "model_index.json").write_text("{}")
         if fail:
             raise KeyboardInterrupt
 
-    return builder
+    monkeypatch.setitem(small_models.BUILDERS, "fake", (1, builder))
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(small_models.BUILDERS, "fake", _fake_builder(fail=True))
-    monkeypatch.setitem(small_models.VERSIONS, "fake", 1)
+    _use_fake_builder(monkeypatch, fail=True)
     with pytest.raises(KeyboardInterrupt):
         small_models.build(tmp_path, ["fake"])
     assert list(tmp_path.iterdir()) == []
@@ -125,7 +124,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path: Path, mo
     # A directory without the marker (e.g. copied by hand) is rebuilt, not trusted.
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "model_index.json").write_text("{}")
-    monkeypatch.setitem(small_models.BUILDERS, "fake", _fake_builder(fail=False))
+    _use_fake_builder(monkeypatch, fail=False)
     small_models.build(tmp_path, ["fake"])
     assert small_models.is_complete(tmp_path / "fake", "fake")
     assert [p.name for p in tmp_path.iterdir()] == ["fake"]

@@ -23,16 +23,37 @@ class JobCanceled(Exception):
 
 @dataclass
 class Generated:
+    """What a pipeline made: still images, or the frames of one video at ``fps``."""
+
     images: list[Image.Image] = field(default_factory=list)
+    frames: list[Image.Image] = field(default_factory=list)
+    fps: int | None = None
     seed: int | None = None
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where a pipeline runs: device and dtype, resolved once per worker process."""
+    """Where a pipeline runs: device and dtype, resolved once per worker process, and whether
+    models that do not fit the worker's class are offloaded (``place`` applies it)."""
 
     device: str
     dtype: torch.dtype
+    offload: bool = False
+
+    @property
+    def profile(self) -> str:
+        return "offload" if self.offload else "resident"
+
+    def place(self, pipe: Any) -> None:
+        """Put ``pipe`` on the device: whole, or with model CPU offload when ``offload`` is set.
+
+        Offload moves each component to the GPU only while it runs; on a CPU device there is
+        nothing to offload to, so the pipeline simply stays where it is.
+        """
+        if self.offload and self.device.startswith("cuda"):
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
 
     @classmethod
     def resolve(cls, device: str, dtype: str) -> Runtime:
@@ -46,10 +67,26 @@ class Runtime:
         return cls(device=device, dtype=getattr(torch, dtype))
 
 
+# Decoded input media of a request, by field name: an image field gives a PIL image, a list of
+# images a list of them, a video field its frames (list of PIL images) and a ``<field>_fps``.
+Inputs = dict[str, Any]
+
+
 class Adapter(Protocol):
     spec: ModelSpec
 
-    def run(self, request: Any, on_step: StepCallback) -> Generated: ...
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated: ...
+
+
+def seeded_generator(seed: int | None) -> tuple[int, torch.Generator]:
+    """A CPU generator (the same noise on every device) and the seed it used: drawn here when
+    the caller gave none, and reported so the output can be made again."""
+    import random
+
+    import torch
+
+    seed = seed if seed is not None else random.randrange(2**63)
+    return seed, torch.Generator(device="cpu").manual_seed(seed)
 
 
 def step_callback_for(on_step: StepCallback) -> Callable[..., dict[str, Any]]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
-
 from routing.catalog import ModelSpec
 from routing.schemas import TextToImageRequest
-from worker.adapters.base import Generated, Runtime, StepCallback, step_callback_for
+from worker.adapters.base import Generated, Inputs, Runtime, StepCallback, seeded_generator, step_callback_for
 
 
 class ZImageAdapter:
@@ -17,12 +15,10 @@ class ZImageAdapter:
         self.runtime = runtime
         # The same call loads the hub weights and the small local test models.
         self.pipe = diffusers.ZImagePipeline.from_pretrained(weights, dtype=runtime.dtype)
-        self.pipe.to(runtime.device)
+        runtime.place(self.pipe)
         self.pipe.set_progress_bar_config(disable=True)
 
-    def run(self, request: TextToImageRequest, on_step: StepCallback) -> Generated:
-        import torch
-
+    def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
         # 1. Check inputs: the request was validated against the catalog at submit; the pipeline
         #    itself must agree on the size multiple, or the catalog is wrong for these weights.
         multiple = self.pipe.vae_scale_factor * 2
@@ -30,8 +26,7 @@ class ZImageAdapter:
             raise ValueError(f"these weights need sizes in multiples of {multiple}")
 
         # 2. Seed: drawn here when the caller gave none, and reported so the image can be redone.
-        seed = request.seed if request.seed is not None else random.randrange(2**63)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        seed, generator = seeded_generator(request.seed)
 
         # 3. Denoise and decode.
         output = self.pipe(

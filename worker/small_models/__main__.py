@@ -1,0 +1,5 @@
+import sys
+
+from worker.small_models import main
+
+sys.exit(main())
