@@ -18,15 +18,31 @@ class Route:
         return self.vram_class.queue
 
 
+def work(request: GenerationRequest) -> int:
+    """Pixels the request makes, over all frames: what activation memory grows with."""
+    width = request.width or 0
+    height = request.height or 0
+    return width * height * (getattr(request, "frames", None) or 1)
+
+
 def route(request: GenerationRequest) -> Route:
     """The smallest class that can run ``request``.
 
-    A model's class in the catalog is where its default request fits. Jobs for a small-class
-    model also run on bigger classes when those are idle; that is the workers' subscription
-    (``routing.classes.consumed_queues``), not a decision taken here, so a job is always queued
-    where it fits and a big worker pulls it only when its own queue is empty.
+    Start at the model's class in the catalog; move up while the request's work is above what
+    that class takes for the model (``ModelSpec.max_work``). Jobs also run on bigger classes
+    when those are idle: that is the workers' subscription (``routing.classes.consumed_queues``),
+    not a decision taken here, so a job is queued where it fits and a bigger worker pulls it
+    only when its own queue is empty.
     """
-    return Route(get_model(request.model).vram_class)
+    spec = get_model(request.model)
+    vram_class = spec.vram_class
+    amount = work(request)
+    while vram_class in spec.max_work and amount > spec.max_work[vram_class]:
+        bigger = bigger_classes(vram_class)
+        if not bigger:
+            break
+        vram_class = bigger[0]
+    return Route(vram_class)
 
 
 def escalate(current: VramClass) -> Route | None:

@@ -243,10 +243,19 @@ class JobStore:
             "cancel_requested": "0",
             "idempotency_key": job.idempotency_key or "",
         }
-        idem_key = self.keys.idempotency(job.idempotency_key) if job.idempotency_key else self.keys.job(job.id)
+        idem_key = (
+            self.keys.idempotency(job.idempotency_key) if job.idempotency_key else self.keys.job(job.id)
+        )
         queue_key, payload = job.message
         keys = [self.keys.job(job.id), self.keys.events, idem_key, queue_key]
-        args = [now, self.events_maxlen, self.ttl_s, "1" if job.idempotency_key else "0", payload, *_flatten(fields)]
+        args = [
+            now,
+            self.events_maxlen,
+            self.ttl_s,
+            "1" if job.idempotency_key else "0",
+            payload,
+            *_flatten(fields),
+        ]
         return keys, args
 
     def _create_pipelined(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:

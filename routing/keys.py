@@ -26,5 +26,10 @@ class Keys:
 
     @property
     def load_counts(self) -> str:
-        """Hash of model loads per worker process: ``<hostname>:<pid>:<model>`` -> count."""
+        """Hash of model loads per worker process: ``<worker name>:<model>`` -> count."""
         return f"{self.prefix}:loads"
+
+    @property
+    def eviction_counts(self) -> str:
+        """Hash of model evictions per worker process: ``<worker name>:<model>`` -> count."""
+        return f"{self.prefix}:evictions"

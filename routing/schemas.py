@@ -12,12 +12,32 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import FieldError, InvalidRequest
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class MediaRef(BaseModel):
+    """Input media: an object already in the fleet's store (``key``, e.g. from an upload) or an
+    http(s) ``url``. At submit a URL is fetched, checked and stored, and the queued request
+    refers to it by key only: workers never reach out to the internet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str | None = Field(default=None, min_length=1, max_length=1024)
+    url: str | None = Field(default=None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MediaRef:
+        if (self.key is None) == (self.url is None):
+            raise ValueError("give exactly one of key or url")
+        if self.url is not None and not self.url.lower().startswith(("http://", "https://")):
+            raise ValueError("url must be http or https")
+        return self
 
 
 class RequestBase(BaseModel):
@@ -26,23 +46,85 @@ class RequestBase(BaseModel):
     model: str
     kind: TaskKind
     prompt: Prompt
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-
-
-class TextToImageRequest(RequestBase):
-    kind: Literal[TaskKind.TEXT_TO_IMAGE] = TaskKind.TEXT_TO_IMAGE
     negative_prompt: str | None = None
     width: int | None = Field(default=None, ge=1, le=16384)
     height: int | None = Field(default=None, ge=1, le=16384)
     steps: int | None = Field(default=None, ge=1, le=10_000)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+    def media_fields(self) -> dict[str, MediaRef | list[MediaRef]]:
+        """The request's input media by field name (images come as a list)."""
+        found: dict[str, MediaRef | list[MediaRef]] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, MediaRef) or (
+                isinstance(value, list) and value and isinstance(value[0], MediaRef)
+            ):
+                found[name] = value
+        return found
+
+
+class TextToImageRequest(RequestBase):
+    kind: Literal[TaskKind.TEXT_TO_IMAGE] = TaskKind.TEXT_TO_IMAGE
     output_format: Literal["png"] = "png"
 
 
-GenerationRequest = TextToImageRequest
+class EditRequest(RequestBase):
+    """Edit one image (Qwen-Image-Edit) or compose one to three (Qwen-Image-Edit-2509: person +
+    person, person + scene, person + object). Without width/height the output follows the first
+    image's aspect ratio at about one megapixel, as the pipelines do."""
+
+    kind: Literal[TaskKind.EDIT] = TaskKind.EDIT
+    images: list[MediaRef] = Field(min_length=1)
+    output_format: Literal["png"] = "png"
+
+
+class TextToVideoRequest(RequestBase):
+    kind: Literal[TaskKind.TEXT_TO_VIDEO] = TaskKind.TEXT_TO_VIDEO
+    frames: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class ImageToVideoRequest(TextToVideoRequest):
+    kind: Literal[TaskKind.IMAGE_TO_VIDEO] = TaskKind.IMAGE_TO_VIDEO  # type: ignore[assignment]
+    image: MediaRef
+
+
+class AnimateRequest(RequestBase):
+    """Wan2.2-Animate. ``move``: the character in ``image`` performs the motion of the driving
+    video. ``mix``: the character replaces the person in the video. The pose, face, background and
+    mask videos are what Wan's preprocessing (pose estimation, face crops, segmentation) makes
+    from the driving video; see the README."""
+
+    kind: Literal[TaskKind.ANIMATE] = TaskKind.ANIMATE
+    mode: Literal["move", "mix"]
+    image: MediaRef
+    pose_video: MediaRef
+    face_video: MediaRef
+    background_video: MediaRef | None = None
+    mask_video: MediaRef | None = None
+    frames: int | None = Field(default=None, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _mix_needs_background_and_mask(self) -> AnimateRequest:
+        missing = [name for name in ("background_video", "mask_video") if getattr(self, name) is None]
+        if self.mode == "mix" and missing:
+            raise PydanticCustomError(
+                "mix_inputs", "required in mix mode: {missing}", {"missing": ", ".join(missing)}
+            )
+        return self
+
+
+GenerationRequest = (
+    TextToImageRequest | EditRequest | TextToVideoRequest | ImageToVideoRequest | AnimateRequest
+)
 
 REQUEST_TYPES: dict[TaskKind, type[RequestBase]] = {
     TaskKind.TEXT_TO_IMAGE: TextToImageRequest,
+    TaskKind.EDIT: EditRequest,
+    TaskKind.TEXT_TO_VIDEO: TextToVideoRequest,
+    TaskKind.IMAGE_TO_VIDEO: ImageToVideoRequest,
+    TaskKind.ANIMATE: AnimateRequest,
 }
 
 
@@ -113,53 +195,80 @@ def _field_error(error: Mapping[str, Any]) -> FieldError:
     field = ".".join(str(part) for part in error["loc"]) or "request"
     if error["type"] == "extra_forbidden":
         return FieldError(field, "unknown field")
-    return FieldError(field, error["msg"])
+    if error["type"] == "mix_inputs":
+        # Name the first missing field rather than the request as a whole.
+        return FieldError(error["ctx"]["missing"].split(", ")[0], error["msg"])
+    message = error["msg"].removeprefix("Value error, ")
+    return FieldError(field, message)
 
 
-def _with_defaults(request: TextToImageRequest, spec: ModelSpec) -> TextToImageRequest:
-    return request.model_copy(
-        update={
-            "width": request.width or spec.size.default_width,
-            "height": request.height or spec.size.default_height,
-            "steps": request.steps or spec.default_steps,
-            "guidance_scale": spec.default_guidance
-            if request.guidance_scale is None
-            else request.guidance_scale,
-        }
-    )
+def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
+    update: dict[str, Any] = {
+        "steps": request.steps or spec.default_steps,
+        "guidance_scale": spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
+    }
+    # An edit without a size follows its input image; every other kind has the model's default.
+    if not isinstance(request, EditRequest):
+        update["width"] = request.width or spec.size.default_width
+        update["height"] = request.height or spec.size.default_height
+    if isinstance(request, TextToVideoRequest | AnimateRequest) and spec.video is not None:
+        update["frames"] = request.frames or spec.video.default_frames
+    return request.model_copy(update=update)
 
 
-def _check_limits(request: TextToImageRequest, spec: ModelSpec) -> list[FieldError]:
+def _check_limits(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
     errors: list[FieldError] = []
     size = spec.size
-    for name in ("width", "height"):
-        value = getattr(request, name)
-        if value % size.multiple_of:
-            errors.append(
-                FieldError(name, f"must be a multiple of {size.multiple_of} for {spec.key} (got {value})")
-            )
-        elif not size.min_side <= value <= size.max_side:
-            errors.append(
-                FieldError(
-                    name, f"must be between {size.min_side} and {size.max_side} for {spec.key} (got {value})"
+    if request.width is not None and request.height is not None:
+        for name in ("width", "height"):
+            value = getattr(request, name)
+            if value % size.multiple_of:
+                errors.append(
+                    FieldError(name, f"must be a multiple of {size.multiple_of} for {spec.key} (got {value})")
                 )
+            elif not size.min_side <= value <= size.max_side:
+                errors.append(
+                    FieldError(
+                        name,
+                        f"must be between {size.min_side} and {size.max_side} for {spec.key} (got {value})",
+                    )
+                )
+        if not errors and request.width * request.height > size.max_pixels:
+            errors.append(
+                FieldError("width", f"width x height must be at most {size.max_pixels} pixels for {spec.key}")
             )
-    if not errors and request.width * request.height > size.max_pixels:
-        errors.append(
-            FieldError("width", f"width x height must be at most {size.max_pixels} pixels for {spec.key}")
-        )
+    elif (request.width is None) != (request.height is None):
+        missing = "height" if request.height is None else "width"
+        errors.append(FieldError(missing, "give both width and height, or neither"))
     if request.steps > spec.max_steps:
         errors.append(
             FieldError("steps", f"must be at most {spec.max_steps} for {spec.key} (got {request.steps})")
         )
-    if len(request.prompt) > spec.max_prompt_chars:
-        errors.append(
-            FieldError("prompt", f"must be at most {spec.max_prompt_chars} characters for {spec.key}")
-        )
-    if request.negative_prompt and len(request.negative_prompt) > spec.max_prompt_chars:
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if text and len(text) > spec.max_prompt_chars:
+            errors.append(
+                FieldError(name, f"must be at most {spec.max_prompt_chars} characters for {spec.key}")
+            )
+    if isinstance(request, EditRequest) and len(request.images) > spec.max_input_images:
         errors.append(
             FieldError(
-                "negative_prompt", f"must be at most {spec.max_prompt_chars} characters for {spec.key}"
+                "images",
+                f"{spec.key} takes at most {spec.max_input_images} images (got {len(request.images)})",
             )
         )
+    frames = getattr(request, "frames", None)
+    if frames is not None and spec.video is not None:
+        video = spec.video
+        if (frames - video.frames_offset) % video.frames_step or frames < video.frames_offset:
+            form = (
+                f"{video.frames_step}k+{video.frames_offset}"
+                if video.frames_offset
+                else f"a multiple of {video.frames_step}"
+            )
+            errors.append(FieldError("frames", f"must be {form} for {spec.key} (got {frames})"))
+        elif frames > video.max_frames:
+            errors.append(
+                FieldError("frames", f"must be at most {video.max_frames} for {spec.key} (got {frames})")
+            )
     return errors

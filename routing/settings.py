@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     worker_class: Literal["gpu16", "gpu80", "h100x8"] = "gpu16"
     # Models to load when the worker process starts, before taking the first job.
     warm_models: list[str] = Field(default_factory=list)
+    # VRAM the worker's resident models may take; the class's size when unset.
+    vram_budget_gb: int | None = Field(default=None, gt=0)
 
     # How long a finished job's record is kept.
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)

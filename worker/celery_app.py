@@ -6,6 +6,7 @@ never imports torch: models load in the pool child, so nothing forks after CUDA 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -46,13 +47,15 @@ def get_runner() -> JobRunner:
         name = f"{vram_class.value}@{socket.gethostname()}:{os.getpid()}"
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
-        def load(spec: Any) -> Any:
-            return load_adapter(spec, settings.weights_for(spec.key, spec.hub_id), runtime)
+        def load(spec: Any, offload: bool) -> Any:
+            weights = settings.weights_for(spec.key, spec.hub_id)
+            return load_adapter(spec, weights, dataclasses.replace(runtime, offload=offload))
 
-        def count_load(model_key: str) -> None:
-            client.hincrby(keys.load_counts, f"{name}:{model_key}", 1)
+        def count(change: str, model_key: str) -> None:
+            counts = keys.load_counts if change == "load" else keys.eviction_counts
+            client.hincrby(counts, f"{name}:{model_key}", 1)
 
-        pool = PipelinePool(load, budget_gb=vram_class.vram_gb, on_load=count_load)
+        pool = PipelinePool(load, vram_class, budget_gb=settings.vram_budget_gb, on_change=count)
         store = JobStore(client, keys, ttl_s=settings.job_ttl_s)
         _runner = JobRunner(store, make_storage(settings), pool, name)
     return _runner

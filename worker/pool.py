@@ -14,12 +14,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from routing.catalog import ModelSpec, get_model
+from routing.catalog import ModelSpec, footprint_gb, get_model
+from routing.classes import VramClass
 from worker.adapters.base import Adapter
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[ModelSpec], Adapter]
+# Loads a model; the flag says whether to offload it (it only fits this class that way).
+Loader = Callable[[ModelSpec, bool], Adapter]
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,19 @@ class Checkout:
 
 
 class PipelinePool:
-    def __init__(self, loader: Loader, budget_gb: int, on_load: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        loader: Loader,
+        vram_class: VramClass,
+        budget_gb: int | None = None,
+        on_change: Callable[[str, str], None] | None = None,
+    ):
         self._loader = loader
-        self.budget_gb = budget_gb
-        self._on_load = on_load
+        self.vram_class = vram_class
+        self.budget_gb = budget_gb if budget_gb is not None else vram_class.vram_gb
+        self._on_change = on_change  # called with ("load" | "evict", model key)
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
+        self._footprint_gb: dict[str, int] = {}
         self.loads: dict[str, int] = {}
         self.evictions: dict[str, int] = {}
 
@@ -48,31 +58,37 @@ class PipelinePool:
             self._resident.move_to_end(model_key)
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
         spec = get_model(model_key)
-        if spec.vram_gb > self.budget_gb:
+        needed_gb = footprint_gb(spec, self.vram_class)
+        if needed_gb is None or needed_gb > self.budget_gb:
             raise MemoryError(
-                f"{model_key} needs {spec.vram_gb} GB; this worker's budget is {self.budget_gb} GB"
+                f"{model_key} does not fit a {self.vram_class.value} worker ({self.budget_gb} GB budget)"
             )
-        self._make_room(spec.vram_gb)
+        self._make_room(needed_gb)
         started = time.perf_counter()
-        adapter = self._loader(spec)
+        adapter = self._loader(spec, needed_gb < spec.vram_gb)
         load_s = time.perf_counter() - started
         self._resident[model_key] = adapter
+        self._footprint_gb[model_key] = needed_gb
         self.loads[model_key] = self.loads.get(model_key, 0) + 1
-        if self._on_load is not None:
-            self._on_load(model_key)
+        if self._on_change is not None:
+            self._on_change("load", model_key)
         log.info("loaded %s in %.2f s (resident: %s)", model_key, load_s, ", ".join(self._resident))
         return Checkout(adapter, loaded=True, load_s=load_s)
 
-    def _used_gb(self) -> int:
-        return sum(adapter.spec.vram_gb for adapter in self._resident.values())
+    @property
+    def used_gb(self) -> int:
+        return sum(self._footprint_gb[key] for key in self._resident)
 
     def _make_room(self, needed_gb: int) -> None:
-        while self._resident and self._used_gb() + needed_gb > self.budget_gb:
+        while self._resident and self.used_gb + needed_gb > self.budget_gb:
             key, adapter = self._resident.popitem(last=False)
+            del self._footprint_gb[key]
             self.evictions[key] = self.evictions.get(key, 0) + 1
             del adapter
             _release_memory()
             log.info("evicted %s", key)
+            if self._on_change is not None:
+                self._on_change("evict", key)
 
 
 def _release_memory() -> None:

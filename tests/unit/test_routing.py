@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
-from routing.catalog import CATALOG, TaskKind, get_model
+from routing.catalog import CATALOG, TaskKind, footprint_gb, get_model
 from routing.celery_config import celery_settings, make_celery
 from routing.classes import VramClass, bigger_classes, consumed_queues
 from routing.decision import escalate, route
@@ -56,7 +58,7 @@ def test_catalog_holds_the_seven_models_with_their_classes():
             video = spec.video
             assert (video.default_frames - video.frames_offset) % video.frames_step == 0, spec.key
             assert (video.max_frames - video.frames_offset) % video.frames_step == 0, spec.key
-        assert spec.vram_gb <= spec.vram_class.vram_gb, spec.key
+        assert footprint_gb(spec, spec.vram_class) is not None, spec.key
 
 
 def test_unknown_model_lookup_names_the_known_ones():
@@ -102,3 +104,36 @@ def test_the_queue_message_is_the_one_celery_builds():
     assert envelope["properties"]["correlation_id"] == job_id
     assert envelope["properties"]["delivery_info"] == {"exchange": "", "routing_key": "gpu80"}
     assert envelope["content-type"] == "application/json"
+
+
+def test_footprint_is_resident_where_it_fits_offloaded_where_only_that_fits():
+    ti2v = get_model("wan2.2-ti2v-5b")
+    assert footprint_gb(ti2v, VramClass.GPU16) == 16  # offloaded
+    assert footprint_gb(ti2v, VramClass.GPU80) == 24  # resident
+    assert footprint_gb(get_model("wan2.2-animate-14b"), VramClass.GPU16) is None
+
+
+def test_every_model_lands_in_its_class_queue():
+    for key, spec in CATALOG.items():
+        assert route_model_default(key).vram_class is spec.vram_class, key
+
+
+def route_model_default(key: str):
+    """Route the catalog's default request of a model, bypassing the served check and media."""
+    spec = get_model(key)
+    request = types.SimpleNamespace(
+        model=key,
+        width=spec.size.default_width,
+        height=spec.size.default_height,
+        frames=spec.video.default_frames if spec.video else None,
+    )
+    return route(request)
+
+
+def test_a_video_too_big_for_the_16gb_class_goes_to_80gb():
+    spec = get_model("wan2.2-ti2v-5b")
+    base = {"model": "wan2.2-ti2v-5b", "width": 1280, "height": 704}
+    assert route(types.SimpleNamespace(**base, frames=121)).vram_class is VramClass.GPU16
+    assert route(types.SimpleNamespace(**base, frames=161)).vram_class is VramClass.GPU80
+    assert route(types.SimpleNamespace(**base | {"width": 640, "height": 352}, frames=241)).vram_class is VramClass.GPU16
+    assert spec.video.max_frames == 241
