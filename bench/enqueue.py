@@ -49,7 +49,8 @@ def main() -> None:
     settings = Settings(redis_url=args.redis_url, key_prefix=prefix)
     raw = redis.Redis.from_url(args.redis_url)
     client = Client(settings)
-    queue, payload = client._messages.build(uuid.uuid4().hex, f"{prefix}:baseline")
+    _, payload = client._messages.run_job(uuid.uuid4().hex, "gpu16")
+    queue = f"{prefix}:baseline"
     n, batch = args.jobs, args.batch
     try:
         for _ in range(200):  # warm connections, scripts and caches

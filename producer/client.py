@@ -18,17 +18,21 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
 
+from producer.inputs import InputLimits, resolve_inputs, upload
 from routing.celery_config import make_celery
+from routing.classes import Priority, queue_name
 from routing.decision import route
 from routing.errors import Conflict, FieldError, InvalidRequest, JobNotSucceeded, Unavailable, WaitTimeout
-from routing.jobs import JobRecord, JobStatus, JobStore, NewJob
+from routing.jobs import JobRecord, JobStatus, JobStore, NewJob, Webhook, check_webhook
 from routing.keys import Keys
-from routing.messages import RunJobMessages
+from routing.messages import TaskMessages
+from routing.net import UrlPolicy
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
 from routing.storage import Storage, make_storage
@@ -57,10 +61,12 @@ class Client:
     ):
         self.settings = settings or get_settings()
         self._redis = redis_client or redis.Redis.from_url(self.settings.redis_url)
-        self._messages = RunJobMessages(celery_app or make_celery(self.settings))
+        self._messages = TaskMessages(celery_app or make_celery(self.settings))
         self._storage = storage
         self.keys = Keys(self.settings.key_prefix)
-        self.store = JobStore(self._redis, self.keys, ttl_s=self.settings.job_ttl_s)
+        self.store = JobStore(self._redis, self.keys, ttl_s=self.settings.job_ttl_s, messages=self._messages)
+        self._url_policy = UrlPolicy(allow_cidrs=tuple(self.settings.url_allow_cidrs))
+        self._input_limits = InputLimits(max_bytes=self.settings.max_input_bytes)
 
     @property
     def storage(self) -> Storage:
@@ -69,24 +75,45 @@ class Client:
             self._storage = make_storage(self.settings)
         return self._storage
 
-    def submit(self, request: Mapping[str, Any] | RequestBase, idempotency_key: str | None = None) -> Job:
+    def submit(
+        self,
+        request: Mapping[str, Any] | RequestBase,
+        idempotency_key: str | None = None,
+        *,
+        priority: Priority | str = Priority.NORMAL,
+        webhook: Webhook | None = None,
+        tenant: str = "",
+    ) -> Job:
         """Validate, route and queue ``request``. Nothing is queued when it raises.
 
-        With ``idempotency_key``, a second submit of the same request returns the first job;
-        the same key with another request raises ``Conflict``.
+        With ``idempotency_key``, a second submit of the same request (and options) returns the
+        first job; the same key with anything else raises ``Conflict``. ``webhook`` gets the
+        job's events signed with the tenant's secret.
         """
-        return self.submit_many([request], [idempotency_key])[0]
+        return self.submit_many(
+            [request], [idempotency_key], priority=priority, webhook=webhook, tenant=tenant
+        )[0]
 
     def submit_many(
         self,
         requests: Sequence[Mapping[str, Any] | RequestBase],
         idempotency_keys: Sequence[str | None] | None = None,
+        *,
+        priority: Priority | str = Priority.NORMAL,
+        webhook: Webhook | None = None,
+        tenant: str = "",
     ) -> list[Job]:
         """Submit several requests in one round trip to Redis.
 
         Every request is validated first: if any is invalid, ``InvalidRequest`` names it by index
         (``"3.width"``) and none is queued. Each accepted job is written atomically on its own.
         """
+        try:
+            priority = Priority(priority)
+        except ValueError:
+            raise InvalidRequest([FieldError("priority", "must be high, normal or low")]) from None
+        if webhook is not None:
+            check_webhook(webhook, self._url_policy)
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(requests)
         if len(keys) != len(requests):
             raise ValueError("one idempotency key (or None) per request")
@@ -100,9 +127,21 @@ class Client:
                 raise InvalidRequest(
                     [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
                 ) from None
-            queue = route(parsed).queue
-            request_json = parsed.model_dump_json()
             job_id = uuid.uuid4().hex
+            if parsed.media_fields():
+                try:
+                    parsed = resolve_inputs(
+                        parsed, job_id, self.storage, self._url_policy, self._input_limits
+                    )
+                except InvalidRequest as exc:
+                    if len(requests) == 1:
+                        raise
+                    raise InvalidRequest(
+                        [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
+                    ) from None
+            queue = queue_name(route(parsed).vram_class, priority)
+            request_json = parsed.model_dump_json()
+            options = f"{priority.value}|{webhook.url if webhook else ''}|{','.join(webhook.events) if webhook else ''}"
             jobs.append(
                 NewJob(
                     id=job_id,
@@ -110,9 +149,12 @@ class Client:
                     kind=parsed.kind.value,
                     request_json=request_json,
                     queue=queue,
-                    message=self._messages.build(job_id, queue),
+                    message=self._messages.run_job(job_id, queue),
                     idempotency_key=idempotency_key,
-                    request_hash=hashlib.sha256(request_json.encode()).hexdigest(),
+                    request_hash=hashlib.sha256(f"{tenant}|{options}|{request_json}".encode()).hexdigest(),
+                    tenant=tenant,
+                    priority=priority.value,
+                    webhook=webhook,
                 )
             )
         with _redis_errors():
@@ -121,6 +163,13 @@ class Client:
                 if not created and self.store.request_hash(found_id) != job.request_hash:
                     raise Conflict(f"idempotency key {job.idempotency_key!r} was used for another request")
         return [Job(self, found_id) for _created, found_id in results]
+
+    def upload(self, data: bytes | str | Path) -> dict[str, str]:
+        """Check and store an image, video or audio file; returns ``{"key": ...}`` to put in a
+        request (e.g. ``{"images": [client.upload("cat.png")]}``)."""
+        if not isinstance(data, bytes):
+            data = Path(data).read_bytes()
+        return upload(self.storage, data, self._input_limits)
 
     def status(self, job_id: str) -> JobRecord:
         with _redis_errors():

@@ -145,7 +145,7 @@ CATALOG: dict[str, ModelSpec] = {
             # "16GB optimised"); longer clips need the activations of an 80 GB card.
             max_work={VramClass.GPU16: 1280 * 704 * 121},
             # 720p class; the Wan2.2 VAE compresses 16x and the DiT patches 2x2.
-            size=SizeLimits(1280, 704, multiple_of=32, min_side=128, max_side=1280, max_pixels=1280 * 704),
+            size=SizeLimits(1280, 704, multiple_of=32, min_side=64, max_side=1280, max_pixels=1280 * 704),
             default_steps=50,
             max_steps=100,
             default_guidance=5.0,
@@ -153,6 +153,7 @@ CATALOG: dict[str, ModelSpec] = {
             video=VideoLimits(default_frames=121, max_frames=241, frames_step=4, fps=24),
             max_input_images=1,
             notes="16 GB class with offloading, 80 GB class without",
+            served=True,
         ),
         ModelSpec(
             key="wan2.2-animate-14b",
@@ -161,7 +162,7 @@ CATALOG: dict[str, ModelSpec] = {
             pipeline="diffusers.WanAnimatePipeline",
             hub_id="Wan-AI/Wan2.2-Animate-14B-Diffusers",
             vram_gb=80,
-            size=SizeLimits(1280, 720, multiple_of=16, min_side=128, max_side=1280, max_pixels=1280 * 720),
+            size=SizeLimits(1280, 720, multiple_of=16, min_side=64, max_side=1280, max_pixels=1280 * 720),
             default_steps=20,
             max_steps=50,
             default_guidance=1.0,
@@ -169,6 +170,7 @@ CATALOG: dict[str, ModelSpec] = {
             video=VideoLimits(default_frames=77, max_frames=617, frames_step=4, fps=30),
             max_input_images=1,
             notes='modes "move" (character follows a driving video) and "mix" (character replaces one)',
+            served=True,
         ),
         ModelSpec(
             key="wan2.2-s2v-14b",

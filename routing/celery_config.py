@@ -18,10 +18,11 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from routing.classes import VramClass, consumed_queues
+from routing.classes import WEBHOOK_QUEUE, VramClass, consumed_queues
 from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
+DELIVER_WEBHOOK_TASK = "fleet.deliver_webhook"
 _VISIBILITY_MARGIN_S = 15 * 60
 
 
@@ -60,4 +61,5 @@ def make_celery(settings: Settings, vram_class: VramClass | None = None) -> Cele
     app.conf.update(celery_settings(settings))
     if vram_class is not None:
         app.conf.task_queues = [Queue(name, routing_key=name) for name in consumed_queues(vram_class)]
+    app.conf.task_routes = {DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}}
     return app

@@ -33,16 +33,40 @@ _VRAM_GB = {VramClass.GPU16: 16, VramClass.GPU80: 80, VramClass.H100X8: 8 * 80}
 WEBHOOK_QUEUE = "webhooks"
 
 
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+_PRIORITY_ORDER = [Priority.HIGH, Priority.NORMAL, Priority.LOW]
+
+
+def queue_name(vram_class: VramClass, priority: Priority = Priority.NORMAL) -> str:
+    """The queue of a class at a priority: ``gpu16.high``, ``gpu16``, ``gpu16.low``.
+
+    Priorities are separate queues rather than Kombu's priority lists: Kombu polls priority
+    first across all of a worker's queues, which would let a small class's high-priority job
+    jump ahead of a big worker's own work.
+    """
+    return vram_class.queue if priority is Priority.NORMAL else f"{vram_class.queue}.{priority.value}"
+
+
+def class_queues(vram_class: VramClass) -> list[str]:
+    """A class's queues, highest priority first."""
+    return [queue_name(vram_class, p) for p in _PRIORITY_ORDER]
+
+
 def consumed_queues(vram_class: VramClass) -> list[str]:
     """Queues a worker of ``vram_class`` consumes, in the order it prefers them.
 
-    Its own queue first, then each smaller class's from the biggest down: a big idle GPU takes
-    small jobs rather than sit idle, but never before its own work. The worker's broker
-    connection polls in this order (see ``routing.celery_config``), so the order is a real
-    preference, not a hint.
+    Its own class first (high, normal, low), then each smaller class's from the biggest down: a
+    big idle GPU takes small jobs rather than sit idle, but never before its own work. The
+    worker's broker connection polls in this order (see ``routing.celery_config``), so the
+    order is a real preference, not a hint.
     """
     smaller = [c for c in reversed(_ORDER) if c.rank < vram_class.rank]
-    return [vram_class.queue, *(c.queue for c in smaller)]
+    return [q for c in [vram_class, *smaller] for q in class_queues(c)]
 
 
 def bigger_classes(vram_class: VramClass) -> list[VramClass]:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import redis
 
-from routing.errors import Conflict, NotFound
+from routing.classes import WEBHOOK_QUEUE
+from routing.errors import Conflict, FieldError, InvalidRequest, NotFound
 from routing.keys import Keys
+from routing.messages import TaskMessages
+from routing.net import UrlError, UrlPolicy, check_url
 
 
 class JobStatus(StrEnum):
@@ -67,6 +71,32 @@ _EVENT_FOR = {
 }
 
 
+# Events a webhook can ask for (the short names of EventType without "job.").
+WEBHOOK_EVENTS = ("started", "progress", "succeeded", "failed", "canceled")
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+
+
+def check_webhook(webhook: Webhook, policy: UrlPolicy) -> None:
+    """Refuse a webhook whose URL or events are not acceptable, naming the field."""
+    errors = []
+    unknown = [e for e in webhook.events if e not in WEBHOOK_EVENTS]
+    if unknown or not webhook.events:
+        errors.append(
+            FieldError("webhook.events", f"each one of {', '.join(WEBHOOK_EVENTS)} (got {unknown or 'none'})")
+        )
+    try:
+        check_url(webhook.url, policy)
+    except UrlError as exc:
+        errors.append(FieldError("webhook.url", str(exc)))
+    if errors:
+        raise InvalidRequest(errors)
+
+
 @dataclass(frozen=True)
 class Output:
     key: str
@@ -75,6 +105,8 @@ class Output:
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    frames: int | None = None  # videos only
+    fps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +130,9 @@ class JobRecord:
     worker: str | None = None
     cancel_requested: bool = False
     idempotency_key: str | None = None
+    tenant: str = ""
+    priority: str = "normal"
+    webhook: Webhook | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -124,12 +159,43 @@ class JobRecord:
             worker=raw.get("worker") or None,
             cancel_requested=raw.get("cancel_requested") == "1",
             idempotency_key=raw.get("idempotency_key") or None,
+            tenant=raw.get("tenant", ""),
+            priority=raw.get("priority") or "normal",
+            webhook=Webhook(raw["webhook_url"], tuple(raw["webhook_events"].split(",")))
+            if raw.get("webhook_url")
+            else None,
         )
 
 
-# KEYS: job, events.  ARGV: target, allowed sources (comma list), now, event type, stream maxlen,
-# ttl_s (0: keep), field to increment ('' for none), then field/value pairs to set.
-_TRANSITION = """
+# Appends one event to the stream and, when the job's webhook asks for this event, pushes the
+# prebuilt delivery message onto the webhooks queue: a state change, its event and its webhook
+# delivery are one atomic write.
+_EMIT = """
+local function emit(job_key, stream, hooks, maxlen, event_type, status, now, event_id, message, step, total)
+  local id = redis.call('HGET', job_key, 'id')
+  if step then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'job_id', id,
+      'status', status, 'at', now, 'event_id', event_id, 'step', step, 'total', total)
+  else
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'job_id', id,
+      'status', status, 'at', now, 'event_id', event_id)
+  end
+  local wanted = redis.call('HGET', job_key, 'webhook_events')
+  if message ~= '' and wanted and wanted ~= '' then
+    local short = string.sub(event_type, 5)
+    if string.find(',' .. wanted .. ',', ',' .. short .. ',', 1, true) then
+      redis.call('LPUSH', hooks, message)
+    end
+  end
+end
+"""
+
+# KEYS: job, events, webhooks queue.  ARGV: target, allowed sources (comma list), now, event
+# type, stream maxlen, ttl_s (0: keep), field to increment ('' for none), event id, webhook
+# message, then field/value pairs to set.
+_TRANSITION = (
+    _EMIT
+    + """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, ''} end
 local allowed = false
@@ -138,14 +204,13 @@ for source in string.gmatch(ARGV[2], '[^,]+') do
 end
 if not allowed then return {0, current} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV >= 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+if #ARGV >= 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[7], 1) end
 if ARGV[6] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
-local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-  'type', ARGV[4], 'job_id', id, 'status', ARGV[1], 'at', ARGV[3])
+emit(KEYS[1], KEYS[2], KEYS[3], ARGV[5], ARGV[4], ARGV[1], ARGV[3], ARGV[8], ARGV[9])
 return {1, current}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +223,9 @@ class NewJob:
     message: tuple[str, str]  # (Redis list key, payload): see routing.messages
     idempotency_key: str | None = None
     request_hash: str = ""
+    tenant: str = ""
+    priority: str = "normal"
+    webhook: Webhook | None = None
 
 
 # KEYS: job, events, idempotency key (or the job key again when there is none), queue.
@@ -177,18 +245,26 @@ redis.call('LPUSH', KEYS[4], ARGV[5])
 return {1, id}
 """
 
-# KEYS: job, events.  ARGV: step, total, now, stream maxlen.
-# Returns the job's status and whether a cancel was asked, so a step costs one round trip.
-_PROGRESS = """
+# KEYS: job, events, webhooks queue.  ARGV: step, total, now, stream maxlen, event id, webhook
+# message, least seconds between progress webhooks. Returns the job's status and whether a cancel
+# was asked, so a step costs one round trip.
+_PROGRESS = (
+    _EMIT
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then return {status or '', '1'} end
 redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total_steps', ARGV[2], 'updated_at', ARGV[3])
-local id = redis.call('HGET', KEYS[1], 'id')
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
-  'type', 'job.progress', 'job_id', id, 'status', status, 'at', ARGV[3],
-  'step', ARGV[1], 'total', ARGV[2])
+local message = ARGV[6]
+local last = tonumber(redis.call('HGET', KEYS[1], 'webhook_progress_at') or '0') or 0
+if tonumber(ARGV[3]) - last < tonumber(ARGV[7]) and ARGV[1] ~= ARGV[2] then
+  message = ''
+elseif message ~= '' then
+  redis.call('HSET', KEYS[1], 'webhook_progress_at', ARGV[3])
+end
+emit(KEYS[1], KEYS[2], KEYS[3], ARGV[4], 'job.progress', status, ARGV[3], ARGV[5], message, ARGV[1], ARGV[2])
 return {status, redis.call('HGET', KEYS[1], 'cancel_requested') or '0'}
 """
+)
 
 # KEYS: job.  Marks a cancel on a running job; the worker sees it at the next step.
 _REQUEST_CANCEL = """
@@ -201,11 +277,23 @@ return status or ''
 class JobStore:
     """Reads and changes job records. Safe to share between threads (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, events_maxlen: int = 100_000):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        ttl_s: int,
+        messages: TaskMessages | None = None,
+        events_maxlen: int = 100_000,
+        progress_webhook_interval_s: float = 2.0,
+    ):
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s
+        # Builds webhook delivery messages; without it no webhook is ever queued.
+        self.messages = messages
         self.events_maxlen = events_maxlen
+        self.progress_webhook_interval_s = progress_webhook_interval_s
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._progress = client.register_script(_PROGRESS)
@@ -242,6 +330,10 @@ class JobStore:
             "updated_at": now,
             "cancel_requested": "0",
             "idempotency_key": job.idempotency_key or "",
+            "tenant": job.tenant,
+            "priority": job.priority,
+            "webhook_url": job.webhook.url if job.webhook else "",
+            "webhook_events": ",".join(job.webhook.events) if job.webhook else "",
         }
         idem_key = (
             self.keys.idempotency(job.idempotency_key) if job.idempotency_key else self.keys.job(job.id)
@@ -315,16 +407,21 @@ class JobStore:
         sources = ",".join(s.value for s in sources_allowed)
         ttl = self.ttl_s if target.is_terminal() else 0
         values = {k: _encode(v) for k, v in fields.items()}
+        now = repr(time.time())
+        event_type = _EVENT_FOR[target].value
+        event_id, message = self._webhook_message(job_id, event_type, now)
         ok, current = self._transition(
-            keys=[self.keys.job(job_id), self.keys.events],
+            keys=[self.keys.job(job_id), self.keys.events, WEBHOOK_QUEUE],
             args=[
                 target.value,
                 sources,
-                repr(time.time()),
-                _EVENT_FOR[target].value,
+                now,
+                event_type,
                 self.events_maxlen,
                 ttl,
                 "attempt" if count_attempt else "",
+                event_id,
+                message,
                 *_flatten(values),
             ],
         )
@@ -338,12 +435,22 @@ class JobStore:
     def progress(self, job_id: str, step: int, total: int) -> tuple[JobStatus | None, bool]:
         """Record a finished step. Returns (status, stop): stop is true when the job should stop
         (a cancel was asked, or it is no longer running)."""
+        now = repr(time.time())
+        event_id, message = self._webhook_message(job_id, EventType.PROGRESS.value, now)
         status, stop = self._progress(
-            keys=[self.keys.job(job_id), self.keys.events],
-            args=[step, total, repr(time.time()), self.events_maxlen],
+            keys=[self.keys.job(job_id), self.keys.events, WEBHOOK_QUEUE],
+            args=[step, total, now, self.events_maxlen, event_id, message, self.progress_webhook_interval_s],
         )
         status = _text(status)
         return (JobStatus(status) if status else None), _text(stop) == "1"
+
+    def _webhook_message(self, job_id: str, event_type: str, now: str) -> tuple[str, str]:
+        """An id for the event, and the delivery message the script queues if the job's webhook
+        wants this event (built here because the script cannot build Celery messages)."""
+        event_id = uuid.uuid4().hex
+        if self.messages is None:
+            return event_id, ""
+        return event_id, self.messages.deliver_webhook(job_id, event_id, event_type, now)[1]
 
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a job: a queued job becomes canceled at once and never runs; a running job is

@@ -16,41 +16,45 @@ import uuid
 from celery import Celery
 from kombu.utils.json import dumps as kombu_dumps
 
-from routing.celery_config import RUN_JOB_TASK
+from routing.celery_config import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK
+from routing.classes import WEBHOOK_QUEUE
 
 
-class RunJobMessages:
-    """Builds the messages for one Celery app.
+class TaskMessages:
+    """Builds Celery task messages for one app without going through ``send_task``.
 
-    Celery's builder runs once, for a template; each job then changes only the fields that
-    carry its id. That keeps a submit cheap (the builder's argument reprs cost more than the
-    rest of a submit together) while the message stays Celery's own.
+    Celery's builder runs once per task name, for a template; each message then changes only the
+    fields that carry its id and arguments. That keeps a submit cheap (the builder's argument
+    reprs cost more than the rest of a submit together) while the message stays Celery's own.
     """
 
-    _PER_JOB_HEADERS = ("id", "root_id", "argsrepr")
-
     def __init__(self, app: Celery):
-        template = app.amqp.as_task_v2("-", RUN_JOB_TASK, args=["-"], kwargs={})
-        self._headers = dict(template.headers)
-        self._properties = dict(template.properties)
-        self._embed = template.body[2]
+        self._app = app
+        self._templates: dict[str, tuple[dict, dict, dict]] = {}
 
-    def build(self, job_id: str, queue: str) -> tuple[str, str]:
-        """(Redis list key, payload) of the message that asks a worker on ``queue`` to run
-        ``job_id``. The Celery task id is the job id, so Flower and the job record name the same
-        thing."""
-        headers = {**self._headers, "id": job_id, "root_id": job_id, "argsrepr": repr([job_id])}
-        body = kombu_dumps([[job_id], {}, self._embed])
+    def _template(self, task_name: str) -> tuple[dict, dict, dict]:
+        if task_name not in self._templates:
+            template = self._app.amqp.as_task_v2("-", task_name, args=["-"], kwargs={})
+            self._templates[task_name] = (dict(template.headers), dict(template.properties), template.body[2])
+        return self._templates[task_name]
+
+    def build(self, task_name: str, args: list, queue: str, task_id: str) -> tuple[str, str]:
+        """(Redis list key, payload) of a message asking a worker on ``queue`` to run
+        ``task_name(*args)`` as task ``task_id``."""
+        headers, properties, embed = self._template(task_name)
+        headers = {**headers, "id": task_id, "root_id": task_id, "argsrepr": repr(args)}
+        body = kombu_dumps([args, {}, embed])
         envelope = {
             "body": base64.b64encode(body.encode()).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": headers,
             "properties": {
-                **self._properties,
-                "correlation_id": job_id,
+                **properties,
+                "correlation_id": task_id,
                 "delivery_mode": 2,
-                # The anonymous exchange: the routing key is the queue itself.
+                # The anonymous exchange: the routing key is the queue itself. Priority lives in
+                # the queue name (routing.classes.queue_name), not in Kombu's priority lists.
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
                 "body_encoding": "base64",
@@ -58,3 +62,11 @@ class RunJobMessages:
             },
         }
         return queue, json.dumps(envelope, separators=(",", ":"))
+
+    def run_job(self, job_id: str, queue: str) -> tuple[str, str]:
+        """The message that runs ``job_id``; its Celery task id is the job id, so Flower and the
+        job record name the same thing."""
+        return self.build(RUN_JOB_TASK, [job_id], queue, job_id)
+
+    def deliver_webhook(self, job_id: str, event_id: str, event_type: str, at: str) -> tuple[str, str]:
+        return self.build(DELIVER_WEBHOOK_TASK, [job_id, event_id, event_type, at], WEBHOOK_QUEUE, event_id)

@@ -21,6 +21,10 @@ from routing.errors import FieldError, InvalidRequest
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
+# Media fields that hold videos; every other media field holds images.
+VIDEO_FIELDS = frozenset({"pose_video", "face_video", "background_video", "mask_video"})
+
+
 class MediaRef(BaseModel):
     """Input media: an object already in the fleet's store (``key``, e.g. from an upload) or an
     http(s) ``url``. At submit a URL is fetched, checked and stored, and the queued request
@@ -211,7 +215,8 @@ def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
     if not isinstance(request, EditRequest):
         update["width"] = request.width or spec.size.default_width
         update["height"] = request.height or spec.size.default_height
-    if isinstance(request, TextToVideoRequest | AnimateRequest) and spec.video is not None:
+    # Animate without a count follows its driving video (the worker knows its length).
+    if isinstance(request, TextToVideoRequest) and spec.video is not None:
         update["frames"] = request.frames or spec.video.default_frames
     return request.model_copy(update=update)
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
     presign_expiry_s: int = Field(default=3600, gt=0, le=7 * 24 * 3600)
 
+    # Input media fetched from URLs: the largest accepted, and address ranges exempt from the
+    # refusal of loopback/private/link-local targets (empty in production; tests allow one).
+    max_input_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    url_allow_cidrs: list[str] = Field(default_factory=list)
+
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the
     # catalog's hub id.

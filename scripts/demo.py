@@ -1,77 +1,209 @@
-"""The demo: one text-to-image job through the whole fleet on this machine.
+"""The demo: one job of every task kind through the whole fleet on this machine.
 
-Local Redis, a 16GB-class worker on small random-weight Z-Image models, the CLI submitting and
-following the job, the output in a local object-store directory. Stops what it started.
+Local Redis, a 16GB-class and an 80GB-class worker on small random-weight models, jobs submitted
+through the SDK (the first one through the CLI, with its progress bar), outputs in a local
+object-store directory, and a gallery page showing every image and playing every video beside
+its request. Stops what it started.
 """
 
 from __future__ import annotations
 
+import html
+import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from producer.client import Client
+from routing.catalog import CATALOG
+from routing.jobs import JobRecord
 from routing.settings import Settings
+from worker.media import encode_mp4, encode_png
 from worker.process import WorkerProcess, settings_env
 from worker.small_models import build
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
+SERVED = [key for key, spec in CATALOG.items() if spec.served]
+
+
+def picture(size: tuple[int, int], hue: int, label: str) -> Image.Image:
+    """A simple test picture: input media for the edit and video jobs."""
+    image = Image.new("RGB", size, (hue, 120, 255 - hue))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.ellipse((w // 4, h // 6, 3 * w // 4, 5 * h // 6), fill=(240, 200, 160))
+    draw.text((4, 4), label, fill=(0, 0, 0))
+    return image
+
+
+def clip(size: tuple[int, int], frames: int, fps: int, kind: str) -> bytes:
+    """A short synthetic video standing in for what Wan's preprocessing makes from a driving
+    video (pose skeleton, face crop, background, person mask)."""
+    w, h = size
+    images = []
+    for i in range(frames):
+        image = Image.new("RGB", size, (0, 0, 0) if kind in ("pose", "mask") else (90, 140, 90))
+        draw = ImageDraw.Draw(image)
+        x = w // 4 + (w // 2) * i // max(frames - 1, 1)
+        if kind == "pose":
+            draw.line((x, h // 5, x, 3 * h // 5), fill=(255, 0, 0), width=3)
+            draw.line((x - w // 8, 2 * h // 5, x + w // 8, 2 * h // 5), fill=(0, 255, 0), width=3)
+        elif kind == "mask":
+            draw.rectangle((x - w // 6, h // 6, x + w // 6, 5 * h // 6), fill=(255, 255, 255))
+        elif kind == "face":
+            draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(240, 200, 160 + i % 40))
+        images.append(image)
+    return encode_mp4(images, fps)
+
+
+def jobs(client: Client) -> list[dict]:
+    """One request per task kind, small sizes (the models are small; the path is the real one)."""
+    person = client.upload(encode_png(picture((64, 64), 40, "person")))
+    other = client.upload(encode_png(picture((64, 64), 200, "friend")))
+    scene = client.upload(encode_png(picture((96, 64), 120, "scene")))
+    anim = CATALOG["wan2.2-animate-14b"].video
+    videos = {kind: client.upload(clip((64, 64), 9, anim.fps, kind)) for kind in ("pose", "face", "bg", "mask")}
+    return [
+        {"model": "qwen-image", "prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2},
+        {"model": "qwen-image-edit", "prompt": "make the person wear a hat", "images": [person], "steps": 2},
+        {
+            "model": "qwen-image-edit-2509",
+            "prompt": "the two people shake hands in the scene",
+            "images": [person, other, scene],
+            "steps": 2,
+        },
+        {
+            "model": "wan2.2-ti2v-5b",
+            "kind": "text-to-video",
+            "prompt": "waves on a beach",
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 2,
+        },
+        {
+            "model": "wan2.2-ti2v-5b",
+            "kind": "image-to-video",
+            "prompt": "the person waves",
+            "image": person,
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 2,
+        },
+        {
+            "model": "wan2.2-animate-14b",
+            "mode": "move",
+            "prompt": "a person dancing",
+            "image": person,
+            "pose_video": videos["pose"],
+            "face_video": videos["face"],
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 2,
+        },
+        {
+            "model": "wan2.2-animate-14b",
+            "mode": "mix",
+            "prompt": "a person dancing",
+            "image": person,
+            "pose_video": videos["pose"],
+            "face_video": videos["face"],
+            "background_video": videos["bg"],
+            "mask_video": videos["mask"],
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 2,
+        },
+    ]
+
+
+def cli_job(settings: Settings) -> str:
+    """The text-to-image job, through the CLI so its progress bar shows."""
+    command = [
+        sys.executable, "-m", "producer", "submit", "z-image-turbo",
+        "--prompt", "a lighthouse on a cliff at dusk, oil painting",
+        "--width", "512", "--height", "384", "--steps", "9", "--seed", "42", "--wait", "--timeout", "300",
+    ]  # fmt: skip
+    print("$ python -m producer submit z-image-turbo --prompt '...' --width 512 --height 384 --steps 9 --wait")
+    done = subprocess.run(command, cwd=ROOT, env=settings_env(settings), stdout=subprocess.PIPE, text=True)
+    print(done.stdout, end="")
+    if done.returncode != 0:
+        raise SystemExit("the text-to-image job did not succeed")
+    return done.stdout.splitlines()[0].strip()
+
+
+def gallery(records: list[JobRecord], settings: Settings, page: Path) -> None:
+    cells = []
+    for record in records:
+        media = []
+        for output in record.outputs:
+            src = os.path.relpath(settings.storage_dir / output.key, page.parent)
+            if output.content_type.startswith("video/"):
+                media.append(f'<video src="{src}" controls loop autoplay muted width="256"></video>')
+            else:
+                media.append(f'<img src="{src}" width="256">')
+        request = html.escape(json.dumps(record.request, indent=1))
+        status = record.status.value + (f": {html.escape(record.error['message'])}" if record.error else "")
+        cells.append(
+            f"<section><h2>{record.model} &middot; {record.kind}</h2>{''.join(media)}"
+            f"<p>{status}</p><pre>{request}</pre></section>"
+        )
+    page.write_text(
+        "<!doctype html><meta charset=utf-8><title>fleet demo</title>"
+        "<style>body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:1em}"
+        "section{width:300px}img,video{image-rendering:pixelated;background:#222}"
+        "pre{font-size:10px;white-space:pre-wrap}</style>" + "".join(cells)
+    )
 
 
 def main() -> int:
     started = time.monotonic()
     print("== small models (random weights, the real diffusers/transformers classes)")
     models = VAR / "small-models"
-    build(models, ["z-image-turbo"])
+    build(models, SERVED)
 
-    settings = Settings(
-        storage_dir=VAR / "objects",
-        model_root=models,
-        warm_models=["z-image-turbo"],
-    )
-    print(f"== starting a {settings.worker_class} worker (log: {VAR / 'demo' / 'worker.log'})")
-    with WorkerProcess(settings, VAR / "demo" / "worker.log").wait_ready():
-        print("== submitting through the CLI")
-        command = [
-            sys.executable, "-m", "producer", "submit", "z-image-turbo",
-            "--prompt", "a lighthouse on a cliff at dusk, oil painting",
-            "--width", "512", "--height", "384", "--steps", "9", "--seed", "42", "--wait", "--timeout", "120",
-        ]  # fmt: skip
-        print(
-            "$ python -m producer submit z-image-turbo --prompt '...' --width 512 --height 384 --steps 9 --wait"
-        )
-        done = subprocess.run(
-            command, cwd=ROOT, env=settings_env(settings), stdout=subprocess.PIPE, text=True
-        )
-        print(done.stdout, end="")
-        if done.returncode != 0:
-            print("the job did not succeed", file=sys.stderr)
-            return done.returncode
-        job_id = done.stdout.splitlines()[0].strip()
+    settings = Settings(storage_dir=VAR / "objects", model_root=models)
+    gpu16 = settings.model_copy(update={"worker_class": "gpu16", "warm_models": ["z-image-turbo"]})
+    gpu80 = settings.model_copy(update={"worker_class": "gpu80"})
+    print(f"== starting a gpu16 and a gpu80 worker (logs in {VAR / 'demo'})")
+    with (
+        WorkerProcess(gpu16, VAR / "demo" / "worker-gpu16.log").wait_ready(),
+        WorkerProcess(gpu80, VAR / "demo" / "worker-gpu80.log").wait_ready(),
+        Client(settings) as client,
+    ):
+        print("== text-to-image through the CLI")
+        first = cli_job(settings)
+        print("== one job of every other task kind through the SDK")
+        submitted = [client.submit(request) for request in jobs(client)]
+        records = [client.status(first)]
+        for job in submitted:
+            record = job.wait(timeout_s=600)
+            records.append(record)
+            output = record.outputs[0] if record.outputs else None
+            shape = ""
+            if output is not None:
+                shape = f"{output.width}x{output.height}"
+                shape += f", {output.frames} frames at {output.fps} fps" if output.frames else ""
+            print(f"   {record.model:<22} {record.kind:<16} {record.status.value:<9} {shape:<28} {record.worker}")
 
-        with Client(settings) as client:
-            record = client.status(job_id)
-        output = record.outputs[0]
-        path = settings.storage_dir / output.key
-        with Image.open(path) as image:
-            size = image.size
-        print("== result")
-        print(f"job        {record.id}")
-        print(
-            f"status     {record.status.value} (attempt {record.attempt}, steps {record.step}/{record.total_steps})"
-        )
-        print(f"worker     {record.worker}")
-        print("timings    " + ", ".join(f"{k} {v:.3f}" for k, v in record.timings.items()))
-        print(f"output     {path}")
-        print(
-            f"pixels     {size[0]}x{size[1]} ({output.content_type}, {output.size_bytes} bytes, seed {output.seed})"
-        )
-    print(f"== worker stopped; demo took {time.monotonic() - started:.1f} s")
-    return 0
+    page = VAR / "demo" / "gallery.html"
+    gallery(records, settings, page)
+    first_output = records[0].outputs[0]
+    print("== result")
+    print(f"text-to-image  {records[0].status.value}, {settings.storage_dir / first_output.key}")
+    print(f"               {first_output.width}x{first_output.height} {first_output.content_type}")
+    failed = [r for r in records if r.status.value != "succeeded"]
+    print(f"gallery        {page}")
+    print(f"== workers stopped; {len(records) - len(failed)}/{len(records)} jobs succeeded in {time.monotonic() - started:.1f} s")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ import traceback
 
 from routing.errors import Conflict, InvalidRequest, NotFound
 from routing.jobs import JobStatus, JobStore, Output
-from routing.schemas import parse_request
+from routing.schemas import VIDEO_FIELDS, RequestBase, parse_request
 from routing.storage import Storage, output_key
-from worker.adapters.base import Generated, JobCanceled
-from worker.media import encode_png
+from worker.adapters.base import Generated, Inputs, JobCanceled
+from worker.media import decode_image, decode_video, encode_mp4, encode_png
 from worker.pool import PipelinePool
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ class JobRunner:
         try:
             # 2. The stored request is re-checked: it is what the caller was told would run.
             request = parse_request(record.request)
+            t0 = time.perf_counter()
+            inputs = self._load_inputs(request)
+            if inputs:
+                timings["inputs_s"] = round(time.perf_counter() - t0, 4)
             checkout = self.pool.get(request.model)
             if checkout.loaded:
                 timings["load_s"] = round(checkout.load_s, 4)
@@ -62,7 +66,7 @@ class JobRunner:
                     raise JobCanceled()
 
             t0 = time.perf_counter()
-            generated = checkout.adapter.run(request, {}, on_step)
+            generated = checkout.adapter.run(request, inputs, on_step)
             timings["inference_s"] = round(time.perf_counter() - t0, 4)
 
             # 4. Encode and store under keys derived from the job id: a redelivered job
@@ -81,17 +85,35 @@ class JobRunner:
             )
         return self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
 
+    def _load_inputs(self, request: RequestBase) -> Inputs:
+        """Decode the request's input media from the store (checked at submit)."""
+        inputs: Inputs = {}
+        for name, value in request.media_fields().items():
+            if isinstance(value, list):
+                inputs[name] = [decode_image(self.storage.get(ref.key)) for ref in value]
+            elif name in VIDEO_FIELDS:
+                inputs[name], inputs[f"{name}_fps"] = decode_video(self.storage.get(value.key))
+            else:
+                inputs[name] = decode_image(self.storage.get(value.key))
+        return inputs
+
     def _store_outputs(self, job_id: str, generated: Generated, timings: dict[str, float]) -> list[Output]:
         t0 = time.perf_counter()
-        encoded = [(image, encode_png(image)) for image in generated.images]
+        if generated.frames:
+            first = generated.frames[0]
+            data = encode_mp4(generated.frames, generated.fps)
+            encoded = [("mp4", "video/mp4", data, first.width, first.height)]
+        else:
+            encoded = [("png", "image/png", encode_png(im), im.width, im.height) for im in generated.images]
         timings["encode_s"] = round(time.perf_counter() - t0, 4)
         t0 = time.perf_counter()
         outputs = []
-        for index, (image, data) in enumerate(encoded):
-            stored = self.storage.put(output_key(job_id, index, "png"), data, "image/png")
+        for index, (ext, content_type, data, width, height) in enumerate(encoded):
+            stored = self.storage.put(output_key(job_id, index, ext), data, content_type)
+            video = {"frames": len(generated.frames), "fps": generated.fps} if generated.frames else {}
             outputs.append(
                 Output(
-                    stored.key, "image/png", stored.size_bytes, image.width, image.height, seed=generated.seed
+                    stored.key, content_type, stored.size_bytes, width, height, seed=generated.seed, **video
                 )
             )
         timings["store_s"] = round(time.perf_counter() - t0, 4)

@@ -19,7 +19,9 @@ class FakeAdapter:
     offload: bool
 
 
-def make_pool(vram_class: VramClass, budget_gb: int | None = None) -> tuple[PipelinePool, list[tuple[str, str]]]:
+def make_pool(
+    vram_class: VramClass, budget_gb: int | None = None
+) -> tuple[PipelinePool, list[tuple[str, str]]]:
     changes: list[tuple[str, str]] = []
     pool = PipelinePool(
         lambda spec, offload: FakeAdapter(spec, offload),

@@ -14,15 +14,16 @@ from routing.schemas import parse_request
 from routing.settings import Settings
 
 
-def test_each_class_consumes_its_own_queue_first_then_smaller_ones_biggest_first():
-    assert consumed_queues(VramClass.GPU16) == ["gpu16"]
-    assert consumed_queues(VramClass.GPU80) == ["gpu80", "gpu16"]
-    assert consumed_queues(VramClass.H100X8) == ["h100x8", "gpu80", "gpu16"]
+def test_each_class_consumes_its_own_queues_first_then_smaller_ones_biggest_first():
+    assert consumed_queues(VramClass.GPU16) == ["gpu16.high", "gpu16", "gpu16.low"]
+    assert consumed_queues(VramClass.GPU80) == ["gpu80.high", "gpu80", "gpu80.low", "gpu16.high", "gpu16", "gpu16.low"]
+    assert consumed_queues(VramClass.H100X8)[:3] == ["h100x8.high", "h100x8", "h100x8.low"]
+    assert consumed_queues(VramClass.H100X8)[3:] == consumed_queues(VramClass.GPU80)
 
 
 def test_a_worker_app_declares_its_queues_in_preference_order():
-    app = make_celery(Settings(), VramClass.H100X8)
-    assert [q.name for q in app.conf.task_queues] == ["h100x8", "gpu80", "gpu16"]
+    app = make_celery(Settings(), VramClass.GPU80)
+    assert [q.name for q in app.conf.task_queues] == consumed_queues(VramClass.GPU80)
     # Kombu's "priority" cycle polls queues in declared order instead of rotating them.
     assert app.conf.broker_transport_options["queue_order_strategy"] == "priority"
 
@@ -86,11 +87,11 @@ def test_the_queue_message_is_the_one_celery_builds():
     import base64
     import json
 
-    from routing.messages import RunJobMessages
+    from routing.messages import TaskMessages
 
     app = make_celery(Settings())
     job_id = "ab" * 16
-    queue, payload = RunJobMessages(app).build(job_id, "gpu80")
+    queue, payload = TaskMessages(app).run_job(job_id, "gpu80")
     envelope = json.loads(payload)
     celery_own = app.amqp.as_task_v2(job_id, "fleet.run_job", args=[job_id], kwargs={})
 
@@ -135,5 +136,8 @@ def test_a_video_too_big_for_the_16gb_class_goes_to_80gb():
     base = {"model": "wan2.2-ti2v-5b", "width": 1280, "height": 704}
     assert route(types.SimpleNamespace(**base, frames=121)).vram_class is VramClass.GPU16
     assert route(types.SimpleNamespace(**base, frames=161)).vram_class is VramClass.GPU80
-    assert route(types.SimpleNamespace(**base | {"width": 640, "height": 352}, frames=241)).vram_class is VramClass.GPU16
+    assert (
+        route(types.SimpleNamespace(**base | {"width": 640, "height": 352}, frames=241)).vram_class
+        is VramClass.GPU16
+    )
     assert spec.video.max_frames == 241

@@ -1,0 +1,132 @@
+"""Input media of a request, made safe to queue.
+
+Before a job is queued every image and video it names is read (from the fleet's store, or from
+an http(s) URL through the SSRF-guarded fetcher), decoded and checked against limits. Media given
+by URL is stored under ``inputs/<job id>/``, and the queued request names every input by store
+key: the worker reads only bytes that were checked, and never reaches out to the internet.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import uuid
+from dataclasses import dataclass
+
+from routing.catalog import ModelSpec, get_model
+from routing.errors import FieldError, InvalidRequest
+from routing.media import MediaError, check_audio, check_image, check_video
+from routing.net import UrlError, UrlPolicy, fetch_url
+from routing.schemas import VIDEO_FIELDS, MediaRef, RequestBase
+from routing.storage import ObjectNotFound, Storage, StorageError
+
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_bytes: int = 200 * 1024 * 1024
+    image_max_pixels: int = 40_000_000
+    image_max_side: int = 8192
+    video_max_side: int = 4096
+    fetch_timeout_s: float = 15.0
+
+
+def resolve_inputs(
+    request: RequestBase, job_id: str, storage: Storage, policy: UrlPolicy, limits: InputLimits
+) -> RequestBase:
+    """Check every input of ``request``; return it with each input named by store key.
+
+    Raises ``InvalidRequest`` naming the field (``image``, ``images.1``, ``pose_video``) of
+    every input that could not be read or is not acceptable media.
+    """
+    spec = get_model(request.model)
+    errors: list[FieldError] = []
+    update: dict[str, object] = {}
+    for name, value in request.media_fields().items():
+        refs = value if isinstance(value, list) else [value]
+        resolved = []
+        for index, ref in enumerate(refs):
+            field = f"{name}.{index}" if isinstance(value, list) else name
+            try:
+                resolved.append(_resolve_one(ref, field, name, job_id, spec, storage, policy, limits))
+            except (MediaError, UrlError) as exc:
+                errors.append(FieldError(field, str(exc)))
+        update[name] = resolved if isinstance(value, list) else (resolved[0] if resolved else value)
+    if errors:
+        raise InvalidRequest(errors)
+    return request.model_copy(update=update)
+
+
+def _resolve_one(
+    ref: MediaRef,
+    field: str,
+    name: str,
+    job_id: str,
+    spec: ModelSpec,
+    storage: Storage,
+    policy: UrlPolicy,
+    limits: InputLimits,
+) -> MediaRef:
+    if ref.url is not None:
+        data = fetch_url(ref.url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, policy=policy)
+    else:
+        data = _read(storage, ref.key)
+    ext = _check(data, name, spec, limits)
+    if ref.key is not None:
+        return ref
+    key = f"inputs/{job_id}/{field}.{ext}"
+    storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    return MediaRef(key=key)
+
+
+def _read(storage: Storage, key: str) -> bytes:
+    try:
+        return storage.get(key)
+    except ObjectNotFound:
+        raise MediaError(f"no object {key!r} in the store; upload it first") from None
+    except (StorageError, ValueError) as exc:
+        raise MediaError(f"cannot read {key!r}: {exc}") from None
+
+
+def _check(data: bytes, name: str, spec: ModelSpec, limits: InputLimits) -> str:
+    """Decode and check ``data`` as the media the field needs; return a file extension."""
+    if len(data) > limits.max_bytes:
+        raise MediaError(f"larger than {limits.max_bytes} bytes")
+    if name in VIDEO_FIELDS:
+        video = spec.video
+        max_frames = video.max_frames if video else 1000
+        max_duration_s = max_frames / video.fps if video else 60.0
+        check_video(
+            data, max_frames=max_frames, max_duration_s=max_duration_s, max_side=limits.video_max_side
+        )
+        return "mp4"
+    info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)
+    return _EXTENSIONS.get(info.format.upper(), "img")
+
+
+def upload(storage: Storage, data: bytes, limits: InputLimits) -> dict[str, str]:
+    """Store caller media after checking it decodes; returns the ``{"key": ...}`` a request uses."""
+    ext = _sniff(data, limits)
+    key = f"uploads/{uuid.uuid4().hex}.{ext}"
+    storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    return {"key": key}
+
+
+def _sniff(data: bytes, limits: InputLimits) -> str:
+    if len(data) > limits.max_bytes:
+        raise InvalidRequest([FieldError("file", f"larger than {limits.max_bytes} bytes")])
+    try:
+        info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)
+        return _EXTENSIONS.get(info.format.upper(), "img")
+    except MediaError:
+        pass
+    try:
+        check_video(data, max_frames=100_000, max_duration_s=3600, max_side=limits.video_max_side)
+        return "mp4"
+    except MediaError:
+        pass
+    try:
+        info = check_audio(data, max_duration_s=3600)
+        return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav")
+    except MediaError as exc:
+        raise InvalidRequest([FieldError("file", f"not an image, video or audio file ({exc})")]) from None

@@ -1,0 +1,188 @@
+"""Input media a request refers to, fetched and checked before anything is queued.
+
+A request names media as ``{"key": "uploads/..."}`` (already in our object store) or
+``{"url": "https://..."}``. ``read_media_ref`` returns the bytes of either; ``check_image``,
+``check_video`` and ``check_audio`` decode them and refuse what a worker could not use. Every
+refusal is a ``MediaError`` whose message says what is wrong; the caller turns it into a
+``FieldError`` naming the request field.
+
+URLs are fetched through ``routing.net`` (the SSRF guard); its ``UrlError`` is a refusal too.
+Untrusted bytes are opened by PyAV only with an explicit list of demuxers, so a
+playlist format cannot make FFmpeg open files or URLs of its own.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import av
+from PIL import Image, UnidentifiedImageError
+
+from routing.net import DEFAULT_POLICY, UrlPolicy, fetch_url
+from routing.storage import ObjectNotFound, Storage, StorageError
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# FFmpeg demuxer names (av_match_list syntax). mov covers mp4/m4v/mov, matroska covers webm/mkv.
+VIDEO_DEMUXERS = "mov,matroska"
+AUDIO_DEMUXERS = "wav,mp3,flac"
+
+
+class MediaError(Exception):
+    """Media a request refers to cannot be used; the message says why."""
+
+
+def read_media_ref(
+    ref: Mapping[str, Any], *, storage: Storage, max_bytes: int, policy: UrlPolicy = DEFAULT_POLICY
+) -> bytes:
+    """The bytes ``{"key": ...}`` or ``{"url": ...}`` refers to."""
+    if set(ref) == {"key"} and isinstance(ref["key"], str):
+        try:
+            data = storage.get(ref["key"])
+        except ValueError as e:
+            raise MediaError(str(e)) from None
+        except ObjectNotFound:
+            raise MediaError(f"no object with key {ref['key']!r}") from None
+        except StorageError as e:
+            raise MediaError(f"object store error: {e}") from None
+        if len(data) > max_bytes:
+            raise MediaError(f"the file is {len(data)} bytes, over the limit of {max_bytes}")
+        return data
+    if set(ref) == {"url"} and isinstance(ref["url"], str):
+        return fetch_url(ref["url"], max_bytes=max_bytes, policy=policy)
+    raise MediaError('expected {"key": "..."} or {"url": "..."}')
+
+
+# --- Decoding checks --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int  # as displayed, after the EXIF orientation
+    height: int
+    format: str  # Pillow's name: "PNG", "JPEG", ...
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    frames: int
+    fps: float
+    duration_s: float
+    has_audio: bool
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    duration_s: float
+    sample_rate: int
+    channels: int
+    codec: str  # FFmpeg's decoder name: "pcm_s16le", "mp3float", "flac", ...
+
+
+def check_image(data: bytes, *, max_pixels: int, max_side: int) -> ImageInfo:
+    """Decode ``data`` fully; refuse non-images, corrupt or truncated files, and large images."""
+    try:
+        # The size is in the header: refuse a decompression bomb before any pixel is decoded.
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            fmt, (width, height) = im.format or "?", im.size
+            if width * height > max_pixels or max(width, height) > max_side:
+                raise MediaError(
+                    f"image is {width}x{height}; the limit is {max_pixels} pixels and {max_side} per side"
+                )
+            im.verify()  # checksums and structure; does not decode pixels for every format
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            im.load()  # decodes, so a truncated file fails here
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that turn by 90 degrees
+                width, height = height, width
+    except MediaError:
+        raise
+    except UnidentifiedImageError:
+        raise MediaError(f"not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    except Image.DecompressionBombError as e:
+        raise MediaError(f"image is too large: {e}") from None
+    except Exception as e:
+        # Decoders of untrusted bytes fail in open-ended ways (OSError, SyntaxError, struct.error,
+        # ...); whatever they raise, the file is what is wrong.
+        raise MediaError(f"image is corrupt or truncated ({type(e).__name__}: {e})") from None
+    return ImageInfo(width, height, fmt)
+
+
+def open_container(data: bytes, demuxers: str, what: str) -> av.container.InputContainer:
+    """PyAV container over ``data``, probed only among ``demuxers`` (FFmpeg names, comma-separated).
+
+    Shared with the worker, which decodes the same untrusted bytes later.
+    """
+    try:
+        return av.open(io.BytesIO(data), mode="r", options={"format_whitelist": demuxers})
+    except (av.FFmpegError, OSError) as e:
+        raise MediaError(f"not {what} ({type(e).__name__})") from None
+
+
+def check_video(data: bytes, *, max_frames: int, max_duration_s: float, max_side: int) -> VideoInfo:
+    """Decode every frame of ``data``'s first video stream; refuse what is too long or too large."""
+    with open_container(data, VIDEO_DEMUXERS, "a video in a supported container (MP4/MOV, WebM/MKV)") as c:
+        if not c.streams.video:
+            raise MediaError("the file has no video stream")
+        stream = c.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if max(width, height) > max_side:
+            raise MediaError(f"video is {width}x{height}; the limit is {max_side} per side")
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        declared = _declared_duration(c, stream)
+        if declared is not None and declared > max_duration_s:
+            raise MediaError(f"video is {declared:.2f} s long; the limit is {max_duration_s} s")
+        # Header values can lie; counting decoded frames cannot. Decoding also catches corruption.
+        frames = 0
+        try:
+            for frame in c.decode(stream):
+                frames += 1
+                if frames > max_frames:
+                    raise MediaError(f"video has more than {max_frames} frames")
+                if max(frame.width, frame.height) > max_side:
+                    raise MediaError(
+                        f"video has a {frame.width}x{frame.height} frame; the limit is {max_side}"
+                    )
+        except av.FFmpegError as e:
+            raise MediaError(f"video is corrupt ({type(e).__name__}: {e})") from None
+        if frames == 0:
+            raise MediaError("video has no decodable frames")
+        duration = declared if declared is not None else (frames / fps if fps else 0.0)
+        if duration > max_duration_s:
+            raise MediaError(f"video is {duration:.2f} s long; the limit is {max_duration_s} s")
+        return VideoInfo(width, height, frames, fps, duration, has_audio=bool(c.streams.audio))
+
+
+def check_audio(data: bytes, *, max_duration_s: float) -> AudioInfo:
+    """Decode ``data``'s first audio stream (WAV, MP3, FLAC); refuse non-audio and over-long audio."""
+    with open_container(data, AUDIO_DEMUXERS, "audio in a supported format (WAV, MP3, FLAC)") as c:
+        if not c.streams.audio:
+            raise MediaError("the file has no audio stream")
+        stream = c.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        if not rate:
+            raise MediaError("audio has no sample rate")
+        samples = 0
+        try:
+            for frame in c.decode(stream):
+                samples += frame.samples
+                if samples > max_duration_s * rate:
+                    raise MediaError(f"audio is longer than the limit of {max_duration_s} s")
+        except av.FFmpegError as e:
+            raise MediaError(f"audio is corrupt ({type(e).__name__}: {e})") from None
+        if samples == 0:
+            raise MediaError("audio has no decodable samples")
+        channels = stream.codec_context.layout.nb_channels
+        return AudioInfo(samples / rate, rate, channels, stream.codec_context.name)
+
+
+def _declared_duration(c: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if c.duration is not None:
+        return c.duration / av.time_base
+    return None

@@ -1,0 +1,289 @@
+"""Outbound HTTP to addresses a caller chose: input media URLs and webhook endpoints.
+
+This is the server-side-request-forgery surface of the fleet: whoever submits a request chooses
+the URL, and our servers make the request from inside our network. So every request resolves the
+host once, refuses unless every address is public (no loopback, private, link-local -- which
+holds the cloud metadata endpoint --, carrier-grade NAT, multicast or reserved addresses, nor IPv6
+forms that carry them), connects to the checked address (no second lookup that a rebinding DNS
+server could answer differently), and checks each redirect the same way (webhook posts follow
+none). Proxy settings in the environment are never used. Every refusal is a ``UrlError``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MAX_REDIRECTS = 5
+
+
+class UrlError(Exception):
+    """A URL may not be used or could not be reached; the message says why."""
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (the default ``UrlPolicy.resolver``)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Where ``fetch_url`` may connect. Production uses the defaults."""
+
+    resolver: Callable[[str, int], list[str]] = resolve_host
+    # Networks allowed despite the address rules; empty in production (tests allow a loopback
+    # address of their own).
+    allow_cidrs: tuple[str, ...] = ()
+    _allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_allowed", tuple(ipaddress.ip_network(c) for c in self.allow_cidrs))
+
+    def refusal(self, ip: IPAddress) -> str | None:
+        """Why ``ip`` may not be connected to, or None when it may."""
+        if any(ip in net for net in self._allowed):
+            return None
+        if isinstance(ip, ipaddress.IPv6Address):
+            # An IPv6 address that carries an IPv4 one reaches that IPv4 host.
+            embedded = ip.ipv4_mapped or ip.sixtofour
+            if embedded is not None:
+                reason = self.refusal(embedded)
+                return f"{reason} (via {ip})" if reason else None
+        return _address_class(ip)
+
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+def _address_class(ip: IPAddress) -> str | None:
+    # Order matters only for the message: the most specific class an address is in comes first.
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_link_local:
+        return "a link-local address (includes cloud metadata endpoints)"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip in _CGNAT:
+        return "a carrier-grade NAT address"
+    if ip.is_reserved:
+        return "a reserved address"
+    if ip.is_private:
+        return "a private address"
+    if not ip.is_global:
+        return "a non-public address"
+    return None
+
+
+DEFAULT_POLICY = UrlPolicy()
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str  # ASCII (IDNA) form, no brackets: what goes in Host and SNI
+    port: int
+    path: str  # path and query, percent-encoded
+
+    @classmethod
+    def parse(cls, url: str) -> _Target:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as e:
+            raise UrlError(f"malformed URL: {e}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise UrlError(f"only http and https URLs can be fetched, not {scheme or 'no scheme'!r}")
+        if parts.username is not None or parts.password is not None:
+            raise UrlError("URLs with credentials (user@host) are not accepted")
+        if not parts.hostname:
+            raise UrlError("URL has no host")
+        try:
+            host = parts.hostname.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise UrlError(f"invalid host name {parts.hostname!r}") from None
+        path = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if parts.query:
+            path += "?" + urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+        return cls(scheme, host, port or (443 if scheme == "https" else 80), path)
+
+
+def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
+    try:
+        addresses = [ipaddress.ip_address(target.host)]  # a literal needs no lookup
+    except ValueError:
+        try:
+            addresses = [ipaddress.ip_address(a) for a in policy.resolver(target.host, target.port)]
+        except (OSError, UnicodeError) as e:
+            raise UrlError(f"cannot resolve {target.host}: {e}") from None
+        except ValueError as e:
+            raise UrlError(f"{target.host} resolved to an invalid address: {e}") from None
+    if not addresses:
+        raise UrlError(f"{target.host} resolves to no address")
+    # One bad address refuses the whole host: which one a connection would use is not ours to
+    # choose once a second lookup could be involved.
+    for ip in addresses:
+        reason = policy.refusal(ip)
+        if reason:
+            where = str(ip) if str(ip) == target.host else f"{target.host} resolves to {ip}, which"
+            raise UrlError(f"{where} is {reason}; only public addresses can be fetched")
+    return [str(ip) for ip in addresses]
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to an address checked beforehand; Host (and SNI) still name the URL's host."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.pinned_ip = ip
+
+    def connect(self) -> None:
+        # Replaces HTTPConnection.connect, which would resolve self.host again.
+        self.sock = socket.create_connection((self.pinned_ip, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPSConnection(_PinnedHTTPConnection):
+    default_port = 443  # so the Host header leaves out ":443"
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
+        super().__init__(host, port, ip, timeout)
+        self.tls = ssl.create_default_context()
+
+    def connect(self) -> None:
+        super().connect()
+        # The certificate is checked against the URL's host, not the address we dialled.
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host)
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise UrlError("timed out fetching the URL")
+    return left
+
+
+def _connect(target: _Target, addresses: list[str], deadline: float) -> _PinnedHTTPConnection:
+    cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+    error: Exception | None = None
+    for ip in addresses:
+        conn = cls(target.host, target.port, ip, _remaining(deadline))
+        try:
+            conn.connect()
+            return conn
+        except OSError as e:
+            conn.close()
+            error = e
+    raise UrlError(f"cannot connect to {target.host}:{target.port}: {error}")
+
+
+def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int) -> bytes | str:
+    """One GET: the body (bytes) of a 200, or the Location (str) of a redirect."""
+    conn = _connect(target, addresses, deadline)
+    # http.client drops conn.sock once it knows the server will close, while the body is still
+    # read from the socket: keep a reference to set timeouts on.
+    sock = conn.sock
+    assert sock is not None
+    try:
+        conn.request("GET", target.path, headers={"Accept-Encoding": "identity", "User-Agent": "gpu-fleet"})
+        response = conn.getresponse()
+        if response.status in (301, 302, 303, 307, 308):
+            location = response.getheader("Location")
+            if not location:
+                raise UrlError(f"HTTP {response.status} redirect without a Location")
+            return location
+        if response.status != 200:
+            raise UrlError(f"the server answered HTTP {response.status} {response.reason}")
+        length = response.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise UrlError(f"the file is {int(length)} bytes, over the limit of {max_bytes}")
+        chunks: list[bytes] = []
+        size = 0
+        # The response closes its file (and so the socket) once the body is all read.
+        while not response.isclosed():
+            sock.settimeout(_remaining(deadline))  # bounds each read by the time left
+            chunk = response.read(min(1 << 16, max_bytes + 1 - size))
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise UrlError(f"the file is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except (OSError, http.client.HTTPException) as e:
+        raise UrlError(f"fetching from {target.host} failed: {type(e).__name__}: {e}") from None
+    finally:
+        conn.close()
+
+
+def fetch_url(
+    url: str, *, max_bytes: int, timeout_s: float = 15, policy: UrlPolicy = DEFAULT_POLICY
+) -> bytes:
+    """The body of ``url`` (http/https only, public addresses only, at most ``max_bytes``).
+
+    ``timeout_s`` bounds the whole fetch, redirects included (name resolution aside: the system
+    resolver takes no timeout). Proxy settings in the environment are not used.
+    """
+    deadline = time.monotonic() + timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        target = _Target.parse(url)
+        result = _get(target, _checked_addresses(target, policy), deadline, max_bytes)
+        if isinstance(result, bytes):
+            return result
+        url = urllib.parse.urljoin(url, result)
+    raise UrlError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def check_url(url: str, policy: UrlPolicy = DEFAULT_POLICY) -> list[str]:
+    """The checked addresses of ``url``'s host; raises ``UrlError`` if it may not be used."""
+    target = _Target.parse(url)
+    return _checked_addresses(target, policy)
+
+
+@dataclass(frozen=True)
+class PostResult:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes  # at most the first 4 KiB: for the delivery log, not for parsing
+
+
+def post_url(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    timeout_s: float = 15,
+    policy: UrlPolicy = DEFAULT_POLICY,
+) -> PostResult:
+    """POST ``body`` to ``url`` under the same address rules as ``fetch_url``. Redirects are not
+    followed: a 3xx comes back as the result, like any other status."""
+    deadline = time.monotonic() + timeout_s
+    target = _Target.parse(url)
+    conn = _connect(target, _checked_addresses(target, policy), deadline)
+    sock = conn.sock
+    assert sock is not None
+    try:
+        conn.request("POST", target.path, body=body, headers={"User-Agent": "gpu-fleet", **headers})
+        sock.settimeout(_remaining(deadline))
+        response = conn.getresponse()
+        return PostResult(
+            response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(4096)
+        )
+    except (OSError, http.client.HTTPException) as e:
+        raise UrlError(f"posting to {target.host} failed: {type(e).__name__}: {e}") from None
+    finally:
+        conn.close()

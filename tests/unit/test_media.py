@@ -1,0 +1,208 @@
+"""Input media checks (routing.media) and MP4 encoding and decoding (worker.media)."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import wave
+import zlib
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from routing.media import MediaError, check_audio, check_image, check_video
+from worker.media import decode_audio, decode_image, decode_video, encode_mp4
+
+GARBAGE = random.Random(7).randbytes(20_000)
+
+
+def image_bytes(fmt: str, size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 90)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def wav_bytes(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(tone, channels).tobytes())
+    return buffer.getvalue()
+
+
+def frames(n: int, size: tuple[int, int] = (64, 48)) -> list[Image.Image]:
+    # Changing content, so the encoder cannot collapse frames into nothing.
+    return [Image.new("RGB", size, (i * 7 % 256, 120, 255 - i * 5 % 256)) for i in range(n)]
+
+
+# --- check_image --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_check_image_accepts_common_formats(fmt: str) -> None:
+    info = check_image(image_bytes(fmt), max_pixels=10_000, max_side=100)
+    assert (info.width, info.height, info.format) == (64, 48, fmt)
+
+
+def test_check_image_refuses_random_bytes() -> None:
+    with pytest.raises(MediaError, match="not an image"):
+        check_image(GARBAGE, max_pixels=10**6, max_side=1000)
+
+
+def test_check_image_refuses_truncated_png() -> None:
+    data = image_bytes("PNG", (256, 256))
+    with pytest.raises(MediaError, match="corrupt or truncated"):
+        check_image(data[: len(data) // 2], max_pixels=10**6, max_side=1000)
+
+
+def test_check_image_refuses_over_pixel_limit() -> None:
+    with pytest.raises(MediaError, match="64x48"):
+        check_image(image_bytes("PNG"), max_pixels=64 * 48 - 1, max_side=1000)
+    with pytest.raises(MediaError, match="per side"):
+        check_image(image_bytes("PNG"), max_pixels=10**6, max_side=63)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` pixels, with almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize(("side", "message"), [(12_000, "12000x12000"), (40_000, "too large")])
+def test_check_image_refuses_bomb_from_header_alone(side: int, message: str) -> None:
+    # Refused from the header, before any attempt to allocate the pixels (430 MB and 4.8 GB).
+    # Pillow refuses the larger one itself on open, past its own limit.
+    with pytest.raises(MediaError, match=message):
+        check_image(png_claiming(side, side), max_pixels=4096 * 4096, max_side=16_384)
+
+
+def test_decode_image_flattens_transparency_to_rgb() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(buffer, format="PNG")
+    image = decode_image(buffer.getvalue())
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+
+
+# --- check_video / check_audio ------------------------------------------------------------------
+
+
+def test_check_video_on_encoded_mp4() -> None:
+    data = encode_mp4(frames(30), 30)
+    info = check_video(data, max_frames=100, max_duration_s=10, max_side=1000)
+    assert (info.width, info.height, info.frames, info.fps) == (64, 48, 30, 30.0)
+    assert info.duration_s == pytest.approx(1.0, abs=0.05)
+    assert info.has_audio is False
+
+
+def test_check_video_refuses_over_limits() -> None:
+    data = encode_mp4(frames(30), 30)
+    with pytest.raises(MediaError, match="frames"):
+        check_video(data, max_frames=29, max_duration_s=10, max_side=1000)
+    with pytest.raises(MediaError, match="s long"):
+        check_video(data, max_frames=100, max_duration_s=0.5, max_side=1000)
+    with pytest.raises(MediaError, match="per side"):
+        check_video(data, max_frames=100, max_duration_s=10, max_side=32)
+
+
+@pytest.mark.parametrize("data", [GARBAGE, b"", image_bytes("PNG")], ids=["random", "empty", "png"])
+def test_check_video_refuses_non_video(data: bytes) -> None:
+    with pytest.raises(MediaError, match="not a video"):
+        check_video(data, max_frames=100, max_duration_s=10, max_side=1000)
+
+
+def test_check_audio_on_wav() -> None:
+    info = check_audio(wav_bytes(1.25, rate=22050, channels=2), max_duration_s=5)
+    assert info.duration_s == pytest.approx(1.25, abs=1e-3)
+    assert (info.sample_rate, info.channels, info.codec) == (22050, 2, "pcm_s16le")
+
+
+def test_check_audio_refuses_over_long() -> None:
+    with pytest.raises(MediaError, match="longer than"):
+        check_audio(wav_bytes(2.0), max_duration_s=1.5)
+
+
+@pytest.mark.parametrize("data", [GARBAGE, image_bytes("PNG")], ids=["random", "png"])
+def test_check_audio_refuses_non_audio(data: bytes) -> None:
+    with pytest.raises(MediaError, match="not audio"):
+        check_audio(data, max_duration_s=10)
+
+
+def test_decode_audio_resamples_to_mono() -> None:
+    samples, rate = decode_audio(wav_bytes(1.0, rate=44100, channels=2), sample_rate=16000, layout="mono")
+    assert rate == 16000 and samples.dtype == np.float32
+    assert samples.shape[0] == 1 and abs(samples.shape[1] - 16000) <= 32
+
+
+# --- encode_mp4 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fps", [24, 30])
+def test_encode_mp4_round_trip(fps: int) -> None:
+    data = encode_mp4(frames(fps + 5), fps)
+    decoded, decoded_fps = decode_video(data)
+    assert len(decoded) == fps + 5
+    assert decoded[0].size == (64, 48) and decoded[0].mode == "RGB"
+    assert decoded_fps == fps
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        assert (stream.codec_context.name, stream.codec_context.pix_fmt) == ("h264", "yuv420p")
+        assert stream.time_base == Fraction(1, fps) and stream.average_rate == fps
+    # faststart: the index comes before the media data, so playback can start while loading.
+    assert data.index(b"moov") < data.index(b"mdat")
+
+
+def test_encode_mp4_keeps_colours() -> None:
+    red = Image.new("RGB", (32, 32), (220, 20, 20))
+    decoded, _ = decode_video(encode_mp4([red] * 3, 24))
+    assert np.abs(np.asarray(decoded[1], dtype=int) - np.asarray(red, dtype=int)).max() < 12
+
+
+def test_encode_mp4_pads_odd_sizes_to_even() -> None:
+    decoded, _ = decode_video(encode_mp4(frames(3, (63, 47)), 24))
+    assert decoded[0].size == (64, 48)
+
+
+def test_encode_mp4_refuses_bad_input() -> None:
+    with pytest.raises(ValueError):
+        encode_mp4([], 24)
+    with pytest.raises(ValueError):
+        encode_mp4(frames(2), 0)
+    with pytest.raises(ValueError):
+        encode_mp4([*frames(1, (64, 48)), *frames(1, (32, 32))], 24)
+
+
+@pytest.mark.parametrize(("seconds", "rate", "channels"), [(1.5, 16000, 1), (0.7, 44100, 2), (1.0, 22000, 1)])
+def test_encode_mp4_with_audio_keeps_its_duration(seconds: float, rate: int, channels: int) -> None:
+    # The video is 1 s; the audio is kept whole whether longer or shorter. 22000 Hz is not an AAC
+    # rate and is resampled.
+    data = encode_mp4(frames(24), 24, audio=wav_bytes(seconds, rate, channels))
+    with av.open(io.BytesIO(data)) as c:
+        assert len(c.streams.audio) == 1
+        stream = c.streams.audio[0]
+        assert stream.codec_context.name == "aac"
+        assert stream.codec_context.layout.nb_channels == channels
+        assert float(stream.duration * stream.time_base) == pytest.approx(seconds, abs=0.1)
+        decoded = sum(frame.samples for frame in c.decode(stream)) / stream.codec_context.sample_rate
+        assert decoded == pytest.approx(seconds, abs=0.1)
+    info = check_video(data, max_frames=100, max_duration_s=10, max_side=1000)
+    assert info.has_audio and info.frames == 24
+
+
+def test_encode_mp4_refuses_non_audio() -> None:
+    with pytest.raises(MediaError):
+        encode_mp4(frames(2), 24, audio=GARBAGE)

@@ -1,0 +1,225 @@
+"""Wan2.2 through diffusers: TI2V-5B (text-to-video and image-to-video) and Animate-14B.
+
+TI2V-5B is one set of weights for both kinds: ``WanPipeline`` for text-to-video, and
+``WanImageToVideoPipeline`` over the very same modules for image-to-video. With the repo's
+``expand_timesteps=True`` the i2v pipeline VAE-encodes the image as the first latent frame, keeps
+that frame clean (timestep 0 for its tokens) while the rest is denoised, and needs no image encoder.
+
+Animate-14B runs ``WanAnimatePipeline``: "move" is its ``animate`` mode (the character performs the
+driving motion), "mix" its ``replace`` mode (the character replaces the person in the video).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from routing.catalog import ModelSpec
+from worker.adapters.base import (
+    Generated,
+    Inputs,
+    Runtime,
+    StepCallback,
+    seeded_generator,
+    step_callback_for,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+# Wan-Animate was trained on clips of 77 frames, each continuing from the last frame of the
+# previous one; longer outputs are made of such segments.
+ANIMATE_SEGMENT_FRAMES = 77
+# Frames of the previous segment that condition the next; the pipeline allows 1 or 5.
+ANIMATE_CONTINUATION_FRAMES = 1
+
+_ANIMATE_MODES = {"move": "animate", "mix": "replace"}
+
+
+def _to_pil_frames(video: np.ndarray) -> list[Image.Image]:
+    """(frames, H, W, 3) floats in [0, 1] to PIL frames, refusing NaN.
+
+    PIL output would silently turn NaN (e.g. a bfloat16 overflow) into black frames; a failed
+    job says more than a black video.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if not np.isfinite(video).all():
+        raise RuntimeError("the pipeline produced NaN or infinite pixels")
+    pixels = (video.clip(0.0, 1.0) * 255).round().astype(np.uint8)
+    return [Image.fromarray(frame) for frame in pixels]
+
+
+def _resized(frames: list[Image.Image], size: tuple[int, int]) -> list[Image.Image]:
+    """Frames at ``size`` (width, height); the same Lanczos resize the pipeline would do, done
+    here so it does not log a warning on every job."""
+    from PIL import Image
+
+    return [f if f.size == size else f.resize(size, Image.Resampling.LANCZOS) for f in frames]
+
+
+class WanTI2VAdapter:
+    """Wan2.2-TI2V-5B: text-to-video and image-to-video from one resident copy of the weights."""
+
+    def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
+        import diffusers
+
+        self.spec = spec
+        self.runtime = runtime
+        # The same call loads the hub weights and the small local test models.
+        self.t2v = diffusers.WanPipeline.from_pretrained(weights, dtype=runtime.dtype)
+        if not self.t2v.config.expand_timesteps:
+            raise ValueError(f"{weights} is not a TI2V model: its pipeline lacks expand_timesteps")
+        # Built from the same module objects, so both kinds share one copy of the weights.
+        # Not ``from_pipe``: it casts every module to one dtype (float32 unless told), which
+        # would also cast the layers the transformer keeps in float32.
+        self.i2v = diffusers.WanImageToVideoPipeline(
+            **self.t2v.components,
+            boundary_ratio=self.t2v.config.boundary_ratio,
+            expand_timesteps=True,
+        )
+        for pipe in (self.t2v, self.i2v):
+            runtime.place(pipe)
+            pipe.set_progress_bar_config(disable=True)
+
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
+        image_to_video = request.kind == "image-to-video"
+        pipe = self.i2v if image_to_video else self.t2v
+
+        # 1. Check inputs: the request was validated against the catalog at submit; the pipeline
+        #    must agree, or the catalog is wrong for these weights. It would otherwise round the
+        #    size and frame count silently and return something other than what was asked for.
+        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        if request.width % multiple or request.height % multiple:
+            raise ValueError(f"these weights need sizes in multiples of {multiple}")
+        temporal = pipe.vae_scale_factor_temporal
+        if request.frames < 1 or (request.frames - 1) % temporal:
+            raise ValueError(f"frames must be {temporal}k+1 for these weights (got {request.frames})")
+        extra: dict[str, Any] = {}
+        if image_to_video:
+            image = inputs.get("image")
+            if image is None:
+                raise ValueError("image-to-video needs an input image")
+            # The image becomes the first frame: crop it to the video's aspect ratio rather
+            # than let the pipeline stretch it.
+            from PIL import Image, ImageOps
+
+            extra["image"] = ImageOps.fit(
+                image.convert("RGB"), (request.width, request.height), Image.Resampling.LANCZOS
+            )
+
+        # 2. Seed: drawn here when the caller gave none, and reported so the video can be redone.
+        seed, generator = seeded_generator(request.seed)
+
+        # 3. Denoise and decode.
+        output = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width,
+            height=request.height,
+            num_frames=request.frames,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            generator=generator,
+            output_type="np",
+            callback_on_step_end=step_callback_for(on_step),
+            **extra,
+        )
+        return Generated(frames=_to_pil_frames(output.frames[0]), fps=self.spec.video.fps, seed=seed)
+
+
+class WanAnimateAdapter:
+    """Wan2.2-Animate-14B: a character image driven by pose and face videos ("move"), or put in
+    place of the person of a video ("mix")."""
+
+    def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
+        import diffusers
+
+        self.spec = spec
+        self.runtime = runtime
+        self.pipe = diffusers.WanAnimatePipeline.from_pretrained(weights, dtype=runtime.dtype)
+        runtime.place(self.pipe)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
+        pipe = self.pipe
+
+        # 1. Check inputs.
+        mode = _ANIMATE_MODES.get(request.mode)
+        if mode is None:
+            raise ValueError(f"unknown animate mode {request.mode!r}; known: {', '.join(_ANIMATE_MODES)}")
+        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        if request.width % multiple or request.height % multiple:
+            raise ValueError(f"these weights need sizes in multiples of {multiple}")
+        names = ["image", "pose_video", "face_video"]
+        if mode == "replace":
+            names += ["background_video", "mask_video"]
+        missing = [
+            name
+            for name in names
+            if inputs.get(name) is None or (isinstance(inputs[name], list) and not inputs[name])
+        ]
+        if missing:
+            raise ValueError(f"{request.mode} needs {', '.join(missing)}")
+        # Without a count, the output follows the driving video: one frame per pose frame.
+        frames = request.frames if request.frames is not None else len(inputs["pose_video"])
+        # Each segment continues from the previous one's last frame, so even one segment needs
+        # a frame beyond that one.
+        if frames is None or frames < ANIMATE_CONTINUATION_FRAMES + 1:
+            raise ValueError(f"frames must be at least {ANIMATE_CONTINUATION_FRAMES + 1} (got {frames})")
+        # The driving videos are made from one source video, frame for frame; the output has
+        # one frame per driving frame, so each must cover the frames asked for.
+        videos: dict[str, list[Image.Image]] = {}
+        for name in names[1:]:
+            if len(inputs[name]) < frames:
+                raise ValueError(f"{name} has {len(inputs[name])} frames, fewer than the {frames} asked for")
+            videos[name] = list(inputs[name][:frames])
+        size = (request.width, request.height)
+        videos["pose_video"] = _resized(videos["pose_video"], size)
+        # The motion encoder takes square face crops at its fixed size (512 for the real model).
+        face = pipe.transformer.config.motion_encoder_size
+        videos["face_video"] = _resized(videos["face_video"], (face, face))
+
+        # A clip up to one segment long is made in one segment of its own length (rounded up to
+        # the VAE's 4k+1); longer ones in 77-frame segments, as the model was trained.
+        temporal = pipe.vae_scale_factor_temporal
+        segment = min(ANIMATE_SEGMENT_FRAMES, -(-(frames - 1) // temporal) * temporal + 1)
+        segments = _segment_count(frames, segment, ANIMATE_CONTINUATION_FRAMES)
+
+        # 2. Seed.
+        seed, generator = seeded_generator(request.seed)
+
+        # 3. Denoise and decode, segment after segment. The pipeline restarts its step count in
+        #    each segment; the job's progress counts all of them.
+        done = 0
+
+        def on_segment_step(_step: int, steps: int) -> None:
+            nonlocal done
+            done += 1
+            on_step(done, steps * segments)
+
+        output = pipe(
+            image=inputs["image"].convert("RGB"),
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width,
+            height=request.height,
+            mode=mode,
+            segment_frame_length=segment,
+            prev_segment_conditioning_frames=ANIMATE_CONTINUATION_FRAMES,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            generator=generator,
+            output_type="np",
+            callback_on_step_end=step_callback_for(on_segment_step),
+            **videos,
+        )
+        return Generated(frames=_to_pil_frames(output.frames[0]), fps=self.spec.video.fps, seed=seed)
+
+
+def _segment_count(frames: int, segment: int, continuation: int) -> int:
+    """How many segments ``WanAnimatePipeline`` makes for ``frames`` output frames: after the
+    first, each adds ``segment - continuation`` new frames; the last is padded to full length."""
+    step = segment - continuation
+    return -(-(frames - continuation) // step)
