@@ -28,8 +28,16 @@ from producer.inputs import InputLimits, resolve_inputs, upload
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
 from routing.decision import route
-from routing.errors import Conflict, FieldError, InvalidRequest, JobNotSucceeded, Unavailable, WaitTimeout
-from routing.jobs import JobRecord, JobStatus, JobStore, NewJob, Webhook, check_webhook
+from routing.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    JobNotSucceeded,
+    TooManyJobs,
+    Unavailable,
+    WaitTimeout,
+)
+from routing.jobs import Created, JobRecord, JobStatus, JobStore, NewJob, Webhook, check_webhook
 from routing.keys import Keys
 from routing.messages import TaskMessages
 from routing.net import UrlPolicy
@@ -83,6 +91,7 @@ class Client:
         priority: Priority | str = Priority.NORMAL,
         webhook: Webhook | None = None,
         tenant: str = "",
+        max_in_flight: int = 0,
     ) -> Job:
         """Validate, route and queue ``request``. Nothing is queued when it raises.
 
@@ -90,9 +99,15 @@ class Client:
         first job; the same key with anything else raises ``Conflict``. ``webhook`` gets the
         job's events signed with the tenant's secret.
         """
-        return self.submit_many(
-            [request], [idempotency_key], priority=priority, webhook=webhook, tenant=tenant
-        )[0]
+        jobs = self.submit_many(
+            [request],
+            [idempotency_key],
+            priority=priority,
+            webhook=webhook,
+            tenant=tenant,
+            max_in_flight=max_in_flight,
+        )
+        return jobs[0]
 
     def submit_many(
         self,
@@ -102,6 +117,7 @@ class Client:
         priority: Priority | str = Priority.NORMAL,
         webhook: Webhook | None = None,
         tenant: str = "",
+        max_in_flight: int = 0,
     ) -> list[Job]:
         """Submit several requests in one round trip to Redis.
 
@@ -155,14 +171,23 @@ class Client:
                     tenant=tenant,
                     priority=priority.value,
                     webhook=webhook,
+                    max_in_flight=max_in_flight,
                 )
             )
         with _redis_errors():
             results = self.store.create(jobs)
-            for job, (created, found_id) in zip(jobs, results, strict=True):
-                if not created and self.store.request_hash(found_id) != job.request_hash:
+            for job, (outcome, found_id) in zip(jobs, results, strict=True):
+                if outcome is Created.EXISTS and self.store.request_hash(found_id) != job.request_hash:
                     raise Conflict(f"idempotency key {job.idempotency_key!r} was used for another request")
-        return [Job(self, found_id) for _created, found_id in results]
+        limited = sum(outcome is Created.LIMITED for outcome, _ in results)
+        if limited:
+            raise TooManyJobs(
+                f"tenant {tenant!r} has {max_in_flight} unfinished jobs; {limited} of {len(jobs)} not queued",
+                accepted=[
+                    Job(self, found_id) for outcome, found_id in results if outcome is not Created.LIMITED
+                ],
+            )
+        return [Job(self, found_id, created=outcome is Created.CREATED) for outcome, found_id in results]
 
     def upload(self, data: bytes | str | Path) -> dict[str, str]:
         """Check and store an image, video or audio file; returns ``{"key": ...}`` to put in a
@@ -254,11 +279,13 @@ class Client:
 
 
 class Job:
-    """A handle on one submitted job."""
+    """A handle on one submitted job. ``created`` is false when an idempotency key returned an
+    earlier job."""
 
-    def __init__(self, client: Client, job_id: str):
+    def __init__(self, client: Client, job_id: str, created: bool = True):
         self.client = client
         self.id = job_id
+        self.created = created
 
     def status(self) -> JobRecord:
         return self.client.status(self.id)

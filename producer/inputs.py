@@ -16,7 +16,7 @@ from routing.catalog import ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
 from routing.media import MediaError, check_audio, check_image, check_video
 from routing.net import UrlError, UrlPolicy, fetch_url
-from routing.schemas import VIDEO_FIELDS, MediaRef, RequestBase
+from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
 from routing.storage import ObjectNotFound, Storage, StorageError
 
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -92,6 +92,12 @@ def _check(data: bytes, name: str, spec: ModelSpec, limits: InputLimits) -> str:
     """Decode and check ``data`` as the media the field needs; return a file extension."""
     if len(data) > limits.max_bytes:
         raise MediaError(f"larger than {limits.max_bytes} bytes")
+    if name in AUDIO_FIELDS:
+        video = spec.video
+        # Speech longer than the longest video the model makes would be cut.
+        max_duration_s = video.max_frames / video.fps if video else 600.0
+        info = check_audio(data, max_duration_s=max_duration_s)
+        return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav")
     if name in VIDEO_FIELDS:
         video = spec.video
         max_frames = video.max_frames if video else 1000

@@ -59,6 +59,8 @@ class ModelSpec:
     max_prompt_chars: int
     video: VideoLimits | None = None
     max_input_images: int = 0
+    # Only these (width, height) pairs, when the model's code has a fixed list.
+    allowed_sizes: tuple[tuple[int, int], ...] = ()
     # Footprint with model CPU offload (weights live in host memory, each component moves to the
     # GPU while it runs): lets a smaller class run the model, slower. None: never offloaded.
     offload_vram_gb: int | None = None
@@ -186,6 +188,8 @@ CATALOG: dict[str, ModelSpec] = {
             max_prompt_chars=2000,
             video=VideoLimits(default_frames=80, max_frames=80 * 10, frames_step=80, fps=16, frames_offset=0),
             max_input_images=1,
+            # The official code's SUPPORTED_SIZES for s2v-14B.
+            allowed_sizes=((1024, 704), (704, 1024), (832, 480), (480, 832), (1280, 720), (720, 1280)),
         ),
     ]
 }

@@ -50,6 +50,15 @@ class Unavailable(FleetError):
     pass
 
 
+class TooManyJobs(FleetError):
+    """Nothing of the refused submits was queued; ``accepted`` lists jobs of the same batch
+    that were (a batch is accepted job by job)."""
+
+    def __init__(self, message: str, accepted: list | None = None):
+        self.accepted = accepted or []
+        super().__init__(message)
+
+
 class JobNotSucceeded(FleetError):
     """``result()`` of a job that failed or was canceled; ``record`` says why."""
 

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
 import redis
@@ -192,7 +192,8 @@ end
 
 # KEYS: job, events, webhooks queue.  ARGV: target, allowed sources (comma list), now, event
 # type, stream maxlen, ttl_s (0: keep), field to increment ('' for none), event id, webhook
-# message, then field/value pairs to set.
+# message, key prefix, then field/value pairs to set. Also keeps the queue lines and the
+# tenant's in-flight set in step with the state.
 _TRANSITION = (
     _EMIT
     + """
@@ -203,14 +204,33 @@ for source in string.gmatch(ARGV[2], '[^,]+') do
   if source == current then allowed = true end
 end
 if not allowed then return {0, current} end
+local prefix = ARGV[10]
+local id = redis.call('HGET', KEYS[1], 'id')
+if current == 'queued' then
+  redis.call('ZREM', prefix .. ':queued:' .. redis.call('HGET', KEYS[1], 'queue'), id)
+end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV >= 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
+if #ARGV >= 11 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[7], 1) end
-if ARGV[6] ~= '0' then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+if ARGV[1] == 'queued' then
+  local line = prefix .. ':queued:' .. redis.call('HGET', KEYS[1], 'queue')
+  redis.call('ZADD', line, redis.call('INCR', prefix .. ':seq'), id)
+end
+if ARGV[6] ~= '0' then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
+  redis.call('SREM', prefix .. ':tenant:' .. tenant .. ':inflight', id)
+end
 emit(KEYS[1], KEYS[2], KEYS[3], ARGV[5], ARGV[4], ARGV[1], ARGV[3], ARGV[8], ARGV[9])
 return {1, current}
 """
 )
+
+
+class Created(IntEnum):
+    EXISTS = 0
+    CREATED = 1
+    LIMITED = 2
 
 
 @dataclass(frozen=True)
@@ -226,21 +246,30 @@ class NewJob:
     tenant: str = ""
     priority: str = "normal"
     webhook: Webhook | None = None
+    max_in_flight: int = 0  # the tenant's limit on unfinished jobs; 0: none
 
 
-# KEYS: job, events, idempotency key (or the job key again when there is none), queue.
-# ARGV: now, stream maxlen, idempotency ttl_s, has idempotency key ('1'/'0'), queue message,
-# then field/value pairs. Record, event and queue message are written together or not at all.
+# KEYS: job, events, idempotency key (or the job key again when there is none), queue, tenant
+# in-flight set, tenant job index, queue line, line counter.
+# ARGV: now, stream maxlen, ttl_s, has idempotency key ('1'/'0'), queue message, tenant in-flight
+# limit (0: none), then field/value pairs ('id' first). Record, event, indexes and queue message
+# are written together or not at all; {2, ''} when the tenant is at its limit.
 _CREATE = """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
 end
-local id = ARGV[7]
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local limit = tonumber(ARGV[6])
+if limit > 0 and redis.call('SCARD', KEYS[5]) >= limit then return {2, ''} end
+local id = ARGV[8]
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'EX', ARGV[3]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
   'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', ARGV[1])
+redis.call('SADD', KEYS[5], id)
+redis.call('ZADD', KEYS[6], ARGV[1], id)
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), id)
 redis.call('LPUSH', KEYS[4], ARGV[5])
 return {1, id}
 """
@@ -299,12 +328,13 @@ class JobStore:
         self._progress = client.register_script(_PROGRESS)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
-    def create(self, jobs: list[NewJob]) -> list[tuple[bool, str]]:
+    def create(self, jobs: list[NewJob]) -> list[tuple[Created, str]]:
         """Write each new job's queued record, its ``job.queued`` event and its queue message in
         one atomic step per job, all jobs in one round trip.
 
-        Returns (created, job id) per job; for an idempotency key already used nothing is
-        written and the id is the earlier job's.
+        Returns (outcome, job id) per job: ``CREATED``; ``EXISTS`` when its idempotency key was
+        used already (nothing written, the id is the earlier job's); ``LIMITED`` when its tenant
+        has ``max_in_flight`` unfinished jobs (nothing written).
         """
         now = repr(time.time())
         calls = [self._create_call(job, now) for job in jobs]
@@ -312,7 +342,7 @@ class JobStore:
             replies = [self._create(keys=calls[0][0], args=calls[0][1])]
         else:
             replies = self._create_pipelined(calls)
-        return [(bool(created), _text(found_id)) for created, found_id in replies]
+        return [(Created(int(outcome)), _text(found_id)) for outcome, found_id in replies]
 
     def _create_call(self, job: NewJob, now: str) -> tuple[list[str], list[Any]]:
         fields = {
@@ -339,13 +369,23 @@ class JobStore:
             self.keys.idempotency(job.idempotency_key) if job.idempotency_key else self.keys.job(job.id)
         )
         queue_key, payload = job.message
-        keys = [self.keys.job(job.id), self.keys.events, idem_key, queue_key]
+        keys = [
+            self.keys.job(job.id),
+            self.keys.events,
+            idem_key,
+            queue_key,
+            self.keys.tenant_in_flight(job.tenant),
+            self.keys.tenant_jobs(job.tenant),
+            self.keys.queued(job.queue),
+            self.keys.sequence,
+        ]
         args = [
             now,
             self.events_maxlen,
             self.ttl_s,
             "1" if job.idempotency_key else "0",
             payload,
+            job.max_in_flight,
             *_flatten(fields),
         ]
         return keys, args
@@ -422,6 +462,7 @@ class JobStore:
                 "attempt" if count_attempt else "",
                 event_id,
                 message,
+                self.keys.prefix,
                 *_flatten(values),
             ],
         )

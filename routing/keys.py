@@ -24,6 +24,32 @@ class Keys:
         """Stream of every job state change and progress step (``routing.jobs.EventType``)."""
         return f"{self.prefix}:events"
 
+    def tenant_in_flight(self, tenant: str) -> str:
+        """Set of a tenant's unfinished job ids (the in-flight limit counts it)."""
+        return f"{self.prefix}:tenant:{tenant}:inflight"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set of a tenant's job ids by creation time (listing)."""
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def queued(self, queue: str) -> str:
+        """Sorted set of the job ids waiting in ``queue``, in arrival order (queue position)."""
+        return f"{self.prefix}:queued:{queue}"
+
+    @property
+    def sequence(self) -> str:
+        """Counter giving every queued job its place in line."""
+        return f"{self.prefix}:seq"
+
+    @property
+    def durations(self) -> str:
+        """Hash ``<model>|<class>`` -> moving average of run seconds (ETA)."""
+        return f"{self.prefix}:durations"
+
+    def worker(self, name: str) -> str:
+        """A live worker's heartbeat: its class, expiring when it stops refreshing."""
+        return f"{self.prefix}:worker:{name}"
+
     @property
     def load_counts(self) -> str:
         """Hash of model loads per worker process: ``<worker name>:<model>`` -> count."""

@@ -21,8 +21,9 @@ from routing.errors import FieldError, InvalidRequest
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
-# Media fields that hold videos; every other media field holds images.
+# Media fields that hold videos or audio; every other media field holds images.
 VIDEO_FIELDS = frozenset({"pose_video", "face_video", "background_video", "mask_video"})
+AUDIO_FIELDS = frozenset({"audio"})
 
 
 class MediaRef(BaseModel):
@@ -119,8 +120,27 @@ class AnimateRequest(RequestBase):
         return self
 
 
+class SpeechToVideoRequest(RequestBase):
+    """Wan2.2-S2V: a reference image speaks (and sings) the ``audio``. The speech drives lips,
+    expression and head motion first; an optional ``pose_video`` drives body pose; the prompt
+    sets scene, style and camera, and cannot override what the speech and pose decide. The
+    video is made in clips of 80 frames at 16 fps; ``clips`` caps how many (default: as many
+    as the speech needs)."""
+
+    kind: Literal[TaskKind.SPEECH_TO_VIDEO] = TaskKind.SPEECH_TO_VIDEO
+    image: MediaRef
+    audio: MediaRef
+    pose_video: MediaRef | None = None
+    clips: int | None = Field(default=None, ge=1, le=100)
+
+
 GenerationRequest = (
-    TextToImageRequest | EditRequest | TextToVideoRequest | ImageToVideoRequest | AnimateRequest
+    TextToImageRequest
+    | EditRequest
+    | TextToVideoRequest
+    | ImageToVideoRequest
+    | AnimateRequest
+    | SpeechToVideoRequest
 )
 
 REQUEST_TYPES: dict[TaskKind, type[RequestBase]] = {
@@ -129,6 +149,7 @@ REQUEST_TYPES: dict[TaskKind, type[RequestBase]] = {
     TaskKind.TEXT_TO_VIDEO: TextToVideoRequest,
     TaskKind.IMAGE_TO_VIDEO: ImageToVideoRequest,
     TaskKind.ANIMATE: AnimateRequest,
+    TaskKind.SPEECH_TO_VIDEO: SpeechToVideoRequest,
 }
 
 
@@ -261,6 +282,19 @@ def _check_limits(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
                 "images",
                 f"{spec.key} takes at most {spec.max_input_images} images (got {len(request.images)})",
             )
+        )
+    allowed = spec.allowed_sizes
+    if allowed and request.width is not None and (request.width, request.height) not in allowed:
+        sizes = ", ".join(f"{w}*{h}" for w, h in allowed)
+        errors.append(FieldError("width", f"{spec.key} makes only these sizes (width*height): {sizes}"))
+    clips = getattr(request, "clips", None)
+    if (
+        clips is not None
+        and spec.video is not None
+        and clips * spec.video.frames_step > spec.video.max_frames
+    ):
+        errors.append(
+            FieldError("clips", f"at most {spec.video.max_frames // spec.video.frames_step} for {spec.key}")
         )
     frames = getattr(request, "frames", None)
     if frames is not None and spec.video is not None:

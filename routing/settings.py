@@ -11,8 +11,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Tenant(BaseModel):
+    """A backend that uses the fleet: its API keys, the secret its webhooks are signed with
+    (Standard Webhooks ``whsec_...``), and how many of its jobs may be unfinished at once."""
+
+    api_keys: list[SecretStr] = Field(min_length=1)
+    webhook_secret: SecretStr
+    max_in_flight: int = Field(default=100, gt=0)
 
 
 class Settings(BaseSettings):
@@ -37,6 +46,11 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     url_allow_cidrs: list[str] = Field(default_factory=list)
 
+    # Tenants by name (FLEET_TENANTS, JSON). The HTTP API refuses every request without one.
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+    # Least seconds between two progress webhooks of one job.
+    progress_webhook_interval_s: float = Field(default=2.0, ge=0)
+
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the
     # catalog's hub id.
@@ -49,6 +63,10 @@ class Settings(BaseSettings):
     worker_class: Literal["gpu16", "gpu80", "h100x8"] = "gpu16"
     # Models to load when the worker process starts, before taking the first job.
     warm_models: list[str] = Field(default_factory=list)
+    # Models an h100x8 worker runs inside its resident torchrun group, and the group's size
+    # (8 on p5.48xlarge; 4 allowed).
+    group_models: list[str] = Field(default_factory=lambda: ["wan2.2-s2v-14b"])
+    group_world_size: int = Field(default=8, ge=1, le=8)
     # VRAM the worker's resident models may take; the class's size when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
 

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import os
 import socket
+import threading
+import time
 from typing import Any
 
 import redis
@@ -17,8 +19,10 @@ from celery.signals import worker_process_init
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass
+from routing.eta import HEARTBEAT_TTL_S, heartbeat
 from routing.jobs import JobStore
 from routing.keys import Keys
+from routing.messages import TaskMessages
 from routing.settings import get_settings
 from routing.storage import make_storage
 from worker.pool import PipelinePool
@@ -56,9 +60,30 @@ def get_runner() -> JobRunner:
             client.hincrby(counts, f"{name}:{model_key}", 1)
 
         pool = PipelinePool(load, vram_class, budget_gb=settings.vram_budget_gb, on_change=count)
-        store = JobStore(client, keys, ttl_s=settings.job_ttl_s)
+        store = JobStore(
+            client,
+            keys,
+            ttl_s=settings.job_ttl_s,
+            messages=TaskMessages(app),
+            progress_webhook_interval_s=settings.progress_webhook_interval_s,
+        )
         _runner = JobRunner(store, make_storage(settings), pool, name)
+        _start_heartbeat(client, keys, name)
     return _runner
+
+
+def _start_heartbeat(client: redis.Redis, keys: Keys, name: str) -> None:
+    """Tell ETAs this worker is alive, from a thread: a long job must not make it look dead."""
+
+    def beat() -> None:
+        while True:
+            try:
+                heartbeat(client, keys, name, vram_class)
+            except redis.RedisError:
+                log.warning("heartbeat failed; retrying")
+            time.sleep(HEARTBEAT_TTL_S / 3)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 @worker_process_init.connect

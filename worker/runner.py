@@ -11,8 +11,9 @@ import time
 import traceback
 
 from routing.errors import Conflict, InvalidRequest, NotFound
+from routing.eta import record_duration
 from routing.jobs import JobStatus, JobStore, Output
-from routing.schemas import VIDEO_FIELDS, RequestBase, parse_request
+from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, RequestBase, parse_request
 from routing.storage import Storage, output_key
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.media import decode_image, decode_video, encode_mp4, encode_png
@@ -83,7 +84,11 @@ class JobRunner:
             return self._finish(
                 job_id, JobStatus.FAILED, timings, started_at, error=_error("model_error", exc)
             )
-        return self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
+        status = self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
+        # What the next ETAs are priced with: the run without any model load.
+        run_s = timings["run_s"] - timings.get("load_s", 0.0)
+        record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
+        return status
 
     def _load_inputs(self, request: RequestBase) -> Inputs:
         """Decode the request's input media from the store (checked at submit)."""
@@ -91,6 +96,8 @@ class JobRunner:
         for name, value in request.media_fields().items():
             if isinstance(value, list):
                 inputs[name] = [decode_image(self.storage.get(ref.key)) for ref in value]
+            elif name in AUDIO_FIELDS:
+                inputs[name] = self.storage.get(value.key)  # kept encoded: muxed into the output as is
             elif name in VIDEO_FIELDS:
                 inputs[name], inputs[f"{name}_fps"] = decode_video(self.storage.get(value.key))
             else:
@@ -99,9 +106,11 @@ class JobRunner:
 
     def _store_outputs(self, job_id: str, generated: Generated, timings: dict[str, float]) -> list[Output]:
         t0 = time.perf_counter()
-        if generated.frames:
+        if generated.encoded is not None:
+            encoded = [("mp4", "video/mp4", generated.encoded, generated.width, generated.height)]
+        elif generated.frames:
             first = generated.frames[0]
-            data = encode_mp4(generated.frames, generated.fps)
+            data = encode_mp4(generated.frames, generated.fps, audio=generated.audio)
             encoded = [("mp4", "video/mp4", data, first.width, first.height)]
         else:
             encoded = [("png", "image/png", encode_png(im), im.width, im.height) for im in generated.images]
@@ -110,7 +119,8 @@ class JobRunner:
         outputs = []
         for index, (ext, content_type, data, width, height) in enumerate(encoded):
             stored = self.storage.put(output_key(job_id, index, ext), data, content_type)
-            video = {"frames": len(generated.frames), "fps": generated.fps} if generated.frames else {}
+            frame_count = len(generated.frames) or generated.frame_count
+            video = {"frames": frame_count, "fps": generated.fps} if frame_count else {}
             outputs.append(
                 Output(
                     stored.key, content_type, stored.size_bytes, width, height, seed=generated.seed, **video

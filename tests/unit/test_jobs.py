@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 
 from routing.errors import Conflict, NotFound
-from routing.jobs import TRANSITIONS, JobStatus, JobStore, NewJob, allowed_sources
+from routing.jobs import TRANSITIONS, Created, JobStatus, JobStore, NewJob, allowed_sources
 from routing.keys import Keys
 
 
@@ -29,7 +29,7 @@ def _new(job_id: str, **kwargs) -> NewJob:
 
 def _create(store: JobStore, job_id: str = "a" * 32, **kwargs) -> str:
     [(created, found)] = store.create([_new(job_id, **kwargs)])
-    assert created
+    assert created is Created.CREATED
     return found
 
 
@@ -110,7 +110,7 @@ def test_progress_of_a_job_no_longer_running_says_stop(store: JobStore):
 def test_idempotency_key_returns_the_first_job(store: JobStore):
     first = _create(store, "1" * 32, idempotency_key="k1", request_hash="h")
     [(created, found)] = store.create([_new("2" * 32, idempotency_key="k1")])
-    assert (created, found) == (False, first)
+    assert (created, found) == (Created.EXISTS, first)
     with pytest.raises(NotFound):
         store.get("2" * 32)
     assert store.client.lrange("gpu16", 0, -1) == [f"message-{first}".encode()]
@@ -128,13 +128,38 @@ def test_unknown_job(store: JobStore):
 def test_many_jobs_in_one_call_each_with_its_message(store: JobStore):
     ids = [f"{i:032x}" for i in range(1, 6)]
     results = store.create([_new(job_id) for job_id in ids])
-    assert results == [(True, job_id) for job_id in ids]
+    assert results == [(Created.CREATED, job_id) for job_id in ids]
     assert store.client.lrange("gpu16", 0, -1)[::-1] == [f"message-{job_id}".encode() for job_id in ids]
 
 
 def test_a_batch_after_redis_lost_its_scripts_writes_each_job_once(store: JobStore):
     store.client.script_flush()  # what a Redis restart does
     ids = [f"{i:032x}" for i in range(10, 13)]
-    assert store.create([_new(job_id) for job_id in ids]) == [(True, job_id) for job_id in ids]
+    assert store.create([_new(job_id) for job_id in ids]) == [(Created.CREATED, job_id) for job_id in ids]
     assert store.client.llen("gpu16") == 3
     assert len(store.events()) == 3
+
+
+def test_a_tenant_at_its_limit_gets_nothing_queued_until_a_job_finishes(store: JobStore):
+    first = _create(store, "1" * 32, tenant="t", max_in_flight=1)
+    assert store.create([_new("2" * 32, tenant="t", max_in_flight=1)]) == [(Created.LIMITED, "")]
+    assert store.client.llen("gpu16") == 1
+    with pytest.raises(NotFound):
+        store.get("2" * 32)
+
+    store.transition(first, JobStatus.RUNNING)
+    store.transition(first, JobStatus.SUCCEEDED)
+    assert store.create([_new("2" * 32, tenant="t", max_in_flight=1)]) == [(Created.CREATED, "2" * 32)]
+
+
+def test_queue_line_follows_the_state(store: JobStore):
+    ids = [f"{i:032x}" for i in range(1, 4)]
+    for job_id in ids:
+        _create(store, job_id)
+    line = store.keys.queued("gpu16")
+    assert store.client.zrange(line, 0, -1) == [i.encode() for i in ids]
+    store.transition(ids[0], JobStatus.RUNNING)
+    store.cancel(ids[1])
+    assert store.client.zrange(line, 0, -1) == [ids[2].encode()]
+    store.transition(ids[0], JobStatus.QUEUED)  # handed back: to the end of the line
+    assert store.client.zrange(line, 0, -1) == [ids[2].encode(), ids[0].encode()]

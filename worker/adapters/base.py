@@ -29,6 +29,13 @@ class Generated:
     frames: list[Image.Image] = field(default_factory=list)
     fps: int | None = None
     seed: int | None = None
+    # Encoded audio (WAV/MP3/FLAC bytes) to mux into the video, e.g. the speech it lip-syncs.
+    audio: bytes | None = None
+    # A video already encoded as MP4 (by a multi-GPU group's rank 0), with its shape.
+    encoded: bytes | None = None
+    width: int | None = None
+    height: int | None = None
+    frame_count: int | None = None
 
 
 @dataclass(frozen=True)

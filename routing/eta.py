@@ -1,0 +1,99 @@
+"""Queue position and ETA, from what is ahead of a job and how long jobs have been taking.
+
+Workers write two things: a moving average of run time per model and class (after each success)
+and a heartbeat naming their class. A queued job's position is the number of jobs ahead of it in
+its class's queues (higher priorities first, then its own queue in arrival order); its ETA is
+that line shared among the live workers that consume the queue, times the model's measured run
+time, plus its own run. The line is priced at the job's own model's time: jobs ahead of other
+models on the same class are not looked up one by one, so the ETA is an estimate, not a promise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+from routing.classes import VramClass, class_queues, consumed_queues
+from routing.jobs import JobRecord, JobStatus
+from routing.keys import Keys
+
+# Weight of the newest run in the moving average: recent enough to follow a change of hardware
+# or settings within a few dozen jobs, smooth enough that one slow job does not swing it.
+_EWMA_WEIGHT = 0.2
+HEARTBEAT_TTL_S = 30
+
+_RECORD = """
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+local value = tonumber(ARGV[2])
+if old then value = old + tonumber(ARGV[3]) * (value - old) end
+redis.call('HSET', KEYS[1], ARGV[1], tostring(value))
+return tostring(value)
+"""
+
+
+def _class_of_queue(queue: str) -> VramClass:
+    return VramClass(queue.split(".", 1)[0])
+
+
+def record_duration(
+    client: redis.Redis, keys: Keys, model: str, vram_class: VramClass, seconds: float
+) -> None:
+    client.eval(_RECORD, 1, keys.durations, f"{model}|{vram_class.value}", seconds, _EWMA_WEIGHT)
+
+
+def heartbeat(client: redis.Redis, keys: Keys, name: str, vram_class: VramClass) -> None:
+    """Say that worker ``name`` of ``vram_class`` is alive for the next ``HEARTBEAT_TTL_S``."""
+    client.set(
+        keys.worker(name), json.dumps({"class": vram_class.value, "at": time.time()}), ex=HEARTBEAT_TTL_S
+    )
+
+
+def live_workers(client: redis.Redis, keys: Keys) -> dict[str, VramClass]:
+    """Live workers by name, with their class."""
+    prefix = keys.worker("")
+    names = list(client.scan_iter(keys.worker("*"), count=1000))
+    values = client.mget(names) if names else []
+    return {
+        name.decode().removeprefix(prefix): VramClass(json.loads(value)["class"])
+        for name, value in zip(names, values, strict=True)
+        if value is not None
+    }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    position: int | None  # jobs ahead in line; None unless queued
+    eta_s: float | None  # seconds until the job should finish; None without measurements
+
+
+def estimate(client: redis.Redis, keys: Keys, record: JobRecord) -> Estimate:
+    if record.status.is_terminal():
+        return Estimate(None, None)
+    vram_class = _class_of_queue(record.queue)
+    measured = client.hget(keys.durations, f"{record.model}|{vram_class.value}")
+    run_s = float(measured) if measured is not None else None
+    if record.status is JobStatus.RUNNING:
+        if run_s is None or record.started_at is None:
+            return Estimate(None, None)
+        return Estimate(None, max(run_s - (time.time() - record.started_at), 0.0))
+
+    line = class_queues(vram_class)
+    ahead_queues = line[: line.index(record.queue)] if record.queue in line else []
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrank(keys.queued(record.queue), record.id)
+        for queue in ahead_queues:
+            pipe.zcard(keys.queued(queue))
+        rank, *cards = pipe.execute()
+    if rank is None:  # left the line between the two reads
+        return Estimate(None, None)
+    position = int(rank) + sum(int(c) for c in cards)
+    if run_s is None:
+        return Estimate(position, None)
+    workers = sum(1 for c in live_workers(client, keys).values() if record.queue in consumed_queues(c))
+    # No live worker: the job waits for one to start; no honest number to give.
+    if workers == 0:
+        return Estimate(position, None)
+    return Estimate(position, (position / workers + 1) * run_s)
