@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test redis bench small-models clean
+.PHONY: demo test redis compose-validator bench small-models clean
 
 # Reinstall when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -18,13 +18,19 @@ $(STAMP): pyproject.toml
 redis:
 	scripts/ensure-redis
 
+# docker-compose 1.29 validates the compose file without an engine (tests/unit/test_deploy.py).
+compose-validator:
+	@command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
+
 small-models: $(STAMP)
 	$(PY) -m worker.small_models --out var/small-models
 
 demo: $(STAMP) redis
 	$(PY) scripts/demo.py
 
-test: $(STAMP) redis
+test: $(STAMP) redis compose-validator
 	$(PY) -m pytest
 
 bench: $(STAMP) redis

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from producer.client import Client
+from routing import webhooks
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
@@ -210,6 +211,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         is returned as it is."""
         own_job(job_id, tenant)
         return job_out(client.cancel(job_id))
+
+    @app.get("/v1/jobs/{job_id}/webhooks")
+    def webhook_deliveries(job_id: str, tenant: Tenant) -> dict[str, Any]:
+        """Every delivery attempt of the job's webhook events, oldest first: status codes,
+        errors, times, and what became of each (delivered, retrying, failed, disabled, refused)."""
+        own_job(job_id, tenant)
+        return {"deliveries": webhooks.delivery_log(client.store.client, client.keys, job_id)}
+
+    @app.post("/v1/jobs/{job_id}/webhooks/{event_id}/replay", status_code=202)
+    def replay_webhook(job_id: str, event_id: str, tenant: Tenant) -> dict[str, str]:
+        """Deliver an event again, with its original webhook-id. An endpoint that a 410 disabled
+        is enabled again: replaying is how a tenant says it is back."""
+        record = own_job(job_id, tenant)
+        entries = [
+            e
+            for e in webhooks.delivery_log(client.store.client, client.keys, job_id)
+            if e["event_id"] == event_id
+        ]
+        if not entries:
+            raise HTTPException(404, f"no delivery of event {event_id} for job {job_id}")
+        if record.webhook is not None:
+            webhooks.enable_url(client.store.client, client.keys, tenant, record.webhook.url)
+        entry = entries[0]
+        webhooks.replay(
+            client.store.messages, client.store.client, job_id, event_id, entry["type"], entry["event_at"]
+        )
+        return {"status": "queued", "event_id": event_id}
 
     @app.get("/v1/jobs", response_model=JobPage)
     def list_jobs(

@@ -72,7 +72,13 @@ class Client:
         self._messages = TaskMessages(celery_app or make_celery(self.settings))
         self._storage = storage
         self.keys = Keys(self.settings.key_prefix)
-        self.store = JobStore(self._redis, self.keys, ttl_s=self.settings.job_ttl_s, messages=self._messages)
+        self.store = JobStore(
+            self._redis,
+            self.keys,
+            ttl_s=self.settings.job_ttl_s,
+            messages=self._messages,
+            progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
+        )
         self._url_policy = UrlPolicy(allow_cidrs=tuple(self.settings.url_allow_cidrs))
         self._input_limits = InputLimits(max_bytes=self.settings.max_input_bytes)
 

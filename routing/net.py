@@ -27,6 +27,10 @@ class UrlError(Exception):
     """A URL may not be used or could not be reached; the message says why."""
 
 
+class UrlLookupError(UrlError):
+    """The host name could not be resolved: maybe for now only (a caller may retry)."""
+
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -129,7 +133,7 @@ def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
         try:
             addresses = [ipaddress.ip_address(a) for a in policy.resolver(target.host, target.port)]
         except (OSError, UnicodeError) as e:
-            raise UrlError(f"cannot resolve {target.host}: {e}") from None
+            raise UrlLookupError(f"cannot resolve {target.host}: {e}") from None
         except ValueError as e:
             raise UrlError(f"{target.host} resolved to an invalid address: {e}") from None
     if not addresses:

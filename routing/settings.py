@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     # Least seconds between two progress webhooks of one job.
     progress_webhook_interval_s: float = Field(default=2.0, ge=0)
+    # Deliveries one webhooks worker makes at once (threads: the work is waiting on receivers).
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
 
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the

@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
 
 from routing.settings import Settings
 
@@ -23,23 +26,47 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
     """The environment that gives a child process ``settings`` (FLEET_* variables)."""
     source = os.environ if base is None else base
     env = {k: v for k, v in source.items() if not k.startswith("FLEET_")}
-    for name, value in settings.model_dump(mode="json").items():
+    for name, value in settings.model_dump().items():
         if value is None:
             continue
+        value = _revealed(value)
         env[f"FLEET_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
 
 
-class WorkerProcess:
-    """``python -m worker`` in its own process group, logging to ``log_path``."""
+def _revealed(value: Any) -> Any:
+    """``value`` as plain JSON data, with secrets in the clear: the child needs them, and
+    pydantic's JSON dump would mask them as stars."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return _revealed(value.model_dump())
+    if isinstance(value, dict):
+        return {k: _revealed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_revealed(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
-    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
+
+class WorkerProcess:
+    """``python -m <module>`` (a GPU worker by default, ``worker.webhooks`` for deliveries) in its
+    own process group, logging to ``log_path``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+        module: str = "worker",
+    ):
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             # Mingle and gossip talk to other workers at start; a lone worker only waits on them.
-            [sys.executable, "-m", "worker", "--without-mingle", "--without-gossip"],
+            [sys.executable, "-m", module, "--without-mingle", "--without-gossip"],
             cwd=_ROOT,
             env=settings_env(settings) | (extra_env or {}),
             stdout=self._log,

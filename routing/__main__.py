@@ -1,0 +1,120 @@
+"""Command line of the routing package: ``python -m routing plan --rate z-image-turbo=120/h``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from routing import plan as planner
+from routing.classes import VramClass
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise argparse.ArgumentTypeError(f"want {what}")
+    return key, value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m routing")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "plan",
+        help="GPUs, instances and dollars for target job rates",
+        description="Instances per VRAM class, utilisation, $/hour and $/job for target rates. "
+        "Figures: routing/data/gpu_seconds.csv and routing/data/instance_prices.csv.",
+    )
+    p.add_argument(
+        "--rate",
+        action="append",
+        default=[],
+        metavar="MODEL[:KIND]=N/UNIT",
+        help="target rate, e.g. z-image-turbo=120/h or wan2.2-ti2v-5b:text-to-video=20/h "
+        "(units: s, min, h, d); repeat for more",
+    )
+    p.add_argument(
+        "--rates",
+        type=Path,
+        metavar="FILE",
+        help='JSON or YAML mapping of MODEL[:KIND] to a rate, e.g. {"z-image-turbo": "120/h"}',
+    )
+    p.add_argument(
+        "--target-utilisation",
+        type=float,
+        default=planner.DEFAULT_TARGET_UTILISATION,
+        metavar="U",
+        help="share of GPU time to plan for, in (0, 1] (default %(default)s)",
+    )
+    p.add_argument(
+        "--instance",
+        action="append",
+        default=[],
+        metavar="CLASS=TYPE",
+        type=lambda t: _pair(t, "CLASS=TYPE, e.g. gpu80=p4de.24xlarge"),
+        help="run CLASS on another instance type from the price table",
+    )
+    p.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="TYPE=USD",
+        type=lambda t: _pair(t, "TYPE=USD, e.g. p5.48xlarge=55.04"),
+        help="use this $/hour for an instance type instead of the table's",
+    )
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> str:
+    rates = [planner.parse_rate(text) for text in args.rate]
+    if args.rates is not None:
+        rates += planner.load_rates(args.rates)
+    if not rates:
+        raise planner.PlanError("give at least one --rate or a --rates file")
+
+    overrides = {}
+    for vram_class, instance_type in args.instance:
+        try:
+            overrides[VramClass(vram_class)] = instance_type
+        except ValueError:
+            raise planner.PlanError(
+                f"unknown class {vram_class!r}; known: {', '.join(c.value for c in VramClass)}"
+            ) from None
+    prices = {}
+    for instance_type, usd in args.price:
+        try:
+            prices[instance_type] = float(usd)
+        except ValueError:
+            raise planner.PlanError(f"price {usd!r} for {instance_type}: want dollars per hour") from None
+
+    instances = [
+        dataclasses.replace(
+            i,
+            usd_per_hour=prices[i.instance_type],
+            basis="given",
+            as_of="now",
+            source="--price on the command line",
+        )
+        if i.instance_type in prices
+        else i
+        for i in planner.load_instances()
+    ]
+    chosen = planner.choose_instances(instances, overrides)
+    result = planner.plan(rates, planner.load_job_costs(), chosen, args.target_utilisation)
+    return planner.format_plan(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        print(_plan(args))
+    except (planner.PlanError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

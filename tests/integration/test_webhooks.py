@@ -1,0 +1,319 @@
+"""Webhook delivery end to end: real Redis, a real ``python -m worker.webhooks`` process, and a real
+HTTP receiver on 127.0.0.2 (allowed by the test settings; all other loopback stays refused) that
+verifies every delivery with ``standardwebhooks`` and dedupes by webhook-id, as a tenant's would.
+
+No GPU worker: jobs are moved by hand with ``client.store.transition``/``progress``, which queue
+deliveries exactly as the GPU worker's calls do. Retries are shortened through the environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from standardwebhooks import Webhook as Signer
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from producer.client import Client
+from routing import webhooks as shared
+from routing.errors import InvalidRequest
+from routing.jobs import JobStatus, Output, Webhook
+from routing.keys import Keys
+from routing.settings import Settings, Tenant
+from worker import webhooks
+from worker.process import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 512, "height": 512, "steps": 8}
+# Every retry waits the 1 s floor (a new webhook-timestamp per attempt), so the schedule is known.
+FAST_RETRIES = {"FLEET_WEBHOOK_RETRY_BASE_S": "0.2", "FLEET_WEBHOOK_RETRY_CAP_S": "1"}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    path: str
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    at: float  # time.monotonic() on arrival
+    verified: bool
+
+
+class Receiver:
+    """A tenant's endpoint: verifies each delivery, answers from a per-path plan (200 when the plan
+    is empty), and applies each event once however often it arrives."""
+
+    def __init__(self, secret: str) -> None:
+        self.signer = Signer(secret)
+        self.plans: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self.deliveries: list[Delivery] = []
+        self.applied: dict[str, dict] = {}  # webhook-id -> payload: the receiver's side effects
+        lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                verified = receiver.verify(body, headers)
+                with lock:
+                    receiver.deliveries.append(Delivery(self.path, headers, body, time.monotonic(), verified))
+                    plan = receiver.plans.get(self.path) or []
+                    status, extra = plan.pop(0) if plan else (200, {})
+                    if not verified:
+                        status, extra = 401, {}
+                    elif 200 <= status < 300:
+                        receiver.applied.setdefault(headers["webhook-id"], json.loads(body))
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def verify(self, body: bytes, headers: dict[str, str]) -> bool:
+        try:
+            self.signer.verify(body, headers)
+            return True
+        except WebhookVerificationError:
+            return False
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.2:{self.port}{path}"
+
+    def plan(self, path: str, *answers: int | tuple[int, dict[str, str]]) -> None:
+        self.plans[path] = [a if isinstance(a, tuple) else (a, {}) for a in answers]
+
+    def hits(self, path: str) -> list[Delivery]:
+        return [d for d in self.deliveries if d.path == path]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def settings(fleet_settings: Settings) -> Settings:
+    tenant = Tenant(api_keys=["key-t1"], webhook_secret=SECRET)
+    return fleet_settings.model_copy(update={"tenants": {"t1": tenant}, "url_allow_cidrs": ["127.0.0.2/32"]})
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver(SECRET)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(settings, tmp_path / "webhooks.log", FAST_RETRIES, module="worker.webhooks")
+    try:
+        yield process.wait_ready(timeout_s=30)
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Client]:
+    with Client(settings) as fleet_client:
+        yield fleet_client
+
+
+@pytest.fixture
+def log(client: Client) -> Callable[[str], list[dict]]:
+    return lambda job_id: shared.delivery_log(client.store.client, client.keys, job_id)
+
+
+def event_id(client: Client, job_id: str, event_type: str) -> str:
+    return next(e["event_id"] for e in client.store.events(job_id) if e["type"] == event_type)
+
+
+def test_retries_until_2xx_with_one_webhook_id_and_the_receiver_applies_it_once(
+    worker, receiver: Receiver, client: Client, settings: Settings, log
+) -> None:
+    receiver.plan("/hook", 500, 500, 500)
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("succeeded",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
+    key = f"jobs/{job.id}/output-0.png"
+    output = Output(key, "image/png", 100, width=512, height=512)
+    client.store.transition(job.id, JobStatus.SUCCEEDED, finished_at=time.time(), outputs=[output])
+
+    wait_until(lambda: len(receiver.deliveries) == 4 and len(log(job.id)) == 4)
+    deliveries = receiver.deliveries
+    assert all(d.verified for d in deliveries)
+    succeeded_id = event_id(client, job.id, "job.succeeded")
+    assert {d.headers["webhook-id"] for d in deliveries} == {succeeded_id}
+    assert len({d.headers["webhook-timestamp"] for d in deliveries}) == 4
+    assert len({d.headers["webhook-signature"] for d in deliveries}) == 4
+    assert list(receiver.applied) == [succeeded_id]
+    payload = receiver.applied[succeeded_id]
+    assert payload["type"] == "job.succeeded"
+    assert payload["data"]["id"] == job.id and payload["data"]["status"] == "succeeded"
+    assert payload["data"]["outputs"][0]["url"].endswith(key)
+    assert [(e["outcome"], e["status_code"], e["attempt"]) for e in log(job.id)] == [
+        ("retrying", 500, 1), ("retrying", 500, 2), ("retrying", 500, 3), ("delivered", 200, 4)
+    ]  # fmt: skip
+
+    # A replay is the same event again: same webhook-id, and the receiver does not apply it twice.
+    entry = log(job.id)[0]
+    shared.replay(
+        client.store.messages, client.store.client, job.id, entry["event_id"], entry["type"], entry["event_at"]
+    )
+    wait_until(lambda: len(receiver.deliveries) == 5 and len(log(job.id)) == 5)
+    assert receiver.deliveries[-1].headers["webhook-id"] == succeeded_id
+    assert receiver.deliveries[-1].verified
+    assert list(receiver.applied) == [succeeded_id]
+    assert log(job.id)[-1]["outcome"] == "delivered"
+
+
+def test_tampered_body_and_stale_timestamp_fail_verification(
+    worker, receiver: Receiver, client: Client
+) -> None:
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    wait_until(lambda: len(receiver.deliveries) == 1)
+    captured = receiver.deliveries[0]
+    assert receiver.verify(captured.body, captured.headers)
+
+    tampered = captured.body.replace(b'"status":"running"', b'"status":"succeeded"')
+    assert tampered != captured.body
+    assert not receiver.verify(tampered, captured.headers)
+
+    # Correctly signed, but six minutes old: a replayed capture must not be accepted.
+    stale = datetime.now(UTC) - timedelta(minutes=6)
+    stale_headers = captured.headers | {
+        "webhook-timestamp": str(int(stale.timestamp())),
+        "webhook-signature": Signer(SECRET).sign(
+            captured.headers["webhook-id"], stale, captured.body.decode()
+        ),
+    }
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Signer(SECRET).verify(captured.body, stale_headers)
+    assert not receiver.verify(captured.body, stale_headers)
+
+
+def test_410_disables_the_endpoint_for_later_events(worker, receiver: Receiver, client: Client, log) -> None:
+    receiver.plan("/gone", 410)
+    url = receiver.url("/gone")
+    job = client.submit(REQUEST, webhook=Webhook(url, ("started", "succeeded")), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    wait_until(lambda: [e["outcome"] for e in log(job.id)] == ["disabled"])
+    assert log(job.id)[0]["status_code"] == 410
+    assert shared.disabled_urls(client.store.client, client.keys, "t1") == {url}
+
+    client.store.transition(job.id, JobStatus.SUCCEEDED)
+    wait_until(lambda: len(log(job.id)) == 2)
+    last = log(job.id)[-1]
+    assert (last["type"], last["outcome"], last["status_code"]) == ("job.succeeded", "disabled", None)
+    assert len(receiver.hits("/gone")) == 1
+
+
+def test_redirect_is_a_failure_and_is_not_followed(worker, receiver: Receiver, client: Client, log) -> None:
+    receiver.plan("/hook", (302, {"Location": "/elsewhere"}))
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    wait_until(lambda: len(log(job.id)) == 2)
+    assert [(e["outcome"], e["status_code"]) for e in log(job.id)] == [("retrying", 302), ("delivered", 200)]
+    assert "/elsewhere" in log(job.id)[0]["error"]
+    assert len(receiver.hits("/hook")) == 2
+    assert receiver.hits("/elsewhere") == []
+
+
+def test_429_retry_after_sets_the_next_delay(worker, receiver: Receiver, client: Client, log) -> None:
+    # 2 s: above the 1 s the test's backoff would wait anyway, so ignoring the header shows.
+    receiver.plan("/hook", (429, {"Retry-After": "2"}))
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    wait_until(lambda: len(log(job.id)) == 2)
+    first, second = receiver.hits("/hook")
+    assert second.at - first.at >= 1.9
+    assert [(e["outcome"], e["status_code"], e["retry_in_s"]) for e in log(job.id)] == [
+        ("retrying", 429, 2.0), ("delivered", 200, None)
+    ]  # fmt: skip
+    # The HTTP-date form, and the cap.
+    in_30_s = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= webhooks.retry_after_s(in_30_s) <= 30.5
+    assert webhooks.retry_after_s("99999999") == webhooks.RETRY_AFTER_CAP_S
+
+
+def test_webhook_to_a_refused_address_is_refused_at_submit(client: Client, redis_client) -> None:
+    with pytest.raises(InvalidRequest, match="loopback") as refused:
+        client.submit(REQUEST, webhook=Webhook("http://127.0.0.1:9/hook"), tenant="t1")
+    assert refused.value.fields == ["webhook.url"]
+    assert redis_client.llen("gpu16") == 0  # nothing was queued
+
+
+def test_events_filter_skips_events_not_asked_for(worker, receiver: Receiver, client: Client, log) -> None:
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("succeeded",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.transition(job.id, JobStatus.SUCCEEDED)
+    wait_until(lambda: len(receiver.deliveries) >= 1)
+    time.sleep(0.5)  # a started delivery, queued first, would have arrived by now
+    assert [json.loads(d.body)["type"] for d in receiver.deliveries] == ["job.succeeded"]
+    assert [e["type"] for e in log(job.id)] == ["job.succeeded"]
+
+
+def test_progress_webhooks_are_throttled(worker, receiver: Receiver, client: Client) -> None:
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("progress",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    for step in range(1, 5):  # well within the 2 s interval
+        client.store.progress(job.id, step, 10)
+    client.store.progress(job.id, 10, 10)  # the last step is always sent
+    assert len([e for e in client.store.events(job.id) if e["type"] == "job.progress"]) == 5
+    wait_until(lambda: len(receiver.deliveries) >= 2)
+    time.sleep(0.5)
+    payloads = [json.loads(d.body) for d in receiver.deliveries]
+    assert len(payloads) == 2
+    assert {p["type"] for p in payloads} == {"job.progress"}
+    assert all(d.verified for d in receiver.deliveries)
+    assert {p["data"]["progress"]["total"] for p in payloads} == {10}
+
+
+def test_keys_follow_the_prefix() -> None:
+    keys = Keys("p")
+    assert webhooks.disabled_key(keys, "t1") == "p:webhooks:disabled:t1"
+    assert webhooks.log_key(keys, "j") == "p:webhooks:log:j"
+
+
+def test_address_refused_at_delivery_fails_without_retry(
+    worker, receiver: Receiver, settings: Settings, log
+) -> None:
+    # Accepted by a laxer submitter, refused by the worker's own check before any connection.
+    lax = settings.model_copy(update={"url_allow_cidrs": ["127.0.0.0/8"]})
+    with Client(lax) as lax_client:
+        url = f"http://127.0.0.3:{receiver.port}/hook"
+        job = lax_client.submit(REQUEST, webhook=Webhook(url, ("started",)), tenant="t1")
+        lax_client.store.transition(job.id, JobStatus.RUNNING)
+    wait_until(lambda: len(log(job.id)) == 1)
+    time.sleep(1.5)  # past the first retry's delay: there must be none
+    entries = log(job.id)
+    assert [(e["outcome"], e["status_code"]) for e in entries] == [("refused", None)]
+    assert "loopback" in entries[0]["error"]
+    assert receiver.deliveries == []

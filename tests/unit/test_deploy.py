@@ -1,0 +1,278 @@
+"""Where the fleet runs: docker-compose.yml, .env.example, the images and the Kubernetes manifests.
+
+The compose file is validated by Compose itself (``docker-compose config``, or the ``docker
+compose`` plugin); that test skips, saying why, only where neither is installed (``make test``
+installs one). Every other check reads the files as YAML and needs nothing installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from routing.classes import VramClass, consumed_queues
+from routing.plan import load_job_costs
+from routing.settings import Settings
+from routing.sim import DEFAULT_MIX, own_queues, service_means
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+K8S = ROOT / "deploy" / "k8s"
+
+GPU_WORKERS = {"worker-gpu16": 1, "worker-gpu80": 1, "worker-h100x8": 8}
+ALWAYS_ON = {"redis", "minio", "minio-init", "flower", "api", "webhooks"}
+CPU_PROFILE = {"worker-cpu16", "worker-cpu80", "small-models"}
+ONE_SHOT = {"minio-init", "small-models"}
+GPU_COUNT = {VramClass.GPU16: 1, VramClass.GPU80: 1, VramClass.H100X8: 8}
+MIN_REPLICAS = {VramClass.GPU16: 1, VramClass.GPU80: 0, VramClass.H100X8: 0}
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env_example() -> dict[str, str]:
+    """Assignments of .env.example, commented-out ones included (``# FLEET_X=...``)."""
+    found = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        match = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def _k8s(kind: str) -> dict[str, dict[str, Any]]:
+    docs = [d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+# --- docker-compose.yml ------------------------------------------------------------------------
+
+
+def test_compose_config_validates(tmp_path: Path) -> None:
+    command = _compose_command()
+    if command is None:
+        pytest.skip("no Compose to validate with: install docker-compose (apt) or the docker compose plugin")
+    # A copy beside a .env made from the example: the services' env_file must exist, and a
+    # developer's own .env must not decide whether the committed files validate.
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    result = subprocess.run(
+        [*command, "--profile", "cpu", "--profile", "gpu", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == ALWAYS_ON | CPU_PROFILE | set(GPU_WORKERS)
+    # Interpolated from .env: Flower's broker carries the Redis password.
+    assert any("change-me-redis@redis:6379" in part for part in services["flower"]["command"])
+    for name, count in GPU_WORKERS.items():
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["count"] == count
+
+
+def test_compose_has_every_service_with_a_healthcheck() -> None:
+    services = _compose()["services"]
+    assert set(services) == ALWAYS_ON | CPU_PROFILE | set(GPU_WORKERS)
+    for name, service in services.items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "no", name
+            assert "healthcheck" not in service, name
+        else:
+            assert service["healthcheck"]["test"], name
+
+
+def test_compose_profiles_split_gpu_and_cpu_workers() -> None:
+    services = _compose()["services"]
+    for name in ALWAYS_ON:
+        assert "profiles" not in services[name], name
+    for name in GPU_WORKERS:
+        assert services[name]["profiles"] == ["gpu"]
+    for name in CPU_PROFILE:
+        assert services[name]["profiles"] == ["cpu"]
+    for name in ("worker-cpu16", "worker-cpu80"):
+        env = services[name]["environment"]
+        assert env["FLEET_DEVICE"] == "cpu"
+        assert env["FLEET_MODEL_ROOT"] == "/models/small"
+        assert services[name]["image"] == services["api"]["image"]  # the slim image
+    assert services["small-models"]["command"][-2:] == ["--out", "/models/small"]
+
+
+def test_compose_gpu_workers_reserve_their_gpus_and_name_their_class() -> None:
+    services = _compose()["services"]
+    for name, count in GPU_WORKERS.items():
+        service = services[name]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert (device["driver"], device["count"], device["capabilities"]) == ("nvidia", count, ["gpu"])
+        assert service["environment"]["FLEET_WORKER_CLASS"] == name.removeprefix("worker-")
+        assert service["command"] == ["python", "-m", "worker"]
+        assert "FLEET_WORKER_CLASS" in " ".join(service["healthcheck"]["test"])
+    assert services["worker-h100x8"]["ipc"] == "host"
+    assert services["worker-h100x8"]["shm_size"]
+
+
+def test_compose_commands_are_the_documented_ones() -> None:
+    services = _compose()["services"]
+    assert services["api"]["command"] == [
+        "uvicorn",
+        "producer.api:app",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    ]
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    assert services["webhooks"]["command"] == ["python", "-m", "worker.webhooks"]
+    assert " ".join(services["flower"]["command"]) == (
+        "celery --broker=redis://:${REDIS_PASSWORD}@redis:6379/0 flower "
+        "--basic-auth=${FLOWER_USER}:${FLOWER_PASSWORD} --port=5555"
+    )
+    redis = services["redis"]["command"]
+    assert redis[redis.index("--requirepass") + 1] == "${REDIS_PASSWORD}"
+    assert redis[redis.index("--appendonly") + 1] == "yes"
+    assert "mc mb" in services["minio-init"]["command"][0]
+
+
+def test_app_services_read_the_one_env_file() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        if name not in {"redis", "minio"}:
+            assert service["env_file"] == ".env", name
+
+
+# --- .env.example ------------------------------------------------------------------------------
+
+
+def test_env_example_names_every_fleet_setting() -> None:
+    names = set(_env_example())
+    missing = {f"FLEET_{field.upper()}" for field in Settings.model_fields} - names
+    assert not missing, f".env.example lacks {sorted(missing)}"
+    for name in (
+        "REDIS_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "FLOWER_USER",
+        "FLOWER_PASSWORD",
+    ):
+        assert name in names
+
+
+def test_env_example_values_load_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    active = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    for name in [n for n in os.environ if n.startswith("FLEET_")]:
+        monkeypatch.delenv(name)
+    for name, value in active.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.storage_backend == "s3"
+    assert settings.s3_endpoint_url == "http://minio:9000"
+    # The broker URL must carry the password Redis is started with.
+    assert settings.redis_url == f"redis://:{active['REDIS_PASSWORD']}@redis:6379/0"
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def test_images_pin_the_projects_torch_and_run_as_non_root() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_pin,) = [d for d in deps if d.replace(" ", "").startswith("torch==")]
+    version = torch_pin.split("==", 1)[1]
+    for name in ("Dockerfile.worker", "Dockerfile.api"):
+        text = (ROOT / "deploy" / name).read_text()
+        assert f"ARG TORCH_VERSION={version}\n" in text, name
+        assert re.search(r"^USER fleet$", text, re.M), name
+    assert "cudnn-runtime-ubuntu22.04" in (ROOT / "deploy" / "Dockerfile.worker").read_text()
+    assert "FROM python:3.11-slim" in (ROOT / "deploy" / "Dockerfile.api").read_text()
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+@pytest.mark.parametrize("vram_class", list(VramClass))
+def test_worker_deployment_requests_its_gpus_on_its_nodes(vram_class: VramClass) -> None:
+    deployment = _k8s("Deployment")[f"worker-{vram_class}"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    resources = container["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == GPU_COUNT[vram_class]
+    assert resources["limits"]["nvidia.com/gpu"] == GPU_COUNT[vram_class]
+    assert pod["nodeSelector"] == {"fleet/vram-class": vram_class.value}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FLEET_WORKER_CLASS"] == vram_class.value
+    assert "replicas" not in deployment["spec"]  # KEDA owns the count
+
+
+@pytest.mark.parametrize("vram_class", list(VramClass))
+def test_worker_grace_period_covers_the_longest_job_it_runs(vram_class: VramClass) -> None:
+    means = service_means(load_job_costs(), [(m, k) for m, k, _ in DEFAULT_MIX])
+    longest_s = max(s for (_, _, worker_class), s in means.items() if worker_class is vram_class)
+    pod = _k8s("Deployment")[f"worker-{vram_class}"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= longest_s
+
+
+@pytest.mark.parametrize("vram_class", list(VramClass))
+def test_scaled_object_follows_its_class_queues(vram_class: VramClass) -> None:
+    scaled = _k8s("ScaledObject")[f"worker-{vram_class}"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == f"worker-{vram_class}"
+    assert spec["minReplicaCount"] == MIN_REPLICAS[vram_class]
+    lists = [t["metadata"]["listName"] for t in spec["triggers"]]
+    assert all(t["type"] == "redis" for t in spec["triggers"])
+    assert vram_class.queue in lists
+    # Its own queues, every one of them, and never a smaller class's: a gpu16 backlog must not
+    # start H100s (bigger workers take it only when already up and idle).
+    assert sorted(lists) == sorted(own_queues(vram_class))
+    assert set(lists) <= set(consumed_queues(vram_class))
+    auth = _k8s("TriggerAuthentication")
+    for trigger in spec["triggers"]:
+        assert int(trigger["metadata"]["listLength"]) >= 1
+        (ref,) = auth[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]
+        assert (ref["parameter"], ref["key"]) == ("password", "REDIS_PASSWORD")
+
+
+def test_api_webhooks_and_flower_run_on_kubernetes() -> None:
+    deployments = _k8s("Deployment")
+    services = _k8s("Service")
+    api = deployments["api"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert services["api"]["spec"]["ports"][0]["targetPort"] == "http"
+    assert deployments["webhooks"]["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "python",
+        "-m",
+        "worker.webhooks",
+    ]
+    assert "flower" in deployments["flower"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "flower" in services

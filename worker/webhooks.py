@@ -1,0 +1,308 @@
+"""Webhook delivery: a CPU-only Celery worker that POSTs job events to the job's webhook URL.
+
+Start it with ``python -m worker.webhooks [extra celery worker args]``: it consumes only the
+``webhooks`` queue, on a thread pool (``FLEET_WEBHOOK_CONCURRENCY`` threads, default 8; the work
+is waiting on other people's servers). It never imports torch.
+
+The job store queues ``fleet.deliver_webhook(job_id, event_id, event_type, at)`` in the same
+atomic write as the state change (``routing.jobs``), so every event a webhook asked for is
+delivered at least once. What a receiver gets follows Standard Webhooks:
+
+- headers ``webhook-id`` (the event's id), ``webhook-timestamp`` (Unix seconds of this attempt),
+  ``webhook-signature`` (``v1,<base64 HMAC-SHA256>`` with the tenant's ``whsec_`` secret) and
+  ``content-type: application/json``. ``standardwebhooks.Webhook(secret).verify(body, headers)``
+  checks the signature and refuses a timestamp more than 5 minutes off.
+- body ``{"type": "job.succeeded", "timestamp": <ISO 8601 of the event>, "data": {...the job}}``.
+
+**Receivers must dedupe by ``webhook-id``.** It is the same on every attempt and every replay of
+one event, and an event can arrive more than once (a 2xx lost on the way back, a replay, a worker
+that died after posting). Timestamp and signature are new on each attempt. Deliveries of one
+job's events run concurrently and retry independently, so they can arrive out of order: order by
+``timestamp``. ``data`` is the job as it is when the attempt is made (a finished job no longer
+changes); output URLs are presigned afresh on each attempt.
+
+Rules: a 2xx is delivered; anything else, redirects included (they are never followed), is a
+failure, retried with exponential backoff and full jitter up to ``MAX_ATTEMPTS`` attempts; a 429 or
+503 with ``Retry-After`` waits as long as it says (capped). ``410 Gone`` disables the URL for the
+tenant: later deliveries to it are skipped and logged as ``disabled``. A URL the address rules
+refuse (``routing.net``) fails at once. Every attempt is logged per job (``delivery_log``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu import Queue
+from standardwebhooks import Webhook as Signer
+
+from routing.celery_config import DELIVER_WEBHOOK_TASK, make_celery
+from routing.classes import WEBHOOK_QUEUE
+from routing.errors import NotFound
+from routing.jobs import JobRecord, JobStore
+from routing.keys import Keys
+from routing.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_url
+from routing.settings import Settings, get_settings
+from routing.storage import Storage, StorageError, make_storage
+from routing.webhooks import disabled_key, log_key
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+# The retry schedule. Not a setting: every deployment should retry the same way; tests shorten it
+# through the environment. Delay before attempt n+1 is uniform in [0, min(cap, base * factor^(n-1))]
+# (full jitter: a receiver that was down is not hit by every retry at once when it comes back),
+# but at least RETRY_MIN_S, because webhook-timestamp has whole-second resolution and each attempt
+# is promised a new one.
+RETRY_BASE_S = _env_float("FLEET_WEBHOOK_RETRY_BASE_S", 2.0)
+RETRY_FACTOR = 2.0
+RETRY_CAP_S = _env_float("FLEET_WEBHOOK_RETRY_CAP_S", 600.0)
+RETRY_MIN_S = 1.0
+MAX_ATTEMPTS = int(_env_float("FLEET_WEBHOOK_MAX_ATTEMPTS", 8))
+RETRY_AFTER_CAP_S = 3600.0
+TIMEOUT_S = 15.0
+LOG_MAX_ENTRIES = 1000  # per job: a long job's progress events must not grow the log unbounded
+
+# Outcomes of one attempt, as logged.
+DELIVERED, RETRYING, FAILED, DISABLED, REFUSED = "delivered", "retrying", "failed", "disabled", "refused"
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based)."""
+    ceiling = min(RETRY_CAP_S, RETRY_BASE_S * RETRY_FACTOR ** (attempt - 1))
+    return max(RETRY_MIN_S, random.uniform(0, ceiling))
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header (delay in seconds, or an HTTP date) as seconds from now, capped at
+    ``RETRY_AFTER_CAP_S``; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are GMT
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def build_payload(record: JobRecord, event_type: str, at: str, storage: Storage, expires_s: int) -> dict:
+    """The JSON body of a delivery: the event and the job as it is now."""
+    outputs = [
+        {
+            "key": o.key,
+            "url": storage.url(o.key, expires_s),
+            "content_type": o.content_type,
+            "width": o.width,
+            "height": o.height,
+            "frames": o.frames,
+            "fps": o.fps,
+        }
+        for o in record.outputs
+    ]
+    return {
+        "type": event_type,
+        "timestamp": _iso(float(at)),
+        "data": {
+            "id": record.id,
+            "model": record.model,
+            "kind": record.kind,
+            "status": record.status.value,
+            "progress": {"step": record.step, "total": record.total_steps},
+            "outputs": outputs,
+            "error": record.error,
+            "attempt": record.attempt,
+            "created_at": _iso(record.created_at),
+            "started_at": _iso(record.started_at),
+            "finished_at": _iso(record.finished_at),
+        },
+    }
+
+
+def signed_headers(secret: str, event_id: str, body: str) -> dict[str, str]:
+    now = datetime.now(UTC)
+    return {
+        "content-type": "application/json",
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Signer(secret).sign(event_id, now, body),
+    }
+
+
+@dataclass(frozen=True)
+class Attempt:
+    outcome: str
+    status_code: int | None = None
+    error: str | None = None
+    retry_in_s: float | None = None
+
+
+class Deliverer:
+    """Makes one delivery attempt and logs it. Shared by the pool's threads."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None):
+        self.settings = settings
+        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.keys = Keys(settings.key_prefix)
+        self.store = JobStore(self.client, self.keys, ttl_s=settings.job_ttl_s)
+        self.policy = UrlPolicy(allow_cidrs=tuple(settings.url_allow_cidrs))
+
+    @cached_property
+    def storage(self) -> Storage:
+        return make_storage(self.settings)
+
+    def deliver(self, job_id: str, event_id: str, event_type: str, at: str, attempt: int) -> Attempt:
+        started = time.monotonic()
+        url = ""
+        try:
+            record = self.store.get(job_id)
+            url = record.webhook.url if record.webhook else ""
+            result = self._attempt(record, event_id, event_type, at, attempt)
+        except NotFound:
+            result = Attempt(FAILED, error="the job record is gone")
+        entry = {
+            "event_id": event_id,
+            "type": event_type,
+            "attempt": attempt,
+            "at": _iso(time.time()),
+            "event_at": at,  # pass back to replay()
+            "url": url,
+            "status_code": result.status_code,
+            "error": result.error,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+            "outcome": result.outcome,
+            "retry_in_s": result.retry_in_s,
+        }
+        key = log_key(self.keys, job_id)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(entry, separators=(",", ":")))
+            pipe.ltrim(key, -LOG_MAX_ENTRIES, -1)
+            pipe.expire(key, self.settings.job_ttl_s)
+            pipe.execute()
+        return result
+
+    def _attempt(self, record: JobRecord, event_id: str, event_type: str, at: str, attempt: int) -> Attempt:
+        if record.webhook is None:
+            return Attempt(FAILED, error="the job has no webhook")
+        url = record.webhook.url
+        tenant = self.settings.tenants.get(record.tenant)
+        if tenant is None:
+            return Attempt(FAILED, error=f"tenant {record.tenant!r} is not configured: no webhook secret")
+        if self.client.sismember(disabled_key(self.keys, record.tenant), url):
+            return Attempt(DISABLED, error="endpoint disabled: it answered 410 Gone")
+        try:
+            # Checked here as well as at submit: the name may resolve elsewhere now. A refusal is
+            # permanent; a failure to connect or a timeout after this passes is retried.
+            check_url(url, self.policy)
+        except UrlLookupError as exc:  # DNS trouble may pass: retry like a failed connection
+            return self._retry_or_fail(attempt, None, str(exc), None)
+        except UrlError as exc:
+            return Attempt(REFUSED, error=str(exc))
+        try:
+            payload = build_payload(record, event_type, at, self.storage, self.settings.presign_expiry_s)
+        except StorageError as exc:
+            return self._retry_or_fail(attempt, None, f"presigning outputs: {exc}", None)
+        body = json.dumps(payload, separators=(",", ":"))
+        headers = signed_headers(tenant.webhook_secret.get_secret_value(), event_id, body)
+        try:
+            response = post_url(url, body.encode(), headers, timeout_s=TIMEOUT_S, policy=self.policy)
+        except UrlError as exc:
+            return self._retry_or_fail(attempt, None, str(exc), None)
+        status = response.status
+        if 200 <= status < 300:
+            return Attempt(DELIVERED, status)
+        if status == 410:
+            self.client.sadd(disabled_key(self.keys, record.tenant), url)
+            return Attempt(DISABLED, status, "410 Gone: endpoint disabled")
+        error = f"HTTP {status}"
+        if 300 <= status < 400:
+            error += f" redirect to {response.headers.get('location', '?')} (not followed)"
+        elif response.body:
+            error += ": " + response.body[:200].decode(errors="replace")
+        wait = retry_after_s(response.headers.get("retry-after")) if status in (429, 503) else None
+        return self._retry_or_fail(attempt, status, error, wait)
+
+    @staticmethod
+    def _retry_or_fail(attempt: int, status: int | None, error: str, wait_s: float | None) -> Attempt:
+        if attempt >= MAX_ATTEMPTS:
+            return Attempt(FAILED, status, f"{error} (gave up after {attempt} attempts)")
+        # The floor holds for Retry-After too: a date already past must not reuse this second.
+        delay = backoff_s(attempt) if wait_s is None else max(RETRY_MIN_S, wait_s)
+        return Attempt(RETRYING, status, error, delay)
+
+
+def create_app(settings: Settings) -> Celery:
+    """The webhook worker's Celery app, with ``fleet.deliver_webhook`` registered."""
+    app = make_celery(settings)
+    app.conf.task_queues = [Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)]
+    app.conf.task_default_queue = WEBHOOK_QUEUE
+    # The thread pool cannot enforce time limits; each POST has its own timeout.
+    app.conf.task_time_limit = None
+    app.conf.task_soft_time_limit = None
+    deliverers: list[Deliverer] = []  # built on the first task, not at import
+
+    @app.task(name=DELIVER_WEBHOOK_TASK, bind=True, max_retries=None)
+    def deliver_webhook(self: Any, job_id: str, event_id: str, event_type: str, at: str) -> str:
+        if not deliverers:
+            deliverers.append(Deliverer(settings))
+        result = deliverers[0].deliver(job_id, event_id, event_type, at, attempt=self.request.retries + 1)
+        if result.outcome == RETRYING:
+            # Same task id, so the retry carries the same event id (webhook-id).
+            raise self.retry(countdown=result.retry_in_s)
+        return result.outcome
+
+    return app
+
+
+def main(argv: list[str]) -> None:
+    app = create_app(get_settings())
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            WEBHOOK_QUEUE,
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(get_settings().webhook_concurrency),
+            "--hostname",
+            "webhooks@%h",
+            "--loglevel",
+            "INFO",
+            *argv,
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A worker.webhooks`` finds ``app``; importing the module for delivery_log or replay
+    # builds nothing.
+    if name == "app":
+        return create_app(get_settings())
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
