@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, SecretStr
 
@@ -50,23 +50,21 @@ def _revealed(value: Any) -> Any:
     return value
 
 
-class WorkerProcess:
-    """``python -m <module>`` (a GPU worker by default, ``worker.webhooks`` for deliveries) in its
-    own process group, logging to ``log_path``."""
+class ServiceProcess:
+    """``python <args>`` in its own process group with the fleet's settings, logging to
+    ``log_path``; ready once ``ready_text`` shows in the log."""
+
+    ready_text = ""
+    name = "service"
 
     def __init__(
-        self,
-        settings: Settings,
-        log_path: Path,
-        extra_env: dict[str, str] | None = None,
-        module: str = "worker",
+        self, args: list[str], settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
     ):
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            # Mingle and gossip talk to other workers at start; a lone worker only waits on them.
-            [sys.executable, "-m", module, "--without-mingle", "--without-gossip"],
+            [sys.executable, *args],
             cwd=_ROOT,
             env=settings_env(settings) | (extra_env or {}),
             stdout=self._log,
@@ -74,21 +72,21 @@ class WorkerProcess:
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout_s: float = 120) -> WorkerProcess:
+    def wait_ready(self, timeout_s: float = 120) -> Self:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
-            if " ready." in self.log():
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            if self.ready_text in self.log():
                 return self
             time.sleep(0.1)
-        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
+        raise TimeoutError(f"{self.name} not ready after {timeout_s} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
-        """Send ``signum`` to the worker's main process only."""
+        """Send ``signum`` to the main process only."""
         self.proc.send_signal(signum)
 
     def stop(self, timeout_s: float = 30) -> None:
@@ -102,8 +100,42 @@ class WorkerProcess:
                 self.proc.wait()
         self._log.close()
 
-    def __enter__(self) -> WorkerProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class WorkerProcess(ServiceProcess):
+    """``python -m <module>``: a GPU worker by default, ``worker.webhooks`` for deliveries."""
+
+    ready_text = " ready."
+    name = "worker"
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+        module: str = "worker",
+    ):
+        # Mingle and gossip talk to other workers at start; a lone worker only waits on them.
+        super().__init__(
+            ["-m", module, "--without-mingle", "--without-gossip"], settings, log_path, extra_env
+        )
+
+
+class ApiProcess(ServiceProcess):
+    """The HTTP API under uvicorn on ``host:port``."""
+
+    ready_text = "Uvicorn running on"
+    name = "api"
+
+    def __init__(self, settings: Settings, log_path: Path, port: int, host: str = "127.0.0.1"):
+        super().__init__(
+            ["-m", "uvicorn", "producer.api:app", "--host", host, "--port", str(port), "--no-access-log"],
+            settings,
+            log_path,
+        )
+        self.url = f"http://{host}:{port}"

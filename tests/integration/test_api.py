@@ -1,0 +1,197 @@
+"""The HTTP API as backends use it: a real uvicorn process, real Redis, a real GPU worker, outputs
+in a real S3-protocol store downloaded by their presigned URLs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from routing.settings import Settings
+from routing.storage import S3Storage
+from tests.conftest import _free_port
+from worker.process import ApiProcess
+
+pytestmark = pytest.mark.integration
+
+SMALL = {
+    "model": "z-image-turbo",
+    "kind": "text-to-image",
+    "prompt": "a fox",
+    "width": 64,
+    "height": 80,
+    "steps": 2,
+}
+SLOW = SMALL | {"width": 1024, "height": 1024, "steps": 50}
+
+
+def secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+@pytest.fixture
+def settings(fleet_settings: Settings, s3_server: str) -> Settings:
+    bucket = f"api-{uuid.uuid4().hex[:12]}"
+    settings = Settings.model_validate(
+        fleet_settings.model_dump()
+        | {
+            "storage_backend": "s3",
+            "s3_endpoint_url": s3_server,
+            "s3_bucket": bucket,
+            "s3_access_key_id": "test",
+            "s3_secret_access_key": "test",
+            "tenants": {
+                "a": {"api_keys": ["key-a"], "webhook_secret": secret(), "max_in_flight": 100},
+                "b": {"api_keys": ["key-b"], "webhook_secret": secret(), "max_in_flight": 1},
+            },
+        }
+    )
+    S3Storage(bucket, s3_server, access_key_id="test", secret_access_key="test").ensure_bucket()
+    return settings
+
+
+@pytest.fixture
+def api(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
+    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+        with httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http:
+            yield http
+
+
+A = {"Authorization": "Bearer key-a"}
+B = {"Authorization": "Bearer key-b"}
+
+
+def poll(api: httpx.Client, job_id: str, headers: dict, timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(job_id)
+
+
+def test_submit_poll_and_download_by_presigned_url(api, settings, start_worker):
+    start_worker(settings)
+    created = api.post("/v1/jobs", json=SMALL, headers=A)
+    assert created.status_code == 201, created.text
+    job = poll(api, created.json()["id"], A)
+
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"] == {"step": 2, "total": 2}
+    [output] = job["outputs"]
+    assert output["url"].startswith(settings.s3_endpoint_url) and "X-Amz-Signature" in output["url"]
+    download = httpx.get(output["url"], trust_env=False)
+    assert download.status_code == 200
+    assert Image.open(io.BytesIO(download.content)).size == (64, 80)
+
+
+def test_idempotency_key_gives_one_job_and_one_output(api, settings, start_worker):
+    start_worker(settings)
+    headers = A | {"Idempotency-Key": "order-17"}
+    first = api.post("/v1/jobs", json=SMALL, headers=headers)
+    second = api.post("/v1/jobs", json=SMALL, headers=headers)
+    other = api.post("/v1/jobs", json=SMALL | {"prompt": "another"}, headers=headers)
+
+    assert (first.status_code, second.status_code, other.status_code) == (201, 200, 409)
+    assert first.json()["id"] == second.json()["id"]
+    job = poll(api, first.json()["id"], A)
+    assert job["status"] == "succeeded"
+    storage = S3Storage(
+        settings.s3_bucket, settings.s3_endpoint_url, access_key_id="test", secret_access_key="test"
+    )
+    assert storage.list("jobs/") == [f"jobs/{job['id']}/output-0.png"]
+
+
+def test_a_tenant_sees_only_its_own_jobs(api):
+    job_id = api.post("/v1/jobs", json=SMALL, headers=A).json()["id"]
+
+    assert api.get(f"/v1/jobs/{job_id}", headers=B).status_code == 404
+    assert api.delete(f"/v1/jobs/{job_id}", headers=B).status_code == 404
+    assert api.get(f"/v1/jobs/{job_id}/webhooks", headers=B).status_code == 404
+    assert job_id not in [j["id"] for j in api.get("/v1/jobs", headers=B).json()["jobs"]]
+    assert job_id in [j["id"] for j in api.get("/v1/jobs", headers=A).json()["jobs"]]
+    assert api.get(f"/v1/jobs/{job_id}", headers=A).json()["status"] == "queued"  # B's cancel did nothing
+    assert api.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert api.get("/v1/jobs").status_code == 401
+
+
+def test_listing_pages_newest_first(api):
+    ids = [api.post("/v1/jobs", json=SMALL | {"seed": i}, headers=A).json()["id"] for i in range(5)]
+    first = api.get("/v1/jobs", params={"limit": 3}, headers=A).json()
+    rest = api.get("/v1/jobs", params={"limit": 3, "cursor": first["next_cursor"]}, headers=A).json()
+    assert [j["id"] for j in first["jobs"] + rest["jobs"]] == ids[::-1]
+    assert rest["next_cursor"] is None
+
+
+def test_in_flight_limit_answers_429_and_queues_nothing(api, redis_client):
+    assert api.post("/v1/jobs", json=SMALL, headers=B).status_code == 201
+    before = redis_client.llen("gpu16")
+    refused = api.post("/v1/jobs", json=SMALL, headers=B)
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) > 0
+    assert redis_client.llen("gpu16") == before
+
+
+def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_worker):
+    start_worker(settings)
+    busy = api.post("/v1/jobs", json=SLOW, headers=A).json()["id"]
+    deadline = time.monotonic() + 60
+    while api.get(f"/v1/jobs/{busy}", headers=A).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    low = [
+        api.post("/v1/jobs", json=SMALL | {"seed": i, "priority": "low"}, headers=A).json() for i in range(10)
+    ]
+    high = api.post("/v1/jobs", json=SMALL | {"priority": "high"}, headers=A).json()
+
+    # While the worker is busy: the high job is first in line, the low ones behind it in order.
+    assert high["queue"] == "gpu16.high" and high["queue_position"] == 0
+    positions = [api.get(f"/v1/jobs/{j['id']}", headers=A).json()["queue_position"] for j in low]
+    assert positions == list(range(1, 11))
+
+    api.delete(f"/v1/jobs/{busy}", headers=A)
+    finished = [poll(api, j["id"], A) for j in [high, *low]]
+    assert all(j["status"] == "succeeded" for j in finished)
+    starts = [j["started_at"] for j in finished]
+    assert starts[0] < min(starts[1:])
+    # Measured run times now price the ETA of the next queued job.
+    queued = api.post("/v1/jobs", json=SMALL, headers=A).json()
+    assert queued["eta_s"] is None or queued["eta_s"] >= 0
+
+
+def test_bad_requests_name_the_field(api, redis_client):
+    before = redis_client.llen("gpu16")
+    cases = [
+        (SMALL | {"width": 50}, "width"),
+        ({k: v for k, v in SMALL.items() if k != "kind"}, "kind"),
+        (SMALL | {"colour": "red"}, "colour"),
+        (SMALL | {"model": "nope"}, "model"),
+        (SMALL | {"webhook": {"url": "http://127.0.0.1:9/hook"}}, "webhook.url"),
+        (SMALL | {"priority": "urgent"}, "priority"),
+    ]
+    for body, field in cases:
+        response = api.post("/v1/jobs", json=body, headers=A)
+        assert response.status_code == 422, (body, response.text)
+        assert field in [e["field"] for e in response.json()["errors"]], response.text
+    assert redis_client.llen("gpu16") == before
+
+
+def test_uploads_models_and_health(api):
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, format="PNG")
+    upload = api.post("/v1/uploads", content=buffer.getvalue(), headers=A | {"Content-Type": "image/png"})
+    assert upload.status_code == 201 and upload.json()["key"].startswith("uploads/")
+    assert api.post("/v1/uploads", content=b"not media", headers=A).status_code == 422
+    models = api.get("/v1/models", headers=A).json()
+    assert {m["key"] for m in models["models"]} >= {"z-image-turbo", "wan2.2-s2v-14b"}
+    assert api.get("/healthz").json() == {"status": "ok"}
+    assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
