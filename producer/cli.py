@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--guidance-scale", type=float)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--idempotency-key")
+    submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
+    submit.add_argument("--tenant", default="", help="whose job it is (the API sets this from the key)")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
     submit.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
 
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job_id")
         if name == "wait":
             command.add_argument("--timeout", type=float)
+    listing = commands.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--tenant", default="")
+    listing.add_argument("--limit", type=int, default=20)
     return parser
 
 
@@ -72,7 +77,9 @@ def _dispatch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO
             value = getattr(args, field)
             if value is not None:
                 request[field] = value
-        job = client.submit(request, idempotency_key=args.idempotency_key)
+        job = client.submit(
+            request, idempotency_key=args.idempotency_key, priority=args.priority, tenant=args.tenant
+        )
         print(f"job {job.id} queued", file=err)
         print(job.id, file=out)
         if not args.wait:
@@ -87,6 +94,14 @@ def _dispatch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO
             + (" (stops at its next step)" if record.cancel_requested else ""),
             file=out,
         )
+        return 0
+    if args.command == "list":
+        for record in client.list_jobs(args.tenant, limit=args.limit):
+            progress = f"{record.step}/{record.total_steps}" if record.total_steps else "-"
+            print(
+                f"{record.id}  {record.status.value:<9} {progress:>7}  {record.model:<22} {record.kind}",
+                file=out,
+            )
         return 0
     record = client.status(args.job_id)
     print(json.dumps(_as_json(record), indent=2), file=out)

@@ -33,6 +33,7 @@ from routing.errors import (
     FieldError,
     InvalidRequest,
     JobNotSucceeded,
+    NotFound,
     TooManyJobs,
     Unavailable,
     WaitTimeout,
@@ -205,6 +206,20 @@ class Client:
     def status(self, job_id: str) -> JobRecord:
         with _redis_errors():
             return self.store.get(job_id)
+
+    def list_jobs(self, tenant: str = "", limit: int = 20, before: float | None = None) -> list[JobRecord]:
+        """A tenant's jobs, newest first; ``before`` (a ``created_at``) pages back."""
+        index = self.keys.tenant_jobs(tenant)
+        top = f"({before!r}" if before is not None else "+inf"
+        with _redis_errors():
+            ids = [m.decode() for m in self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit)]
+            records = []
+            for job_id in ids:
+                try:
+                    records.append(self.store.get(job_id))
+                except NotFound:  # expired: drop it from the index
+                    self._redis.zrem(index, job_id)
+        return records
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel: a queued job never runs, a running one stops at its next step. A finished job

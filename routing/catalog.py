@@ -105,6 +105,7 @@ CATALOG: dict[str, ModelSpec] = {
             max_steps=100,
             default_guidance=4.0,
             max_prompt_chars=4000,
+            served=True,
         ),
         ModelSpec(
             key="qwen-image-edit",
@@ -119,6 +120,7 @@ CATALOG: dict[str, ModelSpec] = {
             default_guidance=4.0,
             max_prompt_chars=4000,
             max_input_images=1,
+            served=True,
         ),
         ModelSpec(
             key="qwen-image-edit-2509",
@@ -134,6 +136,7 @@ CATALOG: dict[str, ModelSpec] = {
             max_prompt_chars=4000,
             max_input_images=3,
             notes="1-3 images: person + person, person + scene, person + object",
+            served=True,
         ),
         ModelSpec(
             key="wan2.2-ti2v-5b",

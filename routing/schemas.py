@@ -77,8 +77,8 @@ class TextToImageRequest(RequestBase):
 
 class EditRequest(RequestBase):
     """Edit one image (Qwen-Image-Edit) or compose one to three (Qwen-Image-Edit-2509: person +
-    person, person + scene, person + object). Without width/height the output follows the first
-    image's aspect ratio at about one megapixel, as the pipelines do."""
+    person, person + scene, person + object). Without width/height the output takes the aspect
+    ratio of the last image at about one megapixel, as the pipelines do."""
 
     kind: Literal[TaskKind.EDIT] = TaskKind.EDIT
     images: list[MediaRef] = Field(min_length=1)

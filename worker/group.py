@@ -1,0 +1,443 @@
+"""The resident multi-GPU group: one process per GPU under torchrun, the models loaded once.
+
+    torchrun --standalone --nproc_per_node=W -m worker.group      (started by worker.group_client)
+
+Upstream runs Wan2.2-S2V as ``torchrun --nproc_per_node=8 generate.py ...`` per job, loading
+27B of weights each time. Here every rank loads its group models once (``GROUP_MODELS``: a model
+with a group model of its own, e.g. S2V sharded with FSDP + Ulysses; any other model key runs its
+ordinary adapter on every rank with the same seed) and then serves jobs:
+
+* rank 0 holds the one connection to the consumer (``worker.group_client``, in the Celery pool
+  child): it receives a job and broadcasts it to every rank, and every rank runs it;
+* after each denoising step rank 0 tells the consumer and learns whether to go on (cancel), then
+  broadcasts a stop flag, so every rank stops at the same step;
+* every rank reports how its part ended (``all_gather_object``); rank 0 encodes the output (MP4
+  with the input speech muxed in, or PNG) into the job's directory and answers with its path.
+
+No wait is unbounded: collectives have the process group's ``timeout``; while idle, rank 0
+broadcasts a heartbeat every ``heartbeat_s`` so the other ranks' wait for the next job never
+reaches it; rank 0 waits for the consumer's answer to a step at most ``reply_timeout_s``; and rank 0
+exits when the consumer's connection closes or its process is gone. A rank that finds the group
+broken (a peer died: the collective fails) exits non-zero, and torchrun then ends every rank.
+
+The consumer passes everything in two environment variables: ``FLEET_GROUP_SPEC`` (JSON, see
+``GroupSpec``) and ``FLEET_GROUP_AUTHKEY`` (hex; the connection's authentication key).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+from typing import Any
+
+SPEC_ENV = "FLEET_GROUP_SPEC"
+AUTHKEY_ENV = "FLEET_GROUP_AUTHKEY"
+
+# Models with a group model of their own; any other key runs its single-GPU adapter on every rank.
+GROUP_MODELS: dict[str, str] = {
+    "wan2.2-s2v-14b": "worker.adapters.s2v:S2VGroupModel",
+}
+
+log = logging.getLogger("worker.group")
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    address: tuple[str, int]  # the consumer's listener
+    models: dict[str, str]  # model key -> weights (path or hub id)
+    device: str = "auto"
+    dtype: str = "auto"
+    timeout_s: float = 900.0  # every collective
+    heartbeat_s: float = 10.0
+    reply_timeout_s: float = 300.0  # rank 0 waiting for the consumer's answer to a step
+    consumer_pid: int | None = None
+
+    @classmethod
+    def from_env(cls) -> GroupSpec:
+        data = json.loads(os.environ[SPEC_ENV])
+        data["address"] = tuple(data["address"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__ | {"address": list(self.address)})
+
+
+class GroupBroken(Exception):
+    """A collective failed: a peer is gone, or the group timed out. The group cannot go on."""
+
+
+@dataclass
+class JobState:
+    """How one rank's part of a job ended."""
+
+    outcome: str = "ok"  # ok | canceled | error
+    step: int = 0
+    message: str = ""
+    generated: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Rank:
+    def __init__(self, spec: GroupSpec):
+        import torch
+        import torch.distributed as dist
+
+        from worker.adapters.base import Runtime
+
+        self.spec = spec
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        runtime = Runtime.resolve(spec.device, spec.dtype)
+        self.cuda = runtime.device.startswith("cuda")
+        if self.cuda:
+            torch.cuda.set_device(self.local_rank)
+            runtime = Runtime(device=f"cuda:{self.local_rank}", dtype=runtime.dtype)
+        self.runtime = runtime
+        self.comm_device = torch.device(f"cuda:{self.local_rank}") if self.cuda else torch.device("cpu")
+        kwargs: dict[str, Any] = {"device_id": self.comm_device} if self.cuda else {}
+        dist.init_process_group(
+            backend="nccl" if self.cuda else "gloo",
+            timeout=datetime.timedelta(seconds=spec.timeout_s),
+            **kwargs,
+        )
+        self.dist = dist
+        self.conn: Connection | None = None
+        self.models: dict[str, Any] = {}
+
+    # --- start -----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        from routing.catalog import get_model
+        from worker.adapters.s2v import GroupPlace
+
+        place = GroupPlace(self.rank, self.world_size, self.local_rank)
+        for key, weights in self.spec.models.items():
+            started = time.perf_counter()
+            self.models[key] = _load_group_model(get_model(key), weights, self.runtime, place)
+            log.info("loaded %s from %s in %.1f s", key, weights, time.perf_counter() - started)
+        pids = [None] * self.world_size
+        self.dist.all_gather_object(pids, os.getpid())
+        self.pids = pids
+        if self.rank == 0:
+            self.conn = Client(self.spec.address, authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
+            self.conn.send(
+                {"type": "ready", "world_size": self.world_size, "pids": pids, "models": list(self.models)}
+            )
+        log.info("group ready: %d ranks, pids %s", self.world_size, pids)
+
+    # --- serve -----------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        while True:
+            message = self._next_message()
+            kind = message["type"]
+            if kind == "idle":
+                continue
+            if kind == "shutdown":
+                log.info("shutting down")
+                return 0
+            if kind == "job":
+                self._run_job(message)
+            else:
+                log.warning("unknown message %r", kind)
+
+    def _next_message(self) -> dict[str, Any]:
+        """Rank 0: the consumer's next message, or a heartbeat; broadcast to every rank."""
+        message: dict[str, Any] | None = None
+        if self.rank == 0:
+            assert self.conn is not None
+            message = self._recv(self.spec.heartbeat_s, idle=True) or {"type": "idle"}
+            if message["type"] == "idle":
+                self._check_consumer()
+        box = [message]
+        self._collective(self.dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def _run_job(self, message: dict[str, Any]) -> None:
+        job_id, model = message["job_id"], message["model"]
+        log.info("rank %d got job %s (%s)", self.rank, job_id, model)
+        state = JobState()
+        workdir = Path(message["workdir"])
+        try:
+            request = _parse(message["request"])
+            group_model = self.models[model]
+
+            def on_step(step: int, total: int) -> None:
+                state.step = step
+                self._step(job_id, step, total)
+
+            state.generated = group_model.run(request, message["inputs"], on_step, workdir)
+        except GroupBroken:
+            raise
+        except _job_canceled():
+            state.outcome = "canceled"
+            log.info("rank %d stopped job %s at step %d", self.rank, job_id, state.step)
+        except Exception as exc:  # a failure of this job, unless the group itself broke
+            if _is_collective_failure(exc):
+                raise GroupBroken(f"rank {self.rank}: {exc}") from exc
+            state.outcome, state.message = "error", f"{type(exc).__name__}: {exc}"
+            log.error("rank %d: job %s failed:\n%s", self.rank, job_id, traceback.format_exc())
+
+        outcomes: list[Any] = [None] * self.world_size
+        self._collective(
+            self.dist.all_gather_object, outcomes, (state.outcome, state.step, state.message)
+        )
+        if self.cuda:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+            log.info("rank %d finished job %s: %s (peak GPU memory %.2f GiB)", self.rank, job_id, state.outcome, peak)
+        else:
+            log.info("rank %d finished job %s: %s", self.rank, job_id, state.outcome)
+        if self.rank == 0:
+            self._answer(job_id, model, outcomes, state, workdir)
+
+    def _step(self, job_id: str, step: int, total: int) -> None:
+        """Every rank, after each step: rank 0 asks the consumer, then all learn whether to stop."""
+        import torch
+
+        stop = 0
+        if self.rank == 0:
+            assert self.conn is not None
+            self._send({"type": "step", "job_id": job_id, "step": step, "total": total})
+            reply = self._recv(self.spec.reply_timeout_s)
+            if reply is None:
+                raise GroupBroken(f"no answer from the consumer for {self.spec.reply_timeout_s} s")
+            stop = int(reply.get("type") == "stop")
+        flag = torch.tensor([stop], dtype=torch.int32, device=self.comm_device)
+        self._collective(self.dist.broadcast, flag, src=0)
+        if int(flag.item()):
+            from worker.adapters.base import JobCanceled
+
+            raise JobCanceled()
+
+    def _answer(
+        self, job_id: str, model: str, outcomes: list[Any], state: JobState, workdir: Path
+    ) -> None:
+        errors = [f"rank {r}: {message}" for r, (outcome, _s, message) in enumerate(outcomes) if outcome == "error"]
+        if errors:
+            self._send({"type": "error", "job_id": job_id, "message": "; ".join(errors)})
+        elif any(outcome == "canceled" for outcome, _s, _m in outcomes):
+            steps = sorted({s for outcome, s, _m in outcomes})
+            self._send({"type": "canceled", "job_id": job_id, "steps": steps})
+        else:
+            try:
+                result = _encode(state.generated, workdir)
+            except Exception as exc:
+                log.exception("job %s: encoding failed", job_id)
+                self._send({"type": "error", "job_id": job_id, "message": f"rank 0 encoding: {exc}"})
+                return
+            self._send({"type": "result", "job_id": job_id} | result)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _collective(self, function: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            function(*args, **kwargs)
+        except Exception as exc:
+            raise GroupBroken(f"rank {self.rank}: {type(exc).__name__}: {exc}") from exc
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.send(message)
+        except OSError as exc:
+            raise GroupBroken(f"the consumer's connection broke: {exc}") from exc
+
+    def _recv(self, timeout_s: float, idle: bool = False) -> dict[str, Any] | None:
+        assert self.conn is not None
+        try:
+            if not self.conn.poll(timeout_s):
+                return None
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise ConsumerGone(f"the consumer's connection closed ({type(exc).__name__})") from exc
+
+    def _check_consumer(self) -> None:
+        pid = self.spec.consumer_pid
+        if pid is None:
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise ConsumerGone(f"the consumer (pid {pid}) is gone") from None
+        except PermissionError:
+            pass
+
+
+class ConsumerGone(Exception):
+    """Rank 0 lost the consumer: the group has no one to serve."""
+
+
+def _parse(data: dict[str, Any]) -> Any:
+    """The request the consumer parsed and filled in (seed included), as its schema's object."""
+    from routing.catalog import TaskKind
+    from routing.schemas import REQUEST_TYPES
+
+    return REQUEST_TYPES[TaskKind(data["kind"])].model_validate(data)
+
+
+def _job_canceled() -> type[BaseException]:
+    from worker.adapters.base import JobCanceled
+
+    return JobCanceled
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    dist_errors = tuple(
+        e for e in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None)) if e
+    )
+    if dist_errors and isinstance(exc, dist_errors):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo"))
+
+
+def _load_group_model(spec: Any, weights: str, runtime: Any, place: Any) -> Any:
+    target = GROUP_MODELS.get(spec.key)
+    if target is not None:
+        module_name, class_name = target.split(":")
+        return getattr(importlib.import_module(module_name), class_name)(spec, weights, runtime, place)
+    return ReplicatedModel(spec, weights, runtime, place)
+
+
+class ReplicatedModel:
+    """A single-GPU adapter run by every rank with the same request (seed included): the ranks
+    step in lockstep so a cancel stops them together; rank 0's output is the job's."""
+
+    def __init__(self, spec: Any, weights: str, runtime: Any, place: Any):
+        from worker import adapters
+
+        target = adapters.ADAPTERS.get(spec.key)
+        if target is None or target.startswith("worker.group_client"):
+            raise LookupError(f"no single-GPU adapter runs {spec.key} inside the group")
+        adapters._quiet_loading()
+        module_name, class_name = target.split(":")
+        self.adapter = getattr(importlib.import_module(module_name), class_name)(spec, weights, runtime)
+        self.place = place
+
+    def run(self, request: Any, files: dict[str, Any], on_step: Any, workdir: Path) -> Any:
+        generated = self.adapter.run(request, read_inputs(files), on_step)
+        return generated if self.place.rank == 0 else None
+
+
+def read_inputs(files: dict[str, Any]) -> dict[str, Any]:
+    """The runner's decoded inputs from the files the consumer wrote (see group_client)."""
+    from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
+    from worker.media import decode_image, decode_video
+
+    inputs: dict[str, Any] = {}
+    for name, value in files.items():
+        if name.endswith("_fps"):
+            continue
+        if isinstance(value, list):
+            inputs[name] = [decode_image(Path(p).read_bytes()) for p in value]
+        elif name in AUDIO_FIELDS:
+            inputs[name] = Path(value).read_bytes()
+        elif name in VIDEO_FIELDS:
+            inputs[name], inputs[f"{name}_fps"] = decode_video(Path(value).read_bytes())
+        else:
+            inputs[name] = decode_image(Path(value).read_bytes())
+    return inputs
+
+
+def _encode(generated: Any, workdir: Path) -> dict[str, Any]:
+    """Rank 0: the job's output as a file in ``workdir``, and what the consumer records of it."""
+    from worker.media import encode_mp4, encode_png
+
+    if generated is None:
+        raise RuntimeError("rank 0's model returned nothing")
+    if generated.encoded is not None:
+        path = workdir / "output.mp4"
+        path.write_bytes(generated.encoded)
+        return {
+            "kind": "video",
+            "path": str(path),
+            "width": generated.width,
+            "height": generated.height,
+            "frame_count": generated.frame_count,
+            "fps": generated.fps,
+            "seed": generated.seed,
+        }
+    if generated.frames:
+        path = workdir / "output.mp4"
+        path.write_bytes(encode_mp4(generated.frames, generated.fps, audio=generated.audio))
+        width, height = generated.frames[0].size
+        return {
+            "kind": "video",
+            "path": str(path),
+            # yuv420p pads odd sizes by one pixel
+            "width": width + width % 2,
+            "height": height + height % 2,
+            "frame_count": len(generated.frames),
+            "fps": generated.fps,
+            "seed": generated.seed,
+        }
+    paths = []
+    for index, image in enumerate(generated.images):
+        path = workdir / f"output-{index}.png"
+        path.write_bytes(encode_png(image))
+        paths.append(str(path))
+    return {"kind": "images", "paths": paths, "seed": generated.seed}
+
+
+def _configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s group rank {rank} pid %(process)d %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> int:
+    rank_number = int(os.environ.get("RANK", "0"))
+    _configure_logging(rank_number)
+    spec = GroupSpec.from_env()
+    rank: Rank | None = None
+    try:
+        rank = Rank(spec)
+        log.info(
+            "rank %d of %d (local %d) on %s, backend %s",
+            rank.rank,
+            rank.world_size,
+            rank.local_rank,
+            rank.runtime.device,
+            "nccl" if rank.cuda else "gloo",
+        )
+        rank.load()
+        code = rank.serve()
+    except ConsumerGone as exc:
+        log.error("rank %d: %s; exiting", rank_number, exc)
+        return 3
+    except GroupBroken as exc:
+        # Leave the first failure to be the one torchrun reports (the rank that died): it ends
+        # this process itself within moments; exit anyway if it does not.
+        log.error("rank %d: the group is broken: %s", rank_number, exc)
+        time.sleep(min(10.0, spec.timeout_s))
+        return 2
+    if rank is not None:
+        try:
+            rank.dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
