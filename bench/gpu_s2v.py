@@ -105,7 +105,7 @@ def small_checkpoint_through_the_group(workdir: Path) -> None:
         for label in ("cold", "warm"):
             steps: list[tuple[int, int]] = []
             t0 = time.perf_counter()
-            out = group.run("wan2.2-s2v-14b", request, inputs, lambda s, n: steps.append((s, n)))
+            out = group.run("wan2.2-s2v-14b", request, inputs, lambda s, n, seen=steps: seen.append((s, n)))
             times.append(time.perf_counter() - t0)
             with av.open(io.BytesIO(out.encoded)) as c:
                 audio = c.streams.audio[0]
@@ -127,9 +127,15 @@ def small_checkpoint_through_the_group(workdir: Path) -> None:
             group.run("wan2.2-s2v-14b", request, inputs, cancel_at_2)
             print("cancel: NOT canceled (unexpected)", flush=True)
         except JobCanceled:
-            print(f"cancel at step 2: stopped in {time.perf_counter() - t0:.2f} s; group alive: {group.alive}")
+            print(
+                f"cancel at step 2: stopped in {time.perf_counter() - t0:.2f} s; group alive: {group.alive}"
+            )
         log_text = "".join(p.read_text() for p in sorted((workdir / "group-logs").glob("*.log")))
-        peaks = [line.split("peak GPU memory ")[1].rstrip(")\n") for line in log_text.splitlines() if "peak GPU memory" in line]
+        peaks = [
+            line.split("peak GPU memory ")[1].rstrip(")\n")
+            for line in log_text.splitlines()
+            if "peak GPU memory" in line
+        ]
         print(f"rank 0 peak GPU memory per job: {peaks}", flush=True)
     finally:
         group.close()
@@ -137,6 +143,7 @@ def small_checkpoint_through_the_group(workdir: Path) -> None:
 
 def full_size_dit_step() -> None:
     import torch
+    from accelerate import init_on_device
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from worker.adapters.s2v import import_wan_modules
@@ -149,16 +156,22 @@ def full_size_dit_step() -> None:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # made in bf16 on the GPU: 64 GB of fp32 would not fit
+    # Parameters made in bf16 straight on the GPU (64 GB of fp32 would not fit an H100), the
+    # model's other tensors (RoPE tables, frame-pack buckets) on the CPU: where
+    # from_pretrained(device_map="cuda") leaves them in the official code.
+    torch.set_default_dtype(torch.bfloat16)
     try:
-        with device:
+        with init_on_device(device, include_buffers=False):
             torch.manual_seed(0)
             dit = modules["model_s2v"].WanModel_S2V(**settings).eval().requires_grad_(False)
     finally:
         torch.set_default_dtype(previous)
     params = sum(p.numel() for p in dit.parameters())
     weights_gib = torch.cuda.memory_allocated() / 2**30
-    print(f"built {params / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f} s ({weights_gib:.1f} GiB)", flush=True)
+    print(
+        f"built {params / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f} s ({weights_gib:.1f} GiB)",
+        flush=True,
+    )
 
     width, height, frames = 1024, 704, 80
     motion = config.transformer.motion_frames
@@ -175,7 +188,9 @@ def full_size_dit_step() -> None:
         cond_states=torch.randn(1, 16, lat_frames, *latent, device=device, dtype=bf16, generator=g),
         motion_latents=torch.randn(1, 16, lat_motion, *latent, device=device, dtype=bf16, generator=g),
         ref_latents=torch.randn(1, 16, 1, *latent, device=device, dtype=bf16, generator=g),
-        audio_input=torch.randn(1, 25, config.transformer.audio_dim, frames, device=device, dtype=bf16, generator=g),
+        audio_input=torch.randn(
+            1, 25, config.transformer.audio_dim, frames, device=device, dtype=bf16, generator=g
+        ),
         motion_frames=[motion, lat_motion],
         drop_motion_frames=False,
     )

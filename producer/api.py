@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from producer.client import Client
 from routing import webhooks
@@ -43,14 +45,48 @@ class _SubmitOptions(BaseModel):
 # One body schema per task kind: the generation request plus how to handle the job. "kind" picks
 # the schema (it is required here, unlike in the SDK, so the OpenAPI document can say which).
 _SUBMISSIONS = [
-    type(f"{request_type.__name__.removesuffix('Request')}Submission", (request_type, _SubmitOptions), {})
-    for request_type in REQUEST_TYPES.values()
+    create_model(
+        f"{request_type.__name__.removesuffix('Request')}Submission",
+        __base__=(request_type, _SubmitOptions),
+        kind=(Literal[kind], Field(description="the task kind; picks this schema")),
+    )
+    for kind, request_type in REQUEST_TYPES.items()
 ]
 Submission = Annotated[
     _SUBMISSIONS[0] | _SUBMISSIONS[1] | _SUBMISSIONS[2] | _SUBMISSIONS[3] | _SUBMISSIONS[4] | _SUBMISSIONS[5],
     Field(discriminator="kind"),
 ]
 assert len(_SUBMISSIONS) == 6
+
+
+class ErrorField(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorList(BaseModel):
+    """A refused request: every offending field, named."""
+
+    errors: list[ErrorField]
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    what = {
+        401: "no API key, or an unknown one",
+        404: "no such job, or not the tenant's",
+        409: "the Idempotency-Key was used with another body",
+        422: "the request was refused; nothing was queued",
+        429: "the tenant has as many unfinished jobs as it may; retry after Retry-After seconds",
+        503: "the job store is unreachable; nothing was queued",
+    }
+    return {
+        code: {"model": ErrorList if code == 422 else ErrorDetail, "description": what[code]}
+        for code in codes
+    }
 
 
 class Progress(BaseModel):
@@ -111,9 +147,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="GPU fleet", version="1", description=__doc__)
     app.state.client = client
 
-    def tenant_of(authorization: Annotated[str | None, Header()] = None) -> str:
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
+    bearer = HTTPBearer(auto_error=False, description="an API key of your tenant")
+
+    def tenant_of(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> str:
+        key = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
+        if not key:
             raise HTTPException(401, "send Authorization: Bearer <api key>", {"WWW-Authenticate": "Bearer"})
         found = None
         for known, name in keys_to_tenant:  # compare every key, in constant time each
@@ -168,11 +206,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return invalid(_request, InvalidRequest([_field_error(e) for e in exc.errors()]))
 
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # A body that is not JSON at all is a refused request like any other: same status, same
+        # error list, so clients handle one shape.
+        if exc.status_code == 400:
+            return invalid(_request, InvalidRequest([FieldError("request", "the body is not valid JSON")]))
+        return JSONResponse({"detail": exc.detail}, exc.status_code, getattr(exc, "headers", None))
+
     @app.exception_handler(Unavailable)
     def unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, {"Retry-After": "5"})
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobOut)
+    @app.post(
+        "/v1/jobs",
+        status_code=201,
+        response_model=JobOut,
+        responses={
+            200: {"model": JobOut, "description": "the earlier job of this Idempotency-Key and body"},
+            **_responses(401, 409, 422, 429, 503),
+        },
+    )
     def submit(
         body: Submission,
         tenant: Tenant,
@@ -201,25 +255,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response.status_code = 200  # the earlier job, not a new one
         return job_out(client.status(job.id))
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut)
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422))
     def status(job_id: str, tenant: Tenant) -> JobOut:
         return job_out(own_job(job_id, tenant))
 
-    @app.delete("/v1/jobs/{job_id}", response_model=JobOut)
+    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422))
     def cancel(job_id: str, tenant: Tenant) -> JobOut:
         """Cancel: a queued job never runs; a running one stops at its next step. A finished job
         is returned as it is."""
         own_job(job_id, tenant)
         return job_out(client.cancel(job_id))
 
-    @app.get("/v1/jobs/{job_id}/webhooks")
+    @app.get("/v1/jobs/{job_id}/webhooks", responses=_responses(401, 404, 422))
     def webhook_deliveries(job_id: str, tenant: Tenant) -> dict[str, Any]:
         """Every delivery attempt of the job's webhook events, oldest first: status codes,
         errors, times, and what became of each (delivered, retrying, failed, disabled, refused)."""
         own_job(job_id, tenant)
         return {"deliveries": webhooks.delivery_log(client.store.client, client.keys, job_id)}
 
-    @app.post("/v1/jobs/{job_id}/webhooks/{event_id}/replay", status_code=202)
+    @app.post(
+        "/v1/jobs/{job_id}/webhooks/{event_id}/replay", status_code=202, responses=_responses(401, 404, 422)
+    )
     def replay_webhook(job_id: str, event_id: str, tenant: Tenant) -> dict[str, str]:
         """Deliver an event again, with its original webhook-id. An endpoint that a 410 disabled
         is enabled again: replaying is how a tenant says it is back."""
@@ -239,7 +295,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return {"status": "queued", "event_id": event_id}
 
-    @app.get("/v1/jobs", response_model=JobPage)
+    @app.get("/v1/jobs", response_model=JobPage, responses=_responses(401, 422))
     def list_jobs(
         tenant: Tenant,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -260,7 +316,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         next_cursor = repr(entries[-1][1]) if len(entries) == limit else None
         return JobPage(jobs=jobs, next_cursor=next_cursor)
 
-    @app.post("/v1/uploads", status_code=201, response_model=Upload)
+    @app.post(
+        "/v1/uploads",
+        status_code=201,
+        response_model=Upload,
+        responses=_responses(401, 422),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
     async def upload(request: Request, _tenant: Tenant) -> Upload:
         """Store input media (the raw file as the body); use the returned key in a request's
         ``image``, ``images``, video or ``audio`` fields as ``{"key": ...}``."""
@@ -273,7 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
         return Upload(**client.upload(bytes(data)))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:
         return {
             "models": [
@@ -297,7 +364,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         }
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"model": ErrorDetail, "description": "Redis unreachable"}})
     def healthz() -> JSONResponse:
         try:
             client.store.client.ping()

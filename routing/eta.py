@@ -23,7 +23,6 @@ from routing.keys import Keys
 # Weight of the newest run in the moving average: recent enough to follow a change of hardware
 # or settings within a few dozen jobs, smooth enough that one slow job does not swing it.
 _EWMA_WEIGHT = 0.2
-HEARTBEAT_TTL_S = 30
 
 _RECORD = """
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
@@ -44,11 +43,10 @@ def record_duration(
     client.eval(_RECORD, 1, keys.durations, f"{model}|{vram_class.value}", seconds, _EWMA_WEIGHT)
 
 
-def heartbeat(client: redis.Redis, keys: Keys, name: str, vram_class: VramClass) -> None:
-    """Say that worker ``name`` of ``vram_class`` is alive for the next ``HEARTBEAT_TTL_S``."""
-    client.set(
-        keys.worker(name), json.dumps({"class": vram_class.value, "at": time.time()}), ex=HEARTBEAT_TTL_S
-    )
+def heartbeat(client: redis.Redis, keys: Keys, name: str, vram_class: VramClass, ttl_s: float) -> None:
+    """Say that worker ``name`` of ``vram_class`` is alive for the next ``ttl_s``."""
+    value = json.dumps({"class": vram_class.value, "at": time.time()})
+    client.set(keys.worker(name), value, px=int(ttl_s * 1000))
 
 
 def live_workers(client: redis.Redis, keys: Keys) -> dict[str, VramClass]:

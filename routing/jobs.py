@@ -133,6 +133,9 @@ class JobRecord:
     tenant: str = ""
     priority: str = "normal"
     webhook: Webhook | None = None
+    # Moves to a bigger class after running out of memory: [{"from", "to", "at"}].
+    escalations: list[dict[str, Any]] = field(default_factory=list)
+    handed_back: str | None = None  # why the job last went back to its queue
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -164,6 +167,8 @@ class JobRecord:
             webhook=Webhook(raw["webhook_url"], tuple(raw["webhook_events"].split(",")))
             if raw.get("webhook_url")
             else None,
+            escalations=json.loads(raw.get("escalations") or "[]"),
+            handed_back=raw.get("handed_back") or None,
         )
 
 
@@ -192,8 +197,9 @@ end
 
 # KEYS: job, events, webhooks queue.  ARGV: target, allowed sources (comma list), now, event
 # type, stream maxlen, ttl_s (0: keep), field to increment ('' for none), event id, webhook
-# message, key prefix, then field/value pairs to set. Also keeps the queue lines and the
-# tenant's in-flight set in step with the state.
+# message, key prefix, expected worker ('' for any), queue and message to push when the job goes
+# back to queued ('' for none), then field/value pairs to set. Also keeps the queue lines, the
+# running set and the tenant's in-flight set in step with the state.
 _TRANSITION = (
     _EMIT
     + """
@@ -204,17 +210,23 @@ for source in string.gmatch(ARGV[2], '[^,]+') do
   if source == current then allowed = true end
 end
 if not allowed then return {0, current} end
+if ARGV[11] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[11] then
+  return {0, current}
+end
 local prefix = ARGV[10]
 local id = redis.call('HGET', KEYS[1], 'id')
 if current == 'queued' then
   redis.call('ZREM', prefix .. ':queued:' .. redis.call('HGET', KEYS[1], 'queue'), id)
 end
+if current == 'running' then redis.call('SREM', prefix .. ':running', id) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV >= 11 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
+if #ARGV >= 14 then redis.call('HSET', KEYS[1], unpack(ARGV, 14)) end
 if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[7], 1) end
+if ARGV[1] == 'running' then redis.call('SADD', prefix .. ':running', id) end
 if ARGV[1] == 'queued' then
   local line = prefix .. ':queued:' .. redis.call('HGET', KEYS[1], 'queue')
   redis.call('ZADD', line, redis.call('INCR', prefix .. ':seq'), id)
+  if ARGV[12] ~= '' then redis.call('LPUSH', ARGV[12], ARGV[13]) end
 end
 if ARGV[6] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
@@ -225,6 +237,13 @@ emit(KEYS[1], KEYS[2], KEYS[3], ARGV[5], ARGV[4], ARGV[1], ARGV[3], ARGV[8], ARG
 return {1, current}
 """
 )
+
+
+@dataclass(frozen=True)
+class Step:
+    status: JobStatus | None
+    cancel: bool  # canceled, or no longer running: stop and drop the work
+    drain: bool  # the worker is shutting down: stop and hand the job back
 
 
 class Created(IntEnum):
@@ -274,14 +293,15 @@ redis.call('LPUSH', KEYS[4], ARGV[5])
 return {1, id}
 """
 
-# KEYS: job, events, webhooks queue.  ARGV: step, total, now, stream maxlen, event id, webhook
-# message, least seconds between progress webhooks. Returns the job's status and whether a cancel
-# was asked, so a step costs one round trip.
+# KEYS: job, events, webhooks queue, the worker's drain flag.  ARGV: step, total, now, stream
+# maxlen, event id, webhook message, least seconds between progress webhooks. Returns the job's
+# status, whether a cancel was asked and whether the worker is draining, so a step costs one
+# round trip.
 _PROGRESS = (
     _EMIT
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then return {status or '', '1'} end
+if status ~= 'running' then return {status or '', '1', '0'} end
 redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total_steps', ARGV[2], 'updated_at', ARGV[3])
 local message = ARGV[6]
 local last = tonumber(redis.call('HGET', KEYS[1], 'webhook_progress_at') or '0') or 0
@@ -291,7 +311,7 @@ elseif message ~= '' then
   redis.call('HSET', KEYS[1], 'webhook_progress_at', ARGV[3])
 end
 emit(KEYS[1], KEYS[2], KEYS[3], ARGV[4], 'job.progress', status, ARGV[3], ARGV[5], message, ARGV[1], ARGV[2])
-return {status, redis.call('HGET', KEYS[1], 'cancel_requested') or '0'}
+return {status, redis.call('HGET', KEYS[1], 'cancel_requested') or '0', redis.call('EXISTS', KEYS[4])}
 """
 )
 
@@ -433,10 +453,15 @@ class JobStore:
         *,
         only_from: JobStatus | None = None,
         count_attempt: bool = False,
+        expect_worker: str | None = None,
+        requeue: tuple[str, str] | None = None,
         **fields: Any,
     ) -> JobStatus:
         """Move the job to ``target`` if ``TRANSITIONS`` allows it from its current state
-        (narrowed to ``only_from`` when given).
+        (narrowed to ``only_from`` when given, and only while ``expect_worker`` still owns it).
+
+        ``requeue`` is the (queue, message) pushed when the job goes back to ``queued``, in the
+        same atomic step: a handed-back job is never without its message.
 
         Returns the state it moved from. Raises ``Conflict`` when the change is not allowed,
         ``NotFound`` when there is no such job.
@@ -463,6 +488,9 @@ class JobStore:
                 event_id,
                 message,
                 self.keys.prefix,
+                expect_worker or "",
+                requeue[0] if requeue else "",
+                requeue[1] if requeue else "",
                 *_flatten(values),
             ],
         )
@@ -470,20 +498,30 @@ class JobStore:
         if not current:
             raise NotFound(f"no job {job_id!r}")
         if not ok:
-            raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}")
+            owner = f" (or {expect_worker} no longer has it)" if expect_worker else ""
+            raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
         return JobStatus(current)
 
-    def progress(self, job_id: str, step: int, total: int) -> tuple[JobStatus | None, bool]:
-        """Record a finished step. Returns (status, stop): stop is true when the job should stop
-        (a cancel was asked, or it is no longer running)."""
+    def running(self) -> list[str]:
+        """Ids of the jobs some worker is running (or was, when it died)."""
+        return [_text(m) for m in self.client.smembers(self.keys.running)]
+
+    def progress(self, job_id: str, step: int, total: int, drain_key: str = "") -> Step:
+        """Record a finished step, and learn whether the job should stop: canceled (or no longer
+        running), or its worker is draining (``drain_key`` exists) and hands it back."""
         now = repr(time.time())
         event_id, message = self._webhook_message(job_id, EventType.PROGRESS.value, now)
-        status, stop = self._progress(
-            keys=[self.keys.job(job_id), self.keys.events, WEBHOOK_QUEUE],
+        status, cancel, drain = self._progress(
+            keys=[
+                self.keys.job(job_id),
+                self.keys.events,
+                WEBHOOK_QUEUE,
+                drain_key or self.keys.job(job_id) + ":-",
+            ],
             args=[step, total, now, self.events_maxlen, event_id, message, self.progress_webhook_interval_s],
         )
         status = _text(status)
-        return (JobStatus(status) if status else None), _text(stop) == "1"
+        return Step(JobStatus(status) if status else None, _text(cancel) == "1", int(drain) == 1)
 
     def _webhook_message(self, job_id: str, event_type: str, now: str) -> tuple[str, str]:
         """An id for the event, and the delivery message the script queues if the job's webhook

@@ -51,6 +51,20 @@ class Keys:
         return f"{self.prefix}:worker:{name}"
 
     @property
+    def running(self) -> str:
+        """Set of the ids of jobs a worker holds (the reaper checks their workers are alive)."""
+        return f"{self.prefix}:running"
+
+    @property
+    def dead_letters(self) -> str:
+        """List of jobs given up after too many attempts (JSON: id, attempts, reason, at)."""
+        return f"{self.prefix}:dead"
+
+    def drain(self, worker_process: str) -> str:
+        """Set while a worker process shuts down: its running job hands itself back."""
+        return f"{self.prefix}:drain:{worker_process}"
+
+    @property
     def load_counts(self) -> str:
         """Hash of model loads per worker process: ``<worker name>:<model>`` -> count."""
         return f"{self.prefix}:loads"

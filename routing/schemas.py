@@ -31,10 +31,15 @@ class MediaRef(BaseModel):
     http(s) ``url``. At submit a URL is fetched, checked and stored, and the queued request
     refers to it by key only: workers never reach out to the internet."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        # What the validator below enforces, said in the JSON schema too.
+        json_schema_extra={"oneOf": [{"required": ["key"]}, {"required": ["url"]}]},
+    )
 
     key: str | None = Field(default=None, min_length=1, max_length=1024)
-    url: str | None = Field(default=None, min_length=1, max_length=4096)
+    url: str | None = Field(default=None, min_length=1, max_length=4096, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> MediaRef:
@@ -46,17 +51,19 @@ class MediaRef(BaseModel):
 
 
 class RequestBase(BaseModel):
+    # Numbers are strict (no true for 1, no "512" for 512): a JSON client that sends the wrong
+    # type has a bug worth hearing about.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
     kind: TaskKind
     prompt: Prompt
     negative_prompt: str | None = None
-    width: int | None = Field(default=None, ge=1, le=16384)
-    height: int | None = Field(default=None, ge=1, le=16384)
-    steps: int | None = Field(default=None, ge=1, le=10_000)
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    width: int | None = Field(default=None, ge=1, le=16384, strict=True)
+    height: int | None = Field(default=None, ge=1, le=16384, strict=True)
+    steps: int | None = Field(default=None, ge=1, le=10_000, strict=True)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0, strict=True)
+    seed: int | None = Field(default=None, ge=0, lt=2**63, strict=True)
 
     def media_fields(self) -> dict[str, MediaRef | list[MediaRef]]:
         """The request's input media by field name (images come as a list)."""
@@ -87,7 +94,7 @@ class EditRequest(RequestBase):
 
 class TextToVideoRequest(RequestBase):
     kind: Literal[TaskKind.TEXT_TO_VIDEO] = TaskKind.TEXT_TO_VIDEO
-    frames: int | None = Field(default=None, ge=1, le=10_000)
+    frames: int | None = Field(default=None, ge=1, le=10_000, strict=True)
 
 
 class ImageToVideoRequest(TextToVideoRequest):
@@ -108,7 +115,7 @@ class AnimateRequest(RequestBase):
     face_video: MediaRef
     background_video: MediaRef | None = None
     mask_video: MediaRef | None = None
-    frames: int | None = Field(default=None, ge=1, le=10_000)
+    frames: int | None = Field(default=None, ge=1, le=10_000, strict=True)
 
     @model_validator(mode="after")
     def _mix_needs_background_and_mask(self) -> AnimateRequest:
@@ -131,7 +138,7 @@ class SpeechToVideoRequest(RequestBase):
     image: MediaRef
     audio: MediaRef
     pose_video: MediaRef | None = None
-    clips: int | None = Field(default=None, ge=1, le=100)
+    clips: int | None = Field(default=None, ge=1, le=100, strict=True)
 
 
 GenerationRequest = (

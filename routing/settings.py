@@ -72,6 +72,16 @@ class Settings(BaseSettings):
     # VRAM the worker's resident models may take; the class's size when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
 
+    # Delivery attempts of one job before it is failed and dead-lettered: a job that kills its
+    # worker every time must not loop forever.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    # A worker that has not said it is alive for this long is dead: its jobs are handed back.
+    heartbeat_ttl_s: float = Field(default=30.0, gt=0)
+    # How many times a Redis command is retried (with backoff up to 2 s) across a Redis restart.
+    redis_retries: int = Field(default=40, ge=0)
+    # Adapters by model key, over the built-in ones ("module:Class"): for models of your own.
+    adapters: dict[str, str] = Field(default_factory=dict)
+
     # How long a finished job's record is kept.
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     # Longest a job may wait in a queue plus run; the broker's visibility timeout sits above it

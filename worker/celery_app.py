@@ -2,6 +2,11 @@
 
 Started by ``python -m worker`` (or ``celery -A worker.celery_app worker``). The parent process
 never imports torch: models load in the pool child, so nothing forks after CUDA has started.
+
+Shutdown: on SIGTERM the parent marks this worker as draining; the running job sees the mark at
+its next step and hands itself back to its queue (another worker takes it at once), then the
+worker exits. If no step comes within ``worker_soft_shutdown_timeout``, Celery's cold shutdown
+returns the unacknowledged message instead.
 """
 
 from __future__ import annotations
@@ -9,22 +14,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import socket
-import threading
 import time
 from typing import Any
 
-import redis
-from celery.signals import worker_process_init
+from celery.signals import task_failure, worker_process_init, worker_shutting_down
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass
-from routing.eta import HEARTBEAT_TTL_S, heartbeat
-from routing.jobs import JobStore
+from routing.connections import connect
+from routing.errors import Conflict, NotFound
+from routing.jobs import JobStatus, JobStore
 from routing.keys import Keys
 from routing.messages import TaskMessages
 from routing.settings import get_settings
 from routing.storage import make_storage
+from worker import liveness
 from worker.pool import PipelinePool
 from worker.runner import JobRunner
 
@@ -35,8 +39,20 @@ vram_class = VramClass(settings.worker_class)
 app = make_celery(settings, vram_class)
 # Loading real weights takes minutes; the parent must not kill a child still warming up.
 app.conf.worker_proc_alive_timeout = 900
+# Time for the running job to reach a step and hand itself back before a cold shutdown.
+app.conf.worker_soft_shutdown_timeout = 60.0
 
 _runner: JobRunner | None = None
+
+
+def _store() -> JobStore:
+    return JobStore(
+        connect(settings),
+        Keys(settings.key_prefix),
+        ttl_s=settings.job_ttl_s,
+        messages=TaskMessages(app),
+        progress_webhook_interval_s=settings.progress_webhook_interval_s,
+    )
 
 
 def get_runner() -> JobRunner:
@@ -46,44 +62,31 @@ def get_runner() -> JobRunner:
         from worker.adapters import load_adapter
         from worker.adapters.base import Runtime
 
-        client = redis.Redis.from_url(settings.redis_url)
-        keys = Keys(settings.key_prefix)
-        name = f"{vram_class.value}@{socket.gethostname()}:{os.getpid()}"
+        store = _store()
+        name = liveness.process_name(vram_class)
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
         def load(spec: Any, offload: bool) -> Any:
             weights = settings.weights_for(spec.key, spec.hub_id)
-            return load_adapter(spec, weights, dataclasses.replace(runtime, offload=offload))
+            return load_adapter(
+                spec, weights, dataclasses.replace(runtime, offload=offload), settings.adapters
+            )
 
         def count(change: str, model_key: str) -> None:
-            counts = keys.load_counts if change == "load" else keys.eviction_counts
-            client.hincrby(counts, f"{name}:{model_key}", 1)
+            counts = store.keys.load_counts if change == "load" else store.keys.eviction_counts
+            store.client.hincrby(counts, f"{name}:{model_key}", 1)
 
         pool = PipelinePool(load, vram_class, budget_gb=settings.vram_budget_gb, on_change=count)
-        store = JobStore(
-            client,
-            keys,
-            ttl_s=settings.job_ttl_s,
-            messages=TaskMessages(app),
-            progress_webhook_interval_s=settings.progress_webhook_interval_s,
+        _runner = JobRunner(
+            store,
+            make_storage(settings),
+            pool,
+            name,
+            max_attempts=settings.max_attempts,
+            drain_key=store.keys.drain(liveness.process_name(vram_class, os.getppid())),
         )
-        _runner = JobRunner(store, make_storage(settings), pool, name)
-        _start_heartbeat(client, keys, name)
+        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s)
     return _runner
-
-
-def _start_heartbeat(client: redis.Redis, keys: Keys, name: str) -> None:
-    """Tell ETAs this worker is alive, from a thread: a long job must not make it look dead."""
-
-    def beat() -> None:
-        while True:
-            try:
-                heartbeat(client, keys, name, vram_class)
-            except redis.RedisError:
-                log.warning("heartbeat failed; retrying")
-            time.sleep(HEARTBEAT_TTL_S / 3)
-
-    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
 
 
 @worker_process_init.connect
@@ -91,6 +94,29 @@ def _warm(**_: Any) -> None:
     runner = get_runner()
     for model_key in settings.warm_models:
         runner.pool.get(model_key)
+
+
+@worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    # In the parent: tell this worker's pool child to hand its job back at the next step.
+    store = _store()
+    store.client.set(store.keys.drain(liveness.process_name(vram_class)), "1", ex=3600)
+
+
+@task_failure.connect
+def _hard_time_limit(sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any) -> None:
+    # A hard time limit kills the pool child, so the job cannot record its own end: the parent
+    # does. (A soft limit ends the job from inside: see JobRunner.) Not redelivered: it would
+    # only run out of time again.
+    if task_id is None or type(exception).__name__ != "TimeLimitExceeded":
+        return
+    error = {"type": "time_limit", "exception": "TimeLimitExceeded", "message": str(exception), "where": ""}
+    try:
+        _store().transition(
+            task_id, JobStatus.FAILED, only_from=JobStatus.RUNNING, finished_at=time.time(), error=error
+        )
+    except (Conflict, NotFound):
+        pass
 
 
 @app.task(name=RUN_JOB_TASK)

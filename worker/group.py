@@ -34,7 +34,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,6 @@ class JobState:
     step: int = 0
     message: str = ""
     generated: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Rank:
@@ -111,6 +110,7 @@ class Rank:
             **kwargs,
         )
         self.dist = dist
+        self.parent_pid = os.getppid()  # torchrun
         self.conn: Connection | None = None
         self.models: dict[str, Any] = {}
 
@@ -156,7 +156,7 @@ class Rank:
         message: dict[str, Any] | None = None
         if self.rank == 0:
             assert self.conn is not None
-            message = self._recv(self.spec.heartbeat_s, idle=True) or {"type": "idle"}
+            message = self._recv(self.spec.heartbeat_s) or {"type": "idle"}
             if message["type"] == "idle":
                 self._check_consumer()
         box = [message]
@@ -189,15 +189,19 @@ class Rank:
             log.error("rank %d: job %s failed:\n%s", self.rank, job_id, traceback.format_exc())
 
         outcomes: list[Any] = [None] * self.world_size
-        self._collective(
-            self.dist.all_gather_object, outcomes, (state.outcome, state.step, state.message)
-        )
+        self._collective(self.dist.all_gather_object, outcomes, (state.outcome, state.step, state.message))
         if self.cuda:
             import torch
 
             peak = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
-            log.info("rank %d finished job %s: %s (peak GPU memory %.2f GiB)", self.rank, job_id, state.outcome, peak)
+            log.info(
+                "rank %d finished job %s: %s (peak GPU memory %.2f GiB)",
+                self.rank,
+                job_id,
+                state.outcome,
+                peak,
+            )
         else:
             log.info("rank %d finished job %s: %s", self.rank, job_id, state.outcome)
         if self.rank == 0:
@@ -222,10 +226,10 @@ class Rank:
 
             raise JobCanceled()
 
-    def _answer(
-        self, job_id: str, model: str, outcomes: list[Any], state: JobState, workdir: Path
-    ) -> None:
-        errors = [f"rank {r}: {message}" for r, (outcome, _s, message) in enumerate(outcomes) if outcome == "error"]
+    def _answer(self, job_id: str, model: str, outcomes: list[Any], state: JobState, workdir: Path) -> None:
+        errors = [
+            f"rank {r}: {message}" for r, (outcome, _s, message) in enumerate(outcomes) if outcome == "error"
+        ]
         if errors:
             self._send({"type": "error", "job_id": job_id, "message": "; ".join(errors)})
         elif any(outcome == "canceled" for outcome, _s, _m in outcomes):
@@ -255,7 +259,7 @@ class Rank:
         except OSError as exc:
             raise GroupBroken(f"the consumer's connection broke: {exc}") from exc
 
-    def _recv(self, timeout_s: float, idle: bool = False) -> dict[str, Any] | None:
+    def _recv(self, timeout_s: float) -> dict[str, Any] | None:
         assert self.conn is not None
         try:
             if not self.conn.poll(timeout_s):
@@ -265,6 +269,8 @@ class Rank:
             raise ConsumerGone(f"the consumer's connection closed ({type(exc).__name__})") from exc
 
     def _check_consumer(self) -> None:
+        if os.getppid() != self.parent_pid:
+            raise ConsumerGone(f"torchrun (pid {self.parent_pid}) is gone")
         pid = self.spec.consumer_pid
         if pid is None:
             return
@@ -319,10 +325,14 @@ class ReplicatedModel:
     step in lockstep so a cancel stops them together; rank 0's output is the job's."""
 
     def __init__(self, spec: Any, weights: str, runtime: Any, place: Any):
+        from routing.settings import get_settings
         from worker import adapters
 
-        target = adapters.ADAPTERS.get(spec.key)
-        if target is None or target.startswith("worker.group_client"):
+        # settings.adapters over the built-in ones, as the worker loads them, except the one that
+        # sends the model to the group (this is the group).
+        candidates = [get_settings().adapters.get(spec.key), adapters.ADAPTERS.get(spec.key)]
+        target = next((t for t in candidates if t and not t.startswith("worker.group_client")), None)
+        if target is None:
             raise LookupError(f"no single-GPU adapter runs {spec.key} inside the group")
         adapters._quiet_loading()
         module_name, class_name = target.split(":")
@@ -426,9 +436,14 @@ def main() -> int:
         log.error("rank %d: %s; exiting", rank_number, exc)
         return 3
     except GroupBroken as exc:
+        log.error("rank %d: the group is broken: %s", rank_number, exc)
+        if rank is not None and rank.conn is not None:
+            try:  # best effort: the consumer then waits for torchrun's account of the failure
+                rank.conn.send({"type": "group_broken", "message": str(exc)})
+            except OSError:
+                pass
         # Leave the first failure to be the one torchrun reports (the rank that died): it ends
         # this process itself within moments; exit anyway if it does not.
-        log.error("rank %d: the group is broken: %s", rank_number, exc)
         time.sleep(min(10.0, spec.timeout_s))
         return 2
     if rank is not None:

@@ -152,6 +152,7 @@ class Group:
         self.log_path: Path | None = None
         self.starts = 0
         self._in_job = False
+        self._authkey_hex = ""
         self._lock = threading.Lock()
 
     # --- life cycle -------------------------------------------------------------------------
@@ -173,6 +174,7 @@ class Group:
         self.log_path = self.log_dir / f"group-{os.getpid()}-{self.starts}.log"
         self.workdir = Path(tempfile.mkdtemp(prefix="fleet-group-"))
         authkey = os.urandom(32)
+        self._authkey_hex = authkey.hex()
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         spec = GroupSpec(
             address=listener.address,
@@ -198,7 +200,12 @@ class Group:
             "-m",
             "worker.group",
         ]
-        log.info("starting the group: %d ranks, models %s; log %s", self.world_size, list(self.models), self.log_path)
+        log.info(
+            "starting the group: %d ranks, models %s; log %s",
+            self.world_size,
+            list(self.models),
+            self.log_path,
+        )
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 command, cwd=_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -236,7 +243,10 @@ class Group:
             raise
         listener.close()
         log.info(
-            "group ready in %.1f s: ranks' pids %s (log %s)", time.monotonic() - started, self.pids, self.log_path
+            "group ready in %.1f s: ranks' pids %s (log %s)",
+            time.monotonic() - started,
+            self.pids,
+            self.log_path,
         )
 
     def _drain(self) -> None:
@@ -259,22 +269,25 @@ class Group:
             except OSError:
                 pass
             self.conn = None
+        # torchrun starts every rank in a session of its own, so killing torchrun's process group
+        # leaves the ranks running: each is ended by its own process group, once it is sure to
+        # be this group's rank (its environment holds this group's key; pids get reused).
+        for pid in self.pids:
+            if _is_our_rank(pid, self._authkey_hex):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         if self.proc is not None:
             if self.proc.poll() is None:
                 try:
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                except (ProcessLookupError, PermissionError):
                     pass
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 log.error("torchrun (pid %d) did not end after SIGKILL", self.proc.pid)
-        # Ranks that outlived torchrun (they are in its process group, so this finds them too).
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.pids = []
         self.proc = None
         if self.workdir is not None:
@@ -365,6 +378,9 @@ class Group:
                 if message.get("type") in ("canceled", "result", "error"):
                     self._in_job = False
                     return
+                if message.get("type") == "group_broken":
+                    self.kill()
+                    return
         except GroupFailed:
             log.warning("job %s: the group did not confirm the stop; it was killed", job_id)
 
@@ -421,6 +437,17 @@ class Group:
         return f"torchrun exited with {code}; last log lines: {tail}"
 
 
+def _is_our_rank(pid: int, authkey_hex: str) -> bool:
+    """True if process ``pid`` is alive and was started with this group's key."""
+    if not authkey_hex:
+        return False
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{AUTHKEY_ENV}={authkey_hex}".encode() in environ.split(b"\0")
+
+
 _ROOT_CAUSE = re.compile(
     r"Root Cause.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)[^\n]*?(?:\((?P<signal>SIG\w+)\))?\s*$",
     re.S | re.M,
@@ -429,11 +456,10 @@ _ROOT_CAUSE = re.compile(
 
 def root_cause(torchrun_output: str) -> str | None:
     """'rank 1 exited with -9 (SIGKILL)' from torchrun's failure summary, or None."""
-    found = None
-    for found in _ROOT_CAUSE.finditer(torchrun_output):
-        pass  # the last summary is this group's latest failure
-    if found is None:
+    matches = list(_ROOT_CAUSE.finditer(torchrun_output))
+    if not matches:
         return None
+    found = matches[-1]  # the last summary is this group's latest failure
     signal_name = f" ({found['signal']})" if found["signal"] else ""
     return f"rank {found['rank']} exited with {found['code']}{signal_name}"
 

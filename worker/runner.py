@@ -6,47 +6,57 @@ crash; only a broken worker (the process dies) is fatal, and then the broker han
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
 
+from celery.exceptions import SoftTimeLimitExceeded
+
+from routing.classes import Priority, VramClass, queue_name
+from routing.decision import escalate
 from routing.errors import Conflict, InvalidRequest, NotFound
 from routing.eta import record_duration
-from routing.jobs import JobStatus, JobStore, Output
+from routing.jobs import JobRecord, JobStatus, JobStore, Output
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, RequestBase, parse_request
 from routing.storage import Storage, output_key
 from worker.adapters.base import Generated, Inputs, JobCanceled
+from worker.liveness import alive, hand_back
 from worker.media import decode_image, decode_video, encode_mp4, encode_png
 from worker.pool import PipelinePool
 
 log = logging.getLogger(__name__)
 
 
+class HandBack(Exception):
+    """Raised from the step callback: the worker is shutting down; give the job back."""
+
+
 class JobRunner:
-    def __init__(self, store: JobStore, storage: Storage, pool: PipelinePool, worker_name: str):
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Storage,
+        pool: PipelinePool,
+        worker_name: str,
+        *,
+        max_attempts: int = 3,
+        drain_key: str = "",
+    ):
         self.store = store
         self.storage = storage
         self.pool = pool
         self.worker_name = worker_name
+        self.max_attempts = max_attempts
+        self.drain_key = drain_key
 
     def run(self, job_id: str) -> str:
-        """Run ``job_id`` to a terminal state; returns that state's name (or why it was skipped)."""
-        # 1. Claim: queued -> running, or running -> running when a dead worker's job comes back.
-        try:
-            record = self.store.get(job_id)
-        except NotFound:
-            log.warning("job %s has no record; dropping its message", job_id)
-            return "missing"
-        if record.status.is_terminal():
-            return f"skipped ({record.status.value})"
-        started_at = time.time()
-        try:
-            self.store.transition(
-                job_id, JobStatus.RUNNING, count_attempt=True, started_at=started_at, worker=self.worker_name
-            )
-        except Conflict:
-            # Canceled (or finished) between the read and the claim: nothing to run.
-            return f"skipped ({self.store.get(job_id).status.value})"
+        """Run ``job_id`` to a terminal state, or hand it on; returns what became of it."""
+        # 1. Claim it, unless it is finished, canceled, or alive on another worker.
+        claimed = self._claim(job_id)
+        if isinstance(claimed, str):
+            return claimed
+        record, started_at = claimed
         timings = {"queue_wait_s": round(started_at - record.created_at, 4)}
 
         try:
@@ -60,11 +70,14 @@ class JobRunner:
             if checkout.loaded:
                 timings["load_s"] = round(checkout.load_s, 4)
 
-            # 3. Generate, reporting every step and stopping at the first one after a cancel.
+            # 3. Generate, reporting every step; stop at the first step after a cancel, or hand
+            #    the job back at the first step after this worker began shutting down.
             def on_step(step: int, total: int) -> None:
-                _status, stop = self.store.progress(job_id, step, total)
-                if stop:
+                state = self.store.progress(job_id, step, total, self.drain_key)
+                if state.cancel:
                     raise JobCanceled()
+                if state.drain:
+                    raise HandBack()
 
             t0 = time.perf_counter()
             generated = checkout.adapter.run(request, inputs, on_step)
@@ -75,11 +88,20 @@ class JobRunner:
             outputs = self._store_outputs(job_id, generated, timings)
         except JobCanceled:
             return self._finish(job_id, JobStatus.CANCELED, timings, started_at)
+        except HandBack:
+            handed = hand_back(self.store, job_id, self.worker_name, f"worker {self.worker_name} shut down")
+            return "handed back" if handed else f"skipped ({self.store.get(job_id).status.value})"
+        except SoftTimeLimitExceeded as exc:
+            return self._finish(
+                job_id, JobStatus.FAILED, timings, started_at, error=_error("time_limit", exc)
+            )
         except InvalidRequest as exc:
             return self._finish(
                 job_id, JobStatus.FAILED, timings, started_at, error=_error("invalid_request", exc)
             )
         except Exception as exc:  # a model failure is the job's result, not the worker's
+            if _out_of_memory(exc):
+                return self._escalate(job_id, record.queue, exc, timings, started_at)
             log.exception("job %s failed", job_id)
             return self._finish(
                 job_id, JobStatus.FAILED, timings, started_at, error=_error("model_error", exc)
@@ -89,6 +111,80 @@ class JobRunner:
         run_s = timings["run_s"] - timings.get("load_s", 0.0)
         record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
         return status
+
+    def _claim(self, job_id: str) -> tuple[JobRecord, float] | str:
+        try:
+            record = self.store.get(job_id)
+        except NotFound:
+            log.warning("job %s has no record; dropping its message", job_id)
+            return "missing"
+        if record.status.is_terminal():
+            return f"skipped ({record.status.value})"
+        if record.status is JobStatus.RUNNING and record.worker and alive(self.store, record.worker):
+            # A second copy of the message (the broker's visibility timeout ran out on a long
+            # job): the job is in good hands; running it again would make a second output.
+            return f"skipped (running on {record.worker})"
+        if record.attempt >= self.max_attempts:
+            return self._give_up(record)
+        started_at = time.time()
+        try:
+            self.store.transition(
+                job_id,
+                JobStatus.RUNNING,
+                count_attempt=True,
+                expect_worker=record.worker if record.status is JobStatus.RUNNING else None,
+                started_at=started_at,
+                worker=self.worker_name,
+                cancel_requested=0,
+            )
+        except Conflict:
+            # Canceled, finished or taken between the read and the claim: nothing to run.
+            return f"skipped ({self.store.get(job_id).status.value})"
+        return record, started_at
+
+    def _give_up(self, record: JobRecord) -> str:
+        reason = f"gave up after {record.attempt} attempts: the worker died or was stopped each time"
+        error = {"type": "too_many_attempts", "exception": "", "message": reason, "where": ""}
+        try:
+            self.store.transition(record.id, JobStatus.FAILED, finished_at=time.time(), error=error)
+        except Conflict:
+            return f"skipped ({self.store.get(record.id).status.value})"
+        entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": time.time()}
+        self.store.client.lpush(self.store.keys.dead_letters, json.dumps(entry))
+        log.error("job %s dead-lettered: %s", record.id, reason)
+        return "dead-lettered"
+
+    def _escalate(
+        self, job_id: str, queue: str, exc: BaseException, timings: dict[str, float], started_at: float
+    ) -> str:
+        """Out of GPU memory: send the job to the next bigger class, once per class."""
+        current = VramClass(queue.split(".", 1)[0])
+        target = escalate(current)
+        if target is None:
+            return self._finish(
+                job_id, JobStatus.FAILED, timings, started_at, error=_error("out_of_memory", exc)
+            )
+        priority = queue.split(".", 1)[1] if "." in queue else "normal"
+        new_queue = queue_name(target.vram_class, Priority(priority))
+        record = self.store.get(job_id)
+        escalations = [
+            *record.escalations,
+            {"from": current.value, "to": target.vram_class.value, "at": time.time()},
+        ]
+        try:
+            self.store.transition(
+                job_id,
+                JobStatus.QUEUED,
+                expect_worker=self.worker_name,
+                requeue=self.store.messages.run_job(job_id, new_queue),
+                queue=new_queue,
+                escalations=escalations,
+                error=_error("out_of_memory", exc),
+            )
+        except Conflict:
+            return f"skipped ({self.store.get(job_id).status.value})"
+        log.warning("job %s ran out of memory on %s; escalated to %s", job_id, current.value, new_queue)
+        return f"escalated to {new_queue}"
 
     def _load_inputs(self, request: RequestBase) -> Inputs:
         """Decode the request's input media from the store (checked at submit)."""
@@ -146,7 +242,9 @@ class JobRunner:
         if error is not None:
             fields["error"] = error
         try:
-            self.store.transition(job_id, status, **fields)
+            # Only while this worker still holds the job: one the reaper handed on (this worker
+            # was thought dead) now belongs to another, whose outcome is the one that counts.
+            self.store.transition(job_id, status, expect_worker=self.worker_name, **fields)
         except Conflict as exc:
             log.warning("job %s: %s", job_id, exc)
             return f"skipped ({self.store.get(job_id).status.value})"
@@ -160,3 +258,13 @@ def _error(kind: str, exc: BaseException) -> dict[str, str]:
         "message": str(exc) or type(exc).__name__,
         "where": "".join(traceback.format_exception_only(type(exc), exc)).strip()[:500],
     }
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA out of memory (torch's own type when torch is loaded), or a model that does not fit
+    this worker's class at all."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
+    return isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type))

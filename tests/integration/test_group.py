@@ -39,7 +39,13 @@ def group_logs(tmp_path: Path) -> Path:
 def group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
     """An h100x8 worker whose group (2 ranks, CPU, gloo) serves z-image-turbo."""
     settings = fleet_settings.model_copy(
-        update={"worker_class": "h100x8", "group_models": ["z-image-turbo"], "group_world_size": 2}
+        update={
+            "worker_class": "h100x8",
+            "group_models": ["z-image-turbo"],
+            "group_world_size": 2,
+            # z-image-turbo's own adapter is the single-GPU one; here the group serves it.
+            "adapters": {"z-image-turbo": "worker.group_client:GroupAdapter"},
+        }
     )
     return start_worker(
         settings,
@@ -131,8 +137,7 @@ def test_cancel_stops_every_rank_at_the_same_step_and_the_group_serves_on(
     assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
     [log] = _logs(group_logs)
     stopped = {
-        rank: int(step)
-        for rank, step in re.findall(rf"rank (\d) stopped job {job.id} at step (\d+)", log)
+        rank: int(step) for rank, step in re.findall(rf"rank (\d) stopped job {job.id} at step (\d+)", log)
     }
     assert set(stopped) == {"0", "1"}, log[-3000:]
     assert len(set(stopped.values())) == 1  # both at the same step

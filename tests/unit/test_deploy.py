@@ -87,8 +87,8 @@ def test_compose_config_validates(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     assert set(services) == ALWAYS_ON | CPU_PROFILE | set(GPU_WORKERS)
-    # Interpolated from .env: Flower's broker carries the Redis password.
-    assert any("change-me-redis@redis:6379" in part for part in services["flower"]["command"])
+    # Interpolated from .env: Flower's credentials.
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("ops:") or ":" in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
     for name, count in GPU_WORKERS.items():
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["count"] == count
@@ -147,9 +147,9 @@ def test_compose_commands_are_the_documented_ones() -> None:
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
     assert services["webhooks"]["command"] == ["python", "-m", "worker.webhooks"]
     assert " ".join(services["flower"]["command"]) == (
-        "celery --broker=redis://:${REDIS_PASSWORD}@redis:6379/0 flower "
-        "--basic-auth=${FLOWER_USER}:${FLOWER_PASSWORD} --port=5555"
+        "celery -A producer.flower flower --port=5555 --address=0.0.0.0"
     )
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "${FLOWER_USER}:${FLOWER_PASSWORD}"
     redis = services["redis"]["command"]
     assert redis[redis.index("--requirepass") + 1] == "${REDIS_PASSWORD}"
     assert redis[redis.index("--appendonly") + 1] == "yes"

@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 
 from routing.errors import Conflict, NotFound
-from routing.jobs import TRANSITIONS, Created, JobStatus, JobStore, NewJob, allowed_sources
+from routing.jobs import TRANSITIONS, Created, JobStatus, JobStore, NewJob, Step, allowed_sources
 from routing.keys import Keys
 
 
@@ -45,7 +45,7 @@ def test_lifecycle_writes_record_and_events_together(store: JobStore):
     assert store.client.lrange("gpu16", 0, -1) == [f"message-{job_id}".encode()]
 
     assert store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=1.0) is JobStatus.QUEUED
-    assert store.progress(job_id, 1, 4) == (JobStatus.RUNNING, False)
+    assert store.progress(job_id, 1, 4) == Step(JobStatus.RUNNING, cancel=False, drain=False)
     store.transition(job_id, JobStatus.SUCCEEDED, timings={"run_s": 1.5})
 
     record = store.get(job_id)
@@ -94,7 +94,7 @@ def test_cancel_queued_is_immediate_cancel_running_is_a_request(store: JobStore)
     store.transition(running, JobStatus.RUNNING)
     assert store.cancel(running) is JobStatus.RUNNING
     assert store.get(running).cancel_requested
-    assert store.progress(running, 2, 4) == (JobStatus.RUNNING, True)
+    assert store.progress(running, 2, 4).cancel
 
     store.transition(running, JobStatus.SUCCEEDED)
     assert store.cancel(running) is JobStatus.SUCCEEDED
@@ -103,7 +103,7 @@ def test_cancel_queued_is_immediate_cancel_running_is_a_request(store: JobStore)
 def test_progress_of_a_job_no_longer_running_says_stop(store: JobStore):
     job_id = _create(store)
     store.transition(job_id, JobStatus.CANCELED)
-    assert store.progress(job_id, 1, 4) == (JobStatus.CANCELED, True)
+    assert store.progress(job_id, 1, 4) == Step(JobStatus.CANCELED, cancel=True, drain=False)
     assert store.get(job_id).step == 0
 
 
@@ -163,3 +163,28 @@ def test_queue_line_follows_the_state(store: JobStore):
     assert store.client.zrange(line, 0, -1) == [ids[2].encode()]
     store.transition(ids[0], JobStatus.QUEUED)  # handed back: to the end of the line
     assert store.client.zrange(line, 0, -1) == [ids[2].encode(), ids[0].encode()]
+
+
+def test_a_draining_worker_is_told_at_the_next_step(store: JobStore):
+    job_id = _create(store)
+    store.transition(job_id, JobStatus.RUNNING, worker="w1")
+    assert not store.progress(job_id, 1, 4, drain_key="drain:w1").drain
+    store.client.set("drain:w1", "1")
+    assert store.progress(job_id, 2, 4, drain_key="drain:w1") == Step(
+        JobStatus.RUNNING, cancel=False, drain=True
+    )
+
+
+def test_hand_back_pushes_the_message_with_the_state_change_and_only_for_its_owner(store: JobStore):
+    job_id = _create(store)
+    store.client.delete("gpu16")
+    store.transition(job_id, JobStatus.RUNNING, worker="w1")
+    assert store.running() == [job_id]
+    with pytest.raises(Conflict, match="no longer has it"):
+        store.transition(job_id, JobStatus.QUEUED, expect_worker="w2", requeue=("gpu16", "again"))
+    assert store.client.llen("gpu16") == 0
+
+    store.transition(job_id, JobStatus.QUEUED, expect_worker="w1", requeue=("gpu16", "again"))
+    assert store.client.lrange("gpu16", 0, -1) == [b"again"]
+    assert store.running() == []
+    assert store.client.zrange(store.keys.queued("gpu16"), 0, -1) == [job_id.encode()]

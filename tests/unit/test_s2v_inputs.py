@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from producer.inputs import InputLimits, resolve_inputs
 from routing.catalog import get_model
 from routing.errors import InvalidRequest
 from routing.net import UrlPolicy
 from routing.schemas import SpeechToVideoRequest
 from routing.storage import LocalStorage
-from producer.inputs import InputLimits, resolve_inputs
 
 S2V = "wan2.2-s2v-14b"
 SPEC = get_model(S2V)
@@ -260,7 +260,12 @@ def small_s2v(wan, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_small_checkpoint_has_the_official_layout(small_s2v: Path, wan) -> None:
     config = wan.import_wan_modules()["configs"].WAN_CONFIGS["s2v-14B"]
-    for name in (config.t5_checkpoint, config.vae_checkpoint, "config.json", "diffusion_pytorch_model.safetensors"):
+    for name in (
+        config.t5_checkpoint,
+        config.vae_checkpoint,
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ):
         assert (small_s2v / name).is_file(), name
     assert (small_s2v / config.t5_tokenizer / "tokenizer.json").is_file()
     assert (small_s2v / config.wav2vec / "model.safetensors").is_file()
@@ -345,7 +350,9 @@ def test_the_small_dit_runs_on_the_cpu_with_sdpa_attention(small_s2v: Path, wan)
         latent = (height // 8, width // 8)
         motion_latents = torch.randn(1, 16, lat_motion, *latent)
         cond = torch.randn(1, 16, lat_frames, *latent)
-        noise = torch.randn(16, lat_frames, height // 8, width // 8, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(
+            16, lat_frames, height // 8, width // 8, generator=torch.Generator().manual_seed(0)
+        )
         audio = torch.randn(1, 25, 32, 80)
         out = dit(
             [noise],

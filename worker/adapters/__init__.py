@@ -18,9 +18,13 @@ ADAPTERS: dict[str, str] = {
 }
 
 
-def load_adapter(spec: ModelSpec, weights: str, runtime: Runtime) -> Adapter:
+def load_adapter(
+    spec: ModelSpec, weights: str, runtime: Runtime, overrides: dict[str, str] | None = None
+) -> Adapter:
+    """Load ``spec``'s adapter; ``overrides`` (settings.adapters) map model keys to adapters of
+    one's own, over the built-in ones."""
     try:
-        target = ADAPTERS[spec.key]
+        target = (overrides or {}).get(spec.key) or ADAPTERS[spec.key]
     except KeyError:
         raise LookupError(f"no adapter runs {spec.key}") from None
     _quiet_loading()

@@ -1,0 +1,167 @@
+"""Flower, the Celery monitor, on the fleet's broker: ``celery -A producer.flower flower``.
+
+What it runs: Flower 2.x against the fleet's Redis, so operators see every GPU worker
+(``gpu16@host``, ...), every job as a Celery task (the task id is the job id), and the length of
+every fleet queue. The workers send task events (``routing.celery_config``); Flower listens to
+them and asks the workers for their queues and stats.
+
+Why ``-A producer.flower``: with a Redis broker Flower reads queue lengths straight from Redis
+(``LLEN``; its ``--broker_api`` flag is for RabbitMQ's management API only and is ignored for
+Redis). It asks for the queues the live workers consume, and when it knows of no worker, for the
+queues its Celery app declares. Bare ``celery flower`` declares only ``celery``, a queue the
+fleet never uses; the app here (``app`` below) declares every queue of every class
+(``gpu16.high`` ... ``h100x8.low``) and ``webhooks``, and takes the broker from the fleet's
+settings (``FLEET_REDIS_URL``), so no broker URL, and no Redis password, is on the command line.
+
+Why basic auth: Flower's HTTP API can do more than look. It can send any task to the fleet with
+any arguments (``/api/task/send-task``), revoke jobs and shut workers down, all past the tenant
+keys, validation and limits of the fleet's API. Without credentials Flower 2.x refuses its API
+and serves its pages to anyone; with ``--basic-auth`` every page and API call needs the user and
+password (answered with 401 otherwise) except ``/healthcheck``. The credentials go in
+``FLOWER_BASIC_AUTH`` (``user:password``), which Flower reads from its environment, so that
+they are not in the process list either.
+
+``FlowerProcess`` starts and stops it as a child process (the demo, the tests); compose runs
+:func:`flower_command` under its own supervisor with ``FLOWER_BASIC_AUTH`` in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from routing.settings import Settings
+from worker.process import settings_env
+
+_ROOT = Path(__file__).resolve().parent.parent
+# Loopback Flower must never be reached through a proxy the environment configured.
+_no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def flower_command(port: int = 5555, address: str = "0.0.0.0", python: str | None = None) -> list[str]:
+    """The command line that runs Flower for the fleet (with the fleet's settings and
+    ``FLOWER_BASIC_AUTH`` in the environment). ``python``: the interpreter, ``sys.executable``
+    when not given; compose passes ``"python"``."""
+    return [
+        python or sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "producer.flower",
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+    ]
+
+
+def fleet_queue_names() -> list[str]:
+    """Every queue of the fleet: each class's, highest priority first, then webhooks."""
+    from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
+
+    return [q for c in VramClass for q in class_queues(c)] + [WEBHOOK_QUEUE]
+
+
+def make_flower_celery(settings: Settings) -> Any:
+    """The Celery app Flower runs with: the fleet's broker and settings, every fleet queue."""
+    from kombu import Queue
+
+    from routing.celery_config import make_celery
+
+    app = make_celery(settings)
+    app.conf.task_queues = [Queue(name, routing_key=name) for name in fleet_queue_names()]
+    return app
+
+
+class FlowerProcess:
+    """Flower for the fleet as a child process: ``celery -A producer.flower flower`` on
+    ``address:port`` in its own process group, logging to ``log_path``, with ``settings`` in its
+    environment (its broker is ``settings.redis_url``).
+
+    Always behind basic auth (``user:password``, given to Flower as ``FLOWER_BASIC_AUTH``): its API
+    can send tasks straight to the GPU queues, revoke jobs and shut workers down, bypassing the
+    fleet API's tenants and checks, and without auth Flower would serve its pages to anyone who
+    can reach the port. ``auth`` is the pair to send; ``/healthcheck`` needs none.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        port: int,
+        password: str,
+        user: str = "ops",
+        address: str = "127.0.0.1",
+        extra_env: dict[str, str] | None = None,
+    ):
+        if not password or ":" in user or "," in f"{user}{password}":
+            # Flower splits FLOWER_BASIC_AUTH on commas (several users) and user from password
+            # on the first colon.
+            raise ValueError("need a password; no comma in user or password, no colon in user")
+        self.url = f"http://{address}:{port}"
+        self.auth = (user, password)
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "wb")
+        env = settings_env(settings)
+        env = {k: v for k, v in env.items() if not k.startswith("FLOWER_")}
+        env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
+        self.proc = subprocess.Popen(
+            flower_command(port, address),
+            cwd=_ROOT,
+            env=env | (extra_env or {}),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 60) -> FlowerProcess:
+        """Until ``/healthcheck`` (outside basic auth) answers."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with _no_proxy.open(f"{self.url}/healthcheck", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"flower not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15) -> None:
+        """SIGTERM (Flower exits at once), then SIGKILL to the group if it does not."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def __enter__(self) -> FlowerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A producer.flower`` looks up ``app``: built on first access, from FLEET_*.
+    if name == "app":
+        from routing.settings import get_settings
+
+        globals()["app"] = make_flower_celery(get_settings())
+        return globals()["app"]
+    raise AttributeError(name)

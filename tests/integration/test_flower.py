@@ -1,0 +1,129 @@
+"""Flower as operators run it: a real Flower process (producer.flower.FlowerProcess) on the test
+Redis, a real gpu16 worker on small models, one job submitted through the SDK. Everything is
+checked through Flower's HTTP API, with and without its basic-auth credentials."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from producer.client import Client
+from producer.flower import FlowerProcess, fleet_queue_names
+from routing.jobs import JobStatus
+from routing.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+# A loopback server: never through a proxy the environment may configure.
+_http = httpx.Client(trust_env=False, timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def flower(fleet_settings: Settings, tmp_path: Path) -> Iterator[FlowerProcess]:
+    password = secrets.token_urlsafe(24)
+    for attempt in range(3):  # the free port can be taken before Flower binds it; try another
+        process = FlowerProcess(fleet_settings, tmp_path / f"flower-{attempt}.log", _free_port(), password)
+        try:
+            process.wait_ready()
+            break
+        except RuntimeError:
+            process.stop()
+    else:
+        pytest.fail(f"flower did not start:\n{process.log()[-3000:]}")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _get(flower: FlowerProcess, path: str, **params: Any) -> Any:
+    response = _http.get(f"{flower.url}{path}", params=params, auth=flower.auth)
+    assert response.status_code == 200, (path, response.status_code, response.text)
+    return response.json()
+
+
+def _poll(what: str, check: Callable[[], Any], flower: FlowerProcess, timeout_s: float = 60) -> Any:
+    """``check()`` until it returns something truthy: Flower learns of workers and tasks from
+    events and inspect replies, a few seconds after they happen."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.5)
+    pytest.fail(f"flower did not show {what} in {timeout_s} s (last: {last!r})\n{flower.log()[-3000:]}")
+
+
+def _queue_lengths(flower: FlowerProcess) -> dict[str, int]:
+    return {q["name"]: q["messages"] for q in _get(flower, "/api/queues/length")["active_queues"]}
+
+
+def test_flower_shows_the_worker_the_job_and_the_queues_behind_basic_auth(
+    flower: FlowerProcess, client: Client, start_worker
+):
+    # No worker yet: Flower lists the queues its app declares, every fleet queue, with their
+    # lengths read from Redis; the job waits in gpu16.
+    job = client.submit({"model": "z-image-turbo", "prompt": "x", "width": 64, "height": 64, "steps": 2})
+    lengths = _poll(
+        "the queued job in gpu16", lambda: (q := _queue_lengths(flower)).get("gpu16") == 1 and q, flower
+    )
+    assert set(lengths) == set(fleet_queue_names())
+    assert sum(lengths.values()) == 1, lengths
+
+    start_worker()
+    record = job.wait(timeout_s=120)
+    assert record.status is JobStatus.SUCCEEDED, record.error
+
+    # The worker, as Flower's inspect sees it, consuming its class's queues.
+    workers = _poll(
+        "the gpu16 worker",
+        lambda: {n: w for n, w in _get(flower, "/api/workers", refresh=1).items() if n.startswith("gpu16@")},
+        flower,
+    )
+    [(name, info)] = workers.items()
+    assert {q["name"] for q in info["active_queues"]} == {"gpu16.high", "gpu16", "gpu16.low"}
+
+    # The finished job, as a Celery task whose id is the job id.
+    task = _poll(
+        "the finished task",
+        lambda: (t := _get(flower, "/api/tasks").get(job.id)) and t["state"] == "SUCCESS" and t,
+        flower,
+    )
+    assert task["uuid"] == job.id
+    assert task["name"] == "fleet.run_job"
+    assert task["worker"] == name
+
+    # Queue lengths with the worker up: the queues it consumes, now empty.
+    lengths = _queue_lengths(flower)
+    assert lengths.get("gpu16") == 0, lengths
+    assert {"gpu16.high", "gpu16", "gpu16.low"} <= set(lengths)
+    broker_page = _http.get(f"{flower.url}/broker", auth=flower.auth)
+    assert broker_page.status_code == 200 and "gpu16" in broker_page.text
+
+    # Without credentials, or with wrong ones, nothing but the health check answers.
+    for path in (
+        "/api/workers",
+        "/api/tasks",
+        "/api/queues/length",
+        f"/api/task/info/{job.id}",
+        "/broker",
+        "/",
+    ):
+        assert _http.get(f"{flower.url}{path}").status_code == 401, path
+        assert _http.get(f"{flower.url}{path}", auth=("ops", "wrong")).status_code == 401, path
+    assert _http.post(f"{flower.url}/api/task/send-task/fleet.run_job", json={}).status_code == 401
+    assert _http.get(f"{flower.url}/healthcheck").status_code == 200
