@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from producer.client import Client
+from producer.flower import FlowerProcess
 from routing.catalog import CATALOG
 from routing.jobs import JobRecord
 from routing.settings import Settings
@@ -173,12 +175,16 @@ def main() -> int:
     settings = Settings(storage_dir=VAR / "objects", model_root=models)
     gpu16 = settings.model_copy(update={"worker_class": "gpu16", "warm_models": ["z-image-turbo"]})
     gpu80 = settings.model_copy(update={"worker_class": "gpu80"})
-    print(f"== starting a gpu16 and a gpu80 worker (logs in {VAR / 'demo'})")
+    password = secrets.token_urlsafe(12)
+    port = int(os.environ.get("FLOWER_PORT", "5555"))
+    print(f"== starting Flower, a gpu16 and a gpu80 worker (logs in {VAR / 'demo'})")
     with (
+        FlowerProcess(settings, VAR / "demo" / "flower.log", port, password).wait_ready() as flower,
         WorkerProcess(gpu16, VAR / "demo" / "worker-gpu16.log").wait_ready(),
         WorkerProcess(gpu80, VAR / "demo" / "worker-gpu80.log").wait_ready(),
         Client(settings) as client,
     ):
+        print(f"   Flower: {flower.url}  user {flower.auth[0]}  password {password}")
         print("== text-to-image through the CLI")
         first = cli_job(settings)
         print("== one job of every other task kind through the SDK")
@@ -193,6 +199,8 @@ def main() -> int:
                 shape = f"{output.width}x{output.height}"
                 shape += f", {output.frames} frames at {output.fps} fps" if output.frames else ""
             print(f"   {record.model:<22} {record.kind:<16} {record.status.value:<9} {shape:<28} {record.worker}")
+        if sys.stdin.isatty():
+            input(f"== Flower shows the workers and tasks at {flower.url}; press Enter to stop everything ")
 
     page = VAR / "demo" / "gallery.html"
     gallery(records, settings, page)
