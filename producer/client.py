@@ -67,6 +67,7 @@ class Client:
         redis_client: redis.Redis | None = None,
         celery_app: Celery | None = None,
         storage: Storage | None = None,
+        url_policy: UrlPolicy | None = None,
     ):
         self.settings = settings or get_settings()
         self._redis = redis_client or redis.Redis.from_url(self.settings.redis_url)
@@ -80,7 +81,8 @@ class Client:
             messages=self._messages,
             progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
         )
-        self._url_policy = UrlPolicy(allow_cidrs=tuple(self.settings.url_allow_cidrs))
+        # Where input media and webhooks may point (a resolver of its own for tests).
+        self.url_policy = url_policy or UrlPolicy(allow_cidrs=tuple(self.settings.url_allow_cidrs))
         self._input_limits = InputLimits(max_bytes=self.settings.max_input_bytes)
 
     @property
@@ -136,7 +138,7 @@ class Client:
         except ValueError:
             raise InvalidRequest([FieldError("priority", "must be high, normal or low")]) from None
         if webhook is not None:
-            check_webhook(webhook, self._url_policy)
+            check_webhook(webhook, self.url_policy)
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(requests)
         if len(keys) != len(requests):
             raise ValueError("one idempotency key (or None) per request")
@@ -153,9 +155,7 @@ class Client:
             job_id = uuid.uuid4().hex
             if parsed.media_fields():
                 try:
-                    parsed = resolve_inputs(
-                        parsed, job_id, self.storage, self._url_policy, self._input_limits
-                    )
+                    parsed = resolve_inputs(parsed, job_id, self.storage, self.url_policy, self._input_limits)
                 except InvalidRequest as exc:
                     if len(requests) == 1:
                         raise

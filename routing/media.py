@@ -135,7 +135,7 @@ def check_video(data: bytes, *, max_frames: int, max_duration_s: float, max_side
         fps = float(rate) if rate else 0.0
         declared = _declared_duration(c, stream)
         if declared is not None and declared > max_duration_s:
-            raise MediaError(f"video is {declared:.2f} s long; the limit is {max_duration_s} s")
+            raise MediaError(f"video is {declared:.2f} s long; the limit is {max_duration_s:.2f} s")
         # Header values can lie; counting decoded frames cannot. Decoding also catches corruption.
         frames = 0
         try:
@@ -153,7 +153,7 @@ def check_video(data: bytes, *, max_frames: int, max_duration_s: float, max_side
             raise MediaError("video has no decodable frames")
         duration = declared if declared is not None else (frames / fps if fps else 0.0)
         if duration > max_duration_s:
-            raise MediaError(f"video is {duration:.2f} s long; the limit is {max_duration_s} s")
+            raise MediaError(f"video is {duration:.2f} s long; the limit is {max_duration_s:.2f} s")
         return VideoInfo(width, height, frames, fps, duration, has_audio=bool(c.streams.audio))
 
 

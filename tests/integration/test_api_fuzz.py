@@ -184,7 +184,7 @@ def fuzz_app(
     app = _documented_app(settings)
     # No DNS and no downloads (see the module docstring); the address rules still apply to
     # literal addresses.
-    app.state.client._url_policy = UrlPolicy(resolver=lambda _host, _port: ["93.184.215.14"])
+    app.state.client.url_policy = UrlPolicy(resolver=lambda _host, _port: ["93.184.215.14"])
     png = _png()
     previous = CURRENT_APP.app
     with pytest.MonkeyPatch.context() as patch:

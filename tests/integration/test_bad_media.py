@@ -1,0 +1,182 @@
+"""Bad input media and options are refused at submit, naming the field, with nothing queued."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+from producer.client import Client
+from routing.errors import InvalidRequest
+from routing.net import UrlPolicy
+from tests.conftest import _free_port
+from worker.media import encode_mp4, encode_png
+
+pytestmark = pytest.mark.integration
+
+PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))
+
+
+class _Server:
+    """HTTP on a loopback address: serves the PNG at /img.png, redirects /hop to ``target``."""
+
+    def __init__(self, host: str, target: str = ""):
+        self.hits = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.hits += 1
+                if self.path == "/hop":
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(PNG)))
+                self.end_headers()
+                self.wfile.write(PNG)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, _free_port()), Handler)
+        self.url = f"http://{host}:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def loopback() -> Iterator[_Server]:
+    server = _Server("127.0.0.1")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def allowed(loopback: _Server) -> Iterator[_Server]:
+    """A server the policy allows (127.0.0.2 stands for the internet) that redirects to loopback."""
+    server = _Server("127.0.0.2", target=f"{loopback.url}/img.png")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fleet(fleet_settings) -> Iterator[Client]:
+    # "internal.example" resolves to 10.0.0.1: refused before any connection is made.
+    def resolve(host: str, port: int) -> list[str]:
+        return ["10.0.0.1"] if host == "internal.example" else [host]
+
+    policy = UrlPolicy(resolver=resolve, allow_cidrs=("127.0.0.2/32",))
+    with Client(fleet_settings, url_policy=policy) as client:
+        yield client
+
+
+def queued(redis_client) -> int:
+    return sum(
+        redis_client.llen(k) for p in ("gpu16*", "gpu80*", "h100x8*") for k in redis_client.scan_iter(p)
+    )
+
+
+EDIT = {"model": "qwen-image-edit", "prompt": "add a hat", "width": 64, "height": 64}
+
+
+def refused(client: Client, redis_client, request: dict, field: str, words: str, **options) -> None:
+    before = queued(redis_client)
+    with pytest.raises(InvalidRequest) as raised:
+        client.submit(request, **options)
+    assert field in raised.value.fields, raised.value
+    assert words in str(raised.value)
+    assert queued(redis_client) == before
+
+
+def test_a_fetchable_url_is_accepted_and_stored_so_the_worker_reads_only_checked_bytes(fleet, allowed):
+    job = fleet.submit(EDIT | {"images": [{"url": f"{allowed.url}/img.png"}]})
+    [image] = fleet.status(job.id).request["images"]
+    assert image == {"key": f"inputs/{job.id}/images.0.png", "url": None}
+    assert fleet.storage.get(image["key"]) == PNG
+
+
+def test_edit_without_an_image(fleet, redis_client):
+    refused(fleet, redis_client, EDIT, "images", "Field required")
+    refused(fleet, redis_client, EDIT | {"images": []}, "images", "at least 1")
+
+
+def test_four_images_to_2509(fleet, redis_client):
+    key = fleet.upload(PNG)
+    refused(
+        fleet,
+        redis_client,
+        EDIT | {"model": "qwen-image-edit-2509", "images": [key] * 4},
+        "images",
+        "at most 3",
+    )
+
+
+def test_mix_without_background_or_mask(fleet, redis_client):
+    video = fleet.upload(encode_mp4([Image.new("RGB", (64, 64))] * 5, 30))
+    request = {
+        "model": "wan2.2-animate-14b",
+        "mode": "mix",
+        "prompt": "dance",
+        "image": fleet.upload(PNG),
+        "pose_video": video,
+        "face_video": video,
+    }
+    refused(fleet, redis_client, request, "background_video", "required in mix mode")
+    refused(fleet, redis_client, request | {"background_video": video}, "mask_video", "required in mix mode")
+
+
+def test_a_video_longer_than_the_limit(fleet, redis_client):
+    # Animate takes at most 617 frames (about 20 s at 30 fps).
+    long_video = fleet.upload(encode_mp4([Image.new("RGB", (16, 16))] * 650, 30))
+    image = fleet.upload(PNG)
+    request = {"model": "wan2.2-animate-14b", "mode": "move", "prompt": "x", "image": image}
+    refused(
+        fleet,
+        redis_client,
+        request | {"pose_video": long_video, "face_video": long_video},
+        "pose_video",
+        "617",
+    )
+
+
+def test_bytes_that_are_not_an_image(fleet, redis_client):
+    fleet.storage.put("uploads/fake.png", b"\x89PNG but not really", "image/png")
+    refused(fleet, redis_client, EDIT | {"images": [{"key": "uploads/fake.png"}]}, "images.0", "image")
+    refused(
+        fleet,
+        redis_client,
+        EDIT | {"images": [{"key": "uploads/missing.png"}]},
+        "images.0",
+        "upload it first",
+    )
+    with pytest.raises(InvalidRequest, match="not an image, video or audio"):
+        fleet.upload(b"plain text")
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://127.0.0.1:9/img.png", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://internal.example/img.png", "resolves to 10.0.0.1, which is a private address"),
+        ("ftp://example.com/img.png", "should match pattern"),
+    ],
+)
+def test_urls_to_places_inside_are_refused(fleet, redis_client, loopback, url, words):
+    field = "images.0.url" if url.startswith("ftp") else "images.0"
+    refused(fleet, redis_client, EDIT | {"images": [{"url": url}]}, field, words)
+    assert loopback.hits == 0
+
+
+def test_a_redirect_to_loopback_is_refused(fleet, redis_client, allowed, loopback):
+    refused(fleet, redis_client, EDIT | {"images": [{"url": f"{allowed.url}/hop"}]}, "images.0", "loopback")
+    assert allowed.hits == 1 and loopback.hits == 0
