@@ -144,7 +144,7 @@ def test_a_video_longer_than_the_limit(fleet, redis_client):
         redis_client,
         request | {"pose_video": long_video, "face_video": long_video},
         "pose_video",
-        "617",
+        "limit is 20.57 s",
     )
 
 
