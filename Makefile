@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The official Wan2.2 code for S2V, without the dependencies it declares (flash-attn, opencv,
+	# torchvision): the fleet gives it an SDPA attention path and its own media readers.
+	$(PY) -m pip install --quiet --no-deps wan22==2.2.11
 	touch $(STAMP)
 
 redis:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # (8 on p5.48xlarge; 4 allowed).
     group_models: list[str] = Field(default_factory=lambda: ["wan2.2-s2v-14b"])
     group_world_size: int = Field(default=8, ge=1, le=8)
+    # Longest wait of any collective in the group (a dead rank must not hang the others), the
+    # longest the group may take to load, and where the ranks' output goes (None: a temp dir).
+    group_timeout_s: float = Field(default=900, gt=0)
+    group_start_timeout_s: float = Field(default=1800, gt=0)
+    group_log_dir: Path | None = None
     # VRAM the worker's resident models may take; the class's size when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
 

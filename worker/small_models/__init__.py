@@ -25,7 +25,7 @@ MARKER = ".small-model-complete"
 # One module per model family; each has ``VERSION`` (bump it whenever its builders change what
 # they write, so directories built by an older builder are rebuilt) and ``BUILDERS``
 # (model key -> function that writes the model into a directory).
-_FAMILIES = ("z_image", "qwen_image", "wan")
+_FAMILIES = ("z_image", "qwen_image", "wan", "s2v")
 
 
 def _families() -> dict[str, tuple[int, Callable[[Path], None]]]:
