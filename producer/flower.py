@@ -27,9 +27,6 @@ they are not in the process list either.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -38,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from routing.settings import Settings
-from worker.process import settings_env
+from worker.process import ServiceProcess
 
 _ROOT = Path(__file__).resolve().parent.parent
 # Loopback Flower must never be reached through a proxy the environment configured.
@@ -79,7 +76,7 @@ def make_flower_celery(settings: Settings) -> Any:
     return app
 
 
-class FlowerProcess:
+class FlowerProcess(ServiceProcess):
     """Flower for the fleet as a child process: ``celery -A producer.flower flower`` on
     ``address:port`` in its own process group, logging to ``log_path``, with ``settings`` in its
     environment (its broker is ``settings.redis_url``).
@@ -89,6 +86,8 @@ class FlowerProcess:
     fleet API's tenants and checks, and without auth Flower would serve its pages to anyone who
     can reach the port. ``auth`` is the pair to send; ``/healthcheck`` needs none.
     """
+
+    name = "flower"
 
     def __init__(
         self,
@@ -106,20 +105,8 @@ class FlowerProcess:
             raise ValueError("need a password; no comma in user or password, no colon in user")
         self.url = f"http://{address}:{port}"
         self.auth = (user, password)
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
-        env = settings_env(settings)
-        env = {k: v for k, v in env.items() if not k.startswith("FLOWER_")}
-        env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
-        self.proc = subprocess.Popen(
-            flower_command(port, address),
-            cwd=_ROOT,
-            env=env | (extra_env or {}),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        env = {"FLOWER_BASIC_AUTH": f"{user}:{password}", **(extra_env or {})}
+        super().__init__(flower_command(port, address)[1:], settings, log_path, env)
 
     def wait_ready(self, timeout_s: float = 60) -> FlowerProcess:
         """Until ``/healthcheck`` (outside basic auth) answers."""
@@ -135,26 +122,6 @@ class FlowerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"flower not ready after {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 15) -> None:
-        """SIGTERM (Flower exits at once), then SIGKILL to the group if it does not."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> FlowerProcess:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def __getattr__(name: str) -> Any:
