@@ -37,7 +37,6 @@ from typing import Any
 from routing.settings import Settings
 from worker.process import ServiceProcess
 
-_ROOT = Path(__file__).resolve().parent.parent
 # Loopback Flower must never be reached through a proxy the environment configured.
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
