@@ -13,8 +13,9 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Client
 from routing import webhooks
@@ -23,6 +24,7 @@ from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
 from routing.eta import estimate
 from routing.jobs import WEBHOOK_EVENTS, JobRecord, Webhook
+from routing.metrics import FleetCollector
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
 
@@ -363,6 +365,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 {"class": c.value, "vram_gb": c.vram_gb, "consumes": consumed_queues(c)} for c in VramClass
             ],
         }
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(client.store.client, client.keys))
+    requests_total = Counter(
+        "fleet_api_requests",
+        "API requests by route and status",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests_total.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics of the whole fleet (routing/metrics.py) and of this API process.
+        Unauthenticated like /healthz: serve it on the internal network only."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", responses={503: {"model": ErrorDetail, "description": "Redis unreachable"}})
     def healthz() -> JSONResponse:

@@ -43,19 +43,27 @@ def record_duration(
     client.eval(_RECORD, 1, keys.durations, f"{model}|{vram_class.value}", seconds, _EWMA_WEIGHT)
 
 
-def heartbeat(client: redis.Redis, keys: Keys, name: str, vram_class: VramClass, ttl_s: float) -> None:
-    """Say that worker ``name`` of ``vram_class`` is alive for the next ``ttl_s``."""
-    value = json.dumps({"class": vram_class.value, "at": time.time()})
+def heartbeat(
+    client: redis.Redis, keys: Keys, name: str, vram_class: VramClass, ttl_s: float, **state: object
+) -> None:
+    """Say that worker ``name`` of ``vram_class`` is alive for the next ``ttl_s``; ``state`` (its
+    resident models, GPU memory) rides along for the metrics."""
+    value = json.dumps({"class": vram_class.value, "at": time.time(), **state})
     client.set(keys.worker(name), value, px=int(ttl_s * 1000))
 
 
 def live_workers(client: redis.Redis, keys: Keys) -> dict[str, VramClass]:
     """Live workers by name, with their class."""
+    return {name: VramClass(beat["class"]) for name, beat in worker_states(client, keys).items()}
+
+
+def worker_states(client: redis.Redis, keys: Keys) -> dict[str, dict]:
+    """Live workers by name, with what their last heartbeat said."""
     prefix = keys.worker("")
     names = list(client.scan_iter(keys.worker("*"), count=1000))
     values = client.mget(names) if names else []
     return {
-        name.decode().removeprefix(prefix): VramClass(json.loads(value)["class"])
+        name.decode().removeprefix(prefix): json.loads(value)
         for name, value in zip(names, values, strict=True)
         if value is not None
     }

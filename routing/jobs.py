@@ -200,6 +200,9 @@ end
 # message, key prefix, expected worker ('' for any), queue and message to push when the job goes
 # back to queued ('' for none), then field/value pairs to set. Also keeps the queue lines, the
 # running set and the tenant's in-flight set in step with the state.
+# Upper bounds of the run-time histogram (seconds): from a small image to an 8-GPU video.
+RUN_S_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
 _TRANSITION = (
     _EMIT
     + """
@@ -232,10 +235,26 @@ if ARGV[6] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
   redis.call('SREM', prefix .. ':tenant:' .. tenant .. ':inflight', id)
+  -- Fleet metrics (routing/metrics.py): finished jobs, and run time of the succeeded ones.
+  local model = redis.call('HGET', KEYS[1], 'model')
+  local class = string.match(redis.call('HGET', KEYS[1], 'queue'), '^[^.]+')
+  local label = model .. '|' .. class
+  redis.call('HINCRBY', prefix .. ':metrics:finished', label .. '|' .. ARGV[1], 1)
+  local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
+  if ARGV[1] == 'succeeded' and started then
+    local seconds = tonumber(ARGV[3]) - started
+    redis.call('HINCRBYFLOAT', prefix .. ':metrics:run_s', label .. '|sum', seconds)
+    redis.call('HINCRBY', prefix .. ':metrics:run_s', label .. '|count', 1)
+    for bucket in string.gmatch('RUN_S_BUCKETS', '[^,]+') do
+      if seconds <= tonumber(bucket) then
+        redis.call('HINCRBY', prefix .. ':metrics:run_s', label .. '|le|' .. bucket, 1)
+      end
+    end
+  end
 end
 emit(KEYS[1], KEYS[2], KEYS[3], ARGV[5], ARGV[4], ARGV[1], ARGV[3], ARGV[8], ARGV[9])
 return {1, current}
-"""
+""".replace("RUN_S_BUCKETS", ",".join(str(b) for b in RUN_S_BUCKETS))
 )
 
 
@@ -269,9 +288,9 @@ class NewJob:
 
 
 # KEYS: job, events, idempotency key (or the job key again when there is none), queue, tenant
-# in-flight set, tenant job index, queue line, line counter.
+# in-flight set, tenant job index, queue line, line counter, submitted-jobs metric.
 # ARGV: now, stream maxlen, ttl_s, has idempotency key ('1'/'0'), queue message, tenant in-flight
-# limit (0: none), then field/value pairs ('id' first). Record, event, indexes and queue message
+# limit (0: none), metric label, then field/value pairs ('id' first). Record, event, indexes and queue message
 # are written together or not at all; {2, ''} when the tenant is at its limit.
 _CREATE = """
 if ARGV[4] == '1' then
@@ -280,8 +299,8 @@ if ARGV[4] == '1' then
 end
 local limit = tonumber(ARGV[6])
 if limit > 0 and redis.call('SCARD', KEYS[5]) >= limit then return {2, ''} end
-local id = ARGV[8]
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local id = ARGV[9]
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'EX', ARGV[3]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
   'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', ARGV[1])
@@ -290,6 +309,7 @@ redis.call('ZADD', KEYS[6], ARGV[1], id)
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), id)
 redis.call('LPUSH', KEYS[4], ARGV[5])
+redis.call('HINCRBY', KEYS[9], ARGV[7], 1)
 return {1, id}
 """
 
@@ -398,6 +418,7 @@ class JobStore:
             self.keys.tenant_jobs(job.tenant),
             self.keys.queued(job.queue),
             self.keys.sequence,
+            self.keys.metrics("submitted"),
         ]
         args = [
             now,
@@ -406,6 +427,7 @@ class JobStore:
             "1" if job.idempotency_key else "0",
             payload,
             job.max_in_flight,
+            f"{job.model}|{job.queue.split('.', 1)[0]}",
             *_flatten(fields),
         ]
         return keys, args

@@ -64,6 +64,10 @@ class Keys:
         """Set while a worker process shuts down: its running job hands itself back."""
         return f"{self.prefix}:drain:{worker_process}"
 
+    def metrics(self, name: str) -> str:
+        """Hashes of fleet metrics (``submitted``, ``finished``, ``run_s``): routing/metrics.py."""
+        return f"{self.prefix}:metrics:{name}"
+
     @property
     def load_counts(self) -> str:
         """Hash of model loads per worker process: ``<worker name>:<model>`` -> count."""

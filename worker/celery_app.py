@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -85,8 +86,17 @@ def get_runner() -> JobRunner:
             max_attempts=settings.max_attempts,
             drain_key=store.keys.drain(liveness.process_name(vram_class, os.getppid())),
         )
-        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s)
+        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool))
     return _runner
+
+
+def _state(pool: PipelinePool) -> dict[str, object]:
+    state: dict[str, object] = {"resident": pool.resident, "resident_gb": pool.used_gb}
+    torch = sys.modules.get("torch")  # only once a model has loaded it
+    if torch is not None and torch.cuda.is_available():
+        state["gpu_memory_bytes"] = torch.cuda.memory_allocated()
+        state["gpu_memory_reserved_bytes"] = torch.cuda.memory_reserved()
+    return state
 
 
 @worker_process_init.connect

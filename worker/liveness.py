@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -78,13 +79,16 @@ def reap(store: JobStore) -> list[str]:
     return reaped
 
 
-def start(store: JobStore, name: str, vram_class: VramClass, ttl_s: float) -> threading.Thread:
-    """Beat and reap from a thread: a long job must not make its worker look dead."""
+def start(
+    store: JobStore, name: str, vram_class: VramClass, ttl_s: float, state: Callable[[], dict] | None = None
+) -> threading.Thread:
+    """Beat and reap from a thread: a long job must not make its worker look dead. ``state``
+    gives what the heartbeat reports besides (resident models, GPU memory)."""
 
     def loop() -> None:
         while True:
             try:
-                heartbeat(store.client, store.keys, name, vram_class, ttl_s)
+                heartbeat(store.client, store.keys, name, vram_class, ttl_s, **(state() if state else {}))
                 reap(store)
             except redis.RedisError:
                 log.warning("heartbeat failed; retrying")

@@ -195,3 +195,28 @@ def test_uploads_models_and_health(api):
     assert {m["key"] for m in models["models"]} >= {"z-image-turbo", "wan2.2-s2v-14b"}
     assert api.get("/healthz").json() == {"status": "ok"}
     assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
+
+
+def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    start_worker(settings.model_copy(update={"heartbeat_ttl_s": 2.0}))
+    job = poll(api, api.post("/v1/jobs", json=SMALL, headers=A).json()["id"], A)
+    assert job["status"] == "succeeded"
+    time.sleep(1)  # one more heartbeat, after the job, with the model resident
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(api.get("/metrics").text)
+        for s in family.samples
+    }
+    labels = (("class", "gpu16"), ("model", "z-image-turbo"))
+    assert samples[("fleet_jobs_submitted_total", labels)] == 1
+    assert samples[("fleet_jobs_finished_total", (*labels, ("status", "succeeded")))] == 1
+    assert samples[("fleet_job_run_seconds_count", labels)] == 1
+    assert 0 < samples[("fleet_job_run_seconds_sum", labels)] <= job["timings"]["run_s"] + 1
+    assert samples[("fleet_queue_depth", (("queue", "gpu16"),))] == 0
+    assert samples[("fleet_workers", (("class", "gpu16"),))] == 1
+    resident = [labels for name, labels in samples if name == "fleet_resident_models"]
+    assert any(("model", "z-image-turbo") in labels for labels in resident)
+    assert samples[("fleet_api_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")))] == 1

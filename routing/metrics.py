@@ -1,0 +1,112 @@
+"""Prometheus metrics of the whole fleet, read from Redis at scrape time.
+
+Workers do not serve metrics themselves: a job's counters are written by the same Lua script that
+changes its state (``routing.jobs``), and each worker's heartbeat carries its resident models and
+GPU memory. So one scrape of the API's ``/metrics`` sees every worker, including ones that have
+since stopped, and a counter can never disagree with the job records.
+
+    fleet_jobs_submitted_total{model, class}
+    fleet_jobs_finished_total{model, class, status}        succeeded | failed | canceled
+    fleet_job_run_seconds{model, class}                    histogram of succeeded jobs' run time
+    fleet_queue_depth{queue}                               messages waiting in each queue
+    fleet_jobs_running                                     jobs some worker holds
+    fleet_dead_letters                                     jobs given up after too many attempts
+    fleet_workers{class}                                   live workers
+    fleet_resident_models{worker, model}                   1 per model resident in a worker
+    fleet_worker_gpu_memory_bytes{worker}                  allocated by torch (GPU workers)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
+from routing.eta import worker_states
+from routing.jobs import RUN_S_BUCKETS
+from routing.keys import Keys
+
+
+def _hash(client: redis.Redis, key: str) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+
+
+class FleetCollector(Collector):
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.client = client
+        self.keys = keys
+
+    def collect(self) -> Iterator[Any]:
+        submitted = CounterMetricFamily(
+            "fleet_jobs_submitted", "Jobs accepted and queued", labels=["model", "class"]
+        )
+        for label, count in _hash(self.client, self.keys.metrics("submitted")).items():
+            submitted.add_metric(label.split("|"), float(count))
+        yield submitted
+
+        finished = CounterMetricFamily(
+            "fleet_jobs_finished", "Jobs that reached a final state", labels=["model", "class", "status"]
+        )
+        for label, count in _hash(self.client, self.keys.metrics("finished")).items():
+            finished.add_metric(label.split("|"), float(count))
+        yield finished
+
+        yield self._run_seconds()
+
+        depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in a queue", labels=["queue"])
+        queues = [q for c in VramClass for q in class_queues(c)] + [WEBHOOK_QUEUE]
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(queue)
+            pipe.scard(self.keys.running)
+            pipe.llen(self.keys.dead_letters)
+            *lengths, running, dead = pipe.execute()
+        for queue, length in zip(queues, lengths, strict=True):
+            depth.add_metric([queue], float(length))
+        yield depth
+        yield GaugeMetricFamily("fleet_jobs_running", "Jobs some worker holds", value=float(running))
+        yield GaugeMetricFamily(
+            "fleet_dead_letters", "Jobs given up after too many attempts", value=float(dead)
+        )
+        yield from self._workers()
+
+    def _run_seconds(self) -> HistogramMetricFamily:
+        histogram = HistogramMetricFamily(
+            "fleet_job_run_seconds", "Run time of succeeded jobs, claim to finish", labels=["model", "class"]
+        )
+        raw = _hash(self.client, self.keys.metrics("run_s"))
+        labels = {tuple(k.split("|")[:2]) for k in raw}
+        for model, vram_class in sorted(labels):
+            prefix = f"{model}|{vram_class}"
+            buckets = [(str(b), float(raw.get(f"{prefix}|le|{b}", 0))) for b in RUN_S_BUCKETS]
+            count = float(raw.get(f"{prefix}|count", 0))
+            histogram.add_metric(
+                [model, vram_class], buckets + [("+Inf", count)], sum_value=float(raw.get(f"{prefix}|sum", 0))
+            )
+        return histogram
+
+    def _workers(self) -> Iterator[Any]:
+        states = worker_states(self.client, self.keys)
+        workers = GaugeMetricFamily("fleet_workers", "Live worker processes", labels=["class"])
+        for vram_class in VramClass:
+            workers.add_metric(
+                [vram_class.value], float(sum(s["class"] == vram_class.value for s in states.values()))
+            )
+        yield workers
+        resident = GaugeMetricFamily(
+            "fleet_resident_models", "Models resident in a worker", labels=["worker", "model"]
+        )
+        memory = GaugeMetricFamily(
+            "fleet_worker_gpu_memory_bytes", "GPU memory torch has allocated", labels=["worker"]
+        )
+        for name, state in sorted(states.items()):
+            for model in state.get("resident", []):
+                resident.add_metric([name, model], 1.0)
+            if "gpu_memory_bytes" in state:
+                memory.add_metric([name], float(state["gpu_memory_bytes"]))
+        yield resident
+        yield memory
