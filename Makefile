@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test redis compose-validator bench small-models clean
+.PHONY: demo test soak redis compose-validator bench small-models clean
 
 # Reinstall when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -36,9 +36,15 @@ demo: $(STAMP) redis
 test: $(STAMP) redis compose-validator
 	$(PY) -m pytest
 
+# 500 jobs across two workers while one is killed -9 every few seconds; prints the ledger.
+soak: $(STAMP) redis
+	$(PY) -m tests.faults.soak --jobs 500
+
 bench: $(STAMP) redis
 	$(PY) bench/enqueue.py
 	$(PY) bench/overhead.py
+	$(PY) bench/models.py
+	$(PY) bench/fleet_sim.py
 
 clean:
 	rm -rf var .pytest_cache

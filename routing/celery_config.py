@@ -7,8 +7,13 @@ Settings for long GPU tasks on a Redis broker:
   finished, so a worker that dies mid-job hands it back instead of losing it.
 - Prefetch 1: a worker holds no job it is not running; the next one stays in Redis where any
   other free worker can take it.
-- A visibility timeout above the longest wait plus run, so Redis never hands a job still running
-  to a second worker.
+- A short visibility timeout (``visibility_timeout_s``, 10 minutes), not one above the longest
+  wait plus run. Kombu hands an unacknowledged message to another worker after it; for a job still
+  running, the claim check (``JobRunner._claim``: the job's worker is alive) drops that copy, so
+  nothing runs twice; for a worker that died holding a message it had not yet claimed (its pool
+  child was still loading models), the job is back in minutes instead of hours. Webhook deliveries
+  wait out their retry countdowns unacknowledged, so their queue keeps its own, long timeout under
+  its own Kombu keys.
 - Queue order "priority": a worker polls its queues in the order it lists them (its own class
   first, see ``routing.classes.consumed_queues``) instead of Kombu's default round robin.
 """
@@ -23,11 +28,12 @@ from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
 DELIVER_WEBHOOK_TASK = "fleet.deliver_webhook"
-_VISIBILITY_MARGIN_S = 15 * 60
+# Above the longest retry countdown of a webhook delivery (10 min) plus its POST.
+WEBHOOK_VISIBILITY_TIMEOUT_S = 30 * 60
 
 
 def celery_settings(settings: Settings) -> dict[str, object]:
-    visibility_timeout_s = settings.max_wait_s + settings.max_run_s + _VISIBILITY_MARGIN_S
+    visibility_timeout_s = settings.visibility_timeout_s
     return {
         "broker_url": settings.redis_url,
         "result_backend": settings.redis_url,
@@ -63,3 +69,14 @@ def make_celery(settings: Settings, vram_class: VramClass | None = None) -> Cele
         app.conf.task_queues = [Queue(name, routing_key=name) for name in consumed_queues(vram_class)]
     app.conf.task_routes = {DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}}
     return app
+
+
+def webhook_transport_options(settings: Settings) -> dict[str, object]:
+    """Broker options of the webhook workers: their own unacknowledged-message keys, so GPU
+    workers' short-timeout sweeps never return a delivery waiting out its retry countdown."""
+    return {
+        "visibility_timeout": WEBHOOK_VISIBILITY_TIMEOUT_S,
+        "unacked_key": "webhooks_unacked",
+        "unacked_index_key": "webhooks_unacked_index",
+        "unacked_mutex_key": "webhooks_unacked_mutex",
+    }

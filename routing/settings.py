@@ -89,10 +89,12 @@ class Settings(BaseSettings):
 
     # How long a finished job's record is kept.
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
-    # Longest a job may wait in a queue plus run; the broker's visibility timeout sits above it
-    # so a slow job is never handed to a second worker while the first still runs it.
+    # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).
     max_wait_s: int = Field(default=6 * 3600, gt=0)
     max_run_s: int = Field(default=2 * 3600, gt=0)
+    # After this, the broker hands an unacknowledged GPU message to another worker: a job still
+    # running on a live worker drops that copy; one whose worker died runs again.
+    visibility_timeout_s: int = Field(default=600, ge=30)
 
     def weights_for(self, model_key: str, hub_id: str) -> str:
         if model_key in self.weights:

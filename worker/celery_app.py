@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from celery.signals import task_failure, worker_process_init, worker_shutting_down
+from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutting_down
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass
@@ -84,6 +84,7 @@ def get_runner() -> JobRunner:
             pool,
             name,
             max_attempts=settings.max_attempts,
+            max_wait_s=settings.max_wait_s,
             drain_key=store.keys.drain(liveness.process_name(vram_class, os.getppid())),
         )
         liveness.start(store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool))
@@ -104,6 +105,13 @@ def _warm(**_: Any) -> None:
     runner = get_runner()
     for model_key in settings.warm_models:
         runner.pool.get(model_key)
+
+
+@worker_ready.connect
+def _clear_drain(**_: Any) -> None:
+    # A drain mark is for the worker that was shutting down, never for a new one.
+    store = _store()
+    store.client.delete(store.keys.drain(liveness.process_name(vram_class)))
 
 
 @worker_shutting_down.connect

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -27,27 +28,53 @@ from routing.jobs import JobStatus, JobStore
 log = logging.getLogger(__name__)
 
 _HOST = socket.gethostname()
+# Drawn once per worker start (in the main process, inherited by its pool children): a worker
+# restarted in place (same host name, and in a container the same pid) is a new name, so it
+# inherits neither the old one's drain mark nor the jobs the old one held.
+_START = secrets.token_hex(4)
 
 
 def process_name(vram_class: VramClass, pid: int | None = None) -> str:
-    """``<class>@<host>:<pid>``: names the process that holds the models and runs jobs."""
-    return f"{vram_class.value}@{_HOST}:{pid or os.getpid()}"
+    """``<class>@<host>:<pid>:<start>``: names the process that holds the models and runs jobs."""
+    return f"{vram_class.value}@{_HOST}:{pid or os.getpid()}:{_START}"
+
+
+def pid_of(name: str) -> int | None:
+    """The pid in a process name (see ``process_name``)."""
+    pid = name.partition("@")[2].partition(":")[2].split(":", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _local_pid(name: str) -> int | None:
+    host = name.partition("@")[2].partition(":")[0]
+    return pid_of(name) if host == _HOST else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def gone(name: str) -> bool:
+    """True when ``name`` was a process of this host that no longer exists: dead for certain,
+    without waiting for its heartbeat to expire."""
+    pid = _local_pid(name)
+    return pid is not None and not _running(pid)
 
 
 def alive(store: JobStore, name: str) -> bool:
-    if not store.client.exists(store.keys.worker(name)):
+    if gone(name):
         return False
-    host, _, pid = name.partition("@")[2].rpartition(":")
-    if host == _HOST and pid.isdigit():
-        # On this host the process table is the truth: a killed process's heartbeat key lives on
-        # until it expires, but its job need not wait that long.
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-    return True
+    if _local_pid(name) is not None and name.endswith(f":{_START}"):
+        # A process of this very start, running: alive, even if Redis lost its heartbeat key
+        # while it was down. (A pid of another start may be reused by a new process.)
+        return True
+    return bool(store.client.exists(store.keys.worker(name)))
 
 
 def hand_back(store: JobStore, job_id: str, owner: str, reason: str) -> bool:
@@ -68,15 +95,37 @@ def hand_back(store: JobStore, job_id: str, owner: str, reason: str) -> bool:
     return True
 
 
-def reap(store: JobStore) -> list[str]:
-    """Hand back every running job whose worker is dead; returns their ids."""
-    reaped = []
-    for job_id in store.running():
-        owner = store.client.hget(store.keys.job(job_id), "worker")
-        owner = owner.decode() if owner else ""
-        if owner and not alive(store, owner) and hand_back(store, job_id, owner, f"worker {owner} died"):
-            reaped.append(job_id)
-    return reaped
+class Reaper:
+    """Hands back running jobs whose worker is dead; a worker counts as dead only once it has
+    looked dead for a whole heartbeat TTL, so a Redis outage (every heartbeat key expires at
+    once) does not hand back the jobs of workers that are only waiting for Redis."""
+
+    def __init__(self, store: JobStore, ttl_s: float):
+        self.store = store
+        self.ttl_s = ttl_s
+        self._dead_since: dict[str, float] = {}
+
+    def forget(self) -> None:
+        """Start judging afresh (after an outage: nobody could beat through it)."""
+        self._dead_since.clear()
+
+    def reap(self) -> list[str]:
+        now = time.monotonic()
+        reaped, looked_dead = [], set()
+        for job_id in self.store.running():
+            owner = self.store.client.hget(self.store.keys.job(job_id), "worker")
+            owner = owner.decode() if owner else ""
+            if not owner or alive(self.store, owner):
+                continue
+            looked_dead.add(owner)
+            since = self._dead_since.setdefault(owner, now)
+            # On this host the process table says so: no need to wait.
+            if (gone(owner) or now - since >= self.ttl_s) and hand_back(
+                self.store, job_id, owner, f"worker {owner} died"
+            ):
+                reaped.append(job_id)
+        self._dead_since = {o: t for o, t in self._dead_since.items() if o in looked_dead}
+        return reaped
 
 
 def start(
@@ -85,11 +134,19 @@ def start(
     """Beat and reap from a thread: a long job must not make its worker look dead. ``state``
     gives what the heartbeat reports besides (resident models, GPU memory)."""
 
+    reaper = Reaper(store, ttl_s)
+
     def loop() -> None:
         while True:
             try:
+                started = time.monotonic()
                 heartbeat(store.client, store.keys, name, vram_class, ttl_s, **(state() if state else {}))
-                reap(store)
+                # A heartbeat that took this long waited out a Redis outage: every other worker's
+                # heartbeat expired meanwhile; give them a TTL to beat again before judging.
+                if time.monotonic() - started < ttl_s / 2:
+                    reaper.reap()
+                else:
+                    reaper.forget()
             except redis.RedisError:
                 log.warning("heartbeat failed; retrying")
             time.sleep(ttl_s / 3)

@@ -32,6 +32,11 @@ class HandBack(Exception):
     """Raised from the step callback: the worker is shutting down; give the job back."""
 
 
+class Superseded(Exception):
+    """Raised from the step callback: the job is no longer this worker's (the reaper thought it
+    dead and handed the job on); stop without touching the record."""
+
+
 class JobRunner:
     def __init__(
         self,
@@ -41,6 +46,7 @@ class JobRunner:
         worker_name: str,
         *,
         max_attempts: int = 3,
+        max_wait_s: float = 6 * 3600,
         drain_key: str = "",
     ):
         self.store = store
@@ -48,6 +54,7 @@ class JobRunner:
         self.pool = pool
         self.worker_name = worker_name
         self.max_attempts = max_attempts
+        self.max_wait_s = max_wait_s
         self.drain_key = drain_key
 
     def run(self, job_id: str) -> str:
@@ -74,6 +81,8 @@ class JobRunner:
             #    the job back at the first step after this worker began shutting down.
             def on_step(step: int, total: int) -> None:
                 state = self.store.progress(job_id, step, total, self.drain_key)
+                if state.status is not JobStatus.RUNNING:
+                    raise Superseded()  # handed on while this worker still ran it
                 if state.cancel:
                     raise JobCanceled()
                 if state.drain:
@@ -86,6 +95,9 @@ class JobRunner:
             # 4. Encode and store under keys derived from the job id: a redelivered job
             #    overwrites its own outputs, it never adds a second set.
             outputs = self._store_outputs(job_id, generated, timings)
+        except Superseded:
+            log.warning("job %s was handed on while this worker ran it; leaving it", job_id)
+            return f"skipped ({self.store.get(job_id).status.value})"
         except JobCanceled:
             return self._finish(job_id, JobStatus.CANCELED, timings, started_at)
         except HandBack:
@@ -127,6 +139,8 @@ class JobRunner:
         if record.attempt >= self.max_attempts:
             return self._give_up(record)
         started_at = time.time()
+        if record.status is JobStatus.QUEUED and started_at - record.created_at > self.max_wait_s:
+            return self._expire(record, started_at)
         try:
             self.store.transition(
                 job_id,
@@ -141,6 +155,18 @@ class JobRunner:
             # Canceled, finished or taken between the read and the claim: nothing to run.
             return f"skipped ({self.store.get(job_id).status.value})"
         return record, started_at
+
+    def _expire(self, record: JobRecord, now: float) -> str:
+        waited = now - record.created_at
+        reason = f"waited {waited:.0f} s in the queue, longer than the fleet's {self.max_wait_s} s"
+        error = {"type": "expired", "exception": "", "message": reason, "where": ""}
+        try:
+            self.store.transition(
+                record.id, JobStatus.FAILED, only_from=JobStatus.QUEUED, finished_at=now, error=error
+            )
+        except Conflict:
+            return f"skipped ({self.store.get(record.id).status.value})"
+        return "expired"
 
     def _give_up(self, record: JobRecord) -> str:
         reason = f"gave up after {record.attempt} attempts: the worker died or was stopped each time"
@@ -241,10 +267,14 @@ class JobRunner:
             fields["outputs"] = outputs
         if error is not None:
             fields["error"] = error
+        elif status is JobStatus.SUCCEEDED:
+            fields["error"] = None  # an escalated job's out-of-memory error is history now
         try:
-            # Only while this worker still holds the job: one the reaper handed on (this worker
+            # Only while this worker still runs the job: one the reaper handed on (this worker
             # was thought dead) now belongs to another, whose outcome is the one that counts.
-            self.store.transition(job_id, status, expect_worker=self.worker_name, **fields)
+            self.store.transition(
+                job_id, status, only_from=JobStatus.RUNNING, expect_worker=self.worker_name, **fields
+            )
         except Conflict as exc:
             log.warning("job %s: %s", job_id, exc)
             return f"skipped ({self.store.get(job_id).status.value})"

@@ -46,7 +46,7 @@ from celery import Celery
 from kombu import Queue
 from standardwebhooks import Webhook as Signer
 
-from routing.celery_config import DELIVER_WEBHOOK_TASK, make_celery
+from routing.celery_config import DELIVER_WEBHOOK_TASK, make_celery, webhook_transport_options
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import NotFound
 from routing.jobs import JobRecord, JobStore
@@ -256,6 +256,10 @@ class Deliverer:
 def create_app(settings: Settings) -> Celery:
     """The webhook worker's Celery app, with ``fleet.deliver_webhook`` registered."""
     app = make_celery(settings)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        **webhook_transport_options(settings),
+    }
     app.conf.task_queues = [Queue(WEBHOOK_QUEUE, routing_key=WEBHOOK_QUEUE)]
     app.conf.task_default_queue = WEBHOOK_QUEUE
     # The thread pool cannot enforce time limits; each POST has its own timeout.

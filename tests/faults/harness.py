@@ -1,0 +1,243 @@
+"""What the fault tests and the soak share: a Redis of their own (AOF, restartable), waiting,
+killing workers, reading a job's events, and a webhook receiver on 127.0.0.2.
+
+Everything here talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import redis
+from standardwebhooks import Webhook as Signer
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from worker.process import ServiceProcess
+
+# Workers load it over the built-in Z-Image adapter through settings.adapters.
+FAULT_ADAPTER = "tests.faults.adapters:FaultAdapter"
+SMALL = {"model": "z-image-turbo", "width": 64, "height": 64, "steps": 2}
+
+
+def small_request(prompt: str = "a small one", **extra: object) -> dict[str, object]:
+    return {**SMALL, "prompt": prompt, **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A ``redis-server`` of the suite's own on 127.0.0.1: append-only file fsynced on every
+    write, no RDB snapshots, so a restart loses nothing that was acknowledged."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=2)
+
+    def start(self, timeout_s: float = 20) -> None:
+        for _ in range(3):  # the free port can be taken before redis binds it: try another
+            log = open(self.dir / "redis.log", "ab")
+            options = {
+                "bind": "127.0.0.1",
+                "port": str(self.port),
+                "dir": str(self.dir),
+                "appendonly": "yes",
+                "appendfsync": "always",
+                "save": "",
+                "protected-mode": "yes",
+            }
+            self.proc = subprocess.Popen(
+                ["redis-server", *(arg for name, value in options.items() for arg in (f"--{name}", value))],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
+            if self._wait_up(timeout_s):
+                return
+            self._reap()
+            if self.restarts:  # a restart must come back on the same port: no second guess
+                break
+            self.port = _free_port()
+        raise RuntimeError(f"redis-server did not start:\n{self.log()[-2000:]}")
+
+    def _wait_up(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        client = self.client()
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    return False
+                try:
+                    # Answers PING while still loading the AOF; wait until it is loaded.
+                    if client.info("persistence").get("loading") == 0:
+                        return True
+                except redis.RedisError:
+                    pass
+                time.sleep(0.05)
+            return False
+        finally:
+            client.close()
+
+    def is_up(self) -> bool:
+        client = self.client()
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self, how: str = "shutdown") -> None:
+        """``shutdown``: SHUTDOWN NOSAVE (the AOF is already fsynced); ``sigterm``: what a
+        supervisor sends; ``sigkill``: a crash (still nothing lost with appendfsync always)."""
+        if self.proc is None:
+            return
+        if how == "shutdown":
+            # Over a bare socket: a client library would retry the connection that SHUTDOWN
+            # closes, for seconds.
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+                conn.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$6\r\nNOSAVE\r\n")
+                try:
+                    conn.recv(1024)
+                except OSError:
+                    pass
+        elif self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self, how: str = "shutdown", down_s: float = 0.0) -> float:
+        """Stop it, stay down ``down_s``, start it on the same port and directory; returns the
+        seconds it was unreachable."""
+        started = time.monotonic()
+        self.stop(how)
+        time.sleep(down_s)
+        self.restarts += 1
+        self.start()
+        return time.monotonic() - started
+
+    def log(self) -> str:
+        path = self.dir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.05) -> object:
+    """Poll ``check`` until it returns something true; that value, or TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout_s} s")
+        time.sleep(every_s)
+
+
+def log_count(worker: ServiceProcess, text: str) -> int:
+    return worker.log().count(text)
+
+
+def wait_log(worker: ServiceProcess, text: str, count: int = 1, timeout_s: float = 60) -> None:
+    wait_for(lambda: log_count(worker, text) >= count, timeout_s, f"{text!r} x{count} in {worker.log_path}")
+
+
+def wait_warm(worker: ServiceProcess, count: int = 1, timeout_s: float = 120) -> None:
+    """Until the worker's pool child has loaded the small model (``warm_models``) ``count``
+    times: it takes a job at once from then on."""
+    wait_log(worker, "loaded z-image-turbo", count, timeout_s)
+
+
+def kill_group(worker: ServiceProcess) -> None:
+    """SIGKILL the worker's whole process group (main process and pool child): a lost machine."""
+    try:
+        os.killpg(worker.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    worker.proc.wait()
+
+
+def event_types(store, job_id: str, *, progress: bool = False) -> list[str]:
+    return [e["type"] for e in store.events(job_id) if progress or e["type"] != "job.progress"]
+
+
+class Receiver:
+    """A tenant's webhook endpoint on 127.0.0.2: verifies every delivery, answers 200, and keeps
+    each event once by webhook-id (as a receiver must)."""
+
+    def __init__(self, secret: str) -> None:
+        self.signer = Signer(secret)
+        self.lock = threading.Lock()
+        self.deliveries = 0
+        self.unverified = 0
+        self.by_webhook_id: dict[str, dict] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    receiver.signer.verify(body, headers)
+                    verified = True
+                except WebhookVerificationError:
+                    verified = False
+                with receiver.lock:
+                    receiver.deliveries += 1
+                    if verified:
+                        receiver.by_webhook_id.setdefault(headers["webhook-id"], json.loads(body))
+                    else:
+                        receiver.unverified += 1
+                self.send_response(200 if verified else 401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.2:{self.port}{path}"
+
+    def events(self, event_type: str) -> dict[str, dict]:
+        """webhook-id -> payload of the distinct events of one type received."""
+        with self.lock:
+            return {k: v for k, v in self.by_webhook_id.items() if v["type"] == event_type}
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

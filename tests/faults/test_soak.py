@@ -1,0 +1,28 @@
+"""The soak (tests/faults/soak.py), small: 60 jobs through two workers that keep getting killed.
+The full run is ``python -m tests.faults.soak --jobs 500``."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.soak import run_soak
+
+pytestmark = [pytest.mark.integration, pytest.mark.soak]
+
+JOBS = 60
+
+
+@pytest.mark.timeout(480)  # the soak stops itself after 240 s; checking and closing take the rest
+def test_soak_60_jobs_under_repeated_worker_kills(tmp_path):
+    figures = run_soak(jobs=JOBS, workers=2, kill_every_s=(3.0, 6.0), timeout_s=240, base=tmp_path, seed=60)
+    print("\n".join(figures.lines()))
+
+    assert not figures.timed_out
+    assert figures.kills >= 3  # it did kill workers, several times, while they ran jobs
+    assert figures.ok, figures.problems
+    # Every job finished: succeeded, or dead-lettered after max_attempts deaths (none expected
+    # from kills this far apart, but allowed: the figures say how many).
+    assert figures.statuses.get("succeeded", 0) + figures.dead_letters == JOBS
+    assert figures.outputs == figures.statuses.get("succeeded", 0)
+    assert figures.webhooks_distinct == JOBS
+    assert figures.double_completions == 0
