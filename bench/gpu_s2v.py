@@ -1,4 +1,4 @@
-# Device check (one GPU, ~5 min), like deploy/device_check.sh: the device image has torch, transformers,
+# Device check (one GPU, ~5 min): the device image has torch, transformers,
 # einops, numpy, pillow; carry the rest as wheels built here, then run:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl wan22==2.2.11 easydict==1.14 diffusers==0.42.1 ftfy==6.3.1 wcwidth==0.9.4 av==18.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 timeout 540 python3 bench/gpu_s2v.py
