@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
 from routing.eta import worker_states
-from routing.jobs import RUN_S_BUCKETS
+from routing.job_scripts import RUN_S_BUCKETS
 from routing.keys import Keys
 
 
