@@ -62,6 +62,21 @@ class Runtime:
         else:
             pipe.to(self.device)
 
+    def load(self, pipeline_class: str, weights: str, **components: Any) -> Any:
+        """``diffusers.<pipeline_class>.from_pretrained(weights)`` in this runtime's dtype, placed
+        on its device, quiet. The same call loads hub weights and the small local test models;
+        ``components`` replace ones the repository would give."""
+        import diffusers
+
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(weights, dtype=self.dtype, **components)
+        self.finish(pipe)
+        return pipe
+
+    def finish(self, pipe: Any) -> None:
+        """Place a pipeline built here and silence its progress bar (workers log, not draw)."""
+        self.place(pipe)
+        pipe.set_progress_bar_config(disable=True)
+
     @classmethod
     def resolve(cls, device: str, dtype: str) -> Runtime:
         import torch

@@ -20,14 +20,9 @@ if TYPE_CHECKING:
 
 class QwenImageAdapter:
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        import diffusers
-
         self.spec = spec
         self.runtime = runtime
-        # The same call loads the hub weights and the small local test models.
-        self.pipe = diffusers.QwenImagePipeline.from_pretrained(weights, dtype=runtime.dtype)
-        runtime.place(self.pipe)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = runtime.load("QwenImagePipeline", weights)
 
     def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
         # 1. Check inputs: the catalog validated the request at submit; the pipeline must agree on
@@ -59,16 +54,9 @@ class QwenImageEditAdapter:
     max_images = 1
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        import diffusers
-
         self.spec = spec
         self.runtime = runtime
-        pipeline = getattr(diffusers, self.pipeline_class)
-        self.pipe = pipeline.from_pretrained(
-            weights, dtype=runtime.dtype, **_processor_without_torchvision(weights)
-        )
-        runtime.place(self.pipe)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = runtime.load(self.pipeline_class, weights, **_processor_without_torchvision(weights))
 
     def run(self, request: EditRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
         # 1. Check inputs. Without width and height the pipeline picks about one megapixel at the

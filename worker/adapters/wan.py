@@ -80,8 +80,7 @@ class WanTI2VAdapter:
             expand_timesteps=True,
         )
         for pipe in (self.t2v, self.i2v):
-            runtime.place(pipe)
-            pipe.set_progress_bar_config(disable=True)
+            runtime.finish(pipe)
 
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
         image_to_video = request.kind == "image-to-video"
@@ -134,13 +133,9 @@ class WanAnimateAdapter:
     place of the person of a video ("mix")."""
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        import diffusers
-
         self.spec = spec
         self.runtime = runtime
-        self.pipe = diffusers.WanAnimatePipeline.from_pretrained(weights, dtype=runtime.dtype)
-        runtime.place(self.pipe)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = runtime.load("WanAnimatePipeline", weights)
 
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
         pipe = self.pipe

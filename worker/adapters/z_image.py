@@ -9,14 +9,9 @@ from worker.adapters.base import Generated, Inputs, Runtime, StepCallback, seede
 
 class ZImageAdapter:
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        import diffusers
-
         self.spec = spec
         self.runtime = runtime
-        # The same call loads the hub weights and the small local test models.
-        self.pipe = diffusers.ZImagePipeline.from_pretrained(weights, dtype=runtime.dtype)
-        runtime.place(self.pipe)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = runtime.load("ZImagePipeline", weights)
 
     def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
         # 1. Check inputs: the request was validated against the catalog at submit; the pipeline
