@@ -193,6 +193,8 @@ CATALOG: dict[str, ModelSpec] = {
             max_input_images=1,
             # The official code's SUPPORTED_SIZES for s2v-14B.
             allowed_sizes=((1024, 704), (704, 1024), (832, 480), (480, 832), (1280, 720), (720, 1280)),
+            served=True,
+            notes="run by the official Wan2.2 code in a resident torchrun group (worker.group)",
         ),
     ]
 }

@@ -6,8 +6,9 @@
    long as the speech.
 3. The official code's input path, on the small checkpoint (``worker.small_models.s2v``): the
    ``AudioEncoder`` reads each format through the PyAV stand-in for ``librosa.load``, the pose
-   reader stands in for decord, and the DiT runs on the CPU with the SDPA attention that replaces
-   flash-attn. (``WanS2V`` itself needs CUDA; ``bench/gpu_s2v.py`` runs it.)
+   reader stands in for decord, torchvision's three transforms have stand-ins where torchvision
+   cannot load, and ``wan.WanS2V`` itself generates on the CPU with the SDPA attention that
+   replaces flash-attn (one rank here; two over gloo in ``tests/integration/test_group.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from routing.errors import InvalidRequest
 from routing.net import UrlPolicy
 from routing.schemas import SpeechToVideoRequest
 from routing.storage import LocalStorage
+from worker.adapters import wan_standins as standins
 
 S2V = "wan2.2-s2v-14b"
 SPEC = get_model(S2V)
@@ -294,7 +296,7 @@ def test_the_pose_reader_stands_in_for_decord(wan, tmp_path: Path) -> None:
     path = tmp_path / "pose.mp4"
     path.write_bytes(mp4_bytes(30, fps=25))
 
-    reader = wan.PyAVVideoReader(str(path))
+    reader = standins.PyAVVideoReader(str(path))
 
     assert reader.get_avg_fps() == pytest.approx(25.0)
     assert len(reader) == 30
@@ -320,50 +322,61 @@ def test_sdpa_attention_matches_flash_attention_semantics(wan) -> None:
     assert grouped.shape == q.shape and not grouped[1, 3:].any()
 
 
-def test_the_small_dit_runs_on_the_cpu_with_sdpa_attention(small_s2v: Path, wan) -> None:
+def test_the_torchvision_stand_in_resizes_and_crops_as_torchvision(wan) -> None:
     import torch
 
-    modules = wan.import_wan_modules()
-    assert modules["model_s2v"].flash_attention is wan.sdpa_attention or wan.flash_attn_available()
-    config = modules["configs"].WAN_CONFIGS["s2v-14B"]
-    with wan.small_model_sizes(small_s2v):
-        dit = modules["model_s2v"].WanModel_S2V.from_pretrained(small_s2v, torch_dtype=torch.float32)
-        t5 = modules["t5"].T5EncoderModel(
-            text_len=config.text_len,
-            dtype=torch.float32,
-            device=torch.device("cpu"),
-            checkpoint_path=str(small_s2v / config.t5_checkpoint),
-            tokenizer_path=str(small_s2v / config.t5_tokenizer),
-        )
-        vae = modules["vae2_1"].Wan2_1_VAE(vae_pth=str(small_s2v / config.vae_checkpoint), device="cpu")
+    image = Image.new("RGB", (100, 50), (255, 0, 0))
+    # Resize(int) sets the shorter side and keeps the aspect ratio; CenterCrop pads what is missing.
+    resized = standins.Resize(32)(image)
+    assert resized.size == (64, 32)
+    cropped = standins.CenterCrop((32, 80))(resized)
+    assert cropped.size == (80, 32)
+    pixels = standins.ToTensor()(cropped)
+    assert pixels.shape == (3, 32, 80) and pixels.dtype == torch.float32
+    assert pixels[0, :, 8:72].min() == 1.0 and pixels[:, :, :8].max() == 0.0  # 8 columns of padding
 
-    height = width = 64
-    motion = config.transformer.motion_frames
-    lat_motion = (motion + 3) // 4
-    lat_frames = (80 + 3 + motion) // 4 - lat_motion
-    with torch.no_grad():
-        context = t5(["a person talks"], torch.device("cpu"))
-        ref = torch.stack(vae.encode(torch.rand(1, 3, 1, height, width) * 2 - 1))
-        # Motion and pose latents straight in latent space (the VAE on 73 + 81 frames is slow
-        # on a CPU); the reference went through the VAE, and comes back out of it.
-        assert vae.decode(ref)[0].shape == (3, 1, height, width)
-        latent = (height // 8, width // 8)
-        motion_latents = torch.randn(1, 16, lat_motion, *latent)
-        cond = torch.randn(1, 16, lat_frames, *latent)
-        noise = torch.randn(
-            16, lat_frames, height // 8, width // 8, generator=torch.Generator().manual_seed(0)
-        )
-        audio = torch.randn(1, 25, 32, 80)
-        out = dit(
-            [noise],
-            t=torch.tensor([999.0]),
-            context=context,
-            seq_len=lat_frames * (height // 16) * (width // 16),
-            cond_states=cond,
-            motion_latents=motion_latents,
-            ref_latents=ref,
-            audio_input=audio,
-            motion_frames=[motion, lat_motion],
-            drop_motion_frames=True,
-        )[0]
-    assert out.shape == noise.shape and torch.isfinite(out).all() and out.std() > 0
+    frames = torch.rand(5, 3, 60, 40) * 2 - 1  # pose frames, [N, C, H, W] in [-1, 1]
+    out = standins.CenterCrop((32, 16))(standins.Resize(16)(frames))
+    assert out.shape == (5, 3, 32, 16) and out.dtype == frames.dtype
+    flat = torch.full((1, 3, 60, 40), 0.25)
+    assert torch.allclose(standins.Resize(20)(flat), torch.full((1, 3, 30, 20), 0.25))
+
+
+def test_the_official_wan_s2v_runs_on_the_cpu_and_the_pose_video_drives_it(
+    small_s2v: Path, wan, tmp_path: Path
+) -> None:
+    """``wan.WanS2V`` itself (one rank, no process group) through the fleet's group model."""
+    import torch
+
+    from routing.catalog import get_model
+    from worker.adapters.base import JobCanceled, Runtime
+
+    model = wan.S2VGroupModel(get_model(S2V), str(small_s2v), Runtime.resolve("cpu", "auto"), wan.GroupPlace(0, 1, 0))
+    (tmp_path / "face.png").write_bytes(png_bytes((120, 90)))
+    (tmp_path / "speech.wav").write_bytes(wav_bytes(1.5))
+    (tmp_path / "pose.mp4").write_bytes(mp4_bytes(40))
+    request = SpeechToVideoRequest.model_validate(
+        {"model": S2V, "prompt": "a person talks", "image": {"key": "f"}, "audio": {"key": "s"}}
+    ).model_copy(update={"width": 832, "height": 480, "steps": 2, "seed": 7, "guidance_scale": 4.5})
+    files = {"image": tmp_path / "face.png", "audio": tmp_path / "speech.wav"}
+
+    steps: list[tuple[int, int]] = []
+    plain = model.run(request, files, lambda step, total: steps.append((step, total)), tmp_path)
+    posed = model.run(request, {**files, "pose_video": tmp_path / "pose.mp4"}, lambda *_: None, tmp_path)
+
+    assert steps == [(1, 2), (2, 2)]  # one clip: 1.5 s of speech
+    # One 80-frame clip less the 3 frames the first clip drops; the small checkpoint renders
+    # 832*480 at its 128*64 cap.
+    assert len(plain.frames) == 77 and plain.frames[0].size == (128, 64) and plain.fps == 16
+    assert plain.audio == (tmp_path / "speech.wav").read_bytes()
+    a = torch.tensor(np.stack([np.asarray(f) for f in plain.frames]), dtype=torch.float32)
+    b = torch.tensor(np.stack([np.asarray(f) for f in posed.frames]), dtype=torch.float32)
+    # Same seed, same speech: what differs is the pose conditioning (random weights, two steps:
+    # about one grey level on average).
+    assert a.std() > 0 and (a - b).abs().mean() > 0.2
+
+    def cancel_at_1(step: int, total: int) -> None:
+        raise JobCanceled("canceled")
+
+    with pytest.raises(JobCanceled):
+        model.run(request, files, cancel_at_1, tmp_path)

@@ -12,19 +12,26 @@ modules at import time (``import_wan``), each a module attribute replaced, never
   sam2...), and S2V needs none of them;
 * ``wan/modules/t5.py`` evaluates ``torch.cuda.current_device()`` as a default argument when it is
   imported, which raises on a CPU-only torch: it is imported with that call answering "cpu";
-* audio: ``AudioEncoder`` reads the speech with ``librosa.load(path, sr=16000)``; it gets PyAV
-  instead (the decoder the producer checked the upload with), so librosa (numba, llvmlite, scipy,
-  scikit-learn) is not needed;
-* pose video: ``WanS2V.read_last_n_frames`` reads with decord's ``VideoReader``; it gets a
-  PyAV-backed reader with the same three methods, so decord is not needed;
+* media: ``librosa.load``, ``decord.VideoReader`` and (where it cannot be imported) torchvision's
+  transforms are read through PyAV, the decoder the producer checked the upload with
+  (``worker.adapters.wan_standins`` says what each is and why);
 * progress: the denoising loop has no callback, so the scheduler classes it builds are replaced by
   subclasses whose ``step`` reports to the job's ``on_step`` (which may raise ``JobCanceled``: the
   loop ends at that step on every rank, since every rank reports the same step).
 
-The official code needs CUDA: it cannot run on a CPU (see ``CPU_BLOCKERS``). Small random-weight
-checkpoints (``worker.small_models.s2v``) shrink T5 and the VAE, whose sizes the official code
-hard-codes; a checkpoint says so in ``fleet-small-model.json`` and only then are those sizes read
-from it.
+On a CPU (the tests: two ranks over gloo) the same code runs with four more replacements, all in
+``wan.speech2video``'s namespace (``run_on_cpu``): its ``torch.device("cuda:N")`` names the CPU;
+FSDP (``shard_model``) gets the CPU as its device, float32 as its compute dtype and no rank-0
+broadcast of the weights (FSDP broadcasts only from a GPU; every rank read the same files); the
+Ulysses attention (``sp_attn_forward_s2v``) keeps float32 instead of casting q, k, v to bfloat16;
+and the config's ``param_dtype`` and ``t5_dtype`` are float32. On CUDA the official code casts to
+bfloat16 inside ``torch.amp.autocast("cuda")`` and opens float32 regions with
+``torch.cuda.amp.autocast(dtype=torch.float32)``; CPU autocast has no float32 regions (bfloat16
+and float16 only), so on a CPU the model runs in float32 throughout, which needs no autocast.
+
+Small random-weight checkpoints (``worker.small_models.s2v``) shrink T5 and the VAE, whose sizes
+the official code hard-codes, and cap the rendered area; a checkpoint says so in
+``fleet-small-model.json`` and only then are those read from it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
+from worker.adapters import wan_standins as standins
 from worker.adapters.base import Generated, Runtime, StepCallback
 
 if TYPE_CHECKING:
@@ -58,26 +66,6 @@ TASK = "s2v-14B"
 SMALL_MODEL_FILE = "fleet-small-model.json"
 # Frames of one clip: the catalog's frames_step, and generate.py's --infer_frames default.
 CLIP_FRAMES = 80
-
-# Why WanS2V cannot run on a CPU (wan22 2.2.11), each a call the constructor or generate() makes.
-CPU_BLOCKERS = (
-    "wan/speech2video.py WanS2V.__init__: self.device = torch.device(f'cuda:{device_id}'), then "
-    "Wan2_1_VAE(..., device=self.device) moves the VAE there (.to('cuda:N') fails without CUDA)",
-    "wan/speech2video.py WanS2V.__init__: WanModel_S2V.from_pretrained(..., device_map=self.device) "
-    "without FSDP, and wan/distributed/fsdp.py shard_model(..., device_id=<int>) with FSDP: a CUDA "
-    "device either way",
-    "wan/speech2video.py WanS2V.generate: torch.Generator(device=self.device) (a CUDA generator) "
-    "for the noise, and torch.cuda.synchronize() when offload_model",
-    "wan/modules/t5.py T5EncoderModel.__init__: default argument device=torch.cuda.current_device(), "
-    "evaluated at import (worked around here at import time)",
-    "wan/modules/attention.py flash_attention: assert q.device.type == 'cuda' and flash-attn kernels "
-    "(replaced here by sdpa_attention)",
-    "wan/speech2video.py imports torchvision at module level; PyPI's torchvision for torch 2.13 is a "
-    "CUDA build whose C extension does not load beside the CPU torch",
-)
-
-_HALF = ("float16", "bfloat16")
-
 
 # --- Attention --------------------------------------------------------------------------------
 
@@ -240,29 +228,110 @@ def import_wan_audio_encoder() -> types.ModuleType:
     with _import_lock:
         if "audio_encoder" not in _imported:
             if importlib.util.find_spec("librosa") is None:
-                sys.modules["librosa"] = _librosa_standin()
+                sys.modules["librosa"] = standins.librosa_module()
             audio_encoder = importlib.import_module("wan.modules.s2v.audio_encoder")
-            audio_encoder.librosa = _librosa_standin()
+            audio_encoder.librosa = standins.librosa_module()
             _imported["audio_encoder"] = audio_encoder
         return _imported["audio_encoder"]
 
 
 def import_wan_pipeline() -> dict[str, types.ModuleType]:
-    """``import_wan_modules`` plus ``wan.speech2video`` and its audio encoder (needs torchvision)."""
+    """``import_wan_modules`` plus ``wan.speech2video`` and its audio encoder."""
     modules = import_wan_modules()
     audio_encoder = import_wan_audio_encoder()
     with _import_lock:
         if "speech2video" in _imported:
             return _imported
         if importlib.util.find_spec("decord") is None:
-            sys.modules["decord"] = _decord_standin()
-        s2v = importlib.import_module("wan.speech2video")
-        s2v.VideoReader = PyAVVideoReader
+            sys.modules["decord"] = standins.decord_module()
+        if standins.torchvision_importable():
+            s2v = importlib.import_module("wan.speech2video")
+        else:
+            # Only while wan.speech2video imports: nothing else in the process sees the stand-in.
+            with _modules_while_importing(standins.torchvision_modules()):
+                s2v = importlib.import_module("wan.speech2video")
+        s2v.VideoReader = standins.PyAVVideoReader
         s2v.FlowUniPCMultistepScheduler = _reporting(s2v.FlowUniPCMultistepScheduler)
         s2v.FlowDPMSolverMultistepScheduler = _reporting(s2v.FlowDPMSolverMultistepScheduler)
         s2v.tqdm = lambda iterable, *args, **kwargs: iterable  # no progress bars in the group log
         modules.update(speech2video=s2v, audio_encoder=audio_encoder)
         return modules
+
+
+@contextlib.contextmanager
+def _modules_while_importing(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+# --- On a CPU ---------------------------------------------------------------------------------
+
+
+class _TorchNamingTheCpu(types.ModuleType):
+    """``torch`` as ``wan.speech2video`` sees it on a CPU: a CUDA device names the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch, name)
+
+    @staticmethod
+    def device(*args: Any, **kwargs: Any) -> torch.device:
+        import torch
+
+        device = torch.device(*args, **kwargs)
+        return torch.device("cpu") if device.type == "cuda" else device
+
+
+def run_on_cpu(speech2video: types.ModuleType) -> None:
+    """Let ``WanS2V`` build and generate on a CPU, single or sharded over gloo (module docstring)."""
+    import torch
+
+    if isinstance(speech2video.torch, _TorchNamingTheCpu):
+        return
+    warnings.filterwarnings("ignore", message=r".*CUDA is not available.*Disabling", category=UserWarning)
+    shard_model = speech2video.shard_model
+    sp_attn_forward_s2v = speech2video.sp_attn_forward_s2v
+
+    def shard_model_on_cpu(model: Any, device_id: Any = None, **kwargs: Any) -> Any:
+        return shard_model(
+            model,
+            **{**kwargs, "device_id": torch.device("cpu"), "param_dtype": torch.float32, "sync_module_states": False},
+        )
+
+    def sp_attn_forward_in_float32(
+        self: Any, x: Any, seq_lens: Any, grid_sizes: Any, freqs: Any, dtype: Any = None
+    ) -> Any:
+        return sp_attn_forward_s2v(self, x, seq_lens, grid_sizes, freqs, dtype=torch.float32)
+
+    speech2video.torch = _TorchNamingTheCpu()
+    speech2video.shard_model = shard_model_on_cpu
+    speech2video.sp_attn_forward_s2v = sp_attn_forward_in_float32
+
+
+def config_for(config: Any, device_type: str) -> Any:
+    """The s2v-14B config as it runs on ``device_type``: float32 on a CPU (module docstring)."""
+    if device_type == "cuda":
+        return config
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(config)
+    config.param_dtype = torch.float32
+    config.t5_dtype = torch.float32
+    return config
 
 
 # --- Small checkpoints ------------------------------------------------------------------------
@@ -298,61 +367,6 @@ def small_model_sizes(checkpoint_dir: str | Path) -> Iterator[dict[str, Any] | N
         yield sizes
     finally:
         _small_sizes.clear()
-
-
-# --- Stand-ins for librosa.load and decord.VideoReader ----------------------------------------
-
-
-def _librosa_load(path: str, sr: int | None = 22050, mono: bool = True, **_: Any) -> tuple[Any, int]:
-    """``librosa.load``: float32 samples (mono: 1-D) at ``sr``, through PyAV."""
-    from worker.media import decode_audio
-
-    samples, rate = decode_audio(Path(path).read_bytes(), sample_rate=sr, layout="mono" if mono else None)
-    return (samples[0] if mono else samples), rate
-
-
-def _librosa_standin() -> types.ModuleType:
-    module = sys.modules.get("fleet_librosa_standin")
-    if module is None:
-        module = types.ModuleType("fleet_librosa_standin", "librosa.load through PyAV (worker.adapters.s2v)")
-        module.load = _librosa_load  # type: ignore[attr-defined]
-        sys.modules["fleet_librosa_standin"] = module
-    return module
-
-
-class _Batch:
-    def __init__(self, array: Any):
-        self._array = array
-
-    def asnumpy(self) -> Any:
-        return self._array
-
-
-class PyAVVideoReader:
-    """The part of ``decord.VideoReader`` that ``WanS2V.read_last_n_frames`` uses."""
-
-    def __init__(self, path: str, *_: Any, **__: Any):
-        import numpy as np
-
-        from worker.media import decode_video
-
-        frames, self._fps = decode_video(Path(path).read_bytes())
-        self._frames = np.stack([np.asarray(f.convert("RGB")) for f in frames])
-
-    def get_avg_fps(self) -> float:
-        return self._fps
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def get_batch(self, indices: Any) -> _Batch:
-        return _Batch(self._frames[list(indices)])
-
-
-def _decord_standin() -> types.ModuleType:
-    module = types.ModuleType("decord", "decord.VideoReader through PyAV (worker.adapters.s2v)")
-    module.VideoReader = PyAVVideoReader  # type: ignore[attr-defined]
-    return module
 
 
 # --- Progress ---------------------------------------------------------------------------------
@@ -408,17 +422,18 @@ class S2VGroupModel:
     same job, and returns the video on rank 0 (None elsewhere)."""
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime, place: GroupPlace):
-        import torch
+        from worker import adapters
 
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "Wan2.2-S2V runs on CUDA only; on a CPU the official code fails at: "
-                + "; ".join(CPU_BLOCKERS[:3])
-            )
+        adapters._quiet_loading()
         modules = import_wan_pipeline()
+        device_type = runtime.device.split(":")[0]
+        if device_type not in ("cuda", "cpu"):
+            raise ValueError(f"Wan2.2-S2V runs on CUDA or the CPU, not {runtime.device}")
+        if device_type == "cpu":
+            run_on_cpu(modules["speech2video"])
         self.spec = spec
         self.place = place
-        self.config = modules["configs"].WAN_CONFIGS[TASK]
+        self.config = config_for(modules["configs"].WAN_CONFIGS[TASK], device_type)
         sharded = place.world_size > 1
         # Ulysses splits the DiT's heads over the ranks (generate.py asserts the same).
         dit_config = Path(weights) / "config.json"
@@ -426,7 +441,7 @@ class S2VGroupModel:
         heads = heads or self.config.num_heads
         if sharded and heads % place.world_size:
             raise ValueError(f"{heads} attention heads do not split over {place.world_size} ranks")
-        with small_model_sizes(weights):
+        with small_model_sizes(weights) as small:
             # What upstream generate.py builds for --dit_fsdp --t5_fsdp --ulysses_size W.
             self.pipe = modules["speech2video"].WanS2V(
                 config=self.config,
@@ -439,6 +454,8 @@ class S2VGroupModel:
                 t5_cpu=False,
                 convert_model_dtype=False,
             )
+        # A small checkpoint renders at most this many pixels whatever the size asked for.
+        self.max_area: int | None = (small or {}).get("max_area")
         self._audio_clips: int | None = None
         encode_audio = self.pipe.encode_audio
 
@@ -480,7 +497,7 @@ class S2VGroupModel:
                 tts_text=None,
                 num_repeat=request.clips,
                 pose_video=str(files["pose_video"]) if files.get("pose_video") else None,
-                max_area=request.width * request.height,
+                max_area=min(request.width * request.height, self.max_area or math.inf),
                 infer_frames=CLIP_FRAMES,
                 shift=self.config.sample_shift,
                 sample_solver="unipc",
@@ -534,13 +551,13 @@ def _reference_image(path: str | Path, width: int, height: int) -> Image.Image:
 
 
 __all__ = [
-    "CPU_BLOCKERS",
     "GroupPlace",
-    "PyAVVideoReader",
     "S2VGroupModel",
+    "config_for",
     "import_wan_audio_encoder",
     "import_wan_modules",
     "import_wan_pipeline",
+    "run_on_cpu",
     "sdpa_attention",
     "small_model_sizes",
     "video_to_frames",

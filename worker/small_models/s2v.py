@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-VERSION = 1
+VERSION = 2
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER_DIR = "google/umt5-xxl"
@@ -44,6 +44,10 @@ AUDIO_DIM = 32  # wav2vec2 hidden size = the DiT's audio_dim
 # the encoder's blocks is narrow.
 T5 = {"dim": 4096, "dim_attn": 32, "dim_ffn": 32, "num_heads": 4, "encoder_layers": 2, "decoder_layers": 2}
 VAE = {"dim": 16}
+# Pixels a frame of this checkpoint is rendered at, at most, whatever size a job asks for (the
+# official code fits the frame in it at multiples of 64): 128*64 for the landscape sizes, 64*128
+# for the portrait ones. Keeps a CPU job at seconds; the real checkpoint renders the size asked.
+MAX_AREA = 128 * 64
 
 
 def build_wan22_s2v_14b(out: Path) -> None:
@@ -62,7 +66,9 @@ def build_wan22_s2v_14b(out: Path) -> None:
     tokenizer.save_pretrained(out / T5_TOKENIZER_DIR)
     t5_sizes = {**T5, "vocab_size": len(tokenizer)}
     (out / SMALL_MODEL_FILE).write_text(
-        json.dumps({"t5": t5_sizes, "vae": VAE, "note": "small random-weight test model"}, indent=2)
+        json.dumps(
+            {"t5": t5_sizes, "vae": VAE, "max_area": MAX_AREA, "note": "small random-weight test model"}, indent=2
+        )
     )
     torch.manual_seed(0)
     encoder = wan["t5"].umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16, **t5_sizes)
