@@ -1,8 +1,9 @@
 """The resident torchrun group through a real h100x8 worker, on the CPU: two ranks over gloo.
 
-The official S2V code needs CUDA (see ``worker.adapters.s2v.CPU_BLOCKERS``), so here the group
-serves the small Z-Image-Turbo, run by both ranks with the same seed; rank 0 encodes and the
-worker stores. The GPU check of S2V itself is ``bench/gpu_s2v.py``.
+The group serves the small Wan2.2-S2V checkpoint with the official code (``wan.WanS2V``, FSDP and
+Ulysses over the two ranks, as on eight GPUs) and, beside it, the small Z-Image-Turbo run by both
+ranks with the same seed (the path for a model with no group model of its own). Rank 0 encodes
+the video with the speech in it and the worker stores it.
 
 Each rank logs ``rank N got job <id>`` into the group's log (``FLEET_GROUP_LOG_DIR``), one log
 file per group started, which is how these tests see what every rank did.
@@ -10,24 +11,60 @@ file per group started, which is how these tests see what every rank did.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
 import time
+import wave
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
+from PIL import Image
 
 from producer.client import Client
 from routing.jobs import JobStatus
 from routing.settings import Settings
 from routing.storage import LocalStorage
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
-FAST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
-# Seconds of work on two CPU ranks, so the test can act while it runs.
-SLOW = {"model": "z-image-turbo", "prompt": "a slow one", "width": 512, "height": 512, "steps": 50}
+S2V = "wan2.2-s2v-14b"
+SPEECH_S = 1.5
+FAST_IMAGE = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
+
+
+def _wav(seconds: float, rate: int = 16000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t) * 12000
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(tone.astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 150, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _s2v(client: Client, seconds: float, steps: int) -> dict:
+    """A speech-to-video request: one 80-frame clip for every 5 s of speech (or part of it)."""
+    return {
+        "model": S2V,
+        "prompt": "a person talks to the camera",
+        "image": client.upload(_png((96, 64))),
+        "audio": client.upload(_wav(seconds)),
+        "width": 832,
+        "height": 480,
+        "steps": steps,
+    }
 
 
 @pytest.fixture
@@ -37,13 +74,13 @@ def group_logs(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
-    """An h100x8 worker whose group (2 ranks, CPU, gloo) serves z-image-turbo."""
+    """An h100x8 worker whose group (2 ranks, CPU, gloo) serves S2V and z-image-turbo."""
     settings = fleet_settings.model_copy(
         update={
             "worker_class": "h100x8",
-            "group_models": ["z-image-turbo"],
+            "group_models": [S2V, "z-image-turbo"],
             "group_world_size": 2,
-            # z-image-turbo's own adapter is the single-GPU one; here the group serves it.
+            # z-image-turbo's own adapter is the single-GPU one; here the group serves it too.
             "adapters": {"z-image-turbo": "worker.group_client:GroupAdapter"},
         }
     )
@@ -51,7 +88,7 @@ def group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
         settings,
         # The Settings fields exist; the variables are named too for a worker whose settings
         # lack them (worker.group_client falls back to the environment).
-        FLEET_GROUP_MODELS='["z-image-turbo"]',
+        FLEET_GROUP_MODELS=f'["{S2V}", "z-image-turbo"]',
         FLEET_GROUP_WORLD_SIZE="2",
         FLEET_GROUP_TIMEOUT_S="60",
         FLEET_GROUP_START_TIMEOUT_S="180",
@@ -101,21 +138,34 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_every_rank_runs_the_job_and_rank_0_stores_one_output(
+def _audio_seconds(mp4: bytes) -> float:
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.audio[0]
+        return sum(f.samples for f in container.decode(stream)) / stream.codec_context.sample_rate
+
+
+def test_every_rank_runs_the_job_and_rank_0_stores_one_video_with_the_speech(
     client: Client, group_worker, group_logs: Path, fleet_settings: Settings
 ):
-    job = client.submit(FAST)
-    record = job.wait(timeout_s=240)
+    job = client.submit(_s2v(client, SPEECH_S, steps=2))
+    record = job.wait(timeout_s=300)
 
     assert record.status is JobStatus.SUCCEEDED, record.error
     [log] = _logs(group_logs)
     for rank in (0, 1):
-        assert f"rank {rank} got job {job.id} (z-image-turbo)" in log
+        assert f"rank {rank} got job {job.id} ({S2V})" in log
         assert f"rank {rank} finished job {job.id}: ok" in log
-    assert len(record.outputs) == 1
-    assert (record.outputs[0].width, record.outputs[0].height) == (64, 64)
-    assert record.outputs[0].seed is not None  # drawn once, used by both ranks
-    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [record.outputs[0].key]
+    [output] = record.outputs
+    assert output.content_type == "video/mp4"
+    # One 80-frame clip less the 3 the first clip drops, at 16 fps; the small checkpoint renders
+    # 832*480 within its 128*64 cap.
+    assert (output.width, output.height, output.frames, output.fps) == (128, 64, 77, 16)
+    assert output.seed is not None  # drawn once, used by both ranks
+    storage = LocalStorage(fleet_settings.storage_dir)
+    assert storage.list(f"jobs/{job.id}/") == [output.key]
+    mp4 = storage.get(output.key)
+    # The speech is muxed whole (AAC adds a frame or two of encoder delay).
+    assert _audio_seconds(mp4) == pytest.approx(SPEECH_S, abs=0.1)
 
     # Stopping the worker takes the group with it: rank 0 sees its connection close.
     pids = _rank_pids(log)
@@ -126,14 +176,15 @@ def test_every_rank_runs_the_job_and_rank_0_stores_one_output(
 def test_cancel_stops_every_rank_at_the_same_step_and_the_group_serves_on(
     client: Client, group_worker, group_logs: Path, fleet_settings: Settings
 ):
-    job = client.submit(SLOW)
+    # 12 s of speech: three clips of 40 steps, tens of seconds on two CPU ranks.
+    job = client.submit(_s2v(client, 12.0, steps=40))
     _wait_for_step(client, job.id, 2)
 
     client.cancel(job.id)
     record = job.wait(timeout_s=120)
 
     assert record.status is JobStatus.CANCELED
-    assert record.outputs == [] and record.step < SLOW["steps"]
+    assert record.outputs == [] and record.step < 3 * 40
     assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
     [log] = _logs(group_logs)
     stopped = {
@@ -142,19 +193,21 @@ def test_cancel_stops_every_rank_at_the_same_step_and_the_group_serves_on(
     assert set(stopped) == {"0", "1"}, log[-3000:]
     assert len(set(stopped.values())) == 1  # both at the same step
 
-    # The same group (no second log, same processes) runs the next job.
+    # The same group (no second log, same processes) runs the next job, of its other model.
     pids = _rank_pids(log)
-    after = client.submit(FAST)
-    assert after.wait(timeout_s=120).status is JobStatus.SUCCEEDED
+    after = client.submit(FAST_IMAGE)
+    after_record = after.wait(timeout_s=120)
+    assert after_record.status is JobStatus.SUCCEEDED, after_record.error
+    assert (after_record.outputs[0].width, after_record.outputs[0].height) == (64, 64)
     [log] = _logs(group_logs)
-    assert f"rank 1 got job {after.id}" in log
+    assert f"rank 1 got job {after.id} (z-image-turbo)" in log
     assert all(_alive(p) for p in pids)
 
 
 def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     client: Client, group_worker, group_logs: Path
 ):
-    job = client.submit(SLOW)
+    job = client.submit(_s2v(client, 12.0, steps=40))
     _wait_for_step(client, job.id, 2)
     [log] = _logs(group_logs)
     rank0, rank1 = _rank_pids(log)
@@ -167,8 +220,8 @@ def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     assert "rank 1" in message and "SIGKILL" in message, message
     _wait_for(lambda: not _alive(rank0), 60, "rank 0 of the dead group still running")
 
-    after = client.submit(FAST)
-    after_record = after.wait(timeout_s=240)
+    after = client.submit(_s2v(client, SPEECH_S, steps=2))
+    after_record = after.wait(timeout_s=300)
     assert after_record.status is JobStatus.SUCCEEDED, after_record.error
     first, second = _logs(group_logs)
     assert f"rank 1 got job {after.id}" in second

@@ -473,7 +473,7 @@ class S2VGroupModel:
         # aspect ratio and scaled to them (the official code keeps a smaller image's size), and
         # the official code fits that in width x height pixels at multiples of 64 (so 480 and
         # 720 high requests come out 448 and 704 high, as upstream's --size 832*480 does).
-        reference = workdir / "reference.png"
+        reference = workdir / f"reference.rank{self.place.rank}.png"  # the ranks share workdir
         _reference_image(files["image"], request.width, request.height).save(reference)
         audio_path = files["audio"]
         progress = _Progress(steps_per_clip=request.steps, clips=0)
