@@ -33,7 +33,12 @@ def _queue_lengths(redis_client) -> dict[bytes, int]:
         ({"colour": "blue"}, "colour", "unknown field"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
         ({"width": "wide"}, "width", "valid integer"),
-        ({"model": "wan2.2-s2v-14b"}, "model", "not served yet"),
+        ({"model": "wan2.2-s2v-14b"}, "audio", "required"),
+        (
+            {"model": "wan2.2-s2v-14b", "image": {"key": "uploads/a.png"}, "audio": {"key": "uploads/a.wav"}},
+            "width",
+            "makes only these sizes (width*height): 1024*704",
+        ),
     ],
 )
 def test_bad_input_names_the_field_and_queues_nothing(client: Client, redis_client, change, field, words):

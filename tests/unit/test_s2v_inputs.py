@@ -174,7 +174,6 @@ def test_a_pose_video_that_is_not_a_usable_video_is_refused(
     assert words in str(raised.value)
 
 
-@pytest.mark.skipif(not SPEC.served, reason=f"{S2V} is not served yet: submit refuses it before inputs")
 def test_submit_refuses_bad_speech_and_queues_nothing(client, redis_client) -> None:
     client.storage.put("uploads/face.png", png_bytes(), "image/png")
     client.storage.put("uploads/speech", b"not audio" * 500, "application/octet-stream")

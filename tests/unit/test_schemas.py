@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from routing import catalog
 from routing.catalog import TaskKind
 from routing.errors import InvalidRequest
 from routing.schemas import TextToImageRequest, parse_request
@@ -47,3 +50,14 @@ def test_model_with_two_kinds_needs_the_kind():
         parse_request({"model": "wan2.2-ti2v-5b", "prompt": "x"})
     assert raised.value.fields == ["kind"]
     assert "text-to-video, image-to-video" in str(raised.value)
+
+
+def test_a_model_that_no_worker_runs_is_refused_naming_the_model(monkeypatch) -> None:
+    spec = catalog.CATALOG["z-image-turbo"]
+    monkeypatch.setitem(catalog.CATALOG, spec.key, dataclasses.replace(spec, served=False))
+
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request({"model": spec.key, "prompt": "a red fox"})
+
+    assert raised.value.fields == ["model"]
+    assert "not served yet" in str(raised.value)
