@@ -1,7 +1,8 @@
 """The demo: one job of every task kind through the whole fleet on this machine.
 
-Local Redis, a 16GB-class and an 80GB-class worker on small random-weight models, jobs submitted
-through the SDK (the first one through the CLI, with its progress bar), outputs in a local
+Local Redis, a 16GB-class and an 80GB-class worker and an 8xH100-class worker whose resident
+torchrun group is two CPU ranks over gloo (Wan2.2-S2V sharded over them with FSDP and Ulysses, as
+on eight GPUs), all on small random-weight models, jobs submitted through the SDK (the first one through the CLI, with its progress bar), outputs in a local
 object-store directory, and a gallery page showing every image and playing every video beside
 its request. Stops what it started.
 """
@@ -9,13 +10,17 @@ its request. Stops what it started.
 from __future__ import annotations
 
 import html
+import io
 import json
 import os
 import secrets
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
+
+import numpy as np
 
 from PIL import Image, ImageDraw
 
@@ -61,6 +66,19 @@ def clip(size: tuple[int, int], frames: int, fps: int, kind: str) -> bytes:
             draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(240, 200, 160 + i % 40))
         images.append(image)
     return encode_mp4(images, fps)
+
+
+def speech(seconds: float, rate: int = 16000) -> bytes:
+    """A WAV of a voice-like tone: a 180 Hz carrier opening and closing three times a second."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = np.sin(2 * np.pi * 180 * t) * np.abs(np.sin(2 * np.pi * 3 * t)) * 12000
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(samples.astype("<i2").tobytes())
+    return buffer.getvalue()
 
 
 def jobs(client: Client) -> list[dict]:
@@ -124,6 +142,16 @@ def jobs(client: Client) -> list[dict]:
             "frames": 9,
             "steps": 2,
         },
+        {
+            # The small S2V checkpoint renders the 832*480 size within 128*64 pixels.
+            "model": "wan2.2-s2v-14b",
+            "prompt": "a person talks to the camera",
+            "image": scene,
+            "audio": client.upload(speech(2.0)),
+            "width": 832,
+            "height": 480,
+            "steps": 2,
+        },
     ]
 
 
@@ -175,13 +203,18 @@ def main() -> int:
     settings = Settings(storage_dir=VAR / "objects", model_root=models)
     gpu16 = settings.model_copy(update={"worker_class": "gpu16", "warm_models": ["z-image-turbo"]})
     gpu80 = settings.model_copy(update={"worker_class": "gpu80"})
+    # The group starts with the worker's first S2V job; on this machine, two CPU ranks.
+    h100x8 = settings.model_copy(
+        update={"worker_class": "h100x8", "group_world_size": 2, "group_log_dir": VAR / "demo" / "group"}
+    )
     password = secrets.token_urlsafe(12)
     port = int(os.environ.get("FLOWER_PORT", "5555"))
-    print(f"== starting Flower, a gpu16 and a gpu80 worker (logs in {VAR / 'demo'})")
+    print(f"== starting Flower, a gpu16, a gpu80 and an h100x8 worker (logs in {VAR / 'demo'})")
     with (
         FlowerProcess(settings, VAR / "demo" / "flower.log", port, password).wait_ready() as flower,
         WorkerProcess(gpu16, VAR / "demo" / "worker-gpu16.log").wait_ready(),
         WorkerProcess(gpu80, VAR / "demo" / "worker-gpu80.log").wait_ready(),
+        WorkerProcess(h100x8, VAR / "demo" / "worker-h100x8.log").wait_ready(),
         Client(settings) as client,
     ):
         print(f"   Flower: {flower.url}  user {flower.auth[0]}  password {password}")
