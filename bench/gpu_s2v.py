@@ -14,7 +14,9 @@
    against the same forward on SDPA's memory-efficient kernel (the baseline, same run). Seconds
    and ``torch.cuda.max_memory_allocated`` for each.
 
-Needs CUDA and fails at once without it. Not part of the test suite.
+Needs CUDA and fails at once without it. ``--cpu`` runs part 1 alone on the CPU (float32, the
+checkpoint at its 128*64 cap): a check of this script before a GPU is spent on it. Not part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _speech(seconds: float, rate: int = 16000) -> bytes:
     return buffer.getvalue()
 
 
-def small_checkpoint_through_the_group(workdir: Path) -> None:
+def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> None:
     import av
     import numpy as np
     from PIL import Image
@@ -63,17 +65,18 @@ def small_checkpoint_through_the_group(workdir: Path) -> None:
     from worker.group_client import Group
     from worker.small_models.s2v import build_wan22_s2v_14b
 
-    print("== 1. small S2V checkpoint through the group (torchrun, world size 1) ==", flush=True)
+    print(f"== 1. small S2V checkpoint through the group (torchrun, world size 1, {device}) ==", flush=True)
     checkpoint = workdir / "wan2.2-s2v-14b"
     t0 = time.perf_counter()
-    build_wan22_s2v_14b(checkpoint)
+    # On the GPU at the size asked for (no small-model cap on the rendered area).
+    build_wan22_s2v_14b(checkpoint, max_area=None if device == "cuda" else 128 * 64)
     print(f"built the small checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
 
     group = Group(
         models={"wan2.2-s2v-14b": str(checkpoint)},
         world_size=1,
-        device="cuda",
-        dtype="bfloat16",
+        device=device,
+        dtype="bfloat16" if device == "cuda" else "float32",
         timeout_s=300,
         start_timeout_s=300,
         job_timeout_s=300,
@@ -222,6 +225,10 @@ def full_size_dit_step() -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--cpu"]:
+        with tempfile.TemporaryDirectory(prefix="gpu-s2v-") as tmp:
+            small_checkpoint_through_the_group(Path(tmp), device="cpu")
+        return 0
     _require_cuda()
     import torch
 

@@ -50,7 +50,8 @@ VAE = {"dim": 16}
 MAX_AREA = 128 * 64
 
 
-def build_wan22_s2v_14b(out: Path) -> None:
+def build_wan22_s2v_14b(out: Path, max_area: int | None = MAX_AREA) -> None:
+    """The small checkpoint in ``out``; ``max_area=None`` renders the sizes jobs ask for (a GPU)."""
     import torch
 
     from worker.adapters.s2v import SMALL_MODEL_FILE, import_wan_modules, small_model_sizes
@@ -67,7 +68,7 @@ def build_wan22_s2v_14b(out: Path) -> None:
     t5_sizes = {**T5, "vocab_size": len(tokenizer)}
     (out / SMALL_MODEL_FILE).write_text(
         json.dumps(
-            {"t5": t5_sizes, "vae": VAE, "max_area": MAX_AREA, "note": "small random-weight test model"}, indent=2
+            {"t5": t5_sizes, "vae": VAE, "max_area": max_area, "note": "small random-weight test model"}, indent=2
         )
     )
     torch.manual_seed(0)
