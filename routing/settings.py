@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     group_timeout_s: float = Field(default=900, gt=0)
     group_start_timeout_s: float = Field(default=1800, gt=0)
     group_log_dir: Path | None = None
+    # After one rank's own error mid-job, how long the other ranks get to finish the job before
+    # the group is killed: they may be waiting for the failed rank in a collective.
+    group_error_grace_s: float = Field(default=30, gt=0)
+    # The single-GPU adapter the ranks run for a model with no group model of its own, by model
+    # key, over settings.adapters and the built-in ones.
+    group_adapters: dict[str, str] = Field(default_factory=dict)
     # VRAM the worker's resident models may take; the class's size when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
 

@@ -187,6 +187,10 @@ class Rank:
                 raise GroupBroken(f"rank {self.rank}: {exc}") from exc
             state.outcome, state.message = "error", f"{type(exc).__name__}: {exc}"
             log.error("rank %d: job %s failed:\n%s", self.rank, job_id, traceback.format_exc())
+            # The other ranks may be waiting for this one inside the model's own collectives and
+            # never reach the exchange below: the consumer reads this file, gives them
+            # group_error_grace_s, and kills the group naming this error.
+            _write_error(workdir, self.rank, state.message)
 
         outcomes: list[Any] = [None] * self.world_size
         self._collective(self.dist.all_gather_object, outcomes, (state.outcome, state.step, state.message))
@@ -286,6 +290,19 @@ class ConsumerGone(Exception):
     """Rank 0 lost the consumer: the group has no one to serve."""
 
 
+RANK_ERROR_GLOB = "rank-*.error"
+
+
+def _write_error(workdir: Path, rank: int, message: str) -> None:
+    path = workdir / f"rank-{rank}.error"
+    try:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(message[:2000])
+        temporary.rename(path)  # the consumer never reads half a message
+    except OSError as exc:
+        log.warning("rank %d: could not write %s: %s", rank, path, exc)
+
+
 def _parse(data: dict[str, Any]) -> Any:
     """The request the consumer parsed and filled in (seed included), as its schema's object."""
     from routing.catalog import TaskKind
@@ -328,9 +345,14 @@ class ReplicatedModel:
         from routing.settings import get_settings
         from worker import adapters
 
-        # settings.adapters over the built-in ones, as the worker loads them, except the one that
-        # sends the model to the group (this is the group).
-        candidates = [get_settings().adapters.get(spec.key), adapters.ADAPTERS.get(spec.key)]
+        # settings.group_adapters, then settings.adapters over the built-in ones as the worker
+        # loads them, except the one that sends the model to the group (this is the group).
+        settings = get_settings()
+        candidates = [
+            settings.group_adapters.get(spec.key),
+            settings.adapters.get(spec.key),
+            adapters.ADAPTERS.get(spec.key),
+        ]
         target = next((t for t in candidates if t and not t.startswith("worker.group_client")), None)
         if target is None:
             raise LookupError(f"no single-GPU adapter runs {spec.key} inside the group")

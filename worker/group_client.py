@@ -13,10 +13,17 @@ once every rank has stopped. When the group dies (a rank crashed, so torchrun ex
 connection breaks; the job's deadline passes) the job fails with ``GroupFailed``, whose message
 names the rank and its exit code, the group is killed whole, and the next job starts a fresh one.
 
-Settings (``routing.settings``; read with ``getattr`` and ``FLEET_*`` fallbacks until each field
-exists): ``group_models``, ``group_world_size``, ``group_timeout_s`` (every collective; default
-900), ``group_start_timeout_s`` (loading; default 1800), ``group_log_dir`` (torchrun's output;
-default a temporary directory), and ``max_run_s`` (a job's deadline).
+A rank whose own code raises mid-job writes ``rank-N.error`` into the job's directory before it
+joins the exchange of outcomes. If every rank raised alike, the exchange completes and the job
+fails with their messages; if the others are still waiting for it inside the model's collectives
+(an out-of-memory error on one GPU, say), nothing would end that wait but the collective timeout.
+So once an error file appears the others get ``group_error_grace_s`` to finish the job, then the
+group is killed and the job fails naming that rank's error.
+
+Settings (``routing.settings``, else ``FLEET_*``): ``group_models``, ``group_world_size``,
+``group_timeout_s`` (every collective; default 900), ``group_start_timeout_s`` (loading; default
+1800), ``group_error_grace_s`` (default 30), ``group_log_dir`` (torchrun's output; default a
+temporary directory), and ``max_run_s`` (a job's deadline).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from typing import Any
 from routing.catalog import ModelSpec, get_model
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
 from worker.adapters.base import Generated, Inputs, JobCanceled, Runtime, StepCallback
-from worker.group import AUTHKEY_ENV, SPEC_ENV, GroupSpec
+from worker.group import AUTHKEY_ENV, RANK_ERROR_GLOB, SPEC_ENV, GroupSpec
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +124,7 @@ def shared_group() -> Group:
                 timeout_s=float(setting("group_timeout_s", 900)),
                 start_timeout_s=float(setting("group_start_timeout_s", 1800)),
                 job_timeout_s=float(getattr(settings, "max_run_s", 7200)),
+                error_grace_s=float(setting("group_error_grace_s", 30)),
                 log_dir=Path(log_dir) if log_dir else None,
             )
             atexit.register(_shared.close)
@@ -135,6 +143,7 @@ class Group:
         timeout_s: float = 900.0,
         start_timeout_s: float = 1800.0,
         job_timeout_s: float = 7200.0,
+        error_grace_s: float = 30.0,
         log_dir: Path | None = None,
     ):
         self.models = dict(models)
@@ -144,6 +153,7 @@ class Group:
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.job_timeout_s = job_timeout_s
+        self.error_grace_s = error_grace_s
         self.log_dir = log_dir or Path(tempfile.gettempdir()) / "fleet-group-logs"
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
@@ -152,6 +162,8 @@ class Group:
         self.log_path: Path | None = None
         self.starts = 0
         self._in_job = False
+        self._jobdir: Path | None = None  # the running job's directory: ranks' error files
+        self._error_seen_at: float | None = None
         self._authkey_hex = ""
         self._lock = threading.Lock()
 
@@ -318,6 +330,7 @@ class Group:
             job_id = _job_id_of(on_step) or f"{int(time.time() * 1000)}-{random.randrange(16**6):06x}"
             jobdir = Path(tempfile.mkdtemp(prefix="job-", dir=self.workdir))
             self._in_job = False
+            self._jobdir, self._error_seen_at = jobdir, None
             try:
                 files = write_inputs(inputs, jobdir)
                 self._send(
@@ -341,6 +354,7 @@ class Group:
                 raise
             finally:
                 self._in_job = False
+                self._jobdir = None
                 shutil.rmtree(jobdir, ignore_errors=True)
 
     def _follow(self, job_id: str, on_step: StepCallback) -> Generated:
@@ -407,21 +421,53 @@ class Group:
                 raise self._died(what, "rank 0's connection closed") from None
             if self.proc is not None and self.proc.poll() is not None:
                 raise self._died(what, "torchrun exited")
+            self._check_rank_errors(what)
+
+    def _rank_errors(self) -> str:
+        """'rank 1: RuntimeError: ...' for each error file the running job's ranks wrote."""
+        if self._jobdir is None:
+            return ""
+        found = []
+        for path in sorted(self._jobdir.glob(RANK_ERROR_GLOB)):
+            try:
+                found.append(f"{path.stem.replace('-', ' ')}: {path.read_text(errors='replace').strip()}")
+            except OSError:
+                continue
+        return "; ".join(found)
+
+    def _check_rank_errors(self, what: str) -> None:
+        """Kill the group once a rank's error has gone unanswered for ``error_grace_s``."""
+        if self._jobdir is None:
+            return
+        if self._error_seen_at is None:
+            if next(self._jobdir.glob(RANK_ERROR_GLOB), None) is not None:
+                self._error_seen_at = time.monotonic()
+            return
+        if time.monotonic() - self._error_seen_at > self.error_grace_s:
+            raise self._died(
+                what,
+                f"the other ranks had not finished {self.error_grace_s:g} s after it",
+                kill_first=True,
+            )
 
     def _died(self, what: str, reason: str, kill_first: bool = False) -> GroupFailed:
         """Kill the group, find out which rank failed first, and say so."""
+        errors = self._rank_errors()
+        raised = f"{errors}; " if errors else ""
         if kill_first:
             self.kill()
-            return GroupFailed(f"the GPU group gave up on {what}: {reason}; it was killed")
+            return GroupFailed(f"the GPU group gave up on {what}: {raised}{reason}; it was killed")
         # torchrun ends the other ranks and prints the root cause when one fails: let it finish.
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=max(45.0, min(self.timeout_s, 120.0)))
             except subprocess.TimeoutExpired:
                 pass
+        errors = self._rank_errors()  # a rank may have written it while torchrun wound down
+        raised = f"{errors}; " if errors else ""
         detail = self._failure()
         self.kill()
-        return GroupFailed(f"the GPU group failed during {what}: {detail} ({reason})")
+        return GroupFailed(f"the GPU group failed during {what}: {raised}{detail} ({reason})")
 
     def _failure(self) -> str:
         code = self.proc.poll() if self.proc is not None else None

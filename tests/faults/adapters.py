@@ -14,6 +14,10 @@ by side (a prompt without directives is a normal job)::
                           class (comma list; the class is the worker's FLEET_WORKER_CLASS)
     fault:hold=30         before the first step, block this long, swallowing the soft time limit
                           (SoftTimeLimitExceeded): only the hard time limit ends the job
+    fault:raise-on-rank=1 in a group rank (worker.group, ``RANK``) of this number: raise
+                          RuntimeError once step 1 is reported (an error of that rank alone)
+    fault:stall-on-rank=0 in a group rank of this number: block for ten minutes once step 1 is
+                          reported, outside any collective (a hung kernel)
 
 The same faults can be given to every job a worker runs through its environment:
 ``FAULT_STEP_SLEEP_S``, ``FAULT_KILL_AT_STEP``, ``FAULT_OOM_CLASSES``, ``FAULT_HOLD_S``. A
@@ -42,6 +46,8 @@ _ENV = {
     "kill-at": "FAULT_KILL_AT_STEP",
     "oom-on": "FAULT_OOM_CLASSES",
     "hold": "FAULT_HOLD_S",
+    "raise-on-rank": "FAULT_RAISE_ON_RANK",
+    "stall-on-rank": "FAULT_STALL_ON_RANK",
 }
 
 
@@ -51,6 +57,8 @@ class Faults:
     kill_at_step: int | None = None
     oom_on: frozenset[str] = frozenset()
     hold_s: float = 0.0
+    raise_on_rank: int | None = None
+    stall_on_rank: int | None = None
 
     @classmethod
     def of(cls, prompt: str, env: Mapping[str, str]) -> Faults:
@@ -64,6 +72,8 @@ class Faults:
             kill_at_step=int(values["kill-at"]) if "kill-at" in values else None,
             oom_on=frozenset(c for c in values.get("oom-on", "").split(",") if c),
             hold_s=float(values.get("hold", 0)),
+            raise_on_rank=int(values["raise-on-rank"]) if "raise-on-rank" in values else None,
+            stall_on_rank=int(values["stall-on-rank"]) if "stall-on-rank" in values else None,
         )
 
 
@@ -97,6 +107,7 @@ class FaultAdapter(ZImageAdapter):
     def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
         faults = Faults.of(request.prompt, os.environ)
         worker_class = os.environ.get("FLEET_WORKER_CLASS", "gpu16")
+        rank = int(os.environ["RANK"]) if "RANK" in os.environ else None
         if faults.hold_s:
             hold_through_soft_limit(faults.hold_s)
 
@@ -104,6 +115,11 @@ class FaultAdapter(ZImageAdapter):
             on_step(done, total)  # progress first: cancel and drain are seen as usual
             if done == 1 and worker_class in faults.oom_on:
                 raise out_of_memory()
+            if done == 1 and rank is not None and rank == faults.raise_on_rank:
+                raise RuntimeError(f"fault injected on rank {rank}")
+            if done == 1 and rank is not None and rank == faults.stall_on_rank:
+                log.warning("fault adapter: rank %s stalls", rank)
+                time.sleep(600)
             if faults.kill_at_step is not None and done >= faults.kill_at_step:
                 log.warning("fault adapter: killing pool process %s at step %s", os.getpid(), done)
                 os.kill(os.getpid(), signal.SIGKILL)

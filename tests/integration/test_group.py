@@ -96,6 +96,25 @@ def group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
     )
 
 
+@pytest.fixture
+def faulty_group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
+    """An h100x8 worker whose group (2 ranks) runs Z-Image through tests.faults.adapters, which
+    fails one rank when the prompt asks (``fault:raise-on-rank=1``, ``fault:stall-on-rank=0``)."""
+    settings = fleet_settings.model_copy(
+        update={
+            "worker_class": "h100x8",
+            "group_models": ["z-image-turbo"],
+            "group_world_size": 2,
+            "group_timeout_s": 60,
+            "group_error_grace_s": 3,
+            "group_log_dir": group_logs,
+            "adapters": {"z-image-turbo": "worker.group_client:GroupAdapter"},
+            "group_adapters": {"z-image-turbo": "tests.faults.adapters:FaultAdapter"},
+        }
+    )
+    return start_worker(settings)
+
+
 def _logs(group_logs: Path) -> list[str]:
     """Each group's log, oldest first."""
     files = sorted(group_logs.glob("group-*.log"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
@@ -226,3 +245,37 @@ def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     first, second = _logs(group_logs)
     assert f"rank 1 got job {after.id}" in second
     assert set(_rank_pids(second)).isdisjoint({rank0, rank1})
+
+
+def test_one_ranks_own_error_fails_the_job_naming_it_and_the_next_job_runs(
+    client: Client, faulty_group_worker, group_logs: Path
+):
+    job = client.submit({**FAST_IMAGE, "prompt": "a red fox fault:raise-on-rank=1"})
+    record = job.wait(timeout_s=120)
+
+    assert record.status is JobStatus.FAILED
+    assert "rank 1: RuntimeError: fault injected on rank 1" in record.error["message"], record.error
+
+    after = client.submit(FAST_IMAGE)
+    after_record = after.wait(timeout_s=180)
+    assert after_record.status is JobStatus.SUCCEEDED, after_record.error
+
+
+def test_a_ranks_error_while_the_others_wait_ends_after_the_grace_not_the_collective_timeout(
+    client: Client, faulty_group_worker, group_logs: Path
+):
+    # Rank 1 fails and waits for rank 0 in the exchange of outcomes; rank 0 is stuck outside any
+    # collective. Only the 60 s collective timeout would end that wait; the 3 s grace ends it.
+    job = client.submit({**FAST_IMAGE, "prompt": "a red fox fault:raise-on-rank=1 fault:stall-on-rank=0"})
+    record = job.wait(timeout_s=120)
+
+    assert record.status is JobStatus.FAILED
+    message = record.error["message"]
+    assert "rank 1: RuntimeError: fault injected on rank 1" in message, message
+    assert "the other ranks had not finished 3 s after it; it was killed" in message, message
+    [log] = _logs(group_logs)
+    rank0, rank1 = _rank_pids(log)
+    _wait_for(lambda: not _alive(rank0) and not _alive(rank1), 30, "the stalled group still running")
+
+    after = client.submit(FAST_IMAGE)
+    assert after.wait(timeout_s=180).status is JobStatus.SUCCEEDED
