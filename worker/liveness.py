@@ -51,13 +51,20 @@ def _local_pid(name: str) -> int | None:
 
 
 def _running(pid: int) -> bool:
+    """The process exists and has not exited. A zombie (exited, not yet reaped by its parent:
+    a pool child killed while its worker's main process is itself shutting down) has exited."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # "pid (comm) S ...": the state follows the last ")" (comm may hold one).
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc here: signal 0 is all there is to go on
 
 
 def gone(name: str) -> bool:
