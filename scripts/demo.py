@@ -21,7 +21,6 @@ import wave
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image, ImageDraw
 
 from producer.client import Client
@@ -87,7 +86,9 @@ def jobs(client: Client) -> list[dict]:
     other = client.upload(encode_png(picture((64, 64), 200, "friend")))
     scene = client.upload(encode_png(picture((96, 64), 120, "scene")))
     anim = CATALOG["wan2.2-animate-14b"].video
-    videos = {kind: client.upload(clip((64, 64), 9, anim.fps, kind)) for kind in ("pose", "face", "bg", "mask")}
+    videos = {
+        kind: client.upload(clip((64, 64), 9, anim.fps, kind)) for kind in ("pose", "face", "bg", "mask")
+    }
     return [
         {"model": "qwen-image", "prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2},
         {"model": "qwen-image-edit", "prompt": "make the person wear a hat", "images": [person], "steps": 2},
@@ -162,7 +163,9 @@ def cli_job(settings: Settings) -> str:
         "--prompt", "a lighthouse on a cliff at dusk, oil painting",
         "--width", "512", "--height", "384", "--steps", "9", "--seed", "42", "--wait", "--timeout", "300",
     ]  # fmt: skip
-    print("$ python -m producer submit z-image-turbo --prompt '...' --width 512 --height 384 --steps 9 --wait")
+    print(
+        "$ python -m producer submit z-image-turbo --prompt '...' --width 512 --height 384 --steps 9 --wait"
+    )
     done = subprocess.run(command, cwd=ROOT, env=settings_env(settings), stdout=subprocess.PIPE, text=True)
     print(done.stdout, end="")
     if done.returncode != 0:
@@ -231,7 +234,9 @@ def main() -> int:
             if output is not None:
                 shape = f"{output.width}x{output.height}"
                 shape += f", {output.frames} frames at {output.fps} fps" if output.frames else ""
-            print(f"   {record.model:<22} {record.kind:<16} {record.status.value:<9} {shape:<28} {record.worker}")
+            print(
+                f"   {record.model:<22} {record.kind:<16} {record.status.value:<9} {shape:<28} {record.worker}"
+            )
         if sys.stdin.isatty():
             input(f"== Flower shows the workers and tasks at {flower.url}; press Enter to stop everything ")
 
@@ -243,7 +248,9 @@ def main() -> int:
     print(f"               {first_output.width}x{first_output.height} {first_output.content_type}")
     failed = [r for r in records if r.status.value != "succeeded"]
     print(f"gallery        {page}")
-    print(f"== workers stopped; {len(records) - len(failed)}/{len(records)} jobs succeeded in {time.monotonic() - started:.1f} s")
+    print(
+        f"== workers stopped; {len(records) - len(failed)}/{len(records)} jobs succeeded in {time.monotonic() - started:.1f} s"
+    )
     return 1 if failed else 0
 
 

@@ -219,4 +219,7 @@ def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker)
     assert samples[("fleet_workers", (("class", "gpu16"),))] == 1
     resident = [labels for name, labels in samples if name == "fleet_resident_models"]
     assert any(("model", "z-image-turbo") in labels for labels in resident)
-    assert samples[("fleet_api_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")))] == 1
+    assert (
+        samples[("fleet_api_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")))]
+        == 1
+    )

@@ -184,7 +184,12 @@ def test_retries_until_2xx_with_one_webhook_id_and_the_receiver_applies_it_once(
     # A replay is the same event again: same webhook-id, and the receiver does not apply it twice.
     entry = log(job.id)[0]
     shared.replay(
-        client.store.messages, client.store.client, job.id, entry["event_id"], entry["type"], entry["event_at"]
+        client.store.messages,
+        client.store.client,
+        job.id,
+        entry["event_id"],
+        entry["type"],
+        entry["event_at"],
     )
     wait_until(lambda: len(receiver.deliveries) == 5 and len(log(job.id)) == 5)
     assert receiver.deliveries[-1].headers["webhook-id"] == succeeded_id

@@ -88,7 +88,10 @@ def test_compose_config_validates(tmp_path: Path) -> None:
     services = yaml.safe_load(result.stdout)["services"]
     assert set(services) == ALWAYS_ON | CPU_PROFILE | set(GPU_WORKERS)
     # Interpolated from .env: Flower's credentials.
-    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("ops:") or ":" in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert (
+        services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith("ops:")
+        or ":" in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    )
     for name, count in GPU_WORKERS.items():
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["count"] == count

@@ -16,7 +16,14 @@ from routing.settings import Settings
 
 def test_each_class_consumes_its_own_queues_first_then_smaller_ones_biggest_first():
     assert consumed_queues(VramClass.GPU16) == ["gpu16.high", "gpu16", "gpu16.low"]
-    assert consumed_queues(VramClass.GPU80) == ["gpu80.high", "gpu80", "gpu80.low", "gpu16.high", "gpu16", "gpu16.low"]
+    assert consumed_queues(VramClass.GPU80) == [
+        "gpu80.high",
+        "gpu80",
+        "gpu80.low",
+        "gpu16.high",
+        "gpu16",
+        "gpu16.low",
+    ]
     assert consumed_queues(VramClass.H100X8)[:3] == ["h100x8.high", "h100x8", "h100x8.low"]
     assert consumed_queues(VramClass.H100X8)[3:] == consumed_queues(VramClass.GPU80)
 

@@ -350,7 +350,9 @@ def test_the_official_wan_s2v_runs_on_the_cpu_and_the_pose_video_drives_it(
     from routing.catalog import get_model
     from worker.adapters.base import JobCanceled, Runtime
 
-    model = wan.S2VGroupModel(get_model(S2V), str(small_s2v), Runtime.resolve("cpu", "auto"), wan.GroupPlace(0, 1, 0))
+    model = wan.S2VGroupModel(
+        get_model(S2V), str(small_s2v), Runtime.resolve("cpu", "auto"), wan.GroupPlace(0, 1, 0)
+    )
     (tmp_path / "face.png").write_bytes(png_bytes((120, 90)))
     (tmp_path / "speech.wav").write_bytes(wav_bytes(1.5))
     (tmp_path / "pose.mp4").write_bytes(mp4_bytes(40))

@@ -307,7 +307,12 @@ def run_on_cpu(speech2video: types.ModuleType) -> None:
     def shard_model_on_cpu(model: Any, device_id: Any = None, **kwargs: Any) -> Any:
         return shard_model(
             model,
-            **{**kwargs, "device_id": torch.device("cpu"), "param_dtype": torch.float32, "sync_module_states": False},
+            **{
+                **kwargs,
+                "device_id": torch.device("cpu"),
+                "param_dtype": torch.float32,
+                "sync_module_states": False,
+            },
         )
 
     def sp_attn_forward_in_float32(

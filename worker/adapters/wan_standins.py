@@ -40,7 +40,9 @@ def librosa_load(path: str, sr: int | None = 22050, mono: bool = True, **_: Any)
 def librosa_module() -> types.ModuleType:
     module = sys.modules.get("fleet_librosa_standin")
     if module is None:
-        module = types.ModuleType("fleet_librosa_standin", "librosa.load through PyAV (worker.adapters.wan_standins)")
+        module = types.ModuleType(
+            "fleet_librosa_standin", "librosa.load through PyAV (worker.adapters.wan_standins)"
+        )
         module.load = librosa_load  # type: ignore[attr-defined]
         sys.modules["fleet_librosa_standin"] = module
     return module
@@ -112,7 +114,9 @@ class Resize:
 
         height, width = _resized(image.shape[-2], image.shape[-1], self.size)
         batch = image.reshape(-1, *image.shape[-3:]) if image.ndim != 3 else image[None]
-        out = F.interpolate(batch.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        out = F.interpolate(
+            batch.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )
         return out.to(image.dtype).reshape(*image.shape[:-2], height, width)
 
 
@@ -171,7 +175,9 @@ class ToTensor:
 def torchvision_modules() -> dict[str, types.ModuleType]:
     """``torchvision``, ``torchvision.transforms`` and ``torchvision.transforms.functional``
     (imported by the official code, never called) with the three transforms above."""
-    package = types.ModuleType("torchvision", "torchvision.transforms stand-in (worker.adapters.wan_standins)")
+    package = types.ModuleType(
+        "torchvision", "torchvision.transforms stand-in (worker.adapters.wan_standins)"
+    )
     transforms = types.ModuleType("torchvision.transforms")
     functional = types.ModuleType("torchvision.transforms.functional")
     transforms.Resize, transforms.CenterCrop, transforms.ToTensor = Resize, CenterCrop, ToTensor  # type: ignore[attr-defined]

@@ -68,7 +68,8 @@ def build_wan22_s2v_14b(out: Path, max_area: int | None = MAX_AREA) -> None:
     t5_sizes = {**T5, "vocab_size": len(tokenizer)}
     (out / SMALL_MODEL_FILE).write_text(
         json.dumps(
-            {"t5": t5_sizes, "vae": VAE, "max_area": max_area, "note": "small random-weight test model"}, indent=2
+            {"t5": t5_sizes, "vae": VAE, "max_area": max_area, "note": "small random-weight test model"},
+            indent=2,
         )
     )
     torch.manual_seed(0)
