@@ -14,9 +14,10 @@
    against the same forward on SDPA's memory-efficient kernel (the baseline, same run). Seconds
    and ``torch.cuda.max_memory_allocated`` for each.
 
-Needs CUDA and fails at once without it. ``--cpu`` runs part 1 alone on the CPU (float32, the
-checkpoint at its 128*64 cap): a check of this script before a GPU is spent on it. Not part of the
-test suite.
+Needs CUDA and fails at once without it. ``--cpu`` checks this script before a GPU is spent on it:
+part 1 on the CPU (float32, the checkpoint at its 128*64 cap), and part 2's forward with the small
+checkpoint's widths at 128*64, SDPA's flash kernel against its math one (the CPU has no
+memory-efficient kernel). Its figures say nothing about a GPU. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -144,25 +145,47 @@ def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> N
         group.close()
 
 
-def full_size_dit_step() -> None:
+def full_size_dit_step(on_cpu: bool = False) -> None:
+    import contextlib
+
     import torch
     from accelerate import init_on_device
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from worker.adapters.s2v import import_wan_modules
+    from worker.small_models import s2v as small
 
-    print("== 2. full-size WanModel_S2V (s2v-14B config, random bf16), one step at 1024*704 ==", flush=True)
     modules = import_wan_modules()
     config = modules["configs"].WAN_CONFIGS["s2v-14B"]
     settings = {k: v for k, v in dict(config.transformer).items() if k != "__name__"}
-    device = torch.device("cuda")
-    torch.cuda.reset_peak_memory_stats()
+    if on_cpu:
+        print(
+            "== 2. (--cpu) WanModel_S2V at the small checkpoint's widths, one step at 128*64 ==", flush=True
+        )
+        settings.update(small.DIT, audio_dim=small.AUDIO_DIM)
+        device, dtype, (width, height) = torch.device("cpu"), torch.float32, (128, 64)
+        baseline_backend = SDPBackend.MATH
+    else:
+        print(
+            "== 2. full-size WanModel_S2V (s2v-14B config, random bf16), one step at 1024*704 ==", flush=True
+        )
+        device, dtype, (width, height) = torch.device("cuda"), torch.bfloat16, (1024, 704)
+        baseline_backend = SDPBackend.EFFICIENT_ATTENTION
+        torch.cuda.reset_peak_memory_stats()
+
+    def synchronize() -> None:
+        if not on_cpu:
+            torch.cuda.synchronize()
+
+    def peak_gib() -> float:
+        return float("nan") if on_cpu else torch.cuda.max_memory_allocated() / 2**30
+
     t0 = time.perf_counter()
     previous = torch.get_default_dtype()
     # Parameters made in bf16 straight on the GPU (64 GB of fp32 would not fit an H100), the
     # model's other tensors (RoPE tables, frame-pack buckets) on the CPU: where
     # from_pretrained(device_map="cuda") leaves them in the official code.
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with init_on_device(device, include_buffers=False):
             torch.manual_seed(0)
@@ -170,19 +193,19 @@ def full_size_dit_step() -> None:
     finally:
         torch.set_default_dtype(previous)
     params = sum(p.numel() for p in dit.parameters())
-    weights_gib = torch.cuda.memory_allocated() / 2**30
+    weights_gib = float("nan") if on_cpu else torch.cuda.memory_allocated() / 2**30
     print(
         f"built {params / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f} s ({weights_gib:.1f} GiB)",
         flush=True,
     )
 
-    width, height, frames = 1024, 704, 80
+    frames = 80
     motion = config.transformer.motion_frames
     lat_motion = (motion + 3) // 4
     lat_frames = (frames + 3 + motion) // 4 - lat_motion
     latent = (height // 8, width // 8)
     g = torch.Generator(device=device).manual_seed(0)
-    bf16 = torch.bfloat16
+    bf16 = dtype
     noise = torch.randn(16, lat_frames, *latent, device=device, dtype=bf16, generator=g)
     kwargs = dict(
         t=torch.tensor([999.0], device=device),
@@ -191,43 +214,46 @@ def full_size_dit_step() -> None:
         cond_states=torch.randn(1, 16, lat_frames, *latent, device=device, dtype=bf16, generator=g),
         motion_latents=torch.randn(1, 16, lat_motion, *latent, device=device, dtype=bf16, generator=g),
         ref_latents=torch.randn(1, 16, 1, *latent, device=device, dtype=bf16, generator=g),
-        audio_input=torch.randn(
-            1, 25, config.transformer.audio_dim, frames, device=device, dtype=bf16, generator=g
-        ),
+        audio_input=torch.randn(1, 25, settings["audio_dim"], frames, device=device, dtype=bf16, generator=g),
         motion_frames=[motion, lat_motion],
         drop_motion_frames=False,
     )
     print(f"latent {lat_frames}x{latent[0]}x{latent[1]}: {kwargs['seq_len']} video tokens", flush=True)
 
     def forward(backend: SDPBackend) -> tuple[float, float]:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        synchronize()
+        if not on_cpu:
+            torch.cuda.reset_peak_memory_stats()
+        autocast = contextlib.nullcontext() if on_cpu else torch.amp.autocast("cuda", dtype=bf16)
         start = time.perf_counter()
-        with torch.no_grad(), torch.amp.autocast("cuda", dtype=bf16), sdpa_kernel(backend):
+        with torch.no_grad(), autocast, sdpa_kernel(backend):
             out = dit([noise], **kwargs)[0]
-        torch.cuda.synchronize()
+        synchronize()
         seconds = time.perf_counter() - start
         assert out.shape == noise.shape and torch.isfinite(out).all()
-        return seconds, torch.cuda.max_memory_allocated() / 2**30
+        return seconds, peak_gib()
 
+    baseline_name = baseline_backend.name.lower()
     first, first_peak = forward(SDPBackend.FLASH_ATTENTION)
     second, second_peak = forward(SDPBackend.FLASH_ATTENTION)
-    baseline, baseline_peak = forward(SDPBackend.EFFICIENT_ATTENTION)
+    baseline, baseline_peak = forward(baseline_backend)
     print(f"step forward, SDPA flash, first:  {first:.2f} s, peak {first_peak:.1f} GiB", flush=True)
     print(f"step forward, SDPA flash, second: {second:.2f} s, peak {second_peak:.1f} GiB", flush=True)
-    print(f"step forward, SDPA mem-efficient (baseline): {baseline:.2f} s, peak {baseline_peak:.1f} GiB")
-    print(f"ratio flash/mem-efficient: {second / baseline:.3f}; second/first: {second / first:.3f}")
-    print(
-        f"one 40-step clip with CFG (2 forwards a step) on one GPU would take ~{80 * second / 60:.1f} min "
-        "of DiT time; the group splits it over 8 ranks (Ulysses) plus communication",
-        flush=True,
-    )
+    print(f"step forward, SDPA {baseline_name} (baseline): {baseline:.2f} s, peak {baseline_peak:.1f} GiB")
+    print(f"ratio flash/{baseline_name}: {second / baseline:.3f}; second/first: {second / first:.3f}")
+    if not on_cpu:
+        print(
+            f"one 40-step clip with CFG (2 forwards a step) on one GPU would take ~{80 * second / 60:.1f} min "
+            "of DiT time; the group splits it over 8 ranks (Ulysses) plus communication",
+            flush=True,
+        )
 
 
 def main() -> int:
     if sys.argv[1:] == ["--cpu"]:
         with tempfile.TemporaryDirectory(prefix="gpu-s2v-") as tmp:
             small_checkpoint_through_the_group(Path(tmp), device="cpu")
+        full_size_dit_step(on_cpu=True)
         return 0
     _require_cuda()
     import torch
