@@ -362,7 +362,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for spec in CATALOG.values()
             ],
             "classes": [
-                {"class": c.value, "vram_gb": c.vram_gb, "consumes": consumed_queues(c)} for c in VramClass
+                {
+                    "class": c.value,
+                    "vram_gb": c.vram_gb,
+                    "gpu_vram_gb": c.gpu_vram_gb,
+                    "consumes": consumed_queues(c),
+                }
+                for c in VramClass
             ],
         }
 

@@ -51,7 +51,7 @@ class ModelSpec:
     vram_class: VramClass
     pipeline: str  # the class that runs it (diffusers pipeline, or the official code's)
     hub_id: str
-    vram_gb: int  # resident footprint, what the worker pool budgets with
+    vram_gb: int  # resident footprint on one GPU (a sharded model: per rank), what the pool budgets
     size: SizeLimits
     default_steps: int
     max_steps: int
@@ -201,11 +201,12 @@ CATALOG: dict[str, ModelSpec] = {
 
 
 def footprint_gb(spec: ModelSpec, vram_class: VramClass) -> int | None:
-    """VRAM the model takes on a worker of ``vram_class``: resident when it fits, offloaded when
-    that fits, None when it cannot run there."""
-    if spec.vram_gb <= vram_class.vram_gb:
+    """VRAM the model takes on one GPU of a worker of ``vram_class``: resident when it fits,
+    offloaded when that fits, None when it cannot run there."""
+    gpu_gb = vram_class.gpu_vram_gb
+    if spec.vram_gb <= gpu_gb:
         return spec.vram_gb
-    if spec.offload_vram_gb is not None and spec.offload_vram_gb <= vram_class.vram_gb:
+    if spec.offload_vram_gb is not None and spec.offload_vram_gb <= gpu_gb:
         return spec.offload_vram_gb
     return None
 

@@ -18,7 +18,14 @@ class VramClass(StrEnum):
 
     @property
     def vram_gb(self) -> int:
+        """GPU memory of the whole machine."""
         return _VRAM_GB[self]
+
+    @property
+    def gpu_vram_gb(self) -> int:
+        """Memory of one of its GPUs: what a model (a single-GPU pipeline, or one rank of a
+        sharded one) must fit in."""
+        return _VRAM_GB[self] // _GPUS[self]
 
     @property
     def rank(self) -> int:
@@ -28,6 +35,7 @@ class VramClass(StrEnum):
 
 _ORDER = [VramClass.GPU16, VramClass.GPU80, VramClass.H100X8]
 _VRAM_GB = {VramClass.GPU16: 16, VramClass.GPU80: 80, VramClass.H100X8: 8 * 80}
+_GPUS = {VramClass.GPU16: 1, VramClass.GPU80: 1, VramClass.H100X8: 8}
 
 # Queues that carry no GPU work. Webhook delivery runs on CPU workers.
 WEBHOOK_QUEUE = "webhooks"

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # The single-GPU adapter the ranks run for a model with no group model of its own, by model
     # key, over settings.adapters and the built-in ones.
     group_adapters: dict[str, str] = Field(default_factory=dict)
-    # VRAM the worker's resident models may take; the class's size when unset.
+    # VRAM the worker's resident models may take on its GPU; one GPU of the class when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
 
     # Delivery attempts of one job before it is failed and dead-lettered: a job that kills its

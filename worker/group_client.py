@@ -101,6 +101,12 @@ class GroupAdapter:
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
         return self.group.run(self.spec.key, request, inputs, on_step)
 
+    def close(self) -> None:
+        """Evicted from the worker's pool (a smaller class's model needs rank 0's GPU): end the
+        group, which frees every rank's GPU; the next job of a group model starts a new one."""
+        log.info("%s evicted: closing the group", self.spec.key)
+        self.group.close()
+
 
 _shared: Group | None = None
 _shared_lock = threading.Lock()

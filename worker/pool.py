@@ -3,6 +3,12 @@
 Models stay loaded while they fit the worker's VRAM budget; loading one that does not fit
 evicts the least recently used first. Loads and evictions are counted so tests and benchmarks
 can tell a warm job from a cold one.
+
+The budget is one GPU's memory: the pool's models all run on the worker process's GPU. On an
+h100x8 worker that GPU is also rank 0's, so the group's models count in the same budget (each
+at its footprint per rank), and a smaller class's job that does not fit beside them evicts the
+group: its ``close`` ends the group, which frees every rank's GPU, and the next group job starts
+a new one.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class PipelinePool:
     ):
         self._loader = loader
         self.vram_class = vram_class
-        self.budget_gb = budget_gb if budget_gb is not None else vram_class.vram_gb
+        self.budget_gb = budget_gb if budget_gb is not None else vram_class.gpu_vram_gb
         self._on_change = on_change  # called with ("load" | "evict", model key)
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
         self._footprint_gb: dict[str, int] = {}
@@ -84,6 +90,12 @@ class PipelinePool:
             key, adapter = self._resident.popitem(last=False)
             del self._footprint_gb[key]
             self.evictions[key] = self.evictions.get(key, 0) + 1
+            close = getattr(adapter, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing %s on eviction", key)
             del adapter
             _release_memory()
             log.info("evicted %s", key)

@@ -13,10 +13,15 @@ from worker.pool import PipelinePool
 
 @dataclass
 class FakeAdapter:
-    """Stands in for a loaded pipeline: the pool's logic needs only the spec."""
+    """Stands in for a loaded pipeline: the pool's logic needs only the spec (and ``close``,
+    which a group model's adapter has)."""
 
     spec: ModelSpec
     offload: bool
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def make_pool(
@@ -69,3 +74,18 @@ def test_a_model_too_big_for_the_class_is_refused_before_loading():
     with pytest.raises(MemoryError, match="does not fit a gpu16 worker"):
         pool.get("qwen-image")
     assert changes == [] and pool.resident == []
+
+
+def test_an_h100x8_worker_budgets_one_gpu_and_a_big_smaller_job_evicts_the_group():
+    # The pool's models run on the worker's GPU, rank 0's: S2V's rank takes 40 GB of its 80.
+    pool, changes = make_pool(VramClass.H100X8)
+    assert pool.budget_gb == 80
+    group = pool.get("wan2.2-s2v-14b").adapter
+    pool.get("z-image-turbo")  # 16 GB: fits beside it
+    assert not group.closed and pool.resident == ["wan2.2-s2v-14b", "z-image-turbo"]
+
+    pool.get("qwen-image-edit")  # 60 GB: fits once the group (least recently used) is closed
+
+    assert group.closed
+    assert pool.resident == ["z-image-turbo", "qwen-image-edit"] and pool.used_gb == 76
+    assert ("evict", "wan2.2-s2v-14b") in changes
