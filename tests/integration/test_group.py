@@ -279,3 +279,27 @@ def test_a_ranks_error_while_the_others_wait_ends_after_the_grace_not_the_collec
 
     after = client.submit(FAST_IMAGE)
     assert after.wait(timeout_s=180).status is JobStatus.SUCCEEDED
+
+
+def test_a_smaller_job_that_does_not_fit_beside_the_group_evicts_it_and_s2v_starts_a_new_one(
+    client: Client, group_worker, group_logs: Path
+):
+    first = client.submit(_s2v(client, SPEECH_S, steps=2))
+    assert first.wait(timeout_s=300).status is JobStatus.SUCCEEDED
+    [log] = _logs(group_logs)
+    pids = _rank_pids(log)
+
+    # A gpu80 job the idle h100x8 worker takes: Qwen-Image's 45 GB do not fit beside S2V's 40 GB
+    # rank on rank 0's 80 GB GPU, so the group is closed first.
+    spilled = client.submit(
+        {"model": "qwen-image", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
+    )
+    spilled_record = spilled.wait(timeout_s=180)
+    assert spilled_record.status is JobStatus.SUCCEEDED, spilled_record.error
+    assert spilled_record.worker.startswith("h100x8@")
+    _wait_for(lambda: not any(_alive(p) for p in pids), 60, f"group ranks {pids} still running")
+
+    again = client.submit(_s2v(client, SPEECH_S, steps=2))
+    assert again.wait(timeout_s=300).status is JobStatus.SUCCEEDED
+    first_log, second_log = _logs(group_logs)
+    assert f"rank 1 got job {again.id}" in second_log
