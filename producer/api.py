@@ -304,19 +304,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None,
     ) -> JobPage:
         """The tenant's jobs, newest first; pass ``next_cursor`` back for the next page."""
-        index = client.keys.tenant_jobs(tenant)
-        top = f"({cursor}" if cursor else "+inf"
-        entries = client.store.client.zrevrangebyscore(
-            index, top, "-inf", start=0, num=limit, withscores=True
+        records, last = client.list_page(tenant, limit, float(cursor) if cursor else None)
+        return JobPage(
+            jobs=[job_out(r) for r in records], next_cursor=repr(last) if last is not None else None
         )
-        jobs = []
-        for member, _score in entries:
-            try:
-                jobs.append(job_out(client.status(member.decode())))
-            except NotFound:  # expired record: drop it from the index
-                client.store.client.zrem(index, member)
-        next_cursor = repr(entries[-1][1]) if len(entries) == limit else None
-        return JobPage(jobs=jobs, next_cursor=next_cursor)
 
     @app.post(
         "/v1/uploads",

@@ -33,7 +33,6 @@ from routing.errors import (
     FieldError,
     InvalidRequest,
     JobNotSucceeded,
-    NotFound,
     TooManyJobs,
     Unavailable,
     WaitTimeout,
@@ -209,17 +208,24 @@ class Client:
 
     def list_jobs(self, tenant: str = "", limit: int = 20, before: float | None = None) -> list[JobRecord]:
         """A tenant's jobs, newest first; ``before`` (a ``created_at``) pages back."""
+        return self.list_page(tenant, limit, before)[0]
+
+    def list_page(
+        self, tenant: str = "", limit: int = 20, before: float | None = None
+    ) -> tuple[list[JobRecord], float | None]:
+        """``list_jobs``, and the cursor of the next page (the last entry's ``created_at``; None
+        when this page is the last). Two round trips whatever ``limit`` is."""
         index = self.keys.tenant_jobs(tenant)
         top = f"({before!r}" if before is not None else "+inf"
         with _redis_errors():
-            ids = [m.decode() for m in self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit)]
-            records = []
-            for job_id in ids:
-                try:
-                    records.append(self.store.get(job_id))
-                except NotFound:  # expired: drop it from the index
-                    self._redis.zrem(index, job_id)
-        return records
+            entries = self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit, withscores=True)
+            ids = [member.decode() for member, _score in entries]
+            records = self.store.get_many(ids)
+            expired = [job_id for job_id, record in zip(ids, records, strict=True) if record is None]
+            if expired:  # records gone with their TTL: drop them from the index
+                self._redis.zrem(index, *expired)
+        cursor = entries[-1][1] if len(entries) == limit else None
+        return [r for r in records if r is not None], cursor
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel: a queued job never runs, a running one stops at its next step. A finished job

@@ -324,6 +324,16 @@ class JobStore:
             raise NotFound(f"no job {job_id!r}")
         return JobRecord.from_hash({_text(k): _text(v) for k, v in raw.items()})
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        """The records of ``job_ids`` in one round trip; None for a job that no longer exists."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+            raws = pipe.execute()
+        return [
+            JobRecord.from_hash({_text(k): _text(v) for k, v in raw.items()}) if raw else None for raw in raws
+        ]
+
     def request_hash(self, job_id: str) -> str:
         return _text(self.client.hget(self.keys.job(job_id), "request_hash") or b"")
 

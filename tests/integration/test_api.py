@@ -15,6 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from routing.keys import Keys
 from routing.settings import Settings
 from routing.storage import S3Storage
 from tests.conftest import _free_port
@@ -130,6 +131,18 @@ def test_listing_pages_newest_first(api):
     rest = api.get("/v1/jobs", params={"limit": 3, "cursor": first["next_cursor"]}, headers=A).json()
     assert [j["id"] for j in first["jobs"] + rest["jobs"]] == ids[::-1]
     assert rest["next_cursor"] is None
+
+
+def test_a_listed_job_whose_record_expired_is_left_out_and_dropped_from_the_index(api, settings, redis_client):
+    ids = [api.post("/v1/jobs", json=SMALL | {"seed": i}, headers=A).json()["id"] for i in range(3)]
+    keys = Keys(settings.key_prefix)
+    redis_client.delete(keys.job(ids[1]))  # what its TTL does to a finished job's record
+
+    listed = api.get("/v1/jobs", headers=A).json()
+
+    assert [j["id"] for j in listed["jobs"]] == [ids[2], ids[0]]
+    assert redis_client.zscore(keys.tenant_jobs("a"), ids[1]) is None
+    assert redis_client.zscore(keys.tenant_jobs("a"), ids[0]) is not None
 
 
 def test_in_flight_limit_answers_429_and_queues_nothing(api, redis_client):
