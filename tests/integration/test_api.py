@@ -133,7 +133,9 @@ def test_listing_pages_newest_first(api):
     assert rest["next_cursor"] is None
 
 
-def test_a_listed_job_whose_record_expired_is_left_out_and_dropped_from_the_index(api, settings, redis_client):
+def test_a_listed_job_whose_record_expired_is_left_out_and_dropped_from_the_index(
+    api, settings, redis_client
+):
     ids = [api.post("/v1/jobs", json=SMALL | {"seed": i}, headers=A).json()["id"] for i in range(3)]
     keys = Keys(settings.key_prefix)
     redis_client.delete(keys.job(ids[1]))  # what its TTL does to a finished job's record
