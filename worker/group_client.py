@@ -187,6 +187,7 @@ class Group:
             self.start()
 
     def start(self) -> None:
+        self._check_gpus()
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"group-{os.getpid()}-{self.starts}.log"
@@ -311,6 +312,20 @@ class Group:
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+    def _check_gpus(self) -> None:
+        """One GPU per rank: a machine with fewer is refused before torchrun starts ranks that
+        would fail one by one."""
+        import torch
+
+        if self.device.startswith("cpu") or (self.device == "auto" and not torch.cuda.is_available()):
+            return
+        found = torch.cuda.device_count()
+        if found < self.world_size:
+            raise GroupFailed(
+                f"the group has {self.world_size} ranks (FLEET_GROUP_WORLD_SIZE), one per GPU, and this "
+                f"machine has {found} GPU{'s' if found != 1 else ''}"
+            )
 
     def close(self) -> None:
         """Ask the group to exit, then make sure it has."""
