@@ -34,5 +34,7 @@ Root Cause (first observed failure):
   traceback : Signal 9 (SIGKILL) received by PID 7694
 """
     assert root_cause(summary) == "rank 1 exited with -9 (SIGKILL)"
-    assert root_cause(summary.replace("-9 (pid: 7694)  (SIGKILL)", "1 (pid: 7694) ")) == "rank 1 exited with 1"
+    assert (
+        root_cause(summary.replace("-9 (pid: 7694)  (SIGKILL)", "1 (pid: 7694) ")) == "rank 1 exited with 1"
+    )
     assert root_cause("no summary here") is None
