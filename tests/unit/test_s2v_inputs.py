@@ -30,7 +30,7 @@ from producer.inputs import InputLimits, resolve_inputs
 from routing.catalog import get_model
 from routing.errors import InvalidRequest
 from routing.net import UrlPolicy
-from routing.schemas import SpeechToVideoRequest
+from routing.schemas import SpeechToVideoRequest, parse_request
 from routing.storage import LocalStorage
 from worker.adapters import wan_standins as standins
 
@@ -123,8 +123,7 @@ def _request(storage: LocalStorage, audio: bytes, pose: bytes | None = None) -> 
     if pose is not None:
         storage.put("uploads/pose", pose, "application/octet-stream")
         data["pose_video"] = {"key": "uploads/pose"}
-    # Not parse_request: it refuses models that are not served yet, before looking at inputs.
-    return SpeechToVideoRequest.model_validate(data)
+    return parse_request(data)
 
 
 def _resolve(storage: LocalStorage, request: SpeechToVideoRequest) -> SpeechToVideoRequest:
@@ -240,7 +239,8 @@ def test_write_inputs_gives_the_ranks_files_they_decode_to_the_same_inputs(tmp_p
 
 @pytest.fixture(scope="module")
 def wan():
-    # Not importorskip("wan"): the package's own __init__ needs CUDA (worker.adapters.s2v says why).
+    # Not importorskip("wan"): the package's own __init__ imports every task, and Animate's need
+    # opencv, peft, decord... (worker.adapters.s2v imports only what S2V uses).
     if importlib.util.find_spec("wan") is None:
         pytest.skip("wan22 is not installed (pip install --no-deps wan22==2.2.11 einops easydict)")
     for needed in ("einops", "easydict"):
