@@ -26,7 +26,6 @@ import io
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,15 +44,10 @@ def _require_cuda() -> None:
 def _speech(seconds: float, rate: int = 16000) -> bytes:
     import numpy as np
 
+    from worker.media import encode_wav
+
     t = np.arange(int(seconds * rate)) / rate
-    tone = (np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t) * 12000).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(tone.tobytes())
-    return buffer.getvalue()
+    return encode_wav(np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t) * 0.37, rate)
 
 
 def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> None:

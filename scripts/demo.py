@@ -10,14 +10,12 @@ its request. Stops what it started.
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import secrets
 import subprocess
 import sys
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from producer.flower import FlowerProcess
 from routing.catalog import CATALOG
 from routing.jobs import JobRecord
 from routing.settings import Settings
-from worker.media import encode_mp4, encode_png
+from worker.media import encode_mp4, encode_png, encode_wav
 from worker.process import WorkerProcess, settings_env
 from worker.small_models import build
 
@@ -70,14 +68,7 @@ def clip(size: tuple[int, int], frames: int, fps: int, kind: str) -> bytes:
 def speech(seconds: float, rate: int = 16000) -> bytes:
     """A WAV of a voice-like tone: a 180 Hz carrier opening and closing three times a second."""
     t = np.arange(int(seconds * rate)) / rate
-    samples = np.sin(2 * np.pi * 180 * t) * np.abs(np.sin(2 * np.pi * 3 * t)) * 12000
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(samples.astype("<i2").tobytes())
-    return buffer.getvalue()
+    return encode_wav(np.sin(2 * np.pi * 180 * t) * np.abs(np.sin(2 * np.pi * 3 * t)) * 0.37, rate)
 
 
 def jobs(client: Client) -> list[dict]:

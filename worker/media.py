@@ -28,6 +28,20 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def encode_wav(samples: np.ndarray, sample_rate: int) -> bytes:
+    """Mono samples in [-1, 1] as a 16-bit PCM WAV."""
+    import wave
+
+    pcm = (np.clip(np.asarray(samples, dtype=np.float64), -1.0, 1.0) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buffer.getvalue()
+
+
 def decode_image(data: bytes) -> Image.Image:
     """RGB image, turned upright by its EXIF orientation; transparency is flattened onto white."""
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:

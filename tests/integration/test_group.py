@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import time
-import wave
 from pathlib import Path
 
 import av
@@ -28,6 +27,7 @@ from producer.client import Client
 from routing.jobs import JobStatus
 from routing.settings import Settings
 from routing.storage import LocalStorage
+from worker.media import encode_png, encode_wav
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -38,20 +38,11 @@ FAST_IMAGE = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "hei
 
 def _wav(seconds: float, rate: int = 16000) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
-    tone = np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t) * 12000
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(tone.astype("<i2").tobytes())
-    return buffer.getvalue()
+    return encode_wav(np.sin(2 * np.pi * 180 * t) * np.sin(2 * np.pi * 3 * t) * 0.37, rate)
 
 
 def _png(size: tuple[int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 150, 120)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(Image.new("RGB", size, (200, 150, 120)))
 
 
 def _s2v(client: Client, seconds: float, steps: int) -> dict:

@@ -17,7 +17,6 @@ import importlib.util
 import io
 import json
 import math
-import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from routing.net import UrlPolicy
 from routing.schemas import SpeechToVideoRequest, parse_request
 from routing.storage import LocalStorage
 from worker.adapters import wan_standins as standins
+from worker.media import encode_wav
 
 S2V = "wan2.2-s2v-14b"
 SPEC = get_model(S2V)
@@ -49,13 +49,7 @@ def _tone(seconds: float, rate: int) -> np.ndarray:
 
 
 def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((_tone(seconds, rate) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return encode_wav(_tone(seconds, rate), rate)
 
 
 def encoded_audio(fmt: str, seconds: float, rate: int = 16000) -> bytes:
