@@ -6,20 +6,15 @@ Everything here talks to loopback only.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import redis
-from standardwebhooks import Webhook as Signer
-from standardwebhooks.webhooks import WebhookVerificationError
 
 from worker.process import ServiceProcess
 
@@ -190,54 +185,3 @@ def kill_group(worker: ServiceProcess) -> None:
 
 def event_types(store, job_id: str, *, progress: bool = False) -> list[str]:
     return [e["type"] for e in store.events(job_id) if progress or e["type"] != "job.progress"]
-
-
-class Receiver:
-    """A tenant's webhook endpoint on 127.0.0.2: verifies every delivery, answers 200, and keeps
-    each event once by webhook-id (as a receiver must)."""
-
-    def __init__(self, secret: str) -> None:
-        self.signer = Signer(secret)
-        self.lock = threading.Lock()
-        self.deliveries = 0
-        self.unverified = 0
-        self.by_webhook_id: dict[str, dict] = {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                try:
-                    receiver.signer.verify(body, headers)
-                    verified = True
-                except WebhookVerificationError:
-                    verified = False
-                with receiver.lock:
-                    receiver.deliveries += 1
-                    if verified:
-                        receiver.by_webhook_id.setdefault(headers["webhook-id"], json.loads(body))
-                    else:
-                        receiver.unverified += 1
-                self.send_response(200 if verified else 401)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def url(self, path: str = "/hook") -> str:
-        return f"http://127.0.0.2:{self.port}{path}"
-
-    def events(self, event_type: str) -> dict[str, dict]:
-        """webhook-id -> payload of the distinct events of one type received."""
-        with self.lock:
-            return {k: v for k, v in self.by_webhook_id.items() if v["type"] == event_type}
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -46,7 +46,8 @@ from producer.client import Client
 from routing.jobs import JobStatus, Webhook
 from routing.settings import Settings, Tenant
 from routing.storage import LocalStorage
-from tests.faults.harness import Receiver, RedisServer, kill_group
+from tests.faults.harness import RedisServer, kill_group
+from tests.webhook_receiver import Receiver
 from worker.liveness import pid_of
 from worker.process import WorkerProcess
 
@@ -355,7 +356,7 @@ def _check(fleet: Fleet, client: Client, ids: list[str], figures: Figures, deadl
         time.sleep(0.2)
     got = received()
     by_job = collections.Counter(p["data"]["id"] for p in got.values())
-    figures.webhook_deliveries = fleet.receiver.deliveries
+    figures.webhook_deliveries = len(fleet.receiver.deliveries)
     figures.webhook_unverified = fleet.receiver.unverified
     figures.webhooks_distinct = len(got)
     figures.webhooks_missing = len(set(wanted) - set(by_job))

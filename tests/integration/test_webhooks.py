@@ -12,12 +12,9 @@ import base64
 import email.utils
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,6 +27,7 @@ from routing.errors import InvalidRequest
 from routing.jobs import JobStatus, Output, Webhook
 from routing.keys import Keys
 from routing.settings import Settings, Tenant
+from tests.webhook_receiver import Receiver
 from worker import webhooks
 from worker.process import WorkerProcess
 
@@ -40,74 +38,6 @@ SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 512, "height": 512, "steps": 8}
 # Every retry waits the 1 s floor (a new webhook-timestamp per attempt), so the schedule is known.
 FAST_RETRIES = {"FLEET_WEBHOOK_RETRY_BASE_S": "0.2", "FLEET_WEBHOOK_RETRY_CAP_S": "1"}
-
-
-@dataclass(frozen=True)
-class Delivery:
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    at: float  # time.monotonic() on arrival
-    verified: bool
-
-
-class Receiver:
-    """A tenant's endpoint: verifies each delivery, answers from a per-path plan (200 when the plan
-    is empty), and applies each event once however often it arrives."""
-
-    def __init__(self, secret: str) -> None:
-        self.signer = Signer(secret)
-        self.plans: dict[str, list[tuple[int, dict[str, str]]]] = {}
-        self.deliveries: list[Delivery] = []
-        self.applied: dict[str, dict] = {}  # webhook-id -> payload: the receiver's side effects
-        lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                verified = receiver.verify(body, headers)
-                with lock:
-                    receiver.deliveries.append(Delivery(self.path, headers, body, time.monotonic(), verified))
-                    plan = receiver.plans.get(self.path) or []
-                    status, extra = plan.pop(0) if plan else (200, {})
-                    if not verified:
-                        status, extra = 401, {}
-                    elif 200 <= status < 300:
-                        receiver.applied.setdefault(headers["webhook-id"], json.loads(body))
-                self.send_response(status)
-                for name, value in extra.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def verify(self, body: bytes, headers: dict[str, str]) -> bool:
-        try:
-            self.signer.verify(body, headers)
-            return True
-        except WebhookVerificationError:
-            return False
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.2:{self.port}{path}"
-
-    def plan(self, path: str, *answers: int | tuple[int, dict[str, str]]) -> None:
-        self.plans[path] = [a if isinstance(a, tuple) else (a, {}) for a in answers]
-
-    def hits(self, path: str) -> list[Delivery]:
-        return [d for d in self.deliveries if d.path == path]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float = 15) -> None:
