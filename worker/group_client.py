@@ -473,22 +473,20 @@ class Group:
 
     def _died(self, what: str, reason: str, kill_first: bool = False) -> GroupFailed:
         """Kill the group, find out which rank failed first, and say so."""
-        errors = self._rank_errors()
-        raised = f"{errors}; " if errors else ""
         if kill_first:
+            raised = self._rank_errors()  # read before kill() removes the job's directory
             self.kill()
-            return GroupFailed(f"the GPU group gave up on {what}: {raised}{reason}; it was killed")
+            return GroupFailed(f"the GPU group gave up on {what}: {_joined(raised, reason)}; it was killed")
         # torchrun ends the other ranks and prints the root cause when one fails: let it finish.
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=max(45.0, min(self.timeout_s, 120.0)))
             except subprocess.TimeoutExpired:
                 pass
-        errors = self._rank_errors()  # a rank may have written it while torchrun wound down
-        raised = f"{errors}; " if errors else ""
+        raised = self._rank_errors()  # after the wait: a rank may have written it while winding down
         detail = self._failure()
         self.kill()
-        return GroupFailed(f"the GPU group failed during {what}: {raised}{detail} ({reason})")
+        return GroupFailed(f"the GPU group failed during {what}: {_joined(raised, detail)} ({reason})")
 
     def _failure(self) -> str:
         code = self.proc.poll() if self.proc is not None else None
@@ -502,6 +500,10 @@ class Group:
         if code is None:
             return f"torchrun is still running; last log lines: {tail}"
         return f"torchrun exited with {code}; last log lines: {tail}"
+
+
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def _is_our_rank(pid: int, authkey_hex: str) -> bool:
