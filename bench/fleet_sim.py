@@ -1,8 +1,8 @@
 """Fleet simulation: do big workers taking small jobs (spillover) help small jobs, and at what
 cost to the big classes' own jobs?
 
-Runs the same jobs (Poisson arrivals, the assumed mix in ``routing.sim.DEFAULT_MIX``, service
-times from ``routing/data/gpu_seconds.csv``) through the same fleet twice: workers consuming
+Runs the same jobs (Poisson arrivals, the assumed mix in ``routing.planning.sim.DEFAULT_MIX``, service
+times from ``routing/planning/data/gpu_seconds.csv``) through the same fleet twice: workers consuming
 their own queue only (the baseline), then their own queue first and smaller classes' after, as
 ``routing.classes.consumed_queues`` says. Prints GPU busy share per class while jobs keep
 arriving, p50/p95 queue wait per class, and the ratio of each class's p95 wait with spillover
@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routing.classes import VramClass  # noqa: E402
-from routing.plan import load_job_costs  # noqa: E402
-from routing.sim import DEFAULT_MIX, SimResult, generate_jobs, service_means, simulate  # noqa: E402
+from routing.planning.plan import load_job_costs  # noqa: E402
+from routing.planning.sim import DEFAULT_MIX, SimResult, generate_jobs, service_means, simulate  # noqa: E402
 
 CLASSES = sorted(VramClass, key=lambda c: c.rank)
 

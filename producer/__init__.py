@@ -11,7 +11,7 @@ from routing.errors import (
     Unavailable,
     WaitTimeout,
 )
-from routing.jobs import JobRecord, JobStatus
+from routing.jobs.store import JobRecord, JobStatus
 
 __all__ = [
     "Client",

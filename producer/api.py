@@ -18,13 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Client
-from routing import webhooks
+from producer.metrics import FleetCollector
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
-from routing.eta import estimate
-from routing.jobs import WEBHOOK_EVENTS, JobRecord, Webhook
-from routing.metrics import FleetCollector
+from routing.jobs import webhook_log as webhooks
+from routing.jobs.eta import estimate
+from routing.jobs.store import WEBHOOK_EVENTS, JobRecord, Webhook
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
 
@@ -382,7 +382,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        """Prometheus metrics of the whole fleet (routing/metrics.py) and of this API process.
+        """Prometheus metrics of the whole fleet (producer/metrics.py) and of this API process.
         Unauthenticated like /healthz: serve it on the internal network only."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -37,13 +37,13 @@ from routing.errors import (
     Unavailable,
     WaitTimeout,
 )
-from routing.jobs import Created, JobRecord, JobStatus, JobStore, NewJob, Webhook, check_webhook
-from routing.keys import Keys
-from routing.messages import TaskMessages
-from routing.net import UrlPolicy
+from routing.io.net import UrlPolicy
+from routing.io.storage import Storage, make_storage
+from routing.jobs.keys import Keys
+from routing.jobs.messages import TaskMessages
+from routing.jobs.store import Created, JobRecord, JobStatus, JobStore, NewJob, Webhook, check_webhook
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
-from routing.storage import Storage, make_storage
 
 ProgressCallback = Callable[[JobRecord], None]
 

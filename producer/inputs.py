@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from routing.catalog import ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
-from routing.media import MediaError, check_audio, check_image, check_video
-from routing.net import UrlError, UrlPolicy, fetch_url
+from routing.io.media import MediaError, check_audio, check_image, check_video
+from routing.io.net import UrlError, UrlPolicy, fetch_url
+from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
-from routing.storage import ObjectNotFound, Storage, StorageError
 
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 

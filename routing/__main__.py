@@ -7,8 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from routing import plan as planner
 from routing.classes import VramClass
+from routing.planning import plan as planner
 
 
 def _pair(text: str, what: str) -> tuple[str, str]:
@@ -25,7 +25,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "plan",
         help="GPUs, instances and dollars for target job rates",
         description="Instances per VRAM class, utilisation, $/hour and $/job for target rates. "
-        "Figures: routing/data/gpu_seconds.csv and routing/data/instance_prices.csv.",
+        "Figures: routing/planning/data/gpu_seconds.csv and routing/planning/data/instance_prices.csv.",
     )
     p.add_argument(
         "--rate",

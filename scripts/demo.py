@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from producer.client import Client
 from producer.flower import FlowerProcess
 from routing.catalog import CATALOG
-from routing.jobs import JobRecord
+from routing.jobs.store import JobRecord
 from routing.settings import Settings
 from worker.media import encode_mp4, encode_png, encode_wav
 from worker.process import WorkerProcess, settings_env

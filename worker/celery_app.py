@@ -22,13 +22,13 @@ from celery.signals import task_failure, worker_process_init, worker_ready, work
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass
-from routing.connections import connect
 from routing.errors import Conflict, NotFound
-from routing.jobs import JobStatus, JobStore
-from routing.keys import Keys
-from routing.messages import TaskMessages
+from routing.io.connection import connect
+from routing.io.storage import make_storage
+from routing.jobs.keys import Keys
+from routing.jobs.messages import TaskMessages
+from routing.jobs.store import JobStatus, JobStore
 from routing.settings import get_settings
-from routing.storage import make_storage
 from worker import liveness
 from worker.pool import PipelinePool
 from worker.runner import JobRunner

@@ -22,8 +22,8 @@ import redis
 
 from routing.classes import VramClass
 from routing.errors import Conflict, NotFound
-from routing.eta import heartbeat
-from routing.jobs import JobStatus, JobStore
+from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.workers import heartbeat
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Decoding input media for the pipelines, and encoding generated media into the bytes that go
 to storage.
 
-Inputs were checked by ``routing.media`` before the job was queued; they are decoded here with
+Inputs were checked by ``routing.io.media`` before the job was queued; they are decoded here with
 the same format lists, since the bytes are still untrusted.
 """
 
@@ -16,7 +16,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-from routing.media import AUDIO_DEMUXERS, IMAGE_FORMATS, VIDEO_DEMUXERS, MediaError, open_container
+from routing.io.media import AUDIO_DEMUXERS, IMAGE_FORMATS, VIDEO_DEMUXERS, MediaError, open_container
 
 # Sample rates AAC encodes; anything else is resampled to 48 kHz.
 _AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}

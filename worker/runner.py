@@ -16,10 +16,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from routing.classes import Priority, VramClass, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, InvalidRequest, NotFound
-from routing.eta import record_duration
-from routing.jobs import JobRecord, JobStatus, JobStore, Output
+from routing.io.storage import Storage, output_key
+from routing.jobs.eta import record_duration
+from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, RequestBase, parse_request
-from routing.storage import Storage, output_key
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.liveness import alive, hand_back
 from worker.media import decode_image, decode_video, encode_mp4, encode_png

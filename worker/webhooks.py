@@ -5,7 +5,7 @@ Start it with ``python -m worker.webhooks [extra celery worker args]``: it consu
 is waiting on other people's servers). It never imports torch.
 
 The job store queues ``fleet.deliver_webhook(job_id, event_id, event_type, at)`` in the same
-atomic write as the state change (``routing.jobs``), so every event a webhook asked for is
+atomic write as the state change (``routing.jobs.store``), so every event a webhook asked for is
 delivered at least once. What a receiver gets follows Standard Webhooks:
 
 - headers ``webhook-id`` (the event's id), ``webhook-timestamp`` (Unix seconds of this attempt),
@@ -25,7 +25,7 @@ Rules: a 2xx is delivered; anything else, redirects included (they are never fol
 failure, retried with exponential backoff and full jitter up to ``MAX_ATTEMPTS`` attempts; a 429 or
 503 with ``Retry-After`` waits as long as it says (capped). ``410 Gone`` disables the URL for the
 tenant: later deliveries to it are skipped and logged as ``disabled``. A URL the address rules
-refuse (``routing.net``) fails at once. Every attempt is logged per job (``delivery_log``).
+refuse (``routing.io.net``) fails at once. Every attempt is logged per job (``delivery_log``).
 """
 
 from __future__ import annotations
@@ -49,12 +49,11 @@ from standardwebhooks import Webhook as Signer
 from routing.celery_config import DELIVER_WEBHOOK_TASK, make_celery, webhook_transport_options
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import NotFound
-from routing.jobs import JobRecord, JobStore
-from routing.keys import Keys
-from routing.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_url
+from routing.io.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_url
+from routing.io.storage import Storage, StorageError, make_storage
+from routing.jobs.keys import Keys
+from routing.jobs.store import JobRecord, JobStore
 from routing.settings import Settings, get_settings
-from routing.storage import Storage, StorageError, make_storage
-from routing.webhooks import disabled_key, log_key
 
 
 def _env_float(name: str, default: float) -> float:
@@ -195,7 +194,7 @@ class Deliverer:
             "outcome": result.outcome,
             "retry_in_s": result.retry_in_s,
         }
-        key = log_key(self.keys, job_id)
+        key = self.keys.webhook_log(job_id)
         with self.client.pipeline(transaction=True) as pipe:
             pipe.rpush(key, json.dumps(entry, separators=(",", ":")))
             pipe.ltrim(key, -LOG_MAX_ENTRIES, -1)
@@ -210,7 +209,7 @@ class Deliverer:
         tenant = self.settings.tenants.get(record.tenant)
         if tenant is None:
             return Attempt(FAILED, error=f"tenant {record.tenant!r} is not configured: no webhook secret")
-        if self.client.sismember(disabled_key(self.keys, record.tenant), url):
+        if self.client.sismember(self.keys.webhooks_disabled(record.tenant), url):
             return Attempt(DISABLED, error="endpoint disabled: it answered 410 Gone")
         try:
             # Checked here as well as at submit: the name may resolve elsewhere now. A refusal is
@@ -234,7 +233,7 @@ class Deliverer:
         if 200 <= status < 300:
             return Attempt(DELIVERED, status)
         if status == 410:
-            self.client.sadd(disabled_key(self.keys, record.tenant), url)
+            self.client.sadd(self.keys.webhooks_disabled(record.tenant), url)
             return Attempt(DISABLED, status, "410 Gone: endpoint disabled")
         error = f"HTTP {status}"
         if 300 <= status < 400:

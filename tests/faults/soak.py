@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producer.client import Client
-from routing.jobs import JobStatus, Webhook
+from routing.io.storage import LocalStorage
+from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings, Tenant
-from routing.storage import LocalStorage
 from tests.faults.harness import RedisServer, kill_group
 from tests.webhook_receiver import Receiver
 from worker.liveness import pid_of

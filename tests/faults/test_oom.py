@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from producer.client import Client
-from routing.jobs import JobStatus
-from routing.storage import LocalStorage
+from routing.io.storage import LocalStorage
+from routing.jobs.store import JobStatus
 from tests.faults.harness import event_types, small_request, wait_for, wait_warm
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from producer.client import Client
-from routing.jobs import JobStatus
-from routing.storage import LocalStorage
+from routing.io.storage import LocalStorage
+from routing.jobs.store import JobStatus
 from tests.faults.harness import event_types, small_request, wait_log, wait_warm
 
 pytestmark = pytest.mark.integration

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from routing.keys import Keys
+from routing.io.storage import S3Storage
+from routing.jobs.keys import Keys
 from routing.settings import Settings
-from routing.storage import S3Storage
 from tests.conftest import _free_port
 from worker.process import ApiProcess
 

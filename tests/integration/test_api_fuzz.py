@@ -58,7 +58,7 @@ from PIL import Image
 import producer.inputs
 from producer.api import create_app
 from routing.catalog import CATALOG
-from routing.net import UrlPolicy
+from routing.io.net import UrlPolicy
 from routing.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from PIL import Image
 
 from producer.client import Client
 from routing.errors import InvalidRequest
-from routing.net import UrlPolicy
+from routing.io.net import UrlPolicy
 from tests.conftest import _free_port
 from worker.media import encode_mp4, encode_png
 

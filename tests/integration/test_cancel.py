@@ -7,8 +7,8 @@ import time
 import pytest
 
 from producer.client import Client
-from routing.jobs import EventType, JobStatus
-from routing.storage import LocalStorage
+from routing.io.storage import LocalStorage
+from routing.jobs.store import EventType, JobStatus
 
 pytestmark = pytest.mark.integration
 

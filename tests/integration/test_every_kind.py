@@ -11,9 +11,9 @@ from PIL import Image, ImageDraw
 
 from producer.client import Client
 from routing.catalog import CATALOG
-from routing.jobs import JobRecord, JobStatus
-from routing.media import check_video
-from routing.storage import LocalStorage
+from routing.io.media import check_video
+from routing.io.storage import LocalStorage
+from routing.jobs.store import JobRecord, JobStatus
 from worker.media import decode_video, encode_mp4, encode_png
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import pytest
 
 from producer.client import Client
 from producer.flower import FlowerProcess, fleet_queue_names
-from routing.jobs import JobStatus
+from routing.jobs.store import JobStatus
 from routing.settings import Settings
 
 pytestmark = pytest.mark.integration

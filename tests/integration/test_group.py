@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from producer.client import Client
-from routing.jobs import JobStatus
+from routing.io.storage import LocalStorage
+from routing.jobs.store import JobStatus
 from routing.settings import Settings
-from routing.storage import LocalStorage
 from worker.media import encode_png, encode_wav
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]

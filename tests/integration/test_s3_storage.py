@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
+from routing.io.storage import ObjectNotFound, S3Storage, StorageError, make_storage, output_key
 from routing.settings import Settings
-from routing.storage import ObjectNotFound, S3Storage, StorageError, make_storage, output_key
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from producer.client import Client
-from routing.jobs import EventType, JobStatus
-from routing.storage import LocalStorage
+from routing.io.storage import LocalStorage
+from routing.jobs.store import EventType, JobStatus
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from routing.media import check_image
-from routing.net import UrlError, UrlPolicy, fetch_url
+from routing.io.media import check_image
+from routing.io.net import UrlError, UrlPolicy, fetch_url
 
 pytestmark = pytest.mark.integration
 

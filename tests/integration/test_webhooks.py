@@ -22,10 +22,10 @@ from standardwebhooks import Webhook as Signer
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from producer.client import Client
-from routing import webhooks as shared
 from routing.errors import InvalidRequest
-from routing.jobs import JobStatus, Output, Webhook
-from routing.keys import Keys
+from routing.jobs import webhook_log as shared
+from routing.jobs.keys import Keys
+from routing.jobs.store import JobStatus, Output, Webhook
 from routing.settings import Settings, Tenant
 from tests.webhook_receiver import Receiver
 from worker import webhooks
@@ -233,8 +233,8 @@ def test_progress_webhooks_are_throttled(worker, receiver: Receiver, client: Cli
 
 def test_keys_follow_the_prefix() -> None:
     keys = Keys("p")
-    assert webhooks.disabled_key(keys, "t1") == "p:webhooks:disabled:t1"
-    assert webhooks.log_key(keys, "j") == "p:webhooks:log:j"
+    assert keys.webhooks_disabled("t1") == "p:webhooks:disabled:t1"
+    assert keys.webhook_log("j") == "p:webhooks:log:j"
 
 
 def test_address_refused_at_delivery_fails_without_retry(

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from routing.classes import VramClass, consumed_queues
-from routing.plan import load_job_costs
+from routing.planning.plan import load_job_costs
+from routing.planning.sim import DEFAULT_MIX, own_queues, service_means
 from routing.settings import Settings
-from routing.sim import DEFAULT_MIX, own_queues, service_means
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

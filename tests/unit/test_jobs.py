@@ -6,8 +6,8 @@ import fakeredis
 import pytest
 
 from routing.errors import Conflict, NotFound
-from routing.jobs import TRANSITIONS, Created, JobStatus, JobStore, NewJob, Step, allowed_sources
-from routing.keys import Keys
+from routing.jobs.keys import Keys
+from routing.jobs.store import TRANSITIONS, Created, JobStatus, JobStore, NewJob, Step, allowed_sources
 
 
 @pytest.fixture

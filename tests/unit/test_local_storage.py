@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from routing.settings import Settings
-from routing.storage import (
+from routing.io.storage import (
     LocalStorage,
     ObjectNotFound,
     Storage,
@@ -18,6 +17,7 @@ from routing.storage import (
     make_storage,
     output_key,
 )
+from routing.settings import Settings
 
 
 @pytest.fixture

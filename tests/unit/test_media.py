@@ -1,4 +1,4 @@
-"""Input media checks (routing.media) and MP4 encoding and decoding (worker.media)."""
+"""Input media checks (routing.io.media) and MP4 encoding and decoding (worker.media)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from routing.media import MediaError, check_audio, check_image, check_video
+from routing.io.media import MediaError, check_audio, check_image, check_video
 from worker.media import decode_audio, decode_image, decode_video, encode_mp4
 
 GARBAGE = random.Random(7).randbytes(20_000)

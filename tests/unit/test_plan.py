@@ -12,7 +12,7 @@ import pytest
 from routing.catalog import CATALOG, TaskKind
 from routing.classes import VramClass
 from routing.decision import route
-from routing.plan import (
+from routing.planning.plan import (
     BASES,
     Instance,
     JobCost,

@@ -96,7 +96,7 @@ def test_the_queue_message_is_the_one_celery_builds():
     import base64
     import json
 
-    from routing.messages import TaskMessages
+    from routing.jobs.messages import TaskMessages
 
     app = make_celery(Settings())
     job_id = "ab" * 16

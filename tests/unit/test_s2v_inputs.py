@@ -28,9 +28,9 @@ from PIL import Image
 from producer.inputs import InputLimits, resolve_inputs
 from routing.catalog import get_model
 from routing.errors import InvalidRequest
-from routing.net import UrlPolicy
+from routing.io.net import UrlPolicy
+from routing.io.storage import LocalStorage
 from routing.schemas import SpeechToVideoRequest, parse_request
-from routing.storage import LocalStorage
 from worker.adapters import wan_standins as standins
 from worker.media import encode_wav
 

@@ -12,8 +12,8 @@ import pytest
 
 from routing.catalog import TaskKind
 from routing.classes import VramClass, consumed_queues
-from routing.plan import load_job_costs
-from routing.sim import DEFAULT_MIX, SimJob, generate_jobs, own_queues, service_means, simulate
+from routing.planning.plan import load_job_costs
+from routing.planning.sim import DEFAULT_MIX, SimJob, generate_jobs, own_queues, service_means, simulate
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU16, GPU80, H100X8 = VramClass.GPU16, VramClass.GPU80, VramClass.H100X8

@@ -21,7 +21,7 @@ class Keys:
 
     @property
     def events(self) -> str:
-        """Stream of every job state change and progress step (``routing.jobs.EventType``)."""
+        """Stream of every job state change and progress step (``routing.jobs.store.EventType``)."""
         return f"{self.prefix}:events"
 
     def tenant_in_flight(self, tenant: str) -> str:
@@ -65,8 +65,16 @@ class Keys:
         return f"{self.prefix}:drain:{worker_process}"
 
     def metrics(self, name: str) -> str:
-        """Hashes of fleet metrics (``submitted``, ``finished``, ``run_s``): routing/metrics.py."""
+        """Hashes of fleet metrics (``submitted``, ``finished``, ``run_s``): producer/metrics.py."""
         return f"{self.prefix}:metrics:{name}"
+
+    def webhooks_disabled(self, tenant: str) -> str:
+        """Set of the tenant's webhook URLs that answered 410 Gone."""
+        return f"{self.prefix}:webhooks:disabled:{tenant}"
+
+    def webhook_log(self, job_id: str) -> str:
+        """List of the job's delivery attempts, oldest first (JSON entries)."""
+        return f"{self.prefix}:webhooks:log:{job_id}"
 
     @property
     def load_counts(self) -> str:

@@ -1,6 +1,6 @@
 """Capacity plan: the GPUs, instances and dollars a target rate of jobs needs, per VRAM class.
 
-Two tables in ``routing/data`` hold the inputs: ``gpu_seconds.csv`` (GPU-seconds one job takes
+Two tables in ``routing/planning/data`` hold the inputs: ``gpu_seconds.csv`` (GPU-seconds one job takes
 at the catalog's default size and steps, per model, task kind and class) and
 ``instance_prices.csv`` (on-demand price per instance type and the class it serves). Every row
 says whether its figure was measured, published or estimated, and the plan prints that beside
@@ -374,6 +374,6 @@ def format_plan(result: Plan) -> str:
         "",
         "One output per job, at the catalog's default size and steps. GPU-seconds assume an L4 for",
         "gpu16 and H100s for gpu80 and h100x8 (an A100 takes longer); figures marked estimate are",
-        "reasoned, not measured: routing/data/gpu_seconds.csv gives each one's reasoning or citation.",
+        "reasoned, not measured: routing/planning/data/gpu_seconds.csv gives each one's reasoning or citation.",
     ]
     return "\n".join(out)

@@ -9,23 +9,13 @@ from typing import Any
 
 import redis
 
-from routing.keys import Keys
-from routing.messages import TaskMessages
-
-
-def disabled_key(keys: Keys, tenant: str) -> str:
-    """Set of the tenant's webhook URLs that answered 410 Gone."""
-    return f"{keys.prefix}:webhooks:disabled:{tenant}"
-
-
-def log_key(keys: Keys, job_id: str) -> str:
-    """List of the job's delivery attempts, oldest first (JSON entries)."""
-    return f"{keys.prefix}:webhooks:log:{job_id}"
+from routing.jobs.keys import Keys
+from routing.jobs.messages import TaskMessages
 
 
 def delivery_log(client: redis.Redis, keys: Keys, job_id: str) -> list[dict[str, Any]]:
     """Every logged delivery attempt of the job's events, oldest first."""
-    return [json.loads(raw) for raw in client.lrange(log_key(keys, job_id), 0, -1)]
+    return [json.loads(raw) for raw in client.lrange(keys.webhook_log(job_id), 0, -1)]
 
 
 def replay(
@@ -45,9 +35,9 @@ def replay(
 
 
 def disabled_urls(client: redis.Redis, keys: Keys, tenant: str) -> set[str]:
-    return {u.decode() for u in client.smembers(disabled_key(keys, tenant))}
+    return {u.decode() for u in client.smembers(keys.webhooks_disabled(tenant))}
 
 
 def enable_url(client: redis.Redis, keys: Keys, tenant: str, url: str) -> bool:
     """Deliver to ``url`` again after a 410 disabled it; False if it was not disabled."""
-    return bool(client.srem(disabled_key(keys, tenant), url))
+    return bool(client.srem(keys.webhooks_disabled(tenant), url))

@@ -10,15 +10,15 @@ models on the same class are not looked up one by one, so the ETA is an estimate
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
 import redis
 
 from routing.classes import VramClass, class_queues, consumed_queues
-from routing.jobs import JobRecord, JobStatus
-from routing.keys import Keys
+from routing.jobs.keys import Keys
+from routing.jobs.store import JobRecord, JobStatus
+from routing.jobs.workers import live_workers
 
 # Weight of the newest run in the moving average: recent enough to follow a change of hardware
 # or settings within a few dozen jobs, smooth enough that one slow job does not swing it.
@@ -41,32 +41,6 @@ def record_duration(
     client: redis.Redis, keys: Keys, model: str, vram_class: VramClass, seconds: float
 ) -> None:
     client.eval(_RECORD, 1, keys.durations, f"{model}|{vram_class.value}", seconds, _EWMA_WEIGHT)
-
-
-def heartbeat(
-    client: redis.Redis, keys: Keys, name: str, vram_class: VramClass, ttl_s: float, **state: object
-) -> None:
-    """Say that worker ``name`` of ``vram_class`` is alive for the next ``ttl_s``; ``state`` (its
-    resident models, GPU memory) rides along for the metrics."""
-    value = json.dumps({"class": vram_class.value, "at": time.time(), **state})
-    client.set(keys.worker(name), value, px=int(ttl_s * 1000))
-
-
-def live_workers(client: redis.Redis, keys: Keys) -> dict[str, VramClass]:
-    """Live workers by name, with their class."""
-    return {name: VramClass(beat["class"]) for name, beat in worker_states(client, keys).items()}
-
-
-def worker_states(client: redis.Redis, keys: Keys) -> dict[str, dict]:
-    """Live workers by name, with what their last heartbeat said."""
-    prefix = keys.worker("")
-    names = list(client.scan_iter(keys.worker("*"), count=1000))
-    values = client.mget(names) if names else []
-    return {
-        name.decode().removeprefix(prefix): json.loads(value)
-        for name, value in zip(names, values, strict=True)
-        if value is not None
-    }
 
 
 @dataclass(frozen=True)

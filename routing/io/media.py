@@ -6,7 +6,7 @@ A request names media as ``{"key": "uploads/..."}`` (already in our object store
 refusal is a ``MediaError`` whose message says what is wrong; the caller turns it into a
 ``FieldError`` naming the request field.
 
-URLs are fetched through ``routing.net`` (the SSRF guard); its ``UrlError`` is a refusal too.
+URLs are fetched through ``routing.io.net`` (the SSRF guard); its ``UrlError`` is a refusal too.
 Untrusted bytes are opened by PyAV only with an explicit list of demuxers, so a
 playlist format cannot make FFmpeg open files or URLs of its own.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import av
 from PIL import Image, UnidentifiedImageError
 
-from routing.net import DEFAULT_POLICY, UrlPolicy, fetch_url
-from routing.storage import ObjectNotFound, Storage, StorageError
+from routing.io.net import DEFAULT_POLICY, UrlPolicy, fetch_url
+from routing.io.storage import ObjectNotFound, Storage, StorageError
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # FFmpeg demuxer names (av_match_list syntax). mov covers mp4/m4v/mov, matroska covers webm/mkv.

@@ -2,7 +2,7 @@
 
 It models the rules the fleet runs by, nothing finer:
 
-- a job is queued at normal priority on its catalog class's queue (``routing.plan.home_class``)
+- a job is queued at normal priority on its catalog class's queue (``routing.planning.plan.home_class``)
   and leaves it in arrival order (Celery's Redis lists are FIFO);
 - a worker runs one job at a time (prefetch 1, concurrency 1);
 - a worker that comes free polls ``routing.classes.consumed_queues(its class)`` in that order:
@@ -11,7 +11,7 @@ It models the rules the fleet runs by, nothing finer:
 - a job that arrives while workers wait goes to the one that has waited longest among those
   subscribed to its queue (Redis serves blocked BRPOP clients first come, first served).
 
-Service times come from ``routing/data/gpu_seconds.csv``: a job runs on a worker of class ``w``
+Service times come from ``routing/planning/data/gpu_seconds.csv``: a job runs on a worker of class ``w``
 for the wall time of the row of its model and kind on the biggest class up to ``w`` that has one
 (an h100x8 worker runs a gpu80 job on one of its GPUs, and holds the rest meanwhile). Each job
 draws one size factor (lognormal, mean 1) that scales its time on whichever worker runs it, so
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from routing.catalog import TaskKind
 from routing.classes import VramClass, consumed_queues
-from routing.plan import JobCost, home_class
+from routing.planning.plan import JobCost, home_class
 
 # Share of jobs per (model, kind). The catalog carries no traffic figures: this is an assumed
 # mix, mostly cheap images with a tail of long videos, which is what makes spillover matter.

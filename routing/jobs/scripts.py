@@ -1,4 +1,4 @@
-"""The Lua scripts that change job records (``routing.jobs.JobStore`` runs them).
+"""The Lua scripts that change job records (``routing.jobs.store.JobStore`` runs them).
 
 Each is one atomic step in Redis: a state change checks the transition, writes the record, keeps
 the indexes (queue lines, running set, the tenant's sets), appends the event, queues the webhook
@@ -69,7 +69,7 @@ if ARGV[6] ~= '0' then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
   redis.call('SREM', prefix .. ':tenant:' .. tenant .. ':inflight', id)
-  -- Fleet metrics (routing/metrics.py): finished jobs, and run time of the succeeded ones.
+  -- Fleet metrics (producer/metrics.py): finished jobs, and run time of the succeeded ones.
   local model = redis.call('HGET', KEYS[1], 'model')
   local class = string.match(redis.call('HGET', KEYS[1], 'queue'), '^[^.]+')
   local label = model .. '|' .. class

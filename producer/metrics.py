@@ -1,7 +1,7 @@
 """Prometheus metrics of the whole fleet, read from Redis at scrape time.
 
 Workers do not serve metrics themselves: a job's counters are written by the same Lua script that
-changes its state (``routing.jobs``), and each worker's heartbeat carries its resident models and
+changes its state (``routing.jobs.store``), and each worker's heartbeat carries its resident models and
 GPU memory. So one scrape of the API's ``/metrics`` sees every worker, including ones that have
 since stopped, and a counter can never disagree with the job records.
 
@@ -26,9 +26,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
-from routing.eta import worker_states
-from routing.job_scripts import RUN_S_BUCKETS
-from routing.keys import Keys
+from routing.jobs.keys import Keys
+from routing.jobs.scripts import RUN_S_BUCKETS
+from routing.jobs.workers import worker_states
 
 
 def _hash(client: redis.Redis, key: str) -> dict[str, str]:

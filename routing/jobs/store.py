@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
-from routing import job_scripts as scripts
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import Conflict, FieldError, InvalidRequest, NotFound
-from routing.keys import Keys
-from routing.messages import TaskMessages
-from routing.net import UrlError, UrlPolicy, check_url
+from routing.io.net import UrlError, UrlPolicy, check_url
+from routing.jobs import scripts
+from routing.jobs.keys import Keys
+from routing.jobs.messages import TaskMessages
 
 
 class JobStatus(StrEnum):
@@ -193,7 +193,7 @@ class NewJob:
     kind: str
     request_json: str
     queue: str
-    message: tuple[str, str]  # (Redis list key, payload): see routing.messages
+    message: tuple[str, str]  # (Redis list key, payload): see routing.jobs.messages
     idempotency_key: str | None = None
     request_hash: str = ""
     tenant: str = ""
