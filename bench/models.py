@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -23,13 +24,15 @@ from pathlib import Path
 import redis
 from PIL import Image
 
+# localfleet (the launchers) is not installed with the project: it is imported from this checkout.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.settings import Settings
 from worker.media import encode_mp4, encode_png
-from worker.process import WorkerProcess
 from worker.small_models import build
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def picture() -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -21,12 +22,15 @@ from pathlib import Path
 
 import redis
 
+# localfleet (the launchers) is not installed with the project: it is imported from this checkout.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.settings import Settings
-from worker.process import WorkerProcess
 from worker.small_models import build
 
-ROOT = Path(__file__).resolve().parent.parent
 REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 1}
 
 

@@ -21,16 +21,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+# localfleet (the launchers) is not installed with the project: it is imported from this checkout.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from localfleet.flower import FlowerProcess
+from localfleet.process import WorkerProcess, settings_env
 from producer.client import Client
-from producer.flower import FlowerProcess
 from routing.catalog import CATALOG
 from routing.jobs.store import JobRecord
 from routing.settings import Settings
 from worker.media import encode_mp4, encode_png, encode_wav
-from worker.process import WorkerProcess, settings_env
 from worker.small_models import build
 
-ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var"
 SERVED = [key for key, spec in CATALOG.items() if spec.served]
 

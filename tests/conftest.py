@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.settings import Settings
-from worker.process import WorkerProcess
 
 # Loopback servers must never be reached through a proxy a CI runner may have configured.
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))

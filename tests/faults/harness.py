@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from worker.process import ServiceProcess
+from localfleet.process import ServiceProcess
 
 # Workers load it over the built-in Z-Image adapter through settings.adapters.
 FAULT_ADAPTER = "tests.faults.adapters:FaultAdapter"

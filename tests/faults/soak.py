@@ -42,6 +42,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus, Webhook
@@ -49,7 +50,6 @@ from routing.settings import Settings, Tenant
 from tests.faults.harness import RedisServer, kill_group
 from tests.webhook_receiver import Receiver
 from worker.liveness import pid_of
-from worker.process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"soak-secret-for-loopback-only!!").decode()

@@ -15,11 +15,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from localfleet.process import ApiProcess
 from routing.io.storage import S3Storage
 from routing.jobs.keys import Keys
 from routing.settings import Settings
 from tests.conftest import _free_port
-from worker.process import ApiProcess
 
 pytestmark = pytest.mark.integration
 

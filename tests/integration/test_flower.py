@@ -1,4 +1,4 @@
-"""Flower as operators run it: a real Flower process (producer.flower.FlowerProcess) on the test
+"""Flower as operators run it: a real Flower process (localfleet.flower.FlowerProcess) on the test
 Redis, a real gpu16 worker on small models, one job submitted through the SDK. Everything is
 checked through Flower's HTTP API, with and without its basic-auth credentials."""
 
@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from localfleet.flower import FlowerProcess
 from producer.client import Client
-from producer.flower import FlowerProcess, fleet_queue_names
+from producer.flower import fleet_queue_names
 from routing.jobs.store import JobStatus
 from routing.settings import Settings
 

@@ -21,6 +21,7 @@ import pytest
 from standardwebhooks import Webhook as Signer
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.jobs import webhook_log as shared
@@ -29,7 +30,6 @@ from routing.jobs.store import JobStatus, Output, Webhook
 from routing.settings import Settings, Tenant
 from tests.webhook_receiver import Receiver
 from worker import webhooks
-from worker.process import WorkerProcess
 
 pytestmark = pytest.mark.integration
 

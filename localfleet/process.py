@@ -1,7 +1,8 @@
-"""Start and stop a worker as a child process: used by the demo, the benchmarks and the tests.
+"""Start and stop a worker or the API as a child process: used by the demo, the benchmarks and the
+tests.
 
-Production runs ``python -m worker`` under its own supervisor (compose, Kubernetes); this is for
-one host that wants a worker for a while and then wants it gone.
+Production runs ``python -m worker`` and uvicorn under their own supervisor (compose,
+Kubernetes); this is for one host that wants a worker for a while and then wants it gone.
 """
 
 from __future__ import annotations
