@@ -120,7 +120,8 @@ def test_compose_profiles_split_gpu_and_cpu_workers() -> None:
         env = services[name]["environment"]
         assert env["FLEET_DEVICE"] == "cpu"
         assert env["FLEET_MODEL_ROOT"] == "/models/small"
-        assert services[name]["image"] == services["api"]["image"]  # the slim image
+        # The CPU image, with the worker code; the API's image has none.
+        assert services[name]["image"] == services["webhooks"]["image"] == "gpu-fleet-cpu:latest"
     assert services["small-models"]["command"][-2:] == ["--out", "/models/small"]
 
 
@@ -203,16 +204,47 @@ def test_env_example_values_load_as_settings(monkeypatch: pytest.MonkeyPatch) ->
 # --- images ------------------------------------------------------------------------------------
 
 
+def _dockerfile(name: str) -> str:
+    return (ROOT / "deploy" / name).read_text()
+
+
 def test_images_pin_the_projects_torch_and_run_as_non_root() -> None:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (torch_pin,) = [d for d in deps if d.replace(" ", "").startswith("torch==")]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (torch_pin,) = [d for d in extras["worker"] if d.replace(" ", "").startswith("torch==")]
     version = torch_pin.split("==", 1)[1]
-    for name in ("Dockerfile.worker", "Dockerfile.api"):
-        text = (ROOT / "deploy" / name).read_text()
-        assert f"ARG TORCH_VERSION={version}\n" in text, name
-        assert re.search(r"^USER fleet$", text, re.M), name
-    assert "cudnn-runtime-ubuntu22.04" in (ROOT / "deploy" / "Dockerfile.worker").read_text()
-    assert "FROM python:3.11-slim" in (ROOT / "deploy" / "Dockerfile.api").read_text()
+    for name in ("Dockerfile.worker", "Dockerfile.cpu"):
+        assert f"ARG TORCH_VERSION={version}\n" in _dockerfile(name), name
+        assert 'pip install "./src[worker]"' in _dockerfile(name), name
+    for name in ("Dockerfile.worker", "Dockerfile.cpu", "Dockerfile.api"):
+        assert re.search(r"^USER fleet$", _dockerfile(name), re.M), name
+    assert "cudnn-runtime-ubuntu22.04" in _dockerfile("Dockerfile.worker")
+    assert "FROM python:3.11-slim" in _dockerfile("Dockerfile.api")
+    assert "FROM python:3.11-slim" in _dockerfile("Dockerfile.cpu")
+
+
+def test_api_image_has_no_worker_code_and_no_torch() -> None:
+    text = _dockerfile("Dockerfile.api")
+    copied = [
+        line.split()[1] for line in text.splitlines() if line.startswith("COPY ") and "--from" not in line
+    ]
+    assert copied == ["pyproject.toml", "routing", "producer"]
+    assert 'pip install "./src[api]"' in text
+    assert not re.search(r"^(ARG TORCH|RUN .*torch)", text, re.M)
+
+
+def test_services_on_the_api_image_run_no_worker_module() -> None:
+    """The API's image carries no worker/: whatever runs a ``worker`` module runs another image."""
+    services = _compose()["services"]
+    for name, service in services.items():
+        command = " ".join(service.get("command") or [])
+        health = " ".join(service.get("healthcheck", {}).get("test") or [])
+        if re.search(r"\bworker\b", f"{command} {health}"):
+            assert service["image"] != services["api"]["image"], name
+    assert services["flower"]["image"] == services["api"]["image"] == "gpu-fleet-slim:latest"
+    for name, deployment in _k8s("Deployment").items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            if container["image"] == "gpu-fleet-slim":
+                assert not re.search(r"\bworker\b", " ".join(container.get("command") or [])), name
 
 
 # --- Kubernetes --------------------------------------------------------------------------------

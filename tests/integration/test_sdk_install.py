@@ -1,0 +1,119 @@
+"""A backend that installs only the SDK: ``pip install .`` into a fresh virtual environment brings
+no torch, diffusers, transformers, accelerate, Flower or FastAPI, and that environment's Python
+queues a job through ``producer.Client`` that a real worker runs to success."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from localfleet.process import settings_env
+from routing.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+# What the worker and api extras bring; none may come with the base install.
+NOT_IN_THE_BASE = {
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+    "flower",
+    "fastapi",
+    "uvicorn",
+    "prometheus-client",
+}
+
+_SUBMIT = """
+import json, sys
+import producer
+from producer import Client
+
+with Client() as client:
+    job = client.submit({"model": "z-image-turbo", "prompt": "a fox", "width": 64, "height": 64, "steps": 2})
+    record = job.wait(timeout_s=120)
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "worker") if m in sys.modules)
+print(json.dumps({"status": record.status.value, "error": record.error, "producer": producer.__file__,
+                  "outputs": len(record.outputs), "heavy": heavy}))
+"""
+
+
+def _project_copy(into: Path) -> Path:
+    """The files ``pip install .`` packages, copied: the build writes build/ and *.egg-info beside
+    its sources, and a build/ left in the checkout by an earlier build could bring back files
+    that are gone from it."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    into.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", into)
+    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
+        package = pattern.removesuffix("*")
+        shutil.copytree(ROOT / package, into / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return into
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without what points Python at the checkout or at another environment."""
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
+    return env | {"PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+
+
+@pytest.mark.timeout(900)
+def test_base_install_has_no_torch_and_its_sdk_runs_a_job(
+    fleet_settings: Settings, start_worker, tmp_path: Path
+) -> None:
+    source = _project_copy(tmp_path / "project")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", str(source)],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=840,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    show = subprocess.run(
+        [python, "-m", "pip", "show", "torch"], env=_clean_env(), capture_output=True, text=True
+    )
+    assert show.returncode != 0 and not show.stdout, show.stdout
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=json"],
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    installed = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
+    assert "gpu-fleet" in installed
+    assert not installed & NOT_IN_THE_BASE, sorted(installed & NOT_IN_THE_BASE)
+
+    start_worker()
+    submitted = subprocess.run(
+        [python, "-c", textwrap.dedent(_SUBMIT)],
+        cwd=tmp_path,
+        env=settings_env(fleet_settings, _clean_env()),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    result = json.loads(submitted.stdout)
+    assert result["status"] == "succeeded", result["error"]
+    assert result["outputs"] == 1
+    # The installed SDK ran, not the checkout's, and it loaded nothing of the worker side.
+    assert Path(result["producer"]).is_relative_to(venv), result["producer"]
+    assert result["heavy"] == []
