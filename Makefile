@@ -33,7 +33,10 @@ small-models: $(STAMP)
 demo: $(STAMP) redis
 	$(PY) scripts/demo.py
 
+# Lint and format check first: a style error fails in seconds, before the suite's minutes.
 test: $(STAMP) redis compose-validator
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 
 # 500 jobs across two workers while one is killed -9 every few seconds; prints the ledger.
