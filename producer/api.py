@@ -21,7 +21,15 @@ from producer.client import Client
 from producer.metrics import FleetCollector
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
-from routing.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
+from routing.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    TooManyJobs,
+    Unavailable,
+    field_error,
+)
 from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
 from routing.jobs.store import WEBHOOK_EVENTS, JobRecord, Webhook
@@ -59,6 +67,7 @@ Submission = Annotated[
     Field(discriminator="kind"),
 ]
 assert len(_SUBMISSIONS) == 6
+_KINDS = [k.value for k in REQUEST_TYPES]
 
 
 class ErrorField(BaseModel):
@@ -206,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid(_request, InvalidRequest([_field_error(e) for e in exc.errors()]))
+        return invalid(_request, InvalidRequest([field_error(e, _KINDS) for e in exc.errors()]))
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -395,22 +404,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     return app
-
-
-def _field_error(error: dict[str, Any]) -> FieldError:
-    # FastAPI's location starts with "body" and, for a union, the tag of the schema tried.
-    loc = [str(part) for part in error["loc"]]
-    if loc and loc[0] in ("body", "header", "query", "path"):
-        loc = loc[1:]
-    kinds = {k.value for k in REQUEST_TYPES}
-    if loc and loc[0] in kinds:
-        loc = loc[1:]
-    field = ".".join(loc) or "request"
-    if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
-        return FieldError("kind", f"required, one of: {', '.join(sorted(kinds))}")
-    if error["type"] == "extra_forbidden":
-        return FieldError(field, "unknown field")
-    return FieldError(field, error["msg"].removeprefix("Value error, "))
 
 
 def __getattr__(name: str) -> Any:
