@@ -20,10 +20,10 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
 from PIL import Image
 
 from producer.client import Client
+from routing.io.connection import connect
 from routing.settings import Settings
 from worker.media import encode_mp4, encode_png
 from worker.process import WorkerProcess
@@ -119,7 +119,7 @@ def main() -> None:
         print(
             f"bringing back an evicted model: load {back.get('load_s', 0.0):.2f} s of a {back['run_s']:.2f} s job"
         )
-        raw = redis.Redis.from_url(args.redis_url)
+        raw = connect(base)
         for key in raw.scan_iter(f"{base.key_prefix}*"):
             raw.delete(key)
 

@@ -19,9 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
-
 from producer.client import Client
+from routing.io.connection import connect
 from routing.settings import Settings
 from worker.process import WorkerProcess
 from worker.small_models import build
@@ -89,7 +88,7 @@ def main() -> None:
                     end_to_end.append(elapsed)
                     worker_inference.append(record.timings["inference_s"])
                     added.append(elapsed - record.timings["inference_s"])
-            raw = redis.Redis.from_url(args.redis_url)
+            raw = connect(settings)
             for key in raw.scan_iter(f"{settings.key_prefix}:*"):
                 raw.delete(key)
         baseline = in_process(models, args.jobs)

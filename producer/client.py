@@ -37,6 +37,7 @@ from routing.errors import (
     Unavailable,
     WaitTimeout,
 )
+from routing.io.connection import connect
 from routing.io.net import UrlPolicy
 from routing.io.storage import Storage, make_storage
 from routing.jobs.keys import Keys
@@ -69,7 +70,7 @@ class Client:
         url_policy: UrlPolicy | None = None,
     ):
         self.settings = settings or get_settings()
-        self._redis = redis_client or redis.Redis.from_url(self.settings.redis_url)
+        self._redis = redis_client or connect(self.settings)
         self._messages = TaskMessages(celery_app or make_celery(self.settings))
         self._storage = storage
         self.keys = Keys(self.settings.key_prefix)

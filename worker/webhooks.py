@@ -49,6 +49,7 @@ from standardwebhooks import Webhook as Signer
 from routing.celery_config import DELIVER_WEBHOOK_TASK, make_celery, webhook_transport_options
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import NotFound
+from routing.io.connection import connect
 from routing.io.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_url
 from routing.io.storage import Storage, StorageError, make_storage
 from routing.jobs.keys import Keys
@@ -163,7 +164,7 @@ class Deliverer:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.client = client or connect(settings)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.client, self.keys, ttl_s=settings.job_ttl_s)
         self.policy = UrlPolicy(allow_cidrs=tuple(settings.url_allow_cidrs))
