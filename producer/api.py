@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Client
@@ -32,24 +32,15 @@ from routing.errors import (
 )
 from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
-from routing.jobs.store import WEBHOOK_EVENTS, JobRecord, Webhook
+from routing.jobs.events import Webhook
+from routing.jobs.store import JobRecord, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
-
-WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled"]
-assert set(WebhookEvent.__args__) == set(WEBHOOK_EVENTS)
-
-
-class WebhookIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(min_length=1, max_length=4096)
-    events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
 
 
 class _SubmitOptions(BaseModel):
     priority: Priority = Priority.NORMAL
-    webhook: WebhookIn | None = None
+    webhook: Webhook | None = None
 
 
 # One body schema per task kind: the generation request plus how to handle the job. "kind" picks
@@ -105,18 +96,6 @@ class Progress(BaseModel):
     total: int
 
 
-class OutputOut(BaseModel):
-    key: str
-    url: str
-    content_type: str
-    size_bytes: int
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    fps: int | None = None
-    seed: int | None = None
-
-
 class JobOut(BaseModel):
     id: str
     model: str
@@ -128,13 +107,13 @@ class JobOut(BaseModel):
     queue: str
     queue_position: int | None = Field(description="jobs ahead in line, while queued")
     eta_s: float | None = Field(description="seconds until it should finish, from measured run times")
-    outputs: list[OutputOut]
+    outputs: list[Output]
     error: dict[str, str] | None
     created_at: float
     started_at: float | None
     finished_at: float | None
     timings: dict[str, float]
-    webhook: WebhookIn | None
+    webhook: Webhook | None
     request: dict[str, Any]
 
 
@@ -197,15 +176,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue=record.queue,
             queue_position=guess.position,
             eta_s=guess.eta_s,
-            outputs=[OutputOut(url=client.storage.url(o.key, expiry), **vars(o)) for o in record.outputs],
+            outputs=[o.with_url(client.storage.url(o.key, expiry)) for o in record.outputs],
             error=record.error,
             created_at=record.created_at,
             started_at=record.started_at,
             finished_at=record.finished_at,
             timings=record.timings,
-            webhook=WebhookIn(url=record.webhook.url, events=list(record.webhook.events))
-            if record.webhook
-            else None,
+            webhook=record.webhook,
             request=record.request,
         )
 
@@ -247,14 +224,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Queue a job. The same ``Idempotency-Key`` and body return the same job (200); the
         same key with another body is a 409."""
         request = body.model_dump(mode="json", exclude={"priority", "webhook"}, exclude_none=True)
-        webhook = Webhook(body.webhook.url, tuple(body.webhook.events)) if body.webhook else None
         limits = settings.tenants[tenant]
         try:
             job = client.submit(
                 request,
                 idempotency_key=f"{tenant}:{idempotency_key}" if idempotency_key else None,
                 priority=body.priority,
-                webhook=webhook,
+                webhook=body.webhook,
                 tenant=tenant,
                 max_in_flight=limits.max_in_flight,
             )
