@@ -16,9 +16,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-import redis
-
 from producer.client import Client
+from routing.io.connection import connect
 from routing.settings import Settings
 
 REQUEST = {
@@ -47,7 +46,7 @@ def main() -> None:
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=args.redis_url, key_prefix=prefix)
-    raw = redis.Redis.from_url(args.redis_url)
+    raw = connect(settings)
     client = Client(settings)
     _, payload = client._messages.run_job(uuid.uuid4().hex, "gpu16")
     queue = f"{prefix}:baseline"

@@ -21,7 +21,6 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
 from PIL import Image
 
 # localfleet (the launchers) is not installed with the project: it is imported from this checkout.
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from localfleet.process import WorkerProcess
 from producer.client import Client
+from routing.io.connection import connect
 from routing.settings import Settings
 from worker.media import encode_mp4, encode_png
 from worker.small_models import build
@@ -122,7 +122,7 @@ def main() -> None:
         print(
             f"bringing back an evicted model: load {back.get('load_s', 0.0):.2f} s of a {back['run_s']:.2f} s job"
         )
-        raw = redis.Redis.from_url(args.redis_url)
+        raw = connect(base)
         for key in raw.scan_iter(f"{base.key_prefix}*"):
             raw.delete(key)
 

@@ -20,14 +20,13 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
-
 # localfleet (the launchers) is not installed with the project: it is imported from this checkout.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from localfleet.process import WorkerProcess
 from producer.client import Client
+from routing.io.connection import connect
 from routing.settings import Settings
 from worker.small_models import build
 
@@ -93,7 +92,7 @@ def main() -> None:
                     end_to_end.append(elapsed)
                     worker_inference.append(record.timings["inference_s"])
                     added.append(elapsed - record.timings["inference_s"])
-            raw = redis.Redis.from_url(args.redis_url)
+            raw = connect(settings)
             for key in raw.scan_iter(f"{settings.key_prefix}:*"):
                 raw.delete(key)
         baseline = in_process(models, args.jobs)

@@ -1,6 +1,7 @@
 """What backends touch: the Python SDK (``Client``) and the command line (``python -m producer``)."""
 
-from producer.client import Client, Job, OutputFile
+from producer.client import Client, Job
+from routing.classes import Priority
 from routing.errors import (
     Conflict,
     FieldError,
@@ -8,12 +9,15 @@ from routing.errors import (
     InvalidRequest,
     JobNotSucceeded,
     NotFound,
+    TooManyJobs,
     Unavailable,
     WaitTimeout,
 )
-from routing.jobs.store import JobRecord, JobStatus
+from routing.jobs.events import WEBHOOK_EVENTS, Webhook, WebhookEvent
+from routing.jobs.store import JobRecord, JobStatus, Output
 
 __all__ = [
+    "WEBHOOK_EVENTS",
     "Client",
     "Conflict",
     "FieldError",
@@ -24,7 +28,11 @@ __all__ = [
     "JobRecord",
     "JobStatus",
     "NotFound",
-    "OutputFile",
+    "Output",
+    "Priority",
+    "TooManyJobs",
     "Unavailable",
     "WaitTimeout",
+    "Webhook",
+    "WebhookEvent",
 ]

@@ -14,34 +14,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Client
 from producer.metrics import FleetCollector
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
-from routing.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
+from routing.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    TooManyJobs,
+    Unavailable,
+    field_error,
+)
 from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
-from routing.jobs.store import WEBHOOK_EVENTS, JobRecord, Webhook
+from routing.jobs.events import Webhook
+from routing.jobs.store import JobRecord, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
-
-WebhookEvent = Literal["started", "progress", "succeeded", "failed", "canceled"]
-assert set(WebhookEvent.__args__) == set(WEBHOOK_EVENTS)
-
-
-class WebhookIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(min_length=1, max_length=4096)
-    events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
 
 
 class _SubmitOptions(BaseModel):
     priority: Priority = Priority.NORMAL
-    webhook: WebhookIn | None = None
+    webhook: Webhook | None = None
 
 
 # One body schema per task kind: the generation request plus how to handle the job. "kind" picks
@@ -59,6 +58,7 @@ Submission = Annotated[
     Field(discriminator="kind"),
 ]
 assert len(_SUBMISSIONS) == 6
+_KINDS = [k.value for k in REQUEST_TYPES]
 
 
 class ErrorField(BaseModel):
@@ -96,18 +96,6 @@ class Progress(BaseModel):
     total: int
 
 
-class OutputOut(BaseModel):
-    key: str
-    url: str
-    content_type: str
-    size_bytes: int
-    width: int | None = None
-    height: int | None = None
-    frames: int | None = None
-    fps: int | None = None
-    seed: int | None = None
-
-
 class JobOut(BaseModel):
     id: str
     model: str
@@ -119,13 +107,13 @@ class JobOut(BaseModel):
     queue: str
     queue_position: int | None = Field(description="jobs ahead in line, while queued")
     eta_s: float | None = Field(description="seconds until it should finish, from measured run times")
-    outputs: list[OutputOut]
+    outputs: list[Output]
     error: dict[str, str] | None
     created_at: float
     started_at: float | None
     finished_at: float | None
     timings: dict[str, float]
-    webhook: WebhookIn | None
+    webhook: Webhook | None
     request: dict[str, Any]
 
 
@@ -188,15 +176,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue=record.queue,
             queue_position=guess.position,
             eta_s=guess.eta_s,
-            outputs=[OutputOut(url=client.storage.url(o.key, expiry), **vars(o)) for o in record.outputs],
+            outputs=[o.with_url(client.storage.url(o.key, expiry)) for o in record.outputs],
             error=record.error,
             created_at=record.created_at,
             started_at=record.started_at,
             finished_at=record.finished_at,
             timings=record.timings,
-            webhook=WebhookIn(url=record.webhook.url, events=list(record.webhook.events))
-            if record.webhook
-            else None,
+            webhook=record.webhook,
             request=record.request,
         )
 
@@ -206,7 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     def malformed(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid(_request, InvalidRequest([_field_error(e) for e in exc.errors()]))
+        return invalid(_request, InvalidRequest([field_error(e, _KINDS) for e in exc.errors()]))
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -238,14 +224,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Queue a job. The same ``Idempotency-Key`` and body return the same job (200); the
         same key with another body is a 409."""
         request = body.model_dump(mode="json", exclude={"priority", "webhook"}, exclude_none=True)
-        webhook = Webhook(body.webhook.url, tuple(body.webhook.events)) if body.webhook else None
         limits = settings.tenants[tenant]
         try:
             job = client.submit(
                 request,
                 idempotency_key=f"{tenant}:{idempotency_key}" if idempotency_key else None,
                 priority=body.priority,
-                webhook=webhook,
+                webhook=body.webhook,
                 tenant=tenant,
                 max_in_flight=limits.max_in_flight,
             )
@@ -395,22 +380,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     return app
-
-
-def _field_error(error: dict[str, Any]) -> FieldError:
-    # FastAPI's location starts with "body" and, for a union, the tag of the schema tried.
-    loc = [str(part) for part in error["loc"]]
-    if loc and loc[0] in ("body", "header", "query", "path"):
-        loc = loc[1:]
-    kinds = {k.value for k in REQUEST_TYPES}
-    if loc and loc[0] in kinds:
-        loc = loc[1:]
-    field = ".".join(loc) or "request"
-    if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
-        return FieldError("kind", f"required, one of: {', '.join(sorted(kinds))}")
-    if error["type"] == "extra_forbidden":
-        return FieldError(field, "unknown field")
-    return FieldError(field, error["msg"].removeprefix("Value error, "))
 
 
 def __getattr__(name: str) -> Any:

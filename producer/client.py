@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +36,17 @@ from routing.errors import (
     Unavailable,
     WaitTimeout,
 )
+from routing.io.connection import connect
 from routing.io.net import UrlPolicy
 from routing.io.storage import Storage, make_storage
+from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
-from routing.jobs.store import Created, JobRecord, JobStatus, JobStore, NewJob, Webhook, check_webhook
+from routing.jobs.store import Created, JobRecord, JobStatus, JobStore, NewJob, Output
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
 
 ProgressCallback = Callable[[JobRecord], None]
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    key: str
-    url: str
-    content_type: str
-    size_bytes: int
-    width: int | None
-    height: int | None
 
 
 class Client:
@@ -69,7 +60,7 @@ class Client:
         url_policy: UrlPolicy | None = None,
     ):
         self.settings = settings or get_settings()
-        self._redis = redis_client or redis.Redis.from_url(self.settings.redis_url)
+        self._redis = redis_client or connect(self.settings)
         self._messages = TaskMessages(celery_app or make_celery(self.settings))
         self._storage = storage
         self.keys = Keys(self.settings.key_prefix)
@@ -258,7 +249,7 @@ class Client:
                 record = self.store.get(job_id)
         return record
 
-    def result(self, job_id: str) -> list[OutputFile]:
+    def result(self, job_id: str) -> list[Output]:
         """The outputs of a succeeded job, with presigned URLs. Raises ``JobNotSucceeded`` for a
         failed or canceled job and ``Conflict`` for one not finished yet."""
         record = self.status(job_id)
@@ -268,12 +259,7 @@ class Client:
         if record.status is not JobStatus.SUCCEEDED:
             raise Conflict(f"job {job_id} is {record.status.value}; it has no result yet")
         expires_s = self.settings.presign_expiry_s
-        return [
-            OutputFile(
-                o.key, self.storage.url(o.key, expires_s), o.content_type, o.size_bytes, o.width, o.height
-            )
-            for o in record.outputs
-        ]
+        return [o.with_url(self.storage.url(o.key, expires_s)) for o in record.outputs]
 
     def close(self) -> None:
         self._redis.close()
@@ -320,7 +306,7 @@ class Job:
     def wait(self, timeout_s: float | None = None, on_progress: ProgressCallback | None = None) -> JobRecord:
         return self.client.wait(self.id, timeout_s=timeout_s, on_progress=on_progress)
 
-    def result(self) -> list[OutputFile]:
+    def result(self) -> list[Output]:
         return self.client.result(self.id)
 
     def cancel(self) -> JobRecord:

@@ -60,6 +60,18 @@ def queue_name(vram_class: VramClass, priority: Priority = Priority.NORMAL) -> s
     return vram_class.queue if priority is Priority.NORMAL else f"{vram_class.queue}.{priority.value}"
 
 
+def parse_queue(name: str) -> tuple[VramClass, Priority]:
+    """The class and priority of a queue named by ``queue_name``: ``gpu16.high`` is
+    ``(GPU16, HIGH)``, ``gpu16`` is ``(GPU16, NORMAL)``. Raises ``ValueError`` for any other name."""
+    class_name, dot, priority = name.partition(".")
+    vram_class = VramClass(class_name)
+    if not dot:
+        return vram_class, Priority.NORMAL
+    if priority == Priority.NORMAL.value:  # the normal queue has no suffix
+        raise ValueError(f"{name!r} is not a queue name; the normal queue is {class_name!r}")
+    return vram_class, Priority(priority)
+
+
 def class_queues(vram_class: VramClass) -> list[str]:
     """A class's queues, highest priority first."""
     return [queue_name(vram_class, p) for p in _PRIORITY_ORDER]

@@ -12,7 +12,9 @@ FleetError
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 class FleetError(Exception):
@@ -69,3 +71,30 @@ class JobNotSucceeded(FleetError):
 
 class WaitTimeout(FleetError):
     """``wait()`` ran out of time; the job goes on."""
+
+
+# Where FastAPI says an invalid value came from: the first part of its error locations.
+_HTTP_LOCATIONS = ("body", "header", "query", "path")
+
+
+def field_error(error: Mapping[str, Any], kinds: Collection[str] = ()) -> FieldError:
+    """One pydantic validation error as a ``FieldError`` naming the request field.
+
+    ``kinds`` are the tags of a union of request schemas picked by ``kind`` (the HTTP API's
+    body): a tag is dropped from the location, and a missing or unknown one is an error of
+    ``kind``. FastAPI's location part (``body``, ``query``, ...) is dropped too.
+    """
+    loc = [str(part) for part in error["loc"]]
+    if loc and loc[0] in _HTTP_LOCATIONS:
+        loc = loc[1:]
+    if loc and loc[0] in kinds:
+        loc = loc[1:]
+    field = ".".join(loc) or "request"
+    if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        return FieldError("kind", f"required, one of: {', '.join(sorted(kinds))}")
+    if error["type"] == "extra_forbidden":
+        return FieldError(field, "unknown field")
+    if error["type"] == "mix_inputs":
+        # Name the first missing field rather than the request as a whole.
+        return FieldError(error["ctx"]["missing"].split(", ")[0], error["msg"])
+    return FieldError(field, error["msg"].removeprefix("Value error, "))

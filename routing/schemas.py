@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from pydantic_core import PydanticCustomError
 
 from routing.catalog import CATALOG, ModelSpec, TaskKind
-from routing.errors import FieldError, InvalidRequest
+from routing.errors import FieldError, InvalidRequest, field_error
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -184,7 +184,7 @@ def parse_request(data: Mapping[str, Any] | RequestBase) -> GenerationRequest:
     try:
         request = request_type.model_validate(data)
     except ValidationError as exc:
-        raise InvalidRequest([_field_error(e) for e in exc.errors()]) from None
+        raise InvalidRequest([field_error(e) for e in exc.errors()]) from None
 
     request = _with_defaults(request, spec)
     errors = _check_limits(request, spec)
@@ -221,17 +221,6 @@ def _resolve_kind(data: dict[str, Any], spec: ModelSpec) -> TaskKind:
     if kind not in spec.task_kinds:
         raise InvalidRequest([FieldError("kind", f"{spec.key} does not do {kind.value}; it does: {does}")])
     return kind
-
-
-def _field_error(error: Mapping[str, Any]) -> FieldError:
-    field = ".".join(str(part) for part in error["loc"]) or "request"
-    if error["type"] == "extra_forbidden":
-        return FieldError(field, "unknown field")
-    if error["type"] == "mix_inputs":
-        # Name the first missing field rather than the request as a whole.
-        return FieldError(error["ctx"]["missing"].split(", ")[0], error["msg"])
-    message = error["msg"].removeprefix("Value error, ")
-    return FieldError(field, message)
 
 
 def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:

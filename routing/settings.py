@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     progress_webhook_interval_s: float = Field(default=2.0, ge=0)
     # Deliveries one webhooks worker makes at once (threads: the work is waiting on receivers).
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
+    # Delivery attempts of one webhook event before it is given up, and the retry schedule: the
+    # wait before attempt n+1 is uniform in [0, min(cap, base * 2^(n-1))] (full jitter), never
+    # under 1 s.
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    webhook_retry_base_s: float = Field(default=2.0, gt=0)
+    webhook_retry_cap_s: float = Field(default=600.0, gt=0)
 
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the

@@ -13,7 +13,7 @@ import traceback
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from routing.classes import Priority, VramClass, queue_name
+from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, InvalidRequest, NotFound
 from routing.io.storage import Storage, output_key
@@ -184,14 +184,13 @@ class JobRunner:
         self, job_id: str, queue: str, exc: BaseException, timings: dict[str, float], started_at: float
     ) -> str:
         """Out of GPU memory: send the job to the next bigger class, once per class."""
-        current = VramClass(queue.split(".", 1)[0])
+        current, priority = parse_queue(queue)
         target = escalate(current)
         if target is None:
             return self._finish(
                 job_id, JobStatus.FAILED, timings, started_at, error=_error("out_of_memory", exc)
             )
-        priority = queue.split(".", 1)[1] if "." in queue else "normal"
-        new_queue = queue_name(target.vram_class, Priority(priority))
+        new_queue = queue_name(target.vram_class, priority)
         record = self.store.get(job_id)
         escalations = [
             *record.escalations,

@@ -22,8 +22,8 @@ job's events run concurrently and retry independently, so they can arrive out of
 changes); output URLs are presigned afresh on each attempt.
 
 Rules: a 2xx is delivered; anything else, redirects included (they are never followed), is a
-failure, retried with exponential backoff and full jitter up to ``MAX_ATTEMPTS`` attempts; a 429 or
-503 with ``Retry-After`` waits as long as it says (capped). ``410 Gone`` disables the URL for the
+failure, retried with exponential backoff and full jitter up to ``FLEET_WEBHOOK_MAX_ATTEMPTS``
+attempts; a 429 or 503 with ``Retry-After`` waits as long as it says (capped). ``410 Gone`` disables the URL for the
 tenant: later deliveries to it are skipped and logged as ``disabled``. A URL the address rules
 refuse (``routing.io.net``) fails at once. Every attempt is logged per job (``delivery_log``).
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import os
 import random
 import sys
 import time
@@ -49,27 +48,19 @@ from standardwebhooks import Webhook as Signer
 from routing.celery_config import DELIVER_WEBHOOK_TASK, make_celery, webhook_transport_options
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import NotFound
+from routing.io.connection import connect
 from routing.io.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_url
 from routing.io.storage import Storage, StorageError, make_storage
 from routing.jobs.keys import Keys
 from routing.jobs.store import JobRecord, JobStore
 from routing.settings import Settings, get_settings
 
-
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
-# The retry schedule. Not a setting: every deployment should retry the same way; tests shorten it
-# through the environment. Delay before attempt n+1 is uniform in [0, min(cap, base * factor^(n-1))]
-# (full jitter: a receiver that was down is not hit by every retry at once when it comes back),
-# but at least RETRY_MIN_S, because webhook-timestamp has whole-second resolution and each attempt
-# is promised a new one.
-RETRY_BASE_S = _env_float("FLEET_WEBHOOK_RETRY_BASE_S", 2.0)
+# The retry schedule (settings.webhook_retry_base_s, webhook_retry_cap_s): delay before attempt n+1
+# is uniform in [0, min(cap, base * factor^(n-1))] (full jitter: a receiver that was down is not
+# hit by every retry at once when it comes back), but at least RETRY_MIN_S, because
+# webhook-timestamp has whole-second resolution and each attempt is promised a new one.
 RETRY_FACTOR = 2.0
-RETRY_CAP_S = _env_float("FLEET_WEBHOOK_RETRY_CAP_S", 600.0)
 RETRY_MIN_S = 1.0
-MAX_ATTEMPTS = int(_env_float("FLEET_WEBHOOK_MAX_ATTEMPTS", 8))
 RETRY_AFTER_CAP_S = 3600.0
 TIMEOUT_S = 15.0
 LOG_MAX_ENTRIES = 1000  # per job: a long job's progress events must not grow the log unbounded
@@ -78,9 +69,9 @@ LOG_MAX_ENTRIES = 1000  # per job: a long job's progress events must not grow th
 DELIVERED, RETRYING, FAILED, DISABLED, REFUSED = "delivered", "retrying", "failed", "disabled", "refused"
 
 
-def backoff_s(attempt: int) -> float:
+def backoff_s(attempt: int, settings: Settings) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1-based)."""
-    ceiling = min(RETRY_CAP_S, RETRY_BASE_S * RETRY_FACTOR ** (attempt - 1))
+    ceiling = min(settings.webhook_retry_cap_s, settings.webhook_retry_base_s * RETRY_FACTOR ** (attempt - 1))
     return max(RETRY_MIN_S, random.uniform(0, ceiling))
 
 
@@ -163,7 +154,7 @@ class Deliverer:
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
-        self.client = client or redis.Redis.from_url(settings.redis_url)
+        self.client = client or connect(settings)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.client, self.keys, ttl_s=settings.job_ttl_s)
         self.policy = UrlPolicy(allow_cidrs=tuple(settings.url_allow_cidrs))
@@ -243,12 +234,11 @@ class Deliverer:
         wait = retry_after_s(response.headers.get("retry-after")) if status in (429, 503) else None
         return self._retry_or_fail(attempt, status, error, wait)
 
-    @staticmethod
-    def _retry_or_fail(attempt: int, status: int | None, error: str, wait_s: float | None) -> Attempt:
-        if attempt >= MAX_ATTEMPTS:
+    def _retry_or_fail(self, attempt: int, status: int | None, error: str, wait_s: float | None) -> Attempt:
+        if attempt >= self.settings.webhook_max_attempts:
             return Attempt(FAILED, status, f"{error} (gave up after {attempt} attempts)")
         # The floor holds for Retry-After too: a date already past must not reuse this second.
-        delay = backoff_s(attempt) if wait_s is None else max(RETRY_MIN_S, wait_s)
+        delay = backoff_s(attempt, self.settings) if wait_s is None else max(RETRY_MIN_S, wait_s)
         return Attempt(RETRYING, status, error, delay)
 
 

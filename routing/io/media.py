@@ -1,12 +1,11 @@
-"""Input media a request refers to, fetched and checked before anything is queued.
+"""Input media a request refers to, decoded and checked before anything is queued.
 
 A request names media as ``{"key": "uploads/..."}`` (already in our object store) or
-``{"url": "https://..."}``. ``read_media_ref`` returns the bytes of either; ``check_image``,
-``check_video`` and ``check_audio`` decode them and refuse what a worker could not use. Every
-refusal is a ``MediaError`` whose message says what is wrong; the caller turns it into a
-``FieldError`` naming the request field.
+``{"url": "https://..."}``; ``producer.inputs`` reads the bytes of either (URLs through the SSRF
+guard of ``routing.io.net``). ``check_image``, ``check_video`` and ``check_audio`` decode them and
+refuse what a worker could not use. Every refusal is a ``MediaError`` whose message says what is
+wrong; the caller turns it into a ``FieldError`` naming the request field.
 
-URLs are fetched through ``routing.io.net`` (the SSRF guard); its ``UrlError`` is a refusal too.
 Untrusted bytes are opened by PyAV only with an explicit list of demuxers, so a
 playlist format cannot make FFmpeg open files or URLs of its own.
 """
@@ -14,15 +13,10 @@ playlist format cannot make FFmpeg open files or URLs of its own.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import av
 from PIL import Image, UnidentifiedImageError
-
-from routing.io.net import DEFAULT_POLICY, UrlPolicy, fetch_url
-from routing.io.storage import ObjectNotFound, Storage, StorageError
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # FFmpeg demuxer names (av_match_list syntax). mov covers mp4/m4v/mov, matroska covers webm/mkv.
@@ -32,27 +26,6 @@ AUDIO_DEMUXERS = "wav,mp3,flac"
 
 class MediaError(Exception):
     """Media a request refers to cannot be used; the message says why."""
-
-
-def read_media_ref(
-    ref: Mapping[str, Any], *, storage: Storage, max_bytes: int, policy: UrlPolicy = DEFAULT_POLICY
-) -> bytes:
-    """The bytes ``{"key": ...}`` or ``{"url": ...}`` refers to."""
-    if set(ref) == {"key"} and isinstance(ref["key"], str):
-        try:
-            data = storage.get(ref["key"])
-        except ValueError as e:
-            raise MediaError(str(e)) from None
-        except ObjectNotFound:
-            raise MediaError(f"no object with key {ref['key']!r}") from None
-        except StorageError as e:
-            raise MediaError(f"object store error: {e}") from None
-        if len(data) > max_bytes:
-            raise MediaError(f"the file is {len(data)} bytes, over the limit of {max_bytes}")
-        return data
-    if set(ref) == {"url"} and isinstance(ref["url"], str):
-        return fetch_url(ref["url"], max_bytes=max_bytes, policy=policy)
-    raise MediaError('expected {"key": "..."} or {"url": "..."}')
 
 
 # --- Decoding checks --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from routing.classes import VramClass, class_queues, consumed_queues
+from routing.classes import VramClass, class_queues, consumed_queues, parse_queue
 from routing.jobs.keys import Keys
 from routing.jobs.store import JobRecord, JobStatus
 from routing.jobs.workers import live_workers
@@ -33,10 +33,6 @@ return tostring(value)
 """
 
 
-def _class_of_queue(queue: str) -> VramClass:
-    return VramClass(queue.split(".", 1)[0])
-
-
 def record_duration(
     client: redis.Redis, keys: Keys, model: str, vram_class: VramClass, seconds: float
 ) -> None:
@@ -52,7 +48,7 @@ class Estimate:
 def estimate(client: redis.Redis, keys: Keys, record: JobRecord) -> Estimate:
     if record.status.is_terminal():
         return Estimate(None, None)
-    vram_class = _class_of_queue(record.queue)
+    vram_class = parse_queue(record.queue)[0]
     measured = client.hget(keys.durations, f"{record.model}|{vram_class.value}")
     run_s = float(measured) if measured is not None else None
     if record.status is JobStatus.RUNNING:

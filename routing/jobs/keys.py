@@ -21,7 +21,7 @@ class Keys:
 
     @property
     def events(self) -> str:
-        """Stream of every job state change and progress step (``routing.jobs.store.EventType``)."""
+        """Stream of every job state change and progress step (``routing.jobs.events.EventType``)."""
         return f"{self.prefix}:events"
 
     def tenant_in_flight(self, tenant: str) -> str:

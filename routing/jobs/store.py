@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any
 
 import redis
 
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict, FieldError, InvalidRequest, NotFound
-from routing.io.net import UrlError, UrlPolicy, check_url
+from routing.errors import Conflict, NotFound
 from routing.jobs import scripts
+from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 
@@ -54,15 +54,6 @@ def allowed_sources(target: JobStatus) -> list[JobStatus]:
     return [source for source, targets in TRANSITIONS.items() if target in targets]
 
 
-class EventType(StrEnum):
-    QUEUED = "job.queued"
-    STARTED = "job.started"
-    PROGRESS = "job.progress"
-    SUCCEEDED = "job.succeeded"
-    FAILED = "job.failed"
-    CANCELED = "job.canceled"
-
-
 _EVENT_FOR = {
     JobStatus.QUEUED: EventType.QUEUED,
     JobStatus.RUNNING: EventType.STARTED,
@@ -72,34 +63,11 @@ _EVENT_FOR = {
 }
 
 
-# Events a webhook can ask for (the short names of EventType without "job.").
-WEBHOOK_EVENTS = ("started", "progress", "succeeded", "failed", "canceled")
-
-
-@dataclass(frozen=True)
-class Webhook:
-    url: str
-    events: tuple[str, ...] = WEBHOOK_EVENTS
-
-
-def check_webhook(webhook: Webhook, policy: UrlPolicy) -> None:
-    """Refuse a webhook whose URL or events are not acceptable, naming the field."""
-    errors = []
-    unknown = [e for e in webhook.events if e not in WEBHOOK_EVENTS]
-    if unknown or not webhook.events:
-        errors.append(
-            FieldError("webhook.events", f"each one of {', '.join(WEBHOOK_EVENTS)} (got {unknown or 'none'})")
-        )
-    try:
-        check_url(webhook.url, policy)
-    except UrlError as exc:
-        errors.append(FieldError("webhook.url", str(exc)))
-    if errors:
-        raise InvalidRequest(errors)
-
-
 @dataclass(frozen=True)
 class Output:
+    """One file a job made: where it is stored, its type and size, what it shows, the seed it was
+    made with, and (where outputs are handed out) a presigned url to fetch it."""
+
     key: str
     content_type: str
     size_bytes: int
@@ -108,6 +76,10 @@ class Output:
     seed: int | None = None
     frames: int | None = None  # videos only
     fps: int | None = None
+    url: str | None = None
+
+    def with_url(self, url: str) -> Output:
+        return replace(self, url=url)
 
 
 @dataclass(frozen=True)

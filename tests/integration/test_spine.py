@@ -54,6 +54,7 @@ def test_submit_runs_to_succeeded_with_a_png_of_the_requested_size(
     [result] = job.result()
     assert result.url.startswith("file://")
     assert result.content_type == "image/png"
+    assert result.seed == output.seed and result.size_bytes == output.size_bytes
 
 
 def test_second_job_on_the_same_model_loads_nothing(

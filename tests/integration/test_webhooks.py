@@ -154,6 +154,31 @@ def test_tampered_body_and_stale_timestamp_fail_verification(
     assert not receiver.verify(captured.body, stale_headers)
 
 
+def test_a_delivery_gives_up_at_webhook_max_attempts(
+    receiver: Receiver, client: Client, settings: Settings, log
+) -> None:
+    receiver.plan("/hook", 500, 500, 500)
+    job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
+    client.store.transition(job.id, JobStatus.RUNNING)
+    started = next(e for e in client.store.events(job.id) if e["type"] == "job.started")
+    deliverer = webhooks.Deliverer(settings.model_copy(update={"webhook_max_attempts": 2}))
+
+    first = deliverer.deliver(job.id, started["event_id"], started["type"], started["at"], attempt=1)
+    second = deliverer.deliver(job.id, started["event_id"], started["type"], started["at"], attempt=2)
+    assert (first.outcome, second.outcome) == (webhooks.RETRYING, webhooks.FAILED)
+    assert "gave up after 2 attempts" in second.error
+    assert [e["outcome"] for e in log(job.id)] == ["retrying", "failed"]
+    assert len(receiver.hits("/hook")) == 2
+
+
+def test_retry_delays_follow_the_settings(settings: Settings) -> None:
+    schedule = settings.model_copy(update={"webhook_retry_base_s": 4.0, "webhook_retry_cap_s": 10.0})
+    for attempt, ceiling in ((1, 4.0), (2, 8.0), (3, 10.0), (9, 10.0)):
+        delays = [webhooks.backoff_s(attempt, schedule) for _ in range(200)]
+        assert all(webhooks.RETRY_MIN_S <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # jitter spreads over the whole range
+
+
 def test_410_disables_the_endpoint_for_later_events(worker, receiver: Receiver, client: Client, log) -> None:
     receiver.plan("/gone", 410)
     url = receiver.url("/gone")

@@ -8,7 +8,7 @@ import pytest
 
 from routing.catalog import CATALOG, TaskKind, footprint_gb, get_model
 from routing.celery_config import celery_settings, make_celery
-from routing.classes import VramClass, bigger_classes, consumed_queues
+from routing.classes import Priority, VramClass, bigger_classes, consumed_queues, parse_queue, queue_name
 from routing.decision import escalate, route
 from routing.schemas import parse_request
 from routing.settings import Settings
@@ -26,6 +26,19 @@ def test_each_class_consumes_its_own_queues_first_then_smaller_ones_biggest_firs
     ]
     assert consumed_queues(VramClass.H100X8)[:3] == ["h100x8.high", "h100x8", "h100x8.low"]
     assert consumed_queues(VramClass.H100X8)[3:] == consumed_queues(VramClass.GPU80)
+
+
+def test_every_queue_name_parses_back_to_its_class_and_priority():
+    for vram_class in VramClass:
+        for priority in Priority:
+            assert parse_queue(queue_name(vram_class, priority)) == (vram_class, priority)
+    assert parse_queue("gpu80.low") == (VramClass.GPU80, Priority.LOW)
+
+
+@pytest.mark.parametrize("name", ["webhooks", "gpu16.normal", "gpu16.urgent", "gpu32", ""])
+def test_a_name_that_is_no_gpu_queue_does_not_parse(name):
+    with pytest.raises(ValueError):
+        parse_queue(name)
 
 
 def test_a_worker_app_declares_its_queues_in_preference_order():
