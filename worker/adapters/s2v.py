@@ -175,6 +175,7 @@ def _reference_image(path: str | Path, width: int, height: int) -> Image.Image:
     return im if im.size == (width, height) else im.resize((width, height), Image.Resampling.LANCZOS)
 
 
+# The small-model builder loads the way the model does, with these three names from here.
 __all__ = [
     "SMALL_MODEL_FILE",
     "GroupPlace",
