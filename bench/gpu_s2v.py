@@ -146,7 +146,7 @@ def full_size_dit_step(on_cpu: bool = False) -> None:
     from accelerate import init_on_device
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from worker.adapters.s2v import import_wan_modules
+    from worker.adapters.wan_s2v.official import import_wan_modules
     from worker.small_models import s2v as small
 
     modules = import_wan_modules()

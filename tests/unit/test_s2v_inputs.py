@@ -272,7 +272,7 @@ def test_the_small_checkpoint_has_the_official_layout(small_s2v: Path, wan) -> N
 def test_the_official_audio_encoder_reads_each_format(small_s2v: Path, wan, tmp_path: Path, fmt: str) -> None:
     import torch
 
-    encoder_module = wan.import_wan_audio_encoder()
+    encoder_module = wan.import_wan_modules()["audio_encoder"]
     encoder = encoder_module.AudioEncoder(model_id=str(small_s2v / "wav2vec2-large-xlsr-53-english"))
     path = tmp_path / f"speech.{fmt}"
     path.write_bytes(speech(fmt, 2.0))
@@ -299,19 +299,21 @@ def test_the_pose_reader_stands_in_for_decord(wan, tmp_path: Path) -> None:
 def test_sdpa_attention_matches_flash_attention_semantics(wan) -> None:
     import torch
 
+    from worker.adapters.wan_s2v.attention import sdpa_attention
+
     torch.manual_seed(0)
     b, lq, lk, heads, dim = 2, 7, 9, 4, 8
     q, k, v = torch.randn(b, lq, heads, dim), torch.randn(b, lk, heads, dim), torch.randn(b, lk, heads, dim)
     k_lens = torch.tensor([9, 5])
 
-    out = wan.sdpa_attention(q, k, v, k_lens=k_lens)
+    out = sdpa_attention(q, k, v, k_lens=k_lens)
 
     for i, length in enumerate(k_lens.tolist()):
         scores = torch.einsum("qhd,khd->hqk", q[i], k[i, :length]) / math.sqrt(dim)
         expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[i, :length])
         assert torch.allclose(out[i], expected, atol=1e-5)
     # Grouped heads (2 key heads for 4 query heads) and padded query rows.
-    grouped = wan.sdpa_attention(q, k[:, :, :2], v[:, :, :2], q_lens=torch.tensor([7, 3]))
+    grouped = sdpa_attention(q, k[:, :, :2], v[:, :, :2], q_lens=torch.tensor([7, 3]))
     assert grouped.shape == q.shape and not grouped[1, 3:].any()
 
 

@@ -13,12 +13,19 @@ it uses:
   frames), used only where torchvision cannot be imported: PyPI's torchvision is a CUDA build whose
   operator library does not load beside a CPU-only torch. A GPU image installs torchvision and
   the official code uses it.
+
+Each is in ``sys.modules`` only while the official code imports (``while_importing``), for the
+libraries that are not installed; what the official code bound stays bound, and nothing else in
+the process sees a stand-in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,13 +45,8 @@ def librosa_load(path: str, sr: int | None = 22050, mono: bool = True, **_: Any)
 
 
 def librosa_module() -> types.ModuleType:
-    module = sys.modules.get("fleet_librosa_standin")
-    if module is None:
-        module = types.ModuleType(
-            "fleet_librosa_standin", "librosa.load through PyAV (worker.adapters.wan_standins)"
-        )
-        module.load = librosa_load  # type: ignore[attr-defined]
-        sys.modules["fleet_librosa_standin"] = module
+    module = types.ModuleType("librosa", "librosa.load through PyAV (worker.adapters.wan_standins)")
+    module.load = librosa_load  # type: ignore[attr-defined]
     return module
 
 
@@ -201,3 +203,29 @@ def torchvision_importable() -> bool:
             del sys.modules[name]
         return False
     return True
+
+
+# --- While the official code imports -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def while_importing() -> Iterator[None]:
+    """The stand-ins in ``sys.modules`` for the libraries that are not installed; the modules
+    there before are back after."""
+    modules: dict[str, types.ModuleType] = {}
+    if importlib.util.find_spec("librosa") is None:
+        modules["librosa"] = librosa_module()
+    if importlib.util.find_spec("decord") is None:
+        modules["decord"] = decord_module()
+    if not torchvision_importable():
+        modules.update(torchvision_modules())
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
