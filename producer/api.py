@@ -21,7 +21,7 @@ from producer.client import Client
 from producer.metrics import FleetCollector
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
-from routing.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
+from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, NotFound, TooManyJobs, Unavailable
 from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
 from routing.jobs.store import WEBHOOK_EVENTS, JobRecord, Webhook
@@ -108,6 +108,13 @@ class OutputOut(BaseModel):
     seed: int | None = None
 
 
+class ErrorOut(BaseModel):
+    type: ErrorType = Field(description="why the job failed")
+    exception: str = Field(description="the raised exception's class name, '' when none was raised")
+    message: str
+    where: str = Field(description="the exception as Python prints it, '' when none was raised")
+
+
 class JobOut(BaseModel):
     id: str
     model: str
@@ -120,7 +127,7 @@ class JobOut(BaseModel):
     queue_position: int | None = Field(description="jobs ahead in line, while queued")
     eta_s: float | None = Field(description="seconds until it should finish, from measured run times")
     outputs: list[OutputOut]
-    error: dict[str, str] | None
+    error: ErrorOut | None
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -189,7 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue_position=guess.position,
             eta_s=guess.eta_s,
             outputs=[OutputOut(url=client.storage.url(o.key, expiry), **vars(o)) for o in record.outputs],
-            error=record.error,
+            error=ErrorOut(**vars(record.error)) if record.error else None,
             created_at=record.created_at,
             started_at=record.started_at,
             finished_at=record.finished_at,

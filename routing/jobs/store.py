@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict, FieldError, InvalidRequest, NotFound
+from routing.errors import Conflict, FieldError, InvalidRequest, JobError, NotFound
 from routing.io.net import UrlError, UrlPolicy, check_url
 from routing.jobs import scripts
 from routing.jobs.keys import Keys
@@ -126,7 +126,7 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     outputs: list[Output] = field(default_factory=list)
-    error: dict[str, str] | None = None
+    error: JobError | None = None
     timings: dict[str, float] = field(default_factory=dict)
     worker: str | None = None
     cancel_requested: bool = False
@@ -158,7 +158,7 @@ class JobRecord:
             started_at=opt_float("started_at"),
             finished_at=opt_float("finished_at"),
             outputs=[Output(**o) for o in json.loads(raw.get("outputs") or "[]")],
-            error=json.loads(raw["error"]) if raw.get("error") else None,
+            error=JobError.from_dict(json.loads(raw["error"])) if raw.get("error") else None,
             timings=json.loads(raw.get("timings") or "{}"),
             worker=raw.get("worker") or None,
             cancel_requested=raw.get("cancel_requested") == "1",
