@@ -23,6 +23,7 @@ from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
     Conflict,
+    ErrorType,
     FieldError,
     InvalidRequest,
     NotFound,
@@ -96,6 +97,13 @@ class Progress(BaseModel):
     total: int
 
 
+class ErrorOut(BaseModel):
+    type: ErrorType = Field(description="why the job failed")
+    exception: str = Field(description="the raised exception's class name, '' when none was raised")
+    message: str
+    where: str = Field(description="the exception as Python prints it, '' when none was raised")
+
+
 class JobOut(BaseModel):
     id: str
     model: str
@@ -108,7 +116,7 @@ class JobOut(BaseModel):
     queue_position: int | None = Field(description="jobs ahead in line, while queued")
     eta_s: float | None = Field(description="seconds until it should finish, from measured run times")
     outputs: list[Output]
-    error: dict[str, str] | None
+    error: ErrorOut | None
     created_at: float
     started_at: float | None
     finished_at: float | None
@@ -177,7 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             queue_position=guess.position,
             eta_s=guess.eta_s,
             outputs=[o.with_url(client.storage.url(o.key, expiry)) for o in record.outputs],
-            error=record.error,
+            error=ErrorOut(**vars(record.error)) if record.error else None,
             created_at=record.created_at,
             started_at=record.started_at,
             finished_at=record.finished_at,

@@ -113,7 +113,7 @@ def _follow(client: Client, job_id: str, timeout_s: float | None, out: TextIO, e
     _draw(record, err)
     print(file=err)
     if record.status is not JobStatus.SUCCEEDED:
-        reason = (record.error or {}).get("message", "")
+        reason = record.error.message if record.error else ""
         print(f"job {job_id} {record.status.value}" + (f": {reason}" if reason else ""), file=err)
         return 1
     for output in client.result(job_id):

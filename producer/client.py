@@ -254,7 +254,7 @@ class Client:
         failed or canceled job and ``Conflict`` for one not finished yet."""
         record = self.status(job_id)
         if record.status in (JobStatus.FAILED, JobStatus.CANCELED):
-            reason = (record.error or {}).get("message", "")
+            reason = record.error.message if record.error else ""
             raise JobNotSucceeded(record, f"job {job_id} {record.status.value}: {reason}".rstrip(": "))
         if record.status is not JobStatus.SUCCEEDED:
             raise Conflict(f"job {job_id} is {record.status.value}; it has no result yet")

@@ -8,12 +8,16 @@ FleetError
 ├── Unavailable        the broker or the job store could not be reached; nothing was accepted
 ├── JobNotSucceeded    asked for the result of a job that failed or was canceled
 └── WaitTimeout        a wait ran out of time (the job goes on)
+
+A failed job is not an exception but a result: its record holds a ``JobError`` whose ``type``
+(an ``ErrorType``) says what a caller can do about it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 
@@ -71,6 +75,38 @@ class JobNotSucceeded(FleetError):
 
 class WaitTimeout(FleetError):
     """``wait()`` ran out of time; the job goes on."""
+
+
+class ErrorType(StrEnum):
+    """Why a job failed: every type the fleet records in a job's ``error``."""
+
+    INVALID_REQUEST = "invalid_request"  # the stored request no longer passes the checks the worker makes
+    MODEL_ERROR = "model_error"  # the pipeline raised while generating
+    OUT_OF_MEMORY = "out_of_memory"  # out of GPU memory, and no bigger class to escalate to
+    TIME_LIMIT = "time_limit"  # ran past the task's soft or hard time limit
+    EXPIRED = "expired"  # waited in its queue longer than the fleet's max_wait_s
+    TOO_MANY_ATTEMPTS = "too_many_attempts"  # its worker died or stopped on every attempt (dead-lettered)
+    GROUP_ERROR = "group_error"  # the GPU group running it died
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobError:
+    """What a failed job's record says about why; stored and served as this JSON object."""
+
+    type: ErrorType
+    exception: str = ""  # the raised exception's class name, when one was raised
+    message: str
+    where: str = ""  # the exception as Python prints it (first 500 characters)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobError:
+        """Parse a stored error; a ``type`` outside ``ErrorType`` raises ``ValueError``."""
+        return cls(
+            type=ErrorType(raw["type"]),
+            exception=raw.get("exception", ""),
+            message=raw["message"],
+            where=raw.get("where", ""),
+        )
 
 
 # Where FastAPI says an invalid value came from: the first part of its error locations.

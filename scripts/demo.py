@@ -178,7 +178,7 @@ def gallery(records: list[JobRecord], settings: Settings, page: Path) -> None:
             else:
                 media.append(f'<img src="{src}" width="256">')
         request = html.escape(json.dumps(record.request, indent=1))
-        status = record.status.value + (f": {html.escape(record.error['message'])}" if record.error else "")
+        status = record.status.value + (f": {html.escape(record.error.message)}" if record.error else "")
         cells.append(
             f"<section><h2>{record.model} &middot; {record.kind}</h2>{''.join(media)}"
             f"<p>{status}</p><pre>{request}</pre></section>"

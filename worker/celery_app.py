@@ -22,7 +22,7 @@ from celery.signals import task_failure, worker_process_init, worker_ready, work
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass
-from routing.errors import Conflict, NotFound
+from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.storage import make_storage
 from routing.jobs.keys import Keys
@@ -128,7 +128,7 @@ def _hard_time_limit(sender: Any = None, task_id: str | None = None, exception: 
     # only run out of time again.
     if task_id is None or type(exception).__name__ != "TimeLimitExceeded":
         return
-    error = {"type": "time_limit", "exception": "TimeLimitExceeded", "message": str(exception), "where": ""}
+    error = JobError(type=ErrorType.TIME_LIMIT, exception="TimeLimitExceeded", message=str(exception))
     try:
         _store().transition(
             task_id, JobStatus.FAILED, only_from=JobStatus.RUNNING, finished_at=time.time(), error=error

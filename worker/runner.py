@@ -15,7 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
-from routing.errors import Conflict, InvalidRequest, NotFound
+from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
 from routing.io.storage import Storage, output_key
 from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
@@ -105,18 +105,18 @@ class JobRunner:
             return "handed back" if handed else f"skipped ({self.store.get(job_id).status.value})"
         except SoftTimeLimitExceeded as exc:
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error("time_limit", exc)
+                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
             )
         except InvalidRequest as exc:
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error("invalid_request", exc)
+                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.INVALID_REQUEST, exc)
             )
         except Exception as exc:  # a model failure is the job's result, not the worker's
             if _out_of_memory(exc):
                 return self._escalate(job_id, record.queue, exc, timings, started_at)
             log.exception("job %s failed", job_id)
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error("model_error", exc)
+                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.MODEL_ERROR, exc)
             )
         status = self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
         # What the next ETAs are priced with: the run without any model load.
@@ -159,7 +159,7 @@ class JobRunner:
     def _expire(self, record: JobRecord, now: float) -> str:
         waited = now - record.created_at
         reason = f"waited {waited:.0f} s in the queue, longer than the fleet's {self.max_wait_s} s"
-        error = {"type": "expired", "exception": "", "message": reason, "where": ""}
+        error = JobError(type=ErrorType.EXPIRED, message=reason)
         try:
             self.store.transition(
                 record.id, JobStatus.FAILED, only_from=JobStatus.QUEUED, finished_at=now, error=error
@@ -170,7 +170,7 @@ class JobRunner:
 
     def _give_up(self, record: JobRecord) -> str:
         reason = f"gave up after {record.attempt} attempts: the worker died or was stopped each time"
-        error = {"type": "too_many_attempts", "exception": "", "message": reason, "where": ""}
+        error = JobError(type=ErrorType.TOO_MANY_ATTEMPTS, message=reason)
         try:
             self.store.transition(record.id, JobStatus.FAILED, finished_at=time.time(), error=error)
         except Conflict:
@@ -188,7 +188,7 @@ class JobRunner:
         target = escalate(current)
         if target is None:
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error("out_of_memory", exc)
+                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.OUT_OF_MEMORY, exc)
             )
         new_queue = queue_name(target.vram_class, priority)
         record = self.store.get(job_id)
@@ -204,7 +204,7 @@ class JobRunner:
                 requeue=self.store.messages.run_job(job_id, new_queue),
                 queue=new_queue,
                 escalations=escalations,
-                error=_error("out_of_memory", exc),
+                error=_error(ErrorType.OUT_OF_MEMORY, exc),
             )
         except Conflict:
             return f"skipped ({self.store.get(job_id).status.value})"
@@ -257,7 +257,7 @@ class JobRunner:
         timings: dict[str, float],
         started_at: float,
         outputs: list[Output] | None = None,
-        error: dict[str, str] | None = None,
+        error: JobError | None = None,
     ) -> str:
         finished_at = time.time()
         timings["run_s"] = round(finished_at - started_at, 4)
@@ -280,13 +280,13 @@ class JobRunner:
         return status.value
 
 
-def _error(kind: str, exc: BaseException) -> dict[str, str]:
-    return {
-        "type": kind,
-        "exception": type(exc).__name__,
-        "message": str(exc) or type(exc).__name__,
-        "where": "".join(traceback.format_exception_only(type(exc), exc)).strip()[:500],
-    }
+def _error(kind: ErrorType, exc: BaseException) -> JobError:
+    return JobError(
+        type=kind,
+        exception=type(exc).__name__,
+        message=str(exc) or type(exc).__name__,
+        where="".join(traceback.format_exception_only(type(exc), exc)).strip()[:500],
+    )
 
 
 def _out_of_memory(exc: BaseException) -> bool:

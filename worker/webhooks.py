@@ -35,7 +35,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -122,7 +122,7 @@ def build_payload(record: JobRecord, event_type: str, at: str, storage: Storage,
             "status": record.status.value,
             "progress": {"step": record.step, "total": record.total_steps},
             "outputs": outputs,
-            "error": record.error,
+            "error": asdict(record.error) if record.error else None,
             "attempt": record.attempt,
             "created_at": _iso(record.created_at),
             "started_at": _iso(record.started_at),

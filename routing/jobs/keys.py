@@ -1,17 +1,29 @@
 """Every Redis key the fleet writes, named in one place.
 
 The Celery queues themselves are plain lists named after the VRAM class (``routing.classes``);
-everything else lives under the settings' ``key_prefix``.
+everything else lives under the settings' ``key_prefix``. The Lua scripts (``routing.jobs.scripts``)
+spell no key name: they get each one from here, by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+
+# Stands for the value a script reads inside Redis (a job's queue, its tenant) while a key name
+# is cut into a template (``Keys.template``).
+HOLE = "{}"
 
 
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "fleet"
+
+    def template(self, build: Callable[[str], str]) -> list[str]:
+        """The key ``build`` makes, cut where its argument goes: ``[head, tail]``, which a
+        script joins as ``head .. value .. tail`` around a value it reads inside Redis."""
+        head, _, tail = build(HOLE).rpartition(HOLE)
+        return [head, tail]
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"

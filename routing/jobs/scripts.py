@@ -2,147 +2,174 @@
 
 Each is one atomic step in Redis: a state change checks the transition, writes the record, keeps
 the indexes (queue lines, running set, the tenant's sets), appends the event, queues the webhook
-delivery and counts the metrics, all or nothing. The key and argument layout of each script is
-written above it; ``JobStore`` is the only caller.
+delivery and counts the metrics, all or nothing. ``JobStore`` is the only caller.
+
+Each script takes one argument, a JSON object of named fields (its layout is written above the
+script), and no KEYS: every key name comes in under ``keys``, made by ``routing.jobs.keys.Keys``,
+so none is spelled here. A key that holds a value the script reads inside Redis (the job's queue
+or tenant) comes as a ``Keys.template``, ``[head, tail]``. All values are strings, as Redis
+arguments always are.
 """
 
 # Upper bounds of the run-time histogram (seconds): from a small image to an 8-GPU video.
 RUN_S_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
+# Decodes the script's one argument, and joins a ``Keys.template`` around a value.
+ARGS = """
+local a = cjson.decode(ARGV[1])
+local function fill(template, value) return template[1] .. value .. template[2] end
+"""
+
 # Appends one event to the stream and, when the job's webhook asks for this event, pushes the
 # prebuilt delivery message onto the webhooks queue: a state change, its event and its webhook
-# delivery are one atomic write.
+# delivery are one atomic write. Reads keys.job, keys.events, keys.webhooks, maxlen, now and
+# event_id from the script's argument.
 EMIT = """
-local function emit(job_key, stream, hooks, maxlen, event_type, status, now, event_id, message, step, total)
-  local id = redis.call('HGET', job_key, 'id')
+local function emit(a, event_type, status, message, step, total)
+  local id = redis.call('HGET', a.keys.job, 'id')
   if step then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'job_id', id,
-      'status', status, 'at', now, 'event_id', event_id, 'step', step, 'total', total)
+    redis.call('XADD', a.keys.events, 'MAXLEN', '~', a.maxlen, '*', 'type', event_type, 'job_id', id,
+      'status', status, 'at', a.now, 'event_id', a.event_id, 'step', step, 'total', total)
   else
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'job_id', id,
-      'status', status, 'at', now, 'event_id', event_id)
+    redis.call('XADD', a.keys.events, 'MAXLEN', '~', a.maxlen, '*', 'type', event_type, 'job_id', id,
+      'status', status, 'at', a.now, 'event_id', a.event_id)
   end
-  local wanted = redis.call('HGET', job_key, 'webhook_events')
+  local wanted = redis.call('HGET', a.keys.job, 'webhook_events')
   if message ~= '' and wanted and wanted ~= '' then
     local short = string.sub(event_type, 5)
     if string.find(',' .. wanted .. ',', ',' .. short .. ',', 1, true) then
-      redis.call('LPUSH', hooks, message)
+      redis.call('LPUSH', a.keys.webhooks, message)
     end
   end
 end
 """
 
-# KEYS: job, events, webhooks queue.  ARGV: target, allowed sources (comma list), now, event
-# type, stream maxlen, ttl_s (0: keep), field to increment ('' for none), event id, webhook
-# message, key prefix, expected worker ('' for any), queue and message to push when the job goes
-# back to queued ('' for none), then field/value pairs to set. Also keeps the queue lines, the
-# running set and the tenant's in-flight set in step with the state.
+# keys: job, events, webhooks (queue), queued (template, by queue), running, sequence, in_flight
+# (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
+# event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
+# none), event_id, message (webhook delivery), worker (expected owner, '' for any), requeue
+# ([list, message] to push when the job goes back to queued, [] for none), fields (field/value
+# pairs to set, flat). Also keeps the queue lines, the running set and the tenant's in-flight set
+# in step with the state.
 TRANSITION = (
-    EMIT
+    ARGS
+    + EMIT
     + """
-local current = redis.call('HGET', KEYS[1], 'status')
+local keys = a.keys
+local current = redis.call('HGET', keys.job, 'status')
 if not current then return {0, ''} end
 local allowed = false
-for source in string.gmatch(ARGV[2], '[^,]+') do
+for source in string.gmatch(a.sources, '[^,]+') do
   if source == current then allowed = true end
 end
 if not allowed then return {0, current} end
-if ARGV[11] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[11] then
+if a.worker ~= '' and redis.call('HGET', keys.job, 'worker') ~= a.worker then
   return {0, current}
 end
-local prefix = ARGV[10]
-local id = redis.call('HGET', KEYS[1], 'id')
+local id = redis.call('HGET', keys.job, 'id')
 if current == 'queued' then
-  redis.call('ZREM', prefix .. ':queued:' .. redis.call('HGET', KEYS[1], 'queue'), id)
+  redis.call('ZREM', fill(keys.queued, redis.call('HGET', keys.job, 'queue')), id)
 end
-if current == 'running' then redis.call('SREM', prefix .. ':running', id) end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'updated_at', ARGV[3])
-if #ARGV >= 14 then redis.call('HSET', KEYS[1], unpack(ARGV, 14)) end
-if ARGV[7] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[7], 1) end
-if ARGV[1] == 'running' then redis.call('SADD', prefix .. ':running', id) end
-if ARGV[1] == 'queued' then
-  local line = prefix .. ':queued:' .. redis.call('HGET', KEYS[1], 'queue')
-  redis.call('ZADD', line, redis.call('INCR', prefix .. ':seq'), id)
-  if ARGV[12] ~= '' then redis.call('LPUSH', ARGV[12], ARGV[13]) end
+if current == 'running' then redis.call('SREM', keys.running, id) end
+redis.call('HSET', keys.job, 'status', a.target, 'updated_at', a.now)
+if #a.fields > 0 then redis.call('HSET', keys.job, unpack(a.fields)) end
+if a.count ~= '' then redis.call('HINCRBY', keys.job, a.count, 1) end
+if a.target == 'running' then redis.call('SADD', keys.running, id) end
+if a.target == 'queued' then
+  local line = fill(keys.queued, redis.call('HGET', keys.job, 'queue'))
+  redis.call('ZADD', line, redis.call('INCR', keys.sequence), id)
+  if #a.requeue > 0 then redis.call('LPUSH', a.requeue[1], a.requeue[2]) end
 end
-if ARGV[6] ~= '0' then
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
-  local tenant = redis.call('HGET', KEYS[1], 'tenant') or ''
-  redis.call('SREM', prefix .. ':tenant:' .. tenant .. ':inflight', id)
+if a.ttl_s ~= '0' then
+  redis.call('EXPIRE', keys.job, a.ttl_s)
+  local tenant = redis.call('HGET', keys.job, 'tenant') or ''
+  redis.call('SREM', fill(keys.in_flight, tenant), id)
   -- Fleet metrics (producer/metrics.py): finished jobs, and run time of the succeeded ones.
-  local model = redis.call('HGET', KEYS[1], 'model')
-  local class = string.match(redis.call('HGET', KEYS[1], 'queue'), '^[^.]+')
+  local model = redis.call('HGET', keys.job, 'model')
+  local class = string.match(redis.call('HGET', keys.job, 'queue'), '^[^.]+')
   local label = model .. '|' .. class
-  redis.call('HINCRBY', prefix .. ':metrics:finished', label .. '|' .. ARGV[1], 1)
-  local started = tonumber(redis.call('HGET', KEYS[1], 'started_at') or '')
-  if ARGV[1] == 'succeeded' and started then
-    local seconds = tonumber(ARGV[3]) - started
-    redis.call('HINCRBYFLOAT', prefix .. ':metrics:run_s', label .. '|sum', seconds)
-    redis.call('HINCRBY', prefix .. ':metrics:run_s', label .. '|count', 1)
+  redis.call('HINCRBY', keys.finished, label .. '|' .. a.target, 1)
+  local started = tonumber(redis.call('HGET', keys.job, 'started_at') or '')
+  if a.target == 'succeeded' and started then
+    local seconds = tonumber(a.now) - started
+    redis.call('HINCRBYFLOAT', keys.run_s, label .. '|sum', seconds)
+    redis.call('HINCRBY', keys.run_s, label .. '|count', 1)
     for bucket in string.gmatch('RUN_S_BUCKETS', '[^,]+') do
       if seconds <= tonumber(bucket) then
-        redis.call('HINCRBY', prefix .. ':metrics:run_s', label .. '|le|' .. bucket, 1)
+        redis.call('HINCRBY', keys.run_s, label .. '|le|' .. bucket, 1)
       end
     end
   end
 end
-emit(KEYS[1], KEYS[2], KEYS[3], ARGV[5], ARGV[4], ARGV[1], ARGV[3], ARGV[8], ARGV[9])
+emit(a, a.event_type, a.target, a.message)
 return {1, current}
 """.replace("RUN_S_BUCKETS", ",".join(str(b) for b in RUN_S_BUCKETS))
 )
 
 
-# KEYS: job, events, idempotency key (or the job key again when there is none), queue, tenant
-# in-flight set, tenant job index, queue line, line counter, submitted-jobs metric.
-# ARGV: now, stream maxlen, ttl_s, has idempotency key ('1'/'0'), queue message, tenant in-flight
-# limit (0: none), metric label, then field/value pairs ('id' first). Record, event, indexes and queue message
-# are written together or not at all; {2, ''} when the tenant is at its limit.
-CREATE = """
-if ARGV[4] == '1' then
-  local existing = redis.call('GET', KEYS[3])
+# keys: job, events, idempotency ('' when the job has no idempotency key), queue (the Celery
+# queue list), in_flight and jobs (the tenant's sets), line (the job's queue line), sequence,
+# submitted (metric).  id, now, maxlen (of the stream), ttl_s, message (queue message), limit
+# (the tenant's in-flight limit, '0': none), label (metric), fields (field/value pairs of the
+# record, flat). Record, event, indexes and queue message are written together or not at all;
+# {2, ''} when the tenant is at its limit.
+CREATE = (
+    ARGS
+    + """
+local keys = a.keys
+if keys.idempotency ~= '' then
+  local existing = redis.call('GET', keys.idempotency)
   if existing then return {0, existing} end
 end
-local limit = tonumber(ARGV[6])
-if limit > 0 and redis.call('SCARD', KEYS[5]) >= limit then return {2, ''} end
-local id = ARGV[9]
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
-if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'EX', ARGV[3]) end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
-  'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', ARGV[1])
-redis.call('SADD', KEYS[5], id)
-redis.call('ZADD', KEYS[6], ARGV[1], id)
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
-redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), id)
-redis.call('LPUSH', KEYS[4], ARGV[5])
-redis.call('HINCRBY', KEYS[9], ARGV[7], 1)
+local limit = tonumber(a.limit)
+if limit > 0 and redis.call('SCARD', keys.in_flight) >= limit then return {2, ''} end
+local id = a.id
+redis.call('HSET', keys.job, unpack(a.fields))
+if keys.idempotency ~= '' then redis.call('SET', keys.idempotency, id, 'EX', a.ttl_s) end
+redis.call('XADD', keys.events, 'MAXLEN', '~', a.maxlen, '*',
+  'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', a.now)
+redis.call('SADD', keys.in_flight, id)
+redis.call('ZADD', keys.jobs, a.now, id)
+redis.call('ZREMRANGEBYSCORE', keys.jobs, '-inf', tonumber(a.now) - tonumber(a.ttl_s))
+redis.call('ZADD', keys.line, redis.call('INCR', keys.sequence), id)
+redis.call('LPUSH', keys.queue, a.message)
+redis.call('HINCRBY', keys.submitted, a.label, 1)
 return {1, id}
-"""
-
-# KEYS: job, events, webhooks queue, the worker's drain flag.  ARGV: step, total, now, stream
-# maxlen, event id, webhook message, least seconds between progress webhooks. Returns the job's
-# status, whether a cancel was asked and whether the worker is draining, so a step costs one
-# round trip.
-PROGRESS = (
-    EMIT
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then return {status or '', '1', '0'} end
-redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total_steps', ARGV[2], 'updated_at', ARGV[3])
-local message = ARGV[6]
-local last = tonumber(redis.call('HGET', KEYS[1], 'webhook_progress_at') or '0') or 0
-if tonumber(ARGV[3]) - last < tonumber(ARGV[7]) and ARGV[1] ~= ARGV[2] then
-  message = ''
-elseif message ~= '' then
-  redis.call('HSET', KEYS[1], 'webhook_progress_at', ARGV[3])
-end
-emit(KEYS[1], KEYS[2], KEYS[3], ARGV[4], 'job.progress', status, ARGV[3], ARGV[5], message, ARGV[1], ARGV[2])
-return {status, redis.call('HGET', KEYS[1], 'cancel_requested') or '0', redis.call('EXISTS', KEYS[4])}
 """
 )
 
-# KEYS: job.  Marks a cancel on a running job; the worker sees it at the next step.
-REQUEST_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+# keys: job, events, webhooks (queue), drain (the worker's drain flag, '' for none).  step,
+# total, now, maxlen (of the stream), event_id, message (webhook delivery), interval_s (least
+# seconds between progress webhooks). Returns the job's status, whether a cancel was asked and
+# whether the worker is draining, so a step costs one round trip.
+PROGRESS = (
+    ARGS
+    + EMIT
+    + """
+local keys = a.keys
+local status = redis.call('HGET', keys.job, 'status')
+if status ~= 'running' then return {status or '', '1', '0'} end
+redis.call('HSET', keys.job, 'step', a.step, 'total_steps', a.total, 'updated_at', a.now)
+local message = a.message
+local last = tonumber(redis.call('HGET', keys.job, 'webhook_progress_at') or '0') or 0
+if tonumber(a.now) - last < tonumber(a.interval_s) and a.step ~= a.total then
+  message = ''
+elseif message ~= '' then
+  redis.call('HSET', keys.job, 'webhook_progress_at', a.now)
+end
+emit(a, 'job.progress', status, message, a.step, a.total)
+local draining = 0
+if keys.drain ~= '' then draining = redis.call('EXISTS', keys.drain) end
+return {status, redis.call('HGET', keys.job, 'cancel_requested') or '0', draining}
+"""
+)
+
+# keys: job.  Marks a cancel on a running job; the worker sees it at the next step.
+REQUEST_CANCEL = (
+    ARGS
+    + """
+local status = redis.call('HGET', a.keys.job, 'status')
+if status == 'running' then redis.call('HSET', a.keys.job, 'cancel_requested', '1') end
 return status or ''
 """
+)

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict, NotFound
+from routing.errors import Conflict, JobError, NotFound
 from routing.jobs import scripts
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
@@ -98,7 +98,7 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     outputs: list[Output] = field(default_factory=list)
-    error: dict[str, str] | None = None
+    error: JobError | None = None
     timings: dict[str, float] = field(default_factory=dict)
     worker: str | None = None
     cancel_requested: bool = False
@@ -130,7 +130,7 @@ class JobRecord:
             started_at=opt_float("started_at"),
             finished_at=opt_float("finished_at"),
             outputs=[Output(**o) for o in json.loads(raw.get("outputs") or "[]")],
-            error=json.loads(raw["error"]) if raw.get("error") else None,
+            error=JobError.from_dict(json.loads(raw["error"])) if raw.get("error") else None,
             timings=json.loads(raw.get("timings") or "{}"),
             worker=raw.get("worker") or None,
             cancel_requested=raw.get("cancel_requested") == "1",
@@ -210,14 +210,14 @@ class JobStore:
         now = repr(time.time())
         calls = [self._create_call(job, now) for job in jobs]
         if len(calls) == 1:
-            replies = [self._create(keys=calls[0][0], args=calls[0][1])]
+            replies = [self._create(args=[calls[0]])]
         else:
             replies = self._create_pipelined(calls)
         return [(Created(int(outcome)), _text(found_id)) for outcome, found_id in replies]
 
-    def _create_call(self, job: NewJob, now: str) -> tuple[list[str], list[Any]]:
+    def _create_call(self, job: NewJob, now: str) -> str:
         fields = {
-            "id": job.id,  # first: the script reads the id from this position
+            "id": job.id,
             "model": job.model,
             "kind": job.kind,
             "request": job.request_json,
@@ -236,34 +236,31 @@ class JobStore:
             "webhook_url": job.webhook.url if job.webhook else "",
             "webhook_events": ",".join(job.webhook.events) if job.webhook else "",
         }
-        idem_key = (
-            self.keys.idempotency(job.idempotency_key) if job.idempotency_key else self.keys.job(job.id)
-        )
         queue_key, payload = job.message
-        keys = [
-            self.keys.job(job.id),
-            self.keys.events,
-            idem_key,
-            queue_key,
-            self.keys.tenant_in_flight(job.tenant),
-            self.keys.tenant_jobs(job.tenant),
-            self.keys.queued(job.queue),
-            self.keys.sequence,
-            self.keys.metrics("submitted"),
-        ]
-        args = [
-            now,
-            self.events_maxlen,
-            self.ttl_s,
-            "1" if job.idempotency_key else "0",
-            payload,
-            job.max_in_flight,
-            f"{job.model}|{job.queue.split('.', 1)[0]}",
-            *_flatten(fields),
-        ]
-        return keys, args
+        keys = {
+            "job": self.keys.job(job.id),
+            "events": self.keys.events,
+            "idempotency": self.keys.idempotency(job.idempotency_key) if job.idempotency_key else "",
+            "queue": queue_key,
+            "in_flight": self.keys.tenant_in_flight(job.tenant),
+            "jobs": self.keys.tenant_jobs(job.tenant),
+            "line": self.keys.queued(job.queue),
+            "sequence": self.keys.sequence,
+            "submitted": self.keys.metrics("submitted"),
+        }
+        return _args(
+            keys=keys,
+            id=job.id,
+            now=now,
+            maxlen=str(self.events_maxlen),
+            ttl_s=str(self.ttl_s),
+            message=payload,
+            limit=str(job.max_in_flight),
+            label=f"{job.model}|{job.queue.split('.', 1)[0]}",
+            fields=_flatten(fields),
+        )
 
-    def _create_pipelined(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    def _create_pipelined(self, calls: list[str]) -> list[Any]:
         # EVALSHA straight into the pipeline: redis-py's script objects would add a SCRIPT EXISTS
         # round trip to every batch. A call refused for a missing script (Redis restarted) did
         # nothing, so exactly those are sent again once the script is loaded.
@@ -273,8 +270,7 @@ class JobStore:
         for _attempt in range(2):
             with self.client.pipeline(transaction=False) as pipe:
                 for index in pending:
-                    keys, args = calls[index]
-                    pipe.evalsha(sha, len(keys), *keys, *args)
+                    pipe.evalsha(sha, 0, calls[index])
                 results = pipe.execute(raise_on_error=False)
             missing = []
             for index, result in zip(pending, results, strict=True):
@@ -338,25 +334,33 @@ class JobStore:
         now = repr(time.time())
         event_type = _EVENT_FOR[target].value
         event_id, message = self._webhook_message(job_id, event_type, now)
-        ok, current = self._transition(
-            keys=[self.keys.job(job_id), self.keys.events, WEBHOOK_QUEUE],
-            args=[
-                target.value,
-                sources,
-                now,
-                event_type,
-                self.events_maxlen,
-                ttl,
-                "attempt" if count_attempt else "",
-                event_id,
-                message,
-                self.keys.prefix,
-                expect_worker or "",
-                requeue[0] if requeue else "",
-                requeue[1] if requeue else "",
-                *_flatten(values),
-            ],
+        keys = {
+            "job": self.keys.job(job_id),
+            "events": self.keys.events,
+            "webhooks": WEBHOOK_QUEUE,
+            "queued": self.keys.template(self.keys.queued),
+            "running": self.keys.running,
+            "sequence": self.keys.sequence,
+            "in_flight": self.keys.template(self.keys.tenant_in_flight),
+            "finished": self.keys.metrics("finished"),
+            "run_s": self.keys.metrics("run_s"),
+        }
+        args = _args(
+            keys=keys,
+            target=target.value,
+            sources=sources,
+            now=now,
+            event_type=event_type,
+            maxlen=str(self.events_maxlen),
+            ttl_s=str(ttl),
+            count="attempt" if count_attempt else "",
+            event_id=event_id,
+            message=message,
+            worker=expect_worker or "",
+            requeue=list(requeue) if requeue else [],
+            fields=_flatten(values),
         )
+        ok, current = self._transition(args=[args])
         current = _text(current)
         if not current:
             raise NotFound(f"no job {job_id!r}")
@@ -374,15 +378,23 @@ class JobStore:
         running), or its worker is draining (``drain_key`` exists) and hands it back."""
         now = repr(time.time())
         event_id, message = self._webhook_message(job_id, EventType.PROGRESS.value, now)
-        status, cancel, drain = self._progress(
-            keys=[
-                self.keys.job(job_id),
-                self.keys.events,
-                WEBHOOK_QUEUE,
-                drain_key or self.keys.job(job_id) + ":-",
-            ],
-            args=[step, total, now, self.events_maxlen, event_id, message, self.progress_webhook_interval_s],
+        keys = {
+            "job": self.keys.job(job_id),
+            "events": self.keys.events,
+            "webhooks": WEBHOOK_QUEUE,
+            "drain": drain_key,
+        }
+        args = _args(
+            keys=keys,
+            step=str(step),
+            total=str(total),
+            now=now,
+            maxlen=str(self.events_maxlen),
+            event_id=event_id,
+            message=message,
+            interval_s=str(self.progress_webhook_interval_s),
         )
+        status, cancel, drain = self._progress(args=[args])
         status = _text(status)
         return Step(JobStatus(status) if status else None, _text(cancel) == "1", int(drain) == 1)
 
@@ -403,7 +415,7 @@ class JobStore:
             return JobStatus.CANCELED
         except Conflict:
             pass
-        status = _text(self._request_cancel(keys=[self.keys.job(job_id)]))
+        status = _text(self._request_cancel(args=[_args(keys={"job": self.keys.job(job_id)})]))
         if not status:
             raise NotFound(f"no job {job_id!r}")
         return JobStatus(status)
@@ -432,6 +444,11 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         return {k: getattr(value, k) for k in value.__dataclass_fields__}
     raise TypeError(f"cannot store {type(value).__name__} in a job record")
+
+
+def _args(**named: Any) -> str:
+    """A script's one argument: its named fields as JSON (``routing.jobs.scripts``)."""
+    return json.dumps(named, separators=(",", ":"), ensure_ascii=False)
 
 
 def _flatten(fields: dict[str, Any]) -> list[Any]:

@@ -301,7 +301,7 @@ def _check(fleet: Fleet, client: Client, ids: list[str], figures: Figures, deadl
     finished = [r for r in records.values() if r.status.is_terminal()]
     succeeded = [r for r in finished if r.status is JobStatus.SUCCEEDED]
     failed = [r for r in finished if r.status is JobStatus.FAILED]
-    figures.failures = dict(collections.Counter(r.error["type"] for r in failed))
+    figures.failures = dict(collections.Counter(r.error.type for r in failed))
     figures.attempts = dict(collections.Counter(r.attempt for r in records.values()))
     figures.handed_back = sum(1 for r in records.values() if r.handed_back)
     dead = [json.loads(raw)["id"] for raw in client.store.client.lrange(client.keys.dead_letters, 0, -1)]
@@ -310,10 +310,10 @@ def _check(fleet: Fleet, client: Client, ids: list[str], figures: Figures, deadl
         problems.append(f"{figures.jobs - len(finished)} jobs not finished")
     if statuses.get("canceled"):
         problems.append(f"{statuses['canceled']} jobs canceled that nobody canceled")
-    unexpected = [r for r in failed if r.error["type"] != "too_many_attempts"]
+    unexpected = [r for r in failed if r.error.type != "too_many_attempts"]
     if unexpected:
         problems.append(f"{len(unexpected)} failed other than too_many_attempts: {unexpected[0].error}")
-    if sorted(dead) != sorted(r.id for r in failed if r.error["type"] == "too_many_attempts"):
+    if sorted(dead) != sorted(r.id for r in failed if r.error.type == "too_many_attempts"):
         problems.append("dead-letter list does not match the too_many_attempts failures")
 
     # Outputs: exactly one per succeeded job, nothing else under jobs/.

@@ -52,7 +52,7 @@ def test_job_that_kills_its_worker_every_time_is_dead_lettered_after_max_attempt
 
     record = killer.wait(timeout_s=180)
     assert record.status is JobStatus.FAILED
-    assert record.error["type"] == "too_many_attempts"
+    assert record.error.type == "too_many_attempts"
     assert record.attempt == MAX_ATTEMPTS
     assert event_types(client.store, killer.id).count("job.started") == MAX_ATTEMPTS
     assert record.outputs == []

@@ -26,7 +26,7 @@ def test_cuda_oom_on_gpu16_escalates_to_gpu80_and_succeeds_there(
     )
     assert record.status is JobStatus.QUEUED
     assert [(e["from"], e["to"]) for e in record.escalations] == [("gpu16", "gpu80")]
-    assert record.error["type"] == "out_of_memory" and record.error["exception"] == "OutOfMemoryError"
+    assert record.error.type == "out_of_memory" and record.error.exception == "OutOfMemoryError"
     assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.queued"]
     assert fault_redis.client().llen("gpu80") == 1
     assert "ran out of memory on gpu16; escalated to gpu80" in small.log()
@@ -61,7 +61,7 @@ def test_cuda_oom_on_every_class_escalates_once_per_class_then_fails(
     start_worker(fleet_settings.model_copy(update={"worker_class": "h100x8", "group_models": []}))
     final = job.wait(timeout_s=120)
     assert final.status is JobStatus.FAILED
-    assert final.error["type"] == "out_of_memory"
+    assert final.error.type == "out_of_memory"
     assert final.attempt == 3 and final.worker.startswith("h100x8@")
     assert len(final.escalations) == 2
     assert event_types(client.store, job.id).count("job.queued") == 3

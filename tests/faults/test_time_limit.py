@@ -46,8 +46,8 @@ def test_soft_time_limit_fails_the_job_without_redelivery(client: Client, start_
     record = job.wait(timeout_s=60)
 
     assert record.status is JobStatus.FAILED
-    assert record.error["type"] == "time_limit"
-    assert record.error["exception"] == "SoftTimeLimitExceeded"
+    assert record.error.type == "time_limit"
+    assert record.error.exception == "SoftTimeLimitExceeded"
     assert record.attempt == 1
     assert SOFT_S - 0.5 <= record.timings["run_s"] < SOFT_S + 5  # the limit counts from the task start
     assert record.step < 20
@@ -67,8 +67,8 @@ def test_hard_time_limit_fails_the_job_without_redelivery(client: Client, start_
     record = job.wait(timeout_s=60)
 
     assert record.status is JobStatus.FAILED
-    assert record.error["type"] == "time_limit"
-    assert record.error["exception"] == "TimeLimitExceeded"
+    assert record.error.type == "time_limit"
+    assert record.error.exception == "TimeLimitExceeded"
     assert record.attempt == 1
     assert HARD_S - 0.5 <= record.finished_at - record.started_at < HARD_S + 5
     assert "fault adapter: soft time limit swallowed" in limited_worker.log()
@@ -82,5 +82,5 @@ def test_hard_time_limit_fails_the_job_without_redelivery(client: Client, start_
     # fresh process may overrun on a small CPU: it must end, not necessarily succeed.)
     nxt = client.submit(small_request("next")).wait(timeout_s=60)
     assert nxt.attempt == 1 and nxt.worker != record.worker
-    assert nxt.status is JobStatus.SUCCEEDED or nxt.error["exception"] == "SoftTimeLimitExceeded"
+    assert nxt.status is JobStatus.SUCCEEDED or nxt.error.exception == "SoftTimeLimitExceeded"
     assert client.status(job.id).status is JobStatus.FAILED

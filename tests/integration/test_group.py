@@ -226,7 +226,7 @@ def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     record = job.wait(timeout_s=150)
 
     assert record.status is JobStatus.FAILED
-    message = record.error["message"]
+    message = record.error.message
     assert "rank 1" in message and "SIGKILL" in message, message
     _wait_for(lambda: not _alive(rank0), 60, "rank 0 of the dead group still running")
 
@@ -245,7 +245,7 @@ def test_one_ranks_own_error_fails_the_job_naming_it_and_the_next_job_runs(
     record = job.wait(timeout_s=120)
 
     assert record.status is JobStatus.FAILED
-    assert "rank 1: RuntimeError: fault injected on rank 1" in record.error["message"], record.error
+    assert "rank 1: RuntimeError: fault injected on rank 1" in record.error.message, record.error
 
     after = client.submit(FAST_IMAGE)
     after_record = after.wait(timeout_s=180)
@@ -261,7 +261,7 @@ def test_a_ranks_error_while_the_others_wait_ends_after_the_grace_not_the_collec
     record = job.wait(timeout_s=120)
 
     assert record.status is JobStatus.FAILED
-    message = record.error["message"]
+    message = record.error.message
     assert "rank 1: RuntimeError: fault injected on rank 1" in message, message
     assert "the other ranks had not finished 3 s after it; it was killed" in message, message
     [log] = _logs(group_logs)

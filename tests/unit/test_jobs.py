@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import fakeredis
 import pytest
 
-from routing.errors import Conflict, NotFound
+from routing.errors import Conflict, ErrorType, JobError, NotFound
+from routing.jobs import scripts
 from routing.jobs.keys import Keys
 from routing.jobs.store import TRANSITIONS, Created, JobStatus, JobStore, NewJob, Step, allowed_sources
 
@@ -188,3 +192,77 @@ def test_hand_back_pushes_the_message_with_the_state_change_and_only_for_its_own
     assert store.client.lrange("gpu16", 0, -1) == [b"again"]
     assert store.running() == []
     assert store.client.zrange(store.keys.queued("gpu16"), 0, -1) == [job_id.encode()]
+
+
+def test_the_scripts_spell_no_key_name_and_read_arguments_by_name():
+    # Every fixed piece of every key Keys builds, e.g. ":queued:", ":running", ":tenant:".
+    keys = Keys("PREFIX")
+    built = [getattr(keys, name) for name in dir(Keys) if not name.startswith("_") and name != "template"]
+    names = [key("VALUE") if callable(key) else key for key in built]
+    pieces = {piece for name in names for piece in re.split("PREFIX|VALUE", name) if piece}
+    assert ":queued:" in pieces and ":running" in pieces and ":tenant:" in pieces
+    for name in ("TRANSITION", "CREATE", "PROGRESS", "REQUEST_CANCEL"):
+        lua = getattr(scripts, name)
+        assert [p for p in pieces if p in lua] == [], name
+        assert "KEYS[" not in lua and "prefix" not in lua, name
+        assert lua.count("ARGV") == 1 and "ARGV[1]" in lua, name
+
+
+def test_a_key_template_is_the_key_cut_around_its_value():
+    keys = Keys("p{}x")  # a prefix holding the hole's own text
+    head, tail = keys.template(keys.tenant_in_flight)
+    assert head + "acme" + tail == keys.tenant_in_flight("acme")
+
+
+def test_text_beyond_ascii_reaches_the_record_unchanged(store: JobStore):
+    job_id = _create(store, tenant="équipe-東京", idempotency_key="clé 🦊")
+    store.transition(job_id, JobStatus.RUNNING, worker="wörker")
+    record = store.get(job_id)
+    assert (record.tenant, record.idempotency_key, record.worker) == ("équipe-東京", "clé 🦊", "wörker")
+    assert store.client.sismember(store.keys.tenant_in_flight("équipe-東京"), job_id)
+    store.transition(job_id, JobStatus.SUCCEEDED)
+    assert not store.client.sismember(store.keys.tenant_in_flight("équipe-東京"), job_id)
+
+
+@pytest.mark.parametrize("error_type", list(ErrorType))
+def test_every_error_type_is_stored_as_the_same_json_and_read_back(store: JobStore, error_type: ErrorType):
+    job_id = _create(store)
+    store.transition(job_id, JobStatus.RUNNING)
+    error = JobError(
+        type=error_type, exception="RuntimeError", message="it broke", where="RuntimeError: it broke"
+    )
+    store.transition(job_id, JobStatus.FAILED, error=error)
+    raw = store.client.hget(store.keys.job(job_id), "error")
+    assert json.loads(raw) == {
+        "type": error_type.value,
+        "exception": "RuntimeError",
+        "message": "it broke",
+        "where": "RuntimeError: it broke",
+    }
+    assert store.get(job_id).error == error
+
+
+def test_an_error_type_the_fleet_does_not_record_is_refused():
+    with pytest.raises(ValueError, match="not_a_type"):
+        JobError.from_dict({"type": "not_a_type", "message": "?"})
+
+
+def test_the_runner_records_error_types_that_parse_back(store: JobStore):
+    from worker.runner import JobRunner
+
+    def runner(**kwargs) -> JobRunner:
+        return JobRunner(store, storage=None, pool=None, worker_name="w", **kwargs)  # type: ignore[arg-type]
+
+    # Gave up: the job already used every attempt.
+    job_id = _create(store, "1" * 32)
+    assert runner(max_attempts=0).run(job_id) == "dead-lettered"
+    assert store.get(job_id).error.type is ErrorType.TOO_MANY_ATTEMPTS
+    # Waited in the queue longer than the fleet allows.
+    job_id = _create(store, "2" * 32)
+    assert runner(max_wait_s=-1).run(job_id) == "expired"
+    assert store.get(job_id).error.type is ErrorType.EXPIRED
+    # The stored request no longer passes the checks ("{}" names no model).
+    job_id = _create(store, "3" * 32)
+    assert runner().run(job_id) == "failed"
+    error = store.get(job_id).error
+    assert (error.type, error.exception) == (ErrorType.INVALID_REQUEST, "InvalidRequest")
