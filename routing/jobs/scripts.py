@@ -9,18 +9,37 @@ written above it; ``JobStore`` is the only caller.
 # Upper bounds of the run-time histogram (seconds): from a small image to an 8-GPU video.
 RUN_S_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
+# Entries kept in one job's own event stream (``Keys.job_events``: the API's live events read it).
+JOB_EVENTS_MAXLEN = 1000
+
+# Copies an event into the job's own stream ("<job key>:events"), bounded, expiring when the
+# record does: the record's TTL is set before the event is written, and copied here.
+JOB_EMIT = """
+local function emit_job(job_key, ...)
+  local stream = job_key .. ':events'
+  local entry_id = redis.call('XADD', stream, 'MAXLEN', '~', JOB_EVENTS_MAXLEN, '*', ...)
+  local ttl = redis.call('TTL', job_key)
+  if ttl > 0 then redis.call('EXPIRE', stream, ttl) end
+  return entry_id
+end
+""".replace("JOB_EVENTS_MAXLEN", str(JOB_EVENTS_MAXLEN))
+
 # Appends one event to the stream and, when the job's webhook asks for this event, pushes the
 # prebuilt delivery message onto the webhooks queue: a state change, its event and its webhook
 # delivery are one atomic write.
-EMIT = """
+EMIT = (
+    JOB_EMIT
+    + """
 local function emit(job_key, stream, hooks, maxlen, event_type, status, now, event_id, message, step, total)
   local id = redis.call('HGET', job_key, 'id')
   if step then
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'job_id', id,
       'status', status, 'at', now, 'event_id', event_id, 'step', step, 'total', total)
+    emit_job(job_key, 'type', event_type, 'status', status, 'at', now, 'step', step, 'total', total)
   else
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'type', event_type, 'job_id', id,
       'status', status, 'at', now, 'event_id', event_id)
+    emit_job(job_key, 'type', event_type, 'status', status, 'at', now)
   end
   local wanted = redis.call('HGET', job_key, 'webhook_events')
   if message ~= '' and wanted and wanted ~= '' then
@@ -31,6 +50,7 @@ local function emit(job_key, stream, hooks, maxlen, event_type, status, now, eve
   end
 end
 """
+)
 
 # KEYS: job, events, webhooks queue.  ARGV: target, allowed sources (comma list), now, event
 # type, stream maxlen, ttl_s (0: keep), field to increment ('' for none), event id, webhook
@@ -97,7 +117,9 @@ return {1, current}
 # ARGV: now, stream maxlen, ttl_s, has idempotency key ('1'/'0'), queue message, tenant in-flight
 # limit (0: none), metric label, then field/value pairs ('id' first). Record, event, indexes and queue message
 # are written together or not at all; {2, ''} when the tenant is at its limit.
-CREATE = """
+CREATE = (
+    JOB_EMIT
+    + """
 if ARGV[4] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
@@ -109,6 +131,7 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'EX', ARGV[3]) end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
   'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', ARGV[1])
+emit_job(KEYS[1], 'type', 'job.queued', 'status', 'queued', 'at', ARGV[1])
 redis.call('SADD', KEYS[5], id)
 redis.call('ZADD', KEYS[6], ARGV[1], id)
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[3]))
@@ -117,6 +140,7 @@ redis.call('LPUSH', KEYS[4], ARGV[5])
 redis.call('HINCRBY', KEYS[9], ARGV[7], 1)
 return {1, id}
 """
+)
 
 # KEYS: job, events, webhooks queue, the worker's drain flag.  ARGV: step, total, now, stream
 # maxlen, event id, webhook message, least seconds between progress webhooks. Returns the job's
