@@ -48,6 +48,7 @@ bench: $(STAMP) redis
 	$(PY) bench/overhead.py
 	$(PY) bench/models.py
 	$(PY) bench/fleet_sim.py
+	$(PY) bench/sse.py
 
 clean:
 	rm -rf var .pytest_cache

@@ -11,13 +11,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, Field, create_model
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.client import Client
+from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.metrics import FleetCollector
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
@@ -214,23 +216,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, {"Retry-After": "5"})
 
+    live = JobEvents(settings.redis_url, client.keys, settings.events_keepalive_s)
+    app.router.on_shutdown.append(live.close)
+
     @app.post(
         "/v1/jobs",
         status_code=201,
         response_model=JobOut,
         responses={
             200: {"model": JobOut, "description": "the earlier job of this Idempotency-Key and body"},
+            202: {"model": JobOut, "description": "with Prefer: wait=N, the job had not ended after N s"},
             **_responses(401, 409, 422, 429, 503),
         },
     )
-    def submit(
+    async def submit(
         body: Submission,
         tenant: Tenant,
         response: Response,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        prefer: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JobOut:
         """Queue a job. The same ``Idempotency-Key`` and body return the same job (200); the
-        same key with another body is a 409."""
+        same key with another body is a 409.
+
+        ``Prefer: wait=N`` (N up to ``FLEET_MAX_PREFER_WAIT_S``) holds the response until the job
+        ends, at most N seconds: an ended job comes back whole (outputs included) with 201 (200
+        for an earlier job), one still queued or running with 202."""
+        wait_s = prefer_wait_s(prefer, settings.max_prefer_wait_s)
+        job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
+        if wait_s:
+            response.headers["Preference-Applied"] = f"wait={wait_s}"
+            if not await live.wait_finished(job_id, wait_s):
+                response.status_code = 202
+        return await run_in_threadpool(lambda: job_out(client.status(job_id)))
+
+    def queue_job(body: BaseModel, tenant: str, response: Response, idempotency_key: str | None) -> str:
         request = body.model_dump(mode="json", exclude={"priority", "webhook"}, exclude_none=True)
         limits = settings.tenants[tenant]
         try:
@@ -248,7 +268,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(429, str(exc), {"Retry-After": "10"}) from None
         if not job.created:
             response.status_code = 200  # the earlier job, not a new one
-        return job_out(client.status(job.id))
+        return job.id
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "Server-Sent Events (producer/events.py): queued, started, progress, "
+                "succeeded, failed, canceled; the stream ends after the terminal event",
+            },
+            **_responses(401, 404, 422),
+        },
+    )
+    async def job_events(
+        job_id: str,
+        tenant: Tenant,
+        last_event_id: Annotated[str | None, Header(max_length=41, pattern=EVENT_ID.pattern)] = None,
+    ) -> StreamingResponse:
+        """The job's events as they happen. Reconnect with ``Last-Event-ID`` (the last ``id:``
+        received) to get every later event once."""
+        if await live.tenant_of(job_id) != tenant:
+            raise HTTPException(404, f"no job {job_id}")
+        return StreamingResponse(
+            live.sse(job_id, last_event_id or "0-0"),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422))
     def status(job_id: str, tenant: Tenant) -> JobOut:

@@ -4,14 +4,19 @@ python -m producer submit z-image-turbo --prompt "a red fox" --width 512 --heigh
 python -m producer status JOB_ID
 python -m producer wait JOB_ID
 python -m producer cancel JOB_ID
+
+With ``--api URL --key KEY`` (or FLEET_API_URL / FLEET_API_KEY) the same commands go through the
+HTTP API instead of Redis (``producer.http_cli``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TextIO
 
 from producer.client import Client
@@ -23,6 +28,10 @@ _BAR_WIDTH = 30
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m producer", description="Submit and follow fleet jobs.")
+    parser.add_argument(
+        "--api", default=os.environ.get("FLEET_API_URL"), help="the HTTP API's URL (FLEET_API_URL)"
+    )
+    parser.add_argument("--key", default=os.environ.get("FLEET_API_KEY"), help="API key (FLEET_API_KEY)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     submit = commands.add_parser("submit", help="queue a job")
@@ -40,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tenant", default="", help="whose job it is (the API sets this from the key)")
     submit.add_argument("--wait", action="store_true", help="follow the job to its end")
     submit.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
+    submit.add_argument("--out", type=Path, help="save the outputs here (with --api and --wait)")
+    submit.add_argument("--open", action="store_true", help="open the outputs (with --api and --wait)")
 
     for name, text in (
         ("status", "print a job's record"),
@@ -59,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.api:
+            from producer.http_cli import dispatch
+
+            return dispatch(args, out, err)
         with Client() as client:
             return _dispatch(client, args, out, err)
     except InvalidRequest as exc:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     # Least seconds between two progress webhooks of one job.
     progress_webhook_interval_s: float = Field(default=2.0, ge=0)
+    # Longest ``Prefer: wait=N`` a submit may ask for (the API holds the request open that long),
+    # and the seconds between keepalive comments on an idle live-events stream.
+    max_prefer_wait_s: int = Field(default=60, ge=1, le=600)
+    events_keepalive_s: float = Field(default=15.0, gt=0, le=300)
     # Deliveries one webhooks worker makes at once (threads: the work is waiting on receivers).
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
     # Delivery attempts of one webhook event before it is given up, and the retry schedule: the

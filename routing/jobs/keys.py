@@ -28,6 +28,11 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def job_events(self, job_id: str) -> str:
+        """Stream of one job's events (the API's ``/v1/jobs/{id}/events``), written with each
+        event of ``events`` and expiring with the record (``routing.jobs.scripts.JOB_EMIT``)."""
+        return f"{self.job(job_id)}:events"
+
     def idempotency(self, idempotency_key: str) -> str:
         return f"{self.prefix}:idem:{idempotency_key}"
 

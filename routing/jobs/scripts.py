@@ -20,19 +20,36 @@ local a = cjson.decode(ARGV[1])
 local function fill(template, value) return template[1] .. value .. template[2] end
 """
 
+# Entries kept in one job's own event stream (``Keys.job_events``: the API's live events read it).
+JOB_EVENTS_MAXLEN = 1000
+
+# Copies an event into the job's own stream (keys.job_events), bounded, expiring when the record
+# does: a finished record's TTL is set before its last event is written, and copied here.
+JOB_EMIT = """
+local function emit_job(keys, ...)
+  redis.call('XADD', keys.job_events, 'MAXLEN', '~', JOB_EVENTS_MAXLEN, '*', ...)
+  local ttl = redis.call('TTL', keys.job)
+  if ttl > 0 then redis.call('EXPIRE', keys.job_events, ttl) end
+end
+""".replace("JOB_EVENTS_MAXLEN", str(JOB_EVENTS_MAXLEN))
+
 # Appends one event to the stream and, when the job's webhook asks for this event, pushes the
 # prebuilt delivery message onto the webhooks queue: a state change, its event and its webhook
 # delivery are one atomic write. Reads keys.job, keys.events, keys.webhooks, maxlen, now and
-# event_id from the script's argument.
-EMIT = """
+# event_id from the script's argument, and copies the event into the job's own stream.
+EMIT = (
+    JOB_EMIT
+    + """
 local function emit(a, event_type, status, message, step, total)
   local id = redis.call('HGET', a.keys.job, 'id')
   if step then
     redis.call('XADD', a.keys.events, 'MAXLEN', '~', a.maxlen, '*', 'type', event_type, 'job_id', id,
       'status', status, 'at', a.now, 'event_id', a.event_id, 'step', step, 'total', total)
+    emit_job(a.keys, 'type', event_type, 'status', status, 'at', a.now, 'step', step, 'total', total)
   else
     redis.call('XADD', a.keys.events, 'MAXLEN', '~', a.maxlen, '*', 'type', event_type, 'job_id', id,
       'status', status, 'at', a.now, 'event_id', a.event_id)
+    emit_job(a.keys, 'type', event_type, 'status', status, 'at', a.now)
   end
   local wanted = redis.call('HGET', a.keys.job, 'webhook_events')
   if message ~= '' and wanted and wanted ~= '' then
@@ -43,6 +60,7 @@ local function emit(a, event_type, status, message, step, total)
   end
 end
 """
+)
 
 # keys: job, events, webhooks (queue), queued (template, by queue), running, sequence, in_flight
 # (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
@@ -107,7 +125,7 @@ return {1, current}
 )
 
 
-# keys: job, events, idempotency ('' when the job has no idempotency key), queue (the Celery
+# keys: job, job_events, events, idempotency ('' when the job has no idempotency key), queue (the Celery
 # queue list), in_flight and jobs (the tenant's sets), line (the job's queue line), sequence,
 # submitted (metric).  id, now, maxlen (of the stream), ttl_s, message (queue message), limit
 # (the tenant's in-flight limit, '0': none), label (metric), fields (field/value pairs of the
@@ -115,6 +133,7 @@ return {1, current}
 # {2, ''} when the tenant is at its limit.
 CREATE = (
     ARGS
+    + JOB_EMIT
     + """
 local keys = a.keys
 if keys.idempotency ~= '' then
@@ -128,6 +147,7 @@ redis.call('HSET', keys.job, unpack(a.fields))
 if keys.idempotency ~= '' then redis.call('SET', keys.idempotency, id, 'EX', a.ttl_s) end
 redis.call('XADD', keys.events, 'MAXLEN', '~', a.maxlen, '*',
   'type', 'job.queued', 'job_id', id, 'status', 'queued', 'at', a.now)
+emit_job(keys, 'type', 'job.queued', 'status', 'queued', 'at', a.now)
 redis.call('SADD', keys.in_flight, id)
 redis.call('ZADD', keys.jobs, a.now, id)
 redis.call('ZREMRANGEBYSCORE', keys.jobs, '-inf', tonumber(a.now) - tonumber(a.ttl_s))

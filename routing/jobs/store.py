@@ -239,6 +239,7 @@ class JobStore:
         queue_key, payload = job.message
         keys = {
             "job": self.keys.job(job.id),
+            "job_events": self.keys.job_events(job.id),
             "events": self.keys.events,
             "idempotency": self.keys.idempotency(job.idempotency_key) if job.idempotency_key else "",
             "queue": queue_key,
@@ -336,6 +337,7 @@ class JobStore:
         event_id, message = self._webhook_message(job_id, event_type, now)
         keys = {
             "job": self.keys.job(job_id),
+            "job_events": self.keys.job_events(job_id),
             "events": self.keys.events,
             "webhooks": WEBHOOK_QUEUE,
             "queued": self.keys.template(self.keys.queued),
@@ -380,6 +382,7 @@ class JobStore:
         event_id, message = self._webhook_message(job_id, EventType.PROGRESS.value, now)
         keys = {
             "job": self.keys.job(job_id),
+            "job_events": self.keys.job_events(job_id),
             "events": self.keys.events,
             "webhooks": WEBHOOK_QUEUE,
             "drain": drain_key,
