@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from routing.catalog import ModelSpec
 from worker.adapters import wan_standins as standins
 from worker.adapters.base import Generated, Runtime, StepCallback
+from worker.group.spec import GroupPlace
 
 if TYPE_CHECKING:
     import torch
@@ -411,15 +412,6 @@ def _reporting_steps(hook: Callable[[], None]) -> Iterator[None]:
 
 
 # --- The group model --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GroupPlace:
-    """Where a group model runs: this rank, the group's size, this rank's GPU."""
-
-    rank: int
-    world_size: int
-    local_rank: int
 
 
 class S2VGroupModel:
