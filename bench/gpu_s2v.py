@@ -5,7 +5,7 @@
 """Wan2.2-S2V on a GPU: the resident group on the small checkpoint, then one full-size DiT step.
 
 1. The small random-weight S2V checkpoint (``worker.small_models.s2v``, official layout) through
-   the real group under torchrun with world size 1 (``worker.group_client.Group`` ->
+   the real group under torchrun with world size 1 (``worker.group.supervisor.Group`` ->
    ``torchrun -m worker.group`` -> ``wan.WanS2V``, SDPA attention): start time, a cold and a warm
    job (the output MP4 must carry the speech), and a job canceled at step 2.
 2. ``WanModel_S2V`` at the s2v-14B config's sizes (5120 wide, 40 layers, random bf16 weights made
@@ -56,8 +56,9 @@ def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> N
     from PIL import Image
 
     from routing.schemas import SpeechToVideoRequest
-    from worker.adapters.base import JobCanceled
-    from worker.group_client import Group
+    from worker.adapters.base import Inputs, JobCanceled
+    from worker.group.supervisor import Group
+    from worker.media import encode_png
     from worker.small_models.s2v import build_wan22_s2v_14b
 
     print(f"== 1. small S2V checkpoint through the group (torchrun, world size 1, {device}) ==", flush=True)
@@ -98,7 +99,7 @@ def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> N
                 "clips": 1,
             }
         )
-        inputs = {"image": face, "audio": speech}
+        inputs = Inputs.decode({"image": encode_png(face), "audio": speech})
         times = []
         for label in ("cold", "warm"):
             steps: list[tuple[int, int]] = []

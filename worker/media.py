@@ -149,6 +149,14 @@ def encode_mp4(
         return path.read_bytes()
 
 
+def encode_video(frames: list[Image.Image], fps: int, audio: bytes | None = None) -> tuple[bytes, int, int]:
+    """``encode_mp4`` with its defaults, and the width and height of the video it made: an odd
+    size is padded by one pixel."""
+    data = encode_mp4(frames, fps, audio=audio)
+    width, height = frames[0].size
+    return data, width + width % 2, height + height % 2
+
+
 def _add_audio(out: av.container.OutputContainer, audio: bytes) -> list[av.Packet]:
     """Add an AAC stream to ``out`` and return its encoded packets (muxed by the caller)."""
     samples, rate = decode_audio(audio)

@@ -19,10 +19,10 @@ from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFou
 from routing.io.storage import Storage, output_key
 from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
-from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, RequestBase, parse_request
+from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.liveness import alive, hand_back
-from worker.media import decode_image, decode_video, encode_mp4, encode_png
+from worker.media import encode_png, encode_video
 from worker.pool import PipelinePool
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class JobRunner:
             # 2. The stored request is re-checked: it is what the caller was told would run.
             request = parse_request(record.request)
             t0 = time.perf_counter()
-            inputs = self._load_inputs(request)
+            inputs = self._load_inputs(request, job_id)
             if inputs:
                 timings["inputs_s"] = round(time.perf_counter() - t0, 4)
             checkout = self.pool.get(request.model)
@@ -116,7 +116,11 @@ class JobRunner:
                 return self._escalate(job_id, record.queue, exc, timings, started_at)
             log.exception("job %s failed", job_id)
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.MODEL_ERROR, exc)
+                job_id,
+                JobStatus.FAILED,
+                timings,
+                started_at,
+                error=_error(getattr(exc, "error_type", ErrorType.MODEL_ERROR), exc),
             )
         status = self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
         # What the next ETAs are priced with: the run without any model load.
@@ -211,28 +215,24 @@ class JobRunner:
         log.warning("job %s ran out of memory on %s; escalated to %s", job_id, current.value, new_queue)
         return f"escalated to {new_queue}"
 
-    def _load_inputs(self, request: RequestBase) -> Inputs:
-        """Decode the request's input media from the store (checked at submit)."""
-        inputs: Inputs = {}
-        for name, value in request.media_fields().items():
-            if isinstance(value, list):
-                inputs[name] = [decode_image(self.storage.get(ref.key)) for ref in value]
-            elif name in AUDIO_FIELDS:
-                inputs[name] = self.storage.get(value.key)  # kept encoded: muxed into the output as is
-            elif name in VIDEO_FIELDS:
-                inputs[name], inputs[f"{name}_fps"] = decode_video(self.storage.get(value.key))
-            else:
-                inputs[name] = decode_image(self.storage.get(value.key))
-        return inputs
+    def _load_inputs(self, request: RequestBase, job_id: str) -> Inputs:
+        """The request's input media from the store (checked at submit): decoded, with the bytes
+        and the job's id alongside for adapters that hand them on."""
+        stored = {
+            name: [self.storage.get(ref.key) for ref in value]
+            if isinstance(value, list)
+            else self.storage.get(value.key)
+            for name, value in request.media_fields().items()
+        }
+        return Inputs.decode(stored, job_id=job_id)
 
     def _store_outputs(self, job_id: str, generated: Generated, timings: dict[str, float]) -> list[Output]:
         t0 = time.perf_counter()
         if generated.encoded is not None:
             encoded = [("mp4", "video/mp4", generated.encoded, generated.width, generated.height)]
         elif generated.frames:
-            first = generated.frames[0]
-            data = encode_mp4(generated.frames, generated.fps, audio=generated.audio)
-            encoded = [("mp4", "video/mp4", data, first.width, first.height)]
+            data, width, height = encode_video(generated.frames, generated.fps, audio=generated.audio)
+            encoded = [("mp4", "video/mp4", data, width, height)]
         else:
             encoded = [("png", "image/png", encode_png(im), im.width, im.height) for im in generated.images]
         timings["encode_s"] = round(time.perf_counter() - t0, 4)

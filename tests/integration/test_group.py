@@ -72,13 +72,12 @@ def group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
             "group_models": [S2V, "z-image-turbo"],
             "group_world_size": 2,
             # z-image-turbo's own adapter is the single-GPU one; here the group serves it too.
-            "adapters": {"z-image-turbo": "worker.group_client:GroupAdapter"},
+            "adapters": {"z-image-turbo": "worker.group.adapter:GroupAdapter"},
         }
     )
     return start_worker(
         settings,
-        # The Settings fields exist; the variables are named too for a worker whose settings
-        # lack them (worker.group_client falls back to the environment).
+        # The group reads them from the worker's settings, which read these variables.
         FLEET_GROUP_MODELS=f'["{S2V}", "z-image-turbo"]',
         FLEET_GROUP_WORLD_SIZE="2",
         FLEET_GROUP_TIMEOUT_S="60",
@@ -99,7 +98,7 @@ def faulty_group_worker(start_worker, fleet_settings: Settings, group_logs: Path
             "group_timeout_s": 60,
             "group_error_grace_s": 3,
             "group_log_dir": group_logs,
-            "adapters": {"z-image-turbo": "worker.group_client:GroupAdapter"},
+            "adapters": {"z-image-turbo": "worker.group.adapter:GroupAdapter"},
             "group_adapters": {"z-image-turbo": "tests.faults.adapters:FaultAdapter"},
         }
     )
@@ -228,6 +227,7 @@ def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     assert record.status is JobStatus.FAILED
     message = record.error.message
     assert "rank 1" in message and "SIGKILL" in message, message
+    assert record.error.type == "group_error", record.error  # the group died, not the model
     _wait_for(lambda: not _alive(rank0), 60, "rank 0 of the dead group still running")
 
     after = client.submit(_s2v(client, SPEECH_S, steps=2))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from routing.io.media import MediaError, check_audio, check_image, check_video
-from worker.media import decode_audio, decode_image, decode_video, encode_mp4
+from worker.media import decode_audio, decode_image, decode_video, encode_mp4, encode_video
 
 GARBAGE = random.Random(7).randbytes(20_000)
 
@@ -175,6 +175,12 @@ def test_encode_mp4_keeps_colours() -> None:
 def test_encode_mp4_pads_odd_sizes_to_even() -> None:
     decoded, _ = decode_video(encode_mp4(frames(3, (63, 47)), 24))
     assert decoded[0].size == (64, 48)
+
+
+def test_encode_video_reports_the_padded_size_it_encoded() -> None:
+    data, width, height = encode_video(frames(3, (63, 47)), 24)
+    decoded, _ = decode_video(data)
+    assert decoded[0].size == (width, height) == (64, 48)
 
 
 def test_encode_mp4_refuses_bad_input() -> None:

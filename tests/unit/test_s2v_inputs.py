@@ -190,16 +190,16 @@ def test_submit_refuses_bad_speech_and_queues_nothing(client, redis_client) -> N
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
 def test_the_groups_mp4_has_the_speech_as_long_as_it_was(tmp_path: Path, fmt: str) -> None:
     from worker.adapters.base import Generated
-    from worker.group import _encode
+    from worker.group.files import write_output
 
     seconds = 3.0
     audio = speech(fmt, seconds)
     # 2.5 s of video (40 frames at 16 fps): the speech is longer and is kept whole.
     generated = Generated(frames=pose_frames(40, (66, 50)), fps=16, seed=1, audio=audio)
 
-    result = _encode(generated, tmp_path)
+    result = write_output(generated, "job-1", tmp_path)
 
-    mp4 = Path(result["path"]).read_bytes()
+    mp4 = Path(result.path).read_bytes()
     duration, codec = audio_duration_s(mp4)
     assert codec == "aac"
     # AAC adds an encoder delay of a frame or two (1024 samples each); MP3 pads its own.
@@ -208,22 +208,25 @@ def test_the_groups_mp4_has_the_speech_as_long_as_it_was(tmp_path: Path, fmt: st
         video = c.streams.video[0]
         assert sum(1 for _ in c.decode(video)) == 40
         assert video.average_rate == 16
-    assert (result["width"], result["height"], result["frame_count"], result["fps"]) == (66, 50, 40, 16)
+    assert (result.width, result.height, result.frame_count, result.fps) == (66, 50, 40, 16)
 
 
-def test_write_inputs_gives_the_ranks_files_they_decode_to_the_same_inputs(tmp_path: Path) -> None:
-    from worker.group import read_inputs
-    from worker.group_client import write_inputs
+def test_write_inputs_gives_the_ranks_the_stored_bytes_they_decode_to_the_same_inputs(tmp_path: Path) -> None:
+    from worker.adapters.base import Inputs
+    from worker.group.files import read_inputs, write_inputs
 
-    face = Image.new("RGB", (40, 30), (10, 200, 30))
+    face = png_bytes((40, 30))
     audio = encoded_audio("flac", 1.0)
-    inputs = {"image": face, "audio": audio, "pose_video": pose_frames(12), "pose_video_fps": 24.0}
+    pose = mp4_bytes(12, fps=24)
+    inputs = Inputs.decode({"image": face, "audio": audio, "pose_video": pose}, job_id="job-1")
 
     files = write_inputs(inputs, tmp_path)
     again = read_inputs(files)
 
     assert Path(files["audio"]).suffix == ".flac" and Path(files["audio"]).read_bytes() == audio
-    assert np.array_equal(np.asarray(again["image"]), np.asarray(face))
+    # The pose video reaches the ranks as it was stored: no lossy re-encode on the way.
+    assert Path(files["pose_video"]).read_bytes() == pose and Path(files["image"]).read_bytes() == face
+    assert np.array_equal(np.asarray(again["image"]), np.asarray(inputs["image"]))
     assert again["audio"] == audio
     assert len(again["pose_video"]) == 12 and again["pose_video_fps"] == pytest.approx(24.0)
 

@@ -7,7 +7,7 @@ import importlib
 from routing.catalog import ModelSpec
 from worker.adapters.base import Adapter, Runtime
 
-GROUP_ADAPTER = "worker.group_client:GroupAdapter"
+GROUP_ADAPTER = "worker.group.adapter:GroupAdapter"
 
 # model key -> "module:class"; a model without an entry is not served.
 ADAPTERS: dict[str, str] = {
@@ -17,7 +17,7 @@ ADAPTERS: dict[str, str] = {
     "qwen-image-edit-2509": "worker.adapters.qwen_image:QwenImageEditPlusAdapter",
     "wan2.2-ti2v-5b": "worker.adapters.wan:WanTI2VAdapter",
     "wan2.2-animate-14b": "worker.adapters.wan:WanAnimateAdapter",
-    # Runs in the h100x8 worker's resident torchrun group (worker/group.py).
+    # Runs in the h100x8 worker's resident torchrun group (worker/group/).
     "wan2.2-s2v-14b": GROUP_ADAPTER,
 }
 

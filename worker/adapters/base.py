@@ -89,9 +89,44 @@ class Runtime:
         return cls(device=device, dtype=getattr(torch, dtype))
 
 
-# Decoded input media of a request, by field name: an image field gives a PIL image, a list of
-# images a list of them, a video field its frames (list of PIL images) and a ``<field>_fps``.
-Inputs = dict[str, Any]
+class Inputs(dict[str, Any]):
+    """Decoded input media of a request, by field name: an image field gives a PIL image, a list
+    of images a list of them, a video field its frames (list of PIL images) and a
+    ``<field>_fps``, an audio field its bytes as stored.
+
+    Beside them: ``stored``, each field's bytes as the store holds them (checked at submit; a
+    list field's as a list), for an adapter that hands the media on rather than decoding it
+    again; and ``job_id``, the fleet's job the inputs belong to (None outside a job).
+    """
+
+    def __init__(
+        self,
+        decoded: dict[str, Any] | None = None,
+        *,
+        stored: dict[str, Any] | None = None,
+        job_id: str | None = None,
+    ):
+        super().__init__(decoded or {})
+        self.stored: dict[str, Any] = stored or {}
+        self.job_id = job_id
+
+    @classmethod
+    def decode(cls, stored: dict[str, Any], job_id: str | None = None) -> Inputs:
+        """The inputs ``stored`` (field -> bytes, or a list of bytes for a list of images) hold."""
+        from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
+        from worker.media import decode_image, decode_video
+
+        inputs = cls(stored=stored, job_id=job_id)
+        for name, data in stored.items():
+            if isinstance(data, list):
+                inputs[name] = [decode_image(item) for item in data]
+            elif name in AUDIO_FIELDS:
+                inputs[name] = data  # kept encoded: muxed into the output as is
+            elif name in VIDEO_FIELDS:
+                inputs[name], inputs[f"{name}_fps"] = decode_video(data)
+            else:
+                inputs[name] = decode_image(data)
+        return inputs
 
 
 class Adapter(Protocol):

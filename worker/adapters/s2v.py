@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from worker.adapters.wan_s2v import cpu, progress
 from worker.adapters.wan_s2v.official import import_wan_modules
 from worker.adapters.wan_s2v.patch import patched
 from worker.adapters.wan_s2v.small import SMALL_MODEL_FILE, small_model_sizes
+from worker.group.spec import GroupPlace
 
 if TYPE_CHECKING:
     import torch
@@ -31,15 +31,6 @@ if TYPE_CHECKING:
 TASK = "s2v-14B"
 # Frames of one clip: the catalog's frames_step, and generate.py's --infer_frames default.
 CLIP_FRAMES = 80
-
-
-@dataclass(frozen=True)
-class GroupPlace:
-    """Where a group model runs: this rank, the group's size, this rank's GPU."""
-
-    rank: int
-    world_size: int
-    local_rank: int
 
 
 class S2VGroupModel:

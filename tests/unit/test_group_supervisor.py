@@ -1,11 +1,12 @@
-"""The consumer side of the group (``worker.group_client``) without starting one."""
+"""The supervisor side of the group (``worker.group``) without starting one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker.group_client import Group, GroupFailed, root_cause
+from worker.group.supervisor import Group, GroupFailed, GroupState, IllegalTransition
+from worker.group.torchrun_log import root_cause
 
 
 def test_a_group_with_more_ranks_than_gpus_is_refused_before_torchrun_starts(monkeypatch, tmp_path):
@@ -38,3 +39,16 @@ Root Cause (first observed failure):
         root_cause(summary.replace("-9 (pid: 7694)  (SIGKILL)", "1 (pid: 7694) ")) == "rank 1 exited with 1"
     )
     assert root_cause("no summary here") is None
+
+
+def test_the_lifecycle_refuses_a_transition_its_state_does_not_lead_to(tmp_path):
+    group = Group(models={"wan2.2-s2v-14b": str(tmp_path)}, world_size=1, device="cpu", log_dir=tmp_path)
+    assert group.state is GroupState.CLOSED
+
+    # A job only runs on a group that is ready; a closed one must be started first.
+    with pytest.raises(IllegalTransition, match="cannot go from closed to running"):
+        group._become(GroupState.RUNNING)
+
+    assert group.state is GroupState.CLOSED
+    assert not GroupState.BROKEN.can_become(GroupState.READY)
+    assert all(state.can_become(GroupState.CLOSED) for state in GroupState)  # killing always works

@@ -1,34 +1,31 @@
-"""The resident multi-GPU group: one process per GPU under torchrun, the models loaded once.
+"""One rank of the resident group: one process per GPU under torchrun, the models loaded once.
 
-    torchrun --standalone --nproc_per_node=W -m worker.group      (started by worker.group_client)
+    torchrun --standalone --nproc_per_node=W -m worker.group      (started by the supervisor)
 
 Upstream runs Wan2.2-S2V as ``torchrun --nproc_per_node=8 generate.py ...`` per job, loading
 27B of weights each time. Here every rank loads its group models once (``GROUP_MODELS``: a model
 with a group model of its own, e.g. S2V sharded with FSDP + Ulysses; any other model key runs its
 ordinary adapter on every rank with the same seed) and then serves jobs:
 
-* rank 0 holds the one connection to the consumer (``worker.group_client``, in the Celery pool
-  child): it receives a job and broadcasts it to every rank, and every rank runs it;
-* after each denoising step rank 0 tells the consumer and learns whether to go on (cancel), then
-  broadcasts a stop flag, so every rank stops at the same step;
+* rank 0 holds the one connection to the supervisor (``worker.group.supervisor``, in the Celery
+  pool child): it receives a job and broadcasts it to every rank, and every rank runs it;
+* after each denoising step rank 0 tells the supervisor and learns whether to go on (cancel),
+  then broadcasts a stop flag, so every rank stops at the same step;
 * every rank reports how its part ended (``all_gather_object``); rank 0 encodes the output (MP4
   with the input speech muxed in, or PNG) into the job's directory and answers with its path.
 
 No wait is unbounded: collectives have the process group's ``timeout``; while idle, rank 0
 broadcasts a heartbeat every ``heartbeat_s`` so the other ranks' wait for the next job never
-reaches it; rank 0 waits for the consumer's answer to a step at most ``reply_timeout_s``; and rank 0
-exits when the consumer's connection closes or its process is gone. A rank that finds the group
-broken (a peer died: the collective fails) exits non-zero, and torchrun then ends every rank.
-
-The consumer passes everything in two environment variables: ``FLEET_GROUP_SPEC`` (JSON, see
-``GroupSpec``) and ``FLEET_GROUP_AUTHKEY`` (hex; the connection's authentication key).
+reaches it; rank 0 waits for the supervisor's answer to a step at most ``reply_timeout_s``; and
+rank 0 exits when the supervisor's connection closes or its process is gone. A rank that finds
+the group broken (a peer died: the collective fails) exits non-zero, and torchrun then ends
+every rank.
 """
 
 from __future__ import annotations
 
 import datetime
 import importlib
-import json
 import logging
 import os
 import sys
@@ -39,8 +36,9 @@ from multiprocessing.connection import Client, Connection
 from pathlib import Path
 from typing import Any
 
-SPEC_ENV = "FLEET_GROUP_SPEC"
-AUTHKEY_ENV = "FLEET_GROUP_AUTHKEY"
+from worker.group import files, protocol
+from worker.group.rank_errors import write_error
+from worker.group.spec import AUTHKEY_ENV, GroupPlace, GroupSpec
 
 # Models with a group model of their own; any other key runs its single-GPU adapter on every rank.
 GROUP_MODELS: dict[str, str] = {
@@ -50,29 +48,12 @@ GROUP_MODELS: dict[str, str] = {
 log = logging.getLogger("worker.group")
 
 
-@dataclass(frozen=True)
-class GroupSpec:
-    address: tuple[str, int]  # the consumer's listener
-    models: dict[str, str]  # model key -> weights (path or hub id)
-    device: str = "auto"
-    dtype: str = "auto"
-    timeout_s: float = 900.0  # every collective
-    heartbeat_s: float = 10.0
-    reply_timeout_s: float = 300.0  # rank 0 waiting for the consumer's answer to a step
-    consumer_pid: int | None = None
-
-    @classmethod
-    def from_env(cls) -> GroupSpec:
-        data = json.loads(os.environ[SPEC_ENV])
-        data["address"] = tuple(data["address"])
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__ | {"address": list(self.address)})
-
-
 class GroupBroken(Exception):
     """A collective failed: a peer is gone, or the group timed out. The group cannot go on."""
+
+
+class ConsumerGone(Exception):
+    """Rank 0 lost the supervisor: the group has no one to serve."""
 
 
 @dataclass
@@ -118,7 +99,6 @@ class Rank:
 
     def load(self) -> None:
         from routing.catalog import get_model
-        from worker.adapters.s2v import GroupPlace
 
         place = GroupPlace(self.rank, self.world_size, self.local_rank)
         for key, weights in self.spec.models.items():
@@ -131,7 +111,9 @@ class Rank:
         if self.rank == 0:
             self.conn = Client(self.spec.address, authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
             self.conn.send(
-                {"type": "ready", "world_size": self.world_size, "pids": pids, "models": list(self.models)}
+                protocol.encode(
+                    protocol.Ready(world_size=self.world_size, pids=pids, models=list(self.models))
+                )
             )
         log.info("group ready: %d ranks, pids %s", self.world_size, pids)
 
@@ -140,43 +122,47 @@ class Rank:
     def serve(self) -> int:
         while True:
             message = self._next_message()
-            kind = message["type"]
-            if kind == "idle":
+            if isinstance(message, protocol.Idle):
                 continue
-            if kind == "shutdown":
+            if isinstance(message, protocol.Shutdown):
                 log.info("shutting down")
                 return 0
-            if kind == "job":
+            if isinstance(message, protocol.Job):
                 self._run_job(message)
             else:
-                log.warning("unknown message %r", kind)
+                log.warning("unexpected message %r", message)
 
-    def _next_message(self) -> dict[str, Any]:
-        """Rank 0: the consumer's next message, or a heartbeat; broadcast to every rank."""
-        message: dict[str, Any] | None = None
+    def _next_message(self) -> protocol.Message:
+        """Rank 0: the supervisor's next message, or a heartbeat; broadcast to every rank."""
+        message: protocol.Message | None = None
         if self.rank == 0:
             assert self.conn is not None
-            message = self._recv(self.spec.heartbeat_s) or {"type": "idle"}
-            if message["type"] == "idle":
+            message = self._recv(self.spec.heartbeat_s) or protocol.Idle()
+            if isinstance(message, protocol.Idle):
                 self._check_consumer()
         box = [message]
         self._collective(self.dist.broadcast_object_list, box, src=0)
         return box[0]
 
-    def _run_job(self, message: dict[str, Any]) -> None:
-        job_id, model = message["job_id"], message["model"]
+    def _run_job(self, job: protocol.Job) -> None:
+        job_id, model = job.job_id, job.model
         log.info("rank %d got job %s (%s)", self.rank, job_id, model)
         state = JobState()
-        workdir = Path(message["workdir"])
+        workdir = Path(job.workdir)
         try:
-            request = _parse(message["request"])
+            request = _parse(job.request)
             group_model = self.models[model]
 
             def on_step(step: int, total: int) -> None:
                 state.step = step
                 self._step(job_id, step, total)
 
-            state.generated = group_model.run(request, message["inputs"], on_step, workdir)
+            if isinstance(group_model, ReplicatedModel):
+                inputs = files.read_inputs(job.inputs, job_id=job_id)
+                state.generated = group_model.run(request, inputs, on_step)
+            else:
+                paths = files.upright_images(job.inputs, workdir, self.rank)
+                state.generated = group_model.run(request, paths, on_step, workdir)
         except GroupBroken:
             raise
         except _job_canceled():
@@ -188,9 +174,9 @@ class Rank:
             state.outcome, state.message = "error", f"{type(exc).__name__}: {exc}"
             log.error("rank %d: job %s failed:\n%s", self.rank, job_id, traceback.format_exc())
             # The other ranks may be waiting for this one inside the model's own collectives and
-            # never reach the exchange below: the consumer reads this file, gives them
+            # never reach the exchange below: the supervisor reads this file, gives them
             # group_error_grace_s, and kills the group naming this error.
-            _write_error(workdir, self.rank, state.message)
+            write_error(workdir, self.rank, state.message)
 
         outcomes: list[Any] = [None] * self.world_size
         self._collective(self.dist.all_gather_object, outcomes, (state.outcome, state.step, state.message))
@@ -209,20 +195,20 @@ class Rank:
         else:
             log.info("rank %d finished job %s: %s", self.rank, job_id, state.outcome)
         if self.rank == 0:
-            self._answer(job_id, model, outcomes, state, workdir)
+            self._answer(job_id, outcomes, state, workdir)
 
     def _step(self, job_id: str, step: int, total: int) -> None:
-        """Every rank, after each step: rank 0 asks the consumer, then all learn whether to stop."""
+        """Every rank, after each step: rank 0 asks the supervisor, then all learn whether to stop."""
         import torch
 
         stop = 0
         if self.rank == 0:
             assert self.conn is not None
-            self._send({"type": "step", "job_id": job_id, "step": step, "total": total})
+            self._send(protocol.Step(job_id=job_id, step=step, total=total))
             reply = self._recv(self.spec.reply_timeout_s)
             if reply is None:
-                raise GroupBroken(f"no answer from the consumer for {self.spec.reply_timeout_s} s")
-            stop = int(reply.get("type") == "stop")
+                raise GroupBroken(f"no answer from the supervisor for {self.spec.reply_timeout_s} s")
+            stop = int(isinstance(reply, protocol.Stop))
         flag = torch.tensor([stop], dtype=torch.int32, device=self.comm_device)
         self._collective(self.dist.broadcast, flag, src=0)
         if int(flag.item()):
@@ -230,23 +216,23 @@ class Rank:
 
             raise JobCanceled()
 
-    def _answer(self, job_id: str, model: str, outcomes: list[Any], state: JobState, workdir: Path) -> None:
+    def _answer(self, job_id: str, outcomes: list[Any], state: JobState, workdir: Path) -> None:
         errors = [
             f"rank {r}: {message}" for r, (outcome, _s, message) in enumerate(outcomes) if outcome == "error"
         ]
         if errors:
-            self._send({"type": "error", "job_id": job_id, "message": "; ".join(errors)})
+            self._send(protocol.JobFailed(job_id=job_id, message="; ".join(errors)))
         elif any(outcome == "canceled" for outcome, _s, _m in outcomes):
             steps = sorted({s for outcome, s, _m in outcomes})
-            self._send({"type": "canceled", "job_id": job_id, "steps": steps})
+            self._send(protocol.Canceled(job_id=job_id, steps=steps))
         else:
             try:
-                result = _encode(state.generated, workdir)
+                result = files.write_output(state.generated, job_id, workdir)
             except Exception as exc:
                 log.exception("job %s: encoding failed", job_id)
-                self._send({"type": "error", "job_id": job_id, "message": f"rank 0 encoding: {exc}"})
+                self._send(protocol.JobFailed(job_id=job_id, message=f"rank 0 encoding: {exc}"))
                 return
-            self._send({"type": "result", "job_id": job_id} | result)
+            self._send(result)
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -256,21 +242,26 @@ class Rank:
         except Exception as exc:
             raise GroupBroken(f"rank {self.rank}: {type(exc).__name__}: {exc}") from exc
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: protocol.Message) -> None:
         assert self.conn is not None
         try:
-            self.conn.send(message)
+            self.conn.send(protocol.encode(message))
         except OSError as exc:
-            raise GroupBroken(f"the consumer's connection broke: {exc}") from exc
+            raise GroupBroken(f"the supervisor's connection broke: {exc}") from exc
 
-    def _recv(self, timeout_s: float) -> dict[str, Any] | None:
+    def _recv(self, timeout_s: float) -> protocol.Message | None:
         assert self.conn is not None
         try:
             if not self.conn.poll(timeout_s):
                 return None
-            return self.conn.recv()
+            data = self.conn.recv()
         except (EOFError, OSError) as exc:
-            raise ConsumerGone(f"the consumer's connection closed ({type(exc).__name__})") from exc
+            raise ConsumerGone(f"the supervisor's connection closed ({type(exc).__name__})") from exc
+        try:
+            return protocol.decode(data)
+        except protocol.ProtocolError as exc:
+            log.warning("ignoring a message from the supervisor: %s", exc)
+            return protocol.Idle()
 
     def _check_consumer(self) -> None:
         if os.getppid() != self.parent_pid:
@@ -281,30 +272,13 @@ class Rank:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            raise ConsumerGone(f"the consumer (pid {pid}) is gone") from None
+            raise ConsumerGone(f"the supervisor (pid {pid}) is gone") from None
         except PermissionError:
             pass
 
 
-class ConsumerGone(Exception):
-    """Rank 0 lost the consumer: the group has no one to serve."""
-
-
-RANK_ERROR_GLOB = "rank-*.error"
-
-
-def _write_error(workdir: Path, rank: int, message: str) -> None:
-    path = workdir / f"rank-{rank}.error"
-    try:
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(message[:2000])
-        temporary.rename(path)  # the consumer never reads half a message
-    except OSError as exc:
-        log.warning("rank %d: could not write %s: %s", rank, path, exc)
-
-
 def _parse(data: dict[str, Any]) -> Any:
-    """The request the consumer parsed and filled in (seed included), as its schema's object."""
+    """The request the supervisor parsed and filled in (seed included), as its schema's object."""
     from routing.catalog import TaskKind
     from routing.schemas import REQUEST_TYPES
 
@@ -329,7 +303,7 @@ def _is_collective_failure(exc: BaseException) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo"))
 
 
-def _load_group_model(spec: Any, weights: str, runtime: Any, place: Any) -> Any:
+def _load_group_model(spec: Any, weights: str, runtime: Any, place: GroupPlace) -> Any:
     target = GROUP_MODELS.get(spec.key)
     if target is not None:
         module_name, class_name = target.split(":")
@@ -341,7 +315,7 @@ class ReplicatedModel:
     """A single-GPU adapter run by every rank with the same request (seed included): the ranks
     step in lockstep so a cancel stops them together; rank 0's output is the job's."""
 
-    def __init__(self, spec: Any, weights: str, runtime: Any, place: Any):
+    def __init__(self, spec: Any, weights: str, runtime: Any, place: GroupPlace):
         from routing.settings import get_settings
         from worker import adapters
 
@@ -353,7 +327,7 @@ class ReplicatedModel:
             settings.adapters.get(spec.key),
             adapters.ADAPTERS.get(spec.key),
         ]
-        target = next((t for t in candidates if t and not t.startswith("worker.group_client")), None)
+        target = next((t for t in candidates if t and t != adapters.GROUP_ADAPTER), None)
         if target is None:
             raise LookupError(f"no single-GPU adapter runs {spec.key} inside the group")
         adapters._quiet_loading()
@@ -361,69 +335,9 @@ class ReplicatedModel:
         self.adapter = getattr(importlib.import_module(module_name), class_name)(spec, weights, runtime)
         self.place = place
 
-    def run(self, request: Any, files: dict[str, Any], on_step: Any, workdir: Path) -> Any:
-        generated = self.adapter.run(request, read_inputs(files), on_step)
+    def run(self, request: Any, inputs: Any, on_step: Any) -> Any:
+        generated = self.adapter.run(request, inputs, on_step)
         return generated if self.place.rank == 0 else None
-
-
-def read_inputs(files: dict[str, Any]) -> dict[str, Any]:
-    """The runner's decoded inputs from the files the consumer wrote (see group_client)."""
-    from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
-    from worker.media import decode_image, decode_video
-
-    inputs: dict[str, Any] = {}
-    for name, value in files.items():
-        if name.endswith("_fps"):
-            continue
-        if isinstance(value, list):
-            inputs[name] = [decode_image(Path(p).read_bytes()) for p in value]
-        elif name in AUDIO_FIELDS:
-            inputs[name] = Path(value).read_bytes()
-        elif name in VIDEO_FIELDS:
-            inputs[name], inputs[f"{name}_fps"] = decode_video(Path(value).read_bytes())
-        else:
-            inputs[name] = decode_image(Path(value).read_bytes())
-    return inputs
-
-
-def _encode(generated: Any, workdir: Path) -> dict[str, Any]:
-    """Rank 0: the job's output as a file in ``workdir``, and what the consumer records of it."""
-    from worker.media import encode_mp4, encode_png
-
-    if generated is None:
-        raise RuntimeError("rank 0's model returned nothing")
-    if generated.encoded is not None:
-        path = workdir / "output.mp4"
-        path.write_bytes(generated.encoded)
-        return {
-            "kind": "video",
-            "path": str(path),
-            "width": generated.width,
-            "height": generated.height,
-            "frame_count": generated.frame_count,
-            "fps": generated.fps,
-            "seed": generated.seed,
-        }
-    if generated.frames:
-        path = workdir / "output.mp4"
-        path.write_bytes(encode_mp4(generated.frames, generated.fps, audio=generated.audio))
-        width, height = generated.frames[0].size
-        return {
-            "kind": "video",
-            "path": str(path),
-            # yuv420p pads odd sizes by one pixel
-            "width": width + width % 2,
-            "height": height + height % 2,
-            "frame_count": len(generated.frames),
-            "fps": generated.fps,
-            "seed": generated.seed,
-        }
-    paths = []
-    for index, image in enumerate(generated.images):
-        path = workdir / f"output-{index}.png"
-        path.write_bytes(encode_png(image))
-        paths.append(str(path))
-    return {"kind": "images", "paths": paths, "seed": generated.seed}
 
 
 def _configure_logging(rank: int) -> None:
@@ -460,8 +374,8 @@ def main() -> int:
     except GroupBroken as exc:
         log.error("rank %d: the group is broken: %s", rank_number, exc)
         if rank is not None and rank.conn is not None:
-            try:  # best effort: the consumer then waits for torchrun's account of the failure
-                rank.conn.send({"type": "group_broken", "message": str(exc)})
+            try:  # best effort: the supervisor then waits for torchrun's account of the failure
+                rank.conn.send(protocol.encode(protocol.Broken(message=str(exc))))
             except OSError:
                 pass
         # Leave the first failure to be the one torchrun reports (the rank that died): it ends
@@ -474,7 +388,3 @@ def main() -> int:
         except Exception:  # noqa: BLE001 - exiting anyway
             pass
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

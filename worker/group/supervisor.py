@@ -1,39 +1,26 @@
-"""The consumer side of the resident group (``worker.group``): an Adapter for the h100x8 worker.
+"""The supervisor of the resident group, in the h100x8 worker's Celery pool child.
 
-The h100x8 worker's pool child serves the models in ``settings.group_models`` through
-``GroupAdapter``. The first one loaded starts the group: ``torchrun --standalone
---nproc_per_node=W -m worker.group`` in a process group of its own (so it can be killed whole),
-which loads every group model on every rank and connects back to this process (127.0.0.1, with an
-authentication key) once ready. Per job the adapter writes the inputs into a directory the ranks
-read, sends (model, request, input paths), relays every step to ``on_step`` and answers
-continue/stop, and reads the output rank 0 encoded.
+``Group.start`` runs ``torchrun --standalone --nproc_per_node=W -m worker.group`` in a process
+group of its own (so it can be killed whole); every rank loads every group model and rank 0
+connects back (127.0.0.1, with an authentication key) once ready. Per job ``Group.run`` writes
+the inputs into a directory the ranks read, sends the job, relays every step to ``on_step`` and
+answers continue/stop, and reads the output rank 0 encoded.
 
 When ``on_step`` raises ``JobCanceled`` the group is told to stop and the exception is re-raised
 once every rank has stopped. When the group dies (a rank crashed, so torchrun exits non-zero; the
 connection breaks; the job's deadline passes) the job fails with ``GroupFailed``, whose message
 names the rank and its exit code, the group is killed whole, and the next job starts a fresh one.
+A rank's own error mid-job is watched for as ``rank_errors`` describes.
 
-A rank whose own code raises mid-job writes ``rank-N.error`` into the job's directory before it
-joins the exchange of outcomes. If every rank raised alike, the exchange completes and the job
-fails with their messages; if the others are still waiting for it inside the model's collectives
-(an out-of-memory error on one GPU, say), nothing would end that wait but the collective timeout.
-So once an error file appears the others get ``group_error_grace_s`` to finish the job, then the
-group is killed and the job fails naming that rank's error.
-
-Settings (``routing.settings``, else ``FLEET_*``): ``group_models``, ``group_world_size``,
-``group_timeout_s`` (every collective; default 900), ``group_start_timeout_s`` (loading; default
-1800), ``group_error_grace_s`` (default 30), ``group_log_dir`` (torchrun's output; default a
-temporary directory), and ``max_run_s`` (a job's deadline).
+The group's life is one ``GroupState``; every change of it goes through ``Group._become``.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
+import enum
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -45,96 +32,51 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from routing.catalog import ModelSpec, get_model
-from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
-from worker.adapters.base import Generated, Inputs, JobCanceled, Runtime, StepCallback
-from worker.group import AUTHKEY_ENV, RANK_ERROR_GLOB, SPEC_ENV, GroupSpec
+from routing.errors import ErrorType
+from worker.adapters.base import Generated, Inputs, JobCanceled, StepCallback
+from worker.group import files, protocol
+from worker.group.rank_errors import RankErrorWatcher
+from worker.group.spec import AUTHKEY_ENV, SPEC_ENV, GroupSpec
+from worker.group.torchrun_log import describe_failure
 
 log = logging.getLogger(__name__)
 
-_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_GROUP_MODELS = ["wan2.2-s2v-14b"]
+_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class GroupFailed(RuntimeError):
     """The group could not run the job: it died, broke, or never became ready."""
+
+    error_type = ErrorType.GROUP_ERROR  # what the runner records (a model error is the default)
 
 
 class GroupJobError(RuntimeError):
     """The job failed on one or more ranks; the group itself is fine."""
 
 
-def setting(name: str, default: Any) -> Any:
-    """``settings.<name>``, else ``FLEET_<NAME>`` (JSON or text), else ``default``."""
-    from routing.settings import get_settings
+class GroupState(enum.Enum):
+    CLOSED = "closed"  # no torchrun: not started yet, or killed
+    STARTING = "starting"  # torchrun runs; the ranks load
+    READY = "ready"  # waiting for a job
+    RUNNING = "running"  # a job was sent and rank 0 has not answered it
+    BROKEN = "broken"  # it failed; about to be killed
 
-    settings = get_settings()
-    if name in type(settings).model_fields:
-        return getattr(settings, name)
-    raw = os.environ.get(f"FLEET_{name.upper()}")
-    if raw is None:
-        return default
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+    def can_become(self, other: GroupState) -> bool:
+        return other in _TRANSITIONS[self]
 
 
-def group_models() -> list[str]:
-    return list(setting("group_models", DEFAULT_GROUP_MODELS))
+# Killing the group (CLOSED) is allowed from every state, so cleaning up never fails.
+_TRANSITIONS: dict[GroupState, frozenset[GroupState]] = {
+    GroupState.CLOSED: frozenset({GroupState.STARTING, GroupState.CLOSED}),
+    GroupState.STARTING: frozenset({GroupState.READY, GroupState.BROKEN, GroupState.CLOSED}),
+    GroupState.READY: frozenset({GroupState.RUNNING, GroupState.BROKEN, GroupState.CLOSED}),
+    GroupState.RUNNING: frozenset({GroupState.READY, GroupState.BROKEN, GroupState.CLOSED}),
+    GroupState.BROKEN: frozenset({GroupState.BROKEN, GroupState.CLOSED}),
+}
 
 
-class GroupAdapter:
-    """Adapter for a model served by the group; every instance shares the process's one group."""
-
-    def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        if os.environ.get(SPEC_ENV):
-            raise RuntimeError("GroupAdapter inside a group rank: the group would start itself")
-        self.spec = spec
-        self.weights = weights
-        self.runtime = runtime
-        self.group = shared_group()
-        if spec.key not in self.group.models:
-            raise LookupError(f"{spec.key} is not one of the group's models ({', '.join(self.group.models)})")
-        self.group.ensure_running()
-
-    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
-        return self.group.run(self.spec.key, request, inputs, on_step)
-
-    def close(self) -> None:
-        """Evicted from the worker's pool (a smaller class's model needs rank 0's GPU): end the
-        group, which frees every rank's GPU; the next job of a group model starts a new one."""
-        log.info("%s evicted: closing the group", self.spec.key)
-        self.group.close()
-
-
-_shared: Group | None = None
-_shared_lock = threading.Lock()
-
-
-def shared_group() -> Group:
-    """The process's group, configured from the settings."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            from routing.settings import get_settings
-
-            settings = get_settings()
-            models = {key: settings.weights_for(key, get_model(key).hub_id) for key in group_models()}
-            log_dir = setting("group_log_dir", None)
-            _shared = Group(
-                models=models,
-                world_size=int(setting("group_world_size", 8)),
-                device=settings.device,
-                dtype=settings.dtype,
-                timeout_s=float(setting("group_timeout_s", 900)),
-                start_timeout_s=float(setting("group_start_timeout_s", 1800)),
-                job_timeout_s=float(getattr(settings, "max_run_s", 7200)),
-                error_grace_s=float(setting("group_error_grace_s", 30)),
-                log_dir=Path(log_dir) if log_dir else None,
-            )
-            atexit.register(_shared.close)
-        return _shared
+class IllegalTransition(RuntimeError):
+    """The supervisor tried to move the group to a state its current one does not lead to."""
 
 
 class Group:
@@ -161,23 +103,32 @@ class Group:
         self.job_timeout_s = job_timeout_s
         self.error_grace_s = error_grace_s
         self.log_dir = log_dir or Path(tempfile.gettempdir()) / "fleet-group-logs"
+        self.state = GroupState.CLOSED
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.pids: list[int] = []
         self.workdir: Path | None = None
         self.log_path: Path | None = None
         self.starts = 0
-        self._in_job = False
-        self._jobdir: Path | None = None  # the running job's directory: ranks' error files
-        self._error_seen_at: float | None = None
+        self._errors: RankErrorWatcher | None = None  # the running job's ranks' error files
         self._authkey_hex = ""
         self._lock = threading.Lock()
+
+    def _become(self, state: GroupState) -> None:
+        """The one place the group's state changes: a change its state does not allow is a bug."""
+        if not self.state.can_become(state):
+            raise IllegalTransition(f"the group cannot go from {self.state.value} to {state.value}")
+        self.state = state
 
     # --- life cycle -------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.conn is not None
+        return (
+            self.state in (GroupState.READY, GroupState.RUNNING)
+            and self.proc is not None
+            and self.proc.poll() is None
+        )
 
     def ensure_running(self) -> None:
         self._drain()
@@ -188,6 +139,7 @@ class Group:
 
     def start(self) -> None:
         self._check_gpus()
+        self._become(GroupState.STARTING)
         self.starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.log_dir / f"group-{os.getpid()}-{self.starts}.log"
@@ -253,14 +205,15 @@ class Group:
                 raise GroupFailed(f"the group's connection failed: {result}")
             self.conn = result
             ready = self._recv(deadline, what="the group's ready message")
-            if ready.get("type") != "ready":
+            if not isinstance(ready, protocol.Ready):
                 raise GroupFailed(f"unexpected first message from the group: {ready!r}")
-            self.pids = list(ready["pids"])
+            self.pids = list(ready.pids)
         except BaseException:
             listener.close()
             self.kill()
             raise
         listener.close()
+        self._become(GroupState.READY)
         log.info(
             "group ready in %.1f s: ranks' pids %s (log %s)",
             time.monotonic() - started,
@@ -282,6 +235,7 @@ class Group:
 
     def kill(self) -> None:
         """End the group whole (torchrun and every rank) and forget it."""
+        self._become(GroupState.CLOSED)
         if self.conn is not None:
             try:
                 self.conn.close()
@@ -332,7 +286,7 @@ class Group:
         if self.alive:
             try:
                 assert self.conn is not None
-                self.conn.send({"type": "shutdown"})
+                self.conn.send(protocol.encode(protocol.Shutdown()))
                 assert self.proc is not None
                 self.proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
@@ -348,72 +302,64 @@ class Group:
             # Every rank draws the same noise: the seed is fixed here when the caller gave none.
             if request.seed is None:
                 request = request.model_copy(update={"seed": random.randrange(2**63)})
-            job_id = _job_id_of(on_step) or f"{int(time.time() * 1000)}-{random.randrange(16**6):06x}"
+            job_id = getattr(inputs, "job_id", None) or _local_job_id()
             jobdir = Path(tempfile.mkdtemp(prefix="job-", dir=self.workdir))
-            self._in_job = False
-            self._jobdir, self._error_seen_at = jobdir, None
+            self._errors = RankErrorWatcher(jobdir, self.error_grace_s)
             try:
-                files = write_inputs(inputs, jobdir)
-                self._send(
-                    {
-                        "type": "job",
-                        "job_id": job_id,
-                        "model": model,
-                        "request": request.model_dump(mode="json"),
-                        "inputs": files,
-                        "workdir": str(jobdir),
-                    },
-                    job_id,
+                job = protocol.Job(
+                    job_id=job_id,
+                    model=model,
+                    request=request.model_dump(mode="json"),
+                    inputs=files.write_inputs(inputs, jobdir),
+                    workdir=str(jobdir),
                 )
-                self._in_job = True
+                self._send(job, job_id)
+                self._become(GroupState.RUNNING)
                 return self._follow(job_id, on_step)
             except BaseException:
-                if self._in_job:
+                if self.state is GroupState.RUNNING:
                     # Stopped half-way through the protocol (KeyboardInterrupt, say): the group
                     # is mid-job and cannot take the next one.
                     self.kill()
                 raise
             finally:
-                self._in_job = False
-                self._jobdir = None
+                self._errors = None
                 shutil.rmtree(jobdir, ignore_errors=True)
 
     def _follow(self, job_id: str, on_step: StepCallback) -> Generated:
         deadline = time.monotonic() + self.job_timeout_s
         while True:
             message = self._recv(deadline, what=f"job {job_id}")
-            kind = message.get("type")
-            if kind == "step":
+            if isinstance(message, protocol.Step):
                 try:
-                    on_step(message["step"], message["total"])
+                    on_step(message.step, message.total)
                 except BaseException:
                     self._stop(job_id, deadline)
                     raise
-                self._send({"type": "continue"}, job_id)
+                self._send(protocol.Continue(), job_id)
                 continue
-            self._in_job = False
-            if kind == "result":
-                return _generated(message)
-            elif kind == "canceled":
-                raise JobCanceled()
-            elif kind == "error":
-                raise GroupJobError(f"the group could not run job {job_id}: {message['message']}")
-            elif kind == "group_broken":
-                raise self._died(job_id, message.get("message", ""))
-            else:
+            if isinstance(message, protocol.Broken):
+                raise self._died(job_id, message.message)
+            if not isinstance(message, protocol.JOB_ENDS):
                 raise self._died(job_id, f"unexpected message {message!r}")
+            self._become(GroupState.READY)
+            if isinstance(message, protocol.Canceled):
+                raise JobCanceled()
+            if isinstance(message, protocol.JobFailed):
+                raise GroupJobError(f"the group could not run job {job_id}: {message.message}")
+            return files.read_output(message)
 
     def _stop(self, job_id: str, deadline: float) -> None:
         """Tell rank 0 to stop and wait until every rank has (its answer comes after theirs)."""
         try:
-            self._send({"type": "stop"}, job_id)
+            self._send(protocol.Stop(), job_id)
             confirm_by = min(deadline, time.monotonic() + max(30.0, self.timeout_s))
             while True:
                 message = self._recv(confirm_by, what=f"job {job_id}'s stop")
-                if message.get("type") in ("canceled", "result", "error"):
-                    self._in_job = False
+                if isinstance(message, protocol.JOB_ENDS):
+                    self._become(GroupState.READY)
                     return
-                if message.get("type") == "group_broken":
+                if isinstance(message, protocol.Broken):
                     self.kill()
                     return
         except GroupFailed:
@@ -421,14 +367,14 @@ class Group:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _send(self, message: dict[str, Any], job_id: str) -> None:
+    def _send(self, message: protocol.Message, job_id: str) -> None:
         try:
             assert self.conn is not None
-            self.conn.send(message)
+            self.conn.send(protocol.encode(message))
         except (OSError, AssertionError) as exc:
             raise self._died(f"job {job_id}", f"the connection to rank 0 broke ({exc})") from None
 
-    def _recv(self, deadline: float, what: str) -> dict[str, Any]:
+    def _recv(self, deadline: float, what: str) -> protocol.Message:
         """The group's next message; GroupFailed when it dies or ``deadline`` passes first."""
         assert self.conn is not None
         while True:
@@ -437,42 +383,25 @@ class Group:
                 raise self._died(what, "its deadline passed", kill_first=True)
             try:
                 if self.conn.poll(min(left, 0.5)):
-                    return self.conn.recv()
+                    data = self.conn.recv()
+                    try:
+                        return protocol.decode(data)
+                    except protocol.ProtocolError as exc:
+                        raise self._died(what, f"unexpected message: {exc}", kill_first=True) from None
             except (EOFError, OSError):
                 raise self._died(what, "rank 0's connection closed") from None
             if self.proc is not None and self.proc.poll() is not None:
                 raise self._died(what, "torchrun exited")
-            self._check_rank_errors(what)
-
-    def _rank_errors(self) -> str:
-        """'rank 1: RuntimeError: ...' for each error file the running job's ranks wrote."""
-        if self._jobdir is None:
-            return ""
-        found = []
-        for path in sorted(self._jobdir.glob(RANK_ERROR_GLOB)):
-            try:
-                found.append(f"{path.stem.replace('-', ' ')}: {path.read_text(errors='replace').strip()}")
-            except OSError:
-                continue
-        return "; ".join(found)
-
-    def _check_rank_errors(self, what: str) -> None:
-        """Kill the group once a rank's error has gone unanswered for ``error_grace_s``."""
-        if self._jobdir is None:
-            return
-        if self._error_seen_at is None:
-            if next(self._jobdir.glob(RANK_ERROR_GLOB), None) is not None:
-                self._error_seen_at = time.monotonic()
-            return
-        if time.monotonic() - self._error_seen_at > self.error_grace_s:
-            raise self._died(
-                what,
-                f"the other ranks had not finished {self.error_grace_s:g} s after it",
-                kill_first=True,
-            )
+            if self._errors is not None and self._errors.overdue():
+                raise self._died(
+                    what,
+                    f"the other ranks had not finished {self.error_grace_s:g} s after it",
+                    kill_first=True,
+                )
 
     def _died(self, what: str, reason: str, kill_first: bool = False) -> GroupFailed:
         """Kill the group, find out which rank failed first, and say so."""
+        self._become(GroupState.BROKEN)
         if kill_first:
             raised = self._rank_errors()  # read before kill() removes the job's directory
             self.kill()
@@ -488,18 +417,17 @@ class Group:
         self.kill()
         return GroupFailed(f"the GPU group failed during {what}: {_joined(raised, detail)} ({reason})")
 
+    def _rank_errors(self) -> str:
+        return self._errors.read() if self._errors is not None else ""
+
     def _failure(self) -> str:
         code = self.proc.poll() if self.proc is not None else None
-        text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-        cause = root_cause(text)
-        if cause:
-            return cause + (f"; torchrun exited with {code}" if code is not None else "")
-        if code is None and self.proc is not None:
-            return "torchrun is still running (it was killed)"
-        tail = " | ".join(line.strip() for line in text.strip().splitlines()[-5:])
-        if code is None:
-            return f"torchrun is still running; last log lines: {tail}"
-        return f"torchrun exited with {code}; last log lines: {tail}"
+        return describe_failure(self.log_path, code, started=self.proc is not None)
+
+
+def _local_job_id() -> str:
+    """A job id for the ranks' log lines when the caller ran no fleet job (a benchmark)."""
+    return f"{int(time.time() * 1000)}-{random.randrange(16**6):06x}"
 
 
 def _joined(*parts: str) -> str:
@@ -515,93 +443,3 @@ def _is_our_rank(pid: int, authkey_hex: str) -> bool:
     except OSError:
         return False
     return f"{AUTHKEY_ENV}={authkey_hex}".encode() in environ.split(b"\0")
-
-
-_ROOT_CAUSE = re.compile(
-    r"Root Cause.*?rank\s*:\s*(?P<rank>\d+).*?exitcode\s*:\s*(?P<code>-?\d+)[^\n]*?(?:\((?P<signal>SIG\w+)\))?\s*$",
-    re.S | re.M,
-)
-
-
-def root_cause(torchrun_output: str) -> str | None:
-    """'rank 1 exited with -9 (SIGKILL)' from torchrun's failure summary, or None."""
-    matches = list(_ROOT_CAUSE.finditer(torchrun_output))
-    if not matches:
-        return None
-    found = matches[-1]  # the last summary is this group's latest failure
-    signal_name = f" ({found['signal']})" if found["signal"] else ""
-    return f"rank {found['rank']} exited with {found['code']}{signal_name}"
-
-
-def _job_id_of(on_step: StepCallback) -> str | None:
-    """The fleet's job id, so rank log lines name the job: ``on_step.job_id`` when set, else the
-    ``job_id`` the runner's step callback closes over; None when neither is there."""
-    explicit = getattr(on_step, "job_id", None)
-    if isinstance(explicit, str):
-        return explicit
-    closure = getattr(on_step, "__closure__", None) or ()
-    names = getattr(getattr(on_step, "__code__", None), "co_freevars", ())
-    for name, cell in zip(names, closure, strict=False):
-        if name == "job_id":
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                return None
-            return value if isinstance(value, str) else None
-    return None
-
-
-def write_inputs(inputs: Inputs, jobdir: Path) -> dict[str, Any]:
-    """The runner's decoded inputs as files the ranks read: images as PNG, audio as given, videos
-    re-encoded as MP4 at their frame rate (``<field>_fps`` alongside)."""
-    from worker.media import encode_mp4, encode_png
-
-    files: dict[str, Any] = {}
-    for name, value in inputs.items():
-        if name.endswith("_fps"):
-            continue
-        if isinstance(value, list) and name not in VIDEO_FIELDS:
-            paths = []
-            for index, image in enumerate(value):
-                path = jobdir / f"{name}.{index}.png"
-                path.write_bytes(encode_png(image))
-                paths.append(str(path))
-            files[name] = paths
-        elif name in AUDIO_FIELDS:
-            path = jobdir / f"{name}.{_audio_extension(value)}"
-            path.write_bytes(value)
-            files[name] = str(path)
-        elif name in VIDEO_FIELDS:
-            fps = float(inputs.get(f"{name}_fps") or 16.0)
-            path = jobdir / f"{name}.mp4"
-            path.write_bytes(encode_mp4(value, max(1, round(fps)), crf=12, preset="veryfast"))
-            files[name], files[f"{name}_fps"] = str(path), fps
-        else:
-            path = jobdir / f"{name}.png"
-            path.write_bytes(encode_png(value))
-            files[name] = str(path)
-    return files
-
-
-def _audio_extension(data: bytes) -> str:
-    if data[:4] == b"RIFF":
-        return "wav"
-    if data[:4] == b"fLaC":
-        return "flac"
-    return "mp3"
-
-
-def _generated(message: dict[str, Any]) -> Generated:
-    from worker.media import decode_image
-
-    if message.get("kind") == "images":
-        images = [decode_image(Path(p).read_bytes()) for p in message["paths"]]
-        return Generated(images=images, seed=message.get("seed"))
-    return Generated(
-        encoded=Path(message["path"]).read_bytes(),
-        width=message["width"],
-        height=message["height"],
-        frame_count=message["frame_count"],
-        fps=message["fps"],
-        seed=message.get("seed"),
-    )

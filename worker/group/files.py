@@ -1,0 +1,128 @@
+"""The files a job's inputs and outputs cross between the supervisor and the ranks in.
+
+Inputs go to the ranks as the bytes the store holds (checked at submit), one file each in the
+job's directory, never re-encoded; each rank decodes them itself, as the runner does. Rank 0
+writes the output there (an MP4 with the speech muxed in, or PNGs) and the supervisor reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from worker.adapters.base import Generated, Inputs
+from worker.group.protocol import ImagesResult, Result, VideoResult
+
+
+def write_inputs(inputs: Inputs, jobdir: Path) -> dict[str, Any]:
+    """Supervisor: each input field's stored bytes as a file in ``jobdir``; field -> path (a list
+    of paths for a list field)."""
+    from routing.schemas import AUDIO_FIELDS
+
+    stored = getattr(inputs, "stored", None)
+    if stored is None:
+        raise TypeError("the group reads inputs as they were stored: pass an Inputs made by Inputs.decode")
+    files: dict[str, Any] = {}
+    for name, data in stored.items():
+        if isinstance(data, list):
+            paths = []
+            for index, item in enumerate(data):
+                path = jobdir / f"{name}.{index}"
+                path.write_bytes(item)
+                paths.append(str(path))
+            files[name] = paths
+        else:
+            path = jobdir / (f"{name}.{_audio_extension(data)}" if name in AUDIO_FIELDS else name)
+            path.write_bytes(data)
+            files[name] = str(path)
+    return files
+
+
+def _audio_extension(data: bytes) -> str:
+    if data[:4] == b"RIFF":
+        return "wav"
+    if data[:4] == b"fLaC":
+        return "flac"
+    return "mp3"
+
+
+def read_inputs(files: dict[str, Any], job_id: str | None = None) -> Inputs:
+    """Rank: the inputs a single-GPU adapter takes, decoded from the stored bytes as the runner
+    decodes them."""
+    stored = {
+        name: [Path(p).read_bytes() for p in value] if isinstance(value, list) else Path(value).read_bytes()
+        for name, value in files.items()
+    }
+    return Inputs.decode(stored, job_id=job_id)
+
+
+def upright_images(files: dict[str, Any], jobdir: Path, rank: int) -> dict[str, Any]:
+    """Rank: ``files`` for a group model, which opens its inputs by path: each single image is
+    decoded as the runner decodes it (upright by its EXIF orientation, transparency on white) and
+    handed over as a lossless PNG; speech and video stay the stored bytes."""
+    from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
+    from worker.media import decode_image, encode_png
+
+    upright = dict(files)
+    for name, value in files.items():
+        if isinstance(value, list) or name in AUDIO_FIELDS or name in VIDEO_FIELDS:
+            continue
+        path = jobdir / f"{name}.rank{rank}.png"  # the ranks share the job's directory
+        path.write_bytes(encode_png(decode_image(Path(value).read_bytes())))
+        upright[name] = str(path)
+    return upright
+
+
+def write_output(generated: Generated | None, job_id: str, jobdir: Path) -> Result:
+    """Rank 0: the job's output as files in ``jobdir``, and what the supervisor records of it."""
+    from worker.media import encode_png, encode_video
+
+    if generated is None:
+        raise RuntimeError("rank 0's model returned nothing")
+    if generated.encoded is not None:
+        path = jobdir / "output.mp4"
+        path.write_bytes(generated.encoded)
+        return VideoResult(
+            job_id=job_id,
+            path=str(path),
+            width=generated.width,
+            height=generated.height,
+            frame_count=generated.frame_count,
+            fps=generated.fps,
+            seed=generated.seed,
+        )
+    if generated.frames:
+        path = jobdir / "output.mp4"
+        data, width, height = encode_video(generated.frames, generated.fps, audio=generated.audio)
+        path.write_bytes(data)
+        return VideoResult(
+            job_id=job_id,
+            path=str(path),
+            width=width,
+            height=height,
+            frame_count=len(generated.frames),
+            fps=generated.fps,
+            seed=generated.seed,
+        )
+    paths = []
+    for index, image in enumerate(generated.images):
+        path = jobdir / f"output-{index}.png"
+        path.write_bytes(encode_png(image))
+        paths.append(str(path))
+    return ImagesResult(job_id=job_id, paths=paths, seed=generated.seed)
+
+
+def read_output(result: Result) -> Generated:
+    """Supervisor: what rank 0 wrote, as the runner stores it."""
+    from worker.media import decode_image
+
+    if isinstance(result, ImagesResult):
+        return Generated(images=[decode_image(Path(p).read_bytes()) for p in result.paths], seed=result.seed)
+    return Generated(
+        encoded=Path(result.path).read_bytes(),
+        width=result.width,
+        height=result.height,
+        frame_count=result.frame_count,
+        fps=result.fps,
+        seed=result.seed,
+    )
