@@ -362,12 +362,14 @@ class ReplicatedModel:
         self.place = place
 
     def run(self, request: Any, files: dict[str, Any], on_step: Any, workdir: Path) -> Any:
-        generated = self.adapter.run(request, read_inputs(files), on_step)
+        output_pixels = (request.width or 0) * (request.height or 0) or None
+        generated = self.adapter.run(request, read_inputs(files, max_pixels=output_pixels), on_step)
         return generated if self.place.rank == 0 else None
 
 
-def read_inputs(files: dict[str, Any]) -> dict[str, Any]:
-    """The runner's decoded inputs from the files the consumer wrote (see group_client)."""
+def read_inputs(files: dict[str, Any], max_pixels: int | None = None) -> dict[str, Any]:
+    """The runner's decoded inputs from the files the consumer wrote (see group_client); video
+    frames at most ``max_pixels`` (the output's size), as the single-GPU runner keeps them."""
     from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
     from worker.media import decode_image, decode_video
 
@@ -380,7 +382,9 @@ def read_inputs(files: dict[str, Any]) -> dict[str, Any]:
         elif name in AUDIO_FIELDS:
             inputs[name] = Path(value).read_bytes()
         elif name in VIDEO_FIELDS:
-            inputs[name], inputs[f"{name}_fps"] = decode_video(Path(value).read_bytes())
+            inputs[name], inputs[f"{name}_fps"] = decode_video(
+                Path(value).read_bytes(), max_pixels=max_pixels
+            )
         else:
             inputs[name] = decode_image(Path(value).read_bytes())
     return inputs

@@ -215,13 +215,17 @@ class JobRunner:
     def _load_inputs(self, request: RequestBase) -> Inputs:
         """Decode the request's input media from the store (checked at submit)."""
         inputs: Inputs = {}
+        # Video frames are kept at most at the output's size: what the submit check counted.
+        output_pixels = request.width * request.height if request.width and request.height else None
         for name, value in request.media_fields().items():
             if isinstance(value, list):
                 inputs[name] = [decode_image(self.storage.get(ref.key)) for ref in value]
             elif name in AUDIO_FIELDS:
                 inputs[name] = self.storage.get(value.key)  # kept encoded: muxed into the output as is
             elif name in VIDEO_FIELDS:
-                inputs[name], inputs[f"{name}_fps"] = decode_video(self.storage.get(value.key))
+                inputs[name], inputs[f"{name}_fps"] = decode_video(
+                    self.storage.get(value.key), max_pixels=output_pixels
+                )
             else:
                 inputs[name] = decode_image(self.storage.get(value.key))
         return inputs
