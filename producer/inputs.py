@@ -12,7 +12,7 @@ import mimetypes
 import uuid
 from dataclasses import dataclass
 
-from routing.catalog import ModelSpec, get_model
+from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
 from routing.io.media import (
     AudioInfo,
@@ -27,6 +27,12 @@ from routing.io.net import UrlError, UrlPolicy, fetch_url
 from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
 
+# The longest video any model takes, in frames and in seconds: what an upload may be (speech is
+# never longer than the longest video either).
+_UPLOAD_MAX_FRAMES = max(spec.video.max_frames for spec in CATALOG.values() if spec.video)
+_UPLOAD_MAX_DURATION_S = max(
+    spec.video.max_frames / spec.video.fps for spec in CATALOG.values() if spec.video
+)
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
@@ -155,12 +161,19 @@ def _sniff(data: bytes, limits: InputLimits) -> str:
     except MediaError:
         pass
     try:
-        check_video(data, max_frames=100_000, max_duration_s=3600, max_side=limits.video_max_side)
+        # Decoding stops at the most any model takes: a file of more frames is refused as soon
+        # as its frame count passes that, not after decoding all of it.
+        check_video(
+            data,
+            max_frames=_UPLOAD_MAX_FRAMES,
+            max_duration_s=_UPLOAD_MAX_DURATION_S,
+            max_side=limits.video_max_side,
+        )
         return "mp4"
     except MediaError:
         pass
     try:
-        info = check_audio(data, max_duration_s=3600)
+        info = check_audio(data, max_duration_s=_UPLOAD_MAX_DURATION_S)
         return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav")
     except MediaError as exc:
         raise InvalidRequest([FieldError("file", f"not an image, video or audio file ({exc})")]) from None
