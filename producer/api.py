@@ -6,18 +6,21 @@ that does not exist). Errors are JSON: ``{"errors": [{"field", "message"}]}`` fo
 request (422), ``{"detail": "..."}`` otherwise. The OpenAPI document is at ``/openapi.json``.
 """
 
+import contextlib
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.metrics import FleetCollector
@@ -85,6 +88,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         404: "no such job, or not the tenant's",
         409: "the Idempotency-Key was used with another body",
         422: "the request was refused; nothing was queued",
+        413: "the body is over the limit (FLEET_MAX_JSON_BODY_BYTES, uploads FLEET_MAX_INPUT_BYTES)",
         429: "the tenant has as many unfinished jobs as it may; retry after Retry-After seconds",
         503: "the job store is unreachable; nothing was queued",
     }
@@ -144,7 +148,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name, tenant in settings.tenants.items()
         for key in tenant.api_keys
     ]
-    app = FastAPI(title="GPU fleet", version="1", description=__doc__)
+    registry = CollectorRegistry()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Metrics read the whole fleet and carry no auth: never on the port tenants reach.
+        server = None
+        if settings.metrics_port is not None:
+            server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry)
+        try:
+            yield
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    app = FastAPI(title="GPU fleet", version="1", description=__doc__, lifespan=lifespan)
     app.state.client = client
 
     bearer = HTTPBearer(auto_error=False, description="an API key of your tenant")
@@ -153,13 +172,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         key = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
         if not key:
             raise HTTPException(401, "send Authorization: Bearer <api key>", {"WWW-Authenticate": "Bearer"})
+        found = tenant_for_key(key)
+        if found is None:
+            raise HTTPException(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
+        return found
+
+    def tenant_for_key(key: str) -> str | None:
         found = None
         for known, name in keys_to_tenant:  # compare every key, in constant time each
             if hmac.compare_digest(known, key.encode()):
                 found = name
-        if found is None:
-            raise HTTPException(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
         return found
+
+    # Bodies are capped, and refused without a key, before FastAPI reads them (producer/body_limits.py).
+    app.add_middleware(
+        BodyLimits,
+        known_key=lambda key: tenant_for_key(key) is not None,
+        json_max_bytes=settings.max_json_body_bytes,
+        upload_max_bytes=settings.max_input_bytes,
+    )
 
     Tenant = Annotated[str, Depends(tenant_of)]
 
@@ -226,7 +257,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={
             200: {"model": JobOut, "description": "the earlier job of this Idempotency-Key and body"},
             202: {"model": JobOut, "description": "with Prefer: wait=N, the job had not ended after N s"},
-            **_responses(401, 409, 422, 429, 503),
+            **_responses(401, 409, 413, 422, 429, 503),
         },
     )
     async def submit(
@@ -316,11 +347,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"deliveries": webhooks.delivery_log(client.store.client, client.keys, job_id)}
 
     @app.post(
-        "/v1/jobs/{job_id}/webhooks/{event_id}/replay", status_code=202, responses=_responses(401, 404, 422)
+        "/v1/jobs/{job_id}/webhooks/{event_id}/replay",
+        status_code=202,
+        responses=_responses(401, 404, 422)
+        | {429: {"model": ErrorDetail, "description": "too many replays; retry after Retry-After seconds"}},
     )
     def replay_webhook(job_id: str, event_id: str, tenant: Tenant) -> dict[str, str]:
         """Deliver an event again, with its original webhook-id. An endpoint that a 410 disabled
-        is enabled again: replaying is how a tenant says it is back."""
+        is enabled again: replaying is how a tenant says it is back. Replays are rationed per job
+        (``FLEET_REPLAY_PER_JOB``) and per tenant (``FLEET_REPLAY_PER_TENANT``) in windows of
+        ``FLEET_REPLAY_WINDOW_S``."""
         record = own_job(job_id, tenant)
         entries = [
             e
@@ -329,6 +365,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ]
         if not entries:
             raise HTTPException(404, f"no delivery of event {event_id} for job {job_id}")
+        wait_s = webhooks.take_replay(
+            client.store.client,
+            client.keys,
+            tenant,
+            job_id,
+            per_job=settings.replay_per_job,
+            per_tenant=settings.replay_per_tenant,
+            window_s=settings.replay_window_s,
+        )
+        if wait_s is not None:
+            raise HTTPException(429, "too many webhook replays", {"Retry-After": str(wait_s)})
         if record.webhook is not None:
             webhooks.enable_url(client.store.client, client.keys, tenant, record.webhook.url)
         entry = entries[0]
@@ -353,7 +400,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/v1/uploads",
         status_code=201,
         response_model=Upload,
-        responses=_responses(401, 422),
+        responses=_responses(401, 413, 422),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -365,13 +412,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Store input media (the raw file as the body); use the returned key in a request's
         ``image``, ``images``, video or ``audio`` fields as ``{"key": ...}``."""
         data = bytearray()
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # BodyLimits cuts it off at FLEET_MAX_INPUT_BYTES
             data += chunk
-            if len(data) > settings.max_input_bytes:
-                raise InvalidRequest([FieldError("file", f"larger than {settings.max_input_bytes} bytes")])
         if not data:
             raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
-        return Upload(**client.upload(bytes(data)))
+        # Decoding the media takes as long as the file makes it: off the event loop, so every
+        # other request (health checks included) is still answered meanwhile.
+        return Upload(**await run_in_threadpool(client.upload, bytes(data)))
 
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:
@@ -403,7 +450,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         }
 
-    registry = CollectorRegistry()
     registry.register(FleetCollector(client.store.client, client.keys))
     requests_total = Counter(
         "fleet_api_requests",
@@ -419,12 +465,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         requests_total.labels(request.method, path, str(response.status_code)).inc()
         return response
-
-    @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        """Prometheus metrics of the whole fleet (producer/metrics.py) and of this API process.
-        Unauthenticated like /healthz: serve it on the internal network only."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", responses={503: {"model": ErrorDetail, "description": "Redis unreachable"}})
     def healthz() -> JSONResponse:

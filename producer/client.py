@@ -72,8 +72,14 @@ class Client:
             progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
         )
         # Where input media and webhooks may point (a resolver of its own for tests).
-        self.url_policy = url_policy or UrlPolicy(allow_cidrs=tuple(self.settings.url_allow_cidrs))
-        self._input_limits = InputLimits(max_bytes=self.settings.max_input_bytes)
+        self.url_policy = url_policy or UrlPolicy(
+            allow_cidrs=tuple(self.settings.url_allow_cidrs), allow_ports=tuple(self.settings.url_allow_ports)
+        )
+        self._input_limits = InputLimits(
+            max_bytes=self.settings.max_input_bytes,
+            fetch_timeout_s=self.settings.fetch_timeout_s,
+            video_max_pixels=self.settings.max_input_video_pixels,
+        )
 
     @property
     def storage(self) -> Storage:

@@ -19,7 +19,9 @@ keys, validation and limits of the fleet's API. Without credentials Flower 2.x r
 and serves its pages to anyone; with ``--basic-auth`` every page and API call needs the user and
 password (answered with 401 otherwise) except ``/healthcheck``. The credentials go in
 ``FLOWER_BASIC_AUTH`` (``user:password``), which Flower reads from its environment, so that
-they are not in the process list either.
+they are not in the process list either. Loading the app below fails, and so Flower does not
+start, while ``FLOWER_BASIC_AUTH`` is unset or names an empty user or password (compose's
+``${FLOWER_USER}:${FLOWER_PASSWORD}`` with both unset is ``:``).
 
 This module only builds the Celery app Flower shows: compose and Kubernetes run the command
 above under their own supervisor with ``FLOWER_BASIC_AUTH`` in the environment, and
@@ -28,6 +30,7 @@ above under their own supervisor with ``FLOWER_BASIC_AUTH`` in the environment, 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from routing.settings import Settings
@@ -51,11 +54,24 @@ def make_flower_celery(settings: Settings) -> Any:
     return app
 
 
+def check_basic_auth(value: str | None) -> None:
+    """Raise unless ``value`` (``FLOWER_BASIC_AUTH``) names at least one user, each with a user
+    name and a password."""
+    pairs = [pair.partition(":") for pair in (value or "").split(",")]
+    if not value or any(not user or not sep or not password for user, sep, password in pairs):
+        raise RuntimeError(
+            "Flower refuses to start without credentials: set FLOWER_BASIC_AUTH to user:password "
+            "(compose and Kubernetes build it from FLOWER_USER and FLOWER_PASSWORD; neither may be "
+            "empty). Its API can send tasks to the GPU queues and shut workers down."
+        )
+
+
 def __getattr__(name: str) -> Any:
     # ``celery -A producer.flower`` looks up ``app``: built on first access, from FLEET_*.
     if name == "app":
         from routing.settings import get_settings
 
+        check_basic_auth(os.environ.get("FLOWER_BASIC_AUTH"))
         globals()["app"] = make_flower_celery(get_settings())
         return globals()["app"]
     raise AttributeError(name)

@@ -12,13 +12,27 @@ import mimetypes
 import uuid
 from dataclasses import dataclass
 
-from routing.catalog import ModelSpec, get_model
+from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
-from routing.io.media import MediaError, check_audio, check_image, check_video
+from routing.io.media import (
+    AudioInfo,
+    ImageInfo,
+    MediaError,
+    VideoInfo,
+    check_audio,
+    check_image,
+    check_video,
+)
 from routing.io.net import UrlError, UrlPolicy, fetch_url
 from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
 
+# The longest video any model takes, in frames and in seconds: what an upload may be (speech is
+# never longer than the longest video either).
+_UPLOAD_MAX_FRAMES = max(spec.video.max_frames for spec in CATALOG.values() if spec.video)
+_UPLOAD_MAX_DURATION_S = max(
+    spec.video.max_frames / spec.video.fps for spec in CATALOG.values() if spec.video
+)
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 
 
@@ -29,6 +43,9 @@ class InputLimits:
     image_max_side: int = 8192
     video_max_side: int = 4096
     fetch_timeout_s: float = 15.0
+    # Decoded pixels of all of a job's input videos together, as the worker holds them: each
+    # frame at most the output's size (worker.media.decode_video scales it down while decoding).
+    video_max_pixels: int = 1024 * 1024 * 1024
 
 
 def resolve_inputs(
@@ -42,15 +59,29 @@ def resolve_inputs(
     spec = get_model(request.model)
     errors: list[FieldError] = []
     update: dict[str, object] = {}
+    output_pixels = (request.width or spec.size.default_width) * (request.height or spec.size.default_height)
+    video_pixels, over = 0, False
     for name, value in request.media_fields().items():
         refs = value if isinstance(value, list) else [value]
         resolved = []
         for index, ref in enumerate(refs):
             field = f"{name}.{index}" if isinstance(value, list) else name
             try:
-                resolved.append(_resolve_one(ref, field, name, job_id, spec, storage, policy, limits))
+                checked, info = _resolve_one(ref, field, name, job_id, spec, storage, policy, limits)
+                resolved.append(checked)
             except (MediaError, UrlError) as exc:
                 errors.append(FieldError(field, str(exc)))
+                continue
+            if isinstance(info, VideoInfo):
+                video_pixels += min(info.width * info.height, output_pixels) * info.frames
+                if video_pixels > limits.video_max_pixels and not over:  # name the first field over
+                    message = (
+                        f"the job's videos decode to more than {limits.video_max_pixels} pixels "
+                        "(width x height x frames, each frame at most the output size); send fewer "
+                        "or shorter videos"
+                    )
+                    errors.append(FieldError(field, message))
+                    over = True
         update[name] = resolved if isinstance(value, list) else (resolved[0] if resolved else value)
     if errors:
         raise InvalidRequest(errors)
@@ -66,17 +97,17 @@ def _resolve_one(
     storage: Storage,
     policy: UrlPolicy,
     limits: InputLimits,
-) -> MediaRef:
+) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
     if ref.url is not None:
         data = fetch_url(ref.url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, policy=policy)
     else:
         data = _read(storage, ref.key)
-    ext = _check(data, name, spec, limits)
+    ext, info = _check(data, name, spec, limits)
     if ref.key is not None:
-        return ref
+        return ref, info
     key = f"inputs/{job_id}/{field}.{ext}"
     storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
-    return MediaRef(key=key)
+    return MediaRef(key=key), info
 
 
 def _read(storage: Storage, key: str) -> bytes:
@@ -88,8 +119,11 @@ def _read(storage: Storage, key: str) -> bytes:
         raise MediaError(f"cannot read {key!r}: {exc}") from None
 
 
-def _check(data: bytes, name: str, spec: ModelSpec, limits: InputLimits) -> str:
-    """Decode and check ``data`` as the media the field needs; return a file extension."""
+def _check(
+    data: bytes, name: str, spec: ModelSpec, limits: InputLimits
+) -> tuple[str, ImageInfo | VideoInfo | AudioInfo]:
+    """Decode and check ``data`` as the media the field needs; return a file extension and what
+    the check found."""
     if len(data) > limits.max_bytes:
         raise MediaError(f"larger than {limits.max_bytes} bytes")
     if name in AUDIO_FIELDS:
@@ -97,17 +131,17 @@ def _check(data: bytes, name: str, spec: ModelSpec, limits: InputLimits) -> str:
         # Speech longer than the longest video the model makes would be cut.
         max_duration_s = video.max_frames / video.fps if video else 600.0
         info = check_audio(data, max_duration_s=max_duration_s)
-        return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav")
+        return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav"), info
     if name in VIDEO_FIELDS:
         video = spec.video
         max_frames = video.max_frames if video else 1000
         max_duration_s = max_frames / video.fps if video else 60.0
-        check_video(
+        video_info = check_video(
             data, max_frames=max_frames, max_duration_s=max_duration_s, max_side=limits.video_max_side
         )
-        return "mp4"
-    info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)
-    return _EXTENSIONS.get(info.format.upper(), "img")
+        return "mp4", video_info
+    image_info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)
+    return _EXTENSIONS.get(image_info.format.upper(), "img"), image_info
 
 
 def upload(storage: Storage, data: bytes, limits: InputLimits) -> dict[str, str]:
@@ -127,12 +161,19 @@ def _sniff(data: bytes, limits: InputLimits) -> str:
     except MediaError:
         pass
     try:
-        check_video(data, max_frames=100_000, max_duration_s=3600, max_side=limits.video_max_side)
+        # Decoding stops at the most any model takes: a file of more frames is refused as soon
+        # as its frame count passes that, not after decoding all of it.
+        check_video(
+            data,
+            max_frames=_UPLOAD_MAX_FRAMES,
+            max_duration_s=_UPLOAD_MAX_DURATION_S,
+            max_side=limits.video_max_side,
+        )
         return "mp4"
     except MediaError:
         pass
     try:
-        info = check_audio(data, max_duration_s=3600)
+        info = check_audio(data, max_duration_s=_UPLOAD_MAX_DURATION_S)
         return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav")
     except MediaError as exc:
         raise InvalidRequest([FieldError("file", f"not an image, video or audio file ({exc})")]) from None

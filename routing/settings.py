@@ -45,6 +45,24 @@ class Settings(BaseSettings):
     # refusal of loopback/private/link-local targets (empty in production; tests allow one).
     max_input_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     url_allow_cidrs: list[str] = Field(default_factory=list)
+    # Ports a fetched or webhook URL may name on a public host.
+    url_allow_ports: list[int] = Field(default_factory=lambda: [80, 443])
+    # Longest one fetch of input media may take, connect to last byte, redirects included.
+    fetch_timeout_s: float = Field(default=15.0, gt=0)
+    # Decoded pixels (width x height x frames, summed over a job's input videos) one job may
+    # bring: what a worker holds in host memory at 3 bytes a pixel (the default: about 3 GB).
+    max_input_video_pixels: int = Field(default=1024 * 1024 * 1024, gt=0)
+
+    # The HTTP API: the largest JSON body (uploads are capped by max_input_bytes), and how many
+    # webhook replays one job, and one tenant, may ask for within replay_window_s.
+    max_json_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    replay_per_job: int = Field(default=10, ge=1)
+    replay_per_tenant: int = Field(default=100, ge=1)
+    replay_window_s: int = Field(default=3600, ge=1)
+    # Port (on metrics_address) of the API process's Prometheus endpoint; None: not served. It is
+    # never served on the API's own port, which tenants reach.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_address: str = "0.0.0.0"
 
     # Tenants by name (FLEET_TENANTS, JSON). The HTTP API refuses every request without one.
     tenants: dict[str, Tenant] = Field(default_factory=dict)
@@ -62,6 +80,10 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(default=8, ge=1, le=100)
     webhook_retry_base_s: float = Field(default=2.0, gt=0)
     webhook_retry_cap_s: float = Field(default=600.0, gt=0)
+    # Of those, how many one tenant's endpoints may hold at once; a delivery past it is deferred.
+    webhook_tenant_concurrency: int = Field(default=4, ge=1, le=256)
+    # Longest one delivery may take, connect to last byte of the answer.
+    webhook_timeout_s: float = Field(default=15.0, gt=0)
 
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the

@@ -54,15 +54,31 @@ def decode_image(data: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def decode_video(data: bytes) -> tuple[list[Image.Image], float]:
-    """Every frame of the first video stream as RGB, and the stream's frame rate."""
+def decode_video(data: bytes, *, max_pixels: int | None = None) -> tuple[list[Image.Image], float]:
+    """Every frame of the first video stream as RGB, and the stream's frame rate.
+
+    ``max_pixels`` (the job's output size): a larger frame is scaled down to it, aspect kept, as
+    it is decoded, so the list holds no more than the submit check counted
+    (``producer.inputs.InputLimits.video_max_pixels``), however large the file's frames are.
+    """
     with open_container(data, VIDEO_DEMUXERS, "a video in a supported container") as c:
         if not c.streams.video:
             raise MediaError("the file has no video stream")
         stream = c.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        frames = [frame.to_image() for frame in c.decode(stream)]
+        frames = [_fit(frame, max_pixels) for frame in c.decode(stream)]
         return frames, float(rate) if rate else 0.0
+
+
+def _fit(frame: av.VideoFrame, max_pixels: int | None) -> Image.Image:
+    width, height = frame.width, frame.height
+    if max_pixels is None or width * height <= max_pixels:
+        return frame.to_image()
+    scale = (max_pixels / (width * height)) ** 0.5
+    # FFmpeg's scaler goes straight from the decoder's YUV to a small RGB frame: the full-size
+    # RGB image is never made.
+    size = max(1, int(width * scale)), max(1, int(height * scale))
+    return frame.to_image(width=size[0], height=size[1], interpolation="AREA")
 
 
 def decode_audio(

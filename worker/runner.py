@@ -224,7 +224,9 @@ class JobRunner:
             else self.storage.get(value.key)
             for name, value in request.media_fields().items()
         }
-        return Inputs.decode(stored, job_id=job_id)
+        # Video frames are kept at most at the output's size: what the submit check counted.
+        output_pixels = request.width * request.height if request.width and request.height else None
+        return Inputs.decode(stored, job_id=job_id, max_video_pixels=output_pixels)
 
     def _store_outputs(self, job_id: str, generated: Generated, timings: dict[str, float]) -> list[Output]:
         t0 = time.perf_counter()

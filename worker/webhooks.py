@@ -26,6 +26,11 @@ failure, retried with exponential backoff and full jitter up to ``FLEET_WEBHOOK_
 attempts; a 429 or 503 with ``Retry-After`` waits as long as it says (capped). ``410 Gone`` disables the URL for the
 tenant: later deliveries to it are skipped and logged as ``disabled``. A URL the address rules
 refuse (``routing.io.net``) fails at once. Every attempt is logged per job (``delivery_log``).
+
+One tenant's endpoints hold at most ``FLEET_WEBHOOK_TENANT_CONCURRENCY`` of a worker's threads at
+once, each for at most ``FLEET_WEBHOOK_TIMEOUT_S``: a delivery past that bound is ``deferred``
+(tried again after ``DEFER_S``, without using up one of its attempts), so a tenant with slow
+receivers delays its own events, not everyone's.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import email.utils
 import json
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -62,11 +68,12 @@ from routing.settings import Settings, get_settings
 RETRY_FACTOR = 2.0
 RETRY_MIN_S = 1.0
 RETRY_AFTER_CAP_S = 3600.0
-TIMEOUT_S = 15.0
+DEFER_S = 1.0
 LOG_MAX_ENTRIES = 1000  # per job: a long job's progress events must not grow the log unbounded
 
 # Outcomes of one attempt, as logged.
 DELIVERED, RETRYING, FAILED, DISABLED, REFUSED = "delivered", "retrying", "failed", "disabled", "refused"
+DEFERRED = "deferred"  # the tenant's endpoints held all the threads it may have: not an attempt
 
 
 def backoff_s(attempt: int, settings: Settings) -> float:
@@ -157,7 +164,22 @@ class Deliverer:
         self.client = client or connect(settings)
         self.keys = Keys(settings.key_prefix)
         self.store = JobStore(self.client, self.keys, ttl_s=settings.job_ttl_s)
-        self.policy = UrlPolicy(allow_cidrs=tuple(settings.url_allow_cidrs))
+        self.policy = UrlPolicy(
+            allow_cidrs=tuple(settings.url_allow_cidrs), allow_ports=tuple(settings.url_allow_ports)
+        )
+        self._lock = threading.Lock()
+        self._posting: dict[str, int] = {}  # tenant -> deliveries in flight in this process
+
+    def _take_slot(self, tenant: str) -> bool:
+        with self._lock:
+            if self._posting.get(tenant, 0) >= self.settings.webhook_tenant_concurrency:
+                return False
+            self._posting[tenant] = self._posting.get(tenant, 0) + 1
+            return True
+
+    def _free_slot(self, tenant: str) -> None:
+        with self._lock:
+            self._posting[tenant] -= 1
 
     @cached_property
     def storage(self) -> Storage:
@@ -216,10 +238,17 @@ class Deliverer:
             return self._retry_or_fail(attempt, None, f"presigning outputs: {exc}", None)
         body = json.dumps(payload, separators=(",", ":"))
         headers = signed_headers(tenant.webhook_secret.get_secret_value(), event_id, body)
+        if not self._take_slot(record.tenant):
+            limit = self.settings.webhook_tenant_concurrency
+            return Attempt(DEFERRED, error=f"{limit} deliveries of this tenant in flight", retry_in_s=DEFER_S)
         try:
-            response = post_url(url, body.encode(), headers, timeout_s=TIMEOUT_S, policy=self.policy)
+            response = post_url(
+                url, body.encode(), headers, timeout_s=self.settings.webhook_timeout_s, policy=self.policy
+            )
         except UrlError as exc:
             return self._retry_or_fail(attempt, None, str(exc), None)
+        finally:
+            self._free_slot(record.tenant)
         status = response.status
         if 200 <= status < 300:
             return Attempt(DELIVERED, status)
@@ -257,10 +286,15 @@ def create_app(settings: Settings) -> Celery:
     deliverers: list[Deliverer] = []  # built on the first task, not at import
 
     @app.task(name=DELIVER_WEBHOOK_TASK, bind=True, max_retries=None)
-    def deliver_webhook(self: Any, job_id: str, event_id: str, event_type: str, at: str) -> str:
+    def deliver_webhook(
+        self: Any, job_id: str, event_id: str, event_type: str, at: str, deferred: int = 0
+    ) -> str:
         if not deliverers:
             deliverers.append(Deliverer(settings))
-        result = deliverers[0].deliver(job_id, event_id, event_type, at, attempt=self.request.retries + 1)
+        attempt = self.request.retries + 1 - deferred  # deferrals are retries that posted nothing
+        result = deliverers[0].deliver(job_id, event_id, event_type, at, attempt=attempt)
+        if result.outcome == DEFERRED:
+            raise self.retry(countdown=result.retry_in_s, kwargs={"deferred": deferred + 1})
         if result.outcome == RETRYING:
             # Same task id, so the retry carries the same event id (webhook-id).
             raise self.retry(countdown=result.retry_in_s)

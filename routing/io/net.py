@@ -6,7 +6,9 @@ host once, refuses unless every address is public (no loopback, private, link-lo
 holds the cloud metadata endpoint --, carrier-grade NAT, multicast or reserved addresses, nor IPv6
 forms that carry them), connects to the checked address (no second lookup that a rebinding DNS
 server could answer differently), and checks each redirect the same way (webhook posts follow
-none). Proxy settings in the environment are never used. Every refusal is a ``UrlError``.
+none). Only ports 80 and 443 are allowed unless the policy names more. One wall-clock deadline
+covers connect, TLS, headers and body: a server that sends a byte now and then cannot hold a
+fetch past it. Proxy settings in the environment are never used. Every refusal is a ``UrlError``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_REDIRECTS = 5
+DEFAULT_PORTS = (80, 443)
 
 
 class UrlError(Exception):
@@ -48,6 +52,9 @@ class UrlPolicy:
     # Networks allowed despite the address rules; empty in production (tests allow a loopback
     # address of their own).
     allow_cidrs: tuple[str, ...] = ()
+    # Ports a URL may name on a public host. Addresses in allow_cidrs are exempt (tests run
+    # their servers on ephemeral ports).
+    allow_ports: tuple[int, ...] = DEFAULT_PORTS
     _allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         init=False, repr=False, compare=False
     )
@@ -55,9 +62,12 @@ class UrlPolicy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_allowed", tuple(ipaddress.ip_network(c) for c in self.allow_cidrs))
 
+    def allowed_network(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self._allowed)
+
     def refusal(self, ip: IPAddress) -> str | None:
         """Why ``ip`` may not be connected to, or None when it may."""
-        if any(ip in net for net in self._allowed):
+        if self.allowed_network(ip):
             return None
         if isinstance(ip, ipaddress.IPv6Address):
             # An IPv6 address that carries an IPv4 one reaches that IPv4 host.
@@ -69,6 +79,9 @@ class UrlPolicy:
 
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# Deprecated site-local IPv6 (RFC 3879): still routed inside some networks, and Python's
+# is_private/is_global do not flag it.
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 
 
 def _address_class(ip: IPAddress) -> str | None:
@@ -83,6 +96,8 @@ def _address_class(ip: IPAddress) -> str | None:
         return "a multicast address"
     if ip in _CGNAT:
         return "a carrier-grade NAT address"
+    if ip in _SITE_LOCAL:
+        return "a site-local address"
     if ip.is_reserved:
         return "a reserved address"
     if ip.is_private:
@@ -145,27 +160,59 @@ def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
         if reason:
             where = str(ip) if str(ip) == target.host else f"{target.host} resolves to {ip}, which"
             raise UrlError(f"{where} is {reason}; only public addresses can be fetched")
+    if target.port not in policy.allow_ports and not all(policy.allowed_network(ip) for ip in addresses):
+        allowed = ", ".join(str(p) for p in policy.allow_ports)
+        raise UrlError(f"port {target.port} is not allowed; only {allowed}")
     return [str(ip) for ip in addresses]
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to an address checked beforehand; Host (and SNI) still name the URL's host."""
+    """Connects to an address checked beforehand; Host (and SNI) still name the URL's host.
 
-    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
+    Socket timeouts bound each read, not the request: a server that drips a byte now and then
+    resets them forever. So at ``deadline`` (``time.monotonic()``) a timer shuts the socket down,
+    which wakes whatever read or write is blocked on it, TLS handshake included.
+    """
+
+    def __init__(self, host: str, port: int, ip: str, deadline: float) -> None:
+        super().__init__(host, port, timeout=_remaining(deadline))
         self.pinned_ip = ip
+        self.deadline = deadline
+        self.expired = False
+        self._watchdog: threading.Timer | None = None
+        self._handle: socket.socket | None = None  # a dup of the TCP socket: TLS wrapping detaches it
 
     def connect(self) -> None:
         # Replaces HTTPConnection.connect, which would resolve self.host again.
-        self.sock = socket.create_connection((self.pinned_ip, self.port), self.timeout)
+        self.sock = socket.create_connection((self.pinned_ip, self.port), _remaining(self.deadline))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._handle = self.sock.dup()
+        self._watchdog = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self._handle is not None:
+            try:
+                self._handle.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+    def close(self) -> None:
+        super().close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     default_port = 443  # so the Host header leaves out ":443"
 
-    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, ip, timeout)
+    def __init__(self, host: str, port: int, ip: str, deadline: float) -> None:
+        super().__init__(host, port, ip, deadline)
         self.tls = ssl.create_default_context()
 
     def connect(self) -> None:
@@ -185,12 +232,14 @@ def _connect(target: _Target, addresses: list[str], deadline: float) -> _PinnedH
     cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
     error: Exception | None = None
     for ip in addresses:
-        conn = cls(target.host, target.port, ip, _remaining(deadline))
+        conn = cls(target.host, target.port, ip, deadline)
         try:
             conn.connect()
             return conn
         except OSError as e:
             conn.close()
+            if conn.expired:
+                raise UrlError(f"timed out connecting to {target.host}:{target.port}") from None
             error = e
     raise UrlError(f"cannot connect to {target.host}:{target.port}: {error}")
 
@@ -205,6 +254,8 @@ def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int)
     try:
         conn.request("GET", target.path, headers={"Accept-Encoding": "identity", "User-Agent": "gpu-fleet"})
         response = conn.getresponse()
+        if conn.expired:  # the watchdog's shutdown can read as the end of the headers
+            raise UrlError(f"timed out fetching from {target.host}")
         if response.status in (301, 302, 303, 307, 308):
             location = response.getheader("Location")
             if not location:
@@ -227,8 +278,12 @@ def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int)
             if size > max_bytes:
                 raise UrlError(f"the file is over the limit of {max_bytes} bytes")
             chunks.append(chunk)
+        if conn.expired:  # the watchdog's shutdown reads as the end of the body
+            raise UrlError(f"timed out fetching from {target.host}")
         return b"".join(chunks)
     except (OSError, http.client.HTTPException) as e:
+        if conn.expired:
+            raise UrlError(f"timed out fetching from {target.host}") from None
         raise UrlError(f"fetching from {target.host} failed: {type(e).__name__}: {e}") from None
     finally:
         conn.close()
@@ -239,8 +294,8 @@ def fetch_url(
 ) -> bytes:
     """The body of ``url`` (http/https only, public addresses only, at most ``max_bytes``).
 
-    ``timeout_s`` bounds the whole fetch, redirects included (name resolution aside: the system
-    resolver takes no timeout). Proxy settings in the environment are not used.
+    ``timeout_s`` bounds the whole fetch, redirects included, however slowly the server sends
+    (name resolution aside: the system resolver takes no timeout). Proxy settings in the environment are not used.
     """
     deadline = time.monotonic() + timeout_s
     for _ in range(MAX_REDIRECTS + 1):
@@ -273,8 +328,9 @@ def post_url(
     timeout_s: float = 15,
     policy: UrlPolicy = DEFAULT_POLICY,
 ) -> PostResult:
-    """POST ``body`` to ``url`` under the same address rules as ``fetch_url``. Redirects are not
-    followed: a 3xx comes back as the result, like any other status."""
+    """POST ``body`` to ``url`` under the same address rules as ``fetch_url``, all within
+    ``timeout_s``. Redirects are not followed: a 3xx comes back as the result, like any other
+    status."""
     deadline = time.monotonic() + timeout_s
     target = _Target.parse(url)
     conn = _connect(target, _checked_addresses(target, policy), deadline)
@@ -284,10 +340,15 @@ def post_url(
         conn.request("POST", target.path, body=body, headers={"User-Agent": "gpu-fleet", **headers})
         sock.settimeout(_remaining(deadline))
         response = conn.getresponse()
-        return PostResult(
+        result = PostResult(
             response.status, {k.lower(): v for k, v in response.getheaders()}, response.read(4096)
         )
+        if conn.expired:  # the watchdog's shutdown can read as a short answer
+            raise UrlError(f"timed out posting to {target.host}")
+        return result
     except (OSError, http.client.HTTPException) as e:
+        if conn.expired:
+            raise UrlError(f"timed out posting to {target.host}") from None
         raise UrlError(f"posting to {target.host} failed: {type(e).__name__}: {e}") from None
     finally:
         conn.close()

@@ -93,6 +93,14 @@ class Keys:
         """List of the job's delivery attempts, oldest first (JSON entries)."""
         return f"{self.prefix}:webhooks:log:{job_id}"
 
+    def replays_of_job(self, job_id: str) -> str:
+        """Counter of the job's webhook replays in the current window (expires with it)."""
+        return f"{self.prefix}:webhooks:replays:job:{job_id}"
+
+    def replays_of_tenant(self, tenant: str) -> str:
+        """Counter of the tenant's webhook replays in the current window (expires with it)."""
+        return f"{self.prefix}:webhooks:replays:tenant:{tenant}"
+
     @property
     def load_counts(self) -> str:
         """Hash of model loads per worker process: ``<worker name>:<model>`` -> count."""

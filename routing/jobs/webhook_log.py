@@ -34,6 +34,44 @@ def replay(
     client.lpush(queue, payload)
 
 
+# Counts a replay only when both counters are under their limits; else the seconds until the
+# fuller window ends. KEYS: the job's counter, the tenant's. ARGV: per job, per tenant, window.
+_TAKE_REPLAY = """
+local limits = {tonumber(ARGV[1]), tonumber(ARGV[2])}
+for i = 1, 2 do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= limits[i] then
+    return math.max(redis.call('TTL', KEYS[i]), 1)
+  end
+end
+for i = 1, 2 do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[3], 'NX')
+end
+return 0
+"""
+
+
+def take_replay(
+    client: redis.Redis, keys: Keys, tenant: str, job_id: str, *, per_job: int, per_tenant: int, window_s: int
+) -> int | None:
+    """Count one replay of ``job_id`` for ``tenant``: None when it may go ahead, else the seconds
+    until the full window ends (a refused replay is not counted).
+
+    Each replay queues up to 8 attempts on the queue every tenant shares, so replays are rationed
+    per job and per tenant, in fixed windows of ``window_s``.
+    """
+    wait_s = client.eval(
+        _TAKE_REPLAY,
+        2,
+        keys.replays_of_job(job_id),
+        keys.replays_of_tenant(tenant),
+        per_job,
+        per_tenant,
+        window_s,
+    )
+    return int(wait_s) or None
+
+
 def disabled_urls(client: redis.Redis, keys: Keys, tenant: str) -> set[str]:
     return {u.decode() for u in client.smembers(keys.webhooks_disabled(tenant))}
 

@@ -49,6 +49,8 @@ def settings(fleet_settings: Settings, s3_server: str) -> Settings:
             "s3_bucket": bucket,
             "s3_access_key_id": "test",
             "s3_secret_access_key": "test",
+            "metrics_port": _free_port(),
+            "metrics_address": "127.0.0.1",
             "tenants": {
                 "a": {"api_keys": ["key-a"], "webhook_secret": secret(), "max_in_flight": 100},
                 "b": {"api_keys": ["key-b"], "webhook_secret": secret(), "max_in_flight": 1},
@@ -222,7 +224,9 @@ def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker)
 
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(api.get("/metrics").text)
+        for family in text_string_to_metric_families(
+            api.get(f"http://127.0.0.1:{settings.metrics_port}/metrics").text
+        )
         for s in family.samples
     }
     labels = (("class", "gpu16"), ("model", "z-image-turbo"))

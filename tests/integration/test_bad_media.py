@@ -148,6 +148,29 @@ def test_a_video_longer_than_the_limit(fleet, redis_client):
     )
 
 
+def test_videos_over_the_jobs_pixel_cap_are_refused_naming_the_field(fleet_settings, redis_client):
+    # Four 64x64 videos of 5 frames: 4 x 20,480 decoded pixels (each smaller than the output).
+    one_video = 64 * 64 * 5
+    at_cap = fleet_settings.model_copy(update={"max_input_video_pixels": 4 * one_video})
+    below = fleet_settings.model_copy(update={"max_input_video_pixels": 4 * one_video - 1})
+    with Client(at_cap) as fits, Client(below) as over:
+        video = fits.upload(encode_mp4([Image.new("RGB", (64, 64))] * 5, 30))
+        request = {
+            "model": "wan2.2-animate-14b",
+            "mode": "mix",
+            "prompt": "dance",
+            "image": fits.upload(PNG),
+            "pose_video": video,
+            "face_video": video,
+            "background_video": video,
+            "mask_video": video,
+        }
+        refused(over, redis_client, request, "mask_video", f"more than {4 * one_video - 1} pixels")
+        before = queued(redis_client)
+        fits.submit(request)
+        assert queued(redis_client) == before + 1
+
+
 def test_bytes_that_are_not_an_image(fleet, redis_client):
     fleet.storage.put("uploads/fake.png", b"\x89PNG but not really", "image/png")
     refused(fleet, redis_client, EDIT | {"images": [{"key": "uploads/fake.png"}]}, "images.0", "image")

@@ -4,8 +4,10 @@ checked through Flower's HTTP API, with and without its basic-auth credentials."
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from localfleet.flower import FlowerProcess
+from localfleet.flower import FlowerProcess, flower_command
 from producer.client import Client
 from producer.flower import fleet_queue_names
 from routing.jobs.store import JobStatus
@@ -48,6 +50,21 @@ def flower(fleet_settings: Settings, tmp_path: Path) -> Iterator[FlowerProcess]:
         yield process
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("credentials", [None, "", ":", "ops:", ":secret", "ops:secret,:"])
+def test_flower_refuses_to_start_without_credentials(
+    fleet_settings: Settings, credentials: str | None
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    env["FLEET_REDIS_URL"] = fleet_settings.redis_url
+    if credentials is not None:
+        env["FLOWER_BASIC_AUTH"] = credentials
+    started = subprocess.run(
+        flower_command(_free_port(), "127.0.0.1"), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode != 0
+    assert "Flower refuses to start without credentials" in started.stdout + started.stderr
 
 
 def _get(flower: FlowerProcess, path: str, **params: Any) -> Any:

@@ -311,6 +311,32 @@ def test_slow_server_times_out(allowed: Server) -> None:
     assert time.monotonic() - started < 2
 
 
+def drip(release: threading.Event, *, in_headers: bool) -> Route:
+    """Sends a byte every 0.2 s, for up to 10 s: every read gets data well within any timeout."""
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        if not in_headers:
+            h.wfile.write(b"Content-Length: 100\r\n\r\n")
+        h.wfile.flush()
+        for _ in range(50):
+            if release.wait(0.2):
+                return
+            h.wfile.write(b"X" if in_headers else b"x")
+            h.wfile.flush()
+
+    return route
+
+
+@pytest.mark.parametrize("in_headers", [False, True], ids=["body", "headers"])
+def test_a_server_that_drips_bytes_is_held_to_one_deadline(allowed: Server, in_headers: bool) -> None:
+    allowed.routes["/drip"] = drip(allowed.release, in_headers=in_headers)
+    started = time.monotonic()
+    with pytest.raises(UrlError, match="(?i)timed out"):
+        fetch_url(allowed.url("/drip"), max_bytes=1000, timeout_s=1, policy=POLICY)
+    assert time.monotonic() - started < 2.5
+
+
 def test_http_error_status_is_refused(allowed: Server) -> None:
     with pytest.raises(UrlError, match="HTTP 404"):
         fetch_url(allowed.url("/missing"), max_bytes=1000, policy=POLICY)

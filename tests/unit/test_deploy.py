@@ -97,6 +97,24 @@ def test_compose_config_validates(tmp_path: Path) -> None:
         assert devices[0]["count"] == count
 
 
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    published = {
+        name: service["ports"] for name, service in _compose()["services"].items() if service.get("ports")
+    }
+    assert {"api", "flower"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_api_metrics_are_scraped_from_their_own_port() -> None:
+    port = _env_example()["FLEET_METRICS_PORT"]
+    assert _k8s("ConfigMap")["fleet-config"]["data"]["FLEET_METRICS_PORT"] == port
+    api = _k8s("Deployment")["api"]["spec"]["template"]
+    assert api["metadata"]["annotations"]["prometheus.io/port"] == port
+    assert {p["containerPort"] for p in api["spec"]["containers"][0]["ports"]} == {8000, int(port)}
+
+
 def test_compose_has_every_service_with_a_healthcheck() -> None:
     services = _compose()["services"]
     assert set(services) == ALWAYS_ON | CPU_PROFILE | set(GPU_WORKERS)

@@ -183,6 +183,15 @@ def test_encode_video_reports_the_padded_size_it_encoded() -> None:
     assert decoded[0].size == (width, height) == (64, 48)
 
 
+def test_decode_video_scales_large_frames_down_to_the_output_size_as_it_decodes() -> None:
+    data = encode_mp4(frames(4, (640, 480)), 24)
+    decoded, fps = decode_video(data, max_pixels=64 * 48)
+    assert fps == 24 and len(decoded) == 4
+    assert {f.size for f in decoded} == {(64, 48)}
+    # Frames already within the size stay as they are.
+    assert {f.size for f in decode_video(data, max_pixels=640 * 480)[0]} == {(640, 480)}
+
+
 def test_encode_mp4_refuses_bad_input() -> None:
     with pytest.raises(ValueError):
         encode_mp4([], 24)

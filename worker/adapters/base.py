@@ -111,8 +111,12 @@ class Inputs(dict[str, Any]):
         self.job_id = job_id
 
     @classmethod
-    def decode(cls, stored: dict[str, Any], job_id: str | None = None) -> Inputs:
-        """The inputs ``stored`` (field -> bytes, or a list of bytes for a list of images) hold."""
+    def decode(
+        cls, stored: dict[str, Any], job_id: str | None = None, max_video_pixels: int | None = None
+    ) -> Inputs:
+        """The inputs ``stored`` (field -> bytes, or a list of bytes for a list of images) hold;
+        video frames scaled down to at most ``max_video_pixels`` (the output's size) as they are
+        decoded, so a job holds no more than the submit check counted."""
         from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS
         from worker.media import decode_image, decode_video
 
@@ -123,7 +127,7 @@ class Inputs(dict[str, Any]):
             elif name in AUDIO_FIELDS:
                 inputs[name] = data  # kept encoded: muxed into the output as is
             elif name in VIDEO_FIELDS:
-                inputs[name], inputs[f"{name}_fps"] = decode_video(data)
+                inputs[name], inputs[f"{name}_fps"] = decode_video(data, max_pixels=max_video_pixels)
             else:
                 inputs[name] = decode_image(data)
         return inputs

@@ -46,14 +46,16 @@ def _audio_extension(data: bytes) -> str:
     return "mp3"
 
 
-def read_inputs(files: dict[str, Any], job_id: str | None = None) -> Inputs:
+def read_inputs(
+    files: dict[str, Any], job_id: str | None = None, max_video_pixels: int | None = None
+) -> Inputs:
     """Rank: the inputs a single-GPU adapter takes, decoded from the stored bytes as the runner
     decodes them."""
     stored = {
         name: [Path(p).read_bytes() for p in value] if isinstance(value, list) else Path(value).read_bytes()
         for name, value in files.items()
     }
-    return Inputs.decode(stored, job_id=job_id)
+    return Inputs.decode(stored, job_id=job_id, max_video_pixels=max_video_pixels)
 
 
 def upright_images(files: dict[str, Any], jobdir: Path, rank: int) -> dict[str, Any]:

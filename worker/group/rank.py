@@ -158,7 +158,8 @@ class Rank:
                 self._step(job_id, step, total)
 
             if isinstance(group_model, ReplicatedModel):
-                inputs = files.read_inputs(job.inputs, job_id=job_id)
+                output_pixels = (request.width or 0) * (request.height or 0) or None
+                inputs = files.read_inputs(job.inputs, job_id=job_id, max_video_pixels=output_pixels)
                 state.generated = group_model.run(request, inputs, on_step)
             else:
                 paths = files.upright_images(job.inputs, workdir, self.rank)

@@ -1,0 +1,187 @@
+"""What one tenant can do to the HTTP API and everyone using it: a real uvicorn process, real
+Redis. Bodies are refused before they are read, a slow upload check does not stall other
+requests, webhook replays are rationed, and metrics are not on the API's port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import httpx
+import numpy as np
+import pytest
+from worker.process import ApiProcess
+
+from producer.client import Client
+from routing.jobs.store import JobStatus, Webhook
+from routing.settings import Settings
+from tests.conftest import _free_port
+from tests.webhook_receiver import Receiver
+from worker.webhooks import Deliverer
+
+pytestmark = pytest.mark.integration
+
+SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+JSON_CAP = 16 * 1024
+UPLOAD_CAP = 64 * 1024 * 1024
+A = {"Authorization": "Bearer key-a"}
+SMALL = {"model": "z-image-turbo", "kind": "text-to-image", "prompt": "a fox", "width": 64, "height": 64}
+
+
+@pytest.fixture
+def settings(fleet_settings: Settings) -> Settings:
+    return Settings.model_validate(
+        fleet_settings.model_dump()
+        | {
+            "tenants": {"a": {"api_keys": ["key-a"], "webhook_secret": SECRET}},
+            "max_json_body_bytes": JSON_CAP,
+            "max_input_bytes": UPLOAD_CAP,
+            "replay_per_job": 2,
+            "replay_per_tenant": 3,
+            "replay_window_s": 60,
+            "metrics_port": _free_port(),
+            "metrics_address": "127.0.0.1",
+            "url_allow_cidrs": ["127.0.0.2/32"],
+        }
+    )
+
+
+@pytest.fixture
+def api(settings: Settings, tmp_path: Path) -> Iterator[ApiProcess]:
+    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+        yield process
+
+
+def raw_request(api: ApiProcess, head: str, body: bytes = b"") -> tuple[socket.socket, bytes]:
+    """Send ``head`` (and ``body``) and return what the server answers within 5 s, without
+    sending anything more: an answer proves the server did not wait for the rest of the body."""
+    host, port = api.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)  # a timeout here fails the test: the server waited for the body
+        if not chunk:
+            break
+        answer += chunk
+    return sock, answer
+
+
+def test_no_key_with_a_big_body_is_refused_before_the_body_is_read(api):
+    sock, answer = raw_request(api, "POST /v1/jobs HTTP/1.1\nHost: x\nContent-Length: 500000000\n")
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    sock, answer = raw_request(
+        api, "POST /v1/uploads HTTP/1.1\nHost: x\nAuthorization: Bearer wrong\nContent-Length: 500000\n"
+    )
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+
+
+@pytest.mark.parametrize(("path", "cap"), [("/v1/jobs", JSON_CAP), ("/v1/uploads", UPLOAD_CAP)])
+def test_a_declared_length_over_the_cap_is_refused_before_the_body_is_read(api, path, cap):
+    head = f"POST {path} HTTP/1.1\nHost: x\nAuthorization: Bearer key-a\nContent-Length: {cap + 1}\n"
+    sock, answer = raw_request(api, head)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_a_streamed_body_is_cut_off_at_the_cap(api):
+    head = "POST /v1/jobs HTTP/1.1\nHost: x\nAuthorization: Bearer key-a\nTransfer-Encoding: chunked\n"
+    chunk = b"x" * 4096
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(JSON_CAP // 4096 + 1))
+    sock, answer = raw_request(api, head, body)  # the body goes on: no last chunk is sent
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+
+
+def test_a_body_at_the_cap_is_read(api):
+    body = httpx.Request("POST", "/", json=SMALL).content
+    at_cap = body + b" " * (JSON_CAP - len(body))
+    with httpx.Client(base_url=api.url, trust_env=False, timeout=30) as http:
+        response = http.post("/v1/jobs", content=at_cap, headers=A | {"Content-Type": "application/json"})
+        over = http.post("/v1/jobs", content=at_cap + b" ", headers=A | {"Content-Type": "application/json"})
+    assert response.status_code == 201, response.text
+    assert over.status_code == 413
+
+
+def slow_to_check_video(frames: int = 60) -> bytes:
+    """Motion JPEG of full-HD noise: each frame is slow to decode, yet the file is quick to make
+    (one frame encoded, its packet written ``frames`` times)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as out:
+        stream = out.add_stream("mjpeg", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 1920, 1080, "yuvj420p"
+        noise = np.random.default_rng(0).integers(0, 255, (1080, 1920, 3), dtype=np.uint8)
+        frame = av.VideoFrame.from_ndarray(noise, format="rgb24").reformat(format="yuvj420p")
+        frame.pts, frame.time_base = 0, Fraction(1, 24)
+        [packet] = stream.encode(frame)
+        for i in range(frames):
+            copy = av.Packet(bytes(packet))
+            copy.stream, copy.time_base, copy.pts, copy.dts = stream, Fraction(1, 24), i, i
+            out.mux(copy)
+    return buffer.getvalue()
+
+
+def test_other_requests_are_answered_while_an_upload_is_checked(api):
+    data = slow_to_check_video()
+    done = threading.Event()
+    outcome: list[int] = []
+
+    def upload() -> None:
+        with httpx.Client(base_url=api.url, trust_env=False, timeout=120) as http:
+            outcome.append(http.post("/v1/uploads", content=data, headers=A).status_code)
+        done.set()
+
+    threading.Thread(target=upload, daemon=True).start()
+    with httpx.Client(base_url=api.url, trust_env=False, timeout=10) as http:
+        time.sleep(1)  # the upload is sent and being checked
+        took: list[float] = []  # each /healthz asked before the upload's answer came
+        while not done.is_set():
+            started = time.monotonic()
+            assert http.get("/healthz").status_code == 200
+            took.append(time.monotonic() - started)
+            time.sleep(0.1)
+    assert outcome == [201]
+    assert len(took) >= 3  # the check really did take a while
+    assert max(took) < 1.0, f"/healthz took {max(took):.1f} s while an upload was checked"
+
+
+def test_replays_are_rationed_per_job_and_per_tenant(api, settings):
+    receiver = Receiver(SECRET)
+    try:
+        with Client(settings) as client, httpx.Client(base_url=api.url, trust_env=False, timeout=30) as http:
+            events = []
+            for _ in range(2):
+                job = client.submit(SMALL, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="a")
+                client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
+                event = next(e for e in client.store.events(job.id) if e["type"] == "job.started")
+                Deliverer(settings, client.store.client).deliver(
+                    job.id, event["event_id"], "job.started", event["at"], 1
+                )
+                events.append(f"/v1/jobs/{job.id}/webhooks/{event['event_id']}/replay")
+
+            first_job = [http.post(events[0], headers=A) for _ in range(3)]
+            assert [r.status_code for r in first_job] == [202, 202, 429]  # replay_per_job = 2
+            assert 1 <= int(first_job[-1].headers["Retry-After"]) <= 60
+            second_job = [http.post(events[1], headers=A) for _ in range(2)]
+            assert [r.status_code for r in second_job] == [202, 429]  # replay_per_tenant = 3
+            assert 1 <= int(second_job[-1].headers["Retry-After"]) <= 60
+    finally:
+        receiver.close()
+
+
+def test_metrics_are_served_on_their_own_port_only(api, settings):
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        assert http.get(f"{api.url}/metrics").status_code == 404
+        metrics = http.get(f"http://127.0.0.1:{settings.metrics_port}/metrics")
+    assert metrics.status_code == 200
+    assert "fleet_queue_depth" in metrics.text and "fleet_api_requests_total" in metrics.text

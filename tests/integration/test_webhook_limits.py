@@ -1,0 +1,134 @@
+"""What one tenant's webhook endpoints can take from the webhook worker: each delivery has one
+deadline however slowly the receiver answers, and one tenant's deliveries hold at most
+``webhook_tenant_concurrency`` of the worker's threads. ``Deliverer`` runs in this process against
+real Redis and real receivers on 127.0.0.2."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from producer.client import Client
+from routing.jobs.store import JobStatus, Webhook
+from routing.settings import Settings, Tenant
+from worker.webhooks import DEFERRED, DELIVERED, RETRYING, Deliverer
+
+pytestmark = pytest.mark.integration
+
+REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 512, "height": 512, "steps": 8}
+
+
+class SlowReceiver:
+    """``/drip`` answers a byte every 0.2 s; ``/hold`` answers once ``release`` is set; others 200."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.held = threading.Event()  # set when /hold has a request waiting
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    if self.path == "/drip":
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                        for _ in range(50):
+                            if receiver.release.wait(0.2):
+                                return
+                            self.wfile.write(b"X")
+                            self.wfile.flush()
+                        return
+                    if self.path == "/hold":
+                        receiver.held.set()
+                        receiver.release.wait(10)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the deliverer hung up at its deadline
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
+        self.url = f"http://127.0.0.2:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+@pytest.fixture
+def settings(fleet_settings: Settings) -> Settings:
+    tenants = {name: Tenant(api_keys=[f"key-{name}"], webhook_secret=secret()) for name in ("t1", "t2")}
+    return fleet_settings.model_copy(
+        update={
+            "tenants": tenants,
+            "url_allow_cidrs": ["127.0.0.2/32"],
+            "webhook_timeout_s": 1.0,
+            "webhook_tenant_concurrency": 1,
+        }
+    )
+
+
+@pytest.fixture
+def receiver() -> Iterator[SlowReceiver]:
+    server = SlowReceiver()
+    yield server
+    server.close()
+
+
+def started_job(client: Client, url: str, tenant: str) -> tuple[str, str, str]:
+    """A job whose ``started`` event is to be delivered to ``url``: (job id, event id, event at)."""
+    job = client.submit(REQUEST, webhook=Webhook(url, ("started",)), tenant=tenant)
+    client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
+    event = next(e for e in client.store.events(job.id) if e["type"] == "job.started")
+    return job.id, event["event_id"], str(event["at"])
+
+
+def test_a_receiver_that_drips_its_answer_is_held_to_the_delivery_deadline(settings, receiver):
+    with Client(settings) as client:
+        job_id, event_id, at = started_job(client, f"{receiver.url}/drip", "t1")
+        deliverer = Deliverer(settings, client.store.client)
+        started = time.monotonic()
+        result = deliverer.deliver(job_id, event_id, "job.started", at, attempt=1)
+        took = time.monotonic() - started
+    assert result.outcome == RETRYING and "timed out" in (result.error or ""), result
+    assert took < 2.5
+
+
+def test_one_tenants_slow_endpoints_hold_at_most_its_share_of_the_threads(settings, receiver):
+    with Client(settings) as client:
+        held = started_job(client, f"{receiver.url}/hold", "t1")
+        same_tenant = started_job(client, f"{receiver.url}/fast", "t1")
+        other_tenant = started_job(client, f"{receiver.url}/fast", "t2")
+        deliverer = Deliverer(settings.model_copy(update={"webhook_timeout_s": 10.0}), client.store.client)
+        results: list[str] = []
+        first = threading.Thread(
+            target=lambda: results.append(deliverer.deliver(*held[:2], "job.started", held[2], 1).outcome)
+        )
+        first.start()
+        assert receiver.held.wait(10)
+
+        # t1 is at its bound of 1: its next delivery is deferred, not dropped; t2's goes through.
+        deferred = deliverer.deliver(*same_tenant[:2], "job.started", same_tenant[2], 1)
+        assert (deferred.outcome, deferred.retry_in_s) == (DEFERRED, 1.0)
+        assert deliverer.deliver(*other_tenant[:2], "job.started", other_tenant[2], 1).outcome == DELIVERED
+
+        receiver.release.set()
+        first.join(10)
+        assert results == [DELIVERED]
+        # The slot is free again: the deferred delivery goes through on its next try.
+        assert deliverer.deliver(*same_tenant[:2], "job.started", same_tenant[2], 1).outcome == DELIVERED
