@@ -18,8 +18,8 @@ import av
 import httpx
 import numpy as np
 import pytest
-from worker.process import ApiProcess
 
+from localfleet.process import ApiProcess
 from producer.client import Client
 from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings
