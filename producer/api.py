@@ -106,6 +106,9 @@ class OutputOut(BaseModel):
     frames: int | None = None
     fps: int | None = None
     seed: int | None = None
+    cache: str | None = Field(
+        default=None, description="step-caching method it was made with; null: uncached"
+    )
 
 
 class JobOut(BaseModel):
@@ -342,6 +345,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "kinds": [k.value for k in spec.task_kinds],
                     "class": spec.vram_class.value,
                     "served": spec.served,
+                    "cache_methods": list(spec.cache_methods),
                     "pipeline": spec.pipeline,
                     "hub_id": spec.hub_id,
                     "size": vars(spec.size),

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     url_allow_cidrs: list[str] = Field(default_factory=list)
 
+    # Most images one text-to-image job may make (its ``num_outputs``).
+    max_num_outputs: int = Field(default=4, ge=1, le=16)
+
     # Tenants by name (FLEET_TENANTS, JSON). The HTTP API refuses every request without one.
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     # Least seconds between two progress webhooks of one job.
