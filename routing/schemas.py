@@ -134,7 +134,12 @@ class TextToImageRequest(RequestBase, ImageOutputFields):
     output with that seed makes the same image."""
 
     kind: Literal[TaskKind.TEXT_TO_IMAGE] = TaskKind.TEXT_TO_IMAGE
-    num_outputs: int = Field(default=1, ge=1, strict=True)
+    num_outputs: int = Field(
+        default=1,
+        ge=1,
+        strict=True,
+        description="images to make, at most the fleet's FLEET_MAX_NUM_OUTPUTS (4)",
+    )
 
 
 class EditRequest(RequestBase, ImageOutputFields):
