@@ -83,6 +83,7 @@ class JobState:
     step: int = 0
     message: str = ""
     generated: Any = None
+    video_crf: int = 18  # what rank 0 encodes a video at
 
 
 class Rank:
@@ -166,7 +167,7 @@ class Rank:
     def _run_job(self, message: dict[str, Any]) -> None:
         job_id, model = message["job_id"], message["model"]
         log.info("rank %d got job %s (%s)", self.rank, job_id, model)
-        state = JobState()
+        state = JobState(video_crf=message["request"].get("video_crf", 18))
         workdir = Path(message["workdir"])
         try:
             request = _parse(message["request"])
@@ -241,7 +242,7 @@ class Rank:
             self._send({"type": "canceled", "job_id": job_id, "steps": steps})
         else:
             try:
-                result = _encode(state.generated, workdir)
+                result = _encode(state.generated, workdir, crf=state.video_crf)
             except Exception as exc:
                 log.exception("job %s: encoding failed", job_id)
                 self._send({"type": "error", "job_id": job_id, "message": f"rank 0 encoding: {exc}"})
@@ -386,7 +387,7 @@ def read_inputs(files: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def _encode(generated: Any, workdir: Path) -> dict[str, Any]:
+def _encode(generated: Any, workdir: Path, crf: int = 18) -> dict[str, Any]:
     """Rank 0: the job's output as a file in ``workdir``, and what the consumer records of it."""
     from worker.media import encode_mp4, encode_png
 
@@ -406,7 +407,7 @@ def _encode(generated: Any, workdir: Path) -> dict[str, Any]:
         }
     if generated.frames:
         path = workdir / "output.mp4"
-        path.write_bytes(encode_mp4(generated.frames, generated.fps, audio=generated.audio))
+        path.write_bytes(encode_mp4(generated.frames, generated.fps, audio=generated.audio, crf=crf))
         width, height = generated.frames[0].size
         return {
             "kind": "video",
@@ -417,13 +418,21 @@ def _encode(generated: Any, workdir: Path) -> dict[str, Any]:
             "frame_count": len(generated.frames),
             "fps": generated.fps,
             "seed": generated.seed,
+            "cache": generated.cache,
         }
     paths = []
     for index, image in enumerate(generated.images):
         path = workdir / f"output-{index}.png"
         path.write_bytes(encode_png(image))
         paths.append(str(path))
-    return {"kind": "images", "paths": paths, "seed": generated.seed}
+    # Lossless here: the consumer encodes the requested format from these.
+    return {
+        "kind": "images",
+        "paths": paths,
+        "seed": generated.seed,
+        "seeds": generated.seeds,
+        "cache": generated.cache,
+    }
 
 
 def _configure_logging(rank: int) -> None:

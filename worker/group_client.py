@@ -596,7 +596,12 @@ def _generated(message: dict[str, Any]) -> Generated:
 
     if message.get("kind") == "images":
         images = [decode_image(Path(p).read_bytes()) for p in message["paths"]]
-        return Generated(images=images, seed=message.get("seed"))
+        return Generated(
+            images=images,
+            seed=message.get("seed"),
+            seeds=message.get("seeds") or [],
+            cache=message.get("cache"),
+        )
     return Generated(
         encoded=Path(message["path"]).read_bytes(),
         width=message["width"],
@@ -604,4 +609,5 @@ def _generated(message: dict[str, Any]) -> Generated:
         frame_count=message["frame_count"],
         fps=message["fps"],
         seed=message.get("seed"),
+        cache=message.get("cache"),
     )
