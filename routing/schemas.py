@@ -63,9 +63,9 @@ class FirstBlockCache(BaseModel):
 
 
 class TaylorSeerCache(BaseModel):
-    """TaylorSeer: after ``warmup_steps`` full steps, attention outputs are computed in full only
-    every ``interval`` steps and predicted in between by a Taylor expansion of their recent
-    values."""
+    """TaylorSeer: after ``warmup_steps`` full steps, each transformer block runs in full only
+    every ``interval`` steps; in between its output is predicted by a first-order Taylor
+    expansion of its recent outputs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
