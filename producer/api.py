@@ -429,6 +429,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "kinds": [k.value for k in spec.task_kinds],
                     "class": spec.vram_class.value,
                     "served": spec.served,
+                    "cache_methods": list(spec.cache_methods),
                     "pipeline": spec.pipeline,
                     "hub_id": spec.hub_id,
                     "size": vars(spec.size),

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--steps", type=int)
     submit.add_argument("--guidance-scale", type=float)
     submit.add_argument("--seed", type=int)
+    submit.add_argument(
+        "--num-outputs", type=int, help="images from one text-to-image job (seeds seed, seed+1, ...)"
+    )
+    submit.add_argument("--format", dest="output_format", help="png, webp or jpeg for images; mp4 for videos")
+    submit.add_argument("--quality", dest="output_quality", type=int, help="webp/jpeg quality, 1-100")
     submit.add_argument("--idempotency-key")
     submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
     submit.add_argument("--tenant", default="", help="whose job it is (the API sets this from the key)")
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
 def _dispatch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.command == "submit":
         request: dict[str, Any] = {"model": args.model, "prompt": args.prompt}
-        for field in ("kind", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed"):
+        fields = ("kind", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
+        for field in (*fields, "num_outputs", "output_format", "output_quality"):
             value = getattr(args, field)
             if value is not None:
                 request[field] = value
@@ -131,9 +137,10 @@ def _follow(client: Client, job_id: str, timeout_s: float | None, out: TextIO, e
         reason = record.error.message if record.error else ""
         print(f"job {job_id} {record.status.value}" + (f": {reason}" if reason else ""), file=err)
         return 1
-    for output in client.result(job_id):
+    for output, stored in zip(client.result(job_id), record.outputs, strict=True):
         size = f"{output.width}x{output.height}" if output.width else ""
-        print(f"output: {output.url} {output.content_type} {size}".rstrip(), file=out)
+        seed = f"seed {stored.seed}" if stored.seed is not None else ""
+        print(f"output: {output.url} {output.content_type} {size} {seed}".rstrip(), file=out)
     return 0
 
 

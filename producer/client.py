@@ -141,7 +141,7 @@ class Client:
         jobs = []
         for index, (request, idempotency_key) in enumerate(zip(requests, keys, strict=True)):
             try:
-                parsed = parse_request(request)
+                parsed = parse_request(request, max_num_outputs=self.settings.max_num_outputs)
             except InvalidRequest as exc:
                 if len(requests) == 1:
                     raise

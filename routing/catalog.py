@@ -67,11 +67,19 @@ class ModelSpec:
     # Most work (width x height x frames) a class takes for this model; bigger jobs route to the
     # next class up. A class not listed takes anything within the model's limits.
     max_work: dict[VramClass, int] = field(default_factory=dict)
+    # Step-caching methods (``cache.method`` of a request) that diffusers' cache hooks run on
+    # this model's transformer and pipeline; empty: requests with a cache are refused.
+    cache_methods: tuple[str, ...] = ()
     # False while the fleet has no adapter that really runs the model: such a model is listed
     # (so callers can plan) but refused at submit with a message that says so.
     served: bool = False
     notes: str = ""
 
+
+# First-block cache and TaylorSeer hook the transformer blocks diffusers registers for Qwen-Image and
+# Wan, and need the pipeline to name its cond/uncond passes (``cache_context``); ZImagePipeline
+# does not, so Z-Image has none.
+_CACHED = ("first_block", "taylorseer")
 
 _IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
 
@@ -105,6 +113,7 @@ CATALOG: dict[str, ModelSpec] = {
             max_steps=100,
             default_guidance=4.0,
             max_prompt_chars=4000,
+            cache_methods=_CACHED,
             served=True,
         ),
         ModelSpec(
@@ -120,6 +129,7 @@ CATALOG: dict[str, ModelSpec] = {
             default_guidance=4.0,
             max_prompt_chars=4000,
             max_input_images=1,
+            cache_methods=_CACHED,
             served=True,
         ),
         ModelSpec(
@@ -136,6 +146,7 @@ CATALOG: dict[str, ModelSpec] = {
             max_prompt_chars=4000,
             max_input_images=3,
             notes="1-3 images: person + person, person + scene, person + object",
+            cache_methods=_CACHED,
             served=True,
         ),
         ModelSpec(
@@ -158,6 +169,7 @@ CATALOG: dict[str, ModelSpec] = {
             video=VideoLimits(default_frames=121, max_frames=241, frames_step=4, fps=24),
             max_input_images=1,
             notes="16 GB class with offloading, 80 GB class without",
+            cache_methods=_CACHED,
             served=True,
         ),
         ModelSpec(

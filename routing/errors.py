@@ -125,7 +125,14 @@ def field_error(error: Mapping[str, Any], kinds: Collection[str] = ()) -> FieldE
         loc = loc[1:]
     if loc and loc[0] in kinds:
         loc = loc[1:]
+    if loc[:1] == ["cache"] and len(loc) > 2:
+        del loc[1]  # the union's tag (the method), already named by cache.method
     field = ".".join(loc) or "request"
+    if error["type"] == "union_tag_invalid" and loc:
+        # A nested union (``cache``) with a tag the fleet does not know: name its tag field.
+        ctx = error["ctx"]
+        tag_field = ctx["discriminator"].strip("'")
+        return FieldError(f"{field}.{tag_field}", f"unknown {ctx['tag']!r}; known: {ctx['expected_tags']}")
     if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
         return FieldError("kind", f"required, one of: {', '.join(sorted(kinds))}")
     if error["type"] == "extra_forbidden":

@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import FieldError, InvalidRequest, field_error
+from routing.settings import get_settings
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -50,6 +51,35 @@ class MediaRef(BaseModel):
         return self
 
 
+class FirstBlockCache(BaseModel):
+    """First-block cache: every step runs the first transformer block; when its output changed
+    less than ``threshold`` (relative mean absolute difference) since the last full step, the
+    other blocks are skipped and their cached residual is reused. Higher skips more."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["first_block"]
+    threshold: float = Field(default=0.1, gt=0.0, le=1.0, strict=True)
+
+
+class TaylorSeerCache(BaseModel):
+    """TaylorSeer: after ``warmup_steps`` full steps, each transformer block runs in full only
+    every ``interval`` steps; in between its output is predicted by a first-order Taylor
+    expansion of its recent outputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["taylorseer"]
+    interval: int = Field(default=5, ge=2, le=10, strict=True)
+    warmup_steps: int = Field(default=3, ge=1, le=20, strict=True)
+
+
+CacheRequest = Annotated[FirstBlockCache | TaylorSeerCache, Field(discriminator="method")]
+
+# Lossy formats' quality (Pillow's 1-100 scale) when the request gives none.
+IMAGE_QUALITY_DEFAULTS = {"webp": 90, "jpeg": 90}
+
+
 class RequestBase(BaseModel):
     # Numbers are strict (no true for 1, no "512" for 512): a JSON client that sends the wrong
     # type has a bug worth hearing about.
@@ -64,6 +94,8 @@ class RequestBase(BaseModel):
     steps: int | None = Field(default=None, ge=1, le=10_000, strict=True)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0, strict=True)
     seed: int | None = Field(default=None, ge=0, lt=2**63, strict=True)
+    # Step caching, off unless asked for: it trades some quality for speed (see the README).
+    cache: CacheRequest | None = None
 
     def media_fields(self) -> dict[str, MediaRef | list[MediaRef]]:
         """The request's input media by field name (images come as a list)."""
@@ -77,22 +109,49 @@ class RequestBase(BaseModel):
         return found
 
 
-class TextToImageRequest(RequestBase):
+class ImageOutputFields(BaseModel):
+    """How output images are encoded. ``output_quality`` is for the lossy formats (default
+    ``IMAGE_QUALITY_DEFAULTS``); PNG is lossless and takes none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_quality: int | None = Field(default=None, ge=1, le=100, strict=True)
+
+
+class VideoOutputFields(BaseModel):
+    """How output videos are encoded: H.264 MP4 at ``video_crf`` (x264's constant rate factor:
+    0 lossless, 51 worst; 18 is visually near lossless)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_format: Literal["mp4"] = "mp4"
+    video_crf: int = Field(default=18, ge=0, le=51, strict=True)
+
+
+class TextToImageRequest(RequestBase, ImageOutputFields):
+    """``num_outputs`` images from one prompt; output i has seed ``seed + i``, and a job of one
+    output with that seed makes the same image."""
+
     kind: Literal[TaskKind.TEXT_TO_IMAGE] = TaskKind.TEXT_TO_IMAGE
-    output_format: Literal["png"] = "png"
+    num_outputs: int = Field(
+        default=1,
+        ge=1,
+        strict=True,
+        description="images to make, at most the fleet's FLEET_MAX_NUM_OUTPUTS (4)",
+    )
 
 
-class EditRequest(RequestBase):
+class EditRequest(RequestBase, ImageOutputFields):
     """Edit one image (Qwen-Image-Edit) or compose one to three (Qwen-Image-Edit-2509: person +
     person, person + scene, person + object). Without width/height the output takes the aspect
     ratio of the last image at about one megapixel, as the pipelines do."""
 
     kind: Literal[TaskKind.EDIT] = TaskKind.EDIT
     images: list[MediaRef] = Field(min_length=1)
-    output_format: Literal["png"] = "png"
 
 
-class TextToVideoRequest(RequestBase):
+class TextToVideoRequest(RequestBase, VideoOutputFields):
     kind: Literal[TaskKind.TEXT_TO_VIDEO] = TaskKind.TEXT_TO_VIDEO
     frames: int | None = Field(default=None, ge=1, le=10_000, strict=True)
 
@@ -102,7 +161,7 @@ class ImageToVideoRequest(TextToVideoRequest):
     image: MediaRef
 
 
-class AnimateRequest(RequestBase):
+class AnimateRequest(RequestBase, VideoOutputFields):
     """Wan2.2-Animate. ``move``: the character in ``image`` performs the motion of the driving
     video. ``mix``: the character replaces the person in the video. The pose, face, background and
     mask videos are what Wan's preprocessing (pose estimation, face crops, segmentation) makes
@@ -160,9 +219,12 @@ REQUEST_TYPES: dict[TaskKind, type[RequestBase]] = {
 }
 
 
-def parse_request(data: Mapping[str, Any] | RequestBase) -> GenerationRequest:
+def parse_request(
+    data: Mapping[str, Any] | RequestBase, *, max_num_outputs: int | None = None
+) -> GenerationRequest:
     """Validate caller input against the schema of its task kind and the model's limits.
 
+    ``max_num_outputs`` caps ``num_outputs`` (default: the settings' ``max_num_outputs``).
     Raises ``InvalidRequest`` whose ``errors`` name every offending field.
     """
     if isinstance(data, RequestBase):
@@ -188,6 +250,9 @@ def parse_request(data: Mapping[str, Any] | RequestBase) -> GenerationRequest:
 
     request = _with_defaults(request, spec)
     errors = _check_limits(request, spec)
+    errors += _check_outputs(
+        request, spec, get_settings().max_num_outputs if max_num_outputs is None else max_num_outputs
+    )
     if errors:
         raise InvalidRequest(errors)
     return request
@@ -235,7 +300,30 @@ def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
     # Animate without a count follows its driving video (the worker knows its length).
     if isinstance(request, TextToVideoRequest) and spec.video is not None:
         update["frames"] = request.frames or spec.video.default_frames
+    if isinstance(request, ImageOutputFields) and request.output_quality is None:
+        update["output_quality"] = IMAGE_QUALITY_DEFAULTS.get(request.output_format)
     return request.model_copy(update=update)
+
+
+def _check_outputs(request: RequestBase, spec: ModelSpec, max_num_outputs: int) -> list[FieldError]:
+    errors: list[FieldError] = []
+    num_outputs = getattr(request, "num_outputs", 1)
+    if num_outputs > max_num_outputs:
+        errors.append(FieldError("num_outputs", f"must be at most {max_num_outputs} (got {num_outputs})"))
+    if isinstance(request, ImageOutputFields) and request.output_format == "png":
+        if request.output_quality is not None:
+            errors.append(
+                FieldError("output_quality", "png is lossless: give a quality only with webp or jpeg")
+            )
+    if request.cache is not None and request.cache.method not in spec.cache_methods:
+        supported = ", ".join(spec.cache_methods) or "none"
+        errors.append(
+            FieldError(
+                "cache.method",
+                f"{spec.key} does not support {request.cache.method} caching; supported: {supported}",
+            )
+        )
+    return errors
 
 
 def _check_limits(request: RequestBase, spec: ModelSpec) -> list[FieldError]:

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_address: str = "0.0.0.0"
 
+    # Most images one text-to-image job may make (its ``num_outputs``).
+    max_num_outputs: int = Field(default=4, ge=1, le=16)
+
     # Tenants by name (FLEET_TENANTS, JSON). The HTTP API refuses every request without one.
     tenants: dict[str, Tenant] = Field(default_factory=dict)
     # Least seconds between two progress webhooks of one job.

@@ -22,7 +22,7 @@ from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
 from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.liveness import alive, hand_back
-from worker.media import encode_png, encode_video
+from worker.media import IMAGE_OUTPUTS, encode_image, encode_video
 from worker.pool import PipelinePool
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class JobRunner:
 
             # 4. Encode and store under keys derived from the job id: a redelivered job
             #    overwrites its own outputs, it never adds a second set.
-            outputs = self._store_outputs(job_id, generated, timings)
+            outputs = self._store_outputs(job_id, request, generated, timings)
         except Superseded:
             log.warning("job %s was handed on while this worker ran it; leaving it", job_id)
             return f"skipped ({self.store.get(job_id).status.value})"
@@ -228,15 +228,26 @@ class JobRunner:
         output_pixels = request.width * request.height if request.width and request.height else None
         return Inputs.decode(stored, job_id=job_id, max_video_pixels=output_pixels)
 
-    def _store_outputs(self, job_id: str, generated: Generated, timings: dict[str, float]) -> list[Output]:
+    def _store_outputs(
+        self, job_id: str, request: RequestBase, generated: Generated, timings: dict[str, float]
+    ) -> list[Output]:
         t0 = time.perf_counter()
         if generated.encoded is not None:
             encoded = [("mp4", "video/mp4", generated.encoded, generated.width, generated.height)]
         elif generated.frames:
-            data, width, height = encode_video(generated.frames, generated.fps, audio=generated.audio)
+            crf = getattr(request, "video_crf", 18)
+            data, width, height = encode_video(
+                generated.frames, generated.fps, audio=generated.audio, crf=crf
+            )
             encoded = [("mp4", "video/mp4", data, width, height)]
         else:
-            encoded = [("png", "image/png", encode_png(im), im.width, im.height) for im in generated.images]
+            output_format = getattr(request, "output_format", "png")
+            quality = getattr(request, "output_quality", None)
+            ext, content_type = IMAGE_OUTPUTS[output_format]
+            encoded = [
+                (ext, content_type, encode_image(im, output_format, quality), im.width, im.height)
+                for im in generated.images
+            ]
         timings["encode_s"] = round(time.perf_counter() - t0, 4)
         t0 = time.perf_counter()
         outputs = []
@@ -244,9 +255,17 @@ class JobRunner:
             stored = self.storage.put(output_key(job_id, index, ext), data, content_type)
             frame_count = len(generated.frames) or generated.frame_count
             video = {"frames": frame_count, "fps": generated.fps} if frame_count else {}
+            seed = generated.seeds[index] if generated.seeds else generated.seed
             outputs.append(
                 Output(
-                    stored.key, content_type, stored.size_bytes, width, height, seed=generated.seed, **video
+                    stored.key,
+                    content_type,
+                    stored.size_bytes,
+                    width,
+                    height,
+                    seed=seed,
+                    cache=generated.cache,
+                    **video,
                 )
             )
         timings["store_s"] = round(time.perf_counter() - t0, 4)

@@ -76,6 +76,7 @@ class Output:
     seed: int | None = None
     frames: int | None = None  # videos only
     fps: int | None = None
+    cache: str | None = None  # the step-caching method it was made with; None: uncached
     url: str | None = None
 
     def with_url(self, url: str) -> Output:

@@ -294,3 +294,17 @@ def test_a_smaller_job_that_does_not_fit_beside_the_group_evicts_it_and_s2v_star
     assert again.wait(timeout_s=300).status is JobStatus.SUCCEEDED
     first_log, second_log = _logs(group_logs)
     assert f"rank 1 got job {again.id}" in second_log
+
+
+def test_the_group_reports_each_outputs_seed_and_the_consumer_encodes_the_format(
+    client: Client, group_worker, fleet_settings: Settings
+):
+    record = client.submit({**FAST_IMAGE, "num_outputs": 2, "seed": 9, "output_format": "webp"}).wait(
+        timeout_s=180
+    )
+
+    assert record.status is JobStatus.SUCCEEDED, record.error
+    assert [o.seed for o in record.outputs] == [9, 10]
+    assert [o.content_type for o in record.outputs] == ["image/webp", "image/webp"]
+    assert [o.key for o in record.outputs] == [f"jobs/{record.id}/output-{i}.webp" for i in range(2)]
+    assert record.worker.startswith("h100x8@")

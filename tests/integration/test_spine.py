@@ -4,6 +4,7 @@ ZImagePipeline on small random weights, a real object store directory."""
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import pytest
@@ -128,6 +129,7 @@ def test_cli_submit_wait_prints_progress_and_where_the_output_is(fleet_settings,
     assert time.monotonic() - started < 120
     lines = out.getvalue().splitlines()
     job_id = lines[0]
-    assert lines[1].startswith("output: file://") and lines[1].endswith("image/png 64x80")
+    assert lines[1].startswith("output: file://")
+    assert re.search(r" image/png 64x80 seed \d+$", lines[1])
     assert f"jobs/{job_id}/output-0.png" in lines[1]
     assert "3/3 succeeded" in err.getvalue()

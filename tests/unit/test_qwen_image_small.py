@@ -62,6 +62,8 @@ def _request(**overrides: Any) -> SimpleNamespace:
         guidance_scale=4.0,
         seed=0,
         images=[],
+        num_outputs=1,
+        cache=None,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)

@@ -91,6 +91,7 @@ def _video_request(**overrides: Any) -> SimpleNamespace:
         steps=2,
         guidance_scale=5.0,
         seed=7,
+        cache=None,
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)

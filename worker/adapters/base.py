@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,6 +30,10 @@ class Generated:
     frames: list[Image.Image] = field(default_factory=list)
     fps: int | None = None
     seed: int | None = None
+    # One seed per image when a job makes several (``seed`` is the first).
+    seeds: list[int] = field(default_factory=list)
+    # The step-caching method the outputs were made with; None: uncached.
+    cache: str | None = None
     # Encoded audio (WAV/MP3/FLAC bytes) to mux into the video, e.g. the speech it lip-syncs.
     audio: bytes | None = None
     # A video already encoded as MP4 (by a multi-GPU group's rank 0), with its shape.
@@ -148,6 +153,70 @@ def seeded_generator(seed: int | None) -> tuple[int, torch.Generator]:
 
     seed = seed if seed is not None else random.randrange(2**63)
     return seed, torch.Generator(device="cpu").manual_seed(seed)
+
+
+def output_seeds(seed: int | None, count: int) -> list[int]:
+    """Seeds of a job's ``count`` outputs: ``seed``, ``seed + 1``, ... (drawn when None)."""
+    import random
+
+    first = seed if seed is not None else random.randrange(2**63)
+    return [(first + i) % 2**63 for i in range(count)]
+
+
+def per_output(
+    seeds: list[int], on_step: StepCallback
+) -> Iterator[tuple[torch.Generator, Callable[..., Any]]]:
+    """For each output, its generator and a step callback counting the job's steps over all.
+
+    Each output is its own pipeline call with a batch of one: a batched call computes each
+    image with other matrix shapes, and those differ from a batch of one in the last bits
+    (measured: one pixel level on Z-Image), so an output would not be redone exactly alone
+    from its seed.
+    """
+    import torch
+
+    done = 0
+
+    def on_output_step(_step: int, steps: int) -> None:
+        nonlocal done
+        done += 1
+        on_step(done, steps * len(seeds))
+
+    for seed in seeds:
+        yield torch.Generator(device="cpu").manual_seed(seed), step_callback_for(on_output_step)
+
+
+@contextmanager
+def step_cache(transformer: Any, cache: Any) -> Iterator[str | None]:
+    """Apply the request's ``cache`` (``routing.schemas.CacheRequest`` or None) to
+    ``transformer`` for one job, and remove it after, so the next job runs exactly uncached.
+    Yields the method applied (None without one)."""
+    if cache is None:
+        yield None
+        return
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if cache.method == "first_block":
+        config: Any = FirstBlockCacheConfig(threshold=cache.threshold)
+    elif cache.method == "taylorseer":
+        config = TaylorSeerCacheConfig(
+            cache_interval=cache.interval,
+            disable_cache_before_step=cache.warmup_steps,
+            # Whole transformer blocks, predicted. diffusers' default patterns hook modules named
+            # "...attn", which matches Qwen-Image's attention but none of Wan's ("attn1", "attn2"):
+            # there it would silently cache nothing.
+            cache_identifiers=[r"(transformer_blocks|blocks)\.\d+"],
+            # The Taylor factors in the transformer's own dtype (diffusers' default is bfloat16,
+            # which would round a float32 model's activations).
+            taylor_factors_dtype=transformer.dtype,
+        )
+    else:
+        raise ValueError(f"unknown cache method {cache.method!r}")
+    transformer.enable_cache(config)
+    try:
+        yield cache.method
+    finally:
+        transformer.disable_cache()
 
 
 def step_callback_for(on_step: StepCallback) -> Callable[..., dict[str, Any]]:

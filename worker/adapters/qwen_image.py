@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
 from routing.schemas import EditRequest, TextToImageRequest
-from worker.adapters.base import Generated, Inputs, Runtime, StepCallback, seeded_generator, step_callback_for
+from worker.adapters.base import (
+    Generated,
+    Inputs,
+    Runtime,
+    StepCallback,
+    output_seeds,
+    per_output,
+    seeded_generator,
+    step_cache,
+    step_callback_for,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,21 +39,26 @@ class QwenImageAdapter:
         #    the size multiple (it would silently round the size down), or the catalog is wrong.
         _check_size(self.pipe, request.width, request.height)
 
-        # 2. Seed: drawn here when the caller gave none, and reported so the image can be redone.
-        seed, generator = seeded_generator(request.seed)
+        # 2. Seeds, one per output: drawn here when the caller gave none, and reported so each
+        #    image can be redone alone.
+        seeds = output_seeds(request.seed, request.num_outputs)
 
-        # 3. Denoise and decode.
-        output = self.pipe(
-            prompt=request.prompt,
-            negative_prompt=_negative_prompt(request),
-            true_cfg_scale=request.guidance_scale,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            generator=generator,
-            callback_on_step_end=step_callback_for(on_step),
-        )
-        return Generated(images=list(output.images), seed=seed)
+        # 3. Denoise and decode, one call per output, with the request's step cache if any.
+        images = []
+        with step_cache(self.pipe.transformer, request.cache) as cache:
+            for generator, callback in per_output(seeds, on_step):
+                output = self.pipe(
+                    prompt=request.prompt,
+                    negative_prompt=_negative_prompt(request),
+                    true_cfg_scale=request.guidance_scale,
+                    width=request.width,
+                    height=request.height,
+                    num_inference_steps=request.steps,
+                    generator=generator,
+                    callback_on_step_end=callback,
+                )
+                images += output.images
+        return Generated(images=images, seed=seeds[0], seeds=seeds, cache=cache)
 
 
 class QwenImageEditAdapter:
@@ -71,18 +86,19 @@ class QwenImageEditAdapter:
         seed, generator = seeded_generator(request.seed)
 
         # 3. Encode the images (vision tower and VAE), denoise and decode.
-        output = self.pipe(
-            image=images[0] if self.max_images == 1 else images,
-            prompt=request.prompt,
-            negative_prompt=_negative_prompt(request),
-            true_cfg_scale=request.guidance_scale,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            generator=generator,
-            callback_on_step_end=step_callback_for(on_step),
-        )
-        return Generated(images=list(output.images), seed=seed)
+        with step_cache(self.pipe.transformer, request.cache) as cache:
+            output = self.pipe(
+                image=images[0] if self.max_images == 1 else images,
+                prompt=request.prompt,
+                negative_prompt=_negative_prompt(request),
+                true_cfg_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.steps,
+                generator=generator,
+                callback_on_step_end=step_callback_for(on_step),
+            )
+        return Generated(images=list(output.images), seed=seed, cache=cache)
 
     def _images(self, inputs: Inputs) -> list[Image.Image]:
         images = list(inputs.get("images") or [])

@@ -20,6 +20,7 @@ from worker.adapters.base import (
     Runtime,
     StepCallback,
     seeded_generator,
+    step_cache,
     step_callback_for,
 )
 
@@ -111,21 +112,23 @@ class WanTI2VAdapter:
         # 2. Seed: drawn here when the caller gave none, and reported so the video can be redone.
         seed, generator = seeded_generator(request.seed)
 
-        # 3. Denoise and decode.
-        output = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            num_frames=request.frames,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            generator=generator,
-            output_type="np",
-            callback_on_step_end=step_callback_for(on_step),
-            **extra,
-        )
-        return Generated(frames=_to_pil_frames(output.frames[0]), fps=self.spec.video.fps, seed=seed)
+        # 3. Denoise and decode, with the request's step cache if any.
+        with step_cache(pipe.transformer, request.cache) as cache:
+            output = pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.width,
+                height=request.height,
+                num_frames=request.frames,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                generator=generator,
+                output_type="np",
+                callback_on_step_end=step_callback_for(on_step),
+                **extra,
+            )
+        frames = _to_pil_frames(output.frames[0])
+        return Generated(frames=frames, fps=self.spec.video.fps, seed=seed, cache=cache)
 
 
 class WanAnimateAdapter:

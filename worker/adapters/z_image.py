@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from routing.catalog import ModelSpec
 from routing.schemas import TextToImageRequest
-from worker.adapters.base import Generated, Inputs, Runtime, StepCallback, seeded_generator, step_callback_for
+from worker.adapters.base import Generated, Inputs, Runtime, StepCallback, output_seeds, per_output
 
 
 class ZImageAdapter:
@@ -20,18 +20,22 @@ class ZImageAdapter:
         if request.width % multiple or request.height % multiple:
             raise ValueError(f"these weights need sizes in multiples of {multiple}")
 
-        # 2. Seed: drawn here when the caller gave none, and reported so the image can be redone.
-        seed, generator = seeded_generator(request.seed)
+        # 2. Seeds, one per output: drawn here when the caller gave none, and reported so each
+        #    image can be redone alone.
+        seeds = output_seeds(request.seed, request.num_outputs)
 
-        # 3. Denoise and decode.
-        output = self.pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            generator=generator,
-            callback_on_step_end=step_callback_for(on_step),
-        )
-        return Generated(images=list(output.images), seed=seed)
+        # 3. Denoise and decode, one call per output.
+        images = []
+        for generator, callback in per_output(seeds, on_step):
+            output = self.pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                generator=generator,
+                callback_on_step_end=callback,
+            )
+            images += output.images
+        return Generated(images=images, seed=seeds[0], seeds=seeds)

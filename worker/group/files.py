@@ -75,7 +75,7 @@ def upright_images(files: dict[str, Any], jobdir: Path, rank: int) -> dict[str, 
     return upright
 
 
-def write_output(generated: Generated | None, job_id: str, jobdir: Path) -> Result:
+def write_output(generated: Generated | None, job_id: str, jobdir: Path, crf: int = 18) -> Result:
     """Rank 0: the job's output as files in ``jobdir``, and what the supervisor records of it."""
     from worker.media import encode_png, encode_video
 
@@ -92,10 +92,11 @@ def write_output(generated: Generated | None, job_id: str, jobdir: Path) -> Resu
             frame_count=generated.frame_count,
             fps=generated.fps,
             seed=generated.seed,
+            cache=generated.cache,
         )
     if generated.frames:
         path = jobdir / "output.mp4"
-        data, width, height = encode_video(generated.frames, generated.fps, audio=generated.audio)
+        data, width, height = encode_video(generated.frames, generated.fps, audio=generated.audio, crf=crf)
         path.write_bytes(data)
         return VideoResult(
             job_id=job_id,
@@ -105,13 +106,16 @@ def write_output(generated: Generated | None, job_id: str, jobdir: Path) -> Resu
             frame_count=len(generated.frames),
             fps=generated.fps,
             seed=generated.seed,
+            cache=generated.cache,
         )
     paths = []
     for index, image in enumerate(generated.images):
         path = jobdir / f"output-{index}.png"
         path.write_bytes(encode_png(image))
         paths.append(str(path))
-    return ImagesResult(job_id=job_id, paths=paths, seed=generated.seed)
+    return ImagesResult(
+        job_id=job_id, paths=paths, seed=generated.seed, seeds=generated.seeds, cache=generated.cache
+    )
 
 
 def read_output(result: Result) -> Generated:
@@ -119,7 +123,8 @@ def read_output(result: Result) -> Generated:
     from worker.media import decode_image
 
     if isinstance(result, ImagesResult):
-        return Generated(images=[decode_image(Path(p).read_bytes()) for p in result.paths], seed=result.seed)
+        images = [decode_image(Path(p).read_bytes()) for p in result.paths]
+        return Generated(images=images, seed=result.seed, seeds=result.seeds, cache=result.cache)
     return Generated(
         encoded=Path(result.path).read_bytes(),
         width=result.width,
@@ -127,4 +132,5 @@ def read_output(result: Result) -> Generated:
         frame_count=result.frame_count,
         fps=result.fps,
         seed=result.seed,
+        cache=result.cache,
     )

@@ -76,14 +76,17 @@ class VideoResult:
     frame_count: int
     fps: int
     seed: int | None = None
+    cache: str | None = None  # the step-caching method it was made with
 
 
 @dataclass(frozen=True)
 class ImagesResult:
     type: ClassVar[str] = "images"
     job_id: str
-    paths: list[str]  # one PNG per image
+    paths: list[str]  # one PNG per image (lossless: the runner encodes the requested format)
     seed: int | None = None
+    seeds: list[int] = field(default_factory=list)  # one per image when a job makes several
+    cache: str | None = None
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class JobState:
     step: int = 0
     message: str = ""
     generated: Any = None
+    video_crf: int = 18  # what rank 0 encodes a video at
 
 
 class Rank:
@@ -147,7 +148,7 @@ class Rank:
     def _run_job(self, job: protocol.Job) -> None:
         job_id, model = job.job_id, job.model
         log.info("rank %d got job %s (%s)", self.rank, job_id, model)
-        state = JobState()
+        state = JobState(video_crf=job.request.get("video_crf", 18))
         workdir = Path(job.workdir)
         try:
             request = _parse(job.request)
@@ -228,7 +229,7 @@ class Rank:
             self._send(protocol.Canceled(job_id=job_id, steps=steps))
         else:
             try:
-                result = files.write_output(state.generated, job_id, workdir)
+                result = files.write_output(state.generated, job_id, workdir, crf=state.video_crf)
             except Exception as exc:
                 log.exception("job %s: encoding failed", job_id)
                 self._send(protocol.JobFailed(job_id=job_id, message=f"rank 0 encoding: {exc}"))
