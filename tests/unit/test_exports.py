@@ -45,6 +45,7 @@ def test_the_api_documents_the_shared_webhook_and_output_types():
         "seed",
         "frames",
         "fps",
+        "cache",
     }
 
 
