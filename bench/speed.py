@@ -146,8 +146,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    import diffusers
+
     from worker.small_models import build
 
+    diffusers.utils.logging.disable_progress_bar()
     build(ROOT / "var" / "small-models", [MODEL])
     for name, section in SECTIONS.items():
         if args.only and name not in args.only:
