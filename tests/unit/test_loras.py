@@ -132,3 +132,18 @@ def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
     assert not np.array_equal(fast, base)  # the variant's LoRA took part
     again, timings = _run(adapter, request, storage)
     assert np.array_equal(again, fast) and "variant_load_s" not in timings  # loaded once, kept
+
+
+def test_a_hub_id_is_fetched_from_the_hub_through_the_url_guard_only_when_allowed(storage):
+    from routing.errors import InvalidRequest
+
+    request = parse_request(
+        {"model": "z-image-turbo", "prompt": "a fox", "loras": [{"source": "owner/repo/style.safetensors"}]}
+    )
+    # The guard sees huggingface.co (here resolving to a private address, so nothing connects).
+    policy = UrlPolicy(resolver=lambda host, port: {"huggingface.co": ["10.0.0.1"]}[host])
+    for allowed, words in ((False, "FLEET_LORA_HUB is off"), (True, "huggingface.co resolves to 10.0.0.1")):
+        with pytest.raises(InvalidRequest) as raised:
+            resolve_loras(request, storage, policy, InputLimits(lora_hub=allowed))
+        [error] = raised.value.errors
+        assert error.field == "loras.0.source" and words in error.message
