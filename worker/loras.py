@@ -114,11 +114,12 @@ class LoraSlot:
             zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
         pipe.load_lora_weights(zeros, adapter_name=SLOT)
         self.active = (SLOT,)
+        self._measure()
 
-    @property
-    def nbytes(self) -> int:
-        """Memory the LoRA adapters take on the transformer (the slot and any variant)."""
-        return sum(
+    def _measure(self) -> None:
+        # Memory the LoRA adapters take on the transformer (the slot and any variant), measured
+        # when they change rather than on every read: the heartbeat reads it.
+        self.nbytes = sum(
             p.numel() * p.element_size() for n, p in self.pipe.transformer.named_parameters() if "lora_" in n
         )
 
@@ -127,6 +128,7 @@ class LoraSlot:
         self.pipe.load_lora_weights(path, adapter_name=name)
         self.variants[name] = scale
         self.use(None)
+        self._measure()
 
     def use(self, variant: str | None) -> None:
         """Switch the variant's adapter on beside the slot (or every variant off)."""
