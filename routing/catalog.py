@@ -60,8 +60,9 @@ class SpeedProfile:
 
 @dataclass(frozen=True)
 class Variant:
-    """A step-distilled way to run a model: a published distillation LoRA kept loaded on the
-    resident transformer, with the steps and guidance it was distilled for."""
+    """A step-distilled way to run a model: a published distillation LoRA kept loaded by the
+    worker (copied into the LoRA slot for the variant's jobs), with the steps and guidance it was
+    distilled for."""
 
     key: str
     steps: int

@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     # A variant's LoRA file by "<model key>:<variant>", over the catalog's hub file (as
     # `weights` does for models).
     variant_weights: dict[str, str] = Field(default_factory=dict)
+    # Rank the LoRA slot keeps for a variant's LoRA, beside the request's, on models with variants.
+    variant_lora_rank: int = Field(default=64, ge=1, le=1024)
 
     # Delivery attempts of one job before it is failed and dead-lettered: a job that kills its
     # worker every time must not loop forever.

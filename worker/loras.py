@@ -13,8 +13,10 @@ with zeros to the slot's rank, then hotswapped in (diffusers ``load_lora_weights
 the weights are copied into the slot's tensors, so a compiled transformer runs on without
 compiling again. After the job the slot is zeroed: the next job sees exactly the base weights.
 
-A variant's distillation LoRA is a second adapter, loaded once and kept: it is switched on
-(``set_adapters``) for that variant's jobs only.
+A variant's distillation LoRA is read and converted once and kept on the device; a variant job
+copies it into the slot with the request's LoRAs (its rows first). A second adapter switched on
+with ``set_adapters`` was tried and refused: on a compiled transformer it changed the base
+output and recompiled on every switch until dynamo's limit.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ class LoraSlot:
         self.modules = target_modules(pipe.transformer, pattern)
         if not self.modules:
             raise ValueError(f"no layer of {type(pipe.transformer).__name__} matches the LoRA pattern")
-        self.variants: dict[str, float] = {}  # loaded variant adapters and their scales
-        self.active: tuple[str, ...] = ()
+        # Loaded variants: their LoRA's converted tensors, on the device, and scale.
+        self.variants: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
         # Before the first adapter: pads every later one to ``rank`` and turns the scalings into
         # tensors, so neither a rank nor a scale is ever a constant a compiled graph depends on.
         pipe.enable_lora_hotswap(target_rank=rank)
@@ -113,49 +115,49 @@ class LoraSlot:
             zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, module.in_features)
             zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
         pipe.load_lora_weights(zeros, adapter_name=SLOT)
-        self.active = (SLOT,)
         self._measure()
 
     def _measure(self) -> None:
         # Memory the LoRA adapters take on the transformer (the slot and any variant), measured
         # when they change rather than on every read: the heartbeat reads it.
-        self.nbytes = sum(
+        slot = sum(
             p.numel() * p.element_size() for n, p in self.pipe.transformer.named_parameters() if "lora_" in n
         )
+        variants = sum(
+            t.numel() * t.element_size() for state, _ in self.variants.values() for t in state.values()
+        )
+        self.nbytes = slot + variants
 
     def add_variant(self, name: str, path: str, scale: float) -> None:
-        """Load a variant's LoRA as an adapter of its own, kept loaded (switched off until used)."""
-        self.pipe.load_lora_weights(path, adapter_name=name)
-        self.variants[name] = scale
-        self.use(None)
+        """Read and convert a variant's LoRA once; it stays on the device for its jobs."""
+        device = next(self.pipe.transformer.parameters()).device
+        state = self._state(path)
+        self.variants[name] = ({key: value.to(device) for key, value in state.items()}, scale)
         self._measure()
 
-    def use(self, variant: str | None) -> None:
-        """Switch the variant's adapter on beside the slot (or every variant off)."""
-        wanted = (SLOT, variant) if variant else (SLOT,)
-        if wanted != self.active:
-            self.pipe.set_adapters(list(wanted), [1.0, self.variants[variant]] if variant else [1.0])
-            self.active = wanted
-
-    def apply(self, loras: list[tuple[str, float]]) -> None:
-        """Hotswap the merged ``(file, scale)`` LoRAs into the slot."""
+    def apply(self, loras: list[tuple[str | dict[str, torch.Tensor], float]]) -> None:
+        """Hotswap the merged ``(file or loaded LoRA, scale)`` list into the slot."""
         self.pipe.load_lora_weights(self.merged(loras), adapter_name=SLOT, hotswap=True)
 
-    def merged(self, loras: list[tuple[str, float]]) -> dict[str, torch.Tensor]:
+    def _state(self, path: str) -> dict[str, torch.Tensor]:
+        state = self.pipe.lora_state_dict(path)
+        return state[0] if isinstance(state, tuple) else state
+
+    def merged(self, loras: list[tuple[str | dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
         import torch
 
         stacked: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         offset = 0
-        for path, scale in loras:
-            state = self.pipe.lora_state_dict(path)
-            state = state[0] if isinstance(state, tuple) else state
+        for source, scale in loras:
+            state = source if isinstance(source, dict) else self._state(source)
+            name = "a variant's LoRA" if isinstance(source, dict) else f"the LoRA {Path(source).name}"
             rank = 0
             for key, down in state.items():
                 if ".lora_A." not in key:
                     continue
                 module = key.removeprefix("transformer.").split(".lora_A.")[0]
                 if module not in self.modules:
-                    raise ValueError(f"the LoRA {Path(path).name} targets {module}, which takes no LoRA here")
+                    raise ValueError(f"{name} targets {module}, which takes no LoRA here")
                 up = state[key.replace(".lora_A.", ".lora_B.")]
                 alpha = state.get(f"{key.split('.lora_A.')[0]}.alpha")
                 factor = scale * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
@@ -164,8 +166,8 @@ class LoraSlot:
                 rank = max(rank, width)
                 layer = self.modules[module]
                 # Rows of this LoRA start at ``offset`` in every module, after the ones before it.
-                a = torch.zeros(self.rank, layer.in_features)
-                b = torch.zeros(layer.out_features, self.rank)
+                a = torch.zeros(self.rank, layer.in_features, device=down.device)
+                b = torch.zeros(layer.out_features, self.rank, device=down.device)
                 if offset + width > self.rank:
                     raise ValueError(f"the LoRAs' ranks add up to more than the slot's {self.rank}")
                 a[offset : offset + width] = down.float()

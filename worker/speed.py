@@ -72,18 +72,22 @@ class Speed:
             yield
             return
         t0 = time.perf_counter()
-        self.slot.use(self._variant(request.variant, timings) if request.variant else None)
+        # A variant's LoRA (kept on the device) takes the slot's first rows, the request's the rest.
+        entries: list[tuple[Any, float]] = []
+        if request.variant:
+            entries.append(self.slot.variants[self._variant(request.variant, timings)])
         if loras:
             hits, misses = self.cache.hits, self.cache.misses
-            files = [(str(self.cache.path(lora.source, storage)), lora.scale) for lora in loras]
-            self.slot.apply(files)
+            entries += [(str(self.cache.path(lora.source, storage)), lora.scale) for lora in loras]
             timings["lora_cache_hits"] = float(self.cache.hits - hits)
             timings["lora_cache_misses"] = float(self.cache.misses - misses)
+        if entries:
+            self.slot.apply(entries)
         timings["lora_s"] = round(time.perf_counter() - t0, 4)
         try:
             yield
         finally:
-            if loras:
+            if entries:
                 self.slot.clear()
             timings["compiled_graphs"] = float(_compiled_graphs() - graphs_before)
 
@@ -126,7 +130,9 @@ def prepare(adapter: Any, spec: ModelSpec, vram_class: VramClass, settings: Sett
     # 1. The LoRA slot, before anything is compiled.
     slot = None
     if spec.lora_modules is not None and settings.max_loras > 0 and pipe is not None:
-        slot = LoraSlot(pipe, spec.lora_modules, settings.lora_max_rank)
+        # Room for the request's LoRAs, and for a variant's where the model has variants.
+        rank = settings.lora_max_rank + (settings.variant_lora_rank if spec.variants else 0)
+        slot = LoraSlot(pipe, spec.lora_modules, rank)
     transformer = getattr(pipe, "transformer", None)
     # 2. Attention.
     attention = _set_attention(transformer, profile, settings.attention_backend, device)
