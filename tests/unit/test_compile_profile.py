@@ -95,3 +95,23 @@ def test_a_lora_on_the_compiled_transformer_compiles_nothing(setup):
     assert np.abs(styled - before).max() > 10
     after, timings = _run(setup["compiled"], _request(64, 64), storage)
     assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
+
+
+def test_a_variants_lora_on_the_compiled_transformer_compiles_nothing(
+    setup, small_models_dir: Path, tmp_path
+):
+    # Z-Image has no variant in the catalog; its slot takes one the way a Qwen-Image worker does.
+    slot, storage = setup["speed"].slot, setup["storage"]
+    lightning = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp_path / "distilled.safetensors", seed=9)
+    before, _ = _run(setup["compiled"], _request(64, 64), storage)
+    slot.add_variant("variant-test", str(lightning), 1.0)
+    timings: dict[str, float] = {}
+    with job_context(setup["compiled"], _request(64, 64), storage, timings):
+        slot.apply([slot.variants["variant-test"]])
+        fast = np.asarray(setup["compiled"].run(_request(64, 64), {}, lambda s, t: None).images[0]).astype(
+            int
+        )
+        slot.clear()
+    assert timings["compiled_graphs"] == 0 and np.abs(fast - before).max() > 10
+    after, timings = _run(setup["compiled"], _request(64, 64), storage)
+    assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
