@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from producer.inputs import InputLimits, resolve_inputs, upload
+from producer.inputs import InputLimits, resolve_inputs, resolve_loras, upload
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
 from routing.decision import route
@@ -79,6 +79,9 @@ class Client:
             max_bytes=self.settings.max_input_bytes,
             fetch_timeout_s=self.settings.fetch_timeout_s,
             video_max_pixels=self.settings.max_input_video_pixels,
+            lora_max_bytes=self.settings.max_lora_bytes,
+            lora_max_rank=self.settings.lora_max_rank,
+            lora_hub=self.settings.lora_hub,
         )
 
     @property
@@ -152,6 +155,15 @@ class Client:
             if parsed.media_fields():
                 try:
                     parsed = resolve_inputs(parsed, job_id, self.storage, self.url_policy, self._input_limits)
+                except InvalidRequest as exc:
+                    if len(requests) == 1:
+                        raise
+                    raise InvalidRequest(
+                        [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
+                    ) from None
+            if parsed.loras:
+                try:
+                    parsed = resolve_loras(parsed, self.storage, self.url_policy, self._input_limits)
                 except InvalidRequest as exc:
                     if len(requests) == 1:
                         raise

@@ -8,12 +8,15 @@ key: the worker reads only bytes that were checked, and never reaches out to the
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
+import re
 import uuid
 from dataclasses import dataclass
 
 from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
+from routing.io.loras import LoraError, check_lora, read_header
 from routing.io.media import (
     AudioInfo,
     ImageInfo,
@@ -25,7 +28,7 @@ from routing.io.media import (
 )
 from routing.io.net import UrlError, UrlPolicy, fetch_url
 from routing.io.storage import ObjectNotFound, Storage, StorageError
-from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
+from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, LoraRef, MediaRef, RequestBase
 
 # The longest video any model takes, in frames and in seconds: what an upload may be (speech is
 # never longer than the longest video either).
@@ -46,6 +49,10 @@ class InputLimits:
     # Decoded pixels of all of a job's input videos together, as the worker holds them: each
     # frame at most the output's size (worker.media.decode_video scales it down while decoding).
     video_max_pixels: int = 1024 * 1024 * 1024
+    lora_max_bytes: int = 2 * 1024**3
+    lora_max_rank: int = 64
+    lora_hub: bool = False
+    lora_fetch_timeout_s: float = 300.0
 
 
 def resolve_inputs(
@@ -86,6 +93,60 @@ def resolve_inputs(
     if errors:
         raise InvalidRequest(errors)
     return request.model_copy(update=update)
+
+
+# A hub id: owner/repo/path/to/file.safetensors (no scheme).
+_HUB_ID = re.compile(r"^([\w.-]+)/([\w.-]+)/([\w./-]+\.safetensors)$")
+
+
+def resolve_loras(
+    request: RequestBase, storage: Storage, policy: UrlPolicy, limits: InputLimits
+) -> RequestBase:
+    """Check every LoRA of ``request``; return it with each one named by its content-addressed
+    store key (``loras/<sha256>.safetensors``), which is also the worker's cache key.
+
+    Raises ``InvalidRequest`` naming the field (``loras.1.source``) of each LoRA refused.
+    """
+    spec = get_model(request.model)
+    errors: list[FieldError] = []
+    resolved: list[LoraRef] = []
+    total_rank = 0
+    for index, lora in enumerate(request.loras or []):
+        field = f"loras.{index}.source"
+        try:
+            data = _read_lora(lora.source, storage, policy, limits)
+            info = check_lora(data, spec, limits.lora_max_bytes)
+        except (LoraError, MediaError, UrlError) as exc:
+            errors.append(FieldError(field, str(exc)))
+            continue
+        total_rank += info.rank
+        key = f"loras/{hashlib.sha256(data).hexdigest()}.safetensors"
+        if not storage.exists(key):
+            storage.put(key, data, "application/octet-stream")
+        resolved.append(LoraRef(source=key, scale=lora.scale))
+    if not errors and total_rank > limits.lora_max_rank:
+        errors.append(
+            FieldError("loras", f"the LoRAs' ranks add up to {total_rank}; at most {limits.lora_max_rank}")
+        )
+    if errors:
+        raise InvalidRequest(errors)
+    return request.model_copy(update={"loras": resolved})
+
+
+def _read_lora(source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits) -> bytes:
+    fetch = {"max_bytes": limits.lora_max_bytes, "timeout_s": limits.lora_fetch_timeout_s, "policy": policy}
+    if source.lower().startswith(("http://", "https://")):
+        return fetch_url(source, **fetch)
+    hub = _HUB_ID.match(source)
+    if hub is not None and not storage.exists(source):
+        if not limits.lora_hub:
+            raise LoraError(
+                "hub ids are not accepted by this fleet (FLEET_LORA_HUB is off): upload the file "
+                "or give an https URL"
+            )
+        owner, repo, path = hub.groups()
+        return fetch_url(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", **fetch)
+    return _read(storage, source)
 
 
 def _resolve_one(
@@ -175,5 +236,12 @@ def _sniff(data: bytes, limits: InputLimits) -> str:
     try:
         info = check_audio(data, max_duration_s=_UPLOAD_MAX_DURATION_S)
         return {"mp3": "mp3", "flac": "flac"}.get(info.codec, "wav")
-    except MediaError as exc:
-        raise InvalidRequest([FieldError("file", f"not an image, video or audio file ({exc})")]) from None
+    except MediaError:
+        pass
+    try:
+        read_header(data)  # a LoRA: checked against its model when a request names it
+        return "safetensors"
+    except LoraError as exc:
+        raise InvalidRequest(
+            [FieldError("file", f"not an image, video, audio or safetensors file ({exc})")]
+        ) from None

@@ -45,6 +45,56 @@ class VideoLimits:
 
 
 @dataclass(frozen=True)
+class SpeedProfile:
+    """How a worker of one class runs a model fast: regional compilation of the transformer's
+    repeated blocks (at load, then warmed on ``warm_sizes`` before the worker takes a job) and
+    the attention backends to try, fastest first (the first one present on the device is used;
+    ``native``, PyTorch's SDPA, always is)."""
+
+    compile: bool = True
+    # (width, height, frames or 0) the class mostly runs; two or more sizes make the compiled
+    # blocks shape-dynamic, so a size not listed runs without compiling again.
+    warm_sizes: tuple[tuple[int, int, int], ...] = ()
+    attention: tuple[str, ...] = ("_flash_3", "flash", "_native_cudnn", "native")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A step-distilled way to run a model: a published distillation LoRA kept loaded by the
+    worker (copied into the LoRA slot for the variant's jobs), with the steps and guidance it was
+    distilled for."""
+
+    key: str
+    steps: int
+    guidance: float
+    lora_repo: str  # hub repository of the LoRA
+    lora_file: str  # its weight file in that repository
+    lora_scale: float = 1.0
+    notes: str = ""
+
+
+# Module paths a LoRA may target, per transformer family (after prefixes such as
+# "transformer." or "diffusion_model." are taken off). A LoRA's tensor names are matched against
+# them at submit; the worker puts its LoRA slot on the linear layers they name.
+_ZIMAGE_LORA = r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)"
+_QWEN_LORA = (
+    r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)"
+)
+# Wan's own names (self_attn.q, ffn.0) are what most published Wan LoRAs use; diffusers renames them.
+_WAN_5B_LORA = (
+    r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2)"
+    r"|(self_attn|cross_attn)\.(q|k|v|o)|ffn\.[02])"
+)
+_WAN_14B_I2V_LORA = (
+    r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|attn2\.(add_k_proj|add_v_proj)|ffn\.net\.(0\.proj|2)"
+    r"|(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|ffn\.[02])"
+)
+
+_QWEN_LIGHTNING = "lightx2v/Qwen-Image-Lightning"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     key: str
     task_kinds: tuple[TaskKind, ...]
@@ -74,6 +124,15 @@ class ModelSpec:
     # (so callers can plan) but refused at submit with a message that says so.
     served: bool = False
     notes: str = ""
+    # The speed profile per class that runs the model (a class not listed runs it eager).
+    speed: dict[VramClass, SpeedProfile] = field(default_factory=dict)
+    # Regex of the transformer modules a LoRA may target; None: the model takes no LoRAs.
+    lora_modules: str | None = None
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+
+def _variants(*variants: Variant) -> dict[str, Variant]:
+    return {variant.key: variant for variant in variants}
 
 
 # First-block cache and TaylorSeer hook the transformer blocks diffusers registers for Qwen-Image and
@@ -100,6 +159,11 @@ CATALOG: dict[str, ModelSpec] = {
             default_guidance=0.0,
             max_prompt_chars=2000,
             served=True,
+            speed={
+                VramClass.GPU16: SpeedProfile(warm_sizes=((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))),
+                VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))),
+            },
+            lora_modules=_ZIMAGE_LORA,
         ),
         ModelSpec(
             key="qwen-image",
@@ -115,6 +179,18 @@ CATALOG: dict[str, ModelSpec] = {
             max_prompt_chars=4000,
             cache_methods=_CACHED,
             served=True,
+            speed={
+                VramClass.GPU80: SpeedProfile(warm_sizes=((1328, 1328, 0), (1664, 928, 0), (928, 1664, 0)))
+            },
+            lora_modules=_QWEN_LORA,
+            variants=_variants(
+                Variant(
+                    "lightning-8", 8, 1.0, _QWEN_LIGHTNING, "Qwen-Image-Lightning-8steps-V1.1.safetensors"
+                ),
+                Variant(
+                    "lightning-4", 4, 1.0, _QWEN_LIGHTNING, "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+                ),
+            ),
         ),
         ModelSpec(
             key="qwen-image-edit",
@@ -131,6 +207,24 @@ CATALOG: dict[str, ModelSpec] = {
             max_input_images=1,
             cache_methods=_CACHED,
             served=True,
+            speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (1184, 880, 0)))},
+            lora_modules=_QWEN_LORA,
+            variants=_variants(
+                Variant(
+                    "lightning-8",
+                    8,
+                    1.0,
+                    _QWEN_LIGHTNING,
+                    "Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors",
+                ),
+                Variant(
+                    "lightning-4",
+                    4,
+                    1.0,
+                    _QWEN_LIGHTNING,
+                    "Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors",
+                ),
+            ),
         ),
         ModelSpec(
             key="qwen-image-edit-2509",
@@ -148,6 +242,8 @@ CATALOG: dict[str, ModelSpec] = {
             notes="1-3 images: person + person, person + scene, person + object",
             cache_methods=_CACHED,
             served=True,
+            speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (1184, 880, 0)))},
+            lora_modules=_QWEN_LORA,
         ),
         ModelSpec(
             key="wan2.2-ti2v-5b",
@@ -171,6 +267,13 @@ CATALOG: dict[str, ModelSpec] = {
             notes="16 GB class with offloading, 80 GB class without",
             cache_methods=_CACHED,
             served=True,
+            # Offloaded on gpu16: compiled blocks would be moved on and off the GPU every call,
+            # so that class runs eager; resident on gpu80, compiled.
+            speed={
+                VramClass.GPU16: SpeedProfile(compile=False),
+                VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 704, 121), (704, 1280, 121))),
+            },
+            lora_modules=_WAN_5B_LORA,
         ),
         ModelSpec(
             key="wan2.2-animate-14b",
@@ -188,6 +291,8 @@ CATALOG: dict[str, ModelSpec] = {
             max_input_images=1,
             notes='modes "move" (character follows a driving video) and "mix" (character replaces one)',
             served=True,
+            speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 720, 77), (720, 1280, 77)))},
+            lora_modules=_WAN_14B_I2V_LORA,
         ),
         ModelSpec(
             key="wan2.2-s2v-14b",

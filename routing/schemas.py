@@ -80,6 +80,18 @@ CacheRequest = Annotated[FirstBlockCache | TaylorSeerCache, Field(discriminator=
 IMAGE_QUALITY_DEFAULTS = {"webp": 90, "jpeg": 90}
 
 
+class LoraRef(BaseModel):
+    """A LoRA to apply for one job: ``source`` is a store key (from an upload), an https URL, or a
+    hub id ``owner/repo/file.safetensors`` (only where the fleet allows hub LoRAs). At submit the
+    file is read, checked and stored under ``loras/<sha256>.safetensors``; the queued request
+    names it by that key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, max_length=4096)
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0, strict=True)
+
+
 class RequestBase(BaseModel):
     # Numbers are strict (no true for 1, no "512" for 512): a JSON client that sends the wrong
     # type has a bug worth hearing about.
@@ -96,6 +108,9 @@ class RequestBase(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63, strict=True)
     # Step caching, off unless asked for: it trades some quality for speed (see the README).
     cache: CacheRequest | None = None
+    # A step-distilled variant of the model (the catalog's ``variants``), and LoRAs for this job.
+    variant: str | None = Field(default=None, min_length=1, max_length=64)
+    loras: list[LoraRef] | None = None
 
     def media_fields(self) -> dict[str, MediaRef | list[MediaRef]]:
         """The request's input media by field name (images come as a list)."""
@@ -289,9 +304,13 @@ def _resolve_kind(data: dict[str, Any], spec: ModelSpec) -> TaskKind:
 
 
 def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
+    # A variant runs with the steps and guidance it was distilled for, unless the caller says.
+    variant = spec.variants.get(request.variant) if request.variant else None
+    steps = variant.steps if variant else spec.default_steps
+    guidance = variant.guidance if variant else spec.default_guidance
     update: dict[str, Any] = {
-        "steps": request.steps or spec.default_steps,
-        "guidance_scale": spec.default_guidance if request.guidance_scale is None else request.guidance_scale,
+        "steps": request.steps or steps,
+        "guidance_scale": guidance if request.guidance_scale is None else request.guidance_scale,
     }
     # An edit without a size follows its input image; every other kind has the model's default.
     if not isinstance(request, EditRequest):
@@ -326,8 +345,28 @@ def _check_outputs(request: RequestBase, spec: ModelSpec, max_num_outputs: int) 
     return errors
 
 
-def _check_limits(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
+def _check_variant_and_loras(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
+    from routing.settings import get_settings
+
     errors: list[FieldError] = []
+    if request.variant is not None and request.variant not in spec.variants:
+        known = ", ".join(sorted(spec.variants)) or "none"
+        errors.append(
+            FieldError("variant", f"{spec.key} has no variant {request.variant!r}; its variants: {known}")
+        )
+    if request.loras:
+        max_loras = get_settings().max_loras
+        if spec.lora_modules is None:
+            errors.append(FieldError("loras", f"{spec.key} takes no LoRAs: its runner cannot load them"))
+        elif len(request.loras) > max_loras:
+            errors.append(
+                FieldError("loras", f"at most {max_loras} LoRAs a request (got {len(request.loras)})")
+            )
+    return errors
+
+
+def _check_limits(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
+    errors: list[FieldError] = _check_variant_and_loras(request, spec)
     size = spec.size
     if request.width is not None and request.height is not None:
         for name in ("width", "height"):

@@ -118,6 +118,34 @@ class Settings(BaseSettings):
     # VRAM the worker's resident models may take on its GPU; one GPU of the class when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
 
+    # Speed profile (routing/catalog.py has one per model and class). "auto": the catalog's
+    # profile on a GPU, eager on the CPU; "compile": the profile on any device (inductor on the
+    # CPU: slow to compile, for tests); "eager": never compile.
+    compile_profile: Literal["auto", "compile", "eager"] = "auto"
+    # Attention backend (a diffusers name such as "flash" or "native"); "auto" takes the first of
+    # the profile's list that the device has.
+    attention_backend: str = "auto"
+    # Sizes to warm a compiled model on, by model key ([width, height, frames or 0], ...), over the
+    # catalog's class sizes (tests warm small ones).
+    warm_sizes: dict[str, list[tuple[int, int, int]]] = Field(default_factory=dict)
+
+    # LoRAs per request: how many, the largest file, and the rank of the slot they are merged
+    # into (their ranks together at most this; the slot's memory is counted in the pool budget).
+    max_loras: int = Field(default=3, ge=0, le=8)
+    max_lora_bytes: int = Field(default=2 * 1024**3, gt=0)
+    lora_max_rank: int = Field(default=64, ge=1, le=1024)
+    # Accept hub ids ("owner/repo/file.safetensors"): the API fetches them from huggingface.co
+    # through the URL guard at submit, so only the API, never a worker, must reach the hub.
+    lora_hub: bool = False
+    # Where a worker keeps LoRA files by content hash, and how many bytes of them.
+    lora_cache_dir: Path = Path("var/lora-cache")
+    lora_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
+    # A variant's LoRA file by "<model key>:<variant>", over the catalog's hub file (as
+    # `weights` does for models).
+    variant_weights: dict[str, str] = Field(default_factory=dict)
+    # Rank the LoRA slot keeps for a variant's LoRA, beside the request's, on models with variants.
+    variant_lora_rank: int = Field(default=64, ge=1, le=1024)
+
     # Delivery attempts of one job before it is failed and dead-lettered: a job that kills its
     # worker every time must not loop forever.
     max_attempts: int = Field(default=3, ge=1, le=20)

@@ -68,10 +68,15 @@ def get_runner() -> JobRunner:
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
         def load(spec: Any, offload: bool) -> Any:
+            from worker.speed import prepare
+
             weights = settings.weights_for(spec.key, spec.hub_id)
-            return load_adapter(
+            adapter = load_adapter(
                 spec, weights, dataclasses.replace(runtime, offload=offload), settings.adapters
             )
+            if spec.key not in settings.adapters and hasattr(adapter, "runtime"):
+                prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
+            return adapter
 
         def count(change: str, model_key: str) -> None:
             counts = store.keys.load_counts if change == "load" else store.keys.eviction_counts

@@ -78,15 +78,20 @@ class PipelinePool:
         self.loads[model_key] = self.loads.get(model_key, 0) + 1
         if self._on_change is not None:
             self._on_change("load", model_key)
+        self._make_room(0.0, keep=model_key)  # its LoRA slot is measurable only now it is loaded
         log.info("loaded %s in %.2f s (resident: %s)", model_key, load_s, ", ".join(self._resident))
         return Checkout(adapter, loaded=True, load_s=load_s)
 
     @property
-    def used_gb(self) -> int:
-        return sum(self._footprint_gb[key] for key in self._resident)
+    def used_gb(self) -> float:
+        """The catalog footprints of the resident models, plus what their LoRA slots and loaded
+        variants take (measured on the loaded transformer, so it grows when a variant loads)."""
+        return sum(self._footprint_gb[key] + _lora_gb(self._resident[key]) for key in self._resident)
 
-    def _make_room(self, needed_gb: int) -> None:
+    def _make_room(self, needed_gb: float, keep: str | None = None) -> None:
         while self._resident and self.used_gb + needed_gb > self.budget_gb:
+            if keep is not None and next(iter(self._resident)) == keep:
+                break
             key, adapter = self._resident.popitem(last=False)
             del self._footprint_gb[key]
             self.evictions[key] = self.evictions.get(key, 0) + 1
@@ -101,6 +106,11 @@ class PipelinePool:
             log.info("evicted %s", key)
             if self._on_change is not None:
                 self._on_change("evict", key)
+
+
+def _lora_gb(adapter: Adapter) -> float:
+    speed = getattr(adapter, "speed", None)
+    return speed.extra_bytes / 2**30 if speed is not None else 0.0
 
 
 def _release_memory() -> None:

@@ -24,6 +24,7 @@ from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.liveness import alive, hand_back
 from worker.media import IMAGE_OUTPUTS, encode_image, encode_video
 from worker.pool import PipelinePool
+from worker.speed import job_context
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ class JobRunner:
                     raise HandBack()
 
             t0 = time.perf_counter()
-            generated = checkout.adapter.run(request, inputs, on_step)
+            with job_context(checkout.adapter, request, self.storage, timings):
+                generated = checkout.adapter.run(request, inputs, on_step)
             timings["inference_s"] = round(time.perf_counter() - t0, 4)
 
             # 4. Encode and store under keys derived from the job id: a redelivered job

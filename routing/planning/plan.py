@@ -374,6 +374,6 @@ def format_plan(result: Plan) -> str:
         "",
         "One output per job, at the catalog's default size and steps. GPU-seconds assume an L4 for",
         "gpu16 and H100s for gpu80 and h100x8 (an A100 takes longer); figures marked estimate are",
-        "reasoned, not measured: routing/planning/data/gpu_seconds.csv gives each one's reasoning or citation.",
+        "reasoned, not measured; measured ones name the card and date: routing/planning/data/gpu_seconds.csv gives each one's reasoning or citation.",
     ]
     return "\n".join(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -89,3 +90,20 @@ def test_an_h100x8_worker_budgets_one_gpu_and_a_big_smaller_job_evicts_the_group
     assert group.closed
     assert pool.resident == ["z-image-turbo", "qwen-image-edit"] and pool.used_gb == 76
     assert ("evict", "wan2.2-s2v-14b") in changes
+
+
+def test_lora_memory_counts_in_the_budget():
+    # z-image 16 GB + qwen-image 45 GB fit a 62 GB budget; with qwen-image's LoRA slot and a
+    # loaded variant taking 2 GiB more they do not, so the least recently used goes.
+    lora_bytes = {"z-image-turbo": 0, "qwen-image": 2 * 2**30}
+
+    def load(spec: ModelSpec, offload: bool) -> FakeAdapter:
+        adapter = FakeAdapter(spec, offload)
+        adapter.speed = SimpleNamespace(extra_bytes=lora_bytes[spec.key])
+        return adapter
+
+    pool = PipelinePool(load, VramClass.GPU80, budget_gb=62)
+    pool.get("z-image-turbo")
+    pool.get("qwen-image")
+    assert pool.resident == ["qwen-image"] and pool.evictions == {"z-image-turbo": 1}
+    assert pool.used_gb == 47

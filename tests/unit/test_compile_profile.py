@@ -1,0 +1,117 @@
+"""The compile profile on the CPU (inductor), on the smallest model at small sizes: outputs equal
+eager within 2/255 a pixel (float32; inductor reorders sums), a second job at a warmed size, a job
+at a size never warmed and a job with a LoRA hotswapped into the compiled transformer compile
+nothing (dynamo's count of graphs), and the job after the LoRA is bitwise the one before it.
+
+Compiling is slow on a shared CPU: one compiled pipeline serves every test here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from routing.catalog import CATALOG
+from routing.io.storage import LocalStorage
+from routing.schemas import parse_request
+from routing.settings import Settings
+from worker.adapters.base import Runtime
+from worker.adapters.z_image import ZImageAdapter
+from worker.small_models.lora import build_lora
+from worker.speed import job_context, prepare
+
+pytestmark = pytest.mark.timeout(1800)
+
+SPEC = CATALOG["z-image-turbo"]
+RUNTIME = Runtime(device="cpu", dtype=torch.float32)
+# Z-Image pads its token sequence to a multiple of 32: these sizes give 32 and 64 image tokens,
+# two shapes, so the warm-up leaves shape-dynamic blocks; 192x128 (96 tokens) is never warmed.
+WARM = [(64, 64, 0), (128, 128, 0)]
+
+
+def _request(width: int, height: int, **extra: Any) -> Any:
+    data = {"model": SPEC.key, "prompt": "a red fox", "width": width, "height": height, "steps": 2, "seed": 3}
+    return parse_request(data | extra)
+
+
+def _run(adapter: Any, request: Any, storage: Any) -> tuple[np.ndarray, dict[str, float]]:
+    timings: dict[str, float] = {}
+    with job_context(adapter, request, storage, timings):
+        image = adapter.run(request, {}, lambda step, total: None).images[0]
+    return np.asarray(image).astype(int), timings
+
+
+@pytest.fixture(scope="module")
+def setup(small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("compile")
+    weights = str(small_models_dir / SPEC.key)
+    settings = Settings(
+        compile_profile="compile",
+        warm_sizes={SPEC.key: WARM},
+        lora_cache_dir=tmp / "lora-cache",
+        lora_max_rank=8,
+    )
+    storage = LocalStorage(tmp / "objects")
+    lora = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp / "style.safetensors")
+    storage.put("uploads/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    eager = ZImageAdapter(SPEC, weights, RUNTIME)
+    prepare(eager, SPEC, SPEC.vram_class, settings.model_copy(update={"compile_profile": "eager"}))
+    compiled = ZImageAdapter(SPEC, weights, RUNTIME)
+    speed = prepare(compiled, SPEC, SPEC.vram_class, settings)
+    return {"eager": eager, "compiled": compiled, "speed": speed, "storage": storage}
+
+
+def test_compiled_output_equals_eager_and_a_warmed_size_compiles_nothing(setup):
+    assert setup["speed"].compiled and setup["speed"].warmed == WARM
+    for width, height, _ in WARM:
+        eager, _ = _run(setup["eager"], _request(width, height), setup["storage"])
+        compiled, timings = _run(setup["compiled"], _request(width, height), setup["storage"])
+        assert np.abs(compiled - eager).max() <= 2
+        assert timings["compiled_graphs"] == 0 and timings["compile_regional"] == 1
+
+
+def test_a_size_never_warmed_compiles_nothing(setup):
+    _, timings = _run(setup["compiled"], _request(192, 128), setup["storage"])
+    assert timings["compiled_graphs"] == 0
+
+
+def test_a_lora_on_the_compiled_transformer_compiles_nothing(setup):
+    from producer.inputs import InputLimits, resolve_loras
+    from routing.io.net import UrlPolicy
+
+    storage = setup["storage"]
+    before, _ = _run(setup["compiled"], _request(64, 64), storage)
+    request = resolve_loras(
+        _request(64, 64, loras=[{"source": "uploads/style.safetensors"}]),
+        storage,
+        UrlPolicy(),
+        InputLimits(lora_max_rank=8),
+    )
+    styled, timings = _run(setup["compiled"], request, storage)
+    assert timings["compiled_graphs"] == 0
+    assert np.abs(styled - before).max() > 10
+    after, timings = _run(setup["compiled"], _request(64, 64), storage)
+    assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
+
+
+def test_a_variants_lora_on_the_compiled_transformer_compiles_nothing(
+    setup, small_models_dir: Path, tmp_path
+):
+    # Z-Image has no variant in the catalog; its slot takes one the way a Qwen-Image worker does.
+    slot, storage = setup["speed"].slot, setup["storage"]
+    lightning = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp_path / "distilled.safetensors", seed=9)
+    before, _ = _run(setup["compiled"], _request(64, 64), storage)
+    slot.add_variant("variant-test", str(lightning), 1.0)
+    timings: dict[str, float] = {}
+    with job_context(setup["compiled"], _request(64, 64), storage, timings):
+        slot.apply([slot.variants["variant-test"]])
+        fast = np.asarray(setup["compiled"].run(_request(64, 64), {}, lambda s, t: None).images[0]).astype(
+            int
+        )
+        slot.clear()
+    assert timings["compiled_graphs"] == 0 and np.abs(fast - before).max() > 10
+    after, timings = _run(setup["compiled"], _request(64, 64), storage)
+    assert np.array_equal(after, before) and timings["compiled_graphs"] == 0

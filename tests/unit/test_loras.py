@@ -1,0 +1,149 @@
+"""LoRAs on the real small pipelines (eager, CPU): a request's LoRA changes the output, the next
+job without one is bit for bit the output of a pipeline that never had a LoRA, the second job with
+the same LoRA reads nothing from the store, and a variant runs with its steps and its LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from producer.inputs import InputLimits, resolve_loras
+from routing.catalog import CATALOG
+from routing.decision import route
+from routing.io.net import UrlPolicy
+from routing.io.storage import LocalStorage
+from routing.schemas import parse_request
+from routing.settings import Settings
+from worker.adapters.base import Runtime
+from worker.adapters.qwen_image import QwenImageAdapter
+from worker.adapters.z_image import ZImageAdapter
+from worker.small_models.lora import build_lora
+from worker.speed import job_context, prepare
+
+RUNTIME = Runtime(device="cpu", dtype=torch.float32)
+
+
+class CountingStorage(LocalStorage):
+    """The local store, counting reads: a cache hit must read nothing."""
+
+    reads = 0
+
+    def get(self, key: str) -> bytes:
+        self.reads += 1
+        return super().get(key)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> CountingStorage:
+    return CountingStorage(tmp_path / "objects")
+
+
+def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(lora_cache_dir=tmp_path / "lora-cache", lora_max_rank=16, **overrides)
+
+
+def _run(adapter: Any, request: Any, storage: Any) -> tuple[np.ndarray, dict[str, float]]:
+    timings: dict[str, float] = {}
+    with job_context(adapter, request, storage, timings):
+        generated = adapter.run(request, {}, lambda step, total: None)
+    return np.asarray(generated.images[0]), timings
+
+
+def _submit(data: dict[str, Any], storage: Any) -> Any:
+    """What the API does before queueing: parse, then check and store the LoRAs."""
+    return resolve_loras(parse_request(data), storage, UrlPolicy(), InputLimits(lora_max_rank=16))
+
+
+def test_a_lora_changes_the_output_and_leaves_no_trace(small_models_dir: Path, tmp_path: Path, storage):
+    weights = str(small_models_dir / "z-image-turbo")
+    lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
+    storage.put("uploads/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    with_lora = _submit(base | {"loras": [{"source": "uploads/style.safetensors", "scale": 1.0}]}, storage)
+    plain_request = _submit(base, storage)
+    assert with_lora.loras[0].source.startswith("loras/")  # stored by content hash
+
+    never_had_one = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    reference, _ = _run(never_had_one, plain_request, storage)
+
+    adapter = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    speed = prepare(
+        adapter, CATALOG["z-image-turbo"], CATALOG["z-image-turbo"].vram_class, _settings(tmp_path)
+    )
+    assert speed.slot is not None and speed.extra_bytes > 0
+    assert not speed.compiled  # the CPU runs eager unless told
+
+    first, timings = _run(adapter, with_lora, storage)
+    assert np.abs(first.astype(int) - reference.astype(int)).max() > 10
+    assert timings["lora_cache_misses"] == 1 and timings["attention_native"] == 1
+
+    after, _ = _run(adapter, plain_request, storage)
+    assert np.array_equal(after, reference)  # bit for bit: the slot holds zeros again
+
+    reads = storage.reads
+    again, timings = _run(adapter, with_lora, storage)
+    assert timings["lora_cache_hits"] == 1 and timings["lora_cache_misses"] == 0
+    assert storage.reads == reads  # nothing read from the store
+    assert np.array_equal(again, first)
+
+    # Two LoRAs merge into the one slot; half the scale is half the change, not none.
+    half = _submit(base | {"loras": [{"source": "uploads/style.safetensors", "scale": 0.5}]}, storage)
+    halved, _ = _run(adapter, half, storage)
+    assert not np.array_equal(halved, first) and not np.array_equal(halved, reference)
+
+
+def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    model_dir = small_models_dir / "qwen-image"
+    lightning = build_lora(model_dir, "qwen-image", tmp_path / "lightning.safetensors", seed=3)
+    settings = _settings(tmp_path, variant_weights={"qwen-image:lightning-8": str(lightning)})
+    request = _submit(
+        {
+            "model": "qwen-image",
+            "prompt": "a red fox",
+            "width": 64,
+            "height": 64,
+            "seed": 7,
+            "variant": "lightning-8",
+        },
+        storage,
+    )
+    variant = CATALOG["qwen-image"].variants["lightning-8"]
+    assert (request.steps, request.guidance_scale) == (variant.steps, variant.guidance) == (8, 1.0)
+    assert route(request).vram_class is CATALOG["qwen-image"].vram_class  # routed like its model
+
+    adapter = QwenImageAdapter(CATALOG["qwen-image"], str(model_dir), RUNTIME)
+    speed = prepare(adapter, CATALOG["qwen-image"], CATALOG["qwen-image"].vram_class, settings)
+    slot_bytes = speed.extra_bytes
+    steps: list[int] = []
+    timings: dict[str, float] = {}
+    with job_context(adapter, request, storage, timings):
+        fast = np.asarray(adapter.run(request, {}, lambda step, total: steps.append(step)).images[0])
+    assert steps == list(range(1, 9)) and "variant_load_s" in timings
+    assert speed.extra_bytes > slot_bytes  # the variant's LoRA stays loaded, and is counted
+
+    same_steps = request.model_copy(update={"variant": None})
+    base, _ = _run(adapter, same_steps, storage)
+    assert not np.array_equal(fast, base)  # the variant's LoRA took part
+    again, timings = _run(adapter, request, storage)
+    assert np.array_equal(again, fast) and "variant_load_s" not in timings  # loaded once, kept
+
+
+def test_a_hub_id_is_fetched_from_the_hub_through_the_url_guard_only_when_allowed(storage):
+    from routing.errors import InvalidRequest
+
+    request = parse_request(
+        {"model": "z-image-turbo", "prompt": "a fox", "loras": [{"source": "owner/repo/style.safetensors"}]}
+    )
+    # The guard sees huggingface.co (here resolving to a private address, so nothing connects).
+    policy = UrlPolicy(resolver=lambda host, port: {"huggingface.co": ["10.0.0.1"]}[host])
+    for allowed, words in ((False, "FLEET_LORA_HUB is off"), (True, "huggingface.co resolves to 10.0.0.1")):
+        with pytest.raises(InvalidRequest) as raised:
+            resolve_loras(request, storage, policy, InputLimits(lora_hub=allowed))
+        [error] = raised.value.errors
+        assert error.field == "loras.0.source" and words in error.message
