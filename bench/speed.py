@@ -1,6 +1,6 @@
 """Speed of the fast paths on the small models, each against its baseline measured in the same run.
 
-    python bench/speed.py [--only compile lora] [--repeats 5]
+    python bench/speed.py [--only compile lora outputs encode] [--repeats 5]
 
 CPU figures on random weights: they show the mechanism works and what it costs here, nothing about
 a GPU (there, bench/gpu_speed.py) and nothing about image quality.
@@ -14,6 +14,9 @@ Sections, each independent (``--only`` picks some):
   resident slot (apply, run, zero the slot) against diffusers' load-and-unload a job
   (``load_lora_weights``, run, ``unload_lora_weights``); the LoRA's cost a job beyond the plain
   job, and the ratio of whole jobs.
+- ``outputs``: one job of four outputs against four jobs of one, and what one batched pipeline
+  call would take (``bench/outputs.py``, which also runs alone).
+- ``encode``: PNG against WebP and JPEG at 1024x1024 and 1280x704 (``bench/outputs.py``).
 """
 
 from __future__ import annotations
@@ -137,8 +140,28 @@ def lora_section(repeats: int, work: Path) -> None:
     )
 
 
-# Independent sections, run in this order; other parts of the fast path add theirs here.
-SECTIONS: dict[str, Callable[[int, Path], None]] = {"compile": compile_section, "lora": lora_section}
+def outputs_section(repeats: int, work: Path) -> None:
+    import outputs  # bench/outputs.py, beside this file
+
+    from worker.small_models import build
+
+    build(ROOT / "var" / "small-models", list(outputs.MODELS))
+    outputs.outputs_section(ROOT / "var" / "small-models", repeats)
+
+
+def encode_section(repeats: int, work: Path) -> None:
+    import outputs
+
+    outputs.encode_section(repeats)
+
+
+# Independent sections, run in this order.
+SECTIONS: dict[str, Callable[[int, Path], None]] = {
+    "compile": compile_section,
+    "lora": lora_section,
+    "outputs": outputs_section,
+    "encode": encode_section,
+}
 
 
 def main() -> None:
