@@ -137,9 +137,11 @@ class JobRunner:
                     raise JobCanceled()
                 if state.drain:
                     raise HandBack()
+                if self.ahead is not None:
+                    self.ahead.kick(job_id)
 
             if self.ahead is not None:
-                self.ahead.kick(job_id)
+                self.ahead.kick(job_id, now=True)
             t0 = time.perf_counter()
             try:
                 generated = checkout.adapter.run(request, inputs, on_step)
