@@ -314,8 +314,7 @@ def plan(
         busy_share = {}
     if not 0 < target_utilisation <= 1:
         raise PlanError(f"target utilisation must be in (0, 1] (got {target_utilisation})")
-    measured = busy_share if isinstance(busy_share, Mapping) else {}
-    for share in [*measured.values(), *([] if measured else [busy_share])]:
+    for share in busy_share.values() if isinstance(busy_share, Mapping) else [busy_share]:
         if not 0 < share <= 1:
             raise PlanError(f"GPU-busy share must be in (0, 1] (got {share})")
     by_class: dict[VramClass, list[tuple[Rate, JobCost]]] = {}

@@ -118,7 +118,9 @@ def test_the_gpu_busy_share_sizes_the_fleet_for_the_time_outside_pipeline_calls(
     assert (gpu16.instances, gpu16.busy_share, gpu16.busy_basis) == (5, 0.5, "given")
     assert gpu16.utilisation == pytest.approx(2 / 3)
     assert gpu16.usd_per_job == pytest.approx(5 * 0.80 / 600)
-    # Measured shares are by class; a class without one gets the default.
+    # Measured shares are by class; a class without one gets the default, as with none given.
+    (gpu16,) = plan(rates, costs, instances).classes
+    assert (gpu16.busy_share, gpu16.busy_basis) == (DEFAULT_BUSY_SHARE, "default")
     (gpu16,) = plan(rates, costs, instances, busy_share={VramClass.GPU80: 0.5}).classes
     assert (gpu16.busy_share, gpu16.busy_basis) == (DEFAULT_BUSY_SHARE, "default")
     (gpu16,) = plan(rates, costs, instances, busy_share={VramClass.GPU16: 0.8}).classes
