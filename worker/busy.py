@@ -35,12 +35,12 @@ class BusyMeter:
                 self._held_since = claimed_at
             self._held += 1
 
-    def job_ended(self) -> None:
+    def job_ended(self, now: float | None = None) -> None:
         """A job's record is final (or the job was handed on): it no longer occupies the worker."""
         with self._lock:
             self._held -= 1
             if self._held == 0:
-                now = time.time()
+                now = time.time() if now is None else now
                 self._work_s += now - self._held_since
                 self._idle_since = now
 
@@ -55,9 +55,14 @@ class BusyMeter:
             held = time.time() - self._held_since if self._held else 0.0
             return self._busy_s, self._work_s + held
 
-    def take_new(self) -> tuple[float, float]:
-        """Busy and work seconds added since the last call (closed stretches only)."""
+    def take_new(self, now: float | None = None) -> tuple[float, float]:
+        """Busy and work seconds added since the last call, up to now (a stretch of work under
+        way is counted so far and goes on from here)."""
         with self._lock:
+            if self._held:
+                now = time.time() if now is None else now
+                self._work_s += now - self._held_since
+                self._held_since = now
             busy, work = self._busy_s - self._flushed[0], self._work_s - self._flushed[1]
             self._flushed = (self._busy_s, self._work_s)
             return busy, work
