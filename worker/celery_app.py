@@ -213,7 +213,7 @@ app.steps["worker"].add(FleetStats)
 def run_job(self: Any, job_id: str) -> str:
     _outcomes.hostname = self.request.hostname or ""
     outcome = get_runner().run(job_id)
-    log.info("job %s: %s", job_id, outcome)
+    log.info("job %s: %r", job_id, outcome)
     # The task's own end says nothing: what became of the job is told (TaskOutcomes) once its
     # record says so, which for a generated job is after the finisher has stored its outputs.
     raise Ignore()
