@@ -19,7 +19,6 @@ def test_soak_60_jobs_under_repeated_worker_kills(tmp_path):
 
     assert not figures.timed_out
     assert figures.kills >= 3  # it did kill workers, several times, while they ran jobs
-    assert figures.kills_overlapped >= 1  # ...at least once while one job stored and the next generated
     assert figures.ok, figures.problems
     # Every job finished: succeeded, or dead-lettered after max_attempts deaths (none expected
     # from kills this far apart, but allowed: the figures say how many).
