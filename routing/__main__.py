@@ -54,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="share of a worker's time with work its GPU spends in pipeline calls, in (0, 1]; "
         "'measured' reads what the fleet's workers measured (FLEET_REDIS_URL), per class, "
         f"with the default for classes without enough data (default {planner.DEFAULT_BUSY_SHARE}, "
-        "bench/gpu_busy.py's overlapped worker)",
+        "the overlapped worker's goal, not a measurement)",
     )
     p.add_argument(
         "--instance",

@@ -48,9 +48,10 @@ BASES = ("measured", "published", "estimate")
 # GPUs one worker of each class holds: an h100x8 worker is one torchrun group over eight.
 GPUS_PER_WORKER = {VramClass.GPU16: 1, VramClass.GPU80: 1, VramClass.H100X8: 8}
 DEFAULT_TARGET_UTILISATION = 0.7
-# The GPU-busy share where the fleet has not measured its own: bench/gpu_busy.py's overlapped
-# figure for 1 s image jobs (the lower of its image and video figures), on a sleeping stand-in
-# for the GPU. Sequential workers measured 0.8 there.
+# The GPU-busy share where the fleet has not measured its own: the overlapped worker's goal for
+# 1 s image jobs, not a measurement on a GPU host (bench/gpu_busy.py reached 0.886 on a loaded
+# 2-core CPU machine with a sleeping stand-in, against 0.600 sequential). Plan with
+# `--busy-share measured` once workers have run.
 DEFAULT_BUSY_SHARE = 0.97
 # Seconds with work a class needs before its measured share is used instead of the default.
 MIN_MEASURED_WORK_S = 600.0
@@ -428,7 +429,7 @@ def format_plan(result: Plan) -> str:
         "gpu16 and H100s for gpu80 and h100x8 (an A100 takes longer); figures marked estimate are",
         "reasoned, not measured: routing/planning/data/gpu_seconds.csv gives each one's reasoning or citation.",
         "busy: the share of a worker's time with work its GPU spends in pipeline calls (measured by",
-        f"the fleet's workers, given, or the default {DEFAULT_BUSY_SHARE} from bench/gpu_busy.py); GPU-s/h",
+        f"the fleet's workers, given, or the default {DEFAULT_BUSY_SHARE}, a goal, not measured); GPU-s/h",
         "are pipeline seconds, and instances are sized for GPU-s/h / busy.",
     ]
     return "\n".join(out)
