@@ -14,6 +14,12 @@ since stopped, and a counter can never disagree with the job records.
     fleet_workers{class}                                   live workers
     fleet_resident_models{worker, model}                   1 per model resident in a worker
     fleet_worker_gpu_memory_bytes{worker}                  allocated by torch (GPU workers)
+    fleet_gpu_busy_seconds_total{worker, class}            seconds inside pipeline calls
+    fleet_gpu_work_seconds_total{worker, class}            seconds with work (held a job, or
+                                                           one was waiting); busy / work is the
+                                                           GPU-busy share (worker.busy)
+    fleet_model_load_seconds_total{model, class, phase}    cold starts: read (weights) | to_device
+    fleet_model_loads_total{model, class}                  cold starts
 """
 
 from __future__ import annotations
@@ -73,6 +79,25 @@ class FleetCollector(Collector):
             "fleet_dead_letters", "Jobs given up after too many attempts", value=float(dead)
         )
         yield from self._workers()
+        yield from self._loads()
+
+    def _loads(self) -> Iterator[Any]:
+        seconds = CounterMetricFamily(
+            "fleet_model_load_seconds",
+            "Seconds loading models: reading the weights, moving them to the device",
+            labels=["model", "class", "phase"],
+        )
+        loads = CounterMetricFamily(
+            "fleet_model_loads", "Models loaded (cold starts)", labels=["model", "class"]
+        )
+        for label, value in sorted(_hash(self.client, self.keys.metrics("load_s")).items()):
+            model, vram_class, what = label.split("|")
+            if what == "count":
+                loads.add_metric([model, vram_class], float(value))
+            else:
+                seconds.add_metric([model, vram_class, what], float(value))
+        yield seconds
+        yield loads
 
     def _run_seconds(self) -> HistogramMetricFamily:
         histogram = HistogramMetricFamily(
@@ -103,10 +128,25 @@ class FleetCollector(Collector):
         memory = GaugeMetricFamily(
             "fleet_worker_gpu_memory_bytes", "GPU memory torch has allocated", labels=["worker"]
         )
+        busy = CounterMetricFamily(
+            "fleet_gpu_busy_seconds",
+            "Seconds the worker's GPU spent inside pipeline calls",
+            labels=["worker", "class"],
+        )
+        work = CounterMetricFamily(
+            "fleet_gpu_work_seconds",
+            "Seconds the worker had work: held a job, or the job it took next was waiting",
+            labels=["worker", "class"],
+        )
         for name, state in sorted(states.items()):
             for model in state.get("resident", []):
                 resident.add_metric([name, model], 1.0)
             if "gpu_memory_bytes" in state:
                 memory.add_metric([name], float(state["gpu_memory_bytes"]))
+            if "gpu_busy_s" in state:
+                busy.add_metric([name, state["class"]], float(state["gpu_busy_s"]))
+                work.add_metric([name, state["class"]], float(state["gpu_work_s"]))
         yield resident
         yield memory
+        yield busy
+        yield work

@@ -49,6 +49,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="share of GPU time to plan for, in (0, 1] (default %(default)s)",
     )
     p.add_argument(
+        "--busy-share",
+        metavar="B|measured",
+        help="share of a worker's time with work its GPU spends in pipeline calls, in (0, 1]; "
+        "'measured' reads what the fleet's workers measured (FLEET_REDIS_URL), per class, "
+        f"with the default for classes without enough data (default {planner.DEFAULT_BUSY_SHARE}, "
+        "the overlapped worker's goal, not a measurement)",
+    )
+    p.add_argument(
         "--instance",
         action="append",
         default=[],
@@ -102,8 +110,26 @@ def _plan(args: argparse.Namespace) -> str:
         for i in planner.load_instances()
     ]
     chosen = planner.choose_instances(instances, overrides)
-    result = planner.plan(rates, planner.load_job_costs(), chosen, args.target_utilisation)
+    result = planner.plan(
+        rates, planner.load_job_costs(), chosen, args.target_utilisation, _busy_share(args.busy_share)
+    )
     return planner.format_plan(result)
+
+
+def _busy_share(text: str | None) -> float | dict[VramClass, float] | None:
+    if text is None:
+        return None
+    if text == "measured":
+        from routing.io.connection import connect
+        from routing.jobs.keys import Keys
+        from routing.settings import get_settings
+
+        settings = get_settings()
+        return planner.measured_busy_shares(connect(settings), Keys(settings.key_prefix))
+    try:
+        return float(text)
+    except ValueError:
+        raise planner.PlanError(f"--busy-share {text!r}: want a number in (0, 1] or 'measured'") from None
 
 
 def main(argv: list[str] | None = None) -> int:

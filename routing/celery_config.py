@@ -3,8 +3,11 @@
 Settings for long GPU tasks on a Redis broker:
 
 - JSON only, both ways: a message can never carry code (pickle is refused at the door).
-- Late acknowledgement with rejection on worker loss: a job is acknowledged only once it has
-  finished, so a worker that dies mid-job hands it back instead of losing it.
+- Late acknowledgement with rejection on worker loss: a job's message is acknowledged only once
+  its pipeline call is over, so a worker that dies mid-generation hands it back instead of losing
+  it. Encoding, storing and recording then run on the worker's finisher thread, where the job
+  record (``running``, owned by that worker) keeps the job: if the worker dies, the reaper hands
+  it back (``worker.finisher``).
 - Prefetch 1: a worker holds no job it is not running; the next one stays in Redis where any
   other free worker can take it.
 - A short visibility timeout (``visibility_timeout_s``, 10 minutes), not one above the longest

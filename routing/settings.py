@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # catalog's hub id.
     model_root: Path | None = None
     weights: dict[str, str] = Field(default_factory=dict)
+    # A node-local copy of weights (NVMe): `<weights_cache_dir>/<model key>`, when that directory
+    # exists, is read instead of any of the above.
+    weights_cache_dir: Path | None = None
     device: str = "auto"  # "auto" picks cuda when present
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -117,6 +120,16 @@ class Settings(BaseSettings):
     group_adapters: dict[str, str] = Field(default_factory=dict)
     # VRAM the worker's resident models may take on its GPU; one GPU of the class when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
+    # Generated jobs whose outputs may wait to be encoded, stored and recorded while the GPU
+    # generates the next one; a job that finds them all taken waits, so a slow store slows
+    # generation instead of filling memory. 0: encode and store before taking the next job.
+    max_pending_outputs: int = Field(default=1, ge=0, le=8)
+    # While a job generates, fetch and decode the input media of the job at the head of the
+    # worker's queues (nothing is taken from the queue: priorities still decide what runs).
+    decode_ahead: bool = True
+    # "module:callable" wrapping the worker's storage (given the Storage, returns one): for tests
+    # and benchmarks that need a slow or failing store. Unset in production.
+    storage_wrapper: str | None = None
 
     # Speed profile (routing/catalog.py has one per model and class). "auto": the catalog's
     # profile on a GPU, eager on the CPU; "compile": the profile on any device (inductor on the
@@ -166,6 +179,8 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=600, ge=30)
 
     def weights_for(self, model_key: str, hub_id: str) -> str:
+        if self.weights_cache_dir is not None and (self.weights_cache_dir / model_key).is_dir():
+            return str(self.weights_cache_dir / model_key)
         if model_key in self.weights:
             return self.weights[model_key]
         if self.model_root is not None:

@@ -18,18 +18,30 @@ import sys
 import time
 from typing import Any
 
-from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutting_down
+from celery import bootsteps
+from celery.exceptions import Ignore
+from celery.signals import (
+    task_failure,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
-from routing.classes import VramClass
+from routing.classes import VramClass, consumed_queues
 from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.storage import make_storage
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.workers import worker_states
 from routing.settings import get_settings
 from worker import liveness
+from worker.ahead import peek_next
+from worker.busy import share
+from worker.outcomes import TaskOutcomes
 from worker.pool import PipelinePool
 from worker.runner import JobRunner
 
@@ -44,6 +56,7 @@ app.conf.worker_proc_alive_timeout = 900
 app.conf.worker_soft_shutdown_timeout = 60.0
 
 _runner: JobRunner | None = None
+_outcomes = TaskOutcomes(app)
 
 
 def _store() -> JobStore:
@@ -81,23 +94,54 @@ def get_runner() -> JobRunner:
         def count(change: str, model_key: str) -> None:
             counts = store.keys.load_counts if change == "load" else store.keys.eviction_counts
             store.client.hincrby(counts, f"{name}:{model_key}", 1)
+            if change == "load":  # cold-start seconds by phase, for the metrics
+                load_s, to_device_s = pool.load_seconds[model_key]
+                label = f"{model_key}|{vram_class.value}|"
+                with store.client.pipeline(transaction=False) as pipe:
+                    pipe.hincrbyfloat(store.keys.metrics("load_s"), label + "read", load_s - to_device_s)
+                    pipe.hincrbyfloat(store.keys.metrics("load_s"), label + "to_device", to_device_s)
+                    pipe.hincrby(store.keys.metrics("load_s"), label + "count", 1)
+                    pipe.execute()
 
         pool = PipelinePool(load, vram_class, budget_gb=settings.vram_budget_gb, on_change=count)
+        queues = consumed_queues(vram_class)
         _runner = JobRunner(
             store,
-            make_storage(settings),
+            _storage(),
             pool,
             name,
             max_attempts=settings.max_attempts,
             max_wait_s=settings.max_wait_s,
             drain_key=store.keys.drain(liveness.process_name(vram_class, os.getppid())),
+            max_pending_outputs=settings.max_pending_outputs,
+            peek_next=(lambda: peek_next(store.client, queues)) if settings.decode_ahead else None,
+            on_outcome=_outcomes.report,
         )
-        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool))
+        runner = _runner
+        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool, runner))
     return _runner
 
 
-def _state(pool: PipelinePool) -> dict[str, object]:
-    state: dict[str, object] = {"resident": pool.resident, "resident_gb": pool.used_gb}
+def _storage() -> Any:
+    storage = make_storage(settings)
+    if settings.storage_wrapper:
+        import importlib
+
+        module, _, attr = settings.storage_wrapper.partition(":")
+        storage = getattr(importlib.import_module(module), attr)(storage)
+    return storage
+
+
+def _state(pool: PipelinePool, runner: JobRunner) -> dict[str, object]:
+    busy_s, work_s = runner.busy.totals()
+    state: dict[str, object] = {
+        "resident": pool.resident,
+        "resident_gb": pool.used_gb,
+        # Seconds inside pipeline calls, out of seconds with work: the GPU-busy share.
+        "gpu_busy_s": round(busy_s, 3),
+        "gpu_work_s": round(work_s, 3),
+        "gpu_busy_share": share(busy_s, work_s),
+    }
     torch = sys.modules.get("torch")  # only once a model has loaded it
     if torch is not None and torch.cuda.is_available():
         state["gpu_memory_bytes"] = torch.cuda.memory_allocated()
@@ -142,6 +186,39 @@ def _hard_time_limit(sender: Any = None, task_id: str | None = None, exception: 
         pass
 
 
-@app.task(name=RUN_JOB_TASK)
-def run_job(job_id: str) -> str:
-    return get_runner().run(job_id)
+@worker_process_shutdown.connect
+def _finish_pending(**_: Any) -> None:
+    # In the pool child, as it exits (a warm shutdown, or the parent replacing it): the jobs the
+    # finisher holds are stored and recorded first. A kill skips this: the reaper hands them back.
+    if _runner is not None and not _runner.finisher.wait_idle(timeout_s=settings.max_run_s):
+        log.warning("exiting with jobs still finishing; the reaper will hand them back")
+
+
+class FleetStats(bootsteps.StartStopStep):
+    """Adds the pool child's resident models and GPU-busy share (from its heartbeat) to the
+    worker's ``inspect stats``, which Flower shows on the worker's page."""
+
+    def info(self, worker: Any) -> dict[str, object]:
+        try:
+            states = worker_states(_store().client, Keys(settings.key_prefix))
+        except Exception:
+            return {}
+        children = {
+            name: {k: state.get(k) for k in ("resident", "gpu_busy_s", "gpu_work_s", "gpu_busy_share")}
+            for name, state in states.items()
+            if liveness.of_this_start(name)
+        }
+        return {"fleet": children}
+
+
+app.steps["worker"].add(FleetStats)
+
+
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job(self: Any, job_id: str) -> str:
+    _outcomes.hostname = self.request.hostname or ""
+    outcome = get_runner().run(job_id)
+    log.info("job %s: %r", job_id, outcome)
+    # The task's own end says nothing: what became of the job is told (TaskOutcomes) once its
+    # record says so, which for a generated job is after the finisher has stored its outputs.
+    raise Ignore()

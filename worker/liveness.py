@@ -39,6 +39,11 @@ def process_name(vram_class: VramClass, pid: int | None = None) -> str:
     return f"{vram_class.value}@{_HOST}:{pid or os.getpid()}:{_START}"
 
 
+def of_this_start(name: str) -> bool:
+    """``name`` is a process of this worker start (the main process or its pool children)."""
+    return name.endswith(f":{_START}")
+
+
 def pid_of(name: str) -> int | None:
     """The pid in a process name (see ``process_name``)."""
     pid = name.partition("@")[2].partition(":")[2].split(":", 1)[0]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from routing.catalog import ModelSpec, footprint_gb, get_model
 from routing.classes import VramClass
-from worker.adapters.base import Adapter
+from worker.adapters.base import Adapter, placing_seconds
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class Checkout:
     adapter: Adapter
     loaded: bool  # this call loaded the model (a cold start)
     load_s: float
+    to_device_s: float = 0.0  # of load_s, moving the weights to the device; the rest read them
 
 
 class PipelinePool:
@@ -52,6 +53,8 @@ class PipelinePool:
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
         self._footprint_gb: dict[str, int] = {}
         self.loads: dict[str, int] = {}
+        # The last load of each model: (seconds in all, of which moving to the device).
+        self.load_seconds: dict[str, tuple[float, float]] = {}
         self.evictions: dict[str, int] = {}
 
     @property
@@ -70,9 +73,11 @@ class PipelinePool:
                 f"{model_key} does not fit a {self.vram_class.value} worker ({self.budget_gb} GB budget)"
             )
         self._make_room(needed_gb)
-        started = time.perf_counter()
+        started, placed = time.perf_counter(), placing_seconds()
         adapter = self._loader(spec, needed_gb < spec.vram_gb)
         load_s = time.perf_counter() - started
+        to_device_s = placing_seconds() - placed
+        self.load_seconds[model_key] = (load_s, to_device_s)
         self._resident[model_key] = adapter
         self._footprint_gb[model_key] = needed_gb
         self.loads[model_key] = self.loads.get(model_key, 0) + 1
@@ -80,7 +85,7 @@ class PipelinePool:
             self._on_change("load", model_key)
         self._make_room(0.0, keep=model_key)  # its LoRA slot is measurable only now it is loaded
         log.info("loaded %s in %.2f s (resident: %s)", model_key, load_s, ", ".join(self._resident))
-        return Checkout(adapter, loaded=True, load_s=load_s)
+        return Checkout(adapter, loaded=True, load_s=load_s, to_device_s=to_device_s)
 
     @property
     def used_gb(self) -> float:

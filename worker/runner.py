@@ -2,6 +2,11 @@
 
 A model failure is a job result (``failed`` with a reason the caller can act on), never a worker
 crash; only a broken worker (the process dies) is fatal, and then the broker hands the job back.
+
+The GPU does not wait on the CPU: step 4 (encode, store, record) runs on the finisher's thread
+(``worker.finisher``) while the caller takes the next job and generates it, and the next job's
+input media are decoded while this one generates (``worker.ahead``). A job is finished only
+when its record says so, which step 4 writes after the outputs are stored.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -21,12 +28,19 @@ from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
 from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
+from worker.ahead import DecodeAhead
+from worker.busy import BusyMeter
+from worker.finisher import Finisher
 from worker.liveness import alive, hand_back
 from worker.media import IMAGE_OUTPUTS, encode_image, encode_video
 from worker.pool import PipelinePool
 from worker.speed import job_context
 
 log = logging.getLogger(__name__)
+
+# Told what became of a job once its record says so: (job id, SUCCEEDED | FAILED | CANCELED,
+# the error) for a final state, (job id, QUEUED, the reason) for a job handed back to a queue.
+OutcomeHook = Callable[[str, JobStatus, dict[str, str] | None], None]
 
 
 class HandBack(Exception):
@@ -49,6 +63,9 @@ class JobRunner:
         max_attempts: int = 3,
         max_wait_s: float = 6 * 3600,
         drain_key: str = "",
+        max_pending_outputs: int = 1,
+        peek_next: Callable[[], str | None] | None = None,
+        on_outcome: OutcomeHook | None = None,
     ):
         self.store = store
         self.storage = storage
@@ -57,26 +74,59 @@ class JobRunner:
         self.max_attempts = max_attempts
         self.max_wait_s = max_wait_s
         self.drain_key = drain_key
+        self.finisher = Finisher(max_pending_outputs)
+        self.ahead = DecodeAhead(peek_next, self._decode_ahead) if peek_next is not None else None
+        self.busy = BusyMeter()
+        self.on_outcome = on_outcome
 
     def run(self, job_id: str) -> str:
-        """Run ``job_id`` to a terminal state, or hand it on; returns what became of it."""
+        """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
+        ("finishing" once step 4 is under way on the finisher's thread)."""
         # 1. Claim it, unless it is finished, canceled, or alive on another worker.
         claimed = self._claim(job_id)
         if isinstance(claimed, str):
             return claimed
         record, started_at = claimed
-        timings = {"queue_wait_s": round(started_at - record.created_at, 4)}
+        self.busy.job_started(started_at, record.created_at)
+        finishing = False
+        try:
+            generated = self._generate(job_id, record, started_at)
+            if isinstance(generated, str):
+                return generated
+            # 4. Encode and store, then record: on the finisher's thread, while this one takes
+            #    the next job (it waits here while max_pending_outputs jobs are finishing).
+            try:
+                status = self.finisher.submit(partial(self._complete, job_id, record, started_at, *generated))
+            except SoftTimeLimitExceeded as exc:
+                _, _, timings = generated
+                return self._finish(
+                    job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
+                )
+            finishing = True
+            return status or "finishing"
+        finally:
+            if not finishing:
+                self._done_with_job()
 
+    def _generate(
+        self, job_id: str, record: JobRecord, started_at: float
+    ) -> tuple[RequestBase, Generated, dict[str, float]] | str:
+        """Steps 2 and 3; what was generated, or what became of the job when it ended here."""
+        timings = {"queue_wait_s": round(started_at - record.created_at, 4)}
         try:
             # 2. The stored request is re-checked: it is what the caller was told would run.
+            #    Its inputs may have been decoded while the job before it generated.
             request = parse_request(record.request)
             t0 = time.perf_counter()
-            inputs = self._load_inputs(request, job_id)
+            inputs = self._inputs(job_id, request, timings)
             if inputs:
                 timings["inputs_s"] = round(time.perf_counter() - t0, 4)
             checkout = self.pool.get(request.model)
             if checkout.loaded:
+                # A cold start: reading the weights, and moving them to the device.
                 timings["load_s"] = round(checkout.load_s, 4)
+                timings["load_read_s"] = round(checkout.load_s - checkout.to_device_s, 4)
+                timings["load_to_device_s"] = round(checkout.to_device_s, 4)
 
             # 3. Generate, reporting every step; stop at the first step after a cancel, or hand
             #    the job back at the first step after this worker began shutting down.
@@ -88,23 +138,29 @@ class JobRunner:
                     raise JobCanceled()
                 if state.drain:
                     raise HandBack()
+                if self.ahead is not None:
+                    self.ahead.kick(job_id)
 
+            if self.ahead is not None:
+                self.ahead.kick(job_id, now=True)
             t0 = time.perf_counter()
-            with job_context(checkout.adapter, request, self.storage, timings):
-                generated = checkout.adapter.run(request, inputs, on_step)
+            try:
+                with job_context(checkout.adapter, request, self.storage, timings):
+                    generated = checkout.adapter.run(request, inputs, on_step)
+            finally:
+                self.busy.pipeline(time.perf_counter() - t0)
             timings["inference_s"] = round(time.perf_counter() - t0, 4)
-
-            # 4. Encode and store under keys derived from the job id: a redelivered job
-            #    overwrites its own outputs, it never adds a second set.
-            outputs = self._store_outputs(job_id, request, generated, timings)
         except Superseded:
             log.warning("job %s was handed on while this worker ran it; leaving it", job_id)
             return f"skipped ({self.store.get(job_id).status.value})"
         except JobCanceled:
             return self._finish(job_id, JobStatus.CANCELED, timings, started_at)
         except HandBack:
-            handed = hand_back(self.store, job_id, self.worker_name, f"worker {self.worker_name} shut down")
-            return "handed back" if handed else f"skipped ({self.store.get(job_id).status.value})"
+            reason = f"worker {self.worker_name} shut down"
+            if hand_back(self.store, job_id, self.worker_name, reason):
+                self._tell(job_id, JobStatus.QUEUED, {"type": "handed_back", "message": reason})
+                return "handed back"
+            return f"skipped ({self.store.get(job_id).status.value})"
         except SoftTimeLimitExceeded as exc:
             return self._finish(
                 job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
@@ -124,11 +180,63 @@ class JobRunner:
                 started_at,
                 error=_error(getattr(exc, "error_type", ErrorType.MODEL_ERROR), exc),
             )
-        status = self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
-        # What the next ETAs are priced with: the run without any model load.
-        run_s = timings["run_s"] - timings.get("load_s", 0.0)
-        record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
-        return status
+        return request, generated, timings
+
+    def _complete(
+        self,
+        job_id: str,
+        record: JobRecord,
+        started_at: float,
+        request: RequestBase,
+        generated: Generated,
+        timings: dict[str, float],
+    ) -> str:
+        """Step 4: encode and store under keys derived from the job id (a redelivered job
+        overwrites its own outputs, it never adds a second set), then record the outcome."""
+        try:
+            try:
+                outputs = self._store_outputs(job_id, request, generated, timings)
+            except SoftTimeLimitExceeded as exc:
+                return self._finish(
+                    job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
+                )
+            except Exception as exc:  # a model failure is the job's result, not the worker's
+                if _out_of_memory(exc):
+                    return self._escalate(job_id, record.queue, exc, timings, started_at)
+                log.exception("job %s failed", job_id)
+                return self._finish(
+                    job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.MODEL_ERROR, exc)
+                )
+            status = self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
+            # What the next ETAs are priced with: the run without any model load.
+            run_s = timings["run_s"] - timings.get("load_s", 0.0)
+            record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
+            return status
+        finally:
+            self._done_with_job()
+
+    def _done_with_job(self) -> None:
+        """The job no longer occupies this worker: count its seconds in the class's totals."""
+        self.busy.job_ended()
+        busy_s, work_s = self.busy.take_new()
+        if work_s > 0 or busy_s > 0:
+            field = f"{self.pool.vram_class.value}|"
+            with self.store.client.pipeline(transaction=False) as pipe:
+                pipe.hincrbyfloat(self.store.keys.metrics("gpu_busy"), field + "busy_s", busy_s)
+                pipe.hincrbyfloat(self.store.keys.metrics("gpu_busy"), field + "work_s", work_s)
+                pipe.execute()
+
+    def _tell(self, job_id: str, status: JobStatus, error: JobError | dict[str, str] | None) -> None:
+        """Tell the monitor (Flower) what became of the job; ``error`` is the recorded error, or
+        why a job went back to a queue (``handed_back``, ``escalated``)."""
+        if self.on_outcome is None:
+            return
+        if isinstance(error, JobError):
+            error = {"type": error.type.value, "message": error.message, "where": error.where}
+        try:
+            self.on_outcome(job_id, status, error)
+        except Exception:  # telling the monitor must never change what became of the job
+            log.warning("job %s: reporting its outcome failed", job_id, exc_info=True)
 
     def _claim(self, job_id: str) -> tuple[JobRecord, float] | str:
         try:
@@ -172,6 +280,7 @@ class JobRunner:
             )
         except Conflict:
             return f"skipped ({self.store.get(record.id).status.value})"
+        self._tell(record.id, JobStatus.FAILED, error)
         return "expired"
 
     def _give_up(self, record: JobRecord) -> str:
@@ -184,6 +293,7 @@ class JobRunner:
         entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": time.time()}
         self.store.client.lpush(self.store.keys.dead_letters, json.dumps(entry))
         log.error("job %s dead-lettered: %s", record.id, reason)
+        self._tell(record.id, JobStatus.FAILED, error)
         return "dead-lettered"
 
     def _escalate(
@@ -215,7 +325,31 @@ class JobRunner:
         except Conflict:
             return f"skipped ({self.store.get(job_id).status.value})"
         log.warning("job %s ran out of memory on %s; escalated to %s", job_id, current.value, new_queue)
+        self._tell(
+            job_id, JobStatus.QUEUED, {"type": "escalated", "message": f"out of memory: to {new_queue}"}
+        )
         return f"escalated to {new_queue}"
+
+    def _inputs(self, job_id: str, request: RequestBase, timings: dict[str, float]) -> Inputs:
+        ahead = self.ahead.take(job_id) if self.ahead is not None else None
+        if ahead is None:
+            return self._load_inputs(request, job_id)
+        inputs, timings["inputs_ahead_s"] = ahead
+        return inputs
+
+    def _decode_ahead(self, job_id: str) -> tuple[Inputs, float] | None:
+        """The decoded inputs of a job still waiting in a queue, and the seconds they took; None
+        for a job without input media (or not waiting any more)."""
+        record = self.store.get(job_id)
+        if record.status is not JobStatus.QUEUED:
+            return None
+        request = parse_request(record.request)
+        if not request.media_fields():
+            return None
+        t0 = time.perf_counter()
+        inputs = self._load_inputs(request, job_id)
+        log.info("decoded the inputs of job %s ahead", job_id)
+        return inputs, round(time.perf_counter() - t0, 4)
 
     def _load_inputs(self, request: RequestBase, job_id: str) -> Inputs:
         """The request's input media from the store (checked at submit): decoded, with the bytes
@@ -300,6 +434,7 @@ class JobRunner:
         except Conflict as exc:
             log.warning("job %s: %s", job_id, exc)
             return f"skipped ({self.store.get(job_id).status.value})"
+        self._tell(job_id, status, error)
         return status.value
 
 

@@ -82,7 +82,9 @@ class Keys:
         return f"{self.prefix}:drain:{worker_process}"
 
     def metrics(self, name: str) -> str:
-        """Hashes of fleet metrics (``submitted``, ``finished``, ``run_s``): producer/metrics.py."""
+        """Hashes of fleet metrics (``submitted``, ``finished``, ``run_s``; ``load_s``:
+        ``<model>|<class>|read|to_device|count``; ``gpu_busy``: ``<class>|busy_s|work_s``, what
+        the capacity planner reads): producer/metrics.py."""
         return f"{self.prefix}:metrics:{name}"
 
     def webhooks_disabled(self, tenant: str) -> str:

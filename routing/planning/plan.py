@@ -6,13 +6,18 @@ at the catalog's default size and steps, per model, task kind and class) and
 says whether its figure was measured, published or estimated, and the plan prints that beside
 each figure, so an estimate never passes for a measurement.
 
-Per class, with ``u`` the target utilisation:
+Per class, with ``u`` the target utilisation and ``b`` the GPU-busy share:
 
     GPU-seconds per hour = sum over rates of (jobs per hour x GPU-seconds per job)
-    instances            = ceil(GPU-seconds per hour / (GPUs per instance x 3600 x u))
-    utilisation          = GPU-seconds per hour / (instances x GPUs per instance x 3600)
+    instances            = ceil(GPU-seconds per hour / b / (GPUs per instance x 3600 x u))
+    utilisation          = GPU-seconds per hour / b / (instances x GPUs per instance x 3600)
     dollars per hour     = instances x instance price
     dollars per output   = the job's GPU-seconds x dollars per hour / GPU-seconds per hour
+
+GPU-seconds per job are pipeline time; a worker with work spends a share ``b`` of its wall time
+inside pipeline calls and the rest decoding, encoding, storing and recording what the GPU does
+not overlap. ``b`` is measured by the workers (``worker.busy``; each class's totals in Redis,
+read with ``measured_busy_shares``), or ``DEFAULT_BUSY_SHARE`` where the fleet has not measured it.
 
 An h100x8 job holds all eight GPUs of its instance, so its GPU-seconds are eight times its wall
 time. A job is planned on its catalog class (where ``routing.decision.route`` sends it at the
@@ -29,9 +34,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from routing.catalog import TaskKind, get_model
 from routing.classes import VramClass
+from routing.jobs.keys import Keys
 
 DATA_DIR = Path(__file__).parent / "data"
 GPU_SECONDS_CSV = DATA_DIR / "gpu_seconds.csv"
@@ -41,6 +48,13 @@ BASES = ("measured", "published", "estimate")
 # GPUs one worker of each class holds: an h100x8 worker is one torchrun group over eight.
 GPUS_PER_WORKER = {VramClass.GPU16: 1, VramClass.GPU80: 1, VramClass.H100X8: 8}
 DEFAULT_TARGET_UTILISATION = 0.7
+# The GPU-busy share where the fleet has not measured its own: the overlapped worker's goal for
+# 1 s image jobs, not a measurement on a GPU host (bench/gpu_busy.py reached 0.886 on a loaded
+# 2-core CPU machine with a sleeping stand-in, against 0.600 sequential). Plan with
+# `--busy-share measured` once workers have run.
+DEFAULT_BUSY_SHARE = 0.97
+# Seconds with work a class needs before its measured share is used instead of the default.
+MIN_MEASURED_WORK_S = 600.0
 
 _PER_HOUR = {"s": 3600.0, "min": 60.0, "h": 1.0, "d": 1 / 24, "day": 1 / 24}
 
@@ -108,6 +122,8 @@ class ClassPlan:
     utilisation: float
     usd_per_hour: float
     lines: tuple[LinePlan, ...]
+    busy_share: float = 1.0
+    busy_basis: str = "assumed"
 
     @property
     def usd_per_job(self) -> float:
@@ -272,14 +288,36 @@ def home_class(model: str) -> VramClass:
     return get_model(model).vram_class
 
 
+def measured_busy_shares(
+    client: Any, keys: Keys, min_work_s: float = MIN_MEASURED_WORK_S
+) -> dict[VramClass, float]:
+    """Each class's GPU-busy share as its workers measured it (busy seconds over seconds with
+    work, summed over every worker that ran), for classes with at least ``min_work_s`` of work."""
+    raw = {k.decode(): float(v) for k, v in client.hgetall(keys.metrics("gpu_busy")).items()}
+    shares = {}
+    for vram_class in VramClass:
+        work_s = raw.get(f"{vram_class.value}|work_s", 0.0)
+        if work_s >= min_work_s:
+            shares[vram_class] = min(1.0, raw.get(f"{vram_class.value}|busy_s", 0.0) / work_s)
+    return shares
+
+
 def plan(
     rates: Sequence[Rate],
     costs: Mapping[tuple[str, TaskKind, VramClass], JobCost],
     instances: Mapping[VramClass, Instance],
     target_utilisation: float = DEFAULT_TARGET_UTILISATION,
+    busy_share: float | Mapping[VramClass, float] | None = None,
 ) -> Plan:
+    """``busy_share``: one share for every class, or measured ones by class (the default for
+    the others); None: the default for every class."""
+    if busy_share is None:
+        busy_share = {}
     if not 0 < target_utilisation <= 1:
         raise PlanError(f"target utilisation must be in (0, 1] (got {target_utilisation})")
+    for share in busy_share.values() if isinstance(busy_share, Mapping) else [busy_share]:
+        if not 0 < share <= 1:
+            raise PlanError(f"GPU-busy share must be in (0, 1] (got {share})")
     by_class: dict[VramClass, list[tuple[Rate, JobCost]]] = {}
     for rate in rates:
         vram_class = home_class(rate.model)
@@ -296,7 +334,17 @@ def plan(
         pairs = by_class[vram_class]
         gpu_s_per_hour = sum(r.jobs_per_hour * c.gpu_seconds for r, c in pairs)
         gpu_s_per_instance_hour = instance.gpus * 3600.0
-        count = math.ceil(gpu_s_per_hour / (gpu_s_per_instance_hour * target_utilisation))
+        if isinstance(busy_share, Mapping):
+            busy, basis = (
+                (busy_share[vram_class], "measured")
+                if vram_class in busy_share
+                else (DEFAULT_BUSY_SHARE, "default")
+            )
+        else:
+            busy, basis = busy_share, "given"
+        # GPU wall time the pipeline seconds take: they are a share `busy` of it.
+        wall_s_per_hour = gpu_s_per_hour / busy
+        count = math.ceil(wall_s_per_hour / (gpu_s_per_instance_hour * target_utilisation))
         usd_per_hour = count * instance.usd_per_hour
         lines = tuple(
             LinePlan(
@@ -314,9 +362,11 @@ def plan(
                 jobs_per_hour=sum(r.jobs_per_hour for r, _ in pairs),
                 gpu_seconds_per_hour=gpu_s_per_hour,
                 instances=count,
-                utilisation=gpu_s_per_hour / (count * gpu_s_per_instance_hour),
+                utilisation=wall_s_per_hour / (count * gpu_s_per_instance_hour),
                 usd_per_hour=usd_per_hour,
                 lines=lines,
+                busy_share=busy,
+                busy_basis=basis,
             )
         )
     return Plan(target_utilisation=target_utilisation, classes=tuple(classes))
@@ -335,7 +385,9 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
 
 def format_plan(result: Plan) -> str:
     out = [f"Capacity plan at {result.target_utilisation:.0%} target utilisation, on-demand prices", ""]
-    rows = [["class", "instance", "jobs/h", "GPU-s/h", "instances", "utilisation", "$/hour", "$/output"]]
+    rows = [
+        ["class", "instance", "jobs/h", "GPU-s/h", "busy", "instances", "utilisation", "$/hour", "$/output"]
+    ]
     for c in result.classes:
         rows.append(
             [
@@ -343,13 +395,14 @@ def format_plan(result: Plan) -> str:
                 f"{c.instance.instance_type} ({c.instance.gpus} x {c.instance.gpu})",
                 f"{c.jobs_per_hour:,.1f}",
                 f"{c.gpu_seconds_per_hour:,.0f}",
+                f"{c.busy_share:.2f} {c.busy_basis}",
                 str(c.instances),
                 f"{c.utilisation:.1%}",
                 f"{c.usd_per_hour:,.2f}",
                 f"{c.usd_per_job:.3g}",
             ]
         )
-    out += _table(rows, right={2, 3, 4, 5, 6, 7})
+    out += _table(rows, right={2, 3, 5, 6, 7, 8})
     out += ["", f"Total: ${result.usd_per_hour:,.2f}/hour for {result.jobs_per_hour:,.1f} jobs/hour", ""]
 
     rows = [["model:kind", "class", "jobs/h", "GPU-s/job", "basis", "$/output"]]
@@ -375,5 +428,8 @@ def format_plan(result: Plan) -> str:
         "One output per job, at the catalog's default size and steps. GPU-seconds assume an L4 for",
         "gpu16 and H100s for gpu80 and h100x8 (an A100 takes longer); figures marked estimate are",
         "reasoned, not measured; measured ones name the card and date: routing/planning/data/gpu_seconds.csv gives each one's reasoning or citation.",
+        "busy: the share of a worker's time with work its GPU spends in pipeline calls (measured by",
+        f"the fleet's workers, given, or the default {DEFAULT_BUSY_SHARE}, a goal, not measured); GPU-s/h",
+        "are pipeline seconds, and instances are sized for GPU-s/h / busy.",
     ]
     return "\n".join(out)

@@ -6,7 +6,9 @@ Starts a Redis of its own (append-only file, on a free loopback port), a webhook
 127.0.0.2, a ``python -m worker.webhooks`` worker and ``--workers`` GPU workers (gpu16, the real
 Z-Image adapter on the small local model). Submits ``--jobs`` jobs (64x64, 2 steps), each with a
 webhook for its completion, while a loop SIGKILLs the process group of a random GPU worker every
-few seconds and starts a new one in its place. Once every job is finished (or ``--timeout-s``
+few seconds and starts a new one in its place. Every put to the object store takes
+``--store-put-s`` (0.2 s) longer than it would (tests/faults/storage.py), so that a job's store,
+which overlaps the next job's generation, is long enough for many kills to land in it. Once every job is finished (or ``--timeout-s``
 runs out: it always stops by itself) it checks:
 
 - every submitted id has a terminal record: succeeded, or failed/dead-lettered only after
@@ -48,6 +50,7 @@ from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings, Tenant
 from tests.faults.harness import RedisServer, kill_group
+from tests.faults.storage import SLOW_STORAGE
 from tests.webhook_receiver import Receiver
 from worker.liveness import pid_of
 
@@ -66,6 +69,7 @@ class Figures:
     workers: int = 0
     kills: int = 0
     kills_mid_job: int = 0
+    kills_overlapped: int = 0  # while one job was being stored and the next one generated
     seconds: float = 0.0
     timed_out: bool = False
     statuses: dict[str, int] = field(default_factory=dict)
@@ -98,7 +102,8 @@ class Figures:
         return [
             f"jobs submitted:            {self.jobs} across {self.workers} GPU workers in {self.seconds:.0f} s"
             + (" (TIMED OUT)" if self.timed_out else ""),
-            f"workers killed (SIGKILL):  {self.kills} ({self.kills_mid_job} while running a job)",
+            f"workers killed (SIGKILL):  {self.kills} ({self.kills_mid_job} while running a job, "
+            f"{self.kills_overlapped} while storing one and generating the next)",
             f"terminal states:           {fmt(self.statuses)}",
             f"failures by type:          {fmt(self.failures)}; dead-lettered: {self.dead_letters}",
             f"attempts per job:          {fmt(self.attempts)}; handed back by a reaper: {self.handed_back}",
@@ -116,7 +121,7 @@ class Figures:
 class Fleet:
     """The soak's processes: Redis, the webhook worker, the GPU workers (restartable slots)."""
 
-    def __init__(self, base: Path, workers: int, small_models: Path):
+    def __init__(self, base: Path, workers: int, small_models: Path, store_put_s: float = 0.0):
         self.base = base
         self.redis = RedisServer(base / "redis")
         self.redis.start()
@@ -131,7 +136,9 @@ class Fleet:
             max_attempts=3,
             tenants={"soak": Tenant(api_keys=["soak-key"], webhook_secret=SECRET)},
             url_allow_cidrs=["127.0.0.2/32"],
+            storage_wrapper=SLOW_STORAGE if store_put_s else None,
         )
+        self.worker_env = {"FAULT_STORE_PUT_S": str(store_put_s)}
         self.webhooks = WorkerProcess(
             self.settings, base / "logs" / "webhooks.log", FAST_RETRIES, module="worker.webhooks"
         ).wait_ready(timeout_s=60)
@@ -141,7 +148,7 @@ class Fleet:
     def _start(self, slot: int) -> WorkerProcess:
         self.generation[slot] += 1
         log = self.base / "logs" / f"gpu-{slot}-{self.generation[slot]}.log"
-        return WorkerProcess(self.settings, log)
+        return WorkerProcess(self.settings, log, self.worker_env)
 
     def kill_and_restart(self, slot: int) -> None:
         kill_group(self.slots[slot])
@@ -175,13 +182,14 @@ def _parent_pid(pid: str) -> int | None:
         return None
 
 
-def _running_on(client: Client, worker: WorkerProcess) -> bool:
-    """Whether ``worker``'s pool child holds a running job now."""
+def _running_on(client: Client, worker: WorkerProcess) -> int:
+    """How many running jobs ``worker``'s pool child holds now (two: one storing, one generating)."""
+    held = 0
     for job_id in client.store.running():
         owner = (client.store.client.hget(client.keys.job(job_id), "worker") or b"").decode()
         if owner and _parent_pid(str(pid_of(owner))) == worker.proc.pid:
-            return True
-    return False
+            held += 1
+    return held
 
 
 def _restore_stranded(fleet: Fleet, client: Client, older_than_s: float) -> int:
@@ -219,6 +227,7 @@ def run_soak(
     base: Path | None = None,
     seed: int | None = None,
     log=print,
+    store_put_s: float = 0.2,
 ) -> Figures:
     from worker.small_models import build
 
@@ -230,7 +239,7 @@ def run_soak(
     owned = base is None
     base = Path(tempfile.mkdtemp(prefix="fleet-soak-")) if base is None else base
     figures = Figures(jobs=jobs, workers=workers)
-    fleet = Fleet(base, workers, small_models)
+    fleet = Fleet(base, workers, small_models, store_put_s)
     client = Client(fleet.settings)
     stop = threading.Event()
     try:
@@ -247,7 +256,9 @@ def run_soak(
         def killer() -> None:
             while not stop.wait(rng.uniform(*kill_every_s)):
                 slot = rng.randrange(workers)
-                figures.kills_mid_job += _running_on(client, fleet.slots[slot])
+                held = _running_on(client, fleet.slots[slot])
+                figures.kills_mid_job += held > 0
+                figures.kills_overlapped += held > 1
                 fleet.kill_and_restart(slot)
                 figures.kills += 1
 
@@ -377,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="stop by then, finished or not")
     parser.add_argument("--no-restore", action="store_true", help="leave stranded jobs stranded")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--store-put-s", type=float, default=0.2, help="added to every put to the object store"
+    )
     parser.add_argument("--dir", type=Path, default=None, help="keep logs, Redis and objects here")
     args = parser.parse_args(argv)
     if args.dir is not None:
@@ -389,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         restore=not args.no_restore,
         base=args.dir,
         seed=args.seed,
+        store_put_s=args.store_put_s,
     )
     print("\n".join(figures.lines()))
     return 0 if figures.ok else 1

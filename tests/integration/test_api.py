@@ -236,6 +236,19 @@ def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker)
     assert 0 < samples[("fleet_job_run_seconds_sum", labels)] <= job["timings"]["run_s"] + 1
     assert samples[("fleet_queue_depth", (("queue", "gpu16"),))] == 0
     assert samples[("fleet_workers", (("class", "gpu16"),))] == 1
+    worker_labels = next(labels for name, labels in samples if name == "fleet_gpu_work_seconds_total")
+    assert dict(worker_labels)["class"] == "gpu16"
+    assert (
+        0
+        < samples[("fleet_gpu_busy_seconds_total", worker_labels)]
+        <= samples[("fleet_gpu_work_seconds_total", worker_labels)]
+    )
+    # The job was a cold start: its load, split into reading the weights and moving them.
+    timings = job["timings"]
+    assert timings["load_read_s"] + timings["load_to_device_s"] == pytest.approx(timings["load_s"], abs=1e-3)
+    assert samples[("fleet_model_loads_total", labels)] == 1
+    assert samples[("fleet_model_load_seconds_total", (*labels, ("phase", "read")))] > 0
+    assert samples[("fleet_model_load_seconds_total", (*labels, ("phase", "to_device")))] >= 0
     resident = [labels for name, labels in samples if name == "fleet_resident_models"]
     assert any(("model", "z-image-turbo") in labels for labels in resident)
     assert (

@@ -21,6 +21,7 @@ from producer.client import Client
 from producer.flower import fleet_queue_names
 from routing.jobs.store import JobStatus
 from routing.settings import Settings
+from tests.faults.harness import FAULT_ADAPTER
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +146,53 @@ def test_flower_shows_the_worker_the_job_and_the_queues_behind_basic_auth(
         assert _http.get(f"{flower.url}{path}", auth=("ops", "wrong")).status_code == 401, path
     assert _http.post(f"{flower.url}/api/task/send-task/fleet.run_job", json={}).status_code == 401
     assert _http.get(f"{flower.url}/healthcheck").status_code == 200
+
+
+def test_flower_shows_failed_and_canceled_jobs_as_such_and_the_workers_models_and_busy_share(
+    flower: FlowerProcess, client: Client, start_worker, fleet_settings: Settings
+):
+    start_worker(fleet_settings.model_copy(update={"adapters": {"z-image-turbo": FAULT_ADAPTER}}))
+    small = {"model": "z-image-turbo", "width": 64, "height": 64, "steps": 2}
+    failed = client.submit(small | {"prompt": "an unknown fault:directive=1 is a model error"})
+    canceled = client.submit(small | {"prompt": "slow fault:sleep=0.5", "steps": 8})
+    succeeded = client.submit(small | {"prompt": "fine"})
+    assert failed.wait(timeout_s=120).error["type"] == "model_error"
+    _poll("the canceled job running", lambda: client.status(canceled.id).step >= 1, flower)
+    client.cancel(canceled.id)
+    assert canceled.wait(timeout_s=60).status is JobStatus.CANCELED
+    assert succeeded.wait(timeout_s=60).status is JobStatus.SUCCEEDED
+
+    def states() -> dict[str, dict[str, Any]] | None:
+        tasks = _get(flower, "/api/tasks")
+        found = {job.id: tasks.get(job.id) or {} for job in (failed, canceled, succeeded)}
+        return (
+            found
+            if all(t.get("state") in ("SUCCESS", "FAILURE", "REVOKED") for t in found.values())
+            else None
+        )
+
+    tasks = _poll("every task's final state", states, flower)
+    assert tasks[failed.id]["state"] == "FAILURE"
+    assert tasks[failed.id]["exception"].startswith("model_error: ")
+    assert tasks[canceled.id]["state"] == "REVOKED"
+    assert tasks[succeeded.id]["state"] == "SUCCESS"
+    # Flower's Failed filter finds the failed job, and only it.
+    assert set(_get(flower, "/api/tasks", state="FAILURE")) == {failed.id}
+
+    # The worker's stats (Flower's worker page) carry its pool child's models and busy share,
+    # from the child's heartbeat (one beat after the jobs).
+    def fleet_stats() -> dict[str, Any] | None:
+        workers = _get(flower, "/api/workers", refresh=1)
+        stats = [w.get("stats", {}).get("fleet") for n, w in workers.items() if n.startswith("gpu16@")]
+        return next(
+            (
+                s
+                for s in stats
+                if s and any(c.get("gpu_busy_share") and c.get("resident") for c in s.values())
+            ),
+            None,
+        )
+
+    [child] = _poll("the worker's fleet stats", fleet_stats, flower).values()
+    assert child["resident"] == ["z-image-turbo"], child
+    assert 0 < child["gpu_busy_share"] <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ import pytest
 from routing.catalog import CATALOG, TaskKind
 from routing.classes import VramClass
 from routing.decision import route
+from routing.jobs.keys import Keys
 from routing.planning.plan import (
     BASES,
+    DEFAULT_BUSY_SHARE,
     Instance,
     JobCost,
     PlanError,
@@ -22,6 +25,7 @@ from routing.planning.plan import (
     load_instances,
     load_job_costs,
     load_rates,
+    measured_busy_shares,
     parse_rate,
     plan,
 )
@@ -56,6 +60,7 @@ def test_small_case_matches_the_hand_calculation() -> None:
         {Z: _cost(*Z, 10)},
         {VramClass.GPU16: _instance(VramClass.GPU16, 1, 0.80)},
         target_utilisation=0.7,
+        busy_share=1.0,
     )
     (gpu16,) = result.classes
     assert gpu16.gpu_seconds_per_hour == 1200
@@ -72,6 +77,7 @@ def test_rates_past_one_instance_round_up() -> None:
         [parse_rate("z-image-turbo=10/min")],
         {Z: _cost(*Z, 10)},
         {VramClass.GPU16: _instance(VramClass.GPU16, 1, 0.80)},
+        busy_share=1.0,
     )
     (gpu16,) = result.classes
     assert gpu16.jobs_per_hour == pytest.approx(600)
@@ -92,6 +98,7 @@ def test_an_eight_gpu_job_holds_the_whole_instance_and_classes_add_up() -> None:
             VramClass.GPU16: _instance(VramClass.GPU16, 1, 0.80),
             VramClass.H100X8: _instance(VramClass.H100X8, 8, 50.0),
         },
+        busy_share=1.0,
     )
     gpu16, h100x8 = result.classes
     assert h100x8.vram_class is VramClass.H100X8
@@ -102,12 +109,48 @@ def test_an_eight_gpu_job_holds_the_whole_instance_and_classes_add_up() -> None:
     assert _cost(*S2V, 1440).wall_seconds == 180
 
 
+def test_the_gpu_busy_share_sizes_the_fleet_for_the_time_outside_pipeline_calls() -> None:
+    # 600/h x 10 = 6,000 pipeline GPU-s/h at busy 0.5: 12,000 s of GPU time an hour;
+    # ceil(12,000 / 2,520) = 5 instances at 12,000 / 18,000 = 2/3; $/output 5 x 0.80 / 600.
+    rates, costs = [parse_rate("z-image-turbo=600/h")], {Z: _cost(*Z, 10)}
+    instances = {VramClass.GPU16: _instance(VramClass.GPU16, 1, 0.80)}
+    (gpu16,) = plan(rates, costs, instances, busy_share=0.5).classes
+    assert (gpu16.instances, gpu16.busy_share, gpu16.busy_basis) == (5, 0.5, "given")
+    assert gpu16.utilisation == pytest.approx(2 / 3)
+    assert gpu16.usd_per_job == pytest.approx(5 * 0.80 / 600)
+    # Measured shares are by class; a class without one gets the default, as with none given.
+    (gpu16,) = plan(rates, costs, instances).classes
+    assert (gpu16.busy_share, gpu16.busy_basis) == (DEFAULT_BUSY_SHARE, "default")
+    (gpu16,) = plan(rates, costs, instances, busy_share={VramClass.GPU80: 0.5}).classes
+    assert (gpu16.busy_share, gpu16.busy_basis) == (DEFAULT_BUSY_SHARE, "default")
+    (gpu16,) = plan(rates, costs, instances, busy_share={VramClass.GPU16: 0.8}).classes
+    assert (gpu16.busy_share, gpu16.busy_basis) == (0.8, "measured")
+    with pytest.raises(PlanError, match="busy share"):
+        plan(rates, costs, instances, busy_share=0)
+
+
+def test_measured_busy_shares_are_each_class_totals_with_enough_work(redis_client) -> None:
+    keys = Keys(f"plan-{uuid.uuid4().hex[:8]}")
+    redis_client.hset(
+        keys.metrics("gpu_busy"),
+        mapping={"gpu16|busy_s": 900, "gpu16|work_s": 1000, "gpu80|busy_s": 50, "gpu80|work_s": 60},
+    )
+    try:
+        assert measured_busy_shares(redis_client, keys) == {VramClass.GPU16: 0.9}
+        assert measured_busy_shares(redis_client, keys, min_work_s=10)[VramClass.GPU80] == pytest.approx(
+            50 / 60
+        )
+    finally:
+        redis_client.delete(keys.metrics("gpu_busy"))
+
+
 def test_dollars_per_output_split_a_class_by_gpu_time() -> None:
     ti2v = ("wan2.2-ti2v-5b", TaskKind.TEXT_TO_VIDEO, VramClass.GPU16)
     result = plan(
         [parse_rate("z-image-turbo=120/h"), parse_rate("wan2.2-ti2v-5b:text-to-video=2/h")],
         {Z: _cost(*Z, 10), ti2v: _cost(*ti2v, 1100)},
         {VramClass.GPU16: _instance(VramClass.GPU16, 1, 1.0)},
+        busy_share=1.0,
     )
     (gpu16,) = result.classes
     # 1,200 + 2,200 = 3,400 GPU-s/h -> ceil(3,400 / 2,520) = 2 instances, $2/h.
@@ -211,6 +254,8 @@ def test_command_line_prints_the_plan() -> None:
             "gpu16=g5.xlarge",
             "--price",
             "g5.xlarge=1.00",
+            "--busy-share",
+            "0.5",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -220,9 +265,9 @@ def test_command_line_prints_the_plan() -> None:
     assert result.returncode == 0, result.stderr
     costs = load_job_costs()
     gpu_s = 600 * costs[Z].gpu_seconds
-    instances = -(-gpu_s // (3600 * 0.7))
+    instances = -(-gpu_s / 0.5 // (3600 * 0.7))
     row = next(line for line in result.stdout.splitlines() if line.startswith("gpu16"))
-    assert f"{gpu_s:,.0f}" in row and f"{instances * 1.00:,.2f}" in row
+    assert f"{gpu_s:,.0f}" in row and f"{instances * 1.00:,.2f}" in row and "0.50 given" in row
     assert "g5.xlarge: $1/hour, given" in result.stdout
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,15 @@ class Generated:
     frame_count: int | None = None
 
 
+# Seconds this process has spent moving pipelines to their device (``Runtime.place``): the pool
+# splits a load into reading the weights and this.
+_placing = [0.0]
+
+
+def placing_seconds() -> float:
+    return _placing[0]
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where a pipeline runs: device and dtype, resolved once per worker process, and whether
@@ -62,10 +72,12 @@ class Runtime:
         Offload moves each component to the GPU only while it runs; on a CPU device there is
         nothing to offload to, so the pipeline simply stays where it is.
         """
+        started = time.perf_counter()
         if self.offload and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
+        _placing[0] += time.perf_counter() - started
 
     def load(self, pipeline_class: str, weights: str, **components: Any) -> Any:
         """``diffusers.<pipeline_class>.from_pretrained(weights)`` in this runtime's dtype, placed
