@@ -243,5 +243,5 @@ def _sniff(data: bytes, limits: InputLimits) -> str:
         return "safetensors"
     except LoraError as exc:
         raise InvalidRequest(
-            [FieldError("file", f"not an image, video, audio or safetensors file ({exc})")]
+            [FieldError("file", f"not an image, video or audio file, nor a safetensors LoRA ({exc})")]
         ) from None
