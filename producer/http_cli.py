@@ -97,6 +97,6 @@ def _as_json(record: JobView) -> dict[str, Any]:
     data = {name: getattr(record, name) for name in record.__dataclass_fields__}
     data["status"] = record.status.value
     data["outputs"] = [vars(o) for o in record.outputs]
-    data.pop("urls")
+    data["error"] = vars(record.error) if record.error else None
     data["webhook"] = vars(record.webhook) if record.webhook else None
     return data
