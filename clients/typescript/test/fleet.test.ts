@@ -27,7 +27,9 @@ test("submit, follow the events until done, fetch the output", async () => {
   const { data: job } = await fleet.GET("/v1/jobs/{job_id}", { params: { path: { job_id: jobId } } });
   assert.equal(job!.status, "succeeded");
   assert.deepEqual(job!.progress, { step: 2, total: 2 });
-  const download = await fetch(job!.outputs[0].url);
+  const url = job!.outputs[0].url; // every output the API hands out carries its presigned URL
+  assert.ok(url);
+  const download = await fetch(url!);
   assert.equal(download.status, 200);
   const bytes = new Uint8Array(await download.arrayBuffer());
   assert.deepEqual([...bytes.slice(1, 4)], [0x50, 0x4e, 0x47]); // "PNG"
