@@ -248,10 +248,16 @@ def test_an_error_type_the_fleet_does_not_record_is_refused():
 
 
 def test_the_runner_records_error_types_that_parse_back(store: JobStore):
+    from types import SimpleNamespace
+
+    from routing.classes import VramClass
     from worker.runner import JobRunner
 
+    # No model runs here; the pool only names the class the busy totals are counted under.
+    pool = SimpleNamespace(vram_class=VramClass.GPU16)
+
     def runner(**kwargs) -> JobRunner:
-        return JobRunner(store, storage=None, pool=None, worker_name="w", **kwargs)  # type: ignore[arg-type]
+        return JobRunner(store, storage=None, pool=pool, worker_name="w", **kwargs)  # type: ignore[arg-type]
 
     # Gave up: the job already used every attempt.
     job_id = _create(store, "1" * 32)
