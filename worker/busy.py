@@ -1,10 +1,13 @@
 """GPU-busy share: seconds a worker's GPU spent inside pipeline calls, out of its wall time with
-work to do.
+work queued for the GPU.
 
-"Work to do" is every moment the worker held a job (claimed and not yet recorded, overlapped
-jobs counted once) plus every moment it held none while the job it took next was already
-waiting: the gap between two jobs of a backlog counts, a worker idle for want of jobs does not.
-The share is what the fleet pays for: GPU hours spent outside pipeline calls are bought and unused.
+"Work queued for the GPU" is every moment a job the worker claimed had not yet left its pipeline
+call (overlapped jobs counted once), plus every moment between two such jobs while the job taken
+next was already waiting in its queue: the encode and store of job N count while job N+1 waits
+for them (the waste overlap removes), but a worker idle for want of jobs does not, nor does the
+encode of a backlog's last job, when nothing is queued that the GPU could run instead. The share
+is what the fleet pays for: GPU hours spent outside pipeline calls while work waits are bought and
+unused.
 
 Each worker process keeps one meter; its totals ride in the heartbeat (``gpu_busy_s``,
 ``gpu_work_s``) for Prometheus and Flower, and every job's end adds the new seconds to its class's
@@ -20,7 +23,7 @@ import time
 class BusyMeter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held = 0  # jobs claimed and not yet recorded
+        self._held = 0  # jobs claimed and not yet out of their pipeline call
         self._held_since = 0.0
         self._idle_since = time.time()
         self._busy_s = 0.0
@@ -35,8 +38,9 @@ class BusyMeter:
                 self._held_since = claimed_at
             self._held += 1
 
-    def job_ended(self, now: float | None = None) -> None:
-        """A job's record is final (or the job was handed on): it no longer occupies the worker."""
+    def gpu_done(self, now: float | None = None) -> None:
+        """A claimed job is done with the GPU: its pipeline call returned, or it ended (failed,
+        canceled, handed on) before reaching it. Its encode and store are CPU work."""
         with self._lock:
             self._held -= 1
             if self._held == 0:

@@ -90,7 +90,10 @@ class JobRunner:
         self.busy.job_started(started_at, record.created_at)
         finishing = False
         try:
-            generated = self._generate(job_id, record, started_at)
+            try:
+                generated = self._generate(job_id, record, started_at)
+            finally:
+                self.busy.gpu_done()  # what is left (encode, store, record) is the CPU's
             if isinstance(generated, str):
                 return generated
             # 4. Encode and store, then record: on the finisher's thread, while this one takes
@@ -216,8 +219,7 @@ class JobRunner:
             self._done_with_job()
 
     def _done_with_job(self) -> None:
-        """The job no longer occupies this worker: count its seconds in the class's totals."""
-        self.busy.job_ended()
+        """The job no longer occupies this worker: count the new seconds in the class's totals."""
         busy_s, work_s = self.busy.take_new()
         if work_s > 0 or busy_s > 0:
             field = f"{self.pool.vram_class.value}|"
