@@ -40,7 +40,9 @@ def test_second_copy_of_a_running_jobs_message_is_dropped(client: Client, start_
 
     assert client.status(job.id).attempt == 1
     assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.succeeded"]
-    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [f"jobs/{job.id}/output-0.png"]
+    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [
+        f"jobs/{job.id}/attempt-1/output-0.png"
+    ]
     assert sum(w.log().count(f"run_job[{job.id}] received") for w in workers) == 3
 
 
