@@ -54,14 +54,14 @@ def test_a_worker_that_wakes_after_its_job_ran_again_cannot_touch_its_outputs(
 
     # The stopped put goes on and returns; the stale run's finish is then refused.
     wait_log(stale, f"job {job.id} is succeeded; it cannot become succeeded", timeout_s=60)
-    wait_for(lambda: f"job {job.id}: deleted 1 objects" in stale.log(), 10, "the stale run's object deleted")
+    storage = LocalStorage(fleet_settings.storage_dir)
+    wait_for(lambda: storage.list(f"jobs/{job.id}/") == [output.key], 10, "only the second run's object left")
 
     after = client.status(job.id)
     assert (after.status, after.attempt, after.worker, after.outputs, after.finished_at) == (
         record.status, record.attempt, record.worker, record.outputs, record.finished_at
     )  # fmt: skip
     # The output object is the second run's, untouched; nothing of the stale run is left.
-    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [output.key]
     assert output.key == f"jobs/{job.id}/attempt-2/output-0.png"
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert path.read_bytes() == data
