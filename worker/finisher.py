@@ -7,8 +7,11 @@ memory). ``depth`` 0 finishes each job on the caller's thread, before it takes t
 
 What a kill costs: a job in here is still ``running`` in its record, owned by this process. If
 the process dies, the reaper of any live worker finds the owner gone and hands the job back to
-its queue; it runs again and its outputs, under keys derived from the job id, overwrite what the
-dead process may have half-written. No job is lost and none gets a second output.
+its queue; it runs again as the next attempt, stores under that attempt's keys, and its success
+deletes what the dead process may have half-written. No job is lost and none gets a second
+output. A process that was only thought dead (stopped, cut off) and finishes after all cannot
+record its outputs: the finish checks the worker and the attempt, and on refusal it deletes what
+it stored.
 """
 
 from __future__ import annotations

@@ -89,22 +89,30 @@ def alive(store: JobStore, name: str) -> bool:
     return bool(store.client.exists(store.keys.worker(name)))
 
 
-def hand_back(store: JobStore, job_id: str, owner: str, reason: str) -> bool:
-    """Put a running job back in its queue if ``owner`` still holds it; True if it did."""
+def hand_back(
+    store: JobStore, job_id: str, owner: str, reason: str, attempt: int | None = None
+) -> JobStatus | None:
+    """Put a running job back in its queue if ``owner`` still holds it (at ``attempt``, when
+    given). Returns QUEUED if it did, CANCELED if its cancel had been asked for (it ends
+    canceled instead), None if the job was not ``owner``'s to give back."""
     try:
         queue = store.get(job_id).queue
-        store.transition(
+        moved = store.transition(
             job_id,
             JobStatus.QUEUED,
             only_from=JobStatus.RUNNING,
             expect_worker=owner,
+            expect_attempt=attempt,
             requeue=store.messages.run_job(job_id, queue),
             handed_back=reason,
         )
     except (Conflict, NotFound):
-        return False
-    log.warning("job %s handed back to its queue: %s", job_id, reason)
-    return True
+        return None
+    if moved.target is JobStatus.CANCELED:
+        log.warning("job %s canceled instead of handed back (%s): its cancel was asked for", job_id, reason)
+    else:
+        log.warning("job %s handed back to its queue: %s", job_id, reason)
+    return moved.target
 
 
 class Reaper:

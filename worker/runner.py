@@ -16,6 +16,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -23,7 +24,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
-from routing.io.storage import Storage, output_key
+from routing.io.storage import Storage, StorageError, output_key
 from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
 from routing.schemas import RequestBase, parse_request
@@ -103,7 +104,7 @@ class JobRunner:
             except SoftTimeLimitExceeded as exc:
                 _, _, timings = generated
                 return self._finish(
-                    job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
+                    record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
                 )
             finishing = True
             return status or "finishing"
@@ -134,8 +135,10 @@ class JobRunner:
             # 3. Generate, reporting every step; stop at the first step after a cancel, or hand
             #    the job back at the first step after this worker began shutting down.
             def on_step(step: int, total: int) -> None:
-                state = self.store.progress(job_id, step, total, self.drain_key)
-                if state.status is not JobStatus.RUNNING:
+                state = self.store.progress(
+                    job_id, step, total, self.drain_key, worker=self.worker_name, attempt=record.attempt
+                )
+                if state.superseded or state.status is not JobStatus.RUNNING:
                     raise Superseded()  # handed on while this worker still ran it
                 if state.cancel:
                     raise JobCanceled()
@@ -157,27 +160,31 @@ class JobRunner:
             log.warning("job %s was handed on while this worker ran it; leaving it", job_id)
             return f"skipped ({self.store.get(job_id).status.value})"
         except JobCanceled:
-            return self._finish(job_id, JobStatus.CANCELED, timings, started_at)
+            return self._finish(record, JobStatus.CANCELED, timings, started_at)
         except HandBack:
             reason = f"worker {self.worker_name} shut down"
-            if hand_back(self.store, job_id, self.worker_name, reason):
+            moved = hand_back(self.store, job_id, self.worker_name, reason, attempt=record.attempt)
+            if moved is JobStatus.CANCELED:
+                self._tell(job_id, JobStatus.CANCELED, None)
+                return moved.value
+            if moved is JobStatus.QUEUED:
                 self._tell(job_id, JobStatus.QUEUED, {"type": "handed_back", "message": reason})
                 return "handed back"
             return f"skipped ({self.store.get(job_id).status.value})"
         except SoftTimeLimitExceeded as exc:
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
+                record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
             )
         except InvalidRequest as exc:
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.INVALID_REQUEST, exc)
+                record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.INVALID_REQUEST, exc)
             )
         except Exception as exc:  # a model failure is the job's result, not the worker's
             if _out_of_memory(exc):
-                return self._escalate(job_id, record.queue, exc, timings, started_at)
+                return self._escalate(record, exc, timings, started_at)
             log.exception("job %s failed", job_id)
             return self._finish(
-                job_id,
+                record,
                 JobStatus.FAILED,
                 timings,
                 started_at,
@@ -194,29 +201,47 @@ class JobRunner:
         generated: Generated,
         timings: dict[str, float],
     ) -> str:
-        """Step 4: encode and store under keys derived from the job id (a redelivered job
-        overwrites its own outputs, it never adds a second set), then record the outcome."""
+        """Step 4: encode and store under keys of this attempt, then record the outcome. Only the
+        attempt that owns the job can record its outputs: a stale one (this worker was thought
+        dead and the job ran again) deletes what it stored, and the owner's success deletes what
+        earlier attempts left, so the job's objects are its outputs and nothing else."""
         try:
             try:
-                outputs = self._store_outputs(job_id, request, generated, timings)
+                outputs = self._store_outputs(job_id, record.attempt, request, generated, timings)
             except SoftTimeLimitExceeded as exc:
                 return self._finish(
-                    job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
+                    record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
                 )
             except Exception as exc:  # a model failure is the job's result, not the worker's
                 if _out_of_memory(exc):
-                    return self._escalate(job_id, record.queue, exc, timings, started_at)
+                    return self._escalate(record, exc, timings, started_at)
                 log.exception("job %s failed", job_id)
                 return self._finish(
-                    job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.MODEL_ERROR, exc)
+                    record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.MODEL_ERROR, exc)
                 )
-            status = self._finish(job_id, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
+            status = self._finish(record, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
+            if status != JobStatus.SUCCEEDED.value:
+                self._delete(job_id, [o.key for o in outputs])
+                return status
+            if record.attempt > 1:
+                kept = {o.key for o in outputs}
+                self._delete(job_id, [key for key in self.storage.list(f"jobs/{job_id}/") if key not in kept])
             # What the next ETAs are priced with: the run without any model load.
             run_s = timings["run_s"] - timings.get("load_s", 0.0)
             record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
             return status
         finally:
             self._done_with_job()
+
+    def _delete(self, job_id: str, keys: list[str]) -> None:
+        """Delete objects that are not the job's outputs (a stale or earlier attempt's)."""
+        for key in keys:
+            try:
+                self.storage.delete(key)
+            except StorageError:  # left for the store's retention rules; never the job's outputs
+                log.warning("job %s: deleting %s failed", job_id, key, exc_info=True)
+        if keys:
+            log.warning("job %s: deleted %d objects of another attempt", job_id, len(keys))
 
     def _done_with_job(self) -> None:
         """The job no longer occupies this worker: count the new seconds in the class's totals."""
@@ -241,6 +266,7 @@ class JobRunner:
             log.warning("job %s: reporting its outcome failed", job_id, exc_info=True)
 
     def _claim(self, job_id: str) -> tuple[JobRecord, float] | str:
+        """The job's record as this worker claimed it (its attempt is this run's), and when."""
         try:
             record = self.store.get(job_id)
         except NotFound:
@@ -258,11 +284,12 @@ class JobRunner:
         if record.status is JobStatus.QUEUED and started_at - record.created_at > self.max_wait_s:
             return self._expire(record, started_at)
         try:
-            self.store.transition(
+            moved = self.store.transition(
                 job_id,
                 JobStatus.RUNNING,
                 count_attempt=True,
                 expect_worker=record.worker if record.status is JobStatus.RUNNING else None,
+                expect_attempt=record.attempt,
                 started_at=started_at,
                 worker=self.worker_name,
                 cancel_requested=0,
@@ -270,7 +297,13 @@ class JobRunner:
         except Conflict:
             # Canceled, finished or taken between the read and the claim: nothing to run.
             return f"skipped ({self.store.get(job_id).status.value})"
-        return record, started_at
+        if moved.target is JobStatus.CANCELED:  # its dead worker was asked to cancel it
+            self._tell(job_id, JobStatus.CANCELED, None)
+            return moved.target.value
+        claimed = replace(
+            record, status=JobStatus.RUNNING, attempt=record.attempt + 1, worker=self.worker_name
+        )
+        return claimed, started_at
 
     def _expire(self, record: JobRecord, now: float) -> str:
         waited = now - record.created_at
@@ -299,26 +332,27 @@ class JobRunner:
         return "dead-lettered"
 
     def _escalate(
-        self, job_id: str, queue: str, exc: BaseException, timings: dict[str, float], started_at: float
+        self, record: JobRecord, exc: BaseException, timings: dict[str, float], started_at: float
     ) -> str:
         """Out of GPU memory: send the job to the next bigger class, once per class."""
-        current, priority = parse_queue(queue)
+        job_id = record.id
+        current, priority = parse_queue(record.queue)
         target = escalate(current)
         if target is None:
             return self._finish(
-                job_id, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.OUT_OF_MEMORY, exc)
+                record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.OUT_OF_MEMORY, exc)
             )
         new_queue = queue_name(target.vram_class, priority)
-        record = self.store.get(job_id)
         escalations = [
-            *record.escalations,
+            *self.store.get(job_id).escalations,
             {"from": current.value, "to": target.vram_class.value, "at": time.time()},
         ]
         try:
-            self.store.transition(
+            moved = self.store.transition(
                 job_id,
                 JobStatus.QUEUED,
                 expect_worker=self.worker_name,
+                expect_attempt=record.attempt,
                 requeue=self.store.messages.run_job(job_id, new_queue),
                 queue=new_queue,
                 escalations=escalations,
@@ -326,6 +360,10 @@ class JobRunner:
             )
         except Conflict:
             return f"skipped ({self.store.get(job_id).status.value})"
+        if moved.target is JobStatus.CANCELED:
+            log.warning("job %s ran out of memory after its cancel was asked for; canceled", job_id)
+            self._tell(job_id, JobStatus.CANCELED, None)
+            return moved.target.value
         log.warning("job %s ran out of memory on %s; escalated to %s", job_id, current.value, new_queue)
         self._tell(
             job_id, JobStatus.QUEUED, {"type": "escalated", "message": f"out of memory: to {new_queue}"}
@@ -367,7 +405,7 @@ class JobRunner:
         return Inputs.decode(stored, job_id=job_id, max_video_pixels=output_pixels)
 
     def _store_outputs(
-        self, job_id: str, request: RequestBase, generated: Generated, timings: dict[str, float]
+        self, job_id: str, attempt: int, request: RequestBase, generated: Generated, timings: dict[str, float]
     ) -> list[Output]:
         t0 = time.perf_counter()
         if generated.encoded is not None:
@@ -390,7 +428,7 @@ class JobRunner:
         t0 = time.perf_counter()
         outputs = []
         for index, (ext, content_type, data, width, height) in enumerate(encoded):
-            stored = self.storage.put(output_key(job_id, index, ext), data, content_type)
+            stored = self.storage.put(output_key(job_id, attempt, index, ext), data, content_type)
             frame_count = len(generated.frames) or generated.frame_count
             video = {"frames": frame_count, "fps": generated.fps} if frame_count else {}
             seed = generated.seeds[index] if generated.seeds else generated.seed
@@ -411,13 +449,14 @@ class JobRunner:
 
     def _finish(
         self,
-        job_id: str,
+        record: JobRecord,
         status: JobStatus,
         timings: dict[str, float],
         started_at: float,
         outputs: list[Output] | None = None,
         error: JobError | None = None,
     ) -> str:
+        job_id = record.id
         finished_at = time.time()
         timings["run_s"] = round(finished_at - started_at, 4)
         fields: dict[str, object] = {"finished_at": finished_at, "timings": timings}
@@ -428,10 +467,15 @@ class JobRunner:
         elif status is JobStatus.SUCCEEDED:
             fields["error"] = None  # an escalated job's out-of-memory error is history now
         try:
-            # Only while this worker still runs the job: one the reaper handed on (this worker
-            # was thought dead) now belongs to another, whose outcome is the one that counts.
+            # Only while this worker still runs the job as this attempt: one the reaper handed on
+            # (this worker was thought dead) now belongs to another, whose outcome counts.
             self.store.transition(
-                job_id, status, only_from=JobStatus.RUNNING, expect_worker=self.worker_name, **fields
+                job_id,
+                status,
+                only_from=JobStatus.RUNNING,
+                expect_worker=self.worker_name,
+                expect_attempt=record.attempt,
+                **fields,
             )
         except Conflict as exc:
             log.warning("job %s: %s", job_id, exc)

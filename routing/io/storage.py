@@ -7,8 +7,9 @@ failure callers branch on: ``get`` of a key that does not exist. A malformed key
 ``ValueError`` before any I/O happens; both backends apply the same key rules so code that works
 against one works against the other.
 
-Keys of job outputs come from ``output_key``, which depends only on the job id and output index:
-a redelivered job writes the same keys again and overwrites instead of leaving duplicates.
+Keys of job outputs come from ``output_key``, which depends on the job id, the attempt and the
+output index: each run of a job writes under its own attempt, so a worker that was thought dead
+and goes on writing can never overwrite the outputs of the attempt that now owns the job.
 """
 
 from __future__ import annotations
@@ -70,17 +71,20 @@ _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 _EXT = re.compile(r"[a-z0-9]{1,16}")
 
 
-def output_key(job_id: str, index: int, ext: str) -> str:
-    """Key of a job's ``index``-th output: ``jobs/<job_id>/output-<index>.<ext>``."""
+def output_key(job_id: str, attempt: int, index: int, ext: str) -> str:
+    """Key of the ``index``-th output of a job's ``attempt``-th run:
+    ``jobs/<job_id>/attempt-<attempt>/output-<index>.<ext>``."""
     # Lowercase only: "ABCD..." and "abcd..." would otherwise be two keys for one job.
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise ValueError(f"job id must be a lowercase hex token or uuid, got {job_id!r}")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be a positive int, got {attempt!r}")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"output index must be a non-negative int, got {index!r}")
     ext = ext.removeprefix(".").lower()
     if not _EXT.fullmatch(ext):
         raise ValueError(f"extension must be 1-16 letters or digits, got {ext!r}")
-    return f"jobs/{job_id}/output-{index}.{ext}"
+    return f"jobs/{job_id}/attempt-{attempt}/output-{index}.{ext}"
 
 
 def _check_key(key: str) -> str:

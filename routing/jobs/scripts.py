@@ -65,10 +65,12 @@ end
 # keys: job, events, webhooks (queue), queued (template, by queue), running, sequence, in_flight
 # (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
 # event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
-# none), event_id, message (webhook delivery), worker (expected owner, '' for any), requeue
-# ([list, message] to push when the job goes back to queued, [] for none), fields (field/value
-# pairs to set, flat). Also keeps the queue lines, the running set and the tenant's in-flight set
-# in step with the state.
+# none), event_id, message (webhook delivery), worker (expected owner, '' for any), attempt
+# (expected attempt, '' for any), requeue ([list, message] to push when the job goes back to
+# queued, [] for none), fields (field/value pairs to set, flat), canceled (for a running job
+# going back to queued or running: {event_id, message, ttl_s} of the job.canceled it becomes
+# instead when its cancel was asked for; {} otherwise). Also keeps the queue lines, the running
+# set and the tenant's in-flight set in step with the state. Returns {1, from, to} or {0, status}.
 TRANSITION = (
     ARGS
     + EMIT
@@ -83,6 +85,16 @@ end
 if not allowed then return {0, current} end
 if a.worker ~= '' and redis.call('HGET', keys.job, 'worker') ~= a.worker then
   return {0, current}
+end
+if a.attempt ~= '' and (redis.call('HGET', keys.job, 'attempt') or '0') ~= a.attempt then
+  return {0, current}
+end
+-- A cancel asked for while the job ran outlives its worker: a hand-back, an escalation or a
+-- redelivery of that job ends it canceled instead of running it again.
+if a.canceled.ttl_s and current == 'running' and redis.call('HGET', keys.job, 'cancel_requested') == '1' then
+  a.target, a.event_type, a.ttl_s = 'canceled', 'job.canceled', a.canceled.ttl_s
+  a.event_id, a.message = a.canceled.event_id, a.canceled.message
+  a.count, a.requeue, a.fields = '', {}, {'finished_at', a.now}
 end
 local id = redis.call('HGET', keys.job, 'id')
 if current == 'queued' then
@@ -120,7 +132,7 @@ if a.ttl_s ~= '0' then
   end
 end
 emit(a, a.event_type, a.target, a.message)
-return {1, current}
+return {1, current, a.target}
 """.replace("RUN_S_BUCKETS", ",".join(str(b) for b in RUN_S_BUCKETS))
 )
 
@@ -160,15 +172,21 @@ return {1, id}
 
 # keys: job, events, webhooks (queue), drain (the worker's drain flag, '' for none).  step,
 # total, now, maxlen (of the stream), event_id, message (webhook delivery), interval_s (least
-# seconds between progress webhooks). Returns the job's status, whether a cancel was asked and
-# whether the worker is draining, so a step costs one round trip.
+# seconds between progress webhooks), worker and attempt (the run reporting, '' for any).
+# Returns the job's status, whether a cancel was asked, whether the worker is draining and
+# whether the job now runs as another worker's or attempt's (then nothing is written), so a
+# step costs one round trip.
 PROGRESS = (
     ARGS
     + EMIT
     + """
 local keys = a.keys
 local status = redis.call('HGET', keys.job, 'status')
-if status ~= 'running' then return {status or '', '1', '0'} end
+if status ~= 'running' then return {status or '', '1', '0', '0'} end
+if (a.worker ~= '' and redis.call('HGET', keys.job, 'worker') ~= a.worker)
+    or (a.attempt ~= '' and redis.call('HGET', keys.job, 'attempt') ~= a.attempt) then
+  return {status, '1', '0', '1'}
+end
 redis.call('HSET', keys.job, 'step', a.step, 'total_steps', a.total, 'updated_at', a.now)
 local message = a.message
 local last = tonumber(redis.call('HGET', keys.job, 'webhook_progress_at') or '0') or 0
@@ -180,7 +198,7 @@ end
 emit(a, 'job.progress', status, message, a.step, a.total)
 local draining = 0
 if keys.drain ~= '' then draining = redis.call('EXISTS', keys.drain) end
-return {status, redis.call('HGET', keys.job, 'cancel_requested') or '0', draining}
+return {status, redis.call('HGET', keys.job, 'cancel_requested') or '0', draining, '0'}
 """
 )
 

@@ -151,6 +151,18 @@ class Step:
     status: JobStatus | None
     cancel: bool  # canceled, or no longer running: stop and drop the work
     drain: bool  # the worker is shutting down: stop and hand the job back
+    # The job runs again as another worker's or attempt's (this one was thought dead): stop
+    # without touching it; nothing of this step was written.
+    superseded: bool = False
+
+
+@dataclass(frozen=True)
+class Moved:
+    """What a transition did: the state the job left, and the one it reached (``CANCELED``
+    instead of the target when a cancel was asked for while it ran: see ``JobStore.transition``)."""
+
+    source: JobStatus
+    target: JobStatus
 
 
 class Created(IntEnum):
@@ -315,16 +327,22 @@ class JobStore:
         only_from: JobStatus | None = None,
         count_attempt: bool = False,
         expect_worker: str | None = None,
+        expect_attempt: int | None = None,
         requeue: tuple[str, str] | None = None,
         **fields: Any,
-    ) -> JobStatus:
+    ) -> Moved:
         """Move the job to ``target`` if ``TRANSITIONS`` allows it from its current state
-        (narrowed to ``only_from`` when given, and only while ``expect_worker`` still owns it).
+        (narrowed to ``only_from`` when given, and only while ``expect_worker`` still owns it
+        and its attempt is still ``expect_attempt``).
 
         ``requeue`` is the (queue, message) pushed when the job goes back to ``queued``, in the
         same atomic step: a handed-back job is never without its message.
 
-        Returns the state it moved from. Raises ``Conflict`` when the change is not allowed,
+        A running job whose cancel was asked for does not go back to ``queued`` or run again:
+        it becomes ``canceled`` instead, with its event and webhook, whatever became of the
+        worker that was to stop it (killed, handed back, out of memory).
+
+        Returns where it moved from and to. Raises ``Conflict`` when the change is not allowed,
         ``NotFound`` when there is no such job.
         """
         sources_allowed = allowed_sources(target)
@@ -336,6 +354,10 @@ class JobStore:
         now = repr(time.time())
         event_type = _EVENT_FOR[target].value
         event_id, message = self._webhook_message(job_id, event_type, now)
+        canceled: dict[str, str] = {}
+        if not target.is_terminal() and JobStatus.RUNNING in sources_allowed:
+            canceled_id, canceled_message = self._webhook_message(job_id, EventType.CANCELED.value, now)
+            canceled = {"event_id": canceled_id, "message": canceled_message, "ttl_s": str(self.ttl_s)}
         keys = {
             "job": self.keys.job(job_id),
             "job_events": self.keys.job_events(job_id),
@@ -360,25 +382,40 @@ class JobStore:
             event_id=event_id,
             message=message,
             worker=expect_worker or "",
+            attempt="" if expect_attempt is None else str(expect_attempt),
             requeue=list(requeue) if requeue else [],
             fields=_flatten(values),
+            canceled=canceled,
         )
-        ok, current = self._transition(args=[args])
+        ok, current, *reached = self._transition(args=[args])
         current = _text(current)
         if not current:
             raise NotFound(f"no job {job_id!r}")
         if not ok:
-            owner = f" (or {expect_worker} no longer has it)" if expect_worker else ""
+            reasons = [f"{expect_worker} no longer has it"] if expect_worker else []
+            if expect_attempt is not None:
+                reasons.append(f"it is no longer at attempt {expect_attempt}")
+            owner = f" (or {', or '.join(reasons)})" if reasons else ""
             raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
-        return JobStatus(current)
+        return Moved(JobStatus(current), JobStatus(_text(reached[0])))
 
     def running(self) -> list[str]:
         """Ids of the jobs some worker is running (or was, when it died)."""
         return [_text(m) for m in self.client.smembers(self.keys.running)]
 
-    def progress(self, job_id: str, step: int, total: int, drain_key: str = "") -> Step:
+    def progress(
+        self,
+        job_id: str,
+        step: int,
+        total: int,
+        drain_key: str = "",
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
+    ) -> Step:
         """Record a finished step, and learn whether the job should stop: canceled (or no longer
-        running), or its worker is draining (``drain_key`` exists) and hands it back."""
+        running), its worker is draining (``drain_key`` exists) and hands it back, or it runs
+        now as another ``worker`` or ``attempt`` than the one reporting (nothing is written)."""
         now = repr(time.time())
         event_id, message = self._webhook_message(job_id, EventType.PROGRESS.value, now)
         keys = {
@@ -397,10 +434,14 @@ class JobStore:
             event_id=event_id,
             message=message,
             interval_s=str(self.progress_webhook_interval_s),
+            worker=worker or "",
+            attempt="" if attempt is None else str(attempt),
         )
-        status, cancel, drain = self._progress(args=[args])
+        status, cancel, drain, superseded = self._progress(args=[args])
         status = _text(status)
-        return Step(JobStatus(status) if status else None, _text(cancel) == "1", int(drain) == 1)
+        return Step(
+            JobStatus(status) if status else None, _text(cancel) == "1", int(drain) == 1, int(superseded) == 1
+        )
 
     def _webhook_message(self, job_id: str, event_type: str, now: str) -> tuple[str, str]:
         """An id for the event, and the delivery message the script queues if the job's webhook

@@ -11,7 +11,8 @@ by side (a prompt without directives is a normal job)::
     fault:kill-at=2       SIGKILL this process (the worker's pool child) once step 2 is reported,
                           on every attempt: a job that kills its worker every time
     fault:oom-on=gpu16    raise torch.cuda.OutOfMemoryError at the first step on a worker of this
-                          class (comma list; the class is the worker's FLEET_WORKER_CLASS)
+                          class (comma list; the class is the worker's FLEET_WORKER_CLASS), after
+                          that step's sleep: a cancel asked meanwhile is not seen before it
     fault:hold=30         before the first step, block this long, swallowing the soft time limit
                           (SoftTimeLimitExceeded): only the hard time limit ends the job
     fault:raise-on-rank=1 in a group rank (worker.group, ``RANK``) of this number: raise
@@ -114,6 +115,7 @@ class FaultAdapter(ZImageAdapter):
         def step(done: int, total: int) -> None:
             on_step(done, total)  # progress first: cancel and drain are seen as usual
             if done == 1 and worker_class in faults.oom_on:
+                time.sleep(faults.sleep_s)
                 raise out_of_memory()
             if done == 1 and rank is not None and rank == faults.raise_on_rank:
                 raise RuntimeError(f"fault injected on rank {rank}")

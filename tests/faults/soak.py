@@ -330,13 +330,13 @@ def _check(fleet: Fleet, client: Client, ids: list[str], figures: Figures, deadl
     # Outputs: exactly one per succeeded job, nothing else under jobs/.
     storage = LocalStorage(fleet.settings.storage_dir)
     stored = set(storage.list("jobs/"))
-    expected = {f"jobs/{r.id}/output-0.png" for r in succeeded}
+    expected = {f"jobs/{r.id}/attempt-{r.attempt}/output-0.png" for r in succeeded}
     recorded = {o.key for r in succeeded for o in r.outputs}
     figures.outputs = len(stored)
     figures.outputs_missing = len(expected - stored)
     figures.outputs_extra = len(stored - expected)
     if recorded != expected:
-        problems.append("records name outputs other than jobs/<id>/output-0.png")
+        problems.append("records name outputs other than jobs/<id>/attempt-<n>/output-0.png")
     figures.outputs_bad = sum(1 for key in stored & expected if not storage.get(key).startswith(PNG))
     root = Path(fleet.settings.storage_dir)
     figures.temp_leftovers = sum(

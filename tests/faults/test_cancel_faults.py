@@ -4,6 +4,8 @@ a queued job never starts; a running job stops at its next step. The integration
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus
-from tests.faults.harness import event_types, small_request, wait_for, wait_warm
+from tests.faults.harness import event_types, kill_group, small_request, wait_for, wait_warm
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +48,49 @@ def test_cancel_queued_and_running_jobs(client: Client, start_worker, fleet_sett
     assert storage.list(f"jobs/{queued.id}/") == [] and storage.list(f"jobs/{running.id}/") == []
     # And goes on with the next.
     assert client.submit(small_request("after")).wait(timeout_s=60).status is JobStatus.SUCCEEDED
+
+
+def test_a_cancel_asked_just_before_the_worker_is_killed_ends_the_job_canceled(
+    client: Client, start_worker, fleet_settings
+):
+    first = start_worker()
+    wait_warm(first)
+    job = client.submit(small_request("canceled, then its worker dies fault:sleep=0.4", steps=12))
+    wait_for(lambda: client.status(job.id).step >= 2, 60, "job at step 2")
+    # Stopped first, so that it never reaches the step where it would see the cancel.
+    os.killpg(first.proc.pid, signal.SIGSTOP)
+    assert client.cancel(job.id).status is JobStatus.RUNNING
+    kill_group(first)
+
+    second = start_worker()  # its reaper finds the dead worker's job
+    record = wait_for(
+        lambda: (r := client.status(job.id)).status is not JobStatus.RUNNING and r, 60, "job ended"
+    )
+    assert record.status is JobStatus.CANCELED and record.cancel_requested
+    assert record.attempt == 1 and record.outputs == []
+    assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.canceled"]
+    time.sleep(1)  # nothing runs it again
+    assert client.status(job.id).status is JobStatus.CANCELED
+    assert f"run_job[{job.id}] received" not in second.log()
+    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
+
+
+def test_a_cancel_asked_just_before_the_job_runs_out_of_memory_ends_it_canceled(
+    client: Client, start_worker, fault_redis
+):
+    worker = start_worker()
+    wait_warm(worker)
+    # Out of memory 3 s after step 1 was reported: the cancel is asked in between and the job
+    # never reaches another step to see it.
+    job = client.submit(small_request("canceled, then out of memory fault:oom-on=gpu16 fault:sleep=3"))
+    wait_for(lambda: client.status(job.id).step >= 1, 60, "job at step 1")
+    assert client.cancel(job.id).status is JobStatus.RUNNING
+
+    record = wait_for(
+        lambda: (r := client.status(job.id)).status is not JobStatus.RUNNING and r, 60, "job left running"
+    )
+    assert record.status is JobStatus.CANCELED and record.cancel_requested, (record.status, record.queue)
+    assert record.queue == "gpu16" and record.escalations == [] and record.attempt == 1
+    assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.canceled"]
+    assert fault_redis.client().llen("gpu80") == 0
+    assert f"job {job.id} ran out of memory after its cancel was asked for; canceled" in worker.log()

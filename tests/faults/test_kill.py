@@ -35,7 +35,7 @@ def test_kill_9_of_the_whole_worker_mid_job_redelivers_it_once(client: Client, s
     assert record.handed_back == f"worker {victim} died"
     # One output object, one completion: the redelivery did not add a second set.
     keys = LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/")
-    assert keys == [f"jobs/{job.id}/output-0.png"]
+    assert keys == [f"jobs/{job.id}/attempt-2/output-0.png"]
     assert event_types(client.store, job.id) == [
         "job.queued", "job.started", "job.queued", "job.started", "job.succeeded"
     ]  # fmt: skip

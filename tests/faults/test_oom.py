@@ -43,7 +43,9 @@ def test_cuda_oom_on_gpu16_escalates_to_gpu80_and_succeeds_there(
     assert event_types(client.store, job.id) == [
         "job.queued", "job.started", "job.queued", "job.started", "job.succeeded"
     ]  # fmt: skip
-    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [f"jobs/{job.id}/output-0.png"]
+    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [
+        f"jobs/{job.id}/attempt-2/output-0.png"
+    ]
     assert f"run_job[{job.id}] received" in big.log()
 
 

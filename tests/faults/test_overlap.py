@@ -22,7 +22,7 @@ PUT_S = 3.0
 
 
 def _put_returned_at(log: str, job_id: str) -> float:
-    [at] = re.findall(rf"slow store: put jobs/{job_id}/output-0.png returned at ([0-9.]+)", log)
+    [at] = re.findall(rf"slow store: put jobs/{job_id}/attempt-1/output-0.png returned at ([0-9.]+)", log)
     return float(at)
 
 
@@ -47,7 +47,7 @@ def test_a_slow_store_does_not_hold_back_the_next_jobs_pipeline_call(
     # ...and the first job was recorded succeeded only once its put had returned.
     assert one.finished_at >= _put_returned_at(worker.log(), first.id)
     assert one.timings["store_s"] >= PUT_S
-    assert [o.key for o in one.outputs] == [f"jobs/{first.id}/output-0.png"]
+    assert [o.key for o in one.outputs] == [f"jobs/{first.id}/attempt-1/output-0.png"]
 
 
 def test_kill_9_during_the_overlapped_store_loses_nothing_and_adds_no_output(
@@ -58,7 +58,7 @@ def test_kill_9_during_the_overlapped_store_loses_nothing_and_adds_no_output(
     wait_warm(first_worker)
     stored = client.submit(small_request("killed while its output is stored"))
     generating = client.submit(small_request("killed while it generates fault:sleep=0.5", steps=8))
-    wait_log(first_worker, f"slow store: put jobs/{stored.id}/output-0.png started", timeout_s=60)
+    wait_log(first_worker, f"slow store: put jobs/{stored.id}/attempt-1/output-0.png started", timeout_s=60)
     wait_for(lambda: client.status(generating.id).step >= 1, 60, "the next job generating")
     assert client.status(stored.id).status is JobStatus.RUNNING  # generated, not yet stored
 
@@ -71,7 +71,7 @@ def test_kill_9_during_the_overlapped_store_loses_nothing_and_adds_no_output(
         assert record.status is JobStatus.SUCCEEDED, record.error
         assert record.attempt == 2
         assert record.handed_back and record.handed_back.endswith("died")
-        assert storage.list(f"jobs/{job.id}/") == [f"jobs/{job.id}/output-0.png"]
+        assert storage.list(f"jobs/{job.id}/") == [f"jobs/{job.id}/attempt-2/output-0.png"]
         assert event_types(client.store, job.id) == [
             "job.queued", "job.started", "job.queued", "job.started", "job.succeeded"
         ]  # fmt: skip

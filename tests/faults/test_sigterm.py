@@ -88,7 +88,9 @@ def test_sigterm_mid_job_hands_it_back_at_once_and_another_worker_finishes_it(
     assert _main_pid_of(final.worker) == second.proc.pid  # the worker that was already running
     # A step, or a reaper's pass: never a heartbeat TTL, let alone a visibility timeout.
     assert handed_back_s < 5, handed_back_s
-    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [f"jobs/{job.id}/output-0.png"]
+    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [
+        f"jobs/{job.id}/attempt-2/output-0.png"
+    ]
     assert event_types(client.store, job.id) == [
         "job.queued", "job.started", "job.queued", "job.started", "job.succeeded"
     ]  # fmt: skip

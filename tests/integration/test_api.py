@@ -111,7 +111,7 @@ def test_idempotency_key_gives_one_job_and_one_output(api, settings, start_worke
     storage = S3Storage(
         settings.s3_bucket, settings.s3_endpoint_url, access_key_id="test", secret_access_key="test"
     )
-    assert storage.list("jobs/") == [f"jobs/{job['id']}/output-0.png"]
+    assert storage.list("jobs/") == [f"jobs/{job['id']}/attempt-1/output-0.png"]
 
 
 def test_a_tenant_sees_only_its_own_jobs(api):

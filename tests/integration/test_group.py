@@ -306,5 +306,7 @@ def test_the_group_reports_each_outputs_seed_and_the_consumer_encodes_the_format
     assert record.status is JobStatus.SUCCEEDED, record.error
     assert [o.seed for o in record.outputs] == [9, 10]
     assert [o.content_type for o in record.outputs] == ["image/webp", "image/webp"]
-    assert [o.key for o in record.outputs] == [f"jobs/{record.id}/output-{i}.webp" for i in range(2)]
+    assert [o.key for o in record.outputs] == [
+        f"jobs/{record.id}/attempt-1/output-{i}.webp" for i in range(2)
+    ]
     assert record.worker.startswith("h100x8@")

@@ -66,7 +66,7 @@ def test_sync_client_submits_follows_waits_uploads_and_downloads(api_url, settin
         assert ("running", 2) in seen or ("running", 1) in seen
         [path] = fleet.download(job.id, tmp_path / "out")
         assert Image.open(path).size == (64, 80)
-        assert [o.key for o in fleet.result(job.id)] == [f"jobs/{job.id}/output-0.png"]
+        assert [o.key for o in fleet.result(job.id)] == [f"jobs/{job.id}/attempt-1/output-0.png"]
         jobs, _cursor = fleet.list()
         assert job.id in [j.id for j in jobs]
 

@@ -45,7 +45,7 @@ def test_four_outputs_each_redone_alone_from_its_seed(fleet):
     record = run(client, {**SMALL_IMAGE, "num_outputs": 4, "seed": 41})
 
     assert [o.seed for o in record.outputs] == [41, 42, 43, 44]
-    assert [o.key for o in record.outputs] == [f"jobs/{record.id}/output-{i}.png" for i in range(4)]
+    assert [o.key for o in record.outputs] == [f"jobs/{record.id}/attempt-1/output-{i}.png" for i in range(4)]
     assert record.total_steps == 4 * 2
     pictures = [storage.get(o.key) for o in record.outputs]
     assert len(set(pictures)) == 4
@@ -67,7 +67,7 @@ def test_lossy_formats_decode_at_the_requested_size(fleet, output_format, pil_fo
     )
 
     for index, output in enumerate(record.outputs):
-        assert output.key == f"jobs/{record.id}/output-{index}.{ext}"
+        assert output.key == f"jobs/{record.id}/attempt-1/output-{index}.{ext}"
         assert output.content_type == content_type
         image = Image.open(io.BytesIO(storage.get(output.key)))
         assert image.format == pil_format

@@ -27,7 +27,7 @@ def storage(s3_server: str) -> S3Storage:
 
 def test_put_then_get_returns_same_bytes(storage: S3Storage) -> None:
     data = bytes(range(256)) * 10
-    key = output_key(uuid.uuid4().hex, 0, "png")
+    key = output_key(uuid.uuid4().hex, 1, 0, "png")
     stored = storage.put(key, data, "image/png")
     assert storage.get(key) == data
     assert storage.exists(key)
@@ -36,7 +36,7 @@ def test_put_then_get_returns_same_bytes(storage: S3Storage) -> None:
 
 
 def test_presigned_url_serves_bytes_and_content_type(storage: S3Storage) -> None:
-    key = output_key(str(uuid.uuid4()), 1, "mp4")
+    key = output_key(str(uuid.uuid4()), 1, 1, "mp4")
     storage.put(key, b"not really a video", "video/mp4")
     url = storage.url(key, expires_s=120)
     # moto accepts any signature and ignores expiry, so only the URL's shape is checked here.
@@ -49,7 +49,7 @@ def test_presigned_url_serves_bytes_and_content_type(storage: S3Storage) -> None
 
 def test_second_put_of_same_key_overwrites(storage: S3Storage) -> None:
     job_id = uuid.uuid4().hex
-    key = output_key(job_id, 0, "png")
+    key = output_key(job_id, 1, 0, "png")
     storage.put(key, b"first delivery", "image/png")
     storage.put(key, b"redelivered", "image/png")
     assert storage.list(f"jobs/{job_id}/") == [key]
@@ -71,7 +71,7 @@ def test_missing_bucket_is_a_storage_error_not_a_missing_object(s3_server: str) 
 
 
 def test_delete_and_list(storage: S3Storage) -> None:
-    keys = [output_key("c0ffee00", i, "png") for i in range(3)]
+    keys = [output_key("c0ffee00", 1, i, "png") for i in range(3)]
     for k in keys:
         storage.put(k, b"x", "image/png")
     storage.put("jobs/c0ffee001/output-0.png", b"other job", "image/png")

@@ -35,7 +35,7 @@ def test_submit_runs_to_succeeded_with_a_png_of_the_requested_size(
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG" and image.size == (96, 64)
     assert (output.width, output.height) == (96, 64)
-    assert output.key == f"jobs/{job.id}/output-0.png"
+    assert output.key == f"jobs/{job.id}/attempt-1/output-0.png"
     assert output.seed is not None
 
     # Progress went through every step, in order, while the job ran.
@@ -131,5 +131,5 @@ def test_cli_submit_wait_prints_progress_and_where_the_output_is(fleet_settings,
     job_id = lines[0]
     assert lines[1].startswith("output: file://")
     assert re.search(r" image/png 64x80 seed \d+$", lines[1])
-    assert f"jobs/{job_id}/output-0.png" in lines[1]
+    assert f"jobs/{job_id}/attempt-1/output-0.png" in lines[1]
     assert "3/3 succeeded" in err.getvalue()

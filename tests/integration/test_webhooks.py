@@ -91,7 +91,7 @@ def test_retries_until_2xx_with_one_webhook_id_and_the_receiver_applies_it_once(
     receiver.plan("/hook", 500, 500, 500)
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("succeeded",)), tenant="t1")
     client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
-    key = f"jobs/{job.id}/output-0.png"
+    key = f"jobs/{job.id}/attempt-1/output-0.png"
     output = Output(key, "image/png", 100, width=512, height=512)
     client.store.transition(job.id, JobStatus.SUCCEEDED, finished_at=time.time(), outputs=[output])
 

@@ -11,7 +11,7 @@ import pytest
 from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.jobs import scripts
 from routing.jobs.keys import Keys
-from routing.jobs.store import TRANSITIONS, Created, JobStatus, JobStore, NewJob, Step, allowed_sources
+from routing.jobs.store import TRANSITIONS, Created, JobStatus, JobStore, Moved, NewJob, Step, allowed_sources
 
 
 @pytest.fixture
@@ -48,7 +48,8 @@ def test_lifecycle_writes_record_and_events_together(store: JobStore):
     assert store.get(job_id).status is JobStatus.QUEUED
     assert store.client.lrange("gpu16", 0, -1) == [f"message-{job_id}".encode()]
 
-    assert store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=1.0) is JobStatus.QUEUED
+    moved = store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=1.0)
+    assert moved == Moved(JobStatus.QUEUED, JobStatus.RUNNING)
     assert store.progress(job_id, 1, 4) == Step(JobStatus.RUNNING, cancel=False, drain=False)
     store.transition(job_id, JobStatus.SUCCEEDED, timings={"run_s": 1.5})
 

@@ -26,16 +26,16 @@ def storage(tmp_path: Path) -> LocalStorage:
 
 
 def test_put_then_get(storage: LocalStorage) -> None:
-    key = output_key("0123abcd", 0, "png")
+    key = output_key("0123abcd", 1, 0, "png")
     stored = storage.put(key, b"\x89PNG data", "image/png")
     assert storage.get(key) == b"\x89PNG data"
     assert storage.exists(key)
     assert stored.size_bytes == 9 and stored.sha256 == hashlib.sha256(b"\x89PNG data").hexdigest()
-    assert (storage.root / "jobs/0123abcd/output-0.png").read_bytes() == b"\x89PNG data"
+    assert (storage.root / "jobs/0123abcd/attempt-1/output-0.png").read_bytes() == b"\x89PNG data"
 
 
 def test_url_is_a_file_uri_urllib_can_open(storage: LocalStorage) -> None:
-    key = output_key("0123abcd", 2, "jpg")
+    key = output_key("0123abcd", 1, 2, "jpg")
     storage.put(key, b"jpeg bytes", "image/jpeg")
     url = storage.url(key, expires_s=60)
     assert url.startswith("file://")
@@ -44,12 +44,12 @@ def test_url_is_a_file_uri_urllib_can_open(storage: LocalStorage) -> None:
 
 
 def test_second_put_overwrites_and_leaves_no_temp_files(storage: LocalStorage) -> None:
-    key = output_key("0123abcd", 0, "png")
+    key = output_key("0123abcd", 1, 0, "png")
     storage.put(key, b"first delivery", "image/png")
     storage.put(key, b"redelivered", "image/png")
     assert storage.get(key) == b"redelivered"
     assert storage.list("jobs/0123abcd/") == [key]
-    assert os.listdir(storage.root / "jobs/0123abcd") == ["output-0.png"]
+    assert os.listdir(storage.root / "jobs/0123abcd/attempt-1") == ["output-0.png"]
 
 
 def test_list_is_a_string_prefix_and_sorted(storage: LocalStorage) -> None:
@@ -96,26 +96,28 @@ def test_symlink_out_of_the_root_is_rejected(storage: LocalStorage, tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "job_id, index, ext",
+    "job_id, attempt, index, ext",
     [
-        ("../x", 0, "png"),
-        ("ABCDEF12", 0, "png"),
-        ("abc", 0, "png"),
-        ("0123abcd", -1, "png"),
-        ("0123abcd", True, "png"),
-        ("0123abcd", 0, "p/ng"),
-        ("0123abcd", 0, ""),
+        ("../x", 1, 0, "png"),
+        ("ABCDEF12", 1, 0, "png"),
+        ("abc", 1, 0, "png"),
+        ("0123abcd", 0, 0, "png"),
+        ("0123abcd", True, 0, "png"),
+        ("0123abcd", 1, -1, "png"),
+        ("0123abcd", 1, True, "png"),
+        ("0123abcd", 1, 0, "p/ng"),
+        ("0123abcd", 1, 0, ""),
     ],
 )
-def test_output_key_rejects_bad_parts(job_id: str, index: int, ext: str) -> None:
+def test_output_key_rejects_bad_parts(job_id: str, attempt: int, index: int, ext: str) -> None:
     with pytest.raises(ValueError):
-        output_key(job_id, index, ext)
+        output_key(job_id, attempt, index, ext)
 
 
 def test_output_key_shape() -> None:
-    assert output_key("0123abcd", 3, ".PNG") == "jobs/0123abcd/output-3.png"
+    assert output_key("0123abcd", 1, 3, ".PNG") == "jobs/0123abcd/attempt-1/output-3.png"
     uid = "123e4567-e89b-12d3-a456-426614174000"
-    assert output_key(uid, 0, "mp4") == f"jobs/{uid}/output-0.mp4"
+    assert output_key(uid, 2, 0, "mp4") == f"jobs/{uid}/attempt-2/output-0.mp4"
 
 
 def test_make_storage_local(tmp_path: Path) -> None:
@@ -128,7 +130,7 @@ def test_make_storage_local(tmp_path: Path) -> None:
 def test_failed_write_keeps_old_bytes_and_leaves_no_temp_file(
     storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key = output_key("0123abcd", 0, "png")
+    key = output_key("0123abcd", 1, 0, "png")
     storage.put(key, b"old", "image/png")
 
     def crash(*_: object) -> None:
@@ -138,11 +140,11 @@ def test_failed_write_keeps_old_bytes_and_leaves_no_temp_file(
     with pytest.raises(StorageError):
         storage.put(key, b"new", "image/png")
     assert storage.get(key) == b"old"
-    assert os.listdir(storage.root / "jobs/0123abcd") == ["output-0.png"]
+    assert os.listdir(storage.root / "jobs/0123abcd/attempt-1") == ["output-0.png"]
 
 
 def test_list_skips_temp_files_of_a_crashed_writer(storage: LocalStorage) -> None:
-    key = output_key("0123abcd", 0, "png")
+    key = output_key("0123abcd", 1, 0, "png")
     storage.put(key, b"x", "image/png")
     (storage.root / "jobs/0123abcd/.output-1.png.k3j2.tmp").write_bytes(b"half")
     assert storage.list("jobs/") == [key]
