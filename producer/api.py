@@ -2,8 +2,9 @@
 
 Every route but ``/healthz`` takes ``Authorization: Bearer <api key>``; the key names the tenant
 (``FLEET_TENANTS``), and a tenant sees only its own jobs (anything else is a 404, the same as a job
-that does not exist). Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused
-request (422), ``{"detail": "..."}`` otherwise. The OpenAPI document is at ``/openapi.json``.
+that does not exist) and names only its own stored files (any other key reads as a missing one).
+Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (422),
+``{"detail": "..."}`` otherwise. The OpenAPI document is at ``/openapi.json``.
 """
 
 import contextlib
