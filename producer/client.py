@@ -13,7 +13,6 @@ Errors are those of ``routing.errors`` (``InvalidRequest``, ``NotFound``, ``Conf
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +39,7 @@ from routing.errors import (
 )
 from routing.io.connection import connect
 from routing.io.net import UrlPolicy
-from routing.io.storage import Storage, StorageError, make_storage
+from routing.io.storage import Storage, make_storage
 from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
@@ -49,7 +48,6 @@ from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
 
 ProgressCallback = Callable[[JobRecord], None]
-log = logging.getLogger(__name__)
 
 
 class Client:
@@ -206,7 +204,7 @@ class Client:
             # Nothing stays stored for a request that was not queued.
             for index, (job_id, request) in started.items():
                 if outcomes.get(index, (None, ""))[0] is not Created.CREATED:
-                    self._delete_inputs(request, job_id, tenant)
+                    delete_inputs(request, job_id, self.storage, tenant)
         results = [outcomes[index] for index in range(len(requests))]
         limited = sum(outcome is Created.LIMITED for outcome, _ in results)
         if limited:
@@ -237,12 +235,6 @@ class Client:
     def _job_tenant(self, job_id: str) -> str | None:
         with _redis_errors():
             return _decoded(self._redis.hget(self.keys.job(job_id), "tenant"))
-
-    def _delete_inputs(self, request: RequestBase, job_id: str, tenant: str) -> None:
-        try:
-            delete_inputs(request, job_id, self.storage, tenant)
-        except StorageError as exc:  # the refusal stands; the caller hears of it, not of this
-            log.warning("could not delete the inputs of refused job %s: %s", job_id, exc)
 
     def upload(self, data: bytes | str | Path, *, tenant: str = "") -> dict[str, str]:
         """Check and store an image, video, audio or LoRA file under ``uploads/<tenant>/``; returns

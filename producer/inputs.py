@@ -10,6 +10,7 @@ A store key is read only if the tenant may name it (``producer.tenant_keys``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
 import re
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from routing.io.media import (
 from routing.io.net import UrlError, UrlPolicy, fetch_url
 from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, LoraRef, MediaRef, RequestBase
+
+log = logging.getLogger(__name__)
 
 # The longest video any model takes, in frames and in seconds: what an upload may be (speech is
 # never longer than the longest video either).
@@ -85,9 +88,13 @@ def delete_inputs(request: RequestBase, job_id: str, storage: Storage, tenant: s
     """Delete what ``resolve_inputs`` stored for job ``job_id`` (the media it was given by URL),
     when the job is not queued after all. ``request`` is the one given or the one resolved."""
     prefix = input_prefix(tenant, job_id)
-    if any(ref.url is not None or (ref.key or "").startswith(prefix) for ref in _refs(request)):
+    if not any(ref.url is not None or (ref.key or "").startswith(prefix) for ref in _refs(request)):
+        return
+    try:
         for key in storage.list(prefix):
             storage.delete(key)
+    except StorageError as exc:  # the request's own answer stands; this is only logged
+        log.warning("could not delete the inputs of job %s, which was not queued: %s", job_id, exc)
 
 
 def _refs(request: RequestBase) -> list[MediaRef]:
