@@ -2,8 +2,9 @@
 
 Every route but ``/healthz`` takes ``Authorization: Bearer <api key>``; the key names the tenant
 (``FLEET_TENANTS``), and a tenant sees only its own jobs (anything else is a 404, the same as a job
-that does not exist). Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused
-request (422), ``{"detail": "..."}`` otherwise. The OpenAPI document is at ``/openapi.json``.
+that does not exist) and names only its own stored files (any other key reads as a missing one).
+Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (422),
+``{"detail": "..."}`` otherwise. The OpenAPI document is at ``/openapi.json``.
 """
 
 import contextlib
@@ -408,9 +409,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         },
     )
-    async def upload(request: Request, _tenant: Tenant) -> Upload:
+    async def upload(request: Request, tenant: Tenant) -> Upload:
         """Store input media (the raw file as the body); use the returned key in a request's
-        ``image``, ``images``, video or ``audio`` fields as ``{"key": ...}``."""
+        ``image``, ``images``, video or ``audio`` fields as ``{"key": ...}``. Only the tenant's
+        own requests can use it."""
         data = bytearray()
         async for chunk in request.stream():  # BodyLimits cuts it off at FLEET_MAX_INPUT_BYTES
             data += chunk
@@ -418,7 +420,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
         # Decoding the media takes as long as the file makes it: off the event loop, so every
         # other request (health checks included) is still answered meanwhile.
-        return Upload(**await run_in_threadpool(client.upload, bytes(data)))
+        return Upload(**await run_in_threadpool(lambda: client.upload(bytes(data), tenant=tenant)))
 
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from producer.inputs import InputLimits, resolve_inputs, resolve_loras, upload
+from producer.inputs import InputLimits, delete_inputs, resolve_inputs, resolve_loras, upload
+from producer.tenant_keys import KeyScope, check_tenant
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
 from routing.decision import route
@@ -101,7 +102,8 @@ class Client:
         tenant: str = "",
         max_in_flight: int = 0,
     ) -> Job:
-        """Validate, route and queue ``request``. Nothing is queued when it raises.
+        """Validate, route and queue ``request``. Nothing is queued, and nothing stays stored,
+        when it raises or returns an earlier job.
 
         With ``idempotency_key``, a second submit of the same request (and options) returns the
         first job; the same key with anything else raises ``Conflict``. ``webhook`` gets the
@@ -136,80 +138,112 @@ class Client:
             priority = Priority(priority)
         except ValueError:
             raise InvalidRequest([FieldError("priority", "must be high, normal or low")]) from None
+        check_tenant(tenant)
         if webhook is not None:
             check_webhook(webhook, self.url_policy)
         keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(requests)
         if len(keys) != len(requests):
             raise ValueError("one idempotency key (or None) per request")
-        jobs = []
-        for index, (request, idempotency_key) in enumerate(zip(requests, keys, strict=True)):
-            try:
-                parsed = parse_request(request, max_num_outputs=self.settings.max_num_outputs)
-            except InvalidRequest as exc:
-                if len(requests) == 1:
-                    raise
-                raise InvalidRequest(
-                    [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
-                ) from None
-            job_id = uuid.uuid4().hex
-            if parsed.media_fields():
-                try:
-                    parsed = resolve_inputs(parsed, job_id, self.storage, self.url_policy, self._input_limits)
-                except InvalidRequest as exc:
-                    if len(requests) == 1:
-                        raise
-                    raise InvalidRequest(
-                        [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
-                    ) from None
-            if parsed.loras:
-                try:
-                    parsed = resolve_loras(parsed, self.storage, self.url_policy, self._input_limits)
-                except InvalidRequest as exc:
-                    if len(requests) == 1:
-                        raise
-                    raise InvalidRequest(
-                        [FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]
-                    ) from None
-            queue = queue_name(route(parsed).vram_class, priority)
-            request_json = parsed.model_dump_json()
-            options = f"{priority.value}|{webhook.url if webhook else ''}|{','.join(webhook.events) if webhook else ''}"
-            jobs.append(
-                NewJob(
+        parsed = []
+        for index, request in enumerate(requests):
+            with _numbered(index, len(requests)):
+                parsed.append(parse_request(request, max_num_outputs=self.settings.max_num_outputs))
+        # The hash is of the request as given: inputs stored for it get keys of their own job.
+        options = (
+            f"{priority.value}|{webhook.url if webhook else ''}|{','.join(webhook.events) if webhook else ''}"
+        )
+        hashes = [
+            hashlib.sha256(f"{tenant}|{options}|{p.model_dump_json()}".encode()).hexdigest() for p in parsed
+        ]
+        # What the store would refuse is refused before any input is fetched or stored: a repeated
+        # idempotency key, and a tenant at its limit. The store's create checks both again.
+        with _redis_errors():
+            earlier = self._earlier_jobs(keys)
+            room = len(requests)
+            if max_in_flight:
+                room = max_in_flight - self._redis.scard(self.keys.tenant_in_flight(tenant))
+        scope = KeyScope(tenant, self._job_tenant)
+        outcomes: dict[int, tuple[Created, str]] = {}
+        started: dict[int, tuple[str, RequestBase]] = {}  # requests whose inputs may be stored
+        new: dict[int, NewJob] = {}
+        try:
+            for index, (request, idempotency_key) in enumerate(zip(parsed, keys, strict=True)):
+                if earlier[index] is not None:
+                    outcomes[index] = (Created.EXISTS, earlier[index])
+                    continue
+                if room <= 0:
+                    outcomes[index] = (Created.LIMITED, "")
+                    continue
+                room -= 1
+                job_id = uuid.uuid4().hex
+                started[index] = (job_id, request)
+                with _numbered(index, len(requests)):
+                    resolved = self._resolve(request, job_id, scope)
+                queue = queue_name(route(resolved).vram_class, priority)
+                new[index] = NewJob(
                     id=job_id,
-                    model=parsed.model,
-                    kind=parsed.kind.value,
-                    request_json=request_json,
+                    model=resolved.model,
+                    kind=resolved.kind.value,
+                    request_json=resolved.model_dump_json(),
                     queue=queue,
                     message=self._messages.run_job(job_id, queue),
                     idempotency_key=idempotency_key,
-                    request_hash=hashlib.sha256(f"{tenant}|{options}|{request_json}".encode()).hexdigest(),
+                    request_hash=hashes[index],
                     tenant=tenant,
                     priority=priority.value,
                     webhook=webhook,
                     max_in_flight=max_in_flight,
                 )
-            )
-        with _redis_errors():
-            results = self.store.create(jobs)
-            for job, (outcome, found_id) in zip(jobs, results, strict=True):
-                if outcome is Created.EXISTS and self.store.request_hash(found_id) != job.request_hash:
-                    raise Conflict(f"idempotency key {job.idempotency_key!r} was used for another request")
+            with _redis_errors():
+                if new:
+                    outcomes |= dict(zip(new, self.store.create(list(new.values())), strict=True))
+                for index, (outcome, found_id) in sorted(outcomes.items()):
+                    if outcome is Created.EXISTS and self.store.request_hash(found_id) != hashes[index]:
+                        raise Conflict(f"idempotency key {keys[index]!r} was used for another request")
+        finally:
+            # Nothing stays stored for a request that was not queued.
+            for index, (job_id, request) in started.items():
+                if outcomes.get(index, (None, ""))[0] is not Created.CREATED:
+                    delete_inputs(request, job_id, self.storage, tenant)
+        results = [outcomes[index] for index in range(len(requests))]
         limited = sum(outcome is Created.LIMITED for outcome, _ in results)
         if limited:
             raise TooManyJobs(
-                f"tenant {tenant!r} has {max_in_flight} unfinished jobs; {limited} of {len(jobs)} not queued",
+                f"tenant {tenant!r} has {max_in_flight} unfinished jobs; {limited} of {len(requests)} not queued",
                 accepted=[
                     Job(self, found_id) for outcome, found_id in results if outcome is not Created.LIMITED
                 ],
             )
         return [Job(self, found_id, created=outcome is Created.CREATED) for outcome, found_id in results]
 
-    def upload(self, data: bytes | str | Path) -> dict[str, str]:
-        """Check and store an image, video or audio file; returns ``{"key": ...}`` to put in a
-        request (e.g. ``{"images": [client.upload("cat.png")]}``)."""
+    def _resolve(self, request: RequestBase, job_id: str, scope: KeyScope) -> RequestBase:
+        """``request`` with its media and LoRAs checked and named by store key."""
+        if request.media_fields():
+            request = resolve_inputs(
+                request, job_id, self.storage, self.url_policy, self._input_limits, scope
+            )
+        if request.loras:
+            request = resolve_loras(request, self.storage, self.url_policy, self._input_limits, scope)
+        return request
+
+    def _earlier_jobs(self, idempotency_keys: list[str | None]) -> list[str | None]:
+        """The job each idempotency key was used for already; None for a new or absent key."""
+        named = [self.keys.idempotency(key) for key in idempotency_keys if key]
+        found = iter(self._redis.mget(named) if named else [])
+        return [_decoded(next(found)) if key else None for key in idempotency_keys]
+
+    def _job_tenant(self, job_id: str) -> str | None:
+        with _redis_errors():
+            return _decoded(self._redis.hget(self.keys.job(job_id), "tenant"))
+
+    def upload(self, data: bytes | str | Path, *, tenant: str = "") -> dict[str, str]:
+        """Check and store an image, video, audio or LoRA file under ``uploads/<tenant>/``; returns
+        ``{"key": ...}`` to put in a request of the same tenant (e.g.
+        ``{"images": [client.upload("cat.png")]}``)."""
+        check_tenant(tenant)
         if not isinstance(data, bytes):
             data = Path(data).read_bytes()
-        return upload(self.storage, data, self._input_limits)
+        return upload(self.storage, data, self._input_limits, tenant)
 
     def status(self, job_id: str) -> JobRecord:
         with _redis_errors():
@@ -332,6 +366,21 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.id!r})"
+
+
+def _decoded(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+@contextmanager
+def _numbered(index: int, count: int) -> Iterator[None]:
+    """Errors of the ``index``-th of ``count`` requests name it (``"3.width"``), unless it is alone."""
+    try:
+        yield
+    except InvalidRequest as exc:
+        if count == 1:
+            raise
+        raise InvalidRequest([FieldError(f"{index}.{e.field}", e.message) for e in exc.errors]) from None
 
 
 @contextmanager

@@ -2,18 +2,20 @@
 
 Before a job is queued every image and video it names is read (from the fleet's store, or from
 an http(s) URL through the SSRF-guarded fetcher), decoded and checked against limits. Media given
-by URL is stored under ``inputs/<job id>/``, and the queued request names every input by store
-key: the worker reads only bytes that were checked, and never reaches out to the internet.
+by URL is stored under ``inputs/<tenant>/<job id>/``, and the queued request names every input by
+store key: the worker reads only bytes that were checked, and never reaches out to the internet.
+A store key is read only if the tenant may name it (``producer.tenant_keys``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
 import re
-import uuid
 from dataclasses import dataclass
 
+from producer.tenant_keys import KeyScope, input_prefix, upload_key
 from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
 from routing.io.loras import LoraError, check_lora, read_header
@@ -29,6 +31,8 @@ from routing.io.media import (
 from routing.io.net import UrlError, UrlPolicy, fetch_url
 from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, LoraRef, MediaRef, RequestBase
+
+log = logging.getLogger(__name__)
 
 # The longest video any model takes, in frames and in seconds: what an upload may be (speech is
 # never longer than the longest video either).
@@ -56,13 +60,59 @@ class InputLimits:
 
 
 def resolve_inputs(
-    request: RequestBase, job_id: str, storage: Storage, policy: UrlPolicy, limits: InputLimits
+    request: RequestBase,
+    job_id: str,
+    storage: Storage,
+    policy: UrlPolicy,
+    limits: InputLimits,
+    scope: KeyScope,
 ) -> RequestBase:
     """Check every input of ``request``; return it with each input named by store key.
 
     Raises ``InvalidRequest`` naming the field (``image``, ``images.1``, ``pose_video``) of
-    every input that could not be read or is not acceptable media.
+    every input that could not be read or is not acceptable media; what was stored of it by then
+    is deleted again.
     """
+    try:
+        resolved, errors = _resolve_all(request, job_id, storage, policy, limits, scope)
+    except BaseException:
+        delete_inputs(request, job_id, storage, scope.tenant)
+        raise
+    if errors:
+        delete_inputs(request, job_id, storage, scope.tenant)
+        raise InvalidRequest(errors)
+    return resolved
+
+
+def delete_inputs(request: RequestBase, job_id: str, storage: Storage, tenant: str) -> None:
+    """Delete what ``resolve_inputs`` stored for job ``job_id`` (the media it was given by URL),
+    when the job is not queued after all. ``request`` is the one given or the one resolved."""
+    prefix = input_prefix(tenant, job_id)
+    if not any(ref.url is not None or (ref.key or "").startswith(prefix) for ref in _refs(request)):
+        return
+    try:
+        for key in storage.list(prefix):
+            storage.delete(key)
+    except StorageError as exc:  # the request's own answer stands; this is only logged
+        log.warning("could not delete the inputs of job %s, which was not queued: %s", job_id, exc)
+
+
+def _refs(request: RequestBase) -> list[MediaRef]:
+    return [
+        ref
+        for value in request.media_fields().values()
+        for ref in (value if isinstance(value, list) else [value])
+    ]
+
+
+def _resolve_all(
+    request: RequestBase,
+    job_id: str,
+    storage: Storage,
+    policy: UrlPolicy,
+    limits: InputLimits,
+    scope: KeyScope,
+) -> tuple[RequestBase, list[FieldError]]:
     spec = get_model(request.model)
     errors: list[FieldError] = []
     update: dict[str, object] = {}
@@ -74,7 +124,7 @@ def resolve_inputs(
         for index, ref in enumerate(refs):
             field = f"{name}.{index}" if isinstance(value, list) else name
             try:
-                checked, info = _resolve_one(ref, field, name, job_id, spec, storage, policy, limits)
+                checked, info = _resolve_one(ref, field, name, job_id, spec, storage, policy, limits, scope)
                 resolved.append(checked)
             except (MediaError, UrlError) as exc:
                 errors.append(FieldError(field, str(exc)))
@@ -90,17 +140,16 @@ def resolve_inputs(
                     errors.append(FieldError(field, message))
                     over = True
         update[name] = resolved if isinstance(value, list) else (resolved[0] if resolved else value)
-    if errors:
-        raise InvalidRequest(errors)
-    return request.model_copy(update=update)
+    return request.model_copy(update=update), errors
 
 
 # A hub id: owner/repo/path/to/file.safetensors (no scheme).
 _HUB_ID = re.compile(r"^([\w.-]+)/([\w.-]+)/([\w./-]+\.safetensors)$")
+_STORE_KINDS = ("uploads", "inputs", "jobs", "loras")
 
 
 def resolve_loras(
-    request: RequestBase, storage: Storage, policy: UrlPolicy, limits: InputLimits
+    request: RequestBase, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
 ) -> RequestBase:
     """Check every LoRA of ``request``; return it with each one named by its content-addressed
     store key (``loras/<sha256>.safetensors``), which is also the worker's cache key.
@@ -114,7 +163,7 @@ def resolve_loras(
     for index, lora in enumerate(request.loras or []):
         field = f"loras.{index}.source"
         try:
-            data = _read_lora(lora.source, storage, policy, limits)
+            data = _read_lora(lora.source, storage, policy, limits, scope)
             info = check_lora(data, spec, limits.lora_max_bytes)
         except (LoraError, MediaError, UrlError) as exc:
             errors.append(FieldError(field, str(exc)))
@@ -133,12 +182,16 @@ def resolve_loras(
     return request.model_copy(update={"loras": resolved})
 
 
-def _read_lora(source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits) -> bytes:
+def _read_lora(
+    source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
+) -> bytes:
     fetch = {"max_bytes": limits.lora_max_bytes, "timeout_s": limits.lora_fetch_timeout_s, "policy": policy}
     if source.lower().startswith(("http://", "https://")):
         return fetch_url(source, **fetch)
     hub = _HUB_ID.match(source)
-    if hub is not None and not storage.exists(source):
+    # A key of one of the store's kinds is never a hub id: whether it exists must not decide
+    # which error another tenant's key gets.
+    if hub is not None and hub.group(1) not in _STORE_KINDS:
         if not limits.lora_hub:
             raise LoraError(
                 "hub ids are not accepted by this fleet (FLEET_LORA_HUB is off): upload the file "
@@ -146,7 +199,7 @@ def _read_lora(source: str, storage: Storage, policy: UrlPolicy, limits: InputLi
             )
         owner, repo, path = hub.groups()
         return fetch_url(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", **fetch)
-    return _read(storage, source)
+    return _read(storage, source, scope)
 
 
 def _resolve_one(
@@ -158,24 +211,29 @@ def _resolve_one(
     storage: Storage,
     policy: UrlPolicy,
     limits: InputLimits,
+    scope: KeyScope,
 ) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
     if ref.url is not None:
         data = fetch_url(ref.url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, policy=policy)
     else:
-        data = _read(storage, ref.key)
+        data = _read(storage, ref.key, scope)
     ext, info = _check(data, name, spec, limits)
     if ref.key is not None:
         return ref, info
-    key = f"inputs/{job_id}/{field}.{ext}"
+    key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
     storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
     return MediaRef(key=key), info
 
 
-def _read(storage: Storage, key: str) -> bytes:
+def _read(storage: Storage, key: str, scope: KeyScope) -> bytes:
+    # Another tenant's key gets the words of a missing one, checked before the store is asked.
+    missing = MediaError("no such object in the store; upload it first")
+    if not scope.may_read(key):
+        raise missing
     try:
         return storage.get(key)
     except ObjectNotFound:
-        raise MediaError(f"no object {key!r} in the store; upload it first") from None
+        raise missing from None
     except (StorageError, ValueError) as exc:
         raise MediaError(f"cannot read {key!r}: {exc}") from None
 
@@ -205,10 +263,11 @@ def _check(
     return _EXTENSIONS.get(image_info.format.upper(), "img"), image_info
 
 
-def upload(storage: Storage, data: bytes, limits: InputLimits) -> dict[str, str]:
-    """Store caller media after checking it decodes; returns the ``{"key": ...}`` a request uses."""
+def upload(storage: Storage, data: bytes, limits: InputLimits, tenant: str) -> dict[str, str]:
+    """Store caller media under ``uploads/<tenant>/`` after checking it decodes; returns the
+    ``{"key": ...}`` a request of the same tenant uses."""
     ext = _sniff(data, limits)
-    key = f"uploads/{uuid.uuid4().hex}.{ext}"
+    key = upload_key(tenant, ext)
     storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
     return {"key": key}
 

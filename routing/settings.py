@@ -7,12 +7,18 @@ object-store directory.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A tenant's name is a segment of its store keys (``uploads/<tenant>/...``): lowercase letters,
+# digits, '-' and '_', at most 64, starting with a letter or digit. Lowercase only, so that one name
+# is one folder even on a case-insensitive disk.
+TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 class Tenant(BaseModel):
@@ -177,6 +183,17 @@ class Settings(BaseSettings):
     # After this, the broker hands an unacknowledged GPU message to another worker: a job still
     # running on a live worker drops that copy; one whose worker died runs again.
     visibility_timeout_s: int = Field(default=600, ge=30)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, tenants: dict[str, Tenant]) -> dict[str, Tenant]:
+        for name in tenants:
+            if not TENANT_NAME.fullmatch(name):
+                raise ValueError(
+                    f"tenant name {name!r}: 1-64 lowercase letters, digits, '-' or '_', starting "
+                    "with a letter or digit (it names the tenant's folder in the store)"
+                )
+        return tenants
 
     def weights_for(self, model_key: str, hub_id: str) -> str:
         if self.weights_cache_dir is not None and (self.weights_cache_dir / model_key).is_dir():

@@ -100,7 +100,7 @@ def refused(client: Client, redis_client, request: dict, field: str, words: str,
 def test_a_fetchable_url_is_accepted_and_stored_so_the_worker_reads_only_checked_bytes(fleet, allowed):
     job = fleet.submit(EDIT | {"images": [{"url": f"{allowed.url}/img.png"}]})
     [image] = fleet.status(job.id).request["images"]
-    assert image == {"key": f"inputs/{job.id}/images.0.png", "url": None}
+    assert image == {"key": f"inputs/_/{job.id}/images.0.png", "url": None}
     assert fleet.storage.get(image["key"]) == PNG
 
 
@@ -172,12 +172,12 @@ def test_videos_over_the_jobs_pixel_cap_are_refused_naming_the_field(fleet_setti
 
 
 def test_bytes_that_are_not_an_image(fleet, redis_client):
-    fleet.storage.put("uploads/fake.png", b"\x89PNG but not really", "image/png")
-    refused(fleet, redis_client, EDIT | {"images": [{"key": "uploads/fake.png"}]}, "images.0", "image")
+    fleet.storage.put("uploads/_/fake.png", b"\x89PNG but not really", "image/png")
+    refused(fleet, redis_client, EDIT | {"images": [{"key": "uploads/_/fake.png"}]}, "images.0", "image")
     refused(
         fleet,
         redis_client,
-        EDIT | {"images": [{"key": "uploads/missing.png"}]},
+        EDIT | {"images": [{"key": "uploads/_/missing.png"}]},
         "images.0",
         "upload it first",
     )

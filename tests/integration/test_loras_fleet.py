@@ -38,21 +38,21 @@ def _queued(redis_client) -> int:
 @pytest.mark.parametrize(
     ("loras", "field", "words"),
     [
-        ([{"source": "uploads/pickle.pt"}], "loras.0.source", "a pickle checkpoint"),
-        ([{"source": "uploads/qwen.safetensors"}], "loras.0.source", "made for qwen-image"),
-        ([{"source": "uploads/z.safetensors"}] * 4, "loras", "at most 3 LoRAs"),
+        ([{"source": "uploads/_/pickle.pt"}], "loras.0.source", "a pickle checkpoint"),
+        ([{"source": "uploads/_/qwen.safetensors"}], "loras.0.source", "made for qwen-image"),
+        ([{"source": "uploads/_/z.safetensors"}] * 4, "loras", "at most 3 LoRAs"),
         ([{"source": "http://127.0.0.1:9/z.safetensors"}], "loras.0.source", "loopback"),
         ([{"source": "http://10.1.2.3/z.safetensors"}], "loras.0.source", "private"),
         ([{"source": "someone/some-lora/lora.safetensors"}], "loras.0.source", "FLEET_LORA_HUB is off"),
-        ([{"source": "uploads/z.safetensors", "scale": "1"}], "loras.0.scale", "valid number"),
+        ([{"source": "uploads/_/z.safetensors", "scale": "1"}], "loras.0.scale", "valid number"),
     ],
 )
 def test_a_bad_lora_is_refused_naming_the_field(
     client: Client, redis_client, lora_files, loras, field, words
 ):
     for name, data in (("pickle.pt", lora_files["pickle"]), ("qwen.safetensors", lora_files["qwen"])):
-        client.storage.put(f"uploads/{name}", data, "application/octet-stream")
-    client.storage.put("uploads/z.safetensors", lora_files["z"], "application/octet-stream")
+        client.storage.put(f"uploads/_/{name}", data, "application/octet-stream")
+    client.storage.put("uploads/_/z.safetensors", lora_files["z"], "application/octet-stream")
     before = _queued(redis_client)
     with pytest.raises(InvalidRequest) as raised:
         client.submit(GOOD | {"loras": loras})
@@ -63,9 +63,9 @@ def test_a_bad_lora_is_refused_naming_the_field(
 def test_a_lora_over_the_size_cap_is_refused(fleet_settings, redis_client, lora_files):
     capped = fleet_settings.model_copy(update={"max_lora_bytes": len(lora_files["z"]) - 1})
     with Client(capped) as client:
-        client.storage.put("uploads/z.safetensors", lora_files["z"], "application/octet-stream")
+        client.storage.put("uploads/_/z.safetensors", lora_files["z"], "application/octet-stream")
         with pytest.raises(InvalidRequest) as raised:
-            client.submit(GOOD | {"loras": [{"source": "uploads/z.safetensors"}]})
+            client.submit(GOOD | {"loras": [{"source": "uploads/_/z.safetensors"}]})
     [error] = raised.value.errors
     assert (
         error.field == "loras.0.source" and f"larger than {len(lora_files['z']) - 1} bytes" in error.message
@@ -81,7 +81,7 @@ def test_loras_a_model_cannot_take_and_unknown_variants_are_refused(client: Clie
     )
     s2v = {"model": "wan2.2-s2v-14b", "image": {"key": "a.png"}, "audio": {"key": "a.wav"}, "prompt": "hi"}
     with pytest.raises(InvalidRequest) as raised:
-        client.submit(s2v | {"width": 1024, "height": 704, "loras": [{"source": "uploads/z.safetensors"}]})
+        client.submit(s2v | {"width": 1024, "height": 704, "loras": [{"source": "uploads/_/z.safetensors"}]})
     assert any(e.field == "loras" and "takes no LoRAs" in e.message for e in raised.value.errors)
 
 

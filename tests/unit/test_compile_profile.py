@@ -56,7 +56,7 @@ def setup(small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     )
     storage = LocalStorage(tmp / "objects")
     lora = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp / "style.safetensors")
-    storage.put("uploads/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
     eager = ZImageAdapter(SPEC, weights, RUNTIME)
     prepare(eager, SPEC, SPEC.vram_class, settings.model_copy(update={"compile_profile": "eager"}))
     compiled = ZImageAdapter(SPEC, weights, RUNTIME)
@@ -80,15 +80,17 @@ def test_a_size_never_warmed_compiles_nothing(setup):
 
 def test_a_lora_on_the_compiled_transformer_compiles_nothing(setup):
     from producer.inputs import InputLimits, resolve_loras
+    from producer.tenant_keys import KeyScope
     from routing.io.net import UrlPolicy
 
     storage = setup["storage"]
     before, _ = _run(setup["compiled"], _request(64, 64), storage)
     request = resolve_loras(
-        _request(64, 64, loras=[{"source": "uploads/style.safetensors"}]),
+        _request(64, 64, loras=[{"source": "uploads/_/style.safetensors"}]),
         storage,
         UrlPolicy(),
         InputLimits(lora_max_rank=8),
+        KeyScope("", lambda _: None),
     )
     styled, timings = _run(setup["compiled"], request, storage)
     assert timings["compiled_graphs"] == 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from producer.inputs import InputLimits, resolve_loras
+from producer.tenant_keys import KeyScope
 from routing.catalog import CATALOG
 from routing.decision import route
 from routing.io.net import UrlPolicy
@@ -25,6 +26,8 @@ from worker.small_models.lora import build_lora
 from worker.speed import job_context, prepare
 
 RUNTIME = Runtime(device="cpu", dtype=torch.float32)
+# Keys the SDK's no-tenant requests may name: its own uploads.
+NO_TENANT = KeyScope("", lambda _: None)
 
 
 class CountingStorage(LocalStorage):
@@ -55,15 +58,15 @@ def _run(adapter: Any, request: Any, storage: Any) -> tuple[np.ndarray, dict[str
 
 def _submit(data: dict[str, Any], storage: Any) -> Any:
     """What the API does before queueing: parse, then check and store the LoRAs."""
-    return resolve_loras(parse_request(data), storage, UrlPolicy(), InputLimits(lora_max_rank=16))
+    return resolve_loras(parse_request(data), storage, UrlPolicy(), InputLimits(lora_max_rank=16), NO_TENANT)
 
 
 def test_a_lora_changes_the_output_and_leaves_no_trace(small_models_dir: Path, tmp_path: Path, storage):
     weights = str(small_models_dir / "z-image-turbo")
     lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
-    storage.put("uploads/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
     base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
-    with_lora = _submit(base | {"loras": [{"source": "uploads/style.safetensors", "scale": 1.0}]}, storage)
+    with_lora = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 1.0}]}, storage)
     plain_request = _submit(base, storage)
     assert with_lora.loras[0].source.startswith("loras/")  # stored by content hash
 
@@ -91,7 +94,7 @@ def test_a_lora_changes_the_output_and_leaves_no_trace(small_models_dir: Path, t
     assert np.array_equal(again, first)
 
     # Two LoRAs merge into the one slot; half the scale is half the change, not none.
-    half = _submit(base | {"loras": [{"source": "uploads/style.safetensors", "scale": 0.5}]}, storage)
+    half = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 0.5}]}, storage)
     halved, _ = _run(adapter, half, storage)
     assert not np.array_equal(halved, first) and not np.array_equal(halved, reference)
 
@@ -144,6 +147,6 @@ def test_a_hub_id_is_fetched_from_the_hub_through_the_url_guard_only_when_allowe
     policy = UrlPolicy(resolver=lambda host, port: {"huggingface.co": ["10.0.0.1"]}[host])
     for allowed, words in ((False, "FLEET_LORA_HUB is off"), (True, "huggingface.co resolves to 10.0.0.1")):
         with pytest.raises(InvalidRequest) as raised:
-            resolve_loras(request, storage, policy, InputLimits(lora_hub=allowed))
+            resolve_loras(request, storage, policy, InputLimits(lora_hub=allowed), NO_TENANT)
         [error] = raised.value.errors
         assert error.field == "loras.0.source" and words in error.message

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from producer.inputs import InputLimits, resolve_inputs
+from producer.tenant_keys import KeyScope
 from routing.catalog import get_model
 from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
@@ -104,31 +105,33 @@ def storage(tmp_path: Path) -> LocalStorage:
 
 
 def _request(storage: LocalStorage, audio: bytes, pose: bytes | None = None) -> SpeechToVideoRequest:
-    storage.put("uploads/face.png", png_bytes(), "image/png")
-    storage.put("uploads/speech", audio, "application/octet-stream")
+    storage.put("uploads/_/face.png", png_bytes(), "image/png")
+    storage.put("uploads/_/speech", audio, "application/octet-stream")
     data = {
         "model": S2V,
         "prompt": "a person talks to the camera",
-        "image": {"key": "uploads/face.png"},
-        "audio": {"key": "uploads/speech"},
+        "image": {"key": "uploads/_/face.png"},
+        "audio": {"key": "uploads/_/speech"},
         "width": 1024,
         "height": 704,
     }
     if pose is not None:
-        storage.put("uploads/pose", pose, "application/octet-stream")
-        data["pose_video"] = {"key": "uploads/pose"}
+        storage.put("uploads/_/pose", pose, "application/octet-stream")
+        data["pose_video"] = {"key": "uploads/_/pose"}
     return parse_request(data)
 
 
 def _resolve(storage: LocalStorage, request: SpeechToVideoRequest) -> SpeechToVideoRequest:
-    return resolve_inputs(request, "0" * 32, storage, UrlPolicy(), InputLimits())
+    return resolve_inputs(
+        request, "0" * 32, storage, UrlPolicy(), InputLimits(), KeyScope("", lambda _: None)
+    )
 
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
 def test_speech_in_each_format_is_accepted(storage: LocalStorage, fmt: str) -> None:
     request = _request(storage, speech(fmt, 2.0), pose=mp4_bytes(20))
     resolved = _resolve(storage, request)
-    assert resolved.audio.key == "uploads/speech" and resolved.pose_video.key == "uploads/pose"
+    assert resolved.audio.key == "uploads/_/speech" and resolved.pose_video.key == "uploads/_/pose"
 
 
 @pytest.mark.parametrize(
@@ -168,16 +171,16 @@ def test_a_pose_video_that_is_not_a_usable_video_is_refused(
 
 
 def test_submit_refuses_bad_speech_and_queues_nothing(client, redis_client) -> None:
-    client.storage.put("uploads/face.png", png_bytes(), "image/png")
-    client.storage.put("uploads/speech", b"not audio" * 500, "application/octet-stream")
+    client.storage.put("uploads/_/face.png", png_bytes(), "image/png")
+    client.storage.put("uploads/_/speech", b"not audio" * 500, "application/octet-stream")
     before = {k: redis_client.llen(k) for k in redis_client.keys("h100x8*")}
     with pytest.raises(InvalidRequest) as raised:
         client.submit(
             {
                 "model": S2V,
                 "prompt": "a person talks",
-                "image": {"key": "uploads/face.png"},
-                "audio": {"key": "uploads/speech"},
+                "image": {"key": "uploads/_/face.png"},
+                "audio": {"key": "uploads/_/speech"},
             }
         )
     assert raised.value.fields == ["audio"]
