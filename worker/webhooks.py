@@ -38,9 +38,10 @@ the longest wait plus a POST below the webhook queue's visibility timeout, after
 hand a copy of the message to another worker. A copy still turns up when a worker is too busy to
 run a due retry in time, or dies holding one, so each attempt is claimed in Redis first
 (``Deliverer.claim``, per task id and attempt number): a copy whose attempt is claimed is dropped
-and logged, and a receiver never gets one attempt twice. The claim is a lease until the attempt's
-outcome is recorded (and its retry queued): a worker that dies mid-attempt leaves an expiring
-claim, and the copy Kombu restores after the visibility timeout makes the attempt again.
+and logged. The claim is a lease until the attempt's outcome is recorded (and its retry queued): a
+worker that dies mid-attempt leaves an expiring claim, and the copy Kombu restores after the
+visibility timeout makes the attempt again, the one case where a receiver can get one attempt twice
+(it dedupes by webhook-id).
 """
 
 from __future__ import annotations
@@ -334,7 +335,8 @@ def create_app(settings: Settings) -> Celery:
         delivery_id = self.request.id
         if not deliverer.claim(delivery_id, attempt):
             log.warning(
-                "webhook %s attempt %d of %s: already claimed by a copy, dropped",
+                "webhook %s: attempt %d of delivery %s is claimed by another copy of its message, "
+                "this copy is dropped",
                 event_id,
                 attempt,
                 delivery_id,
