@@ -16,7 +16,7 @@ Settings for long GPU tasks on a Redis broker:
   nothing runs twice; for a worker that died holding a message it had not yet claimed (its pool
   child was still loading models), the job is back in minutes instead of hours. Webhook deliveries
   wait out their retry countdowns unacknowledged, so their queue keeps its own, long timeout under
-  its own Kombu keys.
+  its own Kombu keys (``webhook_visibility_timeout_s``, above the longest countdown plus a POST).
 - Queue order "priority": a worker polls its queues in the order it lists them (its own class
   first, see ``routing.classes.consumed_queues``) instead of Kombu's default round robin.
 """
@@ -31,8 +31,6 @@ from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
 DELIVER_WEBHOOK_TASK = "fleet.deliver_webhook"
-# Above the longest retry countdown of a webhook delivery (10 min) plus its POST.
-WEBHOOK_VISIBILITY_TIMEOUT_S = 30 * 60
 
 
 def celery_settings(settings: Settings) -> dict[str, object]:
@@ -76,9 +74,10 @@ def make_celery(settings: Settings, vram_class: VramClass | None = None) -> Cele
 
 def webhook_transport_options(settings: Settings) -> dict[str, object]:
     """Broker options of the webhook workers: their own unacknowledged-message keys, so GPU
-    workers' short-timeout sweeps never return a delivery waiting out its retry countdown."""
+    workers' short-timeout sweeps never return a delivery waiting out its retry countdown, and
+    their own timeout, above the longest countdown plus a POST (``Settings`` checks that)."""
     return {
-        "visibility_timeout": WEBHOOK_VISIBILITY_TIMEOUT_S,
+        "visibility_timeout": settings.webhook_visibility_timeout_s,
         "unacked_key": "webhooks_unacked",
         "unacked_index_key": "webhooks_unacked_index",
         "unacked_mutex_key": "webhooks_unacked_mutex",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # A tenant's name is a segment of its store keys (``uploads/<tenant>/...``): lowercase letters,
@@ -85,10 +85,14 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
     # Delivery attempts of one webhook event before it is given up, and the retry schedule: the
     # wait before attempt n+1 is uniform in [0, min(cap, base * 2^(n-1))] (full jitter), never
-    # under 1 s.
+    # under 1 s. The cap bounds a receiver's Retry-After too: no retry waits longer.
     webhook_max_attempts: int = Field(default=8, ge=1, le=100)
     webhook_retry_base_s: float = Field(default=2.0, gt=0)
-    webhook_retry_cap_s: float = Field(default=600.0, gt=0)
+    webhook_retry_cap_s: float = Field(default=600.0, ge=1)
+    # After this, the broker hands an unacknowledged webhook message to another webhooks worker.
+    # A delivery waits out its retry unacknowledged, so the longest wait plus one delivery
+    # (webhook_retry_cap_s + webhook_timeout_s) must end before it: checked when settings load.
+    webhook_visibility_timeout_s: int = Field(default=1800, ge=30)
     # Of those, how many one tenant's endpoints may hold at once; a delivery past it is deferred.
     webhook_tenant_concurrency: int = Field(default=4, ge=1, le=256)
     # Longest one delivery may take, connect to last byte of the answer.
@@ -194,6 +198,18 @@ class Settings(BaseSettings):
                     "with a letter or digit (it names the tenant's folder in the store)"
                 )
         return tenants
+
+    @model_validator(mode="after")
+    def _webhook_retries_end_before_redelivery(self) -> Self:
+        longest_s = self.webhook_retry_cap_s + self.webhook_timeout_s
+        if longest_s >= self.webhook_visibility_timeout_s:
+            raise ValueError(
+                f"webhook_retry_cap_s + webhook_timeout_s ({longest_s:g} s) must be below "
+                f"webhook_visibility_timeout_s ({self.webhook_visibility_timeout_s} s), or the broker "
+                "hands a delivery that is waiting to retry to a second worker: lower the cap or "
+                "raise the visibility timeout"
+            )
+        return self
 
     def weights_for(self, model_key: str, hub_id: str) -> str:
         if self.weights_cache_dir is not None and (self.weights_cache_dir / model_key).is_dir():

@@ -23,7 +23,8 @@ changes); output URLs are presigned afresh on each attempt.
 
 Rules: a 2xx is delivered; anything else, redirects included (they are never followed), is a
 failure, retried with exponential backoff and full jitter up to ``FLEET_WEBHOOK_MAX_ATTEMPTS``
-attempts; a 429 or 503 with ``Retry-After`` waits as long as it says (capped). ``410 Gone`` disables the URL for the
+attempts; a 429 or 503 with ``Retry-After`` waits as long as it says, up to the same cap as the
+backoff (``FLEET_WEBHOOK_RETRY_CAP_S``). ``410 Gone`` disables the URL for the
 tenant: later deliveries to it are skipped and logged as ``disabled``. A URL the address rules
 refuse (``routing.io.net``) fails at once. Every attempt is logged per job (``delivery_log``).
 
@@ -31,12 +32,23 @@ One tenant's endpoints hold at most ``FLEET_WEBHOOK_TENANT_CONCURRENCY`` of a wo
 once, each for at most ``FLEET_WEBHOOK_TIMEOUT_S``: a delivery past that bound is ``deferred``
 (tried again after ``DEFER_S``, without using up one of its attempts), so a tenant with slow
 receivers delays its own events, not everyone's.
+
+A delivery waits out each retry countdown holding its message unacknowledged; the settings keep
+the longest wait plus a POST below the webhook queue's visibility timeout, after which Kombu would
+hand a copy of the message to another worker. A copy still turns up when a worker is too busy to
+run a due retry in time, or dies holding one, so each attempt is claimed in Redis first
+(``Deliverer.claim``, per task id and attempt number): a copy whose attempt is claimed is dropped
+and logged. The claim is a lease until the attempt's outcome is recorded (and its retry queued): a
+worker that dies mid-attempt leaves an expiring claim, and the copy Kombu restores after the
+visibility timeout makes the attempt again, the one case where a receiver can get one attempt twice
+(it dedupes by webhook-id).
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import random
 import sys
 import threading
@@ -67,13 +79,18 @@ from routing.settings import Settings, get_settings
 # webhook-timestamp has whole-second resolution and each attempt is promised a new one.
 RETRY_FACTOR = 2.0
 RETRY_MIN_S = 1.0
-RETRY_AFTER_CAP_S = 3600.0
 DEFER_S = 1.0
+# How long an attempt's claim holds before its outcome is recorded: the POST's deadline plus this,
+# for what has no deadline of its own (name resolution) and the writes after it.
+CLAIM_SLACK_S = 60.0
 LOG_MAX_ENTRIES = 1000  # per job: a long job's progress events must not grow the log unbounded
 
 # Outcomes of one attempt, as logged.
 DELIVERED, RETRYING, FAILED, DISABLED, REFUSED = "delivered", "retrying", "failed", "disabled", "refused"
 DEFERRED = "deferred"  # the tenant's endpoints held all the threads it may have: not an attempt
+DUPLICATE = "duplicate"  # a copy of a message whose attempt is claimed: dropped, in the worker's log only
+
+log = logging.getLogger(__name__)
 
 
 def backoff_s(attempt: int, settings: Settings) -> float:
@@ -82,9 +99,9 @@ def backoff_s(attempt: int, settings: Settings) -> float:
     return max(RETRY_MIN_S, random.uniform(0, ceiling))
 
 
-def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """A ``Retry-After`` header (delay in seconds, or an HTTP date) as seconds from now, capped at
-    ``RETRY_AFTER_CAP_S``; None when absent or unreadable."""
+def retry_after_s(value: str | None, cap_s: float, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header (delay in seconds, or an HTTP date) as seconds from now, at most
+    ``cap_s``; None when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
@@ -98,7 +115,7 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
         if when.tzinfo is None:  # HTTP dates are GMT
             when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+    return min(max(seconds, 0.0), cap_s)
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -181,6 +198,27 @@ class Deliverer:
         with self._lock:
             self._posting[tenant] -= 1
 
+    def claim(self, delivery_id: str, attempt: int) -> bool:
+        """Take attempt ``attempt`` of delivery ``delivery_id`` (its task id); False when a copy of
+        its message has it. Held as a lease until ``settle`` or ``release``."""
+        lease_s = self.settings.webhook_timeout_s + CLAIM_SLACK_S
+        key = self.keys.webhook_attempt(delivery_id, attempt)
+        return bool(self.client.set(key, "claimed", nx=True, px=int(lease_s * 1000)))
+
+    def settle(self, delivery_id: str, attempt: int) -> None:
+        """The attempt is over and what follows it is queued: no copy may make it again while a
+        copy of any message of this delivery can still turn up."""
+        s = self.settings
+        keep_s = (
+            s.webhook_max_attempts * (s.webhook_retry_cap_s + s.webhook_timeout_s)
+            + s.webhook_visibility_timeout_s
+        )
+        self.client.set(self.keys.webhook_attempt(delivery_id, attempt), "made", ex=int(keep_s))
+
+    def release(self, delivery_id: str, attempt: int) -> None:
+        """The attempt was deferred before posting: its next try takes the claim again."""
+        self.client.delete(self.keys.webhook_attempt(delivery_id, attempt))
+
     @cached_property
     def storage(self) -> Storage:
         return make_storage(self.settings)
@@ -260,7 +298,8 @@ class Deliverer:
             error += f" redirect to {response.headers.get('location', '?')} (not followed)"
         elif response.body:
             error += ": " + response.body[:200].decode(errors="replace")
-        wait = retry_after_s(response.headers.get("retry-after")) if status in (429, 503) else None
+        retry_after = response.headers.get("retry-after") if status in (429, 503) else None
+        wait = retry_after_s(retry_after, self.settings.webhook_retry_cap_s)
         return self._retry_or_fail(attempt, status, error, wait)
 
     def _retry_or_fail(self, attempt: int, status: int | None, error: str, wait_s: float | None) -> Attempt:
@@ -291,13 +330,31 @@ def create_app(settings: Settings) -> Celery:
     ) -> str:
         if not deliverers:
             deliverers.append(Deliverer(settings))
+        deliverer = deliverers[0]
         attempt = self.request.retries + 1 - deferred  # deferrals are retries that posted nothing
-        result = deliverers[0].deliver(job_id, event_id, event_type, at, attempt=attempt)
+        delivery_id = self.request.id
+        if not deliverer.claim(delivery_id, attempt):
+            log.warning(
+                "webhook %s: attempt %d of delivery %s is claimed by another copy of its message, "
+                "this copy is dropped",
+                event_id,
+                attempt,
+                delivery_id,
+            )
+            return DUPLICATE
+        result = deliverer.deliver(job_id, event_id, event_type, at, attempt=attempt)
         if result.outcome == DEFERRED:
+            deliverer.release(delivery_id, attempt)
             raise self.retry(countdown=result.retry_in_s, kwargs={"deferred": deferred + 1})
+        # Settled once the retry is queued: a worker that dies in between leaves the lease to run
+        # out, and the restored copy makes the attempt again rather than never.
+        retry = None
         if result.outcome == RETRYING:
             # Same task id, so the retry carries the same event id (webhook-id).
-            raise self.retry(countdown=result.retry_in_s)
+            retry = self.retry(countdown=result.retry_in_s, throw=False)
+        deliverer.settle(delivery_id, attempt)
+        if retry is not None:
+            raise retry
         return result.outcome
 
     return app

@@ -95,6 +95,11 @@ class Keys:
         """List of the job's delivery attempts, oldest first (JSON entries)."""
         return f"{self.prefix}:webhooks:log:{job_id}"
 
+    def webhook_attempt(self, delivery_id: str, attempt: int) -> str:
+        """Claim of one attempt of one delivery (its Celery task id): whichever copy of the
+        message sets it makes the attempt (``worker.webhooks``); expires after the retries."""
+        return f"{self.prefix}:webhooks:attempt:{delivery_id}:{attempt}"
+
     def replays_of_job(self, job_id: str) -> str:
         """Counter of the job's webhook replays in the current window (expires with it)."""
         return f"{self.prefix}:webhooks:replays:job:{job_id}"

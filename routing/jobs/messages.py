@@ -68,5 +68,10 @@ class TaskMessages:
         job record name the same thing."""
         return self.build(RUN_JOB_TASK, [job_id], queue, job_id)
 
-    def deliver_webhook(self, job_id: str, event_id: str, event_type: str, at: str) -> tuple[str, str]:
-        return self.build(DELIVER_WEBHOOK_TASK, [job_id, event_id, event_type, at], WEBHOOK_QUEUE, event_id)
+    def deliver_webhook(
+        self, job_id: str, event_id: str, event_type: str, at: str, delivery_id: str | None = None
+    ) -> tuple[str, str]:
+        """The message that delivers one event; its Celery task id (the event id unless given)
+        names the delivery, whose attempts are claimed by number: a replay needs an id of its own."""
+        args = [job_id, event_id, event_type, at]
+        return self.build(DELIVER_WEBHOOK_TASK, args, WEBHOOK_QUEUE, delivery_id or event_id)

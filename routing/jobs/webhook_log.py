@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -28,9 +29,13 @@ def replay(
 ) -> None:
     """Queue a new delivery of an event, with the same webhook-id (receivers dedupe by it).
 
-    ``at`` is the event's time (``event_at`` of its log entries); now when not given.
+    ``at`` is the event's time (``event_at`` of its log entries); now when not given. The replay
+    is a delivery of its own (a new task id), so its attempts are not taken for the first's.
     """
-    queue, payload = messages.deliver_webhook(job_id, event_id, event_type, at or repr(time.time()))
+    at = at or repr(time.time())
+    queue, payload = messages.deliver_webhook(
+        job_id, event_id, event_type, at, f"{event_id}-{uuid.uuid4().hex}"
+    )
     client.lpush(queue, payload)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import types
 
 import pytest
+from pydantic import ValidationError
 
 from routing.catalog import CATALOG, TaskKind, footprint_gb, get_model
-from routing.celery_config import celery_settings, make_celery
+from routing.celery_config import celery_settings, make_celery, webhook_transport_options
 from routing.classes import Priority, VramClass, bigger_classes, consumed_queues, parse_queue, queue_name
 from routing.decision import escalate, route
 from routing.schemas import parse_request
@@ -103,6 +104,24 @@ def test_celery_settings_for_long_gpu_jobs():
     assert conf["broker_transport_options"]["visibility_timeout"] == settings.visibility_timeout_s == 600
     assert conf["task_time_limit"] == 1800
     assert conf["result_expires"] > 0
+
+
+def test_webhook_retry_waits_end_before_the_webhook_queue_hands_out_a_copy(monkeypatch):
+    # The longest retry wait plus one delivery must stay below the visibility timeout of the
+    # webhook queue, which its workers take from the settings.
+    edge = {"webhook_timeout_s": 15, "webhook_visibility_timeout_s": 900}
+    with pytest.raises(ValidationError, match="must be below webhook_visibility_timeout_s"):
+        Settings(webhook_retry_cap_s=885, **edge)
+    settings = Settings(webhook_retry_cap_s=884.5, **edge)
+    assert webhook_transport_options(settings)["visibility_timeout"] == 900
+    assert webhook_transport_options(Settings())["visibility_timeout"] == 1800
+
+    # A worker loading its settings from the environment refuses to start.
+    monkeypatch.setenv("FLEET_WEBHOOK_RETRY_CAP_S", "3600")
+    with pytest.raises(ValidationError, match="lower the cap or raise the visibility timeout"):
+        Settings()
+    monkeypatch.setenv("FLEET_WEBHOOK_VISIBILITY_TIMEOUT_S", "3616")
+    assert Settings().webhook_visibility_timeout_s == 3616
 
 
 def test_the_queue_message_is_the_one_celery_builds():
