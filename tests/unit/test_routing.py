@@ -102,7 +102,8 @@ def test_celery_settings_for_long_gpu_jobs():
     # message a dead worker held comes back within minutes.
     assert conf["broker_transport_options"]["visibility_timeout"] == settings.visibility_timeout_s == 600
     assert conf["task_time_limit"] == 1800
-    assert conf["result_expires"] > 0
+    # No result is kept for any task: nothing reads one (Flower takes states from events).
+    assert conf["task_ignore_result"] is True and conf["result_backend"] == "disabled"
 
 
 def test_the_queue_message_is_the_one_celery_builds():
