@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import redis as redis_lib
+import yaml
 from pydantic import ValidationError
 
 from routing.classes import VramClass
@@ -116,6 +117,12 @@ def test_the_committed_lifecycle_rules_are_the_defaults(monkeypatch: pytest.Monk
         if name.startswith("FLEET_"):
             monkeypatch.delenv(name)
     committed = json.loads((ROOT / "deploy" / "s3-lifecycle.json").read_text())
+    assert committed == lifecycle_configuration(Settings())
+    # Kubernetes' settings are the same defaults, so the committed rules are theirs too.
+    config = yaml.safe_load((ROOT / "deploy" / "k8s" / "config.yaml").read_text())["data"]
+    for name, value in config.items():
+        if name.startswith("FLEET_RETENTION_"):
+            monkeypatch.setenv(name, value)
     assert committed == lifecycle_configuration(Settings())
 
 
