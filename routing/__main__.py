@@ -1,4 +1,5 @@
-"""Command line of the routing package: ``python -m routing plan --rate z-image-turbo=120/h``."""
+"""Command line of the routing package: ``python -m routing plan --rate z-image-turbo=120/h``,
+``python -m routing lifecycle [--apply]``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 from routing.classes import VramClass
+from routing.io.storage import StorageError
 from routing.planning import plan as planner
 
 
@@ -72,7 +74,35 @@ def _build_parser() -> argparse.ArgumentParser:
         type=lambda t: _pair(t, "TYPE=USD, e.g. p5.48xlarge=55.04"),
         help="use this $/hour for an instance type instead of the table's",
     )
+    lifecycle = commands.add_parser(
+        "lifecycle",
+        help="the S3 lifecycle rules of the retention settings",
+        description="Prints the bucket lifecycle configuration (JSON) that expires outputs (jobs/), "
+        "inputs (inputs/) and uploads (uploads/) after FLEET_RETENTION_*_DAYS, as "
+        "'aws s3api put-bucket-lifecycle-configuration --lifecycle-configuration file://...' takes it.",
+    )
+    lifecycle.add_argument(
+        "--apply",
+        action="store_true",
+        help="also put the rules on the fleet's bucket (FLEET_S3_*), replacing the bucket's own rules",
+    )
     return parser
+
+
+def _lifecycle(args: argparse.Namespace) -> str:
+    import json
+
+    from routing.io.retention import apply_lifecycle, lifecycle_configuration
+    from routing.io.storage import S3Storage, make_storage
+    from routing.settings import get_settings
+
+    settings = get_settings()
+    if args.apply:
+        storage = make_storage(settings)
+        if not isinstance(storage, S3Storage):
+            raise StorageError("--apply is for FLEET_STORAGE_BACKEND=s3; the workers sweep a local store")
+        apply_lifecycle(storage.client, storage.bucket, settings)
+    return json.dumps(lifecycle_configuration(settings), indent=2)
 
 
 def _plan(args: argparse.Namespace) -> str:
@@ -135,8 +165,8 @@ def _busy_share(text: str | None) -> float | dict[VramClass, float] | None:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        print(_plan(args))
-    except (planner.PlanError, OSError) as exc:
+        print(_lifecycle(args) if args.command == "lifecycle" else _plan(args))
+    except (planner.PlanError, OSError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -17,6 +17,8 @@ Settings for long GPU tasks on a Redis broker:
   child was still loading models), the job is back in minutes instead of hours. Webhook deliveries
   wait out their retry countdowns unacknowledged, so their queue keeps its own, long timeout under
   its own Kombu keys (``webhook_visibility_timeout_s``, above the longest countdown plus a POST).
+- No result backend: a job's outcome is its record, and Flower takes task states from events;
+  a result stored per task would only fill Redis.
 - Queue order "priority": a worker polls its queues in the order it lists them (its own class
   first, see ``routing.classes.consumed_queues``) instead of Kombu's default round robin.
 """
@@ -37,12 +39,12 @@ def celery_settings(settings: Settings) -> dict[str, object]:
     visibility_timeout_s = settings.visibility_timeout_s
     return {
         "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
-        "result_expires": 24 * 3600,
+        # No task result is kept: nothing reads one. A job's outcome is its record; Flower
+        # builds task states from events (worker/outcomes.py).
+        "result_backend": "disabled",
+        "task_ignore_result": True,
         "task_serializer": "json",
-        "result_serializer": "json",
         "accept_content": ["json"],
-        "result_accept_content": ["json"],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
@@ -52,7 +54,6 @@ def celery_settings(settings: Settings) -> dict[str, object]:
             "visibility_timeout": visibility_timeout_s,
             "queue_order_strategy": "priority",
         },
-        "result_backend_transport_options": {"visibility_timeout": visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

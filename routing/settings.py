@@ -181,6 +181,17 @@ class Settings(BaseSettings):
 
     # How long a finished job's record is kept.
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    # Days a stored object is kept, by kind (its key's first segment): outputs (jobs/), inputs
+    # fetched or stored for a job (inputs/), uploads (uploads/). The fleet deletes them from a
+    # local store (every retention_sweep_interval_s, in each worker); an S3 bucket gets them as
+    # lifecycle rules (`python -m routing lifecycle`). Outputs outlive their job's record, and
+    # inputs the longest a job can still run: see _retention_outlives_its_readers.
+    retention_outputs_days: int = Field(default=8, ge=1)
+    retention_inputs_days: int = Field(default=7, ge=1)
+    retention_uploads_days: int = Field(default=30, ge=1)
+    retention_sweep_interval_s: float = Field(default=3600.0, gt=0)
+    # Newest entries the dead-letter list keeps; older ones are trimmed as new ones come.
+    max_dead_letters: int = Field(default=10_000, ge=1)
     # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).
     max_wait_s: int = Field(default=6 * 3600, gt=0)
     max_run_s: int = Field(default=2 * 3600, gt=0)
@@ -208,6 +219,26 @@ class Settings(BaseSettings):
                 f"webhook_visibility_timeout_s ({self.webhook_visibility_timeout_s} s), or the broker "
                 "hands a delivery that is waiting to retry to a second worker: lower the cap or "
                 "raise the visibility timeout"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retention_outlives_its_readers(self) -> Self:
+        # A job record must never point at deleted outputs, and a job that may still run must
+        # find its inputs: refuse settings that would delete either first.
+        day_s = 24 * 3600
+        if self.retention_outputs_days * day_s <= self.job_ttl_s:
+            raise ValueError(
+                f"FLEET_RETENTION_OUTPUTS_DAYS ({self.retention_outputs_days}) must be longer than "
+                f"FLEET_JOB_TTL_S ({self.job_ttl_s} s): a job's record would point at deleted "
+                "outputs; lower FLEET_JOB_TTL_S with it"
+            )
+        longest_run_s = self.max_wait_s + self.max_attempts * self.max_run_s
+        if self.retention_inputs_days * day_s <= longest_run_s:
+            raise ValueError(
+                f"FLEET_RETENTION_INPUTS_DAYS ({self.retention_inputs_days}) must be longer than a "
+                f"job can wait and run ({longest_run_s} s: FLEET_MAX_WAIT_S + FLEET_MAX_ATTEMPTS x "
+                "FLEET_MAX_RUN_S): a job would lose its inputs before it ran"
             )
         return self
 

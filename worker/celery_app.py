@@ -32,6 +32,7 @@ from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass, consumed_queues
 from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
+from routing.io.retention import RetentionSweep
 from routing.io.storage import make_storage
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
@@ -93,7 +94,8 @@ def get_runner() -> JobRunner:
 
         def count(change: str, model_key: str) -> None:
             counts = store.keys.load_counts if change == "load" else store.keys.eviction_counts
-            store.client.hincrby(counts, f"{name}:{model_key}", 1)
+            # By class, not by worker process: a field per process would grow with every restart.
+            store.client.hincrby(counts, f"{vram_class.value}:{model_key}", 1)
             if change == "load":  # cold-start seconds by phase, for the metrics
                 load_s, to_device_s = pool.load_seconds[model_key]
                 label = f"{model_key}|{vram_class.value}|"
@@ -116,9 +118,17 @@ def get_runner() -> JobRunner:
             max_pending_outputs=settings.max_pending_outputs,
             peek_next=(lambda: peek_next(store.client, queues)) if settings.decode_ahead else None,
             on_outcome=_outcomes.report,
+            max_dead_letters=settings.max_dead_letters,
         )
         runner = _runner
-        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool, runner))
+        liveness.start(
+            store,
+            name,
+            vram_class,
+            settings.heartbeat_ttl_s,
+            lambda: _state(pool, runner),
+            sweep=RetentionSweep.for_settings(settings),
+        )
     return _runner
 
 

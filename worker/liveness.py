@@ -149,10 +149,16 @@ class Reaper:
 
 
 def start(
-    store: JobStore, name: str, vram_class: VramClass, ttl_s: float, state: Callable[[], dict] | None = None
+    store: JobStore,
+    name: str,
+    vram_class: VramClass,
+    ttl_s: float,
+    state: Callable[[], dict] | None = None,
+    sweep: Callable[[], None] | None = None,
 ) -> threading.Thread:
     """Beat and reap from a thread: a long job must not make its worker look dead. ``state``
-    gives what the heartbeat reports besides (resident models, GPU memory)."""
+    gives what the heartbeat reports besides (resident models, GPU memory); ``sweep`` is called
+    each round (the local store's retention: ``routing.io.retention.RetentionSweep``)."""
 
     reaper = Reaper(store, ttl_s)
 
@@ -169,6 +175,8 @@ def start(
                     reaper.forget()
             except redis.RedisError:
                 log.warning("heartbeat failed; retrying")
+            if sweep is not None:
+                sweep()
             time.sleep(ttl_s / 3)
 
     thread = threading.Thread(target=loop, name="heartbeat", daemon=True)

@@ -1,5 +1,4 @@
-"""What Flower (and the result backend) show for a job's Celery task: the job's outcome, told
-once its record says so.
+"""What Flower shows for a job's Celery task: the job's outcome, told once its record says so.
 
 Celery would end every job's task SUCCESS: the task returns whatever became of the job, and it
 returns before the finisher has stored and recorded it. So the task ends with ``Ignore`` (its
@@ -13,7 +12,8 @@ process sends the event of the job's real outcome after its record is written:
 
 Flower builds task states from these events, the ``task-received`` and ``task-started`` Celery
 sends from the worker's main process, and its state order (a final state wins over STARTED
-whichever arrives first). The result backend gets the same state.
+whichever arrives first). No result is stored: the fleet has no result backend, and nothing would
+read one (a job's outcome is its record).
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ from routing.jobs.store import JobStatus
 log = logging.getLogger(__name__)
 
 
-class JobFailed(Exception):
-    """The result backend's exception for a failed job: its error type and message."""
-
-
 class TaskOutcomes:
     def __init__(self, app: Celery):
         self.app = app
@@ -42,22 +38,17 @@ class TaskOutcomes:
 
     def report(self, job_id: str, status: JobStatus, error: dict[str, str] | None) -> None:
         detail = f"{error.get('type', '')}: {error.get('message', '')}" if error else ""
-        backend = self.app.backend
         with self._lock:
             if status is JobStatus.SUCCEEDED:
                 self._send("task-succeeded", uuid=job_id, result=repr(status.value), runtime=None)
-                backend.store_result(job_id, status.value, "SUCCESS")
             elif status is JobStatus.FAILED:
                 self._send(
                     "task-failed", uuid=job_id, exception=detail, traceback=(error or {}).get("where", "")
                 )
-                backend.store_result(job_id, JobFailed(detail), "FAILURE")
             elif status is JobStatus.CANCELED:
                 self._send("task-revoked", uuid=job_id, terminated=False, signum=None, expired=False)
-                backend.store_result(job_id, JobFailed("canceled"), "REVOKED")
             else:
                 self._send("task-retried", uuid=job_id, exception=detail, traceback="")
-                backend.store_result(job_id, JobFailed(detail), "RETRY")
 
     def _send(self, event_type: str, **fields: Any) -> None:
         if self._dispatcher is None:

@@ -67,6 +67,7 @@ class JobRunner:
         max_pending_outputs: int = 1,
         peek_next: Callable[[], str | None] | None = None,
         on_outcome: OutcomeHook | None = None,
+        max_dead_letters: int = 10_000,
     ):
         self.store = store
         self.storage = storage
@@ -79,6 +80,7 @@ class JobRunner:
         self.ahead = DecodeAhead(peek_next, self._decode_ahead) if peek_next is not None else None
         self.busy = BusyMeter()
         self.on_outcome = on_outcome
+        self.max_dead_letters = max_dead_letters
 
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
@@ -326,7 +328,10 @@ class JobRunner:
         except Conflict:
             return f"skipped ({self.store.get(record.id).status.value})"
         entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": time.time()}
-        self.store.client.lpush(self.store.keys.dead_letters, json.dumps(entry))
+        with self.store.client.pipeline() as pipe:  # the newest max_dead_letters, no more
+            pipe.lpush(self.store.keys.dead_letters, json.dumps(entry)).ltrim(
+                self.store.keys.dead_letters, 0, self.max_dead_letters - 1
+            ).execute()
         log.error("job %s dead-lettered: %s", record.id, reason)
         self._tell(record.id, JobStatus.FAILED, error)
         return "dead-lettered"

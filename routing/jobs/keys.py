@@ -74,7 +74,8 @@ class Keys:
 
     @property
     def dead_letters(self) -> str:
-        """List of jobs given up after too many attempts (JSON: id, attempts, reason, at)."""
+        """List of jobs given up after too many attempts, newest first (JSON: id, attempts,
+        reason, at); trimmed to the newest ``max_dead_letters``."""
         return f"{self.prefix}:dead"
 
     def drain(self, worker_process: str) -> str:
@@ -110,10 +111,11 @@ class Keys:
 
     @property
     def load_counts(self) -> str:
-        """Hash of model loads per worker process: ``<worker name>:<model>`` -> count."""
+        """Hash of model loads per class: ``<class>:<model>`` -> count (one field per class and
+        model, however often workers restart)."""
         return f"{self.prefix}:loads"
 
     @property
     def eviction_counts(self) -> str:
-        """Hash of model evictions per worker process: ``<worker name>:<model>`` -> count."""
+        """Hash of model evictions per class: ``<class>:<model>`` -> count."""
         return f"{self.prefix}:evictions"

@@ -103,7 +103,8 @@ def test_celery_settings_for_long_gpu_jobs():
     # message a dead worker held comes back within minutes.
     assert conf["broker_transport_options"]["visibility_timeout"] == settings.visibility_timeout_s == 600
     assert conf["task_time_limit"] == 1800
-    assert conf["result_expires"] > 0
+    # No result is kept for any task: nothing reads one (Flower takes states from events).
+    assert conf["task_ignore_result"] is True and conf["result_backend"] == "disabled"
 
 
 def test_webhook_retry_waits_end_before_the_webhook_queue_hands_out_a_copy(monkeypatch):
