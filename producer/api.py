@@ -388,13 +388,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_jobs(
         tenant: Tenant,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None,
+        cursor: Annotated[
+            str | None, Query(max_length=100, pattern=r"^[0-9]+(\.[0-9]+)?:[0-9a-f]{1,64}$")
+        ] = None,
     ) -> JobPage:
-        """The tenant's jobs, newest first; pass ``next_cursor`` back for the next page."""
-        records, last = client.list_page(tenant, limit, float(cursor) if cursor else None)
-        return JobPage(
-            jobs=[job_out(r) for r in records], next_cursor=repr(last) if last is not None else None
-        )
+        """The tenant's jobs, newest first; pass ``next_cursor`` back, as it is, for the next
+        page. Every job is listed once, jobs submitted together included."""
+        records, last = client.list_page(tenant, limit, cursor)
+        return JobPage(jobs=[job_out(r) for r in records], next_cursor=last)
 
     @app.post(
         "/v1/uploads",

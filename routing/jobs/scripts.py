@@ -193,3 +193,29 @@ if status == 'running' then redis.call('HSET', a.keys.job, 'cancel_requested', '
 return status or ''
 """
 )
+
+# keys: jobs (the tenant's index, scored by created_at).  limit, and the cursor's created_at and
+# id ('' and '' for the first page). Returns up to ``limit`` flat (id, created_at) pairs, newest
+# first in (created_at, id) order, from just after the cursor: jobs of one batch share a
+# created_at, so the id breaks the tie and none is skipped or repeated. Atomic, so a job created
+# meanwhile cannot shift the page.
+LIST_PAGE = (
+    ARGS
+    + """
+local keys = a.keys
+local start = 0
+if a.created_at ~= '' then
+  local rank = redis.call('ZREVRANK', keys.jobs, a.id)
+  if rank and tonumber(redis.call('ZSCORE', keys.jobs, a.id)) == tonumber(a.created_at) then
+    start = rank + 1
+  else
+    -- The cursor's job has left the index (its record expired): count what sorts before it.
+    start = redis.call('ZCOUNT', keys.jobs, '(' .. a.created_at, '+inf')
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', keys.jobs, a.created_at, a.created_at)) do
+      if id >= a.id then start = start + 1 end
+    end
+  end
+end
+return redis.call('ZREVRANGE', keys.jobs, start, start + tonumber(a.limit) - 1, 'WITHSCORES')
+"""
+)

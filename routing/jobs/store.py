@@ -8,6 +8,7 @@ and webhooks can never see a record and an event that disagree.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 import redis
 
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict, JobError, NotFound
+from routing.errors import Conflict, FieldError, InvalidRequest, JobError, NotFound
 from routing.jobs import scripts
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
@@ -153,6 +154,29 @@ class Step:
     drain: bool  # the worker is shutting down: stop and hand the job back
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of a tenant's jobs ended: its last job's ``created_at`` and id. Written
+    ``<created_at>:<id>``; callers pass it back as they got it."""
+
+    created_at: float
+    job_id: str
+
+    def __str__(self) -> str:
+        return f"{self.created_at!r}:{self.job_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        created_at, _, job_id = text.partition(":")
+        try:
+            cursor = cls(float(created_at), job_id)
+        except ValueError:
+            cursor = None
+        if cursor is None or not job_id or not math.isfinite(cursor.created_at):
+            raise InvalidRequest([FieldError("cursor", "pass back a next_cursor as it was given")])
+        return cursor
+
+
 class Created(IntEnum):
     EXISTS = 0
     CREATED = 1
@@ -199,6 +223,7 @@ class JobStore:
         self._create = client.register_script(scripts.CREATE)
         self._progress = client.register_script(scripts.PROGRESS)
         self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
+        self._list_page = client.register_script(scripts.LIST_PAGE)
 
     def create(self, jobs: list[NewJob]) -> list[tuple[Created, str]]:
         """Write each new job's queued record, its ``job.queued`` event and its queue message in
@@ -371,6 +396,18 @@ class JobStore:
             owner = f" (or {expect_worker} no longer has it)" if expect_worker else ""
             raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
         return JobStatus(current)
+
+    def page(self, tenant: str, limit: int, after: Cursor | None = None) -> list[tuple[str, float]]:
+        """Up to ``limit`` of the tenant's (job id, created_at), newest first, from just after
+        ``after`` (None: from the newest)."""
+        args = _args(
+            keys={"jobs": self.keys.tenant_jobs(tenant)},
+            limit=str(limit),
+            created_at=repr(after.created_at) if after else "",
+            id=after.job_id if after else "",
+        )
+        flat = self._list_page(args=[args])
+        return [(_text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def running(self) -> list[str]:
         """Ids of the jobs some worker is running (or was, when it died)."""
