@@ -39,6 +39,7 @@ from routing.errors import (
 from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
 from routing.jobs.events import Webhook
+from routing.jobs.expiry import ExpirySweep
 from routing.jobs.store import JobRecord, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
@@ -156,9 +157,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         server = None
         if settings.metrics_port is not None:
             server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry)
+        # Jobs on a class with no worker expire here too: the API is always up (a thread, off
+        # the event loop).
+        stop_expiry = ExpirySweep(client.store, settings.max_wait_s, settings.expiry_sweep_interval_s).start()
         try:
             yield
         finally:
+            stop_expiry.set()
             if server is not None:
                 server.shutdown()
                 server.server_close()

@@ -33,6 +33,7 @@ from routing.classes import VramClass, consumed_queues
 from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.storage import make_storage
+from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.store import JobStatus, JobStore
@@ -118,7 +119,10 @@ def get_runner() -> JobRunner:
             on_outcome=_outcomes.report,
         )
         runner = _runner
-        liveness.start(store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool, runner))
+        expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s)
+        liveness.start(
+            store, name, vram_class, settings.heartbeat_ttl_s, lambda: _state(pool, runner), expiry
+        )
     return _runner
 
 

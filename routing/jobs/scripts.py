@@ -62,13 +62,13 @@ end
 """
 )
 
-# keys: job, events, webhooks (queue), queued (template, by queue), running, sequence, in_flight
-# (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
+# keys: job, events, webhooks (queue), queued (template, by queue), waiting, running, sequence,
+# in_flight (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
 # event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
 # none), event_id, message (webhook delivery), worker (expected owner, '' for any), requeue
 # ([list, message] to push when the job goes back to queued, [] for none), fields (field/value
-# pairs to set, flat). Also keeps the queue lines, the running set and the tenant's in-flight set
-# in step with the state.
+# pairs to set, flat). Also keeps the queue lines, the waiting set, the running set and the
+# tenant's in-flight set in step with the state.
 TRANSITION = (
     ARGS
     + EMIT
@@ -87,6 +87,7 @@ end
 local id = redis.call('HGET', keys.job, 'id')
 if current == 'queued' then
   redis.call('ZREM', fill(keys.queued, redis.call('HGET', keys.job, 'queue')), id)
+  redis.call('ZREM', keys.waiting, id)
 end
 if current == 'running' then redis.call('SREM', keys.running, id) end
 redis.call('HSET', keys.job, 'status', a.target, 'updated_at', a.now)
@@ -96,6 +97,7 @@ if a.target == 'running' then redis.call('SADD', keys.running, id) end
 if a.target == 'queued' then
   local line = fill(keys.queued, redis.call('HGET', keys.job, 'queue'))
   redis.call('ZADD', line, redis.call('INCR', keys.sequence), id)
+  redis.call('ZADD', keys.waiting, redis.call('HGET', keys.job, 'created_at'), id)
   if #a.requeue > 0 then redis.call('LPUSH', a.requeue[1], a.requeue[2]) end
 end
 if a.ttl_s ~= '0' then
@@ -126,8 +128,8 @@ return {1, current}
 
 
 # keys: job, job_events, events, idempotency ('' when the job has no idempotency key), queue (the Celery
-# queue list), in_flight and jobs (the tenant's sets), line (the job's queue line), sequence,
-# submitted (metric).  id, now, maxlen (of the stream), ttl_s, message (queue message), limit
+# queue list), in_flight and jobs (the tenant's sets), line (the job's queue line), waiting,
+# sequence, submitted (metric).  id, now, maxlen (of the stream), ttl_s, message (queue message), limit
 # (the tenant's in-flight limit, '0': none), label (metric), fields (field/value pairs of the
 # record, flat). Record, event, indexes and queue message are written together or not at all;
 # {2, ''} when the tenant is at its limit.
@@ -152,6 +154,7 @@ redis.call('SADD', keys.in_flight, id)
 redis.call('ZADD', keys.jobs, a.now, id)
 redis.call('ZREMRANGEBYSCORE', keys.jobs, '-inf', tonumber(a.now) - tonumber(a.ttl_s))
 redis.call('ZADD', keys.line, redis.call('INCR', keys.sequence), id)
+redis.call('ZADD', keys.waiting, a.now, id)
 redis.call('LPUSH', keys.queue, a.message)
 redis.call('HINCRBY', keys.submitted, a.label, 1)
 return {1, id}

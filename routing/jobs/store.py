@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict, FieldError, InvalidRequest, JobError, NotFound
+from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
 from routing.jobs import scripts
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
@@ -272,6 +272,7 @@ class JobStore:
             "in_flight": self.keys.tenant_in_flight(job.tenant),
             "jobs": self.keys.tenant_jobs(job.tenant),
             "line": self.keys.queued(job.queue),
+            "waiting": self.keys.waiting,
             "sequence": self.keys.sequence,
             "submitted": self.keys.metrics("submitted"),
         }
@@ -367,6 +368,7 @@ class JobStore:
             "events": self.keys.events,
             "webhooks": WEBHOOK_QUEUE,
             "queued": self.keys.template(self.keys.queued),
+            "waiting": self.keys.waiting,
             "running": self.keys.running,
             "sequence": self.keys.sequence,
             "in_flight": self.keys.template(self.keys.tenant_in_flight),
@@ -396,6 +398,48 @@ class JobStore:
             owner = f" (or {expect_worker} no longer has it)" if expect_worker else ""
             raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
         return JobStatus(current)
+
+    def expire_queued(self, max_wait_s: float, batch: int = 100) -> list[str]:
+        """Fail as ``expired`` every job that has been queued longer than ``max_wait_s``, found by
+        the waiting index, whether or not a worker of its class exists. Each is one transition
+        (its event and webhook, its tenant's in-flight slot freed), made only while the job is
+        still queued: a job claimed or canceled meanwhile is left alone. Returns their ids.
+
+        The job's message stays in its queue (removing it would mean searching the list for it):
+        a worker that takes it finds the job failed and drops it."""
+        expired: list[str] = []
+        while True:
+            expired_now = 0
+            now = time.time()
+            oldest = self.client.zrangebyscore(
+                self.keys.waiting, "-inf", f"({now - max_wait_s!r}", start=0, num=batch, withscores=True
+            )
+            for member, created_at in oldest:
+                job_id = _text(member)
+                waited = (
+                    f"waited {now - created_at:.0f} s in the queue, longer than the fleet's {max_wait_s} s"
+                )
+                try:
+                    # created_at never changes, so the index's score is the record's: only the
+                    # status can have moved since the read, and the transition checks it.
+                    self.transition(
+                        job_id,
+                        JobStatus.FAILED,
+                        only_from=JobStatus.QUEUED,
+                        finished_at=now,
+                        error=JobError(type=ErrorType.EXPIRED, message=waited),
+                    )
+                except Conflict:
+                    continue
+                except NotFound:
+                    self.client.zrem(self.keys.waiting, job_id)
+                    continue
+                expired.append(job_id)
+                expired_now += 1
+            # A full batch none of which could expire (a state the index should never hold)
+            # must not loop for ever.
+            if len(oldest) < batch or not expired_now:
+                return expired
 
     def page(self, tenant: str, limit: int, after: Cursor | None = None) -> list[tuple[str, float]]:
         """Up to ``limit`` of the tenant's (job id, created_at), newest first, from just after
