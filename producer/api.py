@@ -40,6 +40,7 @@ from routing.errors import (
 from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
 from routing.jobs.events import Webhook
+from routing.jobs.expiry import ExpirySweep
 from routing.jobs.store import JobRecord, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
@@ -157,9 +158,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         server = None
         if settings.metrics_port is not None:
             server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry)
+        # Jobs on a class with no worker expire here too: the API is always up (a thread, off
+        # the event loop).
+        stop_expiry = ExpirySweep(client.store, settings.max_wait_s, settings.expiry_sweep_interval_s).start()
         try:
             yield
         finally:
+            stop_expiry.set()
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -389,13 +394,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def list_jobs(
         tenant: Tenant,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        cursor: Annotated[str | None, Query(max_length=40, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None,
+        cursor: Annotated[
+            str | None, Query(max_length=100, pattern=r"^[0-9]+(\.[0-9]+)?:[0-9a-f]{1,64}$")
+        ] = None,
     ) -> JobPage:
-        """The tenant's jobs, newest first; pass ``next_cursor`` back for the next page."""
-        records, last = client.list_page(tenant, limit, float(cursor) if cursor else None)
-        return JobPage(
-            jobs=[job_out(r) for r in records], next_cursor=repr(last) if last is not None else None
-        )
+        """The tenant's jobs, newest first; pass ``next_cursor`` back, as it is, for the next
+        page. Every job is listed once, jobs submitted together included."""
+        records, last = client.list_page(tenant, limit, cursor)
+        return JobPage(jobs=[job_out(r) for r in records], next_cursor=last)
 
     @app.post(
         "/v1/uploads",

@@ -43,7 +43,7 @@ from routing.io.storage import Storage, make_storage
 from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
-from routing.jobs.store import Created, JobRecord, JobStatus, JobStore, NewJob, Output
+from routing.jobs.store import Created, Cursor, JobRecord, JobStatus, JobStore, NewJob, Output
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
 
@@ -249,26 +249,29 @@ class Client:
         with _redis_errors():
             return self.store.get(job_id)
 
-    def list_jobs(self, tenant: str = "", limit: int = 20, before: float | None = None) -> list[JobRecord]:
-        """A tenant's jobs, newest first; ``before`` (a ``created_at``) pages back."""
-        return self.list_page(tenant, limit, before)[0]
+    def list_jobs(self, tenant: str = "", limit: int = 20, cursor: str | None = None) -> list[JobRecord]:
+        """A tenant's jobs, newest first; ``cursor`` (a ``list_page`` cursor) pages back."""
+        return self.list_page(tenant, limit, cursor)[0]
 
     def list_page(
-        self, tenant: str = "", limit: int = 20, before: float | None = None
-    ) -> tuple[list[JobRecord], float | None]:
-        """``list_jobs``, and the cursor of the next page (the last entry's ``created_at``; None
-        when this page is the last). Two round trips whatever ``limit`` is."""
-        index = self.keys.tenant_jobs(tenant)
-        top = f"({before!r}" if before is not None else "+inf"
+        self, tenant: str = "", limit: int = 20, cursor: str | None = None
+    ) -> tuple[list[JobRecord], str | None]:
+        """``list_jobs``, and the cursor of the next page (None when this page is the last).
+
+        Jobs are ordered by (``created_at``, id), newest first, and the cursor names the last
+        one listed (``<created_at>:<id>``, to be passed back as it is): the jobs of one
+        ``submit_many`` share a ``created_at``, and each is listed once. Two round trips
+        whatever ``limit`` is."""
+        after = Cursor.parse(cursor) if cursor else None
         with _redis_errors():
-            entries = self._redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit, withscores=True)
-            ids = [member.decode() for member, _score in entries]
+            entries = self.store.page(tenant, limit, after)
+            ids = [job_id for job_id, _created_at in entries]
             records = self.store.get_many(ids)
             expired = [job_id for job_id, record in zip(ids, records, strict=True) if record is None]
             if expired:  # records gone with their TTL: drop them from the index
-                self._redis.zrem(index, *expired)
-        cursor = entries[-1][1] if len(entries) == limit else None
-        return [r for r in records if r is not None], cursor
+                self._redis.zrem(self.keys.tenant_jobs(tenant), *expired)
+        last = str(Cursor(entries[-1][1], entries[-1][0])) if len(entries) == limit else None
+        return [r for r in records if r is not None], last
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel: a queued job never runs, a running one stops at its next step. A finished job

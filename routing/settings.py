@@ -195,6 +195,9 @@ class Settings(BaseSettings):
     # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).
     max_wait_s: int = Field(default=6 * 3600, gt=0)
     max_run_s: int = Field(default=2 * 3600, gt=0)
+    # Seconds between sweeps that expire jobs queued past max_wait_s on classes no worker takes
+    # (the API process sweeps on this interval; workers on it, or their heartbeat's if longer).
+    expiry_sweep_interval_s: float = Field(default=30.0, gt=0)
     # After this, the broker hands an unacknowledged GPU message to another worker: a job still
     # running on a live worker drops that copy; one whose worker died runs again.
     visibility_timeout_s: int = Field(default=600, ge=30)

@@ -34,6 +34,7 @@ from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.retention import RetentionSweep
 from routing.io.storage import make_storage
+from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.store import JobStatus, JobStore
@@ -121,6 +122,7 @@ def get_runner() -> JobRunner:
             max_dead_letters=settings.max_dead_letters,
         )
         runner = _runner
+        expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s)
         liveness.start(
             store,
             name,
@@ -128,6 +130,7 @@ def get_runner() -> JobRunner:
             settings.heartbeat_ttl_s,
             lambda: _state(pool, runner),
             sweep=RetentionSweep.for_settings(settings),
+            expiry=expiry,
         )
     return _runner
 

@@ -22,6 +22,7 @@ import redis
 
 from routing.classes import VramClass
 from routing.errors import Conflict, NotFound
+from routing.jobs.expiry import ExpirySweep
 from routing.jobs.store import JobStatus, JobStore
 from routing.jobs.workers import heartbeat
 
@@ -155,10 +156,12 @@ def start(
     ttl_s: float,
     state: Callable[[], dict] | None = None,
     sweep: Callable[[], None] | None = None,
+    expiry: ExpirySweep | None = None,
 ) -> threading.Thread:
     """Beat and reap from a thread: a long job must not make its worker look dead. ``state``
     gives what the heartbeat reports besides (resident models, GPU memory); ``sweep`` is called
-    each round (the local store's retention: ``routing.io.retention.RetentionSweep``)."""
+    each round (the local store's retention: ``routing.io.retention.RetentionSweep``);
+    ``expiry`` also expires jobs queued too long, on any class (``routing.jobs.expiry``)."""
 
     reaper = Reaper(store, ttl_s)
 
@@ -173,6 +176,8 @@ def start(
                     reaper.reap()
                 else:
                     reaper.forget()
+                if expiry is not None:
+                    expiry.maybe_sweep()
             except redis.RedisError:
                 log.warning("heartbeat failed; retrying")
             if sweep is not None:

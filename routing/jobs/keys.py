@@ -54,6 +54,12 @@ class Keys:
         return f"{self.prefix}:queued:{queue}"
 
     @property
+    def waiting(self) -> str:
+        """Sorted set of the ids of every queued job, whatever its queue, by ``created_at``: the
+        expiry sweep (``routing.jobs.expiry``) finds the ones past ``max_wait_s`` here."""
+        return f"{self.prefix}:waiting"
+
+    @property
     def sequence(self) -> str:
         """Counter giving every queued job its place in line."""
         return f"{self.prefix}:seq"

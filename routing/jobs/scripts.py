@@ -62,15 +62,16 @@ end
 """
 )
 
-# keys: job, events, webhooks (queue), queued (template, by queue), running, sequence, in_flight
-# (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
+# keys: job, events, webhooks (queue), queued (template, by queue), waiting, running, sequence,
+# in_flight (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
 # event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
 # none), event_id, message (webhook delivery), worker (expected owner, '' for any), attempt
 # (expected attempt, '' for any), requeue ([list, message] to push when the job goes back to
 # queued, [] for none), fields (field/value pairs to set, flat), canceled (for a running job
 # going back to queued or running: {event_id, message, ttl_s} of the job.canceled it becomes
-# instead when its cancel was asked for; {} otherwise). Also keeps the queue lines, the running
-# set and the tenant's in-flight set in step with the state. Returns {1, from, to} or {0, status}.
+# instead when its cancel was asked for; {} otherwise). Also keeps the queue lines, the waiting
+# set, the running set and the tenant's in-flight set in step with the state. Returns
+# {1, from, to} or {0, status}.
 TRANSITION = (
     ARGS
     + EMIT
@@ -99,6 +100,7 @@ end
 local id = redis.call('HGET', keys.job, 'id')
 if current == 'queued' then
   redis.call('ZREM', fill(keys.queued, redis.call('HGET', keys.job, 'queue')), id)
+  redis.call('ZREM', keys.waiting, id)
 end
 if current == 'running' then redis.call('SREM', keys.running, id) end
 redis.call('HSET', keys.job, 'status', a.target, 'updated_at', a.now)
@@ -108,6 +110,7 @@ if a.target == 'running' then redis.call('SADD', keys.running, id) end
 if a.target == 'queued' then
   local line = fill(keys.queued, redis.call('HGET', keys.job, 'queue'))
   redis.call('ZADD', line, redis.call('INCR', keys.sequence), id)
+  redis.call('ZADD', keys.waiting, redis.call('HGET', keys.job, 'created_at'), id)
   if #a.requeue > 0 then redis.call('LPUSH', a.requeue[1], a.requeue[2]) end
 end
 if a.ttl_s ~= '0' then
@@ -138,8 +141,8 @@ return {1, current, a.target}
 
 
 # keys: job, job_events, events, idempotency ('' when the job has no idempotency key), queue (the Celery
-# queue list), in_flight and jobs (the tenant's sets), line (the job's queue line), sequence,
-# submitted (metric).  id, now, maxlen (of the stream), ttl_s, message (queue message), limit
+# queue list), in_flight and jobs (the tenant's sets), line (the job's queue line), waiting,
+# sequence, submitted (metric).  id, now, maxlen (of the stream), ttl_s, message (queue message), limit
 # (the tenant's in-flight limit, '0': none), label (metric), fields (field/value pairs of the
 # record, flat). Record, event, indexes and queue message are written together or not at all;
 # {2, ''} when the tenant is at its limit.
@@ -164,6 +167,7 @@ redis.call('SADD', keys.in_flight, id)
 redis.call('ZADD', keys.jobs, a.now, id)
 redis.call('ZREMRANGEBYSCORE', keys.jobs, '-inf', tonumber(a.now) - tonumber(a.ttl_s))
 redis.call('ZADD', keys.line, redis.call('INCR', keys.sequence), id)
+redis.call('ZADD', keys.waiting, a.now, id)
 redis.call('LPUSH', keys.queue, a.message)
 redis.call('HINCRBY', keys.submitted, a.label, 1)
 return {1, id}
@@ -209,5 +213,31 @@ REQUEST_CANCEL = (
 local status = redis.call('HGET', a.keys.job, 'status')
 if status == 'running' then redis.call('HSET', a.keys.job, 'cancel_requested', '1') end
 return status or ''
+"""
+)
+
+# keys: jobs (the tenant's index, scored by created_at).  limit, and the cursor's created_at and
+# id ('' and '' for the first page). Returns up to ``limit`` flat (id, created_at) pairs, newest
+# first in (created_at, id) order, from just after the cursor: jobs of one batch share a
+# created_at, so the id breaks the tie and none is skipped or repeated. Atomic, so a job created
+# meanwhile cannot shift the page.
+LIST_PAGE = (
+    ARGS
+    + """
+local keys = a.keys
+local start = 0
+if a.created_at ~= '' then
+  local rank = redis.call('ZREVRANK', keys.jobs, a.id)
+  if rank and tonumber(redis.call('ZSCORE', keys.jobs, a.id)) == tonumber(a.created_at) then
+    start = rank + 1
+  else
+    -- The cursor's job has left the index (its record expired): count what sorts before it.
+    start = redis.call('ZCOUNT', keys.jobs, '(' .. a.created_at, '+inf')
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', keys.jobs, a.created_at, a.created_at)) do
+      if id >= a.id then start = start + 1 end
+    end
+  end
+end
+return redis.call('ZREVRANGE', keys.jobs, start, start + tonumber(a.limit) - 1, 'WITHSCORES')
 """
 )

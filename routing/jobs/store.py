@@ -8,6 +8,7 @@ and webhooks can never see a record and an event that disagree.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 import redis
 
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict, JobError, NotFound
+from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
 from routing.jobs import scripts
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
@@ -165,6 +166,29 @@ class Moved:
     target: JobStatus
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of a tenant's jobs ended: its last job's ``created_at`` and id. Written
+    ``<created_at>:<id>``; callers pass it back as they got it."""
+
+    created_at: float
+    job_id: str
+
+    def __str__(self) -> str:
+        return f"{self.created_at!r}:{self.job_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Cursor:
+        created_at, _, job_id = text.partition(":")
+        try:
+            cursor = cls(float(created_at), job_id)
+        except ValueError:
+            cursor = None
+        if cursor is None or not job_id or not math.isfinite(cursor.created_at):
+            raise InvalidRequest([FieldError("cursor", "pass back a next_cursor as it was given")])
+        return cursor
+
+
 class Created(IntEnum):
     EXISTS = 0
     CREATED = 1
@@ -211,6 +235,7 @@ class JobStore:
         self._create = client.register_script(scripts.CREATE)
         self._progress = client.register_script(scripts.PROGRESS)
         self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
+        self._list_page = client.register_script(scripts.LIST_PAGE)
 
     def create(self, jobs: list[NewJob]) -> list[tuple[Created, str]]:
         """Write each new job's queued record, its ``job.queued`` event and its queue message in
@@ -259,6 +284,7 @@ class JobStore:
             "in_flight": self.keys.tenant_in_flight(job.tenant),
             "jobs": self.keys.tenant_jobs(job.tenant),
             "line": self.keys.queued(job.queue),
+            "waiting": self.keys.waiting,
             "sequence": self.keys.sequence,
             "submitted": self.keys.metrics("submitted"),
         }
@@ -364,6 +390,7 @@ class JobStore:
             "events": self.keys.events,
             "webhooks": WEBHOOK_QUEUE,
             "queued": self.keys.template(self.keys.queued),
+            "waiting": self.keys.waiting,
             "running": self.keys.running,
             "sequence": self.keys.sequence,
             "in_flight": self.keys.template(self.keys.tenant_in_flight),
@@ -398,6 +425,60 @@ class JobStore:
             owner = f" (or {', or '.join(reasons)})" if reasons else ""
             raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
         return Moved(JobStatus(current), JobStatus(_text(reached[0])))
+
+    def expire_queued(self, max_wait_s: float, batch: int = 100) -> list[str]:
+        """Fail as ``expired`` every job that has been queued longer than ``max_wait_s``, found by
+        the waiting index, whether or not a worker of its class exists. Each is one transition
+        (its event and webhook, its tenant's in-flight slot freed), made only while the job is
+        still queued: a job claimed or canceled meanwhile is left alone. Returns their ids.
+
+        The job's message stays in its queue (removing it would mean searching the list for it):
+        a worker that takes it finds the job failed and drops it."""
+        expired: list[str] = []
+        while True:
+            expired_now = 0
+            now = time.time()
+            oldest = self.client.zrangebyscore(
+                self.keys.waiting, "-inf", f"({now - max_wait_s!r}", start=0, num=batch, withscores=True
+            )
+            for member, created_at in oldest:
+                job_id = _text(member)
+                waited = (
+                    f"waited {now - created_at:.0f} s in the queue, longer than the fleet's {max_wait_s} s"
+                )
+                try:
+                    # created_at never changes, so the index's score is the record's: only the
+                    # status can have moved since the read, and the transition checks it.
+                    self.transition(
+                        job_id,
+                        JobStatus.FAILED,
+                        only_from=JobStatus.QUEUED,
+                        finished_at=now,
+                        error=JobError(type=ErrorType.EXPIRED, message=waited),
+                    )
+                except Conflict:
+                    continue
+                except NotFound:
+                    self.client.zrem(self.keys.waiting, job_id)
+                    continue
+                expired.append(job_id)
+                expired_now += 1
+            # A full batch none of which could expire (a state the index should never hold)
+            # must not loop for ever.
+            if len(oldest) < batch or not expired_now:
+                return expired
+
+    def page(self, tenant: str, limit: int, after: Cursor | None = None) -> list[tuple[str, float]]:
+        """Up to ``limit`` of the tenant's (job id, created_at), newest first, from just after
+        ``after`` (None: from the newest)."""
+        args = _args(
+            keys={"jobs": self.keys.tenant_jobs(tenant)},
+            limit=str(limit),
+            created_at=repr(after.created_at) if after else "",
+            id=after.job_id if after else "",
+        )
+        flat = self._list_page(args=[args])
+        return [(_text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     def running(self) -> list[str]:
         """Ids of the jobs some worker is running (or was, when it died)."""
