@@ -321,17 +321,26 @@ class JobRunner:
         return "expired"
 
     def _give_up(self, record: JobRecord) -> str:
+        """Fail the job as ``too_many_attempts`` and dead-letter it, in one atomic step; a job
+        whose cancel was asked for while it ran ends ``canceled`` instead, as asked."""
         reason = f"gave up after {record.attempt} attempts: the worker died or was stopped each time"
         error = JobError(type=ErrorType.TOO_MANY_ATTEMPTS, message=reason)
+        entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": time.time()}
+        dead_letter = (self.store.keys.dead_letters, json.dumps(entry), self.max_dead_letters)
         try:
-            self.store.transition(record.id, JobStatus.FAILED, finished_at=time.time(), error=error)
+            moved = self.store.transition(
+                record.id,
+                JobStatus.FAILED,
+                cancel_wins=True,
+                dead_letter=dead_letter,
+                finished_at=time.time(),
+                error=error,
+            )
         except Conflict:
             return f"skipped ({self.store.get(record.id).status.value})"
-        entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": time.time()}
-        with self.store.client.pipeline() as pipe:  # the newest max_dead_letters, no more
-            pipe.lpush(self.store.keys.dead_letters, json.dumps(entry)).ltrim(
-                self.store.keys.dead_letters, 0, self.max_dead_letters - 1
-            ).execute()
+        if moved.target is JobStatus.CANCELED:
+            self._tell(record.id, JobStatus.CANCELED, None)
+            return moved.target.value
         log.error("job %s dead-lettered: %s", record.id, reason)
         self._tell(record.id, JobStatus.FAILED, error)
         return "dead-lettered"

@@ -69,7 +69,8 @@ end
 # (expected attempt, '' for any), requeue ([list, message] to push when the job goes back to
 # queued, [] for none), fields (field/value pairs to set, flat), canceled (for a running job
 # going back to queued or running: {event_id, message, ttl_s} of the job.canceled it becomes
-# instead when its cancel was asked for; {} otherwise). Also keeps the queue lines, the waiting
+# instead when its cancel was asked for; {} otherwise), dead_letter ([list, entry, max]: pushed
+# and the list trimmed to max when the job ends failed, [] for none). Also keeps the queue lines, the waiting
 # set, the running set and the tenant's in-flight set in step with the state. Returns
 # {1, from, to} or {0, status}.
 TRANSITION = (
@@ -133,6 +134,10 @@ if a.ttl_s ~= '0' then
       end
     end
   end
+end
+if #a.dead_letter > 0 and a.target == 'failed' then
+  redis.call('LPUSH', a.dead_letter[1], a.dead_letter[2])
+  redis.call('LTRIM', a.dead_letter[1], 0, tonumber(a.dead_letter[3]) - 1)
 end
 emit(a, a.event_type, a.target, a.message)
 return {1, current, a.target}

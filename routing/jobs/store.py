@@ -355,6 +355,8 @@ class JobStore:
         expect_worker: str | None = None,
         expect_attempt: int | None = None,
         requeue: tuple[str, str] | None = None,
+        cancel_wins: bool = False,
+        dead_letter: tuple[str, str, int] | None = None,
         **fields: Any,
     ) -> Moved:
         """Move the job to ``target`` if ``TRANSITIONS`` allows it from its current state
@@ -366,7 +368,12 @@ class JobStore:
 
         A running job whose cancel was asked for does not go back to ``queued`` or run again:
         it becomes ``canceled`` instead, with its event and webhook, whatever became of the
-        worker that was to stop it (killed, handed back, out of memory).
+        worker that was to stop it (killed, handed back, out of memory). ``cancel_wins`` does the
+        same for a failure that befell the worker rather than the job (given up after too many
+        attempts): the job ends ``canceled``, as asked.
+
+        ``dead_letter`` is (list, entry, max): when the job ends ``failed``, ``entry`` is pushed
+        onto ``list``, trimmed to the newest ``max``, in the same atomic step.
 
         Returns where it moved from and to. Raises ``Conflict`` when the change is not allowed,
         ``NotFound`` when there is no such job.
@@ -381,7 +388,7 @@ class JobStore:
         event_type = _EVENT_FOR[target].value
         event_id, message = self._webhook_message(job_id, event_type, now)
         canceled: dict[str, str] = {}
-        if not target.is_terminal() and JobStatus.RUNNING in sources_allowed:
+        if (cancel_wins or not target.is_terminal()) and JobStatus.RUNNING in sources_allowed:
             canceled_id, canceled_message = self._webhook_message(job_id, EventType.CANCELED.value, now)
             canceled = {"event_id": canceled_id, "message": canceled_message, "ttl_s": str(self.ttl_s)}
         keys = {
@@ -411,6 +418,7 @@ class JobStore:
             worker=expect_worker or "",
             attempt="" if expect_attempt is None else str(expect_attempt),
             requeue=list(requeue) if requeue else [],
+            dead_letter=[dead_letter[0], dead_letter[1], str(dead_letter[2])] if dead_letter else [],
             fields=_flatten(values),
             canceled=canceled,
         )

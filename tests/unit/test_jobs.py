@@ -276,3 +276,33 @@ def test_the_runner_records_error_types_that_parse_back(store: JobStore):
     assert runner().run(job_id) == "failed"
     error = store.get(job_id).error
     assert (error.type, error.exception) == (ErrorType.INVALID_REQUEST, "InvalidRequest")
+
+
+def test_giving_up_on_a_job_whose_cancel_was_asked_ends_it_canceled_and_dead_letters_nothing(
+    store: JobStore,
+):
+    from types import SimpleNamespace
+
+    from routing.classes import VramClass
+    from worker.runner import JobRunner
+
+    pool = SimpleNamespace(vram_class=VramClass.GPU16)
+    runner = JobRunner(store, storage=None, pool=pool, worker_name="w", max_attempts=1)  # type: ignore[arg-type]
+
+    # Its worker (no heartbeat: dead) was asked to cancel it, then died before the next step;
+    # the message comes back with every attempt used.
+    canceled = _create(store, "1" * 32)
+    store.transition(canceled, JobStatus.RUNNING, count_attempt=True, worker="gone")
+    assert store.cancel(canceled) is JobStatus.RUNNING
+    assert runner.run(canceled) == "canceled"
+    record = store.get(canceled)
+    assert (record.status, record.error, record.cancel_requested) == (JobStatus.CANCELED, None, True)
+    assert store.client.llen(store.keys.dead_letters) == 0
+
+    # Without a cancel the same job fails, and its dead letter is written with the record.
+    failed = _create(store, "2" * 32)
+    store.transition(failed, JobStatus.RUNNING, count_attempt=True, worker="gone")
+    assert runner.run(failed) == "dead-lettered"
+    assert store.get(failed).error.type is ErrorType.TOO_MANY_ATTEMPTS
+    [letter] = [json.loads(raw) for raw in store.client.lrange(store.keys.dead_letters, 0, -1)]
+    assert (letter["id"], letter["attempts"]) == (failed, 1)
