@@ -170,7 +170,9 @@ def resolve_loras(
             continue
         total_rank += info.rank
         key = f"loras/{hashlib.sha256(data).hexdigest()}.safetensors"
-        if not storage.exists(key):
+        # Stored once for every request that names it; each one makes it young again, so the
+        # retention of loras/ counts from the last request that named it.
+        if not storage.touch(key):
             storage.put(key, data, "application/octet-stream")
         resolved.append(LoraRef(source=key, scale=lora.scale))
     if not errors and total_rank > limits.lora_max_rank:

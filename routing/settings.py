@@ -182,13 +182,14 @@ class Settings(BaseSettings):
     # How long a finished job's record is kept.
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     # Days a stored object is kept, by kind (its key's first segment): outputs (jobs/), inputs
-    # fetched or stored for a job (inputs/), uploads (uploads/). The fleet deletes them from a
-    # local store (every retention_sweep_interval_s, in each worker); an S3 bucket gets them as
+    # fetched or stored for a job (inputs/), uploads (uploads/), checked LoRAs (loras/, counted
+    # from the last request that named one). The fleet deletes them from a local store (every retention_sweep_interval_s, in each worker); an S3 bucket gets them as
     # lifecycle rules (`python -m routing lifecycle`). Outputs outlive their job's record, and
-    # inputs the longest a job can still run: see _retention_outlives_its_readers.
+    # inputs and LoRAs the longest a job can still run: see _retention_outlives_its_readers.
     retention_outputs_days: int = Field(default=8, ge=1)
     retention_inputs_days: int = Field(default=7, ge=1)
     retention_uploads_days: int = Field(default=30, ge=1)
+    retention_loras_days: int = Field(default=30, ge=1)
     retention_sweep_interval_s: float = Field(default=3600.0, gt=0)
     # Newest entries the dead-letter list keeps; older ones are trimmed as new ones come.
     max_dead_letters: int = Field(default=10_000, ge=1)
@@ -237,12 +238,13 @@ class Settings(BaseSettings):
                 "outputs; lower FLEET_JOB_TTL_S with it"
             )
         longest_run_s = self.max_wait_s + self.max_attempts * self.max_run_s
-        if self.retention_inputs_days * day_s <= longest_run_s:
-            raise ValueError(
-                f"FLEET_RETENTION_INPUTS_DAYS ({self.retention_inputs_days}) must be longer than a "
-                f"job can wait and run ({longest_run_s} s: FLEET_MAX_WAIT_S + FLEET_MAX_ATTEMPTS x "
-                "FLEET_MAX_RUN_S): a job would lose its inputs before it ran"
-            )
+        for kind, days in (("INPUTS", self.retention_inputs_days), ("LORAS", self.retention_loras_days)):
+            if days * day_s <= longest_run_s:
+                raise ValueError(
+                    f"FLEET_RETENTION_{kind}_DAYS ({days}) must be longer than a job can wait and "
+                    f"run ({longest_run_s} s: FLEET_MAX_WAIT_S + FLEET_MAX_ATTEMPTS x FLEET_MAX_RUN_S): "
+                    f"a job would lose its {kind.lower()} before it ran"
+                )
         return self
 
     def weights_for(self, model_key: str, hub_id: str) -> str:

@@ -3,6 +3,7 @@
     jobs/       outputs          FLEET_RETENTION_OUTPUTS_DAYS  (8)
     inputs/     inputs of a job  FLEET_RETENTION_INPUTS_DAYS   (7)
     uploads/    uploads          FLEET_RETENTION_UPLOADS_DAYS  (30)
+    loras/      checked LoRAs    FLEET_RETENTION_LORAS_DAYS    (30)
 
 On a local store the fleet deletes what is older itself: ``sweep_local``, run by every worker
 from its liveness loop (``RetentionSweep``). An S3 bucket does it with lifecycle rules, which
@@ -10,7 +11,8 @@ from its liveness loop (``RetentionSweep``). An S3 bucket does it with lifecycle
 them, ``--apply`` puts them on the bucket); ``deploy/s3-lifecycle.json`` holds the defaults'.
 
 Age is the object's last write (a file's mtime; S3's creation time), so a redelivered job's
-rewritten outputs count from their rewrite.
+rewritten outputs count from their rewrite, and a LoRA (stored once by content hash, named by
+many jobs) from the last request that named it: the API touches it (``Storage.touch``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DAY_S = 24 * 3600
 # Kind -> key prefix, in the order the rules are listed.
-PREFIXES = {"outputs": "jobs/", "inputs": "inputs/", "uploads": "uploads/"}
+PREFIXES = {"outputs": "jobs/", "inputs": "inputs/", "uploads": "uploads/", "loras": "loras/"}
 
 
 def retention_days(settings: Settings) -> dict[str, int]:
@@ -40,6 +42,7 @@ def retention_days(settings: Settings) -> dict[str, int]:
         PREFIXES["outputs"]: settings.retention_outputs_days,
         PREFIXES["inputs"]: settings.retention_inputs_days,
         PREFIXES["uploads"]: settings.retention_uploads_days,
+        PREFIXES["loras"]: settings.retention_loras_days,
     }
 
 

@@ -62,6 +62,7 @@ class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
+    def touch(self, key: str) -> bool: ...
     def url(self, key: str, expires_s: int | None = None) -> str: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str = "") -> builtins.list[str]: ...
@@ -150,6 +151,17 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def touch(self, key: str) -> bool:
+        """Make ``key``'s last write now (retention counts from it); False when there is none."""
+        path = self._path(key)
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise StorageError(f"touching {key!r}: {e}") from e
+        return path.is_file()
 
     def url(self, key: str, expires_s: int | None = None) -> str:
         """A ``file://`` URI; ``expires_s`` is accepted for interface parity and ignored."""
@@ -255,6 +267,27 @@ class S3Storage:
             if _error_code(e) in _NO_KEY:
                 return False
             raise StorageError(f"checking {key!r}: {e}") from e
+
+    def touch(self, key: str) -> bool:
+        """Make ``key``'s last write now, so lifecycle rules count its age from now: the object
+        is copied onto itself, on the server (no bytes pass through here). False when there is
+        no such object."""
+        _check_key(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": key},
+                MetadataDirective="REPLACE",  # S3 refuses a copy onto itself that changes nothing
+                ContentType=head.get("ContentType", "application/octet-stream"),
+                Metadata=head.get("Metadata", {}),
+            )
+        except _BOTO_ERRORS as e:
+            if _error_code(e) in _NO_KEY:
+                return False
+            raise StorageError(f"touching {key!r}: {e}") from e
+        return True
 
     def url(self, key: str, expires_s: int | None = None) -> str:
         """A presigned GET URL valid for ``expires_s`` (default: the configured expiry)."""

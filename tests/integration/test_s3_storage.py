@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -108,3 +109,15 @@ def test_make_storage_from_settings(s3_server: str) -> None:
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     assert query["X-Amz-Expires"] == ["900"]
     assert query["X-Amz-Credential"][0].startswith("testing/")
+
+
+def test_touch_copies_the_object_onto_itself_so_its_age_starts_again(storage: S3Storage) -> None:
+    key = "loras/" + "c" * 64 + ".safetensors"
+    assert storage.touch(key) is False and not storage.exists(key)
+    storage.put(key, b"weights", "application/x-lora")
+    before = storage.client.head_object(Bucket=storage.bucket, Key=key)["LastModified"]
+    time.sleep(1.1)  # LastModified has whole seconds
+    assert storage.touch(key) is True
+    head = storage.client.head_object(Bucket=storage.bucket, Key=key)
+    assert head["LastModified"] > before
+    assert (storage.get(key), head["ContentType"]) == (b"weights", "application/x-lora")

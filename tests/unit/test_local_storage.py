@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -148,3 +149,14 @@ def test_list_skips_temp_files_of_a_crashed_writer(storage: LocalStorage) -> Non
     storage.put(key, b"x", "image/png")
     (storage.root / "jobs/0123abcd/.output-1.png.k3j2.tmp").write_bytes(b"half")
     assert storage.list("jobs/") == [key]
+
+
+def test_touch_makes_an_objects_last_write_now_and_says_when_there_is_none(storage: LocalStorage) -> None:
+    key = "loras/" + "b" * 64 + ".safetensors"
+    assert storage.touch(key) is False and not storage.exists(key)
+    storage.put(key, b"weights", "application/octet-stream")
+    path = storage.root / key
+    os.utime(path, (1_000_000, 1_000_000))
+    assert storage.touch(key) is True
+    assert abs(path.stat().st_mtime - time.time()) < 60
+    assert storage.get(key) == b"weights"

@@ -4,6 +4,8 @@ the same LoRA reads nothing from the store, and a variant runs with its steps an
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +152,23 @@ def test_a_hub_id_is_fetched_from_the_hub_through_the_url_guard_only_when_allowe
             resolve_loras(request, storage, policy, InputLimits(lora_hub=allowed), NO_TENANT)
         [error] = raised.value.errors
         assert error.field == "loras.0.source" and words in error.message
+
+
+def test_each_request_naming_a_stored_lora_makes_it_young_again(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    # Stored once by content hash; retention (loras/) counts from the last request that named it.
+    lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
+    storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    request = {
+        "model": "z-image-turbo",
+        "prompt": "a fox",
+        "loras": [{"source": "uploads/_/style.safetensors"}],
+    }
+    key = _submit(request, storage).loras[0].source
+    stored = storage.root / key
+    os.utime(stored, (1_000_000, 1_000_000))
+
+    assert _submit(request, storage).loras[0].source == key
+    assert abs(stored.stat().st_mtime - time.time()) < 60
+    assert storage.list("loras/") == [key]

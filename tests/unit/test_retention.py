@@ -40,17 +40,20 @@ def _aged(storage: LocalStorage, key: str, age_s: float) -> str:
         ("outputs", f"jobs/{JOB}/output-0.png"),
         ("inputs", f"inputs/tenant-a/{JOB}/image.png"),
         ("uploads", "uploads/tenant-a/5f2c.png"),
+        ("loras", f"loras/{'a' * 64}.safetensors"),
     ],
 )
 def test_the_sweep_deletes_what_is_past_its_kinds_retention_and_keeps_the_rest(
     tmp_path: Path, kind: str, key: str
 ) -> None:
-    settings = Settings(retention_outputs_days=9, retention_inputs_days=5, retention_uploads_days=20)
+    settings = Settings(
+        retention_outputs_days=9, retention_inputs_days=5, retention_uploads_days=20, retention_loras_days=12
+    )
     days = getattr(settings, f"retention_{kind}_days")
     storage = LocalStorage(tmp_path)
     old = _aged(storage, key, days * DAY_S + 1)
-    young = _aged(storage, key.replace(".png", "-young.png"), days * DAY_S - 60)
-    other = _aged(storage, f"loras/{'a' * 64}.safetensors", 100 * DAY_S)  # no kind: never swept
+    young = _aged(storage, key.replace("/", "/young-", 1), days * DAY_S - 60)
+    other = _aged(storage, "notes/2026/readme.txt", 100 * DAY_S)  # no kind: never swept
 
     assert sweep_local(tmp_path, retention_days(settings), now=NOW) == [old]
     assert storage.list() == sorted([young, other])
@@ -101,15 +104,18 @@ def test_the_fleet_sweeps_a_local_store_and_leaves_s3_to_its_lifecycle_rules(tmp
 
 
 def test_the_lifecycle_rules_are_the_retention_settings() -> None:
-    settings = Settings(retention_outputs_days=9, retention_inputs_days=2, retention_uploads_days=40)
+    settings = Settings(
+        retention_outputs_days=9, retention_inputs_days=2, retention_uploads_days=40, retention_loras_days=3
+    )
     rules = {r["Filter"]["Prefix"]: r for r in lifecycle_configuration(settings)["Rules"]}
     assert {prefix: r["Expiration"] for prefix, r in rules.items()} == {
         "jobs/": {"Days": 9},
         "inputs/": {"Days": 2},
         "uploads/": {"Days": 40},
+        "loras/": {"Days": 3},
     }
     assert all(r["Status"] == "Enabled" for r in rules.values())
-    assert len({r["ID"] for r in rules.values()}) == 3
+    assert len({r["ID"] for r in rules.values()}) == 4
 
 
 def test_the_committed_lifecycle_rules_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,12 +139,14 @@ def test_outputs_must_outlive_their_jobs_record() -> None:
     assert Settings(job_ttl_s=record_s - 1, retention_outputs_days=7).retention_outputs_days == 7
 
 
-def test_inputs_must_outlive_the_longest_a_job_can_wait_and_run() -> None:
+@pytest.mark.parametrize("kind", ["inputs", "loras"])
+def test_inputs_and_loras_must_outlive_the_longest_a_job_can_wait_and_run(kind: str) -> None:
     # 1 day of waiting plus 2 attempts of 12 h: exactly 2 days.
     limits = {"max_wait_s": DAY_S, "max_attempts": 2, "max_run_s": DAY_S // 2}
-    with pytest.raises(ValidationError, match="FLEET_RETENTION_INPUTS_DAYS"):
-        Settings(retention_inputs_days=2, **limits)
-    assert Settings(retention_inputs_days=3, **limits).retention_inputs_days == 3
+    others = {"retention_inputs_days": 3, "retention_loras_days": 3}
+    with pytest.raises(ValidationError, match=f"FLEET_RETENTION_{kind.upper()}_DAYS"):
+        Settings(**(others | {f"retention_{kind}_days": 2}), **limits)
+    assert getattr(Settings(**others, **limits), f"retention_{kind}_days") == 3
 
 
 @pytest.fixture
