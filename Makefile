@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak redis compose-validator bench small-models clean
+.PHONY: demo test soak openapi redis compose-validator bench small-models clean
 
 # Reinstall when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -38,6 +38,10 @@ test: $(STAMP) redis compose-validator
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# The API's OpenAPI document, saved for the TypeScript client (a test keeps it current).
+openapi: $(STAMP)
+	$(PY) -c "import json, producer.api as api; print(json.dumps(api.openapi_document(), indent=2, ensure_ascii=False))" > clients/typescript/openapi.json
 
 # 500 jobs across two workers while one is killed -9 every few seconds; prints the ledger.
 soak: $(STAMP) redis

@@ -486,6 +486,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document ``/openapi.json`` serves (the settings do not change it): what
+    ``clients/typescript/openapi.json`` saves for building the client offline (``make openapi``)."""
+    return create_app(Settings()).openapi()
+
+
 def __getattr__(name: str) -> Any:
     # ``uvicorn producer.api:app`` builds the app on first access, from the environment.
     if name == "app":
