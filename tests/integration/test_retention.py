@@ -100,4 +100,4 @@ def test_the_lifecycle_command_prints_and_applies_the_retention_rules(s3_server:
     assert json.loads(done.stdout) == expected
     applied = storage.client.get_bucket_lifecycle_configuration(Bucket=settings.s3_bucket)["Rules"]
     by_prefix = {r["Filter"]["Prefix"]: r["Expiration"]["Days"] for r in applied}
-    assert by_prefix == {"jobs/": 8, "inputs/": 7, "uploads/": 3}
+    assert by_prefix == {"jobs/": 8, "inputs/": 7, "uploads/": 3, "loras/": 30}
