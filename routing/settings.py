@@ -183,9 +183,11 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     # Days a stored object is kept, by kind (its key's first segment): outputs (jobs/), inputs
     # fetched or stored for a job (inputs/), uploads (uploads/), checked LoRAs (loras/, counted
-    # from the last request that named one). The fleet deletes them from a local store (every retention_sweep_interval_s, in each worker); an S3 bucket gets them as
-    # lifecycle rules (`python -m routing lifecycle`). Outputs outlive their job's record, and
-    # inputs and LoRAs the longest a job can still run: see _retention_outlives_its_readers.
+    # from the last request that named one); routing.io.retention reads retention_<kind>_days.
+    # The fleet deletes them from a local store (every retention_sweep_interval_s, in each
+    # worker); an S3 bucket gets them as lifecycle rules (`python -m routing lifecycle`).
+    # Outputs outlive their job's record, and inputs and LoRAs the longest a job can still run:
+    # see _retention_outlives_its_readers.
     retention_outputs_days: int = Field(default=8, ge=1)
     retention_inputs_days: int = Field(default=7, ge=1)
     retention_uploads_days: int = Field(default=30, ge=1)

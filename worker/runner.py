@@ -325,7 +325,8 @@ class JobRunner:
         whose cancel was asked for while it ran ends ``canceled`` instead, as asked."""
         reason = f"gave up after {record.attempt} attempts: the worker died or was stopped each time"
         error = JobError(type=ErrorType.TOO_MANY_ATTEMPTS, message=reason)
-        entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": time.time()}
+        now = time.time()
+        entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": now}
         dead_letter = (self.store.keys.dead_letters, json.dumps(entry), self.max_dead_letters)
         try:
             moved = self.store.transition(
@@ -333,7 +334,7 @@ class JobRunner:
                 JobStatus.FAILED,
                 cancel_wins=True,
                 dead_letter=dead_letter,
-                finished_at=time.time(),
+                finished_at=now,
                 error=error,
             )
         except Conflict:

@@ -38,12 +38,7 @@ PREFIXES = {"outputs": "jobs/", "inputs": "inputs/", "uploads": "uploads/", "lor
 
 def retention_days(settings: Settings) -> dict[str, int]:
     """Days an object is kept, by key prefix."""
-    return {
-        PREFIXES["outputs"]: settings.retention_outputs_days,
-        PREFIXES["inputs"]: settings.retention_inputs_days,
-        PREFIXES["uploads"]: settings.retention_uploads_days,
-        PREFIXES["loras"]: settings.retention_loras_days,
-    }
+    return {prefix: getattr(settings, f"retention_{kind}_days") for kind, prefix in PREFIXES.items()}
 
 
 def lifecycle_configuration(settings: Settings) -> dict[str, Any]:

@@ -70,9 +70,9 @@ end
 # queued, [] for none), fields (field/value pairs to set, flat), canceled (for a running job
 # going back to queued or running: {event_id, message, ttl_s} of the job.canceled it becomes
 # instead when its cancel was asked for; {} otherwise), dead_letter ([list, entry, max]: pushed
-# and the list trimmed to max when the job ends failed, [] for none). Also keeps the queue lines, the waiting
-# set, the running set and the tenant's in-flight set in step with the state. Returns
-# {1, from, to} or {0, status}.
+# and the list trimmed to max when the job ends failed, [] for none). Also keeps the queue
+# lines, the waiting set, the running set and the tenant's in-flight set in step with the
+# state. Returns {1, from, to} or {0, status}.
 TRANSITION = (
     ARGS
     + EMIT
