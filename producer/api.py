@@ -41,6 +41,7 @@ from routing.jobs import webhook_log as webhooks
 from routing.jobs.eta import estimate
 from routing.jobs.events import Webhook
 from routing.jobs.expiry import ExpirySweep
+from routing.jobs.keys import is_job_id
 from routing.jobs.store import JobRecord, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
@@ -201,6 +202,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Tenant = Annotated[str, Depends(tenant_of)]
 
     def own_job(job_id: str, tenant: str) -> JobRecord:
+        if not is_job_id(job_id):  # never cut into a key name: no job has it
+            raise HTTPException(404, f"no job {job_id}")
         try:
             record = client.status(job_id)
         except NotFound:
@@ -326,7 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> StreamingResponse:
         """The job's events as they happen. Reconnect with ``Last-Event-ID`` (the last ``id:``
         received) to get every later event once."""
-        if await live.tenant_of(job_id) != tenant:
+        if not is_job_id(job_id) or await live.tenant_of(job_id) != tenant:
             raise HTTPException(404, f"no job {job_id}")
         return StreamingResponse(
             live.sse(job_id, last_event_id or "0-0"),

@@ -7,12 +7,21 @@ spell no key name: they get each one from here, by name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 # Stands for the value a script reads inside Redis (a job's queue, its tenant) while a key name
 # is cut into a template (``Keys.template``).
 HOLE = "{}"
+
+# A job id as the fleet makes them (``uuid4().hex``). Ids from callers are checked against it
+# before they are cut into a key name: ``<id>:events`` must not name another key of the job.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_job_id(text: str) -> bool:
+    return JOB_ID.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)

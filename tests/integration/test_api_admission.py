@@ -1,0 +1,75 @@
+"""What the HTTP API lets one tenant ask of the fleet before anything runs: a real uvicorn process,
+real Redis, no GPU worker (jobs stay queued). Ids are checked before they name a key; priorities
+are the tenant's to use or not."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from localfleet.process import ApiProcess
+from routing.settings import Settings
+from tests.conftest import _free_port
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"model": "z-image-turbo", "kind": "text-to-image", "prompt": "a fox", "width": 64, "height": 64}
+A = {"Authorization": "Bearer key-a"}
+B = {"Authorization": "Bearer key-b"}
+
+
+def secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+def tenants() -> dict[str, dict]:
+    return {
+        "a": {"api_keys": ["key-a"], "webhook_secret": secret()},
+        "b": {"api_keys": ["key-b"], "webhook_secret": secret(), "priorities": ["high", "normal", "low"]},
+    }
+
+
+@pytest.fixture
+def settings(fleet_settings: Settings) -> Settings:
+    return Settings.model_validate(
+        fleet_settings.model_dump() | {"tenants": tenants(), "expiry_sweep_interval_s": 3600}
+    )
+
+
+def start_api(settings: Settings, tmp_path: Path) -> ApiProcess:
+    return ApiProcess(settings, tmp_path / f"api-{_free_port()}.log", _free_port()).wait_ready(60)
+
+
+@pytest.fixture
+def api(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
+    with start_api(settings, tmp_path) as process:
+        with httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http:
+            yield http
+
+
+def submit(api: httpx.Client, headers: dict[str, str], **extra: object) -> httpx.Response:
+    return api.post("/v1/jobs", json=SMALL | extra, headers=headers)
+
+
+# --- job ids are checked at the edge -------------------------------------------------------------
+
+
+def test_a_malformed_job_id_is_a_404_on_every_route(api):
+    job_id = submit(api, A).json()["id"]
+    malformed = [f"{job_id}:events", "abc:events", job_id.upper(), job_id + "0", job_id[:-1], "*"]
+    for bad in malformed:
+        answers = {
+            "get": api.get(f"/v1/jobs/{bad}", headers=A),
+            "cancel": api.delete(f"/v1/jobs/{bad}", headers=A),
+            "events": api.get(f"/v1/jobs/{bad}/events", headers=A),
+            "webhooks": api.get(f"/v1/jobs/{bad}/webhooks", headers=A),
+            "replay": api.post(f"/v1/jobs/{bad}/webhooks/x/replay", headers=A),
+        }
+        assert {route: r.status_code for route, r in answers.items()} == dict.fromkeys(answers, 404), bad
+    # The well-formed id still answers, and the job was not touched by any of the above.
+    assert api.get(f"/v1/jobs/{job_id}", headers=A).json()["status"] == "queued"
