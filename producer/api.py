@@ -283,6 +283,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ends, at most N seconds: an ended job comes back whole (outputs included) with 201 (200
         for an earlier job), one still queued or running with 202."""
         wait_s = prefer_wait_s(prefer, settings.max_prefer_wait_s)
+        allowed = settings.tenants[tenant].priorities
+        if body.priority not in allowed:
+            names = ", ".join(p.value for p in allowed)
+            message = f"tenant {tenant!r} may use priorities {names} (got {body.priority.value!r})"
+            raise InvalidRequest([FieldError("priority", message)])
         job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
         if wait_s:
             response.headers["Preference-Applied"] = f"wait={wait_s}"

@@ -15,6 +15,8 @@ from typing import Literal, Self
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from routing.classes import Priority
+
 # A tenant's name is a segment of its store keys (``uploads/<tenant>/...``): lowercase letters,
 # digits, '-' and '_', at most 64, starting with a letter or digit. Lowercase only, so that one name
 # is one folder even on a case-insensitive disk.
@@ -23,11 +25,14 @@ TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 class Tenant(BaseModel):
     """A backend that uses the fleet: its API keys, the secret its webhooks are signed with
-    (Standard Webhooks ``whsec_...``), and how many of its jobs may be unfinished at once."""
+    (Standard Webhooks ``whsec_...``), how many of its jobs may be unfinished at once, and the
+    priorities its jobs may ask for (``high`` jumps ahead of every other tenant's work, so it is
+    given, not taken)."""
 
     api_keys: list[SecretStr] = Field(min_length=1)
     webhook_secret: SecretStr
     max_in_flight: int = Field(default=100, gt=0)
+    priorities: list[Priority] = Field(default_factory=lambda: [Priority.NORMAL, Priority.LOW], min_length=1)
 
 
 class Settings(BaseSettings):

@@ -52,7 +52,12 @@ def settings(fleet_settings: Settings, s3_server: str) -> Settings:
             "metrics_port": _free_port(),
             "metrics_address": "127.0.0.1",
             "tenants": {
-                "a": {"api_keys": ["key-a"], "webhook_secret": secret(), "max_in_flight": 100},
+                "a": {
+                    "api_keys": ["key-a"],
+                    "webhook_secret": secret(),
+                    "max_in_flight": 100,
+                    "priorities": ["high", "normal", "low"],
+                },
                 "b": {"api_keys": ["key-b"], "webhook_secret": secret(), "max_in_flight": 1},
             },
         }

@@ -73,3 +73,31 @@ def test_a_malformed_job_id_is_a_404_on_every_route(api):
         assert {route: r.status_code for route, r in answers.items()} == dict.fromkeys(answers, 404), bad
     # The well-formed id still answers, and the job was not touched by any of the above.
     assert api.get(f"/v1/jobs/{job_id}", headers=A).json()["status"] == "queued"
+
+
+# --- priorities are the tenant's setting ----------------------------------------------------------
+
+
+def test_high_priority_is_refused_to_a_tenant_not_given_it_before_anything_is_queued(api, settings):
+    refused = submit(api, A, priority="high")
+    assert refused.status_code == 422, refused.text
+    [error] = refused.json()["errors"]
+    assert error["field"] == "priority" and "normal, low" in error["message"], error
+    assert api.get("/v1/jobs", headers=A).json()["jobs"] == []  # nothing queued
+    # The default priorities are served, and a tenant given "high" may use it.
+    assert [submit(api, A, priority=p).status_code for p in ("normal", "low")] == [201, 201]
+    assert submit(api, A).status_code == 201  # no priority: normal
+    high = submit(api, B, priority="high")
+    assert high.status_code == 201, high.text
+    assert (high.json()["priority"], high.json()["queue"]) == ("high", "gpu16.high")
+
+
+def test_a_tenant_may_be_given_low_priority_only(fleet_settings, tmp_path):
+    only_low = tenants() | {"a": tenants()["a"] | {"priorities": ["low"]}}
+    settings = Settings.model_validate(fleet_settings.model_dump() | {"tenants": only_low})
+    with (
+        start_api(settings, tmp_path) as process,
+        httpx.Client(base_url=process.url, trust_env=False) as http,
+    ):
+        assert [submit(http, A, priority=p).status_code for p in ("high", "normal", "low")] == [422, 422, 201]
+        assert submit(http, A).status_code == 422  # normal, by default
