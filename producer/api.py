@@ -38,7 +38,7 @@ from routing.errors import (
     field_error,
 )
 from routing.jobs import webhook_log as webhooks
-from routing.jobs.eta import estimate
+from routing.jobs.eta import Fleet, estimate, read_fleet
 from routing.jobs.events import Webhook
 from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import is_job_id
@@ -212,9 +212,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(404, f"no job {job_id}")
         return record
 
-    def job_out(record: JobRecord) -> JobOut:
+    def job_out(record: JobRecord, fleet: Fleet | None = None) -> JobOut:
         expiry = settings.presign_expiry_s
-        guess = estimate(client.store.client, client.keys, record)
+        guess = estimate(client.store.client, client.keys, record, fleet)
         return JobOut(
             id=record.id,
             model=record.model,
@@ -409,7 +409,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The tenant's jobs, newest first; pass ``next_cursor`` back, as it is, for the next
         page. Every job is listed once, jobs submitted together included."""
         records, last = client.list_page(tenant, limit, cursor)
-        return JobPage(jobs=[job_out(r) for r in records], next_cursor=last)
+        unfinished = any(not r.status.is_terminal() for r in records)
+        fleet = read_fleet(client.store.client, client.keys) if unfinished else None  # once for the page
+        return JobPage(jobs=[job_out(r, fleet) for r in records], next_cursor=last)
 
     @app.post(
         "/v1/uploads",

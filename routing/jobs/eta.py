@@ -45,12 +45,32 @@ class Estimate:
     eta_s: float | None  # seconds until the job should finish; None without measurements
 
 
-def estimate(client: redis.Redis, keys: Keys, record: JobRecord) -> Estimate:
+@dataclass(frozen=True)
+class Fleet:
+    """What every job's estimate shares: the measured run times and the live workers' classes.
+    Read once per request (``read_fleet``), so listing a page of jobs costs a few commands per
+    job, whatever else is in Redis."""
+
+    run_s: dict[str, float]  # "<model>|<class>" -> moving average of run seconds
+    workers: list[VramClass]  # one entry per live worker
+
+    def measured_s(self, model: str, vram_class: VramClass) -> float | None:
+        return self.run_s.get(f"{model}|{vram_class.value}")
+
+
+def read_fleet(client: redis.Redis, keys: Keys) -> Fleet:
+    run_s = {k.decode(): float(v) for k, v in client.hgetall(keys.durations).items()}
+    return Fleet(run_s, list(live_workers(client, keys).values()))
+
+
+def estimate(client: redis.Redis, keys: Keys, record: JobRecord, fleet: Fleet | None = None) -> Estimate:
+    """The job's place in line and ETA; ``fleet`` is read here when not given (pass one read
+    per request when estimating many jobs)."""
     if record.status.is_terminal():
         return Estimate(None, None)
+    fleet = fleet or read_fleet(client, keys)
     vram_class = parse_queue(record.queue)[0]
-    measured = client.hget(keys.durations, f"{record.model}|{vram_class.value}")
-    run_s = float(measured) if measured is not None else None
+    run_s = fleet.measured_s(record.model, vram_class)
     if record.status is JobStatus.RUNNING:
         if run_s is None or record.started_at is None:
             return Estimate(None, None)
@@ -68,7 +88,7 @@ def estimate(client: redis.Redis, keys: Keys, record: JobRecord) -> Estimate:
     position = int(rank) + sum(int(c) for c in cards)
     if run_s is None:
         return Estimate(position, None)
-    workers = sum(1 for c in live_workers(client, keys).values() if record.queue in consumed_queues(c))
+    workers = sum(1 for c in fleet.workers if record.queue in consumed_queues(c))
     # No live worker: the job waits for one to start; no honest number to give.
     if workers == 0:
         return Estimate(position, None)

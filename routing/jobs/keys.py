@@ -83,6 +83,12 @@ class Keys:
         return f"{self.prefix}:worker:{name}"
 
     @property
+    def workers(self) -> str:
+        """Sorted set of worker names by the time of their last heartbeat: where readers find
+        the heartbeat keys without scanning the keyspace (``routing.jobs.workers``)."""
+        return f"{self.prefix}:workers"
+
+    @property
     def running(self) -> str:
         """Set of the ids of jobs a worker holds (the reaper checks their workers are alive)."""
         return f"{self.prefix}:running"

@@ -1,6 +1,6 @@
 """The worker registry: every worker process beats a heartbeat naming its class, with what it
 holds (resident models, GPU memory); a worker whose heartbeat expired is gone. ETA, the metrics and
-the reaper read it."""
+the reaper read it, through an index of worker names (never a scan of the keyspace)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,23 @@ def heartbeat(
     client: redis.Redis, keys: Keys, name: str, vram_class: VramClass, ttl_s: float, **state: object
 ) -> None:
     """Say that worker ``name`` of ``vram_class`` is alive for the next ``ttl_s``; ``state`` (its
-    resident models, GPU memory) rides along for the metrics."""
-    value = json.dumps({"class": vram_class.value, "at": time.time(), **state})
-    client.set(keys.worker(name), value, px=int(ttl_s * 1000))
+    resident models, GPU memory) rides along for the metrics.
+
+    The heartbeat key expires on its own (Redis' clock decides who is alive); the ``workers``
+    index names it, so readers cost the number of workers, not of keys. Names that have not
+    beaten for ``_FORGET_AFTER_TTLS`` TTLs leave the index here, so it holds the fleet of the
+    last few minutes, however many workers came and went."""
+    now = time.time()
+    value = json.dumps({"class": vram_class.value, "at": now, **state})
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.worker(name), value, px=int(ttl_s * 1000))
+        pipe.zadd(keys.workers, {name: now})
+        pipe.zremrangebyscore(keys.workers, "-inf", now - _FORGET_AFTER_TTLS * ttl_s)
+        pipe.execute()
+
+
+# A worker stays in the index this many TTLs after its last beat (its key is gone long before).
+_FORGET_AFTER_TTLS = 10
 
 
 def live_workers(client: redis.Redis, keys: Keys) -> dict[str, VramClass]:
@@ -28,12 +42,8 @@ def live_workers(client: redis.Redis, keys: Keys) -> dict[str, VramClass]:
 
 
 def worker_states(client: redis.Redis, keys: Keys) -> dict[str, dict]:
-    """Live workers by name, with what their last heartbeat said."""
-    prefix = keys.worker("")
-    names = list(client.scan_iter(keys.worker("*"), count=1000))
-    values = client.mget(names) if names else []
-    return {
-        name.decode().removeprefix(prefix): json.loads(value)
-        for name, value in zip(names, values, strict=True)
-        if value is not None
-    }
+    """Live workers by name, with what their last heartbeat said: two commands, whatever the
+    size of the keyspace."""
+    names = [name.decode() for name in client.zrange(keys.workers, 0, -1)]
+    values = client.mget([keys.worker(name) for name in names]) if names else []
+    return {name: json.loads(value) for name, value in zip(names, values, strict=True) if value is not None}

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from localfleet.process import ApiProcess
+from routing.classes import VramClass
+from routing.jobs.eta import record_duration
+from routing.jobs.keys import Keys
+from routing.jobs.workers import heartbeat
 from routing.settings import Settings
 from tests.conftest import _free_port
 
@@ -101,3 +106,44 @@ def test_a_tenant_may_be_given_low_priority_only(fleet_settings, tmp_path):
     ):
         assert [submit(http, A, priority=p).status_code for p in ("high", "normal", "low")] == [422, 422, 201]
         assert submit(http, A).status_code == 422  # normal, by default
+
+
+# --- queue position and ETA cost the same whatever else Redis holds ----------------------------
+
+
+def commands_run(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
+
+
+def test_listing_queued_jobs_costs_a_bounded_number_of_commands_per_job_with_many_keys(
+    api, settings, redis_client
+):
+    keys = Keys(settings.key_prefix)
+    for n in range(3):  # live workers, so that every job gets an ETA
+        heartbeat(redis_client, keys, f"w{n}@host:1:{n}", VramClass.GPU16, ttl_s=600)
+    record_duration(redis_client, keys, "z-image-turbo", VramClass.GPU16, 2.0)
+    ids = [submit(api, A).json()["id"] for _ in range(40)]
+    dummy = f"{settings.key_prefix}:dummy"
+    try:
+        with redis_client.pipeline(transaction=False) as pipe:
+            for start in range(0, 200_000, 2000):
+                pipe.mset({f"{dummy}:{i}": b"x" for i in range(start, start + 2000)})
+            pipe.execute()
+        assert redis_client.dbsize() > 200_000
+
+        redis_client.config_resetstat()
+        page = api.get("/v1/jobs", params={"limit": 100}, headers=A)
+        calls = commands_run(redis_client)
+    finally:
+        for start in range(0, 200_000, 10_000):
+            redis_client.unlink(*(f"{dummy}:{i}" for i in range(start, start + 10_000)))
+
+    jobs = page.json()["jobs"]
+    assert sorted(j["id"] for j in jobs) == sorted(ids)
+    assert sorted(j["queue_position"] for j in jobs) == list(range(40))
+    assert all(j["eta_s"] is not None for j in jobs)  # the workers were found
+    assert "scan" not in calls and "keys" not in calls, calls
+    spent = sum(n for name, n in calls.items() if name not in ("info", "config|resetstat"))
+    # Paging and records: a few commands; each job: its rank and the lines ahead of it.
+    assert spent <= 10 + 3 * len(jobs), calls
