@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from producer.admission import RateLimits
 from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
@@ -92,7 +93,8 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "the Idempotency-Key was used with another body",
         422: "the request was refused; nothing was queued",
         413: "the body is over the limit (FLEET_MAX_JSON_BODY_BYTES, uploads FLEET_MAX_INPUT_BYTES)",
-        429: "the tenant has as many unfinished jobs as it may; retry after Retry-After seconds",
+        429: "the tenant has as many unfinished jobs, or made as many of these calls in the window, as it "
+        "may; retry after Retry-After seconds",
         503: "the job store is unreachable; nothing was queued",
     }
     return {
@@ -201,6 +203,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Tenant = Annotated[str, Depends(tenant_of)]
 
+    rates = RateLimits(
+        client.store.client,
+        client.keys,
+        settings.rate_window_s,
+        {"submit": settings.submits_per_tenant, "cancel": settings.cancels_per_tenant},
+    )
+
+    def take_rate(action: str, tenant: str) -> None:
+        wait_s = rates.take(action, tenant)
+        if wait_s is not None:
+            detail = f"too many {action}s; tenant {tenant!r} may make {rates.limits[action]} every {rates.window_s} s"
+            raise HTTPException(429, detail, {"Retry-After": str(wait_s)})
+
     def own_job(job_id: str, tenant: str) -> JobRecord:
         if not is_job_id(job_id):  # never cut into a key name: no job has it
             raise HTTPException(404, f"no job {job_id}")
@@ -288,6 +303,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             names = ", ".join(p.value for p in allowed)
             message = f"tenant {tenant!r} may use priorities {names} (got {body.priority.value!r})"
             raise InvalidRequest([FieldError("priority", message)])
+        await run_in_threadpool(take_rate, "submit", tenant)
         job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
         if wait_s:
             response.headers["Preference-Applied"] = f"wait={wait_s}"
@@ -346,10 +362,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def status(job_id: str, tenant: Tenant) -> JobOut:
         return job_out(own_job(job_id, tenant))
 
-    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422))
+    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422, 429))
     def cancel(job_id: str, tenant: Tenant) -> JobOut:
         """Cancel: a queued job never runs; a running one stops at its next step. A finished job
-        is returned as it is."""
+        is returned as it is. Cancels are rationed per tenant (``FLEET_CANCELS_PER_TENANT`` in
+        windows of ``FLEET_RATE_WINDOW_S``)."""
+        take_rate("cancel", tenant)
         own_job(job_id, tenant)
         return job_out(client.cancel(job_id))
 

@@ -71,6 +71,7 @@ class Client:
             ttl_s=self.settings.job_ttl_s,
             messages=self._messages,
             progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
+            canceled_ttl_s=self.settings.canceled_job_ttl_s,
         )
         # Where input media and webhooks may point (a resolver of its own for tests).
         self.url_policy = url_policy or UrlPolicy(

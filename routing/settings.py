@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     replay_per_job: int = Field(default=10, ge=1)
     replay_per_tenant: int = Field(default=100, ge=1)
     replay_window_s: int = Field(default=3600, ge=1)
+    # Submits (POST /v1/jobs) and cancels (DELETE /v1/jobs/{id}) one tenant may make within
+    # rate_window_s; more are refused with 429 and Retry-After.
+    submits_per_tenant: int = Field(default=600, ge=1)
+    cancels_per_tenant: int = Field(default=600, ge=1)
+    rate_window_s: int = Field(default=60, ge=1)
     # Port (on metrics_address) of the API process's Prometheus endpoint; None: not served. It is
     # never served on the API's own port, which tenants reach.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -184,8 +189,10 @@ class Settings(BaseSettings):
     # Adapters by model key, over the built-in ones ("module:Class"): for models of your own.
     adapters: dict[str, str] = Field(default_factory=dict)
 
-    # How long a finished job's record is kept.
+    # How long a finished job's record is kept, and the record of one canceled before it started
+    # (a submit-and-cancel loop must not fill Redis for days).
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    canceled_job_ttl_s: int = Field(default=3600, gt=0)
     # Days a stored object is kept, by kind (its key's first segment): outputs (jobs/), inputs
     # fetched or stored for a job (inputs/), uploads (uploads/), checked LoRAs (loras/, counted
     # from the last request that named one); routing.io.retention reads retention_<kind>_days.

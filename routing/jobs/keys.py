@@ -130,6 +130,11 @@ class Keys:
         """Counter of the tenant's webhook replays in the current window (expires with it)."""
         return f"{self.prefix}:webhooks:replays:tenant:{tenant}"
 
+    def rate(self, action: str, tenant: str) -> str:
+        """Counter of the tenant's ``action`` (submit, cancel) in the current window (expires
+        with it)."""
+        return f"{self.prefix}:rate:{action}:{tenant}"
+
     @property
     def load_counts(self) -> str:
         """Hash of model loads per class: ``<class>:<model>`` -> count (one field per class and

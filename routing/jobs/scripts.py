@@ -63,7 +63,7 @@ end
 )
 
 # keys: job, events, webhooks (queue), queued (template, by queue), waiting, running, sequence,
-# in_flight (template, by tenant), finished and run_s (metrics).  target, sources (comma list), now,
+# in_flight (template, by tenant), idempotency (template, by key), finished and run_s (metrics).  target, sources (comma list), now,
 # event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
 # none), event_id, message (webhook delivery), worker (expected owner, '' for any), attempt
 # (expected attempt, '' for any), requeue ([list, message] to push when the job goes back to
@@ -72,7 +72,10 @@ end
 # instead when its cancel was asked for; {} otherwise), dead_letter ([list, entry, max]: pushed
 # and the list trimmed to max when the job ends failed, [] for none). Also keeps the queue
 # lines, the waiting set, the running set and the tenant's in-flight set in step with the
-# state. Returns {1, from, to} or {0, status}.
+# state. A queued job's record holds its Celery message (queued_message, on the list
+# queued_list): a queued job canceled takes it off that list, so the autoscaler (which counts
+# the list) never starts a worker for it. An idempotency key outlives its record by no more
+# than the record's TTL (a canceled job's may be short). Returns {1, from, to} or {0, status}.
 TRANSITION = (
     ARGS
     + EMIT
@@ -102,6 +105,11 @@ local id = redis.call('HGET', keys.job, 'id')
 if current == 'queued' then
   redis.call('ZREM', fill(keys.queued, redis.call('HGET', keys.job, 'queue')), id)
   redis.call('ZREM', keys.waiting, id)
+  local message = redis.call('HGET', keys.job, 'queued_message')
+  if message and a.target == 'canceled' then
+    redis.call('LREM', redis.call('HGET', keys.job, 'queued_list'), 1, message)
+  end
+  redis.call('HDEL', keys.job, 'queued_message', 'queued_list')
 end
 if current == 'running' then redis.call('SREM', keys.running, id) end
 redis.call('HSET', keys.job, 'status', a.target, 'updated_at', a.now)
@@ -112,10 +120,19 @@ if a.target == 'queued' then
   local line = fill(keys.queued, redis.call('HGET', keys.job, 'queue'))
   redis.call('ZADD', line, redis.call('INCR', keys.sequence), id)
   redis.call('ZADD', keys.waiting, redis.call('HGET', keys.job, 'created_at'), id)
-  if #a.requeue > 0 then redis.call('LPUSH', a.requeue[1], a.requeue[2]) end
+  if #a.requeue > 0 then
+    redis.call('LPUSH', a.requeue[1], a.requeue[2])
+    redis.call('HSET', keys.job, 'queued_message', a.requeue[2], 'queued_list', a.requeue[1])
+  end
 end
 if a.ttl_s ~= '0' then
   redis.call('EXPIRE', keys.job, a.ttl_s)
+  local idempotency_key = redis.call('HGET', keys.job, 'idempotency_key') or ''
+  if idempotency_key ~= '' then
+    local idempotency = fill(keys.idempotency, idempotency_key)
+    local left = redis.call('TTL', idempotency)
+    if left > tonumber(a.ttl_s) then redis.call('EXPIRE', idempotency, a.ttl_s) end
+  end
   local tenant = redis.call('HGET', keys.job, 'tenant') or ''
   redis.call('SREM', fill(keys.in_flight, tenant), id)
   -- Fleet metrics (producer/metrics.py): finished jobs, and run time of the succeeded ones.

@@ -223,10 +223,13 @@ class JobStore:
         messages: TaskMessages | None = None,
         events_maxlen: int = 100_000,
         progress_webhook_interval_s: float = 2.0,
+        canceled_ttl_s: int | None = None,
     ):
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s
+        # How long the record of a job canceled before it started is kept (ttl_s when None).
+        self.canceled_ttl_s = canceled_ttl_s or ttl_s
         # Builds webhook delivery messages; without it no webhook is ever queued.
         self.messages = messages
         self.events_maxlen = events_maxlen
@@ -273,6 +276,9 @@ class JobStore:
             "priority": job.priority,
             "webhook_url": job.webhook.url if job.webhook else "",
             "webhook_events": ",".join(job.webhook.events) if job.webhook else "",
+            # Kept while queued: a cancel takes this very message off its list (scripts.TRANSITION).
+            "queued_message": job.message[1],
+            "queued_list": job.message[0],
         }
         queue_key, payload = job.message
         keys = {
@@ -357,6 +363,7 @@ class JobStore:
         requeue: tuple[str, str] | None = None,
         cancel_wins: bool = False,
         dead_letter: tuple[str, str, int] | None = None,
+        ttl_s: int | None = None,
         **fields: Any,
     ) -> Moved:
         """Move the job to ``target`` if ``TRANSITIONS`` allows it from its current state
@@ -375,6 +382,8 @@ class JobStore:
         ``dead_letter`` is (list, entry, max): when the job ends ``failed``, ``entry`` is pushed
         onto ``list``, trimmed to the newest ``max``, in the same atomic step.
 
+        ``ttl_s`` is how long a record that ends here is kept (the store's ``ttl_s`` when None).
+
         Returns where it moved from and to. Raises ``Conflict`` when the change is not allowed,
         ``NotFound`` when there is no such job.
         """
@@ -382,7 +391,7 @@ class JobStore:
         if only_from is not None:
             sources_allowed = [s for s in sources_allowed if s is only_from]
         sources = ",".join(s.value for s in sources_allowed)
-        ttl = self.ttl_s if target.is_terminal() else 0
+        ttl = (ttl_s or self.ttl_s) if target.is_terminal() else 0
         values = {k: _encode(v) for k, v in fields.items()}
         now = repr(time.time())
         event_type = _EVENT_FOR[target].value
@@ -401,6 +410,7 @@ class JobStore:
             "running": self.keys.running,
             "sequence": self.keys.sequence,
             "in_flight": self.keys.template(self.keys.tenant_in_flight),
+            "idempotency": self.keys.template(self.keys.idempotency),
             "finished": self.keys.metrics("finished"),
             "run_s": self.keys.metrics("run_s"),
         }
@@ -541,11 +551,17 @@ class JobStore:
         return event_id, self.messages.deliver_webhook(job_id, event_id, event_type, now)[1]
 
     def cancel(self, job_id: str) -> JobStatus:
-        """Cancel a job: a queued job becomes canceled at once and never runs; a running job is
-        marked and stops at its next step. A finished job is left as it is. Returns the status
-        after the call."""
+        """Cancel a job: a queued job becomes canceled at once and never runs (its message leaves
+        its queue, and its record is kept ``canceled_ttl_s``); a running job is marked and stops
+        at its next step. A finished job is left as it is. Returns the status after the call."""
         try:
-            self.transition(job_id, JobStatus.CANCELED, only_from=JobStatus.QUEUED, finished_at=time.time())
+            self.transition(
+                job_id,
+                JobStatus.CANCELED,
+                only_from=JobStatus.QUEUED,
+                ttl_s=self.canceled_ttl_s,
+                finished_at=time.time(),
+            )
             return JobStatus.CANCELED
         except Conflict:
             pass

@@ -17,6 +17,7 @@ from localfleet.process import ApiProcess
 from routing.classes import VramClass
 from routing.jobs.eta import record_duration
 from routing.jobs.keys import Keys
+from routing.jobs.store import JobStatus
 from routing.jobs.workers import heartbeat
 from routing.settings import Settings
 from tests.conftest import _free_port
@@ -147,3 +148,78 @@ def test_listing_queued_jobs_costs_a_bounded_number_of_commands_per_job_with_man
     spent = sum(n for name, n in calls.items() if name not in ("info", "config|resetstat"))
     # Paging and records: a few commands; each job: its rank and the lines ahead of it.
     assert spent <= 10 + 3 * len(jobs), calls
+
+
+# --- submits and cancels are rationed; a canceled job costs the fleet nothing -------------------
+
+SUBMITS, CANCELS, CANCELED_TTL_S = 3, 2, 120
+
+
+@pytest.fixture
+def rationed(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
+    limits = {"submits_per_tenant": SUBMITS, "cancels_per_tenant": CANCELS, "rate_window_s": 60}
+    with start_api(settings.model_copy(update=limits), tmp_path) as process:
+        with httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http:
+            yield http
+
+
+def test_submits_are_rationed_per_tenant_with_retry_after(rationed):
+    answers = [submit(rationed, A) for _ in range(SUBMITS)]
+    assert [r.status_code for r in answers] == [201] * SUBMITS  # at the limit: accepted
+    over = submit(rationed, A)
+    assert over.status_code == 429, over.text
+    assert 1 <= int(over.headers["Retry-After"]) <= 60
+    assert len(rationed.get("/v1/jobs", headers=A).json()["jobs"]) == SUBMITS  # nothing more queued
+    assert submit(rationed, B).status_code == 201  # another tenant is served meanwhile
+
+
+def test_cancels_are_rationed_per_tenant_with_retry_after(rationed):
+    ids = [submit(rationed, A).json()["id"] for _ in range(CANCELS + 1)]
+    answers = [rationed.delete(f"/v1/jobs/{job_id}", headers=A) for job_id in ids[:CANCELS]]
+    assert [(r.status_code, r.json()["status"]) for r in answers] == [(200, "canceled")] * CANCELS
+    over = rationed.delete(f"/v1/jobs/{ids[-1]}", headers=A)
+    assert over.status_code == 429, over.text
+    assert 1 <= int(over.headers["Retry-After"]) <= 60
+    assert rationed.get(f"/v1/jobs/{ids[-1]}", headers=A).json()["status"] == "queued"
+    other = submit(rationed, B).json()["id"]
+    assert rationed.delete(f"/v1/jobs/{other}", headers=B).json()["status"] == "canceled"
+
+
+def test_a_canceled_queued_job_leaves_its_queue_and_is_kept_only_its_ttl(fleet_settings, tmp_path):
+    settings = Settings.model_validate(
+        fleet_settings.model_dump() | {"tenants": tenants(), "canceled_job_ttl_s": CANCELED_TTL_S}
+    )
+    keys = Keys(settings.key_prefix)
+    raw = redis.Redis.from_url(settings.redis_url)
+    with (
+        start_api(settings, tmp_path) as process,
+        httpx.Client(base_url=process.url, trust_env=False) as http,
+    ):
+        first = http.post("/v1/jobs", json=SMALL, headers=A | {"Idempotency-Key": "k1"}).json()["id"]
+        second = submit(http, A).json()["id"]
+        assert raw.llen("gpu16") == 2  # what the autoscaler counts
+        assert http.delete(f"/v1/jobs/{first}", headers=A).json()["status"] == "canceled"
+        [left] = raw.lrange("gpu16", 0, -1)
+        assert first not in left.decode() and second in left.decode()
+        assert 0 < raw.ttl(keys.job(first)) <= CANCELED_TTL_S
+        assert 0 < raw.ttl(keys.job_events(first)) <= CANCELED_TTL_S
+        assert 0 < raw.ttl(keys.idempotency("a:k1")) <= CANCELED_TTL_S
+        assert raw.hget(keys.job(second), "queued_message") is not None  # the other job untouched
+    raw.close()
+
+
+def test_a_handed_back_job_canceled_in_its_queue_leaves_it_too(client):
+    job = client.submit(SMALL | {"kind": "text-to-image"})
+    raw = client.store.client
+    assert raw.rpop("gpu16") is not None  # a worker took the message
+    client.store.transition(job.id, JobStatus.RUNNING, worker="w1")
+    assert raw.hget(client.keys.job(job.id), "queued_message") is None  # no longer queued
+    client.store.transition(
+        job.id,
+        JobStatus.QUEUED,
+        only_from=JobStatus.RUNNING,
+        requeue=client.store.messages.run_job(job.id, "gpu16"),
+    )
+    assert raw.llen("gpu16") == 1
+    assert client.cancel(job.id).status is JobStatus.CANCELED
+    assert raw.llen("gpu16") == 0
