@@ -9,6 +9,7 @@ Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (4
 
 import contextlib
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -18,10 +19,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from pydantic import BaseModel, Field, create_model
+from redis import RedisError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.admission import RateLimits
+from producer.admission import RateLimits, Slot, Slots
 from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
@@ -46,6 +49,12 @@ from routing.jobs.keys import is_job_id
 from routing.jobs.store import JobRecord, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# Connections of the async Redis pool beyond the streams and waits it serves: their short reads
+# (a job's tenant, its status) between blocking ones.
+_SPARE_CONNECTIONS = 16
 
 
 class _SubmitOptions(BaseModel):
@@ -271,8 +280,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, {"Retry-After": "5"})
 
-    live = JobEvents(settings.redis_url, client.keys, settings.events_keepalive_s)
+    streams = Slots(settings.event_streams_per_tenant, settings.event_streams_per_api)
+    waits = Slots(settings.prefer_waits_per_tenant, settings.prefer_waits_per_api)
+    live = JobEvents(
+        settings.redis_url,
+        client.keys,
+        settings.events_keepalive_s,
+        max_connections=streams.total + waits.total + _SPARE_CONNECTIONS,
+    )
     app.router.on_shutdown.append(live.close)
+
+    def take_slot(slots: Slots, tenant: str, what: str) -> Slot:
+        slot = slots.take(tenant)
+        if slot is None:
+            limit = f"{slots.per_tenant} per tenant" if slots.held(tenant) >= slots.per_tenant else "in all"
+            raise HTTPException(429, f"too many {what} open at once ({limit})", {"Retry-After": "5"})
+        return slot
 
     @app.post(
         "/v1/jobs",
@@ -303,12 +326,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             names = ", ".join(p.value for p in allowed)
             message = f"tenant {tenant!r} may use priorities {names} (got {body.priority.value!r})"
             raise InvalidRequest([FieldError("priority", message)])
-        await run_in_threadpool(take_rate, "submit", tenant)
-        job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
-        if wait_s:
-            response.headers["Preference-Applied"] = f"wait={wait_s}"
-            if not await live.wait_finished(job_id, wait_s):
-                response.status_code = 202
+        # A wait's slot is taken before anything is queued: refused, nothing is.
+        slot = take_slot(waits, tenant, "Prefer: wait submits") if wait_s else None
+        try:
+            await run_in_threadpool(take_rate, "submit", tenant)
+            job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
+            if wait_s:
+                response.headers["Preference-Applied"] = f"wait={wait_s}"
+                try:
+                    finished = await live.wait_finished(job_id, wait_s)
+                except RedisError:
+                    # The job is queued: the caller gets it, not an error, and follows it later.
+                    log.warning("waiting for job %s failed; answering 202", job_id, exc_info=True)
+                    finished = False
+                if not finished:
+                    response.status_code = 202
+        finally:
+            if slot is not None:
+                slot.release()
         return await run_in_threadpool(lambda: job_out(client.status(job_id)))
 
     def queue_job(body: BaseModel, tenant: str, response: Response, idempotency_key: str | None) -> str:
@@ -340,7 +375,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "description": "Server-Sent Events (producer/events.py): queued, started, progress, "
                 "succeeded, failed, canceled; the stream ends after the terminal event",
             },
-            **_responses(401, 404, 422),
+            **_responses(401, 404, 422, 429),
         },
     )
     async def job_events(
@@ -350,12 +385,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> StreamingResponse:
         """The job's events as they happen. Reconnect with ``Last-Event-ID`` (the last ``id:``
         received) to get every later event once."""
-        if not is_job_id(job_id) or await live.tenant_of(job_id) != tenant:
+        if not is_job_id(job_id):
             raise HTTPException(404, f"no job {job_id}")
+        slot = take_slot(streams, tenant, "event streams")
+        try:
+            if await live.tenant_of(job_id) != tenant:
+                raise HTTPException(404, f"no job {job_id}")
+        except BaseException:
+            slot.release()
+            raise
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for text in live.sse(job_id, last_event_id or "0-0"):
+                    yield text
+            finally:  # ended, or the client went away
+                slot.release()
+
         return StreamingResponse(
-            live.sse(job_id, last_event_id or "0-0"),
+            events(),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(slot.release),  # a stream never started ends here too
         )
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422))

@@ -56,19 +56,28 @@ class JobEvents:
     """Reads jobs' own event streams. One per API process; its Redis connections are made in the
     server's event loop on first use."""
 
-    def __init__(self, redis_url: str, keys: Keys, keepalive_s: float):
+    def __init__(self, redis_url: str, keys: Keys, keepalive_s: float, max_connections: int = 50):
         self._redis_url = redis_url
         self._redis: aioredis.Redis | None = None
         self.keys = keys
         self.keepalive_s = keepalive_s
+        # Every open stream and every Prefer: wait holds one connection while it blocks: the API
+        # bounds those (producer/admission.py) and sizes the pool above their sum, so a short read
+        # waits briefly for a connection rather than failing.
+        self.max_connections = max_connections
 
     @property
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
             # Reads block up to keepalive_s: a socket silent well past that is a dead connection.
-            self._redis = aioredis.Redis.from_url(
-                self._redis_url, socket_connect_timeout=5, socket_timeout=self.keepalive_s + 10
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._redis_url,
+                max_connections=self.max_connections,
+                timeout=10,
+                socket_connect_timeout=5,
+                socket_timeout=self.keepalive_s + 10,
             )
+            self._redis = aioredis.Redis.from_pool(pool)
         return self._redis
 
     async def tenant_of(self, job_id: str) -> str | None:

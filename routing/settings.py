@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     # and the seconds between keepalive comments on an idle live-events stream.
     max_prefer_wait_s: int = Field(default=60, ge=1, le=600)
     events_keepalive_s: float = Field(default=15.0, gt=0, le=300)
+    # Open live-event streams (GET /v1/jobs/{id}/events) and Prefer: wait submits one API process
+    # holds, per tenant and in all; more are refused with 429. Each holds a Redis connection of
+    # the process's async pool, which is sized from these (their sum and a few spare).
+    event_streams_per_tenant: int = Field(default=20, ge=1)
+    event_streams_per_api: int = Field(default=200, ge=1)
+    prefer_waits_per_tenant: int = Field(default=20, ge=1)
+    prefer_waits_per_api: int = Field(default=200, ge=1)
     # Deliveries one webhooks worker makes at once (threads: the work is waiting on receivers).
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
     # Delivery attempts of one webhook event before it is given up, and the retry schedule: the

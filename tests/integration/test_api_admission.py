@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +225,109 @@ def test_a_handed_back_job_canceled_in_its_queue_leaves_it_too(client):
     assert raw.llen("gpu16") == 1
     assert client.cancel(job.id).status is JobStatus.CANCELED
     assert raw.llen("gpu16") == 0
+
+
+# --- open event streams and Prefer: wait submits are bounded per tenant and per process ---------
+
+
+@pytest.fixture
+def bounded(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
+    limits = {
+        "tenants": tenants() | {"c": {"api_keys": ["key-c"], "webhook_secret": secret()}},
+        "event_streams_per_tenant": 2,
+        "event_streams_per_api": 3,
+        "prefer_waits_per_tenant": 1,
+        "prefer_waits_per_api": 2,
+    }
+    with start_api(Settings.model_validate(settings.model_dump() | limits), tmp_path) as process:
+        with httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http:
+            yield http
+
+
+def open_stream(api: httpx.Client, headers: dict[str, str], job_id: str) -> httpx.Response:
+    return api.send(api.build_request("GET", f"/v1/jobs/{job_id}/events", headers=headers), stream=True)
+
+
+def test_event_streams_are_bounded_per_tenant_and_per_process(bounded):
+    job_a, job_b = submit(bounded, A).json()["id"], submit(bounded, B).json()["id"]
+    held = [open_stream(bounded, A, job_a) for _ in range(2)]  # at the tenant's limit
+    try:
+        assert [r.status_code for r in held] == [200, 200]
+        over = open_stream(bounded, A, job_a)
+        assert over.status_code == 429 and over.headers["Retry-After"] == "5"
+        over.close()
+        other = open_stream(bounded, B, job_b)  # another tenant is served meanwhile
+        held.append(other)
+        assert other.status_code == 200
+        lines = other.iter_lines()  # kept: a dropped iterator closes its response
+        assert next(lines).startswith("id: ")  # it streams the job's events
+        process_full = open_stream(bounded, B, job_b)  # 3 open in the process
+        assert process_full.status_code == 429
+        process_full.close()
+        assert submit(bounded, B).status_code == 201  # other routes are answered
+        held.pop(0).close()  # a stream that ends gives its place back
+        deadline = time.monotonic() + 10
+        while (again := open_stream(bounded, B, job_b)).status_code == 429 and time.monotonic() < deadline:
+            again.close()
+            time.sleep(0.1)
+        held.append(again)
+        assert again.status_code == 200
+    finally:
+        for response in held:
+            response.close()
+
+
+def test_prefer_wait_submits_are_bounded_per_tenant_and_per_process_before_queueing(bounded):
+    C = {"Authorization": "Bearer key-c"}
+    answers: dict[str, int] = {}
+
+    def wait_submit(name: str, headers: dict[str, str]) -> None:
+        answers[name] = bounded.post(
+            "/v1/jobs", json=SMALL, headers=headers | {"Prefer": "wait=6"}
+        ).status_code
+
+    threads = [threading.Thread(target=wait_submit, args=args) for args in (("a", A), ("b", B))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(
+        bounded.get("/v1/jobs", headers=h).json()["jobs"] for h in (A, B)
+    ):
+        time.sleep(0.05)
+    # a holds its one wait, b its own: the process holds its two.
+    over = bounded.post("/v1/jobs", json=SMALL, headers=A | {"Prefer": "wait=6"})
+    assert over.status_code == 429 and over.headers["Retry-After"] == "5"
+    process_full = bounded.post("/v1/jobs", json=SMALL, headers=C | {"Prefer": "wait=6"})
+    assert process_full.status_code == 429
+    assert len(bounded.get("/v1/jobs", headers=A).json()["jobs"]) == 1  # nothing more queued
+    assert bounded.get("/v1/jobs", headers=C).json()["jobs"] == []
+    assert submit(bounded, C).status_code == 201  # a submit that does not wait is served
+    for thread in threads:
+        thread.join()
+    assert answers == {"a": 202, "b": 202}  # still queued after their wait: no worker runs
+    assert bounded.post("/v1/jobs", json=SMALL, headers=A | {"Prefer": "wait=1"}).status_code == 202
+
+
+def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(api, redis_client):
+    answer: list[httpx.Response] = []
+    thread = threading.Thread(
+        target=lambda: answer.append(
+            api.post("/v1/jobs", json=SMALL, headers=A | {"Prefer": "wait=20"}, timeout=60)
+        )
+    )
+    thread.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not api.get("/v1/jobs", headers=A).json()["jobs"]:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the wait is blocked in its read
+    # Redis drops the API's connections and takes no new ones for a while.
+    redis_client.config_set("maxclients", 1)
+    try:
+        redis_client.client_kill_filter(_type="normal", skipme=True)
+        time.sleep(4)
+    finally:
+        redis_client.config_set("maxclients", 10000)
+    thread.join(60)
+    [response] = answer
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
