@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     webhook_visibility_timeout_s: int = Field(default=1800, ge=30)
     # Of those, how many one tenant's endpoints may hold at once; a delivery past it is deferred.
     webhook_tenant_concurrency: int = Field(default=4, ge=1, le=256)
+    # Deferrals of one delivery (the tenant's threads all busy) after which each counts as a failed attempt.
+    webhook_max_deferrals: int = Field(default=20, ge=0, le=1000)
     # Longest one delivery may take, connect to last byte of the answer.
     webhook_timeout_s: float = Field(default=15.0, gt=0)
 

@@ -81,10 +81,11 @@ class Speed:
             entries += [(str(self.cache.path(lora.source, storage)), lora.scale) for lora in loras]
             timings["lora_cache_hits"] = float(self.cache.hits - hits)
             timings["lora_cache_misses"] = float(self.cache.misses - misses)
-        if entries:
-            self.slot.apply(entries)
-        timings["lora_s"] = round(time.perf_counter() - t0, 4)
         try:
+            # Inside the try: a hotswap that fails part-way may have written some of the slot.
+            if entries:
+                self.slot.apply(entries)
+            timings["lora_s"] = round(time.perf_counter() - t0, 4)
             yield
         finally:
             if entries:

@@ -29,9 +29,12 @@ tenant: later deliveries to it are skipped and logged as ``disabled``. A URL the
 refuse (``routing.io.net``) fails at once. Every attempt is logged per job (``delivery_log``).
 
 One tenant's endpoints hold at most ``FLEET_WEBHOOK_TENANT_CONCURRENCY`` of a worker's threads at
-once, each for at most ``FLEET_WEBHOOK_TIMEOUT_S``: a delivery past that bound is ``deferred``
-(tried again after ``DEFER_S``, without using up one of its attempts), so a tenant with slow
-receivers delays its own events, not everyone's.
+once, for the whole attempt (the name lookup included), each POST for at most
+``FLEET_WEBHOOK_TIMEOUT_S``: a delivery past that bound is ``deferred`` without using up one of its
+attempts, tried again after ``DEFER_S`` doubling up to ``DEFER_CAP_S``; once a delivery has been
+deferred ``FLEET_WEBHOOK_MAX_DEFERRALS`` times, each further deferral counts as a failed attempt, so a tenant
+with slow receivers or slow name servers delays its own events, not everyone's, and a delivery that
+never gets a slot still ends.
 
 A delivery waits out each retry countdown holding its message unacknowledged; the settings keep
 the longest wait plus a POST below the webhook queue's visibility timeout, after which Kombu would
@@ -80,6 +83,7 @@ from routing.settings import Settings, get_settings
 RETRY_FACTOR = 2.0
 RETRY_MIN_S = 1.0
 DEFER_S = 1.0
+DEFER_CAP_S = 30.0
 # How long an attempt's claim holds before its outcome is recorded: the POST's deadline plus this,
 # for what has no deadline of its own (name resolution) and the writes after it.
 CLAIM_SLACK_S = 60.0
@@ -155,6 +159,11 @@ def build_payload(record: JobRecord, event_type: str, at: str, storage: Storage,
     }
 
 
+def defer_s(deferred: int) -> float:
+    """Seconds before the next try of a delivery deferred ``deferred`` times before this one."""
+    return min(DEFER_CAP_S, DEFER_S * RETRY_FACTOR**deferred)
+
+
 def signed_headers(secret: str, event_id: str, body: str) -> dict[str, str]:
     now = datetime.now(UTC)
     return {
@@ -223,13 +232,16 @@ class Deliverer:
     def storage(self) -> Storage:
         return make_storage(self.settings)
 
-    def deliver(self, job_id: str, event_id: str, event_type: str, at: str, attempt: int) -> Attempt:
+    def deliver(
+        self, job_id: str, event_id: str, event_type: str, at: str, attempt: int, deferred: int = 0
+    ) -> Attempt:
+        """Make attempt ``attempt``; ``deferred`` is how many times in a row it was deferred."""
         started = time.monotonic()
         url = ""
         try:
             record = self.store.get(job_id)
             url = record.webhook.url if record.webhook else ""
-            result = self._attempt(record, event_id, event_type, at, attempt)
+            result = self._attempt(record, event_id, event_type, at, attempt, deferred)
         except NotFound:
             result = Attempt(FAILED, error="the job record is gone")
         entry = {
@@ -253,7 +265,9 @@ class Deliverer:
             pipe.execute()
         return result
 
-    def _attempt(self, record: JobRecord, event_id: str, event_type: str, at: str, attempt: int) -> Attempt:
+    def _attempt(
+        self, record: JobRecord, event_id: str, event_type: str, at: str, attempt: int, deferred: int
+    ) -> Attempt:
         if record.webhook is None:
             return Attempt(FAILED, error="the job has no webhook")
         url = record.webhook.url
@@ -262,6 +276,22 @@ class Deliverer:
             return Attempt(FAILED, error=f"tenant {record.tenant!r} is not configured: no webhook secret")
         if self.client.sismember(self.keys.webhooks_disabled(record.tenant), url):
             return Attempt(DISABLED, error="endpoint disabled: it answered 410 Gone")
+        # The tenant's slot covers the whole attempt: a slow name server holds a thread as long
+        # as a slow receiver does.
+        if not self._take_slot(record.tenant):
+            limit = self.settings.webhook_tenant_concurrency
+            error = f"{limit} deliveries of this tenant in flight"
+            if deferred >= self.settings.webhook_max_deferrals:
+                return self._retry_or_fail(attempt, None, f"{error}, deferred {deferred} times", None)
+            return Attempt(DEFERRED, error=error, retry_in_s=defer_s(deferred))
+        try:
+            return self._post(record, event_id, event_type, at, attempt)
+        finally:
+            self._free_slot(record.tenant)
+
+    def _post(self, record: JobRecord, event_id: str, event_type: str, at: str, attempt: int) -> Attempt:
+        url = record.webhook.url
+        tenant = self.settings.tenants[record.tenant]
         try:
             # Checked here as well as at submit: the name may resolve elsewhere now. A refusal is
             # permanent; a failure to connect or a timeout after this passes is retried.
@@ -276,17 +306,12 @@ class Deliverer:
             return self._retry_or_fail(attempt, None, f"presigning outputs: {exc}", None)
         body = json.dumps(payload, separators=(",", ":"))
         headers = signed_headers(tenant.webhook_secret.get_secret_value(), event_id, body)
-        if not self._take_slot(record.tenant):
-            limit = self.settings.webhook_tenant_concurrency
-            return Attempt(DEFERRED, error=f"{limit} deliveries of this tenant in flight", retry_in_s=DEFER_S)
         try:
             response = post_url(
                 url, body.encode(), headers, timeout_s=self.settings.webhook_timeout_s, policy=self.policy
             )
         except UrlError as exc:
             return self._retry_or_fail(attempt, None, str(exc), None)
-        finally:
-            self._free_slot(record.tenant)
         status = response.status
         if 200 <= status < 300:
             return Attempt(DELIVERED, status)
@@ -342,7 +367,7 @@ def create_app(settings: Settings) -> Celery:
                 delivery_id,
             )
             return DUPLICATE
-        result = deliverer.deliver(job_id, event_id, event_type, at, attempt=attempt)
+        result = deliverer.deliver(job_id, event_id, event_type, at, attempt=attempt, deferred=deferred)
         if result.outcome == DEFERRED:
             deliverer.release(delivery_id, attempt)
             raise self.retry(countdown=result.retry_in_s, kwargs={"deferred": deferred + 1})

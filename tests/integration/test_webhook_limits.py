@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
 from producer.client import Client
 from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings, Tenant
-from worker.webhooks import DEFERRED, DELIVERED, RETRYING, Deliverer
+from worker.webhooks import DEFERRED, DELIVERED, FAILED, RETRYING, Deliverer, defer_s
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +134,61 @@ def test_one_tenants_slow_endpoints_hold_at_most_its_share_of_the_threads(settin
         assert results == [DELIVERED]
         # The slot is free again: the deferred delivery goes through on its next try.
         assert deliverer.deliver(*same_tenant[:2], "job.started", same_tenant[2], 1).outcome == DELIVERED
+
+
+def test_a_tenants_slow_name_lookups_hold_only_its_own_slots(settings, receiver, monkeypatch):
+    """The tenant's slot is taken before the name lookup: a tenant whose webhook host resolves
+    slowly holds its share of the threads, and its next delivery is deferred, not stuck in DNS too."""
+    looking_up = threading.Event()
+    answer = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def slow_dns(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "slow-dns.test":  # the one name whose name server is slow
+            looking_up.set()
+            answer.wait(10)
+            host = "127.0.0.2"
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_dns)
+    port = receiver.httpd.server_address[1]
+    with Client(settings) as client:
+        slow = started_job(client, f"http://slow-dns.test:{port}/fast", "t1")
+        same_tenant = started_job(client, f"{receiver.url}/fast", "t1")
+        other_tenant = started_job(client, f"{receiver.url}/fast", "t2")
+    deliverer = Deliverer(settings, client.store.client)
+    results: list[str] = []
+    first = threading.Thread(
+        target=lambda: results.append(deliverer.deliver(*slow[:2], "job.started", slow[2], 1).outcome)
+    )
+    first.start()
+    try:
+        assert looking_up.wait(10)
+        started = time.monotonic()
+        deferred = deliverer.deliver(*same_tenant[:2], "job.started", same_tenant[2], 1)
+        assert deferred.outcome == DEFERRED and time.monotonic() - started < 2
+        assert deliverer.deliver(*other_tenant[:2], "job.started", other_tenant[2], 1).outcome == DELIVERED
+    finally:
+        answer.set()
+        first.join(10)
+    assert results == [DELIVERED]
+
+
+def test_deferral_backs_off_and_ends(settings, receiver):
+    """Deferred deliveries wait 1 s doubling to a cap, and past FLEET_WEBHOOK_MAX_DEFERRALS a
+    deferral uses up an attempt, so a delivery that never gets a slot still ends."""
+    assert [defer_s(n) for n in range(7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    settings = settings.model_copy(update={"webhook_max_deferrals": 3, "webhook_max_attempts": 2})
+    with Client(settings) as client:
+        job = started_job(client, f"{receiver.url}/fast", "t1")
+    deliverer = Deliverer(settings, client.store.client)
+    assert deliverer._take_slot("t1")  # the tenant's one slot is busy for the whole test
+    try:
+        at_edge = deliverer.deliver(*job[:2], "job.started", job[2], attempt=1, deferred=2)
+        assert (at_edge.outcome, at_edge.retry_in_s) == (DEFERRED, 4.0)
+        past = deliverer.deliver(*job[:2], "job.started", job[2], attempt=1, deferred=3)
+        assert past.outcome == RETRYING and "deferred 3 times" in (past.error or "")
+        last = deliverer.deliver(*job[:2], "job.started", job[2], attempt=2, deferred=3)
+        assert last.outcome == FAILED and "gave up after 2 attempts" in (last.error or "")
+    finally:
+        deliverer._free_slot("t1")

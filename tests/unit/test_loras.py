@@ -172,3 +172,33 @@ def test_each_request_naming_a_stored_lora_makes_it_young_again(
     assert _submit(request, storage).loras[0].source == key
     assert abs(stored.stat().st_mtime - time.time()) < 60
     assert storage.list("loras/") == [key]
+
+
+def test_a_hotswap_that_fails_part_way_leaves_the_slot_empty(small_models_dir: Path, tmp_path: Path, storage):
+    """The slot is cleared whatever happened: a hotswap that wrote some of one tenant's LoRA and
+    then failed leaves nothing of it for the next job."""
+    weights = str(small_models_dir / "z-image-turbo")
+    lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
+    storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    with_lora = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 1.0}]}, storage)
+    plain_request = _submit(base, storage)
+    reference, _ = _run(ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME), plain_request, storage)
+
+    adapter = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    speed = prepare(
+        adapter, CATALOG["z-image-turbo"], CATALOG["z-image-turbo"].vram_class, _settings(tmp_path)
+    )
+    real_load = speed.slot.pipe.load_lora_weights
+
+    def load_then_fail(*args: Any, **kwargs: Any) -> None:
+        real_load(*args, **kwargs)  # the weights are in the slot...
+        raise RuntimeError("the device went away mid-copy")  # ...and the hotswap reports failure
+
+    speed.slot.pipe.load_lora_weights = load_then_fail
+    with pytest.raises(RuntimeError, match="mid-copy"):
+        _run(adapter, with_lora, storage)
+    speed.slot.pipe.load_lora_weights = real_load
+
+    after, _ = _run(adapter, plain_request, storage)
+    assert np.array_equal(after, reference)  # bit for bit: nothing of the failed LoRA is left
