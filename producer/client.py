@@ -82,6 +82,8 @@ class Client:
             video_max_pixels=self.settings.max_input_video_pixels,
             lora_max_bytes=self.settings.max_lora_bytes,
             lora_max_rank=self.settings.lora_max_rank,
+            lora_max_header_bytes=self.settings.lora_max_header_bytes,
+            lora_max_tensors=self.settings.lora_max_tensors,
             lora_hub=self.settings.lora_hub,
         )
 

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from producer.tenant_keys import KeyScope, input_prefix, upload_key
 from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
-from routing.io.loras import LoraError, check_lora, read_header
+from routing.io.loras import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_TENSORS,
+    LoraError,
+    check_lora,
+    read_header,
+)
 from routing.io.media import (
     AudioInfo,
     ImageInfo,
@@ -55,6 +61,8 @@ class InputLimits:
     video_max_pixels: int = 1024 * 1024 * 1024
     lora_max_bytes: int = 2 * 1024**3
     lora_max_rank: int = 64
+    lora_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    lora_max_tensors: int = DEFAULT_MAX_TENSORS
     lora_hub: bool = False
     lora_fetch_timeout_s: float = 300.0
 
@@ -164,7 +172,13 @@ def resolve_loras(
         field = f"loras.{index}.source"
         try:
             data = _read_lora(lora.source, storage, policy, limits, scope)
-            info = check_lora(data, spec, limits.lora_max_bytes)
+            info = check_lora(
+                data,
+                spec,
+                limits.lora_max_bytes,
+                max_header_bytes=limits.lora_max_header_bytes,
+                max_tensors=limits.lora_max_tensors,
+            )
         except (LoraError, MediaError, UrlError) as exc:
             errors.append(FieldError(field, str(exc)))
             continue
@@ -300,7 +314,9 @@ def _sniff(data: bytes, limits: InputLimits) -> str:
     except MediaError:
         pass
     try:
-        read_header(data)  # a LoRA: checked against its model when a request names it
+        # A LoRA: checked against its model when a request names it.
+        # A LoRA: checked against its model when a request names it.
+        read_header(data, max_header_bytes=limits.lora_max_header_bytes, max_tensors=limits.lora_max_tensors)
         return "safetensors"
     except LoraError as exc:
         raise InvalidRequest(

@@ -157,6 +157,10 @@ class Settings(BaseSettings):
     max_loras: int = Field(default=3, ge=0, le=8)
     max_lora_bytes: int = Field(default=2 * 1024**3, gt=0)
     lora_max_rank: int = Field(default=64, ge=1, le=1024)
+    # A LoRA's safetensors header: the most bytes of it that are parsed, and the most tensors it
+    # may name (a LoRA's header is kilobytes; parsed JSON takes many times its size in memory).
+    lora_max_header_bytes: int = Field(default=4 * 1024 * 1024, ge=64)
+    lora_max_tensors: int = Field(default=10_000, ge=1)
     # Accept hub ids ("owner/repo/file.safetensors"): the API fetches them from huggingface.co
     # through the URL guard at submit, so only the API, never a worker, must reach the hub.
     lora_hub: bool = False
