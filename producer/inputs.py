@@ -9,11 +9,17 @@ A store key is read only if the tenant may name it (``producer.tenant_keys``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import mimetypes
 import re
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from producer.tenant_keys import KeyScope, input_prefix, upload_key
 from routing.catalog import CATALOG, ModelSpec, get_model
@@ -34,7 +40,7 @@ from routing.io.media import (
     check_image,
     check_video,
 )
-from routing.io.net import UrlError, UrlPolicy, fetch_url
+from routing.io.net import UrlError, UrlPolicy, fetch_into
 from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, LoraRef, MediaRef, RequestBase
 
@@ -171,23 +177,23 @@ def resolve_loras(
     for index, lora in enumerate(request.loras or []):
         field = f"loras.{index}.source"
         try:
-            data = _read_lora(lora.source, storage, policy, limits, scope)
-            info = check_lora(
-                data,
-                spec,
-                limits.lora_max_bytes,
-                max_header_bytes=limits.lora_max_header_bytes,
-                max_tensors=limits.lora_max_tensors,
-            )
+            with _read_lora(lora.source, storage, policy, limits, scope) as (file, digest):
+                info = check_lora(
+                    file,
+                    spec,
+                    limits.lora_max_bytes,
+                    max_header_bytes=limits.lora_max_header_bytes,
+                    max_tensors=limits.lora_max_tensors,
+                )
+                key = f"loras/{digest}.safetensors"
+                # Stored once for every request that names it; each one makes it young again, so
+                # the retention of loras/ counts from the last request that named it.
+                if not storage.touch(key):
+                    storage.put_file(key, file, "application/octet-stream")
         except (LoraError, MediaError, UrlError) as exc:
             errors.append(FieldError(field, str(exc)))
             continue
         total_rank += info.rank
-        key = f"loras/{hashlib.sha256(data).hexdigest()}.safetensors"
-        # Stored once for every request that names it; each one makes it young again, so the
-        # retention of loras/ counts from the last request that named it.
-        if not storage.touch(key):
-            storage.put(key, data, "application/octet-stream")
         resolved.append(LoraRef(source=key, scale=lora.scale))
     if not errors and total_rank > limits.lora_max_rank:
         errors.append(
@@ -198,12 +204,44 @@ def resolve_loras(
     return request.model_copy(update={"loras": resolved})
 
 
+class _Spool:
+    """A temporary file that hashes what is written to it: a download is held on disk, never in
+    memory, and its digest is known when its last byte is."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.sha256 = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> int:
+        self.sha256.update(chunk)
+        return self.file.write(chunk)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+@contextlib.contextmanager
+def _download(
+    url: str, max_bytes: int, timeout_s: float, policy: UrlPolicy
+) -> Iterator[tuple[BinaryIO, str]]:
+    """``url``'s body in a temporary file (deleted on leaving), and its sha256."""
+    spool = _Spool()
+    with spool.file:
+        fetch_into(url, spool, max_bytes=max_bytes, deadline=time.monotonic() + timeout_s, policy=policy)
+        spool.file.seek(0)
+        yield spool.file, spool.sha256.hexdigest()
+
+
+@contextlib.contextmanager
 def _read_lora(
     source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
-) -> bytes:
-    fetch = {"max_bytes": limits.lora_max_bytes, "timeout_s": limits.lora_fetch_timeout_s, "policy": policy}
+) -> Iterator[tuple[BinaryIO, str]]:
+    """The LoRA file ``source`` names, and its sha256."""
+    fetch = (limits.lora_max_bytes, limits.lora_fetch_timeout_s, policy)
     if source.lower().startswith(("http://", "https://")):
-        return fetch_url(source, **fetch)
+        with _download(source, *fetch) as found:
+            yield found
+        return
     hub = _HUB_ID.match(source)
     # A key of one of the store's kinds is never a hub id: whether it exists must not decide
     # which error another tenant's key gets.
@@ -214,8 +252,11 @@ def _read_lora(
                 "or give an https URL"
             )
         owner, repo, path = hub.groups()
-        return fetch_url(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", **fetch)
-    return _read(storage, source, scope)
+        with _download(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", *fetch) as found:
+            yield found
+        return
+    data = _read(storage, source, scope)
+    yield io.BytesIO(data), hashlib.sha256(data).hexdigest()
 
 
 def _resolve_one(
@@ -229,15 +270,12 @@ def _resolve_one(
     limits: InputLimits,
     scope: KeyScope,
 ) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
-    if ref.url is not None:
-        data = fetch_url(ref.url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, policy=policy)
-    else:
-        data = _read(storage, ref.key, scope)
-    ext, info = _check(data, name, spec, limits)
-    if ref.key is not None:
-        return ref, info
-    key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
-    storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    if ref.url is None:
+        return ref, _check(_read(storage, ref.key, scope), name, spec, limits)[1]
+    with _download(ref.url, limits.max_bytes, limits.fetch_timeout_s, policy) as (file, _digest):
+        ext, info = _check(file, name, spec, limits)
+        key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
+        storage.put_file(key, file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
     return MediaRef(key=key), info
 
 
@@ -255,11 +293,11 @@ def _read(storage: Storage, key: str, scope: KeyScope) -> bytes:
 
 
 def _check(
-    data: bytes, name: str, spec: ModelSpec, limits: InputLimits
+    data: bytes | BinaryIO, name: str, spec: ModelSpec, limits: InputLimits
 ) -> tuple[str, ImageInfo | VideoInfo | AudioInfo]:
-    """Decode and check ``data`` as the media the field needs; return a file extension and what
-    the check found."""
-    if len(data) > limits.max_bytes:
+    """Decode and check ``data`` (bytes, or a file) as the media the field needs; return a file
+    extension and what the check found."""
+    if (len(data) if isinstance(data, bytes) else data.seek(0, io.SEEK_END)) > limits.max_bytes:
         raise MediaError(f"larger than {limits.max_bytes} bytes")
     if name in AUDIO_FIELDS:
         video = spec.video
