@@ -10,8 +10,10 @@ Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (4
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,7 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
+from producer.inputs import fetches
 from producer.metrics import FleetCollector
+from producer.slots import TenantSlots
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
@@ -91,7 +95,8 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "the Idempotency-Key was used with another body",
         422: "the request was refused; nothing was queued",
         413: "the body is over the limit (FLEET_MAX_JSON_BODY_BYTES, uploads FLEET_MAX_INPUT_BYTES)",
-        429: "the tenant has as many unfinished jobs as it may; retry after Retry-After seconds",
+        429: "the tenant has as many unfinished jobs, or submits downloading, or uploads, as it may; "
+        "retry after Retry-After seconds",
         503: "the job store is unreachable; nothing was queued",
     }
     return {
@@ -254,6 +259,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, 503, {"Retry-After": "5"})
 
     live = JobEvents(settings.redis_url, client.keys, settings.events_keepalive_s)
+    # Submits that download run on threads of their own, a few per tenant: however slowly their
+    # URLs answer, the shared threads stay free for everyone's other requests.
+    fetching = TenantSlots(settings.max_fetching_submits, "submits downloading", "FLEET_MAX_FETCHING_SUBMITS")
+    fetch_threads = anyio.CapacityLimiter(settings.api_fetch_threads)
+    health_threads = anyio.CapacityLimiter(2)
     app.router.on_shutdown.append(live.close)
 
     @app.post(
@@ -280,7 +290,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ends, at most N seconds: an ended job comes back whole (outputs included) with 201 (200
         for an earlier job), one still queued or running with 202."""
         wait_s = prefer_wait_s(prefer, settings.max_prefer_wait_s)
-        job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
+        queue = partial(queue_job, body, tenant, response, idempotency_key)
+        if fetches(body):
+            with fetching.take(tenant):
+                job_id = await anyio.to_thread.run_sync(queue, limiter=fetch_threads)
+        else:
+            job_id = await run_in_threadpool(queue)
         if wait_s:
             response.headers["Preference-Applied"] = f"wait={wait_s}"
             if not await live.wait_finished(job_id, wait_s):
@@ -476,9 +491,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     @app.get("/healthz", responses={503: {"model": ErrorDetail, "description": "Redis unreachable"}})
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
+        # On threads of its own: the liveness probe never waits behind request work.
         try:
-            client.store.client.ping()
+            await anyio.to_thread.run_sync(client.store.client.ping, limiter=health_threads)
         except Exception as exc:  # any failure to reach Redis means not healthy
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, 503)
         return JSONResponse({"status": "ok"})

@@ -23,7 +23,14 @@ from typing import Any
 import redis
 from celery import Celery
 
-from producer.inputs import InputLimits, delete_inputs, resolve_inputs, resolve_loras, upload
+from producer.inputs import (
+    InputLimits,
+    delete_inputs,
+    fetch_deadline,
+    resolve_inputs,
+    resolve_loras,
+    upload,
+)
 from producer.tenant_keys import KeyScope, check_tenant
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
@@ -219,13 +226,17 @@ class Client:
         return [Job(self, found_id, created=outcome is Created.CREATED) for outcome, found_id in results]
 
     def _resolve(self, request: RequestBase, job_id: str, scope: KeyScope) -> RequestBase:
-        """``request`` with its media and LoRAs checked and named by store key."""
+        """``request`` with its media and LoRAs checked and named by store key; its downloads,
+        media and LoRAs together, end within ``fetch_timeout_s``."""
+        deadline = fetch_deadline(self._input_limits)
         if request.media_fields():
             request = resolve_inputs(
-                request, job_id, self.storage, self.url_policy, self._input_limits, scope
+                request, job_id, self.storage, self.url_policy, self._input_limits, scope, deadline
             )
         if request.loras:
-            request = resolve_loras(request, self.storage, self.url_policy, self._input_limits, scope)
+            request = resolve_loras(
+                request, self.storage, self.url_policy, self._input_limits, scope, deadline
+            )
         return request
 
     def _earlier_jobs(self, idempotency_keys: list[str | None]) -> list[str | None]:

@@ -61,6 +61,7 @@ class InputLimits:
     image_max_pixels: int = 40_000_000
     image_max_side: int = 8192
     video_max_side: int = 4096
+    # Every fetch of one request together, connect to last byte: one deadline per request.
     fetch_timeout_s: float = 15.0
     # Decoded pixels of all of a job's input videos together, as the worker holds them: each
     # frame at most the output's size (worker.media.decode_video scales it down while decoding).
@@ -70,7 +71,24 @@ class InputLimits:
     lora_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     lora_max_tensors: int = DEFAULT_MAX_TENSORS
     lora_hub: bool = False
-    lora_fetch_timeout_s: float = 300.0
+
+
+def fetch_deadline(limits: InputLimits) -> float:
+    """The one deadline (``time.monotonic()``) every fetch of a request starting now shares."""
+    return time.monotonic() + limits.fetch_timeout_s
+
+
+def fetches(request: RequestBase) -> bool:
+    """Whether resolving ``request`` downloads anything (a media URL, a LoRA by URL or hub id)."""
+    urls = any(ref.url is not None for ref in _refs(request))
+    return urls or any(not _is_store_key(lora.source) for lora in request.loras or [])
+
+
+def _is_store_key(source: str) -> bool:
+    if source.lower().startswith(("http://", "https://")):
+        return False
+    hub = _HUB_ID.match(source)
+    return hub is None or hub.group(1) in _STORE_KINDS
 
 
 def resolve_inputs(
@@ -80,15 +98,18 @@ def resolve_inputs(
     policy: UrlPolicy,
     limits: InputLimits,
     scope: KeyScope,
+    deadline: float | None = None,
 ) -> RequestBase:
-    """Check every input of ``request``; return it with each input named by store key.
+    """Check every input of ``request``; return it with each input named by store key. Every
+    download ends by ``deadline`` (default: ``fetch_deadline(limits)``).
 
     Raises ``InvalidRequest`` naming the field (``image``, ``images.1``, ``pose_video``) of
     every input that could not be read or is not acceptable media; what was stored of it by then
     is deleted again.
     """
     try:
-        resolved, errors = _resolve_all(request, job_id, storage, policy, limits, scope)
+        deadline = fetch_deadline(limits) if deadline is None else deadline
+        resolved, errors = _resolve_all(request, job_id, storage, policy, limits, scope, deadline)
     except BaseException:
         delete_inputs(request, job_id, storage, scope.tenant)
         raise
@@ -126,6 +147,7 @@ def _resolve_all(
     policy: UrlPolicy,
     limits: InputLimits,
     scope: KeyScope,
+    deadline: float,
 ) -> tuple[RequestBase, list[FieldError]]:
     spec = get_model(request.model)
     errors: list[FieldError] = []
@@ -138,7 +160,9 @@ def _resolve_all(
         for index, ref in enumerate(refs):
             field = f"{name}.{index}" if isinstance(value, list) else name
             try:
-                checked, info = _resolve_one(ref, field, name, job_id, spec, storage, policy, limits, scope)
+                checked, info = _resolve_one(
+                    ref, field, name, job_id, spec, storage, policy, limits, scope, deadline
+                )
                 resolved.append(checked)
             except (MediaError, UrlError) as exc:
                 errors.append(FieldError(field, str(exc)))
@@ -163,21 +187,28 @@ _STORE_KINDS = ("uploads", "inputs", "jobs", "loras")
 
 
 def resolve_loras(
-    request: RequestBase, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
+    request: RequestBase,
+    storage: Storage,
+    policy: UrlPolicy,
+    limits: InputLimits,
+    scope: KeyScope,
+    deadline: float | None = None,
 ) -> RequestBase:
     """Check every LoRA of ``request``; return it with each one named by its content-addressed
-    store key (``loras/<sha256>.safetensors``), which is also the worker's cache key.
+    store key (``loras/<sha256>.safetensors``), which is also the worker's cache key. Every
+    download ends by ``deadline`` (default: ``fetch_deadline(limits)``).
 
     Raises ``InvalidRequest`` naming the field (``loras.1.source``) of each LoRA refused.
     """
     spec = get_model(request.model)
+    deadline = fetch_deadline(limits) if deadline is None else deadline
     errors: list[FieldError] = []
     resolved: list[LoraRef] = []
     total_rank = 0
     for index, lora in enumerate(request.loras or []):
         field = f"loras.{index}.source"
         try:
-            with _read_lora(lora.source, storage, policy, limits, scope) as (file, digest):
+            with _read_lora(lora.source, storage, policy, limits, scope, deadline) as (file, digest):
                 info = check_lora(
                     file,
                     spec,
@@ -221,23 +252,21 @@ class _Spool:
 
 
 @contextlib.contextmanager
-def _download(
-    url: str, max_bytes: int, timeout_s: float, policy: UrlPolicy
-) -> Iterator[tuple[BinaryIO, str]]:
+def _download(url: str, max_bytes: int, deadline: float, policy: UrlPolicy) -> Iterator[tuple[BinaryIO, str]]:
     """``url``'s body in a temporary file (deleted on leaving), and its sha256."""
     spool = _Spool()
     with spool.file:
-        fetch_into(url, spool, max_bytes=max_bytes, deadline=time.monotonic() + timeout_s, policy=policy)
+        fetch_into(url, spool, max_bytes=max_bytes, deadline=deadline, policy=policy)
         spool.file.seek(0)
         yield spool.file, spool.sha256.hexdigest()
 
 
 @contextlib.contextmanager
 def _read_lora(
-    source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
+    source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope, deadline: float
 ) -> Iterator[tuple[BinaryIO, str]]:
     """The LoRA file ``source`` names, and its sha256."""
-    fetch = (limits.lora_max_bytes, limits.lora_fetch_timeout_s, policy)
+    fetch = (limits.lora_max_bytes, deadline, policy)
     if source.lower().startswith(("http://", "https://")):
         with _download(source, *fetch) as found:
             yield found
@@ -269,10 +298,11 @@ def _resolve_one(
     policy: UrlPolicy,
     limits: InputLimits,
     scope: KeyScope,
+    deadline: float,
 ) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
     if ref.url is None:
         return ref, _check(_read(storage, ref.key, scope), name, spec, limits)[1]
-    with _download(ref.url, limits.max_bytes, limits.fetch_timeout_s, policy) as (file, _digest):
+    with _download(ref.url, limits.max_bytes, deadline, policy) as (file, _digest):
         ext, info = _check(file, name, spec, limits)
         key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
         storage.put_file(key, file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))

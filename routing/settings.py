@@ -53,8 +53,14 @@ class Settings(BaseSettings):
     url_allow_cidrs: list[str] = Field(default_factory=list)
     # Ports a fetched or webhook URL may name on a public host.
     url_allow_ports: list[int] = Field(default_factory=lambda: [80, 443])
-    # Longest one fetch of input media may take, connect to last byte, redirects included.
+    # Longest all the fetches of one request (its media URLs and LoRA URLs together) may take,
+    # connect to last byte, redirects included: one deadline per request.
     fetch_timeout_s: float = Field(default=15.0, gt=0)
+    # Submits of one tenant that may be downloading at once in one API process (more: 429), and
+    # the threads an API process gives such submits at most: the rest of its threads serve other
+    # requests whatever the URLs do (health checks have threads of their own).
+    max_fetching_submits: int = Field(default=4, ge=1)
+    api_fetch_threads: int = Field(default=16, ge=1)
     # Decoded pixels (width x height x frames, summed over a job's input videos) one job may
     # bring: what a worker holds in host memory at 3 bytes a pixel (the default: about 3 GB).
     max_input_video_pixels: int = Field(default=1024 * 1024 * 1024, gt=0)

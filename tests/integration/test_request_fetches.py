@@ -1,23 +1,34 @@
 """What a request's downloads cost the API: real HTTP servers on a loopback address the tests'
-policy allows. A LoRA or media URL is streamed to a temporary file (its memory does not grow with
-its size)."""
+policy allows, and a real API process. A LoRA or media URL is streamed to a temporary file (its
+memory does not grow with its size); every fetch of a request ends by one deadline; a tenant has
+only so many submits downloading at once, and health checks never wait behind them."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import struct
+import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import httpx
 import pytest
 
-from producer.inputs import InputLimits, resolve_loras
+from localfleet.process import ApiProcess
+from producer.inputs import InputLimits, resolve_inputs, resolve_loras
 from producer.tenant_keys import KeyScope
+from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
+from routing.settings import Settings
+from tests.conftest import _free_port
 from tests.integration.test_url_fetch import Server
 
 pytestmark = pytest.mark.integration
@@ -88,3 +99,101 @@ def test_a_lora_url_is_streamed_to_disk_so_memory_does_not_grow_with_its_size(
     # both cost the same few chunks.
     assert peaks[96] < 4 * 1024 * 1024, peaks
     assert peaks[96] < peaks[8] + 1024 * 1024, peaks
+
+
+def dripping(release: threading.Event, every_s: float = 1.0) -> object:
+    """A 200 that promises 1 MB and sends a byte every ``every_s`` until released."""
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+        h.wfile.flush()
+        while not release.wait(every_s):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+
+    return route
+
+
+def test_every_fetch_of_a_request_ends_by_one_deadline(server: Server, tmp_path: Path) -> None:
+    # Three image URLs that drip a byte every 0.2 s: one deadline for all three, not one each.
+    server.routes["/slow.png"] = dripping(server.release, 0.2)
+    request = parse_request(
+        {"model": "qwen-image-edit-2509", "prompt": "a fox", "images": [{"url": server.url("/slow.png")}] * 3}
+    )
+    storage = LocalStorage(tmp_path / "objects")
+    started = time.monotonic()
+    with pytest.raises(InvalidRequest) as raised:
+        resolve_inputs(request, "0" * 32, storage, POLICY, InputLimits(fetch_timeout_s=1.5), TENANT)
+    took_s = time.monotonic() - started
+    assert [e.field for e in raised.value.errors] == ["images.0", "images.1", "images.2"]
+    assert all("timed out" in e.message for e in raised.value.errors), raised.value.errors
+    assert 1.4 < took_s < 2.5, took_s
+    assert storage.list() == []
+
+
+SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+A, B = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+DEADLINE_S = 3
+FETCHING = 2
+
+
+@pytest.fixture
+def api(fleet_settings: Settings, tmp_path: Path) -> Iterator[ApiProcess]:
+    settings = Settings.model_validate(
+        fleet_settings.model_dump()
+        | {
+            "tenants": {
+                "a": {"api_keys": ["key-a"], "webhook_secret": SECRET},
+                "b": {"api_keys": ["key-b"], "webhook_secret": SECRET},
+            },
+            "url_allow_cidrs": ["127.0.0.2/32"],
+            "fetch_timeout_s": DEADLINE_S,
+            "max_fetching_submits": FETCHING,
+        }
+    )
+    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+        yield process
+
+
+def test_slow_lora_urls_are_held_to_the_deadline_and_health_checks_answer_meanwhile(
+    api: ApiProcess, server: Server
+) -> None:
+    # 45 submits of one tenant whose LoRA URL sends a byte a second took every thread of the API.
+    server.routes["/drip.safetensors"] = dripping(server.release)
+    body = {
+        "model": "z-image-turbo",
+        "kind": "text-to-image",
+        "prompt": "a fox",
+        "loras": [{"source": server.url("/drip.safetensors")}],
+    }
+
+    def submit(_: int) -> tuple[int, float, dict]:
+        started = time.monotonic()
+        answer = httpx.post(f"{api.url}/v1/jobs", json=body, headers=A, timeout=DEADLINE_S + 20)
+        return answer.status_code, time.monotonic() - started, answer.json()
+
+    with ThreadPoolExecutor(45) as pool, httpx.Client(base_url=api.url, timeout=5) as probe:
+        submits = [pool.submit(submit, i) for i in range(45)]
+        time.sleep(1)  # every submit is in by now: two downloading, the rest refused
+        for _ in range(3):
+            started = time.monotonic()
+            assert probe.get("/healthz").status_code == 200
+            assert time.monotonic() - started < 1
+            started = time.monotonic()
+            assert probe.get("/v1/jobs", headers=B).status_code == 200
+            assert time.monotonic() - started < 1
+        results = [f.result() for f in submits]
+    held = [r for r in results if r[0] == 422]
+    refused = [r for r in results if r[0] == 429]
+    assert len(held) == FETCHING and len(refused) == 45 - FETCHING, [r[:2] for r in results]
+    for _status, took_s, answer in held:
+        assert DEADLINE_S - 0.5 < took_s < DEADLINE_S + 2
+        [error] = answer["errors"]
+        assert error["field"] == "loras.0.source" and "timed out" in error["message"]
+    for _status, took_s, answer in refused:
+        assert took_s < DEADLINE_S and "FLEET_MAX_FETCHING_SUBMITS" in answer["detail"]
+    # Held submits gave their slots back: the tenant downloads again.
+    server.routes["/missing.safetensors"] = lambda h: h.send_error(404)
+    body["loras"] = [{"source": server.url("/missing.safetensors")}]
+    for _ in range(FETCHING + 1):
+        assert submit(0)[0] == 422
