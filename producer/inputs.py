@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from producer.tenant_keys import KeyScope, input_prefix, upload_key
+from producer.tenant_keys import KeyScope, input_prefix, lora_key, upload_key
 from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
 from routing.io.loras import (
@@ -194,21 +194,26 @@ def resolve_loras(
     scope: KeyScope,
     deadline: float | None = None,
 ) -> RequestBase:
-    """Check every LoRA of ``request``; return it with each one named by its content-addressed
-    store key (``loras/<sha256>.safetensors``), which is also the worker's cache key. Every
-    download ends by ``deadline`` (default: ``fetch_deadline(limits)``).
+    """Check every LoRA of ``request``; return it with each one named by its tenant's
+    content-addressed store key (``loras/<tenant>/<sha256>.safetensors``), whose digest is also
+    the worker's cache key. Every download ends by ``deadline`` (default:
+    ``fetch_deadline(limits)``).
 
-    Raises ``InvalidRequest`` naming the field (``loras.1.source``) of each LoRA refused.
+    Raises ``InvalidRequest`` naming the field (``loras.1.source``) of each LoRA refused. Every
+    check, the ranks' sum included, is made before anything is stored: a refused request stores
+    nothing.
     """
     spec = get_model(request.model)
     deadline = fetch_deadline(limits) if deadline is None else deadline
     errors: list[FieldError] = []
-    resolved: list[LoraRef] = []
+    checked: list[tuple[BinaryIO, str]] = []
     total_rank = 0
-    for index, lora in enumerate(request.loras or []):
-        field = f"loras.{index}.source"
-        try:
-            with _read_lora(lora.source, storage, policy, limits, scope, deadline) as (file, digest):
+    with contextlib.ExitStack() as files:
+        for index, lora in enumerate(request.loras or []):
+            try:
+                file, digest = files.enter_context(
+                    _read_lora(lora.source, storage, policy, limits, scope, deadline)
+                )
                 info = check_lora(
                     file,
                     spec,
@@ -216,22 +221,27 @@ def resolve_loras(
                     max_header_bytes=limits.lora_max_header_bytes,
                     max_tensors=limits.lora_max_tensors,
                 )
-                key = f"loras/{digest}.safetensors"
-                # Stored once for every request that names it; each one makes it young again, so
-                # the retention of loras/ counts from the last request that named it.
-                if not storage.touch(key):
-                    storage.put_file(key, file, "application/octet-stream")
-        except (LoraError, MediaError, UrlError) as exc:
-            errors.append(FieldError(field, str(exc)))
-            continue
-        total_rank += info.rank
-        resolved.append(LoraRef(source=key, scale=lora.scale))
-    if not errors and total_rank > limits.lora_max_rank:
-        errors.append(
-            FieldError("loras", f"the LoRAs' ranks add up to {total_rank}; at most {limits.lora_max_rank}")
-        )
-    if errors:
-        raise InvalidRequest(errors)
+            except (LoraError, MediaError, UrlError) as exc:
+                errors.append(FieldError(f"loras.{index}.source", str(exc)))
+                continue
+            total_rank += info.rank
+            checked.append((file, digest))
+        if not errors and total_rank > limits.lora_max_rank:
+            errors.append(
+                FieldError(
+                    "loras", f"the LoRAs' ranks add up to {total_rank}; at most {limits.lora_max_rank}"
+                )
+            )
+        if errors:
+            raise InvalidRequest(errors)
+        resolved = []
+        for lora, (file, digest) in zip(request.loras or [], checked, strict=True):
+            key = lora_key(scope.tenant, digest)
+            # Stored once for every request of the tenant that names it; each one makes it young
+            # again, so the retention of loras/ counts from the last request that named it.
+            if not storage.touch(key):
+                storage.put_file(key, file, "application/octet-stream")
+            resolved.append(LoraRef(source=key, scale=lora.scale))
     return request.model_copy(update={"loras": resolved})
 
 

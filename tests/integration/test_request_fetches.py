@@ -6,6 +6,7 @@ only so many submits downloading at once, and health checks never wait behind th
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import struct
@@ -197,3 +198,32 @@ def test_slow_lora_urls_are_held_to_the_deadline_and_health_checks_answer_meanwh
     body["loras"] = [{"source": server.url("/missing.safetensors")}]
     for _ in range(FETCHING + 1):
         assert submit(0)[0] == 422
+
+
+@pytest.mark.parametrize("second_rank", [40, 0], ids=["ranks-over-the-slot", "second-refused"])
+def test_nothing_is_stored_for_a_refused_lora_request_and_a_stored_lora_is_the_tenants(
+    server: Server, tmp_path: Path, second_rank: int
+) -> None:
+    storage = LocalStorage(tmp_path / "objects")
+    head, zeros = lora_file(40, 64)
+    server.routes["/first.safetensors"] = streamed(head, zeros)
+    # The second: a LoRA of rank 40 too (the ranks add up past the slot's 64), or a file that
+    # is no LoRA at all (the first alone would have passed).
+    second_head, second_zeros = lora_file(40, 64) if second_rank else (b"not a lora at all", 0)
+    storage.put(
+        "uploads/acme/second.safetensors", second_head + bytes(second_zeros), "application/octet-stream"
+    )
+    loras = [{"source": server.url("/first.safetensors")}, {"source": "uploads/acme/second.safetensors"}]
+    request = parse_request({"model": "z-image-turbo", "prompt": "a fox", "loras": loras})
+    limits = InputLimits(lora_max_rank=64)
+    with pytest.raises(InvalidRequest) as raised:
+        resolve_loras(request, storage, POLICY, limits, TENANT)
+    assert [e.field for e in raised.value.errors] == ["loras" if second_rank else "loras.1.source"]
+    assert storage.list("loras/") == []
+
+    # Accepted, the LoRA is stored under its tenant's folder, by its content's digest.
+    alone = parse_request({"model": "z-image-turbo", "prompt": "a fox", "loras": loras[:1]})
+    [stored] = resolve_loras(alone, storage, POLICY, limits, TENANT).loras
+    digest = hashlib.sha256(head + bytes(zeros)).hexdigest()
+    assert stored.source == f"loras/acme/{digest}.safetensors"
+    assert storage.list("loras/") == [stored.source]
