@@ -9,6 +9,7 @@ Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (4
 
 import contextlib
 import hmac
+import tempfile
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -263,6 +264,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # URLs answer, the shared threads stay free for everyone's other requests.
     fetching = TenantSlots(settings.max_fetching_submits, "submits downloading", "FLEET_MAX_FETCHING_SUBMITS")
     fetch_threads = anyio.CapacityLimiter(settings.api_fetch_threads)
+    uploading = TenantSlots(settings.max_concurrent_uploads, "uploads", "FLEET_MAX_CONCURRENT_UPLOADS")
     health_threads = anyio.CapacityLimiter(2)
     app.router.on_shutdown.append(live.close)
 
@@ -434,14 +436,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Store input media (the raw file as the body); use the returned key in a request's
         ``image``, ``images``, video or ``audio`` fields as ``{"key": ...}``. Only the tenant's
         own requests can use it."""
-        data = bytearray()
-        async for chunk in request.stream():  # BodyLimits cuts it off at FLEET_MAX_INPUT_BYTES
-            data += chunk
-        if not data:
-            raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
-        # Decoding the media takes as long as the file makes it: off the event loop, so every
-        # other request (health checks included) is still answered meanwhile.
-        return Upload(**await run_in_threadpool(lambda: client.upload(bytes(data), tenant=tenant)))
+        # The body goes to a temporary file as it arrives (BodyLimits cuts it off at
+        # FLEET_MAX_INPUT_BYTES), and from there to the store: it is never whole in memory.
+        with uploading.take(tenant), tempfile.TemporaryFile() as file:
+            async for chunk in request.stream():
+                file.write(chunk)
+            if not file.tell():
+                raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
+            # Decoding the media takes as long as the file makes it: off the event loop, so every
+            # other request (health checks included) is still answered meanwhile.
+            return Upload(**await run_in_threadpool(lambda: client.upload(file, tenant=tenant)))
 
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 from celery import Celery
@@ -249,13 +249,14 @@ class Client:
         with _redis_errors():
             return _decoded(self._redis.hget(self.keys.job(job_id), "tenant"))
 
-    def upload(self, data: bytes | str | Path, *, tenant: str = "") -> dict[str, str]:
-        """Check and store an image, video, audio or LoRA file under ``uploads/<tenant>/``; returns
-        ``{"key": ...}`` to put in a request of the same tenant (e.g.
-        ``{"images": [client.upload("cat.png")]}``)."""
+    def upload(self, data: bytes | str | Path | BinaryIO, *, tenant: str = "") -> dict[str, str]:
+        """Check and store an image, video, audio or LoRA file (bytes, a path, or a seekable
+        binary file, read from its start) under ``uploads/<tenant>/``; returns ``{"key": ...}`` to
+        put in a request of the same tenant (e.g. ``{"images": [client.upload("cat.png")]}``)."""
         check_tenant(tenant)
-        if not isinstance(data, bytes):
-            data = Path(data).read_bytes()
+        if isinstance(data, str | Path):
+            with Path(data).open("rb") as file:
+                return upload(self.storage, file, self._input_limits, tenant)
         return upload(self.storage, data, self._input_limits, tenant)
 
     def status(self, job_id: str) -> JobRecord:

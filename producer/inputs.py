@@ -337,7 +337,7 @@ def _check(
 ) -> tuple[str, ImageInfo | VideoInfo | AudioInfo]:
     """Decode and check ``data`` (bytes, or a file) as the media the field needs; return a file
     extension and what the check found."""
-    if (len(data) if isinstance(data, bytes) else data.seek(0, io.SEEK_END)) > limits.max_bytes:
+    if _size(data) > limits.max_bytes:
         raise MediaError(f"larger than {limits.max_bytes} bytes")
     if name in AUDIO_FIELDS:
         video = spec.video
@@ -357,17 +357,26 @@ def _check(
     return _EXTENSIONS.get(image_info.format.upper(), "img"), image_info
 
 
-def upload(storage: Storage, data: bytes, limits: InputLimits, tenant: str) -> dict[str, str]:
-    """Store caller media under ``uploads/<tenant>/`` after checking it decodes; returns the
-    ``{"key": ...}`` a request of the same tenant uses."""
+def upload(storage: Storage, data: bytes | BinaryIO, limits: InputLimits, tenant: str) -> dict[str, str]:
+    """Store caller media (bytes, or a seekable file, streamed to the store from its start) under
+    ``uploads/<tenant>/`` after checking it decodes; returns the ``{"key": ...}`` a request of the
+    same tenant uses."""
     ext = _sniff(data, limits)
     key = upload_key(tenant, ext)
-    storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    content_type = mimetypes.types_map.get(f".{ext}", "application/octet-stream")
+    if isinstance(data, bytes):
+        storage.put(key, data, content_type)
+    else:
+        storage.put_file(key, data, content_type)
     return {"key": key}
 
 
-def _sniff(data: bytes, limits: InputLimits) -> str:
-    if len(data) > limits.max_bytes:
+def _size(data: bytes | BinaryIO) -> int:
+    return len(data) if isinstance(data, bytes) else data.seek(0, io.SEEK_END)
+
+
+def _sniff(data: bytes | BinaryIO, limits: InputLimits) -> str:
+    if _size(data) > limits.max_bytes:
         raise InvalidRequest([FieldError("file", f"larger than {limits.max_bytes} bytes")])
     try:
         info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # requests whatever the URLs do (health checks have threads of their own).
     max_fetching_submits: int = Field(default=4, ge=1)
     api_fetch_threads: int = Field(default=16, ge=1)
+    # Uploads of one tenant that one API process takes at once (more: 429). Each is streamed to
+    # a temporary file, never held in memory.
+    max_concurrent_uploads: int = Field(default=2, ge=1)
     # Decoded pixels (width x height x frames, summed over a job's input videos) one job may
     # bring: what a worker holds in host memory at 3 bytes a pixel (the default: about 3 GB).
     max_input_video_pixels: int = Field(default=1024 * 1024 * 1024, gt=0)
