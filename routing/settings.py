@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     webhook_tenant_concurrency: int = Field(default=4, ge=1, le=256)
     # Longest one delivery may take, connect to last byte of the answer.
     webhook_timeout_s: float = Field(default=15.0, gt=0)
+    # URLs of one tenant a 410 disabled that are remembered (past it, others are forgotten at
+    # random), and how long after its last 410 a tenant's set is kept.
+    webhook_disabled_max_urls: int = Field(default=1000, ge=1)
+    webhook_disabled_ttl_s: int = Field(default=30 * 24 * 3600, ge=1)
 
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the

@@ -88,6 +88,8 @@ class UrlPolicy:
 
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IETF protocol assignments (RFC 6890): Python 3.11 calls most of this /24 global.
+_IETF = ipaddress.ip_network("192.0.0.0/24")
 # Deprecated site-local IPv6 (RFC 3879): still routed inside some networks, and Python's
 # is_private/is_global do not flag it.
 _SITE_LOCAL = ipaddress.ip_network("fec0::/10")
@@ -105,6 +107,8 @@ def _address_class(ip: IPAddress) -> str | None:
         return "a multicast address"
     if ip in _CGNAT:
         return "a carrier-grade NAT address"
+    if ip in _IETF:
+        return "an IETF protocol assignment address"
     if ip in _SITE_LOCAL:
         return "a site-local address"
     if ip.is_reserved:
@@ -151,9 +155,11 @@ class _Target:
 
 
 def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
+    literal = True
     try:
         addresses = [ipaddress.ip_address(target.host)]  # a literal needs no lookup
     except ValueError:
+        literal = False
         try:
             addresses = [ipaddress.ip_address(a) for a in policy.resolver(target.host, target.port)]
         except (OSError, UnicodeError) as e:
@@ -163,12 +169,16 @@ def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
     if not addresses:
         raise UrlError(f"{target.host} resolves to no address")
     # One bad address refuses the whole host: which one a connection would use is not ours to
-    # choose once a second lookup could be involved.
+    # choose once a second lookup could be involved. A name's refusal says nothing of where it
+    # points: that would map internal DNS for whoever asks.
     for ip in addresses:
         reason = policy.refusal(ip)
+        if reason and literal:
+            raise UrlError(f"{ip} is {reason}; only public addresses can be fetched")
         if reason:
-            where = str(ip) if str(ip) == target.host else f"{target.host} resolves to {ip}, which"
-            raise UrlError(f"{where} is {reason}; only public addresses can be fetched")
+            raise UrlError(
+                f"{target.host} is refused: only hosts whose addresses are all public can be fetched"
+            )
     if target.port not in policy.allow_ports and not all(policy.allowed_network(ip) for ip in addresses):
         allowed = ", ".join(str(p) for p in policy.allow_ports)
         raise UrlError(f"port {target.port} is not allowed; only {allowed}")
