@@ -10,9 +10,12 @@ Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (4
 import contextlib
 import hmac
 import logging
+import tempfile
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -28,7 +31,9 @@ from producer.admission import RateLimits, Slot, Slots
 from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
+from producer.inputs import fetches
 from producer.metrics import FleetCollector
+from producer.slots import TenantSlots
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
@@ -102,8 +107,8 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "the Idempotency-Key was used with another body",
         422: "the request was refused; nothing was queued",
         413: "the body is over the limit (FLEET_MAX_JSON_BODY_BYTES, uploads FLEET_MAX_INPUT_BYTES)",
-        429: "the tenant has as many unfinished jobs, or made as many of these calls in the window, as it "
-        "may; retry after Retry-After seconds",
+        429: "the tenant has as many unfinished jobs, submits downloading, uploads or open streams, or made "
+        "as many of these calls in the window, as it may; retry after Retry-After seconds",
         503: "the job store is unreachable; nothing was queued",
     }
     return {
@@ -288,6 +293,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.events_keepalive_s,
         max_connections=streams.total + waits.total + _SPARE_CONNECTIONS,
     )
+    # Submits that download run on threads of their own, a few per tenant: however slowly their
+    # URLs answer, the shared threads stay free for everyone's other requests.
+    fetching = TenantSlots(settings.max_fetching_submits, "submits downloading", "FLEET_MAX_FETCHING_SUBMITS")
+    fetch_threads = anyio.CapacityLimiter(settings.api_fetch_threads)
+    uploading = TenantSlots(settings.max_concurrent_uploads, "uploads", "FLEET_MAX_CONCURRENT_UPLOADS")
+    health_threads = anyio.CapacityLimiter(2)
     app.router.on_shutdown.append(live.close)
 
     def take_slot(slots: Slots, tenant: str, what: str) -> Slot:
@@ -330,7 +341,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         slot = take_slot(waits, tenant, "Prefer: wait submits") if wait_s else None
         try:
             await run_in_threadpool(take_rate, "submit", tenant)
-            job_id = await run_in_threadpool(queue_job, body, tenant, response, idempotency_key)
+            queue = partial(queue_job, body, tenant, response, idempotency_key)
+            if fetches(body):
+                with fetching.take(tenant):
+                    job_id = await anyio.to_thread.run_sync(queue, limiter=fetch_threads)
+            else:
+                job_id = await run_in_threadpool(queue)
             if wait_s:
                 response.headers["Preference-Applied"] = f"wait={wait_s}"
                 try:
@@ -498,14 +514,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Store input media (the raw file as the body); use the returned key in a request's
         ``image``, ``images``, video or ``audio`` fields as ``{"key": ...}``. Only the tenant's
         own requests can use it."""
-        data = bytearray()
-        async for chunk in request.stream():  # BodyLimits cuts it off at FLEET_MAX_INPUT_BYTES
-            data += chunk
-        if not data:
-            raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
-        # Decoding the media takes as long as the file makes it: off the event loop, so every
-        # other request (health checks included) is still answered meanwhile.
-        return Upload(**await run_in_threadpool(lambda: client.upload(bytes(data), tenant=tenant)))
+        # The body goes to a temporary file as it arrives (BodyLimits cuts it off at
+        # FLEET_MAX_INPUT_BYTES), and from there to the store: it is never whole in memory.
+        with uploading.take(tenant), tempfile.TemporaryFile() as file:
+            async for chunk in request.stream():
+                file.write(chunk)
+            if not file.tell():
+                raise InvalidRequest([FieldError("file", "empty body; send the file as the request body")])
+            # Decoding the media takes as long as the file makes it: off the event loop, so every
+            # other request (health checks included) is still answered meanwhile.
+            return Upload(**await run_in_threadpool(lambda: client.upload(file, tenant=tenant)))
 
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:
@@ -555,9 +573,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     @app.get("/healthz", responses={503: {"model": ErrorDetail, "description": "Redis unreachable"}})
-    def healthz() -> JSONResponse:
+    async def healthz() -> JSONResponse:
+        # On threads of its own: the liveness probe never waits behind request work.
         try:
-            client.store.client.ping()
+            await anyio.to_thread.run_sync(client.store.client.ping, limiter=health_threads)
         except Exception as exc:  # any failure to reach Redis means not healthy
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, 503)
         return JSONResponse({"status": "ok"})

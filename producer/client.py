@@ -18,12 +18,19 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import redis
 from celery import Celery
 
-from producer.inputs import InputLimits, delete_inputs, resolve_inputs, resolve_loras, upload
+from producer.inputs import (
+    InputLimits,
+    delete_inputs,
+    fetch_deadline,
+    resolve_inputs,
+    resolve_loras,
+    upload,
+)
 from producer.tenant_keys import KeyScope, check_tenant
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
@@ -83,6 +90,8 @@ class Client:
             video_max_pixels=self.settings.max_input_video_pixels,
             lora_max_bytes=self.settings.max_lora_bytes,
             lora_max_rank=self.settings.lora_max_rank,
+            lora_max_header_bytes=self.settings.lora_max_header_bytes,
+            lora_max_tensors=self.settings.lora_max_tensors,
             lora_hub=self.settings.lora_hub,
         )
 
@@ -218,13 +227,17 @@ class Client:
         return [Job(self, found_id, created=outcome is Created.CREATED) for outcome, found_id in results]
 
     def _resolve(self, request: RequestBase, job_id: str, scope: KeyScope) -> RequestBase:
-        """``request`` with its media and LoRAs checked and named by store key."""
+        """``request`` with its media and LoRAs checked and named by store key; its downloads,
+        media and LoRAs together, end within ``fetch_timeout_s``."""
+        deadline = fetch_deadline(self._input_limits)
         if request.media_fields():
             request = resolve_inputs(
-                request, job_id, self.storage, self.url_policy, self._input_limits, scope
+                request, job_id, self.storage, self.url_policy, self._input_limits, scope, deadline
             )
         if request.loras:
-            request = resolve_loras(request, self.storage, self.url_policy, self._input_limits, scope)
+            request = resolve_loras(
+                request, self.storage, self.url_policy, self._input_limits, scope, deadline
+            )
         return request
 
     def _earlier_jobs(self, idempotency_keys: list[str | None]) -> list[str | None]:
@@ -237,13 +250,14 @@ class Client:
         with _redis_errors():
             return _decoded(self._redis.hget(self.keys.job(job_id), "tenant"))
 
-    def upload(self, data: bytes | str | Path, *, tenant: str = "") -> dict[str, str]:
-        """Check and store an image, video, audio or LoRA file under ``uploads/<tenant>/``; returns
-        ``{"key": ...}`` to put in a request of the same tenant (e.g.
-        ``{"images": [client.upload("cat.png")]}``)."""
+    def upload(self, data: bytes | str | Path | BinaryIO, *, tenant: str = "") -> dict[str, str]:
+        """Check and store an image, video, audio or LoRA file (bytes, a path, or a seekable
+        binary file, read from its start) under ``uploads/<tenant>/``; returns ``{"key": ...}`` to
+        put in a request of the same tenant (e.g. ``{"images": [client.upload("cat.png")]}``)."""
         check_tenant(tenant)
-        if not isinstance(data, bytes):
-            data = Path(data).read_bytes()
+        if isinstance(data, str | Path):
+            with Path(data).open("rb") as file:
+                return upload(self.storage, file, self._input_limits, tenant)
         return upload(self.storage, data, self._input_limits, tenant)
 
     def status(self, job_id: str) -> JobRecord:

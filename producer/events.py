@@ -11,13 +11,15 @@ id, so a client that reconnects with ``Last-Event-ID`` gets every later event on
     data: {"job_id": "...", "status": "running", "at": 1733236800.0, "step": 3, "total": 8}
 
 Event names are ``queued``, ``started``, ``progress``, ``succeeded``, ``failed``, ``canceled``;
-the stream ends after the terminal one. A comment line (``: keepalive``) goes out when nothing
-happened for ``events_keepalive_s``, so proxies keep the connection open.
+the stream ends after the terminal one, or after an ``error`` event when the job store fails. A
+comment line (``: keepalive``) goes out when nothing happened for ``events_keepalive_s``, so
+proxies keep the connection open.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +31,8 @@ import redis.asyncio as aioredis
 from routing.errors import FieldError, InvalidRequest
 from routing.jobs.keys import Keys
 from routing.jobs.store import EventType, JobStatus
+
+log = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED})
 EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
@@ -111,13 +115,16 @@ class JobEvents:
                 last = event.id
 
     async def sse(self, job_id: str, after: str = "0-0") -> AsyncIterator[str]:
-        """``follow`` as the text of an ``text/event-stream`` response. Should Redis fail mid-stream,
-        the stream ends early; the client resumes from its ``Last-Event-ID``."""
+        """``follow`` as the text of an ``text/event-stream`` response. Should Redis fail mid-stream
+        (whatever its error), the stream ends with an ``error`` event, not a dropped connection;
+        the client resumes from its ``Last-Event-ID``."""
         try:
             async for event in self.follow(job_id, after):
                 yield event.sse() if event is not None else ": keepalive\n\n"
-        except (redis.ConnectionError, redis.TimeoutError):
-            return
+        except redis.RedisError as exc:
+            log.warning("events of job %s: the job store failed mid-stream: %s", job_id, exc)
+            data = {"job_id": job_id, "detail": "the job store is unavailable; reconnect with Last-Event-ID"}
+            yield f"event: error\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
     async def wait_finished(self, job_id: str, timeout_s: float) -> bool:
         """Whether the job ends within ``timeout_s``."""

@@ -9,16 +9,28 @@ A store key is read only if the tenant may name it (``producer.tenant_keys``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import mimetypes
 import re
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
-from producer.tenant_keys import KeyScope, input_prefix, upload_key
+from producer.tenant_keys import KeyScope, input_prefix, lora_key, upload_key
 from routing.catalog import CATALOG, ModelSpec, get_model
 from routing.errors import FieldError, InvalidRequest
-from routing.io.loras import LoraError, check_lora, read_header
+from routing.io.loras import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_TENSORS,
+    LoraError,
+    check_lora,
+    read_header,
+)
 from routing.io.media import (
     AudioInfo,
     ImageInfo,
@@ -28,7 +40,7 @@ from routing.io.media import (
     check_image,
     check_video,
 )
-from routing.io.net import UrlError, UrlPolicy, fetch_url
+from routing.io.net import UrlError, UrlPolicy, fetch_into
 from routing.io.storage import ObjectNotFound, Storage, StorageError
 from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, LoraRef, MediaRef, RequestBase
 
@@ -49,14 +61,34 @@ class InputLimits:
     image_max_pixels: int = 40_000_000
     image_max_side: int = 8192
     video_max_side: int = 4096
+    # Every fetch of one request together, connect to last byte: one deadline per request.
     fetch_timeout_s: float = 15.0
     # Decoded pixels of all of a job's input videos together, as the worker holds them: each
     # frame at most the output's size (worker.media.decode_video scales it down while decoding).
     video_max_pixels: int = 1024 * 1024 * 1024
     lora_max_bytes: int = 2 * 1024**3
     lora_max_rank: int = 64
+    lora_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    lora_max_tensors: int = DEFAULT_MAX_TENSORS
     lora_hub: bool = False
-    lora_fetch_timeout_s: float = 300.0
+
+
+def fetch_deadline(limits: InputLimits) -> float:
+    """The one deadline (``time.monotonic()``) every fetch of a request starting now shares."""
+    return time.monotonic() + limits.fetch_timeout_s
+
+
+def fetches(request: RequestBase) -> bool:
+    """Whether resolving ``request`` downloads anything (a media URL, a LoRA by URL or hub id)."""
+    urls = any(ref.url is not None for ref in _refs(request))
+    return urls or any(not _is_store_key(lora.source) for lora in request.loras or [])
+
+
+def _is_store_key(source: str) -> bool:
+    if source.lower().startswith(("http://", "https://")):
+        return False
+    hub = _HUB_ID.match(source)
+    return hub is None or hub.group(1) in _STORE_KINDS
 
 
 def resolve_inputs(
@@ -66,15 +98,18 @@ def resolve_inputs(
     policy: UrlPolicy,
     limits: InputLimits,
     scope: KeyScope,
+    deadline: float | None = None,
 ) -> RequestBase:
-    """Check every input of ``request``; return it with each input named by store key.
+    """Check every input of ``request``; return it with each input named by store key. Every
+    download ends by ``deadline`` (default: ``fetch_deadline(limits)``).
 
     Raises ``InvalidRequest`` naming the field (``image``, ``images.1``, ``pose_video``) of
     every input that could not be read or is not acceptable media; what was stored of it by then
     is deleted again.
     """
     try:
-        resolved, errors = _resolve_all(request, job_id, storage, policy, limits, scope)
+        deadline = fetch_deadline(limits) if deadline is None else deadline
+        resolved, errors = _resolve_all(request, job_id, storage, policy, limits, scope, deadline)
     except BaseException:
         delete_inputs(request, job_id, storage, scope.tenant)
         raise
@@ -112,6 +147,7 @@ def _resolve_all(
     policy: UrlPolicy,
     limits: InputLimits,
     scope: KeyScope,
+    deadline: float,
 ) -> tuple[RequestBase, list[FieldError]]:
     spec = get_model(request.model)
     errors: list[FieldError] = []
@@ -124,7 +160,9 @@ def _resolve_all(
         for index, ref in enumerate(refs):
             field = f"{name}.{index}" if isinstance(value, list) else name
             try:
-                checked, info = _resolve_one(ref, field, name, job_id, spec, storage, policy, limits, scope)
+                checked, info = _resolve_one(
+                    ref, field, name, job_id, spec, storage, policy, limits, scope, deadline
+                )
                 resolved.append(checked)
             except (MediaError, UrlError) as exc:
                 errors.append(FieldError(field, str(exc)))
@@ -149,47 +187,100 @@ _STORE_KINDS = ("uploads", "inputs", "jobs", "loras")
 
 
 def resolve_loras(
-    request: RequestBase, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
+    request: RequestBase,
+    storage: Storage,
+    policy: UrlPolicy,
+    limits: InputLimits,
+    scope: KeyScope,
+    deadline: float | None = None,
 ) -> RequestBase:
-    """Check every LoRA of ``request``; return it with each one named by its content-addressed
-    store key (``loras/<sha256>.safetensors``), which is also the worker's cache key.
+    """Check every LoRA of ``request``; return it with each one named by its tenant's
+    content-addressed store key (``loras/<tenant>/<sha256>.safetensors``), whose digest is also
+    the worker's cache key. Every download ends by ``deadline`` (default:
+    ``fetch_deadline(limits)``).
 
-    Raises ``InvalidRequest`` naming the field (``loras.1.source``) of each LoRA refused.
+    Raises ``InvalidRequest`` naming the field (``loras.1.source``) of each LoRA refused. Every
+    check, the ranks' sum included, is made before anything is stored: a refused request stores
+    nothing.
     """
     spec = get_model(request.model)
+    deadline = fetch_deadline(limits) if deadline is None else deadline
     errors: list[FieldError] = []
-    resolved: list[LoraRef] = []
+    checked: list[tuple[BinaryIO, str]] = []
     total_rank = 0
-    for index, lora in enumerate(request.loras or []):
-        field = f"loras.{index}.source"
-        try:
-            data = _read_lora(lora.source, storage, policy, limits, scope)
-            info = check_lora(data, spec, limits.lora_max_bytes)
-        except (LoraError, MediaError, UrlError) as exc:
-            errors.append(FieldError(field, str(exc)))
-            continue
-        total_rank += info.rank
-        key = f"loras/{hashlib.sha256(data).hexdigest()}.safetensors"
-        # Stored once for every request that names it; each one makes it young again, so the
-        # retention of loras/ counts from the last request that named it.
-        if not storage.touch(key):
-            storage.put(key, data, "application/octet-stream")
-        resolved.append(LoraRef(source=key, scale=lora.scale))
-    if not errors and total_rank > limits.lora_max_rank:
-        errors.append(
-            FieldError("loras", f"the LoRAs' ranks add up to {total_rank}; at most {limits.lora_max_rank}")
-        )
-    if errors:
-        raise InvalidRequest(errors)
+    with contextlib.ExitStack() as files:
+        for index, lora in enumerate(request.loras or []):
+            try:
+                file, digest = files.enter_context(
+                    _read_lora(lora.source, storage, policy, limits, scope, deadline)
+                )
+                info = check_lora(
+                    file,
+                    spec,
+                    limits.lora_max_bytes,
+                    max_header_bytes=limits.lora_max_header_bytes,
+                    max_tensors=limits.lora_max_tensors,
+                )
+            except (LoraError, MediaError, UrlError) as exc:
+                errors.append(FieldError(f"loras.{index}.source", str(exc)))
+                continue
+            total_rank += info.rank
+            checked.append((file, digest))
+        if not errors and total_rank > limits.lora_max_rank:
+            errors.append(
+                FieldError(
+                    "loras", f"the LoRAs' ranks add up to {total_rank}; at most {limits.lora_max_rank}"
+                )
+            )
+        if errors:
+            raise InvalidRequest(errors)
+        resolved = []
+        for lora, (file, digest) in zip(request.loras or [], checked, strict=True):
+            key = lora_key(scope.tenant, digest)
+            # Stored once for every request of the tenant that names it; each one makes it young
+            # again, so the retention of loras/ counts from the last request that named it.
+            if not storage.touch(key):
+                storage.put_file(key, file, "application/octet-stream")
+            resolved.append(LoraRef(source=key, scale=lora.scale))
     return request.model_copy(update={"loras": resolved})
 
 
+class _Spool:
+    """A temporary file that hashes what is written to it: a download is held on disk, never in
+    memory, and its digest is known when its last byte is."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.sha256 = hashlib.sha256()
+
+    def write(self, chunk: bytes) -> int:
+        self.sha256.update(chunk)
+        return self.file.write(chunk)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+@contextlib.contextmanager
+def _download(url: str, max_bytes: int, deadline: float, policy: UrlPolicy) -> Iterator[tuple[BinaryIO, str]]:
+    """``url``'s body in a temporary file (deleted on leaving), and its sha256."""
+    spool = _Spool()
+    with spool.file:
+        fetch_into(url, spool, max_bytes=max_bytes, deadline=deadline, policy=policy)
+        spool.file.seek(0)
+        yield spool.file, spool.sha256.hexdigest()
+
+
+@contextlib.contextmanager
 def _read_lora(
-    source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope
-) -> bytes:
-    fetch = {"max_bytes": limits.lora_max_bytes, "timeout_s": limits.lora_fetch_timeout_s, "policy": policy}
+    source: str, storage: Storage, policy: UrlPolicy, limits: InputLimits, scope: KeyScope, deadline: float
+) -> Iterator[tuple[BinaryIO, str]]:
+    """The LoRA file ``source`` names, and its sha256."""
+    fetch = (limits.lora_max_bytes, deadline, policy)
     if source.lower().startswith(("http://", "https://")):
-        return fetch_url(source, **fetch)
+        with _download(source, *fetch) as found:
+            yield found
+        return
     hub = _HUB_ID.match(source)
     # A key of one of the store's kinds is never a hub id: whether it exists must not decide
     # which error another tenant's key gets.
@@ -200,8 +291,11 @@ def _read_lora(
                 "or give an https URL"
             )
         owner, repo, path = hub.groups()
-        return fetch_url(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", **fetch)
-    return _read(storage, source, scope)
+        with _download(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", *fetch) as found:
+            yield found
+        return
+    data = _read(storage, source, scope)
+    yield io.BytesIO(data), hashlib.sha256(data).hexdigest()
 
 
 def _resolve_one(
@@ -214,16 +308,14 @@ def _resolve_one(
     policy: UrlPolicy,
     limits: InputLimits,
     scope: KeyScope,
+    deadline: float,
 ) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
-    if ref.url is not None:
-        data = fetch_url(ref.url, max_bytes=limits.max_bytes, timeout_s=limits.fetch_timeout_s, policy=policy)
-    else:
-        data = _read(storage, ref.key, scope)
-    ext, info = _check(data, name, spec, limits)
-    if ref.key is not None:
-        return ref, info
-    key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
-    storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    if ref.url is None:
+        return ref, _check(_read(storage, ref.key, scope), name, spec, limits)[1]
+    with _download(ref.url, limits.max_bytes, deadline, policy) as (file, _digest):
+        ext, info = _check(file, name, spec, limits)
+        key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
+        storage.put_file(key, file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
     return MediaRef(key=key), info
 
 
@@ -241,11 +333,11 @@ def _read(storage: Storage, key: str, scope: KeyScope) -> bytes:
 
 
 def _check(
-    data: bytes, name: str, spec: ModelSpec, limits: InputLimits
+    data: bytes | BinaryIO, name: str, spec: ModelSpec, limits: InputLimits
 ) -> tuple[str, ImageInfo | VideoInfo | AudioInfo]:
-    """Decode and check ``data`` as the media the field needs; return a file extension and what
-    the check found."""
-    if len(data) > limits.max_bytes:
+    """Decode and check ``data`` (bytes, or a file) as the media the field needs; return a file
+    extension and what the check found."""
+    if _size(data) > limits.max_bytes:
         raise MediaError(f"larger than {limits.max_bytes} bytes")
     if name in AUDIO_FIELDS:
         video = spec.video
@@ -265,17 +357,26 @@ def _check(
     return _EXTENSIONS.get(image_info.format.upper(), "img"), image_info
 
 
-def upload(storage: Storage, data: bytes, limits: InputLimits, tenant: str) -> dict[str, str]:
-    """Store caller media under ``uploads/<tenant>/`` after checking it decodes; returns the
-    ``{"key": ...}`` a request of the same tenant uses."""
+def upload(storage: Storage, data: bytes | BinaryIO, limits: InputLimits, tenant: str) -> dict[str, str]:
+    """Store caller media (bytes, or a seekable file, streamed to the store from its start) under
+    ``uploads/<tenant>/`` after checking it decodes; returns the ``{"key": ...}`` a request of the
+    same tenant uses."""
     ext = _sniff(data, limits)
     key = upload_key(tenant, ext)
-    storage.put(key, data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    content_type = mimetypes.types_map.get(f".{ext}", "application/octet-stream")
+    if isinstance(data, bytes):
+        storage.put(key, data, content_type)
+    else:
+        storage.put_file(key, data, content_type)
     return {"key": key}
 
 
-def _sniff(data: bytes, limits: InputLimits) -> str:
-    if len(data) > limits.max_bytes:
+def _size(data: bytes | BinaryIO) -> int:
+    return len(data) if isinstance(data, bytes) else data.seek(0, io.SEEK_END)
+
+
+def _sniff(data: bytes | BinaryIO, limits: InputLimits) -> str:
+    if _size(data) > limits.max_bytes:
         raise InvalidRequest([FieldError("file", f"larger than {limits.max_bytes} bytes")])
     try:
         info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)
@@ -300,7 +401,9 @@ def _sniff(data: bytes, limits: InputLimits) -> str:
     except MediaError:
         pass
     try:
-        read_header(data)  # a LoRA: checked against its model when a request names it
+        # A LoRA: checked against its model when a request names it.
+        # A LoRA: checked against its model when a request names it.
+        read_header(data, max_header_bytes=limits.lora_max_header_bytes, max_tensors=limits.lora_max_tensors)
         return "safetensors"
     except LoraError as exc:
         raise InvalidRequest(

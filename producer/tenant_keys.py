@@ -5,6 +5,7 @@ The kind comes first, so that a bucket lifecycle rule can match one kind by pref
 
     uploads/<tenant>/<hex>.<ext>               POST /v1/uploads, Client.upload
     inputs/<tenant>/<job id>/<field>.<ext>     media a request gave by URL
+    loras/<tenant>/<sha256>.safetensors        a checked LoRA a request named
     jobs/<job id>/...                          the job's outputs
 
 A request may name a key under its own tenant's ``uploads/`` or ``inputs/``, or under ``jobs/`` of
@@ -46,6 +47,11 @@ def folder(tenant: str) -> str:
 
 def upload_key(tenant: str, ext: str) -> str:
     return f"uploads/{folder(tenant)}/{uuid.uuid4().hex}.{ext}"
+
+
+def lora_key(tenant: str, sha256: str) -> str:
+    """Where a checked LoRA of ``tenant`` is stored, by its content's digest."""
+    return f"loras/{folder(tenant)}/{sha256}.safetensors"
 
 
 def input_prefix(tenant: str, job_id: str) -> str:

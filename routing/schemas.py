@@ -83,7 +83,7 @@ IMAGE_QUALITY_DEFAULTS = {"webp": 90, "jpeg": 90}
 class LoraRef(BaseModel):
     """A LoRA to apply for one job: ``source`` is a store key (from an upload), an https URL, or a
     hub id ``owner/repo/file.safetensors`` (only where the fleet allows hub LoRAs). At submit the
-    file is read, checked and stored under ``loras/<sha256>.safetensors``; the queued request
+    file is read, checked and stored under ``loras/<tenant>/<sha256>.safetensors``; the queued request
     names it by that key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -58,8 +58,17 @@ class Settings(BaseSettings):
     url_allow_cidrs: list[str] = Field(default_factory=list)
     # Ports a fetched or webhook URL may name on a public host.
     url_allow_ports: list[int] = Field(default_factory=lambda: [80, 443])
-    # Longest one fetch of input media may take, connect to last byte, redirects included.
+    # Longest all the fetches of one request (its media URLs and LoRA URLs together) may take,
+    # connect to last byte, redirects included: one deadline per request.
     fetch_timeout_s: float = Field(default=15.0, gt=0)
+    # Submits of one tenant that may be downloading at once in one API process (more: 429), and
+    # the threads an API process gives such submits at most: the rest of its threads serve other
+    # requests whatever the URLs do (health checks have threads of their own).
+    max_fetching_submits: int = Field(default=4, ge=1)
+    api_fetch_threads: int = Field(default=16, ge=1)
+    # Uploads of one tenant that one API process takes at once (more: 429). Each is streamed to
+    # a temporary file, never held in memory.
+    max_concurrent_uploads: int = Field(default=2, ge=1)
     # Decoded pixels (width x height x frames, summed over a job's input videos) one job may
     # bring: what a worker holds in host memory at 3 bytes a pixel (the default: about 3 GB).
     max_input_video_pixels: int = Field(default=1024 * 1024 * 1024, gt=0)
@@ -116,6 +125,10 @@ class Settings(BaseSettings):
     webhook_max_deferrals: int = Field(default=20, ge=0, le=1000)
     # Longest one delivery may take, connect to last byte of the answer.
     webhook_timeout_s: float = Field(default=15.0, gt=0)
+    # URLs of one tenant a 410 disabled that are remembered (past it, others are forgotten at
+    # random), and how long after its last 410 a tenant's set is kept.
+    webhook_disabled_max_urls: int = Field(default=1000, ge=1)
+    webhook_disabled_ttl_s: int = Field(default=30 * 24 * 3600, ge=1)
 
     # Where weights come from. A model's weights are, in order: an entry of `weights`
     # (model key -> path or hub id), `<model_root>/<model key>` when model_root is set, else the
@@ -176,6 +189,10 @@ class Settings(BaseSettings):
     max_loras: int = Field(default=3, ge=0, le=8)
     max_lora_bytes: int = Field(default=2 * 1024**3, gt=0)
     lora_max_rank: int = Field(default=64, ge=1, le=1024)
+    # A LoRA's safetensors header: the most bytes of it that are parsed, and the most tensors it
+    # may name (a LoRA's header is kilobytes; parsed JSON takes many times its size in memory).
+    lora_max_header_bytes: int = Field(default=4 * 1024 * 1024, ge=64)
+    lora_max_tensors: int = Field(default=10_000, ge=1)
     # Accept hub ids ("owner/repo/file.safetensors"): the API fetches them from huggingface.co
     # through the URL guard at submit, so only the API, never a worker, must reach the hub.
     lora_hub: bool = False

@@ -1,6 +1,6 @@
 """LoRAs on the worker: a local disk cache of the files, and the slot a request's LoRAs go into.
 
-A request's LoRAs were checked and stored at submit under ``loras/<sha256>.safetensors``; the
+A request's LoRAs were checked and stored at submit under ``loras/<tenant>/<sha256>.safetensors``; the
 worker reads them from the object store once and keeps them on local disk by content hash,
 least recently used evicted first past ``lora_cache_bytes``.
 
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SLOT = "request"
-_KEY = re.compile(r"^loras/([0-9a-f]{64})\.safetensors$")
+# loras/<tenant>/<sha256>.safetensors (without a tenant's folder: stored before LoRAs had owners).
+_KEY = re.compile(r"^loras/(?:[a-z0-9_][a-z0-9_-]{0,63}/)?([0-9a-f]{64})\.safetensors$")
 
 
 class LoraCache:
@@ -50,11 +51,11 @@ class LoraCache:
         self.misses = 0
 
     def path(self, key: str, storage: Storage) -> Path:
-        """The local file of the store object ``key`` (``loras/<sha256>.safetensors``), read from
+        """The local file of the store object ``key`` (``loras/<tenant>/<sha256>.safetensors``), read from
         the store only when the cache does not hold it."""
         match = _KEY.match(key)
         if match is None:
-            raise ValueError(f"{key!r} is not a checked LoRA (loras/<sha256>.safetensors)")
+            raise ValueError(f"{key!r} is not a checked LoRA (loras/<tenant>/<sha256>.safetensors)")
         digest = match.group(1)
         path = self.directory / f"{digest}.safetensors"
         if path.exists():

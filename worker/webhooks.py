@@ -72,6 +72,7 @@ from routing.errors import NotFound
 from routing.io.connection import connect
 from routing.io.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_url
 from routing.io.storage import Storage, StorageError, make_storage
+from routing.jobs import webhook_log
 from routing.jobs.keys import Keys
 from routing.jobs.store import JobRecord, JobStore
 from routing.settings import Settings, get_settings
@@ -316,7 +317,14 @@ class Deliverer:
         if 200 <= status < 300:
             return Attempt(DELIVERED, status)
         if status == 410:
-            self.client.sadd(self.keys.webhooks_disabled(record.tenant), url)
+            webhook_log.disable_url(
+                self.client,
+                self.keys,
+                record.tenant,
+                url,
+                max_urls=self.settings.webhook_disabled_max_urls,
+                ttl_s=self.settings.webhook_disabled_ttl_s,
+            )
             return Attempt(DISABLED, status, "410 Gone: endpoint disabled")
         error = f"HTTP {status}"
         if 300 <= status < 400:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import av
 from PIL import Image, UnidentifiedImageError
@@ -56,18 +57,26 @@ class AudioInfo:
     codec: str  # FFmpeg's decoder name: "pcm_s16le", "mp3float", "flac", ...
 
 
-def check_image(data: bytes, *, max_pixels: int, max_side: int) -> ImageInfo:
+def _file(data: bytes | BinaryIO) -> BinaryIO:
+    """``data`` as a file read from its start: media is checked from bytes or from a file."""
+    if isinstance(data, bytes | bytearray):
+        return io.BytesIO(data)
+    data.seek(0)
+    return data
+
+
+def check_image(data: bytes | BinaryIO, *, max_pixels: int, max_side: int) -> ImageInfo:
     """Decode ``data`` fully; refuse non-images, corrupt or truncated files, and large images."""
     try:
         # The size is in the header: refuse a decompression bomb before any pixel is decoded.
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+        with Image.open(_file(data), formats=IMAGE_FORMATS) as im:
             fmt, (width, height) = im.format or "?", im.size
             if width * height > max_pixels or max(width, height) > max_side:
                 raise MediaError(
                     f"image is {width}x{height}; the limit is {max_pixels} pixels and {max_side} per side"
                 )
             im.verify()  # checksums and structure; does not decode pixels for every format
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+        with Image.open(_file(data), formats=IMAGE_FORMATS) as im:
             im.load()  # decodes, so a truncated file fails here
             if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that turn by 90 degrees
                 width, height = height, width
@@ -84,18 +93,20 @@ def check_image(data: bytes, *, max_pixels: int, max_side: int) -> ImageInfo:
     return ImageInfo(width, height, fmt)
 
 
-def open_container(data: bytes, demuxers: str, what: str) -> av.container.InputContainer:
+def open_container(data: bytes | BinaryIO, demuxers: str, what: str) -> av.container.InputContainer:
     """PyAV container over ``data``, probed only among ``demuxers`` (FFmpeg names, comma-separated).
 
     Shared with the worker, which decodes the same untrusted bytes later.
     """
     try:
-        return av.open(io.BytesIO(data), mode="r", options={"format_whitelist": demuxers})
+        return av.open(_file(data), mode="r", options={"format_whitelist": demuxers})
     except (av.FFmpegError, OSError) as e:
         raise MediaError(f"not {what} ({type(e).__name__})") from None
 
 
-def check_video(data: bytes, *, max_frames: int, max_duration_s: float, max_side: int) -> VideoInfo:
+def check_video(
+    data: bytes | BinaryIO, *, max_frames: int, max_duration_s: float, max_side: int
+) -> VideoInfo:
     """Decode every frame of ``data``'s first video stream; refuse what is too long or too large."""
     with open_container(data, VIDEO_DEMUXERS, "a video in a supported container (MP4/MOV, WebM/MKV)") as c:
         if not c.streams.video:
@@ -130,7 +141,7 @@ def check_video(data: bytes, *, max_frames: int, max_duration_s: float, max_side
         return VideoInfo(width, height, frames, fps, duration, has_audio=bool(c.streams.audio))
 
 
-def check_audio(data: bytes, *, max_duration_s: float) -> AudioInfo:
+def check_audio(data: bytes | BinaryIO, *, max_duration_s: float) -> AudioInfo:
     """Decode ``data``'s first audio stream (WAV, MP3, FLAC); refuse non-audio and over-long audio."""
     with open_container(data, AUDIO_DEMUXERS, "audio in a supported format (WAV, MP3, FLAC)") as c:
         if not c.streams.audio:

@@ -14,6 +14,7 @@ fetch past it. Proxy settings in the environment are never used. Every refusal i
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import socket
 import ssl
@@ -22,6 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 MAX_REDIRECTS = 5
 DEFAULT_PORTS = (80, 443)
@@ -36,6 +38,13 @@ class UrlLookupError(UrlError):
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Sink(Protocol):
+    """Where a fetched body goes (a file, or anything that writes and counts like one)."""
+
+    def write(self, chunk: bytes, /) -> int: ...
+    def tell(self) -> int: ...
 
 
 def resolve_host(host: str, port: int) -> list[str]:
@@ -79,6 +88,8 @@ class UrlPolicy:
 
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+# IETF protocol assignments (RFC 6890): Python 3.11 calls most of this /24 global.
+_IETF = ipaddress.ip_network("192.0.0.0/24")
 # Deprecated site-local IPv6 (RFC 3879): still routed inside some networks, and Python's
 # is_private/is_global do not flag it.
 _SITE_LOCAL = ipaddress.ip_network("fec0::/10")
@@ -96,6 +107,8 @@ def _address_class(ip: IPAddress) -> str | None:
         return "a multicast address"
     if ip in _CGNAT:
         return "a carrier-grade NAT address"
+    if ip in _IETF:
+        return "an IETF protocol assignment address"
     if ip in _SITE_LOCAL:
         return "a site-local address"
     if ip.is_reserved:
@@ -142,9 +155,11 @@ class _Target:
 
 
 def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
+    literal = True
     try:
         addresses = [ipaddress.ip_address(target.host)]  # a literal needs no lookup
     except ValueError:
+        literal = False
         try:
             addresses = [ipaddress.ip_address(a) for a in policy.resolver(target.host, target.port)]
         except (OSError, UnicodeError) as e:
@@ -154,12 +169,16 @@ def _checked_addresses(target: _Target, policy: UrlPolicy) -> list[str]:
     if not addresses:
         raise UrlError(f"{target.host} resolves to no address")
     # One bad address refuses the whole host: which one a connection would use is not ours to
-    # choose once a second lookup could be involved.
+    # choose once a second lookup could be involved. A name's refusal says nothing of where it
+    # points: that would map internal DNS for whoever asks.
     for ip in addresses:
         reason = policy.refusal(ip)
+        if reason and literal:
+            raise UrlError(f"{ip} is {reason}; only public addresses can be fetched")
         if reason:
-            where = str(ip) if str(ip) == target.host else f"{target.host} resolves to {ip}, which"
-            raise UrlError(f"{where} is {reason}; only public addresses can be fetched")
+            raise UrlError(
+                f"{target.host} is refused: only hosts whose addresses are all public can be fetched"
+            )
     if target.port not in policy.allow_ports and not all(policy.allowed_network(ip) for ip in addresses):
         allowed = ", ".join(str(p) for p in policy.allow_ports)
         raise UrlError(f"port {target.port} is not allowed; only {allowed}")
@@ -244,8 +263,9 @@ def _connect(target: _Target, addresses: list[str], deadline: float) -> _PinnedH
     raise UrlError(f"cannot connect to {target.host}:{target.port}: {error}")
 
 
-def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int) -> bytes | str:
-    """One GET: the body (bytes) of a 200, or the Location (str) of a redirect."""
+def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int, out: Sink) -> str | None:
+    """One GET: the body of a 200 written to ``out`` (None returned), or the Location of a
+    redirect (nothing written)."""
     conn = _connect(target, addresses, deadline)
     # http.client drops conn.sock once it knows the server will close, while the body is still
     # read from the socket: keep a reference to set timeouts on.
@@ -266,7 +286,6 @@ def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int)
         length = response.getheader("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
             raise UrlError(f"the file is {int(length)} bytes, over the limit of {max_bytes}")
-        chunks: list[bytes] = []
         size = 0
         # The response closes its file (and so the socket) once the body is all read.
         while not response.isclosed():
@@ -277,10 +296,10 @@ def _get(target: _Target, addresses: list[str], deadline: float, max_bytes: int)
             size += len(chunk)
             if size > max_bytes:
                 raise UrlError(f"the file is over the limit of {max_bytes} bytes")
-            chunks.append(chunk)
+            out.write(chunk)
         if conn.expired:  # the watchdog's shutdown reads as the end of the body
             raise UrlError(f"timed out fetching from {target.host}")
-        return b"".join(chunks)
+        return None
     except (OSError, http.client.HTTPException) as e:
         if conn.expired:
             raise UrlError(f"timed out fetching from {target.host}") from None
@@ -297,13 +316,24 @@ def fetch_url(
     ``timeout_s`` bounds the whole fetch, redirects included, however slowly the server sends
     (name resolution aside: the system resolver takes no timeout). Proxy settings in the environment are not used.
     """
-    deadline = time.monotonic() + timeout_s
+    out = io.BytesIO()
+    fetch_into(url, out, max_bytes=max_bytes, deadline=time.monotonic() + timeout_s, policy=policy)
+    return out.getvalue()
+
+
+def fetch_into(
+    url: str, out: Sink, *, max_bytes: int, deadline: float, policy: UrlPolicy = DEFAULT_POLICY
+) -> int:
+    """``fetch_url``, writing the body to ``out`` as it arrives (a file: nothing of it is held
+    in memory) by ``deadline`` (``time.monotonic()``), which one request's fetches may share;
+    returns the body's size. On a ``UrlError``, ``out`` may hold part of a body."""
     for _ in range(MAX_REDIRECTS + 1):
+        _remaining(deadline)
         target = _Target.parse(url)
-        result = _get(target, _checked_addresses(target, policy), deadline, max_bytes)
-        if isinstance(result, bytes):
-            return result
-        url = urllib.parse.urljoin(url, result)
+        location = _get(target, _checked_addresses(target, policy), deadline, max_bytes, out)
+        if location is None:
+            return out.tell()
+        url = urllib.parse.urljoin(url, location)
     raise UrlError(f"more than {MAX_REDIRECTS} redirects")
 
 

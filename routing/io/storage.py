@@ -18,10 +18,12 @@ import builtins
 import hashlib
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import boto3
 from botocore.config import Config
@@ -60,6 +62,7 @@ class Storage(Protocol):
     """What the fleet needs from an object store; `make_storage` picks the implementation."""
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
+    def put_file(self, key: str, file: BinaryIO, content_type: str) -> StoredObject: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def touch(self, key: str) -> bool: ...
@@ -102,6 +105,15 @@ def _stored(key: str, data: bytes, content_type: str) -> StoredObject:
     return StoredObject(key, len(data), content_type, hashlib.sha256(data).hexdigest())
 
 
+def _stored_file(key: str, file: BinaryIO, content_type: str) -> StoredObject:
+    """What ``put_file`` stores of ``file`` (read from its start, a chunk at a time)."""
+    file.seek(0)
+    digest = hashlib.file_digest(file, "sha256")  # type: ignore[arg-type]
+    size = file.tell()
+    file.seek(0)
+    return StoredObject(key, size, content_type, digest.hexdigest())
+
+
 class LocalStorage:
     """Objects as files under ``root``; key ``a/b.png`` is ``root/a/b.png``.
 
@@ -120,6 +132,16 @@ class LocalStorage:
         return path
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        self._write(key, lambda f: f.write(data))
+        return _stored(key, data, content_type)
+
+    def put_file(self, key: str, file: BinaryIO, content_type: str) -> StoredObject:
+        """``put`` of what ``file`` holds from its start, copied a chunk at a time."""
+        stored = _stored_file(key, file, content_type)
+        self._write(key, lambda f: shutil.copyfileobj(file, f, 1 << 20))
+        return stored
+
+    def _write(self, key: str, write: Callable[[BinaryIO], object]) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +150,7 @@ class LocalStorage:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+                    write(f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.chmod(tmp, 0o644)  # mkstemp makes 0600; other readers (web server) need r
@@ -138,7 +160,6 @@ class LocalStorage:
                 raise
         except OSError as e:
             raise StorageError(f"writing {key!r}: {e}") from e
-        return _stored(key, data, content_type)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -246,6 +267,22 @@ class S3Storage:
         except _BOTO_ERRORS as e:
             raise StorageError(f"writing {key!r}: {e}") from e
         return _stored(key, data, content_type)
+
+    def put_file(self, key: str, file: BinaryIO, content_type: str) -> StoredObject:
+        """``put`` of what ``file`` holds from its start, streamed to the bucket."""
+        _check_key(key)
+        stored = _stored_file(key, file, content_type)
+        try:
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=file,
+                ContentLength=stored.size_bytes,
+                ContentType=content_type,
+            )
+        except _BOTO_ERRORS as e:
+            raise StorageError(f"writing {key!r}: {e}") from e
+        return stored
 
     def get(self, key: str) -> bytes:
         _check_key(key)

@@ -81,6 +81,28 @@ def disabled_urls(client: redis.Redis, keys: Keys, tenant: str) -> set[str]:
     return {u.decode() for u in client.smembers(keys.webhooks_disabled(tenant))}
 
 
+_DISABLE = """
+redis.call('SADD', KEYS[1], ARGV[1])
+local extra = redis.call('SCARD', KEYS[1]) - tonumber(ARGV[2])
+if extra > 0 then
+    for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[1], extra + 1)) do
+        if extra > 0 and member ~= ARGV[1] then
+            redis.call('SREM', KEYS[1], member)
+            extra = extra - 1
+        end
+    end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+"""
+
+
+def disable_url(client: redis.Redis, keys: Keys, tenant: str, url: str, *, max_urls: int, ttl_s: int) -> None:
+    """Skip deliveries to ``url`` after it answered 410. A tenant's set keeps at most ``max_urls``
+    (others, at random, go: a URL still gone answers 410 again) and ends ``ttl_s`` after its
+    last 410."""
+    client.eval(_DISABLE, 1, keys.webhooks_disabled(tenant), url, max_urls, ttl_s)
+
+
 def enable_url(client: redis.Redis, keys: Keys, tenant: str, url: str) -> bool:
     """Deliver to ``url`` again after a 410 disabled it; False if it was not disabled."""
     return bool(client.srem(keys.webhooks_disabled(tenant), url))

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -50,6 +52,7 @@ def settings(fleet_settings: Settings) -> Settings:
             "metrics_port": _free_port(),
             "metrics_address": "127.0.0.1",
             "url_allow_cidrs": ["127.0.0.2/32"],
+            "max_concurrent_uploads": 1,
         }
     )
 
@@ -111,6 +114,67 @@ def test_a_body_at_the_cap_is_read(api):
         over = http.post("/v1/jobs", content=at_cap + b" ", headers=A | {"Content-Type": "application/json"})
     assert response.status_code == 201, response.text
     assert over.status_code == 413
+
+
+def lora_upload(size: int) -> bytes:
+    """A safetensors file of ``size`` bytes: one F16 tensor of zeros."""
+    tensor = (size - 200) // 2 * 2
+    header = json.dumps({"w": {"dtype": "F16", "shape": [tensor // 2], "data_offsets": [0, tensor]}}).encode()
+    header += b" " * (size - 8 - len(header) - tensor)
+    return struct.pack("<Q", len(header)) + header + bytes(tensor)
+
+
+def peak_rss_growth(pid: int, act: Callable[[], None]) -> int:
+    """How far the peak resident memory of process ``pid`` rises above where it was while
+    ``act`` runs (Linux: the peak is reset first)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+    def field(name: str) -> int:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(name))
+        return int(line.split()[1]) * 1024
+
+    before = field("VmRSS:")
+    act()
+    return field("VmHWM:") - before
+
+
+def test_an_upload_is_streamed_to_the_store_so_memory_does_not_grow_with_its_size(api, settings):
+    growth = {}
+    with httpx.Client(base_url=api.url, trust_env=False, timeout=60) as http:
+        http.post("/v1/uploads", content=lora_upload(1 << 20), headers=A)  # warm the route up
+        for mib in (8, 56):
+            data = lora_upload(mib * 1024 * 1024)
+            answers: list[httpx.Response] = []
+
+            def send(data: bytes = data, answers: list[httpx.Response] = answers) -> None:
+                answers.append(http.post("/v1/uploads", content=data, headers=A))
+
+            growth[mib] = peak_rss_growth(api.proc.pid, send)
+            assert answers[0].status_code == 201, answers[0].text
+            key = answers[0].json()["key"]
+            assert (settings.storage_dir / key).read_bytes() == data
+    # Held whole (twice, as it was), 56 MiB would raise the peak by over 100 MiB.
+    assert growth[56] < growth[8] + 16 * 1024 * 1024, growth
+
+
+def test_a_tenant_has_only_so_many_uploads_at_once(api):
+    data = lora_upload(1 << 20)
+    head = f"POST /v1/uploads HTTP/1.1\nHost: x\nAuthorization: Bearer key-a\nContent-Length: {len(data)}\n"
+    host, port = api.url.removeprefix("http://").split(":")
+    held = socket.create_connection((host, int(port)), timeout=10)
+    held.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + data[:1000])  # the rest later
+    with httpx.Client(base_url=api.url, trust_env=False, timeout=30) as http:
+        deadline = time.monotonic() + 10
+        while (second := http.post("/v1/uploads", content=data, headers=A)).status_code != 429:
+            assert second.status_code == 201 and time.monotonic() < deadline  # the first not in yet
+        assert "FLEET_MAX_CONCURRENT_UPLOADS" in second.json()["detail"] and second.headers["Retry-After"]
+        held.sendall(data[1000:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += held.recv(65536)
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 201"), answer
+        assert http.post("/v1/uploads", content=data, headers=A).status_code == 201  # the slot is free
 
 
 def slow_to_check_video(frames: int = 60) -> bytes:

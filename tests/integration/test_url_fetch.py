@@ -209,16 +209,21 @@ def test_refuses_metadata_address_without_connecting(connects: list[tuple[str, i
 
 def test_refuses_name_resolving_to_private_without_connecting(connects: list[tuple[str, int]]) -> None:
     policy = UrlPolicy(resolver({"internal.test": ["10.0.0.1"]}), POLICY.allow_cidrs)
-    with pytest.raises(UrlError, match="internal.test resolves to 10.0.0.1, which is a private address"):
+    with pytest.raises(
+        UrlError, match="internal.test is refused: only hosts whose addresses are all public"
+    ) as e:
         fetch_url("https://internal.test/x.png", max_bytes=1000, policy=policy)
+    # Where an internal name points is not the caller's to learn.
+    assert "10.0.0.1" not in str(e.value) and "private" not in str(e.value)
     assert connects == []
 
 
 @pytest.mark.parametrize("answers", [["93.184.216.34", "127.0.0.1"], ["127.0.0.1", "93.184.216.34"]])
 def test_refuses_name_with_any_loopback_address(answers: list[str], connects: list[tuple[str, int]]) -> None:
     policy = UrlPolicy(resolver({"mixed.test": answers}), POLICY.allow_cidrs)
-    with pytest.raises(UrlError, match="resolves to 127.0.0.1, which is a loopback"):
+    with pytest.raises(UrlError, match="mixed.test is refused") as e:
         fetch_url("http://mixed.test/", max_bytes=1000, policy=policy)
+    assert "127.0.0.1" not in str(e.value) and "loopback" not in str(e.value)
     assert connects == []
 
 
@@ -237,8 +242,11 @@ def test_refuses_name_with_any_loopback_address(answers: list[str], connects: li
         ("224.0.0.251", "multicast"),
         ("0.0.0.0", "unspecified"),
         ("240.0.0.1", "reserved"),
-        ("2130706433", "loopback"),  # 127.0.0.1 as one decimal number, resolved by the system
-        ("0x7f.1", "loopback"),
+        ("192.0.0.9", "IETF protocol assignment"),  # global to Python 3.11's ipaddress
+        ("192.0.0.255", "IETF protocol assignment"),
+        # 127.0.0.1 spelled as names the system resolves: refused as names are, not saying where to.
+        ("2130706433", "2130706433 is refused"),
+        ("0x7f.1", "0x7f.1 is refused"),
         ("127.0.0.3", "loopback"),  # only the allowed /32 is allowed, not its neighbours
     ],
 )
