@@ -202,7 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def own_job(job_id: str, tenant: str) -> JobRecord:
         try:
-            record = client.status(job_id)
+            record = client.get(job_id)
         except NotFound:
             record = None
         if record is None or record.tenant != tenant:
@@ -285,7 +285,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             response.headers["Preference-Applied"] = f"wait={wait_s}"
             if not await live.wait_finished(job_id, wait_s):
                 response.status_code = 202
-        return await run_in_threadpool(lambda: job_out(client.status(job_id)))
+        return await run_in_threadpool(lambda: job_out(client.get(job_id)))
 
     def queue_job(body: BaseModel, tenant: str, response: Response, idempotency_key: str | None) -> str:
         request = body.model_dump(mode="json", exclude={"priority", "webhook"}, exclude_none=True)
@@ -400,7 +400,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> JobPage:
         """The tenant's jobs, newest first; pass ``next_cursor`` back, as it is, for the next
         page. Every job is listed once, jobs submitted together included."""
-        records, last = client.list_page(tenant, limit, cursor)
+        records, last = client.list(limit, cursor, tenant=tenant)
         return JobPage(jobs=[job_out(r) for r in records], next_cursor=last)
 
     @app.post(
