@@ -234,7 +234,7 @@ def _lora(value: str, upload: Upload) -> dict[str, Any]:
 
 def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     # Over Redis the tenant is a flag; over the API the key names it.
-    tenant = {} if args.api else {"tenant": args.tenant}
+    tenant = {} if args.api else {"tenant": getattr(args, "tenant", "")}
     if args.command == "submit":
         request = build_request(args, lambda path: client.upload(path, **tenant))
         job = client.submit(request, idempotency_key=args.idempotency_key, priority=args.priority, **tenant)
