@@ -1,6 +1,14 @@
-"""What backends touch: the Python SDK (``Client``) and the command line (``python -m producer``)."""
+"""What backends touch: the Python SDKs (``Client`` over Redis, ``producer.http`` over the API) and
+the command line (``python -m producer``).
 
-from producer.client import Client, Job
+``Client`` and ``Job`` load the Redis SDK (redis, Celery, boto3, PyAV, Pillow) on first use, so
+that ``import producer.http`` on a backend that only has an API key loads none of it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from routing.classes import Priority
 from routing.errors import (
     Conflict,
@@ -14,7 +22,10 @@ from routing.errors import (
     WaitTimeout,
 )
 from routing.jobs.events import WEBHOOK_EVENTS, Webhook, WebhookEvent
-from routing.jobs.store import JobRecord, JobStatus, Output
+from routing.jobs.record import JobRecord, JobStatus, Output
+
+if TYPE_CHECKING:
+    from producer.client import Client, Job
 
 __all__ = [
     "WEBHOOK_EVENTS",
@@ -36,3 +47,13 @@ __all__ = [
     "Webhook",
     "WebhookEvent",
 ]
+
+_REDIS_SDK = ("Client", "Job")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REDIS_SDK:
+        from producer import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

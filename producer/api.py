@@ -234,7 +234,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not is_job_id(job_id):  # never cut into a key name: no job has it
             raise HTTPException(404, f"no job {job_id}")
         try:
-            record = client.status(job_id)
+            record = client.get(job_id)
         except NotFound:
             record = None
         if record is None or record.tenant != tenant:
@@ -360,7 +360,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if slot is not None:
                 slot.release()
-        return await run_in_threadpool(lambda: job_out(client.status(job_id)))
+        return await run_in_threadpool(lambda: job_out(client.get(job_id)))
 
     def queue_job(body: BaseModel, tenant: str, response: Response, idempotency_key: str | None) -> str:
         request = body.model_dump(mode="json", exclude={"priority", "webhook"}, exclude_none=True)
@@ -493,7 +493,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> JobPage:
         """The tenant's jobs, newest first; pass ``next_cursor`` back, as it is, for the next
         page. Every job is listed once, jobs submitted together included."""
-        records, last = client.list_page(tenant, limit, cursor)
+        records, last = client.list(limit, cursor, tenant=tenant)
         unfinished = any(not r.status.is_terminal() for r in records)
         fleet = read_fleet(client.store.client, client.keys) if unfinished else None  # once for the page
         return JobPage(jobs=[job_out(r, fleet) for r in records], next_cursor=last)

@@ -1,12 +1,21 @@
-"""Command line for the fleet, on top of the SDK.
+"""Command line for the fleet: the same commands and flags over Redis (the SDK ``producer.Client``)
+or over the HTTP API (``--api URL --key KEY``, or FLEET_API_URL / FLEET_API_KEY: the SDK
+``producer.http.Client``, for a machine with an API key and no Redis access).
 
 python -m producer submit z-image-turbo --prompt "a red fox" --width 512 --height 512 --wait
+python -m producer submit qwen-image-edit --prompt "add a hat" --image cat.png --wait --out out/
+python -m producer submit wan2.2-ti2v-5b --kind image-to-video --prompt "it moves" --image first.png
+python -m producer submit wan2.2-animate-14b --mode move --prompt "dance" --image me.png \\
+    --pose-video pose.mp4 --face-video face.mp4
+python -m producer submit wan2.2-s2v-14b --prompt "she sings" --image face.png --audio song.wav
+python -m producer submit z-image-turbo --prompt "a red fox" --lora style.safetensors@0.8
 python -m producer status JOB_ID
-python -m producer wait JOB_ID
+python -m producer wait JOB_ID --out out/
 python -m producer cancel JOB_ID
+python -m producer list
 
-With ``--api URL --key KEY`` (or FLEET_API_URL / FLEET_API_KEY) the same commands go through the
-HTTP API instead of Redis (``producer.http_cli``).
+Input media and LoRAs are a local file (uploaded first, through the transport's SDK) or an
+http(s) URL (fetched and checked by the fleet at submit); a LoRA may also be a store key or a hub id.
 """
 
 from __future__ import annotations
@@ -14,16 +23,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import webbrowser
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from producer.client import Client
-from routing.errors import FleetError, InvalidRequest
-from routing.jobs.store import JobRecord, JobStatus
+from routing.catalog import CATALOG
+from routing.errors import FieldError, FleetError, InvalidRequest
+from routing.jobs.record import JobRecord, JobStatus
 
 _BAR_WIDTH = 30
+_URL = re.compile(r"^https?://", re.IGNORECASE)
+# Flags that name one input medium, and the request field each fills.
+_MEDIA_FLAGS = {
+    "audio": "audio",
+    "pose_video": "pose_video",
+    "face_video": "face_video",
+    "background_video": "background_video",
+    "mask_video": "mask_video",
+}
+_PLAIN_FIELDS = (
+    "kind",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "num_outputs",
+    "output_format",
+    "output_quality",
+    "frames",
+    "mode",
+    "clips",
+    "variant",
+)
+
+Upload = Callable[[Path], dict[str, str]]
+
+
+class _Usage(Exception):
+    """A command line the CLI cannot run (exit 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--format", dest="output_format", help="png, webp or jpeg for images; mp4 for videos")
     submit.add_argument("--quality", dest="output_quality", type=int, help="webp/jpeg quality, 1-100")
+    submit.add_argument("--frames", type=int, help="video frames")
+    submit.add_argument("--mode", choices=["move", "mix"], help="animate: move or mix")
+    submit.add_argument("--clips", type=int, help="speech-to-video: at most this many clips")
+    submit.add_argument("--variant", help="the model's variant (e.g. a distilled one)")
+    media = submit.add_argument_group("input media: a local file (uploaded) or an http(s) URL")
+    media.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="edit: an image to edit (repeat to compose up to three); image-to-video: the first "
+        "frame; animate: the character; speech-to-video: the face",
+    )
+    media.add_argument("--audio", help="speech-to-video: the speech or song")
+    media.add_argument("--pose-video", help="animate: the driving pose video; speech-to-video: optional pose")
+    media.add_argument("--face-video", help="animate: the driving face video")
+    media.add_argument("--background-video", help="animate, mix mode")
+    media.add_argument("--mask-video", help="animate, mix mode")
+    media.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="SOURCE[@SCALE]",
+        help="a LoRA: local file, https URL, store key or hub id, with its scale (default 1); repeatable",
+    )
     submit.add_argument("--idempotency-key")
     submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
-    submit.add_argument("--tenant", default="", help="whose job it is (the API sets this from the key)")
-    submit.add_argument("--wait", action="store_true", help="follow the job to its end")
-    submit.add_argument("--timeout", type=float, help="seconds to wait (with --wait)")
-    submit.add_argument("--out", type=Path, help="save the outputs here (with --api and --wait)")
-    submit.add_argument("--open", action="store_true", help="open the outputs (with --api and --wait)")
+    submit.add_argument("--tenant", default="", help="whose job it is (over --api, the key says)")
+    _follow_flags(submit, "follow the job to its end")
 
     for name, text in (
         ("status", "print a job's record"),
@@ -65,22 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id")
         if name == "wait":
-            command.add_argument("--timeout", type=float)
+            _follow_flags(command, None)
     listing = commands.add_parser("list", help="list jobs, newest first")
-    listing.add_argument("--tenant", default="")
+    listing.add_argument("--tenant", default="", help="whose jobs (over --api, the key says)")
     listing.add_argument("--limit", type=int, default=20)
     return parser
+
+
+def _follow_flags(parser: argparse.ArgumentParser, wait_help: str | None) -> None:
+    if wait_help is not None:
+        parser.add_argument("--wait", action="store_true", help=wait_help)
+    parser.add_argument("--timeout", type=float, help="seconds to wait")
+    parser.add_argument("--out", type=Path, help="save the outputs into this folder")
+    parser.add_argument("--open", action="store_true", help="open the outputs")
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.api:
-            from producer.http_cli import dispatch
-
-            return dispatch(args, out, err)
-        with Client() as client:
+        with _connect(args) as client:
             return _dispatch(client, args, out, err)
+    except _Usage as exc:
+        print(f"error: {exc}", file=err)
+        return 2
     except InvalidRequest as exc:
         for error in exc.errors:
             print(f"error: {error.field}: {error.message}", file=err)
@@ -90,24 +161,90 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
         return 1
 
 
-def _dispatch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _connect(args: argparse.Namespace) -> Any:
+    """The SDK client of the transport the flags name; both have the same verbs."""
+    if args.api:
+        if not args.key:
+            raise _Usage("--api needs an API key: --key or FLEET_API_KEY")
+        from producer.http import Client as HttpClient
+
+        return HttpClient(args.api, args.key)
+    from producer.client import Client
+
+    return Client()
+
+
+def build_request(args: argparse.Namespace, upload: Upload) -> dict[str, Any]:
+    """The request the ``submit`` flags say, local files uploaded with ``upload``: the same
+    request whichever transport sends it."""
+    request: dict[str, Any] = {"model": args.model, "prompt": args.prompt}
+    for field in _PLAIN_FIELDS:
+        value = getattr(args, field)
+        if value is not None:
+            request[field] = value
+    if args.image:
+        images = [_media("image", value, upload) for value in args.image]
+        if _kind(args) == "edit":
+            request["images"] = images
+        elif len(images) > 1:
+            raise InvalidRequest([FieldError("image", "one --image for this kind; several only for edit")])
+        else:
+            request["image"] = images[0]
+    for flag, field in _MEDIA_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            request[field] = _media(field, value, upload)
+    if args.lora:
+        request["loras"] = [_lora(value, upload) for value in args.lora]
+    return request
+
+
+def _kind(args: argparse.Namespace) -> str | None:
+    if args.kind:
+        return args.kind
+    spec = CATALOG.get(args.model)
+    if spec is None or len(spec.task_kinds) != 1:
+        return None  # the fleet names what is missing
+    return next(iter(spec.task_kinds)).value
+
+
+def _media(field: str, value: str, upload: Upload) -> dict[str, str]:
+    if _URL.match(value):
+        return {"url": value}
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise _Usage(f"--{field.replace('_', '-')}: no such file {value!r} (a local file or an http(s) URL)")
+    return upload(path)
+
+
+def _lora(value: str, upload: Upload) -> dict[str, Any]:
+    source, at, scale_text = value.rpartition("@")
+    scale = None
+    if at:
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            source = value  # an "@" of the source itself
+    else:
+        source = value
+    if not _URL.match(source) and Path(source).expanduser().is_file():
+        source = upload(Path(source).expanduser())["key"]
+    return {"source": source} | ({"scale": scale} if scale is not None else {})
+
+
+def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    # Over Redis the tenant is a flag; over the API the key names it.
+    tenant = {} if args.api else {"tenant": getattr(args, "tenant", "")}
     if args.command == "submit":
-        request: dict[str, Any] = {"model": args.model, "prompt": args.prompt}
-        fields = ("kind", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
-        for field in (*fields, "num_outputs", "output_format", "output_quality"):
-            value = getattr(args, field)
-            if value is not None:
-                request[field] = value
-        job = client.submit(
-            request, idempotency_key=args.idempotency_key, priority=args.priority, tenant=args.tenant
-        )
+        request = build_request(args, lambda path: client.upload(path, **tenant))
+        job = client.submit(request, idempotency_key=args.idempotency_key, priority=args.priority, **tenant)
         print(f"job {job.id} queued", file=err)
         print(job.id, file=out)
         if not args.wait:
             return 0
-        return _follow(client, job.id, args.timeout, out, err)
+        return _follow(client, job.id, args, out, err)
     if args.command == "wait":
-        return _follow(client, args.job_id, args.timeout, out, err)
+        return _follow(client, args.job_id, args, out, err)
     if args.command == "cancel":
         record = client.cancel(args.job_id)
         print(
@@ -117,30 +254,38 @@ def _dispatch(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO
         )
         return 0
     if args.command == "list":
-        for record in client.list_jobs(args.tenant, limit=args.limit):
+        records, _cursor = client.list(limit=args.limit, **tenant)
+        for record in records:
             progress = f"{record.step}/{record.total_steps}" if record.total_steps else "-"
             print(
                 f"{record.id}  {record.status.value:<9} {progress:>7}  {record.model:<22} {record.kind}",
                 file=out,
             )
         return 0
-    record = client.status(args.job_id)
+    record = client.get(args.job_id)
     print(json.dumps(_as_json(record), indent=2), file=out)
     return 0
 
 
-def _follow(client: Client, job_id: str, timeout_s: float | None, out: TextIO, err: TextIO) -> int:
-    record = client.wait(job_id, timeout_s=timeout_s, on_progress=lambda r: _draw(r, err))
+def _follow(client: Any, job_id: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    record = client.wait(job_id, timeout_s=args.timeout, on_progress=lambda r: _draw(r, err))
     _draw(record, err)
     print(file=err)
     if record.status is not JobStatus.SUCCEEDED:
         reason = record.error.message if record.error else ""
         print(f"job {job_id} {record.status.value}" + (f": {reason}" if reason else ""), file=err)
         return 1
-    for output, stored in zip(client.result(job_id), record.outputs, strict=True):
+    outputs = client.result(job_id)
+    if args.out is not None:
+        targets = [str(path.resolve()) for path in client.download(job_id, args.out)]
+    else:
+        targets = [output.url for output in outputs]
+    for target, output in zip(targets, outputs, strict=True):
         size = f"{output.width}x{output.height}" if output.width else ""
-        seed = f"seed {stored.seed}" if stored.seed is not None else ""
-        print(f"output: {output.url} {output.content_type} {size} {seed}".rstrip(), file=out)
+        seed = f"seed {output.seed}" if output.seed is not None else ""
+        print(f"output: {target} {output.content_type} {size} {seed}".rstrip(), file=out)
+        if args.open:
+            webbrowser.open(Path(target).as_uri() if args.out is not None else target)
     return 0
 
 
@@ -150,7 +295,14 @@ def _draw(record: JobRecord, err: TextIO) -> None:
     filled = int(_BAR_WIDTH * done / total) if total else 0
     bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
     steps = f"{done}/{total}" if total else "-/-"
-    err.write(f"\r[{bar}] {steps:>7} {record.status.value:<9}")
+    notes = []
+    position, eta_s = getattr(record, "queue_position", None), getattr(record, "eta_s", None)
+    if record.status is JobStatus.QUEUED and position is not None:
+        notes.append(f"position {position}")
+    if eta_s is not None and not record.status.is_terminal():
+        notes.append(f"eta {eta_s:.0f}s")
+    line = f"[{bar}] {steps:>7} steps {record.status.value:<9}" + (" " + ", ".join(notes) if notes else "")
+    err.write(f"\r{line:<80}")
     err.flush()
 
 

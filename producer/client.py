@@ -260,18 +260,15 @@ class Client:
                 return upload(self.storage, file, self._input_limits, tenant)
         return upload(self.storage, data, self._input_limits, tenant)
 
-    def status(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str) -> JobRecord:
         with _redis_errors():
             return self.store.get(job_id)
 
-    def list_jobs(self, tenant: str = "", limit: int = 20, cursor: str | None = None) -> list[JobRecord]:
-        """A tenant's jobs, newest first; ``cursor`` (a ``list_page`` cursor) pages back."""
-        return self.list_page(tenant, limit, cursor)[0]
-
-    def list_page(
-        self, tenant: str = "", limit: int = 20, cursor: str | None = None
+    def list(
+        self, limit: int = 20, cursor: str | None = None, *, tenant: str = ""
     ) -> tuple[list[JobRecord], str | None]:
-        """``list_jobs``, and the cursor of the next page (None when this page is the last).
+        """A tenant's jobs, newest first, and the cursor of the next page (None when this page is
+        the last): the verb and answer of the HTTP SDK's ``list``.
 
         Jobs are ordered by (``created_at``, id), newest first, and the cursor names the last
         one listed (``<created_at>:<id>``, to be passed back as it is): the jobs of one
@@ -322,7 +319,7 @@ class Client:
     def result(self, job_id: str) -> list[Output]:
         """The outputs of a succeeded job, with presigned URLs. Raises ``JobNotSucceeded`` for a
         failed or canceled job and ``Conflict`` for one not finished yet."""
-        record = self.status(job_id)
+        record = self.get(job_id)
         if record.status in (JobStatus.FAILED, JobStatus.CANCELED):
             reason = record.error.message if record.error else ""
             raise JobNotSucceeded(record, f"job {job_id} {record.status.value}: {reason}".rstrip(": "))
@@ -330,6 +327,18 @@ class Client:
             raise Conflict(f"job {job_id} is {record.status.value}; it has no result yet")
         expires_s = self.settings.presign_expiry_s
         return [o.with_url(self.storage.url(o.key, expires_s)) for o in record.outputs]
+
+    def download(self, job_id: str, directory: str | Path) -> list[Path]:
+        """Save a succeeded job's outputs into ``directory``, read from the store; returns their
+        paths. Raises as ``result`` does."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for output in self.result(job_id):
+            path = directory / f"{job_id}-{Path(output.key).name}"
+            path.write_bytes(self.storage.get(output.key))
+            paths.append(path)
+        return paths
 
     def close(self) -> None:
         self._redis.close()
@@ -370,8 +379,8 @@ class Job:
         self.id = job_id
         self.created = created
 
-    def status(self) -> JobRecord:
-        return self.client.status(self.id)
+    def get(self) -> JobRecord:
+        return self.client.get(self.id)
 
     def wait(self, timeout_s: float | None = None, on_progress: ProgressCallback | None = None) -> JobRecord:
         return self.client.wait(self.id, timeout_s=timeout_s, on_progress=on_progress)

@@ -219,7 +219,7 @@ def main() -> int:
         first = cli_job(settings)
         print("== one job of every other task kind through the SDK")
         submitted = [client.submit(request) for request in jobs(client)]
-        records = [client.status(first)]
+        records = [client.get(first)]
         for job in submitted:
             record = job.wait(timeout_s=600)
             records.append(record)

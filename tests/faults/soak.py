@@ -306,7 +306,7 @@ def _check(fleet: Fleet, client: Client, ids: list[str], figures: Figures, deadl
         problems.append(f"{figures.jobs} submitted but {len(set(ids))} distinct ids")
     records = {}
     for job_id in ids:
-        records[job_id] = client.status(job_id)
+        records[job_id] = client.get(job_id)
     statuses = collections.Counter(r.status.value for r in records.values())
     figures.statuses = dict(statuses)
     finished = [r for r in records.values() if r.status.is_terminal()]

@@ -24,7 +24,7 @@ def test_cancel_queued_and_running_jobs(client: Client, start_worker, fleet_sett
     worker = start_worker()
     wait_warm(worker)
     running = client.submit(SLOW)
-    wait_for(lambda: client.status(running.id).step >= 2, 60, "running job at step 2")
+    wait_for(lambda: client.get(running.id).step >= 2, 60, "running job at step 2")
     queued = client.submit(small_request("never runs"))
 
     assert client.cancel(queued.id).status is JobStatus.CANCELED
@@ -40,7 +40,7 @@ def test_cancel_queued_and_running_jobs(client: Client, start_worker, fleet_sett
     wait_for(lambda: f"run_job[{queued.id}] received" in worker.log(), 30, "queued job's message taken")
     wait_for(lambda: fault_redis.client().llen("gpu16") == 0, 30, "queue drained")
     time.sleep(0.5)
-    record = client.status(queued.id)
+    record = client.get(queued.id)
     assert record.status is JobStatus.CANCELED
     assert record.started_at is None and record.attempt == 0 and record.step == 0
     assert event_types(client.store, queued.id, progress=True) == ["job.queued", "job.canceled"]
@@ -56,7 +56,7 @@ def test_a_cancel_asked_just_before_the_worker_is_killed_ends_the_job_canceled(
     first = start_worker()
     wait_warm(first)
     job = client.submit(small_request("canceled, then its worker dies fault:sleep=0.4", steps=12))
-    wait_for(lambda: client.status(job.id).step >= 2, 60, "job at step 2")
+    wait_for(lambda: client.get(job.id).step >= 2, 60, "job at step 2")
     # Stopped first, so that it never reaches the step where it would see the cancel.
     os.killpg(first.proc.pid, signal.SIGSTOP)
     assert client.cancel(job.id).status is JobStatus.RUNNING
@@ -64,13 +64,13 @@ def test_a_cancel_asked_just_before_the_worker_is_killed_ends_the_job_canceled(
 
     second = start_worker()  # its reaper finds the dead worker's job
     record = wait_for(
-        lambda: (r := client.status(job.id)).status is not JobStatus.RUNNING and r, 60, "job ended"
+        lambda: (r := client.get(job.id)).status is not JobStatus.RUNNING and r, 60, "job ended"
     )
     assert record.status is JobStatus.CANCELED and record.cancel_requested
     assert record.attempt == 1 and record.outputs == []
     assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.canceled"]
     time.sleep(1)  # nothing runs it again
-    assert client.status(job.id).status is JobStatus.CANCELED
+    assert client.get(job.id).status is JobStatus.CANCELED
     assert f"run_job[{job.id}] received" not in second.log()
     assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
 
@@ -83,11 +83,11 @@ def test_a_cancel_asked_just_before_the_job_runs_out_of_memory_ends_it_canceled(
     # Out of memory 3 s after step 1 was reported: the cancel is asked in between and the job
     # never reaches another step to see it.
     job = client.submit(small_request("canceled, then out of memory fault:oom-on=gpu16 fault:sleep=3"))
-    wait_for(lambda: client.status(job.id).step >= 1, 60, "job at step 1")
+    wait_for(lambda: client.get(job.id).step >= 1, 60, "job at step 1")
     assert client.cancel(job.id).status is JobStatus.RUNNING
 
     record = wait_for(
-        lambda: (r := client.status(job.id)).status is not JobStatus.RUNNING and r, 60, "job left running"
+        lambda: (r := client.get(job.id)).status is not JobStatus.RUNNING and r, 60, "job left running"
     )
     assert record.status is JobStatus.CANCELED and record.cancel_requested, (record.status, record.queue)
     assert record.queue == "gpu16" and record.escalations == [] and record.attempt == 1

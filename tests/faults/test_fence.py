@@ -38,7 +38,7 @@ def test_a_worker_that_wakes_after_its_job_ran_again_cannot_touch_its_outputs(
     wait_warm(stale)
     job = client.submit(small_request("stored by a worker that is stopped mid-put"))
     wait_log(stale, f"slow store: put jobs/{job.id}/", timeout_s=60)
-    stale_owner = client.status(job.id).worker
+    stale_owner = client.get(job.id).worker
     _stop(stale)
     try:
         start_worker()  # a plain store; its reaper finds the stopped worker's heartbeat gone
@@ -57,7 +57,7 @@ def test_a_worker_that_wakes_after_its_job_ran_again_cannot_touch_its_outputs(
     storage = LocalStorage(fleet_settings.storage_dir)
     wait_for(lambda: storage.list(f"jobs/{job.id}/") == [output.key], 10, "only the second run's object left")
 
-    after = client.status(job.id)
+    after = client.get(job.id)
     assert (after.status, after.attempt, after.worker, after.outputs, after.finished_at) == (
         record.status, record.attempt, record.worker, record.outputs, record.finished_at
     )  # fmt: skip
@@ -74,13 +74,13 @@ def test_a_worker_that_wakes_while_its_job_runs_again_stops_at_its_next_step(
     stale = start_worker()
     wait_warm(stale)
     job = client.submit(small_request("stopped mid-generation fault:sleep=0.5", steps=12))
-    wait_for(lambda: client.status(job.id).step >= 2, 60, "job at step 2 on the first worker")
-    stale_owner = client.status(job.id).worker
+    wait_for(lambda: client.get(job.id).step >= 2, 60, "job at step 2 on the first worker")
+    stale_owner = client.get(job.id).worker
     _stop(stale)
     try:
         start_worker()
         rerun = wait_for(
-            lambda: (r := client.status(job.id)).attempt == 2 and r.step >= 1 and r,
+            lambda: (r := client.get(job.id)).attempt == 2 and r.step >= 1 and r,
             120,
             "the job running again",
         )
@@ -89,7 +89,7 @@ def test_a_worker_that_wakes_while_its_job_runs_again_stops_at_its_next_step(
 
     # Its next step is refused: it stops while the new run is still going, without a write.
     wait_log(stale, f"job {job.id} was handed on while this worker ran it", timeout_s=10)
-    during = client.status(job.id)
+    during = client.get(job.id)
     assert during.status is JobStatus.RUNNING and during.worker == rerun.worker != stale_owner
 
     record = job.wait(timeout_s=60)

@@ -21,11 +21,11 @@ def test_kill_9_of_the_whole_worker_mid_job_redelivers_it_once(client: Client, s
     first = start_worker()
     wait_warm(first)
     job = client.submit(small_request("killed mid-job fault:sleep=0.4", steps=8))
-    wait_for(lambda: client.status(job.id).step >= 2, 60, "job at step 2 on the first worker")
-    victim = client.status(job.id).worker
+    wait_for(lambda: client.get(job.id).step >= 2, 60, "job at step 2 on the first worker")
+    victim = client.get(job.id).worker
 
     kill_group(first)  # main process and pool child at once: nothing of it can clean up
-    assert client.status(job.id).status is JobStatus.RUNNING  # as the dead worker left it
+    assert client.get(job.id).status is JobStatus.RUNNING  # as the dead worker left it
     second = start_worker()
     record = job.wait(timeout_s=120)
 
@@ -67,7 +67,7 @@ def test_job_that_kills_its_worker_every_time_is_dead_lettered_after_max_attempt
     assert normal.wait(timeout_s=120).status is JobStatus.SUCCEEDED
     # Extra copies of the killer's message (the broker's requeue and the reaper's) are dropped.
     time.sleep(1)
-    assert client.status(killer.id).status is JobStatus.FAILED
+    assert client.get(killer.id).status is JobStatus.FAILED
     assert event_types(client.store, killer.id).count("job.started") == MAX_ATTEMPTS
     assert client.store.client.llen(client.keys.dead_letters) == 1
 
@@ -88,7 +88,7 @@ def test_kill_9_of_a_worker_holding_a_message_it_has_not_started_does_not_lose_t
     kill_group(first)
     redis = fault_redis.client()
     assert redis.llen("gpu16") == 0 and redis.hlen("unacked") == 1  # held by the dead worker
-    assert client.status(job.id).status is JobStatus.QUEUED
+    assert client.get(job.id).status is JobStatus.QUEUED
 
     second = start_worker(fleet_settings.model_copy(update={"visibility_timeout_s": 30}))
     wait_warm(second)

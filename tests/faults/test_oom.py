@@ -21,9 +21,7 @@ def test_cuda_oom_on_gpu16_escalates_to_gpu80_and_succeeds_there(
     job = client.submit(small_request("too big for 16 GB fault:oom-on=gpu16"))
 
     # Escalated: queued on gpu80, where no worker is yet.
-    record = wait_for(
-        lambda: (r := client.status(job.id)).queue == "gpu80" and r, 60, "job escalated to gpu80"
-    )
+    record = wait_for(lambda: (r := client.get(job.id)).queue == "gpu80" and r, 60, "job escalated to gpu80")
     assert record.status is JobStatus.QUEUED
     assert [(e["from"], e["to"]) for e in record.escalations] == [("gpu16", "gpu80")]
     assert record.error.type == "out_of_memory" and record.error.exception == "OutOfMemoryError"
@@ -56,7 +54,7 @@ def test_cuda_oom_on_every_class_escalates_once_per_class_then_fails(
     # on gpu80, and waits for h100x8, the biggest class; out of memory there too, it fails.
     start_worker(fleet_settings.model_copy(update={"worker_class": "gpu80"}))
     job = client.submit(small_request("too big for anything fault:oom-on=gpu16,gpu80,h100x8"))
-    record = wait_for(lambda: (r := client.status(job.id)).queue == "h100x8" and r, 90, "escalated to h100x8")
+    record = wait_for(lambda: (r := client.get(job.id)).queue == "h100x8" and r, 90, "escalated to h100x8")
     assert record.status is JobStatus.QUEUED and record.attempt == 2
     assert [(e["from"], e["to"]) for e in record.escalations] == [("gpu16", "gpu80"), ("gpu80", "h100x8")]
 
@@ -72,7 +70,7 @@ def test_cuda_oom_on_every_class_escalates_once_per_class_then_fails(
 def test_a_job_that_succeeds_after_escalating_reports_no_error(client: Client, start_worker, fleet_settings):
     start_worker()
     job = client.submit(small_request("too big for 16 GB fault:oom-on=gpu16"))
-    wait_for(lambda: client.status(job.id).queue == "gpu80", 60, "job escalated to gpu80")
+    wait_for(lambda: client.get(job.id).queue == "gpu80", 60, "job escalated to gpu80")
     start_worker(fleet_settings.model_copy(update={"worker_class": "gpu80"}))
     final = job.wait(timeout_s=120)
     assert final.status is JobStatus.SUCCEEDED and len(final.escalations) == 1

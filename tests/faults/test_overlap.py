@@ -59,8 +59,8 @@ def test_kill_9_during_the_overlapped_store_loses_nothing_and_adds_no_output(
     stored = client.submit(small_request("killed while its output is stored"))
     generating = client.submit(small_request("killed while it generates fault:sleep=0.5", steps=8))
     wait_log(first_worker, f"slow store: put jobs/{stored.id}/attempt-1/output-0.png started", timeout_s=60)
-    wait_for(lambda: client.status(generating.id).step >= 1, 60, "the next job generating")
-    assert client.status(stored.id).status is JobStatus.RUNNING  # generated, not yet stored
+    wait_for(lambda: client.get(generating.id).step >= 1, 60, "the next job generating")
+    assert client.get(stored.id).status is JobStatus.RUNNING  # generated, not yet stored
 
     kill_group(first_worker)
     start_worker()  # a plain store: the reaper hands both jobs back and it runs them
@@ -85,7 +85,7 @@ def test_a_high_job_queued_later_runs_before_a_low_job_decoded_ahead(
     )
     wait_log(worker, "loaded wan2.2-ti2v-5b", timeout_s=180)
     running = client.submit(small_request("holds the GPU fault:sleep=0.5", steps=12))
-    wait_for(lambda: client.status(running.id).status is JobStatus.RUNNING, 60, "the first job running")
+    wait_for(lambda: client.get(running.id).status is JobStatus.RUNNING, 60, "the first job running")
     low = client.submit(
         {
             "model": "wan2.2-ti2v-5b",
@@ -101,7 +101,7 @@ def test_a_high_job_queued_later_runs_before_a_low_job_decoded_ahead(
     )
     # A step of the first job finds the low job at the head of the queues and decodes its image.
     wait_log(worker, f"decoded the inputs of job {low.id} ahead", timeout_s=60)
-    assert client.status(running.id).status is JobStatus.RUNNING
+    assert client.get(running.id).status is JobStatus.RUNNING
     high = client.submit(small_request("high, queued later"), priority="high")
 
     first, low_record, high_record = (j.wait(timeout_s=180) for j in (running, low, high))

@@ -63,7 +63,7 @@ def test_pickle_message_is_refused_and_the_queue_keeps_draining(
     assert not marker.exists()  # never unpickled, in the main process or the pool child
     # Nothing ran: the job it names is exactly as it was, with no output.
     assert redis.hgetall(client.keys.job(target.id)) == before
-    assert client.status(target.id).status is JobStatus.QUEUED
+    assert client.get(target.id).status is JobStatus.QUEUED
     assert event_types(client.store, target.id, progress=True) == ["job.queued"]
     assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{target.id}/") == []
     assert redis.hlen("unacked") == 0  # acknowledged and gone, not left to come back

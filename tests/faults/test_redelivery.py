@@ -21,8 +21,8 @@ def test_second_copy_of_a_running_jobs_message_is_dropped(client: Client, start_
     for worker in workers:
         wait_warm(worker)
     job = client.submit(small_request("a long one fault:sleep=0.3", steps=12))
-    wait_for(lambda: client.status(job.id).step >= 1, 60, "job running")
-    owner = client.status(job.id).worker
+    wait_for(lambda: client.get(job.id).step >= 1, 60, "job running")
+    owner = client.get(job.id).worker
 
     queue, message = client.store.messages.run_job(job.id, "gpu16")
     client.store.client.lpush(queue, message)
@@ -38,7 +38,7 @@ def test_second_copy_of_a_running_jobs_message_is_dropped(client: Client, start_
     client.store.client.lpush(queue, message)
     wait_for(lambda: any("'skipped (succeeded)'" in w.log() for w in workers), 30, "late copy skipped")
 
-    assert client.status(job.id).attempt == 1
+    assert client.get(job.id).attempt == 1
     assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.succeeded"]
     assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == [
         f"jobs/{job.id}/attempt-1/output-0.png"
@@ -50,8 +50,8 @@ def test_second_copy_on_the_same_worker_after_the_job_is_dropped(client: Client,
     worker = start_worker()
     wait_warm(worker)
     job = client.submit(small_request("one worker, two copies fault:sleep=0.2", steps=6))
-    wait_for(lambda: client.status(job.id).step >= 1, 60, "job running")
-    owner = client.status(job.id).worker
+    wait_for(lambda: client.get(job.id).step >= 1, 60, "job running")
+    owner = client.get(job.id).worker
     queue, message = client.store.messages.run_job(job.id, "gpu16")
     client.store.client.lpush(queue, message)  # waits behind the running job (prefetch 1)
 
@@ -61,7 +61,7 @@ def test_second_copy_on_the_same_worker_after_the_job_is_dropped(client: Client,
     drops = ("'skipped (succeeded)'", f"'skipped (running on {owner})'")
     wait_for(lambda: any(drop in worker.log() for drop in drops), 30, "second copy dropped")
     assert event_types(client.store, job.id).count("job.started") == 1
-    assert client.status(job.id).attempt == 1
+    assert client.get(job.id).attempt == 1
 
 
 def test_job_handed_back_while_its_worker_still_runs_it_is_not_lost(client: Client, start_worker):
@@ -71,8 +71,8 @@ def test_job_handed_back_while_its_worker_still_runs_it_is_not_lost(client: Clie
     worker = start_worker()
     wait_warm(worker)
     job = client.submit(small_request("misjudged fault:sleep=0.3", steps=10))
-    wait_for(lambda: client.status(job.id).step >= 2, 60, "job at step 2")
-    owner = client.status(job.id).worker
+    wait_for(lambda: client.get(job.id).step >= 2, 60, "job at step 2")
+    owner = client.get(job.id).worker
 
     assert hand_back(client.store, job.id, owner, f"worker {owner} died")
 

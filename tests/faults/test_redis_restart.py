@@ -46,13 +46,13 @@ def _restart_with_jobs_queued_and_running(
     jobs = [client.submit(small_request(f"job {i} fault:sleep=0.3", steps=steps)) for i in range(JOBS)]
     wait_for(
         lambda: (
-            sum((r := client.status(j.id)).status is JobStatus.RUNNING and r.step >= 1 for j in jobs) >= 2
-            and sum(client.status(j.id).status is JobStatus.QUEUED for j in jobs) >= 4
+            sum((r := client.get(j.id)).status is JobStatus.RUNNING and r.step >= 1 for j in jobs) >= 2
+            and sum(client.get(j.id).status is JobStatus.QUEUED for j in jobs) >= 4
         ),
         60,
         "some jobs running, more queued",
     )
-    states = [client.status(j.id).status for j in jobs]
+    states = [client.get(j.id).status for j in jobs]
 
     unreachable_s = restart_redis(how, down_s=down_s)
 

@@ -35,8 +35,8 @@ def _running_on_one_of_two(client: Client, start_worker):
     for worker in workers:
         wait_warm(worker)
     job = client.submit(SLOW)
-    wait_for(lambda: client.status(job.id).step >= 2, 60, "job at step 2")
-    record = client.status(job.id)
+    wait_for(lambda: client.get(job.id).step >= 2, 60, "job at step 2")
+    record = client.get(job.id)
     assert record.status is JobStatus.RUNNING and record.step < SLOW["steps"]
     first = next(w for w in workers if w.proc.pid == _main_pid_of(record.worker))
     second = next(w for w in workers if w is not first)
@@ -63,13 +63,13 @@ def test_sigterm_mid_job_hands_it_back_at_once_and_another_worker_finishes_it(
 
     # Handed back within a couple of seconds (the next step, or the other worker's reaper seeing
     # the killed child's pid gone or a zombie), then running on the second worker.
-    record = wait_for(lambda: (r := client.status(job.id)).handed_back and r, 10, "job handed back")
+    record = wait_for(lambda: (r := client.get(job.id)).handed_back and r, 10, "job handed back")
     handed_back_s = time.monotonic() - stopped_at
     reason = "shut down" if how == "main process" else "died"
     assert record.handed_back == f"worker {first_owner} {reason}"
     assert record.status in (JobStatus.QUEUED, JobStatus.RUNNING)
     wait_for(
-        lambda: (r := client.status(job.id)).status is not JobStatus.QUEUED and r.worker != first_owner,
+        lambda: (r := client.get(job.id)).status is not JobStatus.QUEUED and r.worker != first_owner,
         5,
         "job running on the second worker",
     )

@@ -33,7 +33,7 @@ def _limited_worker(start_worker, fleet_settings, max_run_s: int):
 
 def _not_redelivered(client: Client, job_id: str, seconds: float) -> None:
     time.sleep(seconds)
-    record = client.status(job_id)
+    record = client.get(job_id)
     assert record.status is JobStatus.FAILED and record.attempt == 1
     assert event_types(client.store, job_id) == ["job.queued", "job.started", "job.failed"]
     assert client.store.client.llen("gpu16") == 0
@@ -83,4 +83,4 @@ def test_hard_time_limit_fails_the_job_without_redelivery(client: Client, start_
     nxt = client.submit(small_request("next")).wait(timeout_s=60)
     assert nxt.attempt == 1 and nxt.worker != record.worker
     assert nxt.status is JobStatus.SUCCEEDED or nxt.error.exception == "SoftTimeLimitExceeded"
-    assert client.status(job.id).status is JobStatus.FAILED
+    assert client.get(job.id).status is JobStatus.FAILED

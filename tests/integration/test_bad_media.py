@@ -99,7 +99,7 @@ def refused(client: Client, redis_client, request: dict, field: str, words: str,
 
 def test_a_fetchable_url_is_accepted_and_stored_so_the_worker_reads_only_checked_bytes(fleet, allowed):
     job = fleet.submit(EDIT | {"images": [{"url": f"{allowed.url}/img.png"}]})
-    [image] = fleet.status(job.id).request["images"]
+    [image] = fleet.get(job.id).request["images"]
     assert image == {"key": f"inputs/_/{job.id}/images.0.png", "url": None}
     assert fleet.storage.get(image["key"]) == PNG
 

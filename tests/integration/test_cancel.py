@@ -19,7 +19,7 @@ SLOW = {"model": "z-image-turbo", "prompt": "a slow one", "width": 1024, "height
 def _wait_for_step(client: Client, job_id: str, step: int, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        record = client.status(job_id)
+        record = client.get(job_id)
         if record.step >= step or record.status.is_terminal():
             return
         time.sleep(0.02)
@@ -60,7 +60,7 @@ def test_cancel_a_queued_job_it_never_runs(client: Client, start_worker, redis_c
     while redis_client.llen("gpu16") and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
-    record = client.status(queued.id)
+    record = client.get(queued.id)
     assert record.status is JobStatus.CANCELED
     assert record.started_at is None and record.attempt == 0 and record.step == 0
     assert [e["type"] for e in client.store.events(queued.id)] == ["job.queued", "job.canceled"]

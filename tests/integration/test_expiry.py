@@ -101,8 +101,8 @@ def test_a_worker_of_another_class_expires_the_job_and_its_webhook_is_delivered(
             hook = Webhook(receiver.url("/hook"), ("failed",))
             job = fleet.submit({"model": "qwen-image", "prompt": "a fox"}, webhook=hook, tenant="t")
 
-            wait_until(lambda: fleet.status(job.id).status is JobStatus.FAILED)
-            assert fleet.status(job.id).error.type.value == "expired"
+            wait_until(lambda: fleet.get(job.id).status is JobStatus.FAILED)
+            assert fleet.get(job.id).error.type.value == "expired"
             assert redis_client.scard(fleet.keys.tenant_in_flight("t")) == 0
             assert redis_client.zscore(fleet.keys.waiting, job.id) is None
         wait_until(lambda: receiver.hits("/hook"))
@@ -132,10 +132,10 @@ def test_the_sweep_expires_queued_jobs_past_max_wait_s_and_nothing_else(client: 
     assert client.store.expire_queued(max_wait_s=1) == [old]
     assert client.store.expire_queued(max_wait_s=1) == []  # once only
 
-    assert client.status(old).error.type.value == "expired"
-    assert client.status(young).status is JobStatus.QUEUED
-    assert client.status(running).status is JobStatus.RUNNING
-    assert client.status(canceled).status is JobStatus.CANCELED
+    assert client.get(old).error.type.value == "expired"
+    assert client.get(young).status is JobStatus.QUEUED
+    assert client.get(running).status is JobStatus.RUNNING
+    assert client.get(canceled).status is JobStatus.CANCELED
     in_flight = client.keys.tenant_in_flight("t")
     assert {m.decode() for m in client.store.client.smembers(in_flight)} == {running, young}
     # The young job is expired once it is older than max_wait_s.

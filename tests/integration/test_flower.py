@@ -157,7 +157,7 @@ def test_flower_shows_failed_and_canceled_jobs_as_such_and_the_workers_models_an
     canceled = client.submit(small | {"prompt": "slow fault:sleep=0.5", "steps": 8})
     succeeded = client.submit(small | {"prompt": "fine"})
     assert failed.wait(timeout_s=120).error.type == "model_error"
-    _poll("the canceled job running", lambda: client.status(canceled.id).step >= 1, flower)
+    _poll("the canceled job running", lambda: client.get(canceled.id).step >= 1, flower)
     client.cancel(canceled.id)
     assert canceled.wait(timeout_s=60).status is JobStatus.CANCELED
     assert succeeded.wait(timeout_s=60).status is JobStatus.SUCCEEDED

@@ -122,7 +122,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 
 def _wait_for_step(client: Client, job_id: str, step: int, timeout_s: float = 180) -> None:
     def reached() -> bool:
-        record = client.status(job_id)
+        record = client.get(job_id)
         return record.step >= step or record.status.is_terminal()
 
     _wait_for(reached, timeout_s, f"job {job_id} did not reach step {step}")

@@ -87,7 +87,7 @@ def test_loras_a_model_cannot_take_and_unknown_variants_are_refused(client: Clie
 
 def test_a_variant_is_routed_to_its_models_class_with_its_steps(client: Client):
     job = client.submit({"model": "qwen-image", "prompt": "a red fox", "variant": "lightning-4"})
-    record = job.status()
+    record = job.get()
     assert record.queue == "gpu80"
     assert record.request["steps"] == 4 and record.request["guidance_scale"] == 1.0
 

@@ -23,7 +23,7 @@ BATCH = 250
 
 def submit_batch(fleet: Client, tenant: str) -> list[str]:
     jobs = fleet.submit_many([SMALL | {"seed": i} for i in range(BATCH)], tenant=tenant)
-    assert len({fleet.status(j.id).created_at for j in jobs}) == 1  # one batch, one created_at
+    assert len({fleet.get(j.id).created_at for j in jobs}) == 1  # one batch, one created_at
     return [j.id for j in jobs]
 
 
@@ -33,7 +33,7 @@ def test_the_redis_sdk_lists_each_job_of_a_batch_once(client: Client):
 
     seen, cursor = [], None
     while True:
-        records, cursor = client.list_page("t", limit=7, cursor=cursor)
+        records, cursor = client.list(limit=7, cursor=cursor, tenant="t")
         seen += [r.id for r in records]
         if cursor is None:
             break

@@ -132,4 +132,4 @@ def test_cli_submit_wait_prints_progress_and_where_the_output_is(fleet_settings,
     assert lines[1].startswith("output: file://")
     assert re.search(r" image/png 64x80 seed \d+$", lines[1])
     assert f"jobs/{job_id}/attempt-1/output-0.png" in lines[1]
-    assert "3/3 succeeded" in err.getvalue()
+    assert "3/3 steps succeeded" in err.getvalue()

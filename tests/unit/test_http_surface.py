@@ -59,3 +59,25 @@ def test_importing_it_loads_nothing_heavy():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_importing_it_loads_no_redis_celery_boto3_pyav_or_pillow():
+    # -X importtime names every module the import loads, those of producer/__init__ included: the
+    # Redis SDK must stay unloaded until ``producer.Client`` is touched.
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import producer.http"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "producer.http" in loaded and "httpx" in loaded  # the report is read as it should be
+    heavy = {"redis", "celery", "kombu", "boto3", "botocore", "av", "PIL"}
+    assert sorted(m for m in loaded if m.split(".")[0] in heavy) == []
+
+
+def test_the_redis_sdk_still_comes_with_the_package_when_used():
+    code = "import sys, producer; assert 'redis' not in sys.modules; producer.Client; print('redis' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
