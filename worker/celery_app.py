@@ -39,6 +39,7 @@ from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.store import JobStatus, JobStore
 from routing.jobs.workers import worker_states
+from routing.limits import RequestLimits
 from routing.settings import get_settings
 from worker import liveness
 from worker.ahead import peek_next
@@ -120,6 +121,7 @@ def get_runner() -> JobRunner:
             peek_next=(lambda: peek_next(store.client, queues)) if settings.decode_ahead else None,
             on_outcome=_outcomes.report,
             max_dead_letters=settings.max_dead_letters,
+            limits=RequestLimits.from_settings(settings),
         )
         runner = _runner
         expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s)

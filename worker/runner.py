@@ -27,6 +27,7 @@ from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFou
 from routing.io.storage import Storage, StorageError, output_key
 from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
+from routing.limits import DEFAULT_LIMITS, RequestLimits
 from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.ahead import DecodeAhead
@@ -68,7 +69,10 @@ class JobRunner:
         peek_next: Callable[[], str | None] | None = None,
         on_outcome: OutcomeHook | None = None,
         max_dead_letters: int = 10_000,
+        limits: RequestLimits = DEFAULT_LIMITS,
     ):
+        """``limits``: what a job stored without the limits it was accepted under (stored before
+        jobs kept them) is checked under: the worker's own settings'."""
         self.store = store
         self.storage = storage
         self.pool = pool
@@ -81,6 +85,7 @@ class JobRunner:
         self.busy = BusyMeter()
         self.on_outcome = on_outcome
         self.max_dead_letters = max_dead_letters
+        self.limits = limits
 
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
@@ -122,7 +127,7 @@ class JobRunner:
         try:
             # 2. The stored request is re-checked: it is what the caller was told would run.
             #    Its inputs may have been decoded while the job before it generated.
-            request = parse_request(record.request)
+            request = self._request(record)
             t0 = time.perf_counter()
             inputs = self._inputs(job_id, request, timings)
             if inputs:
@@ -398,13 +403,18 @@ class JobRunner:
         record = self.store.get(job_id)
         if record.status is not JobStatus.QUEUED:
             return None
-        request = parse_request(record.request)
+        request = self._request(record)
         if not request.media_fields():
             return None
         t0 = time.perf_counter()
         inputs = self._load_inputs(request, job_id)
         log.info("decoded the inputs of job %s ahead", job_id)
         return inputs, round(time.perf_counter() - t0, 4)
+
+    def _request(self, record: JobRecord) -> RequestBase:
+        """The stored request, checked under the limits it was accepted under: a job the API
+        accepted is never refused because this worker's settings are tighter."""
+        return parse_request(record.request, limits=record.limits or self.limits)
 
     def _load_inputs(self, request: RequestBase, job_id: str) -> Inputs:
         """The request's input media from the store (checked at submit): decoded, with the bytes

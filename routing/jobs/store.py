@@ -23,6 +23,7 @@ from routing.jobs import scripts
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
+from routing.limits import RequestLimits
 
 
 class JobStatus(StrEnum):
@@ -111,6 +112,9 @@ class JobRecord:
     # Moves to a bigger class after running out of memory: [{"from", "to", "at"}].
     escalations: list[dict[str, Any]] = field(default_factory=list)
     handed_back: str | None = None  # why the job last went back to its queue
+    # What the request was accepted under: the worker checks it again under these, not its own
+    # settings. None for a job stored before limits were kept.
+    limits: RequestLimits | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -144,6 +148,7 @@ class JobRecord:
             else None,
             escalations=json.loads(raw.get("escalations") or "[]"),
             handed_back=raw.get("handed_back") or None,
+            limits=RequestLimits.from_json(raw["limits"]) if raw.get("limits") else None,
         )
 
 
@@ -209,6 +214,7 @@ class NewJob:
     priority: str = "normal"
     webhook: Webhook | None = None
     max_in_flight: int = 0  # the tenant's limit on unfinished jobs; 0: none
+    limits: RequestLimits | None = None  # what the request was accepted under
 
 
 class JobStore:
@@ -273,6 +279,7 @@ class JobStore:
             "priority": job.priority,
             "webhook_url": job.webhook.url if job.webhook else "",
             "webhook_events": ",".join(job.webhook.events) if job.webhook else "",
+            "limits": job.limits.to_json() if job.limits else "",
         }
         queue_key, payload = job.message
         keys = {
