@@ -25,6 +25,7 @@ from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
 from routing.io.storage import Storage, StorageError, output_key
+from routing.jobs.codecs import encode_label
 from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
 from routing.limits import DEFAULT_LIMITS, RequestLimits
@@ -254,10 +255,14 @@ class JobRunner:
         """The job no longer occupies this worker: count the new seconds in the class's totals."""
         busy_s, work_s = self.busy.take_new()
         if work_s > 0 or busy_s > 0:
-            field = f"{self.pool.vram_class.value}|"
+            vram_class = self.pool.vram_class.value
             with self.store.client.pipeline(transaction=False) as pipe:
-                pipe.hincrbyfloat(self.store.keys.metrics("gpu_busy"), field + "busy_s", busy_s)
-                pipe.hincrbyfloat(self.store.keys.metrics("gpu_busy"), field + "work_s", work_s)
+                pipe.hincrbyfloat(
+                    self.store.keys.metrics("gpu_busy"), encode_label(vram_class, "busy_s"), busy_s
+                )
+                pipe.hincrbyfloat(
+                    self.store.keys.metrics("gpu_busy"), encode_label(vram_class, "work_s"), work_s
+                )
                 pipe.execute()
 
     def _tell(self, job_id: str, status: JobStatus, error: JobError | dict[str, str] | None) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from routing.classes import VramClass, class_queues, consumed_queues, parse_queue
+from routing.jobs.codecs import encode_label
 from routing.jobs.keys import Keys
 from routing.jobs.store import JobRecord, JobStatus
 from routing.jobs.workers import live_workers
@@ -36,7 +37,7 @@ return tostring(value)
 def record_duration(
     client: redis.Redis, keys: Keys, model: str, vram_class: VramClass, seconds: float
 ) -> None:
-    client.eval(_RECORD, 1, keys.durations, f"{model}|{vram_class.value}", seconds, _EWMA_WEIGHT)
+    client.eval(_RECORD, 1, keys.durations, encode_label(model, vram_class.value), seconds, _EWMA_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def estimate(client: redis.Redis, keys: Keys, record: JobRecord) -> Estimate:
     if record.status.is_terminal():
         return Estimate(None, None)
     vram_class = parse_queue(record.queue)[0]
-    measured = client.hget(keys.durations, f"{record.model}|{vram_class.value}")
+    measured = client.hget(keys.durations, encode_label(record.model, vram_class.value))
     run_s = float(measured) if measured is not None else None
     if record.status is JobStatus.RUNNING:
         if run_s is None or record.started_at is None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import redis
 
-from routing.classes import WEBHOOK_QUEUE
+from routing.classes import WEBHOOK_QUEUE, parse_queue
 from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
 from routing.jobs import scripts
+from routing.jobs.codecs import encode_label
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
@@ -303,7 +304,7 @@ class JobStore:
             ttl_s=str(self.ttl_s),
             message=payload,
             limit=str(job.max_in_flight),
-            label=f"{job.model}|{job.queue.split('.', 1)[0]}",
+            label=encode_label(job.model, parse_queue(job.queue)[0].value),
             fields=_flatten(fields),
         )
 
