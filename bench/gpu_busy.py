@@ -35,6 +35,8 @@ from bench.sleep_adapter import SLEEP_ADAPTER
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.connection import connect
+from routing.jobs.codecs import encode_label
+from routing.jobs.keys import Keys
 from routing.settings import Settings
 
 IMAGE = {"model": "z-image-turbo", "width": 1024, "height": 1024, "steps": 4}
@@ -72,15 +74,14 @@ def busy_share(redis_url: str, scratch: Path, request: dict, hold_s: float, jobs
         assert not bad, bad
         time.sleep(1)  # the last job's seconds are added just after its record is written
         raw = connect(settings)
-        totals = {
-            k.decode(): float(v) for k, v in raw.hgetall(settings.key_prefix + ":metrics:gpu_busy").items()
-        }
+        gpu_busy = Keys(settings.key_prefix).metrics("gpu_busy")
+        totals = {k.decode(): float(v) for k, v in raw.hgetall(gpu_busy).items()}
         for key in raw.scan_iter(f"{settings.key_prefix}:*"):
             raw.delete(key)
     first = min(r.started_at for r in records)
     last = max(r.finished_at for r in records)
     return {
-        "share": round(totals["gpu80|busy_s"] / totals["gpu80|work_s"], 4),
+        "share": round(totals[encode_label("gpu80", "busy_s")] / totals[encode_label("gpu80", "work_s")], 4),
         "jobs": jobs,
         "wall_s": round(last - first, 1),
         "encode_s": round(sum(r.timings["encode_s"] for r in records) / jobs, 2),

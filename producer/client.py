@@ -51,6 +51,7 @@ from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.store import Created, Cursor, JobRecord, JobStatus, JobStore, NewJob, Output
+from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
 
@@ -94,6 +95,8 @@ class Client:
             lora_max_tensors=self.settings.lora_max_tensors,
             lora_hub=self.settings.lora_hub,
         )
+        # What requests are accepted under; each job keeps them, and its worker checks it under them.
+        self.limits = RequestLimits.from_settings(self.settings)
 
     @property
     def storage(self) -> Storage:
@@ -157,7 +160,7 @@ class Client:
         parsed = []
         for index, request in enumerate(requests):
             with _numbered(index, len(requests)):
-                parsed.append(parse_request(request, max_num_outputs=self.settings.max_num_outputs))
+                parsed.append(parse_request(request, limits=self.limits))
         # The hash is of the request as given: inputs stored for it get keys of their own job.
         options = (
             f"{priority.value}|{webhook.url if webhook else ''}|{','.join(webhook.events) if webhook else ''}"
@@ -203,6 +206,7 @@ class Client:
                     priority=priority.value,
                     webhook=webhook,
                     max_in_flight=max_in_flight,
+                    limits=self.limits,
                 )
             with _redis_errors():
                 if new:

@@ -25,6 +25,7 @@ since stopped, and a counter can never disagree with the job records.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import redis
@@ -32,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
+from routing.jobs.codecs import encode_label, parse_label
 from routing.jobs.keys import Keys
 from routing.jobs.scripts import RUN_S_BUCKETS
 from routing.jobs.workers import worker_states
@@ -51,14 +53,14 @@ class FleetCollector(Collector):
             "fleet_jobs_submitted", "Jobs accepted and queued", labels=["model", "class"]
         )
         for label, count in _hash(self.client, self.keys.metrics("submitted")).items():
-            submitted.add_metric(label.split("|"), float(count))
+            submitted.add_metric(list(parse_label(label, 2)), float(count))
         yield submitted
 
         finished = CounterMetricFamily(
             "fleet_jobs_finished", "Jobs that reached a final state", labels=["model", "class", "status"]
         )
         for label, count in _hash(self.client, self.keys.metrics("finished")).items():
-            finished.add_metric(label.split("|"), float(count))
+            finished.add_metric(list(parse_label(label, 3)), float(count))
         yield finished
 
         yield self._run_seconds()
@@ -91,7 +93,7 @@ class FleetCollector(Collector):
             "fleet_model_loads", "Models loaded (cold starts)", labels=["model", "class"]
         )
         for label, value in sorted(_hash(self.client, self.keys.metrics("load_s")).items()):
-            model, vram_class, what = label.split("|")
+            model, vram_class, what = parse_label(label, 3)
             if what == "count":
                 loads.add_metric([model, vram_class], float(value))
             else:
@@ -104,13 +106,13 @@ class FleetCollector(Collector):
             "fleet_job_run_seconds", "Run time of succeeded jobs, claim to finish", labels=["model", "class"]
         )
         raw = _hash(self.client, self.keys.metrics("run_s"))
-        labels = {tuple(k.split("|")[:2]) for k in raw}
+        labels = {parse_label(k)[:2] for k in raw}
         for model, vram_class in sorted(labels):
-            prefix = f"{model}|{vram_class}"
-            buckets = [(str(b), float(raw.get(f"{prefix}|le|{b}", 0))) for b in RUN_S_BUCKETS]
-            count = float(raw.get(f"{prefix}|count", 0))
+            field = partial(encode_label, model, vram_class)
+            buckets = [(str(b), float(raw.get(field("le", str(b)), 0))) for b in RUN_S_BUCKETS]
+            count = float(raw.get(field("count"), 0))
             histogram.add_metric(
-                [model, vram_class], buckets + [("+Inf", count)], sum_value=float(raw.get(f"{prefix}|sum", 0))
+                [model, vram_class], buckets + [("+Inf", count)], sum_value=float(raw.get(field("sum"), 0))
             )
         return histogram
 

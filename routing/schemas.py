@@ -3,8 +3,10 @@
 ``parse_request`` is the only way in: the SDK, the CLI and the worker all call it, so what was
 accepted at submit is exactly what runs. It checks, in order: the model exists, it does the task
 kind, it is served, the fields are well formed (unknown fields refused), and the values fit the
-model (size multiples, side and pixel limits, steps, prompt length). Defaults come from the
-catalog and are written into the returned request, so a stored request is complete.
+model (size multiples, side and pixel limits, steps, prompt length) and the ``RequestLimits``
+it is given (never the process's settings: a worker checks a stored request under the limits it
+was accepted under). Defaults come from the catalog and are written into the returned request, so
+a stored request is complete.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic_core import PydanticCustomError
 
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import FieldError, InvalidRequest, field_error
-from routing.settings import get_settings
+from routing.limits import DEFAULT_LIMITS, RequestLimits
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -235,11 +237,11 @@ REQUEST_TYPES: dict[TaskKind, type[RequestBase]] = {
 
 
 def parse_request(
-    data: Mapping[str, Any] | RequestBase, *, max_num_outputs: int | None = None
+    data: Mapping[str, Any] | RequestBase, *, limits: RequestLimits = DEFAULT_LIMITS
 ) -> GenerationRequest:
-    """Validate caller input against the schema of its task kind and the model's limits.
+    """Validate caller input against the schema of its task kind, the model's limits and
+    ``limits`` (default: the settings' defaults; a fleet passes ``RequestLimits.from_settings``).
 
-    ``max_num_outputs`` caps ``num_outputs`` (default: the settings' ``max_num_outputs``).
     Raises ``InvalidRequest`` whose ``errors`` name every offending field.
     """
     if isinstance(data, RequestBase):
@@ -264,10 +266,8 @@ def parse_request(
         raise InvalidRequest([field_error(e) for e in exc.errors()]) from None
 
     request = _with_defaults(request, spec)
-    errors = _check_limits(request, spec)
-    errors += _check_outputs(
-        request, spec, get_settings().max_num_outputs if max_num_outputs is None else max_num_outputs
-    )
+    errors = _check_limits(request, spec, limits)
+    errors += _check_outputs(request, spec, limits.max_num_outputs)
     if errors:
         raise InvalidRequest(errors)
     return request
@@ -345,9 +345,7 @@ def _check_outputs(request: RequestBase, spec: ModelSpec, max_num_outputs: int) 
     return errors
 
 
-def _check_variant_and_loras(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
-    from routing.settings import get_settings
-
+def _check_variant_and_loras(request: RequestBase, spec: ModelSpec, max_loras: int) -> list[FieldError]:
     errors: list[FieldError] = []
     if request.variant is not None and request.variant not in spec.variants:
         known = ", ".join(sorted(spec.variants)) or "none"
@@ -355,7 +353,6 @@ def _check_variant_and_loras(request: RequestBase, spec: ModelSpec) -> list[Fiel
             FieldError("variant", f"{spec.key} has no variant {request.variant!r}; its variants: {known}")
         )
     if request.loras:
-        max_loras = get_settings().max_loras
         if spec.lora_modules is None:
             errors.append(FieldError("loras", f"{spec.key} takes no LoRAs: its runner cannot load them"))
         elif len(request.loras) > max_loras:
@@ -365,8 +362,8 @@ def _check_variant_and_loras(request: RequestBase, spec: ModelSpec) -> list[Fiel
     return errors
 
 
-def _check_limits(request: RequestBase, spec: ModelSpec) -> list[FieldError]:
-    errors: list[FieldError] = _check_variant_and_loras(request, spec)
+def _check_limits(request: RequestBase, spec: ModelSpec, limits: RequestLimits) -> list[FieldError]:
+    errors: list[FieldError] = _check_variant_and_loras(request, spec, limits.max_loras)
     size = spec.size
     if request.width is not None and request.height is not None:
         for name in ("width", "height"):

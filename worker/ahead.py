@@ -8,7 +8,6 @@ wait, or go unused if another worker takes it). At most two jobs' inputs are hel
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -17,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
+
+from routing.jobs.messages import task_id
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ def peek_next(client: redis.Redis, queues: Sequence[str]) -> str | None:
         if raw is None:
             continue
         try:
-            return json.loads(raw)["headers"]["id"]
-        except (ValueError, KeyError, TypeError):
+            return task_id(raw)
+        except ValueError:
             return None
     return None
 

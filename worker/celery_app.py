@@ -34,11 +34,13 @@ from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.retention import RetentionSweep
 from routing.io.storage import make_storage
+from routing.jobs.codecs import encode_label
 from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.store import JobStatus, JobStore
 from routing.jobs.workers import worker_states
+from routing.limits import RequestLimits
 from routing.settings import get_settings
 from worker import liveness
 from worker.ahead import peek_next
@@ -99,11 +101,15 @@ def get_runner() -> JobRunner:
             store.client.hincrby(counts, f"{vram_class.value}:{model_key}", 1)
             if change == "load":  # cold-start seconds by phase, for the metrics
                 load_s, to_device_s = pool.load_seconds[model_key]
-                label = f"{model_key}|{vram_class.value}|"
+                key = store.keys.metrics("load_s")
                 with store.client.pipeline(transaction=False) as pipe:
-                    pipe.hincrbyfloat(store.keys.metrics("load_s"), label + "read", load_s - to_device_s)
-                    pipe.hincrbyfloat(store.keys.metrics("load_s"), label + "to_device", to_device_s)
-                    pipe.hincrby(store.keys.metrics("load_s"), label + "count", 1)
+                    pipe.hincrbyfloat(
+                        key, encode_label(model_key, vram_class.value, "read"), load_s - to_device_s
+                    )
+                    pipe.hincrbyfloat(
+                        key, encode_label(model_key, vram_class.value, "to_device"), to_device_s
+                    )
+                    pipe.hincrby(key, encode_label(model_key, vram_class.value, "count"), 1)
                     pipe.execute()
 
         pool = PipelinePool(load, vram_class, budget_gb=settings.vram_budget_gb, on_change=count)
@@ -120,6 +126,7 @@ def get_runner() -> JobRunner:
             peek_next=(lambda: peek_next(store.client, queues)) if settings.decode_ahead else None,
             on_outcome=_outcomes.report,
             max_dead_letters=settings.max_dead_letters,
+            limits=RequestLimits.from_settings(settings),
         )
         runner = _runner
         expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s)

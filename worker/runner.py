@@ -25,8 +25,10 @@ from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
 from routing.io.storage import Storage, StorageError, output_key
+from routing.jobs.codecs import encode_label
 from routing.jobs.eta import record_duration
 from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
+from routing.limits import DEFAULT_LIMITS, RequestLimits
 from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.ahead import DecodeAhead
@@ -68,7 +70,10 @@ class JobRunner:
         peek_next: Callable[[], str | None] | None = None,
         on_outcome: OutcomeHook | None = None,
         max_dead_letters: int = 10_000,
+        limits: RequestLimits = DEFAULT_LIMITS,
     ):
+        """``limits``: what a job stored without the limits it was accepted under (stored before
+        jobs kept them) is checked under: the worker's own settings'."""
         self.store = store
         self.storage = storage
         self.pool = pool
@@ -81,6 +86,7 @@ class JobRunner:
         self.busy = BusyMeter()
         self.on_outcome = on_outcome
         self.max_dead_letters = max_dead_letters
+        self.limits = limits
 
     def run(self, job_id: str) -> str:
         """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
@@ -122,7 +128,7 @@ class JobRunner:
         try:
             # 2. The stored request is re-checked: it is what the caller was told would run.
             #    Its inputs may have been decoded while the job before it generated.
-            request = parse_request(record.request)
+            request = self._request(record)
             t0 = time.perf_counter()
             inputs = self._inputs(job_id, request, timings)
             if inputs:
@@ -249,10 +255,14 @@ class JobRunner:
         """The job no longer occupies this worker: count the new seconds in the class's totals."""
         busy_s, work_s = self.busy.take_new()
         if work_s > 0 or busy_s > 0:
-            field = f"{self.pool.vram_class.value}|"
+            vram_class = self.pool.vram_class.value
             with self.store.client.pipeline(transaction=False) as pipe:
-                pipe.hincrbyfloat(self.store.keys.metrics("gpu_busy"), field + "busy_s", busy_s)
-                pipe.hincrbyfloat(self.store.keys.metrics("gpu_busy"), field + "work_s", work_s)
+                pipe.hincrbyfloat(
+                    self.store.keys.metrics("gpu_busy"), encode_label(vram_class, "busy_s"), busy_s
+                )
+                pipe.hincrbyfloat(
+                    self.store.keys.metrics("gpu_busy"), encode_label(vram_class, "work_s"), work_s
+                )
                 pipe.execute()
 
     def _tell(self, job_id: str, status: JobStatus, error: JobError | dict[str, str] | None) -> None:
@@ -398,13 +408,18 @@ class JobRunner:
         record = self.store.get(job_id)
         if record.status is not JobStatus.QUEUED:
             return None
-        request = parse_request(record.request)
+        request = self._request(record)
         if not request.media_fields():
             return None
         t0 = time.perf_counter()
         inputs = self._load_inputs(request, job_id)
         log.info("decoded the inputs of job %s ahead", job_id)
         return inputs, round(time.perf_counter() - t0, 4)
+
+    def _request(self, record: JobRecord) -> RequestBase:
+        """The stored request, checked under the limits it was accepted under: a job the API
+        accepted is never refused because this worker's settings are tighter."""
+        return parse_request(record.request, limits=record.limits or self.limits)
 
     def _load_inputs(self, request: RequestBase, job_id: str) -> Inputs:
         """The request's input media from the store (checked at submit): decoded, with the bytes

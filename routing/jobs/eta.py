@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from routing.classes import VramClass, class_queues, consumed_queues, parse_queue
+from routing.jobs.codecs import encode_label
 from routing.jobs.keys import Keys
 from routing.jobs.store import JobRecord, JobStatus
 from routing.jobs.workers import live_workers
@@ -36,7 +37,7 @@ return tostring(value)
 def record_duration(
     client: redis.Redis, keys: Keys, model: str, vram_class: VramClass, seconds: float
 ) -> None:
-    client.eval(_RECORD, 1, keys.durations, f"{model}|{vram_class.value}", seconds, _EWMA_WEIGHT)
+    client.eval(_RECORD, 1, keys.durations, encode_label(model, vram_class.value), seconds, _EWMA_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Fleet:
     workers: list[VramClass]  # one entry per live worker
 
     def measured_s(self, model: str, vram_class: VramClass) -> float | None:
-        return self.run_s.get(f"{model}|{vram_class.value}")
+        return self.run_s.get(encode_label(model, vram_class.value))
 
 
 def read_fleet(client: redis.Redis, keys: Keys) -> Fleet:

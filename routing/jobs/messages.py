@@ -4,7 +4,8 @@ The producer does not publish through ``send_task``: it writes the job record, i
 queue message in one Lua script (``JobStore.create``), so a job is accepted exactly when all
 three exist, and a submit costs one round trip to Redis. The message is the one Celery itself
 builds (``app.amqp.as_task_v2``, task protocol 2), wrapped in the envelope Kombu's Redis
-transport reads; the integration tests run it through real workers.
+transport reads; the integration tests run it through real workers. ``task_id`` and
+``task_args`` read a queued message back (a worker peeking at its queues, tests).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from celery import Celery
 from kombu.utils.json import dumps as kombu_dumps
@@ -75,3 +78,38 @@ class TaskMessages:
         names the delivery, whose attempts are claimed by number: a replay needs an id of its own."""
         args = [job_id, event_id, event_type, at]
         return self.build(DELIVER_WEBHOOK_TASK, args, WEBHOOK_QUEUE, delivery_id or event_id)
+
+
+def _envelope(payload: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(payload, Mapping):  # already decoded (Kombu keeps unacked ones in a tuple)
+        envelope: Any = payload
+    else:
+        try:
+            envelope = json.loads(payload)
+        except ValueError:
+            raise ValueError("not a task message: not JSON") from None
+    if not isinstance(envelope, Mapping) or not isinstance(envelope.get("headers"), Mapping):
+        raise ValueError("not a task message: no headers")
+    return envelope
+
+
+def task_id(payload: str | bytes | Mapping[str, Any]) -> str:
+    """The Celery task id of a queued message (``build``'s ``task_id``: for a job, its id).
+    Raises ``ValueError`` for anything that is not a task message."""
+    found = _envelope(payload)["headers"].get("id")
+    if not isinstance(found, str) or not found:
+        raise ValueError("not a task message: no task id")
+    return found
+
+
+def task_args(payload: str | bytes | Mapping[str, Any]) -> list[Any]:
+    """The positional arguments of a queued message (``build``'s ``args``). Raises
+    ``ValueError`` for anything that is not a task message ``build`` could have made."""
+    envelope = _envelope(payload)
+    try:
+        body = json.loads(base64.b64decode(envelope["body"], validate=True))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("not a task message: no base64 JSON body") from None
+    if not isinstance(body, list) or len(body) != 3 or not isinstance(body[0], list):
+        raise ValueError("not a task message: its body is not [args, kwargs, embed]")
+    return body[0]

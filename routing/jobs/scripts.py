@@ -11,6 +11,8 @@ or tenant) comes as a ``Keys.template``, ``[head, tail]``. All values are string
 arguments always are.
 """
 
+from routing.jobs.codecs import LABEL_SEP
+
 # Upper bounds of the run-time histogram (seconds): from a small image to an 8-GPU video.
 RUN_S_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -135,19 +137,22 @@ if a.ttl_s ~= '0' then
   end
   local tenant = redis.call('HGET', keys.job, 'tenant') or ''
   redis.call('SREM', fill(keys.in_flight, tenant), id)
-  -- Fleet metrics (producer/metrics.py): finished jobs, and run time of the succeeded ones.
+  -- Fleet metrics (producer/metrics.py): finished jobs, and run time of the succeeded ones,
+  -- labelled as routing.jobs.codecs.encode_label does; the class is the queue's name up to its
+  -- first '.' (routing.classes.parse_queue).
+  local sep = 'LABEL_SEP'
   local model = redis.call('HGET', keys.job, 'model')
   local class = string.match(redis.call('HGET', keys.job, 'queue'), '^[^.]+')
-  local label = model .. '|' .. class
-  redis.call('HINCRBY', keys.finished, label .. '|' .. a.target, 1)
+  local label = model .. sep .. class
+  redis.call('HINCRBY', keys.finished, label .. sep .. a.target, 1)
   local started = tonumber(redis.call('HGET', keys.job, 'started_at') or '')
   if a.target == 'succeeded' and started then
     local seconds = tonumber(a.now) - started
-    redis.call('HINCRBYFLOAT', keys.run_s, label .. '|sum', seconds)
-    redis.call('HINCRBY', keys.run_s, label .. '|count', 1)
+    redis.call('HINCRBYFLOAT', keys.run_s, label .. sep .. 'sum', seconds)
+    redis.call('HINCRBY', keys.run_s, label .. sep .. 'count', 1)
     for bucket in string.gmatch('RUN_S_BUCKETS', '[^,]+') do
       if seconds <= tonumber(bucket) then
-        redis.call('HINCRBY', keys.run_s, label .. '|le|' .. bucket, 1)
+        redis.call('HINCRBY', keys.run_s, label .. sep .. 'le' .. sep .. bucket, 1)
       end
     end
   end
@@ -158,7 +163,7 @@ if #a.dead_letter > 0 and a.target == 'failed' then
 end
 emit(a, a.event_type, a.target, a.message)
 return {1, current, a.target}
-""".replace("RUN_S_BUCKETS", ",".join(str(b) for b in RUN_S_BUCKETS))
+""".replace("RUN_S_BUCKETS", ",".join(str(b) for b in RUN_S_BUCKETS)).replace("LABEL_SEP", LABEL_SEP)
 )
 
 

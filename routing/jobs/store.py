@@ -17,9 +17,10 @@ from typing import Any
 
 import redis
 
-from routing.classes import WEBHOOK_QUEUE
+from routing.classes import WEBHOOK_QUEUE, parse_queue
 from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
 from routing.jobs import scripts
+from routing.jobs.codecs import encode_label
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
@@ -28,6 +29,7 @@ from routing.jobs.messages import TaskMessages
 from routing.jobs.record import TRANSITIONS as TRANSITIONS
 from routing.jobs.record import JobRecord, JobStatus, allowed_sources
 from routing.jobs.record import Output as Output
+from routing.limits import RequestLimits
 
 _EVENT_FOR = {
     JobStatus.QUEUED: EventType.QUEUED,
@@ -100,6 +102,7 @@ class NewJob:
     priority: str = "normal"
     webhook: Webhook | None = None
     max_in_flight: int = 0  # the tenant's limit on unfinished jobs; 0: none
+    limits: RequestLimits | None = None  # what the request was accepted under
 
 
 class JobStore:
@@ -170,6 +173,7 @@ class JobStore:
             # Kept while queued: a cancel takes this very message off its list (scripts.TRANSITION).
             "queued_message": job.message[1],
             "queued_list": job.message[0],
+            "limits": job.limits.to_json() if job.limits else "",
         }
         queue_key, payload = job.message
         keys = {
@@ -193,7 +197,7 @@ class JobStore:
             ttl_s=str(self.ttl_s),
             message=payload,
             limit=str(job.max_in_flight),
-            label=f"{job.model}|{job.queue.split('.', 1)[0]}",
+            label=encode_label(job.model, parse_queue(job.queue)[0].value),
             fields=_flatten(fields),
         )
 

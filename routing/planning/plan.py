@@ -38,6 +38,7 @@ from typing import Any
 
 from routing.catalog import TaskKind, get_model
 from routing.classes import VramClass
+from routing.jobs.codecs import encode_label
 from routing.jobs.keys import Keys
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -296,9 +297,9 @@ def measured_busy_shares(
     raw = {k.decode(): float(v) for k, v in client.hgetall(keys.metrics("gpu_busy")).items()}
     shares = {}
     for vram_class in VramClass:
-        work_s = raw.get(f"{vram_class.value}|work_s", 0.0)
+        work_s = raw.get(encode_label(vram_class.value, "work_s"), 0.0)
         if work_s >= min_work_s:
-            shares[vram_class] = min(1.0, raw.get(f"{vram_class.value}|busy_s", 0.0) / work_s)
+            shares[vram_class] = min(1.0, raw.get(encode_label(vram_class.value, "busy_s"), 0.0) / work_s)
     return shares
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.storage import LocalStorage
+from routing.jobs.messages import task_id
 from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings, Tenant
 from tests.faults.harness import RedisServer, kill_group
@@ -205,7 +206,7 @@ def _restore_stranded(fleet: Fleet, client: Client, older_than_s: float) -> int:
         if delivered is None or now - delivered < older_than_s:
             continue
         payload, _exchange, routing_key = json.loads(raw)
-        job_id = payload["headers"]["id"]
+        job_id = task_id(payload)
         if redis.hget(client.keys.job(job_id), "status") != b"queued":
             continue
         with redis.pipeline() as pipe:

@@ -4,8 +4,6 @@ whatever becomes of its worker (hand-back, out-of-memory requeue, redelivery).""
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 
 import pytest
@@ -14,6 +12,7 @@ from producer.client import Client
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import Conflict
 from routing.jobs.events import Webhook
+from routing.jobs.messages import task_args
 from routing.jobs.store import JobStatus, Moved, NewJob
 
 pytestmark = pytest.mark.integration
@@ -46,8 +45,8 @@ def _claim(client: Client, job_id: str, worker: str) -> None:
 
 def _webhook_events(client: Client) -> list[str]:
     """The event types of the webhook deliveries queued, oldest first."""
-    messages = [json.loads(raw) for raw in client.store.client.lrange(WEBHOOK_QUEUE, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[0][2] for m in reversed(messages)]
+    messages = client.store.client.lrange(WEBHOOK_QUEUE, 0, -1)
+    return [task_args(m)[2] for m in reversed(messages)]
 
 
 def test_a_superseded_worker_or_attempt_writes_no_progress_and_no_outcome(client: Client):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from routing.errors import InvalidRequest
+from routing.limits import RequestLimits
 from routing.schemas import parse_request
 from routing.settings import Settings
 
@@ -37,20 +38,18 @@ def test_the_settings_cap_num_outputs_at_its_edge():
     assert Settings().max_num_outputs == 4
     assert parse_request({**IMAGE, "num_outputs": 4}).num_outputs == 4
     assert refused({**IMAGE, "num_outputs": 5}) == [("num_outputs", "must be at most 4 (got 5)")]
-    assert parse_request({**IMAGE, "num_outputs": 2}, max_num_outputs=2).num_outputs == 2
-    assert refused({**IMAGE, "num_outputs": 3}, max_num_outputs=2)[0][0] == "num_outputs"
+    two = RequestLimits(max_num_outputs=2)
+    assert parse_request({**IMAGE, "num_outputs": 2}, limits=two).num_outputs == 2
+    assert refused({**IMAGE, "num_outputs": 3}, limits=two)[0][0] == "num_outputs"
     assert refused({**IMAGE, "num_outputs": 0})[0][0] == "num_outputs"
 
 
 def test_the_cap_is_read_from_the_environment(monkeypatch):
-    from routing.settings import get_settings
-
     monkeypatch.setenv("FLEET_MAX_NUM_OUTPUTS", "1")
-    get_settings.cache_clear()
-    try:
-        assert refused({**IMAGE, "num_outputs": 2}) == [("num_outputs", "must be at most 1 (got 2)")]
-    finally:
-        get_settings.cache_clear()
+    limits = RequestLimits.from_settings(Settings())
+    assert refused({**IMAGE, "num_outputs": 2}, limits=limits) == [
+        ("num_outputs", "must be at most 1 (got 2)")
+    ]
 
 
 @pytest.mark.parametrize(("output_format", "quality"), [("webp", 90), ("jpeg", 90)])
