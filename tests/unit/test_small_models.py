@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker import small_models
+from testkit import small_models
 
 KEY = "z-image-turbo"
 
