@@ -28,7 +28,7 @@ compose-validator:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
 
 small-models: $(STAMP)
-	$(PY) -m worker.small_models --out var/small-models
+	$(PY) -m testkit.small_models --out var/small-models
 
 demo: $(STAMP) redis
 	$(PY) scripts/demo.py

@@ -4,7 +4,7 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 timeout 540 python3 bench/gpu_s2v.py
 """Wan2.2-S2V on a GPU: the resident group on the small checkpoint, then one full-size DiT step.
 
-1. The small random-weight S2V checkpoint (``worker.small_models.s2v``, official layout) through
+1. The small random-weight S2V checkpoint (``testkit.small_models.s2v``, official layout) through
    the real group under torchrun with world size 1 (``worker.group.supervisor.Group`` ->
    ``torchrun -m worker.group`` -> ``wan.WanS2V``, SDPA attention): start time, a cold and a warm
    job (the output MP4 must carry the speech), and a job canceled at step 2.
@@ -23,6 +23,8 @@ memory-efficient kernel). Its figures say nothing about a GPU. Not part of the t
 from __future__ import annotations
 
 import io
+import json
+import os
 import sys
 import tempfile
 import time
@@ -56,10 +58,11 @@ def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> N
     from PIL import Image
 
     from routing.schemas import SpeechToVideoRequest
+    from testkit.s2v import GROUP_MODEL
+    from testkit.small_models.s2v import build_wan22_s2v_14b
     from worker.adapters.base import Inputs, JobCanceled
     from worker.group.supervisor import Group
     from worker.media import encode_png
-    from worker.small_models.s2v import build_wan22_s2v_14b
 
     print(f"== 1. small S2V checkpoint through the group (torchrun, world size 1, {device}) ==", flush=True)
     checkpoint = workdir / "wan2.2-s2v-14b"
@@ -67,6 +70,8 @@ def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> N
     # On the GPU at the size asked for (no small-model cap on the rendered area).
     build_wan22_s2v_14b(checkpoint, max_area=None if device == "cuda" else 128 * 64)
     print(f"built the small checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
+    # The ranks read their settings from the environment: the small checkpoint's group model.
+    os.environ["FLEET_GROUP_ADAPTERS"] = json.dumps({"wan2.2-s2v-14b": GROUP_MODEL})
 
     group = Group(
         models={"wan2.2-s2v-14b": str(checkpoint)},
@@ -147,8 +152,8 @@ def full_size_dit_step(on_cpu: bool = False) -> None:
     from accelerate import init_on_device
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from testkit.small_models import s2v as small
     from worker.adapters.wan_s2v.official import import_wan_modules
-    from worker.small_models import s2v as small
 
     modules = import_wan_modules()
     config = modules["configs"].WAN_CONFIGS["s2v-14B"]

@@ -31,8 +31,8 @@ from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.connection import connect
 from routing.settings import Settings
+from testkit.small_models import build
 from worker.media import encode_mp4, encode_png
-from worker.small_models import build
 
 
 def picture() -> bytes:

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from routing.catalog import CATALOG
+from testkit.small_models import build
 from worker.adapters.base import Runtime
 from worker.adapters.qwen_image import QwenImageAdapter
 from worker.adapters.z_image import ZImageAdapter
 from worker.media import encode_image
-from worker.small_models import build
 
 MODELS = {"z-image-turbo": ZImageAdapter, "qwen-image": QwenImageAdapter}
 SEED = 100

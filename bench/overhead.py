@@ -28,7 +28,7 @@ from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.connection import connect
 from routing.settings import Settings
-from worker.small_models import build
+from testkit.small_models import build
 
 REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 1}
 

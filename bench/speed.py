@@ -95,7 +95,7 @@ def compile_section(repeats: int, work: Path) -> None:
 def lora_section(repeats: int, work: Path) -> None:
     from routing.io.storage import LocalStorage
     from routing.settings import Settings
-    from worker.small_models.lora import build_lora
+    from testkit.small_models.lora import build_lora
     from worker.speed import job_context
 
     lora = build_lora(ROOT / "var" / "small-models" / MODEL, MODEL, work / "style.safetensors")
@@ -143,7 +143,7 @@ def lora_section(repeats: int, work: Path) -> None:
 def outputs_section(repeats: int, work: Path) -> None:
     import outputs  # bench/outputs.py, beside this file
 
-    from worker.small_models import build
+    from testkit.small_models import build
 
     build(ROOT / "var" / "small-models", list(outputs.MODELS))
     outputs.outputs_section(ROOT / "var" / "small-models", repeats)
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     import diffusers
 
-    from worker.small_models import build
+    from testkit.small_models import build
 
     diffusers.utils.logging.disable_progress_bar()
     build(ROOT / "var" / "small-models", [MODEL])

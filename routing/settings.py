@@ -158,7 +158,8 @@ class Settings(BaseSettings):
     # the group is killed: they may be waiting for the failed rank in a collective.
     group_error_grace_s: float = Field(default=30, gt=0)
     # The single-GPU adapter the ranks run for a model with no group model of its own, by model
-    # key, over settings.adapters and the built-in ones.
+    # key, over settings.adapters and the built-in ones; for a model with one (S2V), the group
+    # model class the ranks run instead of it.
     group_adapters: dict[str, str] = Field(default_factory=dict)
     # VRAM the worker's resident models may take on its GPU; one GPU of the class when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
@@ -169,9 +170,6 @@ class Settings(BaseSettings):
     # While a job generates, fetch and decode the input media of the job at the head of the
     # worker's queues (nothing is taken from the queue: priorities still decide what runs).
     decode_ahead: bool = True
-    # "module:callable" wrapping the worker's storage (given the Storage, returns one): for tests
-    # and benchmarks that need a slow or failing store. Unset in production.
-    storage_wrapper: str | None = None
 
     # Speed profile (routing/catalog.py has one per model and class). "auto": the catalog's
     # profile on a GPU, eager on the CPU; "compile": the profile on any device (inductor on the

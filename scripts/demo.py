@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-# localfleet (the launchers) is not installed with the project: it is imported from this checkout.
+# localfleet (the launchers) and testkit (the small models) are not installed with the project:
+# they are imported from this checkout.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -31,8 +32,9 @@ from producer.client import Client
 from routing.catalog import CATALOG
 from routing.jobs.store import JobRecord
 from routing.settings import Settings
+from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
+from testkit.small_models import build
 from worker.media import encode_mp4, encode_png, encode_wav
-from worker.small_models import build
 
 VAR = ROOT / "var"
 SERVED = [key for key, spec in CATALOG.items() if spec.served]
@@ -201,8 +203,14 @@ def main() -> int:
     gpu16 = settings.model_copy(update={"worker_class": "gpu16", "warm_models": ["z-image-turbo"]})
     gpu80 = settings.model_copy(update={"worker_class": "gpu80"})
     # The group starts with the worker's first S2V job; on this machine, two CPU ranks.
+    # S2V's ranks run the small checkpoint on the CPU (testkit.s2v).
     h100x8 = settings.model_copy(
-        update={"worker_class": "h100x8", "group_world_size": 2, "group_log_dir": VAR / "demo" / "group"}
+        update={
+            "worker_class": "h100x8",
+            "group_world_size": 2,
+            "group_log_dir": VAR / "demo" / "group",
+            "group_adapters": {"wan2.2-s2v-14b": S2V_GROUP_MODEL},
+        }
     )
     password = secrets.token_urlsafe(12)
     port = int(os.environ.get("FLOWER_PORT", "5555"))

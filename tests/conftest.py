@@ -114,7 +114,7 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 @pytest.fixture(scope="session")
 def small_models_dir() -> Path:
     """Small random-weight models, built once and kept under var/ (the demo uses them too)."""
-    from worker.small_models import build
+    from testkit.small_models import build
 
     out = ROOT / "var" / "small-models"
     build(out)
@@ -144,8 +144,10 @@ def start_worker(fleet_settings: Settings, tmp_path: Path) -> Iterator[Callable[
     """Start workers on the test's settings; all are stopped when the test ends."""
     started: list[WorkerProcess] = []
 
-    def start(settings: Settings | None = None, **extra_env: str) -> WorkerProcess:
-        worker = WorkerProcess(settings or fleet_settings, tmp_path / f"worker-{len(started)}.log", extra_env)
+    def start(settings: Settings | None = None, *, module: str = "worker", **extra_env: str) -> WorkerProcess:
+        """``module``: the worker's entry point (``testkit.storage.SLOW_WORKER``: a slow store)."""
+        log = tmp_path / f"worker-{len(started)}.log"
+        worker = WorkerProcess(settings or fleet_settings, log, extra_env, module=module)
         started.append(worker)
         worker.wait_ready()
         return worker

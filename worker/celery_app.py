@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
@@ -33,7 +34,7 @@ from routing.classes import VramClass, consumed_queues
 from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.retention import RetentionSweep
-from routing.io.storage import make_storage
+from routing.io.storage import Storage, make_storage
 from routing.jobs.codecs import encode_label
 from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import Keys
@@ -41,7 +42,7 @@ from routing.jobs.messages import TaskMessages
 from routing.jobs.store import JobStatus, JobStore
 from routing.jobs.workers import worker_states
 from routing.limits import RequestLimits
-from routing.settings import get_settings
+from routing.settings import Settings, get_settings
 from worker import liveness
 from worker.ahead import peek_next
 from worker.busy import share
@@ -58,6 +59,11 @@ app = make_celery(settings, vram_class)
 app.conf.worker_proc_alive_timeout = 900
 # Time for the running job to reach a step and hand itself back before a cold shutdown.
 app.conf.worker_soft_shutdown_timeout = 60.0
+
+# How the worker makes its object store. A program that starts the worker itself may replace it
+# first (the tests' slow store starts the worker through ``testkit.slow_worker``); the pool
+# child, forked from that process, makes its store with it.
+storage_factory: Callable[[Settings], Storage] = make_storage
 
 _runner: JobRunner | None = None
 _outcomes = TaskOutcomes(app)
@@ -142,14 +148,8 @@ def get_runner() -> JobRunner:
     return _runner
 
 
-def _storage() -> Any:
-    storage = make_storage(settings)
-    if settings.storage_wrapper:
-        import importlib
-
-        module, _, attr = settings.storage_wrapper.partition(":")
-        storage = getattr(importlib.import_module(module), attr)(storage)
-    return storage
+def _storage() -> Storage:
+    return storage_factory(settings)
 
 
 def _state(pool: PipelinePool, runner: JobRunner) -> dict[str, object]:

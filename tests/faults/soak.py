@@ -7,7 +7,7 @@ Starts a Redis of its own (append-only file, on a free loopback port), a webhook
 Z-Image adapter on the small local model). Submits ``--jobs`` jobs (64x64, 2 steps), each with a
 webhook for its completion, while a loop SIGKILLs the process group of a random GPU worker every
 few seconds and starts a new one in its place. Every put to the object store takes
-``--store-put-s`` (0.2 s) longer than it would (tests/faults/storage.py), so that a job's store,
+``--store-put-s`` (0.2 s) longer than it would (testkit/storage.py), so that a job's store,
 which overlaps the next job's generation, is long enough for many kills to land in it. Once every job is finished (or ``--timeout-s``
 runs out: it always stops by itself) it checks:
 
@@ -50,8 +50,8 @@ from routing.io.storage import LocalStorage
 from routing.jobs.messages import task_id
 from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings, Tenant
+from testkit.storage import SLOW_WORKER
 from tests.faults.harness import RedisServer, kill_group
-from tests.faults.storage import SLOW_STORAGE
 from tests.webhook_receiver import Receiver
 from worker.liveness import pid_of
 
@@ -137,9 +137,9 @@ class Fleet:
             max_attempts=3,
             tenants={"soak": Tenant(api_keys=["soak-key"], webhook_secret=SECRET)},
             url_allow_cidrs=["127.0.0.2/32"],
-            storage_wrapper=SLOW_STORAGE if store_put_s else None,
         )
         self.worker_env = {"FAULT_STORE_PUT_S": str(store_put_s)}
+        self.worker_module = SLOW_WORKER if store_put_s else "worker"
         self.webhooks = WorkerProcess(
             self.settings, base / "logs" / "webhooks.log", FAST_RETRIES, module="worker.webhooks"
         ).wait_ready(timeout_s=60)
@@ -149,7 +149,7 @@ class Fleet:
     def _start(self, slot: int) -> WorkerProcess:
         self.generation[slot] += 1
         log = self.base / "logs" / f"gpu-{slot}-{self.generation[slot]}.log"
-        return WorkerProcess(self.settings, log, self.worker_env)
+        return WorkerProcess(self.settings, log, self.worker_env, module=self.worker_module)
 
     def kill_and_restart(self, slot: int) -> None:
         kill_group(self.slots[slot])
@@ -230,7 +230,7 @@ def run_soak(
     log=print,
     store_put_s: float = 0.2,
 ) -> Figures:
-    from worker.small_models import build
+    from testkit.small_models import build
 
     rng = random.Random(seed)
     started = time.monotonic()

@@ -13,8 +13,8 @@ import pytest
 from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus
+from testkit.storage import SLOW_WORKER
 from tests.faults.harness import event_types, small_request, wait_for, wait_log, wait_warm
-from tests.faults.storage import SLOW_STORAGE
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +32,7 @@ def _wake(worker) -> None:
 def test_a_worker_that_wakes_after_its_job_ran_again_cannot_touch_its_outputs(
     client: Client, start_worker, fleet_settings
 ):
-    stale = start_worker(
-        fleet_settings.model_copy(update={"storage_wrapper": SLOW_STORAGE}), FAULT_STORE_PUT_S="4"
-    )
+    stale = start_worker(module=SLOW_WORKER, FAULT_STORE_PUT_S="4")
     wait_warm(stale)
     job = client.submit(small_request("stored by a worker that is stopped mid-put"))
     wait_log(stale, f"slow store: put jobs/{job.id}/", timeout_s=60)

@@ -12,8 +12,8 @@ import pytest
 from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus
+from testkit.storage import SLOW_WORKER
 from tests.faults.harness import event_types, kill_group, small_request, wait_for, wait_log, wait_warm
-from tests.faults.storage import SLOW_STORAGE
 from tests.integration.test_every_kind import picture
 
 pytestmark = pytest.mark.integration
@@ -30,12 +30,8 @@ def _first_step_at(client: Client, job_id: str) -> float:
     return min(float(e["at"]) for e in client.store.events(job_id) if e["type"] == "job.progress")
 
 
-def test_a_slow_store_does_not_hold_back_the_next_jobs_pipeline_call(
-    client: Client, start_worker, fleet_settings
-):
-    worker = start_worker(
-        fleet_settings.model_copy(update={"storage_wrapper": SLOW_STORAGE}), FAULT_STORE_PUT_S=str(PUT_S)
-    )
+def test_a_slow_store_does_not_hold_back_the_next_jobs_pipeline_call(client: Client, start_worker):
+    worker = start_worker(module=SLOW_WORKER, FAULT_STORE_PUT_S=str(PUT_S))
     wait_warm(worker)
     first = client.submit(small_request("stored slowly"))
     second = client.submit(small_request("generated meanwhile fault:sleep=0.2", steps=4))
@@ -53,8 +49,7 @@ def test_a_slow_store_does_not_hold_back_the_next_jobs_pipeline_call(
 def test_kill_9_during_the_overlapped_store_loses_nothing_and_adds_no_output(
     client: Client, start_worker, fleet_settings
 ):
-    slow = fleet_settings.model_copy(update={"storage_wrapper": SLOW_STORAGE})
-    first_worker = start_worker(slow, FAULT_STORE_PUT_S="30")
+    first_worker = start_worker(module=SLOW_WORKER, FAULT_STORE_PUT_S="30")
     wait_warm(first_worker)
     stored = client.submit(small_request("killed while its output is stored"))
     generating = client.submit(small_request("killed while it generates fault:sleep=0.5", steps=8))

@@ -19,10 +19,10 @@ from producer import cli as cli_module
 from producer.client import Client
 from routing.jobs.store import JobStatus
 from routing.settings import Settings
+from testkit.small_models.lora import build_lora
 from tests.conftest import ROOT, _free_port
 from tests.faults.harness import FAULT_ADAPTER
 from tests.integration.test_api import settings  # noqa: F401  (the S3 + tenants settings fixture)
-from worker.small_models.lora import build_lora
 
 pytestmark = pytest.mark.integration
 

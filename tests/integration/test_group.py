@@ -27,6 +27,7 @@ from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus
 from routing.settings import Settings
+from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
 from worker.media import encode_png, encode_wav
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -73,6 +74,8 @@ def group_worker(start_worker, fleet_settings: Settings, group_logs: Path):
             "group_world_size": 2,
             # z-image-turbo's own adapter is the single-GPU one; here the group serves it too.
             "adapters": {"z-image-turbo": "worker.group.adapter:GroupAdapter"},
+            # S2V's ranks run the small checkpoint on the CPU.
+            "group_adapters": {S2V: S2V_GROUP_MODEL},
         }
     )
     return start_worker(

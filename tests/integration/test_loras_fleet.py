@@ -14,7 +14,7 @@ from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus
-from worker.small_models.lora import build_lora
+from testkit.small_models.lora import build_lora
 
 pytestmark = pytest.mark.integration
 

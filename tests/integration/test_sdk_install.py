@@ -1,6 +1,7 @@
 """A backend that installs only the SDK: ``pip install .`` into a fresh virtual environment brings
-no torch, diffusers, transformers, accelerate, Flower or FastAPI, and that environment's Python
-queues a job through ``producer.Client`` that a real worker runs to success."""
+no torch, diffusers, transformers, accelerate, Flower or FastAPI, and none of the test scaffolding
+(``testkit``: the small-model builder, the S2V CPU stand-ins, the slow store), and that
+environment's Python queues a job through ``producer.Client`` that a real worker runs to success."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,8 @@ NOT_IN_THE_BASE = {
     "uvicorn",
     "prometheus-client",
 }
+# Beside the packages in the checkout, never in an install.
+SCAFFOLDING = ("testkit", "localfleet")
 
 _SUBMIT = """
 import json, sys
@@ -44,20 +48,23 @@ with Client() as client:
     job = client.submit({"model": "z-image-turbo", "prompt": "a fox", "width": 64, "height": 64, "steps": 2})
     record = job.wait(timeout_s=120)
 heavy = sorted(m for m in ("torch", "diffusers", "transformers", "worker") if m in sys.modules)
+import importlib.util
+scaffolding = [m for m in ("testkit", "localfleet") if importlib.util.find_spec(m)]
 print(json.dumps({"status": record.status.value, "error": record.error, "producer": producer.__file__,
-                  "outputs": len(record.outputs), "heavy": heavy}))
+                  "outputs": len(record.outputs), "heavy": heavy, "scaffolding": scaffolding}))
 """
 
 
 def _project_copy(into: Path) -> Path:
-    """The files ``pip install .`` packages, copied: the build writes build/ and *.egg-info beside
-    its sources, and a build/ left in the checkout by an earlier build could bring back files
-    that are gone from it."""
+    """The packages ``pip install .`` finds and the scaffolding beside them, copied: the build
+    writes build/ and *.egg-info beside its sources, and a build/ left in the checkout by an
+    earlier build could bring back files that are gone from it. The scaffolding is there as it
+    is in a checkout, so that what leaves it out is the project's packaging."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     into.mkdir()
     shutil.copy(ROOT / "pyproject.toml", into)
-    for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]:
-        package = pattern.removesuffix("*")
+    packages = [p.removesuffix("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    for package in [*packages, *SCAFFOLDING]:
         shutil.copytree(ROOT / package, into / package, ignore=shutil.ignore_patterns("__pycache__"))
     return into
 
@@ -90,6 +97,12 @@ def test_base_install_has_no_torch_and_its_sdk_runs_a_job(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dist), str(source)], tmp_path
     )
     (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        top = {name.split("/")[0] for name in archive.namelist()}
+        shipped = archive.namelist()
+    assert {"routing", "producer", "worker"} <= top, sorted(top)
+    assert not top & set(SCAFFOLDING), sorted(top)
+    assert not [n for n in shipped if "small_models" in n or n.startswith("worker/adapters/wan_s2v/cpu")]
     _run([*pip, "install", "--quiet", "--no-compile", str(wheel)], tmp_path)
 
     show = subprocess.run([*pip, "show", "torch"], env=_clean_env(), capture_output=True, text=True)
@@ -121,3 +134,4 @@ def test_base_install_has_no_torch_and_its_sdk_runs_a_job(
     # The installed SDK ran, not the checkout's, and it loaded nothing of the worker side.
     assert Path(result["producer"]).is_relative_to(venv), result["producer"]
     assert result["heavy"] == []
+    assert result["scaffolding"] == []

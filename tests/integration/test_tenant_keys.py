@@ -24,9 +24,9 @@ from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.settings import Settings
+from testkit.small_models.lora import build_lora
 from tests.conftest import _free_port
 from worker.media import encode_png
-from worker.small_models.lora import build_lora
 
 pytestmark = pytest.mark.integration
 

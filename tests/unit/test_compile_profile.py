@@ -18,9 +18,9 @@ from routing.catalog import CATALOG
 from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
+from testkit.small_models.lora import build_lora
 from worker.adapters.base import Runtime
 from worker.adapters.z_image import ZImageAdapter
-from worker.small_models.lora import build_lora
 from worker.speed import job_context, prepare
 
 pytestmark = pytest.mark.timeout(1800)

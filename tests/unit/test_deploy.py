@@ -250,6 +250,31 @@ def test_api_image_has_no_worker_code_and_no_torch() -> None:
     assert not re.search(r"^(ARG TORCH|RUN .*torch)", text, re.M)
 
 
+def test_no_image_copies_the_test_scaffolding() -> None:
+    """testkit/ (small-model builders, CPU stand-ins, faulty stores) is in no image: every image
+    copies only the packages it installs, the build context leaves testkit/ out, and the one
+    compose service that runs the builder mounts it from the checkout."""
+    for name in ("Dockerfile.worker", "Dockerfile.cpu", "Dockerfile.api"):
+        text = _dockerfile(name)
+        copied = [
+            line.split()[1]
+            for line in text.splitlines()
+            if line.startswith(("COPY ", "ADD ")) and "--from" not in line
+        ]
+        assert copied and set(copied) <= {"pyproject.toml", "routing", "producer", "worker"}, (name, copied)
+        instructions = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+        assert "testkit" not in instructions and "small_models" not in instructions, name
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "testkit" in ignored
+    services = _compose()["services"]
+    builder = services["small-models"]
+    assert builder["command"][:3] == ["python", "-m", "testkit.small_models"]
+    assert f"./testkit:{builder['working_dir']}/testkit:ro" in builder["volumes"]
+    others = {name: s for name, s in services.items() if name != "small-models"}
+    for name, service in others.items():
+        assert "testkit" not in " ".join(service.get("command") or []), name
+
+
 def test_services_on_the_api_image_run_no_worker_module() -> None:
     """The API's image carries no worker/: whatever runs a ``worker`` module runs another image."""
     services = _compose()["services"]

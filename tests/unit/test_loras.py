@@ -21,10 +21,10 @@ from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
+from testkit.small_models.lora import build_lora
 from worker.adapters.base import Runtime
 from worker.adapters.qwen_image import QwenImageAdapter
 from worker.adapters.z_image import ZImageAdapter
-from worker.small_models.lora import build_lora
 from worker.speed import job_context, prepare
 
 RUNTIME = Runtime(device="cpu", dtype=torch.float32)

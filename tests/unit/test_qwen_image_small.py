@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from routing.catalog import CATALOG
-from worker import small_models
+from testkit import small_models
 from worker.adapters.base import JobCanceled, Runtime
 from worker.adapters.qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 

@@ -4,11 +4,12 @@
    refused naming ``audio``, a pose video that is not a (short enough) video naming ``pose_video``.
 2. The output: the MP4 that group rank 0 encodes carries the input speech as an AAC stream as
    long as the speech.
-3. The official code's input path, on the small checkpoint (``worker.small_models.s2v``): the
+3. The official code's input path, on the small checkpoint (``testkit.small_models.s2v``): the
    ``AudioEncoder`` reads each format through the PyAV stand-in for ``librosa.load``, the pose
    reader stands in for decord, torchvision's three transforms have stand-ins where torchvision
    cannot load, and ``wan.WanS2V`` itself generates on the CPU with the SDPA attention that
-   replaces flash-attn (one rank here; two over gloo in ``tests/integration/test_group.py``).
+   replaces flash-attn (one rank here; two over gloo in ``tests/integration/test_group.py``),
+   through ``testkit.s2v``'s group model: the fleet's own runs on CUDA at the size asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.schemas import SpeechToVideoRequest, parse_request
-from worker.adapters import wan_standins as standins
+from worker.adapters.wan_s2v import standins
 from worker.media import encode_wav
 
 S2V = "wan2.2-s2v-14b"
@@ -252,7 +253,7 @@ def wan():
 
 @pytest.fixture(scope="module")
 def small_s2v(wan, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.small_models.s2v import build_wan22_s2v_14b
+    from testkit.small_models.s2v import build_wan22_s2v_14b
 
     out = tmp_path_factory.mktemp("small-s2v")
     build_wan22_s2v_14b(out)
@@ -346,13 +347,14 @@ def test_the_torchvision_stand_in_resizes_and_crops_as_torchvision(wan) -> None:
 def test_the_official_wan_s2v_runs_on_the_cpu_and_the_pose_video_drives_it(
     small_s2v: Path, wan, tmp_path: Path
 ) -> None:
-    """``wan.WanS2V`` itself (one rank, no process group) through the fleet's group model."""
+    """``wan.WanS2V`` itself (one rank, no process group) through testkit's group model."""
     import torch
 
     from routing.catalog import get_model
+    from testkit.s2v import SmallS2VGroupModel
     from worker.adapters.base import JobCanceled, Runtime
 
-    model = wan.S2VGroupModel(
+    model = SmallS2VGroupModel(
         get_model(S2V), str(small_s2v), Runtime.resolve("cpu", "auto"), wan.GroupPlace(0, 1, 0)
     )
     (tmp_path / "face.png").write_bytes(png_bytes((120, 90)))
@@ -383,3 +385,17 @@ def test_the_official_wan_s2v_runs_on_the_cpu_and_the_pose_video_drives_it(
 
     with pytest.raises(JobCanceled):
         model.run(request, files, cancel_at_1, tmp_path)
+
+
+def test_the_fleets_s2v_model_renders_the_size_asked_for_and_runs_on_cuda_only(wan) -> None:
+    """The cap of the small checkpoint and the CPU are testkit's: the product has neither."""
+    request = SpeechToVideoRequest.model_validate(
+        {"model": S2V, "prompt": "a person talks", "image": {"key": "f"}, "audio": {"key": "s"}}
+    ).model_copy(update={"width": 832, "height": 480})
+    model = object.__new__(wan.S2VGroupModel)  # the three seams need no loaded weights
+
+    assert model._max_area(request) == 832 * 480
+    with model._loading("/no/such/checkpoint") as loading:
+        assert loading is None
+    with pytest.raises(ValueError, match="runs on CUDA, not cpu"):
+        model._config(wan.import_wan_modules(), "cpu")

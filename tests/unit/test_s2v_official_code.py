@@ -81,7 +81,7 @@ def test_a_replaced_attribute_missing_from_the_package_fails_at_load(official, t
 
 
 def test_no_media_stand_in_is_left_in_sys_modules(official) -> None:
-    from worker.adapters import wan_standins as standins
+    from worker.adapters.wan_s2v import standins
 
     modules = official.import_wan_modules()
 

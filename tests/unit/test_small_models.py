@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker import small_models
+from testkit import small_models
 
 KEY = "z-image-turbo"
 
@@ -133,3 +134,35 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path: Path, mo
 def test_unknown_model_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no small-model builder"):
         small_models.build(tmp_path, ["no-such-model"])
+
+
+def test_builds_into_one_directory_at_once_build_each_model_once(tmp_path: Path, monkeypatch) -> None:
+    """The suite's parallel processes share var/small-models: one builds, the others wait for its
+    lock and find the model complete (threads here: each build opens the lock file itself, and
+    flock locks of two open files exclude each other within one process too)."""
+    runs: list[float] = []
+
+    def slow_builder(out: Path) -> None:
+        runs.append(time.monotonic())
+        time.sleep(0.5)
+        (out / "model_index.json").write_text("{}")
+
+    monkeypatch.setitem(small_models.BUILDERS, "fake", (1, slow_builder))
+    out = tmp_path / "models"
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            small_models.build(out, ["fake"])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == [] and len(runs) == 1
+    assert small_models.is_complete(out / "fake", "fake")
+    assert [p.name for p in out.iterdir()] == ["fake"]  # the lock file is beside it, not in it

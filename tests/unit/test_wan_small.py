@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from routing.catalog import get_model
-from worker import small_models
+from testkit import small_models
 from worker.adapters import wan
 from worker.adapters.base import JobCanceled, Runtime
 

@@ -4,24 +4,27 @@ the DiT and T5 sharded by FSDP and the DiT's attention split over the ranks by U
 parallelism, exactly as upstream ``generate.py --dit_fsdp --t5_fsdp --ulysses_size W`` sets it up.
 
 The official code comes patched from ``worker.adapters.wan_s2v`` (one module per patch concern);
-this module is the model: it loads ``WanS2V`` on a rank and runs jobs through it. Small
-random-weight checkpoints (``worker.small_models.s2v``) cap the rendered area in their
-``fleet-small-model.json``.
+this module is the model: it loads ``WanS2V`` on a rank and runs jobs through it, on CUDA.
+Three methods are where a subclass changes what the model runs on and at (``settings.group_adapters``
+names the subclass): ``_config`` (the device and the s2v-14B config), ``_loading`` (what is in
+force while the weights load) and ``_max_area`` (the pixels a frame is rendered at).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import types
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
 from worker.adapters.base import Generated, Runtime, StepCallback
-from worker.adapters.wan_s2v import cpu, progress
+from worker.adapters.wan_s2v import progress
 from worker.adapters.wan_s2v.official import import_wan_modules
 from worker.adapters.wan_s2v.patch import patched
-from worker.adapters.wan_s2v.small import SMALL_MODEL_FILE, small_model_sizes
 from worker.group.spec import GroupPlace
 
 if TYPE_CHECKING:
@@ -42,14 +45,9 @@ class S2VGroupModel:
 
         adapters._quiet_loading()
         modules = import_wan_modules()
-        device_type = runtime.device.split(":")[0]
-        if device_type not in ("cuda", "cpu"):
-            raise ValueError(f"Wan2.2-S2V runs on CUDA or the CPU, not {runtime.device}")
-        if device_type == "cpu":
-            cpu.run_on_cpu(modules["speech2video"])
         self.spec = spec
         self.place = place
-        self.config = cpu.config_for(modules["configs"].WAN_CONFIGS[TASK], device_type)
+        self.config = self._config(modules, runtime.device)
         sharded = place.world_size > 1
         # Ulysses splits the DiT's heads over the ranks (generate.py asserts the same).
         dit_config = Path(weights) / "config.json"
@@ -57,7 +55,7 @@ class S2VGroupModel:
         heads = heads or self.config.num_heads
         if sharded and heads % place.world_size:
             raise ValueError(f"{heads} attention heads do not split over {place.world_size} ranks")
-        with small_model_sizes(weights) as small:
+        with self._loading(weights):
             # What upstream generate.py builds for --dit_fsdp --t5_fsdp --ulysses_size W.
             self.pipe = modules["speech2video"].WanS2V(
                 config=self.config,
@@ -70,8 +68,6 @@ class S2VGroupModel:
                 t5_cpu=False,
                 convert_model_dtype=False,
             )
-        # A small checkpoint renders at most this many pixels whatever the size asked for.
-        self.max_area: int | None = (small or {}).get("max_area")
         self._audio_clips: int | None = None
         encode_audio = self.pipe.encode_audio
 
@@ -81,6 +77,20 @@ class S2VGroupModel:
             return embedding, clips
 
         self.pipe.encode_audio = counting_encode_audio  # how many clips the speech needs
+
+    def _config(self, modules: dict[str, types.ModuleType], device: str) -> Any:
+        """The s2v-14B config the model is built with on ``device``: the official one, on CUDA."""
+        if device.split(":")[0] != "cuda":
+            raise ValueError(f"Wan2.2-S2V runs on CUDA, not {device}")
+        return modules["configs"].WAN_CONFIGS[TASK]
+
+    def _loading(self, weights: str) -> AbstractContextManager[object]:
+        """What is in force while ``WanS2V`` reads ``weights``: nothing replaced."""
+        return contextlib.nullcontext()
+
+    def _max_area(self, request: Any) -> int:
+        """The pixels a frame is fitted in: the size the caller asked for."""
+        return request.width * request.height
 
     def run(
         self, request: Any, files: dict[str, Any], on_step: StepCallback, workdir: Path
@@ -113,7 +123,7 @@ class S2VGroupModel:
                 tts_text=None,
                 num_repeat=request.clips,
                 pose_video=str(files["pose_video"]) if files.get("pose_video") else None,
-                max_area=min(request.width * request.height, self.max_area or math.inf),
+                max_area=self._max_area(request),
                 infer_frames=CLIP_FRAMES,
                 shift=self.config.sample_shift,
                 sample_solver="unipc",
@@ -166,12 +176,4 @@ def _reference_image(path: str | Path, width: int, height: int) -> Image.Image:
     return im if im.size == (width, height) else im.resize((width, height), Image.Resampling.LANCZOS)
 
 
-# The small-model builder loads the way the model does, with these three names from here.
-__all__ = [
-    "SMALL_MODEL_FILE",
-    "GroupPlace",
-    "S2VGroupModel",
-    "import_wan_modules",
-    "small_model_sizes",
-    "video_to_frames",
-]
+__all__ = ["GroupPlace", "S2VGroupModel", "import_wan_modules", "video_to_frames"]

@@ -308,6 +308,10 @@ def _is_collective_failure(exc: BaseException) -> bool:
 def _load_group_model(spec: Any, weights: str, runtime: Any, place: GroupPlace) -> Any:
     target = GROUP_MODELS.get(spec.key)
     if target is not None:
+        from routing.settings import get_settings
+
+        # settings.group_adapters may name a group model of one's own (a subclass) instead.
+        target = get_settings().group_adapters.get(spec.key) or target
         module_name, class_name = target.split(":")
         return getattr(importlib.import_module(module_name), class_name)(spec, weights, runtime, place)
     return ReplicatedModel(spec, weights, runtime, place)

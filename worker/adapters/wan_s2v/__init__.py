@@ -6,10 +6,9 @@ module attribute replaced (``patch.Patch``), never a file changed. One module pe
 * ``official``: imports the modules S2V uses and applies the patches every device needs, after
   checking the pinned ``wan22`` version and that every attribute any table here replaces exists;
 * ``attention``: the SDPA kernel that stands in for flash-attn;
-* ``cpu``: what changes on a CPU, applied only when a model is asked to run there;
-* ``small``: the hooks that size T5 and the VAE from a small checkpoint, only while one loads;
+* ``standins``: what stands in for the media libraries the official code imports (librosa,
+  decord, torchvision), on PyAV and Pillow;
 * ``progress``: per-step reports out of the denoising loop, only while a job runs.
 
-``worker.adapters.s2v`` is the model built on them; ``worker.adapters.wan_standins`` the media
-readers the official code imports.
+``worker.adapters.s2v`` is the model built on them.
 """

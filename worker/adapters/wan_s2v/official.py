@@ -8,10 +8,9 @@
    Animate needs opencv, peft, decord, sam2...). ``wan/modules/t5.py`` evaluates
    ``torch.cuda.current_device()`` as a default argument when it is imported, which raises on a
    CPU-only torch: it is imported with that call answering "cpu". The media libraries the
-   official code imports and S2V does not need (``worker.adapters.wan_standins``) are in
-   ``sys.modules`` only while it imports;
-3. every attribute that ``PATCHES``, ``cpu.PATCHES``, ``small.patches`` or ``progress.patches``
-   replaces must exist, so a changed package fails here, at load, naming what it no longer has;
+   official code imports and S2V does not need (``standins``) are in ``sys.modules`` only while
+   it imports;
+3. every attribute that ``PATCHES`` or ``progress.patches`` replaces must exist, so a changed package fails here, at load, naming what it no longer has;
 4. ``PATCHES`` are applied.
 """
 
@@ -27,8 +26,7 @@ import types
 import warnings
 from collections.abc import Iterator
 
-from worker.adapters import wan_standins as standins
-from worker.adapters.wan_s2v import cpu, progress, small
+from worker.adapters.wan_s2v import progress, standins
 from worker.adapters.wan_s2v.attention import flash_attn_available, sdpa_attention
 from worker.adapters.wan_s2v.patch import OfficialCodeMismatch, Patch, apply, instead, missing
 
@@ -46,8 +44,7 @@ def _sdpa_unless_flash_attn(module: str) -> Patch:
     )
 
 
-# What every device needs; cpu.PATCHES, small.patches and progress.patches are applied when
-# their case arises.
+# What every device needs; progress.patches are applied while a job runs.
 PATCHES = (
     # Each module binds flash_attention at import and calls it by that name.
     _sdpa_unless_flash_attn("wan.modules.attention"),
@@ -98,7 +95,7 @@ def import_wan_modules() -> dict[str, types.ModuleType]:
         if not _modules:
             check_version()
             found = _import()
-            absent = missing(PATCHES + cpu.PATCHES + small.patches({}) + progress.patches(lambda: None))
+            absent = missing(PATCHES + progress.patches(lambda: None))
             if absent:
                 raise OfficialCodeMismatch(
                     f"wan22 {WAN22_VERSION} as installed has no {', '.join(absent)}, which the S2V "

@@ -45,7 +45,7 @@ def librosa_load(path: str, sr: int | None = 22050, mono: bool = True, **_: Any)
 
 
 def librosa_module() -> types.ModuleType:
-    module = types.ModuleType("librosa", "librosa.load through PyAV (worker.adapters.wan_standins)")
+    module = types.ModuleType("librosa", "librosa.load through PyAV (worker.adapters.wan_s2v.standins)")
     module.load = librosa_load  # type: ignore[attr-defined]
     return module
 
@@ -83,7 +83,7 @@ class PyAVVideoReader:
 
 
 def decord_module() -> types.ModuleType:
-    module = types.ModuleType("decord", "decord.VideoReader through PyAV (worker.adapters.wan_standins)")
+    module = types.ModuleType("decord", "decord.VideoReader through PyAV (worker.adapters.wan_s2v.standins)")
     module.VideoReader = PyAVVideoReader  # type: ignore[attr-defined]
     return module
 
@@ -178,7 +178,7 @@ def torchvision_modules() -> dict[str, types.ModuleType]:
     """``torchvision``, ``torchvision.transforms`` and ``torchvision.transforms.functional``
     (imported by the official code, never called) with the three transforms above."""
     package = types.ModuleType(
-        "torchvision", "torchvision.transforms stand-in (worker.adapters.wan_standins)"
+        "torchvision", "torchvision.transforms stand-in (worker.adapters.wan_s2v.standins)"
     )
     transforms = types.ModuleType("torchvision.transforms")
     functional = types.ModuleType("torchvision.transforms.functional")

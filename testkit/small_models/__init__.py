@@ -2,22 +2,28 @@
 
 Each builder uses the real diffusers/transformers classes and writes a normal diffusers
 repo layout with ``save_pretrained``, so the worker loads it with the very same
-``from_pretrained(path)`` call it uses for real weights. Used by tests and the demo on
-machines with no GPU and no model hub access.
+``from_pretrained(path)`` call it uses for real weights. Used by tests, the demo and the
+benchmarks on machines with no GPU and no model hub access.
 
-    python -m worker.small_models --out DIR [--models z-image-turbo ...] [--force]
+Several processes may build into the same directory at once (the suite's parallel workers, a
+demo beside them): a build holds an exclusive lock on ``.<dir>.lock`` beside the directory, and
+each model is written to a temporary directory and renamed into place.
+
+    python -m testkit.small_models --out DIR [--models z-image-turbo ...] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MARKER = ".small-model-complete"
@@ -31,7 +37,7 @@ _FAMILIES = ("z_image", "qwen_image", "wan", "s2v")
 def _families() -> dict[str, tuple[int, Callable[[Path], None]]]:
     found: dict[str, tuple[int, Callable[[Path], None]]] = {}
     for name in _FAMILIES:
-        module = importlib.import_module(f"worker.small_models.{name}")
+        module = importlib.import_module(f"testkit.small_models.{name}")
         for key, function in module.BUILDERS.items():
             found[key] = (module.VERSION, function)
     return found
@@ -71,6 +77,19 @@ def _build_one(key: str, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Hold the build lock of ``out_dir``: one builder at a time, the others wait and then find
+    the models complete. Beside the directory, so the directory holds only models."""
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build(out_dir: Path, models: list[str] | None = None, force: bool = False) -> dict[str, Path]:
     """Build each model (all by default) into ``out_dir/<key>``; return key -> directory."""
     out_dir = Path(out_dir)
@@ -79,6 +98,11 @@ def build(out_dir: Path, models: list[str] | None = None, force: bool = False) -
     if unknown:
         raise ValueError(f"no small-model builder for {unknown}; known: {sorted(BUILDERS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(out_dir):
+        return _build_all(out_dir, keys, force)
+
+
+def _build_all(out_dir: Path, keys: list[str], force: bool) -> dict[str, Path]:
     built: dict[str, Path] = {}
     for key in keys:
         start = time.perf_counter()
@@ -95,7 +119,7 @@ def build(out_dir: Path, models: list[str] | None = None, force: bool = False) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.small_models", description=__doc__.split("\n\n")[0]
+        prog="python -m testkit.small_models", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--out", type=Path, required=True, help="directory that receives one folder per model"

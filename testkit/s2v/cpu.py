@@ -1,4 +1,4 @@
-"""``wan.WanS2V`` on a CPU (the tests: one rank, or two over gloo), applied only when asked for.
+"""``wan.WanS2V`` on a CPU (the tests: one rank, or two over gloo).
 
 Three replacements in ``wan.speech2video``'s namespace (``PATCHES``) and a float32 config
 (``config_for``). On CUDA the official code casts to bfloat16 inside

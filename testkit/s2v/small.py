@@ -1,5 +1,5 @@
-"""Small random-weight checkpoints (``worker.small_models.s2v``): T5 and VAE sizes from the
-checkpoint, only while one loads.
+"""Small random-weight checkpoints (``testkit.small_models.s2v``): T5 and VAE sizes from the
+checkpoint, only while one loads, and the area a frame is rendered at, at most.
 
 The official code hard-codes the sizes of T5 (``umt5_xxl``) and the VAE (``_video_vae``); both
 take them as keyword overrides. A small checkpoint writes its sizes, and the area it renders at
@@ -16,7 +16,7 @@ from typing import Any
 
 from worker.adapters.wan_s2v.patch import Patch, patched
 
-# Written by the small-model builder; a real checkpoint has none.
+# Written by the small-model builder.
 SMALL_MODEL_FILE = "fleet-small-model.json"
 
 

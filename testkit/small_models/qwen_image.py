@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.small_models.tokenizers import _CORPUS, qwen_tokenizer
+from testkit.small_models.tokenizers import _CORPUS, qwen_tokenizer
 
 VERSION = 1
 

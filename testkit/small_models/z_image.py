@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.small_models.tokenizers import qwen_tokenizer
+from testkit.small_models.tokenizers import qwen_tokenizer
 
 VERSION = 2
 

@@ -11,11 +11,11 @@
 Everything is made with the package's own classes (``WanModel_S2V``, ``T5Encoder`` through
 ``umt5_xxl``, ``WanVAE_`` through ``_video_vae``) and saved as the official files are. The official
 code hard-codes the sizes of T5 (umt5-xxl) and of the VAE; this checkpoint's smaller ones are in
-``fleet-small-model.json``, which ``worker.adapters.s2v`` reads while loading. The DiT keeps the
+``fleet-small-model.json``, which ``testkit.s2v`` reads while loading. The DiT keeps the
 s2v-14B structure (frame packing, AdaIN audio injection, pose conditioning) with small widths;
 the audio encoder keeps 24 layers, as the DiT weighs wav2vec2's 25 hidden states.
 
-A ``model_index.json`` names the layout so ``worker.small_models.is_complete`` recognises the
+A ``model_index.json`` names the layout so ``testkit.small_models.is_complete`` recognises the
 build; the official code never reads it.
 """
 
@@ -54,8 +54,9 @@ def build_wan22_s2v_14b(out: Path, max_area: int | None = MAX_AREA) -> None:
     """The small checkpoint in ``out``; ``max_area=None`` renders the sizes jobs ask for (a GPU)."""
     import torch
 
-    from worker.adapters.s2v import SMALL_MODEL_FILE, import_wan_modules, small_model_sizes
-    from worker.small_models.wan import t5_tokenizer
+    from testkit.s2v.small import SMALL_MODEL_FILE, small_model_sizes
+    from testkit.small_models.wan import t5_tokenizer
+    from worker.adapters.wan_s2v.official import import_wan_modules
 
     wan = import_wan_modules()
     config = wan["configs"].WAN_CONFIGS["s2v-14B"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # The same prompt-like text the other small tokenizers learn from.
-from worker.small_models.tokenizers import _CORPUS
+from testkit.small_models.tokenizers import _CORPUS
 
 if TYPE_CHECKING:
     import torch

@@ -1,0 +1,5 @@
+import sys
+
+from testkit.small_models import main
+
+sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from worker.small_models import main
-
-sys.exit(main())
