@@ -32,9 +32,9 @@ def test_a_worker_with_tighter_limits_runs_what_the_api_accepted(
     accepted = client.submit(TWO_IMAGES)
     # Stored as a job was before the limits travelled with it: no limits field.
     older = client.submit({**TWO_IMAGES, "seed": 8})
-    assert client.status(accepted.id).limits == client.limits
+    assert client.get(accepted.id).limits == client.limits
     assert redis_client.hdel(client.keys.job(older.id), "limits") == 1
-    assert client.status(older.id).limits is None
+    assert client.get(older.id).limits is None
 
     start_worker(fleet_settings.model_copy(update={"max_num_outputs": 1}))
 

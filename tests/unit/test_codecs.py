@@ -57,7 +57,7 @@ def test_the_store_writes_labels_the_codec_reads(redis_url, redis_client):
     try:
         with Client(settings) as client:
             job = client.submit({"model": "z-image-turbo", "prompt": "a fox"}, priority="low")
-            assert client.status(job.id).queue == "gpu16.low"
+            assert client.get(job.id).queue == "gpu16.low"
             assert client.cancel(job.id).status is JobStatus.CANCELED
 
             def labels(name: str) -> set[tuple[str, ...]]:
