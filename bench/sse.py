@@ -30,7 +30,8 @@ import redis
 
 from localfleet.process import ApiProcess
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore
 from routing.settings import Settings
 from tests.conftest import _free_port
 

@@ -14,7 +14,7 @@ from routing.errors import (
     WaitTimeout,
 )
 from routing.jobs.events import WEBHOOK_EVENTS, Webhook, WebhookEvent
-from routing.jobs.store import JobRecord, JobStatus, Output
+from routing.jobs.record import JobRecord, JobStatus, Output
 
 __all__ = [
     "WEBHOOK_EVENTS",

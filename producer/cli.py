@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from producer.client import Client
 from routing.errors import FleetError, InvalidRequest
-from routing.jobs.store import JobRecord, JobStatus
+from routing.jobs.record import JobRecord, JobStatus
 
 _BAR_WIDTH = 30
 

@@ -27,8 +27,9 @@ import redis
 import redis.asyncio as aioredis
 
 from routing.errors import FieldError, InvalidRequest
+from routing.jobs.events import EventType
 from routing.jobs.keys import Keys
-from routing.jobs.store import EventType, JobStatus
+from routing.jobs.record import JobStatus
 
 TERMINAL_EVENTS = frozenset({EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELED})
 EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from producer.http import Client, JobView
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 
 
 def dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

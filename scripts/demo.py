@@ -29,7 +29,7 @@ from localfleet.flower import FlowerProcess
 from localfleet.process import WorkerProcess, settings_env
 from producer.client import Client
 from routing.catalog import CATALOG
-from routing.jobs.store import JobRecord
+from routing.jobs.record import JobRecord
 from routing.settings import Settings
 from worker.media import encode_mp4, encode_png, encode_wav
 from worker.small_models import build

@@ -37,7 +37,8 @@ from routing.io.storage import make_storage
 from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
-from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore
 from routing.jobs.workers import worker_states
 from routing.settings import get_settings
 from worker import liveness

@@ -23,7 +23,8 @@ import redis
 from routing.classes import VramClass
 from routing.errors import Conflict, NotFound
 from routing.jobs.expiry import ExpirySweep
-from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore
 from routing.jobs.workers import heartbeat
 
 log = logging.getLogger(__name__)

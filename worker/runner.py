@@ -26,7 +26,8 @@ from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
 from routing.io.storage import Storage, StorageError, output_key
 from routing.jobs.eta import record_duration
-from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
+from routing.jobs.record import JobRecord, JobStatus, Output
+from routing.jobs.store import JobStore
 from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.ahead import DecodeAhead

@@ -47,7 +47,8 @@ from pathlib import Path
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobStatus, Webhook
+from routing.jobs.events import Webhook
+from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
 from tests.faults.harness import RedisServer, kill_group
 from tests.faults.storage import SLOW_STORAGE

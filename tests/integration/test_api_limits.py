@@ -21,7 +21,8 @@ import pytest
 
 from localfleet.process import ApiProcess
 from producer.client import Client
-from routing.jobs.store import JobStatus, Webhook
+from routing.jobs.events import Webhook
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.conftest import _free_port
 from tests.webhook_receiver import Receiver

@@ -16,7 +16,7 @@ import pytest
 from localfleet.process import ApiProcess, WorkerProcess
 from producer.client import Client
 from routing.jobs.events import Webhook
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
 from tests.conftest import _free_port
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)

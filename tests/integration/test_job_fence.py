@@ -14,7 +14,8 @@ from producer.client import Client
 from routing.classes import WEBHOOK_QUEUE
 from routing.errors import Conflict
 from routing.jobs.events import Webhook
-from routing.jobs.store import JobStatus, Moved, NewJob
+from routing.jobs.record import JobStatus
+from routing.jobs.store import Moved, NewJob
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from producer.client import Client
-from routing.jobs.store import JobStatus, Webhook
+from routing.jobs.events import Webhook
+from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
 from worker.webhooks import DEFERRED, DELIVERED, RETRYING, Deliverer
 

@@ -25,8 +25,9 @@ from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.jobs import webhook_log as shared
+from routing.jobs.events import Webhook
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, Output, Webhook
+from routing.jobs.record import JobStatus, Output
 from routing.settings import Settings, Tenant
 from tests.webhook_receiver import Receiver
 from worker import webhooks

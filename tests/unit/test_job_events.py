@@ -9,7 +9,8 @@ import fakeredis
 
 from routing.jobs import scripts
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, JobStore, NewJob
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore, NewJob
 
 
 def _store() -> JobStore:

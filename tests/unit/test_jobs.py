@@ -12,7 +12,8 @@ import pytest
 from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.jobs import scripts
 from routing.jobs.keys import Keys
-from routing.jobs.store import TRANSITIONS, Created, JobStatus, JobStore, Moved, NewJob, Step, allowed_sources
+from routing.jobs.record import TRANSITIONS, JobStatus, allowed_sources
+from routing.jobs.store import Created, JobStore, Moved, NewJob, Step
 
 
 @pytest.fixture
