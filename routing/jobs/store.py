@@ -295,7 +295,7 @@ class JobStore:
             if move.attempt is not None:
                 reasons.append(f"it is no longer at attempt {move.attempt}")
             owner = f" (or {', or '.join(reasons)})" if reasons else ""
-            raise Conflict(f"job {job_id} is {current}; it cannot {move.name}{owner}")
+            raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
         return Moved(JobStatus(current), JobStatus(_text(reached[0])))
 
     def expire_queued(self, max_wait_s: float, batch: int = 100) -> list[str]:
