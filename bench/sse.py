@@ -29,8 +29,10 @@ import httpx
 import redis
 
 from localfleet.process import ApiProcess
+from routing.jobs import lifecycle
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore
 from routing.settings import Settings
 from tests.conftest import _free_port
 
@@ -78,7 +80,7 @@ def read_streams(url: str, job_ids: list[str], connected: object, counts: object
 def feed(store: JobStore, job_ids: list[str], per_s: float, stop: threading.Event) -> int:
     """Move the jobs to running and write one progress step per job ``per_s`` times a second."""
     for job_id in job_ids:
-        store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=time.time())
+        store.move(job_id, lifecycle.claim(store.get(job_id), "", time.time()))
     step = 0
     while not stop.is_set():
         step += 1
@@ -141,7 +143,10 @@ def main() -> None:
             stop.set()
             feeder.join()
             for job_id in job_ids:
-                store.transition(job_id, JobStatus.SUCCEEDED, finished_at=time.time())
+                store.move(
+                    job_id,
+                    lifecycle.finish(JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=time.time()),
+                )
             seen = counts.get(timeout=60)
             reader.join(30)
     finally:

@@ -51,7 +51,7 @@ from routing.jobs.eta import Fleet, estimate, read_fleet
 from routing.jobs.events import Webhook
 from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import is_job_id
-from routing.jobs.store import JobRecord, Output
+from routing.jobs.record import JobRecord, JobView, Output
 from routing.schemas import REQUEST_TYPES
 from routing.settings import Settings, get_settings
 
@@ -143,6 +143,7 @@ class JobOut(BaseModel):
     outputs: list[Output]
     error: ErrorOut | None
     created_at: float
+    updated_at: float = Field(description="when the record last changed (a state change or a step)")
     started_at: float | None
     finished_at: float | None
     timings: dict[str, float]
@@ -241,29 +242,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(404, f"no job {job_id}")
         return record
 
-    def job_out(record: JobRecord, fleet: Fleet | None = None) -> JobOut:
+    def job_out(record: JobRecord, fleet: Fleet | None = None) -> dict[str, Any]:
+        # The one JSON shape of a job (routing.jobs.record.JobView); JobOut only documents it.
         expiry = settings.presign_expiry_s
         guess = estimate(client.store.client, client.keys, record, fleet)
-        return JobOut(
-            id=record.id,
-            model=record.model,
-            kind=record.kind,
-            status=record.status.value,
-            priority=record.priority,
-            attempt=record.attempt,
-            progress=Progress(step=record.step, total=record.total_steps),
-            queue=record.queue,
-            queue_position=guess.position,
-            eta_s=guess.eta_s,
-            outputs=[o.with_url(client.storage.url(o.key, expiry)) for o in record.outputs],
-            error=ErrorOut(**vars(record.error)) if record.error else None,
-            created_at=record.created_at,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
-            timings=record.timings,
-            webhook=record.webhook,
-            request=record.request,
-        )
+        outputs = [o.with_url(client.storage.url(o.key, expiry)) for o in record.outputs]
+        return JobView.of(record, queue_position=guess.position, eta_s=guess.eta_s, outputs=outputs).to_json()
 
     @app.exception_handler(InvalidRequest)
     def invalid(_request: Request, exc: InvalidRequest) -> JSONResponse:
@@ -324,7 +308,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response: Response,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
         prefer: Annotated[str | None, Header(max_length=255)] = None,
-    ) -> JobOut:
+    ) -> dict[str, Any]:
         """Queue a job. The same ``Idempotency-Key`` and body return the same job (200); the
         same key with another body is a 409.
 
@@ -426,11 +410,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422))
-    def status(job_id: str, tenant: Tenant) -> JobOut:
+    def status(job_id: str, tenant: Tenant) -> dict[str, Any]:
         return job_out(own_job(job_id, tenant))
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422, 429))
-    def cancel(job_id: str, tenant: Tenant) -> JobOut:
+    def cancel(job_id: str, tenant: Tenant) -> dict[str, Any]:
         """Cancel: a queued job never runs; a running one stops at its next step. A finished job
         is returned as it is. Cancels are rationed per tenant (``FLEET_CANCELS_PER_TENANT`` in
         windows of ``FLEET_RATE_WINDOW_S``)."""

@@ -50,7 +50,8 @@ from routing.io.storage import Storage, make_storage
 from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
-from routing.jobs.store import Created, Cursor, JobRecord, JobStatus, JobStore, NewJob, Output
+from routing.jobs.record import JobRecord, JobStatus, Output
+from routing.jobs.store import Created, Cursor, JobStore, NewJob
 from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings

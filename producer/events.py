@@ -29,8 +29,9 @@ import redis
 import redis.asyncio as aioredis
 
 from routing.errors import FieldError, InvalidRequest
+from routing.jobs.events import EventType
 from routing.jobs.keys import Keys
-from routing.jobs.store import EventType, JobStatus
+from routing.jobs.record import JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,6 @@ from producer.protocol import (
     Send,
     Sleep,
     T,
-    Unauthorized,
 )
 from routing.errors import (
     Conflict,
@@ -64,6 +63,7 @@ from routing.errors import (
     JobNotSucceeded,
     NotFound,
     TooManyJobs,
+    Unauthorized,
     Unavailable,
     WaitTimeout,
 )

@@ -34,68 +34,17 @@ from routing.errors import (
     FieldError,
     FleetError,
     InvalidRequest,
-    JobError,
-    JobNotSucceeded,
     NotFound,
     TooManyJobs,
+    Unauthorized,
     Unavailable,
     WaitTimeout,
 )
 from routing.jobs.events import Webhook
-from routing.jobs.record import JobRecord, JobStatus, Output
+from routing.jobs.record import JobStatus, JobView, Output
 
 _RETRIED_STATUS = (429, 503)
 _TERMINAL_EVENTS = ("succeeded", "failed", "canceled")
-
-
-class Unauthorized(FleetError):
-    """401: the API key is missing or unknown."""
-
-
-@dataclass(frozen=True)
-class JobView(JobRecord):
-    """A job as the API shows it: the record, plus its place in line, its ETA and the outputs'
-    presigned URLs (each output's ``url``). ``created`` is false when a submit's idempotency key returned an earlier job."""
-
-    queue_position: int | None = None
-    eta_s: float | None = None
-    created: bool = True
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], created: bool = True) -> JobView:
-        webhook = data.get("webhook")
-        return cls(
-            id=data["id"],
-            model=data["model"],
-            kind=data["kind"],
-            request=data["request"],
-            status=JobStatus(data["status"]),
-            queue=data["queue"],
-            attempt=data["attempt"],
-            step=data["progress"]["step"],
-            total_steps=data["progress"]["total"],
-            created_at=data["created_at"],
-            updated_at=data["finished_at"] or data["started_at"] or data["created_at"],
-            started_at=data["started_at"],
-            finished_at=data["finished_at"],
-            outputs=[Output(**o) for o in data.get("outputs", [])],
-            error=JobError.from_dict(data["error"]) if data["error"] else None,
-            timings=data["timings"],
-            priority=data["priority"],
-            webhook=Webhook(webhook["url"], tuple(webhook["events"])) if webhook else None,
-            queue_position=data.get("queue_position"),
-            eta_s=data.get("eta_s"),
-            created=created,
-        )
-
-    def result(self) -> list[Output]:
-        """The outputs; raises ``JobNotSucceeded`` (failed, canceled) or ``Conflict`` (not ended)."""
-        if self.status in (JobStatus.FAILED, JobStatus.CANCELED):
-            reason = self.error.message if self.error else ""
-            raise JobNotSucceeded(self, f"job {self.id} {self.status.value}: {reason}".rstrip(": "))
-        if self.status is not JobStatus.SUCCEEDED:
-            raise Conflict(f"job {self.id} is {self.status.value}; it has no result yet")
-        return self.outputs
 
 
 ProgressCallback = Callable[[JobView], None]

@@ -2,12 +2,16 @@
 
 FleetError
 ├── InvalidRequest     the request was refused before anything was queued (``errors`` names fields)
+├── Unauthorized       no API key, or an unknown one (the HTTP SDK: a 401)
 ├── NotFound           no such job (or not yours)
 ├── Conflict           the idempotency key was used with another request, or a state change
 │                      is not allowed from the job's current state
+├── TooManyJobs        the tenant has as many unfinished jobs as it may; nothing was queued
 ├── Unavailable        the broker or the job store could not be reached; nothing was accepted
 ├── JobNotSucceeded    asked for the result of a job that failed or was canceled
 └── WaitTimeout        a wait ran out of time (the job goes on)
+
+Every error a caller of the fleet (either SDK, the API's handlers, the CLIs) can branch on is here.
 
 A failed job is not an exception but a result: its record holds a ``JobError`` whose ``type``
 (an ``ErrorType``) says what a caller can do about it.
@@ -42,6 +46,10 @@ class InvalidRequest(FleetError):
     @property
     def fields(self) -> list[str]:
         return [e.field for e in self.errors]
+
+
+class Unauthorized(FleetError):
+    """The API key is missing or unknown."""
 
 
 class NotFound(FleetError):

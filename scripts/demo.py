@@ -30,7 +30,7 @@ from localfleet.flower import FlowerProcess
 from localfleet.process import WorkerProcess, settings_env
 from producer.client import Client
 from routing.catalog import CATALOG
-from routing.jobs.store import JobRecord
+from routing.jobs.record import JobRecord
 from routing.settings import Settings
 from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
 from testkit.small_models import build

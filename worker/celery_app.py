@@ -35,11 +35,12 @@ from routing.errors import Conflict, ErrorType, JobError, NotFound
 from routing.io.connection import connect
 from routing.io.retention import RetentionSweep
 from routing.io.storage import Storage, make_storage
+from routing.jobs import lifecycle
 from routing.jobs.codecs import encode_label
 from routing.jobs.expiry import ExpirySweep
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
-from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.store import JobStore
 from routing.jobs.workers import worker_states
 from routing.limits import RequestLimits
 from routing.settings import Settings, get_settings
@@ -199,9 +200,7 @@ def _hard_time_limit(sender: Any = None, task_id: str | None = None, exception: 
         return
     error = JobError(type=ErrorType.TIME_LIMIT, exception="TimeLimitExceeded", message=str(exception))
     try:
-        _store().transition(
-            task_id, JobStatus.FAILED, only_from=JobStatus.RUNNING, finished_at=time.time(), error=error
-        )
+        _store().move(task_id, lifecycle.time_out(error, time.time()))
     except (Conflict, NotFound):
         pass
 
@@ -238,7 +237,7 @@ app.steps["worker"].add(FleetStats)
 def run_job(self: Any, job_id: str) -> str:
     _outcomes.hostname = self.request.hostname or ""
     outcome = get_runner().run(job_id)
-    log.info("job %s: %r", job_id, outcome)
+    log.info("job %s: %r", job_id, str(outcome))  # the words operators (and the suite) look for
     # The task's own end says nothing: what became of the job is told (TaskOutcomes) once its
     # record says so, which for a generated job is after the finisher has stored its outputs.
     raise Ignore()

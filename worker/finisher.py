@@ -20,20 +20,23 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Finisher:
     def __init__(self, depth: int):
         self.depth = depth
         self._slots = threading.BoundedSemaphore(max(depth, 1))
-        self._work: queue.Queue[Callable[[], str] | None] = queue.Queue()
+        self._work: queue.Queue[Callable[[], Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._pending = 0
 
-    def submit(self, finish: Callable[[], str]) -> str | None:
+    def submit(self, finish: Callable[[], T]) -> T | None:
         """Run ``finish`` (which must record the job's outcome itself, whatever happens); what it
         returned when ``depth`` is 0 (run here), else None (it runs on the finisher's thread)."""
         if self.depth == 0:

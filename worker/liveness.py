@@ -22,8 +22,10 @@ import redis
 
 from routing.classes import VramClass
 from routing.errors import Conflict, NotFound
+from routing.jobs import lifecycle
 from routing.jobs.expiry import ExpirySweep
-from routing.jobs.store import JobStatus, JobStore
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore
 from routing.jobs.workers import heartbeat
 
 log = logging.getLogger(__name__)
@@ -98,15 +100,7 @@ def hand_back(
     canceled instead), None if the job was not ``owner``'s to give back."""
     try:
         queue = store.get(job_id).queue
-        moved = store.transition(
-            job_id,
-            JobStatus.QUEUED,
-            only_from=JobStatus.RUNNING,
-            expect_worker=owner,
-            expect_attempt=attempt,
-            requeue=store.messages.run_job(job_id, queue),
-            handed_back=reason,
-        )
+        moved = store.move(job_id, lifecycle.hand_back(queue, reason, owner=owner, attempt=attempt))
     except (Conflict, NotFound):
         return None
     if moved.target is JobStatus.CANCELED:

@@ -24,7 +24,7 @@ from typing import Any
 
 from celery import Celery
 
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ when its record says so, which step 4 writes after the outputs are stored.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from functools import partial
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,9 +25,11 @@ from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
 from routing.io.storage import Storage, StorageError, output_key
+from routing.jobs import lifecycle
 from routing.jobs.codecs import encode_label
 from routing.jobs.eta import record_duration
-from routing.jobs.store import JobRecord, JobStatus, JobStore, Output
+from routing.jobs.record import JobRecord, JobStatus, Output
+from routing.jobs.store import JobStore
 from routing.limits import DEFAULT_LIMITS, RequestLimits
 from routing.schemas import RequestBase, parse_request
 from worker.adapters.base import Generated, Inputs, JobCanceled
@@ -44,6 +46,89 @@ log = logging.getLogger(__name__)
 # Told what became of a job once its record says so: (job id, SUCCEEDED | FAILED | CANCELED,
 # the error) for a final state, (job id, QUEUED, the reason) for a job handed back to a queue.
 OutcomeHook = Callable[[str, JobStatus, dict[str, str] | None], None]
+
+
+# What became of a job, as ``JobRunner.run`` returns it. Each prints as the worker's log has
+# always said it (operators and the suite read those words).
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The record says the job ended ``status`` (with ``error`` when it failed)."""
+
+    status: JobStatus
+    error: JobError | None = None
+
+    def __str__(self) -> str:
+        if self.error is not None and self.error.type is ErrorType.TOO_MANY_ATTEMPTS:
+            return "dead-lettered"
+        if self.error is not None and self.error.type is ErrorType.EXPIRED:
+            return "expired"
+        return self.status.value
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """The job went back to ``queue``: ``why`` is ``handed_back`` (this worker stopped) or
+    ``escalated`` (out of memory: a bigger class's queue)."""
+
+    why: str
+    queue: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"escalated to {self.queue}" if self.why == "escalated" else "handed back"
+
+
+@dataclass(frozen=True)
+class Finishing:
+    """Generated; step 4 (encode, store, record) is under way on the finisher's thread."""
+
+    def __str__(self) -> str:
+        return "finishing"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Nothing of the job was this run's to change: it has no record (``status`` None), is in
+    ``status`` already, or runs on ``holder``, alive."""
+
+    status: JobStatus | None
+    holder: str | None = None
+
+    def __str__(self) -> str:
+        if self.status is None:
+            return "missing"
+        return f"skipped (running on {self.holder})" if self.holder else f"skipped ({self.status.value})"
+
+
+Outcome = Ended | Requeued | Finishing | Skipped
+
+
+class Phase(StrEnum):
+    GENERATE = "generate"  # steps 2 and 3: the request checked, inputs loaded, the pipeline run
+    STORE = "store"  # step 4: the outputs encoded and stored (host CPU and memory only)
+
+
+@dataclass(frozen=True)
+class Failure:
+    error: JobError
+    escalate: bool  # out of GPU memory: the job goes to a bigger class instead of failing
+
+
+def failure(exc: BaseException, phase: Phase) -> Failure:
+    """What an exception raised in ``phase`` makes of the job. Only running out of memory while
+    generating escalates: encoding and storing use the host's memory, which a bigger GPU class
+    does not add to, so a ``MemoryError`` there is an ordinary failure."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        kind = ErrorType.TIME_LIMIT
+    elif isinstance(exc, InvalidRequest):
+        kind = ErrorType.INVALID_REQUEST
+    elif phase is Phase.GENERATE and _out_of_memory(exc):
+        return Failure(_error(ErrorType.OUT_OF_MEMORY, exc), escalate=True)
+    else:
+        kind = getattr(exc, "error_type", ErrorType.MODEL_ERROR)
+    return Failure(_error(kind, exc), escalate=False)
 
 
 class HandBack(Exception):
@@ -88,12 +173,15 @@ class JobRunner:
         self.max_dead_letters = max_dead_letters
         self.limits = limits
 
-    def run(self, job_id: str) -> str:
+    def run(self, job_id: str) -> Outcome:
         """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
-        ("finishing" once step 4 is under way on the finisher's thread)."""
+        (``Finishing`` once step 4 is under way on the finisher's thread, which reports it)."""
+        return self._report(job_id, self._run(job_id))
+
+    def _run(self, job_id: str) -> Outcome:
         # 1. Claim it, unless it is finished, canceled, or alive on another worker.
         claimed = self._claim(job_id)
-        if isinstance(claimed, str):
+        if not isinstance(claimed, tuple):
             return claimed
         record, started_at = claimed
         self.busy.job_started(started_at, record.created_at)
@@ -103,26 +191,25 @@ class JobRunner:
                 generated = self._generate(job_id, record, started_at)
             finally:
                 self.busy.gpu_done()  # what is left (encode, store, record) is the CPU's
-            if isinstance(generated, str):
+            if not isinstance(generated, tuple):
                 return generated
             # 4. Encode and store, then record: on the finisher's thread, while this one takes
             #    the next job (it waits here while max_pending_outputs jobs are finishing).
             try:
-                status = self.finisher.submit(partial(self._complete, job_id, record, started_at, *generated))
-            except SoftTimeLimitExceeded as exc:
-                _, _, timings = generated
-                return self._finish(
-                    record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
+                outcome = self.finisher.submit(
+                    partial(self._complete, job_id, record, started_at, *generated)
                 )
+            except SoftTimeLimitExceeded as exc:
+                return self._fail(record, exc, Phase.STORE, generated[2], started_at)
             finishing = True
-            return status or "finishing"
+            return outcome or Finishing()
         finally:
             if not finishing:
                 self._done_with_job()
 
     def _generate(
         self, job_id: str, record: JobRecord, started_at: float
-    ) -> tuple[RequestBase, Generated, dict[str, float]] | str:
+    ) -> tuple[RequestBase, Generated, dict[str, float]] | Outcome:
         """Steps 2 and 3; what was generated, or what became of the job when it ended here."""
         timings = {"queue_wait_s": round(started_at - record.created_at, 4)}
         try:
@@ -166,38 +253,19 @@ class JobRunner:
             timings["inference_s"] = round(time.perf_counter() - t0, 4)
         except Superseded:
             log.warning("job %s was handed on while this worker ran it; leaving it", job_id)
-            return f"skipped ({self.store.get(job_id).status.value})"
+            return self._skipped(job_id)
         except JobCanceled:
             return self._finish(record, JobStatus.CANCELED, timings, started_at)
         except HandBack:
             reason = f"worker {self.worker_name} shut down"
             moved = hand_back(self.store, job_id, self.worker_name, reason, attempt=record.attempt)
             if moved is JobStatus.CANCELED:
-                self._tell(job_id, JobStatus.CANCELED, None)
-                return moved.value
+                return Ended(JobStatus.CANCELED)
             if moved is JobStatus.QUEUED:
-                self._tell(job_id, JobStatus.QUEUED, {"type": "handed_back", "message": reason})
-                return "handed back"
-            return f"skipped ({self.store.get(job_id).status.value})"
-        except SoftTimeLimitExceeded as exc:
-            return self._finish(
-                record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
-            )
-        except InvalidRequest as exc:
-            return self._finish(
-                record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.INVALID_REQUEST, exc)
-            )
+                return Requeued("handed_back", record.queue, reason)
+            return self._skipped(job_id)
         except Exception as exc:  # a model failure is the job's result, not the worker's
-            if _out_of_memory(exc):
-                return self._escalate(record, exc, timings, started_at)
-            log.exception("job %s failed", job_id)
-            return self._finish(
-                record,
-                JobStatus.FAILED,
-                timings,
-                started_at,
-                error=_error(getattr(exc, "error_type", ErrorType.MODEL_ERROR), exc),
-            )
+            return self._fail(record, exc, Phase.GENERATE, timings, started_at)
         return request, generated, timings
 
     def _complete(
@@ -208,38 +276,58 @@ class JobRunner:
         request: RequestBase,
         generated: Generated,
         timings: dict[str, float],
-    ) -> str:
+    ) -> Outcome:
         """Step 4: encode and store under keys of this attempt, then record the outcome. Only the
         attempt that owns the job can record its outputs: a stale one (this worker was thought
         dead and the job ran again) deletes what it stored, and the owner's success deletes what
         earlier attempts left, so the job's objects are its outputs and nothing else."""
         try:
-            try:
-                outputs = self._store_outputs(job_id, record.attempt, request, generated, timings)
-            except SoftTimeLimitExceeded as exc:
-                return self._finish(
-                    record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.TIME_LIMIT, exc)
-                )
-            except Exception as exc:  # a model failure is the job's result, not the worker's
-                if _out_of_memory(exc):
-                    return self._escalate(record, exc, timings, started_at)
-                log.exception("job %s failed", job_id)
-                return self._finish(
-                    record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.MODEL_ERROR, exc)
-                )
-            status = self._finish(record, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
-            if status != JobStatus.SUCCEEDED.value:
-                self._delete(job_id, [o.key for o in outputs])
-                return status
-            if record.attempt > 1:
-                kept = {o.key for o in outputs}
-                self._delete(job_id, [key for key in self.storage.list(f"jobs/{job_id}/") if key not in kept])
-            # What the next ETAs are priced with: the run without any model load.
-            run_s = timings["run_s"] - timings.get("load_s", 0.0)
-            record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
-            return status
+            return self._report(
+                job_id, self._store_and_record(job_id, record, started_at, request, generated, timings)
+            )
         finally:
             self._done_with_job()
+
+    def _store_and_record(
+        self,
+        job_id: str,
+        record: JobRecord,
+        started_at: float,
+        request: RequestBase,
+        generated: Generated,
+        timings: dict[str, float],
+    ) -> Outcome:
+        try:
+            outputs = self._store_outputs(job_id, record.attempt, request, generated, timings)
+        except Exception as exc:  # a failure to encode or store is the job's result, not the worker's
+            return self._fail(record, exc, Phase.STORE, timings, started_at)
+        outcome = self._finish(record, JobStatus.SUCCEEDED, timings, started_at, outputs=outputs)
+        if outcome != Ended(JobStatus.SUCCEEDED):
+            self._delete(job_id, [o.key for o in outputs])
+            return outcome
+        if record.attempt > 1:
+            kept = {o.key for o in outputs}
+            self._delete(job_id, [key for key in self.storage.list(f"jobs/{job_id}/") if key not in kept])
+        # What the next ETAs are priced with: the run without any model load.
+        run_s = timings["run_s"] - timings.get("load_s", 0.0)
+        record_duration(self.store.client, self.store.keys, request.model, self.pool.vram_class, run_s)
+        return outcome
+
+    def _fail(
+        self,
+        record: JobRecord,
+        exc: BaseException,
+        phase: Phase,
+        timings: dict[str, float],
+        started_at: float,
+    ) -> Outcome:
+        """The job raised ``exc`` in ``phase``: escalate it, or record it failed (``failure``)."""
+        found = failure(exc, phase)
+        if found.escalate:
+            return self._escalate(record, found.error, timings, started_at)
+        if found.error.type not in (ErrorType.TIME_LIMIT, ErrorType.INVALID_REQUEST):
+            log.error("job %s failed in %s", record.id, phase.value, exc_info=exc)
+        return self._finish(record, JobStatus.FAILED, timings, started_at, error=found.error)
 
     def _delete(self, job_id: str, keys: list[str]) -> None:
         """Delete objects that are not the job's outputs (a stale or earlier attempt's)."""
@@ -265,135 +353,115 @@ class JobRunner:
                 )
                 pipe.execute()
 
-    def _tell(self, job_id: str, status: JobStatus, error: JobError | dict[str, str] | None) -> None:
-        """Tell the monitor (Flower) what became of the job; ``error`` is the recorded error, or
-        why a job went back to a queue (``handed_back``, ``escalated``)."""
-        if self.on_outcome is None:
-            return
-        if isinstance(error, JobError):
-            error = {"type": error.type.value, "message": error.message, "where": error.where}
+    def _report(self, job_id: str, outcome: Outcome) -> Outcome:
+        """Tell the monitor (Flower) what became of the job, once its record says so: its end
+        and error, or why it went back to a queue (``handed_back``, ``escalated``)."""
+        if self.on_outcome is None or isinstance(outcome, Skipped | Finishing):
+            return outcome
+        if isinstance(outcome, Requeued):
+            status, error = JobStatus.QUEUED, {"type": outcome.why, "message": outcome.message}
+        else:
+            status, error = outcome.status, None
+            if outcome.error is not None:
+                e = outcome.error
+                error = {"type": e.type.value, "message": e.message, "where": e.where}
         try:
             self.on_outcome(job_id, status, error)
         except Exception:  # telling the monitor must never change what became of the job
             log.warning("job %s: reporting its outcome failed", job_id, exc_info=True)
+        return outcome
 
-    def _claim(self, job_id: str) -> tuple[JobRecord, float] | str:
+    def _skipped(self, job_id: str) -> Skipped:
+        """Another run changed the job first: where it is now."""
+        try:
+            return Skipped(self.store.get(job_id).status)
+        except NotFound:
+            return Skipped(None)
+
+    def _claim(self, job_id: str) -> tuple[JobRecord, float] | Outcome:
         """The job's record as this worker claimed it (its attempt is this run's), and when."""
         try:
             record = self.store.get(job_id)
         except NotFound:
             log.warning("job %s has no record; dropping its message", job_id)
-            return "missing"
+            return Skipped(None)
         if record.status.is_terminal():
-            return f"skipped ({record.status.value})"
+            return Skipped(record.status)
         if record.status is JobStatus.RUNNING and record.worker and alive(self.store, record.worker):
             # A second copy of the message (the broker's visibility timeout ran out on a long
             # job): the job is in good hands; running it again would make a second output.
-            return f"skipped (running on {record.worker})"
+            return Skipped(record.status, holder=record.worker)
         if record.attempt >= self.max_attempts:
             return self._give_up(record)
         started_at = time.time()
         if record.status is JobStatus.QUEUED and started_at - record.created_at > self.max_wait_s:
             return self._expire(record, started_at)
         try:
-            moved = self.store.transition(
-                job_id,
-                JobStatus.RUNNING,
-                count_attempt=True,
-                expect_worker=record.worker if record.status is JobStatus.RUNNING else None,
-                expect_attempt=record.attempt,
-                started_at=started_at,
-                worker=self.worker_name,
-                cancel_requested=0,
-            )
+            moved = self.store.move(job_id, lifecycle.claim(record, self.worker_name, started_at))
         except Conflict:
             # Canceled, finished or taken between the read and the claim: nothing to run.
-            return f"skipped ({self.store.get(job_id).status.value})"
+            return self._skipped(job_id)
         if moved.target is JobStatus.CANCELED:  # its dead worker was asked to cancel it
-            self._tell(job_id, JobStatus.CANCELED, None)
-            return moved.target.value
+            return Ended(JobStatus.CANCELED)
         claimed = replace(
             record, status=JobStatus.RUNNING, attempt=record.attempt + 1, worker=self.worker_name
         )
         return claimed, started_at
 
-    def _expire(self, record: JobRecord, now: float) -> str:
+    def _expire(self, record: JobRecord, now: float) -> Outcome:
         waited = now - record.created_at
         reason = f"waited {waited:.0f} s in the queue, longer than the fleet's {self.max_wait_s} s"
         error = JobError(type=ErrorType.EXPIRED, message=reason)
         try:
-            self.store.transition(
-                record.id, JobStatus.FAILED, only_from=JobStatus.QUEUED, finished_at=now, error=error
-            )
+            self.store.move(record.id, lifecycle.expire(error, now))
         except Conflict:
-            return f"skipped ({self.store.get(record.id).status.value})"
-        self._tell(record.id, JobStatus.FAILED, error)
-        return "expired"
+            return self._skipped(record.id)
+        return Ended(JobStatus.FAILED, error)
 
-    def _give_up(self, record: JobRecord) -> str:
+    def _give_up(self, record: JobRecord) -> Outcome:
         """Fail the job as ``too_many_attempts`` and dead-letter it, in one atomic step; a job
         whose cancel was asked for while it ran ends ``canceled`` instead, as asked."""
         reason = f"gave up after {record.attempt} attempts: the worker died or was stopped each time"
         error = JobError(type=ErrorType.TOO_MANY_ATTEMPTS, message=reason)
         now = time.time()
         entry = {"id": record.id, "attempts": record.attempt, "reason": reason, "at": now}
-        dead_letter = (self.store.keys.dead_letters, json.dumps(entry), self.max_dead_letters)
         try:
-            moved = self.store.transition(
-                record.id,
-                JobStatus.FAILED,
-                cancel_wins=True,
-                dead_letter=dead_letter,
-                finished_at=now,
-                error=error,
+            moved = self.store.move(
+                record.id, lifecycle.give_up(error, now, lifecycle.DeadLetter(entry, self.max_dead_letters))
             )
         except Conflict:
-            return f"skipped ({self.store.get(record.id).status.value})"
+            return self._skipped(record.id)
         if moved.target is JobStatus.CANCELED:
-            self._tell(record.id, JobStatus.CANCELED, None)
-            return moved.target.value
+            return Ended(JobStatus.CANCELED)
         log.error("job %s dead-lettered: %s", record.id, reason)
-        self._tell(record.id, JobStatus.FAILED, error)
-        return "dead-lettered"
+        return Ended(JobStatus.FAILED, error)
 
     def _escalate(
-        self, record: JobRecord, exc: BaseException, timings: dict[str, float], started_at: float
-    ) -> str:
+        self, record: JobRecord, error: JobError, timings: dict[str, float], started_at: float
+    ) -> Outcome:
         """Out of GPU memory: send the job to the next bigger class, once per class."""
         job_id = record.id
         current, priority = parse_queue(record.queue)
         target = escalate(current)
         if target is None:
-            return self._finish(
-                record, JobStatus.FAILED, timings, started_at, error=_error(ErrorType.OUT_OF_MEMORY, exc)
-            )
+            return self._finish(record, JobStatus.FAILED, timings, started_at, error=error)
         new_queue = queue_name(target.vram_class, priority)
         escalations = [
             *self.store.get(job_id).escalations,
             {"from": current.value, "to": target.vram_class.value, "at": time.time()},
         ]
+        move = lifecycle.escalate(
+            new_queue, escalations, error, owner=self.worker_name, attempt=record.attempt
+        )
         try:
-            moved = self.store.transition(
-                job_id,
-                JobStatus.QUEUED,
-                expect_worker=self.worker_name,
-                expect_attempt=record.attempt,
-                requeue=self.store.messages.run_job(job_id, new_queue),
-                queue=new_queue,
-                escalations=escalations,
-                error=_error(ErrorType.OUT_OF_MEMORY, exc),
-            )
+            moved = self.store.move(job_id, move)
         except Conflict:
-            return f"skipped ({self.store.get(job_id).status.value})"
+            return self._skipped(job_id)
         if moved.target is JobStatus.CANCELED:
             log.warning("job %s ran out of memory after its cancel was asked for; canceled", job_id)
-            self._tell(job_id, JobStatus.CANCELED, None)
-            return moved.target.value
+            return Ended(JobStatus.CANCELED)
         log.warning("job %s ran out of memory on %s; escalated to %s", job_id, current.value, new_queue)
-        self._tell(
-            job_id, JobStatus.QUEUED, {"type": "escalated", "message": f"out of memory: to {new_queue}"}
-        )
-        return f"escalated to {new_queue}"
+        return Requeued("escalated", new_queue, f"out of memory: to {new_queue}")
 
     def _inputs(self, job_id: str, request: RequestBase, timings: dict[str, float]) -> Inputs:
         ahead = self.ahead.take(job_id) if self.ahead is not None else None
@@ -485,33 +553,26 @@ class JobRunner:
         started_at: float,
         outputs: list[Output] | None = None,
         error: JobError | None = None,
-    ) -> str:
-        job_id = record.id
+    ) -> Outcome:
         finished_at = time.time()
         timings["run_s"] = round(finished_at - started_at, 4)
-        fields: dict[str, object] = {"finished_at": finished_at, "timings": timings}
-        if outputs is not None:
-            fields["outputs"] = outputs
-        if error is not None:
-            fields["error"] = error
-        elif status is JobStatus.SUCCEEDED:
-            fields["error"] = None  # an escalated job's out-of-memory error is history now
+        # Only while this worker still runs the job as this attempt: one the reaper handed on
+        # (this worker was thought dead) now belongs to another, whose outcome counts.
+        move = lifecycle.finish(
+            status,
+            owner=self.worker_name,
+            attempt=record.attempt,
+            finished_at=finished_at,
+            timings=timings,
+            outputs=outputs,
+            error=error,
+        )
         try:
-            # Only while this worker still runs the job as this attempt: one the reaper handed on
-            # (this worker was thought dead) now belongs to another, whose outcome counts.
-            self.store.transition(
-                job_id,
-                status,
-                only_from=JobStatus.RUNNING,
-                expect_worker=self.worker_name,
-                expect_attempt=record.attempt,
-                **fields,
-            )
+            self.store.move(record.id, move)
         except Conflict as exc:
-            log.warning("job %s: %s", job_id, exc)
-            return f"skipped ({self.store.get(job_id).status.value})"
-        self._tell(job_id, status, error)
-        return status.value
+            log.warning("job %s: %s", record.id, exc)
+            return self._skipped(record.id)
+        return Ended(status, error)
 
 
 def _error(kind: ErrorType, exc: BaseException) -> JobError:

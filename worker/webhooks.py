@@ -12,7 +12,9 @@ delivered at least once. What a receiver gets follows Standard Webhooks:
   ``webhook-signature`` (``v1,<base64 HMAC-SHA256>`` with the tenant's ``whsec_`` secret) and
   ``content-type: application/json``. ``standardwebhooks.Webhook(secret).verify(body, headers)``
   checks the signature and refuses a timestamp more than 5 minutes off.
-- body ``{"type": "job.succeeded", "timestamp": <ISO 8601 of the event>, "data": {...the job}}``.
+- body ``{"type": "job.succeeded", "timestamp": <ISO 8601 of the event>, "data": {...the job}}``,
+  the job in the shape ``GET /v1/jobs/{id}`` answers (``routing.jobs.record.JobView``; its
+  ``queue_position`` and ``eta_s`` are null here).
 
 **Receivers must dedupe by ``webhook-id``.** It is the same on every attempt and every replay of
 one event, and an event can arrive more than once (a 2xx lost on the way back, a replay, a worker
@@ -56,7 +58,7 @@ import random
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -74,7 +76,8 @@ from routing.io.net import UrlError, UrlLookupError, UrlPolicy, check_url, post_
 from routing.io.storage import Storage, StorageError, make_storage
 from routing.jobs import webhook_log
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobRecord, JobStore
+from routing.jobs.record import JobRecord, JobView
+from routing.jobs.store import JobStore
 from routing.settings import Settings, get_settings
 
 # The retry schedule (settings.webhook_retry_base_s, webhook_retry_cap_s): delay before attempt n+1
@@ -128,35 +131,12 @@ def _iso(epoch: float | None) -> str | None:
 
 
 def build_payload(record: JobRecord, event_type: str, at: str, storage: Storage, expires_s: int) -> dict:
-    """The JSON body of a delivery: the event and the job as it is now."""
-    outputs = [
-        {
-            "key": o.key,
-            "url": storage.url(o.key, expires_s),
-            "content_type": o.content_type,
-            "width": o.width,
-            "height": o.height,
-            "frames": o.frames,
-            "fps": o.fps,
-        }
-        for o in record.outputs
-    ]
+    """The JSON body of a delivery: the event, and the job as it is now in the API's shape."""
+    outputs = [o.with_url(storage.url(o.key, expires_s)) for o in record.outputs]
     return {
         "type": event_type,
         "timestamp": _iso(float(at)),
-        "data": {
-            "id": record.id,
-            "model": record.model,
-            "kind": record.kind,
-            "status": record.status.value,
-            "progress": {"step": record.step, "total": record.total_steps},
-            "outputs": outputs,
-            "error": asdict(record.error) if record.error else None,
-            "attempt": record.attempt,
-            "created_at": _iso(record.created_at),
-            "started_at": _iso(record.started_at),
-            "finished_at": _iso(record.finished_at),
-        },
+        "data": JobView.of(record, outputs=outputs).to_json(),
     }
 
 

@@ -18,7 +18,7 @@ import redis
 from routing.classes import VramClass, class_queues, consumed_queues, parse_queue
 from routing.jobs.codecs import encode_label
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobRecord, JobStatus
+from routing.jobs.record import JobRecord, JobStatus
 from routing.jobs.workers import live_workers
 
 # Weight of the newest run in the moving average: recent enough to follow a change of hardware

@@ -1,17 +1,21 @@
-"""What a job is, without the store it lives in: its status and the allowed changes, its
-record, and the outputs it made. Pure data (no Redis, no Celery), so the HTTP SDK can parse a job
-without loading the job store."""
+"""What a job is, apart from where it is kept: its status and the moves allowed between them, its
+record, its outputs, and the one JSON shape of a job that the API sends, the HTTP SDK parses and
+webhooks carry (``JobView``).
+
+Pure data: nothing here talks to Redis, Celery or HTTP. ``routing.jobs.store`` keeps records in
+Redis; ``routing.jobs.lifecycle`` names every change a job can make.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from routing.errors import JobError
+from routing.errors import Conflict, JobError, JobNotSucceeded
 from routing.jobs.events import Webhook
-from routing.limits import RequestLimits
 
 
 class JobStatus(StrEnum):
@@ -41,6 +45,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
 
 
 def allowed_sources(target: JobStatus) -> list[JobStatus]:
+    """The states a job may reach ``target`` from."""
     return [source for source, targets in TRANSITIONS.items() if target in targets]
 
 
@@ -91,12 +96,11 @@ class JobRecord:
     # Moves to a bigger class after running out of memory: [{"from", "to", "at"}].
     escalations: list[dict[str, Any]] = field(default_factory=list)
     handed_back: str | None = None  # why the job last went back to its queue
-    # What the request was accepted under: the worker checks it again under these, not its own
-    # settings. None for a job stored before limits were kept.
-    limits: RequestLimits | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
+        """A record from its stored fields (all strings, as a Redis hash holds them)."""
+
         def opt_float(name: str) -> float | None:
             return float(raw[name]) if raw.get(name) else None
 
@@ -127,5 +131,130 @@ class JobRecord:
             else None,
             escalations=json.loads(raw.get("escalations") or "[]"),
             handed_back=raw.get("handed_back") or None,
-            limits=RequestLimits.from_json(raw["limits"]) if raw.get("limits") else None,
         )
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the fleet shows it outside: the record less what only the fleet keeps (tenant,
+    worker, idempotency key, escalations), plus its place in line, its ETA and the outputs'
+    presigned URLs. ``to_json`` is the object the API sends and webhooks carry as ``data``;
+    ``from_json`` reads it back (the HTTP SDK). ``created`` is no part of the JSON: it is false
+    when a submit's idempotency key returned an earlier job (the API answers 200, not 201)."""
+
+    id: str
+    model: str
+    kind: str
+    status: JobStatus
+    priority: str
+    attempt: int
+    step: int
+    total_steps: int
+    queue: str
+    queue_position: int | None
+    eta_s: float | None
+    outputs: list[Output]
+    error: JobError | None
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    timings: dict[str, float]
+    webhook: Webhook | None
+    request: dict[str, Any]
+    created: bool = True
+
+    @classmethod
+    def of(
+        cls,
+        record: JobRecord,
+        *,
+        queue_position: int | None = None,
+        eta_s: float | None = None,
+        outputs: list[Output] | None = None,
+    ) -> JobView:
+        """The view of ``record``; ``outputs`` replaces the stored ones (with their URLs)."""
+        return cls(
+            id=record.id,
+            model=record.model,
+            kind=record.kind,
+            status=record.status,
+            priority=record.priority,
+            attempt=record.attempt,
+            step=record.step,
+            total_steps=record.total_steps,
+            queue=record.queue,
+            queue_position=queue_position,
+            eta_s=eta_s,
+            outputs=list(record.outputs if outputs is None else outputs),
+            error=record.error,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            timings=record.timings,
+            webhook=record.webhook,
+            request=record.request,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The job's JSON object (plain dicts, lists, strings and numbers)."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "kind": self.kind,
+            "status": self.status.value,
+            "priority": self.priority,
+            "attempt": self.attempt,
+            "progress": {"step": self.step, "total": self.total_steps},
+            "queue": self.queue,
+            "queue_position": self.queue_position,
+            "eta_s": self.eta_s,
+            "outputs": [asdict(o) for o in self.outputs],
+            "error": asdict(self.error) | {"type": self.error.type.value} if self.error else None,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "timings": self.timings,
+            "webhook": {"url": self.webhook.url, "events": list(self.webhook.events)}
+            if self.webhook
+            else None,
+            "request": self.request,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], created: bool = True) -> JobView:
+        webhook = data.get("webhook")
+        return cls(
+            id=data["id"],
+            model=data["model"],
+            kind=data["kind"],
+            status=JobStatus(data["status"]),
+            priority=data["priority"],
+            attempt=data["attempt"],
+            step=data["progress"]["step"],
+            total_steps=data["progress"]["total"],
+            queue=data["queue"],
+            queue_position=data.get("queue_position"),
+            eta_s=data.get("eta_s"),
+            outputs=[Output(**o) for o in data.get("outputs", [])],
+            error=JobError.from_dict(data["error"]) if data["error"] else None,
+            created_at=data["created_at"],
+            updated_at=data["updated_at"],
+            started_at=data["started_at"],
+            finished_at=data["finished_at"],
+            timings=data["timings"],
+            webhook=Webhook(webhook["url"], tuple(webhook["events"])) if webhook else None,
+            request=data["request"],
+            created=created,
+        )
+
+    def result(self) -> list[Output]:
+        """The outputs; raises ``JobNotSucceeded`` (failed, canceled) or ``Conflict`` (not ended)."""
+        if self.status in (JobStatus.FAILED, JobStatus.CANCELED):
+            reason = self.error.message if self.error else ""
+            raise JobNotSucceeded(self, f"job {self.id} {self.status.value}: {reason}".rstrip(": "))
+        if self.status is not JobStatus.SUCCEEDED:
+            raise Conflict(f"job {self.id} is {self.status.value}; it has no result yet")
+        return self.outputs

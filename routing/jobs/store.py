@@ -1,8 +1,9 @@
 """The job record: one Redis hash per job, and every change to it.
 
-Each state change is one Lua script: it checks the transition against ``TRANSITIONS``, writes the
-record and appends the event to the events stream in one atomic step, so the status API, Flower
-and webhooks can never see a record and an event that disagree.
+Each state change is a named move (``routing.jobs.lifecycle``) made by one Lua script: it checks
+the move against the job's state and its fence, writes the record and appends the event to the
+events stream in one atomic step, so the status API, Flower and webhooks can never see a record
+and an event that disagree.
 """
 
 from __future__ import annotations
@@ -19,16 +20,13 @@ import redis
 
 from routing.classes import WEBHOOK_QUEUE, parse_queue
 from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
-from routing.jobs import scripts
+from routing.jobs import lifecycle, scripts
 from routing.jobs.codecs import encode_label
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
+from routing.jobs.lifecycle import Move, Moved
 from routing.jobs.messages import TaskMessages
-
-# Re-exported: the store's callers name the record's types from here too.
-from routing.jobs.record import TRANSITIONS as TRANSITIONS
-from routing.jobs.record import JobRecord, JobStatus, allowed_sources
-from routing.jobs.record import Output as Output
+from routing.jobs.record import JobRecord, JobStatus
 from routing.limits import RequestLimits
 
 _EVENT_FOR = {
@@ -48,15 +46,6 @@ class Step:
     # The job runs again as another worker's or attempt's (this one was thought dead): stop
     # without touching it; nothing of this step was written.
     superseded: bool = False
-
-
-@dataclass(frozen=True)
-class Moved:
-    """What a transition did: the state the job left, and the one it reached (``CANCELED``
-    instead of the target when a cancel was asked for while it ran: see ``JobStore.transition``)."""
-
-    source: JobStatus
-    target: JobStatus
 
 
 @dataclass(frozen=True)
@@ -246,55 +235,36 @@ class JobStore:
     def request_hash(self, job_id: str) -> str:
         return _text(self.client.hget(self.keys.job(job_id), "request_hash") or b"")
 
-    def transition(
-        self,
-        job_id: str,
-        target: JobStatus,
-        *,
-        only_from: JobStatus | None = None,
-        count_attempt: bool = False,
-        expect_worker: str | None = None,
-        expect_attempt: int | None = None,
-        requeue: tuple[str, str] | None = None,
-        cancel_wins: bool = False,
-        dead_letter: tuple[str, str, int] | None = None,
-        ttl_s: int | None = None,
-        **fields: Any,
-    ) -> Moved:
-        """Move the job to ``target`` if ``TRANSITIONS`` allows it from its current state
-        (narrowed to ``only_from`` when given, and only while ``expect_worker`` still owns it
-        and its attempt is still ``expect_attempt``).
+    def move(self, job_id: str, move: Move) -> Moved:
+        """Make ``move`` (one of ``routing.jobs.lifecycle``'s) in one atomic step: only from one
+        of its sources, and only while its owner and attempt, where it names them, still hold.
 
-        ``requeue`` is the (queue, message) pushed when the job goes back to ``queued``, in the
-        same atomic step: a handed-back job is never without its message.
+        A move back to ``queued`` pushes the job's message onto its queue in the same step: a
+        handed-back job is never without its message. A running job whose cancel was asked for
+        ends ``canceled`` instead of going back or running again (``Move.cancel_outlives``).
 
-        A running job whose cancel was asked for does not go back to ``queued`` or run again:
-        it becomes ``canceled`` instead, with its event and webhook, whatever became of the
-        worker that was to stop it (killed, handed back, out of memory). ``cancel_wins`` does the
-        same for a failure that befell the worker rather than the job (given up after too many
-        attempts): the job ends ``canceled``, as asked.
-
-        ``dead_letter`` is (list, entry, max): when the job ends ``failed``, ``entry`` is pushed
-        onto ``list``, trimmed to the newest ``max``, in the same atomic step.
-
-        ``ttl_s`` is how long a record that ends here is kept (the store's ``ttl_s`` when None).
-
-        Returns where it moved from and to. Raises ``Conflict`` when the change is not allowed,
+        Returns where it moved from and to. Raises ``Conflict`` when the move is not allowed,
         ``NotFound`` when there is no such job.
         """
-        sources_allowed = allowed_sources(target)
-        if only_from is not None:
-            sources_allowed = [s for s in sources_allowed if s is only_from]
-        sources = ",".join(s.value for s in sources_allowed)
-        ttl = (ttl_s or self.ttl_s) if target.is_terminal() else 0
-        values = {k: _encode(v) for k, v in fields.items()}
+        target = move.target
+        ttl = (move.kept_s or self.ttl_s) if target.is_terminal() else 0
+        values = {k: _encode(v) for k, v in move.fields.items()}
         now = repr(time.time())
         event_type = _EVENT_FOR[target].value
         event_id, message = self._webhook_message(job_id, event_type, now)
         canceled: dict[str, str] = {}
-        if (cancel_wins or not target.is_terminal()) and JobStatus.RUNNING in sources_allowed:
+        if move.cancel_outlives:
             canceled_id, canceled_message = self._webhook_message(job_id, EventType.CANCELED.value, now)
             canceled = {"event_id": canceled_id, "message": canceled_message, "ttl_s": str(self.ttl_s)}
+        requeue: list[str] = []
+        if move.requeue is not None:
+            if self.messages is None:
+                raise ValueError(f"{move.name}: this store has no messages to requeue the job with")
+            requeue = list(self.messages.run_job(job_id, move.requeue))
+        dead_letter: list[str] = []
+        if move.dead_letter is not None:
+            entry = json.dumps(dict(move.dead_letter.entry))
+            dead_letter = [self.keys.dead_letters, entry, str(move.dead_letter.max_entries)]
         keys = {
             "job": self.keys.job(job_id),
             "job_events": self.keys.job_events(job_id),
@@ -312,18 +282,18 @@ class JobStore:
         args = _args(
             keys=keys,
             target=target.value,
-            sources=sources,
+            sources=",".join(s.value for s in move.sources),
             now=now,
             event_type=event_type,
             maxlen=str(self.events_maxlen),
             ttl_s=str(ttl),
-            count="attempt" if count_attempt else "",
+            count="attempt" if move.count_attempt else "",
             event_id=event_id,
             message=message,
-            worker=expect_worker or "",
-            attempt="" if expect_attempt is None else str(expect_attempt),
-            requeue=list(requeue) if requeue else [],
-            dead_letter=[dead_letter[0], dead_letter[1], str(dead_letter[2])] if dead_letter else [],
+            worker=move.owner or "",
+            attempt="" if move.attempt is None else str(move.attempt),
+            requeue=requeue,
+            dead_letter=dead_letter,
             fields=_flatten(values),
             canceled=canceled,
         )
@@ -332,9 +302,9 @@ class JobStore:
         if not current:
             raise NotFound(f"no job {job_id!r}")
         if not ok:
-            reasons = [f"{expect_worker} no longer has it"] if expect_worker else []
-            if expect_attempt is not None:
-                reasons.append(f"it is no longer at attempt {expect_attempt}")
+            reasons = [f"{move.owner} no longer has it"] if move.owner else []
+            if move.attempt is not None:
+                reasons.append(f"it is no longer at attempt {move.attempt}")
             owner = f" (or {', or '.join(reasons)})" if reasons else ""
             raise Conflict(f"job {job_id} is {current}; it cannot become {target.value}{owner}")
         return Moved(JobStatus(current), JobStatus(_text(reached[0])))
@@ -362,13 +332,7 @@ class JobStore:
                 try:
                     # created_at never changes, so the index's score is the record's: only the
                     # status can have moved since the read, and the transition checks it.
-                    self.transition(
-                        job_id,
-                        JobStatus.FAILED,
-                        only_from=JobStatus.QUEUED,
-                        finished_at=now,
-                        error=JobError(type=ErrorType.EXPIRED, message=waited),
-                    )
+                    self.move(job_id, lifecycle.expire(JobError(type=ErrorType.EXPIRED, message=waited), now))
                 except Conflict:
                     continue
                 except NotFound:
@@ -450,13 +414,7 @@ class JobStore:
         its queue, and its record is kept ``canceled_ttl_s``); a running job is marked and stops
         at its next step. A finished job is left as it is. Returns the status after the call."""
         try:
-            self.transition(
-                job_id,
-                JobStatus.CANCELED,
-                only_from=JobStatus.QUEUED,
-                ttl_s=self.canceled_ttl_s,
-                finished_at=time.time(),
-            )
+            self.move(job_id, lifecycle.cancel(time.time(), kept_s=self.canceled_ttl_s))
             return JobStatus.CANCELED
         except Conflict:
             pass

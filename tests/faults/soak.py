@@ -47,8 +47,9 @@ from pathlib import Path
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.io.storage import LocalStorage
+from routing.jobs.events import Webhook
 from routing.jobs.messages import task_id
-from routing.jobs.store import JobStatus, Webhook
+from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
 from testkit.storage import SLOW_WORKER
 from tests.faults.harness import RedisServer, kill_group

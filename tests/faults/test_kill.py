@@ -10,7 +10,7 @@ import pytest
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from tests.faults.conftest import MAX_ATTEMPTS
 from tests.faults.harness import event_types, kill_group, small_request, wait_for, wait_warm
 

@@ -11,7 +11,7 @@ import pytest
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from testkit.storage import SLOW_WORKER
 from tests.faults.harness import event_types, kill_group, small_request, wait_for, wait_log, wait_warm
 from tests.integration.test_every_kind import picture

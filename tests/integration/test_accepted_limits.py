@@ -8,7 +8,7 @@ import pytest
 
 from producer.client import Client
 from routing.errors import ErrorType
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.limits import RequestLimits
 from routing.settings import Settings
 

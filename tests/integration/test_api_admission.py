@@ -17,9 +17,10 @@ import redis
 
 from localfleet.process import ApiProcess
 from routing.classes import VramClass
+from routing.jobs import lifecycle
 from routing.jobs.eta import record_duration
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.jobs.workers import heartbeat
 from routing.settings import Settings
 from tests.conftest import _free_port
@@ -214,14 +215,9 @@ def test_a_handed_back_job_canceled_in_its_queue_leaves_it_too(client):
     job = client.submit(SMALL | {"kind": "text-to-image"})
     raw = client.store.client
     assert raw.rpop("gpu16") is not None  # a worker took the message
-    client.store.transition(job.id, JobStatus.RUNNING, worker="w1")
+    client.store.move(job.id, lifecycle.claim(client.get(job.id), "w1", time.time()))
     assert raw.hget(client.keys.job(job.id), "queued_message") is None  # no longer queued
-    client.store.transition(
-        job.id,
-        JobStatus.QUEUED,
-        only_from=JobStatus.RUNNING,
-        requeue=client.store.messages.run_job(job.id, "gpu16"),
-    )
+    client.store.move(job.id, lifecycle.hand_back("gpu16", "its worker stopped", owner="w1"))
     assert raw.llen("gpu16") == 1
     assert client.cancel(job.id).status is JobStatus.CANCELED
     assert raw.llen("gpu16") == 0

@@ -23,7 +23,8 @@ import pytest
 
 from localfleet.process import ApiProcess
 from producer.client import Client
-from routing.jobs.store import JobStatus, Webhook
+from routing.jobs import lifecycle
+from routing.jobs.events import Webhook
 from routing.settings import Settings
 from tests.conftest import _free_port
 from tests.webhook_receiver import Receiver
@@ -234,7 +235,7 @@ def test_replays_are_rationed_per_job_and_per_tenant(api, settings):
             events = []
             for _ in range(2):
                 job = client.submit(SMALL, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="a")
-                client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
+                client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
                 event = next(e for e in client.store.events(job.id) if e["type"] == "job.started")
                 Deliverer(settings, client.store.client).deliver(
                     job.id, event["event_id"], "job.started", event["at"], 1

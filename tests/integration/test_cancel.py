@@ -8,7 +8,8 @@ import pytest
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import EventType, JobStatus
+from routing.jobs.events import EventType
+from routing.jobs.record import JobStatus
 
 pytestmark = pytest.mark.integration
 

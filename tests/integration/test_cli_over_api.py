@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from localfleet.process import ApiProcess
 from producer import cli as cli_module
 from producer.client import Client
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
 from tests.conftest import ROOT, _free_port

@@ -13,7 +13,7 @@ from producer.client import Client
 from routing.catalog import CATALOG
 from routing.io.media import check_video
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobRecord, JobStatus
+from routing.jobs.record import JobRecord, JobStatus
 from worker.media import decode_video, encode_mp4, encode_png
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,9 @@ import pytest
 
 from localfleet.process import ApiProcess, WorkerProcess
 from producer.client import Client
+from routing.jobs import lifecycle
 from routing.jobs.events import Webhook
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
 from tests.conftest import _free_port
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)
@@ -123,7 +124,7 @@ def test_the_sweep_expires_queued_jobs_past_max_wait_s_and_nothing_else(client: 
     old = client.submit(SMALL, tenant="t", max_in_flight=4).id
     running = client.submit(SMALL, tenant="t").id
     canceled = client.submit(SMALL, tenant="t").id
-    client.store.transition(running, JobStatus.RUNNING, started_at=time.time(), worker="w")
+    client.store.move(running, lifecycle.claim(client.store.get(running), "w", time.time()))
     client.cancel(canceled)
     time.sleep(1.2)
     young = client.submit(SMALL, tenant="t").id

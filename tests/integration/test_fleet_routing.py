@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from producer.client import Client
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 
 pytestmark = pytest.mark.integration
 

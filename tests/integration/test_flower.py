@@ -19,7 +19,7 @@ import pytest
 from localfleet.flower import FlowerProcess, flower_command
 from producer.client import Client
 from producer.flower import fleet_queue_names
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.faults.harness import FAULT_ADAPTER
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
 from worker.media import encode_png, encode_wav

@@ -4,16 +4,20 @@ whatever becomes of its worker (hand-back, out-of-memory requeue, redelivery).""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 
 from producer.client import Client
 from routing.classes import WEBHOOK_QUEUE
-from routing.errors import Conflict
+from routing.errors import Conflict, ErrorType, JobError
+from routing.jobs import lifecycle
 from routing.jobs.events import Webhook
+from routing.jobs.lifecycle import Moved
 from routing.jobs.messages import task_args
-from routing.jobs.store import JobStatus, Moved, NewJob
+from routing.jobs.record import JobStatus, Output
+from routing.jobs.store import NewJob
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +44,7 @@ def _queued(client: Client) -> str:
 
 
 def _claim(client: Client, job_id: str, worker: str) -> None:
-    client.store.transition(job_id, JobStatus.RUNNING, count_attempt=True, worker=worker, cancel_requested=0)
+    client.store.move(job_id, lifecycle.claim(client.store.get(job_id), worker, time.time()))
 
 
 def _webhook_events(client: Client) -> list[str]:
@@ -55,13 +59,7 @@ def test_a_superseded_worker_or_attempt_writes_no_progress_and_no_outcome(client
     _claim(client, job_id, "w1")
     assert not store.progress(job_id, 1, 4, worker="w1", attempt=1).superseded
     # The reaper thought w1 dead and handed the job back; w2 runs it as attempt 2.
-    moved = store.transition(
-        job_id,
-        JobStatus.QUEUED,
-        only_from=JobStatus.RUNNING,
-        expect_worker="w1",
-        requeue=store.messages.run_job(job_id, "gpu16"),
-    )
+    moved = store.move(job_id, lifecycle.hand_back("gpu16", "worker w1 died", owner="w1"))
     assert moved == Moved(JobStatus.RUNNING, JobStatus.QUEUED)  # no cancel asked: requeued
     assert store.client.llen("gpu16") == 1 and _webhook_events(client) == ["job.queued"]
     _claim(client, job_id, "w2")
@@ -77,19 +75,21 @@ def test_a_superseded_worker_or_attempt_writes_no_progress_and_no_outcome(client
 
     for worker, attempt in [("w1", 1), ("w1", 2), ("w2", 1)]:
         with pytest.raises(Conflict):
-            store.transition(
+            store.move(
                 job_id,
-                JobStatus.SUCCEEDED,
-                only_from=JobStatus.RUNNING,
-                expect_worker=worker,
-                expect_attempt=attempt,
-                outputs=[{"key": f"jobs/{job_id}/attempt-1/output-0.png"}],
+                lifecycle.finish(
+                    JobStatus.SUCCEEDED,
+                    owner=worker,
+                    attempt=attempt,
+                    finished_at=time.time(),
+                    outputs=[Output(f"jobs/{job_id}/attempt-1/output-0.png", "image/png", 1)],
+                ),
             )
     assert store.get(job_id).status is JobStatus.RUNNING and store.get(job_id).outputs == []
 
     assert not store.progress(job_id, 2, 4, worker="w2", attempt=2).superseded
-    moved = store.transition(
-        job_id, JobStatus.SUCCEEDED, only_from=JobStatus.RUNNING, expect_worker="w2", expect_attempt=2
+    moved = store.move(
+        job_id, lifecycle.finish(JobStatus.SUCCEEDED, owner="w2", attempt=2, finished_at=time.time())
     )
     assert moved == Moved(JobStatus.RUNNING, JobStatus.SUCCEEDED)
     assert store.get(job_id).step == 2
@@ -99,9 +99,10 @@ def test_a_claim_at_a_stale_attempt_takes_nothing(client: Client):
     # Two workers read the queued record (attempt 0); the first claims it. The second's claim,
     # made on what it read, must not take the job from the first.
     job_id = _queued(client)
-    client.store.transition(job_id, JobStatus.RUNNING, count_attempt=True, expect_attempt=0, worker="w1")
+    read = client.store.get(job_id)
+    client.store.move(job_id, lifecycle.claim(read, "w1", time.time()))
     with pytest.raises(Conflict):
-        client.store.transition(job_id, JobStatus.RUNNING, count_attempt=True, expect_attempt=0, worker="w2")
+        client.store.move(job_id, lifecycle.claim(read, "w2", time.time()))
     assert (client.store.get(job_id).worker, client.store.get(job_id).attempt) == ("w1", 1)
 
 
@@ -114,27 +115,12 @@ def test_a_cancel_asked_while_running_outlives_the_worker(client: Client, how: s
     # ...but w1 never gets there: it dies (the reaper hands the job back, or a second copy of
     # its message claims it) or runs out of memory first.
     if how == "hand-back":
-        moved = store.transition(
-            job_id,
-            JobStatus.QUEUED,
-            only_from=JobStatus.RUNNING,
-            expect_worker="w1",
-            requeue=store.messages.run_job(job_id, "gpu16"),
-            handed_back="worker w1 died",
-        )
+        moved = store.move(job_id, lifecycle.hand_back("gpu16", "worker w1 died", owner="w1"))
     elif how == "escalation":
-        moved = store.transition(
-            job_id,
-            JobStatus.QUEUED,
-            expect_worker="w1",
-            expect_attempt=1,
-            requeue=store.messages.run_job(job_id, "gpu80"),
-            queue="gpu80",
-        )
+        error = JobError(type=ErrorType.OUT_OF_MEMORY, message="out of memory")
+        moved = store.move(job_id, lifecycle.escalate("gpu80", [], error, owner="w1", attempt=1))
     else:
-        moved = store.transition(
-            job_id, JobStatus.RUNNING, count_attempt=True, expect_worker="w1", worker="w2", cancel_requested=0
-        )
+        moved = store.move(job_id, lifecycle.claim(store.get(job_id), "w2", time.time()))
 
     assert moved == Moved(JobStatus.RUNNING, JobStatus.CANCELED)
     record = store.get(job_id)

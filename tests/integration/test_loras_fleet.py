@@ -13,7 +13,7 @@ import torch
 from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from testkit.small_models.lora import build_lora
 
 pytestmark = pytest.mark.integration

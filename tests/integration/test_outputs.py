@@ -11,7 +11,7 @@ from PIL import Image
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import JobRecord, JobStatus
+from routing.jobs.record import JobRecord, JobStatus
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from localfleet.process import settings_env
 from producer.client import Client
 from routing.io.retention import DAY_S, lifecycle_configuration
 from routing.io.storage import LocalStorage, S3Storage
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.faults.harness import FAULT_ADAPTER, SMALL
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
-from routing.jobs.store import EventType, JobStatus
+from routing.jobs.events import EventType
+from routing.jobs.record import JobStatus
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from producer.client import Client
-from routing.jobs.store import JobStatus, Webhook
+from routing.jobs import lifecycle
+from routing.jobs.events import Webhook
 from routing.settings import Settings, Tenant
 from worker.webhooks import DEFERRED, DELIVERED, FAILED, RETRYING, Deliverer, defer_s
 
@@ -95,7 +96,7 @@ def receiver() -> Iterator[SlowReceiver]:
 def started_job(client: Client, url: str, tenant: str) -> tuple[str, str, str]:
     """A job whose ``started`` event is to be delivered to ``url``: (job id, event id, event at)."""
     job = client.submit(REQUEST, webhook=Webhook(url, ("started",)), tenant=tenant)
-    client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     event = next(e for e in client.store.events(job.id) if e["type"] == "job.started")
     return job.id, event["event_id"], str(event["at"])
 

@@ -24,9 +24,11 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.errors import InvalidRequest
+from routing.jobs import lifecycle
 from routing.jobs import webhook_log as shared
+from routing.jobs.events import Webhook
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, Output, Webhook
+from routing.jobs.record import JobStatus, Output
 from routing.settings import Settings, Tenant
 from tests.webhook_receiver import Receiver
 from worker import webhooks
@@ -92,10 +94,15 @@ def test_retries_until_2xx_with_one_webhook_id_and_the_receiver_applies_it_once(
 ) -> None:
     receiver.plan("/hook", 500, 500, 500)
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("succeeded",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING, started_at=time.time())
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     key = f"jobs/{job.id}/attempt-1/output-0.png"
     output = Output(key, "image/png", 100, width=512, height=512)
-    client.store.transition(job.id, JobStatus.SUCCEEDED, finished_at=time.time(), outputs=[output])
+    client.store.move(
+        job.id,
+        lifecycle.finish(
+            JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=time.time(), outputs=[output]
+        ),
+    )
 
     wait_until(lambda: len(receiver.deliveries) == 4 and len(log(job.id)) == 4)
     deliveries = receiver.deliveries
@@ -134,7 +141,7 @@ def test_tampered_body_and_stale_timestamp_fail_verification(
     worker, receiver: Receiver, client: Client
 ) -> None:
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     wait_until(lambda: len(receiver.deliveries) == 1)
     captured = receiver.deliveries[0]
     assert receiver.verify(captured.body, captured.headers)
@@ -161,7 +168,7 @@ def test_a_delivery_gives_up_at_webhook_max_attempts(
 ) -> None:
     receiver.plan("/hook", 500, 500, 500)
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     started = next(e for e in client.store.events(job.id) if e["type"] == "job.started")
     deliverer = webhooks.Deliverer(settings.model_copy(update={"webhook_max_attempts": 2}))
 
@@ -185,12 +192,14 @@ def test_410_disables_the_endpoint_for_later_events(worker, receiver: Receiver, 
     receiver.plan("/gone", 410)
     url = receiver.url("/gone")
     job = client.submit(REQUEST, webhook=Webhook(url, ("started", "succeeded")), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     wait_until(lambda: [e["outcome"] for e in log(job.id)] == ["disabled"])
     assert log(job.id)[0]["status_code"] == 410
     assert shared.disabled_urls(client.store.client, client.keys, "t1") == {url}
 
-    client.store.transition(job.id, JobStatus.SUCCEEDED)
+    client.store.move(
+        job.id, lifecycle.finish(JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=time.time())
+    )
     wait_until(lambda: len(log(job.id)) == 2)
     last = log(job.id)[-1]
     assert (last["type"], last["outcome"], last["status_code"]) == ("job.succeeded", "disabled", None)
@@ -200,7 +209,7 @@ def test_410_disables_the_endpoint_for_later_events(worker, receiver: Receiver, 
 def test_redirect_is_a_failure_and_is_not_followed(worker, receiver: Receiver, client: Client, log) -> None:
     receiver.plan("/hook", (302, {"Location": "/elsewhere"}))
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     wait_until(lambda: len(log(job.id)) == 2)
     assert [(e["outcome"], e["status_code"]) for e in log(job.id)] == [("retrying", 302), ("delivered", 200)]
     assert "/elsewhere" in log(job.id)[0]["error"]
@@ -212,7 +221,7 @@ def test_429_retry_after_sets_the_next_delay(worker, receiver: Receiver, client:
     # 2 s: above the 1 s the test's backoff would wait anyway, so ignoring the header shows.
     receiver.plan("/hook", (429, {"Retry-After": "2"}))
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     wait_until(lambda: len(log(job.id)) == 2)
     first, second = receiver.hits("/hook")
     assert second.at - first.at >= 1.9
@@ -234,8 +243,10 @@ def test_webhook_to_a_refused_address_is_refused_at_submit(client: Client, redis
 
 def test_events_filter_skips_events_not_asked_for(worker, receiver: Receiver, client: Client, log) -> None:
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("succeeded",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
-    client.store.transition(job.id, JobStatus.SUCCEEDED)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
+    client.store.move(
+        job.id, lifecycle.finish(JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=time.time())
+    )
     wait_until(lambda: len(receiver.deliveries) >= 1)
     time.sleep(0.5)  # a started delivery, queued first, would have arrived by now
     assert [json.loads(d.body)["type"] for d in receiver.deliveries] == ["job.succeeded"]
@@ -244,7 +255,7 @@ def test_events_filter_skips_events_not_asked_for(worker, receiver: Receiver, cl
 
 def test_progress_webhooks_are_throttled(worker, receiver: Receiver, client: Client) -> None:
     job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("progress",)), tenant="t1")
-    client.store.transition(job.id, JobStatus.RUNNING)
+    client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
     for step in range(1, 5):  # well within the 2 s interval
         client.store.progress(job.id, step, 10)
     client.store.progress(job.id, 10, 10)  # the last step is always sent
@@ -273,7 +284,7 @@ def test_address_refused_at_delivery_fails_without_retry(
     with Client(lax) as lax_client:
         url = f"http://127.0.0.3:{receiver.port}/hook"
         job = lax_client.submit(REQUEST, webhook=Webhook(url, ("started",)), tenant="t1")
-        lax_client.store.transition(job.id, JobStatus.RUNNING)
+        lax_client.store.move(job.id, lifecycle.claim(lax_client.store.get(job.id), "", time.time()))
     wait_until(lambda: len(log(job.id)) == 1)
     time.sleep(1.5)  # past the first retry's delay: there must be none
     entries = log(job.id)
@@ -320,7 +331,7 @@ def test_a_copy_of_a_retry_waiting_out_retry_after_is_dropped(
         worker = process.wait_ready(timeout_s=30)
         receiver.plan("/hook", (503, {"Retry-After": "6"}))
         job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
-        client.store.transition(job.id, JobStatus.RUNNING)
+        client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
         started_id = event_id(client, job.id, "job.started")
         wait_until(lambda: len(log(job.id)) == 1)
 
@@ -347,7 +358,7 @@ def test_retry_after_waits_at_most_the_retry_cap(
     for asked in ("4", "5", "6", "99999999"):
         receiver.plan("/hook", (503, {"Retry-After": asked}))
         job = client.submit(REQUEST, webhook=Webhook(receiver.url("/hook"), ("started",)), tenant="t1")
-        client.store.transition(job.id, JobStatus.RUNNING)
+        client.store.move(job.id, lifecycle.claim(client.store.get(job.id), "", time.time()))
         result = deliverer.deliver(
             job.id, event_id(client, job.id, "job.started"), "job.started", "0", attempt=1
         )

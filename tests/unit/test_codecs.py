@@ -14,7 +14,7 @@ from producer.client import Client
 from routing.celery_config import make_celery
 from routing.jobs.codecs import LABEL_SEP, encode_label, parse_label
 from routing.jobs.messages import TaskMessages, task_args, task_id
-from routing.jobs.store import JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 
 

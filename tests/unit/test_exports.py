@@ -5,7 +5,7 @@ from __future__ import annotations
 import producer
 from producer.api import create_app
 from routing.jobs.events import WEBHOOK_EVENTS, EventType, Webhook, event_type
-from routing.jobs.store import Output
+from routing.jobs.record import Output
 from routing.settings import Settings
 
 

@@ -7,9 +7,10 @@ import time
 
 import fakeredis
 
-from routing.jobs import scripts
+from routing.jobs import lifecycle, scripts
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, JobStore, NewJob
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore, NewJob
 
 
 def _store() -> JobStore:
@@ -31,11 +32,11 @@ def test_each_job_stream_holds_only_its_own_events_in_order():
     store = _store()
     _create(store, "a")
     _create(store, "b")
-    store.transition("a", JobStatus.RUNNING, count_attempt=True, started_at=time.time())
+    store.move("a", lifecycle.claim(store.get("a"), "", time.time()))
     store.progress("a", 1, 2)
-    store.transition("b", JobStatus.CANCELED)
+    store.move("b", lifecycle.cancel(time.time()))
     store.progress("a", 2, 2)
-    store.transition("a", JobStatus.SUCCEEDED, finished_at=time.time())
+    store.move("a", lifecycle.finish(JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=time.time()))
 
     assert _types(store, "a") == [
         "job.queued",
@@ -53,7 +54,7 @@ def test_the_job_stream_expires_with_the_record():
     store = _store()
     _create(store, "a")
     assert store.client.ttl(store.keys.job_events("a")) == -1  # unfinished: kept like the record
-    store.transition("a", JobStatus.CANCELED)
+    store.move("a", lifecycle.cancel(time.time()))
     record_ttl = store.client.ttl(store.keys.job("a"))
     assert 0 < record_ttl <= 3600
     assert abs(store.client.ttl(store.keys.job_events("a")) - record_ttl) <= 1
@@ -62,7 +63,7 @@ def test_the_job_stream_expires_with_the_record():
 def test_the_job_stream_is_bounded():
     store = _store()
     _create(store, "a")
-    store.transition("a", JobStatus.RUNNING)
+    store.move("a", lifecycle.claim(store.get("a"), "", time.time()))
     for step in range(scripts.JOB_EVENTS_MAXLEN + 200):
         store.progress("a", step, 10_000)
     length = store.client.xlen(store.keys.job_events("a"))

@@ -5,19 +5,26 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import time
 
 import fakeredis
 import pytest
 
+from routing.celery_config import make_celery
 from routing.errors import Conflict, ErrorType, JobError, NotFound
-from routing.jobs import scripts
+from routing.jobs import lifecycle, scripts
 from routing.jobs.keys import Keys
-from routing.jobs.store import TRANSITIONS, Created, JobStatus, JobStore, Moved, NewJob, Step, allowed_sources
+from routing.jobs.lifecycle import Moved
+from routing.jobs.messages import TaskMessages
+from routing.jobs.record import TRANSITIONS, JobStatus, allowed_sources
+from routing.jobs.store import Created, JobStore, NewJob, Step
+from routing.settings import Settings
 
 
 @pytest.fixture
 def store() -> JobStore:
-    return JobStore(fakeredis.FakeRedis(), Keys("unit"), ttl_s=3600)
+    messages = TaskMessages(make_celery(Settings(redis_url="redis://127.0.0.1:1/0")))
+    return JobStore(fakeredis.FakeRedis(), Keys("unit"), ttl_s=3600, messages=messages)
 
 
 def _new(job_id: str, **kwargs) -> NewJob:
@@ -38,6 +45,16 @@ def _create(store: JobStore, job_id: str = "a" * 32, **kwargs) -> str:
     return found
 
 
+def _claim(store: JobStore, job_id: str, worker: str = "", started_at: float = 1.0) -> Moved:
+    return store.move(job_id, lifecycle.claim(store.get(job_id), worker, started_at))
+
+
+def _finish(store: JobStore, job_id: str, status: JobStatus, **fields) -> Moved:
+    return store.move(
+        job_id, lifecycle.finish(status, owner=None, attempt=None, finished_at=time.time(), **fields)
+    )
+
+
 def test_terminal_states_have_no_way_out():
     for status in JobStatus:
         assert status.is_terminal() == (not TRANSITIONS[status])
@@ -49,10 +66,10 @@ def test_lifecycle_writes_record_and_events_together(store: JobStore):
     assert store.get(job_id).status is JobStatus.QUEUED
     assert store.client.lrange("gpu16", 0, -1) == [f"message-{job_id}".encode()]
 
-    moved = store.transition(job_id, JobStatus.RUNNING, count_attempt=True, started_at=1.0)
+    moved = _claim(store, job_id)
     assert moved == Moved(JobStatus.QUEUED, JobStatus.RUNNING)
     assert store.progress(job_id, 1, 4) == Step(JobStatus.RUNNING, cancel=False, drain=False)
-    store.transition(job_id, JobStatus.SUCCEEDED, timings={"run_s": 1.5})
+    _finish(store, job_id, JobStatus.SUCCEEDED, timings={"run_s": 1.5})
 
     record = store.get(job_id)
     assert record.status is JobStatus.SUCCEEDED
@@ -71,24 +88,38 @@ def test_lifecycle_writes_record_and_events_together(store: JobStore):
 @pytest.mark.parametrize("terminal", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED])
 def test_nothing_leaves_a_terminal_state(store: JobStore, terminal: JobStatus):
     job_id = _create(store)
-    store.transition(job_id, JobStatus.RUNNING)
-    store.transition(job_id, terminal)
-    for target in JobStatus:
+    _claim(store, job_id)
+    record = store.get(job_id)
+    _finish(store, job_id, terminal)
+    error = JobError(type=ErrorType.MODEL_ERROR, message="?")
+    every_move = [
+        lifecycle.claim(record, "w", 2.0),
+        lifecycle.finish(JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=2.0),
+        lifecycle.finish(JobStatus.FAILED, owner=None, attempt=None, finished_at=2.0),
+        lifecycle.finish(JobStatus.CANCELED, owner=None, attempt=None, finished_at=2.0),
+        lifecycle.hand_back("gpu16", "stopped", owner=""),
+        lifecycle.escalate("gpu80", [], error, owner="", attempt=1),
+        lifecycle.give_up(error, 2.0, lifecycle.DeadLetter({}, 10)),
+        lifecycle.expire(error, 2.0),
+        lifecycle.cancel(2.0),
+        lifecycle.time_out(error, 2.0),
+    ]
+    for move in every_move:
         with pytest.raises(Conflict, match=f"is {terminal.value}"):
-            store.transition(job_id, target)
+            store.move(job_id, move)
     assert store.get(job_id).status is terminal
 
 
 def test_a_queued_job_cannot_succeed_without_running(store: JobStore):
     job_id = _create(store)
     with pytest.raises(Conflict):
-        store.transition(job_id, JobStatus.SUCCEEDED)
+        _finish(store, job_id, JobStatus.SUCCEEDED)
 
 
 def test_redelivery_counts_attempts(store: JobStore):
     job_id = _create(store)
-    store.transition(job_id, JobStatus.RUNNING, count_attempt=True)
-    store.transition(job_id, JobStatus.RUNNING, count_attempt=True)
+    _claim(store, job_id)
+    _claim(store, job_id)  # redelivered: its worker (none named here) died
     assert store.get(job_id).attempt == 2
 
 
@@ -97,18 +128,18 @@ def test_cancel_queued_is_immediate_cancel_running_is_a_request(store: JobStore)
     assert store.cancel(queued) is JobStatus.CANCELED
 
     running = _create(store, "2" * 32)
-    store.transition(running, JobStatus.RUNNING)
+    _claim(store, running)
     assert store.cancel(running) is JobStatus.RUNNING
     assert store.get(running).cancel_requested
     assert store.progress(running, 2, 4).cancel
 
-    store.transition(running, JobStatus.SUCCEEDED)
+    _finish(store, running, JobStatus.SUCCEEDED)
     assert store.cancel(running) is JobStatus.SUCCEEDED
 
 
 def test_progress_of_a_job_no_longer_running_says_stop(store: JobStore):
     job_id = _create(store)
-    store.transition(job_id, JobStatus.CANCELED)
+    store.move(job_id, lifecycle.cancel(time.time()))
     assert store.progress(job_id, 1, 4) == Step(JobStatus.CANCELED, cancel=True, drain=False)
     assert store.get(job_id).step == 0
 
@@ -126,7 +157,7 @@ def test_unknown_job(store: JobStore):
     with pytest.raises(NotFound):
         store.get("f" * 32)
     with pytest.raises(NotFound):
-        store.transition("f" * 32, JobStatus.RUNNING)
+        store.move("f" * 32, lifecycle.cancel(time.time()))
     with pytest.raises(NotFound):
         store.cancel("f" * 32)
 
@@ -153,8 +184,8 @@ def test_a_tenant_at_its_limit_gets_nothing_queued_until_a_job_finishes(store: J
     with pytest.raises(NotFound):
         store.get("2" * 32)
 
-    store.transition(first, JobStatus.RUNNING)
-    store.transition(first, JobStatus.SUCCEEDED)
+    _claim(store, first)
+    _finish(store, first, JobStatus.SUCCEEDED)
     assert store.create([_new("2" * 32, tenant="t", max_in_flight=1)]) == [(Created.CREATED, "2" * 32)]
 
 
@@ -164,16 +195,16 @@ def test_queue_line_follows_the_state(store: JobStore):
         _create(store, job_id)
     line = store.keys.queued("gpu16")
     assert store.client.zrange(line, 0, -1) == [i.encode() for i in ids]
-    store.transition(ids[0], JobStatus.RUNNING)
+    _claim(store, ids[0], "w1")
     store.cancel(ids[1])
     assert store.client.zrange(line, 0, -1) == [ids[2].encode()]
-    store.transition(ids[0], JobStatus.QUEUED)  # handed back: to the end of the line
+    store.move(ids[0], lifecycle.hand_back("gpu16", "stopped", owner="w1"))  # to the end of the line
     assert store.client.zrange(line, 0, -1) == [ids[2].encode(), ids[0].encode()]
 
 
 def test_a_draining_worker_is_told_at_the_next_step(store: JobStore):
     job_id = _create(store)
-    store.transition(job_id, JobStatus.RUNNING, worker="w1")
+    _claim(store, job_id, "w1")
     assert not store.progress(job_id, 1, 4, drain_key="drain:w1").drain
     store.client.set("drain:w1", "1")
     assert store.progress(job_id, 2, 4, drain_key="drain:w1") == Step(
@@ -184,14 +215,15 @@ def test_a_draining_worker_is_told_at_the_next_step(store: JobStore):
 def test_hand_back_pushes_the_message_with_the_state_change_and_only_for_its_owner(store: JobStore):
     job_id = _create(store)
     store.client.delete("gpu16")
-    store.transition(job_id, JobStatus.RUNNING, worker="w1")
+    _claim(store, job_id, "w1")
     assert store.running() == [job_id]
     with pytest.raises(Conflict, match="no longer has it"):
-        store.transition(job_id, JobStatus.QUEUED, expect_worker="w2", requeue=("gpu16", "again"))
+        store.move(job_id, lifecycle.hand_back("gpu16", "stopped", owner="w2"))
     assert store.client.llen("gpu16") == 0
 
-    store.transition(job_id, JobStatus.QUEUED, expect_worker="w1", requeue=("gpu16", "again"))
-    assert store.client.lrange("gpu16", 0, -1) == [b"again"]
+    store.move(job_id, lifecycle.hand_back("gpu16", "stopped", owner="w1"))
+    [message] = store.client.lrange("gpu16", 0, -1)
+    assert json.loads(message)["headers"]["id"] == job_id  # the message that runs it again
     assert store.running() == []
     assert store.client.zrange(store.keys.queued("gpu16"), 0, -1) == [job_id.encode()]
 
@@ -220,22 +252,22 @@ def test_a_key_template_is_the_key_cut_around_its_value():
 
 def test_text_beyond_ascii_reaches_the_record_unchanged(store: JobStore):
     job_id = _create(store, tenant="équipe-東京", idempotency_key="clé 🦊")
-    store.transition(job_id, JobStatus.RUNNING, worker="wörker")
+    _claim(store, job_id, "wörker")
     record = store.get(job_id)
     assert (record.tenant, record.idempotency_key, record.worker) == ("équipe-東京", "clé 🦊", "wörker")
     assert store.client.sismember(store.keys.tenant_in_flight("équipe-東京"), job_id)
-    store.transition(job_id, JobStatus.SUCCEEDED)
+    _finish(store, job_id, JobStatus.SUCCEEDED)
     assert not store.client.sismember(store.keys.tenant_in_flight("équipe-東京"), job_id)
 
 
 @pytest.mark.parametrize("error_type", list(ErrorType))
 def test_every_error_type_is_stored_as_the_same_json_and_read_back(store: JobStore, error_type: ErrorType):
     job_id = _create(store)
-    store.transition(job_id, JobStatus.RUNNING)
+    _claim(store, job_id)
     error = JobError(
         type=error_type, exception="RuntimeError", message="it broke", where="RuntimeError: it broke"
     )
-    store.transition(job_id, JobStatus.FAILED, error=error)
+    _finish(store, job_id, JobStatus.FAILED, error=error)
     raw = store.client.hget(store.keys.job(job_id), "error")
     assert json.loads(raw) == {
         "type": error_type.value,
@@ -255,7 +287,7 @@ def test_the_runner_records_error_types_that_parse_back(store: JobStore):
     from types import SimpleNamespace
 
     from routing.classes import VramClass
-    from worker.runner import JobRunner
+    from worker.runner import Ended, JobRunner
 
     # No model runs here; the pool only names the class the busy totals are counted under.
     pool = SimpleNamespace(vram_class=VramClass.GPU16)
@@ -265,15 +297,15 @@ def test_the_runner_records_error_types_that_parse_back(store: JobStore):
 
     # Gave up: the job already used every attempt.
     job_id = _create(store, "1" * 32)
-    assert runner(max_attempts=0).run(job_id) == "dead-lettered"
+    assert runner(max_attempts=0).run(job_id) == Ended(JobStatus.FAILED, store.get(job_id).error)
     assert store.get(job_id).error.type is ErrorType.TOO_MANY_ATTEMPTS
     # Waited in the queue longer than the fleet allows.
     job_id = _create(store, "2" * 32)
-    assert runner(max_wait_s=-1).run(job_id) == "expired"
+    assert runner(max_wait_s=-1).run(job_id) == Ended(JobStatus.FAILED, store.get(job_id).error)
     assert store.get(job_id).error.type is ErrorType.EXPIRED
     # The stored request no longer passes the checks ("{}" names no model).
     job_id = _create(store, "3" * 32)
-    assert runner().run(job_id) == "failed"
+    assert runner().run(job_id) == Ended(JobStatus.FAILED, store.get(job_id).error)
     error = store.get(job_id).error
     assert (error.type, error.exception) == (ErrorType.INVALID_REQUEST, "InvalidRequest")
 
@@ -284,7 +316,7 @@ def test_giving_up_on_a_job_whose_cancel_was_asked_ends_it_canceled_and_dead_let
     from types import SimpleNamespace
 
     from routing.classes import VramClass
-    from worker.runner import JobRunner
+    from worker.runner import Ended, JobRunner
 
     pool = SimpleNamespace(vram_class=VramClass.GPU16)
     runner = JobRunner(store, storage=None, pool=pool, worker_name="w", max_attempts=1)  # type: ignore[arg-type]
@@ -292,17 +324,17 @@ def test_giving_up_on_a_job_whose_cancel_was_asked_ends_it_canceled_and_dead_let
     # Its worker (no heartbeat: dead) was asked to cancel it, then died before the next step;
     # the message comes back with every attempt used.
     canceled = _create(store, "1" * 32)
-    store.transition(canceled, JobStatus.RUNNING, count_attempt=True, worker="gone")
+    _claim(store, canceled, "gone")
     assert store.cancel(canceled) is JobStatus.RUNNING
-    assert runner.run(canceled) == "canceled"
+    assert runner.run(canceled) == Ended(JobStatus.CANCELED)
     record = store.get(canceled)
     assert (record.status, record.error, record.cancel_requested) == (JobStatus.CANCELED, None, True)
     assert store.client.llen(store.keys.dead_letters) == 0
 
     # Without a cancel the same job fails, and its dead letter is written with the record.
     failed = _create(store, "2" * 32)
-    store.transition(failed, JobStatus.RUNNING, count_attempt=True, worker="gone")
-    assert runner.run(failed) == "dead-lettered"
+    _claim(store, failed, "gone")
+    assert runner.run(failed) == Ended(JobStatus.FAILED, store.get(failed).error)
     assert store.get(failed).error.type is ErrorType.TOO_MANY_ATTEMPTS
     [letter] = [json.loads(raw) for raw in store.client.lrange(store.keys.dead_letters, 0, -1)]
     assert (letter["id"], letter["attempts"]) == (failed, 1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from routing.errors import InvalidRequest
-from routing.jobs.store import JobRecord
+from routing.jobs.record import JobRecord
 from routing.limits import DEFAULT_LIMITS, RequestLimits
 from routing.schemas import parse_request
 from routing.settings import Settings, get_settings

@@ -13,7 +13,8 @@ import redis
 from producer.events import JobEvents
 from routing.jobs import webhook_log
 from routing.jobs.keys import Keys
-from routing.jobs.store import JobStatus, JobStore, NewJob
+from routing.jobs.record import JobStatus
+from routing.jobs.store import JobStore, NewJob
 
 
 @pytest.mark.parametrize("error", [redis.ConnectionError("gone"), redis.ResponseError("READONLY replica")])
