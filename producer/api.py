@@ -178,7 +178,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             server, _ = start_http_server(settings.metrics_port, settings.metrics_address, registry)
         # Jobs on a class with no worker expire here too: the API is always up (a thread, off
         # the event loop).
-        stop_expiry = ExpirySweep(client.store, settings.max_wait_s, settings.expiry_sweep_interval_s).start()
+        stop_expiry = ExpirySweep(
+            client.store, settings.max_wait_s, settings.expiry_sweep_interval_s, settings.max_run_s
+        ).start()
         try:
             yield
         finally:

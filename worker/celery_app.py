@@ -134,9 +134,10 @@ def get_runner() -> JobRunner:
             on_outcome=_outcomes.report,
             max_dead_letters=settings.max_dead_letters,
             limits=RequestLimits.from_settings(settings),
+            max_run_s=settings.max_run_s,
         )
         runner = _runner
-        expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s)
+        expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s, settings.max_run_s)
         liveness.start(
             store,
             name,

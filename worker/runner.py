@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import partial
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from routing.classes import parse_queue, queue_name
@@ -28,6 +29,7 @@ from routing.io.storage import Storage, StorageError, output_key
 from routing.jobs import lifecycle
 from routing.jobs.codecs import encode_label
 from routing.jobs.eta import record_duration
+from routing.jobs.expiry import FINISH_GRACE_S
 from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import JobStore
 from routing.limits import DEFAULT_LIMITS, RequestLimits
@@ -140,6 +142,11 @@ class Superseded(Exception):
     dead and handed the job on); stop without touching the record."""
 
 
+# A refused write of a job's end is tried again after this, doubling up to the cap.
+FINISH_RETRY_S = 0.5
+FINISH_RETRY_CAP_S = 10.0
+
+
 class JobRunner:
     def __init__(
         self,
@@ -156,9 +163,12 @@ class JobRunner:
         on_outcome: OutcomeHook | None = None,
         max_dead_letters: int = 10_000,
         limits: RequestLimits = DEFAULT_LIMITS,
+        max_run_s: float = 2 * 3600,
     ):
         """``limits``: what a job stored without the limits it was accepted under (stored before
-        jobs kept them) is checked under: the worker's own settings'."""
+        jobs kept them) is checked under: the worker's own settings'. ``max_run_s``: the hard
+        time limit; a job's end is written until then (plus the finish grace), after which the
+        expiry sweep ends it."""
         self.store = store
         self.storage = storage
         self.pool = pool
@@ -172,6 +182,7 @@ class JobRunner:
         self.on_outcome = on_outcome
         self.max_dead_letters = max_dead_letters
         self.limits = limits
+        self.max_run_s = max_run_s
 
     def run(self, job_id: str) -> Outcome:
         """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
@@ -567,12 +578,29 @@ class JobRunner:
             outputs=outputs,
             error=error,
         )
-        try:
-            self.store.move(record.id, move)
-        except Conflict as exc:
-            log.warning("job %s: %s", record.id, exc)
-            return self._skipped(record.id)
-        return Ended(status, error)
+        # The job's message is acknowledged: its end is written here or nowhere. A refused write
+        # (read only, out of memory, an outage past the connection's retries) is tried again
+        # until it lands, the job is no longer this run's, or the job is past the time the
+        # expiry sweep ends it anyway.
+        give_up_at = started_at + self.max_run_s + FINISH_GRACE_S
+        wait_s = FINISH_RETRY_S
+        while True:
+            try:
+                self.store.move(record.id, move)
+            except Conflict as exc:
+                log.warning("job %s: %s", record.id, exc)
+                return self._skipped(record.id)
+            except redis.RedisError as exc:
+                if time.time() + wait_s > give_up_at:
+                    log.error(
+                        "job %s: its end was never written (%s); the expiry sweep ends it", record.id, exc
+                    )
+                    return Skipped(JobStatus.RUNNING)
+                log.warning("job %s: writing its end failed (%s); again in %.1f s", record.id, exc, wait_s)
+                time.sleep(wait_s)
+                wait_s = min(wait_s * 2, FINISH_RETRY_CAP_S)
+                continue
+            return Ended(status, error)
 
 
 def _error(kind: ErrorType, exc: BaseException) -> JobError:

@@ -167,6 +167,14 @@ def cancel(finished_at: float, kept_s: int | None = None) -> Move:
     )
 
 
-def time_out(error: JobError, finished_at: float) -> Move:
-    """The hard time limit killed the process running the job: it cannot record its own end."""
-    return Move("time out", JobStatus.FAILED, _RUNNING, fields={"finished_at": finished_at, "error": error})
+def time_out(error: JobError, finished_at: float, attempt: int | None = None) -> Move:
+    """The running job ends ``time_limit``: the hard time limit killed the process running it (it
+    cannot record its own end), or a sweep found it running past the fleet's longest run (only at
+    ``attempt``, the one the sweep read)."""
+    return Move(
+        "time out",
+        JobStatus.FAILED,
+        _RUNNING,
+        attempt=attempt,
+        fields={"finished_at": finished_at, "error": error},
+    )

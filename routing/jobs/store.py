@@ -345,6 +345,35 @@ class JobStore:
             if len(oldest) < batch or not expired_now:
                 return expired
 
+    def time_out_overdue(self, longest_s: float) -> list[str]:
+        """Fail as ``time_limit`` every running job started longer than ``longest_s`` ago,
+        whatever became of its worker: alive but unable to write its end (Redis refused it, read
+        only or out of memory, longer than the worker's retries), or gone with nothing to hand
+        it back. Each is one move, only while the job is still running at the attempt read, so a
+        job that ends or moves meanwhile is left alone. Returns their ids."""
+        ids = self.running()
+        if not ids:
+            return []
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), "started_at", "attempt")
+            rows = pipe.execute()
+        now = time.time()
+        ended: list[str] = []
+        for job_id, (started_at, attempt) in zip(ids, rows, strict=True):
+            if not started_at or now - float(started_at) <= longest_s:
+                continue
+            ran = (
+                f"running {now - float(started_at):.0f} s, past the fleet's {longest_s:g} s, and never ended"
+            )
+            error = JobError(type=ErrorType.TIME_LIMIT, message=ran)
+            try:
+                self.move(job_id, lifecycle.time_out(error, now, attempt=int(attempt or 0)))
+            except (Conflict, NotFound):
+                continue
+            ended.append(job_id)
+        return ended
+
     def page(self, tenant: str, limit: int, after: Cursor | None = None) -> list[tuple[str, float]]:
         """Up to ``limit`` of the tenant's (job id, created_at), newest first, from just after
         ``after`` (None: from the newest)."""
