@@ -111,7 +111,7 @@ def small_checkpoint_through_the_group(workdir: Path, device: str = "cuda") -> N
             t0 = time.perf_counter()
             out = group.run("wan2.2-s2v-14b", request, inputs, lambda s, n, seen=steps: seen.append((s, n)))
             times.append(time.perf_counter() - t0)
-            with av.open(io.BytesIO(out.encoded)) as c:
+            with av.open(io.BytesIO(out.data)) as c:
                 audio = c.streams.audio[0]
                 seconds = sum(f.samples for f in c.decode(audio)) / audio.codec_context.sample_rate
             print(

@@ -16,7 +16,16 @@ import numpy as np
 from PIL import Image
 
 from routing.catalog import ModelSpec
-from worker.adapters.base import Generated, Inputs, Runtime, StepCallback
+from worker.adapters.base import (
+    Adapter,
+    Capabilities,
+    Generated,
+    Images,
+    Inputs,
+    Runtime,
+    StepCallback,
+    Video,
+)
 
 SLEEP_ADAPTER = "bench.sleep_adapter:SleepAdapter"
 
@@ -38,9 +47,11 @@ def _texture(width: int, height: int, shift: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(base + grain, 0, 255).astype(np.uint8))
 
 
-class SleepAdapter:
+class SleepAdapter(Adapter):
+    capabilities = Capabilities()  # base jobs only: nothing to compile, no LoRAs
+
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        self.spec = spec
+        super().__init__(spec, weights, runtime)
         self._outputs: dict[tuple[int, int, int], list[Image.Image]] = {}
 
     def _made(self, width: int, height: int, frames: int) -> list[Image.Image]:
@@ -59,5 +70,5 @@ class SleepAdapter:
             on_step(step, steps)
         frames = getattr(request, "frames", None)
         if frames:
-            return Generated(frames=self._made(request.width, request.height, frames), fps=24, seed=0)
-        return Generated(images=self._made(request.width, request.height, 1), seed=0)
+            return Video(self._made(request.width, request.height, frames), fps=24, seed=0)
+        return Images(self._made(request.width, request.height, 1), seed=0)

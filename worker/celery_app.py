@@ -98,7 +98,7 @@ def get_runner() -> JobRunner:
             adapter = load_adapter(
                 spec, weights, dataclasses.replace(runtime, offload=offload), settings.adapters
             )
-            if spec.key not in settings.adapters and hasattr(adapter, "runtime"):
+            if spec.key not in settings.adapters:  # adapters of one's own run base jobs only
                 prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
             return adapter
 

@@ -7,8 +7,8 @@ can tell a warm job from a cold one.
 The budget is one GPU's memory: the pool's models all run on the worker process's GPU. On an
 h100x8 worker that GPU is also rank 0's, so the group's models count in the same budget (each
 at its footprint per rank), and a smaller class's job that does not fit beside them evicts the
-group: its ``close`` ends the group, which frees every rank's GPU, and the next group job starts
-a new one.
+group: its ``close`` (``Adapter.close``, a no-op for most adapters) ends the group, which frees
+every rank's GPU, and the next group job starts a new one.
 """
 
 from __future__ import annotations
@@ -100,12 +100,10 @@ class PipelinePool:
             key, adapter = self._resident.popitem(last=False)
             del self._footprint_gb[key]
             self.evictions[key] = self.evictions.get(key, 0) + 1
-            close = getattr(adapter, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing %s on eviction", key)
+            try:
+                adapter.close()
+            except Exception:
+                log.exception("closing %s on eviction", key)
             del adapter
             _release_memory()
             log.info("evicted %s", key)
@@ -114,8 +112,7 @@ class PipelinePool:
 
 
 def _lora_gb(adapter: Adapter) -> float:
-    speed = getattr(adapter, "speed", None)
-    return speed.extra_bytes / 2**30 if speed is not None else 0.0
+    return adapter.speed.extra_bytes / 2**30 if adapter.speed is not None else 0.0
 
 
 def _release_memory() -> None:

@@ -25,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
-from routing.io.storage import Storage, StorageError, output_key
+from routing.io.storage import Storage, StorageError
 from routing.jobs import lifecycle
 from routing.jobs.codecs import encode_label
 from routing.jobs.eta import record_duration
@@ -34,12 +34,12 @@ from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import JobStore
 from routing.limits import DEFAULT_LIMITS, RequestLimits
 from routing.schemas import RequestBase, parse_request
+from worker import outputs as output_files
 from worker.adapters.base import Generated, Inputs, JobCanceled
 from worker.ahead import DecodeAhead
 from worker.busy import BusyMeter
 from worker.finisher import Finisher
 from worker.liveness import alive, hand_back
-from worker.media import IMAGE_OUTPUTS, encode_image, encode_video
 from worker.pool import PipelinePool
 from worker.speed import job_context
 
@@ -516,45 +516,8 @@ class JobRunner:
     def _store_outputs(
         self, job_id: str, attempt: int, request: RequestBase, generated: Generated, timings: dict[str, float]
     ) -> list[Output]:
-        t0 = time.perf_counter()
-        if generated.encoded is not None:
-            encoded = [("mp4", "video/mp4", generated.encoded, generated.width, generated.height)]
-        elif generated.frames:
-            crf = getattr(request, "video_crf", 18)
-            data, width, height = encode_video(
-                generated.frames, generated.fps, audio=generated.audio, crf=crf
-            )
-            encoded = [("mp4", "video/mp4", data, width, height)]
-        else:
-            output_format = getattr(request, "output_format", "png")
-            quality = getattr(request, "output_quality", None)
-            ext, content_type = IMAGE_OUTPUTS[output_format]
-            encoded = [
-                (ext, content_type, encode_image(im, output_format, quality), im.width, im.height)
-                for im in generated.images
-            ]
-        timings["encode_s"] = round(time.perf_counter() - t0, 4)
-        t0 = time.perf_counter()
-        outputs = []
-        for index, (ext, content_type, data, width, height) in enumerate(encoded):
-            stored = self.storage.put(output_key(job_id, attempt, index, ext), data, content_type)
-            frame_count = len(generated.frames) or generated.frame_count
-            video = {"frames": frame_count, "fps": generated.fps} if frame_count else {}
-            seed = generated.seeds[index] if generated.seeds else generated.seed
-            outputs.append(
-                Output(
-                    stored.key,
-                    content_type,
-                    stored.size_bytes,
-                    width,
-                    height,
-                    seed=seed,
-                    cache=generated.cache,
-                    **video,
-                )
-            )
-        timings["store_s"] = round(time.perf_counter() - t0, 4)
-        return outputs
+        encoding = output_files.Encoding.of(request)
+        return output_files.store(self.storage, job_id, attempt, generated, encoding, timings)
 
     def _finish(
         self,

@@ -34,6 +34,7 @@ from routing.catalog import ModelSpec, SpeedProfile, TaskKind
 from routing.classes import VramClass
 from routing.io.storage import Storage
 from routing.settings import Settings
+from worker.adapters.base import Adapter
 from worker.loras import LoraCache, LoraSlot
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Speed:
-    """What one resident model runs with; the adapter carries it as ``adapter.speed``."""
+    """What one resident model runs with; the adapter is given it with ``Adapter.use_speed``."""
 
     model: str
     compiled: bool
@@ -122,25 +123,25 @@ def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, devi
     )
 
 
-def prepare(adapter: Any, spec: ModelSpec, vram_class: VramClass, settings: Settings) -> Speed:
-    """Give a freshly loaded adapter its speed profile (see the module docstring); returns what
-    it runs with, also set as ``adapter.speed``."""
-    pipe = primary_pipeline(adapter)
+def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: Settings) -> Speed:
+    """Give a freshly loaded adapter its speed profile (see the module docstring), each step as
+    far as the adapter's capabilities go; returns what it runs with, also given to the adapter
+    (``Adapter.use_speed``)."""
+    can = adapter.capabilities
+    pipe = adapter.pipeline
     device = adapter.runtime.device
     profile = profile_for(spec, vram_class, settings, device)
     # 1. The LoRA slot, before anything is compiled.
     slot = None
-    if spec.lora_modules is not None and settings.max_loras > 0 and pipe is not None:
+    if can.loras and spec.lora_modules is not None and settings.max_loras > 0:
         # Room for the request's LoRAs, and for a variant's where the model has variants.
         rank = settings.lora_max_rank + (settings.variant_lora_rank if spec.variants else 0)
         slot = LoraSlot(pipe, spec.lora_modules, rank)
-    transformer = getattr(pipe, "transformer", None)
+    transformer = pipe.transformer if can.compile else None
     # 2. Attention.
     attention = _set_attention(transformer, profile, settings.attention_backend, device)
-    # 3. Regional compilation, where the transformer has repeated blocks.
-    compiled = bool(
-        profile.compile and transformer is not None and getattr(transformer, "_repeated_blocks", None)
-    )
+    # 3. Regional compilation of the transformer's repeated blocks.
+    compiled = bool(profile.compile and transformer is not None)
     if compiled:
         transformer.compile_repeated_blocks(fullgraph=True)
     speed = Speed(
@@ -152,13 +153,13 @@ def prepare(adapter: Any, spec: ModelSpec, vram_class: VramClass, settings: Sett
         settings=settings,
     )
     # 4. Warm-up at the class's common sizes, so no job pays a compile.
-    if compiled:
+    if compiled and can.warm_up:
         t0 = time.perf_counter()
         for size in profile.warm_sizes:
             if _warm(adapter, spec, size):
                 speed.warmed.append(size)
         speed.warm_s = time.perf_counter() - t0
-    adapter.speed = speed
+    adapter.use_speed(speed)
     log.info(
         "%s: %s, attention %s, LoRA slot %s, warmed %s in %.1f s",
         spec.key,
@@ -171,13 +172,8 @@ def prepare(adapter: Any, spec: ModelSpec, vram_class: VramClass, settings: Sett
     return speed
 
 
-def primary_pipeline(adapter: Any) -> Any:
-    """The diffusers pipeline whose transformer the adapter runs (TI2V's t2v and i2v share it)."""
-    return getattr(adapter, "pipe", None) or getattr(adapter, "t2v", None)
-
-
 def _set_attention(transformer: Any, profile: SpeedProfile, forced: str, device: str) -> str:
-    if transformer is None or not hasattr(transformer, "set_attention_backend"):
+    if transformer is None:
         return "native"
     wanted = [forced] if forced != "auto" else list(profile.attention)
     for name in wanted:
@@ -193,8 +189,9 @@ def _set_attention(transformer: Any, profile: SpeedProfile, forced: str, device:
     return "native"
 
 
-def _warm(adapter: Any, spec: ModelSpec, size: tuple[int, int, int]) -> bool:
-    """One two-step job at ``size``; False for kinds whose inputs cannot be made up here."""
+def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int]) -> bool:
+    """One two-step job at ``size``; False for kinds whose inputs cannot be made up here (an
+    adapter declaring ``warm_up`` serves none of those)."""
     from PIL import Image
 
     from routing.schemas import parse_request
@@ -222,10 +219,12 @@ def _compiled_graphs() -> int:
 
 
 @contextmanager
-def job_context(adapter: Any, request: Any, storage: Storage, timings: dict[str, float]) -> Iterator[None]:
-    """``adapter.speed.for_job``; an adapter without a speed profile (the group's, one of your
-    own) runs base jobs only."""
-    speed = getattr(adapter, "speed", None)
+def job_context(
+    adapter: Adapter, request: Any, storage: Storage, timings: dict[str, float]
+) -> Iterator[None]:
+    """``adapter.speed.for_job``; an adapter without a speed profile (one of your own, which the
+    worker does not prepare) runs base jobs only."""
+    speed = adapter.speed
     if speed is not None:
         with speed.for_job(request, storage, timings):
             yield

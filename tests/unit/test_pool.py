@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from routing.catalog import ModelSpec
 from routing.classes import VramClass
+from worker.adapters.base import Adapter, Capabilities, Runtime
 from worker.pool import PipelinePool
 
 
-@dataclass
-class FakeAdapter:
-    """Stands in for a loaded pipeline: the pool's logic needs only the spec (and ``close``,
-    which a group model's adapter has)."""
+class FakeAdapter(Adapter):
+    """Stands in for a loaded pipeline: the pool's logic needs only the spec, the speed profile
+    it was given and ``close`` (which ends a group model's group)."""
 
-    spec: ModelSpec
-    offload: bool
-    closed: bool = False
+    capabilities = Capabilities()
+
+    def __init__(self, spec: ModelSpec, offload: bool):
+        super().__init__(spec, "", Runtime(device="cpu", dtype=None, offload=offload))
+        self.offload = offload
+        self.closed = False
+
+    def run(self, request: Any, inputs: Any, on_step: Any) -> Any:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.closed = True
@@ -99,7 +105,7 @@ def test_lora_memory_counts_in_the_budget():
 
     def load(spec: ModelSpec, offload: bool) -> FakeAdapter:
         adapter = FakeAdapter(spec, offload)
-        adapter.speed = SimpleNamespace(extra_bytes=lora_bytes[spec.key])
+        adapter.use_speed(SimpleNamespace(extra_bytes=lora_bytes[spec.key]))
         return adapter
 
     pool = PipelinePool(load, VramClass.GPU80, budget_gb=62)

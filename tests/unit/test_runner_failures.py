@@ -23,7 +23,7 @@ from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore, NewJob
 from routing.settings import Settings
-from worker.adapters.base import Generated
+from worker.adapters.base import Generated, Images
 from worker.pool import Checkout
 from worker.runner import Ended, Finishing, JobRunner, Phase, Requeued, failure
 
@@ -78,7 +78,7 @@ def _queued(store: JobStore) -> str:
 
 def test_a_host_memory_error_while_encoding_fails_the_job_on_its_class(store: JobStore, tmp_path: Path):
     job_id = _queued(store)
-    runner = _runner(store, tmp_path, lambda: Generated(images=[_image_that_cannot_be_encoded()], seed=1))
+    runner = _runner(store, tmp_path, lambda: Images(images=[_image_that_cannot_be_encoded()], seed=1))
 
     outcome = runner.run(job_id)
 
@@ -112,7 +112,7 @@ def test_out_of_memory_while_generating_still_escalates(store: JobStore, tmp_pat
 
 def test_a_job_that_generates_and_encodes_succeeds(store: JobStore, tmp_path: Path):
     job_id = _queued(store)
-    outcome = _runner(store, tmp_path, lambda: Generated(images=[Image.new("RGB", (64, 64))], seed=1)).run(
+    outcome = _runner(store, tmp_path, lambda: Images(images=[Image.new("RGB", (64, 64))], seed=1)).run(
         job_id
     )
     assert outcome == Ended(JobStatus.SUCCEEDED)

@@ -193,13 +193,13 @@ def test_submit_refuses_bad_speech_and_queues_nothing(client, redis_client) -> N
 
 @pytest.mark.parametrize("fmt", ["wav", "mp3", "flac"])
 def test_the_groups_mp4_has_the_speech_as_long_as_it_was(tmp_path: Path, fmt: str) -> None:
-    from worker.adapters.base import Generated
+    from worker.adapters.base import Video
     from worker.group.files import write_output
 
     seconds = 3.0
     audio = speech(fmt, seconds)
     # 2.5 s of video (40 frames at 16 fps): the speech is longer and is kept whole.
-    generated = Generated(frames=pose_frames(40, (66, 50)), fps=16, seed=1, audio=audio)
+    generated = Video(pose_frames(40, (66, 50)), fps=16, seed=1, audio=audio)
 
     result = write_output(generated, "job-1", tmp_path)
 

@@ -16,7 +16,7 @@ import torch
 
 from routing.catalog import CATALOG
 from routing.schemas import FirstBlockCache, TaylorSeerCache
-from worker.adapters.base import Runtime
+from worker.adapters.base import Images, Runtime
 from worker.adapters.qwen_image import QwenImageAdapter
 from worker.adapters.wan import WanTI2VAdapter
 
@@ -81,10 +81,10 @@ def video_request(cache: Any = None) -> SimpleNamespace:
 
 
 def run(adapter: Any, request: SimpleNamespace) -> tuple[Any, int, np.ndarray]:
-    transformer = (adapter.pipe if hasattr(adapter, "pipe") else adapter.t2v).transformer
+    transformer = adapter.pipeline.transformer
     with counting_blocks(transformer) as count:
         generated = adapter.run(request, {}, lambda done, total: None)
-    pictures = generated.images or generated.frames
+    pictures = generated.images if isinstance(generated, Images) else generated.frames
     return generated, count[0], np.stack([np.asarray(p) for p in pictures])
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+    from worker.speed import Speed
 
 # Called after every denoising step with (steps done, steps in all). It raises ``JobCanceled``
 # when the job should stop, which ends the pipeline call at once.
@@ -24,24 +27,44 @@ class JobCanceled(Exception):
 
 
 @dataclass
-class Generated:
-    """What a pipeline made: still images, or the frames of one video at ``fps``."""
+class Images:
+    """Still images, one per output."""
 
-    images: list[Image.Image] = field(default_factory=list)
-    frames: list[Image.Image] = field(default_factory=list)
-    fps: int | None = None
+    images: list[Image.Image]
     seed: int | None = None
     # One seed per image when a job makes several (``seed`` is the first).
     seeds: list[int] = field(default_factory=list)
     # The step-caching method the outputs were made with; None: uncached.
     cache: str | None = None
+
+
+@dataclass
+class Video:
+    """The frames of one video at ``fps``, to be encoded by the worker."""
+
+    frames: list[Image.Image]
+    fps: int
+    seed: int | None = None
+    cache: str | None = None
     # Encoded audio (WAV/MP3/FLAC bytes) to mux into the video, e.g. the speech it lip-syncs.
     audio: bytes | None = None
-    # A video already encoded as MP4 (by a multi-GPU group's rank 0), with its shape.
-    encoded: bytes | None = None
-    width: int | None = None
-    height: int | None = None
-    frame_count: int | None = None
+
+
+@dataclass
+class EncodedVideo:
+    """A video already encoded as MP4 (by a multi-GPU group's rank 0), with its shape."""
+
+    data: bytes
+    width: int
+    height: int
+    frame_count: int
+    fps: int
+    seed: int | None = None
+    cache: str | None = None
+
+
+# What a pipeline made; ``worker.outputs`` encodes and stores each shape.
+Generated = Images | Video | EncodedVideo
 
 
 # Seconds this process has spent moving pipelines to their device (``Runtime.place``): the pool
@@ -150,10 +173,62 @@ class Inputs(dict[str, Any]):
         return inputs
 
 
-class Adapter(Protocol):
-    spec: ModelSpec
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter's code can do, declared on its class; the worker reads this, never probes.
 
-    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated: ...
+    The catalog says which LoRA modules and step-caching methods a *model* takes; these say
+    whether the *adapter* serving it can apply them at all.
+    """
+
+    # Request LoRAs and variants, hotswapped into a slot on ``pipeline``'s transformer.
+    loras: bool = False
+    # The request's step cache (``routing.schemas.CacheRequest``), applied around its pipeline call.
+    step_cache: bool = False
+    # ``pipeline``'s transformer takes the speed profile's attention backend and regional
+    # compilation (``compile_repeated_blocks``).
+    compile: bool = False
+    # A short job at each of the profile's warm sizes can be made up here (no input media it
+    # cannot invent), so compiling happens at load rather than in the first jobs.
+    warm_up: bool = False
+
+
+class Adapter(ABC):
+    """A model family's pipeline, loaded once per worker process and kept by the pool.
+
+    A subclass declares ``capabilities`` and implements ``run``; ``pipeline`` names the diffusers
+    pipeline the speed profile acts on, and ``close`` frees what outlives the adapter object.
+    The worker hands over the model's speed profile once, after loading, with ``use_speed``.
+    """
+
+    def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
+        self.spec = spec
+        self.runtime = runtime
+        # What the model runs with (LoRA slot, attention, compilation); None: base jobs only.
+        self.speed: Speed | None = None
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this adapter can do: a subclass sets it as a class attribute,
+        ``capabilities = Capabilities(...)``."""
+
+    @abstractmethod
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
+        """Make the request's outputs, calling ``on_step`` after every denoising step."""
+
+    @property
+    def pipeline(self) -> Any:
+        """The diffusers pipeline whose transformer the speed profile acts on; None when the
+        adapter has none (it then declares no LoRAs and no compilation)."""
+        return None
+
+    def use_speed(self, speed: Speed) -> None:
+        """Take the speed profile the worker prepared for this model (``worker.speed.prepare``)."""
+        self.speed = speed
+
+    def close(self) -> None:  # noqa: B027 - a hook: most adapters hold nothing beyond themselves
+        """Evicted from the pool: free what the adapter holds beyond its own objects."""
 
 
 def seeded_generator(seed: int | None) -> tuple[int, torch.Generator]:

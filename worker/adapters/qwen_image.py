@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from routing.catalog import ModelSpec
 from routing.schemas import EditRequest, TextToImageRequest
 from worker.adapters.base import (
-    Generated,
+    Adapter,
+    Capabilities,
+    Images,
     Inputs,
     Runtime,
     StepCallback,
@@ -28,13 +30,18 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(Adapter):
+    capabilities = Capabilities(loras=True, step_cache=True, compile=True, warm_up=True)
+
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        self.spec = spec
-        self.runtime = runtime
+        super().__init__(spec, weights, runtime)
         self.pipe = runtime.load("QwenImagePipeline", weights)
 
-    def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
+    @property
+    def pipeline(self) -> Any:
+        return self.pipe
+
+    def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Images:
         # 1. Check inputs: the catalog validated the request at submit; the pipeline must agree on
         #    the size multiple (it would silently round the size down), or the catalog is wrong.
         _check_size(self.pipe, request.width, request.height)
@@ -58,22 +65,27 @@ class QwenImageAdapter:
                     callback_on_step_end=callback,
                 )
                 images += output.images
-        return Generated(images=images, seed=seeds[0], seeds=seeds, cache=cache)
+        return Images(images, seed=seeds[0], seeds=seeds, cache=cache)
 
 
-class QwenImageEditAdapter:
+class QwenImageEditAdapter(Adapter):
     """Edits exactly one image."""
 
+    # Warmed with a grey image of each warm size.
+    capabilities = Capabilities(loras=True, step_cache=True, compile=True, warm_up=True)
     pipeline_class = "QwenImageEditPipeline"
     min_images = 1
     max_images = 1
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        self.spec = spec
-        self.runtime = runtime
+        super().__init__(spec, weights, runtime)
         self.pipe = runtime.load(self.pipeline_class, weights, **_processor_without_torchvision(weights))
 
-    def run(self, request: EditRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
+    @property
+    def pipeline(self) -> Any:
+        return self.pipe
+
+    def run(self, request: EditRequest, inputs: Inputs, on_step: StepCallback) -> Images:
         # 1. Check inputs. Without width and height the pipeline picks about one megapixel at the
         #    input image's aspect ratio (Edit-2509: the last image's), in multiples of 32.
         images = self._images(inputs)
@@ -98,7 +110,7 @@ class QwenImageEditAdapter:
                 generator=generator,
                 callback_on_step_end=step_callback_for(on_step),
             )
-        return Generated(images=list(output.images), seed=seed, cache=cache)
+        return Images(list(output.images), seed=seed, cache=cache)
 
     def _images(self, inputs: Inputs) -> list[Image.Image]:
         images = list(inputs.get("images") or [])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
-from worker.adapters.base import Generated, Runtime, StepCallback
+from worker.adapters.base import Runtime, StepCallback, Video
 from worker.adapters.wan_s2v import progress
 from worker.adapters.wan_s2v.official import import_wan_modules
 from worker.adapters.wan_s2v.patch import patched
@@ -92,9 +92,7 @@ class S2VGroupModel:
         """The pixels a frame is fitted in: the size the caller asked for."""
         return request.width * request.height
 
-    def run(
-        self, request: Any, files: dict[str, Any], on_step: StepCallback, workdir: Path
-    ) -> Generated | None:
+    def run(self, request: Any, files: dict[str, Any], on_step: StepCallback, workdir: Path) -> Video | None:
         # The caller's width and height decide the frame: the reference image is cropped to their
         # aspect ratio and scaled to them (the official code keeps a smaller image's size), and
         # the official code fits that in width x height pixels at multiples of 64 (so 480 and
@@ -137,8 +135,8 @@ class S2VGroupModel:
         if self.place.rank != 0:
             return None
         frames = video_to_frames(video)
-        return Generated(
-            frames=frames,
+        return Video(
+            frames,
             fps=int(self.config.sample_fps),
             seed=request.seed,
             audio=Path(audio_path).read_bytes(),

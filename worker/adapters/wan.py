@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
 from worker.adapters.base import (
-    Generated,
+    Adapter,
+    Capabilities,
     Inputs,
     Runtime,
     StepCallback,
+    Video,
     seeded_generator,
     step_cache,
     step_callback_for,
@@ -60,14 +62,15 @@ def _resized(frames: list[Image.Image], size: tuple[int, int]) -> list[Image.Ima
     return [f if f.size == size else f.resize(size, Image.Resampling.LANCZOS) for f in frames]
 
 
-class WanTI2VAdapter:
+class WanTI2VAdapter(Adapter):
     """Wan2.2-TI2V-5B: text-to-video and image-to-video from one resident copy of the weights."""
+
+    capabilities = Capabilities(loras=True, step_cache=True, compile=True, warm_up=True)
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
         import diffusers
 
-        self.spec = spec
-        self.runtime = runtime
+        super().__init__(spec, weights, runtime)
         # The same call loads the hub weights and the small local test models.
         self.t2v = diffusers.WanPipeline.from_pretrained(weights, dtype=runtime.dtype)
         if not self.t2v.config.expand_timesteps:
@@ -83,7 +86,11 @@ class WanTI2VAdapter:
         for pipe in (self.t2v, self.i2v):
             runtime.finish(pipe)
 
-    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
+    @property
+    def pipeline(self) -> Any:
+        return self.t2v  # i2v shares its transformer
+
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Video:
         image_to_video = request.kind == "image-to-video"
         pipe = self.i2v if image_to_video else self.t2v
 
@@ -128,19 +135,25 @@ class WanTI2VAdapter:
                 **extra,
             )
         frames = _to_pil_frames(output.frames[0])
-        return Generated(frames=frames, fps=self.spec.video.fps, seed=seed, cache=cache)
+        return Video(frames, fps=self.spec.video.fps, seed=seed, cache=cache)
 
 
-class WanAnimateAdapter:
+class WanAnimateAdapter(Adapter):
     """Wan2.2-Animate-14B: a character image driven by pose and face videos ("move"), or put in
     place of the person of a video ("mix")."""
 
+    # Not warmed: its pose and face videos cannot be made up at load; its first job compiles.
+    capabilities = Capabilities(loras=True, compile=True)
+
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        self.spec = spec
-        self.runtime = runtime
+        super().__init__(spec, weights, runtime)
         self.pipe = runtime.load("WanAnimatePipeline", weights)
 
-    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
+    @property
+    def pipeline(self) -> Any:
+        return self.pipe
+
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Video:
         pipe = self.pipe
 
         # 1. Check inputs.
@@ -213,7 +226,7 @@ class WanAnimateAdapter:
             callback_on_step_end=step_callback_for(on_segment_step),
             **videos,
         )
-        return Generated(frames=_to_pil_frames(output.frames[0]), fps=self.spec.video.fps, seed=seed)
+        return Video(_to_pil_frames(output.frames[0]), fps=self.spec.video.fps, seed=seed)
 
 
 def _segment_count(frames: int, segment: int, continuation: int) -> int:

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from routing.catalog import ModelSpec
 from routing.schemas import TextToImageRequest
-from worker.adapters.base import Generated, Inputs, Runtime, StepCallback, output_seeds, per_output
+from worker.adapters.base import (
+    Adapter,
+    Capabilities,
+    Images,
+    Inputs,
+    Runtime,
+    StepCallback,
+    output_seeds,
+    per_output,
+)
 
 
-class ZImageAdapter:
+class ZImageAdapter(Adapter):
+    # No step caching: ZImagePipeline does not name its cond/uncond passes (see the catalog).
+    capabilities = Capabilities(loras=True, compile=True, warm_up=True)
+
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
-        self.spec = spec
-        self.runtime = runtime
+        super().__init__(spec, weights, runtime)
         self.pipe = runtime.load("ZImagePipeline", weights)
 
-    def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Generated:
+    @property
+    def pipeline(self) -> Any:
+        return self.pipe
+
+    def run(self, request: TextToImageRequest, inputs: Inputs, on_step: StepCallback) -> Images:
         # 1. Check inputs: the request was validated against the catalog at submit; the pipeline
         #    itself must agree on the size multiple, or the catalog is wrong for these weights.
         multiple = self.pipe.vae_scale_factor * 2
@@ -38,4 +55,4 @@ class ZImageAdapter:
                 callback_on_step_end=callback,
             )
             images += output.images
-        return Generated(images=images, seed=seeds[0], seeds=seeds)
+        return Images(images, seed=seeds[0], seeds=seeds)

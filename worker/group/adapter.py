@@ -18,22 +18,25 @@ from typing import Any
 
 from routing.catalog import ModelSpec, get_model
 from routing.settings import get_settings
-from worker.adapters.base import Generated, Inputs, Runtime, StepCallback
+from worker.adapters.base import Adapter, Capabilities, Generated, Inputs, Runtime, StepCallback
 from worker.group.spec import SPEC_ENV
 from worker.group.supervisor import Group
 
 log = logging.getLogger(__name__)
 
 
-class GroupAdapter:
+class GroupAdapter(Adapter):
     """Adapter for a model served by the group; every instance shares the process's one group."""
+
+    # The pipelines live in the ranks, out of this process's reach: base jobs only, not compiled
+    # or warmed here.
+    capabilities = Capabilities()
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
         if os.environ.get(SPEC_ENV):
             raise RuntimeError("GroupAdapter inside a group rank: the group would start itself")
-        self.spec = spec
+        super().__init__(spec, weights, runtime)
         self.weights = weights
-        self.runtime = runtime
         self.group = resident_group()
         if spec.key not in self.group.models:
             raise LookupError(f"{spec.key} is not one of the group's models ({', '.join(self.group.models)})")

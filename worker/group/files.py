@@ -2,7 +2,8 @@
 
 Inputs go to the ranks as the bytes the store holds (checked at submit), one file each in the
 job's directory, never re-encoded; each rank decodes them itself, as the runner does. Rank 0
-writes the output there (an MP4 with the speech muxed in, or PNGs) and the supervisor reads it.
+writes the output there (an MP4 with the speech muxed in, or PNGs; ``worker.outputs`` encodes
+them) and the supervisor reads it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.adapters.base import Generated, Inputs
+from worker.adapters.base import EncodedVideo, Generated, Images, Inputs
 from worker.group.protocol import ImagesResult, Result, VideoResult
 
 
@@ -76,45 +77,32 @@ def upright_images(files: dict[str, Any], jobdir: Path, rank: int) -> dict[str, 
 
 
 def write_output(generated: Generated | None, job_id: str, jobdir: Path, crf: int = 18) -> Result:
-    """Rank 0: the job's output as files in ``jobdir``, and what the supervisor records of it."""
-    from worker.media import encode_png, encode_video
+    """Rank 0: the job's output as files in ``jobdir``, and what the supervisor records of it.
+    Images cross as lossless PNGs: the runner encodes them in the request's format."""
+    from worker import outputs
 
     if generated is None:
         raise RuntimeError("rank 0's model returned nothing")
-    if generated.encoded is not None:
-        path = jobdir / "output.mp4"
-        path.write_bytes(generated.encoded)
-        return VideoResult(
+    written = outputs.encode(generated, outputs.Encoding(video_crf=crf))
+    paths = outputs.write(written, jobdir)
+    if isinstance(generated, Images):
+        return ImagesResult(
             job_id=job_id,
-            path=str(path),
-            width=generated.width,
-            height=generated.height,
-            frame_count=generated.frame_count,
-            fps=generated.fps,
+            paths=[str(path) for path in paths],
             seed=generated.seed,
+            seeds=generated.seeds,
             cache=generated.cache,
         )
-    if generated.frames:
-        path = jobdir / "output.mp4"
-        data, width, height = encode_video(generated.frames, generated.fps, audio=generated.audio, crf=crf)
-        path.write_bytes(data)
-        return VideoResult(
-            job_id=job_id,
-            path=str(path),
-            width=width,
-            height=height,
-            frame_count=len(generated.frames),
-            fps=generated.fps,
-            seed=generated.seed,
-            cache=generated.cache,
-        )
-    paths = []
-    for index, image in enumerate(generated.images):
-        path = jobdir / f"output-{index}.png"
-        path.write_bytes(encode_png(image))
-        paths.append(str(path))
-    return ImagesResult(
-        job_id=job_id, paths=paths, seed=generated.seed, seeds=generated.seeds, cache=generated.cache
+    (video,) = written
+    return VideoResult(
+        job_id=job_id,
+        path=str(paths[0]),
+        width=video.width,
+        height=video.height,
+        frame_count=video.frames,
+        fps=video.fps,
+        seed=video.seed,
+        cache=video.cache,
     )
 
 
@@ -124,9 +112,9 @@ def read_output(result: Result) -> Generated:
 
     if isinstance(result, ImagesResult):
         images = [decode_image(Path(p).read_bytes()) for p in result.paths]
-        return Generated(images=images, seed=result.seed, seeds=result.seeds, cache=result.cache)
-    return Generated(
-        encoded=Path(result.path).read_bytes(),
+        return Images(images, seed=result.seed, seeds=result.seeds, cache=result.cache)
+    return EncodedVideo(
+        Path(result.path).read_bytes(),
         width=result.width,
         height=result.height,
         frame_count=result.frame_count,
