@@ -16,6 +16,7 @@ from typing import Any
 
 from routing.errors import Conflict, JobError, JobNotSucceeded
 from routing.jobs.events import Webhook
+from routing.limits import RequestLimits
 
 
 class JobStatus(StrEnum):
@@ -96,6 +97,9 @@ class JobRecord:
     # Moves to a bigger class after running out of memory: [{"from", "to", "at"}].
     escalations: list[dict[str, Any]] = field(default_factory=list)
     handed_back: str | None = None  # why the job last went back to its queue
+    # What the request was accepted under: the worker checks it again under these, not its own
+    # settings. None for a job stored before limits were kept.
+    limits: RequestLimits | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -131,6 +135,7 @@ class JobRecord:
             else None,
             escalations=json.loads(raw.get("escalations") or "[]"),
             handed_back=raw.get("handed_back") or None,
+            limits=RequestLimits.from_json(raw["limits"]) if raw.get("limits") else None,
         )
 
 
