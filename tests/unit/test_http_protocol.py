@@ -24,6 +24,7 @@ def job(status: str = "queued", step: int = 0) -> dict:
         "attempt": 1,
         "progress": {"step": step, "total": 2},
         "created_at": 1.0,
+        "updated_at": 1.0,
         "started_at": None,
         "finished_at": None,
         "error": None,
