@@ -90,6 +90,7 @@ class Client:
             max_bytes=self.settings.max_input_bytes,
             fetch_timeout_s=self.settings.fetch_timeout_s,
             video_max_pixels=self.settings.max_input_video_pixels,
+            video_max_decode_pixels=self.settings.max_input_video_decode_pixels,
             lora_max_bytes=self.settings.max_lora_bytes,
             lora_max_rank=self.settings.lora_max_rank,
             lora_max_header_bytes=self.settings.lora_max_header_bytes,

@@ -33,6 +33,8 @@ from routing.io.loras import (
 )
 from routing.io.media import (
     AudioInfo,
+    DecodeBudget,
+    DecodeBudgetError,
     ImageInfo,
     MediaError,
     VideoInfo,
@@ -66,6 +68,10 @@ class InputLimits:
     # Decoded pixels of all of a job's input videos together, as the worker holds them: each
     # frame at most the output's size (worker.media.decode_video scales it down while decoding).
     video_max_pixels: int = 1024 * 1024 * 1024
+    # Pixels the API decodes checking one request's videos (or one upload), at their source size:
+    # width x height x frames, counted before decoding from the container's metadata and while
+    # decoding.
+    video_max_decode_pixels: int = 4 * 1024 * 1024 * 1024
     lora_max_bytes: int = 2 * 1024**3
     lora_max_rank: int = 64
     lora_max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
@@ -154,6 +160,7 @@ def _resolve_all(
     update: dict[str, object] = {}
     output_pixels = (request.width or spec.size.default_width) * (request.height or spec.size.default_height)
     video_pixels, over = 0, False
+    budget = DecodeBudget(limits.video_max_decode_pixels)
     for name, value in request.media_fields().items():
         refs = value if isinstance(value, list) else [value]
         resolved = []
@@ -161,7 +168,7 @@ def _resolve_all(
             field = f"{name}.{index}" if isinstance(value, list) else name
             try:
                 checked, info = _resolve_one(
-                    ref, field, name, job_id, spec, storage, policy, limits, scope, deadline
+                    ref, field, name, job_id, spec, storage, policy, limits, scope, deadline, budget
                 )
                 resolved.append(checked)
             except (MediaError, UrlError) as exc:
@@ -309,11 +316,12 @@ def _resolve_one(
     limits: InputLimits,
     scope: KeyScope,
     deadline: float,
+    budget: DecodeBudget,
 ) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
     if ref.url is None:
-        return ref, _check(_read(storage, ref.key, scope), name, spec, limits)[1]
+        return ref, _check(_read(storage, ref.key, scope), name, spec, limits, budget)[1]
     with _download(ref.url, limits.max_bytes, deadline, policy) as (file, _digest):
-        ext, info = _check(file, name, spec, limits)
+        ext, info = _check(file, name, spec, limits, budget)
         key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
         storage.put_file(key, file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
     return MediaRef(key=key), info
@@ -333,10 +341,10 @@ def _read(storage: Storage, key: str, scope: KeyScope) -> bytes:
 
 
 def _check(
-    data: bytes | BinaryIO, name: str, spec: ModelSpec, limits: InputLimits
+    data: bytes | BinaryIO, name: str, spec: ModelSpec, limits: InputLimits, budget: DecodeBudget
 ) -> tuple[str, ImageInfo | VideoInfo | AudioInfo]:
-    """Decode and check ``data`` (bytes, or a file) as the media the field needs; return a file
-    extension and what the check found."""
+    """Decode and check ``data`` (bytes, or a file) as the media the field needs, a video within
+    what is left of the request's ``budget``; return a file extension and what the check found."""
     if _size(data) > limits.max_bytes:
         raise MediaError(f"larger than {limits.max_bytes} bytes")
     if name in AUDIO_FIELDS:
@@ -350,7 +358,11 @@ def _check(
         max_frames = video.max_frames if video else 1000
         max_duration_s = max_frames / video.fps if video else 60.0
         video_info = check_video(
-            data, max_frames=max_frames, max_duration_s=max_duration_s, max_side=limits.video_max_side
+            data,
+            max_frames=max_frames,
+            max_duration_s=max_duration_s,
+            max_side=limits.video_max_side,
+            budget=budget,
         )
         return "mp4", video_info
     image_info = check_image(data, max_pixels=limits.image_max_pixels, max_side=limits.image_max_side)
@@ -391,8 +403,11 @@ def _sniff(data: bytes | BinaryIO, limits: InputLimits) -> str:
             max_frames=_UPLOAD_MAX_FRAMES,
             max_duration_s=_UPLOAD_MAX_DURATION_S,
             max_side=limits.video_max_side,
+            budget=DecodeBudget(limits.video_max_decode_pixels),
         )
         return "mp4"
+    except DecodeBudgetError as exc:  # a video, too costly to decode: say so, not "not a video"
+        raise InvalidRequest([FieldError("file", str(exc))]) from None
     except MediaError:
         pass
     try:

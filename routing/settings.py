@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     # Decoded pixels (width x height x frames, summed over a job's input videos) one job may
     # bring: what a worker holds in host memory at 3 bytes a pixel (the default: about 3 GB).
     max_input_video_pixels: int = Field(default=1024 * 1024 * 1024, gt=0)
+    # Pixels the API may decode to check the videos of one request (or one upload), at the size
+    # they are stored: width x height x frames, checked from the containers' metadata before a
+    # frame is decoded and counted while decoding (metadata can lie). The default, 2^32, takes
+    # full-HD videos of the longest any model takes (1920x1080x800, 1.7 Gpx) twice over, and
+    # full-HD sources of every job max_input_video_pixels admits at 720p; it refuses an 800-frame
+    # 4096x4096 file (13 Gpx) before decoding it.
+    max_input_video_decode_pixels: int = Field(default=4 * 1024 * 1024 * 1024, gt=0)
 
     # The HTTP API: the largest JSON body (uploads are capped by max_input_bytes), and how many
     # webhook replays one job, and one tenant, may ask for within replay_window_s.

@@ -6,6 +6,11 @@ guard of ``routing.io.net``). ``check_image``, ``check_video`` and ``check_audio
 refuse what a worker could not use. Every refusal is a ``MediaError`` whose message says what is
 wrong; the caller turns it into a ``FieldError`` naming the request field.
 
+Decoding a video costs its source width x height per frame, whatever size a job later scales it
+to: a ``DecodeBudget`` bounds what one request's videos may cost together. A container is
+checked against it from its metadata before any frame is decoded, and every decoded frame is
+counted against it, so a container whose metadata under-reports is stopped as it passes.
+
 Untrusted bytes are opened by PyAV only with an explicit list of demuxers, so a
 playlist format cannot make FFmpeg open files or URLs of its own.
 """
@@ -27,6 +32,36 @@ AUDIO_DEMUXERS = "wav,mp3,flac"
 
 class MediaError(Exception):
     """Media a request refers to cannot be used; the message says why."""
+
+
+class DecodeBudgetError(MediaError):
+    """Decoding the videos of one request would cost more than its ``DecodeBudget``."""
+
+
+class DecodeBudget:
+    """Pixels (width x height of each frame at its source size) the videos of one request may
+    decode, all of them together."""
+
+    def __init__(self, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+        self.spent = 0
+
+    def check(self, pixels: int, what: str) -> None:
+        """Refuse ``what``, which would cost ``pixels``, before any of it is decoded."""
+        if self.spent + pixels > self.max_pixels:
+            raise DecodeBudgetError(f"{what}: {pixels} pixels to decode; {self._limit()}")
+
+    def charge(self, pixels: int) -> None:
+        """Count ``pixels`` decoded; refuse once they pass what the request may decode."""
+        self.spent += pixels
+        if self.spent > self.max_pixels:
+            raise DecodeBudgetError(f"video decodes to more pixels than are left; {self._limit()}")
+
+    def _limit(self) -> str:
+        return (
+            f"a request's videos may decode {self.max_pixels} pixels in all (width x height x frames, "
+            "at the size they are stored): send smaller or shorter videos"
+        )
 
 
 # --- Decoding checks --------------------------------------------------------------------------
@@ -105,9 +140,15 @@ def open_container(data: bytes | BinaryIO, demuxers: str, what: str) -> av.conta
 
 
 def check_video(
-    data: bytes | BinaryIO, *, max_frames: int, max_duration_s: float, max_side: int
+    data: bytes | BinaryIO,
+    *,
+    max_frames: int,
+    max_duration_s: float,
+    max_side: int,
+    budget: DecodeBudget | None = None,
 ) -> VideoInfo:
-    """Decode every frame of ``data``'s first video stream; refuse what is too long or too large."""
+    """Decode every frame of ``data``'s first video stream; refuse what is too long or too large,
+    or would cost more decoding than is left of ``budget`` (None: no bound but the frames')."""
     with open_container(data, VIDEO_DEMUXERS, "a video in a supported container (MP4/MOV, WebM/MKV)") as c:
         if not c.streams.video:
             raise MediaError("the file has no video stream")
@@ -120,11 +161,20 @@ def check_video(
         declared = _declared_duration(c, stream)
         if declared is not None and declared > max_duration_s:
             raise MediaError(f"video is {declared:.2f} s long; the limit is {max_duration_s:.2f} s")
+        declared_frames = _declared_frames(stream, declared, fps)
+        if budget is not None and declared_frames is not None:
+            # Decoding stops past max_frames whatever the metadata says: that is the most it costs.
+            frames_to_decode = min(declared_frames, max_frames + 1)
+            budget.check(
+                width * height * frames_to_decode, f"video is {width}x{height} x {declared_frames} frames"
+            )
         # Header values can lie; counting decoded frames cannot. Decoding also catches corruption.
         frames = 0
         try:
             for frame in c.decode(stream):
                 frames += 1
+                if budget is not None:
+                    budget.charge(frame.width * frame.height)
                 if frames > max_frames:
                     raise MediaError(f"video has more than {max_frames} frames")
                 if max(frame.width, frame.height) > max_side:
@@ -162,6 +212,15 @@ def check_audio(data: bytes | BinaryIO, *, max_duration_s: float) -> AudioInfo:
             raise MediaError("audio has no decodable samples")
         channels = stream.codec_context.layout.nb_channels
         return AudioInfo(samples / rate, rate, channels, stream.codec_context.name)
+
+
+def _declared_frames(stream: av.video.stream.VideoStream, duration_s: float | None, fps: float) -> int | None:
+    """Frames the container says its video stream has (MP4 counts them; Matroska gives a duration)."""
+    if stream.frames:
+        return stream.frames
+    if duration_s is not None and fps:
+        return round(duration_s * fps)
+    return None
 
 
 def _declared_duration(c: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:

@@ -171,6 +171,44 @@ def test_videos_over_the_jobs_pixel_cap_are_refused_naming_the_field(fleet_setti
         assert queued(redis_client) == before + 1
 
 
+def test_videos_over_the_requests_decode_budget_are_refused_unread_naming_the_field(
+    fleet_settings, redis_client
+):
+    # Four 128x128 videos of 5 frames for a 64x64 output: the worker holds them scaled down
+    # (4 x 64 x 64 x 5 pixels, exactly the scaled cap here), but checking them decodes each at
+    # its stored size: 4 x 128 x 128 x 5 pixels.
+    one_video = 128 * 128 * 5
+    scaled = {"max_input_video_pixels": 4 * 64 * 64 * 5}
+    at_budget = fleet_settings.model_copy(update=scaled | {"max_input_video_decode_pixels": 4 * one_video})
+    below = fleet_settings.model_copy(update=scaled | {"max_input_video_decode_pixels": 4 * one_video - 1})
+    with Client(at_budget) as fits, Client(below) as over:
+        video = fits.upload(encode_mp4([Image.new("RGB", (128, 128), (i, 0, 0)) for i in range(5)], 30))
+        request = {
+            "model": "wan2.2-animate-14b",
+            "mode": "mix",
+            "prompt": "dance",
+            "width": 64,
+            "height": 64,
+            "image": fits.upload(PNG),
+            "pose_video": video,
+            "face_video": video,
+            "background_video": video,
+            "mask_video": video,
+        }
+        # The last video is refused from its metadata: what is left is one pixel short of it.
+        refused(over, redis_client, request, "mask_video", f"video is 128x128 x 5 frames: {one_video} pixels")
+        before = queued(redis_client)
+        fits.submit(request)
+        assert queued(redis_client) == before + 1
+        # An upload is checked within a budget of its own, and a video over it is refused as such.
+        with Client(
+            fleet_settings.model_copy(update={"max_input_video_decode_pixels": one_video - 1})
+        ) as tight:
+            with pytest.raises(InvalidRequest) as raised:
+                tight.upload(encode_mp4([Image.new("RGB", (128, 128))] * 5, 30))
+        assert "file" in raised.value.fields and f"{one_video} pixels to decode" in str(raised.value)
+
+
 def test_bytes_that_are_not_an_image(fleet, redis_client):
     fleet.storage.put("uploads/_/fake.png", b"\x89PNG but not really", "image/png")
     refused(fleet, redis_client, EDIT | {"images": [{"key": "uploads/_/fake.png"}]}, "images.0", "image")

@@ -7,6 +7,7 @@ import random
 import struct
 import wave
 import zlib
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
@@ -14,7 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from routing.io.media import MediaError, check_audio, check_image, check_video
+from routing.io import media
+from routing.io.media import (
+    DecodeBudget,
+    DecodeBudgetError,
+    MediaError,
+    check_audio,
+    check_image,
+    check_video,
+)
 from worker.media import decode_audio, decode_image, decode_video, encode_mp4, encode_video
 
 GARBAGE = random.Random(7).randbytes(20_000)
@@ -117,6 +126,110 @@ def test_check_video_refuses_over_limits() -> None:
         check_video(data, max_frames=100, max_duration_s=0.5, max_side=1000)
     with pytest.raises(MediaError, match="per side"):
         check_video(data, max_frames=100, max_duration_s=10, max_side=32)
+
+
+def mkv_bytes(
+    n: int, size: tuple[int, int] = (64, 48), fps: int = 24, declared_frames: int | None = None
+) -> bytes:
+    """Motion JPEG in Matroska, which gives no frame count, only a duration; ``declared_frames``
+    rewrites that duration so the container says it holds that many frames, whatever it holds."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="matroska") as out:
+        stream = out.add_stream("mjpeg", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuvj420p"
+        for i, image in enumerate(frames(n, size)):
+            frame = av.VideoFrame.from_image(image).reformat(format="yuvj420p")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    data = bytearray(buffer.getvalue())
+    if declared_frames is not None:
+        # The Segment's Duration element (id 0x4489, 8-byte float, in milliseconds).
+        at = data.index(b"\x44\x89\x88") + 3
+        data[at : at + 8] = struct.pack(">d", 1000 * declared_frames / fps)
+    return bytes(data)
+
+
+class _CountingContainer:
+    """A container whose ``decode`` counts the frames it hands out."""
+
+    def __init__(self, container: av.container.InputContainer, counts: list[int]) -> None:
+        self._container, self._counts = container, counts
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._container, name)
+
+    def __enter__(self) -> _CountingContainer:
+        self._container.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._container.__exit__(*exc)
+
+    def decode(self, *args: object, **kwargs: object) -> Iterator[av.VideoFrame]:
+        for frame in self._container.decode(*args, **kwargs):
+            self._counts[-1] += 1
+            yield frame
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Frames decoded by each container ``check_video`` opens, in order."""
+    counts: list[int] = []
+    opened = media.open_container
+
+    def counting(*args: object, **kwargs: object) -> _CountingContainer:
+        counts.append(0)
+        return _CountingContainer(opened(*args, **kwargs), counts)
+
+    monkeypatch.setattr(media, "open_container", counting)
+    return counts
+
+
+def _check(data: bytes, budget: DecodeBudget) -> media.VideoInfo:
+    return check_video(data, max_frames=100, max_duration_s=10, max_side=1000, budget=budget)
+
+
+# MP4 counts its frames; Matroska gives a duration, from which the frames are reckoned.
+CONTAINERS = {"mp4": lambda: encode_mp4(frames(30), 30), "mkv": lambda: mkv_bytes(30)}
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_a_video_that_costs_exactly_the_decode_budget_is_decoded_whole(container: str, decoded) -> None:
+    budget = DecodeBudget(64 * 48 * 30)
+    assert _check(CONTAINERS[container](), budget).frames == 30
+    assert budget.spent == 64 * 48 * 30 and decoded == [30]
+
+
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_a_video_over_the_decode_budget_is_refused_from_its_metadata_before_a_frame_is_decoded(
+    container: str, decoded
+) -> None:
+    with pytest.raises(DecodeBudgetError, match="video is 64x48 x 30 frames: 92160 pixels to decode"):
+        _check(CONTAINERS[container](), DecodeBudget(64 * 48 * 30 - 1))
+    assert decoded == [0]
+
+
+def test_the_decode_budget_is_shared_by_the_videos_of_a_request(decoded) -> None:
+    budget = DecodeBudget(64 * 48 * 50)
+    _check(encode_mp4(frames(30), 30), budget)
+    # 20 frames are left: the next 30-frame video is refused unread, a 20-frame one is taken.
+    with pytest.raises(DecodeBudgetError, match="may decode 153600 pixels in all"):
+        _check(encode_mp4(frames(30), 30), budget)
+    assert _check(encode_mp4(frames(20), 30), budget).frames == 20
+    assert decoded == [30, 0, 20]
+
+
+def test_a_video_whose_metadata_under_reports_is_stopped_as_its_decoding_passes_the_budget(decoded) -> None:
+    data = mkv_bytes(30, declared_frames=2)
+    with av.open(io.BytesIO(data)) as c:  # the container says 2 frames; it holds 30
+        assert round(c.duration / av.time_base * 24) == 2
+    assert _check(data, DecodeBudget(64 * 48 * 30)).frames == 30
+    with pytest.raises(DecodeBudgetError, match="more pixels than are left"):
+        _check(data, DecodeBudget(64 * 48 * 10))
+    assert decoded == [30, 11]  # decoding stopped at the frame that passed the budget
 
 
 @pytest.mark.parametrize("data", [GARBAGE, b"", image_bytes("PNG")], ids=["random", "empty", "png"])
