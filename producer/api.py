@@ -33,7 +33,7 @@ from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
 from producer.metrics import FleetCollector
-from producer.slots import TenantSlots
+from producer.slots import SlotsTaken, TenantSlots
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
@@ -250,6 +250,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         guess = estimate(client.store.client, client.keys, record, fleet)
         outputs = [o.with_url(client.storage.url(o.key, expiry)) for o in record.outputs]
         return JobView.of(record, queue_position=guess.position, eta_s=guess.eta_s, outputs=outputs).to_json()
+
+    @app.exception_handler(SlotsTaken)
+    def slots_taken(_request: Request, exc: SlotsTaken) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 429, {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(InvalidRequest)
     def invalid(_request: Request, exc: InvalidRequest) -> JSONResponse:

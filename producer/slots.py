@@ -7,7 +7,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fastapi import HTTPException
+
+class SlotsTaken(Exception):
+    """All of a tenant's slots are held: the API answers 429 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class TenantSlots:
@@ -23,13 +29,12 @@ class TenantSlots:
 
     @contextmanager
     def take(self, tenant: str) -> Iterator[None]:
-        """Hold one of ``tenant``'s slots; raises a 429 ``HTTPException`` when all are held."""
+        """Hold one of ``tenant``'s slots; raises ``SlotsTaken`` when all are held."""
         with self._lock:
             if self._taken.get(tenant, 0) >= self.limit:
-                raise HTTPException(
-                    429,
+                raise SlotsTaken(
                     f"at most {self.limit} {self.what} of one tenant at once ({self.setting}); retry later",
-                    {"Retry-After": str(self.retry_after_s)},
+                    self.retry_after_s,
                 )
             self._taken[tenant] = self._taken.get(tenant, 0) + 1
         try:

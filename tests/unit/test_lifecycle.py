@@ -22,22 +22,30 @@ from routing.jobs.store import JobStore, NewJob
 from routing.settings import Settings
 
 ERROR = JobError(type=ErrorType.MODEL_ERROR, message="it broke")
-QUEUE = "lifecycle-test"  # the jobs' queue: no worker reads it
+QUEUE = "gpu16"  # the jobs' queue
+LIST = "lifecycle-test:gpu16"  # where its messages go here: no worker reads it
+
+
+class _Messages(TaskMessages):
+    """The fleet's run messages, pushed onto ``LIST`` rather than the list a gpu16 worker reads."""
+
+    def run_job(self, job_id: str, queue: str) -> tuple[str, str]:
+        return LIST, super().run_job(job_id, queue)[1]
 
 
 @pytest.fixture
 def store(redis_client: redis_lib.Redis) -> Iterator[JobStore]:
-    messages = TaskMessages(make_celery(Settings(redis_url="redis://127.0.0.1:1/0")))
+    messages = _Messages(make_celery(Settings(redis_url="redis://127.0.0.1:1/0")))
     store = JobStore(redis_client, Keys(f"test-{uuid.uuid4().hex[:8]}"), ttl_s=3600, messages=messages)
-    redis_client.delete(QUEUE)
+    redis_client.delete(LIST)
     yield store
-    redis_client.delete(QUEUE)
+    redis_client.delete(LIST)
 
 
 def _queued(store: JobStore) -> str:
     job_id = uuid.uuid4().hex
-    store.create([NewJob(job_id, "z-image-turbo", "text-to-image", "{}", QUEUE, (QUEUE, "first"))])
-    store.client.delete(QUEUE)
+    store.create([NewJob(job_id, "z-image-turbo", "text-to-image", "{}", QUEUE, (LIST, "first"))])
+    store.client.delete(LIST)
     return job_id
 
 
@@ -59,7 +67,7 @@ def _refused(store: JobStore, job_id: str, move: Move) -> None:
     with pytest.raises(Conflict):
         store.move(job_id, move)
     assert store.client.hgetall(store.keys.job(job_id)) == before
-    assert len(store.events(job_id)) == events and store.client.llen(QUEUE) == 0
+    assert len(store.events(job_id)) == events and store.client.llen(LIST) == 0
 
 
 # name -> (the move, built from the job's id and record, the states it may go from)
@@ -106,7 +114,7 @@ def test_each_move_goes_only_from_its_sources(store: JobStore, name: str, source
     assert record.status is move.target
     assert store.events(job_id)[-1]["status"] == move.target.value
     if move.target is JobStatus.QUEUED:  # back in line with the message that runs it
-        [message] = store.client.lrange(QUEUE, 0, -1)
+        [message] = store.client.lrange(LIST, 0, -1)
         assert json.loads(message)["headers"]["id"] == job_id
         assert store.running() == []
 
@@ -131,7 +139,7 @@ def test_moves_of_a_running_job_are_fenced_by_worker_and_attempt(store: JobStore
     for move in stale:
         with pytest.raises(Conflict, match="no longer"):
             store.move(job_id, move)
-    assert store.get(job_id).status is JobStatus.RUNNING and store.client.llen(QUEUE) == 0
+    assert store.get(job_id).status is JobStatus.RUNNING and store.client.llen(LIST) == 0
 
     # A claim made on a record read before another claim took the job takes nothing.
     read = store.get(job_id)
@@ -150,7 +158,7 @@ def test_a_cancel_asked_while_running_wins_over_going_back_or_giving_up(store: J
     assert store.cancel(job_id) is JobStatus.RUNNING
     moved = store.move(job_id, MOVES[name][0](store, job_id))
     assert moved == Moved(JobStatus.RUNNING, JobStatus.CANCELED)
-    assert store.client.llen(QUEUE) == 0 and store.client.llen(store.keys.dead_letters) == 0
+    assert store.client.llen(LIST) == 0 and store.client.llen(store.keys.dead_letters) == 0
 
 
 def test_giving_up_dead_letters_the_job_with_its_record(store: JobStore):

@@ -17,9 +17,11 @@ import yaml
 from pydantic import ValidationError
 
 from routing.classes import VramClass
+from routing.errors import ErrorType
 from routing.io.retention import DAY_S, RetentionSweep, lifecycle_configuration, retention_days, sweep_local
 from routing.io.storage import LocalStorage
 from routing.jobs.keys import Keys
+from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore, NewJob
 from routing.settings import Settings
 
@@ -157,7 +159,7 @@ def redis_store(redis_url: str):
 
 
 def test_the_dead_letter_list_keeps_only_the_newest_entries(redis_store: JobStore) -> None:
-    from worker.runner import JobRunner
+    from worker.runner import Ended, JobRunner
 
     # No model runs: every job has already used its attempts (max_attempts 0) and is given up.
     pool = SimpleNamespace(vram_class=VramClass.GPU16)
@@ -175,7 +177,9 @@ def test_the_dead_letter_list_keeps_only_the_newest_entries(redis_store: JobStor
             message=(f"{redis_store.keys.prefix}:queue", f"message-{job_id}"),  # no worker's queue
         )
         redis_store.create([new])
-        assert runner.run(job_id) == "dead-lettered"
+        outcome = runner.run(job_id)
+        assert isinstance(outcome, Ended) and outcome.status is JobStatus.FAILED
+        assert outcome.error is not None and outcome.error.type is ErrorType.TOO_MANY_ATTEMPTS
         kept = [
             json.loads(raw)["id"] for raw in redis_store.client.lrange(redis_store.keys.dead_letters, 0, -1)
         ]

@@ -44,6 +44,8 @@ def _image_that_cannot_be_encoded() -> Image.Image:
 
 
 class _Adapter:
+    speed = None  # no speed profile: nothing applied around the job
+
     def __init__(self, run):
         self._run = run
 
