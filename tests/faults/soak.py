@@ -49,6 +49,7 @@ from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.store import JobStatus, Webhook
 from routing.settings import Settings, Tenant
+from tests import parallel
 from tests.faults.harness import RedisServer, kill_group
 from tests.faults.storage import SLOW_STORAGE
 from tests.webhook_receiver import Receiver
@@ -229,13 +230,11 @@ def run_soak(
     log=print,
     store_put_s: float = 0.2,
 ) -> Figures:
-    from worker.small_models import build
-
     rng = random.Random(seed)
     started = time.monotonic()
     deadline = started + timeout_s
     small_models = ROOT / "var" / "small-models"
-    build(small_models, ["z-image-turbo"])
+    parallel.small_models(small_models, ["z-image-turbo"])
     owned = base is None
     base = Path(tempfile.mkdtemp(prefix="fleet-soak-")) if base is None else base
     figures = Figures(jobs=jobs, workers=workers)
