@@ -5,8 +5,9 @@ test's time is spent waiting (on Celery worker processes, HTTP, Redis polling), 
 processes than cores pay off. Each xdist worker gets things of its own:
 
 * a Redis database: counting down from the one in ``FLEET_TEST_REDIS_URL`` (gw0 -> 15,
-  gw1 -> 14, ...), so a worker's ``FLUSHDB``, its unprefixed queues (``gpu16``, ``webhooks``...)
-  and the fleet-wide streams are never another's (``redis_url``);
+  gw1 -> 14, ..., never below 2: 0 is the demo's, 1 the benchmarks'), so a worker's
+  ``FLUSHDB``, its unprefixed queues (``gpu16``, ``webhooks``...) and the fleet-wide streams
+  are never another's (``redis_url``);
 * ports: every server a test starts binds a free port (moto, the API, Flower, metrics,
   webhook receivers, the fault suite's redis-server, torchrun's rendezvous);
 * folders: pytest's ``tmp_path`` is per worker; the one shared folder, ``var/small-models``,
@@ -45,6 +46,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 PROCESSES_ENV = "FLEET_TEST_PROCESSES"
 # Measured on two cores: the tests mostly wait, so more processes than cores pay off.
 PROCESSES_PER_CORE = 2
+# Below it: the demo's database (0) and the benchmarks' (1).
+LOWEST_DATABASE = 2
 _RUN_DIR = "fleet_parallel_dir"  # workerinput key: the run's folder (lock files, groups)
 _GROUPS_FILE = "groups.json"
 
@@ -61,11 +64,12 @@ def _database(url: str) -> str:
 
 
 def redis_url(base_url: str) -> str:
-    """``base_url`` with its database counted down by the xdist worker's index."""
+    """``base_url`` with its database counted down by the xdist worker's index (gw0 and a run
+    without xdist: ``base_url`` itself)."""
     db = _database(base_url)
     head = base_url.rpartition("/")[0] if base_url.endswith(f"/{db}") else base_url.rstrip("/")
     own = int(db) - worker_index()
-    if own < 0:
+    if worker_index() and own < LOWEST_DATABASE:
         raise pytest.UsageError(
             f"{base_url}: xdist worker {worker_index()} would need database {own}; start from a higher "
             f"database or run fewer processes (-n, {PROCESSES_ENV})"
@@ -99,10 +103,12 @@ def small_models(out: Path, models: list[str] | None = None) -> Path:
 
 def processes() -> int:
     """``-n auto``: FLEET_TEST_PROCESSES, else PROCESSES_PER_CORE per core, at most one per Redis
-    database from the suite's down to 0."""
+    database from the suite's down to LOWEST_DATABASE."""
     if os.environ.get(PROCESSES_ENV):
         return int(os.environ[PROCESSES_ENV])
-    databases = int(_database(os.environ.get("FLEET_TEST_REDIS_URL", DEFAULT_REDIS_URL))) + 1
+    databases = (
+        int(_database(os.environ.get("FLEET_TEST_REDIS_URL", DEFAULT_REDIS_URL))) - LOWEST_DATABASE + 1
+    )
     return max(1, min(PROCESSES_PER_CORE * (os.cpu_count() or 1), databases))
 
 
