@@ -44,7 +44,7 @@ import pytest
 ALONE = "alone"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 PROCESSES_ENV = "FLEET_TEST_PROCESSES"
-# Measured on two cores: the tests mostly wait, so more processes than cores pay off.
+# The tests mostly wait (worker processes, HTTP, Redis), so more processes than cores pay off.
 PROCESSES_PER_CORE = 2
 # Below it: the demo's database (0) and the benchmarks' (1).
 LOWEST_DATABASE = 2
@@ -135,20 +135,27 @@ def record_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_dir = getattr(config, "workerinput", {}).get(_RUN_DIR)
     if run_dir is None:
         return
-    groups = {item.nodeid: name for item in items if (name := _group_of(item)) is not None}
+    # A module with an alone test and a module-scoped fixture goes to the alone group whole: its
+    # fixture is then set up once, and only its alone tests hold the lock exclusively.
+    alone_modules = {_module(item) for item in items if item.get_closest_marker(ALONE) is not None}
+    groups = {item.nodeid: name for item in items if (name := _group_of(item, alone_modules)) is not None}
     path = Path(run_dir) / _GROUPS_FILE
     partial = path.with_name(f"{path.name}.{os.getpid()}")
     partial.write_text(json.dumps(groups))
     os.replace(partial, path)  # every worker writes the same: the last one stays, whole
 
 
-def _group_of(item: pytest.Item) -> str | None:
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _group_of(item: pytest.Item, alone_modules: set[str]) -> str | None:
     if item.get_closest_marker(ALONE) is not None:
         return ALONE
     if (mark := item.get_closest_marker("xdist_group")) is not None:
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
     if _shares_module_fixture(item):
-        return item.nodeid.split("::", 1)[0]
+        return ALONE if _module(item) in alone_modules else _module(item)
     return None
 
 
