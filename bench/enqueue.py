@@ -5,7 +5,7 @@
 The baseline is the cheapest possible enqueue: one LPUSH of the same message over the same kind
 of connection. A submit does more (validation, routing, the job record, its event, the
 idempotency check), all in one Lua round trip; ``submit_many`` pipelines a batch of those.
-Runs against Redis database 14 under its own key prefix and deletes what it wrote.
+Runs against Redis database 1 under its own key prefix and deletes what it wrote.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument(
-        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     )
     args = parser.parse_args()
 

@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--video-jobs", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the shares as one JSON object")
     parser.add_argument(
-        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     )
     args = parser.parse_args()
 

@@ -7,7 +7,7 @@ One gpu80 worker (it consumes gpu80 and gpu16, so it runs every model here). For
 first job (cold: it loads the model), then N warm jobs; per job the fleet's own timings split
 the time into the pipeline call and everything else (queue, inputs, encode, store, bookkeeping).
 Then, with a budget that holds two models, it alternates between two resident models (no load
-expected) and brings back an evicted one (a load, timed). Redis database 14, its own prefix.
+expected) and brings back an evicted one (a load, timed). Redis database 1, its own prefix.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument(
-        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     )
     args = parser.parse_args()
     models_dir = ROOT / "var" / "small-models"

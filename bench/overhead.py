@@ -6,7 +6,7 @@ Whole path: SDK submit -> Redis -> Celery worker process (model resident) -> ZIm
 PNG -> object store -> job record -> the SDK's wait() returns. Baseline: the same
 ``ZImagePipeline.from_pretrained`` weights called in this process with the same request. Added
 latency per job is its end-to-end time minus its own pipeline call as the worker timed it.
-Uses Redis database 14 under its own key prefix and a temporary object store.
+Uses Redis database 1 under its own key prefix and a temporary object store.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument(
-        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     )
     args = parser.parse_args()
     models = ROOT / "var" / "small-models"

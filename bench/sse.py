@@ -9,7 +9,7 @@ time) with no stream open. Then ``--streams`` jobs each get a reader following
 through the job store as a worker would (``--events-per-s`` per job), while the same submits are
 timed again. At the end the jobs succeed, every stream must end after its terminal event with
 every event it was sent, and the ratio of the latencies is printed.
-Runs against Redis database 14 under its own key prefix and deletes what it wrote.
+Runs against Redis database 1 under its own key prefix and deletes what it wrote.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--submits", type=int, default=200)
     parser.add_argument("--events-per-s", type=float, default=2.0)
     parser.add_argument(
-        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+        "--redis-url", default=os.environ.get("FLEET_BENCH_REDIS_URL", "redis://127.0.0.1:6379/1")
     )
     args = parser.parse_args()
 

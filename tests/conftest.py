@@ -20,9 +20,43 @@ import redis as redis_lib
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.settings import Settings
+from tests import parallel
 
 # Loopback servers must never be reached through a proxy a CI runner may have configured.
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# --- Parallel processes (pytest-xdist): what keeps them apart is in tests/parallel.py ----------
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return parallel.processes()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    parallel.share_run_dir(node)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    parallel.remove_run_dir(config)
+
+
+@pytest.hookimpl(trylast=True)  # the node ids as the controller will see them
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    parallel.record_groups(config, items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    return parallel.scheduler(config, log)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outside pytest-timeout's timer: waiting is not running
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with parallel.turn(item):
+        return (yield)
 
 
 def _free_port() -> int:
@@ -89,8 +123,9 @@ def s3_server() -> Iterator[str]:
 
 ROOT = Path(__file__).resolve().parent.parent
 # The suite owns this database of the local Redis and empties it at the start; the demo and
-# anything else use database 0.
-TEST_REDIS_URL = os.environ.get("FLEET_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# anything else use database 0. Each xdist worker gets its own, counting down from it (gw0 -> 15,
+# gw1 -> 14, ...).
+TEST_REDIS_URL = parallel.redis_url(os.environ.get("FLEET_TEST_REDIS_URL", parallel.DEFAULT_REDIS_URL))
 
 
 @pytest.fixture(scope="session")
@@ -114,11 +149,7 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 @pytest.fixture(scope="session")
 def small_models_dir() -> Path:
     """Small random-weight models, built once and kept under var/ (the demo uses them too)."""
-    from testkit.small_models import build
-
-    out = ROOT / "var" / "small-models"
-    build(out)
-    return out
+    return parallel.small_models(ROOT / "var" / "small-models")
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ client at it.
 
 The suite's shared Redis is never touched here: the fault tests kill workers mid-job, restart
 Redis and leave messages in Kombu's unacknowledged set, so they get a ``redis-server`` of their
-own (append-only file fsynced on every write, so a restart loses nothing), emptied before each
-test. ``fleet_settings`` is overridden, so the shared ``start_worker`` and ``client`` fixtures
+own (append-only file fsynced on every write, so a restart loses nothing; one per xdist
+process, on a free port), emptied before each test. ``fleet_settings`` is overridden, so the shared ``start_worker`` and ``client`` fixtures
 of tests/conftest.py use it too.
 """
 

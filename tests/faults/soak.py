@@ -52,6 +52,7 @@ from routing.jobs.messages import task_id
 from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
 from testkit.storage import SLOW_WORKER
+from tests import parallel
 from tests.faults.harness import RedisServer, kill_group
 from tests.webhook_receiver import Receiver
 from worker.liveness import pid_of
@@ -231,13 +232,11 @@ def run_soak(
     log=print,
     store_put_s: float = 0.2,
 ) -> Figures:
-    from testkit.small_models import build
-
     rng = random.Random(seed)
     started = time.monotonic()
     deadline = started + timeout_s
     small_models = ROOT / "var" / "small-models"
-    build(small_models, ["z-image-turbo"])
+    parallel.small_models(small_models, ["z-image-turbo"])
     owned = base is None
     base = Path(tempfile.mkdtemp(prefix="fleet-soak-")) if base is None else base
     figures = Figures(jobs=jobs, workers=workers)

@@ -16,7 +16,8 @@ from testkit.storage import SLOW_WORKER
 from tests.faults.harness import event_types, kill_group, small_request, wait_for, wait_log, wait_warm
 from tests.integration.test_every_kind import picture
 
-pytestmark = pytest.mark.integration
+# alone: one job must be stepping while the other one's store sleeps (tests/parallel.py).
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 PUT_S = 3.0
 

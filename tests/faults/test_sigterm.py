@@ -16,7 +16,8 @@ from routing.jobs.record import JobStatus
 from tests.faults.harness import event_types, small_request, wait_for, wait_warm
 from worker.liveness import pid_of
 
-pytestmark = pytest.mark.integration
+# alone: the hand-back is timed (tests/parallel.py).
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 SLOW = small_request("stopped mid-job fault:sleep=0.4", steps=12)
 

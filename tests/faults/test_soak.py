@@ -7,7 +7,8 @@ import pytest
 
 from tests.faults.soak import run_soak
 
-pytestmark = [pytest.mark.integration, pytest.mark.soak]
+# alone: its workers are killed on a clock and it must finish within 240 s (tests/parallel.py).
+pytestmark = [pytest.mark.integration, pytest.mark.soak, pytest.mark.alone]
 
 JOBS = 60
 

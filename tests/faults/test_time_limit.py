@@ -19,7 +19,8 @@ from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
 from tests.faults.harness import event_types, small_request, wait_log, wait_warm
 
-pytestmark = pytest.mark.integration
+# alone: the limits are measured in seconds of wall time (tests/parallel.py).
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 SOFT_S = 2  # with max_run_s 62
 HARD_S = 3  # with max_run_s 3

@@ -30,7 +30,8 @@ from routing.settings import Settings
 from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
 from worker.media import encode_png, encode_wav
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+# alone: two CPU ranks take both cores, and their collectives time out (tests/parallel.py).
+pytestmark = [pytest.mark.integration, pytest.mark.alone, pytest.mark.timeout(420)]
 
 S2V = "wan2.2-s2v-14b"
 SPEECH_S = 1.5

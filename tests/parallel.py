@@ -1,0 +1,205 @@
+"""How the suite runs in parallel processes (pytest-xdist), and what keeps them apart.
+
+``python -m pytest`` starts several xdist workers (``addopts`` in pyproject.toml). Most of a
+test's time is spent waiting (on Celery worker processes, HTTP, Redis polling), so more
+processes than cores pay off. Each xdist worker gets things of its own:
+
+* a Redis database: counting down from the one in ``FLEET_TEST_REDIS_URL`` (gw0 -> 15,
+  gw1 -> 14, ..., never below 2: 0 is the demo's, 1 the benchmarks'), so a worker's
+  ``FLUSHDB``, its unprefixed queues (``gpu16``, ``webhooks``...) and the fleet-wide streams
+  are never another's (``redis_url``);
+* ports: every server a test starts binds a free port (moto, the API, Flower, metrics,
+  webhook receivers, the fault suite's redis-server, torchrun's rendezvous);
+* folders: pytest's ``tmp_path`` is per worker; the one shared folder, ``var/small-models``,
+  is built under a file lock (``small_models``).
+
+Scheduling (``--dist=loadgroup``):
+
+* ``@pytest.mark.alone``: the test runs with no other test running beside it: it loads the
+  machine heavily or measures time (the soak, the S2V CPU group, time-limit and SIGTERM
+  tests). Every test holds a shared lock on a file of the run while it runs (setup, call and
+  teardown); an ``alone`` test holds it exclusively. A turnstile lock in front of it keeps new
+  tests from slipping in while an ``alone`` test waits for the running ones to end. The
+  ``alone`` tests also form one xdist group, so one xdist worker runs them one after another.
+* A module whose tests share a module-scoped fixture (a model built once, a server started
+  once) is one xdist group: built once, not once per xdist worker.
+* ``-n0`` runs everything in this process, one test at a time (``-p no:xdist`` also needs
+  ``-o addopts=`` to drop the ``-n`` it does not know); the locks are then not taken.
+* ``FLEET_TEST_PROCESSES=N`` (or ``-n N``) sets how many processes ``-n auto`` starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ALONE = "alone"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+PROCESSES_ENV = "FLEET_TEST_PROCESSES"
+# The tests mostly wait (worker processes, HTTP, Redis), so more processes than cores pay off.
+PROCESSES_PER_CORE = 2
+# Below it: the demo's database (0) and the benchmarks' (1).
+LOWEST_DATABASE = 2
+_RUN_DIR = "fleet_parallel_dir"  # workerinput key: the run's folder (lock files, groups)
+_GROUPS_FILE = "groups.json"
+
+
+def worker_index() -> int:
+    """0 for gw0 (and for a run without xdist), 1 for gw1, ..."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name.removeprefix("gw"))
+
+
+def _database(url: str) -> str:
+    tail = url.rpartition("/")[2]
+    return tail if tail.isdigit() else "0"
+
+
+def redis_url(base_url: str) -> str:
+    """``base_url`` with its database counted down by the xdist worker's index (gw0 and a run
+    without xdist: ``base_url`` itself)."""
+    db = _database(base_url)
+    head = base_url.rpartition("/")[0] if base_url.endswith(f"/{db}") else base_url.rstrip("/")
+    own = int(db) - worker_index()
+    if worker_index() and own < LOWEST_DATABASE:
+        raise pytest.UsageError(
+            f"{base_url}: xdist worker {worker_index()} would need database {own}; start from a higher "
+            f"database or run fewer processes (-n, {PROCESSES_ENV})"
+        )
+    return f"{head}/{own}"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def small_models(out: Path, models: list[str] | None = None) -> Path:
+    """Build the small models into ``out`` (a no-op when present): the xdist workers, the soak
+    and the demo may all ask at once; the builder holds a file lock beside ``out`` and replaces
+    a model's folder only whole (``testkit.small_models.build``)."""
+    from testkit.small_models import build
+
+    build(out, models)
+    return out
+
+
+# --- What tests/conftest.py's hooks call -----------------------------------------------------
+
+
+def processes() -> int:
+    """``-n auto``: FLEET_TEST_PROCESSES, else PROCESSES_PER_CORE per core, at most one per Redis
+    database from the suite's down to LOWEST_DATABASE."""
+    if os.environ.get(PROCESSES_ENV):
+        return int(os.environ[PROCESSES_ENV])
+    databases = (
+        int(_database(os.environ.get("FLEET_TEST_REDIS_URL", DEFAULT_REDIS_URL))) - LOWEST_DATABASE + 1
+    )
+    return max(1, min(PROCESSES_PER_CORE * (os.cpu_count() or 1), databases))
+
+
+def share_run_dir(node) -> None:
+    """On the xdist controller, for each worker it starts: one folder for the run."""
+    config = node.config
+    if not hasattr(config, "_fleet_parallel_dir"):
+        config._fleet_parallel_dir = tempfile.mkdtemp(prefix="fleet-tests-")
+    node.workerinput[_RUN_DIR] = config._fleet_parallel_dir
+
+
+def remove_run_dir(config: pytest.Config) -> None:
+    run_dir = getattr(config, "_fleet_parallel_dir", None)
+    if run_dir is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def record_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On each xdist worker, after collection: write the run's groups (node id -> group) where
+    the controller's scheduler reads them. An ``xdist_group`` mark names a group too.
+
+    xdist's own way, a group appended to the node id, is lost on pytest 9.2 (its structured
+    node ids ignore the assignment; pytest-xdist issue 1386), so the groups travel in a file."""
+    run_dir = getattr(config, "workerinput", {}).get(_RUN_DIR)
+    if run_dir is None:
+        return
+    # A module with an alone test and a module-scoped fixture goes to the alone group whole: its
+    # fixture is then set up once, and only its alone tests hold the lock exclusively.
+    alone_modules = {_module(item) for item in items if item.get_closest_marker(ALONE) is not None}
+    groups = {item.nodeid: name for item in items if (name := _group_of(item, alone_modules)) is not None}
+    path = Path(run_dir) / _GROUPS_FILE
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(groups))
+    os.replace(partial, path)  # every worker writes the same: the last one stays, whole
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _group_of(item: pytest.Item, alone_modules: set[str]) -> str | None:
+    if item.get_closest_marker(ALONE) is not None:
+        return ALONE
+    if (mark := item.get_closest_marker("xdist_group")) is not None:
+        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    if _shares_module_fixture(item):
+        return ALONE if _module(item) in alone_modules else _module(item)
+    return None
+
+
+def _shares_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(defs and defs[-1].scope in ("module", "package") for defs in info.name2fixturedefs.values())
+
+
+def scheduler(config: pytest.Config, log):
+    """``--dist=loadgroup``: xdist's scope scheduling (a group goes to one worker whole, the
+    groups with the most tests first) over the groups ``record_groups`` wrote; other tests are
+    handed out one by one."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    run_dir = Path(config._fleet_parallel_dir)
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # called once every worker has collected (and written)
+                self.groups = json.loads((run_dir / _GROUPS_FILE).read_text())
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@contextlib.contextmanager
+def turn(item: pytest.Item) -> Iterator[None]:
+    """Hold the run's lock while ``item`` runs: shared, or exclusive for an ``alone`` test.
+    Outside an xdist run, nothing runs beside the test: no lock."""
+    run_dir = getattr(item.config, "workerinput", {}).get(_RUN_DIR)
+    if run_dir is None:
+        yield
+        return
+    turnstile, running = Path(run_dir) / "turnstile.lock", Path(run_dir) / "running.lock"
+    if item.get_closest_marker(ALONE) is not None:
+        with _flock(turnstile, fcntl.LOCK_EX), _flock(running, fcntl.LOCK_EX):
+            yield
+        return
+    with _flock(turnstile, fcntl.LOCK_EX):
+        pass  # wait here while an alone test runs or waits to
+    with _flock(running, fcntl.LOCK_SH):
+        yield
