@@ -249,7 +249,8 @@ def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
         record = client.cancel(args.job_id)
         print(
             f"{record.id} {record.status.value}"
-            + (" (stops at its next step)" if record.cancel_requested else ""),
+            # Still running: the cancel is asked for, and the job stops at its next step.
+            + (" (stops at its next step)" if record.status is JobStatus.RUNNING else ""),
             file=out,
         )
         return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -109,7 +110,8 @@ def _stored_file(key: str, file: BinaryIO, content_type: str) -> StoredObject:
     """What ``put_file`` stores of ``file`` (read from its start, a chunk at a time)."""
     file.seek(0)
     digest = hashlib.file_digest(file, "sha256")  # type: ignore[arg-type]
-    size = file.tell()
+    # Not file.tell(): file_digest reads a BytesIO through its buffer, leaving it at 0.
+    size = file.seek(0, io.SEEK_END)
     file.seek(0)
     return StoredObject(key, size, content_type, digest.hexdigest())
 

@@ -188,7 +188,7 @@ def fuzz_app(
     png = _png()
     previous = CURRENT_APP.app
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(producer.inputs, "fetch_url", lambda *_args, **_kwargs: png)
+        patch.setattr(producer.inputs, "fetch_into", lambda _url, out, **_kwargs: out.write(png))
         CURRENT_APP.app = app
         try:
             yield app

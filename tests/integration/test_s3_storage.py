@@ -121,3 +121,19 @@ def test_touch_copies_the_object_onto_itself_so_its_age_starts_again(storage: S3
     head = storage.client.head_object(Bucket=storage.bucket, Key=key)
     assert head["LastModified"] > before
     assert (storage.get(key), head["ContentType"]) == (b"weights", "application/x-lora")
+
+
+@pytest.mark.parametrize("kind", ["temporary file", "bytes in memory"])
+def test_put_file_stores_what_the_file_holds_from_its_start(storage: S3Storage, kind: str) -> None:
+    """Uploads and fetched inputs go to the bucket from a temporary file; a LoRA named by a store
+    key, from memory (hashlib reads a BytesIO through its buffer, without moving its position)."""
+    import io
+    import tempfile
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    key = f"loras/acme/{hashlib.sha256(data).hexdigest()}.safetensors"
+    with tempfile.TemporaryFile() if kind == "temporary file" else io.BytesIO() as file:
+        file.write(data)  # left at its end, as a download leaves it
+        stored = storage.put_file(key, file, "application/octet-stream")
+    assert storage.get(key) == data
+    assert (stored.size_bytes, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
