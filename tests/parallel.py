@@ -183,6 +183,15 @@ def scheduler(config: pytest.Config, log):
                 self.groups = json.loads((run_dir / _GROUPS_FILE).read_text())
             return self.groups.get(nodeid, nodeid)
 
+        def _assign_work_unit(self, node) -> None:
+            # xdist's own sends the first item of each node id: items that share one (the fuzz
+            # test's, one per API operation) would all but one go unrun. Send every item.
+            scope, work_unit = self.workqueue.popitem(last=False)
+            self.assigned_work.setdefault(node, {})[scope] = work_unit
+            pending = {nodeid for nodeid, completed in work_unit.items() if not completed}
+            collection = self.registered_collections[node]
+            node.send_runtest_some([i for i, nodeid in enumerate(collection) if nodeid in pending])
+
     return GroupScheduling(config, log)
 
 
