@@ -118,6 +118,20 @@ def test_base_install_has_no_torch_and_its_sdk_runs_a_job(
     assert "gpu-fleet" in installed
     assert not installed & NOT_IN_THE_BASE, sorted(installed & NOT_IN_THE_BASE)
 
+    # The light SDK is light in the light install: importing it loads nothing of the Redis SDK's.
+    imported = subprocess.run(
+        [python, "-X", "importtime", "-c", "import producer.http"],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = {line.rpartition("|")[2].strip() for line in imported.stderr.splitlines() if "|" in line}
+    assert "producer.http" in loaded and "httpx" in loaded
+    heavy = {"redis", "celery", "kombu", "boto3", "botocore", "av", "PIL"}
+    assert sorted(m for m in loaded if m.split(".")[0] in heavy) == []
+
     start_worker()
     submitted = subprocess.run(
         [python, "-c", textwrap.dedent(_SUBMIT)],
