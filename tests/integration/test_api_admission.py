@@ -24,6 +24,7 @@ from routing.jobs.record import JobStatus
 from routing.jobs.workers import heartbeat
 from routing.settings import Settings
 from tests.conftest import _free_port
+from tests.faults.harness import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -304,7 +305,25 @@ def test_prefer_wait_submits_are_bounded_per_tenant_and_per_process_before_queue
     assert bounded.post("/v1/jobs", json=SMALL, headers=A | {"Prefer": "wait=1"}).status_code == 202
 
 
-def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(api, redis_client):
+def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(settings, tmp_path):
+    # A redis-server of the test's own: it is made to drop and refuse every client, which on the
+    # suite's shared server would take the other processes' connections too.
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    redis_client = server.client()
+    own = settings.model_copy(update={"redis_url": server.url})
+    try:
+        with (
+            start_api(own, tmp_path) as process,
+            httpx.Client(base_url=process.url, timeout=30, trust_env=False) as api,
+        ):
+            _wait_fails_after_queueing(api, redis_client)
+    finally:
+        redis_client.close()
+        server.stop()
+
+
+def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis) -> None:
     answer: list[httpx.Response] = []
     thread = threading.Thread(
         target=lambda: answer.append(
