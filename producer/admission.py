@@ -9,6 +9,8 @@ Each refusal says when to come back (``Retry-After``), so the HTTP SDK's retries
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import redis
 
@@ -42,6 +44,14 @@ class RateLimits:
         return int(wait_s) or None
 
 
+class SlotsTaken(Exception):
+    """All the slots a caller may hold are held: the API answers 429 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Slot:
     """One held place of ``Slots``; ``release`` gives it back, once however often it is called."""
 
@@ -56,20 +66,35 @@ class Slot:
 
 
 class Slots:
-    """At most ``per_tenant`` held by one tenant and ``total`` by the process. Used from the
-    server's event loop only, so the counts need no lock."""
+    """At most ``per_tenant`` of ``what`` held by one tenant and ``total`` (None: no bound) by the
+    process. Used from the server's event loop only, so the counts need no lock. ``setting``
+    names what a refusal tells the caller to look at."""
 
-    def __init__(self, per_tenant: int, total: int):
+    def __init__(self, per_tenant: int, total: int | None, what: str, setting: str):
         self.per_tenant = per_tenant
         self.total = total
+        self.what = what
+        self.setting = setting
         self._held: Counter[str] = Counter()
 
-    def take(self, tenant: str) -> Slot | None:
-        """A slot for ``tenant``, or None when the tenant or the process holds all it may."""
-        if self._held[tenant] >= self.per_tenant or self._held.total() >= self.total:
-            return None
+    def take(self, tenant: str) -> Slot:
+        """A slot for ``tenant``; raises ``SlotsTaken`` when the tenant or the process holds all
+        it may."""
+        if self._held[tenant] >= self.per_tenant:
+            raise SlotsTaken(f"at most {self.per_tenant} {self.what} of one tenant at once ({self.setting})")
+        if self.total is not None and self._held.total() >= self.total:
+            raise SlotsTaken(f"at most {self.total} {self.what} at once in this API process ({self.setting})")
         self._held[tenant] += 1
         return Slot(self, tenant)
+
+    @contextmanager
+    def holding(self, tenant: str) -> Iterator[None]:
+        """``take`` for the length of a block."""
+        slot = self.take(tenant)
+        try:
+            yield
+        finally:
+            slot.release()
 
     def held(self, tenant: str | None = None) -> int:
         return self._held.total() if tenant is None else self._held[tenant]

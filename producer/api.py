@@ -27,13 +27,12 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer.admission import RateLimits, Slot, Slots
+from producer.admission import RateLimits, Slots, SlotsTaken
 from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
 from producer.metrics import FleetCollector
-from producer.slots import SlotsTaken, TenantSlots
 from routing.catalog import CATALOG
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
@@ -275,8 +274,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def unavailable(_request: Request, exc: Unavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 503, {"Retry-After": "5"})
 
-    streams = Slots(settings.event_streams_per_tenant, settings.event_streams_per_api)
-    waits = Slots(settings.prefer_waits_per_tenant, settings.prefer_waits_per_api)
+    streams = Slots(
+        settings.event_streams_per_tenant,
+        settings.event_streams_per_api,
+        "open event streams",
+        "FLEET_EVENT_STREAMS_PER_TENANT, FLEET_EVENT_STREAMS_PER_API",
+    )
+    waits = Slots(
+        settings.prefer_waits_per_tenant,
+        settings.prefer_waits_per_api,
+        "Prefer: wait submits",
+        "FLEET_PREFER_WAITS_PER_TENANT, FLEET_PREFER_WAITS_PER_API",
+    )
     live = JobEvents(
         settings.redis_url,
         client.keys,
@@ -285,18 +294,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Submits that download run on threads of their own, a few per tenant: however slowly their
     # URLs answer, the shared threads stay free for everyone's other requests.
-    fetching = TenantSlots(settings.max_fetching_submits, "submits downloading", "FLEET_MAX_FETCHING_SUBMITS")
+    fetching = Slots(settings.max_fetching_submits, None, "submits downloading", "FLEET_MAX_FETCHING_SUBMITS")
     fetch_threads = anyio.CapacityLimiter(settings.api_fetch_threads)
-    uploading = TenantSlots(settings.max_concurrent_uploads, "uploads", "FLEET_MAX_CONCURRENT_UPLOADS")
+    uploading = Slots(settings.max_concurrent_uploads, None, "uploads", "FLEET_MAX_CONCURRENT_UPLOADS")
     health_threads = anyio.CapacityLimiter(2)
     app.router.on_shutdown.append(live.close)
-
-    def take_slot(slots: Slots, tenant: str, what: str) -> Slot:
-        slot = slots.take(tenant)
-        if slot is None:
-            limit = f"{slots.per_tenant} per tenant" if slots.held(tenant) >= slots.per_tenant else "in all"
-            raise HTTPException(429, f"too many {what} open at once ({limit})", {"Retry-After": "5"})
-        return slot
 
     @app.post(
         "/v1/jobs",
@@ -328,12 +330,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             message = f"tenant {tenant!r} may use priorities {names} (got {body.priority.value!r})"
             raise InvalidRequest([FieldError("priority", message)])
         # A wait's slot is taken before anything is queued: refused, nothing is.
-        slot = take_slot(waits, tenant, "Prefer: wait submits") if wait_s else None
+        slot = waits.take(tenant) if wait_s else None
         try:
             await run_in_threadpool(take_rate, "submit", tenant)
             queue = partial(queue_job, body, tenant, response, idempotency_key)
             if fetches(body):
-                with fetching.take(tenant):
+                with fetching.holding(tenant):
                     job_id = await anyio.to_thread.run_sync(queue, limiter=fetch_threads)
             else:
                 job_id = await run_in_threadpool(queue)
@@ -393,7 +395,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         received) to get every later event once."""
         if not is_job_id(job_id):
             raise HTTPException(404, f"no job {job_id}")
-        slot = take_slot(streams, tenant, "event streams")
+        slot = streams.take(tenant)
         try:
             if await live.tenant_of(job_id) != tenant:
                 raise HTTPException(404, f"no job {job_id}")
@@ -506,7 +508,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         own requests can use it."""
         # The body goes to a temporary file as it arrives (BodyLimits cuts it off at
         # FLEET_MAX_INPUT_BYTES), and from there to the store: it is never whole in memory.
-        with uploading.take(tenant), tempfile.TemporaryFile() as file:
+        with uploading.holding(tenant), tempfile.TemporaryFile() as file:
             async for chunk in request.stream():
                 file.write(chunk)
             if not file.tell():
