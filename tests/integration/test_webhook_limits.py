@@ -140,14 +140,16 @@ def test_one_tenants_slow_endpoints_hold_at_most_its_share_of_the_threads(settin
 def test_a_tenants_slow_name_lookups_hold_only_its_own_slots(settings, receiver, monkeypatch):
     """The tenant's slot is taken before the name lookup: a tenant whose webhook host resolves
     slowly holds its share of the threads, and its next delivery is deferred, not stuck in DNS too."""
+    armed = threading.Event()  # slow only once the jobs are submitted (submit checks the name too)
     looking_up = threading.Event()
     answer = threading.Event()
     real_getaddrinfo = socket.getaddrinfo
 
     def slow_dns(host: str, *args: Any, **kwargs: Any) -> Any:
         if host == "slow-dns.test":  # the one name whose name server is slow
-            looking_up.set()
-            answer.wait(10)
+            if armed.is_set():
+                looking_up.set()
+                answer.wait(10)
             host = "127.0.0.2"
         return real_getaddrinfo(host, *args, **kwargs)
 
@@ -158,6 +160,7 @@ def test_a_tenants_slow_name_lookups_hold_only_its_own_slots(settings, receiver,
         same_tenant = started_job(client, f"{receiver.url}/fast", "t1")
         other_tenant = started_job(client, f"{receiver.url}/fast", "t2")
     deliverer = Deliverer(settings, client.store.client)
+    armed.set()
     results: list[str] = []
     first = threading.Thread(
         target=lambda: results.append(deliverer.deliver(*slow[:2], "job.started", slow[2], 1).outcome)
