@@ -129,6 +129,10 @@ class ModelSpec:
     # Regex of the transformer modules a LoRA may target; None: the model takes no LoRAs.
     lora_modules: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
+    # The hub revision `python -m worker.weights pull` downloads, and the folder of the object
+    # store its mirror lives in (weights/<key>/<revision>/): a commit id pins the files; a branch
+    # name follows it, and the pull records the commit it resolved to.
+    revision: str = "main"
 
 
 def _variants(*variants: Variant) -> dict[str, Variant]:
