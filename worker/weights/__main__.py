@@ -10,7 +10,7 @@ from pathlib import Path
 from routing.catalog import CATALOG, get_model
 from routing.io.storage import S3Storage, make_storage
 from routing.settings import Settings, get_settings
-from worker.weights.fill import WeightsError, fill
+from worker.weights.fill import MirrorMissing, WeightsError, fill
 from worker.weights.hub import HuggingFaceHub, pull
 from worker.weights.mirror import mirror
 
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                 chunk_bytes=settings.weights_fill_chunk_bytes,
                 threads=settings.weights_fill_threads,
             )
+        except MirrorMissing as e:
+            # Not fatal: the worker loads such a model as configured (the hub, by default).
+            print(f"{key}: not filled: {e}", file=sys.stderr)
+            continue
         except WeightsError as e:
             print(f"{key}: {e}", file=sys.stderr)
             return 1
