@@ -140,3 +140,14 @@ def test_the_manifest_round_trips_and_names_every_file(tmp_path: Path, small_mod
     assert manifest.total_bytes == sum(
         (small_models_dir / spec.key / f.path).stat().st_size for f in manifest.files
     )
+
+
+def test_the_official_s2v_code_refuses_a_hub_id_saying_how_to_mirror_it() -> None:
+    from worker.adapters.base import Runtime
+    from worker.adapters.s2v import S2VGroupModel
+    from worker.group.spec import GroupPlace
+
+    spec = CATALOG["wan2.2-s2v-14b"]
+    runtime = Runtime.resolve("cpu", "float32")
+    with pytest.raises(FileNotFoundError, match="python -m worker.weights pull wan2.2-s2v-14b"):
+        S2VGroupModel(spec, spec.hub_id, runtime, GroupPlace(rank=0, world_size=1, local_rank=0))
