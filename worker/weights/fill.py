@@ -10,19 +10,21 @@ finds the files right and fetches nothing. A missing file, or one whose size dif
 manifest, is fetched again; one whose size is right but whose mtime changed since it was checked
 is hashed again, and fetched again when its sha256 differs. Fetching is ranged reads of
 ``chunk_bytes`` from ``threads`` threads, written at their offsets into a temporary file in the
-same folder, which is hashed and renamed over the file only when it matches: a reader sees the
-old file or the whole new one, never a part. Files the manifest does not name are removed (an
-older revision's shards must not be loaded beside the new ones).
+same folder, hashed in order as its chunks arrive, and renamed over the file only when it
+matches: a reader sees the old file or the whole new one, never a part. Files the manifest does
+not name are removed (an older revision's shards must not be loaded beside the new ones).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -189,6 +191,57 @@ def _is_right(folder: Path, entry: FileEntry, checked: dict[str, list[object]]) 
     return True
 
 
+class _Part:
+    """A file being fetched: its temporary file, written at the offsets chunks arrive at, and
+    its sha256, computed in order as the chunks before the next one to hash are all written (so
+    the check runs alongside the download instead of after it)."""
+
+    def __init__(self, entry: FileEntry, final: Path, chunk_bytes: int):
+        self.entry = entry
+        self.final = final
+        self.chunk_bytes = chunk_bytes
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=_PART_SUFFIX)
+        self.fd, self.tmp = fd, Path(tmp)
+        os.ftruncate(fd, entry.size)
+        self._digest = hashlib.sha256()
+        self._hashed_to = 0
+        self._written: set[int] = set()
+        self._hashing = False
+        self._lock = threading.Lock()
+
+    def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, offset)
+        with self._lock:
+            self._written.add(offset)
+            if self._hashing:
+                return  # the thread hashing this file takes it when it gets there
+            self._hashing = True
+        while True:
+            with self._lock:
+                if self._hashed_to not in self._written:
+                    self._hashing = False
+                    return
+                self._written.remove(self._hashed_to)
+                at = self._hashed_to
+            length = min(self.chunk_bytes, self.entry.size - at)
+            self._digest.update(os.pread(self.fd, length, at))
+            with self._lock:
+                self._hashed_to = at + length
+
+    def settle(self) -> bool:
+        """Whole and right: fsync and rename it into place. Else False, the file left as it was."""
+        os.fsync(self.fd)
+        if self._hashed_to != self.entry.size or self._digest.hexdigest() != self.entry.sha256:
+            return False
+        os.fchmod(self.fd, 0o644)
+        os.replace(self.tmp, self.final)
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
+
+
 def _fetch(
     storage: Storage,
     spec: ModelSpec,
@@ -200,53 +253,36 @@ def _fetch(
 ) -> list[FileEntry]:
     """Fetch ``entries`` into ``folder``, chunks of all of them in parallel; the ones that came
     whole and right, now in place."""
-    parts: dict[str, Path] = {}
+    parts: list[_Part] = []
     try:
         for entry in entries:
-            final = folder / entry.path
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=_PART_SUFFIX)
-            parts[entry.path] = Path(tmp)
-            os.ftruncate(fd, entry.size)
-            os.close(fd)
-        chunks = [
-            (entry, offset, min(chunk_bytes, entry.size - offset))
-            for entry in entries
-            for offset in range(0, entry.size, chunk_bytes)
-        ]
+            (folder / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            parts.append(_Part(entry, folder / entry.path, chunk_bytes))
+        chunks = [(part, offset) for part in parts for offset in range(0, part.entry.size, chunk_bytes)]
 
-        def read_chunk(chunk: tuple[FileEntry, int, int]) -> None:
-            entry, offset, length = chunk
-            data = storage.get_range(file_key(spec, entry.path), offset, length)
+        def read_chunk(chunk: tuple[_Part, int]) -> None:
+            part, offset = chunk
+            length = min(chunk_bytes, part.entry.size - offset)
+            data = storage.get_range(file_key(spec, part.entry.path), offset, length)
             if len(data) != length:
                 raise WeightsError(
-                    f"{entry.path}: the store gave {len(data)} bytes at {offset}, not {length}"
+                    f"{part.entry.path}: the store gave {len(data)} bytes at {offset}, not {length}"
                 )
-            fd = os.open(parts[entry.path], os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, offset)
-            finally:
-                os.close(fd)
-
-        def settle(entry: FileEntry) -> bool:
-            tmp = parts[entry.path]
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            if sha256_of(tmp) != entry.sha256:
-                log.warning("%s: fetched %s does not match the manifest's sha256", spec.key, entry.path)
-                return False
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, folder / entry.path)
-            checked[entry.path] = _stamp(folder / entry.path, entry.sha256)
-            return True
+            part.write(offset, data)
 
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="weights-fill") as pool:
             list(pool.map(read_chunk, chunks))
-            settled = list(pool.map(settle, entries))
-        return [entry for entry, ok in zip(entries, settled, strict=True) if ok]
+        fetched = []
+        for part in parts:
+            if part.settle():
+                checked[part.entry.path] = _stamp(part.final, part.entry.sha256)
+                fetched.append(part.entry)
+            else:
+                log.warning("%s: fetched %s does not match the manifest's sha256", spec.key, part.entry.path)
+        return fetched
     finally:
-        for tmp in parts.values():
-            tmp.unlink(missing_ok=True)
+        for part in parts:
+            part.close()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
