@@ -101,6 +101,11 @@ def test_z_image_with_guidance_takes_the_16gb_class_up_to_a_megapixel_then_the_8
         at_edge = route(parse_request({"model": model, "prompt": "x", "width": 1024, "height": 1024} | extra))
         above = route(parse_request({"model": model, "prompt": "x", "width": 1024, "height": 1040} | extra))
         assert (at_edge.queue, above.queue) == ("gpu16", "gpu80"), model
+    # Both classes that run them have a speed profile, as Turbo's: compiled, warmed at its sizes.
+    for model in ("z-image", "z-image-omni-base"):
+        speed = CATALOG[model].speed
+        assert speed.keys() == {VramClass.GPU16, VramClass.GPU80}, model
+        assert speed == CATALOG["z-image-turbo"].speed, model
     # Turbo runs without guidance: the 16 GB class takes all it allows.
     turbo = route(parse_request({"model": "z-image-turbo", "prompt": "x", "width": 2048, "height": 2048}))
     assert turbo.queue == "gpu16"
