@@ -230,6 +230,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="not released",
             hub_id="Tongyi-MAI/Z-Image-Edit",
+            # Figures below are the base's, placeholders until the model and its card ship.
             vram_gb=16,
             size=_IMAGE_SIZE_16,
             default_steps=50,
