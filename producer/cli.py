@@ -52,6 +52,8 @@ _PLAIN_FIELDS = (
     "height",
     "steps",
     "guidance_scale",
+    "cfg_normalization",
+    "cfg_truncation",
     "seed",
     "num_outputs",
     "output_format",
@@ -86,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--height", type=int)
     submit.add_argument("--steps", type=int)
     submit.add_argument("--guidance-scale", type=float)
+    submit.add_argument(
+        "--cfg-normalization",
+        action=argparse.BooleanOptionalAction,
+        help="z-image, z-image-omni-base: keep each guided step no longer than the prompt's own",
+    )
+    submit.add_argument(
+        "--cfg-truncation",
+        type=float,
+        help="z-image, z-image-omni-base: stop guidance after this share (0-1)",
+    )
     submit.add_argument("--seed", type=int)
     submit.add_argument(
         "--num-outputs", type=int, help="images from one text-to-image job (seeds seed, seed+1, ...)"
@@ -101,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         action="append",
         default=[],
-        help="edit: an image to edit (repeat to compose up to three); image-to-video: the first "
+        help="edit: an image to edit (repeat to compose several); image-to-video: the first "
         "frame; animate: the character; speech-to-video: the face",
     )
     media.add_argument("--audio", help="speech-to-video: the speech or song")

@@ -77,6 +77,8 @@ class Variant:
 # "transformer." or "diffusion_model." are taken off). A LoRA's tensor names are matched against
 # them at submit; the worker puts its LoRA slot on the linear layers they name.
 _ZIMAGE_LORA = r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)"
+# Omni-Base adds refiner blocks for its SigLIP image features.
+_ZIMAGE_OMNI_LORA = _ZIMAGE_LORA.replace("context_refiner)", "context_refiner|siglip_refiner)")
 _QWEN_LORA = (
     r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)"
@@ -133,6 +135,10 @@ class ModelSpec:
     # store its mirror lives in (weights/<key>/<revision>/): a commit id pins the files; a branch
     # name follows it, and the pull records the commit it resolved to.
     revision: str = "main"
+    # Takes the Z-Image pipelines' CFG options (``cfg_normalization``, ``cfg_truncation``).
+    cfg_options: bool = False
+    # False while the model's makers have not published it: refused at submit saying so.
+    released: bool = True
 
 
 def _variants(*variants: Variant) -> dict[str, Variant]:
@@ -143,6 +149,13 @@ def _variants(*variants: Variant) -> dict[str, Variant]:
 # Wan, and need the pipeline to name its cond/uncond passes (``cache_context``); ZImagePipeline
 # does not, so Z-Image has none.
 _CACHED = ("first_block", "taylorseer")
+
+# The Z-Image family's common sizes, compiled and warmed on both classes that run it (Turbo's).
+_ZIMAGE_WARM = ((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))
+_ZIMAGE_SPEED = {
+    VramClass.GPU16: SpeedProfile(warm_sizes=_ZIMAGE_WARM),
+    VramClass.GPU80: SpeedProfile(warm_sizes=_ZIMAGE_WARM),
+}
 
 _IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
 
@@ -157,8 +170,9 @@ CATALOG: dict[str, ModelSpec] = {
             hub_id="Tongyi-MAI/Z-Image-Turbo",
             vram_gb=16,
             size=_IMAGE_SIZE_16,
-            # Turbo is distilled for 8 function evaluations (9 scheduler steps) without guidance.
-            default_steps=9,
+            # Distilled for 8 function evaluations without guidance. diffusers' ZImagePipeline (since
+            # 0.36) runs one transformer call per step, so that is 8 steps.
+            default_steps=8,
             max_steps=50,
             default_guidance=0.0,
             max_prompt_chars=2000,
@@ -168,6 +182,68 @@ CATALOG: dict[str, ModelSpec] = {
                 VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))),
             },
             lora_modules=_ZIMAGE_LORA,
+        ),
+        ModelSpec(
+            key="z-image",
+            task_kinds=(TaskKind.TEXT_TO_IMAGE,),
+            vram_class=VramClass.GPU16,
+            pipeline="diffusers.ZImagePipeline",
+            hub_id="Tongyi-MAI/Z-Image",
+            vram_gb=16,
+            # Guidance runs the transformer on a batch of two (prompt and negative prompt), so
+            # the 16 GB class takes up to one megapixel (an estimate); bigger goes to gpu80.
+            max_work={VramClass.GPU16: 1024 * 1024},
+            size=_IMAGE_SIZE_16,
+            # The model card: 28 to 50 steps, guidance 3 to 5, negative prompts.
+            default_steps=50,
+            max_steps=50,
+            default_guidance=4.0,
+            max_prompt_chars=2000,
+            notes="the undistilled base: classifier-free guidance, negative prompts; most LoRAs are trained on it",
+            served=True,
+            speed=_ZIMAGE_SPEED,
+            lora_modules=_ZIMAGE_LORA,
+            cfg_options=True,
+        ),
+        ModelSpec(
+            key="z-image-omni-base",
+            task_kinds=(TaskKind.TEXT_TO_IMAGE, TaskKind.EDIT),
+            vram_class=VramClass.GPU16,
+            pipeline="diffusers.ZImageOmniPipeline",
+            hub_id="Tongyi-MAI/Z-Image-Omni-Base",
+            vram_gb=16,
+            # As z-image, plus the SigLIP2 vision encoder and each input image's tokens.
+            max_work={VramClass.GPU16: 1024 * 1024},
+            size=_IMAGE_SIZE_16,
+            default_steps=50,
+            max_steps=50,
+            default_guidance=4.0,
+            max_prompt_chars=2000,
+            # The pipeline takes any number; each image (scaled to at most one megapixel) adds
+            # its tokens to every step, so the fleet takes up to four.
+            max_input_images=4,
+            notes="generates, or edits from 1-4 input images (the output follows the last one's size)",
+            served=True,
+            speed=_ZIMAGE_SPEED,
+            lora_modules=_ZIMAGE_OMNI_LORA,
+            cfg_options=True,
+        ),
+        ModelSpec(
+            key="z-image-edit",
+            task_kinds=(TaskKind.EDIT,),
+            vram_class=VramClass.GPU16,
+            pipeline="not released",
+            hub_id="Tongyi-MAI/Z-Image-Edit",
+            # Figures below are the base's, placeholders until the model and its card ship.
+            vram_gb=16,
+            size=_IMAGE_SIZE_16,
+            default_steps=50,
+            max_steps=50,
+            default_guidance=4.0,
+            max_prompt_chars=2000,
+            max_input_images=1,
+            notes="Z-Image fine-tuned for editing; announced, not released",
+            released=False,
         ),
         ModelSpec(
             key="qwen-image",

@@ -146,7 +146,23 @@ class VideoOutputFields(BaseModel):
     video_crf: int = Field(default=18, ge=0, le=51, strict=True)
 
 
-class TextToImageRequest(RequestBase, ImageOutputFields):
+class GuidanceOptions(BaseModel):
+    """The Z-Image pipelines' classifier-free guidance options, for the models that take them
+    (the catalog's ``cfg_options``; refused on the others). ``cfg_normalization``: each step's
+    guided prediction is scaled down to no longer than the prompt's own; ``cfg_truncation``:
+    guidance stops once this share of the denoising is done (1.0: never)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cfg_normalization: bool | None = Field(default=None, strict=True)
+    cfg_truncation: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+
+
+# The pipelines' own defaults, written into requests for the models that take the options.
+GUIDANCE_OPTION_DEFAULTS = {"cfg_normalization": False, "cfg_truncation": 1.0}
+
+
+class TextToImageRequest(RequestBase, ImageOutputFields, GuidanceOptions):
     """``num_outputs`` images from one prompt; output i has seed ``seed + i``, and a job of one
     output with that seed makes the same image."""
 
@@ -159,10 +175,11 @@ class TextToImageRequest(RequestBase, ImageOutputFields):
     )
 
 
-class EditRequest(RequestBase, ImageOutputFields):
+class EditRequest(RequestBase, ImageOutputFields, GuidanceOptions):
     """Edit one image (Qwen-Image-Edit) or compose one to three (Qwen-Image-Edit-2509: person +
-    person, person + scene, person + object). Without width/height the output takes the aspect
-    ratio of the last image at about one megapixel, as the pipelines do."""
+    person, person + scene, person + object; Z-Image-Omni-Base: up to four). Without
+    width/height the output takes the aspect ratio of the last image at about one megapixel, as
+    the pipelines do."""
 
     kind: Literal[TaskKind.EDIT] = TaskKind.EDIT
     images: list[MediaRef] = Field(min_length=1)
@@ -252,6 +269,16 @@ def parse_request(
 
     spec = _resolve_model(data)
     kind = _resolve_kind(data, spec)
+    if not spec.released:
+        raise InvalidRequest(
+            [
+                FieldError(
+                    "model",
+                    f"{spec.key} has not been released yet: it is listed so callers can plan, "
+                    "and is served once its makers publish it",
+                )
+            ]
+        )
     if not spec.served:
         raise InvalidRequest(
             [FieldError("model", f"{spec.key} is in the catalog but not served yet: no worker runs it")]
@@ -321,6 +348,10 @@ def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
         update["frames"] = request.frames or spec.video.default_frames
     if isinstance(request, ImageOutputFields) and request.output_quality is None:
         update["output_quality"] = IMAGE_QUALITY_DEFAULTS.get(request.output_format)
+    if isinstance(request, GuidanceOptions) and spec.cfg_options:
+        update |= {
+            name: value for name, value in GUIDANCE_OPTION_DEFAULTS.items() if getattr(request, name) is None
+        }
     return request.model_copy(update=update)
 
 
@@ -334,6 +365,11 @@ def _check_outputs(request: RequestBase, spec: ModelSpec, max_num_outputs: int) 
             errors.append(
                 FieldError("output_quality", "png is lossless: give a quality only with webp or jpeg")
             )
+    if isinstance(request, GuidanceOptions) and not spec.cfg_options:
+        takers = ", ".join(key for key, other in CATALOG.items() if other.cfg_options and other.served)
+        for name in GUIDANCE_OPTION_DEFAULTS:
+            if getattr(request, name) is not None:
+                errors.append(FieldError(name, f"{spec.key} does not take {name}; models that do: {takers}"))
     if request.cache is not None and request.cache.method not in spec.cache_methods:
         supported = ", ".join(spec.cache_methods) or "none"
         errors.append(

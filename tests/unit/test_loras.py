@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from producer.inputs import InputLimits, resolve_loras
 from producer.tenant_keys import KeyScope
@@ -24,7 +25,7 @@ from routing.settings import Settings
 from testkit.small_models.lora import build_lora
 from worker.adapters.base import Runtime
 from worker.adapters.qwen_image import QwenImageAdapter
-from worker.adapters.z_image import ZImageAdapter
+from worker.adapters.z_image import ZImageAdapter, ZImageOmniAdapter
 from worker.speed import job_context, prepare
 
 RUNTIME = Runtime(device="cpu", dtype=torch.float32)
@@ -51,10 +52,10 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(lora_cache_dir=tmp_path / "lora-cache", lora_max_rank=16, **overrides)
 
 
-def _run(adapter: Any, request: Any, storage: Any) -> tuple[np.ndarray, dict[str, float]]:
+def _run(adapter: Any, request: Any, storage: Any, inputs: Any = None) -> tuple[np.ndarray, dict[str, float]]:
     timings: dict[str, float] = {}
     with job_context(adapter, request, storage, timings):
-        generated = adapter.run(request, {}, lambda step, total: None)
+        generated = adapter.run(request, inputs or {}, lambda step, total: None)
     return np.asarray(generated.images[0]), timings
 
 
@@ -63,41 +64,55 @@ def _submit(data: dict[str, Any], storage: Any) -> Any:
     return resolve_loras(parse_request(data), storage, UrlPolicy(), InputLimits(lora_max_rank=16), NO_TENANT)
 
 
-def test_a_lora_changes_the_output_and_leaves_no_trace(small_models_dir: Path, tmp_path: Path, storage):
-    weights = str(small_models_dir / "z-image-turbo")
-    lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
+# Each Z-Image model with a LoRA slot: Turbo, the undistilled base with guidance, and Omni-Base
+# editing from an input image (its LoRA also reaches the SigLIP refiner blocks).
+_EDIT_INPUT = {"images": [Image.new("RGB", (64, 80), (200, 60, 30))]}
+LORA_JOBS = [
+    ("z-image-turbo", ZImageAdapter, {}, None),
+    ("z-image", ZImageAdapter, {"guidance_scale": 4.0, "negative_prompt": "blurry"}, None),
+    ("z-image-omni-base", ZImageOmniAdapter, {"kind": "edit", "images": [{"key": "a.png"}]}, _EDIT_INPUT),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "adapter_class", "extra", "inputs"), LORA_JOBS, ids=[j[0] for j in LORA_JOBS]
+)
+def test_a_lora_changes_the_output_and_leaves_no_trace(
+    small_models_dir: Path, tmp_path: Path, storage, model, adapter_class, extra, inputs
+):
+    spec = CATALOG[model]
+    weights = str(small_models_dir / model)
+    lora = build_lora(small_models_dir / model, model, tmp_path / "style.safetensors")
     storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
-    base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    base = {"model": model, "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7} | extra
     with_lora = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 1.0}]}, storage)
     plain_request = _submit(base, storage)
     assert with_lora.loras[0].source.startswith("loras/")  # stored by content hash
 
-    never_had_one = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
-    reference, _ = _run(never_had_one, plain_request, storage)
+    never_had_one = adapter_class(spec, weights, RUNTIME)
+    reference, _ = _run(never_had_one, plain_request, storage, inputs)
 
-    adapter = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
-    speed = prepare(
-        adapter, CATALOG["z-image-turbo"], CATALOG["z-image-turbo"].vram_class, _settings(tmp_path)
-    )
+    adapter = adapter_class(spec, weights, RUNTIME)
+    speed = prepare(adapter, spec, spec.vram_class, _settings(tmp_path))
     assert speed.slot is not None and speed.extra_bytes > 0
     assert not speed.compiled  # the CPU runs eager unless told
 
-    first, timings = _run(adapter, with_lora, storage)
+    first, timings = _run(adapter, with_lora, storage, inputs)
     assert np.abs(first.astype(int) - reference.astype(int)).max() > 10
     assert timings["lora_cache_misses"] == 1 and timings["attention_native"] == 1
 
-    after, _ = _run(adapter, plain_request, storage)
+    after, _ = _run(adapter, plain_request, storage, inputs)
     assert np.array_equal(after, reference)  # bit for bit: the slot holds zeros again
 
     reads = storage.reads
-    again, timings = _run(adapter, with_lora, storage)
+    again, timings = _run(adapter, with_lora, storage, inputs)
     assert timings["lora_cache_hits"] == 1 and timings["lora_cache_misses"] == 0
     assert storage.reads == reads  # nothing read from the store
     assert np.array_equal(again, first)
 
     # Two LoRAs merge into the one slot; half the scale is half the change, not none.
     half = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 0.5}]}, storage)
-    halved, _ = _run(adapter, half, storage)
+    halved, _ = _run(adapter, half, storage, inputs)
     assert not np.array_equal(halved, first) and not np.array_equal(halved, reference)
 
 
@@ -202,3 +217,23 @@ def test_a_hotswap_that_fails_part_way_leaves_the_slot_empty(small_models_dir: P
 
     after, _ = _run(adapter, plain_request, storage)
     assert np.array_equal(after, reference)  # bit for bit: nothing of the failed LoRA is left
+
+
+def test_lora_targets_tell_omni_base_loras_from_z_image_ones(small_models_dir: Path, tmp_path: Path, storage):
+    from routing.errors import InvalidRequest
+
+    omni = build_lora(
+        small_models_dir / "z-image-omni-base", "z-image-omni-base", tmp_path / "omni.safetensors"
+    )
+    base = build_lora(small_models_dir / "z-image", "z-image", tmp_path / "base.safetensors")
+    storage.put("uploads/_/omni.safetensors", omni.read_bytes(), "application/octet-stream")
+    storage.put("uploads/_/base.safetensors", base.read_bytes(), "application/octet-stream")
+    request = {"model": "z-image", "prompt": "a fox"}
+    with pytest.raises(InvalidRequest) as raised:
+        _submit(request | {"loras": [{"source": "uploads/_/omni.safetensors"}]}, storage)
+    [error] = raised.value.errors
+    assert error.field == "loras.0.source"
+    assert "made for z-image-omni-base, not z-image: it targets siglip_refiner." in error.message
+    # A base LoRA touches only the blocks Omni-Base shares with it, so it runs there too.
+    omni_request = {"model": "z-image-omni-base", "kind": "text-to-image", "prompt": "a fox"}
+    assert _submit(omni_request | {"loras": [{"source": "uploads/_/base.safetensors"}]}, storage).loras

@@ -56,9 +56,12 @@ def test_escalation_goes_one_class_up_and_stops_at_the_top():
     assert escalate(VramClass.H100X8) is None
 
 
-def test_catalog_holds_the_seven_models_with_their_classes():
+def test_catalog_holds_the_ten_models_with_their_classes():
     expected = {
         "z-image-turbo": VramClass.GPU16,
+        "z-image": VramClass.GPU16,
+        "z-image-omni-base": VramClass.GPU16,
+        "z-image-edit": VramClass.GPU16,
         "qwen-image": VramClass.GPU80,
         "qwen-image-edit": VramClass.GPU80,
         "qwen-image-edit-2509": VramClass.GPU80,
@@ -91,6 +94,21 @@ def test_unknown_model_lookup_names_the_known_ones():
 def test_z_image_routes_to_the_16gb_queue():
     decision = route(parse_request({"model": "z-image-turbo", "prompt": "x"}))
     assert decision.vram_class is VramClass.GPU16 and decision.queue == "gpu16"
+
+
+def test_z_image_with_guidance_takes_the_16gb_class_up_to_a_megapixel_then_the_80gb():
+    for model, extra in (("z-image", {}), ("z-image-omni-base", {"kind": "text-to-image"})):
+        at_edge = route(parse_request({"model": model, "prompt": "x", "width": 1024, "height": 1024} | extra))
+        above = route(parse_request({"model": model, "prompt": "x", "width": 1024, "height": 1040} | extra))
+        assert (at_edge.queue, above.queue) == ("gpu16", "gpu80"), model
+    # Both classes that run them have a speed profile, as Turbo's: compiled, warmed at its sizes.
+    for model in ("z-image", "z-image-omni-base"):
+        speed = CATALOG[model].speed
+        assert speed.keys() == {VramClass.GPU16, VramClass.GPU80}, model
+        assert speed == CATALOG["z-image-turbo"].speed, model
+    # Turbo runs without guidance: the 16 GB class takes all it allows.
+    turbo = route(parse_request({"model": "z-image-turbo", "prompt": "x", "width": 2048, "height": 2048}))
+    assert turbo.queue == "gpu16"
 
 
 def test_celery_settings_for_long_gpu_jobs():

@@ -12,6 +12,8 @@ GROUP_ADAPTER = "worker.group.adapter:GroupAdapter"
 # model key -> "module:class"; a model without an entry is not served.
 ADAPTERS: dict[str, str] = {
     "z-image-turbo": "worker.adapters.z_image:ZImageAdapter",
+    "z-image": "worker.adapters.z_image:ZImageAdapter",
+    "z-image-omni-base": "worker.adapters.z_image:ZImageOmniAdapter",
     "qwen-image": "worker.adapters.qwen_image:QwenImageAdapter",
     "qwen-image-edit": "worker.adapters.qwen_image:QwenImageEditAdapter",
     "qwen-image-edit-2509": "worker.adapters.qwen_image:QwenImageEditPlusAdapter",
