@@ -11,7 +11,7 @@ from routing.catalog import CATALOG, get_model
 from routing.io.storage import S3Storage, make_storage
 from routing.settings import Settings, get_settings
 from worker.weights.fill import MirrorMissing, WeightsError, fill
-from worker.weights.hub import HuggingFaceHub, pull
+from worker.weights.hub import HubError, HuggingFaceHub, pull
 from worker.weights.mirror import mirror
 
 
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     if args.command == "pull":
         spec = get_model(args.model)
-        pulled = pull(spec, args.dir or default_folder(settings, spec.key), HuggingFaceHub())
+        try:
+            pulled = pull(spec, args.dir or default_folder(settings, spec.key), HuggingFaceHub())
+        except (HubError, FileNotFoundError) as e:
+            print(f"{spec.key}: not pulled: {e}", file=sys.stderr)
+            return 1
         print(f"{spec.key}: {len(pulled.files)} files of {spec.hub_id} at {pulled.commit} in {pulled.folder}")
         return 0
     storage = make_storage(settings)

@@ -2,15 +2,19 @@
 
 The hub is reached only here, through ``Hub``: ``HuggingFaceHub`` lists a revision's files and
 downloads the chosen ones with ``huggingface_hub`` (``HF_TOKEN`` for gated or private
-repositories; ``HF_ENDPOINT`` for a mirror of the hub). Workers never call it: they fill their
+repositories; ``HF_ENDPOINT`` for a mirror of the hub) and turns the hub's refusals into a
+``HubError`` that says what to do. Workers never call it: they fill their
 node cache from the object store, which ``mirror`` fills from a pulled folder.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +38,10 @@ class Hub(Protocol):
         ...
 
 
+class HubError(Exception):
+    """The hub refused or failed a request; the message says which repository and what to do."""
+
+
 class HuggingFaceHub:
     def __init__(self, token: str | None = None):
         self.token = token if token is not None else os.environ.get("HF_TOKEN")
@@ -41,13 +49,51 @@ class HuggingFaceHub:
     def list_files(self, repo_id: str, revision: str) -> tuple[str, list[str]]:
         from huggingface_hub import HfApi
 
-        info = HfApi(token=self.token).model_info(repo_id, revision=revision)
+        with self._errors(repo_id, revision):
+            info = HfApi(token=self.token).model_info(repo_id, revision=revision)
         return str(info.sha), [sibling.rfilename for sibling in info.siblings or []]
 
     def download(self, repo_id: str, commit: str, files: list[str], folder: Path) -> None:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(repo_id, revision=commit, allow_patterns=files, local_dir=folder, token=self.token)
+        # allow_patterns are fnmatch patterns: escaped, each matches only the file it names.
+        with self._errors(repo_id, commit):
+            snapshot_download(
+                repo_id,
+                revision=commit,
+                allow_patterns=[glob.escape(rel) for rel in files],
+                local_dir=folder,
+                token=self.token,
+            )
+
+    @contextmanager
+    def _errors(self, repo_id: str, revision: str) -> Iterator[None]:
+        """``huggingface_hub``'s errors, as a ``HubError`` that says what to do about them."""
+        from huggingface_hub import constants
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        where = f"{repo_id} on {constants.ENDPOINT}"
+        try:
+            yield
+        except RevisionNotFoundError as e:
+            raise HubError(f"{where} has no revision {revision}") from e
+        except (GatedRepoError, RepositoryNotFoundError) as e:
+            if self.token:
+                fix = "the token in HF_TOKEN has no access to it: accept its terms with that account"
+            else:
+                fix = "set HF_TOKEN to a token of an account that has access"
+            kind = "gated" if isinstance(e, GatedRepoError) else "private or missing"
+            raise HubError(f"{where} refused access ({kind}): {fix}") from e
+        except HfHubHTTPError as e:
+            raise HubError(f"{where} failed: {str(e).splitlines()[0]}") from e
+        except LocalEntryNotFoundError as e:
+            raise HubError(f"{where} could not be reached (HF_ENDPOINT names the hub): {e}") from e
 
 
 @dataclass(frozen=True)
