@@ -3,9 +3,10 @@
 What is real here: the repositories are real model folders (the small random-weight builds, in
 the diffusers and the official S2V layouts) with the extra files hub repositories carry added
 beside them, the file selection and the pulled folder are the code's own, and the pulled
-Z-Image folder holds exactly the files the real ``ZImagePipeline`` loads in the fleet's tests. What is not: the hub. ``FolderHub``
-stands in for it (lists a folder, copies the files asked for), because no hub is reachable here;
-``HuggingFaceHub`` is the one call each to ``huggingface_hub`` that it replaces.
+Z-Image folder holds exactly the files the real ``ZImagePipeline`` loads in the fleet's tests.
+``FolderHub`` lists a folder and copies the files asked for, to test the selection alone;
+``test_weights_hub`` runs the real ``HuggingFaceHub`` and ``huggingface_hub`` against a hub API
+on loopback.
 """
 
 from __future__ import annotations
