@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     fill_cmd.add_argument("models", nargs="+", choices=sorted(CATALOG))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # One line a request from the HTTP client would bury the fleet's own lines on a big repository.
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "boto3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     settings = get_settings()
     if args.command == "pull":
