@@ -17,6 +17,8 @@ from PIL import Image
 
 from localfleet.process import ApiProcess
 from routing.io.storage import S3Storage
+from routing.jobs.codecs import encode_label
+from routing.jobs.eta import _EWMA_WEIGHT as EWMA_WEIGHT
 from routing.jobs.keys import Keys
 from routing.settings import Settings
 from tests.conftest import _free_port
@@ -163,7 +165,7 @@ def test_in_flight_limit_answers_429_and_queues_nothing(api, redis_client):
     assert redis_client.llen("gpu16") == before
 
 
-def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_worker):
+def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_worker, redis_client):
     start_worker(settings)
     busy = api.post("/v1/jobs", json=SLOW, headers=A).json()["id"]
     deadline = time.monotonic() + 60
@@ -185,9 +187,28 @@ def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_wor
     assert all(j["status"] == "succeeded" for j in finished)
     starts = [j["started_at"] for j in finished]
     assert starts[0] < min(starts[1:])
-    # Measured run times now price the ETA of the next queued job.
-    queued = api.post("/v1/jobs", json=SMALL, headers=A).json()
-    assert queued["eta_s"] is None or queued["eta_s"] >= 0
+    # The worker measured them: the moving average of their runs (less any model load), in the
+    # order they finished, is what prices the next ETAs. (Catches a worker that records nothing,
+    # a constant, or under another model or class.)
+    by_end = sorted(finished, key=lambda j: j["finished_at"])
+    runs = [j["timings"]["run_s"] - j["timings"].get("load_s", 0.0) for j in by_end]
+    average = runs[0]
+    for run_s in runs[1:]:
+        average += EWMA_WEIGHT * (run_s - average)
+    label = encode_label("z-image-turbo", "gpu16")
+    measured = float(redis_client.hget(Keys(settings.key_prefix).durations, label))
+    assert measured == pytest.approx(average, rel=0.01)  # timings are rounded to 0.1 ms
+    # And prices them: with the worker busy, the n-th in line ends after n + 1 of those runs.
+    busy = api.post("/v1/jobs", json=SLOW, headers=A).json()["id"]
+    while api.get(f"/v1/jobs/{busy}", headers=A).json()["status"] != "running":
+        assert time.monotonic() < deadline + 120
+        time.sleep(0.05)
+    line = [api.post("/v1/jobs", json=SMALL | {"seed": i}, headers=A).json() for i in range(3)]
+    assert [(j["queue_position"], j["eta_s"]) for j in line] == [
+        (n, pytest.approx((n + 1) * measured, rel=0.005)) for n in range(3)
+    ]
+    for job_id in [busy, *(j["id"] for j in line)]:
+        api.delete(f"/v1/jobs/{job_id}", headers=A)
 
 
 def test_bad_requests_name_the_field(api, redis_client):
