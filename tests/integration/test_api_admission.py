@@ -24,7 +24,7 @@ from routing.jobs.record import JobStatus
 from routing.jobs.workers import heartbeat
 from routing.settings import Settings
 from tests.conftest import _free_port
-from tests.faults.harness import RedisServer
+from tests.faults.harness import RedisServer, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -357,13 +357,13 @@ def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(settings, tm
             start_api(own, tmp_path) as process,
             httpx.Client(base_url=process.url, timeout=30, trust_env=False) as api,
         ):
-            _wait_fails_after_queueing(api, redis_client)
+            _wait_fails_after_queueing(api, redis_client, process)
     finally:
         redis_client.close()
         server.stop()
 
 
-def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis) -> None:
+def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis, process: ApiProcess) -> None:
     answer: list[httpx.Response] = []
     thread = threading.Thread(
         target=lambda: answer.append(
@@ -371,15 +371,18 @@ def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis) -> 
         )
     )
     thread.start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not api.get("/v1/jobs", headers=A).json()["jobs"]:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the wait is blocked in its read
-    # Redis drops the API's connections and takes no new ones for a while.
+    # The job is queued and the wait blocked in its read of the job's events.
+    wait_for(
+        lambda: any(c["cmd"] == "xread" and "b" in c["flags"] for c in redis_client.client_list()),
+        10,
+        "the wait blocked in XREAD",
+    )
+    # Redis drops the API's connections and takes no new ones until the API gives up the wait
+    # (it then reads the job back, once Redis takes clients again).
     redis_client.config_set("maxclients", 1)
     try:
         redis_client.client_kill_filter(_type="normal", skipme=True)
-        time.sleep(4)
+        wait_for(lambda: "answering 202" in process.log(), 30, "the API giving up its wait")
     finally:
         redis_client.config_set("maxclients", 10000)
     thread.join(60)
