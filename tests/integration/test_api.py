@@ -20,8 +20,10 @@ from routing.io.storage import S3Storage
 from routing.jobs.codecs import encode_label
 from routing.jobs.eta import _EWMA_WEIGHT as EWMA_WEIGHT
 from routing.jobs.keys import Keys
+from routing.jobs.workers import worker_states
 from routing.settings import Settings
 from tests.conftest import _free_port
+from tests.faults.harness import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -240,13 +242,19 @@ def test_uploads_models_and_health(api):
     assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
 
 
-def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker):
+def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker, redis_client):
     from prometheus_client.parser import text_string_to_metric_families
 
     start_worker(settings.model_copy(update={"heartbeat_ttl_s": 2.0}))
     job = poll(api, api.post("/v1/jobs", json=SMALL, headers=A).json()["id"], A)
     assert job["status"] == "succeeded"
-    time.sleep(1)  # one more heartbeat, after the job, with the model resident
+    # One more heartbeat, after the job, with the model resident (every ttl / 3 s).
+    keys = Keys(settings.key_prefix)
+    wait_for(
+        lambda: any(state["at"] > job["finished_at"] for state in worker_states(redis_client, keys).values()),
+        30,
+        "a heartbeat after the job",
+    )
 
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
