@@ -1,6 +1,7 @@
 """LoRAs on the real small pipelines (eager, CPU): a request's LoRA changes the output, the next
 job without one is bit for bit the output of a pipeline that never had a LoRA, the second job with
-the same LoRA reads nothing from the store, and a variant runs with its steps and its LoRA."""
+the same LoRA reads nothing from the store, a variant runs with its steps and its LoRA, and several
+LoRAs (or a variant's and a request's) give what diffusers' own multi-adapter LoRAs give."""
 
 from __future__ import annotations
 
@@ -110,10 +111,72 @@ def test_a_lora_changes_the_output_and_leaves_no_trace(
     assert storage.reads == reads  # nothing read from the store
     assert np.array_equal(again, first)
 
-    # Two LoRAs merge into the one slot; half the scale is half the change, not none.
+    # Half the scale is half the change, not none (several LoRAs: the test below).
     half = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 0.5}]}, storage)
     halved, _ = _run(adapter, half, storage, inputs)
     assert not np.array_equal(halved, first) and not np.array_equal(halved, reference)
+
+
+# The slot (stacked ranks, scales folded in) against diffusers' own multi-adapter LoRAs: the same
+# sum in another order (0 levels of 255 apart on this CPU; the margin is for float rounding
+# elsewhere). A dropped LoRA or a wrong scale is more than twice that apart (each test shows it,
+# against the same reference: 29 levels at least for Z-Image, 11 for Qwen-Image).
+SAME_LEVELS = 2
+
+
+def _levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def _another_lora(lora: Path, out: Path, seed: int) -> Path:
+    """A second LoRA for the same layers: ``lora``'s tensors drawn afresh, each with its own
+    spread (quicker than building one from the model again)."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = load_file(str(lora))
+    save_file({k: torch.randn(v.shape, generator=generator) * v.std() for k, v in state.items()}, str(out))
+    return out
+
+
+def _with_adapters(adapter: Any, request: Any, storage: Any, loras: dict[str, float]) -> np.ndarray:
+    """``request`` run by diffusers' own adapters on ``adapter``'s pipeline (loaded before)."""
+    adapter.pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    image, _ = _run(adapter, request, storage)
+    return image
+
+
+def test_several_loras_on_one_job_match_diffusers_multi_adapter_result(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    """Catches: a LoRA of the list dropped, a scale not applied to its own LoRA, ranks that
+    overwrite each other in the slot."""
+    weights = str(small_models_dir / "z-image-turbo")
+    scales = {"a": 0.6, "b": 1.4}
+    first = build_lora(Path(weights), "z-image-turbo", tmp_path / "a.safetensors", seed=1)
+    files = {"a": first, "b": _another_lora(first, tmp_path / "b.safetensors", seed=2)}
+    for name, path in files.items():
+        storage.put(f"uploads/_/{name}.safetensors", path.read_bytes(), "application/octet-stream")
+    base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    loras = [{"source": f"uploads/_/{name}.safetensors", "scale": scale} for name, scale in scales.items()]
+    request = _submit(base | {"loras": loras}, storage)
+
+    adapter = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    prepare(adapter, CATALOG["z-image-turbo"], CATALOG["z-image-turbo"].vram_class, _settings(tmp_path))
+    merged, _ = _run(adapter, request, storage)
+
+    diffusers_own = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    for name, path in files.items():
+        diffusers_own.pipe.load_lora_weights(str(path), adapter_name=name)
+    plain = _submit(base, storage)
+    reference = _with_adapters(diffusers_own, plain, storage, scales)
+    assert _levels_apart(merged, reference) <= SAME_LEVELS
+    # What the tolerance would let through, were the slot wrong: each is well outside it.
+    wrongs = ({"a": 0.6}, {"a": 0.6, "b": 1.0})  # b dropped; b at the default scale
+    apart = {
+        str(w): _levels_apart(_with_adapters(diffusers_own, plain, storage, w), reference) for w in wrongs
+    }
+    assert min(apart.values()) > 2 * SAME_LEVELS, apart
 
 
 def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
@@ -152,6 +215,41 @@ def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
     assert not np.array_equal(fast, base)  # the variant's LoRA took part
     again, timings = _run(adapter, request, storage)
     assert np.array_equal(again, fast) and "variant_load_s" not in timings  # loaded once, kept
+
+
+def test_a_variant_with_a_requests_lora_matches_diffusers_multi_adapter_result(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    """The variant's LoRA and the request's share the slot (variant rows first). Catches: the
+    request's LoRA dropped when a variant is on (or the variant's), the variant's scale or the
+    request's lost."""
+    model_dir = small_models_dir / "qwen-image"
+    lightning = build_lora(model_dir, "qwen-image", tmp_path / "lightning.safetensors", seed=3)
+    style = _another_lora(lightning, tmp_path / "style.safetensors", seed=4)
+    storage.put("uploads/_/style.safetensors", style.read_bytes(), "application/octet-stream")
+    settings = _settings(tmp_path, variant_weights={"qwen-image:lightning-8": str(lightning)})
+    base = {"model": "qwen-image", "prompt": "a red fox", "width": 64, "height": 64, "seed": 7}
+    lora = [{"source": "uploads/_/style.safetensors", "scale": 3.0}]
+    request = _submit(base | {"variant": "lightning-8", "loras": lora}, storage)
+
+    adapter = QwenImageAdapter(CATALOG["qwen-image"], str(model_dir), RUNTIME)
+    prepare(adapter, CATALOG["qwen-image"], CATALOG["qwen-image"].vram_class, settings)
+    merged, _ = _run(adapter, request, storage)
+
+    variant_scale = CATALOG["qwen-image"].variants["lightning-8"].lora_scale
+    diffusers_own = QwenImageAdapter(CATALOG["qwen-image"], str(model_dir), RUNTIME)
+    diffusers_own.pipe.load_lora_weights(str(lightning), adapter_name="lightning")
+    diffusers_own.pipe.load_lora_weights(str(style), adapter_name="style")
+    same_steps = _submit(base | {"variant": "lightning-8"}, storage).model_copy(update={"variant": None})
+    reference = _with_adapters(diffusers_own, same_steps, storage, {"lightning": variant_scale, "style": 3.0})
+    assert _levels_apart(merged, reference) <= SAME_LEVELS
+    # (The variant's own LoRA taking part: the test above.)
+    wrongs = ({"lightning": variant_scale}, {"lightning": variant_scale, "style": 1.0})
+    apart = {
+        str(w): _levels_apart(_with_adapters(diffusers_own, same_steps, storage, w), reference)
+        for w in wrongs
+    }
+    assert min(apart.values()) > 2 * SAME_LEVELS, apart
 
 
 def test_a_hub_id_is_fetched_from_the_hub_through_the_url_guard_only_when_allowed(storage):
