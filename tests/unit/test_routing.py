@@ -56,13 +56,15 @@ def test_escalation_goes_one_class_up_and_stops_at_the_top():
     assert escalate(VramClass.H100X8) is None
 
 
-def test_catalog_holds_the_seven_models_with_their_classes():
+def test_catalog_holds_the_nine_models_with_their_classes():
     expected = {
         "z-image-turbo": VramClass.GPU16,
         "qwen-image": VramClass.GPU80,
         "qwen-image-edit": VramClass.GPU80,
         "qwen-image-edit-2509": VramClass.GPU80,
         "wan2.2-ti2v-5b": VramClass.GPU16,
+        "wan2.2-t2v-a14b": VramClass.GPU80,
+        "wan2.2-i2v-a14b": VramClass.GPU80,
         "wan2.2-animate-14b": VramClass.GPU80,
         "wan2.2-s2v-14b": VramClass.H100X8,
     }
