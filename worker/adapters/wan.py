@@ -326,7 +326,7 @@ class WanA14BAdapter(Adapter):
         """The repository's scheduler, or for a variant the one its LoRAs were distilled with:
         first-order steps (without UniPC's corrector the flow-matching update is an Euler step)
         on the flow shift the variant names, which for 4 steps puts them at the timesteps the
-        Lightning LoRAs were distilled on (1000, 937, 833, 625)."""
+        Lightning LoRAs were distilled on (999, 937, 833, 625)."""
         variant = self.spec.variants.get(request.variant) if request.variant else None
         if variant is None or variant.flow_shift is None:
             yield
