@@ -69,6 +69,10 @@ def requests(client: Client) -> dict[str, dict]:
         | small,
         "wan2.2-ti2v-5b": {"model": "wan2.2-ti2v-5b", "kind": "text-to-video", "prompt": "waves", "frames": 9}
         | small,
+        # Two experts: 2 steps at shift 5 run one on each (timesteps 999 and 833).
+        "wan2.2-t2v-a14b": {"model": "wan2.2-t2v-a14b", "prompt": "waves", "frames": 9} | small,
+        "wan2.2-i2v-a14b": {"model": "wan2.2-i2v-a14b", "prompt": "waves", "image": image, "frames": 9}
+        | small,
         "wan2.2-animate-14b": {
             "model": "wan2.2-animate-14b",
             "mode": "move",

@@ -71,6 +71,11 @@ class Variant:
     lora_file: str  # its weight file in that repository
     lora_scale: float = 1.0
     notes: str = ""
+    # Models with two experts (Wan2.2-A14B): the low-noise expert's LoRA file in the same
+    # repository; ``lora_file`` is then the high-noise expert's.
+    lora_file_2: str | None = None
+    # The scheduler's flow shift the LoRA was distilled with; None: the repository's own.
+    flow_shift: float | None = None
 
 
 # Module paths a LoRA may target, per transformer family (after prefixes such as
@@ -88,12 +93,15 @@ _WAN_5B_LORA = (
     r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2)"
     r"|(self_attn|cross_attn)\.(q|k|v|o)|ffn\.[02])"
 )
+# Both A14B experts have the 5B's block layout (no image tokens, even for image-to-video).
+_WAN_A14B_LORA = _WAN_5B_LORA
 _WAN_14B_I2V_LORA = (
     r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|attn2\.(add_k_proj|add_v_proj)|ffn\.net\.(0\.proj|2)"
     r"|(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|ffn\.[02])"
 )
 
 _QWEN_LIGHTNING = "lightx2v/Qwen-Image-Lightning"
+_WAN_LIGHTNING = "lightx2v/Wan2.2-Lightning"
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,11 @@ class ModelSpec:
     # Regex of the transformer modules a LoRA may target; None: the model takes no LoRAs.
     lora_modules: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
+    # Wan2.2-A14B's mixture of experts: ``transformer`` denoises timesteps at or above
+    # ``boundary_ratio`` x 1000, ``transformer_2`` the rest. None: one transformer.
+    boundary_ratio: float | None = None
+    # The low-noise expert's guidance when a request gives no ``guidance_scale_2``.
+    default_guidance_2: float | None = None
     # The hub revision `python -m worker.weights pull` downloads, and the folder of the object
     # store its mirror lives in (weights/<key>/<revision>/): a commit id pins the files; a branch
     # name follows it, and the pull records the commit it resolved to.
@@ -158,6 +171,16 @@ _ZIMAGE_SPEED = {
 }
 
 _IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
+
+# Wan2.2-A14B: the model cards' 480p and 720p (landscape or portrait) in multiples of 16 (the
+# Wan2.1 VAE's 8x times 2x2 patches), 81 frames at 16 fps, 4k+1 as the VAE compresses time by 4.
+_A14B_SIZE = SizeLimits(1280, 720, multiple_of=16, min_side=64, max_side=1280, max_pixels=1280 * 720)
+_A14B_VIDEO = VideoLimits(default_frames=81, max_frames=81, frames_step=4, fps=16)
+_A14B_PLACEMENT = (
+    "two 14B experts (high-noise, then low-noise past the boundary timestep); on the 80 GB class "
+    "the text encoder is offloaded after encoding and the idle expert is kept off the GPU until "
+    "its first step"
+)
 
 CATALOG: dict[str, ModelSpec] = {
     spec.key: spec
@@ -354,6 +377,70 @@ CATALOG: dict[str, ModelSpec] = {
                 VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 704, 121), (704, 1280, 121))),
             },
             lora_modules=_WAN_5B_LORA,
+        ),
+        ModelSpec(
+            key="wan2.2-t2v-a14b",
+            task_kinds=(TaskKind.TEXT_TO_VIDEO,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.WanPipeline (transformer + transformer_2)",
+            hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            # One 14B expert (28 GB in bf16) and the VAE on the GPU with a 720p clip's
+            # activations; the other expert and the text encoder wait in host memory.
+            vram_gb=64,
+            size=_A14B_SIZE,
+            default_steps=40,
+            max_steps=100,
+            # The model card's guidance: 4.0 for the high-noise expert, 3.0 for the low-noise one.
+            default_guidance=4.0,
+            default_guidance_2=3.0,
+            boundary_ratio=0.875,
+            max_prompt_chars=2000,
+            video=_A14B_VIDEO,
+            notes=_A14B_PLACEMENT,
+            served=True,
+            lora_modules=_WAN_A14B_LORA,
+            variants=_variants(
+                Variant(
+                    "lightning-4",
+                    4,
+                    1.0,
+                    _WAN_LIGHTNING,
+                    "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/high_noise_model.safetensors",
+                    lora_file_2="Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/low_noise_model.safetensors",
+                    flow_shift=5.0,
+                ),
+            ),
+        ),
+        ModelSpec(
+            key="wan2.2-i2v-a14b",
+            task_kinds=(TaskKind.IMAGE_TO_VIDEO,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.WanImageToVideoPipeline (transformer + transformer_2)",
+            hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+            vram_gb=64,
+            size=_A14B_SIZE,
+            default_steps=40,
+            max_steps=100,
+            default_guidance=3.5,
+            default_guidance_2=3.5,
+            boundary_ratio=0.9,
+            max_prompt_chars=2000,
+            video=_A14B_VIDEO,
+            max_input_images=1,
+            notes=_A14B_PLACEMENT,
+            served=True,
+            lora_modules=_WAN_A14B_LORA,
+            variants=_variants(
+                Variant(
+                    "lightning-4",
+                    4,
+                    1.0,
+                    _WAN_LIGHTNING,
+                    "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/high_noise_model.safetensors",
+                    lora_file_2="Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/low_noise_model.safetensors",
+                    flow_shift=5.0,
+                ),
+            ),
         ),
         ModelSpec(
             key="wan2.2-animate-14b",

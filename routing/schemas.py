@@ -92,6 +92,9 @@ class LoraRef(BaseModel):
 
     source: str = Field(min_length=1, max_length=4096)
     scale: float = Field(default=1.0, ge=-4.0, le=4.0, strict=True)
+    # Which expert of a two-expert model (Wan2.2-A14B) it goes on: the high-noise one (the
+    # early steps), the low-noise one (the late steps), or both. Other models: both.
+    expert: Literal["high", "low", "both"] = "both"
 
 
 class RequestBase(BaseModel):
@@ -188,6 +191,9 @@ class EditRequest(RequestBase, ImageOutputFields, GuidanceOptions):
 class TextToVideoRequest(RequestBase, VideoOutputFields):
     kind: Literal[TaskKind.TEXT_TO_VIDEO] = TaskKind.TEXT_TO_VIDEO
     frames: int | None = Field(default=None, ge=1, le=10_000, strict=True)
+    # A two-expert model's (Wan2.2-A14B) guidance for its low-noise expert; ``guidance_scale``
+    # is then the high-noise expert's. Refused for other models.
+    guidance_scale_2: float | None = Field(default=None, ge=0.0, le=30.0, strict=True)
 
 
 class ImageToVideoRequest(TextToVideoRequest):
@@ -346,6 +352,11 @@ def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
     # Animate without a count follows its driving video (the worker knows its length).
     if isinstance(request, TextToVideoRequest) and spec.video is not None:
         update["frames"] = request.frames or spec.video.default_frames
+    if isinstance(request, TextToVideoRequest) and spec.boundary_ratio is not None:
+        guidance_2 = variant.guidance if variant else spec.default_guidance_2
+        update["guidance_scale_2"] = (
+            guidance_2 if request.guidance_scale_2 is None else request.guidance_scale_2
+        )
     if isinstance(request, ImageOutputFields) and request.output_quality is None:
         update["output_quality"] = IMAGE_QUALITY_DEFAULTS.get(request.output_format)
     if isinstance(request, GuidanceOptions) and spec.cfg_options:
@@ -395,7 +406,35 @@ def _check_variant_and_loras(request: RequestBase, spec: ModelSpec, max_loras: i
             errors.append(
                 FieldError("loras", f"at most {max_loras} LoRAs a request (got {len(request.loras)})")
             )
+        if spec.boundary_ratio is None:
+            for i, lora in enumerate(request.loras):
+                if lora.expert != "both":
+                    errors.append(
+                        FieldError(
+                            f"loras.{i}.expert",
+                            f"{spec.key} has one transformer: expert {lora.expert!r} is for the "
+                            f"two-expert models ({_two_expert_models()})",
+                        )
+                    )
+    if getattr(request, "guidance_scale_2", None) is not None and spec.boundary_ratio is None:
+        errors.append(
+            FieldError("guidance_scale_2", f"{spec.key} has one transformer: give only guidance_scale")
+        )
+    elif getattr(request, "guidance_scale_2", None) is not None and request.guidance_scale_2 > 1.0 >= (
+        request.guidance_scale
+    ):
+        # The pipelines run classifier-free guidance for both experts or for neither, by
+        # ``guidance_scale``: a low-noise guidance alone would silently not apply.
+        errors.append(
+            FieldError(
+                "guidance_scale_2", "guidance above 1 for the low-noise expert needs guidance_scale above 1"
+            )
+        )
     return errors
+
+
+def _two_expert_models() -> str:
+    return ", ".join(key for key, spec in CATALOG.items() if spec.boundary_ratio is not None)
 
 
 def _check_limits(request: RequestBase, spec: ModelSpec, limits: RequestLimits) -> list[FieldError]:

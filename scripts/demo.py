@@ -139,6 +139,23 @@ def jobs(client: Client) -> list[dict]:
             "steps": 2,
         },
         {
+            "model": "wan2.2-t2v-a14b",
+            "prompt": "waves on a beach",
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 4,
+        },
+        {
+            "model": "wan2.2-i2v-a14b",
+            "prompt": "the person waves",
+            "image": person,
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 4,
+        },
+        {
             "model": "wan2.2-animate-14b",
             "mode": "move",
             "prompt": "a person dancing",

@@ -56,7 +56,7 @@ def test_escalation_goes_one_class_up_and_stops_at_the_top():
     assert escalate(VramClass.H100X8) is None
 
 
-def test_catalog_holds_the_ten_models_with_their_classes():
+def test_catalog_holds_the_twelve_models_with_their_classes():
     expected = {
         "z-image-turbo": VramClass.GPU16,
         "z-image": VramClass.GPU16,
@@ -66,6 +66,8 @@ def test_catalog_holds_the_ten_models_with_their_classes():
         "qwen-image-edit": VramClass.GPU80,
         "qwen-image-edit-2509": VramClass.GPU80,
         "wan2.2-ti2v-5b": VramClass.GPU16,
+        "wan2.2-t2v-a14b": VramClass.GPU80,
+        "wan2.2-i2v-a14b": VramClass.GPU80,
         "wan2.2-animate-14b": VramClass.GPU80,
         "wan2.2-s2v-14b": VramClass.H100X8,
     }

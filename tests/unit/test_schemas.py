@@ -123,3 +123,43 @@ def test_a_model_that_no_worker_runs_is_refused_naming_the_model(monkeypatch) ->
 
     assert raised.value.fields == ["model"]
     assert "not served yet" in str(raised.value)
+
+
+def test_two_expert_models_fill_in_each_experts_guidance_and_refuse_what_cannot_apply():
+    request = parse_request({"model": "wan2.2-t2v-a14b", "prompt": "a fox"})
+    assert (request.guidance_scale, request.guidance_scale_2) == (4.0, 3.0)
+    assert (request.width, request.height, request.frames) == (1280, 720, 81)
+    request = parse_request({"model": "wan2.2-i2v-a14b", "prompt": "a fox", "image": {"key": "a.png"}})
+    assert (request.guidance_scale, request.guidance_scale_2) == (3.5, 3.5)
+    lightning = parse_request({"model": "wan2.2-t2v-a14b", "prompt": "a fox", "variant": "lightning-4"})
+    assert (lightning.steps, lightning.guidance_scale, lightning.guidance_scale_2) == (4, 1.0, 1.0)
+    lora = parse_request(
+        {"model": "wan2.2-t2v-a14b", "prompt": "a fox", "loras": [{"source": "k", "expert": "low"}]}
+    )
+    assert lora.loras[0].expert == "low"
+    # The pipelines guide both experts or neither, by guidance_scale.
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request(
+            {"model": "wan2.2-t2v-a14b", "prompt": "a", "guidance_scale": 1.0, "guidance_scale_2": 3.0}
+        )
+    assert raised.value.errors[0].field == "guidance_scale_2"
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request({"model": "wan2.2-t2v-a14b", "prompt": "a", "frames": 85})
+    assert raised.value.errors[0].field == "frames" and "at most 81" in raised.value.errors[0].message
+
+
+def test_expert_choices_and_a_second_guidance_are_refused_for_one_transformer_models():
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request({"model": "z-image-turbo", "prompt": "a", "loras": [{"source": "k", "expert": "high"}]})
+    [error] = raised.value.errors
+    assert error.field == "loras.0.expert" and "wan2.2-t2v-a14b, wan2.2-i2v-a14b" in error.message
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request(
+            {"model": "wan2.2-ti2v-5b", "kind": "text-to-video", "prompt": "a", "guidance_scale_2": 2.0}
+        )
+    assert raised.value.errors[0].field == "guidance_scale_2"
+    with pytest.raises(InvalidRequest) as raised:
+        parse_request(
+            {"model": "wan2.2-t2v-a14b", "prompt": "a", "loras": [{"source": "k", "expert": "mid"}]}
+        )
+    assert raised.value.errors[0].field == "loras.0.expert"

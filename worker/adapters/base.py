@@ -48,6 +48,8 @@ class Video:
     cache: str | None = None
     # Encoded audio (WAV/MP3/FLAC bytes) to mux into the video, e.g. the speech it lip-syncs.
     audio: bytes | None = None
+    # Figures of how the adapter ran the job (numbers only), added to the job's timings.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +76,11 @@ _placing = [0.0]
 
 def placing_seconds() -> float:
     return _placing[0]
+
+
+def count_placing(seconds: float) -> None:
+    """Add ``seconds`` an adapter spent placing its modules itself (not through ``Runtime.place``)."""
+    _placing[0] += seconds
 
 
 @dataclass(frozen=True)
