@@ -32,6 +32,11 @@ from routing.classes import WEBHOOK_QUEUE, VramClass, consumed_queues
 from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
+# Where Kombu's Redis transport keeps the messages the GPU workers took and have not acknowledged:
+# delivery tag -> [message, exchange, routing key], and delivery tag -> when it was taken. Named
+# here (they are Kombu's defaults) because the reaper gives back a dead worker's (worker.held).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 DELIVER_WEBHOOK_TASK = "fleet.deliver_webhook"
 
 
@@ -53,6 +58,8 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {
             "visibility_timeout": visibility_timeout_s,
             "queue_order_strategy": "priority",
+            "unacked_key": UNACKED_KEY,
+            "unacked_index_key": UNACKED_INDEX_KEY,
         },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,
