@@ -13,8 +13,9 @@ Settings for long GPU tasks on a Redis broker:
 - A short visibility timeout (``visibility_timeout_s``, 10 minutes), not one above the longest
   wait plus run. Kombu hands an unacknowledged message to another worker after it; for a job still
   running, the claim check (``JobRunner._claim``: the job's worker is alive) drops that copy, so
-  nothing runs twice; for a worker that died holding a message it had not yet claimed (its pool
-  child was still loading models), the job is back in minutes instead of hours. Webhook deliveries
+  nothing runs twice. A message a worker died holding before it claimed the job (its pool child
+  was still loading models) does not wait for it: the reaper gives it back at once
+  (``worker.held``). Webhook deliveries
   wait out their retry countdowns unacknowledged, so their queue keeps its own, long timeout under
   its own Kombu keys (``webhook_visibility_timeout_s``, above the longest countdown plus a POST).
 - No result backend: a job's outcome is its record, and Flower takes task states from events;
