@@ -19,8 +19,8 @@ runs out: it always stops by itself) it checks:
   receiver and verified.
 
 - every stranded job (its message taken by a worker that was killed before it claimed the job:
-  its record queued, its only message in Kombu's unacknowledged set) was claimed again within
-  ``STRANDED_BOUND_S`` of the kill: the fleet's reaper gives such messages back at once
+  its record queued, its only message in Kombu's unacknowledged set) was taken up again (claimed,
+  or dead-lettered at its attempt cap) within ``STRANDED_BOUND_S`` of the kill: the fleet's reaper gives such messages back at once
   (``worker.held``); the soak restores nothing itself.
 
 All traffic stays on loopback. Exit status 0 when every check passes.
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"soak-secret-for-loopback-only!!").decode()
 FAST_RETRIES = {"FLEET_WEBHOOK_RETRY_BASE_S": "0.2", "FLEET_WEBHOOK_RETRY_CAP_S": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
-# A stranded job is claimed again within this of its worker's kill: a reaper's pass (a third of a
+# A stranded job is taken up again within this of its worker's kill: a reaper's pass (a third of a
 # heartbeat TTL) and a worker finishing the job in hand, with the margin a loaded machine needs;
 # a tenth of the visibility timeout (600 s) that would otherwise bring its message back.
 STRANDED_BOUND_S = 60.0
@@ -83,7 +83,7 @@ class Figures:
     attempts: dict[int, int] = field(default_factory=dict)  # attempts -> jobs
     handed_back: int = 0
     stranded: int = 0  # held by a killed worker before claim (given back by a reaper)
-    stranded_recovered_s: list[float] = field(default_factory=list)  # kill to the next claim
+    stranded_recovered_s: list[float] = field(default_factory=list)  # kill to taken up again
     outputs: int = 0
     outputs_bad: int = 0  # stored but not a PNG
     outputs_missing: int = 0
@@ -117,8 +117,8 @@ class Figures:
             f"terminal states:           {fmt(self.statuses)}",
             f"failures by type:          {fmt(self.failures)}; dead-lettered: {self.dead_letters}",
             f"attempts per job:          {fmt(self.attempts)}; handed back by a reaper: {self.handed_back}",
-            f"stranded before claim:     {self.stranded} (message held by a killed worker), claimed again "
-            f"{len(self.stranded_recovered_s)} within {self.recovered_max_s:.1f} s at most (bound "
+            f"stranded before claim:     {self.stranded} (message held by a killed worker), taken up "
+            f"again {len(self.stranded_recovered_s)} within {self.recovered_max_s:.1f} s at most (bound "
             f"{STRANDED_BOUND_S:.0f} s), given back by a reaper",
             f"outputs stored:            {self.outputs} (missing {self.outputs_missing}, extra "
             f"{self.outputs_extra}, not PNG {self.outputs_bad}; temp leftovers {self.temp_leftovers})",
@@ -220,22 +220,28 @@ def _held_unclaimed(client: Client, worker: WorkerProcess) -> list[str]:
     return jobs
 
 
-def _started_at(client: Client, job_id: str) -> list[float]:
-    """When each run of the job was claimed (its ``job.started`` events)."""
+# A queued job leaves the queue by a claim, or ends there: dead-lettered or expired when a worker
+# takes its message, or canceled.
+_LEFT_QUEUED = (b"job.started", b"job.failed", b"job.canceled")
+
+
+def _left_queued_at(client: Client, job_id: str) -> list[float]:
+    """When the job left ``queued``, each time (claimed, or ended while queued)."""
     entries = client.store.client.xrange(client.keys.job_events(job_id))
-    return [float(fields[b"at"]) for _, fields in entries if fields[b"type"] == b"job.started"]
+    return [float(fields[b"at"]) for _, fields in entries if fields[b"type"] in _LEFT_QUEUED]
 
 
 def _stranded(client: Client, held_at_kill: dict[str, tuple[float, float]]) -> dict[str, float | None]:
     """Of the jobs a killed worker held unclaimed (job id -> when that was seen, when the worker
     was killed), the ones it still held when it died (not claimed in between), with the seconds
-    from the kill to their next claim (None: never claimed again)."""
+    from the kill to when a worker next took the job up (claimed it, or dead-lettered it at its
+    attempt cap) (None: never)."""
     stranded: dict[str, float | None] = {}
     for job_id, (seen_at, killed_at) in held_at_kill.items():
-        starts = _started_at(client, job_id)
-        if any(seen_at < at <= killed_at for at in starts):
+        left = _left_queued_at(client, job_id)
+        if any(seen_at < at <= killed_at for at in left):
             continue  # claimed between the look and the kill: not stranded
-        later = [at - killed_at for at in starts if at > killed_at]
+        later = [at - killed_at for at in left if at > killed_at]
         stranded[job_id] = min(later) if later else None
     return stranded
 
@@ -312,7 +318,7 @@ def run_soak(
         late = [job_id for job_id, s in stranded.items() if s is None or s > STRANDED_BOUND_S]
         if late:
             figures.problems.append(
-                f"{len(late)} stranded jobs not claimed again within {STRANDED_BOUND_S:.0f} s of the kill"
+                f"{len(late)} stranded jobs not taken up again within {STRANDED_BOUND_S:.0f} s of the kill"
             )
         _check(fleet, client, ids, figures, deadline)
     finally:
