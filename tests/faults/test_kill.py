@@ -1,5 +1,5 @@
-"""Workers that die: the whole worker killed with SIGKILL mid-job, and a job that kills its worker
-on every attempt."""
+"""Workers that die: the whole worker killed with SIGKILL mid-job, a job that kills its worker on
+every attempt, and a worker killed holding a message whose job it never claimed."""
 
 from __future__ import annotations
 
