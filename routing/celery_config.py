@@ -13,8 +13,9 @@ Settings for long GPU tasks on a Redis broker:
 - A short visibility timeout (``visibility_timeout_s``, 10 minutes), not one above the longest
   wait plus run. Kombu hands an unacknowledged message to another worker after it; for a job still
   running, the claim check (``JobRunner._claim``: the job's worker is alive) drops that copy, so
-  nothing runs twice; for a worker that died holding a message it had not yet claimed (its pool
-  child was still loading models), the job is back in minutes instead of hours. Webhook deliveries
+  nothing runs twice. A message a worker died holding before it claimed the job (its pool child
+  was still loading models) does not wait for it: the reaper gives it back at once
+  (``worker.held``). Webhook deliveries
   wait out their retry countdowns unacknowledged, so their queue keeps its own, long timeout under
   its own Kombu keys (``webhook_visibility_timeout_s``, above the longest countdown plus a POST).
 - No result backend: a job's outcome is its record, and Flower takes task states from events;
@@ -32,6 +33,11 @@ from routing.classes import WEBHOOK_QUEUE, VramClass, consumed_queues
 from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
+# Where Kombu's Redis transport keeps the messages the GPU workers took and have not acknowledged:
+# delivery tag -> [message, exchange, routing key], and delivery tag -> when it was taken. Named
+# here (they are Kombu's defaults) because the reaper gives back a dead worker's (worker.held).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 DELIVER_WEBHOOK_TASK = "fleet.deliver_webhook"
 
 
@@ -53,6 +59,8 @@ def celery_settings(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {
             "visibility_timeout": visibility_timeout_s,
             "queue_order_strategy": "priority",
+            "unacked_key": UNACKED_KEY,
+            "unacked_index_key": UNACKED_INDEX_KEY,
         },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,

@@ -23,6 +23,8 @@ from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.signals import (
     task_failure,
+    task_received,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -44,7 +46,7 @@ from routing.jobs.store import JobStore
 from routing.jobs.workers import worker_states
 from routing.limits import RequestLimits
 from routing.settings import Settings, get_settings
-from worker import liveness
+from worker import held, liveness
 from worker.ahead import peek_next
 from worker.busy import share
 from worker.outcomes import TaskOutcomes
@@ -179,6 +181,30 @@ def _warm(**_: Any) -> None:
     runner = get_runner()
     for model_key in settings.warm_models:
         runner.pool.get(model_key)
+
+
+# In the main process: the messages it takes, recorded so that the reaper can give them back at
+# once if this worker dies holding them (worker.held).
+_holder: held.Holder | None = None
+
+
+@worker_init.connect
+def _start_holding(**_: Any) -> None:
+    global _holder
+    _holder = held.Holder(
+        connect(settings),
+        Keys(settings.key_prefix),
+        liveness.process_name(vram_class),
+        settings.heartbeat_ttl_s,
+    )
+    _holder.start()
+
+
+@task_received.connect
+def _took(request: Any = None, **_: Any) -> None:
+    # Before the pool child claims the job: until then only this record says whose it is.
+    if _holder is not None and request is not None:
+        _holder.took(request.message.delivery_tag)
 
 
 @worker_ready.connect

@@ -4,8 +4,10 @@ Every worker process writes a heartbeat key that expires after ``heartbeat_ttl_s
 worker has no heartbeat (or, on this host, whose process no longer exists) was lost with it: the
 reaper, which runs in every worker, hands it back to its queue in one atomic step that checks the
 dead worker still owns it, so two reapers cannot both requeue it. The broker's own copy of the
-message (Kombu restores unacknowledged messages after the visibility timeout) then finds the job
-taken or finished and is dropped, so no job runs twice at once.
+message (given back by the reaper too, ``worker.held``, or restored by Kombu after the visibility
+timeout) then finds the job taken or finished and is dropped, so no job runs twice at once. A job
+whose message a dead worker took but never claimed is still ``queued``: the reaper gives that
+message back to its queue at once (``worker.held``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from routing.jobs.expiry import ExpirySweep
 from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore
 from routing.jobs.workers import heartbeat
+from worker import held
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +85,16 @@ def gone(name: str) -> bool:
     return pid is not None and not _running(pid)
 
 
-def alive(store: JobStore, name: str) -> bool:
+def alive(store: JobStore, name: str, heartbeat_key: str | None = None) -> bool:
+    """``heartbeat_key``: the key ``name`` beats (a pool child's ``Keys.worker`` by default; a
+    main process beats ``Keys.holder``)."""
     if gone(name):
         return False
     if _local_pid(name) is not None and name.endswith(f":{_START}"):
         # A process of this very start, running: alive, even if Redis lost its heartbeat key
         # while it was down. (A pid of another start may be reused by a new process.)
         return True
-    return bool(store.client.exists(store.keys.worker(name)))
+    return bool(store.client.exists(heartbeat_key or store.keys.worker(name)))
 
 
 def hand_back(
@@ -111,9 +116,11 @@ def hand_back(
 
 
 class Reaper:
-    """Hands back running jobs whose worker is dead; a worker counts as dead only once it has
-    looked dead for a whole heartbeat TTL, so a Redis outage (every heartbeat key expires at
-    once) does not hand back the jobs of workers that are only waiting for Redis."""
+    """Hands back running jobs whose worker is dead, and gives back the broker messages a dead
+    worker's main process held (``worker.held``: a job whose message it took but never claimed);
+    a process counts as dead only once it has looked dead for a whole heartbeat TTL, so a Redis
+    outage (every heartbeat key expires at once) does not hand back the jobs of workers that are
+    only waiting for Redis."""
 
     def __init__(self, store: JobStore, ttl_s: float):
         self.store = store
@@ -139,6 +146,13 @@ class Reaper:
                 self.store, job_id, owner, f"worker {owner} died"
             ):
                 reaped.append(job_id)
+        for holder in held.holders(self.store.client, self.store.keys):
+            if alive(self.store, holder, self.store.keys.holder(holder)):
+                continue
+            looked_dead.add(holder)
+            since = self._dead_since.setdefault(holder, now)
+            if gone(holder) or now - since >= self.ttl_s:
+                held.give_back(self.store.client, self.store.keys, holder)
         self._dead_since = {o: t for o, t in self._dead_since.items() if o in looked_dead}
         return reaped
 

@@ -89,6 +89,22 @@ class Keys:
         return f"{self.prefix}:workers"
 
     @property
+    def holders(self) -> str:
+        """Sorted set of the worker main processes (the ones that take messages from the broker)
+        by the time of their last beat or take: where the reaper finds the ones that died holding
+        messages (``worker.held``)."""
+        return f"{self.prefix}:holders"
+
+    def holder(self, name: str) -> str:
+        """A live worker main process's heartbeat (it holds the messages its pool child runs)."""
+        return f"{self.prefix}:holder:{name}"
+
+    def held(self, name: str) -> str:
+        """Set of the delivery tags of the broker messages worker main process ``name`` took and
+        may not have acknowledged yet (``worker.held``)."""
+        return f"{self.prefix}:held:{name}"
+
+    @property
     def running(self) -> str:
         """Set of the ids of jobs a worker holds (the reaper checks their workers are alive)."""
         return f"{self.prefix}:running"

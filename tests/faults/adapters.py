@@ -19,6 +19,11 @@ by side (a prompt without directives is a normal job)::
                           RuntimeError once step 1 is reported (an error of that rank alone)
     fault:stall-on-rank=0 in a group rank of this number: block for ten minutes once step 1 is
                           reported, outside any collective (a hung kernel)
+    fault:await-cancel=60 before the out of memory or the kill asked for above, or the hand-back
+                          a draining worker's step asks for, wait (at most this long) until the
+                          job's cancel has been asked, after logging "fault adapter: awaiting the
+                          cancel of <job id>": a test asks for the cancel when it reads that line,
+                          so the cancel lands in that very gap, never seen at a step
 
 The same faults can be given to every job a worker runs through its environment:
 ``FAULT_STEP_SLEEP_S``, ``FAULT_KILL_AT_STEP``, ``FAULT_OOM_CLASSES``, ``FAULT_HOLD_S``. A
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from routing.schemas import TextToImageRequest
 from worker.adapters.base import Generated, Inputs, StepCallback
 from worker.adapters.z_image import ZImageAdapter
+from worker.runner import HandBack
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,7 @@ _ENV = {
     "hold": "FAULT_HOLD_S",
     "raise-on-rank": "FAULT_RAISE_ON_RANK",
     "stall-on-rank": "FAULT_STALL_ON_RANK",
+    "await-cancel": "FAULT_AWAIT_CANCEL_S",
 }
 
 
@@ -60,6 +67,7 @@ class Faults:
     hold_s: float = 0.0
     raise_on_rank: int | None = None
     stall_on_rank: int | None = None
+    await_cancel_s: float = 0.0
 
     @classmethod
     def of(cls, prompt: str, env: Mapping[str, str]) -> Faults:
@@ -75,6 +83,7 @@ class Faults:
             hold_s=float(values.get("hold", 0)),
             raise_on_rank=int(values["raise-on-rank"]) if "raise-on-rank" in values else None,
             stall_on_rank=int(values["stall-on-rank"]) if "stall-on-rank" in values else None,
+            await_cancel_s=float(values.get("await-cancel", 0)),
         )
 
 
@@ -101,6 +110,23 @@ def hold_through_soft_limit(seconds: float) -> None:
             log.warning("fault adapter: soft time limit swallowed")
 
 
+def await_cancel(job_id: str | None, seconds: float) -> None:
+    """Block until the job's cancel has been asked (its record's mark), at most ``seconds``."""
+    from routing.io.connection import connect
+    from routing.jobs.keys import Keys
+    from routing.settings import get_settings
+
+    settings = get_settings()
+    client = connect(settings)
+    log.warning("fault adapter: awaiting the cancel of %s", job_id)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if client.hget(Keys(settings.key_prefix).job(job_id or ""), "cancel_requested") == b"1":
+            return
+        time.sleep(0.02)
+    log.warning("fault adapter: no cancel of %s within %s s", job_id, seconds)
+
+
 class FaultAdapter(ZImageAdapter):
     """Z-Image-Turbo on its real pipeline, with the faults its prompt (or the worker's
     environment) asks for."""
@@ -113,9 +139,16 @@ class FaultAdapter(ZImageAdapter):
             hold_through_soft_limit(faults.hold_s)
 
         def step(done: int, total: int) -> None:
-            on_step(done, total)  # progress first: cancel and drain are seen as usual
+            try:
+                on_step(done, total)  # progress first: cancel and drain are seen as usual
+            except HandBack:
+                if faults.await_cancel_s:
+                    await_cancel(inputs.job_id, faults.await_cancel_s)
+                raise
             if done == 1 and worker_class in faults.oom_on:
                 time.sleep(faults.sleep_s)
+                if faults.await_cancel_s:
+                    await_cancel(inputs.job_id, faults.await_cancel_s)
                 raise out_of_memory()
             if done == 1 and rank is not None and rank == faults.raise_on_rank:
                 raise RuntimeError(f"fault injected on rank {rank}")
@@ -123,6 +156,8 @@ class FaultAdapter(ZImageAdapter):
                 log.warning("fault adapter: rank %s stalls", rank)
                 time.sleep(600)
             if faults.kill_at_step is not None and done >= faults.kill_at_step:
+                if faults.await_cancel_s:
+                    await_cancel(inputs.job_id, faults.await_cancel_s)
                 log.warning("fault adapter: killing pool process %s at step %s", os.getpid(), done)
                 os.kill(os.getpid(), signal.SIGKILL)
             if faults.sleep_s:

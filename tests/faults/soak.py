@@ -18,11 +18,10 @@ runs out: it always stops by itself) it checks:
 - one distinct completion webhook per finished job (by webhook-id and by job id), delivered to the
   receiver and verified.
 
-A job can be stranded: its message taken by a worker that was killed before it claimed the job
-(see the fault-suite report). Its record stays queued and its message sits in Kombu's
-unacknowledged set until the visibility timeout (hours). The soak counts such jobs and, unless
-``--no-restore``, does what the visibility timeout would do later: puts their messages back on
-their queues, so the rest of the ledger can still be checked.
+- every stranded job (its message taken by a worker that was killed before it claimed the job:
+  its record queued, its only message in Kombu's unacknowledged set) was taken up again (claimed,
+  or dead-lettered at its attempt cap) within ``STRANDED_BOUND_S`` of the kill: the fleet's reaper gives such messages back at once
+  (``worker.held``); the soak restores nothing itself.
 
 All traffic stays on loopback. Exit status 0 when every check passes.
 """
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from localfleet.process import WorkerProcess
 from producer.client import Client
+from routing.celery_config import UNACKED_KEY
 from routing.io.storage import LocalStorage
 from routing.jobs.events import Webhook
 from routing.jobs.messages import task_id
@@ -55,15 +55,17 @@ from testkit.storage import SLOW_WORKER
 from tests import parallel
 from tests.faults.harness import RedisServer, kill_group
 from tests.webhook_receiver import Receiver
+from worker import held
 from worker.liveness import pid_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"soak-secret-for-loopback-only!!").decode()
 FAST_RETRIES = {"FLEET_WEBHOOK_RETRY_BASE_S": "0.2", "FLEET_WEBHOOK_RETRY_CAP_S": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
-# A live worker claims the message it took within seconds (a pool child starts in well under
-# this); one held longer belongs to a worker that was killed.
-STRANDED_AFTER_S = 30.0
+# A stranded job is taken up again within this of its worker's kill: a reaper's pass (a third of a
+# heartbeat TTL) and a worker finishing the job in hand, with the margin a loaded machine needs;
+# a tenth of the visibility timeout (600 s) that would otherwise bring its message back.
+STRANDED_BOUND_S = 60.0
 
 
 @dataclass
@@ -80,7 +82,8 @@ class Figures:
     dead_letters: int = 0
     attempts: dict[int, int] = field(default_factory=dict)  # attempts -> jobs
     handed_back: int = 0
-    stranded: int = 0  # held by a killed worker before claim (restored by the soak)
+    stranded: int = 0  # held by a killed worker before claim (given back by a reaper)
+    stranded_recovered_s: list[float] = field(default_factory=list)  # kill to taken up again
     outputs: int = 0
     outputs_bad: int = 0  # stored but not a PNG
     outputs_missing: int = 0
@@ -93,6 +96,10 @@ class Figures:
     webhooks_missing: int = 0
     webhooks_wrong: int = 0  # webhook-id not the job's completion event, or a second one per job
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def recovered_max_s(self) -> float:
+        return max(self.stranded_recovered_s, default=0.0)
 
     @property
     def ok(self) -> bool:
@@ -110,7 +117,9 @@ class Figures:
             f"terminal states:           {fmt(self.statuses)}",
             f"failures by type:          {fmt(self.failures)}; dead-lettered: {self.dead_letters}",
             f"attempts per job:          {fmt(self.attempts)}; handed back by a reaper: {self.handed_back}",
-            f"stranded before claim:     {self.stranded} (message held by a killed worker; restored)",
+            f"stranded before claim:     {self.stranded} (message held by a killed worker), taken up "
+            f"again {len(self.stranded_recovered_s)} within {self.recovered_max_s:.1f} s at most (bound "
+            f"{STRANDED_BOUND_S:.0f} s), given back by a reaper",
             f"outputs stored:            {self.outputs} (missing {self.outputs_missing}, extra "
             f"{self.outputs_extra}, not PNG {self.outputs_bad}; temp leftovers {self.temp_leftovers})",
             f"duplicate completions:     {self.double_completions}",
@@ -195,30 +204,46 @@ def _running_on(client: Client, worker: WorkerProcess) -> int:
     return held
 
 
-def _restore_stranded(fleet: Fleet, client: Client, older_than_s: float) -> int:
-    """Put back on its queue every message in Kombu's unacknowledged set whose job is still queued
-    (no live worker is running it: a worker that was killed before it claimed the job held it)
-    and that was delivered more than ``older_than_s`` ago. What the visibility timeout would do,
-    hours later."""
-    redis = fleet.redis.client()
-    restored = 0
-    now = time.time()
-    for tag, raw in redis.hgetall("unacked").items():
-        delivered = redis.zscore("unacked_index", tag)
-        if delivered is None or now - delivered < older_than_s:
+def _held_unclaimed(client: Client, worker: WorkerProcess) -> list[str]:
+    """The queued jobs whose messages ``worker``'s main process holds (``worker.held``)."""
+    redis = client.store.client
+    jobs = []
+    for holder in held.holders(redis, client.keys):
+        if pid_of(holder) != worker.proc.pid:
             continue
-        payload, _exchange, routing_key = json.loads(raw)
-        job_id = task_id(payload)
-        if redis.hget(client.keys.job(job_id), "status") != b"queued":
-            continue
-        with redis.pipeline() as pipe:
-            pipe.hdel("unacked", tag)
-            pipe.zrem("unacked_index", tag)
-            pipe.rpush(routing_key, json.dumps(payload))  # the end workers take from next
-            pipe.execute()
-        restored += 1
-    redis.close()
-    return restored
+        for tag in redis.smembers(client.keys.held(holder)):
+            raw = redis.hget(UNACKED_KEY, tag)
+            if raw is not None:
+                job_id = task_id(json.loads(raw)[0])
+                if redis.hget(client.keys.job(job_id), "status") == b"queued":
+                    jobs.append(job_id)
+    return jobs
+
+
+# A queued job leaves the queue by a claim, or ends there: dead-lettered or expired when a worker
+# takes its message, or canceled.
+_LEFT_QUEUED = (b"job.started", b"job.failed", b"job.canceled")
+
+
+def _left_queued_at(client: Client, job_id: str) -> list[float]:
+    """When the job left ``queued``, each time (claimed, or ended while queued)."""
+    entries = client.store.client.xrange(client.keys.job_events(job_id))
+    return [float(fields[b"at"]) for _, fields in entries if fields[b"type"] in _LEFT_QUEUED]
+
+
+def _stranded(client: Client, held_at_kill: dict[str, tuple[float, float]]) -> dict[str, float | None]:
+    """Of the jobs a killed worker held unclaimed (job id -> when that was seen, when the worker
+    was killed), the ones it still held when it died (not claimed in between), with the seconds
+    from the kill to when a worker next took the job up (claimed it, or dead-lettered it at its
+    attempt cap) (None: never)."""
+    stranded: dict[str, float | None] = {}
+    for job_id, (seen_at, killed_at) in held_at_kill.items():
+        left = _left_queued_at(client, job_id)
+        if any(seen_at < at <= killed_at for at in left):
+            continue  # claimed between the look and the kill: not stranded
+        later = [at - killed_at for at in left if at > killed_at]
+        stranded[job_id] = min(later) if later else None
+    return stranded
 
 
 def run_soak(
@@ -226,7 +251,6 @@ def run_soak(
     workers: int = 2,
     kill_every_s: tuple[float, float] = (3.0, 7.0),
     timeout_s: float = 1800.0,
-    restore: bool = True,
     base: Path | None = None,
     seed: int | None = None,
     log=print,
@@ -243,6 +267,8 @@ def run_soak(
     fleet = Fleet(base, workers, small_models, store_put_s)
     client = Client(fleet.settings)
     stop = threading.Event()
+    # Jobs a killed worker held unclaimed -> (when that was seen, when the worker was killed).
+    held_at_kill: dict[str, tuple[float, float]] = {}
     try:
         request = {"model": "z-image-turbo", "width": 64, "height": 64, "steps": 2}
         webhook = Webhook(fleet.receiver.url("/done"), ("succeeded", "failed"))
@@ -257,10 +283,14 @@ def run_soak(
         def killer() -> None:
             while not stop.wait(rng.uniform(*kill_every_s)):
                 slot = rng.randrange(workers)
-                held = _running_on(client, fleet.slots[slot])
-                figures.kills_mid_job += held > 0
-                figures.kills_overlapped += held > 1
+                running = _running_on(client, fleet.slots[slot])
+                figures.kills_mid_job += running > 0
+                figures.kills_overlapped += running > 1
+                seen_at = time.time()
+                unclaimed = _held_unclaimed(client, fleet.slots[slot])
+                killed_at = time.time()
                 fleet.kill_and_restart(slot)
+                held_at_kill.update(dict.fromkeys(unclaimed, (seen_at, killed_at)))
                 figures.kills += 1
 
         thread = threading.Thread(target=killer, name="killer", daemon=True)
@@ -277,20 +307,19 @@ def run_soak(
             if time.monotonic() - last_report > 15:
                 log(f"soak: {done}/{len(ids)} finished, {queued_now} queued, {figures.kills} kills")
                 last_report = time.monotonic()
-            # Stranded: queued jobs whose only message a killed worker holds. Looked for once the
-            # queues are empty (a stranded job never comes back on its own).
-            redis = fleet.redis.client()
-            queues_empty = not any(redis.llen(q) for q in ("gpu16", "gpu16.high", "gpu16.low"))
-            redis.close()
-            if restore and queues_empty and queued_now:
-                figures.stranded += _restore_stranded(fleet, client, older_than_s=STRANDED_AFTER_S)
             time.sleep(0.5)
         stop.set()
         thread.join()
         figures.timed_out = time.monotonic() > deadline
-        if not restore and queued_now:
-            figures.stranded = queued_now
 
+        stranded = _stranded(client, held_at_kill)
+        figures.stranded = len(stranded)
+        figures.stranded_recovered_s = sorted(s for s in stranded.values() if s is not None)
+        late = [job_id for job_id, s in stranded.items() if s is None or s > STRANDED_BOUND_S]
+        if late:
+            figures.problems.append(
+                f"{len(late)} stranded jobs not taken up again within {STRANDED_BOUND_S:.0f} s of the kill"
+            )
         _check(fleet, client, ids, figures, deadline)
     finally:
         stop.set()
@@ -387,7 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-every", type=float, nargs=2, default=(3.0, 7.0), metavar=("MIN_S", "MAX_S"))
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="stop by then, finished or not")
-    parser.add_argument("--no-restore", action="store_true", help="leave stranded jobs stranded")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
         "--store-put-s", type=float, default=0.2, help="added to every put to the object store"
@@ -401,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         kill_every_s=tuple(args.kill_every),
         timeout_s=args.timeout_s,
-        restore=not args.no_restore,
         base=args.dir,
         seed=args.seed,
         store_put_s=args.store_put_s,

@@ -1,6 +1,12 @@
 """The job record's fence, on the suite's Redis: a worker or attempt that no longer owns a job
 writes nothing to it (no progress, no outcome), and a cancel asked for while a job ran survives
-whatever becomes of its worker (hand-back, out-of-memory requeue, redelivery)."""
+whatever becomes of its worker (hand-back, out-of-memory requeue, redelivery).
+
+These make the store's moves with arguments the test chooses, to check everything each one writes
+(events, the webhook deliveries queued, the indexes, the record's TTL). The same moves made by
+the runner and the reaper in real worker processes: tests/faults/test_cancel_outlives.py (a cancel
+just before a SIGTERM hand-back, an escalation, a kill), test_sigterm.py, test_oom.py,
+test_kill.py and test_redelivery.py (a worker thought dead that goes on)."""
 
 from __future__ import annotations
 

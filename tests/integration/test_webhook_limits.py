@@ -1,7 +1,8 @@
 """What one tenant's webhook endpoints can take from the webhook worker: each delivery has one
 deadline however slowly the receiver answers, and one tenant's deliveries hold at most
 ``webhook_tenant_concurrency`` of the worker's threads. ``Deliverer`` runs in this process against
-real Redis and real receivers on 127.0.0.2."""
+real Redis and real receivers on 127.0.0.2; the bound is also checked through a real
+``python -m worker.webhooks`` process."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import pytest
 from producer.client import Client
 from routing.jobs import lifecycle
 from routing.jobs.events import Webhook
+from routing.jobs.webhook_log import delivery_log
 from routing.settings import Settings, Tenant
+from tests.faults.harness import wait_for
 from worker.webhooks import DEFERRED, DELIVERED, FAILED, RETRYING, Deliverer, defer_s
 
 pytestmark = pytest.mark.integration
@@ -28,11 +31,17 @@ REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 512, "heigh
 
 
 class SlowReceiver:
-    """``/drip`` answers a byte every 0.2 s; ``/hold`` answers once ``release`` is set; others 200."""
+    """``/drip`` answers a byte every 0.2 s; ``/hold`` answers once ``release`` is set; others 200.
+    Counts the requests ``/hold`` holds at once, and notes how many it held as each other request
+    came."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.held = threading.Event()  # set when /hold has a request waiting
+        self.lock = threading.Lock()
+        self.holding = 0
+        self.most_held = 0
+        self.others: list[tuple[str, int]] = []  # (path, requests /hold held as it came)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,8 +57,18 @@ class SlowReceiver:
                             self.wfile.flush()
                         return
                     if self.path == "/hold":
+                        with receiver.lock:
+                            receiver.holding += 1
+                            receiver.most_held = max(receiver.most_held, receiver.holding)
                         receiver.held.set()
-                        receiver.release.wait(10)
+                        try:
+                            receiver.release.wait(10)
+                        finally:
+                            with receiver.lock:
+                                receiver.holding -= 1
+                    else:
+                        with receiver.lock:
+                            receiver.others.append((self.path, receiver.holding))
                     self.send_response(200)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
@@ -135,6 +154,41 @@ def test_one_tenants_slow_endpoints_hold_at_most_its_share_of_the_threads(settin
         assert results == [DELIVERED]
         # The slot is free again: the deferred delivery goes through on its next try.
         assert deliverer.deliver(*same_tenant[:2], "job.started", same_tenant[2], 1).outcome == DELIVERED
+
+
+def test_the_webhook_worker_gives_one_tenants_slow_endpoint_only_its_share_of_threads(
+    settings, receiver, start_worker
+):
+    """Through the webhook worker process (two threads, a bound of one per tenant): t1's three
+    deliveries go to an endpoint that holds every request; one is held, the others are deferred,
+    and t2's delivery goes through on the worker's other thread meanwhile. Once the endpoint
+    answers, t1's deferred deliveries are made too.
+
+    Catches a worker whose threads do not share the bound (no bound, or one counted per thread or
+    per task): t1 would hold both threads, and t2's delivery would wait for t1's endpoint."""
+    settings = settings.model_copy(update={"webhook_concurrency": 2, "webhook_timeout_s": 10.0})
+    start_worker(settings, module="worker.webhooks")
+    with Client(settings) as client:
+        slow = [started_job(client, f"{receiver.url}/hold", "t1")[0] for _ in range(3)]
+
+        def outcomes(job_id: str) -> list[str]:
+            return [entry["outcome"] for entry in delivery_log(client.store.client, client.keys, job_id)]
+
+        # One of t1's deliveries is held; the other two were deferred for want of a slot.
+        assert receiver.held.wait(30)
+        wait_for(
+            lambda: sum(DEFERRED in outcomes(j) for j in slow) == 2, 30, "t1's other deliveries deferred"
+        )
+        other = started_job(client, f"{receiver.url}/fast", "t2")[0]
+        wait_for(lambda: outcomes(other) == [DELIVERED], 30, "t2's delivery made while t1's is held")
+        with receiver.lock:
+            assert receiver.others == [("/fast", 1)]  # t2's came while /hold held t1's one
+            assert receiver.most_held == 1
+
+        receiver.release.set()
+        wait_for(lambda: all(outcomes(j)[-1:] == [DELIVERED] for j in slow), 60, "t1's deliveries made")
+        assert sorted(outcomes(j).count(DELIVERED) for j in slow) == [1, 1, 1]
+    assert receiver.most_held == 1
 
 
 def test_a_tenants_slow_name_lookups_hold_only_its_own_slots(settings, receiver, monkeypatch):

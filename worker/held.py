@@ -1,0 +1,144 @@
+"""The broker messages a worker holds, and giving back at once those of a worker that died.
+
+A GPU worker's main process takes a job's message from its queue as soon as it can, and hands it
+to its pool child; Kombu keeps the message in its unacknowledged set (``UNACKED_KEY``: delivery tag
+-> [message, exchange, routing key]; ``UNACKED_INDEX_KEY``: delivery tag -> when taken) until the
+job's run acknowledges it, and puts it back on its queue only once the visibility timeout has
+passed. A worker killed after it took a message but before its pool child claimed the job (the
+child was still starting: importing torch, loading models) leaves a job whose record says
+``queued`` and whose only message is in that set: the job reaper, which looks at running jobs,
+never sees it, and it would wait out the visibility timeout.
+
+So each main process records the delivery tag of every message it takes (``record``, from
+Celery's ``task_received``, before the job is claimed) in a set of its own, ``Keys.held``, and
+beats a heartbeat of its own (``beat``; it also forgets the tags acknowledged since). The reaper
+(``worker.liveness.Reaper``), which runs in every worker, gives back every message still
+unacknowledged in the set of a main process that is dead (``give_back``): pushed back on its
+queue, where the next free worker takes it first, and taken out of Kombu's set in the same
+transaction, so the visibility timeout's own restore cannot make a second copy, and the set is
+deleted with it, so reapers racing each other give the messages back once.
+
+A message whose job was claimed (the dead worker was running it) comes back too, as the visibility
+timeout would bring it: the job reaper hands the job back as well, and whichever copy comes second
+finds the job taken or finished and is dropped (``JobRunner._claim``).
+
+Not covered: a worker killed between Kombu writing the message into its set and ``record`` (the
+same thread, a few instructions apart): that message waits out the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import redis
+
+from routing.celery_config import UNACKED_INDEX_KEY, UNACKED_KEY
+from routing.jobs.keys import Keys
+
+log = logging.getLogger(__name__)
+
+# Forgets the tags of a holder's set that Kombu's set no longer has (acknowledged, or restored).
+_FORGET_ACKNOWLEDGED = """
+local unacked, held = KEYS[1], KEYS[2]
+for _, tag in ipairs(redis.call('SMEMBERS', held)) do
+  if redis.call('HEXISTS', unacked, tag) == 0 then redis.call('SREM', held, tag) end
+end
+"""
+
+
+def record(client: redis.Redis, keys: Keys, holder: str, delivery_tag: str) -> None:
+    """Worker main process ``holder`` took the message ``delivery_tag``: Kombu has it in its
+    unacknowledged set already."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.sadd(keys.held(holder), delivery_tag)
+        pipe.zadd(keys.holders, {holder: time.time()})
+        pipe.execute()
+
+
+def beat(client: redis.Redis, keys: Keys, holder: str, ttl_s: float) -> None:
+    """Say that ``holder`` is alive for the next ``ttl_s``, and forget the messages it no longer
+    holds. A holder leaves the index only when a reaper gives back what it held: an index trimmed
+    by age would forget a dead holder nobody reaped while no worker was running."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.holder(holder), "1", px=int(ttl_s * 1000))
+        pipe.zadd(keys.holders, {holder: time.time()})
+        pipe.eval(_FORGET_ACKNOWLEDGED, 2, UNACKED_KEY, keys.held(holder))
+        pipe.execute()
+
+
+def holders(client: redis.Redis, keys: Keys) -> list[str]:
+    """Every main process that took messages and has not been reaped, alive or not."""
+    return [name.decode() for name in client.zrange(keys.holders, 0, -1)]
+
+
+def give_back(client: redis.Redis, keys: Keys, holder: str) -> list[str]:
+    """Put every message dead ``holder`` took and nobody acknowledged back on its queue, take it
+    out of Kombu's unacknowledged set, and forget ``holder``: one transaction, watched on both
+    sets, so Kombu's own restore or another reaper that gets there first leaves nothing to do
+    here, and one that comes second finds nothing. Returns the delivery tags given back."""
+    held = keys.held(holder)
+
+    def transaction(pipe: redis.client.Pipeline) -> list[str]:
+        tags = sorted(pipe.smembers(held))
+        raws = pipe.hmget(UNACKED_KEY, tags) if tags else []
+        pipe.multi()
+        given: list[str] = []
+        for tag, raw in zip(tags, raws, strict=True):
+            if raw is None:
+                continue  # acknowledged, or restored by Kombu already
+            payload, exchange, routing_key = json.loads(raw)
+            if exchange:
+                # Never ours: the fleet's messages go through the anonymous exchange, whose
+                # routing key is the queue. Left for the visibility timeout to restore.
+                log.warning("message %s of %s is for exchange %r; left to Kombu", tag, holder, exchange)
+                continue
+            # Marked as Kombu marks what it restores.
+            payload.setdefault("headers", {})["redelivered"] = True
+            payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+            # The end the workers take from: the job that waited longest goes first.
+            pipe.rpush(routing_key, json.dumps(payload))
+            pipe.hdel(UNACKED_KEY, tag)
+            pipe.zrem(UNACKED_INDEX_KEY, tag)
+            given.append(tag.decode())
+        pipe.delete(held, keys.holder(holder))
+        pipe.zrem(keys.holders, holder)
+        return given
+
+    given = client.transaction(transaction, held, UNACKED_KEY, value_from_callable=True)
+    if given:
+        log.warning("gave back the messages dead worker %s held: %s", holder, ", ".join(given))
+    return given
+
+
+class Holder:
+    """This worker's main process as a holder of messages: records what it takes, and beats from
+    a thread (the main process runs no job, so nothing else would say it is alive)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, name: str, ttl_s: float):
+        self.client = client
+        self.keys = keys
+        self.name = name
+        self.ttl_s = ttl_s
+
+    def took(self, delivery_tag: str) -> None:
+        try:
+            record(self.client, self.keys, self.name, delivery_tag)
+        except redis.RedisError:
+            # Then only the visibility timeout brings it back if this worker dies holding it.
+            log.warning("could not record message %s as held by %s", delivery_tag, self.name, exc_info=True)
+
+    def start(self) -> threading.Thread:
+        def loop() -> None:
+            while True:
+                try:
+                    beat(self.client, self.keys, self.name, self.ttl_s)
+                except redis.RedisError:
+                    log.warning("holder heartbeat failed; retrying")
+                time.sleep(self.ttl_s / 3)
+
+        thread = threading.Thread(target=loop, name="holder-heartbeat", daemon=True)
+        thread.start()
+        return thread
