@@ -11,7 +11,6 @@ returns the unacknowledged message instead.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -91,13 +90,11 @@ def get_runner() -> JobRunner:
         name = liveness.process_name(vram_class)
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
-        def load(spec: Any, offload: bool) -> Any:
+        def load(spec: Any, placement: Any) -> Any:
             from worker.speed import prepare
 
             weights = settings.weights_for(spec.key, spec.hub_id)
-            adapter = load_adapter(
-                spec, weights, dataclasses.replace(runtime, offload=offload), settings.adapters
-            )
+            adapter = load_adapter(spec, weights, runtime.placed(placement), settings.adapters)
             if spec.key not in settings.adapters:  # adapters of one's own run base jobs only
                 prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
             return adapter
