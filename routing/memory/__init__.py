@@ -226,6 +226,48 @@ def table(specs: list[ModelSpec], margin_gib: float | None = None) -> Iterator[R
             )
 
 
+@dataclass(frozen=True)
+class ModeRow:
+    model: str
+    mode: str
+    request: str
+    weights_on_gpu_gib: float  # between jobs
+    peak_gib: float
+    measured: bool
+    applied_by_workers: bool
+    needs_fp8_card: bool
+
+
+def modes_table(specs: list[ModelSpec]) -> Iterator[ModeRow]:
+    """Every single-GPU placement mode's footprint for each model at its default request (the
+    sharded mode is S2V's, per rank of eight): what an operator weighs when choosing one."""
+    for spec in specs:
+        if not has_data(spec.key):
+            continue
+        size = spec.size
+        frames = spec.video.default_frames if spec.video else 0
+        work = Work(
+            size.default_width, size.default_height, frames, spec.default_guidance > _GUIDANCE_ON_ABOVE
+        )
+        sharded = any(p.mode is Mode.SHARDED for p in spec.placements.values())
+        modes = [Mode.SHARDED] if sharded else [m for m in Mode if m is not Mode.SHARDED]
+        for mode in modes:
+            for tiling in (False, True) if mode is Mode.MODEL_OFFLOAD else (False,):
+                where = Placement(mode, vae_tiling=tiling)
+                ranks = 8 if sharded else 1
+                found = _predict(spec.key, where, work, ranks)
+                yield ModeRow(
+                    model=spec.key,
+                    mode=str(where),
+                    request=str(Largest(work)),
+                    weights_on_gpu_gib=round(_weights_gib(spec.key, mode, ranks), 2),
+                    peak_gib=found.peak_gib,
+                    measured=found.measured,
+                    applied_by_workers=mode in WORKER_MODES,
+                    needs_fp8_card=mode is Mode.FP8,
+                )
+
+
 def _ranks(vram_class: VramClass) -> int:
     return vram_class.vram_gb // vram_class.gpu_vram_gb
 
@@ -269,6 +311,7 @@ __all__ = [
     "Card",
     "Largest",
     "Mode",
+    "ModeRow",
     "Placement",
     "Prediction",
     "Row",
@@ -279,6 +322,7 @@ __all__ = [
     "footprint_gb",
     "largest_request",
     "limit_message",
+    "modes_table",
     "placement",
     "predict",
     "smallest_fitting_class",

@@ -53,13 +53,16 @@ def build_on_meta(entry: dict[str, Any]) -> Any:
     from accelerate import init_empty_weights
 
     cls, config = _class(entry["class"]), dict(entry["config"])
-    with init_empty_weights():
-        if entry["class"].startswith("transformers."):
-            from transformers import AutoConfig
+    if entry["class"].startswith("transformers."):
+        from transformers import AutoConfig
 
+        with init_empty_weights():
             model = cls._from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-            model.tie_weights()  # as from_pretrained does: UMT5's encoder shares its embedding
-            return model
+        # As from_pretrained does once the weights are in (inside init_empty_weights it does not
+        # tie): UMT5's encoder shares its embedding with ``shared``.
+        model.tie_weights()
+        return model
+    with init_empty_weights():
         if entry["class"].startswith("diffusers."):
             return cls.from_config(config)
         return cls(**config)
