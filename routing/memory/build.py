@@ -12,9 +12,11 @@ memory, no download); buffers (RoPE tables and the like) are real and counted at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +50,30 @@ def _class(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Weight initialisers as no-ops: on the meta device they compute nothing but still cost
+    seconds of dispatch, and a count does not need them."""
+    import torch
+
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def build_on_meta(entry: dict[str, Any]) -> Any:
     """The component with its parameters on the meta device."""
+    with _no_init():
+        return _build(entry)
+
+
+def _build(entry: dict[str, Any]) -> Any:
     from accelerate import init_empty_weights
 
     cls, config = _class(entry["class"]), dict(entry["config"])
