@@ -52,7 +52,6 @@ from routing.memory import (  # noqa: E402
     Mode,
     Work,
     budget_gib,
-    build,  # noqa: E402
     classes_for,
     largest_request,
     placement,
@@ -61,6 +60,7 @@ from routing.memory import (  # noqa: E402
 from routing.memory.model import GIB, activations, tokens  # noqa: E402
 from routing.memory.model import _on_gpu as weights_on_gpu  # noqa: E402
 from routing.schemas import REQUEST_TYPES, parse_request  # noqa: E402
+from worker import memory_build as build  # noqa: E402
 from worker.adapters import load_adapter  # noqa: E402
 from worker.adapters.base import Inputs, Runtime  # noqa: E402
 

@@ -2,7 +2,7 @@
 can run a request and how.
 
 - ``configs.json``: every served model's components at full size (the published configurations).
-- ``weights.json``: their weights in bytes, counted by ``routing.memory.build`` on the meta device.
+- ``weights.json``: their weights in bytes, counted by ``worker.memory_build`` on the meta device.
 - ``activations.json``: per model, how activations grow with the request, each coefficient
   measured (device, versions, date named) or an estimate (said so).
 - ``model.py``: the phases of a pipeline call and the placement modes.

@@ -144,7 +144,10 @@ def predict(model: str, placement: Placement, work: Work, ranks: int = 1) -> Pre
         # Ulysses splits the sequence over the ranks; each rank decodes on its own.
         phases = [(p, w, gib / ranks if p == "denoise" else gib) for p, w, gib in phases]
     phase, on_gpu, act = max(phases, key=lambda p: p[1] + p[2])
-    measured = data["encode_gib" if phase == "encode" else phase]["basis"] == "measured"
+    # Measured: the phase's coefficient was, and the mode holds exactly counted weights during
+    # it (block groups, FSDP shards and FP8 compute are reasoned, not measured).
+    exact = placement.mode in (Mode.RESIDENT, Mode.TEXT_ENCODER_OFFLOAD, Mode.MODEL_OFFLOAD)
+    measured = exact and data["encode_gib" if phase == "encode" else phase]["basis"] == "measured"
     return Prediction(round(on_gpu + act, 2), phase, measured, round(on_gpu, 2))
 
 

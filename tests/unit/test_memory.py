@@ -47,7 +47,7 @@ def test_parameter_counts_hold_the_published_ones(model, component, published, t
 @pytest.fixture(scope="module")
 def rebuilt():
     """Every component built on the meta device from configs.json (a few seconds)."""
-    from routing.memory import build
+    import worker.memory_build as build
 
     modules = {}
     for model, parts in build.load_configs().items():
@@ -59,7 +59,7 @@ def rebuilt():
 
 
 def test_weights_json_is_what_the_configurations_build(rebuilt):
-    from routing.memory import build
+    import worker.memory_build as build
 
     counted = {
         model: {name: build.count(rebuilt[(model, name)]) for name in parts}

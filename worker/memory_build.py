@@ -1,8 +1,9 @@
 """Builds every served model's components at full size on the meta device and counts their
-weights: what ``weights.json`` holds, so routing never builds a model to know its memory.
+weights: what ``routing/memory/weights.json`` holds, so routing never builds a model to know its
+memory. Here, not in routing: it needs the worker's libraries, which the API does not install.
 
-    python -m routing.memory.build            # prints the counts
-    python -m routing.memory.build --write    # and rewrites routing/memory/weights.json
+    python -m worker.memory_build            # prints the counts
+    python -m worker.memory_build --write    # and rewrites routing/memory/weights.json
 
 Needs torch, diffusers, transformers, accelerate and, for S2V's transformer, the official Wan2.2
 code (``wan22``): a worker's install, not the API's. Parameters are made on the meta device (no
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent / "routing" / "memory"
 CONFIGS = HERE / "configs.json"
 WEIGHTS = HERE / "weights.json"
 # Weights are served in bfloat16; FP8 (torchao) stores a linear layer's weight in one byte.
@@ -130,7 +131,7 @@ def compute() -> dict[str, dict[str, dict[str, int]]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m routing.memory.build", description=__doc__.split("\n\n")[0]
+        prog="python -m worker.memory_build", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--write", action="store_true", help=f"rewrite {WEIGHTS.name}")
     args = parser.parse_args(argv)
