@@ -8,7 +8,9 @@ For every single-GPU model and every class that runs it (``python -m routing mem
 fleet's own adapter is loaded as that class's worker places it (``Runtime.placed``: resident,
 model CPU offload, VAE tiling), with full-size components of random weights built from
 ``routing/memory/configs.json`` (nothing is downloaded: tokenizers, scheduler and processors come
-from the small local models). Then ``torch.cuda.set_per_process_memory_fraction`` caps the process
+from the small local models), without the worker's speed profile (no LoRA slot, eager: the pool
+counts a LoRA slot apart). Classes that place a model alike on cards alike (gpu80 and h100x8's
+rank 0) run once. Then ``torch.cuda.set_per_process_memory_fraction`` caps the process
 at the class's card (16 GiB for gpu16, 80 GiB for gpu80 and h100x8) and one job of the largest
 request the class takes runs with 2 steps (the peak does not grow with steps). Each phase's
 peak (``torch.cuda.max_memory_allocated`` between the text encoders, the transformer and the VAE
@@ -98,8 +100,16 @@ class PhaseMeter:
             self.enter(phase)
             return original(*args, **kwargs)
 
+        had_own = method in vars(owner)  # e.g. an offload hook's forward
+
+        def undo() -> None:
+            if had_own:
+                setattr(owner, method, original)
+            else:
+                delattr(owner, method)
+
         setattr(owner, method, entered)
-        self._undo.append(lambda: delattr(owner, method) if method in vars(owner) else None)
+        self._undo.append(undo)
 
     def enter(self, phase: str) -> None:
         if phase != self.phase:
@@ -116,23 +126,32 @@ class PhaseMeter:
         self.phase = None
 
     def unwatch(self) -> None:
-        for undo in self._undo:
+        for undo in reversed(self._undo):
             undo()
+        self._undo.clear()
 
 
-def full_size_components(model: str) -> dict[str, Any]:
-    """Every component of ``model`` at full size in host memory, bf16, random weights."""
+def full_size_components(model: str, cache: dict[str, Any]) -> dict[str, Any]:
+    """Every component of ``model`` at full size in host memory, bf16, random weights; one
+    already built for another model with the same configuration (the Qwen models share all
+    three) is reused from ``cache``, and the cache keeps only this model's."""
     from accelerate.utils import set_module_tensor_to_device
 
-    components = {}
+    components, kept = {}, {}
     for name, entry in build.load_configs()[model].items():
+        key = json.dumps(entry, sort_keys=True)
+        if key in cache:
+            components[name] = kept[key] = cache[key]
+            continue
         module = build.build_on_meta(entry)
         for param_name, param in list(module.named_parameters()):
             value = torch.empty(param.shape, dtype=torch.bfloat16).normal_(0.0, 0.02)
             set_module_tensor_to_device(module, param_name, "cpu", value=value)
         if hasattr(module, "tie_weights"):
             module.tie_weights()
-        components[name] = module.to(torch.bfloat16).eval().requires_grad_(False)
+        components[name] = kept[key] = module.to(torch.bfloat16).eval().requires_grad_(False)
+    cache.clear()
+    cache.update(kept)
     return components
 
 
@@ -205,9 +224,8 @@ def run_row(spec: ModelSpec, vram_class: VramClass, components: dict[str, Any] |
         adapter = load_adapter(spec, weights, runtime)
     card = CARDS[vram_class].gib
     meter = PhaseMeter(cuda=not cpu)
-    for pipe in {
-        id(p): p for p in (adapter.pipeline, getattr(adapter, "i2v", None)) if p is not None
-    }.values():
+    pipes = [p for p in (adapter.pipeline, getattr(adapter, "i2v", None)) if p is not None]
+    for pipe in pipes:
         meter.watch(pipe)
     if not cpu:
         torch.cuda.synchronize()
@@ -270,6 +288,11 @@ def run_row(spec: ModelSpec, vram_class: VramClass, components: dict[str, Any] |
         + (f" ({error})" if error else ""),
         flush=True,
     )
+    # The components serve the next class too: off with this placement's hooks, back to the host.
+    for pipe in pipes:
+        pipe.remove_all_hooks()
+    for module in (components or {}).values():
+        module.to("cpu")
     adapter.close()
     return row
 
@@ -328,22 +351,27 @@ def main() -> int:
         "not_run": [],
     }
     print(f"device {result['device']}, {result['versions']}", flush=True)
+    cache: dict[str, Any] = {}
     for key in single:
         if args.only and key not in args.only:
             continue
         spec = CATALOG[key]
-        components = None if args.cpu else full_size_components(key)
+        components = None if args.cpu else full_size_components(key, cache)
         placed = set()
         for vram_class in classes_for(spec):
-            if args.cpu and placement(spec, vram_class) in placed:
-                continue  # on a CPU, classes that place the model alike run alike
-            placed.add(placement(spec, vram_class))
+            # Classes that place the model alike on cards alike run alike (gpu80 and h100x8's
+            # rank 0); on a CPU, every class with the same placement does.
+            alike = (placement(spec, vram_class), None if args.cpu else CARDS[vram_class].gib)
+            if alike in placed:
+                continue
+            placed.add(alike)
             result["points"].append(run_row(spec, vram_class, components, args.cpu))
             gc.collect()
             if not args.cpu:
                 torch.cuda.empty_cache()
         del components
         gc.collect()
+    cache.clear()
     if not args.only or "wan2.2-s2v-14b" in args.only:
         result["not_run"] = s2v_rows()
     if args.out is not None:
