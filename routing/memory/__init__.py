@@ -14,7 +14,7 @@ predicted peak in the class's mode fits its card minus the margin (``FLEET_VRAM_
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from routing.classes import VramClass
@@ -160,12 +160,12 @@ def limit_message(spec: ModelSpec, work: Work, margin_gib: float | None = None) 
     )
     if work.frames and spec.video is not None:
         for frames in _frame_counts(spec, below=work.frames):
-            if fits(spec, top, _replace(work, frames=frames), margin_gib):
+            if fits(spec, top, replace(work, frames=frames), margin_gib):
                 return "frames", f"{head}: at this size, at most {frames} frames"
     aspect = work.width / work.height
     for side in _sides(spec, max(work.width, work.height) - spec.size.multiple_of):
         width, height = _scaled(spec, side, aspect)
-        if fits(spec, top, _replace(work, width=width, height=height), margin_gib):
+        if fits(spec, top, replace(work, width=width, height=height), margin_gib):
             return "width", f"{head}: at most {width}x{height} at this aspect ratio"
     return "model", f"{head}: no size fits"
 
@@ -178,13 +178,6 @@ def footprint_gb(spec: ModelSpec, vram_class: VramClass, margin_gib: float | Non
         return None
     found = predict(spec, vram_class, largest.work)
     return found.peak_gib if found else None
-
-
-def weights_on_gpu_gib(spec: ModelSpec, vram_class: VramClass) -> float:
-    """Weights the class's placement keeps on one GPU between jobs."""
-    where = placement(spec, vram_class)
-    assert where is not None
-    return _weights_gib(spec.key, where.mode, _ranks(vram_class))
 
 
 @dataclass(frozen=True)
@@ -297,12 +290,6 @@ def _frame_counts(spec: ModelSpec, below: int | None = None) -> Iterator[int]:
     while frames >= max(video.frames_offset, 1):
         yield frames
         frames -= video.frames_step
-
-
-def _replace(work: Work, **changes: Any) -> Work:
-    from dataclasses import replace
-
-    return replace(work, **changes)
 
 
 __all__ = [
