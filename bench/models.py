@@ -1,5 +1,7 @@
-"""Per-model job time on the small models, the share spent outside the pipeline call, and what
-switching between resident models costs against loading an evicted one.
+"""Per-model job time on the small models (CPU, random weights: the figures say how the fleet's
+own overhead compares between models, nothing about the real models' speed or quality), the
+share spent outside the pipeline call, and what switching between resident models costs against
+loading an evicted one.
 
     python bench/models.py [--jobs 5]
 
@@ -49,11 +51,27 @@ def requests(client: Client) -> dict[str, dict]:
     small = {"width": 64, "height": 64, "steps": 2}
     return {
         "z-image-turbo": {"model": "z-image-turbo", "prompt": "a fox"} | small,
+        # Guidance (the base's default 4.0) runs each step on a batch of two.
+        "z-image": {"model": "z-image", "prompt": "a fox", "negative_prompt": "blurry"} | small,
+        "z-image-omni-base": {"model": "z-image-omni-base", "kind": "text-to-image", "prompt": "a fox"}
+        | small,
+        # Same model as the row above, so its "cold" job loads nothing.
+        "z-image-omni-base edit": {
+            "model": "z-image-omni-base",
+            "kind": "edit",
+            "prompt": "a hat",
+            "images": [image, image],
+        }
+        | small,
         "qwen-image": {"model": "qwen-image", "prompt": "a fox"} | small,
         "qwen-image-edit": {"model": "qwen-image-edit", "prompt": "a hat", "images": [image]} | small,
         "qwen-image-edit-2509": {"model": "qwen-image-edit-2509", "prompt": "a hat", "images": [image, image]}
         | small,
         "wan2.2-ti2v-5b": {"model": "wan2.2-ti2v-5b", "kind": "text-to-video", "prompt": "waves", "frames": 9}
+        | small,
+        # Two experts: 2 steps at shift 5 run one on each (timesteps 999 and 833).
+        "wan2.2-t2v-a14b": {"model": "wan2.2-t2v-a14b", "prompt": "waves", "frames": 9} | small,
+        "wan2.2-i2v-a14b": {"model": "wan2.2-i2v-a14b", "prompt": "waves", "image": image, "frames": 9}
         | small,
         "wan2.2-animate-14b": {
             "model": "wan2.2-animate-14b",
@@ -94,9 +112,10 @@ def main() -> None:
             worker_class="gpu80",
         )
         print(
-            f"per-model job time, small models, 2 steps, 64x64 ({args.jobs} warm jobs each, one gpu80 worker)"
+            f"per-model job time, CPU, small random-weight models, 2 steps, 64x64 "
+            f"({args.jobs} warm jobs each, one gpu80 worker)"
         )
-        print(f"{'model':<22} {'cold s':>7} {'warm p50 s':>10} {'pipeline s':>10} {'outside %':>9}")
+        print(f"{'model':<24} {'cold s':>7} {'warm p50 s':>10} {'pipeline s':>10} {'outside %':>9}")
         with WorkerProcess(base, Path(scratch) / "w1.log").wait_ready(), Client(base) as client:
             for model, request in requests(client).items():
                 cold, _ = run(client, request)
@@ -104,7 +123,7 @@ def main() -> None:
                 total = statistics.median(t for t, _ in warm)
                 pipeline = statistics.median(timings["inference_s"] for _, timings in warm)
                 print(
-                    f"{model:<22} {cold:7.2f} {total:10.3f} {pipeline:10.3f} {100 * (total - pipeline) / total:8.1f}%"
+                    f"{model:<24} {cold:7.2f} {total:10.3f} {pipeline:10.3f} {100 * (total - pipeline) / total:8.1f}%"
                 )
 
         # Budget for two: z-image (16 GB) and qwen-image (45 GB) stay; qwen-image-edit (60 GB) evicts.

@@ -52,6 +52,9 @@ _PLAIN_FIELDS = (
     "height",
     "steps",
     "guidance_scale",
+    "cfg_normalization",
+    "cfg_truncation",
+    "guidance_scale_2",
     "seed",
     "num_outputs",
     "output_format",
@@ -86,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--height", type=int)
     submit.add_argument("--steps", type=int)
     submit.add_argument("--guidance-scale", type=float)
+    submit.add_argument(
+        "--cfg-normalization",
+        action=argparse.BooleanOptionalAction,
+        help="z-image, z-image-omni-base: keep each guided step no longer than the prompt's own",
+    )
+    submit.add_argument(
+        "--cfg-truncation",
+        type=float,
+        help="z-image, z-image-omni-base: stop guidance after this share (0-1)",
+    )
+    submit.add_argument(
+        "--guidance-scale-2", type=float, help="two-expert models (A14B): the low-noise expert's guidance"
+    )
     submit.add_argument("--seed", type=int)
     submit.add_argument(
         "--num-outputs", type=int, help="images from one text-to-image job (seeds seed, seed+1, ...)"
@@ -101,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         action="append",
         default=[],
-        help="edit: an image to edit (repeat to compose up to three); image-to-video: the first "
+        help="edit: an image to edit (repeat to compose several); image-to-video: the first "
         "frame; animate: the character; speech-to-video: the face",
     )
     media.add_argument("--audio", help="speech-to-video: the speech or song")
@@ -116,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE[@SCALE]",
         help="a LoRA: local file, https URL, store key or hub id, with its scale (default 1); repeatable",
     )
+    for expert in ("high", "low"):
+        media.add_argument(
+            f"--lora-{expert}",
+            action="append",
+            default=[],
+            metavar="SOURCE[@SCALE]",
+            help=f"two-expert models (A14B): a LoRA for the {expert}-noise expert only; repeatable",
+        )
     submit.add_argument("--idempotency-key")
     submit.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
     submit.add_argument("--tenant", default="", help="whose job it is (over --api, the key says)")
@@ -194,8 +218,11 @@ def build_request(args: argparse.Namespace, upload: Upload) -> dict[str, Any]:
         value = getattr(args, flag)
         if value is not None:
             request[field] = _media(field, value, upload)
-    if args.lora:
-        request["loras"] = [_lora(value, upload) for value in args.lora]
+    loras = [_lora(value, upload) for value in args.lora]
+    for expert in ("high", "low"):
+        loras += [_lora(value, upload) | {"expert": expert} for value in getattr(args, f"lora_{expert}")]
+    if loras:
+        request["loras"] = loras
     return request
 
 

@@ -44,7 +44,7 @@ from routing.io.media import (
 )
 from routing.io.net import UrlError, UrlPolicy, fetch_into
 from routing.io.storage import ObjectNotFound, Storage, StorageError
-from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, LoraRef, MediaRef, RequestBase
+from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def resolve_loras(
             # again, so the retention of loras/ counts from the last request that named it.
             if not storage.touch(key):
                 storage.put_file(key, file, "application/octet-stream")
-            resolved.append(LoraRef(source=key, scale=lora.scale))
+            resolved.append(lora.model_copy(update={"source": key}))
     return request.model_copy(update={"loras": resolved})
 
 

@@ -73,12 +73,19 @@ class Variant:
     lora_file: str  # its weight file in that repository
     lora_scale: float = 1.0
     notes: str = ""
+    # Models with two experts (Wan2.2-A14B): the low-noise expert's LoRA file in the same
+    # repository; ``lora_file`` is then the high-noise expert's.
+    lora_file_2: str | None = None
+    # The scheduler's flow shift the LoRA was distilled with; None: the repository's own.
+    flow_shift: float | None = None
 
 
 # Module paths a LoRA may target, per transformer family (after prefixes such as
 # "transformer." or "diffusion_model." are taken off). A LoRA's tensor names are matched against
 # them at submit; the worker puts its LoRA slot on the linear layers they name.
 _ZIMAGE_LORA = r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)"
+# Omni-Base adds refiner blocks for its SigLIP image features.
+_ZIMAGE_OMNI_LORA = _ZIMAGE_LORA.replace("context_refiner)", "context_refiner|siglip_refiner)")
 _QWEN_LORA = (
     r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|(img|txt)_mlp\.net\.(0\.proj|2)|(img|txt)_mod\.1)"
@@ -88,12 +95,15 @@ _WAN_5B_LORA = (
     r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2)"
     r"|(self_attn|cross_attn)\.(q|k|v|o)|ffn\.[02])"
 )
+# Both A14B experts have the 5B's block layout (no image tokens, even for image-to-video).
+_WAN_A14B_LORA = _WAN_5B_LORA
 _WAN_14B_I2V_LORA = (
     r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|attn2\.(add_k_proj|add_v_proj)|ffn\.net\.(0\.proj|2)"
     r"|(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|ffn\.[02])"
 )
 
 _QWEN_LIGHTNING = "lightx2v/Qwen-Image-Lightning"
+_WAN_LIGHTNING = "lightx2v/Wan2.2-Lightning"
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,19 @@ class ModelSpec:
     # Regex of the transformer modules a LoRA may target; None: the model takes no LoRAs.
     lora_modules: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
+    # Wan2.2-A14B's mixture of experts: ``transformer`` denoises timesteps at or above
+    # ``boundary_ratio`` x 1000, ``transformer_2`` the rest. None: one transformer.
+    boundary_ratio: float | None = None
+    # The low-noise expert's guidance when a request gives no ``guidance_scale_2``.
+    default_guidance_2: float | None = None
+    # The hub revision `python -m worker.weights pull` downloads, and the folder of the object
+    # store its mirror lives in (weights/<key>/<revision>/): a commit id pins the files; a branch
+    # name follows it, and the pull records the commit it resolved to.
+    revision: str = "main"
+    # Takes the Z-Image pipelines' CFG options (``cfg_normalization``, ``cfg_truncation``).
+    cfg_options: bool = False
+    # False while the model's makers have not published it: refused at submit saying so.
+    released: bool = True
 
 
 def _variants(*variants: Variant) -> dict[str, Variant]:
@@ -144,7 +167,32 @@ _RESIDENT_80 = {VramClass.GPU80: _RESIDENT, VramClass.H100X8: _RESIDENT}
 # does not, so Z-Image has none.
 _CACHED = ("first_block", "taylorseer")
 
+# The Z-Image family: offloaded on gpu16, so eager there as TI2V-5B is (compiled blocks would
+# move on and off the GPU every call); resident on gpu80, compiled and warmed at the common sizes.
+_ZIMAGE_WARM = ((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))
+_ZIMAGE_SPEED = {
+    VramClass.GPU16: SpeedProfile(compile=False),
+    VramClass.GPU80: SpeedProfile(warm_sizes=_ZIMAGE_WARM),
+}
+# The Z-Image family's 6B transformer (11.5 GiB) and Qwen3-4B text encoder (7.5 GiB) do not fit
+# a 16 GiB card together: there, one component at a time; on gpu80, resident.
+_ZIMAGE_PLACEMENTS = {VramClass.GPU16: Placement(Mode.MODEL_OFFLOAD), **_RESIDENT_80}
+
 _IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
+
+# Wan2.2-A14B: the model cards' 480p and 720p (landscape or portrait) in multiples of 16 (the
+# Wan2.1 VAE's 8x times 2x2 patches), 81 frames at 16 fps, 4k+1 as the VAE compresses time by 4.
+_A14B_SIZE = SizeLimits(1280, 720, multiple_of=16, min_side=64, max_side=1280, max_pixels=1280 * 720)
+_A14B_VIDEO = VideoLimits(default_frames=81, max_frames=81, frames_step=4, fps=16)
+_A14B_PLACEMENT = (
+    "two 14B experts (high-noise, then low-noise past the boundary timestep); on the 80 GB class "
+    "the text encoder is offloaded after encoding and the idle expert is kept off the GPU until "
+    "its first step (placement mode expert-offload)"
+)
+_A14B_PLACEMENTS = {
+    VramClass.GPU80: Placement(Mode.EXPERT_OFFLOAD),
+    VramClass.H100X8: Placement(Mode.EXPERT_OFFLOAD),
+}
 
 CATALOG: dict[str, ModelSpec] = {
     spec.key: spec
@@ -155,23 +203,79 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="diffusers.ZImagePipeline",
             hub_id="Tongyi-MAI/Z-Image-Turbo",
-            # 11.5 GiB of transformer and 7.5 GiB of text encoder do not fit a 16 GiB card
-            # together: there, one component at a time.
-            placements={VramClass.GPU16: Placement(Mode.MODEL_OFFLOAD), **_RESIDENT_80},
+            placements=_ZIMAGE_PLACEMENTS,
             size=_IMAGE_SIZE_16,
-            # Turbo is distilled for 8 function evaluations (9 scheduler steps) without guidance.
-            default_steps=9,
+            # Distilled for 8 function evaluations without guidance. diffusers' ZImagePipeline (since
+            # 0.36) runs one transformer call per step, so that is 8 steps.
+            default_steps=8,
             max_steps=50,
             default_guidance=0.0,
             max_prompt_chars=2000,
             served=True,
-            # Offloaded on gpu16, so eager there as TI2V-5B is (compiled blocks would move on and
-            # off the GPU every call); resident and compiled on gpu80.
-            speed={
-                VramClass.GPU16: SpeedProfile(compile=False),
-                VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))),
-            },
+            speed=_ZIMAGE_SPEED,
             lora_modules=_ZIMAGE_LORA,
+        ),
+        ModelSpec(
+            key="z-image",
+            task_kinds=(TaskKind.TEXT_TO_IMAGE,),
+            vram_class=VramClass.GPU16,
+            pipeline="diffusers.ZImagePipeline",
+            hub_id="Tongyi-MAI/Z-Image",
+            # Guidance runs the transformer on a batch of two (prompt and negative prompt): the
+            # predicted peak of a large request outgrows gpu16 sooner than Turbo's does.
+            placements=_ZIMAGE_PLACEMENTS,
+            size=_IMAGE_SIZE_16,
+            # The model card: 28 to 50 steps, guidance 3 to 5, negative prompts.
+            default_steps=50,
+            max_steps=50,
+            default_guidance=4.0,
+            max_prompt_chars=2000,
+            notes="the undistilled base: classifier-free guidance, negative prompts; most LoRAs are trained on it",
+            served=True,
+            speed=_ZIMAGE_SPEED,
+            lora_modules=_ZIMAGE_LORA,
+            cfg_options=True,
+        ),
+        ModelSpec(
+            key="z-image-omni-base",
+            task_kinds=(TaskKind.TEXT_TO_IMAGE, TaskKind.EDIT),
+            vram_class=VramClass.GPU16,
+            pipeline="diffusers.ZImageOmniPipeline",
+            hub_id="Tongyi-MAI/Z-Image-Omni-Base",
+            # As z-image, plus the SigLIP2 vision encoder; each input image's SigLIP2 and latent
+            # tokens join every pass, and the predicted peak counts them.
+            placements=_ZIMAGE_PLACEMENTS,
+            size=_IMAGE_SIZE_16,
+            default_steps=50,
+            max_steps=50,
+            default_guidance=4.0,
+            max_prompt_chars=2000,
+            # The pipeline takes any number; each image (scaled to at most one megapixel) adds
+            # its tokens to every step, so the fleet takes up to four.
+            max_input_images=4,
+            notes="generates, or edits from 1-4 input images (the output follows the last one's size)",
+            served=True,
+            speed=_ZIMAGE_SPEED,
+            lora_modules=_ZIMAGE_OMNI_LORA,
+            cfg_options=True,
+        ),
+        ModelSpec(
+            key="z-image-edit",
+            task_kinds=(TaskKind.EDIT,),
+            vram_class=VramClass.GPU16,
+            pipeline="not released",
+            hub_id="Tongyi-MAI/Z-Image-Edit",
+            # Placed as the base, a placeholder until the model and its card ship (no memory
+            # figures: it is refused at submit).
+            placements=_ZIMAGE_PLACEMENTS,
+            size=_IMAGE_SIZE_16,
+            default_steps=50,
+            max_steps=50,
+            default_guidance=4.0,
+            max_prompt_chars=2000,
+            max_input_images=1,
+            notes="Z-Image fine-tuned for editing; announced, not released",
+            released=False,
         ),
         ModelSpec(
             key="qwen-image",
@@ -280,6 +384,71 @@ CATALOG: dict[str, ModelSpec] = {
                 VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 704, 121), (704, 1280, 121))),
             },
             lora_modules=_WAN_5B_LORA,
+        ),
+        ModelSpec(
+            key="wan2.2-t2v-a14b",
+            task_kinds=(TaskKind.TEXT_TO_VIDEO,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.WanPipeline (transformer + transformer_2)",
+            hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            # Both 14B experts (2 x 26 GiB in bf16) and the umT5-XXL encoder do not fit with a
+            # 720p clip's activations: the worker (worker.adapters.wan.ExpertPlacement) keeps one
+            # expert and the VAE on the GPU, the text encoder on it only while encoding.
+            placements=_A14B_PLACEMENTS,
+            size=_A14B_SIZE,
+            default_steps=40,
+            max_steps=100,
+            # The model card's guidance: 4.0 for the high-noise expert, 3.0 for the low-noise one.
+            default_guidance=4.0,
+            default_guidance_2=3.0,
+            boundary_ratio=0.875,
+            max_prompt_chars=2000,
+            video=_A14B_VIDEO,
+            notes=_A14B_PLACEMENT,
+            served=True,
+            lora_modules=_WAN_A14B_LORA,
+            variants=_variants(
+                Variant(
+                    "lightning-4",
+                    4,
+                    1.0,
+                    _WAN_LIGHTNING,
+                    "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/high_noise_model.safetensors",
+                    lora_file_2="Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/low_noise_model.safetensors",
+                    flow_shift=5.0,
+                ),
+            ),
+        ),
+        ModelSpec(
+            key="wan2.2-i2v-a14b",
+            task_kinds=(TaskKind.IMAGE_TO_VIDEO,),
+            vram_class=VramClass.GPU80,
+            pipeline="diffusers.WanImageToVideoPipeline (transformer + transformer_2)",
+            hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+            placements=_A14B_PLACEMENTS,
+            size=_A14B_SIZE,
+            default_steps=40,
+            max_steps=100,
+            default_guidance=3.5,
+            default_guidance_2=3.5,
+            boundary_ratio=0.9,
+            max_prompt_chars=2000,
+            video=_A14B_VIDEO,
+            max_input_images=1,
+            notes=_A14B_PLACEMENT,
+            served=True,
+            lora_modules=_WAN_A14B_LORA,
+            variants=_variants(
+                Variant(
+                    "lightning-4",
+                    4,
+                    1.0,
+                    _WAN_LIGHTNING,
+                    "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/high_noise_model.safetensors",
+                    lora_file_2="Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/low_noise_model.safetensors",
+                    flow_shift=5.0,
+                ),
+            ),
         ),
         ModelSpec(
             key="wan2.2-animate-14b",

@@ -92,6 +92,9 @@ class LoraRef(BaseModel):
 
     source: str = Field(min_length=1, max_length=4096)
     scale: float = Field(default=1.0, ge=-4.0, le=4.0, strict=True)
+    # Which expert of a two-expert model (Wan2.2-A14B) it goes on: the high-noise one (the
+    # early steps), the low-noise one (the late steps), or both. Other models: both.
+    expert: Literal["high", "low", "both"] = "both"
 
 
 class RequestBase(BaseModel):
@@ -146,7 +149,23 @@ class VideoOutputFields(BaseModel):
     video_crf: int = Field(default=18, ge=0, le=51, strict=True)
 
 
-class TextToImageRequest(RequestBase, ImageOutputFields):
+class GuidanceOptions(BaseModel):
+    """The Z-Image pipelines' classifier-free guidance options, for the models that take them
+    (the catalog's ``cfg_options``; refused on the others). ``cfg_normalization``: each step's
+    guided prediction is scaled down to no longer than the prompt's own; ``cfg_truncation``:
+    guidance stops once this share of the denoising is done (1.0: never)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cfg_normalization: bool | None = Field(default=None, strict=True)
+    cfg_truncation: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+
+
+# The pipelines' own defaults, written into requests for the models that take the options.
+GUIDANCE_OPTION_DEFAULTS = {"cfg_normalization": False, "cfg_truncation": 1.0}
+
+
+class TextToImageRequest(RequestBase, ImageOutputFields, GuidanceOptions):
     """``num_outputs`` images from one prompt; output i has seed ``seed + i``, and a job of one
     output with that seed makes the same image."""
 
@@ -159,10 +178,11 @@ class TextToImageRequest(RequestBase, ImageOutputFields):
     )
 
 
-class EditRequest(RequestBase, ImageOutputFields):
+class EditRequest(RequestBase, ImageOutputFields, GuidanceOptions):
     """Edit one image (Qwen-Image-Edit) or compose one to three (Qwen-Image-Edit-2509: person +
-    person, person + scene, person + object). Without width/height the output takes the aspect
-    ratio of the last image at about one megapixel, as the pipelines do."""
+    person, person + scene, person + object; Z-Image-Omni-Base: up to four). Without
+    width/height the output takes the aspect ratio of the last image at about one megapixel, as
+    the pipelines do."""
 
     kind: Literal[TaskKind.EDIT] = TaskKind.EDIT
     images: list[MediaRef] = Field(min_length=1)
@@ -171,6 +191,9 @@ class EditRequest(RequestBase, ImageOutputFields):
 class TextToVideoRequest(RequestBase, VideoOutputFields):
     kind: Literal[TaskKind.TEXT_TO_VIDEO] = TaskKind.TEXT_TO_VIDEO
     frames: int | None = Field(default=None, ge=1, le=10_000, strict=True)
+    # A two-expert model's (Wan2.2-A14B) guidance for its low-noise expert; ``guidance_scale``
+    # is then the high-noise expert's. Refused for other models.
+    guidance_scale_2: float | None = Field(default=None, ge=0.0, le=30.0, strict=True)
 
 
 class ImageToVideoRequest(TextToVideoRequest):
@@ -252,6 +275,16 @@ def parse_request(
 
     spec = _resolve_model(data)
     kind = _resolve_kind(data, spec)
+    if not spec.released:
+        raise InvalidRequest(
+            [
+                FieldError(
+                    "model",
+                    f"{spec.key} has not been released yet: it is listed so callers can plan, "
+                    "and is served once its makers publish it",
+                )
+            ]
+        )
     if not spec.served:
         raise InvalidRequest(
             [FieldError("model", f"{spec.key} is in the catalog but not served yet: no worker runs it")]
@@ -319,8 +352,17 @@ def _with_defaults(request: RequestBase, spec: ModelSpec) -> RequestBase:
     # Animate without a count follows its driving video (the worker knows its length).
     if isinstance(request, TextToVideoRequest) and spec.video is not None:
         update["frames"] = request.frames or spec.video.default_frames
+    if isinstance(request, TextToVideoRequest) and spec.boundary_ratio is not None:
+        guidance_2 = variant.guidance if variant else spec.default_guidance_2
+        update["guidance_scale_2"] = (
+            guidance_2 if request.guidance_scale_2 is None else request.guidance_scale_2
+        )
     if isinstance(request, ImageOutputFields) and request.output_quality is None:
         update["output_quality"] = IMAGE_QUALITY_DEFAULTS.get(request.output_format)
+    if isinstance(request, GuidanceOptions) and spec.cfg_options:
+        update |= {
+            name: value for name, value in GUIDANCE_OPTION_DEFAULTS.items() if getattr(request, name) is None
+        }
     return request.model_copy(update=update)
 
 
@@ -334,6 +376,11 @@ def _check_outputs(request: RequestBase, spec: ModelSpec, max_num_outputs: int) 
             errors.append(
                 FieldError("output_quality", "png is lossless: give a quality only with webp or jpeg")
             )
+    if isinstance(request, GuidanceOptions) and not spec.cfg_options:
+        takers = ", ".join(key for key, other in CATALOG.items() if other.cfg_options and other.served)
+        for name in GUIDANCE_OPTION_DEFAULTS:
+            if getattr(request, name) is not None:
+                errors.append(FieldError(name, f"{spec.key} does not take {name}; models that do: {takers}"))
     if request.cache is not None and request.cache.method not in spec.cache_methods:
         supported = ", ".join(spec.cache_methods) or "none"
         errors.append(
@@ -359,7 +406,35 @@ def _check_variant_and_loras(request: RequestBase, spec: ModelSpec, max_loras: i
             errors.append(
                 FieldError("loras", f"at most {max_loras} LoRAs a request (got {len(request.loras)})")
             )
+        if spec.boundary_ratio is None:
+            for i, lora in enumerate(request.loras):
+                if lora.expert != "both":
+                    errors.append(
+                        FieldError(
+                            f"loras.{i}.expert",
+                            f"{spec.key} has one transformer: expert {lora.expert!r} is for the "
+                            f"two-expert models ({_two_expert_models()})",
+                        )
+                    )
+    if getattr(request, "guidance_scale_2", None) is not None and spec.boundary_ratio is None:
+        errors.append(
+            FieldError("guidance_scale_2", f"{spec.key} has one transformer: give only guidance_scale")
+        )
+    elif getattr(request, "guidance_scale_2", None) is not None and request.guidance_scale_2 > 1.0 >= (
+        request.guidance_scale
+    ):
+        # The pipelines run classifier-free guidance for both experts or for neither, by
+        # ``guidance_scale``: a low-noise guidance alone would silently not apply.
+        errors.append(
+            FieldError(
+                "guidance_scale_2", "guidance above 1 for the low-noise expert needs guidance_scale above 1"
+            )
+        )
     return errors
+
+
+def _two_expert_models() -> str:
+    return ", ".join(key for key, spec in CATALOG.items() if spec.boundary_ratio is not None)
 
 
 def _check_limits(request: RequestBase, spec: ModelSpec, limits: RequestLimits) -> list[FieldError]:

@@ -143,8 +143,13 @@ class Settings(BaseSettings):
     model_root: Path | None = None
     weights: dict[str, str] = Field(default_factory=dict)
     # A node-local copy of weights (NVMe): `<weights_cache_dir>/<model key>`, when that directory
-    # exists, is read instead of any of the above.
+    # exists, is read instead of any of the above. A worker with one fills it from the object
+    # store before loading a model mirrored there (`python -m worker.weights mirror`): ranged
+    # reads of weights_fill_chunk_bytes, weights_fill_threads at once, each file checked against
+    # the mirror's manifest.
     weights_cache_dir: Path | None = None
+    weights_fill_chunk_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    weights_fill_threads: int = Field(default=16, ge=1, le=256)
     device: str = "auto"  # "auto" picks cuda when present
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

@@ -86,6 +86,31 @@ def jobs(client: Client) -> list[dict]:
         kind: client.upload(clip((64, 64), 9, anim.fps, kind)) for kind in ("pose", "face", "bg", "mask")
     }
     return [
+        {
+            "model": "z-image",
+            "prompt": "a red fox in the snow",
+            "negative_prompt": "blurry, low quality",
+            "guidance_scale": 4.0,
+            "cfg_truncation": 0.9,
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+        },
+        {
+            "model": "z-image-omni-base",
+            "kind": "text-to-image",
+            "prompt": "a red fox in the snow",
+            "width": 64,
+            "height": 64,
+            "steps": 2,
+        },
+        {
+            "model": "z-image-omni-base",
+            "kind": "edit",
+            "prompt": "the person stands in the scene",
+            "images": [person, scene],
+            "steps": 2,
+        },
         {"model": "qwen-image", "prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2},
         {"model": "qwen-image-edit", "prompt": "make the person wear a hat", "images": [person], "steps": 2},
         {
@@ -112,6 +137,23 @@ def jobs(client: Client) -> list[dict]:
             "height": 64,
             "frames": 9,
             "steps": 2,
+        },
+        {
+            "model": "wan2.2-t2v-a14b",
+            "prompt": "waves on a beach",
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 4,
+        },
+        {
+            "model": "wan2.2-i2v-a14b",
+            "prompt": "the person waves",
+            "image": person,
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "steps": 4,
         },
         {
             "model": "wan2.2-animate-14b",
@@ -157,10 +199,10 @@ def cli_job(settings: Settings) -> str:
     command = [
         sys.executable, "-m", "producer", "submit", "z-image-turbo",
         "--prompt", "a lighthouse on a cliff at dusk, oil painting",
-        "--width", "512", "--height", "384", "--steps", "9", "--seed", "42", "--wait", "--timeout", "300",
+        "--width", "512", "--height", "384", "--steps", "8", "--seed", "42", "--wait", "--timeout", "300",
     ]  # fmt: skip
     print(
-        "$ python -m producer submit z-image-turbo --prompt '...' --width 512 --height 384 --steps 9 --wait"
+        "$ python -m producer submit z-image-turbo --prompt '...' --width 512 --height 384 --steps 8 --wait"
     )
     done = subprocess.run(command, cwd=ROOT, env=settings_env(settings), stdout=subprocess.PIPE, text=True)
     print(done.stdout, end="")

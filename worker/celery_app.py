@@ -85,15 +85,18 @@ def get_runner() -> JobRunner:
     if _runner is None:
         from worker.adapters import load_adapter
         from worker.adapters.base import Runtime
+        from worker.weights import local_weights
 
         store = _store()
+        storage = _storage()
         name = liveness.process_name(vram_class)
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
         def load(spec: Any, placement: Any) -> Any:
             from worker.speed import prepare
 
-            weights = settings.weights_for(spec.key, spec.hub_id)
+            # Filled from the object store into the node cache first, when the worker has one.
+            weights = local_weights(settings, spec, storage)
             adapter = load_adapter(spec, weights, runtime.placed(placement), settings.adapters)
             if spec.key not in settings.adapters:  # adapters of one's own run base jobs only
                 prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
@@ -120,7 +123,7 @@ def get_runner() -> JobRunner:
         queues = consumed_queues(vram_class)
         _runner = JobRunner(
             store,
-            _storage(),
+            storage,
             pool,
             name,
             max_attempts=settings.max_attempts,

@@ -98,31 +98,38 @@ def target_modules(transformer: torch.nn.Module, pattern: str) -> dict[str, torc
 class LoraSlot:
     """The request LoRA slot of one pipeline (see the module docstring)."""
 
-    def __init__(self, pipe: Any, pattern: str, rank: int):
+    def __init__(self, pipe: Any, pattern: str, rank: int, component: str = "transformer"):
         import torch
 
         self.pipe = pipe
         self.rank = rank
-        self.modules = target_modules(pipe.transformer, pattern)
+        # The pipeline's transformer the slot is on: ``transformer``, or ``transformer_2`` (a
+        # two-expert model's low-noise expert, loaded through the same pipeline call).
+        self.component = component
+        self.transformer = getattr(pipe, component)
+        self._load = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+        self.modules = target_modules(self.transformer, pattern)
         if not self.modules:
-            raise ValueError(f"no layer of {type(pipe.transformer).__name__} matches the LoRA pattern")
+            raise ValueError(f"no layer of {type(self.transformer).__name__} matches the LoRA pattern")
         # Loaded variants: their LoRA's converted tensors, on the device, and scale.
         self.variants: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
         # Before the first adapter: pads every later one to ``rank`` and turns the scalings into
         # tensors, so neither a rank nor a scale is ever a constant a compiled graph depends on.
-        pipe.enable_lora_hotswap(target_rank=rank)
+        # On the transformer itself: the pipeline's call would reach a second transformer that
+        # already has its slot, and refuse.
+        self.transformer.enable_lora_hotswap(target_rank=rank)
         zeros = {}
         for name, module in self.modules.items():
             zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, module.in_features)
             zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
-        pipe.load_lora_weights(zeros, adapter_name=SLOT)
+        pipe.load_lora_weights(zeros, adapter_name=SLOT, **self._load)
         self._measure()
 
     def _measure(self) -> None:
         # Memory the LoRA adapters take on the transformer (the slot and any variant), measured
         # when they change rather than on every read: the heartbeat reads it.
         slot = sum(
-            p.numel() * p.element_size() for n, p in self.pipe.transformer.named_parameters() if "lora_" in n
+            p.numel() * p.element_size() for n, p in self.transformer.named_parameters() if "lora_" in n
         )
         variants = sum(
             t.numel() * t.element_size() for state, _ in self.variants.values() for t in state.values()
@@ -131,14 +138,14 @@ class LoraSlot:
 
     def add_variant(self, name: str, path: str, scale: float) -> None:
         """Read and convert a variant's LoRA once; it stays on the device for its jobs."""
-        device = next(self.pipe.transformer.parameters()).device
+        device = next(self.transformer.parameters()).device
         state = self._state(path)
         self.variants[name] = ({key: value.to(device) for key, value in state.items()}, scale)
         self._measure()
 
     def apply(self, loras: list[tuple[str | dict[str, torch.Tensor], float]]) -> None:
         """Hotswap the merged ``(file or loaded LoRA, scale)`` list into the slot."""
-        self.pipe.load_lora_weights(self.merged(loras), adapter_name=SLOT, hotswap=True)
+        self.pipe.load_lora_weights(self.merged(loras), adapter_name=SLOT, hotswap=True, **self._load)
 
     def _state(self, path: str) -> dict[str, torch.Tensor]:
         state = self.pipe.lora_state_dict(path)
@@ -187,6 +194,6 @@ class LoraSlot:
         import torch
 
         with torch.no_grad():
-            for name, param in self.pipe.transformer.named_parameters():
+            for name, param in self.transformer.named_parameters():
                 if f".{SLOT}." in name:
                     param.zero_()

@@ -259,6 +259,7 @@ class JobRunner:
             try:
                 with job_context(checkout.adapter, request, self.storage, timings):
                     generated = checkout.adapter.run(request, inputs, on_step)
+                timings.update(getattr(generated, "timings", {}))
             finally:
                 self.busy.pipeline(time.perf_counter() - t0)
             timings["inference_s"] = round(time.perf_counter() - t0, 4)

@@ -52,11 +52,14 @@ class Speed:
     settings: Settings | None = None
     warmed: list[tuple[int, int, int]] = field(default_factory=list)
     warm_s: float = 0.0
+    # A two-expert model's second slot, on ``transformer_2`` (the low-noise expert); ``slot`` is
+    # then the high-noise expert's.
+    slot_2: LoraSlot | None = None
 
     @property
     def extra_bytes(self) -> int:
-        """Memory beyond the catalog footprint: the LoRA slot and loaded variants."""
-        return self.slot.nbytes if self.slot is not None else 0
+        """Memory beyond the catalog footprint: the LoRA slots and loaded variants."""
+        return sum(slot.nbytes for slot in (self.slot, self.slot_2) if slot is not None)
 
     def timings(self) -> dict[str, float]:
         return {"compile_regional": float(self.compiled), f"attention_{self.attention}": 1.0}
@@ -73,41 +76,58 @@ class Speed:
             yield
             return
         t0 = time.perf_counter()
-        # A variant's LoRA (kept on the device) takes the slot's first rows, the request's the rest.
-        entries: list[tuple[Any, float]] = []
+        # Per slot, a variant's LoRA (kept on the device) takes the first rows, the request's the rest.
+        slots = {"high": self.slot, "low": self.slot_2} if self.slot_2 is not None else {"both": self.slot}
+        entries: dict[str, list[tuple[Any, float]]] = {expert: [] for expert in slots}
         if request.variant:
-            entries.append(self.slot.variants[self._variant(request.variant, timings)])
+            loaded = self._variant(request.variant, timings)
+            for expert, slot in slots.items():
+                entries[expert].append(slot.variants[loaded])
         if loras:
             hits, misses = self.cache.hits, self.cache.misses
-            entries += [(str(self.cache.path(lora.source, storage)), lora.scale) for lora in loras]
+            for lora in loras:
+                path = str(self.cache.path(lora.source, storage))
+                for expert in slots:
+                    if lora.expert in ("both", expert):
+                        entries[expert].append((path, lora.scale))
             timings["lora_cache_hits"] = float(self.cache.hits - hits)
             timings["lora_cache_misses"] = float(self.cache.misses - misses)
         try:
             # Inside the try: a hotswap that fails part-way may have written some of the slot.
-            if entries:
-                self.slot.apply(entries)
+            for expert, slot in slots.items():
+                if entries[expert]:
+                    slot.apply(entries[expert])
             timings["lora_s"] = round(time.perf_counter() - t0, 4)
             yield
         finally:
-            if entries:
-                self.slot.clear()
+            for expert, slot in slots.items():
+                if entries[expert]:
+                    slot.clear()
             timings["compiled_graphs"] = float(_compiled_graphs() - graphs_before)
 
     def _variant(self, name: str, timings: dict[str, float]) -> str:
+        """Load variant ``name``'s LoRA into the slot once (a two-expert model: each expert's
+        file into its own slot); returns the name the slots keep it under."""
         adapter_name = f"variant-{name}"
         if adapter_name not in self.slot.variants:
             from routing.catalog import get_model
 
             variant = get_model(self.model).variants[name]
             t0 = time.perf_counter()
-            source = self.settings.variant_weights.get(f"{self.model}:{name}") if self.settings else None
-            if source is None:
-                from huggingface_hub import hf_hub_download
+            files = [(self.slot, variant.lora_file, f"{self.model}:{name}")]
+            if self.slot_2 is not None:
+                if variant.lora_file_2 is None:
+                    raise ValueError(f"variant {name} of {self.model} has no LoRA for the low-noise expert")
+                files.append((self.slot_2, variant.lora_file_2, f"{self.model}:{name}:low"))
+            for slot, hub_file, setting in files:
+                source = self.settings.variant_weights.get(setting) if self.settings else None
+                if source is None:
+                    from huggingface_hub import hf_hub_download
 
-                source = hf_hub_download(variant.lora_repo, variant.lora_file)
-            self.slot.add_variant(adapter_name, source, variant.lora_scale)
+                    source = hf_hub_download(variant.lora_repo, hub_file)
+                slot.add_variant(adapter_name, source, variant.lora_scale)
+                log.info("%s: variant %s loaded into %s from %s", self.model, name, slot.component, source)
             timings["variant_load_s"] = round(time.perf_counter() - t0, 4)
-            log.info("%s: variant %s loaded from %s", self.model, name, source)
         return adapter_name
 
 
@@ -132,18 +152,26 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
     device = adapter.runtime.device
     profile = profile_for(spec, vram_class, settings, device)
     # 1. The LoRA slot, before anything is compiled.
-    slot = None
+    slot = slot_2 = None
+    # A two-expert model's second transformer takes everything the first does.
+    second = getattr(pipe, "transformer_2", None) if pipe is not None else None
     if can.loras and spec.lora_modules is not None and settings.max_loras > 0:
         # Room for the request's LoRAs, and for a variant's where the model has variants.
         rank = settings.lora_max_rank + (settings.variant_lora_rank if spec.variants else 0)
         slot = LoraSlot(pipe, spec.lora_modules, rank)
+        if second is not None:
+            slot_2 = LoraSlot(pipe, spec.lora_modules, rank, component="transformer_2")
     transformer = pipe.transformer if can.compile else None
     # 2. Attention.
     attention = _set_attention(transformer, profile, settings.attention_backend, device)
+    if transformer is not None and second is not None:
+        _set_attention(second, profile, attention, device)
     # 3. Regional compilation of the transformer's repeated blocks.
     compiled = bool(profile.compile and transformer is not None)
     if compiled:
         transformer.compile_repeated_blocks(fullgraph=True)
+        if second is not None:
+            second.compile_repeated_blocks(fullgraph=True)
     speed = Speed(
         spec.key,
         compiled,
@@ -151,6 +179,7 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         slot=slot,
         cache=LoraCache(Path(settings.lora_cache_dir), settings.lora_cache_bytes) if slot else None,
         settings=settings,
+        slot_2=slot_2,
     )
     # 4. Warm-up at the class's common sizes, so no job pays a compile.
     if compiled and can.warm_up:
@@ -165,7 +194,9 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         spec.key,
         "regional compile" if compiled else "eager",
         attention,
-        f"rank {slot.rank} ({slot.nbytes / 2**20:.1f} MiB)" if slot else "none",
+        f"rank {slot.rank} ({speed.extra_bytes / 2**20:.1f} MiB{', two experts' if slot_2 else ''})"
+        if slot
+        else "none",
         ", ".join("x".join(str(n) for n in size if n) for size in speed.warmed) or "nothing",
         speed.warm_s,
     )

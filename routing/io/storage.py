@@ -65,6 +65,7 @@ class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
     def put_file(self, key: str, file: BinaryIO, content_type: str) -> StoredObject: ...
     def get(self, key: str) -> bytes: ...
+    def get_range(self, key: str, offset: int, length: int) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def touch(self, key: str) -> bool: ...
     def url(self, key: str, expires_s: int | None = None) -> str: ...
@@ -100,6 +101,11 @@ def _check_key(key: str) -> str:
     if any(not part or part.startswith(".") for part in key.split("/")):
         raise ValueError(f"invalid storage key {key!r}")
     return key
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 1:
+        raise ValueError(f"a range needs offset >= 0 and length >= 1, got {offset}, {length}")
 
 
 def _stored(key: str, data: bytes, content_type: str) -> StoredObject:
@@ -167,6 +173,18 @@ class LocalStorage:
         path = self._path(key)
         try:
             return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StorageError(f"reading {key!r}: {e}") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``key`` from ``offset`` (fewer at its end)."""
+        _check_range(offset, length)
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return os.pread(f.fileno(), length, offset)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
         except OSError as e:
@@ -293,6 +311,20 @@ class S3Storage:
         except _BOTO_ERRORS as e:
             # NoSuchBucket stays a plain StorageError: a misconfigured bucket must not read
             # as "this output was never written".
+            if _error_code(e) in _NO_KEY:
+                raise ObjectNotFound(key) from None
+            raise StorageError(f"reading {key!r}: {e}") from e
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``key`` from ``offset`` (fewer at its end): one ranged GET."""
+        _check_key(key)
+        _check_range(offset, length)
+        try:
+            answer = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            return answer["Body"].read()
+        except _BOTO_ERRORS as e:
             if _error_code(e) in _NO_KEY:
                 raise ObjectNotFound(key) from None
             raise StorageError(f"reading {key!r}: {e}") from e

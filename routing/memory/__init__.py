@@ -18,7 +18,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from routing.classes import VramClass
-from routing.memory.model import CARDS, WORKER_MODES, Card, Mode, Placement, Prediction, Work, has_data
+from routing.memory.model import (
+    CARDS,
+    WORKER_MODES,
+    Card,
+    Mode,
+    Placement,
+    Prediction,
+    Work,
+    has_data,
+    has_experts,
+)
 from routing.memory.model import predict as _predict
 from routing.memory.model import weights_gib as _weights_gib
 
@@ -28,6 +38,8 @@ if TYPE_CHECKING:
 # Guidance turns a second pass on above this scale (Z-Image: any scale above 0; the others run
 # their passes one after another, so their peak does not depend on it).
 _GUIDANCE_ON_ABOVE = 0.0
+# TaskKind.TEXT_TO_IMAGE (routing.catalog imports this module, so not from there).
+_TEXT_TO_IMAGE = "text-to-image"
 # An edit without a size makes about one megapixel (the pipelines' default).
 _EDIT_DEFAULT_SIDE = 1024
 
@@ -118,21 +130,27 @@ class Largest:
         if self.work is None:
             return "none"
         w = self.work
-        return f"{w.width}x{w.height}" + (f"x{w.frames}" if w.frames else "")
+        images = (
+            f", {w.input_images} input image{'s' if w.input_images > 1 else ''}" if w.input_images else ""
+        )
+        return f"{w.width}x{w.height}" + (f"x{w.frames}" if w.frames else "") + images
 
 
 def largest_request(spec: ModelSpec, vram_class: VramClass, margin_gib: float | None = None) -> Largest:
     """The largest request of the model's limits the class takes, at the default guidance and
-    the most input images: for an image model the largest square (at most the pixel limit), for
-    a video model the most frames at its default size (then a smaller size if none fit)."""
+    the most input images that fit at any size: for an image model the largest square (at most
+    the pixel limit), for a video model the most frames at its default size (then a smaller size
+    if none fit)."""
     size = spec.size
     guidance = spec.default_guidance > _GUIDANCE_ON_ABOVE
-    images = spec.max_input_images if spec.video is None else 0
     if spec.video is None:
-        for side in _sides(spec, size.max_side):
-            work = Work(side, side, 0, guidance, images)
-            if fits(spec, vram_class, work, margin_gib):
-                return Largest(work)
+        # An edit-only model takes at least one image; a model that also generates, none.
+        fewest = 0 if _TEXT_TO_IMAGE in spec.task_kinds or not spec.max_input_images else 1
+        for images in range(spec.max_input_images, fewest - 1, -1):
+            for side in _sides(spec, size.max_side):
+                work = Work(side, side, 0, guidance, images)
+                if fits(spec, vram_class, work, margin_gib):
+                    return Largest(work)
         return Largest(None)
     # The largest size the model makes (S2V: from its fixed list).
     width, height = max(
@@ -244,6 +262,8 @@ def modes_table(specs: list[ModelSpec]) -> Iterator[ModeRow]:
         )
         sharded = any(p.mode is Mode.SHARDED for p in spec.placements.values())
         modes = [Mode.SHARDED] if sharded else [m for m in Mode if m is not Mode.SHARDED]
+        if not has_experts(spec.key):
+            modes = [m for m in modes if m is not Mode.EXPERT_OFFLOAD]
         for mode in modes:
             for tiling in (False, True) if mode is Mode.MODEL_OFFLOAD else (False,):
                 where = Placement(mode, vae_tiling=tiling)

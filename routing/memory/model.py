@@ -29,7 +29,9 @@ from routing.classes import VramClass
 HERE = Path(__file__).resolve().parent
 GIB = 2**30
 
-ENCODERS = ("text_encoder", "image_encoder", "audio_encoder")
+ENCODERS = ("text_encoder", "image_encoder", "audio_encoder", "siglip")
+# Wan2.2-A14B's second expert: the low-noise one, denoising after the boundary timestep.
+SECOND_EXPERT = "transformer_2"
 # Bytes a decoded video takes per value while the pipeline turns it into frames: the VAE's
 # bf16 output and a float32 copy (estimate).
 DECODED_BYTES_PER_VALUE = 6
@@ -44,11 +46,15 @@ class Mode(StrEnum):
     GROUP_OFFLOAD = "group-offload"  # diffusers group offload, block level, prefetched on a CUDA stream
     FP8 = "fp8"  # resident, the transformer's linear weights in FP8 (torchao); needs an FP8 card
     SHARDED = "sharded"  # FSDP + Ulysses over the worker's GPUs (the torchrun group), per rank
+    # Two-expert models (Wan2.2-A14B): the VAE and the running expert stay on the GPU, the idle
+    # expert waits in host memory and the encoders come on only while encoding.
+    EXPERT_OFFLOAD = "expert-offload"
 
 
-# Modes the fleet's workers apply today (worker.adapters.base.Runtime.place, worker.group);
-# the others have footprints here so an operator can weigh them, but no catalog entry uses them.
-WORKER_MODES = frozenset({Mode.RESIDENT, Mode.MODEL_OFFLOAD, Mode.SHARDED})
+# Modes the fleet's workers apply today (worker.adapters.base.Runtime.place, worker.group, and for
+# expert offload worker.adapters.wan.ExpertPlacement); the others have footprints here so an
+# operator can weigh them, but no catalog entry uses them.
+WORKER_MODES = frozenset({Mode.RESIDENT, Mode.MODEL_OFFLOAD, Mode.SHARDED, Mode.EXPERT_OFFLOAD})
 
 
 @dataclass(frozen=True)
@@ -126,11 +132,13 @@ def weights_gib(model: str, mode: Mode = Mode.RESIDENT, ranks: int = 1) -> float
     if mode is Mode.RESIDENT:
         return _sum(parts) / GIB
     if mode is Mode.FP8:
-        return (_sum(parts) - parts["transformer"]["linear_weight_bytes"] / 2) / GIB
+        return (_sum(parts) - _fp8_saved(parts)) / GIB
     if mode is Mode.TEXT_ENCODER_OFFLOAD:
         return _sum({k: v for k, v in parts.items() if k not in ENCODERS}) / GIB
     if mode is Mode.SHARDED:
         return _sharded_bytes(parts, ranks) / GIB
+    if mode is Mode.EXPERT_OFFLOAD:
+        return _sum(_one_expert({k: v for k, v in parts.items() if k not in ENCODERS})) / GIB
     return 0.0  # model and group offload keep the weights in host memory
 
 
@@ -146,7 +154,12 @@ def predict(model: str, placement: Placement, work: Work, ranks: int = 1) -> Pre
     phase, on_gpu, act = max(phases, key=lambda p: p[1] + p[2])
     # Measured: the phase's coefficient was, and the mode holds exactly counted weights during
     # it (block groups, FSDP shards and FP8 compute are reasoned, not measured).
-    exact = placement.mode in (Mode.RESIDENT, Mode.TEXT_ENCODER_OFFLOAD, Mode.MODEL_OFFLOAD)
+    exact = placement.mode in (
+        Mode.RESIDENT,
+        Mode.TEXT_ENCODER_OFFLOAD,
+        Mode.MODEL_OFFLOAD,
+        Mode.EXPERT_OFFLOAD,
+    )
     measured = exact and data["encode_gib" if phase == "encode" else phase]["basis"] == "measured"
     return Prediction(round(on_gpu + act, 2), phase, measured, round(on_gpu, 2))
 
@@ -190,10 +203,29 @@ def _on_gpu(parts: dict[str, dict[str, int]], mode: Mode, phase: str, ranks: int
         kept = parts if phase == "encode" else {k: v for k, v in parts.items() if k not in ENCODERS}
         return _sum(kept) / GIB
     if mode is Mode.FP8:
-        return (_sum(parts) - parts["transformer"]["linear_weight_bytes"] / 2) / GIB
+        return (_sum(parts) - _fp8_saved(parts)) / GIB
     if mode is Mode.SHARDED:
         return _sharded_bytes(parts, ranks) / GIB
+    if mode is Mode.EXPERT_OFFLOAD:
+        # The running expert and the VAE stay; the encoders join them for the encode phase.
+        kept = parts if phase == "encode" else {k: v for k, v in parts.items() if k not in ENCODERS}
+        return _sum(_one_expert(kept)) / GIB
     return _sum(parts) / GIB
+
+
+def _fp8_saved(parts: dict[str, dict[str, int]]) -> float:
+    """Bytes FP8 saves: half of every transformer's (each expert's) linear weights."""
+    return sum(parts[k]["linear_weight_bytes"] / 2 for k in ("transformer", SECOND_EXPERT) if k in parts)
+
+
+def has_experts(model: str) -> bool:
+    """The model has two experts (expert offload applies to it)."""
+    return SECOND_EXPERT in weights()[model]
+
+
+def _one_expert(parts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """``parts`` with only one expert: the two are the same size, so which one does not matter."""
+    return {k: v for k, v in parts.items() if k != SECOND_EXPERT}
 
 
 def _group_bytes(part: dict[str, int]) -> int:

@@ -9,8 +9,11 @@ from pathlib import Path
 from routing.catalog import get_model
 
 
-def build_lora(model_dir: Path, model_key: str, out: Path, rank: int = 4, seed: int = 0) -> Path:
-    """Write a rank-``rank`` LoRA for the small ``model_key`` at ``model_dir`` to ``out``."""
+def build_lora(
+    model_dir: Path, model_key: str, out: Path, rank: int = 4, seed: int = 0, subfolder: str = "transformer"
+) -> Path:
+    """Write a rank-``rank`` LoRA for the small ``model_key`` at ``model_dir`` to ``out``, for its
+    ``subfolder`` transformer (``transformer_2``: a two-expert model's low-noise expert)."""
     import torch
     from diffusers import AutoModel
     from peft import LoraConfig
@@ -18,7 +21,7 @@ def build_lora(model_dir: Path, model_key: str, out: Path, rank: int = 4, seed: 
     from safetensors.torch import save_file
 
     spec = get_model(model_key)
-    transformer = AutoModel.from_pretrained(str(model_dir), subfolder="transformer")
+    transformer = AutoModel.from_pretrained(str(model_dir), subfolder=subfolder)
     torch.manual_seed(seed)
     # Not peft's default zero B: a LoRA that does nothing would prove nothing.
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=spec.lora_modules, init_lora_weights=False)

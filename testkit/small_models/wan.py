@@ -1,7 +1,10 @@
-"""Small Wan2.2 TI2V-5B and Animate-14B.
+"""Small Wan2.2 TI2V-5B, T2V-A14B, I2V-A14B and Animate-14B.
 
 Layouts follow the hub repos Wan-AI/Wan2.2-TI2V-5B-Diffusers (a ``WanPipeline`` with
-``expand_timesteps=True``, which ``WanImageToVideoPipeline`` also loads) and
+``expand_timesteps=True``, which ``WanImageToVideoPipeline`` also loads),
+Wan-AI/Wan2.2-T2V-A14B-Diffusers and Wan-AI/Wan2.2-I2V-A14B-Diffusers (two transformers,
+``transformer`` for high noise and ``transformer_2`` for low noise, and the ``boundary_ratio``
+between them in model_index.json; the I2V one without an image encoder) and
 Wan-AI/Wan2.2-Animate-14B-Diffusers (a ``WanAnimatePipeline``). Layer sizes come from diffusers'
 own fast pipeline tests. The config keys that decide what the pipelines accept match the real
 models (latent channels, spatial and temporal compression, patch size, ``expand_timesteps``), except
@@ -183,6 +186,82 @@ def build_wan22_ti2v_5b(out: Path) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
+def _wan21_vae() -> AutoencoderKLWan:
+    """The Wan2.1 VAE the 14B models use (plain, no pixel patches): 8x spatially, 4x in time."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=4,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    _measure_latent_stats(vae)
+    return vae
+
+
+def _a14b_expert(in_channels: int, seed: int) -> torch.nn.Module:
+    """One tiny A14B expert; each expert its own seed, so the two differ as the real ones do."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=in_channels,
+        out_channels=16,
+        text_dim=_TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+    )
+    _sharpen_cross_attention(transformer)
+    return transformer
+
+
+def build_wan22_t2v_a14b(out: Path) -> None:
+    """Tiny Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts over 16-channel latents, boundary 0.875."""
+    from diffusers import WanPipeline
+
+    tokenizer = t5_tokenizer()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_umt5_encoder(tokenizer),
+        vae=_wan21_vae(),
+        scheduler=_flow_unipc(),
+        transformer=_a14b_expert(16, seed=1),
+        transformer_2=_a14b_expert(16, seed=2),
+        boundary_ratio=0.875,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def build_wan22_i2v_a14b(out: Path) -> None:
+    """Tiny Wan-AI/Wan2.2-I2V-A14B-Diffusers: two experts taking the noise latents with the image's
+    (16 + 4 mask + 16 = 36 channels), no image encoder, boundary 0.9."""
+    from diffusers import WanImageToVideoPipeline
+
+    tokenizer = t5_tokenizer()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_umt5_encoder(tokenizer),
+        vae=_wan21_vae(),
+        scheduler=_flow_unipc(),
+        transformer=_a14b_expert(36, seed=1),
+        transformer_2=_a14b_expert(36, seed=2),
+        boundary_ratio=0.9,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
 def build_wan22_animate_14b(out: Path) -> None:
     """Tiny Wan-AI/Wan2.2-Animate-14B-Diffusers: Wan2.1 VAE (16 channels, 8x), CLIP image tower."""
     import torch
@@ -284,5 +363,7 @@ def _record_class(out: Path, component: str, class_name: str) -> None:
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "wan2.2-ti2v-5b": build_wan22_ti2v_5b,
+    "wan2.2-t2v-a14b": build_wan22_t2v_a14b,
+    "wan2.2-i2v-a14b": build_wan22_i2v_a14b,
     "wan2.2-animate-14b": build_wan22_animate_14b,
 }

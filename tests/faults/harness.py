@@ -160,6 +160,21 @@ def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: 
         time.sleep(every_s)
 
 
+def broker_idle(client: redis.Redis, queues: tuple[str, ...] = ("gpu16",), unacked: str = "unacked") -> bool:
+    """No message waits in ``queues`` and none is held unacknowledged. Messages are acknowledged
+    late (after their task ends), so every message taken so far has run to its end: what a test
+    waits for before asserting that something did not happen (a second run, a redelivery)."""
+    return not any(client.llen(queue) for queue in queues) and client.hlen(unacked) == 0
+
+
+def wait_broker_idle(client: redis.Redis, timeout_s: float = 30, **where: object) -> None:
+    wait_for(
+        lambda: broker_idle(client, **where),
+        timeout_s,
+        "broker idle (queues drained, nothing unacknowledged)",
+    )
+
+
 def log_count(worker: ServiceProcess, text: str) -> int:
     return worker.log().count(text)
 

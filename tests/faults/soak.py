@@ -406,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         store_put_s=args.store_put_s,
     )
+    # The full run stands for kills that land mid-job and mid-store: one where none did proves
+    # neither, whatever its ledger says.
+    if not figures.kills_mid_job or not figures.kills_overlapped:
+        figures.problems.append("no kill landed while a job ran, or none while one was stored")
     print("\n".join(figures.lines()))
     return 0 if figures.ok else 1
 

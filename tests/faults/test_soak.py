@@ -19,7 +19,13 @@ def test_soak_60_jobs_under_repeated_worker_kills(tmp_path):
     print("\n".join(figures.lines()))
 
     assert not figures.timed_out
-    assert figures.kills >= 3  # it did kill workers, several times, while they ran jobs
+    # The kills landed while jobs ran, and the fleet saw them: jobs ran again. (A killer that fired
+    # only at idle or starting workers would pass every ledger check below.) Kills that land
+    # while one job is stored and the next generated are too few in 60 jobs to count on (1 of 51
+    # kills in a run on a loaded machine): the full soak (`make soak`) fails without one.
+    assert figures.kills >= 3
+    assert figures.kills_mid_job >= 2, figures.lines()
+    assert sum(n for attempts, n in figures.attempts.items() if attempts > 1) >= 1, figures.attempts
     assert figures.ok, figures.problems
     # Every job finished: succeeded, or dead-lettered after max_attempts deaths (none expected
     # from kills this far apart, but allowed: the figures say how many).

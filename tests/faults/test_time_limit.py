@@ -10,14 +10,12 @@ can take most of a second on a small CPU); the hard test with max_run_s 3 (soft 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
-from tests.faults.harness import event_types, small_request, wait_log, wait_warm
+from tests.faults.harness import event_types, small_request, wait_broker_idle, wait_log, wait_warm
 
 # alone: the limits are measured in seconds of wall time (tests/parallel.py).
 pytestmark = [pytest.mark.integration, pytest.mark.alone]
@@ -32,8 +30,11 @@ def _limited_worker(start_worker, fleet_settings, max_run_s: int):
     return worker
 
 
-def _not_redelivered(client: Client, job_id: str, seconds: float) -> None:
-    time.sleep(seconds)
+def _not_redelivered(client: Client, job_id: str) -> None:
+    """Called once the job has failed and a later job has run: every copy of its message that
+    was ever queued (before the later job, which the worker takes after it) has been taken and
+    run to its end; the reaper hands back running jobs only, and this one is failed."""
+    wait_broker_idle(client.store.client)
     record = client.get(job_id)
     assert record.status is JobStatus.FAILED and record.attempt == 1
     assert event_types(client.store, job_id) == ["job.queued", "job.started", "job.failed"]
@@ -56,7 +57,7 @@ def test_soft_time_limit_fails_the_job_without_redelivery(client: Client, start_
     # The worker lives on: its next job runs.
     nxt = client.submit(small_request("next")).wait(timeout_s=60)
     assert nxt.status is JobStatus.SUCCEEDED, nxt.error
-    _not_redelivered(client, job.id, 1)
+    _not_redelivered(client, job.id)
 
 
 def test_hard_time_limit_fails_the_job_without_redelivery(client: Client, start_worker, fleet_settings):
@@ -75,13 +76,16 @@ def test_hard_time_limit_fails_the_job_without_redelivery(client: Client, start_
     assert "fault adapter: soft time limit swallowed" in limited_worker.log()
     wait_log(limited_worker, f"Hard time limit ({HARD_S}s) exceeded")
     assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
-    # Neither the broker (reject on worker lost) nor the reaper (the child is gone) sends it
-    # round again once a new pool child is up and reaping.
+    # The new pool child takes the next job. It must end at its own soft limit if not
+    # succeed: that limit is max(3 - 60, 1) = 1 s, and the first job of a fresh process takes
+    # about that on a loaded 2-core CPU (1.0 s measured, cut at the limit; a second job in the
+    # same child overran it too at a load average of 11). Requiring success would need a hard
+    # limit over 61 s (the soft one is 60 s before it): a minute more of a test nothing runs
+    # beside. What it proves: the worker and its new child live on and run jobs to their end.
     wait_warm(limited_worker, count=2)
-    _not_redelivered(client, job.id, 2 * 2.0)
-    # The new pool child takes the next job. (Its soft limit is 1 s, which the first job of a
-    # fresh process may overrun on a small CPU: it must end, not necessarily succeed.)
     nxt = client.submit(small_request("next")).wait(timeout_s=60)
     assert nxt.attempt == 1 and nxt.worker != record.worker
-    assert nxt.status is JobStatus.SUCCEEDED or nxt.error.exception == "SoftTimeLimitExceeded"
-    assert client.get(job.id).status is JobStatus.FAILED
+    assert nxt.status is JobStatus.SUCCEEDED or nxt.error.exception == "SoftTimeLimitExceeded", nxt.error
+    # Neither the broker (reject on worker lost) nor the reaper (the child is gone) sent the
+    # timed-out job round again.
+    _not_redelivered(client, job.id)

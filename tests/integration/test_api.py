@@ -17,9 +17,13 @@ from PIL import Image
 
 from localfleet.process import ApiProcess
 from routing.io.storage import S3Storage
+from routing.jobs.codecs import encode_label
+from routing.jobs.eta import _EWMA_WEIGHT as EWMA_WEIGHT
 from routing.jobs.keys import Keys
+from routing.jobs.workers import worker_states
 from routing.settings import Settings
 from tests.conftest import _free_port
+from tests.faults.harness import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -163,7 +167,7 @@ def test_in_flight_limit_answers_429_and_queues_nothing(api, redis_client):
     assert redis_client.llen("gpu16") == before
 
 
-def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_worker):
+def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_worker, redis_client):
     start_worker(settings)
     busy = api.post("/v1/jobs", json=SLOW, headers=A).json()["id"]
     deadline = time.monotonic() + 60
@@ -185,9 +189,28 @@ def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_wor
     assert all(j["status"] == "succeeded" for j in finished)
     starts = [j["started_at"] for j in finished]
     assert starts[0] < min(starts[1:])
-    # Measured run times now price the ETA of the next queued job.
-    queued = api.post("/v1/jobs", json=SMALL, headers=A).json()
-    assert queued["eta_s"] is None or queued["eta_s"] >= 0
+    # The worker measured them: the moving average of their runs (less any model load), in the
+    # order they finished, is what prices the next ETAs. (Catches a worker that records nothing,
+    # a constant, or under another model or class.)
+    by_end = sorted(finished, key=lambda j: j["finished_at"])
+    runs = [j["timings"]["run_s"] - j["timings"].get("load_s", 0.0) for j in by_end]
+    average = runs[0]
+    for run_s in runs[1:]:
+        average += EWMA_WEIGHT * (run_s - average)
+    label = encode_label("z-image-turbo", "gpu16")
+    measured = float(redis_client.hget(Keys(settings.key_prefix).durations, label))
+    assert measured == pytest.approx(average, rel=0.01)  # timings are rounded to 0.1 ms
+    # And prices them: with the worker busy, the n-th in line ends after n + 1 of those runs.
+    busy = api.post("/v1/jobs", json=SLOW, headers=A).json()["id"]
+    while api.get(f"/v1/jobs/{busy}", headers=A).json()["status"] != "running":
+        assert time.monotonic() < deadline + 120
+        time.sleep(0.05)
+    line = [api.post("/v1/jobs", json=SMALL | {"seed": i}, headers=A).json() for i in range(3)]
+    assert [(j["queue_position"], j["eta_s"]) for j in line] == [
+        (n, pytest.approx((n + 1) * measured, rel=0.005)) for n in range(3)
+    ]
+    for job_id in [busy, *(j["id"] for j in line)]:
+        api.delete(f"/v1/jobs/{job_id}", headers=A)
 
 
 def test_bad_requests_name_the_field(api, redis_client):
@@ -219,13 +242,19 @@ def test_uploads_models_and_health(api):
     assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
 
 
-def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker):
+def test_metrics_after_a_real_job_show_its_counters(api, settings, start_worker, redis_client):
     from prometheus_client.parser import text_string_to_metric_families
 
     start_worker(settings.model_copy(update={"heartbeat_ttl_s": 2.0}))
     job = poll(api, api.post("/v1/jobs", json=SMALL, headers=A).json()["id"], A)
     assert job["status"] == "succeeded"
-    time.sleep(1)  # one more heartbeat, after the job, with the model resident
+    # One more heartbeat, after the job, with the model resident (every ttl / 3 s).
+    keys = Keys(settings.key_prefix)
+    wait_for(
+        lambda: any(state["at"] > job["finished_at"] for state in worker_states(redis_client, keys).values()),
+        30,
+        "a heartbeat after the job",
+    )
 
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

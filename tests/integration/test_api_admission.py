@@ -24,7 +24,7 @@ from routing.jobs.record import JobStatus
 from routing.jobs.workers import heartbeat
 from routing.settings import Settings
 from tests.conftest import _free_port
-from tests.faults.harness import RedisServer
+from tests.faults.harness import RedisServer, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -152,6 +152,46 @@ def test_listing_queued_jobs_costs_a_bounded_number_of_commands_per_job_with_man
     spent = sum(n for name, n in calls.items() if name not in ("info", "config|resetstat"))
     # Paging and records: a few commands; each job: its rank and the lines ahead of it.
     assert spent <= 10 + 3 * len(jobs), calls
+
+
+def test_eta_is_the_measured_run_time_times_the_line_shared_by_the_workers(api, settings, redis_client):
+    """ETA = (position / live workers consuming the queue + 1) x the model's moving-average run
+    time on the queue's class. The formula is exact; the 0.5 % tolerance only absorbs the float
+    round trip through Redis and JSON. Catches: an ETA that ignores the position, the number of
+    workers, the model or class the time was
+    measured for, or the moving average (the last run alone, or the first)."""
+    keys = Keys(settings.key_prefix)
+    # One gpu16 worker and one gpu80 (which takes gpu16 work when idle): two share the line.
+    # A gpu80-only figure, ten times slower, must not price a gpu16 job.
+    heartbeat(redis_client, keys, "w0@host:1:0", VramClass.GPU16, ttl_s=600)
+    heartbeat(redis_client, keys, "w1@host:1:1", VramClass.GPU80, ttl_s=600)
+    for seconds in (2.0, 4.0):  # moving average, newest weighing 0.2: 2.0 + 0.2 x (4.0 - 2.0)
+        record_duration(redis_client, keys, "z-image-turbo", VramClass.GPU16, seconds)
+    record_duration(redis_client, keys, "z-image-turbo", VramClass.GPU80, 24.0)
+    run_s = 2.4
+
+    def etas(ids: list[str]) -> list[tuple[int, float]]:
+        jobs = [api.get(f"/v1/jobs/{job_id}", headers=A).json() for job_id in ids]
+        return [(j["queue_position"], j["eta_s"]) for j in jobs]
+
+    def expected(positions: range, workers: int) -> list[tuple[int, float]]:
+        return [(p, pytest.approx((p / workers + 1) * run_s, rel=0.005)) for p in positions]
+
+    ids = [submit(api, A, seed=n).json()["id"] for n in range(5)]
+    assert etas(ids) == expected(range(5), workers=2)  # 2.4, 3.6, 4.8, 6.0, 7.2 s
+
+    # A high-priority job goes ahead of them all: each is one place further back, run_s / 2 later.
+    high = submit(api, B, priority="high").json()
+    assert (high["queue_position"], high["eta_s"]) == (0, pytest.approx(run_s, rel=0.005))
+    assert etas(ids) == expected(range(1, 6), workers=2)
+    # The first one canceled: the rest move up; a third worker: the line is shared three ways.
+    assert api.delete(f"/v1/jobs/{ids[0]}", headers=A).status_code == 200
+    heartbeat(redis_client, keys, "w2@host:1:2", VramClass.GPU16, ttl_s=600)
+    assert etas(ids[1:]) == expected(range(1, 5), workers=3)
+    # No live worker takes the queue: no honest number (the position still stands).
+    for name in ("w0@host:1:0", "w1@host:1:1", "w2@host:1:2"):
+        redis_client.delete(keys.worker(name))
+    assert etas(ids[1:]) == [(p, None) for p in range(1, 5)]
 
 
 # --- submits and cancels are rationed; a canceled job costs the fleet nothing -------------------
@@ -317,13 +357,13 @@ def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(settings, tm
             start_api(own, tmp_path) as process,
             httpx.Client(base_url=process.url, timeout=30, trust_env=False) as api,
         ):
-            _wait_fails_after_queueing(api, redis_client)
+            _wait_fails_after_queueing(api, redis_client, process)
     finally:
         redis_client.close()
         server.stop()
 
 
-def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis) -> None:
+def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis, process: ApiProcess) -> None:
     answer: list[httpx.Response] = []
     thread = threading.Thread(
         target=lambda: answer.append(
@@ -331,15 +371,18 @@ def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis) -> 
         )
     )
     thread.start()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not api.get("/v1/jobs", headers=A).json()["jobs"]:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the wait is blocked in its read
-    # Redis drops the API's connections and takes no new ones for a while.
+    # The job is queued and the wait blocked in its read of the job's events.
+    wait_for(
+        lambda: any(c["cmd"] == "xread" and "b" in c["flags"] for c in redis_client.client_list()),
+        10,
+        "the wait blocked in XREAD",
+    )
+    # Redis drops the API's connections and takes no new ones until the API gives up the wait
+    # (it then reads the job back, once Redis takes clients again).
     redis_client.config_set("maxclients", 1)
     try:
         redis_client.client_kill_filter(_type="normal", skipme=True)
-        time.sleep(4)
+        wait_for(lambda: "answering 202" in process.log(), 30, "the API giving up its wait")
     finally:
         redis_client.config_set("maxclients", 10000)
     thread.join(60)

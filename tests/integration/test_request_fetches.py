@@ -186,12 +186,10 @@ def test_slow_lora_urls_are_held_to_the_deadline_and_health_checks_answer_meanwh
             time.sleep(0.1)
         assert not all(f.done() for f in submits)
         for _ in range(3):
-            started = time.monotonic()
             assert probe.get("/healthz").status_code == 200
-            assert time.monotonic() - started < 1
-            started = time.monotonic()
             assert probe.get("/v1/jobs", headers=B).status_code == 200
-            assert time.monotonic() - started < 1
+        # All answered before the downloads gave up: the held submits did not hold them up.
+        assert not all(f.done() for f in submits)
         results = [f.result() for f in submits]
     held = [r for r in results if r[0] == 422]
     refused = [r for r in results if r[0] == 429]

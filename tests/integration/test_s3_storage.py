@@ -137,3 +137,11 @@ def test_put_file_stores_what_the_file_holds_from_its_start(storage: S3Storage, 
         stored = storage.put_file(key, file, "application/octet-stream")
     assert storage.get(key) == data
     assert (stored.size_bytes, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_get_range_is_one_ranged_get(storage: S3Storage) -> None:
+    storage.put("weights/m/main/files/a.bin", bytes(range(100)), "application/octet-stream")
+    assert storage.get_range("weights/m/main/files/a.bin", 10, 5) == bytes(range(10, 15))
+    assert storage.get_range("weights/m/main/files/a.bin", 95, 10) == bytes(range(95, 100))
+    with pytest.raises(ObjectNotFound):
+        storage.get_range("weights/m/main/files/missing.bin", 0, 1)

@@ -200,11 +200,9 @@ def test_refuses_loopback_server(forbidden: Server) -> None:
 
 
 def test_refuses_metadata_address_without_connecting(connects: list[tuple[str, int]]) -> None:
-    started = time.monotonic()
     with pytest.raises(UrlError, match="169.254.169.254 is a link-local address"):
         fetch_url("http://169.254.169.254/latest/meta-data/", max_bytes=1000, timeout_s=0.5, policy=POLICY)
-    assert time.monotonic() - started < 0.5
-    assert connects == []
+    assert connects == []  # refused before any connection (no time bound needed to show it)
 
 
 def test_refuses_name_resolving_to_private_without_connecting(connects: list[tuple[str, int]]) -> None:

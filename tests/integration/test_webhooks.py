@@ -23,6 +23,8 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from localfleet.process import WorkerProcess
 from producer.client import Client
+from routing.celery_config import webhook_transport_options
+from routing.classes import WEBHOOK_QUEUE
 from routing.errors import InvalidRequest
 from routing.jobs import lifecycle
 from routing.jobs import webhook_log as shared
@@ -50,6 +52,15 @@ def wait_until(check: Callable[[], bool], timeout_s: float = 15) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(0.05)
+
+
+def settled(client: Client) -> bool:
+    """Every delivery queued so far has been attempted and logged: none waits in the webhooks
+    queue and the webhook worker holds none (acknowledged after its attempt; a retry waiting out
+    its countdown is held, unacknowledged). What a test waits for before asserting that some
+    delivery did not happen."""
+    unacked = webhook_transport_options(client.settings)["unacked_key"]
+    return client.store.client.llen(WEBHOOK_QUEUE) == 0 and client.store.client.hlen(unacked) == 0
 
 
 @pytest.fixture
@@ -247,8 +258,7 @@ def test_events_filter_skips_events_not_asked_for(worker, receiver: Receiver, cl
     client.store.move(
         job.id, lifecycle.finish(JobStatus.SUCCEEDED, owner=None, attempt=None, finished_at=time.time())
     )
-    wait_until(lambda: len(receiver.deliveries) >= 1)
-    time.sleep(0.5)  # a started delivery, queued first, would have arrived by now
+    wait_until(lambda: len(receiver.deliveries) >= 1 and settled(client))
     assert [json.loads(d.body)["type"] for d in receiver.deliveries] == ["job.succeeded"]
     assert [e["type"] for e in log(job.id)] == ["job.succeeded"]
 
@@ -260,8 +270,7 @@ def test_progress_webhooks_are_throttled(worker, receiver: Receiver, client: Cli
         client.store.progress(job.id, step, 10)
     client.store.progress(job.id, 10, 10)  # the last step is always sent
     assert len([e for e in client.store.events(job.id) if e["type"] == "job.progress"]) == 5
-    wait_until(lambda: len(receiver.deliveries) >= 2)
-    time.sleep(0.5)
+    wait_until(lambda: len(receiver.deliveries) >= 2 and settled(client))
     payloads = [json.loads(d.body) for d in receiver.deliveries]
     assert len(payloads) == 2
     assert {p["type"] for p in payloads} == {"job.progress"}
@@ -277,7 +286,7 @@ def test_keys_follow_the_prefix() -> None:
 
 
 def test_address_refused_at_delivery_fails_without_retry(
-    worker, receiver: Receiver, settings: Settings, log
+    worker, receiver: Receiver, settings: Settings, client: Client, log
 ) -> None:
     # Accepted by a laxer submitter, refused by the worker's own check before any connection.
     lax = settings.model_copy(update={"url_allow_cidrs": ["127.0.0.0/8"]})
@@ -285,8 +294,8 @@ def test_address_refused_at_delivery_fails_without_retry(
         url = f"http://127.0.0.3:{receiver.port}/hook"
         job = lax_client.submit(REQUEST, webhook=Webhook(url, ("started",)), tenant="t1")
         lax_client.store.move(job.id, lifecycle.claim(lax_client.store.get(job.id), "", time.time()))
-    wait_until(lambda: len(log(job.id)) == 1)
-    time.sleep(1.5)  # past the first retry's delay: there must be none
+    # Settled: a retry would be held (waiting out its countdown) until it had run.
+    wait_until(lambda: len(log(job.id)) >= 1 and settled(client))
     entries = log(job.id)
     assert [(e["outcome"], e["status_code"]) for e in entries] == [("refused", None)]
     assert "loopback" in entries[0]["error"]

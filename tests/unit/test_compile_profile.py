@@ -120,3 +120,44 @@ def test_a_variants_lora_on_the_compiled_transformer_compiles_nothing(
     assert timings["compiled_graphs"] == 0 and np.abs(fast - before).max() > 10
     after, timings = _run(setup["compiled"], _request(64, 64), storage)
     assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
+
+
+def test_omni_base_takes_a_lora_in_its_compiled_transformer_without_compiling(
+    small_models_dir: Path, tmp_path: Path
+):
+    from producer.inputs import InputLimits, resolve_loras
+    from producer.tenant_keys import KeyScope
+    from routing.io.net import UrlPolicy
+    from worker.adapters.z_image import ZImageOmniAdapter
+
+    spec = CATALOG["z-image-omni-base"]
+    # One warm size: one compile, enough for a job at that size (the two-size, shape-dynamic case
+    # is Turbo's above, on the same transformer class).
+    settings = Settings(
+        compile_profile="compile",
+        warm_sizes={spec.key: [(64, 64, 0)]},
+        lora_cache_dir=tmp_path / "lora-cache",
+        lora_max_rank=8,
+    )
+    storage = LocalStorage(tmp_path / "objects")
+    lora = build_lora(small_models_dir / spec.key, spec.key, tmp_path / "style.safetensors")
+    storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    adapter = ZImageOmniAdapter(spec, str(small_models_dir / spec.key), RUNTIME)
+    speed = prepare(adapter, spec, COMPILED_CLASS, settings)  # offloaded, so eager, on gpu16
+    assert speed.compiled and speed.warmed == [(64, 64, 0)]
+
+    data = {"model": spec.key, "kind": "text-to-image", "prompt": "a red fox", "width": 64, "height": 64}
+    plain = parse_request(data | {"steps": 2, "seed": 3})
+    before, timings = _run(adapter, plain, storage)
+    assert timings["compiled_graphs"] == 0 and timings["compile_regional"] == 1
+    with_lora = resolve_loras(
+        parse_request(data | {"steps": 2, "seed": 3, "loras": [{"source": "uploads/_/style.safetensors"}]}),
+        storage,
+        UrlPolicy(),
+        InputLimits(lora_max_rank=8),
+        KeyScope("", lambda _: None),
+    )
+    styled, timings = _run(adapter, with_lora, storage)
+    assert timings["compiled_graphs"] == 0 and np.abs(styled - before).max() > 10
+    after, timings = _run(adapter, plain, storage)
+    assert np.array_equal(after, before) and timings["compiled_graphs"] == 0

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from routing.catalog import CATALOG
 from routing.classes import VramClass, consumed_queues
 from routing.planning.plan import load_job_costs
 from routing.planning.sim import DEFAULT_MIX, own_queues, service_means
@@ -354,3 +355,47 @@ def test_api_webhooks_and_flower_run_on_kubernetes() -> None:
     ]
     assert "flower" in deployments["flower"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     assert "flower" in services
+
+
+@pytest.mark.parametrize("vram_class", list(VramClass))
+def test_worker_weights_live_on_the_node_and_an_init_step_fills_them(vram_class: VramClass) -> None:
+    """The weights cache outlives the pod (a hostPath on the node, not an emptyDir), and before
+    the worker starts an init container fills it from the object store with the class's models,
+    on the same volume and settings: a scale-up from zero reads the store once per node."""
+    cache_dir = _k8s("ConfigMap")["fleet-config"]["data"]["FLEET_WEIGHTS_CACHE_DIR"]
+    pod = _k8s("Deployment")[f"worker-{vram_class}"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes["fleet-weights"]) == {"name", "hostPath"}
+    assert volumes["fleet-weights"]["hostPath"]["path"].startswith("/mnt/")
+    (worker,) = pod["containers"]
+    owner, filler = pod["initContainers"]
+
+    def mount(container: dict[str, Any]) -> str:
+        (path,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "fleet-weights"]
+        return path
+
+    assert mount(worker) == mount(filler) == mount(owner) == cache_dir
+    assert owner["command"] == [
+        "chown",
+        f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['fsGroup']}",
+        cache_dir,
+    ]
+    assert owner["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert filler["image"] == worker["image"] and filler["envFrom"] == worker["envFrom"]
+    assert "securityContext" not in filler  # the pod's: the fleet user, not root
+    command = filler["command"]
+    assert command[:4] == ["python", "-m", "worker.weights", "fill"]
+    assert command[4:] == [
+        spec.key for spec in CATALOG.values() if spec.vram_class is vram_class and spec.served
+    ]
+
+
+def test_compose_gpu_workers_keep_their_weights_in_a_named_volume() -> None:
+    compose = _compose()
+    for name in GPU_WORKERS:
+        service = compose["services"][name]
+        cache_dir = service["environment"]["FLEET_WEIGHTS_CACHE_DIR"]
+        assert f"weights-cache:{cache_dir}" in service["volumes"], name
+    assert "weights-cache" in compose["volumes"]
+    # The image makes the mount point the fleet user's, so the named volume starts as its.
+    assert "/weights" in _dockerfile("Dockerfile.worker").split("chown -R fleet:fleet", 1)[1].splitlines()[0]

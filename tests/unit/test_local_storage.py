@@ -160,3 +160,13 @@ def test_touch_makes_an_objects_last_write_now_and_says_when_there_is_none(stora
     assert storage.touch(key) is True
     assert abs(path.stat().st_mtime - time.time()) < 60
     assert storage.get(key) == b"weights"
+
+
+def test_get_range_reads_from_an_offset_and_stops_at_the_end(storage: LocalStorage) -> None:
+    storage.put("weights/m/main/files/a.bin", bytes(range(100)), "application/octet-stream")
+    assert storage.get_range("weights/m/main/files/a.bin", 10, 5) == bytes(range(10, 15))
+    assert storage.get_range("weights/m/main/files/a.bin", 95, 10) == bytes(range(95, 100))
+    with pytest.raises(ObjectNotFound):
+        storage.get_range("weights/m/main/files/missing.bin", 0, 1)
+    with pytest.raises(ValueError):
+        storage.get_range("weights/m/main/files/a.bin", 0, 0)

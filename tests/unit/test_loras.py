@@ -1,6 +1,7 @@
 """LoRAs on the real small pipelines (eager, CPU): a request's LoRA changes the output, the next
 job without one is bit for bit the output of a pipeline that never had a LoRA, the second job with
-the same LoRA reads nothing from the store, and a variant runs with its steps and its LoRA."""
+the same LoRA reads nothing from the store, a variant runs with its steps and its LoRA, and several
+LoRAs (or a variant's and a request's) give what diffusers' own multi-adapter LoRAs give."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from producer.inputs import InputLimits, resolve_loras
 from producer.tenant_keys import KeyScope
@@ -24,7 +26,7 @@ from routing.settings import Settings
 from testkit.small_models.lora import build_lora
 from worker.adapters.base import Runtime
 from worker.adapters.qwen_image import QwenImageAdapter
-from worker.adapters.z_image import ZImageAdapter
+from worker.adapters.z_image import ZImageAdapter, ZImageOmniAdapter
 from worker.speed import job_context, prepare
 
 RUNTIME = Runtime(device="cpu", dtype=torch.float32)
@@ -51,10 +53,10 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(lora_cache_dir=tmp_path / "lora-cache", lora_max_rank=16, **overrides)
 
 
-def _run(adapter: Any, request: Any, storage: Any) -> tuple[np.ndarray, dict[str, float]]:
+def _run(adapter: Any, request: Any, storage: Any, inputs: Any = None) -> tuple[np.ndarray, dict[str, float]]:
     timings: dict[str, float] = {}
     with job_context(adapter, request, storage, timings):
-        generated = adapter.run(request, {}, lambda step, total: None)
+        generated = adapter.run(request, inputs or {}, lambda step, total: None)
     return np.asarray(generated.images[0]), timings
 
 
@@ -63,42 +65,118 @@ def _submit(data: dict[str, Any], storage: Any) -> Any:
     return resolve_loras(parse_request(data), storage, UrlPolicy(), InputLimits(lora_max_rank=16), NO_TENANT)
 
 
-def test_a_lora_changes_the_output_and_leaves_no_trace(small_models_dir: Path, tmp_path: Path, storage):
-    weights = str(small_models_dir / "z-image-turbo")
-    lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
+# Each Z-Image model with a LoRA slot: Turbo, the undistilled base with guidance, and Omni-Base
+# editing from an input image (its LoRA also reaches the SigLIP refiner blocks).
+_EDIT_INPUT = {"images": [Image.new("RGB", (64, 80), (200, 60, 30))]}
+LORA_JOBS = [
+    ("z-image-turbo", ZImageAdapter, {}, None),
+    ("z-image", ZImageAdapter, {"guidance_scale": 4.0, "negative_prompt": "blurry"}, None),
+    ("z-image-omni-base", ZImageOmniAdapter, {"kind": "edit", "images": [{"key": "a.png"}]}, _EDIT_INPUT),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "adapter_class", "extra", "inputs"), LORA_JOBS, ids=[j[0] for j in LORA_JOBS]
+)
+def test_a_lora_changes_the_output_and_leaves_no_trace(
+    small_models_dir: Path, tmp_path: Path, storage, model, adapter_class, extra, inputs
+):
+    spec = CATALOG[model]
+    weights = str(small_models_dir / model)
+    lora = build_lora(small_models_dir / model, model, tmp_path / "style.safetensors")
     storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
-    base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    base = {"model": model, "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7} | extra
     with_lora = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 1.0}]}, storage)
     plain_request = _submit(base, storage)
     assert with_lora.loras[0].source.startswith("loras/")  # stored by content hash
 
-    never_had_one = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
-    reference, _ = _run(never_had_one, plain_request, storage)
+    never_had_one = adapter_class(spec, weights, RUNTIME)
+    reference, _ = _run(never_had_one, plain_request, storage, inputs)
 
-    adapter = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
-    speed = prepare(
-        adapter, CATALOG["z-image-turbo"], CATALOG["z-image-turbo"].vram_class, _settings(tmp_path)
-    )
+    adapter = adapter_class(spec, weights, RUNTIME)
+    speed = prepare(adapter, spec, spec.vram_class, _settings(tmp_path))
     assert speed.slot is not None and speed.extra_bytes > 0
     assert not speed.compiled  # the CPU runs eager unless told
 
-    first, timings = _run(adapter, with_lora, storage)
+    first, timings = _run(adapter, with_lora, storage, inputs)
     assert np.abs(first.astype(int) - reference.astype(int)).max() > 10
     assert timings["lora_cache_misses"] == 1 and timings["attention_native"] == 1
 
-    after, _ = _run(adapter, plain_request, storage)
+    after, _ = _run(adapter, plain_request, storage, inputs)
     assert np.array_equal(after, reference)  # bit for bit: the slot holds zeros again
 
     reads = storage.reads
-    again, timings = _run(adapter, with_lora, storage)
+    again, timings = _run(adapter, with_lora, storage, inputs)
     assert timings["lora_cache_hits"] == 1 and timings["lora_cache_misses"] == 0
     assert storage.reads == reads  # nothing read from the store
     assert np.array_equal(again, first)
 
-    # Two LoRAs merge into the one slot; half the scale is half the change, not none.
+    # Half the scale is half the change, not none (several LoRAs: the test below).
     half = _submit(base | {"loras": [{"source": "uploads/_/style.safetensors", "scale": 0.5}]}, storage)
-    halved, _ = _run(adapter, half, storage)
+    halved, _ = _run(adapter, half, storage, inputs)
     assert not np.array_equal(halved, first) and not np.array_equal(halved, reference)
+
+
+# The slot (stacked ranks, scales folded in) against diffusers' own multi-adapter LoRAs: the same
+# sum in another order (0 levels of 255 apart on this CPU; the margin is for float rounding
+# elsewhere). A dropped LoRA or a wrong scale is more than twice that apart (each test shows it,
+# against the same reference: 29 levels at least for Z-Image, 11 for Qwen-Image).
+SAME_LEVELS = 2
+
+
+def _levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def _another_lora(lora: Path, out: Path, seed: int) -> Path:
+    """A second LoRA for the same layers: ``lora``'s tensors drawn afresh, each with its own
+    spread (quicker than building one from the model again)."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = load_file(str(lora))
+    save_file({k: torch.randn(v.shape, generator=generator) * v.std() for k, v in state.items()}, str(out))
+    return out
+
+
+def _with_adapters(adapter: Any, request: Any, storage: Any, loras: dict[str, float]) -> np.ndarray:
+    """``request`` run by diffusers' own adapters on ``adapter``'s pipeline (loaded before)."""
+    adapter.pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
+    image, _ = _run(adapter, request, storage)
+    return image
+
+
+def test_several_loras_on_one_job_match_diffusers_multi_adapter_result(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    """Catches: a LoRA of the list dropped, a scale not applied to its own LoRA, ranks that
+    overwrite each other in the slot."""
+    weights = str(small_models_dir / "z-image-turbo")
+    scales = {"a": 0.6, "b": 1.4}
+    first = build_lora(Path(weights), "z-image-turbo", tmp_path / "a.safetensors", seed=1)
+    files = {"a": first, "b": _another_lora(first, tmp_path / "b.safetensors", seed=2)}
+    for name, path in files.items():
+        storage.put(f"uploads/_/{name}.safetensors", path.read_bytes(), "application/octet-stream")
+    base = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 7}
+    loras = [{"source": f"uploads/_/{name}.safetensors", "scale": scale} for name, scale in scales.items()]
+    request = _submit(base | {"loras": loras}, storage)
+
+    adapter = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    prepare(adapter, CATALOG["z-image-turbo"], CATALOG["z-image-turbo"].vram_class, _settings(tmp_path))
+    merged, _ = _run(adapter, request, storage)
+
+    diffusers_own = ZImageAdapter(CATALOG["z-image-turbo"], weights, RUNTIME)
+    for name, path in files.items():
+        diffusers_own.pipe.load_lora_weights(str(path), adapter_name=name)
+    plain = _submit(base, storage)
+    reference = _with_adapters(diffusers_own, plain, storage, scales)
+    assert _levels_apart(merged, reference) <= SAME_LEVELS
+    # What the tolerance would let through, were the slot wrong: each is well outside it.
+    wrongs = ({"a": 0.6}, {"a": 0.6, "b": 1.0})  # b dropped; b at the default scale
+    apart = {
+        str(w): _levels_apart(_with_adapters(diffusers_own, plain, storage, w), reference) for w in wrongs
+    }
+    assert min(apart.values()) > 2 * SAME_LEVELS, apart
 
 
 def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
@@ -137,6 +215,41 @@ def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
     assert not np.array_equal(fast, base)  # the variant's LoRA took part
     again, timings = _run(adapter, request, storage)
     assert np.array_equal(again, fast) and "variant_load_s" not in timings  # loaded once, kept
+
+
+def test_a_variant_with_a_requests_lora_matches_diffusers_multi_adapter_result(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    """The variant's LoRA and the request's share the slot (variant rows first). Catches: the
+    request's LoRA dropped when a variant is on (or the variant's), the variant's scale or the
+    request's lost."""
+    model_dir = small_models_dir / "qwen-image"
+    lightning = build_lora(model_dir, "qwen-image", tmp_path / "lightning.safetensors", seed=3)
+    style = _another_lora(lightning, tmp_path / "style.safetensors", seed=4)
+    storage.put("uploads/_/style.safetensors", style.read_bytes(), "application/octet-stream")
+    settings = _settings(tmp_path, variant_weights={"qwen-image:lightning-8": str(lightning)})
+    base = {"model": "qwen-image", "prompt": "a red fox", "width": 64, "height": 64, "seed": 7}
+    lora = [{"source": "uploads/_/style.safetensors", "scale": 3.0}]
+    request = _submit(base | {"variant": "lightning-8", "loras": lora}, storage)
+
+    adapter = QwenImageAdapter(CATALOG["qwen-image"], str(model_dir), RUNTIME)
+    prepare(adapter, CATALOG["qwen-image"], CATALOG["qwen-image"].vram_class, settings)
+    merged, _ = _run(adapter, request, storage)
+
+    variant_scale = CATALOG["qwen-image"].variants["lightning-8"].lora_scale
+    diffusers_own = QwenImageAdapter(CATALOG["qwen-image"], str(model_dir), RUNTIME)
+    diffusers_own.pipe.load_lora_weights(str(lightning), adapter_name="lightning")
+    diffusers_own.pipe.load_lora_weights(str(style), adapter_name="style")
+    same_steps = _submit(base | {"variant": "lightning-8"}, storage).model_copy(update={"variant": None})
+    reference = _with_adapters(diffusers_own, same_steps, storage, {"lightning": variant_scale, "style": 3.0})
+    assert _levels_apart(merged, reference) <= SAME_LEVELS
+    # (The variant's own LoRA taking part: the test above.)
+    wrongs = ({"lightning": variant_scale}, {"lightning": variant_scale, "style": 1.0})
+    apart = {
+        str(w): _levels_apart(_with_adapters(diffusers_own, same_steps, storage, w), reference)
+        for w in wrongs
+    }
+    assert min(apart.values()) > 2 * SAME_LEVELS, apart
 
 
 def test_a_hub_id_is_fetched_from_the_hub_through_the_url_guard_only_when_allowed(storage):
@@ -202,3 +315,23 @@ def test_a_hotswap_that_fails_part_way_leaves_the_slot_empty(small_models_dir: P
 
     after, _ = _run(adapter, plain_request, storage)
     assert np.array_equal(after, reference)  # bit for bit: nothing of the failed LoRA is left
+
+
+def test_lora_targets_tell_omni_base_loras_from_z_image_ones(small_models_dir: Path, tmp_path: Path, storage):
+    from routing.errors import InvalidRequest
+
+    omni = build_lora(
+        small_models_dir / "z-image-omni-base", "z-image-omni-base", tmp_path / "omni.safetensors"
+    )
+    base = build_lora(small_models_dir / "z-image", "z-image", tmp_path / "base.safetensors")
+    storage.put("uploads/_/omni.safetensors", omni.read_bytes(), "application/octet-stream")
+    storage.put("uploads/_/base.safetensors", base.read_bytes(), "application/octet-stream")
+    request = {"model": "z-image", "prompt": "a fox"}
+    with pytest.raises(InvalidRequest) as raised:
+        _submit(request | {"loras": [{"source": "uploads/_/omni.safetensors"}]}, storage)
+    [error] = raised.value.errors
+    assert error.field == "loras.0.source"
+    assert "made for z-image-omni-base, not z-image: it targets siglip_refiner." in error.message
+    # A base LoRA touches only the blocks Omni-Base shares with it, so it runs there too.
+    omni_request = {"model": "z-image-omni-base", "kind": "text-to-image", "prompt": "a fox"}
+    assert _submit(omni_request | {"loras": [{"source": "uploads/_/base.safetensors"}]}, storage).loras

@@ -12,8 +12,19 @@ from routing.__main__ import main as routing_main
 from routing.catalog import CATALOG, get_model
 from routing.classes import VramClass
 from routing.decision import route
-from routing.memory import CARDS, WORKER_MODES, Mode, Work, budget_gib, classes_for, placement, predict
-from routing.memory.model import GIB, activations, tokens, weights
+from routing.memory import (
+    CARDS,
+    WORKER_MODES,
+    Mode,
+    Placement,
+    Work,
+    budget_gib,
+    classes_for,
+    placement,
+    predict,
+)
+from routing.memory.model import GIB, activations, has_experts, tokens, weights, weights_gib
+from routing.memory.model import predict as model_predict
 from routing.schemas import parse_request
 from routing.settings import Settings
 
@@ -31,6 +42,12 @@ PUBLISHED = [
     ("wan2.2-ti2v-5b", "transformer", 5e9, 0.05, "Wan2.2-TI2V-5B: 5B dense"),
     ("wan2.2-animate-14b", "transformer", 14e9, 0.25, "Wan2.2-Animate-14B: the Wan 14B DiT, extended"),
     ("wan2.2-s2v-14b", "transformer", 14e9, 0.25, "Wan2.2-S2V-14B: the Wan 14B DiT, extended"),
+    ("z-image", "transformer", 6.0e9, 0.05, "Z-Image: Turbo's 6B DiT, undistilled"),
+    ("z-image-omni-base", "siglip", 0.4e9, 0.1, "SigLIP2 so400m: a 400M vision tower (estimate)"),
+    ("wan2.2-t2v-a14b", "transformer", 14e9, 0.03, "Wan2.2-T2V-A14B: a 14B high-noise expert"),
+    ("wan2.2-t2v-a14b", "transformer_2", 14e9, 0.03, "Wan2.2-T2V-A14B: a 14B low-noise expert"),
+    ("wan2.2-i2v-a14b", "transformer", 14e9, 0.03, "Wan2.2-I2V-A14B: a 14B high-noise expert"),
+    ("wan2.2-i2v-a14b", "transformer_2", 14e9, 0.03, "Wan2.2-I2V-A14B: a 14B low-noise expert"),
 ]
 
 
@@ -72,10 +89,51 @@ def test_weights_json_is_what_the_configurations_build(rebuilt):
         r"blocks\.\d+\.((attn1|attn2|self_attn|cross_attn)\.(to_q|to_k|to_v|to_out\.0|q|k|v|o)"
         r"|ffn\.(net\.0\.proj|net\.2|0|2))\.(weight|bias)$"
     )
-    for model in ("wan2.2-animate-14b", "wan2.2-s2v-14b"):
-        named = rebuilt[(model, "transformer")].named_parameters()
+    for model, component in (
+        ("wan2.2-animate-14b", "transformer"),
+        ("wan2.2-s2v-14b", "transformer"),
+        ("wan2.2-t2v-a14b", "transformer"),
+        ("wan2.2-i2v-a14b", "transformer_2"),
+    ):
+        named = rebuilt[(model, component)].named_parameters()
         params = sum(p.numel() for name, p in named if backbone.search(name))
         assert abs(params - 14e9) <= 14e9 * 0.02, (model, params)
+
+
+@pytest.mark.parametrize("model", ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"])
+def test_an_a14b_model_is_two_14b_experts_27b_in_all(model):
+    parts = weights()[model]
+    high, low = parts["transformer"], parts["transformer_2"]
+    assert high == low  # the same configuration; either can stand for the one placed
+    # The model cards: "27B parameters in total, 14B active per step". Counted: 2 x 14.29B;
+    # the cards' total is rounded down, so it is held within 6%.
+    total = high["params"] + low["params"]
+    assert abs(total - 27e9) <= 27e9 * 0.06, total
+    assert abs(high["params"] - 14e9) <= 14e9 * 0.03
+
+
+def test_expert_offload_holds_one_expert_and_fits_where_resident_does_not():
+    """What WanA14BAdapter does on gpu80: the VAE and one expert on the GPU, the text encoder only
+    while encoding. Resident, a 720p 81-frame clip would not fit an 80 GiB card."""
+    spec = get_model("wan2.2-t2v-a14b")
+    parts = weights()[spec.key]
+    clip = Work(1280, 720, 81, guidance=True)
+    assert placement(spec, VramClass.GPU80) == Placement(Mode.EXPERT_OFFLOAD)
+    found = predict(spec, VramClass.GPU80, clip)
+    assert found is not None and found.phase == "denoise" and not found.measured
+    one_expert = (parts["transformer"]["bytes"] + parts["vae"]["bytes"]) / GIB
+    assert found.weights_gib == round(one_expert, 2)
+    assert found.peak_gib <= budget_gib(VramClass.GPU80)
+    assert weights_gib(spec.key, Mode.EXPERT_OFFLOAD) == pytest.approx(one_expert)
+    encode = model_predict(spec.key, Placement(Mode.EXPERT_OFFLOAD), Work(64, 64, 1))
+    assert encode.phase == "encode"
+    assert encode.weights_gib == round(one_expert + parts["text_encoder"]["bytes"] / GIB, 2)
+    resident = model_predict(spec.key, Placement(Mode.RESIDENT), clip)
+    assert resident.peak_gib > CARDS[VramClass.GPU80].gib
+    route_to = route(parse_request({"model": spec.key, "prompt": "x", "width": 1280, "height": 720}))
+    assert route_to.vram_class is VramClass.GPU80
+    # Only the two-expert models are offered the mode in the table of modes.
+    assert has_experts(spec.key) and not has_experts("wan2.2-animate-14b")
 
 
 def test_measured_coefficients_are_the_measured_peaks_less_the_exact_weights():

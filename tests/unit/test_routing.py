@@ -13,7 +13,7 @@ from routing.celery_config import celery_settings, make_celery, webhook_transpor
 from routing.classes import Priority, VramClass, bigger_classes, consumed_queues, parse_queue, queue_name
 from routing.decision import escalate, route
 from routing.errors import InvalidRequest
-from routing.memory import Mode, Placement, placement
+from routing.memory import Mode, Placement, Work, largest_request, placement, predict
 from routing.schemas import parse_request
 from routing.settings import Settings
 
@@ -59,13 +59,18 @@ def test_escalation_goes_one_class_up_and_stops_at_the_top():
     assert escalate(VramClass.H100X8) is None
 
 
-def test_catalog_holds_the_seven_models_with_their_classes():
+def test_catalog_holds_the_twelve_models_with_their_classes():
     expected = {
         "z-image-turbo": VramClass.GPU16,
+        "z-image": VramClass.GPU16,
+        "z-image-omni-base": VramClass.GPU16,
+        "z-image-edit": VramClass.GPU16,
         "qwen-image": VramClass.GPU80,
         "qwen-image-edit": VramClass.GPU80,
         "qwen-image-edit-2509": VramClass.GPU80,
         "wan2.2-ti2v-5b": VramClass.GPU16,
+        "wan2.2-t2v-a14b": VramClass.GPU80,
+        "wan2.2-i2v-a14b": VramClass.GPU80,
         "wan2.2-animate-14b": VramClass.GPU80,
         "wan2.2-s2v-14b": VramClass.H100X8,
     }
@@ -83,7 +88,8 @@ def test_catalog_holds_the_seven_models_with_their_classes():
             video = spec.video
             assert (video.default_frames - video.frames_offset) % video.frames_step == 0, spec.key
             assert (video.max_frames - video.frames_offset) % video.frames_step == 0, spec.key
-        assert footprint_gb(spec, spec.vram_class) is not None, spec.key
+        # A served model has memory data; an unreleased one is placed but never routed.
+        assert (footprint_gb(spec, spec.vram_class) is not None) is spec.served, spec.key
 
 
 def test_unknown_model_lookup_names_the_known_ones():
@@ -94,6 +100,45 @@ def test_unknown_model_lookup_names_the_known_ones():
 def test_z_image_routes_to_the_16gb_queue():
     decision = route(parse_request({"model": "z-image-turbo", "prompt": "x"}))
     assert decision.vram_class is VramClass.GPU16 and decision.queue == "gpu16"
+
+
+def test_z_image_with_guidance_outgrows_the_16gb_class_sooner_than_turbo():
+    # Guidance (on by default) batches two passes a step: the largest square gpu16 takes is
+    # smaller than Turbo's, and one multiple above it goes to gpu80.
+    for model, extra in (("z-image", {}), ("z-image-omni-base", {"kind": "text-to-image"})):
+        edge = largest_request(get_model(model), VramClass.GPU16).work
+        assert edge is not None and edge.guidance, model
+        side = edge.width if model == "z-image" else 1024
+        at_edge = route(parse_request({"model": model, "prompt": "x", "width": side, "height": side} | extra))
+        above = {"model": model, "prompt": "x", "width": 2048, "height": 2048} | extra
+        assert (at_edge.queue, route(parse_request(above)).queue) == ("gpu16", "gpu80"), model
+        unguided = route(parse_request(above | {"guidance_scale": 0.0}))
+        assert unguided.queue == "gpu16", model
+    z = largest_request(get_model("z-image"), VramClass.GPU16).work
+    assert z is not None
+    above = {"model": "z-image", "prompt": "x", "width": z.width + 16, "height": z.height}
+    assert route(parse_request(above)).queue == "gpu80"
+    # Both classes that run them have Turbo's speed profile: eager where offloaded (gpu16),
+    # compiled and warmed at its sizes on gpu80; and Turbo's placements.
+    for model in ("z-image", "z-image-omni-base"):
+        assert CATALOG[model].speed == CATALOG["z-image-turbo"].speed, model
+        assert CATALOG[model].placements == CATALOG["z-image-turbo"].placements, model
+    # Turbo runs without guidance: the 16 GB class takes all it allows.
+    turbo = route(parse_request({"model": "z-image-turbo", "prompt": "x", "width": 2048, "height": 2048}))
+    assert turbo.queue == "gpu16"
+
+
+def test_each_omni_base_input_image_counts_in_the_predicted_peak():
+    # Each image joins every pass with its latent and SigLIP2 tokens (at most one megapixel's).
+    spec = get_model("z-image-omni-base")
+    peaks = [predict(spec, VramClass.GPU16, Work(1024, 1024, 0, True, n)) for n in range(5)]
+    assert all(p is not None for p in peaks)
+    values = [p.peak_gib for p in peaks if p is not None]
+    assert values == sorted(values) and len(set(values)) == 5
+    images = [{"key": f"uploads/{i}.png"} for i in range(4)]
+    edit = {"model": "z-image-omni-base", "kind": "edit", "prompt": "x", "width": 1024, "height": 1024}
+    queues = [route(parse_request(edit | {"images": images[:n]})).queue for n in (1, 2, 4)]
+    assert queues == ["gpu16", "gpu80", "gpu80"]
 
 
 def test_celery_settings_for_long_gpu_jobs():

@@ -166,3 +166,32 @@ def test_builds_into_one_directory_at_once_build_each_model_once(tmp_path: Path,
     assert errors == [] and len(runs) == 1
     assert small_models.is_complete(out / "fake", "fake")
     assert [p.name for p in out.iterdir()] == ["fake"]  # the lock file is beside it, not in it
+
+
+def test_omni_base_has_the_real_repositorys_components_and_edits(small_models_dir: Path) -> None:
+    from diffusers import ZImageOmniPipeline
+    from PIL import Image
+    from transformers import Siglip2VisionModel
+
+    model = small_models_dir / "z-image-omni-base"
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["_class_name"] == "ZImageOmniPipeline"
+    assert index["siglip"] == ["transformers", "Siglip2VisionModel"]
+    assert index["siglip_processor"] == ["transformers", "Siglip2ImageProcessor"]
+
+    # The exact call the worker makes for real weights.
+    pipe = ZImageOmniPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.siglip, Siglip2VisionModel)
+    assert pipe.transformer.config.siglip_feat_dim == pipe.siglip.config.hidden_size
+    # In bfloat16, as on a GPU: the pipeline encodes input images in bfloat16 whatever the VAE's dtype.
+    pipe.to(torch.bfloat16)
+    edited = pipe(
+        image=[Image.new("RGB", (80, 64), (200, 40, 40))],
+        prompt="a hat",
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert edited.size == (80, 64)  # the input's size
+    assert np.asarray(edited).std() > 0

@@ -12,10 +12,14 @@ GROUP_ADAPTER = "worker.group.adapter:GroupAdapter"
 # model key -> "module:class"; a model without an entry is not served.
 ADAPTERS: dict[str, str] = {
     "z-image-turbo": "worker.adapters.z_image:ZImageAdapter",
+    "z-image": "worker.adapters.z_image:ZImageAdapter",
+    "z-image-omni-base": "worker.adapters.z_image:ZImageOmniAdapter",
     "qwen-image": "worker.adapters.qwen_image:QwenImageAdapter",
     "qwen-image-edit": "worker.adapters.qwen_image:QwenImageEditAdapter",
     "qwen-image-edit-2509": "worker.adapters.qwen_image:QwenImageEditPlusAdapter",
     "wan2.2-ti2v-5b": "worker.adapters.wan:WanTI2VAdapter",
+    "wan2.2-t2v-a14b": "worker.adapters.wan:WanA14BAdapter",
+    "wan2.2-i2v-a14b": "worker.adapters.wan:WanA14BAdapter",
     "wan2.2-animate-14b": "worker.adapters.wan:WanAnimateAdapter",
     # Runs in the h100x8 worker's resident torchrun group (worker/group/).
     "wan2.2-s2v-14b": GROUP_ADAPTER,

@@ -49,6 +49,8 @@ class Video:
     cache: str | None = None
     # Encoded audio (WAV/MP3/FLAC bytes) to mux into the video, e.g. the speech it lip-syncs.
     audio: bytes | None = None
+    # Figures of how the adapter ran the job (numbers only), added to the job's timings.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +79,11 @@ def placing_seconds() -> float:
     return _placing[0]
 
 
+def count_placing(seconds: float) -> None:
+    """Add ``seconds`` an adapter spent placing its modules itself (not through ``Runtime.place``)."""
+    _placing[0] += seconds
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where a pipeline runs: device and dtype, resolved once per worker process, and how the
@@ -86,19 +93,26 @@ class Runtime:
     dtype: torch.dtype
     offload: bool = False  # model CPU offload: one component on the GPU at a time
     vae_tiling: bool = False  # decode images larger than a tile in tiles
+    expert_offload: bool = False  # two experts, one on the GPU at a time: the adapter places them
 
     @property
     def profile(self) -> str:
-        return ("model-offload" if self.offload else "resident") + (
-            " + VAE tiling" if self.vae_tiling else ""
-        )
+        mode = "expert-offload" if self.expert_offload else "model-offload" if self.offload else "resident"
+        return mode + (" + VAE tiling" if self.vae_tiling else "")
 
     def placed(self, placement: Placement) -> Runtime:
         """This runtime placing models as ``placement`` says. Modes the workers do not apply
-        (``routing.memory.WORKER_MODES``) are refused: the catalog never names them."""
+        (``routing.memory.WORKER_MODES``) are refused: the catalog never names them. Expert
+        offload is the two-expert adapter's own (``worker.adapters.wan.ExpertPlacement``): the
+        runtime records it, and ``place`` refuses it (no other adapter can apply it)."""
         if placement.mode not in WORKER_MODES:
             raise ValueError(f"workers do not place models in {placement.mode.value} mode")
-        return replace(self, offload=placement.mode is Mode.MODEL_OFFLOAD, vae_tiling=placement.vae_tiling)
+        return replace(
+            self,
+            offload=placement.mode is Mode.MODEL_OFFLOAD,
+            vae_tiling=placement.vae_tiling,
+            expert_offload=placement.mode is Mode.EXPERT_OFFLOAD,
+        )
 
     def place(self, pipe: Any) -> None:
         """Put ``pipe`` on the device: whole, or with model CPU offload when ``offload`` is set;
@@ -107,6 +121,8 @@ class Runtime:
         Offload moves each component to the GPU only while it runs; on a CPU device there is
         nothing to offload to, so the pipeline simply stays where it is.
         """
+        if self.expert_offload:
+            raise ValueError("expert offload places a two-expert pipeline's parts itself, not the runtime")
         started = time.perf_counter()
         if self.offload and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload(device=self.device)

@@ -43,6 +43,13 @@ class S2VGroupModel:
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime, place: GroupPlace):
         from worker import adapters
 
+        if not Path(weights).is_dir():
+            raise FileNotFoundError(
+                f"the official code reads a checkpoint folder, and {weights!r} is none: mirror "
+                f"{spec.key} into the object store (`python -m worker.weights pull {spec.key}`, then "
+                "`mirror`) for a worker with FLEET_WEIGHTS_CACHE_DIR, or name a folder in "
+                "FLEET_MODEL_ROOT or FLEET_WEIGHTS"
+            )
         adapters._quiet_loading()
         modules = import_wan_modules()
         self.spec = spec

@@ -1,9 +1,15 @@
-"""Wan2.2 through diffusers: TI2V-5B (text-to-video and image-to-video) and Animate-14B.
+"""Wan2.2 through diffusers: TI2V-5B (text-to-video and image-to-video), T2V-A14B and I2V-A14B
+(two experts), and Animate-14B.
 
 TI2V-5B is one set of weights for both kinds: ``WanPipeline`` for text-to-video, and
 ``WanImageToVideoPipeline`` over the very same modules for image-to-video. With the repo's
 ``expand_timesteps=True`` the i2v pipeline VAE-encodes the image as the first latent frame, keeps
 that frame clean (timestep 0 for its tokens) while the rest is denoised, and needs no image encoder.
+
+T2V-A14B and I2V-A14B run ``WanPipeline`` / ``WanImageToVideoPipeline`` with two 14B experts:
+``transformer`` denoises the steps whose timestep is at or above ``boundary_ratio`` x 1000 (the
+high-noise ones, layout and motion), ``transformer_2`` the rest (detail). See ``ExpertPlacement``
+for where each part waits between its turns.
 
 Animate-14B runs ``WanAnimatePipeline``: "move" is its ``animate`` mode (the character performs the
 driving motion), "mix" its ``replace`` mode (the character replaces the person in the video).
@@ -11,9 +17,12 @@ driving motion), "mix" its ``replace`` mode (the character replaces the person i
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from routing.catalog import ModelSpec
+from routing.catalog import ModelSpec, TaskKind
 from worker.adapters.base import (
     Adapter,
     Capabilities,
@@ -21,6 +30,7 @@ from worker.adapters.base import (
     Runtime,
     StepCallback,
     Video,
+    count_placing,
     seeded_generator,
     step_cache,
     step_callback_for,
@@ -136,6 +146,201 @@ class WanTI2VAdapter(Adapter):
             )
         frames = _to_pil_frames(output.frames[0])
         return Video(frames, fps=self.spec.video.fps, seed=seed, cache=cache)
+
+
+class ExpertPlacement:
+    """Where a two-expert pipeline's parts are between their turns.
+
+    Both experts (2 x 28 GB in bf16), the umT5-XXL text encoder (11 GB) and a 720p clip's
+    activations do not all fit an 80 GB card, so on a GPU only the VAE and the expert of the
+    current step stay on it: the text encoder comes on for encoding and goes back to host memory
+    after, and the idle expert waits in host memory until its first step (the high-noise one at
+    the start of a job, the low-noise one at the boundary). On the CPU every move is to where the
+    module already is; the same calls run, so the tests run this path.
+    """
+
+    def __init__(self, pipe: Any, device: str, home: str = "cpu"):
+        self.pipe = pipe
+        self.device = device
+        self.home = home  # where the idle parts wait
+        self.swap_s = 0.0  # seconds spent moving experts, since the last ``take_swap_s``
+        started = time.perf_counter()
+        pipe.text_encoder.to(home)
+        pipe.vae.to(device)
+        pipe.transformer.to(device)
+        pipe.transformer_2.to(home)
+        self.active = "transformer"
+        count_placing(time.perf_counter() - started)
+
+    @contextmanager
+    def text_encoder(self) -> Iterator[Any]:
+        """The text encoder on the device for the block, back home after."""
+        encoder = self.pipe.text_encoder
+        encoder.to(self.device)
+        try:
+            yield encoder
+        finally:
+            encoder.to(self.home)
+
+    def use(self, expert: str) -> None:
+        """Put ``expert`` ("transformer" or "transformer_2") on the device and the other home."""
+        if expert == self.active:
+            return
+        started = time.perf_counter()
+        getattr(self.pipe, self.active).to(self.home)
+        getattr(self.pipe, expert).to(self.device)
+        self.active = expert
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        self.swap_s += time.perf_counter() - started
+
+    def take_swap_s(self) -> float:
+        seconds, self.swap_s = self.swap_s, 0.0
+        return seconds
+
+
+class WanA14BAdapter(Adapter):
+    """Wan2.2-T2V-A14B (text-to-video) or Wan2.2-I2V-A14B (image-to-video): two experts, each
+    with its own LoRA slot, the request's ``guidance_scale`` for the high-noise one and
+    ``guidance_scale_2`` for the low-noise one. The job's timings say how many steps each expert
+    ran (``expert_high_steps``, then ``expert_low_steps``), the boundary timestep between them,
+    and the seconds spent moving experts (``expert_swap_s``)."""
+
+    # Eager: the catalog gives these models no compiled profile (compiled blocks would move
+    # between host and GPU with their expert). Not step-cached: diffusers' cache hooks sit on
+    # one transformer.
+    capabilities = Capabilities(loras=True, compile=True, warm_up=True)
+
+    def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
+        import diffusers
+
+        super().__init__(spec, weights, runtime)
+        self.image_to_video = TaskKind.IMAGE_TO_VIDEO in spec.task_kinds
+        pipeline_class = "WanImageToVideoPipeline" if self.image_to_video else "WanPipeline"
+        # The same call loads the hub weights and the small local test models.
+        self.pipe = getattr(diffusers, pipeline_class).from_pretrained(weights, dtype=runtime.dtype)
+        if self.pipe.transformer_2 is None or self.pipe.config.boundary_ratio is None:
+            raise ValueError(f"{weights} is not a two-expert model: no transformer_2 or boundary_ratio")
+        if spec.boundary_ratio is not None and self.pipe.config.boundary_ratio != spec.boundary_ratio:
+            raise ValueError(
+                f"{weights} switches experts at {self.pipe.config.boundary_ratio}, the catalog says "
+                f"{spec.boundary_ratio}"
+            )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.placement = ExpertPlacement(self.pipe, runtime.device)
+        self.scheduler = self.pipe.scheduler
+
+    @property
+    def pipeline(self) -> Any:
+        return self.pipe
+
+    def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Video:
+        pipe = self.pipe
+
+        # 1. Check inputs: the pipeline must agree with what the catalog accepted at submit, or it
+        #    would round the size and frame count silently.
+        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        if request.width % multiple or request.height % multiple:
+            raise ValueError(f"these weights need sizes in multiples of {multiple}")
+        temporal = pipe.vae_scale_factor_temporal
+        if request.frames < 1 or (request.frames - 1) % temporal:
+            raise ValueError(f"frames must be {temporal}k+1 for these weights (got {request.frames})")
+        extra: dict[str, Any] = {}
+        if self.image_to_video:
+            image = inputs.get("image")
+            if image is None:
+                raise ValueError("image-to-video needs an input image")
+            from PIL import Image, ImageOps
+
+            # The image becomes the first frame: cropped to the video's aspect ratio, not stretched.
+            extra["image"] = ImageOps.fit(
+                image.convert("RGB"), (request.width, request.height), Image.Resampling.LANCZOS
+            )
+
+        # 2. Seed: drawn here when the caller gave none, and reported so the video can be redone.
+        seed, generator = seeded_generator(request.seed)
+
+        # 3. Encode the prompts with the text encoder on the device, then send it home.
+        guided = request.guidance_scale > 1.0
+        with self.placement.text_encoder():
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                do_classifier_free_guidance=guided,
+                max_sequence_length=512,
+                device=self.placement.device,
+            )
+
+        # 4. Denoise, the high-noise expert first; the step callback counts each expert's steps
+        #    and brings the low-noise one in before its first step. Then decode.
+        self.placement.take_swap_s()
+        self.placement.use("transformer")  # the previous job may have left the low-noise one on
+        boundary_t = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        steps = {"transformer": 0, "transformer_2": 0}
+        with self._scheduler_for(request):
+            output = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds if guided else None,
+                width=request.width,
+                height=request.height,
+                num_frames=request.frames,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                guidance_scale_2=request.guidance_scale_2,
+                generator=generator,
+                output_type="np",
+                callback_on_step_end=self._expert_steps(boundary_t, steps, on_step),
+                **extra,
+            )
+        frames = _to_pil_frames(output.frames[0])
+        timings = {
+            "expert_high_steps": float(steps["transformer"]),
+            "expert_low_steps": float(steps["transformer_2"]),
+            "expert_boundary_t": round(boundary_t, 4),
+            "expert_swap_s": round(self.placement.take_swap_s(), 4),
+        }
+        return Video(frames, fps=self.spec.video.fps, seed=seed, timings=timings)
+
+    def _expert_steps(
+        self, boundary_t: float, steps: dict[str, int], on_step: StepCallback
+    ) -> Callable[..., dict[str, Any]]:
+        """A ``callback_on_step_end`` that counts the step just run for the expert the pipeline
+        chose for its timestep (the same test: at or above the boundary, high noise), and swaps
+        the experts when the next step is the other's."""
+        report = step_callback_for(on_step)
+
+        def callback(pipe: Any, step_index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            steps["transformer" if float(timestep) >= boundary_t else "transformer_2"] += 1
+            timesteps = pipe.scheduler.timesteps
+            if step_index + 1 < len(timesteps):
+                upcoming = float(timesteps[step_index + 1])
+                self.placement.use("transformer" if upcoming >= boundary_t else "transformer_2")
+            return report(pipe, step_index, timestep, tensors)
+
+        return callback
+
+    @contextmanager
+    def _scheduler_for(self, request: Any) -> Iterator[None]:
+        """The repository's scheduler, or for a variant the one its LoRAs were distilled with:
+        first-order steps (without UniPC's corrector the flow-matching update is an Euler step)
+        on the flow shift the variant names, which for 4 steps puts them at the timesteps the
+        Lightning LoRAs were distilled on (999, 937, 833, 625)."""
+        variant = self.spec.variants.get(request.variant) if request.variant else None
+        if variant is None or variant.flow_shift is None:
+            yield
+            return
+        self.pipe.scheduler = type(self.scheduler).from_config(
+            self.scheduler.config,
+            flow_shift=variant.flow_shift,
+            solver_order=1,
+            disable_corrector=list(range(request.steps)),
+        )
+        try:
+            yield
+        finally:
+            self.pipe.scheduler = self.scheduler
 
 
 class WanAnimateAdapter(Adapter):

@@ -17,10 +17,12 @@ import threading
 from typing import Any
 
 from routing.catalog import ModelSpec, get_model
+from routing.io.storage import make_storage
 from routing.settings import get_settings
 from worker.adapters.base import Adapter, Capabilities, Generated, Inputs, Runtime, StepCallback
 from worker.group.spec import SPEC_ENV
 from worker.group.supervisor import Group
+from worker.weights import local_weights
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,11 @@ def resident_group() -> Group:
     with _resident_lock:
         if _resident is None:
             settings = get_settings()
+            storage = make_storage(settings)
             _resident = Group(
+                # The ranks read the node cache, filled here once for all of them.
                 models={
-                    key: settings.weights_for(key, get_model(key).hub_id) for key in settings.group_models
+                    key: local_weights(settings, get_model(key), storage) for key in settings.group_models
                 },
                 world_size=settings.group_world_size,
                 device=settings.device,

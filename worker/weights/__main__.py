@@ -1,0 +1,89 @@
+"""``python -m worker.weights pull|mirror|fill``: see the package's docstring."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from routing.catalog import CATALOG, get_model
+from routing.io.storage import S3Storage, make_storage
+from routing.settings import Settings, get_settings
+from worker.weights.fill import MirrorMissing, WeightsError, fill
+from worker.weights.hub import HubError, HuggingFaceHub, pull
+from worker.weights.mirror import mirror
+
+
+def default_folder(settings: Settings, model_key: str) -> Path:
+    """Where ``pull`` writes and ``mirror`` reads: ``<FLEET_MODEL_ROOT>/<model>``, else
+    ``models/<model>``."""
+    return (settings.model_root or Path("models")) / model_key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.weights", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    pull_cmd = commands.add_parser("pull", help="the hub -> a local folder, at the catalog's revision")
+    pull_cmd.add_argument("model", choices=sorted(CATALOG))
+    pull_cmd.add_argument("--dir", type=Path, help="default: <FLEET_MODEL_ROOT or models>/<model>")
+    mirror_cmd = commands.add_parser("mirror", help="a local folder -> the object store, with a manifest")
+    mirror_cmd.add_argument("model", choices=sorted(CATALOG))
+    mirror_cmd.add_argument("--dir", type=Path, help="default: <FLEET_MODEL_ROOT or models>/<model>")
+    fill_cmd = commands.add_parser(
+        "fill", help="the object store -> the node cache (FLEET_WEIGHTS_CACHE_DIR)"
+    )
+    fill_cmd.add_argument("models", nargs="+", choices=sorted(CATALOG))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # One line a request from the HTTP client would bury the fleet's own lines on a big repository.
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "boto3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    settings = get_settings()
+    if args.command == "pull":
+        spec = get_model(args.model)
+        try:
+            pulled = pull(spec, args.dir or default_folder(settings, spec.key), HuggingFaceHub())
+        except (HubError, FileNotFoundError) as e:
+            print(f"{spec.key}: not pulled: {e}", file=sys.stderr)
+            return 1
+        print(f"{spec.key}: {len(pulled.files)} files of {spec.hub_id} at {pulled.commit} in {pulled.folder}")
+        return 0
+    storage = make_storage(settings)
+    if args.command == "mirror":
+        spec = get_model(args.model)
+        if isinstance(storage, S3Storage):
+            storage.ensure_bucket()
+        manifest = mirror(storage, spec, args.dir or default_folder(settings, spec.key))
+        print(
+            f"{spec.key}: {len(manifest.files)} files, {manifest.total_bytes / 1e9:.2f} GB, at weights/{spec.key}/{spec.revision}/"
+        )
+        return 0
+    if settings.weights_cache_dir is None:
+        parser.error("fill needs FLEET_WEIGHTS_CACHE_DIR: the node cache to fill")
+    for key in args.models:
+        try:
+            report = fill(
+                storage,
+                get_model(key),
+                settings.weights_cache_dir,
+                chunk_bytes=settings.weights_fill_chunk_bytes,
+                threads=settings.weights_fill_threads,
+            )
+        except MirrorMissing as e:
+            # Not fatal: the worker loads such a model as configured (the hub, by default).
+            print(f"{key}: not filled: {e}", file=sys.stderr)
+            continue
+        except WeightsError as e:
+            print(f"{key}: {e}", file=sys.stderr)
+            return 1
+        print(
+            f"{key}: {report.files} files ({report.total_bytes / 1e9:.2f} GB) in {report.folder}; "
+            f"fetched {len(report.fetched)} ({report.fetched_bytes / 1e9:.2f} GB) in {report.seconds:.2f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

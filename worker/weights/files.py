@@ -1,0 +1,148 @@
+"""Which files of a model's repository the fleet keeps, and the manifest that names them.
+
+A diffusers repository is a folder per component: each one's config, its safetensors (sharded
+ones with their index), and the tokenizer and processor files; the scheduler is a config. S2V's
+official checkpoint is the layout ``wan.WanS2V`` reads (``testkit/small_models/s2v.py`` draws
+it): the DiT's safetensors, the T5 and VAE ``.pth`` state dicts, and the T5 tokenizer and wav2vec2
+folders. Anything else a repository carries (sample images, READMEs, other formats of the same
+weights) is left on the hub.
+
+The manifest is what the object store's mirror promises: every file's path relative to the
+model's folder, its size and its sha256. A node's copy is right when every file matches it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from routing.catalog import ModelSpec
+
+# Matched as the hub matches allow_patterns (fnmatch: "*" crosses "/"), against paths relative to
+# the repository's root.
+DIFFUSERS_FILES = (
+    "model_index.json",
+    "*/*.json",  # configs, safetensors indexes, tokenizer and processor files
+    "*/*.safetensors",
+    "*/*.txt",  # BPE merges
+    "*/*.model",  # sentencepiece tokenizers (T5)
+    "*/*.jinja",  # chat templates
+)
+S2V_FILES = (
+    "*.json",  # the DiT's config and safetensors index
+    "diffusion_pytorch_model*.safetensors",
+    "models_t5_umt5-xxl-enc-bf16.pth",
+    "Wan2.1_VAE.pth",
+    "google/umt5-xxl/*",
+    "wav2vec2-large-xlsr-53-english/*",
+)
+# Other formats of weights: a folder that has its weights as safetensors needs none of these
+# (diffusers and transformers read the safetensors when both are there).
+_REDUNDANT_BESIDE_SAFETENSORS = ("*.bin", "*.pt", "*.msgpack", "*.h5", "*.onnx")
+
+
+def patterns(spec: ModelSpec) -> tuple[str, ...]:
+    """The repository files ``spec``'s pipeline loads, as hub allow-patterns."""
+    return S2V_FILES if spec.pipeline.startswith("wan.") else DIFFUSERS_FILES
+
+
+def select(paths: Iterable[str], spec: ModelSpec) -> list[str]:
+    """Of a repository's file ``paths``, those to download for ``spec``, sorted: the ones its
+    patterns match, less other formats of weights a folder also has as safetensors."""
+    wanted = [p for p in paths if any(fnmatch.fnmatch(p, pattern) for pattern in patterns(spec))]
+    with_safetensors = {str(PurePosixPath(p).parent) for p in wanted if p.endswith(".safetensors")}
+    return sorted(
+        p
+        for p in wanted
+        if not (
+            str(PurePosixPath(p).parent) in with_safetensors
+            and any(fnmatch.fnmatch(PurePosixPath(p).name, r) for r in _REDUNDANT_BESIDE_SAFETENSORS)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the model's folder, "/"-separated
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: str
+    hub_id: str
+    revision: str  # the catalog's revision: names the mirror's folder
+    files: tuple[FileEntry, ...]
+    # The hub commit the files came from, when the pull recorded it.
+    commit: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        data = json.loads(text)
+        files = tuple(FileEntry(**entry) for entry in data.pop("files"))
+        for entry in files:
+            check_relative(entry.path)
+        return cls(files=files, **data)
+
+
+def check_relative(path: str) -> str:
+    """``path`` if it stays inside the folder it is relative to; ValueError otherwise (a
+    manifest is read from a store, and must not write outside the node's cache)."""
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"not a relative file path: {path!r}")
+    if any(p.startswith(".") for p in parts):
+        raise ValueError(f"hidden paths are not weights: {path!r}")
+    return path
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file under ``folder``, relative and sorted, leaving out hidden files and folders
+    (the hub client's ``.cache``, the node cache's own bookkeeping)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(folder)
+        found += [(rel / name).as_posix() for name in filenames if not name.startswith(".")]
+    return sorted(found)
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def manifest_of(folder: Path, spec: ModelSpec, commit: str | None = None) -> Manifest:
+    """The manifest of the model folder ``folder`` holds (every file, hashed)."""
+    entries = tuple(
+        FileEntry(rel, (folder / rel).stat().st_size, sha256_of(folder / rel)) for rel in folder_files(folder)
+    )
+    if not entries:
+        raise FileNotFoundError(f"{folder} holds no files")
+    return Manifest(spec.key, spec.hub_id, spec.revision, entries, commit=commit)
+
+
+def store_prefix(spec: ModelSpec) -> str:
+    """Where the model's mirror lives in the object store."""
+    return f"weights/{spec.key}/{spec.revision}/"
+
+
+def manifest_key(spec: ModelSpec) -> str:
+    return store_prefix(spec) + "manifest.json"
+
+
+def file_key(spec: ModelSpec, rel: str) -> str:
+    return store_prefix(spec) + "files/" + check_relative(rel)
