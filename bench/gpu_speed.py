@@ -11,7 +11,8 @@ fused attention backends flash-attn (``flash``) or FlashAttention-3 (``flash_att
 Models are full size with random weights, built on the GPU from the real configurations (nothing
 is downloaded); text encoders are not built (prompt embeddings are random tensors of the real
 shape), so their weights are added to the measured peak from the model cards' parameter counts
-when it is held against routing/catalog.py's footprint. Random weights say nothing of quality.
+when it is held against the footprint routing.memory predicts (bench/gpu_memory.py measures
+memory properly, phase by phase). Random weights say nothing of quality.
 
 Rows, each stock eager first, then the same pipeline given the fleet's profile for the model's
 class (``worker.speed.prepare``: LoRA slot, attention backend, regional compile), each timed after
@@ -44,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from routing.catalog import CATALOG  # noqa: E402
+from routing.catalog import CATALOG, footprint_gb  # noqa: E402
 from routing.classes import VramClass  # noqa: E402
 from routing.settings import Settings  # noqa: E402
 from worker.adapters.base import Runtime  # noqa: E402
@@ -310,7 +311,7 @@ def wan_ti2v(bench: Bench) -> None:
 
 def memory(bench: Bench, model_key: str, size: tuple[int, int, int], peak_gib: float) -> None:
     spec, vram_class = CATALOG[model_key], CLASS[model_key]
-    footprint = spec.offload_vram_gb if vram_class is VramClass.GPU16 and spec.vram_gb > 16 else spec.vram_gb
+    footprint = footprint_gb(spec, vram_class) or 0.0  # routing.memory's prediction
     text_gib = TEXT_ENCODER_PARAMS[model_key] * 2 / 2**30
     total = peak_gib + text_gib
     record(
@@ -321,7 +322,7 @@ def memory(bench: Bench, model_key: str, size: tuple[int, int, int], peak_gib: f
         return
     if total > footprint or total < 0.6 * footprint:
         print(
-            f"MISMATCH {model_key} on {vram_class.value}: {total:.1f} GiB at {size} against the catalog's {footprint} GB",
+            f"MISMATCH {model_key} on {vram_class.value}: {total:.1f} GiB at {size} against the predicted {footprint} GiB",
             flush=True,
         )
 

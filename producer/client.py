@@ -160,9 +160,11 @@ class Client:
         if len(keys) != len(requests):
             raise ValueError("one idempotency key (or None) per request")
         parsed = []
+        routes = []  # decided before any input is fetched: a request no class holds is refused here
         for index, request in enumerate(requests):
             with _numbered(index, len(requests)):
                 parsed.append(parse_request(request, limits=self.limits))
+                routes.append(route(parsed[-1], self.settings.vram_margin_gib))
         # The hash is of the request as given: inputs stored for it get keys of their own job.
         options = (
             f"{priority.value}|{webhook.url if webhook else ''}|{','.join(webhook.events) if webhook else ''}"
@@ -194,7 +196,7 @@ class Client:
                 started[index] = (job_id, request)
                 with _numbered(index, len(requests)):
                     resolved = self._resolve(request, job_id, scope)
-                queue = queue_name(route(resolved).vram_class, priority)
+                queue = queue_name(routes[index].vram_class, priority)
                 new[index] = NewJob(
                     id=job_id,
                     model=resolved.model,

@@ -1,5 +1,5 @@
 """Command line of the routing package: ``python -m routing plan --rate z-image-turbo=120/h``,
-``python -m routing lifecycle [--apply]``."""
+``python -m routing lifecycle [--apply]``, ``python -m routing memory [--json]``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from routing.catalog import ModelSpec
 from routing.classes import VramClass
 from routing.io.storage import StorageError
 from routing.planning import plan as planner
@@ -86,7 +87,102 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also put the rules on the fleet's bucket (FLEET_S3_*), replacing the bucket's own rules",
     )
+    memory = commands.add_parser(
+        "memory",
+        help="per model and class: placement, weights, predicted peak at the largest request",
+        description="Per served model and class that runs it: the placement mode, the weights (GiB, per "
+        "rank when sharded), the largest request the class takes and its predicted peak against the "
+        "card, less the margin (FLEET_VRAM_MARGIN_GIB), and whether the phase that sets the peak was "
+        "measured on a GPU or is an estimate. Data: routing/memory/*.json.",
+    )
+    memory.add_argument("--json", action="store_true", help="a JSON list of objects instead of a table")
+    memory.add_argument(
+        "--modes",
+        action="store_true",
+        help="instead: every placement mode's footprint per model at its default request, and "
+        "whether the workers apply it",
+    )
+    memory.add_argument(
+        "--margin-gib", type=float, metavar="GIB", help="margin to plan with (default: FLEET_VRAM_MARGIN_GIB)"
+    )
     return parser
+
+
+def _memory(args: argparse.Namespace) -> str:
+    import json
+
+    from routing.catalog import CATALOG
+    from routing.memory import table
+
+    specs = [spec for spec in CATALOG.values() if spec.served]
+    if args.modes:
+        return _modes(specs, args.json)
+    rows = list(table(specs, args.margin_gib))
+    if args.json:
+        return json.dumps([dataclasses.asdict(row) for row in rows], indent=1)
+    header = [
+        "model",
+        "class",
+        "mode",
+        "weights GiB",
+        "largest request",
+        "peak GiB",
+        "card GiB",
+        "budget GiB",
+        "peak",
+    ]
+    lines = [
+        [
+            r.model,
+            r.vram_class,
+            r.mode,
+            f"{r.weights_gib:.1f}",
+            r.largest,
+            f"{r.peak_gib:.1f}",
+            f"{r.card_gib:g}",
+            f"{r.budget_gib:g}",
+            f"{'measured' if r.measured else 'estimate'} ({r.phase})",
+        ]
+        for r in rows
+    ]
+    return _markdown(header, lines)
+
+
+def _modes(specs: list[ModelSpec], as_json: bool) -> str:
+    import json
+
+    from routing.memory import modes_table
+
+    rows = list(modes_table(specs))
+    if as_json:
+        return json.dumps([dataclasses.asdict(row) for row in rows], indent=1)
+    header = [
+        "model",
+        "mode",
+        "default request",
+        "weights on GPU GiB",
+        "peak GiB",
+        "peak",
+        "workers apply it",
+    ]
+    lines = [
+        [
+            r.model,
+            r.mode + (" (FP8 card)" if r.needs_fp8_card else ""),
+            r.request,
+            f"{r.weights_on_gpu_gib:.1f}",
+            f"{r.peak_gib:.1f}",
+            "measured" if r.measured else "estimate",
+            "yes" if r.applied_by_workers else "not yet",
+        ]
+        for r in rows
+    ]
+    return _markdown(header, lines)
+
+
+def _markdown(header: list[str], lines: list[list[str]]) -> str:
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(rows + ["| " + " | ".join(line) + " |" for line in lines])
 
 
 def _lifecycle(args: argparse.Namespace) -> str:
@@ -165,7 +261,8 @@ def _busy_share(text: str | None) -> float | dict[VramClass, float] | None:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        print(_lifecycle(args) if args.command == "lifecycle" else _plan(args))
+        commands = {"lifecycle": _lifecycle, "memory": _memory, "plan": _plan}
+        print(commands[args.command](args))
     except (planner.PlanError, OSError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

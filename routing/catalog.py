@@ -1,9 +1,10 @@
 """The model catalog: every model the fleet knows, what it does, where it runs, what it accepts.
 
-Figures for VRAM come from the model cards and the fleet's source notes (Z-Image 16 GB; Qwen-Image
-~40-45 GB; Qwen-Image-Edit ~60 GB; Wan2.2-TI2V-5B 24 GB, 16 GB with offload; Animate-14B ~80 GB;
-S2V-14B ~40 GB per GPU on 4-8 GPUs). Size multiples are what each pipeline accepts: the VAE's
-spatial compression times the transformer's patch size.
+Where it runs is ``placements``: per class, how its weights are placed on the GPU. What a request
+needs in that placement is the memory model's (``routing.memory``: weights counted from the real
+configurations, activations measured or estimated per request), never a figure written here. Size
+multiples are what each pipeline accepts: the VAE's spatial compression times the transformer's
+patch size.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from routing.classes import VramClass
+from routing.memory.model import Mode, Placement
 
 
 class TaskKind(StrEnum):
@@ -108,10 +110,9 @@ _WAN_LIGHTNING = "lightx2v/Wan2.2-Lightning"
 class ModelSpec:
     key: str
     task_kinds: tuple[TaskKind, ...]
-    vram_class: VramClass
+    vram_class: VramClass  # its home class: where its default request goes
     pipeline: str  # the class that runs it (diffusers pipeline, or the official code's)
     hub_id: str
-    vram_gb: int  # resident footprint on one GPU (a sharded model: per rank), what the pool budgets
     size: SizeLimits
     default_steps: int
     max_steps: int
@@ -121,12 +122,10 @@ class ModelSpec:
     max_input_images: int = 0
     # Only these (width, height) pairs, when the model's code has a fixed list.
     allowed_sizes: tuple[tuple[int, int], ...] = ()
-    # Footprint with model CPU offload (weights live in host memory, each component moves to the
-    # GPU while it runs): lets a smaller class run the model, slower. None: never offloaded.
-    offload_vram_gb: int | None = None
-    # Most work (width x height x frames) a class takes for this model; bigger jobs route to the
-    # next class up. A class not listed takes anything within the model's limits.
-    max_work: dict[VramClass, int] = field(default_factory=dict)
+    # How each class that runs the model places it (routing.memory.Mode); a request goes to the
+    # smallest class whose card holds its predicted peak in that placement. Empty: resident on
+    # the home class and every bigger one.
+    placements: dict[VramClass, Placement] = field(default_factory=dict)
     # Step-caching methods (``cache.method`` of a request) that diffusers' cache hooks run on
     # this model's transformer and pipeline; empty: requests with a cache are refused.
     cache_methods: tuple[str, ...] = ()
@@ -158,17 +157,26 @@ def _variants(*variants: Variant) -> dict[str, Variant]:
     return {variant.key: variant for variant in variants}
 
 
+_RESIDENT = Placement(Mode.RESIDENT)
+# A single-GPU model on an 80 GB card, or on rank 0's GPU of an h100x8 worker: resident.
+_RESIDENT_80 = {VramClass.GPU80: _RESIDENT, VramClass.H100X8: _RESIDENT}
+
+
 # First-block cache and TaylorSeer hook the transformer blocks diffusers registers for Qwen-Image and
 # Wan, and need the pipeline to name its cond/uncond passes (``cache_context``); ZImagePipeline
 # does not, so Z-Image has none.
 _CACHED = ("first_block", "taylorseer")
 
-# The Z-Image family's common sizes, compiled and warmed on both classes that run it (Turbo's).
+# The Z-Image family: offloaded on gpu16, so eager there as TI2V-5B is (compiled blocks would
+# move on and off the GPU every call); resident on gpu80, compiled and warmed at the common sizes.
 _ZIMAGE_WARM = ((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))
 _ZIMAGE_SPEED = {
-    VramClass.GPU16: SpeedProfile(warm_sizes=_ZIMAGE_WARM),
+    VramClass.GPU16: SpeedProfile(compile=False),
     VramClass.GPU80: SpeedProfile(warm_sizes=_ZIMAGE_WARM),
 }
+# The Z-Image family's 6B transformer (11.5 GiB) and Qwen3-4B text encoder (7.5 GiB) do not fit
+# a 16 GiB card together: there, one component at a time; on gpu80, resident.
+_ZIMAGE_PLACEMENTS = {VramClass.GPU16: Placement(Mode.MODEL_OFFLOAD), **_RESIDENT_80}
 
 _IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
 
@@ -179,8 +187,12 @@ _A14B_VIDEO = VideoLimits(default_frames=81, max_frames=81, frames_step=4, fps=1
 _A14B_PLACEMENT = (
     "two 14B experts (high-noise, then low-noise past the boundary timestep); on the 80 GB class "
     "the text encoder is offloaded after encoding and the idle expert is kept off the GPU until "
-    "its first step"
+    "its first step (placement mode expert-offload)"
 )
+_A14B_PLACEMENTS = {
+    VramClass.GPU80: Placement(Mode.EXPERT_OFFLOAD),
+    VramClass.H100X8: Placement(Mode.EXPERT_OFFLOAD),
+}
 
 CATALOG: dict[str, ModelSpec] = {
     spec.key: spec
@@ -191,7 +203,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="diffusers.ZImagePipeline",
             hub_id="Tongyi-MAI/Z-Image-Turbo",
-            vram_gb=16,
+            placements=_ZIMAGE_PLACEMENTS,
             size=_IMAGE_SIZE_16,
             # Distilled for 8 function evaluations without guidance. diffusers' ZImagePipeline (since
             # 0.36) runs one transformer call per step, so that is 8 steps.
@@ -200,10 +212,7 @@ CATALOG: dict[str, ModelSpec] = {
             default_guidance=0.0,
             max_prompt_chars=2000,
             served=True,
-            speed={
-                VramClass.GPU16: SpeedProfile(warm_sizes=((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))),
-                VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (768, 1344, 0), (1344, 768, 0))),
-            },
+            speed=_ZIMAGE_SPEED,
             lora_modules=_ZIMAGE_LORA,
         ),
         ModelSpec(
@@ -212,10 +221,9 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="diffusers.ZImagePipeline",
             hub_id="Tongyi-MAI/Z-Image",
-            vram_gb=16,
-            # Guidance runs the transformer on a batch of two (prompt and negative prompt), so
-            # the 16 GB class takes up to one megapixel (an estimate); bigger goes to gpu80.
-            max_work={VramClass.GPU16: 1024 * 1024},
+            # Guidance runs the transformer on a batch of two (prompt and negative prompt): the
+            # predicted peak of a large request outgrows gpu16 sooner than Turbo's does.
+            placements=_ZIMAGE_PLACEMENTS,
             size=_IMAGE_SIZE_16,
             # The model card: 28 to 50 steps, guidance 3 to 5, negative prompts.
             default_steps=50,
@@ -234,9 +242,9 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="diffusers.ZImageOmniPipeline",
             hub_id="Tongyi-MAI/Z-Image-Omni-Base",
-            vram_gb=16,
-            # As z-image, plus the SigLIP2 vision encoder and each input image's tokens.
-            max_work={VramClass.GPU16: 1024 * 1024},
+            # As z-image, plus the SigLIP2 vision encoder; each input image's SigLIP2 and latent
+            # tokens join every pass, and the predicted peak counts them.
+            placements=_ZIMAGE_PLACEMENTS,
             size=_IMAGE_SIZE_16,
             default_steps=50,
             max_steps=50,
@@ -257,8 +265,9 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="not released",
             hub_id="Tongyi-MAI/Z-Image-Edit",
-            # Figures below are the base's, placeholders until the model and its card ship.
-            vram_gb=16,
+            # Placed as the base, a placeholder until the model and its card ship (no memory
+            # figures: it is refused at submit).
+            placements=_ZIMAGE_PLACEMENTS,
             size=_IMAGE_SIZE_16,
             default_steps=50,
             max_steps=50,
@@ -274,7 +283,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU80,
             pipeline="diffusers.QwenImagePipeline",
             hub_id="Qwen/Qwen-Image",
-            vram_gb=45,
+            placements=_RESIDENT_80,
             size=SizeLimits(1328, 1328, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048),
             default_steps=50,
             max_steps=100,
@@ -301,7 +310,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU80,
             pipeline="diffusers.QwenImageEditPipeline",
             hub_id="Qwen/Qwen-Image-Edit",
-            vram_gb=60,
+            placements=_RESIDENT_80,
             size=_IMAGE_SIZE_16,
             default_steps=50,
             max_steps=100,
@@ -335,7 +344,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU80,
             pipeline="diffusers.QwenImageEditPlusPipeline",
             hub_id="Qwen/Qwen-Image-Edit-2509",
-            vram_gb=64,
+            placements=_RESIDENT_80,
             size=_IMAGE_SIZE_16,
             default_steps=40,
             max_steps=100,
@@ -354,11 +363,9 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU16,
             pipeline="diffusers.WanPipeline / diffusers.WanImageToVideoPipeline",
             hub_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-            vram_gb=24,
-            offload_vram_gb=16,
-            # The native 5 s 720p clip fits the 16 GB class with offload (the source notes'
-            # "16GB optimised"); longer clips need the activations of an 80 GB card.
-            max_work={VramClass.GPU16: 1280 * 704 * 121},
+            # 9.3 GiB of transformer and 10.6 GiB of UMT5 encoder: one at a time on a 16 GiB
+            # card, and the clip decoded in tiles.
+            placements={VramClass.GPU16: Placement(Mode.MODEL_OFFLOAD, vae_tiling=True), **_RESIDENT_80},
             # 720p class; the Wan2.2 VAE compresses 16x and the DiT patches 2x2.
             size=SizeLimits(1280, 704, multiple_of=32, min_side=64, max_side=1280, max_pixels=1280 * 704),
             default_steps=50,
@@ -367,7 +374,7 @@ CATALOG: dict[str, ModelSpec] = {
             max_prompt_chars=2000,
             video=VideoLimits(default_frames=121, max_frames=241, frames_step=4, fps=24),
             max_input_images=1,
-            notes="16 GB class with offloading, 80 GB class without",
+            notes="16 GB class with model offload and VAE tiling, 80 GB class resident",
             cache_methods=_CACHED,
             served=True,
             # Offloaded on gpu16: compiled blocks would be moved on and off the GPU every call,
@@ -384,9 +391,10 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU80,
             pipeline="diffusers.WanPipeline (transformer + transformer_2)",
             hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-            # One 14B expert (28 GB in bf16) and the VAE on the GPU with a 720p clip's
-            # activations; the other expert and the text encoder wait in host memory.
-            vram_gb=64,
+            # Both 14B experts (2 x 26 GiB in bf16) and the umT5-XXL encoder do not fit with a
+            # 720p clip's activations: the worker (worker.adapters.wan.ExpertPlacement) keeps one
+            # expert and the VAE on the GPU, the text encoder on it only while encoding.
+            placements=_A14B_PLACEMENTS,
             size=_A14B_SIZE,
             default_steps=40,
             max_steps=100,
@@ -417,7 +425,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU80,
             pipeline="diffusers.WanImageToVideoPipeline (transformer + transformer_2)",
             hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
-            vram_gb=64,
+            placements=_A14B_PLACEMENTS,
             size=_A14B_SIZE,
             default_steps=40,
             max_steps=100,
@@ -448,7 +456,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.GPU80,
             pipeline="diffusers.WanAnimatePipeline",
             hub_id="Wan-AI/Wan2.2-Animate-14B-Diffusers",
-            vram_gb=80,
+            placements=_RESIDENT_80,
             size=SizeLimits(1280, 720, multiple_of=16, min_side=64, max_side=1280, max_pixels=1280 * 720),
             default_steps=20,
             max_steps=50,
@@ -467,7 +475,7 @@ CATALOG: dict[str, ModelSpec] = {
             vram_class=VramClass.H100X8,
             pipeline="wan.WanS2V (official Wan2.2 code, torchrun, FSDP + Ulysses)",
             hub_id="Wan-AI/Wan2.2-S2V-14B",
-            vram_gb=40,
+            placements={VramClass.H100X8: Placement(Mode.SHARDED)},
             size=SizeLimits(1024, 704, multiple_of=32, min_side=256, max_side=1280, max_pixels=1280 * 720),
             default_steps=40,
             max_steps=60,
@@ -484,15 +492,13 @@ CATALOG: dict[str, ModelSpec] = {
 }
 
 
-def footprint_gb(spec: ModelSpec, vram_class: VramClass) -> int | None:
-    """VRAM the model takes on one GPU of a worker of ``vram_class``: resident when it fits,
-    offloaded when that fits, None when it cannot run there."""
-    gpu_gb = vram_class.gpu_vram_gb
-    if spec.vram_gb <= gpu_gb:
-        return spec.vram_gb
-    if spec.offload_vram_gb is not None and spec.offload_vram_gb <= gpu_gb:
-        return spec.offload_vram_gb
-    return None
+def footprint_gb(spec: ModelSpec, vram_class: VramClass) -> float | None:
+    """GPU memory (GiB) the model takes on one GPU of a worker of ``vram_class`` in the class's
+    placement, at the largest request that class takes; None when it cannot run there. What
+    the worker's pool budgets (``routing.memory.footprint_gb``)."""
+    from routing.memory import footprint_gb as predicted
+
+    return predicted(spec, vram_class)
 
 
 def get_model(key: str) -> ModelSpec:

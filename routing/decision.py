@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from routing import memory
 from routing.catalog import get_model
 from routing.classes import VramClass, bigger_classes
+from routing.errors import FieldError, InvalidRequest
 from routing.schemas import GenerationRequest
 
 
@@ -18,31 +20,28 @@ class Route:
         return self.vram_class.queue
 
 
-def work(request: GenerationRequest) -> int:
-    """Pixels the request makes, over all frames: what activation memory grows with."""
-    width = request.width or 0
-    height = request.height or 0
-    return width * height * (getattr(request, "frames", None) or 1)
+def route(request: GenerationRequest, margin_gib: float | None = None) -> Route:
+    """The smallest class whose card holds the request's predicted peak.
 
+    Each class that runs the model places it its own way (``ModelSpec.placements``); the
+    request's peak in that placement (``routing.memory``) must fit the card less the margin
+    (``FLEET_VRAM_MARGIN_GIB``; ``margin_gib`` overrides it). A request no class holds is refused
+    with ``InvalidRequest`` naming the largest size or length that fits, before anything is
+    queued. Jobs also run on bigger classes when those are idle: that is the workers'
+    subscription (``routing.classes.consumed_queues``), not a decision taken here. Out-of-memory
+    escalation (``escalate``) stays the backstop for a prediction that was wrong.
 
-def route(request: GenerationRequest) -> Route:
-    """The smallest class that can run ``request``.
-
-    Start at the model's class in the catalog; move up while the request's work is above what
-    that class takes for the model (``ModelSpec.max_work``). Jobs also run on bigger classes
-    when those are idle: that is the workers' subscription (``routing.classes.consumed_queues``),
-    not a decision taken here, so a job is queued where it fits and a bigger worker pulls it
-    only when its own queue is empty.
+    A model without memory data (a catalog entry added before its data) goes to its home class.
     """
     spec = get_model(request.model)
-    vram_class = spec.vram_class
-    amount = work(request)
-    while vram_class in spec.max_work and amount > spec.max_work[vram_class]:
-        bigger = bigger_classes(vram_class)
-        if not bigger:
-            break
-        vram_class = bigger[0]
-    return Route(vram_class)
+    if not memory.has_data(spec.key):
+        return Route(spec.vram_class)
+    work = memory.work_of(request, spec)
+    found = memory.smallest_fitting_class(spec, work, margin_gib)
+    if found is None:
+        field, message = memory.limit_message(spec, work, margin_gib)
+        raise InvalidRequest([FieldError(field, message)])
+    return Route(found)
 
 
 def escalate(current: VramClass) -> Route | None:

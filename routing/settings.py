@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     group_adapters: dict[str, str] = Field(default_factory=dict)
     # VRAM the worker's resident models may take on its GPU; one GPU of the class when unset.
     vram_budget_gb: int | None = Field(default=None, gt=0)
+    # GPU memory kept free on every card when routing: a class takes a request only when the
+    # request's predicted peak fits its card's memory minus this (CUDA context, the allocator's
+    # fragmentation, and the error of the memory model's estimates). See routing/memory.
+    vram_margin_gib: float = Field(default=2.0, ge=0.0, le=64.0)
     # Generated jobs whose outputs may wait to be encoded, stored and recorded while the GPU
     # generates the next one; a job that finds them all taken waits, so a slow store slows
     # generation instead of filling memory. 0: encode and store before taking the next job.

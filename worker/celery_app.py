@@ -11,7 +11,6 @@ returns the unacknowledged message instead.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -95,14 +94,12 @@ def get_runner() -> JobRunner:
         name = liveness.process_name(vram_class)
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
-        def load(spec: Any, offload: bool) -> Any:
+        def load(spec: Any, placement: Any) -> Any:
             from worker.speed import prepare
 
             # Filled from the object store into the node cache first, when the worker has one.
             weights = local_weights(settings, spec, storage)
-            adapter = load_adapter(
-                spec, weights, dataclasses.replace(runtime, offload=offload), settings.adapters
-            )
+            adapter = load_adapter(spec, weights, runtime.placed(placement), settings.adapters)
             if spec.key not in settings.adapters:  # adapters of one's own run base jobs only
                 prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
             return adapter

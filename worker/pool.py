@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from routing.catalog import ModelSpec, footprint_gb, get_model
 from routing.classes import VramClass
+from routing.memory import Placement, placement
 from worker.adapters.base import Adapter, placing_seconds
 
 log = logging.getLogger(__name__)
 
-# Loads a model; the flag says whether to offload it (it only fits this class that way).
-Loader = Callable[[ModelSpec, bool], Adapter]
+# Loads a model placed as the worker's class places it (routing.memory.Placement).
+Loader = Callable[[ModelSpec, Placement], Adapter]
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class PipelinePool:
         self.budget_gb = budget_gb if budget_gb is not None else vram_class.gpu_vram_gb
         self._on_change = on_change  # called with ("load" | "evict", model key)
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
-        self._footprint_gb: dict[str, int] = {}
+        # Each model's predicted peak at the largest request the class takes (routing.memory).
+        self._footprint_gb: dict[str, float] = {}
         self.loads: dict[str, int] = {}
         # The last load of each model: (seconds in all, of which moving to the device).
         self.load_seconds: dict[str, tuple[float, float]] = {}
@@ -68,13 +70,14 @@ class PipelinePool:
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
         spec = get_model(model_key)
         needed_gb = footprint_gb(spec, self.vram_class)
-        if needed_gb is None or needed_gb > self.budget_gb:
+        where = placement(spec, self.vram_class)
+        if needed_gb is None or where is None or needed_gb > self.budget_gb:
             raise MemoryError(
                 f"{model_key} does not fit a {self.vram_class.value} worker ({self.budget_gb} GB budget)"
             )
         self._make_room(needed_gb)
         started, placed = time.perf_counter(), placing_seconds()
-        adapter = self._loader(spec, needed_gb < spec.vram_gb)
+        adapter = self._loader(spec, where)
         load_s = time.perf_counter() - started
         to_device_s = placing_seconds() - placed
         self.load_seconds[model_key] = (load_s, to_device_s)
@@ -89,7 +92,7 @@ class PipelinePool:
 
     @property
     def used_gb(self) -> float:
-        """The catalog footprints of the resident models, plus what their LoRA slots and loaded
+        """The predicted footprints of the resident models, plus what their LoRA slots and loaded
         variants take (measured on the loaded transformer, so it grows when a variant loads)."""
         return sum(self._footprint_gb[key] + _lora_gb(self._resident[key]) for key in self._resident)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from producer.client import Client
+from routing.catalog import footprint_gb, get_model
+from routing.classes import VramClass
 from routing.jobs.record import JobStatus
 
 pytestmark = pytest.mark.integration
@@ -28,8 +30,9 @@ def test_jobs_queue_by_class_and_work(client: Client, redis_client):
         "width": 1280,
         "height": 704,
     }
-    client.submit(video | {"frames": 121})  # the native clip: 16 GB class with offload
-    client.submit(video | {"frames": 161})  # longer: 80 GB
+    client.submit(video | {"frames": 121})  # the native clip: 16 GB class, offloaded
+    # Z-Image at 2048x2048 with guidance (two batched passes): its predicted peak outgrows 16 GiB.
+    client.submit(Z_IMAGE | {"width": 2048, "height": 2048, "guidance_scale": 4.0})
     assert queued(redis_client) == {"gpu16": 2, "gpu80": 2, "h100x8": 0}
 
 
@@ -58,8 +61,14 @@ def test_a_bigger_worker_takes_its_own_queue_first(client: Client, start_worker,
 def test_pool_evicts_least_recently_used_within_its_budget(
     client: Client, start_worker, fleet_settings, redis_client
 ):
-    # z-image 16 GB, qwen-image 45 GB, qwen-image-edit 60 GB: any two fit 110 GB, not all three.
-    start_worker(fleet_settings.model_copy(update={"worker_class": "gpu80", "vram_budget_gb": 110}))
+    # Predicted on gpu80: z-image 29.2 GiB, qwen-image and qwen-image-edit 72.6 each: a budget of
+    # 102 holds Z-Image beside either Qwen model, never both Qwen models.
+    z, qwen, edit_gib = (
+        footprint_gb(get_model(key), VramClass.GPU80) or 0.0
+        for key in ("z-image-turbo", "qwen-image", "qwen-image-edit")
+    )
+    assert z + max(qwen, edit_gib) <= 102 < qwen + edit_gib
+    start_worker(fleet_settings.model_copy(update={"worker_class": "gpu80", "vram_budget_gb": 102}))
     edit = {"model": "qwen-image-edit", "prompt": "a hat", "width": 64, "height": 64, "steps": 2}
     from tests.integration.test_every_kind import picture
 
@@ -71,4 +80,5 @@ def test_pool_evicts_least_recently_used_within_its_budget(
         return {k.decode().rsplit(":", 1)[1]: int(v) for k, v in redis_client.hgetall(key).items()}
 
     assert counts(client.keys.load_counts) == {"z-image-turbo": 1, "qwen-image": 2, "qwen-image-edit": 1}
-    assert counts(client.keys.eviction_counts) == {"qwen-image": 1, "z-image-turbo": 1}
+    # The edit model pushes out qwen-image (least recently used); qwen-image back pushes out both.
+    assert counts(client.keys.eviction_counts) == {"qwen-image": 1, "z-image-turbo": 1, "qwen-image-edit": 1}

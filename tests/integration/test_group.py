@@ -284,8 +284,8 @@ def test_a_smaller_job_that_does_not_fit_beside_the_group_evicts_it_and_s2v_star
     [log] = _logs(group_logs)
     pids = _rank_pids(log)
 
-    # A gpu80 job the idle h100x8 worker takes: Qwen-Image's 45 GB do not fit beside S2V's 40 GB
-    # rank on rank 0's 80 GB GPU, so the group is closed first.
+    # A gpu80 job the idle h100x8 worker takes: Qwen-Image's predicted 72.6 GiB do not fit beside
+    # S2V's rank (23.8 GiB predicted) on rank 0's 80 GB GPU, so the group is closed first.
     spilled = client.submit(
         {"model": "qwen-image", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
     )

@@ -18,10 +18,13 @@ from PIL import Image, ImageDraw
 
 from localfleet.process import WorkerProcess
 from producer.client import Client
+from routing.catalog import get_model
+from routing.classes import VramClass
 from routing.decision import route
 from routing.errors import InvalidRequest
 from routing.io.storage import LocalStorage
 from routing.jobs.record import JobRecord, JobStatus
+from routing.memory import largest_request
 from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
@@ -171,8 +174,12 @@ def test_z_image_edit_is_refused_at_submit_as_not_released(fleet: Fleet):
 
 
 def test_a_z_image_job_too_big_for_the_16gb_class_goes_to_the_80gb_class(fleet: Fleet):
-    at_edge = {"model": "z-image", "prompt": "a fox", "width": 1024, "height": 1024}
+    # The largest square whose predicted peak (guidance: two batched passes a step) gpu16 holds
+    # in its placement (model offload) goes there; one multiple wider goes to gpu80 and runs there.
+    edge = largest_request(get_model("z-image"), VramClass.GPU16).work
+    assert edge is not None and edge.guidance
+    at_edge = {"model": "z-image", "prompt": "a fox", "width": edge.width, "height": edge.height}
     assert route(parse_request(at_edge)).queue == "gpu16"
-    record = fleet.run(at_edge | {"height": 1040, "steps": 1})
+    record = fleet.run(at_edge | {"width": edge.width + 16, "steps": 1})
     assert record.queue == "gpu80" and record.worker.startswith("gpu80@")
-    assert fleet.image(record).size == (1024, 1040)
+    assert fleet.image(record).size == (edge.width + 16, edge.height)

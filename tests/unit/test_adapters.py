@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from routing.catalog import CATALOG
+from routing.catalog import CATALOG, footprint_gb, get_model
 from routing.classes import VramClass
 from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
@@ -89,7 +89,7 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 def test_the_speed_profile_applies_only_what_the_adapter_declares(small_models_dir: Path, tmp_path: Path):
     adapter = BaseOnlyZImage(ZIMAGE, str(small_models_dir / ZIMAGE.key), RUNTIME)
-    speed = prepare(adapter, ZIMAGE, VramClass.GPU16, _settings(tmp_path))
+    speed = prepare(adapter, ZIMAGE, VramClass.GPU80, _settings(tmp_path))  # a class that compiles it
 
     assert adapter.speed is speed
     assert (speed.compiled, speed.attention, speed.slot, speed.warmed) == (False, "native", None, [])
@@ -113,7 +113,7 @@ def test_an_adapter_declaring_loras_gets_a_lora_slot_that_the_pool_counts(
     settings = _settings(tmp_path, compile_profile="eager")
     weights = str(small_models_dir / ZIMAGE.key)
 
-    def load(spec: Any, offload: bool) -> Adapter:
+    def load(spec: Any, placement: Any) -> Adapter:
         adapter = ZImageAdapter(spec, weights, RUNTIME)
         prepare(adapter, spec, VramClass.GPU16, settings)
         return adapter
@@ -124,7 +124,9 @@ def test_an_adapter_declaring_loras_gets_a_lora_slot_that_the_pool_counts(
     assert adapter.capabilities.loras
     assert adapter.speed is not None and adapter.speed.slot is not None and not adapter.speed.compiled
     assert adapter.speed.extra_bytes > 0
-    assert pool.used_gb == pytest.approx(16 + adapter.speed.extra_bytes / 2**30)
+    footprint = footprint_gb(ZIMAGE, VramClass.GPU16)
+    assert footprint is not None
+    assert pool.used_gb == pytest.approx(footprint + adapter.speed.extra_bytes / 2**30)
 
 
 def test_evicting_an_adapter_that_holds_nothing_more_closes_it_quietly() -> None:
@@ -135,14 +137,16 @@ def test_evicting_an_adapter_that_holds_nothing_more_closes_it_quietly() -> None
         def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
             raise NotImplementedError
 
+    qwen, z = (footprint_gb(get_model(key), VramClass.GPU80) for key in ("qwen-image", "z-image-turbo"))
+    assert qwen is not None and z is not None
     evicted: list[str] = []
     pool = PipelinePool(
-        lambda spec, offload: Held(spec, "", RUNTIME),
+        lambda spec, placement: Held(spec, "", RUNTIME),
         VramClass.GPU80,
-        budget_gb=70,
+        budget_gb=qwen + z,
         on_change=lambda change, key: evicted.append(key) if change == "evict" else None,
     )
-    pool.get("qwen-image")  # 45 GB
-    pool.get("z-image-turbo")  # 16 GB: fits beside it
-    pool.get("qwen-image-edit")  # 60 GB: both go
-    assert evicted == ["qwen-image", "z-image-turbo"] and pool.resident == ["qwen-image-edit"]
+    pool.get("qwen-image")
+    pool.get("z-image-turbo")  # fits beside it
+    pool.get("qwen-image-edit")  # as big as qwen-image: that one goes
+    assert evicted == ["qwen-image"] and pool.resident == ["z-image-turbo", "qwen-image-edit"]

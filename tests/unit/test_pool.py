@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from routing.catalog import ModelSpec
+from routing.catalog import ModelSpec, footprint_gb, get_model
 from routing.classes import VramClass
+from routing.memory import Mode, Placement
 from worker.adapters.base import Adapter, Capabilities, Runtime
 from worker.pool import PipelinePool
 
@@ -19,9 +20,9 @@ class FakeAdapter(Adapter):
 
     capabilities = Capabilities()
 
-    def __init__(self, spec: ModelSpec, offload: bool):
-        super().__init__(spec, "", Runtime(device="cpu", dtype=None, offload=offload))
-        self.offload = offload
+    def __init__(self, spec: ModelSpec, placement: Placement):
+        super().__init__(spec, "", Runtime(device="cpu", dtype=None).placed(placement))
+        self.placement = placement
         self.closed = False
 
     def run(self, request: Any, inputs: Any, on_step: Any) -> Any:
@@ -31,12 +32,19 @@ class FakeAdapter(Adapter):
         self.closed = True
 
 
+def footprint(key: str, vram_class: VramClass) -> float:
+    """The predicted footprint the pool budgets for a model (routing.memory)."""
+    found = footprint_gb(get_model(key), vram_class)
+    assert found is not None
+    return found
+
+
 def make_pool(
-    vram_class: VramClass, budget_gb: int | None = None
+    vram_class: VramClass, budget_gb: float | None = None
 ) -> tuple[PipelinePool, list[tuple[str, str]]]:
     changes: list[tuple[str, str]] = []
     pool = PipelinePool(
-        lambda spec, offload: FakeAdapter(spec, offload),
+        FakeAdapter,
         vram_class,
         budget_gb=budget_gb,
         on_change=lambda change, key: changes.append((change, key)),
@@ -54,26 +62,35 @@ def test_a_resident_model_is_not_loaded_again():
     assert changes == [("load", "z-image-turbo")]
 
 
-def test_budget_for_two_of_three_evicts_the_least_recently_used():
-    # z-image 16 GB, qwen-image 45 GB, qwen-image-edit 60 GB: any two fit 110 GB, not all three.
-    pool, changes = make_pool(VramClass.GPU80, budget_gb=110)
+def test_a_budget_for_the_small_model_and_one_big_one_evicts_the_least_recently_used():
+    z, qwen = footprint("z-image-turbo", VramClass.GPU80), footprint("qwen-image", VramClass.GPU80)
+    edit = footprint("qwen-image-edit", VramClass.GPU80)
+    assert z + edit <= z + qwen < qwen + edit  # Z-Image beside either Qwen model, never both Qwen ones
+    pool, changes = make_pool(VramClass.GPU80, budget_gb=z + qwen)
     for key in ["z-image-turbo", "qwen-image", "z-image-turbo", "qwen-image-edit", "qwen-image"]:
         pool.get(key)
 
     assert pool.loads == {"z-image-turbo": 1, "qwen-image": 2, "qwen-image-edit": 1}
-    assert pool.evictions == {"qwen-image": 1, "z-image-turbo": 1}
-    assert pool.resident == ["qwen-image-edit", "qwen-image"]
-    assert pool.used_gb == 105 <= pool.budget_gb
-    assert [c for c in changes if c[0] == "evict"] == [("evict", "qwen-image"), ("evict", "z-image-turbo")]
+    # The edit model pushes out qwen-image (least recently used); qwen-image back pushes out both.
+    assert pool.evictions == {"qwen-image": 1, "z-image-turbo": 1, "qwen-image-edit": 1}
+    assert pool.resident == ["qwen-image"]
+    assert pool.used_gb == qwen <= pool.budget_gb
+    assert [c for c in changes if c[0] == "evict"] == [
+        ("evict", "qwen-image"),
+        ("evict", "z-image-turbo"),
+        ("evict", "qwen-image-edit"),
+    ]
 
 
-def test_offload_profile_follows_the_workers_class():
+def test_placement_follows_the_workers_class():
     small, _ = make_pool(VramClass.GPU16)
     big, _ = make_pool(VramClass.GPU80)
-    assert small.get("wan2.2-ti2v-5b").adapter.offload is True
-    assert small.used_gb == 16
-    assert big.get("wan2.2-ti2v-5b").adapter.offload is False
-    assert big.used_gb == 24
+    placed = small.get("wan2.2-ti2v-5b").adapter
+    assert placed.placement == Placement(Mode.MODEL_OFFLOAD, vae_tiling=True)
+    assert placed.runtime.offload and placed.runtime.vae_tiling
+    assert small.used_gb == footprint("wan2.2-ti2v-5b", VramClass.GPU16) <= 16
+    assert big.get("wan2.2-ti2v-5b").adapter.placement == Placement(Mode.RESIDENT)
+    assert big.used_gb == footprint("wan2.2-ti2v-5b", VramClass.GPU80)
 
 
 def test_a_model_too_big_for_the_class_is_refused_before_loading():
@@ -84,32 +101,37 @@ def test_a_model_too_big_for_the_class_is_refused_before_loading():
 
 
 def test_an_h100x8_worker_budgets_one_gpu_and_a_big_smaller_job_evicts_the_group():
-    # The pool's models run on the worker's GPU, rank 0's: S2V's rank takes 40 GB of its 80.
+    # The pool's models run on the worker's GPU, rank 0's, beside S2V's rank of the group.
     pool, changes = make_pool(VramClass.H100X8)
     assert pool.budget_gb == 80
+    s2v, z = footprint("wan2.2-s2v-14b", VramClass.H100X8), footprint("z-image-turbo", VramClass.H100X8)
+    ti2v = footprint("wan2.2-ti2v-5b", VramClass.H100X8)
+    assert s2v + z <= 80 < s2v + z + ti2v and z + ti2v <= 80
     group = pool.get("wan2.2-s2v-14b").adapter
-    pool.get("z-image-turbo")  # 16 GB: fits beside it
+    assert group.placement == Placement(Mode.SHARDED)
+    pool.get("z-image-turbo")  # fits beside it
     assert not group.closed and pool.resident == ["wan2.2-s2v-14b", "z-image-turbo"]
 
-    pool.get("qwen-image-edit")  # 60 GB: fits once the group (least recently used) is closed
+    pool.get("wan2.2-ti2v-5b")  # fits once the group (least recently used) is closed
 
     assert group.closed
-    assert pool.resident == ["z-image-turbo", "qwen-image-edit"] and pool.used_gb == 76
+    assert pool.resident == ["z-image-turbo", "wan2.2-ti2v-5b"] and pool.used_gb == z + ti2v
     assert ("evict", "wan2.2-s2v-14b") in changes
 
 
 def test_lora_memory_counts_in_the_budget():
-    # z-image 16 GB + qwen-image 45 GB fit a 62 GB budget; with qwen-image's LoRA slot and a
-    # loaded variant taking 2 GiB more they do not, so the least recently used goes.
+    # Z-Image and qwen-image fit a budget with 1 GiB to spare; with qwen-image's LoRA slot and
+    # a loaded variant taking 2 GiB more they do not, so the least recently used goes.
     lora_bytes = {"z-image-turbo": 0, "qwen-image": 2 * 2**30}
+    z, qwen = footprint("z-image-turbo", VramClass.GPU80), footprint("qwen-image", VramClass.GPU80)
 
-    def load(spec: ModelSpec, offload: bool) -> FakeAdapter:
-        adapter = FakeAdapter(spec, offload)
+    def load(spec: ModelSpec, placement: Placement) -> FakeAdapter:
+        adapter = FakeAdapter(spec, placement)
         adapter.use_speed(SimpleNamespace(extra_bytes=lora_bytes[spec.key]))
         return adapter
 
-    pool = PipelinePool(load, VramClass.GPU80, budget_gb=62)
+    pool = PipelinePool(load, VramClass.GPU80, budget_gb=z + qwen + 1)
     pool.get("z-image-turbo")
     pool.get("qwen-image")
     assert pool.resident == ["qwen-image"] and pool.evictions == {"z-image-turbo": 1}
-    assert pool.used_gb == 47
+    assert pool.used_gb == qwen + 2

@@ -7,10 +7,13 @@ import types
 import pytest
 from pydantic import ValidationError
 
+from routing import memory
 from routing.catalog import CATALOG, TaskKind, footprint_gb, get_model
 from routing.celery_config import celery_settings, make_celery, webhook_transport_options
 from routing.classes import Priority, VramClass, bigger_classes, consumed_queues, parse_queue, queue_name
 from routing.decision import escalate, route
+from routing.errors import InvalidRequest
+from routing.memory import Mode, Placement, Work, largest_request, placement, predict
 from routing.schemas import parse_request
 from routing.settings import Settings
 
@@ -85,7 +88,8 @@ def test_catalog_holds_the_twelve_models_with_their_classes():
             video = spec.video
             assert (video.default_frames - video.frames_offset) % video.frames_step == 0, spec.key
             assert (video.max_frames - video.frames_offset) % video.frames_step == 0, spec.key
-        assert footprint_gb(spec, spec.vram_class) is not None, spec.key
+        # A served model has memory data; an unreleased one is placed but never routed.
+        assert (footprint_gb(spec, spec.vram_class) is not None) is spec.served, spec.key
 
 
 def test_unknown_model_lookup_names_the_known_ones():
@@ -98,19 +102,43 @@ def test_z_image_routes_to_the_16gb_queue():
     assert decision.vram_class is VramClass.GPU16 and decision.queue == "gpu16"
 
 
-def test_z_image_with_guidance_takes_the_16gb_class_up_to_a_megapixel_then_the_80gb():
+def test_z_image_with_guidance_outgrows_the_16gb_class_sooner_than_turbo():
+    # Guidance (on by default) batches two passes a step: the largest square gpu16 takes is
+    # smaller than Turbo's, and one multiple above it goes to gpu80.
     for model, extra in (("z-image", {}), ("z-image-omni-base", {"kind": "text-to-image"})):
-        at_edge = route(parse_request({"model": model, "prompt": "x", "width": 1024, "height": 1024} | extra))
-        above = route(parse_request({"model": model, "prompt": "x", "width": 1024, "height": 1040} | extra))
-        assert (at_edge.queue, above.queue) == ("gpu16", "gpu80"), model
-    # Both classes that run them have a speed profile, as Turbo's: compiled, warmed at its sizes.
+        edge = largest_request(get_model(model), VramClass.GPU16).work
+        assert edge is not None and edge.guidance, model
+        side = edge.width if model == "z-image" else 1024
+        at_edge = route(parse_request({"model": model, "prompt": "x", "width": side, "height": side} | extra))
+        above = {"model": model, "prompt": "x", "width": 2048, "height": 2048} | extra
+        assert (at_edge.queue, route(parse_request(above)).queue) == ("gpu16", "gpu80"), model
+        unguided = route(parse_request(above | {"guidance_scale": 0.0}))
+        assert unguided.queue == "gpu16", model
+    z = largest_request(get_model("z-image"), VramClass.GPU16).work
+    assert z is not None
+    above = {"model": "z-image", "prompt": "x", "width": z.width + 16, "height": z.height}
+    assert route(parse_request(above)).queue == "gpu80"
+    # Both classes that run them have Turbo's speed profile: eager where offloaded (gpu16),
+    # compiled and warmed at its sizes on gpu80; and Turbo's placements.
     for model in ("z-image", "z-image-omni-base"):
-        speed = CATALOG[model].speed
-        assert speed.keys() == {VramClass.GPU16, VramClass.GPU80}, model
-        assert speed == CATALOG["z-image-turbo"].speed, model
+        assert CATALOG[model].speed == CATALOG["z-image-turbo"].speed, model
+        assert CATALOG[model].placements == CATALOG["z-image-turbo"].placements, model
     # Turbo runs without guidance: the 16 GB class takes all it allows.
     turbo = route(parse_request({"model": "z-image-turbo", "prompt": "x", "width": 2048, "height": 2048}))
     assert turbo.queue == "gpu16"
+
+
+def test_each_omni_base_input_image_counts_in_the_predicted_peak():
+    # Each image joins every pass with its latent and SigLIP2 tokens (at most one megapixel's).
+    spec = get_model("z-image-omni-base")
+    peaks = [predict(spec, VramClass.GPU16, Work(1024, 1024, 0, True, n)) for n in range(5)]
+    assert all(p is not None for p in peaks)
+    values = [p.peak_gib for p in peaks if p is not None]
+    assert values == sorted(values) and len(set(values)) == 5
+    images = [{"key": f"uploads/{i}.png"} for i in range(4)]
+    edit = {"model": "z-image-omni-base", "kind": "edit", "prompt": "x", "width": 1024, "height": 1024}
+    queues = [route(parse_request(edit | {"images": images[:n]})).queue for n in (1, 2, 4)]
+    assert queues == ["gpu16", "gpu80", "gpu80"]
 
 
 def test_celery_settings_for_long_gpu_jobs():
@@ -169,10 +197,15 @@ def test_the_queue_message_is_the_one_celery_builds():
     assert envelope["content-type"] == "application/json"
 
 
-def test_footprint_is_resident_where_it_fits_offloaded_where_only_that_fits():
+def test_footprint_is_the_predicted_peak_in_the_classes_placement():
     ti2v = get_model("wan2.2-ti2v-5b")
-    assert footprint_gb(ti2v, VramClass.GPU16) == 16  # offloaded
-    assert footprint_gb(ti2v, VramClass.GPU80) == 24  # resident
+    small, big = footprint_gb(ti2v, VramClass.GPU16), footprint_gb(ti2v, VramClass.GPU80)
+    # Offloaded on the 16 GiB card: one component at a time, within the card less the margin.
+    assert placement(ti2v, VramClass.GPU16) == Placement(Mode.MODEL_OFFLOAD, vae_tiling=True)
+    assert small is not None and small <= 16 - Settings().vram_margin_gib
+    # Resident on 80 GB: every component's weights at once, so more.
+    assert placement(ti2v, VramClass.GPU80) == Placement(Mode.RESIDENT)
+    assert big is not None and big > small
     assert footprint_gb(get_model("wan2.2-animate-14b"), VramClass.GPU16) is None
 
 
@@ -193,13 +226,44 @@ def route_model_default(key: str):
     return route(request)
 
 
-def test_a_video_too_big_for_the_16gb_class_goes_to_80gb():
-    spec = get_model("wan2.2-ti2v-5b")
-    base = {"model": "wan2.2-ti2v-5b", "width": 1280, "height": 704}
-    assert route(types.SimpleNamespace(**base, frames=121)).vram_class is VramClass.GPU16
-    assert route(types.SimpleNamespace(**base, frames=161)).vram_class is VramClass.GPU80
-    assert (
-        route(types.SimpleNamespace(**base | {"width": 640, "height": 352}, frames=241)).vram_class
-        is VramClass.GPU16
+def test_a_z_image_request_too_big_for_the_16gb_class_goes_to_80gb():
+    spec = get_model("z-image-turbo")
+    base = {"model": spec.key, "prompt": "x", "width": 2048, "height": 2048}
+    # Without guidance, 2048x2048 fits the 16 GiB card one component at a time...
+    assert route(parse_request(base)).vram_class is VramClass.GPU16
+    # ...with it, Z-Image batches two passes a step: the transformer's peak outgrows the card.
+    big = parse_request(base | {"guidance_scale": 4.0})
+    peak = memory.predict(spec, VramClass.GPU16, memory.work_of(big, spec))
+    assert peak is not None and peak.peak_gib > 16 - Settings().vram_margin_gib
+    assert route(big).vram_class is VramClass.GPU80
+    smaller = parse_request(base | {"guidance_scale": 4.0, "width": 1024, "height": 1024})
+    assert route(smaller).vram_class is VramClass.GPU16
+
+
+def test_a_request_no_class_holds_is_refused_naming_the_largest_that_fits():
+    request = parse_request({"model": "qwen-image", "prompt": "x", "width": 2048, "height": 2048})
+    peak = memory.predict(
+        get_model("qwen-image"), VramClass.GPU80, memory.work_of(request, get_model("qwen-image"))
     )
-    assert spec.video.max_frames == 241
+    # At the margin's edge: a card less a margin that still holds the peak takes it...
+    assert route(request, margin_gib=80 - peak.peak_gib).vram_class is VramClass.GPU80
+    # ...a hair more margin and no class does: refused, naming the size that fits.
+    with pytest.raises(InvalidRequest) as refused:
+        route(request, margin_gib=80 - peak.peak_gib + 0.05)
+    (error,) = refused.value.errors
+    assert error.field == "width" and "at most 2032x2032" in error.message and "qwen-image" in error.message
+    smaller = parse_request({"model": "qwen-image", "prompt": "x", "width": 2032, "height": 2032})
+    assert route(smaller, margin_gib=80 - peak.peak_gib + 0.05).vram_class is VramClass.GPU80
+
+
+def test_a_video_too_long_for_every_class_is_refused_naming_the_frames_that_fit():
+    spec = get_model("wan2.2-animate-14b")
+    request = types.SimpleNamespace(model=spec.key, width=1280, height=720, frames=617, guidance_scale=1.0)
+    with pytest.raises(InvalidRequest) as refused:
+        route(request, margin_gib=25)
+    (error,) = refused.value.errors
+    frames = int(error.message.rsplit("at most ", 1)[1].split()[0])
+    assert error.field == "frames" and frames < 617
+    assert route(types.SimpleNamespace(**vars(request) | {"frames": frames}), margin_gib=25).vram_class is (
+        VramClass.GPU80
+    )

@@ -6,10 +6,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
+from routing.memory import WORKER_MODES, Mode, Placement
 
 if TYPE_CHECKING:
     import torch
@@ -85,28 +86,51 @@ def count_placing(seconds: float) -> None:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where a pipeline runs: device and dtype, resolved once per worker process, and whether
-    models that do not fit the worker's class are offloaded (``place`` applies it)."""
+    """Where a pipeline runs: device and dtype, resolved once per worker process, and how the
+    worker's class places the model (``routing.memory.Placement``; ``place`` applies it)."""
 
     device: str
     dtype: torch.dtype
-    offload: bool = False
+    offload: bool = False  # model CPU offload: one component on the GPU at a time
+    vae_tiling: bool = False  # decode images larger than a tile in tiles
+    expert_offload: bool = False  # two experts, one on the GPU at a time: the adapter places them
 
     @property
     def profile(self) -> str:
-        return "offload" if self.offload else "resident"
+        mode = "expert-offload" if self.expert_offload else "model-offload" if self.offload else "resident"
+        return mode + (" + VAE tiling" if self.vae_tiling else "")
+
+    def placed(self, placement: Placement) -> Runtime:
+        """This runtime placing models as ``placement`` says. Modes the workers do not apply
+        (``routing.memory.WORKER_MODES``) are refused: the catalog never names them. Expert
+        offload is the two-expert adapter's own (``worker.adapters.wan.ExpertPlacement``): the
+        runtime records it, and ``place`` refuses it (no other adapter can apply it)."""
+        if placement.mode not in WORKER_MODES:
+            raise ValueError(f"workers do not place models in {placement.mode.value} mode")
+        return replace(
+            self,
+            offload=placement.mode is Mode.MODEL_OFFLOAD,
+            vae_tiling=placement.vae_tiling,
+            expert_offload=placement.mode is Mode.EXPERT_OFFLOAD,
+        )
 
     def place(self, pipe: Any) -> None:
-        """Put ``pipe`` on the device: whole, or with model CPU offload when ``offload`` is set.
+        """Put ``pipe`` on the device: whole, or with model CPU offload when ``offload`` is set;
+        with VAE tiling when ``vae_tiling`` is.
 
         Offload moves each component to the GPU only while it runs; on a CPU device there is
         nothing to offload to, so the pipeline simply stays where it is.
         """
+        if self.expert_offload:
+            raise ValueError("expert offload places a two-expert pipeline's parts itself, not the runtime")
         started = time.perf_counter()
         if self.offload and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload(device=self.device)
         else:
             pipe.to(self.device)
+        vae = getattr(pipe, "vae", None)
+        if self.vae_tiling and vae is not None and hasattr(vae, "enable_tiling"):
+            vae.enable_tiling()
         _placing[0] += time.perf_counter() - started
 
     def load(self, pipeline_class: str, weights: str, **components: Any) -> Any:
