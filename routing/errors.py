@@ -145,7 +145,7 @@ def field_error(error: Mapping[str, Any], kinds: Collection[str] = ()) -> FieldE
         return FieldError("kind", f"required, one of: {', '.join(sorted(kinds))}")
     if error["type"] == "extra_forbidden":
         return FieldError(field, "unknown field")
-    if error["type"] == "mix_inputs":
-        # Name the first missing field rather than the request as a whole.
-        return FieldError(error["ctx"]["missing"].split(", ")[0], error["msg"])
+    if error["type"] == "animate_form":
+        # Name the first field at fault rather than the request as a whole.
+        return FieldError(error["ctx"]["field"], error["msg"])
     return FieldError(field, error["msg"].removeprefix("Value error, "))

@@ -101,6 +101,7 @@ def _animate_request(**overrides: Any) -> SimpleNamespace:
     fields = dict(
         kind="animate",
         mode="move",
+        video=None,
         prompt="a person dancing",
         negative_prompt=None,
         width=64,

@@ -160,6 +160,8 @@ class WanAnimateAdapter(Adapter):
         mode = _ANIMATE_MODES.get(request.mode)
         if mode is None:
             raise ValueError(f"unknown animate mode {request.mode!r}; known: {', '.join(_ANIMATE_MODES)}")
+        if request.video is not None:
+            raise ValueError("animate from a video is not supported yet: send the precomputed videos")
         multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
         if request.width % multiple or request.height % multiple:
             raise ValueError(f"these weights need sizes in multiples of {multiple}")
