@@ -95,6 +95,7 @@ class ErrorType(StrEnum):
     EXPIRED = "expired"  # waited in its queue longer than the fleet's max_wait_s
     TOO_MANY_ATTEMPTS = "too_many_attempts"  # its worker died or stopped on every attempt (dead-lettered)
     GROUP_ERROR = "group_error"  # the GPU group running it died
+    NO_PERSON_FOUND = "no_person_found"  # animate's preprocessing found no person in its input
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,8 @@ driving motion), "mix" its ``replace`` mode (the character replaces the person i
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec
@@ -146,12 +148,48 @@ class WanAnimateAdapter(Adapter):
     capabilities = Capabilities(loras=True, compile=True)
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
+        from routing.settings import get_settings
+        from worker.adapters.wan_animate.preprocess import Preprocessor
+
         super().__init__(spec, weights, runtime)
+        settings = get_settings()
+        # The official preprocessing is imported (and its patches checked) here, at load; its
+        # models load with the first job from a photo and a video.
+        self.preprocessor = Preprocessor(
+            Path(weights) / "process_checkpoint",
+            runtime.device,
+            settings.preprocess_cache_dir,
+            settings.preprocess_cache_bytes,
+        )
         self.pipe = runtime.load("WanAnimatePipeline", weights)
 
     @property
     def pipeline(self) -> Any:
         return self.pipe
+
+    def prepare(self, request: Any, inputs: Inputs, timings: dict[str, float]) -> Inputs:
+        """From a photo and a video: the official preprocessing's videos, made or found in its
+        cache (``preprocess_cached`` 1 in ``timings``), beside the inputs the request brought."""
+        if request.video is None:
+            return inputs
+        from worker.adapters.wan_animate.preprocess import Options
+        from worker.media import decode_video
+
+        started = time.perf_counter()
+        options = Options(
+            mode=request.mode,
+            retarget=bool(request.retarget),
+            width=request.width,
+            height=request.height,
+            fps=self.spec.video.fps,
+        )
+        files, cached = self.preprocessor.run(inputs.stored["image"], inputs.stored["video"], options)
+        made = Inputs(dict(inputs), stored=inputs.stored, job_id=inputs.job_id)
+        for name, path in files.items():
+            made[name], made[f"{name}_fps"] = decode_video(path.read_bytes())
+        timings["preprocess_s"] = round(time.perf_counter() - started, 4)
+        timings["preprocess_cached"] = 1.0 if cached else 0.0
+        return made
 
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Video:
         pipe = self.pipe
@@ -160,8 +198,6 @@ class WanAnimateAdapter(Adapter):
         mode = _ANIMATE_MODES.get(request.mode)
         if mode is None:
             raise ValueError(f"unknown animate mode {request.mode!r}; known: {', '.join(_ANIMATE_MODES)}")
-        if request.video is not None:
-            raise ValueError("animate from a video is not supported yet: send the precomputed videos")
         multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
         if request.width % multiple or request.height % multiple:
             raise ValueError(f"these weights need sizes in multiples of {multiple}")
