@@ -222,6 +222,11 @@ class WanAnimateAdapter(Adapter):
         videos: dict[str, list[Image.Image]] = {}
         for name in names[1:]:
             if len(inputs[name]) < frames:
+                if request.video is not None:  # made from the caller's video: name what was sent
+                    raise ValueError(
+                        f"the video has {len(inputs[name])} frames at {self.spec.video.fps} fps, "
+                        f"fewer than the {frames} asked for"
+                    )
                 raise ValueError(f"{name} has {len(inputs[name])} frames, fewer than the {frames} asked for")
             videos[name] = list(inputs[name][:frames])
         size = (request.width, request.height)
