@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# The official Wan2.2 code for S2V, without the dependencies it declares (flash-attn, opencv,
 	# torchvision): the fleet gives it an SDPA attention path and its own media readers.
 	$(PY) -m pip install --quiet --no-deps wan22==2.2.11
+	# SAM2 for Animate's preprocessing, without its declared torchvision (a build for another
+	# torch breaks diffusers' imports) and, on machines without CUDA, without its CUDA kernel.
+	SAM2_BUILD_CUDA=$${SAM2_BUILD_CUDA:-0} $(PY) -m pip install --quiet --no-deps sam2==1.1.0
 	touch $(STAMP)
 
 redis:

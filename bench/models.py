@@ -8,7 +8,8 @@ loading an evicted one.
 One gpu80 worker (it consumes gpu80 and gpu16, so it runs every model here). For each model: the
 first job (cold: it loads the model), then N warm jobs; per job the fleet's own timings split
 the time into the pipeline call and everything else (queue, inputs, encode, store, bookkeeping).
-Then, with a budget that holds two models, it alternates between two resident models (no load
+Animate from a photo and a video: preprocessing's share of the job, each job on a video not seen
+before, then on one seen (its results found in the worker's cache). Then, with a budget that holds two models, it alternates between two resident models (no load
 expected) and brings back an evicted one (a load, timed). Redis database 1, its own prefix.
 """
 
@@ -41,8 +42,8 @@ def picture() -> bytes:
     return encode_png(Image.new("RGB", (64, 64), (120, 80, 200)))
 
 
-def clip() -> bytes:
-    return encode_mp4([Image.new("RGB", (64, 64), (10 * i, 50, 90)) for i in range(9)], 30)
+def clip(shade: int = 0) -> bytes:
+    return encode_mp4([Image.new("RGB", (64, 64), (10 * i + shade, 50, 90)) for i in range(9)], 30)
 
 
 def requests(client: Client) -> dict[str, dict]:
@@ -86,6 +87,31 @@ def requests(client: Client) -> dict[str, dict]:
     }
 
 
+def animate_from_video(client: Client, jobs: int) -> None:
+    """Preprocessing's share of an animate job made from a photo and a video (move mode)."""
+    request = {
+        "model": "wan2.2-animate-14b",
+        "mode": "move",
+        "prompt": "dance",
+        "image": client.upload(picture()),
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+    }
+    # The first job loads the preprocessing models; each job after it has a video of its own.
+    run(client, request | {"video": client.upload(clip(1))})
+    fresh = [run(client, request | {"video": client.upload(clip(2 + i))})[1] for i in range(jobs)]
+    seen = [run(client, request | {"video": client.upload(clip(2)), "seed": i})[1] for i in range(jobs)]
+    for label, timings in (("a new video", fresh), ("the same video", seen)):
+        preprocess = statistics.median(t["preprocess_s"] for t in timings)
+        whole = statistics.median(t["run_s"] for t in timings)
+        found = sum(t["preprocess_cached"] == 1.0 for t in timings)
+        print(
+            f"animate move from a photo and {label}: preprocessing p50 {preprocess:.3f} s of a "
+            f"{whole:.3f} s job ({100 * preprocess / whole:.1f}%), {found}/{len(timings)} found in the cache"
+        )
+
+
 def run(client: Client, request: dict) -> tuple[float, dict]:
     started = time.perf_counter()
     record = client.submit(request).wait(timeout_s=600)
@@ -110,6 +136,7 @@ def main() -> None:
             storage_dir=Path(scratch) / "objects",
             model_root=models_dir,
             worker_class="gpu80",
+            preprocess_cache_dir=Path(scratch) / "preprocess-cache",
         )
         print(
             f"per-model job time, CPU, small random-weight models, 2 steps, 64x64 "
@@ -125,6 +152,7 @@ def main() -> None:
                 print(
                     f"{model:<24} {cold:7.2f} {total:10.3f} {pipeline:10.3f} {100 * (total - pipeline) / total:8.1f}%"
                 )
+            animate_from_video(client, args.jobs)
 
         # Budget for two: z-image (16 GB) and qwen-image (45 GB) stay; qwen-image-edit (60 GB) evicts.
         switch = base.model_copy(update={"vram_budget_gb": 70, "key_prefix": base.key_prefix + "-switch"})

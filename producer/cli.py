@@ -5,6 +5,7 @@ or over the HTTP API (``--api URL --key KEY``, or FLEET_API_URL / FLEET_API_KEY:
 python -m producer submit z-image-turbo --prompt "a red fox" --width 512 --height 512 --wait
 python -m producer submit qwen-image-edit --prompt "add a hat" --image cat.png --wait --out out/
 python -m producer submit wan2.2-ti2v-5b --kind image-to-video --prompt "it moves" --image first.png
+python -m producer submit wan2.2-animate-14b --mode move --prompt "dance" --image me.png --video dance.mp4
 python -m producer submit wan2.2-animate-14b --mode move --prompt "dance" --image me.png \\
     --pose-video pose.mp4 --face-video face.mp4
 python -m producer submit wan2.2-s2v-14b --prompt "she sings" --image face.png --audio song.wav
@@ -40,6 +41,7 @@ _URL = re.compile(r"^https?://", re.IGNORECASE)
 # Flags that name one input medium, and the request field each fills.
 _MEDIA_FLAGS = {
     "audio": "audio",
+    "video": "video",
     "pose_video": "pose_video",
     "face_video": "face_video",
     "background_video": "background_video",
@@ -61,6 +63,7 @@ _PLAIN_FIELDS = (
     "output_quality",
     "frames",
     "mode",
+    "retarget",
     "clips",
     "variant",
 )
@@ -110,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quality", dest="output_quality", type=int, help="webp/jpeg quality, 1-100")
     submit.add_argument("--frames", type=int, help="video frames")
     submit.add_argument("--mode", choices=["move", "mix"], help="animate: move or mix")
+    submit.add_argument(
+        "--retarget",
+        action="store_true",
+        default=None,
+        help="animate, move mode from --video: fit the pose to the character's proportions",
+    )
     submit.add_argument("--clips", type=int, help="speech-to-video: at most this many clips")
     submit.add_argument("--variant", help="the model's variant (e.g. a distilled one)")
     media = submit.add_argument_group("input media: a local file (uploaded) or an http(s) URL")
@@ -121,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frame; animate: the character; speech-to-video: the face",
     )
     media.add_argument("--audio", help="speech-to-video: the speech or song")
+    media.add_argument("--video", help="animate: the driving video (move) or the scene (mix)")
     media.add_argument("--pose-video", help="animate: the driving pose video; speech-to-video: optional pose")
     media.add_argument("--face-video", help="animate: the driving face video")
     media.add_argument("--background-video", help="animate, mix mode")

@@ -95,6 +95,7 @@ class ErrorType(StrEnum):
     EXPIRED = "expired"  # waited in its queue longer than the fleet's max_wait_s
     TOO_MANY_ATTEMPTS = "too_many_attempts"  # its worker died or stopped on every attempt (dead-lettered)
     GROUP_ERROR = "group_error"  # the GPU group running it died
+    NO_PERSON_FOUND = "no_person_found"  # animate's preprocessing found no person in its input
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +146,7 @@ def field_error(error: Mapping[str, Any], kinds: Collection[str] = ()) -> FieldE
         return FieldError("kind", f"required, one of: {', '.join(sorted(kinds))}")
     if error["type"] == "extra_forbidden":
         return FieldError(field, "unknown field")
-    if error["type"] == "mix_inputs":
-        # Name the first missing field rather than the request as a whole.
-        return FieldError(error["ctx"]["missing"].split(", ")[0], error["msg"])
+    if error["type"] == "animate_form":
+        # Name the first field at fault rather than the request as a whole.
+        return FieldError(error["ctx"]["field"], error["msg"])
     return FieldError(field, error["msg"].removeprefix("Value error, "))

@@ -25,7 +25,7 @@ Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
 # Media fields that hold videos or audio; every other media field holds images.
-VIDEO_FIELDS = frozenset({"pose_video", "face_video", "background_video", "mask_video"})
+VIDEO_FIELDS = frozenset({"video", "pose_video", "face_video", "background_video", "mask_video"})
 AUDIO_FIELDS = frozenset({"audio"})
 
 
@@ -203,27 +203,73 @@ class ImageToVideoRequest(TextToVideoRequest):
 
 class AnimateRequest(RequestBase, VideoOutputFields):
     """Wan2.2-Animate. ``move``: the character in ``image`` performs the motion of the driving
-    video. ``mix``: the character replaces the person in the video. The pose, face, background and
-    mask videos are what Wan's preprocessing (pose estimation, face crops, segmentation) makes
-    from the driving video; see the README."""
+    video. ``mix``: the character replaces the person in the video.
+
+    A request comes in one of two forms. From a photo and a video: ``image`` and ``video`` (the
+    driving video in move mode, the scene in mix mode), and in move mode optionally ``retarget``
+    (the pose fitted to the character's proportions); the worker runs Wan's preprocessing (pose
+    estimation, face crops, segmentation) on them. Precomputed: ``image`` with the pose and face
+    videos, and in mix mode the background and mask videos, that preprocessing made elsewhere.
+    A request giving parts of both forms is refused, naming the fields. See the README."""
 
     kind: Literal[TaskKind.ANIMATE] = TaskKind.ANIMATE
     mode: Literal["move", "mix"]
     image: MediaRef
-    pose_video: MediaRef
-    face_video: MediaRef
+    video: MediaRef | None = None
+    retarget: bool | None = Field(default=None, strict=True)
+    pose_video: MediaRef | None = None
+    face_video: MediaRef | None = None
     background_video: MediaRef | None = None
     mask_video: MediaRef | None = None
     frames: int | None = Field(default=None, ge=1, le=10_000, strict=True)
 
+    @property
+    def precomputed(self) -> bool:
+        """Whether the request brings preprocessing's outputs rather than a video to run it on."""
+        return self.video is None
+
     @model_validator(mode="after")
-    def _mix_needs_background_and_mask(self) -> AnimateRequest:
-        missing = [name for name in ("background_video", "mask_video") if getattr(self, name) is None]
-        if self.mode == "mix" and missing:
+    def _one_form(self) -> AnimateRequest:
+        precomputed = [name for name in ANIMATE_PRECOMPUTED_FIELDS if getattr(self, name) is not None]
+        if self.video is not None:
+            if precomputed:
+                raise PydanticCustomError(
+                    "animate_form",
+                    "give video, or the precomputed {fields}, not both",
+                    {"fields": ", ".join(precomputed), "field": precomputed[0]},
+                )
+            if self.retarget is not None and self.mode != "move":
+                raise PydanticCustomError(
+                    "animate_form", "retarget is for move mode only", {"field": "retarget"}
+                )
+            return self
+        if self.retarget is not None:
             raise PydanticCustomError(
-                "mix_inputs", "required in mix mode: {missing}", {"missing": ", ".join(missing)}
+                "animate_form",
+                "retarget needs video: precomputed pose videos are used as they are",
+                {"field": "retarget"},
+            )
+        needed = ["pose_video", "face_video"]
+        if self.mode == "mix":
+            needed += ["background_video", "mask_video"]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing and not precomputed:
+            raise PydanticCustomError(
+                "animate_form",
+                "required: video (with image), or the precomputed {missing}",
+                {"missing": ", ".join(needed), "field": "video"},
+            )
+        if missing:
+            raise PydanticCustomError(
+                "animate_form",
+                "required in {mode} mode with precomputed inputs: {missing}",
+                {"mode": self.mode, "missing": ", ".join(missing), "field": missing[0]},
             )
         return self
+
+
+# What Wan-Animate's preprocessing makes from a video: the animate request's precomputed form.
+ANIMATE_PRECOMPUTED_FIELDS = ("pose_video", "face_video", "background_video", "mask_video")
 
 
 class SpeechToVideoRequest(RequestBase):

@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     # Where a worker keeps LoRA files by content hash, and how many bytes of them.
     lora_cache_dir: Path = Path("var/lora-cache")
     lora_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
+    # Animate's preprocessing results (pose, face, background and mask videos), by the content
+    # hashes of the photo, the video and the options: least recently used evicted past the bytes.
+    preprocess_cache_dir: Path = Path("var/preprocess-cache")
+    preprocess_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
     # A variant's LoRA file by "<model key>:<variant>", over the catalog's hub file (as
     # `weights` does for models).
     variant_weights: dict[str, str] = Field(default_factory=dict)

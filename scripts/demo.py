@@ -51,8 +51,9 @@ def picture(size: tuple[int, int], hue: int, label: str) -> Image.Image:
 
 
 def clip(size: tuple[int, int], frames: int, fps: int, kind: str) -> bytes:
-    """A short synthetic video standing in for what Wan's preprocessing makes from a driving
-    video (pose skeleton, face crop, background, person mask)."""
+    """A short synthetic video: a figure crossing a lit room (``dance``, what a caller films), or
+    one standing in for what Wan's preprocessing makes from it (pose skeleton, face crop,
+    background, person mask)."""
     w, h = size
     images = []
     for i in range(frames):
@@ -64,6 +65,9 @@ def clip(size: tuple[int, int], frames: int, fps: int, kind: str) -> bytes:
             draw.line((x - w // 8, 2 * h // 5, x + w // 8, 2 * h // 5), fill=(0, 255, 0), width=3)
         elif kind == "mask":
             draw.rectangle((x - w // 6, h // 6, x + w // 6, 5 * h // 6), fill=(255, 255, 255))
+        elif kind == "dance":
+            draw.ellipse((x - w // 10, h // 8, x + w // 10, h // 3), fill=(240, 200, 160))
+            draw.rectangle((x - w // 8, h // 3, x + w // 8, 7 * h // 8), fill=(60, 60, 200))
         elif kind == "face":
             draw.ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(240, 200, 160 + i % 40))
         images.append(image)
@@ -83,7 +87,8 @@ def jobs(client: Client) -> list[dict]:
     scene = client.upload(encode_png(picture((96, 64), 120, "scene")))
     anim = CATALOG["wan2.2-animate-14b"].video
     videos = {
-        kind: client.upload(clip((64, 64), 9, anim.fps, kind)) for kind in ("pose", "face", "bg", "mask")
+        kind: client.upload(clip((64, 64), 9, anim.fps, kind))
+        for kind in ("pose", "face", "bg", "mask", "dance")
     }
     return [
         {
@@ -181,6 +186,20 @@ def jobs(client: Client) -> list[dict]:
             "frames": 9,
             "steps": 2,
         },
+        # From only a photo and a video: the worker runs Wan-Animate's preprocessing on them.
+        *(
+            {
+                "model": "wan2.2-animate-14b",
+                "mode": mode,
+                "prompt": "a person dancing",
+                "image": person,
+                "video": videos["dance"],
+                "width": 64,
+                "height": 64,
+                "steps": 2,
+            }
+            for mode in ("move", "mix")
+        ),
         {
             # The small S2V checkpoint renders the 832*480 size within 128*64 pixels.
             "model": "wan2.2-s2v-14b",

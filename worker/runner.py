@@ -237,6 +237,8 @@ class JobRunner:
                 timings["load_s"] = round(checkout.load_s, 4)
                 timings["load_read_s"] = round(checkout.load_s - checkout.to_device_s, 4)
                 timings["load_to_device_s"] = round(checkout.to_device_s, 4)
+            # Preprocessing the request's media into the pipeline's inputs, where the model has any.
+            inputs = checkout.adapter.prepare(request, inputs, timings)
 
             # 3. Generate, reporting every step; stop at the first step after a cancel, or hand
             #    the job back at the first step after this worker began shutting down.

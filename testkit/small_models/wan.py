@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import T5Tokenizer, UMT5EncoderModel
 
-VERSION = 1
+VERSION = 2
 
 # Dimensions of the tiny text encoder; the transformers' ``text_dim`` must equal it.
 _TEXT_DIM = 32
@@ -346,6 +346,10 @@ def build_wan22_animate_14b(out: Path) -> None:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     _record_class(out, "image_processor", "CLIPImageProcessor")
+    # The official preprocessing's detector, pose model and SAM2, where the real repo keeps them.
+    from testkit.small_models.animate_preprocess import build_process_checkpoint
+
+    build_process_checkpoint(out / "process_checkpoint")
 
 
 def _record_class(out: Path, component: str, class_name: str) -> None:

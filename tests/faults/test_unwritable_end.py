@@ -78,6 +78,9 @@ class _Adapter:
         self.on_generated = on_generated
         self.speed = None
 
+    def prepare(self, request, inputs, timings):
+        return inputs
+
     def run(self, request, inputs, on_step):
         on_step(1, 1)
         self.on_generated()

@@ -148,6 +148,45 @@ def test_a_video_longer_than_the_limit(fleet, redis_client):
     )
 
 
+def _audio_only_mp4() -> bytes:
+    """An MP4 holding a second of silence and no video stream."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for i in range(16):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_an_animate_video_without_a_video_stream_or_over_the_limit_is_refused_naming_video(
+    fleet, redis_client
+):
+    # An upload is refused as not a video, so the file is put in the tenant's uploads directly:
+    # the submit check is what is under test.
+    fleet.storage.put("uploads/_/silence.mp4", _audio_only_mp4(), "video/mp4")
+    request = {"model": "wan2.2-animate-14b", "mode": "mix", "prompt": "x", "image": fleet.upload(PNG)}
+    refused(
+        fleet, redis_client, request | {"video": {"key": "uploads/_/silence.mp4"}}, "video", "no video stream"
+    )
+    # 617 frames at 30 fps is the limit: one frame past it is refused, the limit itself accepted.
+    over = fleet.upload(encode_mp4([Image.new("RGB", (16, 16))] * 618, 30))
+    refused(fleet, redis_client, request | {"video": over}, "video", "limit is 20.57 s")
+    before = queued(redis_client)
+    fleet.submit(request | {"video": fleet.upload(encode_mp4([Image.new("RGB", (16, 16))] * 617, 30))})
+    assert queued(redis_client) == before + 1
+
+
 def test_videos_over_the_jobs_pixel_cap_are_refused_naming_the_field(fleet_settings, redis_client):
     # Four 64x64 videos of 5 frames: 4 x 20,480 decoded pixels (each smaller than the output).
     one_video = 64 * 64 * 5

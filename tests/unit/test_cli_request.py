@@ -22,3 +22,23 @@ def test_the_cfg_options_are_flags_sent_only_when_given():
     assert "cfg_normalization" not in plain and "cfg_truncation" not in plain
     with pytest.raises(InvalidRequest, match="z-image-turbo does not take cfg_truncation"):
         parse_request(_request("z-image-turbo", "--prompt", "a fox", "--cfg-truncation", "0.5"))
+
+
+def test_animate_from_a_photo_and_a_video_is_two_files_and_retarget_only_when_given(tmp_path):
+    image, video = tmp_path / "me.png", tmp_path / "dance.mp4"
+    image.write_bytes(b"png"), video.write_bytes(b"mp4")
+    argv = (
+        "wan2.2-animate-14b",
+        "--mode",
+        "move",
+        "--prompt",
+        "dance",
+        "--image",
+        str(image),
+        "--video",
+        str(video),
+    )
+    request = _request(*argv)
+    assert request["video"] == {"key": str(video)} and "retarget" not in request
+    assert parse_request(request).video.key == str(video)
+    assert _request(*argv, "--retarget")["retarget"] is True

@@ -49,6 +49,9 @@ class _Adapter:
     def __init__(self, run):
         self._run = run
 
+    def prepare(self, request, inputs, timings):
+        return inputs
+
     def run(self, request, inputs, on_step):
         on_step(1, 2)
         return self._run()

@@ -101,6 +101,7 @@ def _animate_request(**overrides: Any) -> SimpleNamespace:
     fields = dict(
         kind="animate",
         mode="move",
+        video=None,
         prompt="a person dancing",
         negative_prompt=None,
         width=64,
@@ -239,6 +240,14 @@ def test_animate_move(animate: wan.WanAnimateAdapter) -> None:
         _animate_request(), {**_driving(), "pose_video": _video(12, (64, 48), 9)}, Steps()
     )
     assert _changed(out.frames, other_pose.frames) > 0.05
+
+
+def test_animate_from_a_video_too_short_for_the_frames_asked_names_the_video(
+    animate: wan.WanAnimateAdapter,
+) -> None:
+    request = _animate_request(video=SimpleNamespace(key="uploads/_/dance.mp4"), frames=13)
+    with pytest.raises(ValueError, match="the video has 12 frames at 30 fps, fewer than the 13 asked for"):
+        animate.run(request, _driving(frames=12), Steps())
 
 
 def test_animate_mix_uses_its_background(animate: wan.WanAnimateAdapter) -> None:

@@ -248,6 +248,11 @@ class Adapter(ABC):
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
         """Make the request's outputs, calling ``on_step`` after every denoising step."""
 
+    def prepare(self, request: Any, inputs: Inputs, timings: dict[str, float]) -> Inputs:
+        """Make what ``run`` takes from what the request brought, before the pipeline runs on
+        the same device (Animate's preprocessing); its seconds go into ``timings``."""
+        return inputs
+
     @property
     def pipeline(self) -> Any:
         """The diffusers pipeline whose transformer the speed profile acts on; None when the

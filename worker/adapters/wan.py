@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec, TaskKind
@@ -351,12 +352,48 @@ class WanAnimateAdapter(Adapter):
     capabilities = Capabilities(loras=True, compile=True)
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
+        from routing.settings import get_settings
+        from worker.adapters.wan_animate.preprocess import Preprocessor
+
         super().__init__(spec, weights, runtime)
+        settings = get_settings()
+        # The official preprocessing is imported (and its patches checked) here, at load; its
+        # models load with the first job from a photo and a video.
+        self.preprocessor = Preprocessor(
+            Path(weights) / "process_checkpoint",
+            runtime.device,
+            settings.preprocess_cache_dir,
+            settings.preprocess_cache_bytes,
+        )
         self.pipe = runtime.load("WanAnimatePipeline", weights)
 
     @property
     def pipeline(self) -> Any:
         return self.pipe
+
+    def prepare(self, request: Any, inputs: Inputs, timings: dict[str, float]) -> Inputs:
+        """From a photo and a video: the official preprocessing's videos, made or found in its
+        cache (``preprocess_cached`` 1 in ``timings``), beside the inputs the request brought."""
+        if request.video is None:
+            return inputs
+        from worker.adapters.wan_animate.preprocess import Options
+        from worker.media import decode_video
+
+        started = time.perf_counter()
+        options = Options(
+            mode=request.mode,
+            retarget=bool(request.retarget),
+            width=request.width,
+            height=request.height,
+            fps=self.spec.video.fps,
+        )
+        files, cached = self.preprocessor.run(inputs.stored["image"], inputs.stored["video"], options)
+        made = Inputs(dict(inputs), stored=inputs.stored, job_id=inputs.job_id)
+        for name, path in files.items():
+            made[name], made[f"{name}_fps"] = decode_video(path.read_bytes())
+        timings["preprocess_s"] = round(time.perf_counter() - started, 4)
+        timings["preprocess_cached"] = 1.0 if cached else 0.0
+        return made
 
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Video:
         pipe = self.pipe
@@ -389,6 +426,11 @@ class WanAnimateAdapter(Adapter):
         videos: dict[str, list[Image.Image]] = {}
         for name in names[1:]:
             if len(inputs[name]) < frames:
+                if request.video is not None:  # made from the caller's video: name what was sent
+                    raise ValueError(
+                        f"the video has {len(inputs[name])} frames at {self.spec.video.fps} fps, "
+                        f"fewer than the {frames} asked for"
+                    )
                 raise ValueError(f"{name} has {len(inputs[name])} frames, fewer than the {frames} asked for")
             videos[name] = list(inputs[name][:frames])
         size = (request.width, request.height)
