@@ -154,8 +154,9 @@ def main() -> None:
                 )
             animate_from_video(client, args.jobs)
 
-        # Budget for two: z-image (16 GB) and qwen-image (45 GB) stay; qwen-image-edit (60 GB) evicts.
-        switch = base.model_copy(update={"vram_budget_gb": 70, "key_prefix": base.key_prefix + "-switch"})
+        # Budget for two: z-image (19.1 GiB of predicted weights) and qwen-image (53.7) stay with
+        # room for a small job beside them; qwen-image-edit (53.7) evicts.
+        switch = base.model_copy(update={"vram_budget_gb": 76, "key_prefix": base.key_prefix + "-switch"})
         with WorkerProcess(switch, Path(scratch) / "w2.log").wait_ready(), Client(switch) as client:
             reqs = requests(client)
             run(client, reqs["z-image-turbo"])

@@ -49,7 +49,7 @@ from worker import held, liveness
 from worker.ahead import peek_next
 from worker.busy import share
 from worker.outcomes import TaskOutcomes
-from worker.pool import PipelinePool
+from worker.pool import CudaMemory, PipelinePool
 from worker.runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,14 @@ def get_runner() -> JobRunner:
                     pipe.hincrby(key, encode_label(model_key, vram_class.value, "count"), 1)
                     pipe.execute()
 
-        pool = PipelinePool(load, vram_class, budget_gb=settings.vram_budget_gb, on_change=count)
+        pool = PipelinePool(
+            load,
+            vram_class,
+            budget_gb=settings.vram_budget_gb,
+            on_change=count,
+            gpu=CudaMemory.of(runtime.device),
+            margin_gib=settings.vram_margin_gib,
+        )
         queues = consumed_queues(vram_class)
         _runner = JobRunner(
             store,

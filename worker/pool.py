@@ -1,14 +1,22 @@
 """The resident pipeline pool: each model is loaded once per worker process and kept.
 
-Models stay loaded while they fit the worker's VRAM budget; loading one that does not fit
-evicts the least recently used first. Loads and evictions are counted so tests and benchmarks
-can tell a warm job from a cold one.
+The pool budgets bytes of one GPU. The budget is the card's free memory when the worker
+starts, less the margin (``FLEET_VRAM_MARGIN_GIB``); on a machine without CUDA, the class's card
+(``routing.memory.CARDS``) less the margin. Each model is counted at its resident weights:
+measured on CUDA (the allocator's bytes before and after the load), else routing.memory's
+predicted weights for its placement (a small model's host bytes say nothing about the card it is
+counted against); ``weights_source`` says which. Before a job runs, its predicted peak beyond
+the weights its model keeps (routing.memory, the class's placement) must fit beside the resident
+models: the least recently used others are evicted until it does, and a job that does not fit
+even alone raises ``DoesNotFit`` (a ``MemoryError``), which the runner turns into a hand-off to
+the next bigger class. Loads and evictions are counted so tests and benchmarks can tell a warm
+job from a cold one.
 
-The budget is one GPU's memory: the pool's models all run on the worker process's GPU. On an
-h100x8 worker that GPU is also rank 0's, so the group's models count in the same budget (each
-at its footprint per rank), and a smaller class's job that does not fit beside them evicts the
-group: its ``close`` (``Adapter.close``, a no-op for most adapters) ends the group, which frees
-every rank's GPU, and the next group job starts a new one.
+On an h100x8 worker the GPU is also rank 0's, so the group's models count in the same budget
+(at their predicted weights per rank: the group's processes hold them, not this one), and a
+smaller class's job that does not fit beside them evicts the group: its ``close``
+(``Adapter.close``, a no-op for most adapters) ends the group, which frees every rank's GPU, and
+the next group job starts a new one.
 """
 
 from __future__ import annotations
@@ -19,16 +27,58 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from routing.catalog import ModelSpec, footprint_gb, get_model
+from routing.catalog import ModelSpec, get_model
 from routing.classes import VramClass
-from routing.memory import Placement, placement
+from routing.memory import Mode, Placement, Work, budget_gib, default_margin_gib, placement, predict
+from routing.memory.model import GIB, has_data
+from routing.memory.model import weights_gib as predicted_weights_gib
 from worker.adapters.base import Adapter, placing_seconds
 
 log = logging.getLogger(__name__)
 
 # Loads a model placed as the worker's class places it (routing.memory.Placement).
 Loader = Callable[[ModelSpec, Placement], Adapter]
+
+
+class DoesNotFit(MemoryError):
+    """A job whose predicted peak does not fit this worker's budget even with no other model
+    resident: a ``MemoryError``, so the runner hands it to the next bigger class."""
+
+
+class DeviceMemory(Protocol):
+    """The worker's GPU as the pool reads it."""
+
+    def free_bytes(self) -> int: ...
+
+    def allocated_bytes(self) -> int: ...
+
+
+class CudaMemory:
+    """A CUDA device's memory, read through torch's allocator."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    @classmethod
+    def of(cls, device: str) -> CudaMemory | None:
+        """The device's memory, or None where ``device`` is not a CUDA device this machine has."""
+        if not device.startswith("cuda"):
+            return None
+        import torch
+
+        return cls(device) if torch.cuda.is_available() else None
+
+    def free_bytes(self) -> int:
+        import torch
+
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def allocated_bytes(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated(self.device)
 
 
 @dataclass(frozen=True)
@@ -44,16 +94,40 @@ class PipelinePool:
         self,
         loader: Loader,
         vram_class: VramClass,
-        budget_gb: int | None = None,
+        budget_gb: float | None = None,
         on_change: Callable[[str, str], None] | None = None,
+        *,
+        gpu: DeviceMemory | None = None,
+        margin_gib: float | None = None,
     ):
+        """``budget_gb``: the budget as given (tests, ``FLEET_VRAM_BUDGET_GB``), else measured on
+        ``gpu`` (None: no CUDA here, the class's card). ``margin_gib``: kept free on the card
+        (None: the settings')."""
         self._loader = loader
         self.vram_class = vram_class
-        self.budget_gb = budget_gb if budget_gb is not None else vram_class.gpu_vram_gb
+        self._gpu = gpu
+        if budget_gb is not None:
+            self.budget_gb, self.budget_source = float(budget_gb), "given"
+        elif gpu is not None:
+            free_gib = gpu.free_bytes() / GIB
+            self.budget_gb = free_gib - (default_margin_gib() if margin_gib is None else margin_gib)
+            self.budget_source = "card free memory"
+            log.info(
+                "budget %.2f GiB: the card's %.2f GiB free at start less the margin", self.budget_gb, free_gib
+            )
+        else:
+            self.budget_gb, self.budget_source = budget_gib(vram_class, margin_gib), "class card"
+            log.info(
+                "no CUDA device: budget %.2f GiB, the %s class's card less the margin (nothing measured)",
+                self.budget_gb,
+                vram_class.value,
+            )
         self._on_change = on_change  # called with ("load" | "evict", model key)
         self._resident: OrderedDict[str, Adapter] = OrderedDict()
-        # Each model's predicted peak at the largest request the class takes (routing.memory).
-        self._footprint_gb: dict[str, float] = {}
+        # Each resident model's weights on the GPU (GiB, without its LoRA slot), and whether
+        # they were "measured" after its load or are routing.memory's "predicted" ones.
+        self.weights_gib: dict[str, float] = {}
+        self.weights_source: dict[str, str] = {}
         self.loads: dict[str, int] = {}
         # The last load of each model: (seconds in all, of which moving to the device).
         self.load_seconds: dict[str, tuple[float, float]] = {}
@@ -64,54 +138,112 @@ class PipelinePool:
         """Resident models, least recently used first."""
         return list(self._resident)
 
-    def get(self, model_key: str) -> Checkout:
+    @property
+    def used_gb(self) -> float:
+        """The resident models' weights, plus what their LoRA slots and loaded variants take
+        (measured on the loaded transformer, so it grows when a variant loads)."""
+        return sum(self._held_gib(key) for key in self._resident)
+
+    def get(self, model_key: str, work: Work | None = None) -> Checkout:
+        """The model, loaded if it is not resident, with room made for ``work`` (a request's
+        shape, routing.memory.work_of; None: loading only, as at start) beside it."""
+        spec = get_model(model_key)
+        where = placement(spec, self.vram_class)
+        if where is None or not has_data(spec.key):
+            raise DoesNotFit(f"{model_key} does not run on a {self.vram_class.value} worker")
+        need_gib = self._request_gib(spec, where, work)
         if model_key in self._resident:
             self._resident.move_to_end(model_key)
+            self._admit(model_key, self._held_gib(model_key), need_gib, work)
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
-        spec = get_model(model_key)
-        needed_gb = footprint_gb(spec, self.vram_class)
-        where = placement(spec, self.vram_class)
-        if needed_gb is None or where is None or needed_gb > self.budget_gb:
-            raise MemoryError(
-                f"{model_key} does not fit a {self.vram_class.value} worker ({self.budget_gb} GB budget)"
-            )
-        self._make_room(needed_gb)
+        # Room for the weights as predicted, before loading; then again as measured.
+        self._admit(model_key, self._predicted_gib(spec, where), need_gib, work)
         started, placed = time.perf_counter(), placing_seconds()
+        allocated = self._gpu.allocated_bytes() if self._gpu is not None else 0
         adapter = self._loader(spec, where)
         load_s = time.perf_counter() - started
         to_device_s = placing_seconds() - placed
+        self._record_weights(spec, where, adapter, allocated)
         self.load_seconds[model_key] = (load_s, to_device_s)
         self._resident[model_key] = adapter
-        self._footprint_gb[model_key] = needed_gb
         self.loads[model_key] = self.loads.get(model_key, 0) + 1
         if self._on_change is not None:
             self._on_change("load", model_key)
-        self._make_room(0.0, keep=model_key)  # its LoRA slot is measurable only now it is loaded
-        log.info("loaded %s in %.2f s (resident: %s)", model_key, load_s, ", ".join(self._resident))
+        log.info(
+            "loaded %s in %.2f s, %.2f GiB of weights (%s; resident: %s)",
+            model_key,
+            load_s,
+            self.weights_gib[model_key],
+            self.weights_source[model_key],
+            ", ".join(self._resident),
+        )
+        self._admit(model_key, self._held_gib(model_key), need_gib, work)
         return Checkout(adapter, loaded=True, load_s=load_s, to_device_s=to_device_s)
 
-    @property
-    def used_gb(self) -> float:
-        """The predicted footprints of the resident models, plus what their LoRA slots and loaded
-        variants take (measured on the loaded transformer, so it grows when a variant loads)."""
-        return sum(self._footprint_gb[key] + _lora_gb(self._resident[key]) for key in self._resident)
+    def _request_gib(self, spec: ModelSpec, where: Placement, work: Work | None) -> float:
+        """What ``work`` takes on the GPU beyond the weights its model keeps there: its predicted
+        peak less those weights (with model offload, the component it moves on as well)."""
+        if work is None:
+            return 0.0
+        found = predict(spec, self.vram_class, work)
+        assert found is not None  # placed, with memory data (checked by the caller)
+        return max(0.0, found.peak_gib - self._predicted_gib(spec, where))
 
-    def _make_room(self, needed_gb: float, keep: str | None = None) -> None:
-        while self._resident and self.used_gb + needed_gb > self.budget_gb:
-            if keep is not None and next(iter(self._resident)) == keep:
-                break
-            key, adapter = self._resident.popitem(last=False)
-            del self._footprint_gb[key]
-            self.evictions[key] = self.evictions.get(key, 0) + 1
-            try:
-                adapter.close()
-            except Exception:
-                log.exception("closing %s on eviction", key)
-            del adapter
-            _release_memory()
-            log.info("evicted %s", key)
-            if self._on_change is not None:
-                self._on_change("evict", key)
+    def _predicted_gib(self, spec: ModelSpec, where: Placement) -> float:
+        # Sharded: per rank of the class's GPUs.
+        ranks = self.vram_class.vram_gb // self.vram_class.gpu_vram_gb if where.mode is Mode.SHARDED else 1
+        return predicted_weights_gib(spec.key, where.mode, ranks)
+
+    def _record_weights(self, spec: ModelSpec, where: Placement, adapter: Adapter, allocated: int) -> None:
+        """A loaded model's weights: measured on CUDA (the slot its LoRAs go in is counted apart,
+        as it grows); predicted without CUDA, and for a sharded model, whose weights the group's
+        processes hold."""
+        if self._gpu is not None and where.mode is not Mode.SHARDED:
+            grown = self._gpu.allocated_bytes() - allocated
+            self.weights_gib[spec.key] = max(0.0, grown / GIB - _lora_gb(adapter))
+            self.weights_source[spec.key] = "measured"
+        else:
+            self.weights_gib[spec.key] = self._predicted_gib(spec, where)
+            self.weights_source[spec.key] = "predicted"
+
+    def _held_gib(self, key: str) -> float:
+        return self.weights_gib[key] + _lora_gb(self._resident[key])
+
+    def _admit(self, key: str, own_gib: float, need_gib: float, work: Work | None) -> None:
+        """Evict the least recently used other models until ``key`` at ``own_gib`` and the job's
+        ``need_gib`` fit beside the rest; raise ``DoesNotFit``, evicting nothing, when they do
+        not fit alone (the job goes to a bigger class; the resident models serve the next)."""
+        if own_gib + need_gib > self.budget_gb:
+            raise DoesNotFit(self._refusal(key, own_gib, need_gib, work))
+        while True:
+            others = [k for k in self._resident if k != key]
+            if sum(self._held_gib(k) for k in others) + own_gib + need_gib <= self.budget_gb:
+                return
+            self._evict(others[0])
+
+    def _refusal(self, key: str, own_gib: float, need_gib: float, work: Work | None) -> str:
+        shape = "" if work is None else f" at {work.width}x{work.height}"
+        shape += f", {work.frames} frames" if work is not None and work.frames else ""
+        source = self.weights_source.get(key, "predicted")
+        return (
+            f"{key}{shape} needs a predicted {need_gib:.2f} GiB beside its {own_gib:.2f} GiB of weights "
+            f"({source}): more than this {self.vram_class.value} worker's {self.budget_gb:.2f} GiB budget "
+            f"({self.budget_source})"
+        )
+
+    def _evict(self, key: str) -> None:
+        adapter = self._resident.pop(key)
+        del self.weights_gib[key], self.weights_source[key]
+        self.evictions[key] = self.evictions.get(key, 0) + 1
+        try:
+            adapter.close()
+        except Exception:
+            log.exception("closing %s on eviction", key)
+        del adapter
+        _release_memory()
+        log.info("evicted %s", key)
+        if self._on_change is not None:
+            self._on_change("evict", key)
 
 
 def _lora_gb(adapter: Adapter) -> float:

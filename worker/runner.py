@@ -22,6 +22,7 @@ from functools import partial
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from routing.catalog import get_model
 from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError, NotFound
@@ -33,6 +34,7 @@ from routing.jobs.expiry import FINISH_GRACE_S
 from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import JobStore
 from routing.limits import DEFAULT_LIMITS, RequestLimits
+from routing.memory import work_of
 from routing.schemas import RequestBase, parse_request
 from worker import outputs as output_files
 from worker.adapters.base import Generated, Inputs, JobCanceled
@@ -231,7 +233,9 @@ class JobRunner:
             inputs = self._inputs(job_id, request, timings)
             if inputs:
                 timings["inputs_s"] = round(time.perf_counter() - t0, 4)
-            checkout = self.pool.get(request.model)
+            # Room for the request's predicted peak beside the resident models, or the job is
+            # handed to a bigger class (``DoesNotFit``, a MemoryError) before anything runs.
+            checkout = self.pool.get(request.model, work_of(request, get_model(request.model)))
             if checkout.loaded:
                 # A cold start: reading the weights, and moving them to the device.
                 timings["load_s"] = round(checkout.load_s, 4)
@@ -474,7 +478,13 @@ class JobRunner:
         if moved.target is JobStatus.CANCELED:
             log.warning("job %s ran out of memory after its cancel was asked for; canceled", job_id)
             return Ended(JobStatus.CANCELED)
-        log.warning("job %s ran out of memory on %s; escalated to %s", job_id, current.value, new_queue)
+        log.warning(
+            "job %s ran out of memory on %s; escalated to %s (%s)",
+            job_id,
+            current.value,
+            new_queue,
+            error.message,
+        )
         return Requeued("escalated", new_queue, f"out of memory: to {new_queue}")
 
     def _inputs(self, job_id: str, request: RequestBase, timings: dict[str, float]) -> Inputs:

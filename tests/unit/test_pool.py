@@ -1,4 +1,5 @@
-"""The resident pipeline pool: load once, keep within the VRAM budget, evict least recently used."""
+"""The resident pipeline pool: load once, budget measured bytes of one GPU, make room for each
+request's predicted peak by evicting the least recently used, refuse what cannot fit alone."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
-from routing.catalog import ModelSpec, footprint_gb, get_model
+from routing.catalog import ModelSpec, get_model
 from routing.classes import VramClass
-from routing.memory import Mode, Placement
+from routing.memory import CARDS, Mode, Placement, Work, predict
+from routing.memory.model import GIB
+from routing.memory.model import weights_gib as predicted_weights_gib
 from worker.adapters.base import Adapter, Capabilities, Runtime
-from worker.pool import PipelinePool
+from worker.pool import DoesNotFit, PipelinePool
+
+SMALL = Work(64, 64)  # a request whose activations are next to nothing
+BIG = Work(2048, 2048, guidance=True)  # Z-Image's and Qwen-Image's largest
 
 
 class FakeAdapter(Adapter):
@@ -32,15 +39,42 @@ class FakeAdapter(Adapter):
         self.closed = True
 
 
-def footprint(key: str, vram_class: VramClass) -> float:
-    """The predicted footprint the pool budgets for a model (routing.memory)."""
-    found = footprint_gb(get_model(key), vram_class)
+class FakeGpu:
+    """The one thing here that cannot be real: a CUDA device. Its free memory is given; what is
+    allocated grows by the bytes of the parameters and buffers of real (small) torch modules
+    the loader places on it."""
+
+    def __init__(self, free_gib: float):
+        self.free_gib = free_gib
+        self.allocated = 0
+
+    def free_bytes(self) -> int:
+        return int(self.free_gib * GIB)
+
+    def allocated_bytes(self) -> int:
+        return self.allocated
+
+    def place(self, module: torch.nn.Module) -> int:
+        nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        self.allocated += nbytes
+        return nbytes
+
+
+def weights(key: str, vram_class: VramClass) -> float:
+    """routing.memory's predicted weights of the model as the class places it (GiB)."""
+    where = get_model(key).placements[vram_class]
+    return predicted_weights_gib(key, where.mode, 8 if where.mode is Mode.SHARDED else 1)
+
+
+def request_gib(key: str, vram_class: VramClass, work: Work) -> float:
+    """What a request takes beyond the weights its model keeps on the GPU."""
+    found = predict(get_model(key), vram_class, work)
     assert found is not None
-    return found
+    return found.peak_gib - weights(key, vram_class)
 
 
 def make_pool(
-    vram_class: VramClass, budget_gb: float | None = None
+    vram_class: VramClass, budget_gb: float | None = None, **kwargs: Any
 ) -> tuple[PipelinePool, list[tuple[str, str]]]:
     changes: list[tuple[str, str]] = []
     pool = PipelinePool(
@@ -48,71 +82,152 @@ def make_pool(
         vram_class,
         budget_gb=budget_gb,
         on_change=lambda change, key: changes.append((change, key)),
+        **kwargs,
     )
     return pool, changes
 
 
+def test_the_budget_is_the_cards_free_memory_at_start_less_the_margin():
+    """Catches a budget taken from the class's nominal card (or without the margin) on a GPU."""
+    on_gpu, _ = make_pool(VramClass.GPU16, gpu=FakeGpu(free_gib=21.5), margin_gib=2.0)
+    assert (on_gpu.budget_gb, on_gpu.budget_source) == (19.5, "card free memory")
+    # Without CUDA: the class's card, less the margin.
+    no_gpu, _ = make_pool(VramClass.GPU80, margin_gib=3.0)
+    assert (no_gpu.budget_gb, no_gpu.budget_source) == (CARDS[VramClass.GPU80].gib - 3.0, "class card")
+    given, _ = make_pool(VramClass.GPU80, budget_gb=40, gpu=FakeGpu(free_gib=70))
+    assert (given.budget_gb, given.budget_source) == (40, "given")
+
+
+def test_weights_are_measured_after_the_load_on_a_gpu_and_predicted_without_one():
+    """Catches weights taken from the prediction when the device measured them, a LoRA slot
+    counted twice (in the measure and again as the slot), or a sharded model (whose weights the
+    group's processes hold) measured in this process as nothing."""
+    gpu = FakeGpu(free_gib=80)
+    lora_bytes = 3 * 2**20
+    placed: dict[str, int] = {}
+
+    def load(spec: ModelSpec, placement: Placement) -> FakeAdapter:
+        adapter = FakeAdapter(spec, placement)
+        if placement.mode is not Mode.SHARDED:  # the group's ranks are other processes
+            module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))
+            placed[spec.key] = gpu.place(module)
+            gpu.allocated += lora_bytes  # the slot made while preparing the model
+            adapter.use_speed(SimpleNamespace(extra_bytes=lora_bytes))  # type: ignore[arg-type]
+        return adapter
+
+    pool = PipelinePool(load, VramClass.H100X8, gpu=gpu, margin_gib=2.0)
+    pool.get("z-image-turbo", SMALL)
+    pool.get("wan2.2-s2v-14b", SMALL)
+
+    # Linear weight and bias, float32; the norm's weight, bias, running mean and variance, and
+    # its int64 batch count.
+    assert placed["z-image-turbo"] == (64 * 64 + 64) * 4 + 4 * 64 * 4 + 8
+    assert pool.weights_gib["z-image-turbo"] == placed["z-image-turbo"] / GIB
+    assert pool.weights_source == {"z-image-turbo": "measured", "wan2.2-s2v-14b": "predicted"}
+    assert pool.weights_gib["wan2.2-s2v-14b"] == weights("wan2.2-s2v-14b", VramClass.H100X8) > 1
+    assert pool.used_gb == pytest.approx(
+        (placed["z-image-turbo"] + lora_bytes) / GIB + weights("wan2.2-s2v-14b", VramClass.H100X8)
+    )
+
+    no_gpu, _ = make_pool(VramClass.GPU80)
+    no_gpu.get("qwen-image")
+    assert no_gpu.weights_source == {"qwen-image": "predicted"}
+    assert no_gpu.weights_gib["qwen-image"] == weights("qwen-image", VramClass.GPU80) > 50
+
+
 def test_a_resident_model_is_not_loaded_again():
+    """Catches a pool that loads a model on every job."""
     pool, changes = make_pool(VramClass.GPU16)
-    first = pool.get("z-image-turbo")
-    second = pool.get("z-image-turbo")
+    first = pool.get("z-image-turbo", SMALL)
+    second = pool.get("z-image-turbo", SMALL)
     assert first.loaded and not second.loaded
     assert first.adapter is second.adapter
     assert pool.loads == {"z-image-turbo": 1}
     assert changes == [("load", "z-image-turbo")]
 
 
-def test_a_budget_for_the_small_model_and_one_big_one_evicts_the_least_recently_used():
-    z, qwen = footprint("z-image-turbo", VramClass.GPU80), footprint("qwen-image", VramClass.GPU80)
-    edit = footprint("qwen-image-edit", VramClass.GPU80)
-    assert z + edit <= z + qwen < qwen + edit  # Z-Image beside either Qwen model, never both Qwen ones
-    pool, changes = make_pool(VramClass.GPU80, budget_gb=z + qwen)
+def test_a_request_whose_peak_does_not_fit_beside_the_resident_models_evicts_them_first():
+    """Catches a pool that checks only the weights (a big request would then run out of memory
+    beside a resident model) or that evicts the model the request runs on."""
+    z, qwen = weights("z-image-turbo", VramClass.GPU80), weights("qwen-image", VramClass.GPU80)
+    big = request_gib("qwen-image", VramClass.GPU80, BIG)
+    small = request_gib("qwen-image", VramClass.GPU80, SMALL)
+    budget = max(z + qwen + small, qwen + big) + 0.5
+    assert budget < z + qwen + big
+    pool, changes = make_pool(VramClass.GPU80, budget_gb=budget)
+    pool.get("qwen-image", SMALL)
+    pool.get("z-image-turbo", SMALL)  # both resident: a small request fits beside them
+    pool.get("qwen-image", SMALL)
+    assert pool.resident == ["z-image-turbo", "qwen-image"] and changes[-1] == ("load", "z-image-turbo")
+
+    checkout = pool.get("qwen-image", BIG)
+
+    assert not checkout.loaded
+    assert pool.resident == ["qwen-image"] and changes[-1] == ("evict", "z-image-turbo")
+    assert pool.used_gb + big <= pool.budget_gb
+
+
+def test_a_request_that_cannot_fit_alone_is_refused_naming_the_limit_and_evicts_nothing():
+    """Catches a job let run into an out-of-memory error by arithmetic, a refusal that throws
+    out the resident models for a job that goes elsewhere, or a model loaded for nothing."""
+    pool, changes = make_pool(VramClass.GPU80, margin_gib=10.0)
+    pool.get("z-image-turbo", SMALL)
+    big = request_gib("qwen-image", VramClass.GPU80, BIG)
+    assert weights("qwen-image", VramClass.GPU80) + big > pool.budget_gb == 70
+
+    with pytest.raises(DoesNotFit, match=r"qwen-image at 2048x2048 needs a predicted .* 70\.00 GiB budget"):
+        pool.get("qwen-image", BIG)
+
+    assert pool.resident == ["z-image-turbo"] and changes == [("load", "z-image-turbo")]
+    with pytest.raises(MemoryError, match="does not run on a gpu16 worker"):  # the runner escalates
+        make_pool(VramClass.GPU16)[0].get("qwen-image", SMALL)
+
+
+def test_the_least_recently_used_model_is_evicted_first():
+    """Catches eviction in load order (or most recently used first) instead of by last use."""
+    z, qwen = weights("z-image-turbo", VramClass.GPU80), weights("qwen-image", VramClass.GPU80)
+    edit = weights("qwen-image-edit", VramClass.GPU80)
+    budget = z + qwen + 2  # and room for a small request's activations
+    assert z + edit <= budget < qwen + edit  # Z-Image beside either Qwen model, never both Qwen ones
+    pool, changes = make_pool(VramClass.GPU80, budget_gb=budget)
     for key in ["z-image-turbo", "qwen-image", "z-image-turbo", "qwen-image-edit", "qwen-image"]:
-        pool.get(key)
+        pool.get(key, SMALL)
 
     assert pool.loads == {"z-image-turbo": 1, "qwen-image": 2, "qwen-image-edit": 1}
     # The edit model pushes out qwen-image (least recently used); qwen-image back pushes out both.
-    assert pool.evictions == {"qwen-image": 1, "z-image-turbo": 1, "qwen-image-edit": 1}
-    assert pool.resident == ["qwen-image"]
-    assert pool.used_gb == qwen <= pool.budget_gb
     assert [c for c in changes if c[0] == "evict"] == [
         ("evict", "qwen-image"),
         ("evict", "z-image-turbo"),
         ("evict", "qwen-image-edit"),
     ]
+    assert pool.resident == ["qwen-image"] and pool.used_gb == qwen
 
 
 def test_placement_follows_the_workers_class():
+    """Catches a model placed the same way on every class (offloaded weights count nothing)."""
     small, _ = make_pool(VramClass.GPU16)
     big, _ = make_pool(VramClass.GPU80)
-    placed = small.get("wan2.2-ti2v-5b").adapter
+    placed = small.get("wan2.2-ti2v-5b", SMALL).adapter
     assert placed.placement == Placement(Mode.MODEL_OFFLOAD, vae_tiling=True)
     assert placed.runtime.offload and placed.runtime.vae_tiling
-    assert small.used_gb == footprint("wan2.2-ti2v-5b", VramClass.GPU16) <= 16
-    assert big.get("wan2.2-ti2v-5b").adapter.placement == Placement(Mode.RESIDENT)
-    assert big.used_gb == footprint("wan2.2-ti2v-5b", VramClass.GPU80)
-
-
-def test_a_model_too_big_for_the_class_is_refused_before_loading():
-    pool, changes = make_pool(VramClass.GPU16)
-    with pytest.raises(MemoryError, match="does not fit a gpu16 worker"):
-        pool.get("qwen-image")
-    assert changes == [] and pool.resident == []
+    assert small.used_gb == 0.0  # model offload keeps the weights in host memory
+    assert big.get("wan2.2-ti2v-5b", SMALL).adapter.placement == Placement(Mode.RESIDENT)
+    assert big.used_gb == weights("wan2.2-ti2v-5b", VramClass.GPU80) > 20
 
 
 def test_an_h100x8_worker_budgets_one_gpu_and_a_big_smaller_job_evicts_the_group():
+    """Catches a group kept resident (never closed) when a smaller class's job needs its GPU."""
     # The pool's models run on the worker's GPU, rank 0's, beside S2V's rank of the group.
-    pool, changes = make_pool(VramClass.H100X8)
-    assert pool.budget_gb == 80
-    s2v, z = footprint("wan2.2-s2v-14b", VramClass.H100X8), footprint("z-image-turbo", VramClass.H100X8)
-    ti2v = footprint("wan2.2-ti2v-5b", VramClass.H100X8)
-    assert s2v + z <= 80 < s2v + z + ti2v and z + ti2v <= 80
-    group = pool.get("wan2.2-s2v-14b").adapter
+    s2v, z = weights("wan2.2-s2v-14b", VramClass.H100X8), weights("z-image-turbo", VramClass.H100X8)
+    ti2v = weights("wan2.2-ti2v-5b", VramClass.H100X8)
+    pool, changes = make_pool(VramClass.H100X8, budget_gb=z + ti2v + 2)
+    assert s2v + z + 2 <= pool.budget_gb < s2v + z + ti2v
+    group = pool.get("wan2.2-s2v-14b", SMALL).adapter
     assert group.placement == Placement(Mode.SHARDED)
-    pool.get("z-image-turbo")  # fits beside it
+    pool.get("z-image-turbo", SMALL)  # fits beside it
     assert not group.closed and pool.resident == ["wan2.2-s2v-14b", "z-image-turbo"]
 
-    pool.get("wan2.2-ti2v-5b")  # fits once the group (least recently used) is closed
+    pool.get("wan2.2-ti2v-5b", SMALL)  # fits once the group (least recently used) is closed
 
     assert group.closed
     assert pool.resident == ["z-image-turbo", "wan2.2-ti2v-5b"] and pool.used_gb == z + ti2v
@@ -120,14 +235,15 @@ def test_an_h100x8_worker_budgets_one_gpu_and_a_big_smaller_job_evicts_the_group
 
 
 def test_lora_memory_counts_in_the_budget():
+    """Catches a LoRA slot (and its loaded variants) left out of the budget."""
     # Z-Image and qwen-image fit a budget with 1 GiB to spare; with qwen-image's LoRA slot and
     # a loaded variant taking 2 GiB more they do not, so the least recently used goes.
     lora_bytes = {"z-image-turbo": 0, "qwen-image": 2 * 2**30}
-    z, qwen = footprint("z-image-turbo", VramClass.GPU80), footprint("qwen-image", VramClass.GPU80)
+    z, qwen = weights("z-image-turbo", VramClass.GPU80), weights("qwen-image", VramClass.GPU80)
 
     def load(spec: ModelSpec, placement: Placement) -> FakeAdapter:
         adapter = FakeAdapter(spec, placement)
-        adapter.use_speed(SimpleNamespace(extra_bytes=lora_bytes[spec.key]))
+        adapter.use_speed(SimpleNamespace(extra_bytes=lora_bytes[spec.key]))  # type: ignore[arg-type]
         return adapter
 
     pool = PipelinePool(load, VramClass.GPU80, budget_gb=z + qwen + 1)

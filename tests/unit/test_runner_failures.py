@@ -14,6 +14,7 @@ import pytest
 import redis as redis_lib
 from PIL import Image
 
+from routing.catalog import get_model
 from routing.celery_config import make_celery
 from routing.classes import VramClass
 from routing.errors import ErrorType
@@ -22,9 +23,11 @@ from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore, NewJob
+from routing.memory import predict, work_of
+from routing.schemas import parse_request
 from routing.settings import Settings
 from worker.adapters.base import Generated, Images
-from worker.pool import Checkout
+from worker.pool import Checkout, PipelinePool
 from worker.runner import Ended, Finishing, JobRunner, Phase, Requeued, failure
 
 REQUEST = {"model": "z-image-turbo", "prompt": "a red fox", "width": 64, "height": 64, "steps": 2}
@@ -66,18 +69,17 @@ def store(redis_client: redis_lib.Redis) -> Iterator[JobStore]:
 def _runner(store: JobStore, tmp_path: Path, run) -> JobRunner:
     adapter = _Adapter(run)
     pool = SimpleNamespace(
-        vram_class=VramClass.GPU16, get=lambda model: Checkout(adapter, loaded=False, load_s=0.0)
+        vram_class=VramClass.GPU16, get=lambda model, work=None: Checkout(adapter, loaded=False, load_s=0.0)
     )
     # max_pending_outputs=0: step 4 runs on the calling thread, so its outcome is run()'s.
     return JobRunner(store, LocalStorage(tmp_path), pool, "gpu16@test:1:0", max_pending_outputs=0)  # type: ignore[arg-type]
 
 
-def _queued(store: JobStore) -> str:
+def _queued(store: JobStore, request: dict | None = None, vram_class: str = "gpu16") -> str:
     job_id = uuid.uuid4().hex
     queue = f"{store.keys.prefix}:messages"  # not a queue any worker reads
-    store.create(
-        [NewJob(job_id, "z-image-turbo", "text-to-image", json.dumps(REQUEST), "gpu16", (queue, "m"))]
-    )
+    body = json.dumps(request or REQUEST)
+    store.create([NewJob(job_id, "z-image-turbo", "text-to-image", body, vram_class, (queue, "m"))])
     return job_id
 
 
@@ -137,3 +139,63 @@ def test_the_one_mapping_from_exception_to_outcome(exc, phase, kind, escalates):
     found = failure(exc, phase)
     assert (found.error.type, found.escalate) == (kind, escalates)
     assert found.error.exception == type(exc).__name__
+
+
+BIG_REQUEST = REQUEST | {"width": 2048, "height": 2048}
+
+
+def _pool_runner(store: JobStore, tmp_path: Path, vram_class: VramClass, budget_gb: float) -> JobRunner:
+    """A runner over a real pool whose loader must never be called: the job is refused first."""
+
+    def load(spec, placement):
+        raise AssertionError(f"{spec.key} loaded for a job that cannot fit")
+
+    pool = PipelinePool(load, vram_class, budget_gb=budget_gb)
+    return JobRunner(
+        store, LocalStorage(tmp_path), pool, f"{vram_class.value}@test:1:0", max_pending_outputs=0
+    )
+
+
+def _big_peak_gib(vram_class: VramClass) -> float:
+    """BIG_REQUEST's predicted peak on one card of ``vram_class``."""
+    spec = get_model("z-image-turbo")
+    found = predict(spec, vram_class, work_of(parse_request(BIG_REQUEST), spec))
+    assert found is not None
+    return found.peak_gib
+
+
+def test_a_job_whose_predicted_peak_cannot_fit_the_pool_escalates_before_it_runs(
+    store: JobStore, tmp_path: Path
+):
+    """Catches a job the pool's arithmetic says cannot fit being run anyway (an out-of-memory
+    error on the card), or refused as a failure instead of handed to the bigger class."""
+    job_id = _queued(store, BIG_REQUEST)
+    store.client.delete("gpu80")
+    budget_gb = _big_peak_gib(VramClass.GPU16) - 0.5
+
+    outcome = _pool_runner(store, tmp_path, VramClass.GPU16, budget_gb=budget_gb).run(job_id)
+
+    assert outcome == Requeued("escalated", "gpu80", "out of memory: to gpu80")
+    record = store.get(job_id)
+    assert (record.status, record.queue, record.error.type, record.error.exception) == (
+        JobStatus.QUEUED,
+        "gpu80",
+        ErrorType.OUT_OF_MEMORY,
+        "DoesNotFit",
+    )
+    assert "z-image-turbo at 2048x2048 needs a predicted" in record.error.message
+    assert store.client.llen("gpu80") == 1
+    store.client.delete("gpu80")
+
+
+def test_a_job_that_fits_no_bigger_class_fails_naming_the_limit(store: JobStore, tmp_path: Path):
+    """Catches a job with nowhere bigger to go left queued or failed without saying the limit."""
+    job_id = _queued(store, BIG_REQUEST, vram_class="h100x8")
+
+    budget_gb = _big_peak_gib(VramClass.H100X8) - 0.5
+    outcome = _pool_runner(store, tmp_path, VramClass.H100X8, budget_gb=budget_gb).run(job_id)
+
+    record = store.get(job_id)
+    assert outcome == Ended(JobStatus.FAILED, record.error)
+    assert record.status is JobStatus.FAILED and record.error.type is ErrorType.OUT_OF_MEMORY
+    assert f"{budget_gb:.2f} GiB budget (given)" in record.error.message
