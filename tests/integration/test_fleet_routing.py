@@ -61,8 +61,8 @@ def test_a_bigger_worker_takes_its_own_queue_first(client: Client, start_worker,
 def test_pool_evicts_least_recently_used_within_its_budget(
     client: Client, start_worker, fleet_settings, redis_client
 ):
-    # Predicted on gpu80: z-image 29.2 GiB, qwen-image and qwen-image-edit 72.6 each: a budget of
-    # 102 holds Z-Image beside either Qwen model, never both Qwen models.
+    # Footprints predicted on gpu80 (routing.memory): a budget of 102 GiB holds Z-Image beside
+    # either Qwen model, never both Qwen models (asserted on the figures themselves below).
     z, qwen, edit_gib = (
         footprint_gb(get_model(key), VramClass.GPU80) or 0.0
         for key in ("z-image-turbo", "qwen-image", "qwen-image-edit")
