@@ -103,7 +103,7 @@ def test_a_refused_end_is_written_once_redis_takes_writes_again(server, store, t
 
     adapter = _Adapter(read_only_for_a_while)
     pool = SimpleNamespace(
-        vram_class=VramClass.GPU16, get=lambda model: Checkout(adapter, loaded=False, load_s=0.0)
+        vram_class=VramClass.GPU16, get=lambda model, work=None: Checkout(adapter, loaded=False, load_s=0.0)
     )
     runner = JobRunner(
         store, LocalStorage(tmp_path / "objects"), pool, "gpu16@test:1:0", max_pending_outputs=0

@@ -121,9 +121,28 @@ def commands_run(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
 
 
-def test_listing_queued_jobs_costs_a_bounded_number_of_commands_per_job_with_many_keys(
-    api, settings, redis_client
-):
+@pytest.fixture
+def own_server(settings: Settings, tmp_path: Path) -> Iterator[tuple[httpx.Client, redis.Redis]]:
+    """The API on a redis-server of the test's own, and a client of that server: its
+    ``commandstats`` count this test's commands only (on the suite's shared server other
+    processes' commands, a fixture's SCAN among them, land in the same counters)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = server.client()
+    own = settings.model_copy(update={"redis_url": server.url})
+    try:
+        with (
+            start_api(own, tmp_path) as process,
+            httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http,
+        ):
+            yield http, client
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_listing_queued_jobs_costs_a_bounded_number_of_commands_per_job_with_many_keys(own_server, settings):
+    api, redis_client = own_server
     keys = Keys(settings.key_prefix)
     for n in range(3):  # live workers, so that every job gets an ETA
         heartbeat(redis_client, keys, f"w{n}@host:1:{n}", VramClass.GPU16, ttl_s=600)

@@ -198,7 +198,7 @@ def test_edit_image_to_video_and_lora_jobs_from_local_files(
             [image] = edit_request["images"]
             assert image["key"].startswith("uploads/")
             [stored_lora] = fleet.get(with_lora.stdout.splitlines()[0]).request["loras"]
-            assert stored_lora == {"source": stored_lora["source"], "scale": 0.8}
+            assert stored_lora == {"source": stored_lora["source"], "scale": 0.8, "expert": "both"}
             assert stored_lora["source"].startswith("loras/")
             video_request = fleet.get(out.splitlines()[0]).request
             assert video_request["image"]["key"].startswith("uploads/")

@@ -284,10 +284,11 @@ def test_a_smaller_job_that_does_not_fit_beside_the_group_evicts_it_and_s2v_star
     [log] = _logs(group_logs)
     pids = _rank_pids(log)
 
-    # A gpu80 job the idle h100x8 worker takes: Qwen-Image's predicted 72.6 GiB do not fit beside
-    # S2V's rank (23.8 GiB predicted) on rank 0's 80 GB GPU, so the group is closed first.
+    # A gpu80 job the idle h100x8 worker takes: Qwen-Image at 2048x2048, predicted at 72.6 GiB,
+    # does not fit beside S2V's rank weights (7.2 GiB predicted) in rank 0's 78 GiB budget (80 GB
+    # less the margin), so the group is closed first. (At 64x64, 54.7 GiB, it would fit beside.)
     spilled = client.submit(
-        {"model": "qwen-image", "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
+        {"model": "qwen-image", "prompt": "a lighthouse", "width": 2048, "height": 2048, "steps": 2}
     )
     spilled_record = spilled.wait(timeout_s=180)
     assert spilled_record.status is JobStatus.SUCCEEDED, spilled_record.error
