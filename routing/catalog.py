@@ -153,6 +153,20 @@ class ModelSpec:
     released: bool = True
 
 
+def _wan_lightning(folder: str) -> Variant:
+    """A Wan2.2-Lightning 4-step variant of an A14B model: one LoRA per expert in ``folder`` of the
+    repository, run at the flow shift they were distilled with."""
+    return Variant(
+        "lightning-4",
+        4,
+        1.0,
+        _WAN_LIGHTNING,
+        f"{folder}/high_noise_model.safetensors",
+        lora_file_2=f"{folder}/low_noise_model.safetensors",
+        flow_shift=5.0,
+    )
+
+
 def _variants(*variants: Variant) -> dict[str, Variant]:
     return {variant.key: variant for variant in variants}
 
@@ -408,15 +422,7 @@ CATALOG: dict[str, ModelSpec] = {
             served=True,
             lora_modules=_WAN_A14B_LORA,
             variants=_variants(
-                Variant(
-                    "lightning-4",
-                    4,
-                    1.0,
-                    _WAN_LIGHTNING,
-                    "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/high_noise_model.safetensors",
-                    lora_file_2="Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1/low_noise_model.safetensors",
-                    flow_shift=5.0,
-                ),
+                _wan_lightning("Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"),
             ),
         ),
         ModelSpec(
@@ -439,15 +445,7 @@ CATALOG: dict[str, ModelSpec] = {
             served=True,
             lora_modules=_WAN_A14B_LORA,
             variants=_variants(
-                Variant(
-                    "lightning-4",
-                    4,
-                    1.0,
-                    _WAN_LIGHTNING,
-                    "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/high_noise_model.safetensors",
-                    lora_file_2="Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/low_noise_model.safetensors",
-                    flow_shift=5.0,
-                ),
+                _wan_lightning("Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"),
             ),
         ),
         ModelSpec(

@@ -152,15 +152,21 @@ def small_models_dir() -> Path:
     return parallel.small_models(ROOT / "var" / "small-models")
 
 
-@pytest.fixture
-def fleet_settings(redis_url: str, small_models_dir: Path, tmp_path: Path) -> Settings:
-    """Settings for one test: its own key prefix and object store directory, and empty queues
-    (a test that left messages behind must not hand them to the next test's workers)."""
+def empty_queues(redis_url: str) -> None:
+    """Delete every class queue and the webhook queue in ``redis_url``'s database, so messages a
+    test left behind are not handed to the next test's workers."""
     client = redis_lib.Redis.from_url(redis_url)
     for pattern in ("gpu16*", "gpu80*", "h100x8*", "webhooks*"):
         for key in client.scan_iter(pattern):
             client.delete(key)
     client.close()
+
+
+@pytest.fixture
+def fleet_settings(redis_url: str, small_models_dir: Path, tmp_path: Path) -> Settings:
+    """Settings for one test: its own key prefix and object store directory, and empty queues
+    (a test that left messages behind must not hand them to the next test's workers)."""
+    empty_queues(redis_url)
     return Settings(
         redis_url=redis_url,
         key_prefix=f"test-{uuid.uuid4().hex[:8]}",

@@ -231,17 +231,7 @@ def build_wan22_t2v_a14b(out: Path) -> None:
     """Tiny Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts over 16-channel latents, boundary 0.875."""
     from diffusers import WanPipeline
 
-    tokenizer = t5_tokenizer()
-    pipe = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=_umt5_encoder(tokenizer),
-        vae=_wan21_vae(),
-        scheduler=_flow_unipc(),
-        transformer=_a14b_expert(16, seed=1),
-        transformer_2=_a14b_expert(16, seed=2),
-        boundary_ratio=0.875,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    _build_a14b(out, WanPipeline, in_channels=16, boundary_ratio=0.875)
 
 
 def build_wan22_i2v_a14b(out: Path) -> None:
@@ -249,15 +239,19 @@ def build_wan22_i2v_a14b(out: Path) -> None:
     (16 + 4 mask + 16 = 36 channels), no image encoder, boundary 0.9."""
     from diffusers import WanImageToVideoPipeline
 
+    _build_a14b(out, WanImageToVideoPipeline, in_channels=36, boundary_ratio=0.9)
+
+
+def _build_a14b(out: Path, pipeline_class: type, in_channels: int, boundary_ratio: float) -> None:
     tokenizer = t5_tokenizer()
-    pipe = WanImageToVideoPipeline(
+    pipe = pipeline_class(
         tokenizer=tokenizer,
         text_encoder=_umt5_encoder(tokenizer),
         vae=_wan21_vae(),
         scheduler=_flow_unipc(),
-        transformer=_a14b_expert(36, seed=1),
-        transformer_2=_a14b_expert(36, seed=2),
-        boundary_ratio=0.9,
+        transformer=_a14b_expert(in_channels, seed=1),
+        transformer_2=_a14b_expert(in_channels, seed=2),
+        boundary_ratio=boundary_ratio,
     )
     pipe.save_pretrained(out, safe_serialization=True)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis as redis_lib
 from diffusers import UniPCMultistepScheduler
 from PIL import Image, ImageDraw
 
@@ -23,6 +22,7 @@ from routing.io.storage import LocalStorage
 from routing.jobs.record import JobRecord, JobStatus
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
+from tests.conftest import empty_queues
 from worker.media import decode_video, encode_png
 
 pytestmark = pytest.mark.integration
@@ -46,11 +46,7 @@ def fleet(
             path = build_lora(small_models_dir / key, key, out, seed=seed, subfolder=subfolder)
             variant_weights[f"{key}:lightning-4{suffix}"] = str(path)
     loras = {"style": build_lora(small_models_dir / T2V, T2V, tmp / "style.safetensors", seed=3).read_bytes()}
-    queues = redis_lib.Redis.from_url(redis_url)
-    for pattern in ("gpu16*", "gpu80*", "h100x8*"):
-        for key in queues.scan_iter(pattern):
-            queues.delete(key)
-    queues.close()
+    empty_queues(redis_url)
     settings = Settings(
         redis_url=redis_url,
         key_prefix=f"test-{uuid.uuid4().hex[:8]}",

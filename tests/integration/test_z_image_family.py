@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis as redis_lib
 from PIL import Image, ImageDraw
 
 from localfleet.process import WorkerProcess
@@ -28,6 +27,7 @@ from routing.memory import largest_request
 from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
+from tests.conftest import empty_queues
 from worker.media import encode_png
 
 pytestmark = pytest.mark.integration
@@ -60,11 +60,7 @@ def fleet(
     redis_url: str, small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("z-image-family")
-    raw = redis_lib.Redis.from_url(redis_url)
-    for pattern in ("gpu16*", "gpu80*", "h100x8*"):
-        for key in raw.scan_iter(pattern):
-            raw.delete(key)
-    raw.close()
+    empty_queues(redis_url)
     settings = Settings(
         redis_url=redis_url,
         key_prefix=f"test-{uuid.uuid4().hex[:8]}",

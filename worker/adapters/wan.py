@@ -105,27 +105,8 @@ class WanTI2VAdapter(Adapter):
         image_to_video = request.kind == "image-to-video"
         pipe = self.i2v if image_to_video else self.t2v
 
-        # 1. Check inputs: the request was validated against the catalog at submit; the pipeline
-        #    must agree, or the catalog is wrong for these weights. It would otherwise round the
-        #    size and frame count silently and return something other than what was asked for.
-        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
-        if request.width % multiple or request.height % multiple:
-            raise ValueError(f"these weights need sizes in multiples of {multiple}")
-        temporal = pipe.vae_scale_factor_temporal
-        if request.frames < 1 or (request.frames - 1) % temporal:
-            raise ValueError(f"frames must be {temporal}k+1 for these weights (got {request.frames})")
-        extra: dict[str, Any] = {}
-        if image_to_video:
-            image = inputs.get("image")
-            if image is None:
-                raise ValueError("image-to-video needs an input image")
-            # The image becomes the first frame: crop it to the video's aspect ratio rather
-            # than let the pipeline stretch it.
-            from PIL import Image, ImageOps
-
-            extra["image"] = ImageOps.fit(
-                image.convert("RGB"), (request.width, request.height), Image.Resampling.LANCZOS
-            )
+        # 1. Check inputs (see checked_video_inputs).
+        extra = checked_video_inputs(pipe, request, inputs, image_to_video)
 
         # 2. Seed: drawn here when the caller gave none, and reported so the video can be redone.
         seed, generator = seeded_generator(request.seed)
@@ -240,25 +221,8 @@ class WanA14BAdapter(Adapter):
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Video:
         pipe = self.pipe
 
-        # 1. Check inputs: the pipeline must agree with what the catalog accepted at submit, or it
-        #    would round the size and frame count silently.
-        multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
-        if request.width % multiple or request.height % multiple:
-            raise ValueError(f"these weights need sizes in multiples of {multiple}")
-        temporal = pipe.vae_scale_factor_temporal
-        if request.frames < 1 or (request.frames - 1) % temporal:
-            raise ValueError(f"frames must be {temporal}k+1 for these weights (got {request.frames})")
-        extra: dict[str, Any] = {}
-        if self.image_to_video:
-            image = inputs.get("image")
-            if image is None:
-                raise ValueError("image-to-video needs an input image")
-            from PIL import Image, ImageOps
-
-            # The image becomes the first frame: cropped to the video's aspect ratio, not stretched.
-            extra["image"] = ImageOps.fit(
-                image.convert("RGB"), (request.width, request.height), Image.Resampling.LANCZOS
-            )
+        # 1. Check inputs (see checked_video_inputs).
+        extra = checked_video_inputs(pipe, request, inputs, self.image_to_video)
 
         # 2. Seed: drawn here when the caller gave none, and reported so the video can be redone.
         seed, generator = seeded_generator(request.seed)
@@ -481,3 +445,27 @@ def _segment_count(frames: int, segment: int, continuation: int) -> int:
     first, each adds ``segment - continuation`` new frames; the last is padded to full length."""
     step = segment - continuation
     return -(-(frames - continuation) // step)
+
+
+def checked_video_inputs(pipe: Any, request: Any, inputs: Inputs, image_to_video: bool) -> dict[str, Any]:
+    """The pipeline call's input arguments (an image-to-video job's first frame), once the request
+    is checked against these weights. The request was validated against the catalog at submit;
+    the pipeline must agree, or the catalog is wrong for these weights: it would otherwise round
+    the size and frame count silently and return something other than what was asked for."""
+    multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    if request.width % multiple or request.height % multiple:
+        raise ValueError(f"these weights need sizes in multiples of {multiple}")
+    temporal = pipe.vae_scale_factor_temporal
+    if request.frames < 1 or (request.frames - 1) % temporal:
+        raise ValueError(f"frames must be {temporal}k+1 for these weights (got {request.frames})")
+    if not image_to_video:
+        return {}
+    image = inputs.get("image")
+    if image is None:
+        raise ValueError("image-to-video needs an input image")
+    from PIL import Image, ImageOps
+
+    # The image becomes the first frame: cropped to the video's aspect ratio, not stretched.
+    return {
+        "image": ImageOps.fit(image.convert("RGB"), (request.width, request.height), Image.Resampling.LANCZOS)
+    }

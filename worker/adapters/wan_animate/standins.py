@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import sys
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from worker.adapters.wan_s2v.standins import PyAVVideoReader
+from worker.adapters.wan_s2v.standins import PyAVVideoReader, in_sys_modules
 
 
 class VideoReader(PyAVVideoReader):
@@ -122,13 +121,5 @@ def while_importing() -> Iterator[None]:
         modules["moviepy"] = modules["moviepy.editor"] = moviepy_module()
     if importlib.util.find_spec("loguru") is None:
         modules["loguru"] = _loguru_module()
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
+    with in_sys_modules(modules):
         yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module

@@ -219,6 +219,13 @@ def while_importing() -> Iterator[None]:
         modules["decord"] = decord_module()
     if not torchvision_importable():
         modules.update(torchvision_modules())
+    with in_sys_modules(modules):
+        yield
+
+
+@contextlib.contextmanager
+def in_sys_modules(modules: dict[str, types.ModuleType]) -> Iterator[None]:
+    """``modules`` in ``sys.modules`` for the block; the modules there before are back after."""
     saved = {name: sys.modules.get(name) for name in modules}
     sys.modules.update(modules)
     try:
