@@ -134,7 +134,7 @@ def _flow_unipc() -> UniPCMultistepScheduler:
 def build_wan22_ti2v_5b(out: Path) -> None:
     """Tiny Wan-AI/Wan2.2-TI2V-5B-Diffusers: 48-channel latents, 16x VAE, 2x2 patches, 4x time."""
     import torch
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, WanPipeline
 
     torch.manual_seed(0)
     # The Wan2.2 VAE: a residual encoder/decoder over 2x2 pixel patches (12 = 3 * 2 * 2 channels)
@@ -156,22 +156,7 @@ def build_wan22_ti2v_5b(out: Path) -> None:
     _measure_latent_stats(vae)
 
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=48,
-        out_channels=48,
-        text_dim=_TEXT_DIM,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        # The real model's RoPE length: the tiny one then accepts every size the catalog allows.
-        rope_max_seq_len=1024,
-    )
-    _sharpen_cross_attention(transformer)
+    transformer = _tiny_wan_transformer(in_channels=48, out_channels=48)
 
     tokenizer = t5_tokenizer()
     pipe = WanPipeline(
@@ -206,21 +191,28 @@ def _wan21_vae() -> AutoencoderKLWan:
 def _a14b_expert(in_channels: int, seed: int) -> torch.nn.Module:
     """One tiny A14B expert; each expert its own seed, so the two differ as the real ones do."""
     import torch
-    from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
+    return _tiny_wan_transformer(in_channels=in_channels, out_channels=16)
+
+
+def _tiny_wan_transformer(in_channels: int, out_channels: int) -> torch.nn.Module:
+    """A two-layer Wan transformer drawn from the current seed, its cross-attention sharpened."""
+    from diffusers import WanTransformer3DModel
+
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
         in_channels=in_channels,
-        out_channels=16,
+        out_channels=out_channels,
         text_dim=_TEXT_DIM,
         freq_dim=256,
         ffn_dim=32,
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
+        # The real model's RoPE length: the tiny one then accepts every size the catalog allows.
         rope_max_seq_len=1024,
     )
     _sharpen_cross_attention(transformer)

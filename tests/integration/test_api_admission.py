@@ -122,10 +122,11 @@ def commands_run(client: redis.Redis) -> dict[str, int]:
 
 
 @pytest.fixture
-def own_server(settings: Settings, tmp_path: Path) -> Iterator[tuple[httpx.Client, redis.Redis]]:
-    """The API on a redis-server of the test's own, and a client of that server: its
-    ``commandstats`` count this test's commands only (on the suite's shared server other
-    processes' commands, a fixture's SCAN among them, land in the same counters)."""
+def own_server(settings: Settings, tmp_path: Path) -> Iterator[tuple[httpx.Client, redis.Redis, ApiProcess]]:
+    """The API on a redis-server of the test's own, a client of that server, and the API's
+    process: its ``commandstats`` count this test's commands only, and it may be made to drop
+    and refuse every client (on the suite's shared server other processes' commands land in the
+    same counters, and their connections would be dropped too)."""
     server = RedisServer(tmp_path / "redis")
     server.start()
     client = server.client()
@@ -135,14 +136,14 @@ def own_server(settings: Settings, tmp_path: Path) -> Iterator[tuple[httpx.Clien
             start_api(own, tmp_path) as process,
             httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http,
         ):
-            yield http, client
+            yield http, client, process
     finally:
         client.close()
         server.stop()
 
 
 def test_listing_queued_jobs_costs_a_bounded_number_of_commands_per_job_with_many_keys(own_server, settings):
-    api, redis_client = own_server
+    api, redis_client, _ = own_server
     keys = Keys(settings.key_prefix)
     for n in range(3):  # live workers, so that every job gets an ETA
         heartbeat(redis_client, keys, f"w{n}@host:1:{n}", VramClass.GPU16, ttl_s=600)
@@ -364,22 +365,8 @@ def test_prefer_wait_submits_are_bounded_per_tenant_and_per_process_before_queue
     assert bounded.post("/v1/jobs", json=SMALL, headers=A | {"Prefer": "wait=1"}).status_code == 202
 
 
-def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(settings, tmp_path):
-    # A redis-server of the test's own: it is made to drop and refuse every client, which on the
-    # suite's shared server would take the other processes' connections too.
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    redis_client = server.client()
-    own = settings.model_copy(update={"redis_url": server.url})
-    try:
-        with (
-            start_api(own, tmp_path) as process,
-            httpx.Client(base_url=process.url, timeout=30, trust_env=False) as api,
-        ):
-            _wait_fails_after_queueing(api, redis_client, process)
-    finally:
-        redis_client.close()
-        server.stop()
+def test_a_queued_job_whose_wait_fails_is_answered_202_not_an_error(own_server):
+    _wait_fails_after_queueing(*own_server)
 
 
 def _wait_fails_after_queueing(api: httpx.Client, redis_client: redis.Redis, process: ApiProcess) -> None:
