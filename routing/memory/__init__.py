@@ -26,6 +26,7 @@ from routing.memory.model import (
     Placement,
     Prediction,
     Work,
+    applies_loras,
     has_data,
     has_experts,
 )
@@ -66,9 +67,15 @@ def placement(spec: ModelSpec, vram_class: VramClass) -> Placement | None:
     return Placement(Mode.RESIDENT) if vram_class.rank >= spec.vram_class.rank else None
 
 
-def classes_for(spec: ModelSpec) -> list[VramClass]:
-    """The classes that run the model, smallest first."""
-    return [c for c in sorted(VramClass, key=lambda c: c.rank) if placement(spec, c) is not None]
+def classes_for(spec: ModelSpec, work: Work | None = None) -> list[VramClass]:
+    """The classes that run the model (``work``: that run this request, LoRAs and all),
+    smallest first."""
+    found = []
+    for vram_class in sorted(VramClass, key=lambda c: c.rank):
+        where = placement(spec, vram_class)
+        if where is not None and (work is None or not work.loras or applies_loras(where)):
+            found.append(vram_class)
+    return found
 
 
 def work_of(request: Any, spec: ModelSpec) -> Work:
@@ -95,6 +102,7 @@ def work_of(request: Any, spec: ModelSpec) -> Work:
         guidance=guidance > _GUIDANCE_ON_ABOVE,
         input_images=len(images) if images else 0,
         outputs=getattr(request, "num_outputs", 1) or 1,
+        loras=bool(getattr(request, "loras", None) or getattr(request, "variant", None)),
     )
 
 
@@ -109,12 +117,14 @@ def predict(spec: ModelSpec, vram_class: VramClass, work: Work) -> Prediction | 
 
 
 def fits(spec: ModelSpec, vram_class: VramClass, work: Work, margin_gib: float | None = None) -> bool:
+    if vram_class not in classes_for(spec, work):
+        return False
     found = predict(spec, vram_class, work)
     return found is not None and found.peak_gib <= budget_gib(vram_class, margin_gib)
 
 
 def smallest_fitting_class(spec: ModelSpec, work: Work, margin_gib: float | None = None) -> VramClass | None:
-    for vram_class in classes_for(spec):
+    for vram_class in classes_for(spec, work):
         if fits(spec, vram_class, work, margin_gib):
             return vram_class
     return None
@@ -165,13 +175,14 @@ def largest_request(spec: ModelSpec, vram_class: VramClass, margin_gib: float | 
 
 def limit_message(spec: ModelSpec, work: Work, margin_gib: float | None = None) -> tuple[str, str]:
     """(field, message) refusing ``work`` that no class fits, naming the largest that would."""
-    classes = classes_for(spec)
+    classes = classes_for(spec, work)
     top = classes[-1]
     predicted = predict(spec, top, work)
     budget = budget_gib(top, margin_gib)
     head = (
         f"{spec.key} at {work.width}x{work.height}"
         + (f", {work.frames} frames" if work.frames else "")
+        + (" with LoRAs or a variant" if work.loras and classes != classes_for(spec) else "")
         + f" needs a predicted {predicted.peak_gib if predicted else '?'} GiB of GPU memory; the largest "
         f"class that runs it ({top.value}, {placement(spec, top)}) has {budget:g} GiB "
         f"({CARDS[top].gib:g} GiB card less the {CARDS[top].gib - budget:g} GiB margin)"
@@ -250,8 +261,9 @@ class ModeRow:
 
 
 def modes_table(specs: list[ModelSpec]) -> Iterator[ModeRow]:
-    """Every single-GPU placement mode's footprint for each model at its default request (the
-    sharded mode is S2V's, per rank of eight): what an operator weighs when choosing one."""
+    """Every single-GPU placement mode's footprint for each model at its default request, and
+    for a model the torchrun group runs the sharded one, per rank of eight (S2V runs only there):
+    what an operator weighs when choosing one."""
     for spec in specs:
         if not has_data(spec.key):
             continue
@@ -260,14 +272,16 @@ def modes_table(specs: list[ModelSpec]) -> Iterator[ModeRow]:
         work = Work(
             size.default_width, size.default_height, frames, spec.default_guidance > _GUIDANCE_ON_ABOVE
         )
-        sharded = any(p.mode is Mode.SHARDED for p in spec.placements.values())
-        modes = [Mode.SHARDED] if sharded else [m for m in Mode if m is not Mode.SHARDED]
+        sharded_only = bool(spec.placements) and all(p.mode is Mode.SHARDED for p in spec.placements.values())
+        modes = [m for m in Mode if m is not Mode.SHARDED] if not sharded_only else []
+        if any(p.mode is Mode.SHARDED for p in spec.placements.values()):
+            modes.append(Mode.SHARDED)
         if not has_experts(spec.key):
             modes = [m for m in modes if m is not Mode.EXPERT_OFFLOAD]
         for mode in modes:
             for tiling in (False, True) if mode is Mode.MODEL_OFFLOAD else (False,):
                 where = Placement(mode, vae_tiling=tiling)
-                ranks = 8 if sharded else 1
+                ranks = 8 if mode is Mode.SHARDED else 1
                 found = _predict(spec.key, where, work, ranks)
                 yield ModeRow(
                     model=spec.key,
@@ -323,6 +337,7 @@ __all__ = [
     "Prediction",
     "Row",
     "Work",
+    "applies_loras",
     "budget_gib",
     "classes_for",
     "fits",

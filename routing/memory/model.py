@@ -35,6 +35,8 @@ SECOND_EXPERT = "transformer_2"
 # Bytes a decoded video takes per value while the pipeline turns it into frames: the VAE's
 # bf16 output and a float32 copy (estimate).
 DECODED_BYTES_PER_VALUE = 6
+# The official code's DiTs as FSDP holds their shards: float32 (``_sharded_bytes``).
+FSDP_DIT_BYTES_PER_PARAM = 4
 
 
 class Mode(StrEnum):
@@ -67,6 +69,12 @@ class Placement:
         return f"{self.mode.value}{' + VAE tiling' if self.vae_tiling else ''}"
 
 
+def applies_loras(placement: Placement) -> bool:
+    """Whether a worker placing a model this way applies a request's LoRAs and variants: the
+    torchrun group (sharded) runs the official code, which has no LoRA slot."""
+    return placement.mode is not Mode.SHARDED
+
+
 @dataclass(frozen=True)
 class Card:
     """One GPU of a class: the memory a request must fit (before the margin)."""
@@ -97,6 +105,9 @@ class Work:
     guidance: bool = False  # guidance on: a second pass each step
     input_images: int = 0  # edit inputs, each adding condition tokens
     outputs: int = 1  # images of one job: one pipeline call each, or one batch ("outputs": "batched")
+    # The request carries LoRAs or a variant: only a placement that applies them takes it
+    # (``applies_loras``).
+    loras: bool = False
 
     @property
     def megapixels(self) -> float:
@@ -235,10 +246,18 @@ def _group_bytes(part: dict[str, int]) -> int:
 
 
 def _sharded_bytes(parts: dict[str, dict[str, int]], ranks: int) -> int:
-    """A rank of the FSDP group: its share of the transformer and text encoder, plus two blocks
-    gathered whole (the one running and the next), plus the VAE and other encoders whole."""
-    sharded = parts["transformer"]["bytes"] + parts["text_encoder"]["bytes"]
-    whole = _sum({k: v for k, v in parts.items() if k not in ("transformer", "text_encoder")})
+    """A rank of the FSDP group: its share of the transformer (both experts of a two-expert
+    model) and of the text encoder, plus two blocks gathered whole (the one running and the next),
+    plus the VAE and other encoders whole.
+
+    The official code reads each DiT with ``from_pretrained`` and no dtype, so FSDP shards it in
+    float32 (upstream's ``generate.py --dit_fsdp`` does the same) and gathers each block in
+    bfloat16 (its ``MixedPrecision``); the text encoder is read in bfloat16."""
+    dits = [k for k in ("transformer", SECOND_EXPERT) if k in parts]
+    sharded = (
+        sum(parts[k]["params"] * FSDP_DIT_BYTES_PER_PARAM for k in dits) + parts["text_encoder"]["bytes"]
+    )
+    whole = _sum({k: v for k, v in parts.items() if k not in (*dits, "text_encoder")})
     return sharded // ranks + 2 * parts["transformer"]["largest_block_bytes"] + whole
 
 
