@@ -13,10 +13,12 @@ the next bigger class. Loads and evictions are counted so tests and benchmarks c
 job from a cold one.
 
 On an h100x8 worker the GPU is also rank 0's, so the group's models count in the same budget
-(at their predicted weights per rank: the group's processes hold them, not this one), and a
-smaller class's job that does not fit beside them evicts the group: its ``close``
-(``Adapter.close``, a no-op for most adapters) ends the group, which frees every rank's GPU, and
-the next group job starts a new one.
+(at their predicted weights per rank: the group's processes hold them, not this one). One
+torchrun loads every group model (``group_models``), so the first of them the pool loads counts
+the whole group's weights and the others nothing while it is resident; a smaller class's job that
+does not fit beside them evicts the group: its ``close`` (``Adapter.close``, a no-op for most
+adapters) ends the group, which frees every rank's GPU, so every group model leaves the pool
+with it, and the next group job starts a new one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,13 +101,16 @@ class PipelinePool:
         *,
         gpu: DeviceMemory | None = None,
         margin_gib: float | None = None,
+        group_models: Sequence[str] = (),
     ):
         """``budget_gb``: the budget as given (tests, ``FLEET_VRAM_BUDGET_GB``), else measured on
         ``gpu`` (None: no CUDA here, the class's card). ``margin_gib``: kept free on the card
-        (None: the settings')."""
+        (None: the settings'). ``group_models``: the models this worker's torchrun group serves
+        (``settings.group_models`` on an h100x8 worker), which it loads all together."""
         self._loader = loader
         self.vram_class = vram_class
         self._gpu = gpu
+        self.group_models = tuple(group_models)
         if budget_gb is not None:
             self.budget_gb, self.budget_source = float(budget_gb), "given"
         elif gpu is not None:
@@ -157,7 +162,7 @@ class PipelinePool:
             self._admit(model_key, self._held_gib(model_key), need_gib, work)
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
         # Room for the weights as predicted, before loading; then again as measured.
-        self._admit(model_key, self._predicted_gib(spec, where), need_gib, work)
+        self._admit(model_key, self._loaded_gib(spec, where), need_gib, work)
         started, placed = time.perf_counter(), placing_seconds()
         allocated = self._gpu.allocated_bytes() if self._gpu is not None else 0
         adapter = self._loader(spec, where)
@@ -194,16 +199,31 @@ class PipelinePool:
         ranks = self.vram_class.vram_gb // self.vram_class.gpu_vram_gb if where.mode is Mode.SHARDED else 1
         return predicted_weights_gib(spec.key, where.mode, ranks)
 
+    def _loaded_gib(self, spec: ModelSpec, where: Placement) -> float:
+        """The predicted weights loading ``spec`` puts on the GPU: a group model's loads the whole
+        group (every rank holds every group model), or nothing while the group is resident."""
+        if spec.key not in self.group_models:
+            return self._predicted_gib(spec, where)
+        if any(key in self.group_models for key in self._resident if key != spec.key):
+            return 0.0
+        total = 0.0
+        for key in self.group_models:
+            member = get_model(key)
+            member_where = placement(member, self.vram_class)
+            if member_where is not None and has_data(key):
+                total += self._predicted_gib(member, member_where)
+        return total
+
     def _record_weights(self, spec: ModelSpec, where: Placement, adapter: Adapter, allocated: int) -> None:
         """A loaded model's weights: measured on CUDA (the slot its LoRAs go in is counted apart,
         as it grows); predicted without CUDA, and for a sharded model, whose weights the group's
         processes hold."""
-        if self._gpu is not None and where.mode is not Mode.SHARDED:
+        if self._gpu is not None and where.mode is not Mode.SHARDED and spec.key not in self.group_models:
             grown = self._gpu.allocated_bytes() - allocated
             self.weights_gib[spec.key] = max(0.0, grown / GIB - _lora_gb(adapter))
             self.weights_source[spec.key] = "measured"
         else:
-            self.weights_gib[spec.key] = self._predicted_gib(spec, where)
+            self.weights_gib[spec.key] = self._loaded_gib(spec, where)
             self.weights_source[spec.key] = "predicted"
 
     def _held_gib(self, key: str) -> float:
@@ -213,10 +233,13 @@ class PipelinePool:
         """Evict the least recently used other models until ``key`` at ``own_gib`` and the job's
         ``need_gib`` fit beside the rest; raise ``DoesNotFit``, evicting nothing, when they do
         not fit alone (the job goes to a bigger class; the resident models serve the next)."""
+        # A group model comes with the rest of its group: one torchrun holds them all.
+        mates = [k for k in self._resident if k != key and {k, key} <= set(self.group_models)]
+        own_gib += sum(self._held_gib(k) for k in mates)
         if own_gib + need_gib > self.budget_gb:
             raise DoesNotFit(self._refusal(key, own_gib, need_gib, work))
         while True:
-            others = [k for k in self._resident if k != key]
+            others = [k for k in self._resident if k != key and k not in mates]
             if sum(self._held_gib(k) for k in others) + own_gib + need_gib <= self.budget_gb:
                 return
             self._evict(others[0])
@@ -232,6 +255,13 @@ class PipelinePool:
         )
 
     def _evict(self, key: str) -> None:
+        if key in self.group_models:
+            # Closing one ends the group: every group model goes with it.
+            for other in [k for k in self._resident if k in self.group_models and k != key]:
+                self._evict_one(other)
+        self._evict_one(key)
+
+    def _evict_one(self, key: str) -> None:
         adapter = self._resident.pop(key)
         del self.weights_gib[key], self.weights_source[key]
         self.evictions[key] = self.evictions.get(key, 0) + 1

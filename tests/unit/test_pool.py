@@ -234,6 +234,38 @@ def test_an_h100x8_worker_budgets_one_gpu_and_a_big_smaller_job_evicts_the_group
     assert ("evict", "wan2.2-s2v-14b") in changes
 
 
+def test_the_group_counts_every_group_model_once_and_leaves_the_pool_whole():
+    """Catches a group counted at only the model the pool loaded first (one torchrun loads every
+    group model on every rank), counted once per group model, or one group model left resident
+    after another's eviction closed the group they share."""
+    group = ("wan2.2-s2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
+    whole = sum(weights(key, VramClass.H100X8) for key in group)
+    assert 40 < whole < 50  # an eighth of three 14B models (A14B's two experts each) and their T5s
+    pool, changes = make_pool(VramClass.H100X8, group_models=group)
+    first = pool.get("wan2.2-t2v-a14b", SMALL).adapter
+    assert first.placement == Placement(Mode.SHARDED)
+    assert pool.weights_gib["wan2.2-t2v-a14b"] == pytest.approx(whole)
+    second = pool.get("wan2.2-s2v-14b", SMALL).adapter
+    assert pool.weights_gib["wan2.2-s2v-14b"] == 0.0 and pool.used_gb == pytest.approx(whole)
+    # A group job that would fit beside its own model's weights, not beside the whole group's, is
+    # refused (evicting nothing): the budget counts what the ranks hold.
+    long_clip = Work(1280, 720, 1197, guidance=True)
+    need = request_gib("wan2.2-i2v-a14b", VramClass.H100X8, long_clip)
+    assert weights("wan2.2-i2v-a14b", VramClass.H100X8) + need <= pool.budget_gb < whole + need
+    with pytest.raises(DoesNotFit):
+        pool.get("wan2.2-i2v-a14b", long_clip)
+    assert pool.resident == ["wan2.2-t2v-a14b", "wan2.2-s2v-14b"]
+
+    # Qwen-Image at 2048x2048 does not fit beside the group on rank 0's GPU: the group goes whole,
+    # even though the model it evicts first (least recently used) is counted at nothing.
+    pool.get("wan2.2-s2v-14b", SMALL)
+    pool.get("qwen-image", BIG)
+
+    assert first.closed and second.closed
+    assert pool.resident == ["qwen-image"]
+    assert ("evict", "wan2.2-t2v-a14b") in changes and ("evict", "wan2.2-s2v-14b") in changes
+
+
 def test_lora_memory_counts_in_the_budget():
     """Catches a LoRA slot (and its loaded variants) left out of the budget."""
     # Z-Image and qwen-image fit a budget with 1 GiB to spare; with qwen-image's LoRA slot and
