@@ -1,8 +1,9 @@
-"""The official Wan2.2 code as the S2V adapter loads it (``worker.adapters.wan_s2v.official``).
+"""The official Wan2.2 code as the group models load it (``worker.adapters.wan_s2v.official``).
 
 1. A ``wan22`` other than the pinned one is refused at load, naming both versions.
-2. A package that no longer has an attribute the adapter replaces fails at load naming it: a
-   throwaway copy of the installed ``wan`` with ``flash_attention`` renamed in one module.
+2. A package that no longer has an attribute a group model replaces fails at load naming it: a
+   throwaway copy of the installed ``wan`` with one import renamed in one module (S2V's
+   ``flash_attention``, I2V-A14B's sampler).
 3. The media stand-ins are in ``sys.modules`` only while the official code imports.
 """
 
@@ -40,21 +41,53 @@ def test_a_wan22_other_than_the_pinned_one_is_refused(official, monkeypatch: pyt
         official.import_wan_modules()
 
     assert "wan22 2.3.0 is installed" in str(refused.value)
-    assert f"patches wan22 {official.WAN22_VERSION}" in str(refused.value)
+    assert f"patch wan22 {official.WAN22_VERSION}" in str(refused.value)
 
 
-def test_a_replaced_attribute_missing_from_the_package_fails_at_load(official, tmp_path: Path) -> None:
+# (module file, what it imports, renamed as upstream might, the target that is then gone, one
+# still there): S2V's attention kernel, and the sampler I2V-A14B's progress reports come from.
+RENAMES = [
+    (
+        "modules/s2v/motioner.py",
+        ("flash_attention(", "attention_kernel("),
+        (
+            "from ..model import flash_attention\n",
+            "from ..model import flash_attention as attention_kernel\n",
+        ),
+        "wan.modules.s2v.motioner.flash_attention",
+        "wan.modules.model.flash_attention",
+    ),
+    (
+        "image2video.py",
+        ("FlowUniPCMultistepScheduler(", "UniPCSampler("),
+        (
+            "from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler\n",
+            "from .utils.fm_solvers_unipc import FlowUniPCMultistepScheduler as UniPCSampler\n",
+        ),
+        "wan.image2video.FlowUniPCMultistepScheduler",
+        "wan.text2video.FlowUniPCMultistepScheduler",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "call", "imported", "gone", "kept"), RENAMES)
+def test_a_replaced_attribute_missing_from_the_package_fails_at_load(
+    official,
+    tmp_path: Path,
+    path: str,
+    call: tuple[str, str],
+    imported: tuple[str, str],
+    gone: str,
+    kept: str,
+) -> None:
     installed = Path(importlib.util.find_spec("wan").submodule_search_locations[0])
     copy = tmp_path / "site" / "wan"
     shutil.copytree(installed, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    motioner = copy / "modules" / "s2v" / "motioner.py"
-    source = motioner.read_text()
-    assert "from ..model import flash_attention\n" in source
-    # As if upstream had renamed it: the module calls the kernel by another name.
-    source = source.replace("flash_attention(", "attention_kernel(").replace(
-        "from ..model import flash_attention\n", "from ..model import flash_attention as attention_kernel\n"
-    )
-    motioner.write_text(source)
+    module = copy / path
+    source = module.read_text()
+    assert imported[0] in source
+    # As if upstream had renamed it: the module calls it by another name.
+    module.write_text(source.replace(*call).replace(*imported))
     load = (
         "import importlib.util, sys\n"
         f"sys.path.insert(0, {str(copy.parent)!r})\n"
@@ -76,8 +109,8 @@ def test_a_replaced_attribute_missing_from_the_package_fails_at_load(official, t
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("worker.adapters.wan_s2v.patch.OfficialCodeMismatch"), result.stderr
-    assert "wan.modules.s2v.motioner.flash_attention" in last
-    assert "wan.modules.model.flash_attention" not in last  # only what is gone
+    assert gone in last
+    assert kept not in last  # only what is gone
 
 
 def test_no_media_stand_in_is_left_in_sys_modules(official) -> None:

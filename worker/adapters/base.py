@@ -64,6 +64,8 @@ class EncodedVideo:
     fps: int
     seed: int | None = None
     cache: str | None = None
+    # As ``Video.timings``: how the group's model ran the job.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 # What a pipeline made; ``worker.outputs`` encodes and stores each shape.

@@ -103,6 +103,7 @@ def write_output(generated: Generated | None, job_id: str, jobdir: Path, crf: in
         fps=video.fps,
         seed=video.seed,
         cache=video.cache,
+        timings=dict(getattr(generated, "timings", {})),
     )
 
 
@@ -121,4 +122,5 @@ def read_output(result: Result) -> Generated:
         fps=result.fps,
         seed=result.seed,
         cache=result.cache,
+        timings=dict(result.timings),
     )

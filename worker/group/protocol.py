@@ -77,6 +77,7 @@ class VideoResult:
     fps: int
     seed: int | None = None
     cache: str | None = None  # the step-caching method it was made with
+    timings: dict[str, float] = field(default_factory=dict)  # the model's own figures of the job
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
     torchrun --standalone --nproc_per_node=W -m worker.group      (started by the supervisor)
 
-Upstream runs Wan2.2-S2V as ``torchrun --nproc_per_node=8 generate.py ...`` per job, loading
-27B of weights each time. Here every rank loads its group models once (``GROUP_MODELS``: a model
-with a group model of its own, e.g. S2V sharded with FSDP + Ulysses; any other model key runs its
-ordinary adapter on every rank with the same seed) and then serves jobs:
+Upstream runs Wan2.2-S2V or A14B as ``torchrun --nproc_per_node=8 generate.py ...`` per job,
+loading 27B of weights each time. Here every rank loads its group models once (``GROUP_MODELS``: a
+model with a group model of its own, S2V and T2V/I2V-A14B sharded with FSDP + Ulysses; any other
+model key runs its ordinary adapter on every rank with the same seed) and then serves jobs:
 
 * rank 0 holds the one connection to the supervisor (``worker.group.supervisor``, in the Celery
   pool child): it receives a job and broadcasts it to every rank, and every rank runs it;
@@ -43,6 +43,8 @@ from worker.group.spec import AUTHKEY_ENV, GroupPlace, GroupSpec
 # Models with a group model of their own; any other key runs its single-GPU adapter on every rank.
 GROUP_MODELS: dict[str, str] = {
     "wan2.2-s2v-14b": "worker.adapters.s2v:S2VGroupModel",
+    "wan2.2-t2v-a14b": "worker.adapters.a14b:A14BGroupModel",
+    "wan2.2-i2v-a14b": "worker.adapters.a14b:A14BGroupModel",
 }
 
 log = logging.getLogger("worker.group")

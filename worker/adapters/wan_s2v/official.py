@@ -1,15 +1,16 @@
-"""The official S2V modules, imported without what S2V does not use, and patched (``PATCHES``).
+"""The official modules of the group's tasks (S2V, T2V-A14B, I2V-A14B), imported without what
+they do not use, and patched (``PATCHES``).
 
 ``import_wan_modules`` does it once per process, in this order:
 
 1. the installed ``wan22`` must be ``WAN22_VERSION``, the code every table here was written
    against;
-2. the modules S2V uses are imported, ``wan/__init__.py`` not run (it imports every task, and
+2. the modules the tasks use are imported, ``wan/__init__.py`` not run (it imports every task, and
    Animate needs opencv, peft, decord, sam2...). ``wan/modules/t5.py`` evaluates
    ``torch.cuda.current_device()`` as a default argument when it is imported, which raises on a
    CPU-only torch: it is imported with that call answering "cpu". The media libraries the
-   official code imports and S2V does not need (``standins``) are in ``sys.modules`` only while
-   it imports;
+   official code imports and the tasks do not need (``standins``) are in ``sys.modules`` only
+   while it imports;
 3. every attribute that ``PATCHES`` or ``progress.patches`` replaces must exist, so a changed package fails here, at load, naming what it no longer has;
 4. ``PATCHES`` are applied.
 """
@@ -64,11 +65,14 @@ PATCHES = (
         instead(standins.PyAVVideoReader),
         "WanS2V reads the pose video with decord.VideoReader: PyAV instead",
     ),
-    Patch(
-        "wan.speech2video",
-        "tqdm",
-        instead(lambda iterable, *args, **kwargs: iterable),
-        "no progress bars in the group log",
+    *(
+        Patch(
+            module,
+            "tqdm",
+            instead(lambda iterable, *args, **kwargs: iterable),
+            "no progress bars in the group log",
+        )
+        for module in progress.MODULES
     ),
 )
 
@@ -84,13 +88,14 @@ def check_version() -> None:
         raise OfficialCodeMismatch(f"wan22 is not installed: {INSTALL}") from None
     if found != WAN22_VERSION:
         raise OfficialCodeMismatch(
-            f"wan22 {found} is installed; the S2V adapter patches wan22 {WAN22_VERSION}: {INSTALL}"
+            f"wan22 {found} is installed; the group's models patch wan22 {WAN22_VERSION}: {INSTALL}"
         )
 
 
 def import_wan_modules() -> dict[str, types.ModuleType]:
-    """The official modules S2V uses, patched, by short name: configs, t5, vae2_1, tokenizers,
-    model_s2v, attention, audio_encoder, speech2video."""
+    """The official modules the group's tasks use, patched, by short name: configs, t5, vae2_1,
+    tokenizers, model, model_s2v, attention, audio_encoder, speech2video, text2video,
+    image2video."""
     with _lock:
         if not _modules:
             check_version()
@@ -98,8 +103,8 @@ def import_wan_modules() -> dict[str, types.ModuleType]:
             absent = missing(PATCHES + progress.patches(lambda: None))
             if absent:
                 raise OfficialCodeMismatch(
-                    f"wan22 {WAN22_VERSION} as installed has no {', '.join(absent)}, which the S2V "
-                    f"adapter replaces: the package changed under its version (reinstall: {INSTALL})"
+                    f"wan22 {WAN22_VERSION} as installed has no {', '.join(absent)}, which the group's "
+                    f"models replace: the package changed under its version (reinstall: {INSTALL})"
                 )
             apply(PATCHES)
             _modules.update(found)
@@ -120,13 +125,15 @@ def _import() -> dict[str, types.ModuleType]:
         "t5": t5,
         "vae2_1": importlib.import_module("wan.modules.vae2_1"),
         "tokenizers": importlib.import_module("wan.modules.tokenizers"),
+        "model": importlib.import_module("wan.modules.model"),
         "model_s2v": importlib.import_module("wan.modules.s2v.model_s2v"),
         "attention": importlib.import_module("wan.modules.attention"),
     }
     importlib.import_module("wan.distributed.ulysses")
     with standins.while_importing():
         found["audio_encoder"] = importlib.import_module("wan.modules.s2v.audio_encoder")
-        found["speech2video"] = importlib.import_module("wan.speech2video")
+        for module in progress.MODULES:  # the tasks: speech2video, text2video, image2video
+            found[module.rpartition(".")[2]] = importlib.import_module(module)
     return found
 
 

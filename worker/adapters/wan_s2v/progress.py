@@ -1,4 +1,5 @@
-"""Per-step progress out of ``WanS2V.generate``, whose denoising loop has no callback.
+"""Per-step progress out of the official tasks' ``generate`` (``WanS2V``, ``WanT2V``, ``WanI2V``),
+whose denoising loops have no callback.
 
 While a job runs, the scheduler classes the loop builds are subclasses whose ``step`` calls the
 job's hook, which may raise ``JobCanceled``: the loop ends at that step on every rank, since every
@@ -28,11 +29,16 @@ def _reporting_to(hook: Callable[[], None]) -> Callable[[type], type]:
     return reporting
 
 
-def patches(hook: Callable[[], None]) -> tuple[Patch, ...]:
-    """Both samplers ``WanS2V.generate`` builds (``sample_solver`` unipc or dpm++), reporting to
-    ``hook`` after each step."""
+# The official modules whose ``generate`` the group runs, one per task.
+MODULES = ("wan.speech2video", "wan.text2video", "wan.image2video")
+
+
+def patches(hook: Callable[[], None], modules: tuple[str, ...] = MODULES) -> tuple[Patch, ...]:
+    """Both samplers each task's ``generate`` builds (``sample_solver`` unipc or dpm++), in each of
+    ``modules``, reporting to ``hook`` after each step."""
     return tuple(
-        Patch("wan.speech2video", name, _reporting_to(hook), "the denoising loop has no step callback")
+        Patch(module, name, _reporting_to(hook), "the denoising loop has no step callback")
+        for module in modules
         for name in ("FlowUniPCMultistepScheduler", "FlowDPMSolverMultistepScheduler")
     )
 

@@ -1,7 +1,7 @@
-"""What the official Wan2.2 S2V code imports for reading media, on the fleet's own readers.
+"""What the official Wan2.2 code imports for reading media, on the fleet's own readers.
 
-``wan/speech2video.py`` and its audio encoder import three media libraries for a handful of
-calls. The fleet already decodes every upload with PyAV (``worker.media``) before it is queued, so
+``wan/speech2video.py`` and its audio encoder, and ``wan/image2video.py``, import three media
+libraries for a handful of calls. The fleet already decodes every upload with PyAV (``worker.media``) before it is queued, so
 the official code gets the same decoders through these stand-ins, each with exactly the surface
 it uses:
 
@@ -9,8 +9,9 @@ it uses:
   numba, llvmlite, scipy and scikit-learn for one resampling read;
 * ``decord.VideoReader`` (``WanS2V.read_last_n_frames``, the pose video): decord has no wheels for
   current Pythons;
-* ``torchvision.transforms`` ``Resize``, ``CenterCrop`` and ``ToTensor`` (reference image and pose
-  frames), used only where torchvision cannot be imported: PyPI's torchvision is a CUDA build whose
+* ``torchvision.transforms`` ``Resize``, ``CenterCrop`` and ``ToTensor`` (S2V's reference image
+  and pose frames) and ``transforms.functional.to_tensor`` (I2V-A14B's first frame), used only
+  where torchvision cannot be imported: PyPI's torchvision is a CUDA build whose
   operator library does not load beside a CPU-only torch. A GPU image installs torchvision and
   the official code uses it.
 
@@ -175,14 +176,15 @@ class ToTensor:
 
 
 def torchvision_modules() -> dict[str, types.ModuleType]:
-    """``torchvision``, ``torchvision.transforms`` and ``torchvision.transforms.functional``
-    (imported by the official code, never called) with the three transforms above."""
+    """``torchvision``, ``torchvision.transforms`` with the three transforms above, and
+    ``torchvision.transforms.functional`` with ``to_tensor``."""
     package = types.ModuleType(
         "torchvision", "torchvision.transforms stand-in (worker.adapters.wan_s2v.standins)"
     )
     transforms = types.ModuleType("torchvision.transforms")
     functional = types.ModuleType("torchvision.transforms.functional")
     transforms.Resize, transforms.CenterCrop, transforms.ToTensor = Resize, CenterCrop, ToTensor  # type: ignore[attr-defined]
+    functional.to_tensor = ToTensor()  # type: ignore[attr-defined]
     transforms.functional = functional  # type: ignore[attr-defined]
     package.transforms = transforms  # type: ignore[attr-defined]
     return {

@@ -1,0 +1,145 @@
+"""What the group models of the official Wan2.2 code share (PyPI ``wan22``, imported and patched
+by ``worker.adapters.wan_s2v``): one task resident on every rank of the torchrun group
+(``worker.group``), the DiTs and T5 sharded by FSDP and the DiTs' attention split over the ranks
+by Ulysses, exactly as upstream ``generate.py --dit_fsdp --t5_fsdp --ulysses_size W`` sets it up.
+
+``worker.adapters.s2v`` (``s2v-14B``) and ``worker.adapters.a14b`` (``t2v-A14B``, ``i2v-A14B``)
+build on ``OfficialGroupModel``. Two methods are where a subclass changes what the model runs on
+(``settings.group_adapters`` names the subclass): ``_config`` (the device and the task's config)
+and ``_loading`` (what is in force while the weights load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from routing.catalog import ModelSpec
+from worker.adapters.base import Runtime
+from worker.adapters.wan_s2v.official import import_wan_modules
+from worker.group.spec import GroupPlace
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+class OfficialGroupModel:
+    """The official code's ``task`` resident on one rank of the group; ``run`` is called on every
+    rank with the same job, and returns the output on rank 0 (None elsewhere)."""
+
+    # The official module whose ``generate`` runs the task (``progress.MODULES``), and the task.
+    module = ""
+    task = ""
+
+    def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime, place: GroupPlace):
+        from routing.catalog import checkpoint_spec
+        from worker import adapters
+
+        if not Path(weights).is_dir():
+            checkpoint = checkpoint_spec(spec).key
+            raise FileNotFoundError(
+                f"the official code reads a checkpoint folder, and {weights!r} is none: mirror "
+                f"{checkpoint} into the object store (`python -m worker.weights pull {checkpoint}`, then "
+                "`mirror`) for a worker with FLEET_WEIGHTS_CACHE_DIR, or name a folder in "
+                "FLEET_MODEL_ROOT or FLEET_WEIGHTS"
+            )
+        adapters._quiet_loading()
+        self.modules = import_wan_modules()
+        self.spec = spec
+        self.place = place
+        self.task = self._task(spec)
+        self.config = self._config(self.modules, runtime.device)
+        self.sharded = place.world_size > 1
+        # Ulysses splits the DiTs' heads over the ranks (generate.py asserts the same).
+        for heads in self._heads(Path(weights)):
+            if self.sharded and heads % place.world_size:
+                raise ValueError(f"{heads} attention heads do not split over {place.world_size} ranks")
+        with self._loading(weights):
+            self.pipe = self._build(weights)
+
+    # --- what a task sets ---------------------------------------------------------------------
+
+    def _task(self, spec: ModelSpec) -> str:
+        """The official task name (``wan.configs.WAN_CONFIGS``)."""
+        raise NotImplementedError
+
+    def _dit_folders(self) -> tuple[str, ...]:
+        """The folders of the checkpoint that hold a DiT (its ``config.json``)."""
+        return ("",)
+
+    def _build(self, weights: str) -> Any:
+        """The official task's class, built from ``weights`` with ``official_options``."""
+        raise NotImplementedError
+
+    # --- the seams ----------------------------------------------------------------------------
+
+    def _config(self, modules: dict[str, types.ModuleType], device: str) -> Any:
+        """The task's config the model is built with on ``device``: the official one, on CUDA."""
+        if device.split(":")[0] != "cuda":
+            raise ValueError(f"the official Wan2.2 {self.task} runs on CUDA, not {device}")
+        return modules["configs"].WAN_CONFIGS[self.task]
+
+    def _loading(self, weights: str) -> AbstractContextManager[object]:
+        """What is in force while the task's class reads ``weights``: nothing replaced."""
+        return contextlib.nullcontext()
+
+    # --- shared -------------------------------------------------------------------------------
+
+    def official_options(self) -> dict[str, Any]:
+        """What upstream generate.py passes for --dit_fsdp --t5_fsdp --ulysses_size W (all off on
+        a group of one), the models kept as the checkpoint has them."""
+        return {
+            "device_id": self.place.local_rank,
+            "rank": self.place.rank,
+            "t5_fsdp": self.sharded,
+            "dit_fsdp": self.sharded,
+            "use_sp": self.sharded,
+            "t5_cpu": False,
+            "convert_model_dtype": False,
+        }
+
+    def _heads(self, weights: Path) -> list[int]:
+        heads = []
+        for folder in self._dit_folders():
+            config = weights / folder / "config.json"
+            found = json.loads(config.read_text()).get("num_heads") if config.is_file() else None
+            heads.append(found or self.config.num_heads)
+        return heads
+
+
+def video_to_frames(video: torch.Tensor) -> list[Image.Image]:
+    """The official output, (C, N, H, W) in [-1, 1], as RGB frames; NaN is an error."""
+    import torch
+    from PIL import Image
+
+    if not bool(torch.isfinite(video).all()):
+        raise RuntimeError("the model produced NaN or infinite pixels")
+    pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(frame.numpy()) for frame in pixels.permute(1, 2, 3, 0).cpu()]
+
+
+def fitted_image(path: str | Path, width: int, height: int) -> Image.Image:
+    """The image centre-cropped to ``width / height`` and resized to ``width x height``."""
+    import math
+
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    target = width / height
+    w, h = im.size
+    if not math.isclose(w / h, target, rel_tol=1e-3):
+        if w / h > target:
+            new_w = max(1, round(h * target))
+            left = (w - new_w) // 2
+            im = im.crop((left, 0, left + new_w, h))
+        else:
+            new_h = max(1, round(w / target))
+            top = (h - new_h) // 2
+            im = im.crop((0, top, w, top + new_h))
+    return im if im.size == (width, height) else im.resize((width, height), Image.Resampling.LANCZOS)
