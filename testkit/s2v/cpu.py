@@ -1,6 +1,7 @@
-"""``wan.WanS2V`` on a CPU (the tests: one rank, or two over gloo).
+"""The official tasks (``wan.WanS2V``, ``wan.WanT2V``, ``wan.WanI2V``) on a CPU (the tests: one
+rank, or two over gloo).
 
-Three replacements in ``wan.speech2video``'s namespace (``PATCHES``) and a float32 config
+Three replacements in each task module's namespace (``PATCHES``) and a float32 config
 (``config_for``). On CUDA the official code casts to bfloat16 inside
 ``torch.amp.autocast("cuda")`` and opens float32 regions with
 ``torch.cuda.amp.autocast(dtype=torch.float32)``; CPU autocast has no float32 regions (bfloat16
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class _TorchNamingTheCpu(types.ModuleType):
-    """``torch`` as ``wan.speech2video`` sees it on a CPU: a CUDA device names the CPU."""
+    """``torch`` as a task module sees it on a CPU: a CUDA device names the CPU."""
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -56,50 +57,60 @@ def _shard_model_on_cpu(shard_model: Callable[..., Any]) -> Callable[..., Any]:
     return shard_model_on_cpu
 
 
-def _sp_attn_forward_in_float32(sp_attn_forward_s2v: Callable[..., Any]) -> Callable[..., Any]:
+def _sp_attn_forward_in_float32(sp_attn_forward: Callable[..., Any]) -> Callable[..., Any]:
     def sp_attn_forward_in_float32(
         self: Any, x: Any, seq_lens: Any, grid_sizes: Any, freqs: Any, dtype: Any = None
     ) -> Any:
         import torch
 
-        return sp_attn_forward_s2v(self, x, seq_lens, grid_sizes, freqs, dtype=torch.float32)
+        return sp_attn_forward(self, x, seq_lens, grid_sizes, freqs, dtype=torch.float32)
 
     return sp_attn_forward_in_float32
 
 
+def _patches(module: str, sp_attn_forward: str) -> tuple[Patch, ...]:
+    return (
+        Patch(
+            module,
+            "torch",
+            lambda _torch: _TorchNamingTheCpu(),
+            "the task puts itself on torch.device(f'cuda:{device_id}'): that names the CPU",
+        ),
+        Patch(
+            module,
+            "shard_model",
+            _shard_model_on_cpu,
+            "FSDP gets the CPU as its device, float32 as its compute dtype and no rank-0 broadcast of "
+            "the weights (FSDP broadcasts only from a GPU; every rank read the same files)",
+        ),
+        Patch(
+            module,
+            sp_attn_forward,
+            _sp_attn_forward_in_float32,
+            "the Ulysses attention keeps float32 instead of casting q, k, v to bfloat16",
+        ),
+    )
+
+
 PATCHES = (
-    Patch(
-        "wan.speech2video",
-        "torch",
-        lambda _torch: _TorchNamingTheCpu(),
-        "WanS2V puts itself on torch.device(f'cuda:{device_id}'): that names the CPU",
-    ),
-    Patch(
-        "wan.speech2video",
-        "shard_model",
-        _shard_model_on_cpu,
-        "FSDP gets the CPU as its device, float32 as its compute dtype and no rank-0 broadcast of "
-        "the weights (FSDP broadcasts only from a GPU; every rank read the same files)",
-    ),
-    Patch(
-        "wan.speech2video",
-        "sp_attn_forward_s2v",
-        _sp_attn_forward_in_float32,
-        "the Ulysses attention keeps float32 instead of casting q, k, v to bfloat16",
-    ),
+    *_patches("wan.speech2video", "sp_attn_forward_s2v"),
+    *_patches("wan.text2video", "sp_attn_forward"),
+    *_patches("wan.image2video", "sp_attn_forward"),
 )
 
 
-def run_on_cpu(speech2video: types.ModuleType) -> None:
-    """Let ``WanS2V`` build and generate on a CPU, single or sharded over gloo (``PATCHES``)."""
-    if isinstance(speech2video.torch, _TorchNamingTheCpu):
+def run_on_cpu() -> None:
+    """Let every task build and generate on a CPU, single or sharded over gloo (``PATCHES``)."""
+    import sys
+
+    if isinstance(sys.modules["wan.speech2video"].torch, _TorchNamingTheCpu):
         return
     warnings.filterwarnings("ignore", message=r".*CUDA is not available.*Disabling", category=UserWarning)
     apply(PATCHES)
 
 
 def config_for(config: Any, device_type: str) -> Any:
-    """The s2v-14B config as it runs on ``device_type``: ``param_dtype`` and ``t5_dtype`` are
+    """A task's config as it runs on ``device_type``: ``param_dtype`` and ``t5_dtype`` are
     float32 on a CPU."""
     if device_type == "cuda":
         return config

@@ -31,7 +31,7 @@ MARKER = ".small-model-complete"
 # One module per model family; each has ``VERSION`` (bump it whenever its builders change what
 # they write, so directories built by an older builder are rebuilt) and ``BUILDERS``
 # (model key -> function that writes the model into a directory).
-_FAMILIES = ("z_image", "qwen_image", "wan", "s2v")
+_FAMILIES = ("z_image", "qwen_image", "wan", "s2v", "a14b_official")
 
 
 def _families() -> dict[str, tuple[int, Callable[[Path], None]]]:

@@ -54,8 +54,6 @@ def build_wan22_s2v_14b(out: Path, max_area: int | None = MAX_AREA) -> None:
     """The small checkpoint in ``out``; ``max_area=None`` renders the sizes jobs ask for (a GPU)."""
     import torch
 
-    from testkit.s2v.small import SMALL_MODEL_FILE, small_model_sizes
-    from testkit.small_models.wan import t5_tokenizer
     from worker.adapters.wan_s2v.official import import_wan_modules
 
     wan = import_wan_modules()
@@ -63,40 +61,15 @@ def build_wan22_s2v_14b(out: Path, max_area: int | None = MAX_AREA) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Text: T5 tokenizer and encoder (the encoder half of umt5_xxl at small sizes).
-    tokenizer = t5_tokenizer()
-    tokenizer.save_pretrained(out / T5_TOKENIZER_DIR)
-    t5_sizes = {**T5, "vocab_size": len(tokenizer)}
-    (out / SMALL_MODEL_FILE).write_text(
-        json.dumps(
-            {"t5": t5_sizes, "vae": VAE, "max_area": max_area, "note": "small random-weight test model"},
-            indent=2,
-        )
-    )
-    torch.manual_seed(0)
-    encoder = wan["t5"].umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16, **t5_sizes)
-    torch.save(encoder.state_dict(), out / T5_FILE)
-
-    # 2. VAE: Wan2.1's (z_dim 16), narrow. ``_video_vae`` builds on the meta device and loads a
-    #    file, so the random weights are made here and saved in the same form.
-    torch.manual_seed(0)
-    vae = wan["vae2_1"].WanVAE_(
-        dim=VAE["dim"],
-        z_dim=16,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        dropout=0.0,
-    )
-    torch.save(vae.state_dict(), out / VAE_FILE)
+    # 1-2. Text (T5 tokenizer and encoder) and the VAE.
+    save_t5_and_vae(out, max_area)
 
     # 3. DiT: s2v-14B's transformer config with small widths.
     settings = {k: v for k, v in dict(config.transformer).items() if k != "__name__"}
     settings.update(DIT, audio_dim=AUDIO_DIM, text_len=config.text_len)
     torch.manual_seed(0)
     dit = wan["model_s2v"].WanModel_S2V(**settings)
-    _randomise_zero_weights(dit)
+    randomise_zero_weights(dit)
     dit.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
 
     # 4. Speech: wav2vec2 (CTC head, as the official model) and its processor.
@@ -112,16 +85,66 @@ def build_wan22_s2v_14b(out: Path, max_area: int | None = MAX_AREA) -> None:
             indent=2,
         )
     )
-    # The build must load the way the worker loads it.
+    check_t5_loads(out)
+
+
+def save_t5_and_vae(out: Path, max_area: int | None) -> None:
+    """What every official checkpoint holds beside its DiTs: the T5 tokenizer and encoder (the
+    encoder half of umt5_xxl at small sizes) and the Wan2.1 VAE (z_dim 16, narrow), with their
+    sizes and ``max_area`` in ``SMALL_MODEL_FILE``."""
+    import torch
+
+    from testkit.s2v.small import SMALL_MODEL_FILE
+    from testkit.small_models.wan import t5_tokenizer
+    from worker.adapters.wan_s2v.official import import_wan_modules
+
+    wan = import_wan_modules()
+    tokenizer = t5_tokenizer()
+    tokenizer.save_pretrained(out / T5_TOKENIZER_DIR)
+    t5_sizes = {**T5, "vocab_size": len(tokenizer)}
+    (out / SMALL_MODEL_FILE).write_text(
+        json.dumps(
+            {"t5": t5_sizes, "vae": VAE, "max_area": max_area, "note": "small random-weight test model"},
+            indent=2,
+        )
+    )
+    torch.manual_seed(0)
+    encoder = wan["t5"].umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16, **t5_sizes)
+    torch.save(encoder.state_dict(), out / T5_FILE)
+
+    # ``_video_vae`` builds on the meta device and loads a file, so the random weights are made
+    # here and saved in the same form.
+    torch.manual_seed(0)
+    vae = wan["vae2_1"].WanVAE_(
+        dim=VAE["dim"],
+        z_dim=16,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+    )
+    torch.save(vae.state_dict(), out / VAE_FILE)
+
+
+def check_t5_loads(out: Path) -> None:
+    """The build must load the way the worker loads it."""
+    import torch
+
+    from testkit.s2v.small import small_model_sizes
+    from worker.adapters.wan_s2v.official import import_wan_modules
+
+    wan = import_wan_modules()
     with small_model_sizes(out):
         wan["t5"].umt5_xxl(encoder_only=True, return_tokenizer=False, dtype=torch.bfloat16).load_state_dict(
             torch.load(out / T5_FILE, map_location="cpu")
         )
 
 
-def _randomise_zero_weights(model: torch.nn.Module) -> None:
-    """s2v-14B zero-initialises its output head, audio injection and pose encoder (training
-    starts from "no effect"); random weights there make every input change the output."""
+def randomise_zero_weights(model: torch.nn.Module) -> None:
+    """The official DiTs zero-initialise their output head (s2v-14B also its audio injection and
+    pose encoder: training starts from "no effect"); random weights there make every input
+    change the output."""
     import torch
 
     with torch.no_grad():
