@@ -151,6 +151,19 @@ class ModelSpec:
     cfg_options: bool = False
     # False while the model's makers have not published it: refused at submit saying so.
     released: bool = True
+    # Where the torchrun group (a sharded placement) runs the official code on another repository
+    # than ``hub_id``: that checkpoint. None: ``hub_id`` is what every class loads.
+    official: OfficialCheckpoint | None = None
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    """The official Wan2.2 code's checkpoint of a model whose ``hub_id`` is the diffusers one: what
+    the h100x8 class's torchrun group loads (``checkpoint_spec``), from another repository."""
+
+    task: str  # the official code's task (``wan.configs.WAN_CONFIGS``), e.g. "t2v-A14B"
+    hub_id: str
+    revision: str = "main"
 
 
 def _wan_lightning(folder: str) -> Variant:
@@ -195,17 +208,24 @@ _ZIMAGE_PLACEMENTS = {VramClass.GPU16: Placement(Mode.MODEL_OFFLOAD), **_RESIDEN
 _IMAGE_SIZE_16 = SizeLimits(1024, 1024, multiple_of=16, min_side=64, max_side=2048, max_pixels=2048 * 2048)
 
 # Wan2.2-A14B: the model cards' 480p and 720p (landscape or portrait) in multiples of 16 (the
-# Wan2.1 VAE's 8x times 2x2 patches), 81 frames at 16 fps, 4k+1 as the VAE compresses time by 4.
+# Wan2.1 VAE's 8x times 2x2 patches), 81 frames by default at 16 fps, 4k+1 as the VAE compresses
+# time by 4. Longer clips up to 241 frames (15 s): by the memory model the 80 GB class holds every
+# 480p clip and 720p ones up to 177 frames; 181 to 241 frames at 720p go to the group, which
+# holds them at 25 GiB a rank. 241 is the catalog's cap, not memory's (the group would hold
+# about 1,900 frames at 720p): a step's attention grows with the square of the frames.
 _A14B_SIZE = SizeLimits(1280, 720, multiple_of=16, min_side=64, max_side=1280, max_pixels=1280 * 720)
-_A14B_VIDEO = VideoLimits(default_frames=81, max_frames=81, frames_step=4, fps=16)
+_A14B_VIDEO = VideoLimits(default_frames=81, max_frames=241, frames_step=4, fps=16)
 _A14B_PLACEMENT = (
     "two 14B experts (high-noise, then low-noise past the boundary timestep); on the 80 GB class "
     "the text encoder is offloaded after encoding and the idle expert is kept off the GPU until "
-    "its first step (placement mode expert-offload)"
+    "its first step (placement mode expert-offload); on the 8xH100 class the official code's "
+    "task in the resident torchrun group, both experts and the text encoder sharded over the "
+    "eight GPUs (FSDP) and each step's tokens split over them (Ulysses): clips the 80 GB class "
+    "does not hold; LoRAs and variants run on the 80 GB class only"
 )
 _A14B_PLACEMENTS = {
     VramClass.GPU80: Placement(Mode.EXPERT_OFFLOAD),
-    VramClass.H100X8: Placement(Mode.EXPERT_OFFLOAD),
+    VramClass.H100X8: Placement(Mode.SHARDED),
 }
 
 CATALOG: dict[str, ModelSpec] = {
@@ -424,6 +444,7 @@ CATALOG: dict[str, ModelSpec] = {
             variants=_variants(
                 _wan_lightning("Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"),
             ),
+            official=OfficialCheckpoint("t2v-A14B", "Wan-AI/Wan2.2-T2V-A14B"),
         ),
         ModelSpec(
             key="wan2.2-i2v-a14b",
@@ -447,6 +468,7 @@ CATALOG: dict[str, ModelSpec] = {
             variants=_variants(
                 _wan_lightning("Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"),
             ),
+            official=OfficialCheckpoint("i2v-A14B", "Wan-AI/Wan2.2-I2V-A14B"),
         ),
         ModelSpec(
             key="wan2.2-animate-14b",
@@ -497,6 +519,47 @@ def footprint_gb(spec: ModelSpec, vram_class: VramClass) -> float | None:
     from routing.memory import footprint_gb as predicted
 
     return predicted(spec, vram_class)
+
+
+# The suffix of an official checkpoint's key (``checkpoint_spec``).
+OFFICIAL_SUFFIX = "-official"
+
+
+def checkpoint_spec(spec: ModelSpec) -> ModelSpec:
+    """The weights the torchrun group loads for ``spec``: its official checkpoint as a spec of its
+    own (key ``<key>-official``, the official repository), so pulling, mirroring, the node cache
+    and ``FLEET_MODEL_ROOT`` find it beside the diffusers weights; ``spec`` itself when every
+    class loads ``hub_id``."""
+    if spec.official is None:
+        return spec
+    from dataclasses import replace
+
+    task_class = {"t2v": "WanT2V", "i2v": "WanI2V"}[spec.official.task.split("-")[0]]
+    return replace(
+        spec,
+        key=spec.key + OFFICIAL_SUFFIX,
+        hub_id=spec.official.hub_id,
+        revision=spec.official.revision,
+        pipeline=f"wan.{task_class} (official Wan2.2 code, task {spec.official.task})",
+        official=None,
+    )
+
+
+def weights_spec(key: str) -> ModelSpec:
+    """The spec whose weights ``key`` names: a catalog model, or an official checkpoint
+    (``<key>-official``); KeyError names the known keys."""
+    if key.endswith(OFFICIAL_SUFFIX) and key.removesuffix(OFFICIAL_SUFFIX) in CATALOG:
+        spec = CATALOG[key.removesuffix(OFFICIAL_SUFFIX)]
+        if spec.official is not None:
+            return checkpoint_spec(spec)
+    if key in CATALOG:
+        return CATALOG[key]
+    raise KeyError(f"no weights named {key!r}; known: {', '.join(weights_keys())}")
+
+
+def weights_keys() -> list[str]:
+    """Every model's weights key, and each official checkpoint's."""
+    return sorted([*CATALOG, *(key + OFFICIAL_SUFFIX for key, spec in CATALOG.items() if spec.official)])
 
 
 def get_model(key: str) -> ModelSpec:

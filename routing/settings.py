@@ -157,9 +157,11 @@ class Settings(BaseSettings):
     worker_class: Literal["gpu16", "gpu80", "h100x8"] = "gpu16"
     # Models to load when the worker process starts, before taking the first job.
     warm_models: list[str] = Field(default_factory=list)
-    # Models an h100x8 worker runs inside its resident torchrun group, and the group's size
-    # (8 on p5.48xlarge; 4 allowed).
-    group_models: list[str] = Field(default_factory=lambda: ["wan2.2-s2v-14b"])
+    # Models an h100x8 worker runs inside its resident torchrun group (every model the catalog
+    # shards on the class), and the group's size (8 on p5.48xlarge; 4 allowed).
+    group_models: list[str] = Field(
+        default_factory=lambda: ["wan2.2-s2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"]
+    )
     group_world_size: int = Field(default=8, ge=1, le=8)
     # Longest wait of any collective in the group (a dead rank must not hang the others), the
     # longest the group may take to load, and where the ranks' output goes (None: a temp dir).

@@ -95,11 +95,15 @@ def get_runner() -> JobRunner:
         runtime = Runtime.resolve(settings.device, settings.dtype)
 
         def load(spec: Any, placement: Any) -> Any:
+            from routing.catalog import checkpoint_spec
+            from routing.memory import Mode
             from worker.speed import prepare
 
+            # Sharded: the torchrun group serves it, from the official checkpoint.
+            sharded = placement.mode is Mode.SHARDED
             # Filled from the object store into the node cache first, when the worker has one.
-            weights = local_weights(settings, spec, storage)
-            adapter = load_adapter(spec, weights, runtime.placed(placement), settings.adapters)
+            weights = local_weights(settings, checkpoint_spec(spec) if sharded else spec, storage)
+            adapter = load_adapter(spec, weights, runtime.placed(placement), settings.adapters, sharded)
             if spec.key not in settings.adapters:  # adapters of one's own run base jobs only
                 prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
             return adapter
@@ -128,6 +132,8 @@ def get_runner() -> JobRunner:
             on_change=count,
             gpu=CudaMemory.of(runtime.device),
             margin_gib=settings.vram_margin_gib,
+            # Only an h100x8 worker has a group (worker.group.adapter).
+            group_models=settings.group_models if vram_class is VramClass.H100X8 else (),
         )
         queues = consumed_queues(vram_class)
         _runner = JobRunner(

@@ -267,3 +267,36 @@ def test_a_video_too_long_for_every_class_is_refused_naming_the_frames_that_fit(
     assert route(types.SimpleNamespace(**vars(request) | {"frames": frames}), margin_gib=25).vram_class is (
         VramClass.GPU80
     )
+
+
+@pytest.mark.parametrize("model", ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"])
+def test_an_a14b_clip_the_80gb_class_does_not_hold_goes_to_the_group_loras_only_where_they_run(model):
+    """The limits the catalog and README state, from the memory model: the 80 GB class (expert
+    offload) holds 720p clips up to 177 frames and every 480p one; longer 720p clips go to the
+    8xH100 class's group (sharded); LoRAs and variants, which the group does not apply, are
+    refused past the 80 GB class's limit naming it."""
+    spec = get_model(model)
+    image = {"image": {"key": "a.png"}} if model.endswith("i2v-a14b") else {}
+    base = {"model": model, "prompt": "x", **image}
+
+    def routed(**fields):
+        return route(parse_request(base | fields)).vram_class
+
+    assert routed(width=1280, height=720, frames=177) is VramClass.GPU80
+    assert routed(width=1280, height=720, frames=181) is VramClass.H100X8
+    assert routed(width=720, height=1280, frames=241) is VramClass.H100X8
+    assert routed(width=832, height=480, frames=241) is VramClass.GPU80
+    assert placement(spec, VramClass.H100X8) == Placement(Mode.SHARDED)
+    largest = memory.largest_request(spec, VramClass.GPU80)
+    assert str(largest) == "1280x720x177"
+    assert str(memory.largest_request(spec, VramClass.H100X8)) == "1280x720x241"
+
+    # With a LoRA or the Lightning variant only the 80 GB class runs it.
+    assert routed(width=1280, height=720, frames=177, variant="lightning-4") is VramClass.GPU80
+    for extra in ({"variant": "lightning-4"}, {"loras": [{"source": "k", "expert": "high"}]}):
+        with pytest.raises(InvalidRequest) as refused:
+            routed(width=1280, height=720, frames=181, **extra)
+        (error,) = refused.value.errors
+        assert error.field == "frames", error
+        assert "with LoRAs or a variant" in error.message and "(gpu80, expert-offload)" in error.message
+        assert error.message.endswith("at most 177 frames"), error.message

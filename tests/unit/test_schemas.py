@@ -144,8 +144,8 @@ def test_two_expert_models_fill_in_each_experts_guidance_and_refuse_what_cannot_
         )
     assert raised.value.errors[0].field == "guidance_scale_2"
     with pytest.raises(InvalidRequest) as raised:
-        parse_request({"model": "wan2.2-t2v-a14b", "prompt": "a", "frames": 85})
-    assert raised.value.errors[0].field == "frames" and "at most 81" in raised.value.errors[0].message
+        parse_request({"model": "wan2.2-t2v-a14b", "prompt": "a", "frames": 245})
+    assert raised.value.errors[0].field == "frames" and "at most 241" in raised.value.errors[0].message
 
 
 def test_expert_choices_and_a_second_guidance_are_refused_for_one_transformer_models():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from routing.catalog import CATALOG
+from routing.catalog import CATALOG, checkpoint_spec, weights_keys, weights_spec
 from worker.weights.files import Manifest, check_relative, folder_files, manifest_of, select
 from worker.weights.hub import pull, pulled_commit
 
@@ -96,6 +96,35 @@ def test_s2v_takes_the_official_checkpoint_files(tmp_path: Path, small_models_di
         assert name in selected
 
 
+@pytest.mark.parametrize("model", ["wan2.2-t2v-a14b", "wan2.2-i2v-a14b"])
+def test_an_a14b_official_checkpoint_is_a_weights_key_of_its_own_with_its_files(
+    tmp_path: Path, small_models_dir: Path, model: str
+) -> None:
+    """The group reads the official repository, the other classes the diffusers one: each has
+    its own key, so pull, mirror and the node cache keep them apart."""
+    spec = CATALOG[model]
+    official = checkpoint_spec(spec)
+    assert official.key == f"{model}-official" and official.key in weights_keys()
+    assert weights_spec(official.key) == official and weights_spec(model) is spec
+    assert official.hub_id == spec.official.hub_id and official.hub_id != spec.hub_id
+    built = folder_files(small_models_dir / official.key)
+    extras = EXTRAS | {"examples/i2v_input.JPG": b"\xff\xd8", "high_noise_model/README.md": b"#"}
+    repo = _repo(tmp_path, small_models_dir, official.key, extras)
+
+    selected = select(folder_files(repo), official)
+
+    assert selected == built
+    for name in (
+        "high_noise_model/diffusion_pytorch_model.safetensors",
+        "low_noise_model/config.json",
+        "models_t5_umt5-xxl-enc-bf16.pth",
+        "Wan2.1_VAE.pth",
+    ):
+        assert name in selected
+    with pytest.raises(KeyError, match=f"{model}-official"):
+        weights_spec("wan2.2-ti2v-5b-official")
+
+
 def test_a_folder_with_several_safetensors_shards_keeps_them_all() -> None:
     spec = CATALOG["qwen-image"]
     paths = [
@@ -152,3 +181,8 @@ def test_the_official_s2v_code_refuses_a_hub_id_saying_how_to_mirror_it() -> Non
     runtime = Runtime.resolve("cpu", "float32")
     with pytest.raises(FileNotFoundError, match="python -m worker.weights pull wan2.2-s2v-14b"):
         S2VGroupModel(spec, spec.hub_id, runtime, GroupPlace(rank=0, world_size=1, local_rank=0))
+    from worker.adapters.a14b import A14BGroupModel
+
+    a14b = CATALOG["wan2.2-t2v-a14b"]
+    with pytest.raises(FileNotFoundError, match="python -m worker.weights pull wan2.2-t2v-a14b-official"):
+        A14BGroupModel(a14b, a14b.hub_id, runtime, GroupPlace(rank=0, world_size=1, local_rank=0))

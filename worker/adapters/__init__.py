@@ -9,7 +9,9 @@ from worker.adapters.base import Adapter, Runtime
 
 GROUP_ADAPTER = "worker.group.adapter:GroupAdapter"
 
-# model key -> "module:class"; a model without an entry is not served.
+# model key -> "module:class" on a single GPU (or rank 0's of an h100x8 worker); a model
+# without an entry is not served. Where a class shards the model (routing.memory Mode.SHARDED),
+# the worker serves it through the torchrun group (GROUP_ADAPTER) instead.
 ADAPTERS: dict[str, str] = {
     "z-image-turbo": "worker.adapters.z_image:ZImageAdapter",
     "z-image": "worker.adapters.z_image:ZImageAdapter",
@@ -27,12 +29,17 @@ ADAPTERS: dict[str, str] = {
 
 
 def load_adapter(
-    spec: ModelSpec, weights: str, runtime: Runtime, overrides: dict[str, str] | None = None
+    spec: ModelSpec,
+    weights: str,
+    runtime: Runtime,
+    overrides: dict[str, str] | None = None,
+    sharded: bool = False,
 ) -> Adapter:
     """Load ``spec``'s adapter; ``overrides`` (settings.adapters) map model keys to adapters of
-    one's own, over the built-in ones."""
+    one's own, over the built-in ones. ``sharded``: the worker's class shards the model, so the
+    torchrun group serves it (unless ``overrides`` names another adapter)."""
     try:
-        target = (overrides or {}).get(spec.key) or ADAPTERS[spec.key]
+        target = (overrides or {}).get(spec.key) or (GROUP_ADAPTER if sharded else ADAPTERS[spec.key])
     except KeyError:
         raise LookupError(f"no adapter runs {spec.key}") from None
     _quiet_loading()

@@ -16,7 +16,7 @@ import os
 import threading
 from typing import Any
 
-from routing.catalog import ModelSpec, get_model
+from routing.catalog import ModelSpec, checkpoint_spec, get_model
 from routing.io.storage import make_storage
 from routing.settings import get_settings
 from worker.adapters.base import Adapter, Capabilities, Generated, Inputs, Runtime, StepCallback
@@ -67,9 +67,11 @@ def resident_group() -> Group:
             settings = get_settings()
             storage = make_storage(settings)
             _resident = Group(
-                # The ranks read the node cache, filled here once for all of them.
+                # The ranks read the node cache, filled here once for all of them, with each
+                # model's official checkpoint (A14B's is not the diffusers one other classes read).
                 models={
-                    key: local_weights(settings, get_model(key), storage) for key in settings.group_models
+                    key: local_weights(settings, checkpoint_spec(get_model(key)), storage)
+                    for key in settings.group_models
                 },
                 world_size=settings.group_world_size,
                 device=settings.device,

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from routing.catalog import CATALOG, get_model
+from routing.catalog import weights_keys, weights_spec
 from routing.io.storage import S3Storage, make_storage
 from routing.settings import Settings, get_settings
 from worker.weights.fill import MirrorMissing, WeightsError, fill
@@ -25,15 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.weights", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     pull_cmd = commands.add_parser("pull", help="the hub -> a local folder, at the catalog's revision")
-    pull_cmd.add_argument("model", choices=sorted(CATALOG))
+    pull_cmd.add_argument("model", choices=weights_keys())
     pull_cmd.add_argument("--dir", type=Path, help="default: <FLEET_MODEL_ROOT or models>/<model>")
     mirror_cmd = commands.add_parser("mirror", help="a local folder -> the object store, with a manifest")
-    mirror_cmd.add_argument("model", choices=sorted(CATALOG))
+    mirror_cmd.add_argument("model", choices=weights_keys())
     mirror_cmd.add_argument("--dir", type=Path, help="default: <FLEET_MODEL_ROOT or models>/<model>")
     fill_cmd = commands.add_parser(
         "fill", help="the object store -> the node cache (FLEET_WEIGHTS_CACHE_DIR)"
     )
-    fill_cmd.add_argument("models", nargs="+", choices=sorted(CATALOG))
+    fill_cmd.add_argument("models", nargs="+", choices=weights_keys())
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # One line a request from the HTTP client would bury the fleet's own lines on a big repository.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     if args.command == "pull":
-        spec = get_model(args.model)
+        spec = weights_spec(args.model)
         try:
             pulled = pull(spec, args.dir or default_folder(settings, spec.key), HuggingFaceHub())
         except (HubError, FileNotFoundError) as e:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     storage = make_storage(settings)
     if args.command == "mirror":
-        spec = get_model(args.model)
+        spec = weights_spec(args.model)
         if isinstance(storage, S3Storage):
             storage.ensure_bucket()
         manifest = mirror(storage, spec, args.dir or default_folder(settings, spec.key))
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = fill(
                 storage,
-                get_model(key),
+                weights_spec(key),
                 settings.weights_cache_dir,
                 chunk_bytes=settings.weights_fill_chunk_bytes,
                 threads=settings.weights_fill_threads,

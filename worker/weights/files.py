@@ -4,7 +4,8 @@ A diffusers repository is a folder per component: each one's config, its safeten
 ones with their index), and the tokenizer and processor files; the scheduler is a config. S2V's
 official checkpoint is the layout ``wan.WanS2V`` reads (``testkit/small_models/s2v.py`` draws
 it): the DiT's safetensors, the T5 and VAE ``.pth`` state dicts, and the T5 tokenizer and wav2vec2
-folders. Anything else a repository carries (sample images, READMEs, other formats of the same
+folders; an A14B official checkpoint (``routing.catalog.checkpoint_spec``) has the two experts'
+DiTs in ``high_noise_model/`` and ``low_noise_model/`` beside the same T5 and VAE files. Anything else a repository carries (sample images, READMEs, other formats of the same
 weights) is left on the hub.
 
 The manifest is what the object store's mirror promises: every file's path relative to the
@@ -33,13 +34,15 @@ DIFFUSERS_FILES = (
     "*/*.model",  # sentencepiece tokenizers (T5)
     "*/*.jinja",  # chat templates
 )
-S2V_FILES = (
-    "*.json",  # the DiT's config and safetensors index
+OFFICIAL_FILES = (
+    "*.json",  # the DiTs' configs and safetensors indexes
     "diffusion_pytorch_model*.safetensors",
+    "high_noise_model/diffusion_pytorch_model*.safetensors",  # A14B's two experts
+    "low_noise_model/diffusion_pytorch_model*.safetensors",
     "models_t5_umt5-xxl-enc-bf16.pth",
     "Wan2.1_VAE.pth",
     "google/umt5-xxl/*",
-    "wav2vec2-large-xlsr-53-english/*",
+    "wav2vec2-large-xlsr-53-english/*",  # S2V's speech encoder
 )
 # Other formats of weights: a folder that has its weights as safetensors needs none of these
 # (diffusers and transformers read the safetensors when both are there).
@@ -48,7 +51,7 @@ _REDUNDANT_BESIDE_SAFETENSORS = ("*.bin", "*.pt", "*.msgpack", "*.h5", "*.onnx")
 
 def patterns(spec: ModelSpec) -> tuple[str, ...]:
     """The repository files ``spec``'s pipeline loads, as hub allow-patterns."""
-    return S2V_FILES if spec.pipeline.startswith("wan.") else DIFFUSERS_FILES
+    return OFFICIAL_FILES if spec.pipeline.startswith("wan.") else DIFFUSERS_FILES
 
 
 def select(paths: Iterable[str], spec: ModelSpec) -> list[str]:
