@@ -18,7 +18,10 @@ torchrun loads every group model (``group_models``), so the first of them the po
 the whole group's weights and the others nothing while it is resident; a smaller class's job that
 does not fit beside them evicts the group: its ``close`` (``Adapter.close``, a no-op for most
 adapters) ends the group, which frees every rank's GPU, so every group model leaves the pool
-with it, and the next group job starts a new one.
+with it, and the next group job starts a new one. The group applies no LoRAs: a job of a group
+model that carries LoRAs or a variant (a smaller class's job the idle worker took) runs the model
+placed as the biggest smaller class that applies them places it (A14B: gpu80's expert offload), on
+this GPU, as a pool entry of its own (``<model>@<mode>``).
 """
 
 from __future__ import annotations
@@ -33,8 +36,18 @@ from typing import Protocol
 
 from routing.catalog import ModelSpec, get_model
 from routing.classes import VramClass
-from routing.memory import Mode, Placement, Work, budget_gib, default_margin_gib, placement, predict
+from routing.memory import (
+    Mode,
+    Placement,
+    Work,
+    applies_loras,
+    budget_gib,
+    classes_for,
+    default_margin_gib,
+    placement,
+)
 from routing.memory.model import GIB, has_data
+from routing.memory.model import predict as predict_placed
 from routing.memory.model import weights_gib as predicted_weights_gib
 from worker.adapters.base import Adapter, placing_seconds
 
@@ -156,19 +169,31 @@ class PipelinePool:
         where = placement(spec, self.vram_class)
         if where is None or not has_data(spec.key):
             raise DoesNotFit(f"{model_key} does not run on a {self.vram_class.value} worker")
+        if work is not None and work.loras and not applies_loras(where):
+            # The class's own placement (the group) cannot apply the job's LoRAs or variant:
+            # the model is placed as the biggest smaller class that can places it, on this GPU,
+            # resident beside the other under a key of its own.
+            smaller = [c for c in classes_for(spec, work) if c.rank < self.vram_class.rank]
+            if not smaller:
+                raise DoesNotFit(
+                    f"{model_key} with LoRAs or a variant does not run on a {self.vram_class.value} worker"
+                )
+            where = placement(spec, smaller[-1])
+            assert where is not None
+            model_key = f"{model_key}@{where.mode.value}"
         need_gib = self._request_gib(spec, where, work)
         if model_key in self._resident:
             self._resident.move_to_end(model_key)
             self._admit(model_key, self._held_gib(model_key), need_gib, work)
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
         # Room for the weights as predicted, before loading; then again as measured.
-        self._admit(model_key, self._loaded_gib(spec, where), need_gib, work)
+        self._admit(model_key, self._loaded_gib(model_key, spec, where), need_gib, work)
         started, placed = time.perf_counter(), placing_seconds()
         allocated = self._gpu.allocated_bytes() if self._gpu is not None else 0
         adapter = self._loader(spec, where)
         load_s = time.perf_counter() - started
         to_device_s = placing_seconds() - placed
-        self._record_weights(spec, where, adapter, allocated)
+        self._record_weights(model_key, spec, where, adapter, allocated)
         self.load_seconds[model_key] = (load_s, to_device_s)
         self._resident[model_key] = adapter
         self.loads[model_key] = self.loads.get(model_key, 0) + 1
@@ -190,21 +215,23 @@ class PipelinePool:
         peak less those weights (with model offload, the component it moves on as well)."""
         if work is None:
             return 0.0
-        found = predict(spec, self.vram_class, work)
-        assert found is not None  # placed, with memory data (checked by the caller)
+        found = predict_placed(spec.key, where, work, self._ranks(where))
         return max(0.0, found.peak_gib - self._predicted_gib(spec, where))
 
-    def _predicted_gib(self, spec: ModelSpec, where: Placement) -> float:
-        # Sharded: per rank of the class's GPUs.
-        ranks = self.vram_class.vram_gb // self.vram_class.gpu_vram_gb if where.mode is Mode.SHARDED else 1
-        return predicted_weights_gib(spec.key, where.mode, ranks)
+    def _ranks(self, where: Placement) -> int:
+        """Sharded: a rank of the class's GPUs."""
+        return self.vram_class.vram_gb // self.vram_class.gpu_vram_gb if where.mode is Mode.SHARDED else 1
 
-    def _loaded_gib(self, spec: ModelSpec, where: Placement) -> float:
-        """The predicted weights loading ``spec`` puts on the GPU: a group model's loads the whole
-        group (every rank holds every group model), or nothing while the group is resident."""
-        if spec.key not in self.group_models:
+    def _predicted_gib(self, spec: ModelSpec, where: Placement) -> float:
+        return predicted_weights_gib(spec.key, where.mode, self._ranks(where))
+
+    def _loaded_gib(self, key: str, spec: ModelSpec, where: Placement) -> float:
+        """The predicted weights loading ``spec`` as ``key`` puts on the GPU: a group model's
+        loads the whole group (every rank holds every group model), or nothing while the group is
+        resident."""
+        if key not in self.group_models:
             return self._predicted_gib(spec, where)
-        if any(key in self.group_models for key in self._resident if key != spec.key):
+        if any(other in self.group_models for other in self._resident if other != key):
             return 0.0
         total = 0.0
         for key in self.group_models:
@@ -214,17 +241,19 @@ class PipelinePool:
                 total += self._predicted_gib(member, member_where)
         return total
 
-    def _record_weights(self, spec: ModelSpec, where: Placement, adapter: Adapter, allocated: int) -> None:
+    def _record_weights(
+        self, key: str, spec: ModelSpec, where: Placement, adapter: Adapter, allocated: int
+    ) -> None:
         """A loaded model's weights: measured on CUDA (the slot its LoRAs go in is counted apart,
         as it grows); predicted without CUDA, and for a sharded model, whose weights the group's
         processes hold."""
-        if self._gpu is not None and where.mode is not Mode.SHARDED and spec.key not in self.group_models:
+        if self._gpu is not None and where.mode is not Mode.SHARDED and key not in self.group_models:
             grown = self._gpu.allocated_bytes() - allocated
-            self.weights_gib[spec.key] = max(0.0, grown / GIB - _lora_gb(adapter))
-            self.weights_source[spec.key] = "measured"
+            self.weights_gib[key] = max(0.0, grown / GIB - _lora_gb(adapter))
+            self.weights_source[key] = "measured"
         else:
-            self.weights_gib[spec.key] = self._loaded_gib(spec, where)
-            self.weights_source[spec.key] = "predicted"
+            self.weights_gib[key] = self._loaded_gib(key, spec, where)
+            self.weights_source[key] = "predicted"
 
     def _held_gib(self, key: str) -> float:
         return self.weights_gib[key] + _lora_gb(self._resident[key])

@@ -266,6 +266,28 @@ def test_the_group_counts_every_group_model_once_and_leaves_the_pool_whole():
     assert ("evict", "wan2.2-t2v-a14b") in changes and ("evict", "wan2.2-s2v-14b") in changes
 
 
+def test_a_group_models_job_with_loras_runs_placed_as_the_class_below_places_it():
+    """Catches a job with LoRAs or a variant handed to the group, which cannot apply them: an
+    h100x8 worker takes smaller classes' jobs when idle, and gpu80 routes such A14B jobs."""
+    group = ("wan2.2-s2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
+    pool, _ = make_pool(VramClass.H100X8, group_models=group)
+    in_group = pool.get("wan2.2-t2v-a14b", SMALL).adapter
+    assert in_group.placement == Placement(Mode.SHARDED)
+
+    clip = Work(1280, 720, 81, guidance=True, loras=True)
+    own = pool.get("wan2.2-t2v-a14b", clip).adapter
+
+    assert own.placement == Placement(Mode.EXPERT_OFFLOAD) and own.runtime.expert_offload
+    assert pool.weights_gib["wan2.2-t2v-a14b@expert-offload"] == weights("wan2.2-t2v-a14b", VramClass.GPU80)
+    # One expert and a 720p clip's activations (50.5 GiB predicted) do not fit beside the whole
+    # group (43.4 GiB) on rank 0's GPU: the group went.
+    assert in_group.closed and pool.resident == ["wan2.2-t2v-a14b@expert-offload"]
+    # The next LoRA job finds it resident; a base job brings the group back beside it.
+    assert pool.get("wan2.2-t2v-a14b", Work(832, 480, 81, loras=True)).adapter is own
+    assert pool.get("wan2.2-t2v-a14b", SMALL).adapter.placement == Placement(Mode.SHARDED)
+    assert pool.resident == ["wan2.2-t2v-a14b@expert-offload", "wan2.2-t2v-a14b"]
+
+
 def test_lora_memory_counts_in_the_budget():
     """Catches a LoRA slot (and its loaded variants) left out of the budget."""
     # Z-Image and qwen-image fit a budget with 1 GiB to spare; with qwen-image's LoRA slot and
