@@ -1,8 +1,9 @@
 """The demo: one job of every task kind through the whole fleet on this machine.
 
 Local Redis, a 16GB-class and an 80GB-class worker and an 8xH100-class worker whose resident
-torchrun group is two CPU ranks over gloo (Wan2.2-S2V sharded over them with FSDP and Ulysses, as
-on eight GPUs), all on small random-weight models, jobs submitted through the SDK (the first one through the CLI, with its progress bar), outputs in a local
+torchrun group is two CPU ranks over gloo (Wan2.2-S2V and the official code's T2V-A14B and
+I2V-A14B sharded over them with FSDP and Ulysses, as on eight GPUs), all on small random-weight
+models, jobs submitted through the SDK (the first one through the CLI, with its progress bar), outputs in a local
 object-store directory, and a gallery page showing every image and playing every video beside
 its request. Stops what it started.
 """
@@ -29,15 +30,22 @@ sys.path.insert(0, str(ROOT))
 from localfleet.flower import FlowerProcess
 from localfleet.process import WorkerProcess, settings_env
 from producer.client import Client
-from routing.catalog import CATALOG
+from routing.catalog import CATALOG, checkpoint_spec
 from routing.jobs.record import JobRecord
 from routing.settings import Settings
+from testkit.s2v import A14B_GROUP_MODEL
 from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
 from testkit.small_models import build
 from worker.media import encode_mp4, encode_png, encode_wav
 
 VAR = ROOT / "var"
 SERVED = [key for key, spec in CATALOG.items() if spec.served]
+# The official checkpoints the group reads where another class reads the diffusers weights.
+OFFICIAL = [checkpoint_spec(CATALOG[key]).key for key in SERVED if CATALOG[key].official]
+# A client that plans with this margin sees 20 GiB of an 80 GB card: less than one A14B expert
+# (26.9 GiB predicted) but more than a rank of the group needs (16.2 GiB), so it routes the small
+# A14B jobs below to the 8xH100 class, as a 720p clip past 177 frames is (a CPU cannot make one).
+GROUP_ROUTING_MARGIN_GIB = 60.0
 
 
 def picture(size: tuple[int, int], hue: int, label: str) -> Image.Image:
@@ -213,6 +221,22 @@ def jobs(client: Client) -> list[dict]:
     ]
 
 
+def group_jobs(client: Client) -> list[dict]:
+    """One A14B job of each kind for the 8xH100 class's group (the official code)."""
+    person = client.upload(encode_png(picture((64, 64), 200, "person")))
+    return [
+        {"model": "wan2.2-t2v-a14b", "prompt": "waves on a beach", "width": 96, "height": 64, "frames": 9},
+        {
+            "model": "wan2.2-i2v-a14b",
+            "prompt": "the person waves",
+            "image": person,
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+        },
+    ]
+
+
 def cli_job(settings: Settings) -> str:
     """The text-to-image job, through the CLI so its progress bar shows."""
     command = [
@@ -258,19 +282,23 @@ def main() -> int:
     started = time.monotonic()
     print("== small models (random weights, the real diffusers/transformers classes)")
     models = VAR / "small-models"
-    build(models, SERVED)
+    build(models, SERVED + OFFICIAL)
 
     settings = Settings(storage_dir=VAR / "objects", model_root=models)
     gpu16 = settings.model_copy(update={"worker_class": "gpu16", "warm_models": ["z-image-turbo"]})
     gpu80 = settings.model_copy(update={"worker_class": "gpu80"})
-    # The group starts with the worker's first S2V job; on this machine, two CPU ranks.
-    # S2V's ranks run the small checkpoint on the CPU (testkit.s2v).
+    # The group starts with the worker's first group job; on this machine, two CPU ranks. S2V's
+    # and A14B's ranks run the small checkpoints on the CPU (testkit.s2v).
     h100x8 = settings.model_copy(
         update={
             "worker_class": "h100x8",
             "group_world_size": 2,
             "group_log_dir": VAR / "demo" / "group",
-            "group_adapters": {"wan2.2-s2v-14b": S2V_GROUP_MODEL},
+            "group_adapters": {
+                "wan2.2-s2v-14b": S2V_GROUP_MODEL,
+                "wan2.2-t2v-a14b": A14B_GROUP_MODEL,
+                "wan2.2-i2v-a14b": A14B_GROUP_MODEL,
+            },
         }
     )
     password = secrets.token_urlsafe(12)
@@ -282,12 +310,15 @@ def main() -> int:
         WorkerProcess(gpu80, VAR / "demo" / "worker-gpu80.log").wait_ready(),
         WorkerProcess(h100x8, VAR / "demo" / "worker-h100x8.log").wait_ready(),
         Client(settings) as client,
+        Client(settings.model_copy(update={"vram_margin_gib": GROUP_ROUTING_MARGIN_GIB})) as to_group,
     ):
         print(f"   Flower: {flower.url}  user {flower.auth[0]}  password {password}")
         print("== text-to-image through the CLI")
         first = cli_job(settings)
         print("== one job of every other task kind through the SDK")
         submitted = [client.submit(request) for request in jobs(client)]
+        print("== T2V-A14B and I2V-A14B routed to the 8xH100 class: the official code in the group")
+        submitted += [to_group.submit(request) for request in group_jobs(to_group)]
         records = [client.get(first)]
         for job in submitted:
             record = job.wait(timeout_s=600)

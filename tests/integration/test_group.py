@@ -285,8 +285,9 @@ def test_a_smaller_job_that_does_not_fit_beside_the_group_evicts_it_and_s2v_star
     pids = _rank_pids(log)
 
     # A gpu80 job the idle h100x8 worker takes: Qwen-Image at 2048x2048, predicted at 72.6 GiB,
-    # does not fit beside S2V's rank weights (7.2 GiB predicted) in rank 0's 78 GiB budget (80 GB
-    # less the margin), so the group is closed first. (At 64x64, 54.7 GiB, it would fit beside.)
+    # does not fit beside the group's weights on rank 0 (S2V's rank share, 11.0 GiB predicted,
+    # and the whole Z-Image-Turbo every rank holds, 19.1 GiB) in its 78 GiB budget (80 GB less
+    # the margin), so the group is closed first.
     spilled = client.submit(
         {"model": "qwen-image", "prompt": "a lighthouse", "width": 2048, "height": 2048, "steps": 2}
     )

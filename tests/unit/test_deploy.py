@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from routing.catalog import CATALOG
+from routing.catalog import CATALOG, checkpoint_spec
 from routing.classes import VramClass, consumed_queues
+from routing.memory import Mode, placement
 from routing.planning.plan import load_job_costs
 from routing.planning.sim import DEFAULT_MIX, own_queues, service_means
 from routing.settings import Settings
@@ -385,9 +386,16 @@ def test_worker_weights_live_on_the_node_and_an_init_step_fills_them(vram_class:
     assert "securityContext" not in filler  # the pod's: the fleet user, not root
     command = filler["command"]
     assert command[:4] == ["python", "-m", "worker.weights", "fill"]
-    assert command[4:] == [
-        spec.key for spec in CATALOG.values() if spec.vram_class is vram_class and spec.served
-    ]
+    # The class's models, and the official checkpoints of the models its group shards (A14B's
+    # are not the diffusers weights their home class reads).
+    expected = []
+    for spec in CATALOG.values():
+        where = placement(spec, vram_class)
+        if spec.served and where is not None and where.mode is Mode.SHARDED and spec.official is not None:
+            expected.append(checkpoint_spec(spec).key)
+        if spec.served and spec.vram_class is vram_class:
+            expected.append(spec.key)
+    assert command[4:] == expected
 
 
 def test_compose_gpu_workers_keep_their_weights_in_a_named_volume() -> None:
