@@ -423,7 +423,7 @@ CATALOG: dict[str, ModelSpec] = {
             key="wan2.2-t2v-a14b",
             task_kinds=(TaskKind.TEXT_TO_VIDEO,),
             vram_class=VramClass.GPU80,
-            pipeline="diffusers.WanPipeline (transformer + transformer_2)",
+            pipeline="diffusers.WanPipeline (transformer + transformer_2); h100x8: wan.WanT2V (official code)",
             hub_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
             # Both 14B experts (2 x 26 GiB in bf16) and the umT5-XXL encoder do not fit with a
             # 720p clip's activations: the worker (worker.adapters.wan.ExpertPlacement) keeps one
@@ -450,7 +450,7 @@ CATALOG: dict[str, ModelSpec] = {
             key="wan2.2-i2v-a14b",
             task_kinds=(TaskKind.IMAGE_TO_VIDEO,),
             vram_class=VramClass.GPU80,
-            pipeline="diffusers.WanImageToVideoPipeline (transformer + transformer_2)",
+            pipeline="diffusers.WanImageToVideoPipeline (transformer + transformer_2); h100x8: wan.WanI2V (official code)",
             hub_id="Wan-AI/Wan2.2-I2V-A14B-Diffusers",
             placements=_A14B_PLACEMENTS,
             size=_A14B_SIZE,

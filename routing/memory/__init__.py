@@ -176,6 +176,8 @@ def largest_request(spec: ModelSpec, vram_class: VramClass, margin_gib: float | 
 def limit_message(spec: ModelSpec, work: Work, margin_gib: float | None = None) -> tuple[str, str]:
     """(field, message) refusing ``work`` that no class fits, naming the largest that would."""
     classes = classes_for(spec, work)
+    if not classes:
+        return "loras", f"{spec.key} runs LoRAs and variants on no class: send the job without them"
     top = classes[-1]
     predicted = predict(spec, top, work)
     budget = budget_gib(top, margin_gib)
