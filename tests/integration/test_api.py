@@ -98,7 +98,7 @@ def test_submit_poll_and_download_by_presigned_url(api, settings, start_worker):
     job = poll(api, created.json()["id"], A)
 
     assert job["status"] == "succeeded", job["error"]
-    assert job["progress"] == {"step": 2, "total": 2}
+    assert job["progress"] == {"step": 2, "total": 2, "stage": None}
     [output] = job["outputs"]
     assert output["url"].startswith(settings.s3_endpoint_url) and "X-Amz-Signature" in output["url"]
     download = httpx.get(output["url"], trust_env=False)
