@@ -1,7 +1,8 @@
 """Animate from only a photo and a video, end to end: Redis, a real worker process running Wan's
 official preprocessing on the small stand-ins of its models (ONNX detector and pose model, a
 small SAM2), then the small ``WanAnimatePipeline``; preprocessing's stages in the job's events,
-and a cancel that stops it."""
+and a cancel that stops it. The worker gets the model's weights, and the preprocessing weights
+with them, by the weights path: mirrored into the store, filled into its node cache."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
 from tests.integration.test_every_kind import picture, run, video_of
 from worker.media import encode_mp4
+from worker.weights.mirror import mirror
 
 pytestmark = pytest.mark.integration
 
@@ -42,18 +44,28 @@ def dancing(frames: int = FRAMES, lit: bool = True) -> bytes:
     return encode_mp4(images, 30)
 
 
+MODEL = "wan2.2-animate-14b"
+
+
 @pytest.fixture
-def fleet(client, start_worker, fleet_settings, tmp_path):
+def fleet(client, start_worker, fleet_settings, small_models_dir, tmp_path):
+    storage = LocalStorage(fleet_settings.storage_dir)
+    mirror(storage, CATALOG[MODEL], small_models_dir / MODEL)
     settings = fleet_settings.model_copy(
-        update={"worker_class": "gpu80", "preprocess_cache_dir": tmp_path / "preprocess-cache"}
+        update={
+            "worker_class": "gpu80",
+            "preprocess_cache_dir": tmp_path / "preprocess-cache",
+            "weights_cache_dir": tmp_path / "node-cache",
+            "model_root": None,  # no other way to the weights than the node cache
+        }
     )
     start_worker(settings)
-    return client, LocalStorage(fleet_settings.storage_dir)
+    return client, storage, tmp_path / "node-cache" / MODEL
 
 
 def request(client, mode: str, video: dict, **extra) -> dict:
     return {
-        "model": "wan2.2-animate-14b",
+        "model": MODEL,
         "mode": mode,
         "prompt": "a person dancing",
         "image": client.upload(picture(90)),
@@ -66,15 +78,20 @@ def request(client, mode: str, video: dict, **extra) -> dict:
 
 
 def test_move_and_mix_from_a_photo_and_a_video_and_a_second_job_skips_preprocessing(fleet):
-    client, storage = fleet
+    client, storage, node_copy = fleet
     video = client.upload(dancing())
-    fps = CATALOG["wan2.2-animate-14b"].video.fps
+    fps = CATALOG[MODEL].video.fps
 
     move = run(client, request(client, "move", video))
     frames, got_fps, _ = video_of(storage, move)
     # No frame count asked for: one output frame per frame of the driving video.
     assert len(frames) == FRAMES and frames[0].size == (64, 64) and got_fps == fps
     assert move.timings["preprocess_cached"] == 0.0 and move.timings["preprocess_s"] > 0
+    # Preprocessing read its weights where the weights path put them.
+    assert {"det/yolov10m.onnx", "pose2d/vitpose_h_wholebody.onnx"} <= {
+        p.relative_to(node_copy / "process_checkpoint").as_posix()
+        for p in (node_copy / "process_checkpoint").rglob("*.onnx")
+    }
 
     mix = run(client, request(client, "mix", video))
     assert len(video_of(storage, mix)[0]) == FRAMES and mix.timings["preprocess_cached"] == 0.0
@@ -106,7 +123,7 @@ def test_move_and_mix_from_a_photo_and_a_video_and_a_second_job_skips_preprocess
 
 
 def test_no_person_found_and_a_cancel_end_a_job_in_preprocessing_before_the_pipeline_runs(fleet):
-    client, _ = fleet
+    client, _, _ = fleet
     record = client.submit(request(client, "mix", client.upload(dancing(lit=False)))).wait(timeout_s=300)
     assert record.status is JobStatus.FAILED
     assert record.error.type is ErrorType.NO_PERSON_FOUND

@@ -133,7 +133,9 @@ class Preprocessor:
         missing = [name for name in (_DETECTOR, _POSE, _SAM2) if not (self.weights / name).is_dir()]
         if missing:
             raise FileNotFoundError(
-                f"the preprocessing weights are not installed: {self.weights} has no {', '.join(missing)}"
+                f"the preprocessing weights are not installed: {self.weights} has no {', '.join(missing)} "
+                f"(the weights path brings them with the model's: `python -m worker.weights pull`, "
+                f"`mirror` and `fill` take its catalog entry's extra files too)"
             )
         # What ProcessPipeline.__init__ builds, on the job's device (it names cuda) and with the
         # SAM2 config the checkpoint was saved from (it names the large one).
