@@ -210,6 +210,8 @@ class _Watched:
 
     def __call__(self, frames: Any, *args: Any, **kwargs: Any) -> Any:
         self.found, self.posed, self.frames = [], 0, len(frames)
+        if self.frames > 1:
+            progress.frames_are(self.frames)
         source = "image" if self.image_first and self.calls == 0 else "video"
         self.calls += 1
         metas = self.pose2d(frames, *args, **kwargs)

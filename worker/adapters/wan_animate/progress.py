@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker.adapters.base import ProgressCallback
@@ -29,7 +29,8 @@ STAGES = ("detect", "pose", "mask", "retarget", "encode")
 class _Job:
     hook: ProgressCallback
     videos: int  # the videos the job writes
-    written: int = 0
+    frames: int = 0  # the video's frames, once the pose model is given them
+    done: dict[str, int] = field(default_factory=dict)  # by stage
 
 
 _job: ContextVar[_Job | None] = ContextVar("animate_preprocess_job", default=None)
@@ -51,11 +52,26 @@ def report(stage: str, done: int, total: int) -> None:
         job.hook(stage, done, total)
 
 
-def video_written() -> None:
+def frames_are(count: int) -> None:
+    """The video has ``count`` frames: the total of the stages that go through them."""
     job = _job.get()
     if job is not None:
-        job.written += 1
-        job.hook("encode", job.written, job.videos)
+        job.frames = count
+
+
+def one_more(stage: str) -> None:
+    """One more frame of ``stage`` is done (one more video, for ``encode``), counted over all
+    the loops of the stage (SAM2 goes through a long video in chunks)."""
+    job = _job.get()
+    if job is None:
+        return
+    done = job.done[stage] = job.done.get(stage, 0) + 1
+    total = job.videos if stage == "encode" else job.frames
+    job.hook(stage, done, max(total, done))
+
+
+def video_written() -> None:
+    one_more("encode")
 
 
 def bar(stage: str) -> Callable[..., Iterator[Any]]:
@@ -63,9 +79,8 @@ def bar(stage: str) -> Callable[..., Iterator[Any]]:
     loop ends."""
 
     def counting(iterable: Iterable[Any], *_: Any, **__: Any) -> Iterator[Any]:
-        total = len(iterable) if hasattr(iterable, "__len__") else 0
-        for done, item in enumerate(iterable, 1):
+        for item in iterable:
             yield item
-            report(stage, done, max(total, done))
+            one_more(stage)
 
     return counting
