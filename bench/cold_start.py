@@ -92,7 +92,9 @@ def plain_boto3(storage: S3Storage, spec: ModelSpec, manifest: Manifest, out: Pa
     for entry in manifest.files:
         path = out / entry.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = storage.client.get_object(Bucket=storage.bucket, Key=file_key(spec, entry.path))["Body"]
+        body = storage.client.get_object(Bucket=storage.bucket, Key=file_key(spec, manifest, entry.path))[
+            "Body"
+        ]
         path.write_bytes(body.read())
 
 

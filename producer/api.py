@@ -119,6 +119,12 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 class Progress(BaseModel):
     step: int
     total: int
+    stage: str | None = Field(
+        default=None,
+        description="what step of total counts: null for denoising steps; preprocess.detect, "
+        "preprocess.pose, preprocess.mask and preprocess.retarget (frames) or preprocess.encode "
+        "(videos) while Animate's preprocessing runs",
+    )
 
 
 class ErrorOut(BaseModel):

@@ -339,7 +339,10 @@ def _draw(record: JobRecord, err: TextIO) -> None:
         notes.append(f"position {position}")
     if eta_s is not None and not record.status.is_terminal():
         notes.append(f"eta {eta_s:.0f}s")
-    line = f"[{bar}] {steps:>7} steps {record.status.value:<9}" + (" " + ", ".join(notes) if notes else "")
+    counted = record.stage or "steps"  # a preprocessing stage counts frames (or videos)
+    line = f"[{bar}] {steps:>7} {counted} {record.status.value:<9}" + (
+        " " + ", ".join(notes) if notes else ""
+    )
     err.write(f"\r{line:<80}")
     err.flush()
 

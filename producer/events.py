@@ -10,6 +10,9 @@ id, so a client that reconnects with ``Last-Event-ID`` gets every later event on
     event: progress
     data: {"job_id": "...", "status": "running", "at": 1733236800.0, "step": 3, "total": 8}
 
+A progress event of the work before the denoising steps names its stage (``"stage":
+"preprocess.pose"``: Animate's preprocessing, its step and total frames or videos).
+
 Event names are ``queued``, ``started``, ``progress``, ``succeeded``, ``failed``, ``canceled``;
 the stream ends after the terminal one, or after an ``error`` event when the job store fails. A
 comment line (``: keepalive``) goes out when nothing happened for ``events_keepalive_s``, so
@@ -161,6 +164,8 @@ class JobEvents:
                 data: dict[str, object] = {"job_id": job_id, "status": raw["status"], "at": float(raw["at"])}
                 if "step" in raw:
                     data |= {"step": int(raw["step"]), "total": int(raw["total"])}
+                if "stage" in raw:
+                    data["stage"] = raw["stage"]
                 events.append(Event(entry_id.decode(), EventType(raw["type"]), data))
         return events
 

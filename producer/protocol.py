@@ -324,7 +324,11 @@ def raise_for(response: httpx.Response) -> httpx.Response:
 
 def apply_progress(record: JobView, event: Event) -> JobView:
     return dataclasses.replace(
-        record, status=JobStatus.RUNNING, step=event.data["step"], total_steps=event.data["total"]
+        record,
+        status=JobStatus.RUNNING,
+        step=event.data["step"],
+        total_steps=event.data["total"],
+        stage=event.data.get("stage"),
     )
 
 

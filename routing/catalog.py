@@ -80,6 +80,25 @@ class Variant:
     flow_shift: float | None = None
 
 
+@dataclass(frozen=True)
+class HubFiles:
+    """Files of another hub repository that a model's weights folder holds beside its own
+    repository's: those ``patterns`` match (hub allow-patterns: ``*`` crosses ``/``), at their
+    paths in that repository, from ``revision`` (``ModelSpec.revision`` says how it pins)."""
+
+    hub_id: str
+    patterns: tuple[str, ...]
+    revision: str = "main"
+
+
+# Wan-Animate's official preprocessing weights: a person detector and a whole-body pose model
+# (ONNX) and SAM2, in the official repository's process_checkpoint (not in the diffusers one).
+_ANIMATE_PREPROCESS = HubFiles(
+    "Wan-AI/Wan2.2-Animate-14B",
+    ("process_checkpoint/det/*", "process_checkpoint/pose2d/*", "process_checkpoint/sam2/*"),
+)
+
+
 # Module paths a LoRA may target, per transformer family (after prefixes such as
 # "transformer." or "diffusion_model." are taken off). A LoRA's tensor names are matched against
 # them at submit; the worker puts its LoRA slot on the linear layers they name.
@@ -144,9 +163,15 @@ class ModelSpec:
     # The low-noise expert's guidance when a request gives no ``guidance_scale_2``.
     default_guidance_2: float | None = None
     # The hub revision `python -m worker.weights pull` downloads, and the folder of the object
-    # store its mirror lives in (weights/<key>/<revision>/): a commit id pins the files; a branch
-    # name follows it, and the pull records the commit it resolved to.
+    # store its mirror lives in (weights/<key>/<revision>/). A commit id pins the files in code: a
+    # pull asks the hub for exactly it and a mirror of another commit is refused. A branch name
+    # is resolved by the pull, whose commit the mirror's manifest records; the mirror then holds
+    # those files until it is replaced on purpose (`mirror --replace`): a branch that moves on
+    # upstream changes no node's files (worker.weights).
     revision: str = "main"
+    # Files of other repositories the model's folder holds too (Animate's preprocessing weights):
+    # pulled, mirrored and filled with the model's own, each repository at its revision.
+    extra_files: tuple[HubFiles, ...] = ()
     # Takes the Z-Image pipelines' CFG options (``cfg_normalization``, ``cfg_truncation``).
     cfg_options: bool = False
     # False while the model's makers have not published it: refused at submit saying so.
@@ -488,6 +513,7 @@ CATALOG: dict[str, ModelSpec] = {
             served=True,
             speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 720, 77), (720, 1280, 77)))},
             lora_modules=_WAN_14B_I2V_LORA,
+            extra_files=(_ANIMATE_PREPROCESS,),
         ),
         ModelSpec(
             key="wan2.2-s2v-14b",

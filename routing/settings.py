@@ -219,6 +219,9 @@ class Settings(BaseSettings):
     # hashes of the photo, the video and the options: least recently used evicted past the bytes.
     preprocess_cache_dir: Path = Path("var/preprocess-cache")
     preprocess_cache_bytes: int = Field(default=20 * 1024**3, gt=0)
+    # Least seconds between two progress events of one preprocessing stage (the first of each
+    # stage goes out at once); a cancel is looked for at every frame all the same.
+    preprocess_progress_interval_s: float = Field(default=0.5, ge=0)
     # A variant's LoRA file by "<model key>:<variant>", over the catalog's hub file (as
     # `weights` does for models).
     variant_weights: dict[str, str] = Field(default_factory=dict)

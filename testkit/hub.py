@@ -36,7 +36,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 # Files the hub keeps in LFS (as .gitattributes does for weights); the rest are git blobs.
-LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".png", ".wav")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".onnx", ".png", ".wav")
 
 
 @dataclass

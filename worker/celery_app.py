@@ -150,6 +150,7 @@ def get_runner() -> JobRunner:
             max_dead_letters=settings.max_dead_letters,
             limits=RequestLimits.from_settings(settings),
             max_run_s=settings.max_run_s,
+            stage_interval_s=settings.preprocess_progress_interval_s,
         )
         runner = _runner
         expiry = ExpirySweep(store, settings.max_wait_s, settings.expiry_sweep_interval_s, settings.max_run_s)

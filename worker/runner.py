@@ -32,7 +32,7 @@ from routing.jobs.codecs import encode_label
 from routing.jobs.eta import record_duration
 from routing.jobs.expiry import FINISH_GRACE_S
 from routing.jobs.record import JobRecord, JobStatus, Output
-from routing.jobs.store import JobStore
+from routing.jobs.store import JobStore, Step
 from routing.limits import DEFAULT_LIMITS, RequestLimits
 from routing.memory import work_of
 from routing.schemas import RequestBase, parse_request
@@ -44,6 +44,7 @@ from worker.finisher import Finisher
 from worker.liveness import alive, hand_back
 from worker.pool import PipelinePool
 from worker.speed import job_context
+from worker.stages import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +167,13 @@ class JobRunner:
         max_dead_letters: int = 10_000,
         limits: RequestLimits = DEFAULT_LIMITS,
         max_run_s: float = 2 * 3600,
+        stage_interval_s: float = 0.5,
     ):
         """``limits``: what a job stored without the limits it was accepted under (stored before
         jobs kept them) is checked under: the worker's own settings'. ``max_run_s``: the hard
         time limit; a job's end is written until then (plus the finish grace), after which the
-        expiry sweep ends it."""
+        expiry sweep ends it. ``stage_interval_s``: least seconds between two progress events of
+        one stage of the work before the pipeline (``worker.stages``)."""
         self.store = store
         self.storage = storage
         self.pool = pool
@@ -185,6 +188,7 @@ class JobRunner:
         self.max_dead_letters = max_dead_letters
         self.limits = limits
         self.max_run_s = max_run_s
+        self.stage_interval_s = stage_interval_s
 
     def run(self, job_id: str) -> Outcome:
         """Run ``job_id`` to a terminal state, or hand it on; returns what became of it
@@ -241,21 +245,27 @@ class JobRunner:
                 timings["load_s"] = round(checkout.load_s, 4)
                 timings["load_read_s"] = round(checkout.load_s - checkout.to_device_s, 4)
                 timings["load_to_device_s"] = round(checkout.to_device_s, 4)
-            # Preprocessing the request's media into the pipeline's inputs, where the model has any.
-            inputs = checkout.adapter.prepare(request, inputs, timings)
+            worker, attempt, drain = self.worker_name, record.attempt, self.drain_key
+            # Preprocessing the request's media into the pipeline's inputs, where the model has
+            # any: its stages are reported (thinned out to events by ``Throttle``) and it stops
+            # at the first frame after a cancel, as the pipeline does at a step.
+            throttle = Throttle(self.stage_interval_s)
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                if throttle.due(stage):
+                    state = self.store.progress(
+                        job_id, done, total, drain, worker=worker, attempt=attempt, stage=stage
+                    )
+                else:
+                    state = self.store.check(job_id, drain, worker=worker, attempt=attempt)
+                _obey(state)
+
+            inputs = checkout.adapter.prepare(request, inputs, timings, on_progress)
 
             # 3. Generate, reporting every step; stop at the first step after a cancel, or hand
             #    the job back at the first step after this worker began shutting down.
             def on_step(step: int, total: int) -> None:
-                state = self.store.progress(
-                    job_id, step, total, self.drain_key, worker=self.worker_name, attempt=record.attempt
-                )
-                if state.superseded or state.status is not JobStatus.RUNNING:
-                    raise Superseded()  # handed on while this worker still ran it
-                if state.cancel:
-                    raise JobCanceled()
-                if state.drain:
-                    raise HandBack()
+                _obey(self.store.progress(job_id, step, total, drain, worker=worker, attempt=attempt))
                 if self.ahead is not None:
                     self.ahead.kick(job_id)
 
@@ -577,6 +587,16 @@ class JobRunner:
                 wait_s = min(wait_s * 2, FINISH_RETRY_CAP_S)
                 continue
             return Ended(status, error)
+
+
+def _obey(state: Step) -> None:
+    """Stop the job where the store says to, by raising what ``_generate`` handles."""
+    if state.superseded or state.status is not JobStatus.RUNNING:
+        raise Superseded()  # handed on while this worker still ran it
+    if state.cancel:
+        raise JobCanceled()
+    if state.drain:
+        raise HandBack()
 
 
 def _error(kind: ErrorType, exc: BaseException) -> JobError:

@@ -100,6 +100,9 @@ class JobRecord:
     # What the request was accepted under: the worker checks it again under these, not its own
     # settings. None for a job stored before limits were kept.
     limits: RequestLimits | None = None
+    # What ``step`` of ``total_steps`` counts: None for denoising steps, else a stage of the work
+    # before them (``preprocess.<stage>``: Animate's preprocessing, in frames or videos).
+    stage: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -136,6 +139,7 @@ class JobRecord:
             escalations=json.loads(raw.get("escalations") or "[]"),
             handed_back=raw.get("handed_back") or None,
             limits=RequestLimits.from_json(raw["limits"]) if raw.get("limits") else None,
+            stage=raw.get("stage") or None,
         )
 
 
@@ -167,6 +171,7 @@ class JobView:
     timings: dict[str, float]
     webhook: Webhook | None
     request: dict[str, Any]
+    stage: str | None = None
     created: bool = True
 
     @classmethod
@@ -200,6 +205,7 @@ class JobView:
             timings=record.timings,
             webhook=record.webhook,
             request=record.request,
+            stage=record.stage,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -211,7 +217,7 @@ class JobView:
             "status": self.status.value,
             "priority": self.priority,
             "attempt": self.attempt,
-            "progress": {"step": self.step, "total": self.total_steps},
+            "progress": {"step": self.step, "total": self.total_steps, "stage": self.stage},
             "queue": self.queue,
             "queue_position": self.queue_position,
             "eta_s": self.eta_s,
@@ -252,6 +258,7 @@ class JobView:
             timings=data["timings"],
             webhook=Webhook(webhook["url"], tuple(webhook["events"])) if webhook else None,
             request=data["request"],
+            stage=data["progress"].get("stage"),
             created=created,
         )
 

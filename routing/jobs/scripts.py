@@ -42,9 +42,14 @@ end
 EMIT = (
     JOB_EMIT
     + """
-local function emit(a, event_type, status, message, step, total)
+local function emit(a, event_type, status, message, step, total, stage)
   local id = redis.call('HGET', a.keys.job, 'id')
-  if step then
+  if step and stage and stage ~= '' then
+    redis.call('XADD', a.keys.events, 'MAXLEN', '~', a.maxlen, '*', 'type', event_type, 'job_id', id,
+      'status', status, 'at', a.now, 'event_id', a.event_id, 'step', step, 'total', total, 'stage', stage)
+    emit_job(a.keys, 'type', event_type, 'status', status, 'at', a.now, 'step', step, 'total', total,
+      'stage', stage)
+  elseif step then
     redis.call('XADD', a.keys.events, 'MAXLEN', '~', a.maxlen, '*', 'type', event_type, 'job_id', id,
       'status', status, 'at', a.now, 'event_id', a.event_id, 'step', step, 'total', total)
     emit_job(a.keys, 'type', event_type, 'status', status, 'at', a.now, 'step', step, 'total', total)
@@ -201,24 +206,43 @@ return {1, id}
 """
 )
 
-# keys: job, events, webhooks (queue), drain (the worker's drain flag, '' for none).  step,
-# total, now, maxlen (of the stream), event_id, message (webhook delivery), interval_s (least
-# seconds between progress webhooks), worker and attempt (the run reporting, '' for any).
-# Returns the job's status, whether a cancel was asked, whether the worker is draining and
-# whether the job now runs as another worker's or attempt's (then nothing is written), so a
-# step costs one round trip.
+# What a running job's worker learns at each step: {status, cancel, drain, superseded}.
+# ``refused(a)`` answers for a job that is no longer running (cancel), or runs now as another
+# worker's or attempt's than a.worker and a.attempt ('' for any: superseded); nil while the run
+# asking owns it. ``flags(a, status)`` then says whether a cancel was asked and whether the
+# worker is draining (keys.drain exists; '' for no drain flag).
+STOP = """
+local function refused(a)
+  local status = redis.call('HGET', a.keys.job, 'status')
+  if status ~= 'running' then return {status or '', '1', '0', '0'} end
+  if (a.worker ~= '' and redis.call('HGET', a.keys.job, 'worker') ~= a.worker)
+      or (a.attempt ~= '' and redis.call('HGET', a.keys.job, 'attempt') ~= a.attempt) then
+    return {status, '1', '0', '1'}
+  end
+  return nil
+end
+local function flags(a, status)
+  local draining = 0
+  if a.keys.drain ~= '' then draining = redis.call('EXISTS', a.keys.drain) end
+  return {status, redis.call('HGET', a.keys.job, 'cancel_requested') or '0', draining, '0'}
+end
+"""
+
+# keys: job, job_events, events, webhooks (queue), drain (the worker's drain flag, '' for none).
+# step, total, stage (what the steps count: '' for denoising steps, else a stage of the work
+# before them, such as preprocessing's), now, maxlen (of the stream), event_id, message (webhook
+# delivery), interval_s (least seconds between progress webhooks), worker and attempt (the run
+# reporting, '' for any). Returns what ``STOP`` says (nothing is written for a run that no
+# longer owns the job), so a step costs one round trip.
 PROGRESS = (
     ARGS
     + EMIT
+    + STOP
     + """
 local keys = a.keys
-local status = redis.call('HGET', keys.job, 'status')
-if status ~= 'running' then return {status or '', '1', '0', '0'} end
-if (a.worker ~= '' and redis.call('HGET', keys.job, 'worker') ~= a.worker)
-    or (a.attempt ~= '' and redis.call('HGET', keys.job, 'attempt') ~= a.attempt) then
-  return {status, '1', '0', '1'}
-end
-redis.call('HSET', keys.job, 'step', a.step, 'total_steps', a.total, 'updated_at', a.now)
+local no = refused(a)
+if no then return no end
+redis.call('HSET', keys.job, 'step', a.step, 'total_steps', a.total, 'stage', a.stage, 'updated_at', a.now)
 local message = a.message
 local last = tonumber(redis.call('HGET', keys.job, 'webhook_progress_at') or '0') or 0
 if tonumber(a.now) - last < tonumber(a.interval_s) and a.step ~= a.total then
@@ -226,10 +250,20 @@ if tonumber(a.now) - last < tonumber(a.interval_s) and a.step ~= a.total then
 elseif message ~= '' then
   redis.call('HSET', keys.job, 'webhook_progress_at', a.now)
 end
-emit(a, 'job.progress', status, message, a.step, a.total)
-local draining = 0
-if keys.drain ~= '' then draining = redis.call('EXISTS', keys.drain) end
-return {status, redis.call('HGET', keys.job, 'cancel_requested') or '0', draining, '0'}
+emit(a, 'job.progress', 'running', message, a.step, a.total, a.stage)
+return flags(a, 'running')
+"""
+)
+
+# keys: job, drain.  worker, attempt. What ``PROGRESS`` returns, writing nothing: a worker asks
+# it between the progress it reports (preprocessing's frames, whose events are thinned out).
+CHECK = (
+    ARGS
+    + STOP
+    + """
+local no = refused(a)
+if no then return no end
+return flags(a, 'running')
 """
 )
 

@@ -120,6 +120,7 @@ class JobStore:
         self._transition = client.register_script(scripts.TRANSITION)
         self._create = client.register_script(scripts.CREATE)
         self._progress = client.register_script(scripts.PROGRESS)
+        self._check = client.register_script(scripts.CHECK)
         self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
         self._list_page = client.register_script(scripts.LIST_PAGE)
 
@@ -399,10 +400,12 @@ class JobStore:
         *,
         worker: str | None = None,
         attempt: int | None = None,
+        stage: str = "",
     ) -> Step:
         """Record a finished step, and learn whether the job should stop: canceled (or no longer
         running), its worker is draining (``drain_key`` exists) and hands it back, or it runs
-        now as another ``worker`` or ``attempt`` than the one reporting (nothing is written)."""
+        now as another ``worker`` or ``attempt`` than the one reporting (nothing is written).
+        ``stage``: what the steps count, '' for denoising steps (``JobRecord.stage``)."""
         now = repr(time.time())
         event_id, message = self._webhook_message(job_id, EventType.PROGRESS.value, now)
         keys = {
@@ -416,6 +419,7 @@ class JobStore:
             keys=keys,
             step=str(step),
             total=str(total),
+            stage=stage,
             now=now,
             maxlen=str(self.events_maxlen),
             event_id=event_id,
@@ -424,11 +428,15 @@ class JobStore:
             worker=worker or "",
             attempt="" if attempt is None else str(attempt),
         )
-        status, cancel, drain, superseded = self._progress(args=[args])
-        status = _text(status)
-        return Step(
-            JobStatus(status) if status else None, _text(cancel) == "1", int(drain) == 1, int(superseded) == 1
-        )
+        return _step(self._progress(args=[args]))
+
+    def check(
+        self, job_id: str, drain_key: str = "", *, worker: str | None = None, attempt: int | None = None
+    ) -> Step:
+        """What ``progress`` would say, writing nothing: whether the job should stop now."""
+        keys = {"job": self.keys.job(job_id), "drain": drain_key}
+        args = _args(keys=keys, worker=worker or "", attempt="" if attempt is None else str(attempt))
+        return _step(self._check(args=[args]))
 
     def _webhook_message(self, job_id: str, event_type: str, now: str) -> tuple[str, str]:
         """An id for the event, and the delivery message the script queues if the job's webhook
@@ -481,6 +489,14 @@ def _json_default(value: Any) -> Any:
 def _args(**named: Any) -> str:
     """A script's one argument: its named fields as JSON (``routing.jobs.scripts``)."""
     return json.dumps(named, separators=(",", ":"), ensure_ascii=False)
+
+
+def _step(reply: list[Any]) -> Step:
+    status, cancel, drain, superseded = reply
+    status = _text(status)
+    return Step(
+        JobStatus(status) if status else None, _text(cancel) == "1", int(drain) == 1, int(superseded) == 1
+    )
 
 
 def _flatten(fields: dict[str, Any]) -> list[Any]:

@@ -78,7 +78,7 @@ class _Adapter:
         self.on_generated = on_generated
         self.speed = None
 
-    def prepare(self, request, inputs, timings):
+    def prepare(self, request, inputs, timings, on_progress):
         return inputs
 
     def run(self, request, inputs, on_step):

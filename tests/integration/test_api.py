@@ -98,7 +98,7 @@ def test_submit_poll_and_download_by_presigned_url(api, settings, start_worker):
     job = poll(api, created.json()["id"], A)
 
     assert job["status"] == "succeeded", job["error"]
-    assert job["progress"] == {"step": 2, "total": 2}
+    assert job["progress"] == {"step": 2, "total": 2, "stage": None}
     [output] = job["outputs"]
     assert output["url"].startswith(settings.s3_endpoint_url) and "X-Amz-Signature" in output["url"]
     download = httpx.get(output["url"], trust_env=False)
@@ -164,7 +164,7 @@ def test_in_flight_limit_answers_429_and_queues_nothing(api, redis_client):
     refused = api.post("/v1/jobs", json=SMALL, headers=B)
     assert refused.status_code == 429
     assert int(refused.headers["Retry-After"]) > 0
-    assert redis_client.llen("gpu16") == before
+    assert redis_client.llen("gpu16") == before and redis_client.llen("gpu80") == 0
 
 
 def test_a_high_priority_job_submitted_last_starts_next(api, settings, start_worker, redis_client):
@@ -222,6 +222,19 @@ def test_bad_requests_name_the_field(api, redis_client):
         (SMALL | {"model": "nope"}, "model"),
         (SMALL | {"webhook": {"url": "http://127.0.0.1:9/hook"}}, "webhook.url"),
         (SMALL | {"priority": "urgent"}, "priority"),
+        # Animate from a photo and a video with a part of the precomputed form too.
+        (
+            {
+                "model": "wan2.2-animate-14b",
+                "kind": "animate",
+                "mode": "move",
+                "prompt": "a dance",
+                "image": {"key": "uploads/t1/photo.png"},
+                "video": {"key": "uploads/t1/dance.mp4"},
+                "pose_video": {"key": "uploads/t1/pose.mp4"},
+            },
+            "pose_video",
+        ),
     ]
     for body, field in cases:
         response = api.post("/v1/jobs", json=body, headers=A)

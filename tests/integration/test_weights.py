@@ -1,6 +1,7 @@
 """Weights through the object store: mirrored to a real S3-protocol server (moto on loopback),
 filled into a node cache by ranged reads, checked against the manifest, and loaded by a real
-worker process that then runs a job."""
+worker process that then runs a job; pulled from a hub on loopback (``testkit.hub``) with the
+files of a second repository, and held at what was mirrored when the hub moves on."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,17 @@ from routing.catalog import CATALOG
 from routing.io.storage import LocalStorage, S3Storage
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
+from testkit.hub import HubRepo, LocalHub, repo_from_folder, serve_hub
 from worker.weights import local_weights
 from worker.weights.files import file_key, folder_files, sha256_of
 from worker.weights.fill import WeightsError, fill
-from worker.weights.mirror import mirror
+from worker.weights.hub import HuggingFaceHub, pull
+from worker.weights.mirror import MirrorConflict, mirror
 
 pytestmark = pytest.mark.integration
 
 MODEL = "z-image-turbo"
+ANIMATE = "wan2.2-animate-14b"
 ROOT = Path(__file__).resolve().parents[2]
 # Small chunks, so the small model's files are many ranged reads each, in parallel.
 CHUNK = 64 * 1024
@@ -73,7 +78,10 @@ def test_a_worker_fills_an_empty_node_cache_from_the_store_and_runs_a_job(
 ) -> None:
     manifest = mirror(s3, CATALOG[MODEL], small_models_dir / MODEL)
     assert s3.list(f"weights/{MODEL}/main/") == sorted(
-        [f"weights/{MODEL}/main/manifest.json", *(file_key(CATALOG[MODEL], f.path) for f in manifest.files)]
+        [
+            f"weights/{MODEL}/main/manifest.json",
+            *(file_key(CATALOG[MODEL], manifest, f.path) for f in manifest.files),
+        ]
     )
 
     worker = start_worker(s3_settings)
@@ -127,7 +135,7 @@ def test_a_damaged_mirror_is_refused_after_its_attempts(
     spec = CATALOG[MODEL]
     manifest = mirror(s3, spec, small_models_dir / MODEL)
     damaged = manifest.files[0]
-    s3.put(file_key(spec, damaged.path), b"\0" * damaged.size, "application/octet-stream")
+    s3.put(file_key(spec, manifest, damaged.path), b"\0" * damaged.size, "application/octet-stream")
 
     with pytest.raises(WeightsError, match=f"{damaged.path} differed from the manifest"):
         fill(s3, spec, s3_settings.weights_cache_dir, chunk_bytes=CHUNK, threads=4)
@@ -214,3 +222,69 @@ def test_two_processes_filling_one_cache_fetch_once_and_no_partial_file_is_seen(
     assert seen_partial == []
     _same_as_mirror(cache / MODEL, manifest)
     assert sorted(os.listdir(cache)) == sorted([f".{MODEL}.lock", MODEL])
+
+
+def _animate_hub(small_models_dir: Path) -> LocalHub:
+    """Animate's two repositories on the loopback hub: the diffusers one the pipeline loads, and
+    the official one, of which the fleet takes only ``process_checkpoint``."""
+    spec = CATALOG[ANIMATE]
+    built = repo_from_folder(small_models_dir / ANIMATE, "d" * 40).files
+    preprocessing = {rel: data for rel, data in built.items() if rel.startswith("process_checkpoint/")}
+    diffusers = {rel: data for rel, data in built.items() if rel not in preprocessing}
+    official = preprocessing | {
+        "diffusion_pytorch_model-00001-of-00004.safetensors": b"the official DiT: not the fleet's",
+        "README.md": b"# Wan2.2-Animate-14B",
+    }
+    [extra] = spec.extra_files
+    return LocalHub(
+        {spec.hub_id: HubRepo(diffusers, "d" * 40), extra.hub_id: HubRepo(official, "0" * 39 + "1")}
+    )
+
+
+def test_a_moved_upstream_changes_no_node_until_the_mirror_is_replaced_and_a_pin_is_held(
+    s3: S3Storage, s3_settings: Settings, small_models_dir: Path, tmp_path: Path
+) -> None:
+    spec = CATALOG[ANIMATE]
+    [extra] = spec.extra_files
+    hub = _animate_hub(small_models_dir)
+    official = hub.repos[extra.hub_id]
+    detector = "process_checkpoint/det/yolov10m.onnx"
+    pulled = tmp_path / "pulled" / ANIMATE
+    node = s3_settings.weights_cache_dir
+    with serve_hub(hub):
+        client = HuggingFaceHub(endpoint=hub.endpoint)
+        first = pull(spec, pulled, client)
+        assert first.commits == {spec.hub_id: "d" * 40, extra.hub_id: official.commit}
+        manifest = mirror(s3, spec, pulled)
+        assert manifest.commits == first.commits
+        assert fill(s3, spec, node, chunk_bytes=CHUNK, threads=4).commits == first.commits
+        _same_as_mirror(node / ANIMATE, manifest)
+        assert (node / ANIMATE / detector).read_bytes() == official.files[detector]
+
+        # Upstream moves on: a new detector at a new commit, pulled again.
+        old_detector = official.files[detector]
+        official.files[detector] = old_detector + b"\0"
+        official.commit = "0" * 39 + "2"
+        assert pull(spec, pulled, client).commits[extra.hub_id] == official.commit
+        pinned = replace(spec, extra_files=(replace(extra, revision=official.commit),))
+        pull(pinned, tmp_path / "pinned", client)
+    # The pin was asked for as it is; no branch was.
+    pinned_calls = [s.path for s in hub.seen if s.path.startswith(f"/api/models/{extra.hub_id}/revision/")]
+    assert pinned_calls[-1].endswith(f"/revision/{official.commit}") and len(pinned_calls) == 3
+
+    # The mirror is not changed by the new pull, so no node is.
+    with pytest.raises(MirrorConflict, match=rf"{extra.hub_id}@0+1.*than .*{extra.hub_id}@0+2.*--replace"):
+        mirror(s3, spec, pulled)
+    assert fill(s3, spec, node, chunk_bytes=CHUNK, threads=4).fetched == []
+    assert (node / ANIMATE / detector).read_bytes() == old_detector
+    # A folder of another commit than the catalog pins is refused.
+    with pytest.raises(MirrorConflict, match=f"pins {extra.hub_id} at {'0' * 39}1"):
+        mirror(s3, replace(spec, extra_files=(replace(extra, revision="0" * 39 + "1"),)), pulled)
+
+    # Replaced on purpose: the nodes move to it, fetching what changed; the old files stay for
+    # fills still reading them.
+    replaced = mirror(s3, spec, pulled, replace=True)
+    report = fill(s3, spec, node, chunk_bytes=CHUNK, threads=4)
+    assert report.fetched == [detector] and report.commits[extra.hub_id] == official.commit
+    _same_as_mirror(node / ANIMATE, replaced)
+    assert s3.get(file_key(spec, manifest, detector)) == old_detector

@@ -228,18 +228,49 @@ def _dockerfile(name: str) -> str:
     return (ROOT / "deploy" / name).read_text()
 
 
+def _extras() -> dict[str, list[str]]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0] for r in requirements}
+
+
 def test_images_pin_the_projects_torch_and_run_as_non_root() -> None:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    (torch_pin,) = [d for d in extras["worker"] if d.replace(" ", "").startswith("torch==")]
+    (torch_pin,) = [d for d in _extras()["worker-base"] if d.replace(" ", "").startswith("torch==")]
     version = torch_pin.split("==", 1)[1]
     for name in ("Dockerfile.worker", "Dockerfile.cpu"):
         assert f"ARG TORCH_VERSION={version}\n" in _dockerfile(name), name
-        assert 'pip install "./src[worker]"' in _dockerfile(name), name
     for name in ("Dockerfile.worker", "Dockerfile.cpu", "Dockerfile.api"):
         assert re.search(r"^USER fleet$", _dockerfile(name), re.M), name
     assert "cudnn-runtime-ubuntu22.04" in _dockerfile("Dockerfile.worker")
     assert "FROM python:3.11-slim" in _dockerfile("Dockerfile.api")
     assert "FROM python:3.11-slim" in _dockerfile("Dockerfile.cpu")
+
+
+def test_gpu_workers_run_onnx_on_cuda_and_cpu_workers_on_the_cpu() -> None:
+    """The GPU image installs ONNX Runtime's CUDA build instead of its CPU one (both are the one
+    ``onnxruntime`` module: never both); the CPU image and development machines the CPU one."""
+    extras = _extras()
+    assert "gpu-fleet[worker-base]" in extras["worker"] and "gpu-fleet[worker-base]" in extras["worker-gpu"]
+    assert {"onnxruntime", "onnxruntime-gpu"}.isdisjoint(_names(extras["worker-base"]))
+    assert "onnxruntime" in _names(extras["worker"]) and "onnxruntime-gpu" not in _names(extras["worker"])
+    assert "onnxruntime-gpu" in _names(extras["worker-gpu"]) and "onnxruntime" not in _names(
+        extras["worker-gpu"]
+    )
+    installs = {
+        name: re.findall(r'pip install "\./src\[([^\]]+)\]"', _dockerfile(name))
+        for name in ("Dockerfile.worker", "Dockerfile.cpu")
+    }
+    assert installs == {"Dockerfile.worker": ["worker-gpu"], "Dockerfile.cpu": ["worker"]}
+    assert "gpu-fleet[worker,api]" in extras["dev"]  # the suite runs the CPU build
+    # The compose file's GPU workers are built from the GPU image, its CPU workers from the CPU one.
+    for name, service in _compose()["services"].items():
+        dockerfile = (service.get("build") or {}).get("dockerfile", "")
+        if "gpu" in (service.get("profiles") or []):
+            assert dockerfile.endswith("Dockerfile.worker"), name
+        if "cpu" in (service.get("profiles") or []) and "worker" in " ".join(service.get("command") or []):
+            assert dockerfile.endswith("Dockerfile.cpu"), name
 
 
 def test_api_image_has_no_worker_code_and_no_torch() -> None:

@@ -46,6 +46,7 @@ def _record() -> JobRecord:
         attempt=2,
         step=3,
         total_steps=8,
+        stage="preprocess.pose",
         created_at=1700000000.25,
         updated_at=1700000042.5,
         started_at=1700000001.0,
@@ -70,7 +71,8 @@ def test_a_view_goes_to_json_and_back_unchanged():
 def test_the_json_has_the_apis_fields_and_values():
     data = JobView.of(_record()).to_json()
     assert set(data) == API_FIELDS
-    assert data["status"] == "failed" and data["progress"] == {"step": 3, "total": 8}
+    assert data["status"] == "failed"
+    assert data["progress"] == {"step": 3, "total": 8, "stage": "preprocess.pose"}
     assert data["error"] == {
         "type": "out_of_memory",
         "exception": "OutOfMemoryError",

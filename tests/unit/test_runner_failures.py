@@ -52,7 +52,7 @@ class _Adapter:
     def __init__(self, run):
         self._run = run
 
-    def prepare(self, request, inputs, timings):
+    def prepare(self, request, inputs, timings, on_progress):
         return inputs
 
     def run(self, request, inputs, on_step):

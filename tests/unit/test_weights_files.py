@@ -11,6 +11,7 @@ on loopback.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,9 +164,18 @@ def test_a_manifest_cannot_name_a_path_outside_the_model_folder(path: str) -> No
 
 def test_the_manifest_round_trips_and_names_every_file(tmp_path: Path, small_models_dir: Path) -> None:
     spec = CATALOG["z-image-turbo"]
-    manifest = manifest_of(small_models_dir / spec.key, spec, commit="abc")
+    manifest = manifest_of(small_models_dir / spec.key, spec, commits={spec.hub_id: "abc"})
     again = Manifest.from_json(manifest.to_json())
-    assert again == manifest
+    assert again == manifest and manifest.commit == "abc"
+    # Its files' folder in the store is named by their content: the same files, the same folder.
+    assert manifest.files_at.startswith("files-")
+    assert manifest_of(small_models_dir / spec.key, spec).files_at == manifest.files_at
+    # A manifest written before commits and content-named folders were kept reads as it was.
+    older = json.loads(manifest.to_json())
+    del older["commits"], older["files_at"]
+    assert Manifest.from_json(json.dumps(older)).files_at == "files"
+    with pytest.raises(ValueError, match="files folder"):
+        Manifest.from_json(json.dumps(older | {"files_at": "../elsewhere"}))
     assert [f.path for f in manifest.files] == folder_files(small_models_dir / spec.key)
     assert manifest.total_bytes == sum(
         (small_models_dir / spec.key / f.path).stat().st_size for f in manifest.files

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 # when the job should stop, which ends the pipeline call at once.
 StepCallback = Callable[[int, int], None]
 
+# Called as the work before the pipeline goes (Animate's preprocessing) with (stage, done, total):
+# the stage's name and how much of it is done, at every frame or batch. Like a step callback it
+# may raise ``JobCanceled``, which ends that work there.
+ProgressCallback = Callable[[str, int, int], None]
+
 
 class JobCanceled(Exception):
     """Raised from the step callback: the caller canceled the job, stop now."""
@@ -250,9 +255,12 @@ class Adapter(ABC):
     def run(self, request: Any, inputs: Inputs, on_step: StepCallback) -> Generated:
         """Make the request's outputs, calling ``on_step`` after every denoising step."""
 
-    def prepare(self, request: Any, inputs: Inputs, timings: dict[str, float]) -> Inputs:
+    def prepare(
+        self, request: Any, inputs: Inputs, timings: dict[str, float], on_progress: ProgressCallback
+    ) -> Inputs:
         """Make what ``run`` takes from what the request brought, before the pipeline runs on
-        the same device (Animate's preprocessing); its seconds go into ``timings``."""
+        the same device (Animate's preprocessing), reporting to ``on_progress`` as it goes; its
+        seconds go into ``timings``."""
         return inputs
 
     @property

@@ -28,6 +28,7 @@ from worker.adapters.base import (
     Adapter,
     Capabilities,
     Inputs,
+    ProgressCallback,
     Runtime,
     StepCallback,
     Video,
@@ -335,9 +336,12 @@ class WanAnimateAdapter(Adapter):
     def pipeline(self) -> Any:
         return self.pipe
 
-    def prepare(self, request: Any, inputs: Inputs, timings: dict[str, float]) -> Inputs:
+    def prepare(
+        self, request: Any, inputs: Inputs, timings: dict[str, float], on_progress: ProgressCallback
+    ) -> Inputs:
         """From a photo and a video: the official preprocessing's videos, made or found in its
-        cache (``preprocess_cached`` 1 in ``timings``), beside the inputs the request brought."""
+        cache (``preprocess_cached`` 1 in ``timings``), beside the inputs the request brought.
+        Its stages are reported as ``preprocess.<stage>`` (``wan_animate.progress.STAGES``)."""
         if request.video is None:
             return inputs
         from worker.adapters.wan_animate.preprocess import Options
@@ -351,7 +355,12 @@ class WanAnimateAdapter(Adapter):
             height=request.height,
             fps=self.spec.video.fps,
         )
-        files, cached = self.preprocessor.run(inputs.stored["image"], inputs.stored["video"], options)
+        files, cached = self.preprocessor.run(
+            inputs.stored["image"],
+            inputs.stored["video"],
+            options,
+            lambda stage, done, total: on_progress(f"preprocess.{stage}", done, total),
+        )
         made = Inputs(dict(inputs), stored=inputs.stored, job_id=inputs.job_id)
         for name, path in files.items():
             made[name], made[f"{name}_fps"] = decode_video(path.read_bytes())

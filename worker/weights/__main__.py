@@ -12,7 +12,7 @@ from routing.io.storage import S3Storage, make_storage
 from routing.settings import Settings, get_settings
 from worker.weights.fill import MirrorMissing, WeightsError, fill
 from worker.weights.hub import HubError, HuggingFaceHub, pull
-from worker.weights.mirror import mirror
+from worker.weights.mirror import MirrorConflict, mirror
 
 
 def default_folder(settings: Settings, model_key: str) -> Path:
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     mirror_cmd = commands.add_parser("mirror", help="a local folder -> the object store, with a manifest")
     mirror_cmd.add_argument("model", choices=weights_keys())
     mirror_cmd.add_argument("--dir", type=Path, help="default: <FLEET_MODEL_ROOT or models>/<model>")
+    mirror_cmd.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace a mirror that holds other files (the nodes move to these on their next fill)",
+    )
     fill_cmd = commands.add_parser(
         "fill", help="the object store -> the node cache (FLEET_WEIGHTS_CACHE_DIR)"
     )
@@ -48,17 +53,22 @@ def main(argv: list[str] | None = None) -> int:
         except (HubError, FileNotFoundError) as e:
             print(f"{spec.key}: not pulled: {e}", file=sys.stderr)
             return 1
-        print(f"{spec.key}: {len(pulled.files)} files of {spec.hub_id} at {pulled.commit} in {pulled.folder}")
+        commits = ", ".join(f"{hub_id} at {commit}" for hub_id, commit in pulled.commits.items())
+        print(f"{spec.key}: {len(pulled.files)} files of {commits} in {pulled.folder}")
         return 0
     storage = make_storage(settings)
     if args.command == "mirror":
         spec = weights_spec(args.model)
         if isinstance(storage, S3Storage):
             storage.ensure_bucket()
-        manifest = mirror(storage, spec, args.dir or default_folder(settings, spec.key))
-        print(
-            f"{spec.key}: {len(manifest.files)} files, {manifest.total_bytes / 1e9:.2f} GB, at weights/{spec.key}/{spec.revision}/"
-        )
+        try:
+            manifest = mirror(
+                storage, spec, args.dir or default_folder(settings, spec.key), replace=args.replace
+            )
+        except (MirrorConflict, FileNotFoundError) as e:
+            print(f"{spec.key}: not mirrored: {e}", file=sys.stderr)
+            return 1
+        print(f"{spec.key}: {manifest.describe()}, at weights/{spec.key}/{spec.revision}/")
         return 0
     if settings.weights_cache_dir is None:
         parser.error("fill needs FLEET_WEIGHTS_CACHE_DIR: the node cache to fill")
@@ -78,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         except WeightsError as e:
             print(f"{key}: {e}", file=sys.stderr)
             return 1
+        commits = ", ".join(f"{hub_id}@{commit}" for hub_id, commit in sorted(report.commits.items()))
         print(
             f"{key}: {report.files} files ({report.total_bytes / 1e9:.2f} GB) in {report.folder}; "
             f"fetched {len(report.fetched)} ({report.fetched_bytes / 1e9:.2f} GB) in {report.seconds:.2f} s"
+            + (f"; {commits}" if commits else "")
         )
     return 0
 

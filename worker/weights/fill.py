@@ -3,6 +3,7 @@
 The node's copy of a model is ``<cache>/<model key>/``, laid out as the model's folder, beside:
 
     <cache>/<model key>/.fleet/checked.json   what was last checked: size, mtime and sha256 a file
+    <cache>/<model key>/.fleet/filled.json    the mirror it was last filled from: its commits
     <cache>/.<model key>.lock                 held while one process fills the folder
 
 Whoever fills takes the model's lock (``flock``): a second worker on the node waits for it, then
@@ -13,6 +14,10 @@ is hashed again, and fetched again when its sha256 differs. Fetching is ranged r
 same folder, hashed in order as its chunks arrive, and renamed over the file only when it
 matches: a reader sees the old file or the whole new one, never a part. Files the manifest does
 not name are removed (an older revision's shards must not be loaded beside the new ones).
+
+A node holds exactly what the store's manifest names, whatever the hub holds now: its files
+change only when the mirror was replaced (``mirror --replace``), and the fill then says from
+which commits to which.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class FillReport:
     fetched_bytes: int = 0
     waited_s: float = 0.0  # for another process's fill to end
     seconds: float = 0.0
+    commits: dict[str, str] = field(default_factory=dict)  # the mirror's, by hub id
 
 
 def read_manifest(storage: Storage, spec: ModelSpec) -> Manifest:
@@ -78,10 +84,11 @@ def fill(storage: Storage, spec: ModelSpec, cache_dir: Path, *, chunk_bytes: int
     manifest = read_manifest(storage, spec)
     folder = cache_dir / spec.key
     folder.mkdir(parents=True, exist_ok=True)
-    report = FillReport(folder, len(manifest.files), manifest.total_bytes)
+    report = FillReport(folder, len(manifest.files), manifest.total_bytes, commits=manifest.commits)
     started = time.perf_counter()
     with _locked(cache_dir / f".{spec.key}.lock") as waited_s:
         report.waited_s = waited_s
+        _note_the_mirror(folder, manifest)
         _remove_leftovers(folder, manifest)
         checked = _read_checked(folder)
         wrong = [entry for entry in manifest.files if not _is_right(folder, entry, checked)]
@@ -96,7 +103,7 @@ def fill(storage: Storage, spec: ModelSpec, cache_dir: Path, *, chunk_bytes: int
                 sum(e.size for e in wrong) / 1e9,
                 attempt,
             )
-            fetched = _fetch(storage, spec, folder, wrong, chunk_bytes, threads, checked)
+            fetched = _fetch(storage, spec, manifest, folder, wrong, chunk_bytes, threads, checked)
             report.fetched += [e.path for e in fetched]
             report.fetched_bytes += sum(e.size for e in fetched)
             wrong = [e for e in wrong if e not in fetched]
@@ -133,6 +140,26 @@ def _locked(lock_path: Path) -> Iterator[float]:
             yield time.perf_counter() - started
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _note_the_mirror(folder: Path, manifest: Manifest) -> None:
+    """Record which mirror the folder is filled from, saying so when it is another than before."""
+    record = {"commits": manifest.commits, "files_at": manifest.files_at}
+    path = folder / _BOOKKEEPING / "filled.json"
+    try:
+        before = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        before = None
+    if before is not None and before != record:
+        log.warning(
+            "%s: the store's mirror was replaced: %s (was %s)",
+            folder.name,
+            manifest.describe(),
+            ", ".join(f"{k}@{v}" for k, v in sorted(before.get("commits", {}).items()))
+            or "no recorded commit",
+        )
+    path.parent.mkdir(exist_ok=True)
+    _write_atomically(path, json.dumps(record, sort_keys=True).encode())
 
 
 def _remove_leftovers(folder: Path, manifest: Manifest) -> None:
@@ -245,6 +272,7 @@ class _Part:
 def _fetch(
     storage: Storage,
     spec: ModelSpec,
+    manifest: Manifest,
     folder: Path,
     entries: list[FileEntry],
     chunk_bytes: int,
@@ -263,7 +291,7 @@ def _fetch(
         def read_chunk(chunk: tuple[_Part, int]) -> None:
             part, offset = chunk
             length = min(chunk_bytes, part.entry.size - offset)
-            data = storage.get_range(file_key(spec, part.entry.path), offset, length)
+            data = storage.get_range(file_key(spec, manifest, part.entry.path), offset, length)
             if len(data) != length:
                 raise WeightsError(
                     f"{part.entry.path}: the store gave {len(data)} bytes at {offset}, not {length}"

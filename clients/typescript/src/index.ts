@@ -10,7 +10,7 @@ export type { components, paths };
 export interface JobEvent {
   id: string;
   event: "queued" | "started" | "progress" | "succeeded" | "failed" | "canceled";
-  data: { job_id: string; status: string; at: number; step?: number; total?: number };
+  data: { job_id: string; status: string; at: number; step?: number; total?: number; stage?: string };
 }
 
 export function createFleetClient(baseUrl: string, apiKey: string) {

@@ -10,7 +10,7 @@ does it once per process:
    ``sys.modules`` only while the folder imports;
 3. every attribute ``PATCHES`` or ``device_patches`` replaces must exist, so a changed package
    fails at load, naming what it no longer has;
-4. ``PATCHES`` are applied; ``device_patches`` are applied while a job runs off CUDA.
+4. ``PATCHES`` are applied; ``device_patches`` while the models load and run on a job's device.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from worker.adapters.wan_animate import standins
+from worker.adapters.wan_animate import progress, standins
 from worker.adapters.wan_s2v.official import INSTALL, WAN22_VERSION, check_version
 from worker.adapters.wan_s2v.patch import OfficialCodeMismatch, Patch, apply, instead, missing
 
@@ -78,16 +78,34 @@ PATCHES = (
         standins.sam2_1_predictor,
         "written for sam2 before 1.1 (the release on PyPI): its state gains frames_tracked_per_obj",
     ),
-    Patch("retarget_pose", "tqdm", instead(_quiet), "no progress bars in the worker log"),
+    Patch(
+        "retarget_pose",
+        "tqdm",
+        instead(progress.bar("retarget")),
+        "the retargeting loop's frames are the job's progress, not a bar in the worker log",
+    ),
     Patch("sam_utils", "tqdm", instead(_quiet), "no progress bars in the worker log"),
-    Patch("sam2.sam2_video_predictor", "tqdm", instead(_quiet), "no progress bars in the worker log"),
+    Patch(
+        "sam2.sam2_video_predictor",
+        "tqdm",
+        instead(progress.bar("mask")),
+        "SAM2's propagation through the frames is the job's progress, not a bar in the worker log",
+    ),
 )
 
 
 def device_patches(device: str) -> tuple[Patch, ...]:
-    """What ``video_predictor`` needs to run on ``device`` when that is not CUDA: it puts its
-    state on ``torch.device("cuda")`` and its frames on ``.cuda()`` unconditionally."""
+    """What the models need to load and run on ``device``: the ONNX models the providers
+    onnxruntime offers for it; ``video_predictor``, off CUDA, its state and frames where they
+    are (it puts them on ``torch.device("cuda")`` and ``.cuda()`` unconditionally)."""
     return (
+        Patch(
+            "pose2d",
+            "onnxruntime",
+            lambda onnxruntime: standins.onnxruntime_on(onnxruntime, device),
+            "SimpleOnnxInference asks for CUDAExecutionProvider whenever the device is cuda: "
+            "CUDA's where onnxruntime offers it (the onnxruntime-gpu build), else the CPU's",
+        ),
         Patch(
             "video_predictor",
             "torch",

@@ -8,6 +8,9 @@ evicted first past ``cache_bytes``, so another prompt or seed on the same inputs
 
 A video in which the detector finds no person in any frame fails with ``NoPersonFound`` before
 anything else runs on it; so does a photo without one in move mode (its pose is read first).
+
+Its stages report each frame (each video, when written) to the caller's hook (``progress``),
+which may raise to end the work there; nothing of a run that ended so is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from routing.errors import ErrorType
+from worker.adapters.base import ProgressCallback
+from worker.adapters.wan_animate import progress
 from worker.adapters.wan_animate.official import WAN22_VERSION, device_patches, import_preprocess
 from worker.adapters.wan_s2v.patch import patched
 
@@ -36,6 +41,8 @@ OUTPUTS = {
     "background_video": "src_bg.mp4",
     "mask_video": "src_mask.mp4",
 }
+# How many of them each mode writes.
+_VIDEOS = {"move": 2, "mix": 4}
 _DETECTOR = "det"
 _POSE = "pose2d"
 _SAM2 = "sam2"
@@ -80,8 +87,11 @@ class Preprocessor:
         self._pipeline: Any = None
         self._lock = threading.Lock()
 
-    def run(self, image: bytes, video: bytes, options: Options) -> tuple[dict[str, Path], bool]:
-        """The output videos' files by request field, and whether they came from the cache."""
+    def run(
+        self, image: bytes, video: bytes, options: Options, on_progress: ProgressCallback | None = None
+    ) -> tuple[dict[str, Path], bool]:
+        """The output videos' files by request field, and whether they came from the cache;
+        ``on_progress`` is told each frame of each stage (``progress.STAGES``) as it is done."""
         key = options.key(image, video)
         with self._lock:
             found = self.cache.get(key)
@@ -92,17 +102,17 @@ class Preprocessor:
                 (work / "out").mkdir()
                 (work / "image").write_bytes(image)
                 (work / "video.mp4").write_bytes(video)
-                self._run(work, options)
+                self._run(work, options, on_progress or _ignore)
                 made = {name: work / "out" / file for name, file in OUTPUTS.items()}
                 made = {name: path for name, path in made.items() if path.is_file()}
                 return self.cache.put(key, made), False
 
-    def _run(self, work: Path, options: Options) -> None:
-        pipeline = self._load()
-        check = _PersonCheck(pipeline.pose2d, image_first=options.mode == "move")
-        pipeline.pose2d = check
-        try:
-            with patched(device_patches(self.device)):
+    def _run(self, work: Path, options: Options, on_progress: ProgressCallback) -> None:
+        with patched(device_patches(self.device)), progress.reporting_to(on_progress, _VIDEOS[options.mode]):
+            pipeline = self._load()
+            watched = _Watched(pipeline.pose2d, image_first=options.mode == "move")
+            pipeline.pose2d = watched
+            try:
                 pipeline(
                     str(work / "video.mp4"),
                     str(work / "image"),
@@ -113,8 +123,8 @@ class Preprocessor:
                     use_flux=False,
                     replace_flag=options.mode == "mix",
                 )
-        finally:
-            pipeline.pose2d = check.pose2d
+            finally:
+                pipeline.pose2d = watched.close()
 
     def _load(self) -> Any:
         if self._pipeline is not None:
@@ -123,7 +133,9 @@ class Preprocessor:
         missing = [name for name in (_DETECTOR, _POSE, _SAM2) if not (self.weights / name).is_dir()]
         if missing:
             raise FileNotFoundError(
-                f"the preprocessing weights are not installed: {self.weights} has no {', '.join(missing)}"
+                f"the preprocessing weights are not installed: {self.weights} has no {', '.join(missing)} "
+                f"(the weights path brings them with the model's: `python -m worker.weights pull`, "
+                f"`mirror` and `fill` take its catalog entry's extra files too)"
             )
         # What ProcessPipeline.__init__ builds, on the job's device (it names cuda) and with the
         # SAM2 config the checkpoint was saved from (it names the large one).
@@ -154,36 +166,62 @@ def _one(folder: Path, suffix: str) -> Path:
     return found[0]
 
 
-class _PersonCheck:
-    """``Pose2d`` that fails with ``NoPersonFound`` when its detector finds nobody in any of the
-    frames of a call: the official code would go on with the whole frame as the person."""
+def _ignore(stage: str, done: int, total: int) -> None:
+    pass
+
+
+class _Watched:
+    """``Pose2d`` for one job: it reports each frame its detector (``detect``) and its pose model
+    (``pose``) are done with, and fails with ``NoPersonFound`` when the detector finds nobody in
+    any of the frames of a call (the official code would go on with the whole frame as the
+    person). A call on one frame (the photo; the video's first frame alone, before retargeting)
+    is no stage of its own: it is not reported. ``close`` gives back the ``Pose2d``, as it was."""
 
     def __init__(self, pose2d: Any, image_first: bool):
         self.pose2d = pose2d
         self.calls = 0
         self.image_first = image_first
         self.found: list[bool] = []
-        detector = pose2d.detector
-        forward = detector.forward
+        self.posed = 0
+        self.frames = 0
+        detect, estimate = pose2d.detector.forward, pose2d.model.forward
 
-        def recording(*args: Any, **kwargs: Any) -> Any:
-            results = forward(*args, **kwargs)
+        def detecting(*args: Any, **kwargs: Any) -> Any:
+            results = detect(*args, **kwargs)
             self.found += [people[0]["track_id"] >= 0 for people in results]
+            self._report("detect", len(self.found))
             return results
 
-        detector.forward = recording
+        def estimating(*args: Any, **kwargs: Any) -> Any:
+            keypoints = estimate(*args, **kwargs)
+            self.posed += 1
+            self._report("pose", self.posed)
+            return keypoints
+
+        # On the instances: SimpleOnnxInference.__call__ calls self.forward.
+        pose2d.detector.forward, pose2d.model.forward = detecting, estimating
+
+    def _report(self, stage: str, done: int) -> None:
+        if self.frames > 1:
+            progress.report(stage, done, self.frames)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pose2d, name)
 
     def __call__(self, frames: Any, *args: Any, **kwargs: Any) -> Any:
-        self.found = []
+        self.found, self.posed, self.frames = [], 0, len(frames)
+        if self.frames > 1:
+            progress.frames_are(self.frames)
         source = "image" if self.image_first and self.calls == 0 else "video"
         self.calls += 1
         metas = self.pose2d(frames, *args, **kwargs)
         if not any(self.found):
             raise NoPersonFound(f"no person found in the {source}: the detector found nobody in it")
         return metas
+
+    def close(self) -> Any:
+        del self.pose2d.detector.forward, self.pose2d.model.forward
+        return self.pose2d
 
 
 class ResultCache:

@@ -11,10 +11,11 @@ import contextlib
 import importlib.util
 import logging
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from worker.adapters.wan_animate import progress
 from worker.adapters.wan_s2v.standins import PyAVVideoReader, in_sys_modules
 
 
@@ -41,6 +42,7 @@ class _ImageSequenceClip:
 
         images = [Image.fromarray(np.asarray(f).clip(0, 255).astype(np.uint8)) for f in self.frames]
         Path(path).write_bytes(encode_mp4(images, round(self.fps)))
+        progress.video_written()
 
 
 def moviepy_module() -> types.ModuleType:
@@ -56,6 +58,34 @@ class NoFluxKontext:
     @classmethod
     def from_pretrained(cls, *_: Any, **__: Any) -> Any:
         raise NotImplementedError("retargeting with a FLUX Kontext edit is not supported yet")
+
+
+def onnx_providers(device: str, available: Sequence[str]) -> list[Any]:
+    """ONNX Runtime's execution providers for a model on ``device``: on CUDA, where onnxruntime
+    offers it (the onnxruntime-gpu build), CUDA's on the device's index with the CPU's for what
+    it lacks; else the CPU's alone."""
+    if device.startswith("cuda") and "CUDAExecutionProvider" in available:
+        index = int(device.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def onnxruntime_on(onnxruntime: types.ModuleType, device: str) -> Any:
+    """``onnxruntime`` as a module whose ``InferenceSession`` runs on ``onnx_providers(device)``,
+    whatever providers its caller asked for; everything else is onnxruntime's."""
+
+    class _OnnxRuntime(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(onnxruntime, name)
+
+    providers = onnx_providers(device, onnxruntime.get_available_providers())
+
+    def session(path: str, *args: Any, **kwargs: Any) -> Any:
+        return onnxruntime.InferenceSession(path, *args, **(kwargs | {"providers": providers}))
+
+    proxy = _OnnxRuntime("onnxruntime")
+    proxy.InferenceSession = session  # type: ignore[attr-defined]
+    return proxy
 
 
 def torch_on(torch: types.ModuleType, device: str) -> Any:
