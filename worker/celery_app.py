@@ -22,7 +22,6 @@ from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.signals import (
     task_failure,
-    task_received,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -61,6 +60,9 @@ app = make_celery(settings, vram_class)
 app.conf.worker_proc_alive_timeout = 900
 # Time for the running job to reach a step and hand itself back before a cold shutdown.
 app.conf.worker_soft_shutdown_timeout = 60.0
+# Kombu's Redis transport, which also records the messages the main process takes as held by it
+# (worker.held), once ``_start_holding`` has named the holder.
+app.conf.broker_transport = held.TRANSPORT
 
 # How the worker makes its object store. A program that starts the worker itself may replace it
 # first (the tests' slow store starts the worker through ``testkit.slow_worker``); the pool
@@ -187,13 +189,14 @@ def _warm(**_: Any) -> None:
         runner.pool.get(model_key)
 
 
-# In the main process: the messages it takes, recorded so that the reaper can give them back at
-# once if this worker dies holding them (worker.held).
+# In the main process: the messages it takes, recorded as they are taken so that the reaper can
+# give them back at once if this worker dies holding them (worker.held).
 _holder: held.Holder | None = None
 
 
 @worker_init.connect
 def _start_holding(**_: Any) -> None:
+    # Before the consumer's broker connection is made: it reads the transport options then.
     global _holder
     _holder = held.Holder(
         connect(settings),
@@ -201,14 +204,8 @@ def _start_holding(**_: Any) -> None:
         liveness.process_name(vram_class),
         settings.heartbeat_ttl_s,
     )
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **_holder.transport_options()}
     _holder.start()
-
-
-@task_received.connect
-def _took(request: Any = None, **_: Any) -> None:
-    # Before the pool child claims the job: until then only this record says whose it is.
-    if _holder is not None and request is not None:
-        _holder.took(request.message.delivery_tag)
 
 
 @worker_ready.connect
