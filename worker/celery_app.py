@@ -47,6 +47,7 @@ from routing.settings import Settings, get_settings
 from worker import held, liveness
 from worker.ahead import peek_next
 from worker.busy import share
+from worker.lost import LostSweep
 from worker.outcomes import TaskOutcomes
 from worker.pool import CudaMemory, PipelinePool
 from worker.runner import JobRunner
@@ -157,6 +158,7 @@ def get_runner() -> JobRunner:
             lambda: _state(pool, runner),
             sweep=RetentionSweep.for_settings(settings),
             expiry=expiry,
+            lost=LostSweep(store, queues, settings.heartbeat_ttl_s),
         )
     return _runner
 

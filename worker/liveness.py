@@ -30,6 +30,7 @@ from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore
 from routing.jobs.workers import heartbeat
 from worker import held
+from worker.lost import LostSweep
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,14 @@ def start(
     state: Callable[[], dict] | None = None,
     sweep: Callable[[], None] | None = None,
     expiry: ExpirySweep | None = None,
+    lost: LostSweep | None = None,
 ) -> threading.Thread:
     """Beat and reap from a thread: a long job must not make its worker look dead. ``state``
     gives what the heartbeat reports besides (resident models, GPU memory); ``sweep`` is called
     each round (the local store's retention: ``routing.io.retention.RetentionSweep``);
-    ``expiry`` also expires jobs queued too long, on any class (``routing.jobs.expiry``)."""
+    ``expiry`` also expires jobs queued too long, on any class (``routing.jobs.expiry``);
+    ``lost`` puts back the messages taken off a queue and lost before Kombu held them
+    (``worker.lost``)."""
 
     reaper = Reaper(store, ttl_s)
 
@@ -186,6 +190,8 @@ def start(
                     reaper.forget()
                 if expiry is not None:
                     expiry.maybe_sweep()
+                if lost is not None:
+                    lost.maybe_sweep()
             except redis.RedisError:
                 log.warning("heartbeat failed; retrying")
             if sweep is not None:
