@@ -7,7 +7,8 @@ dead worker still owns it, so two reapers cannot both requeue it. The broker's o
 message (given back by the reaper too, ``worker.held``, or restored by Kombu after the visibility
 timeout) then finds the job taken or finished and is dropped, so no job runs twice at once. A job
 whose message a dead worker took but never claimed is still ``queued``: the reaper gives that
-message back to its queue at once (``worker.held``).
+message back to its queue at once (``worker.held``), and the same loop puts back a message lost
+as it was taken, before Kombu held it (``worker.lost``).
 """
 
 from __future__ import annotations
