@@ -22,7 +22,9 @@ interval, and if one took longer, the second copy finds the job claimed and is d
 (``JobRunner._claim``), so the job still runs once. Sweepers racing each other put one back: the
 new message is the record's ``queued_message`` from then on, found by the next.
 
-A sweep costs a few commands per job looked at; a queue is read through only for a job whose
+A lost message's job is put back within three intervals of reaching the head of its line (the
+first look within an interval and the liveness loop's third of one, the second an interval
+later). A sweep costs a few commands per job looked at; a queue is read through only for a job whose
 message is not where it was pushed (restored, or lost).
 """
 
