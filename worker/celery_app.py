@@ -28,6 +28,7 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
+from kombu import Connection
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass, consumed_queues
@@ -64,6 +65,9 @@ app.conf.worker_soft_shutdown_timeout = 60.0
 # Kombu's Redis transport, which also records the messages the main process takes as held by it
 # (worker.held), once ``_start_holding`` has named the holder.
 app.conf.broker_transport = held.TRANSPORT
+# Named, a transport takes the place of the URL's scheme, and of the TLS options Kombu gives a
+# rediss:// URL with it: those are kept as Kombu chooses them.
+app.conf.broker_use_ssl = Connection(settings.redis_url).ssl
 
 # How the worker makes its object store. A program that starts the worker itself may replace it
 # first (the tests' slow store starts the worker through ``testkit.slow_worker``); the pool

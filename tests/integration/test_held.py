@@ -7,8 +7,12 @@ tests/faults/test_kill.py and tests/faults/test_taking.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from kombu import Connection
@@ -24,6 +28,7 @@ from worker.liveness import Reaper
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[2]
 # Main processes of another host: only their heartbeats say whether they are alive.
 ALIVE = "gpu16@elsewhere:101:00000001"
 DEAD = "gpu16@elsewhere:102:00000002"
@@ -83,6 +88,18 @@ def test_producers_and_webhook_workers_keep_kombus_transport(fleet_settings: Set
     worker's, never name the worker's transport."""
     assert make_celery(fleet_settings).conf.broker_transport is None
     assert make_celery(fleet_settings, VramClass.GPU16).conf.broker_transport is None
+
+
+def test_a_worker_on_a_tls_url_keeps_kombus_tls_options():
+    """Naming the transport takes the place of the URL's scheme: catches a worker that would open a
+    plain connection to a rediss:// server, where Kombu's own transport opens a TLS one."""
+    code = (
+        "import worker.celery_app as c; k = c.app.connection_for_read(); print(k.transport_cls, bool(k.ssl))"
+    )
+    env = {**os.environ, "FLEET_REDIS_URL": "rediss://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [held.TRANSPORT, "True"]
 
 
 def test_the_reaper_gives_back_only_the_dead_workers_messages(client: Client, broker):
