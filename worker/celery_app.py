@@ -22,13 +22,13 @@ from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.signals import (
     task_failure,
-    task_received,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutting_down,
 )
+from kombu import Connection
 
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass, consumed_queues
@@ -48,6 +48,7 @@ from routing.settings import Settings, get_settings
 from worker import held, liveness
 from worker.ahead import peek_next
 from worker.busy import share
+from worker.lost import LostSweep
 from worker.outcomes import TaskOutcomes
 from worker.pool import CudaMemory, PipelinePool
 from worker.runner import JobRunner
@@ -61,6 +62,12 @@ app = make_celery(settings, vram_class)
 app.conf.worker_proc_alive_timeout = 900
 # Time for the running job to reach a step and hand itself back before a cold shutdown.
 app.conf.worker_soft_shutdown_timeout = 60.0
+# Kombu's Redis transport, which also records the messages the main process takes as held by it
+# (worker.held), once ``_start_holding`` has named the holder.
+app.conf.broker_transport = held.TRANSPORT
+# Named, a transport takes the place of the URL's scheme, and of the TLS options Kombu gives a
+# rediss:// URL with it: those are kept as Kombu chooses them.
+app.conf.broker_use_ssl = Connection(settings.redis_url).ssl
 
 # How the worker makes its object store. A program that starts the worker itself may replace it
 # first (the tests' slow store starts the worker through ``testkit.slow_worker``); the pool
@@ -162,6 +169,7 @@ def get_runner() -> JobRunner:
             lambda: _state(pool, runner),
             sweep=RetentionSweep.for_settings(settings),
             expiry=expiry,
+            lost=LostSweep(store, queues, settings.heartbeat_ttl_s),
         )
     return _runner
 
@@ -194,13 +202,14 @@ def _warm(**_: Any) -> None:
         runner.pool.get(model_key)
 
 
-# In the main process: the messages it takes, recorded so that the reaper can give them back at
-# once if this worker dies holding them (worker.held).
+# In the main process: the messages it takes, recorded as they are taken so that the reaper can
+# give them back at once if this worker dies holding them (worker.held).
 _holder: held.Holder | None = None
 
 
 @worker_init.connect
 def _start_holding(**_: Any) -> None:
+    # Before the consumer's broker connection is made: it reads the transport options then.
     global _holder
     _holder = held.Holder(
         connect(settings),
@@ -208,14 +217,8 @@ def _start_holding(**_: Any) -> None:
         liveness.process_name(vram_class),
         settings.heartbeat_ttl_s,
     )
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, **_holder.transport_options()}
     _holder.start()
-
-
-@task_received.connect
-def _took(request: Any = None, **_: Any) -> None:
-    # Before the pool child claims the job: until then only this record says whose it is.
-    if _holder is not None and request is not None:
-        _holder.took(request.message.delivery_tag)
 
 
 @worker_ready.connect

@@ -9,21 +9,23 @@ child was still starting: importing torch, loading models) leaves a job whose re
 ``queued`` and whose only message is in that set: the job reaper, which looks at running jobs,
 never sees it, and it would wait out the visibility timeout.
 
-So each main process records the delivery tag of every message it takes (``record``, from
-Celery's ``task_received``, before the job is claimed) in a set of its own, ``Keys.held``, and
-beats a heartbeat of its own (``beat``; it also forgets the tags acknowledged since). The reaper
-(``worker.liveness.Reaper``), which runs in every worker, gives back every message still
-unacknowledged in the set of a main process that is dead (``give_back``): pushed back on its
-queue, where the next free worker takes it first, and taken out of Kombu's set in the same
-transaction, so the visibility timeout's own restore cannot make a second copy, and the set is
-deleted with it, so reapers racing each other give the messages back once.
+So each main process writes the delivery tag of every message it takes into a set of its own,
+``Keys.held``, in the very transaction in which Kombu writes the message into its unacknowledged
+set (``QoS.append``, through the worker's broker transport, ``Transport``): there is no instant at
+which a message is unacknowledged and not recorded. It beats a heartbeat of its own (``beat``; it
+also forgets the tags acknowledged since). The reaper (``worker.liveness.Reaper``), which runs in
+every worker, gives back every message still unacknowledged in the set of a main process that is
+dead (``give_back``): pushed back on its queue, where the next free worker takes it first, and
+taken out of Kombu's set in the same transaction, so the visibility timeout's own restore cannot
+make a second copy, and the set is deleted with it, so reapers racing each other give the
+messages back once.
 
 A message whose job was claimed (the dead worker was running it) comes back too, as the visibility
 timeout would bring it: the job reaper hands the job back as well, and whichever copy comes second
 finds the job taken or finished and is dropped (``JobRunner._claim``).
 
-Not covered: a worker killed between Kombu writing the message into its set and ``record`` (the
-same thread, a few instructions apart): that message waits out the visibility timeout.
+The instant before Kombu's write, when the message is already off its queue, is
+``worker.lost``'s.
 """
 
 from __future__ import annotations
@@ -32,13 +34,21 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 
 from routing.celery_config import UNACKED_INDEX_KEY, UNACKED_KEY
 from routing.jobs.keys import Keys
 
 log = logging.getLogger(__name__)
+
+# The broker transport of a worker's main process (Celery's ``broker_transport``): Kombu's Redis
+# transport, whose unacknowledged writes also record the holder's.
+TRANSPORT = f"{__name__}:Transport"
 
 # Forgets the tags of a holder's set that Kombu's set no longer has (acknowledged, or restored).
 _FORGET_ACKNOWLEDGED = """
@@ -47,15 +57,6 @@ for _, tag in ipairs(redis.call('SMEMBERS', held)) do
   if redis.call('HEXISTS', unacked, tag) == 0 then redis.call('SREM', held, tag) end
 end
 """
-
-
-def record(client: redis.Redis, keys: Keys, holder: str, delivery_tag: str) -> None:
-    """Worker main process ``holder`` took the message ``delivery_tag``: Kombu has it in its
-    unacknowledged set already."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.sadd(keys.held(holder), delivery_tag)
-        pipe.zadd(keys.holders, {holder: time.time()})
-        pipe.execute()
 
 
 def beat(client: redis.Redis, keys: Keys, holder: str, ttl_s: float) -> None:
@@ -113,9 +114,55 @@ def give_back(client: redis.Redis, keys: Keys, holder: str) -> list[str]:
     return given
 
 
+class QoS(kombu_redis.QoS):
+    """Kombu's acknowledgement emulation for Redis, whose write of a message taken into the
+    unacknowledged set (Kombu's ``QoS.append``, the same two commands) also adds its delivery tag
+    to the holder's set and the holder to the index of holders, in one MULTI/EXEC: a process
+    killed before EXEC leaves neither write, one killed after leaves both. A channel with no
+    holder (``Channel.holder``) writes what Kombu writes."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        channel = self.channel
+        if not channel.holder:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        now = time.time()
+        with channel.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: now})
+            pipe.hset(
+                self.unacked_key,
+                delivery_tag,
+                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+            )
+            pipe.sadd(channel.held_key, delivery_tag)
+            pipe.zadd(channel.holders_key, {channel.holder: now})
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)  # Kombu's in-process record of it
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    # Set from the transport options (``Holder.transport_options``); None: Kombu's own writes.
+    holder: str | None = None
+    held_key: str | None = None
+    holders_key: str | None = None
+    from_transport_options = (
+        *kombu_redis.Channel.from_transport_options,
+        "holder",
+        "held_key",
+        "holders_key",
+    )
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
+
+
 class Holder:
-    """This worker's main process as a holder of messages: records what it takes, and beats from
-    a thread (the main process runs no job, so nothing else would say it is alive)."""
+    """This worker's main process as a holder of messages: the broker options under which what it
+    takes is recorded (``QoS``), and its beat, from a thread (the main process runs no job, so
+    nothing else would say it is alive)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, name: str, ttl_s: float):
         self.client = client
@@ -123,12 +170,10 @@ class Holder:
         self.name = name
         self.ttl_s = ttl_s
 
-    def took(self, delivery_tag: str) -> None:
-        try:
-            record(self.client, self.keys, self.name, delivery_tag)
-        except redis.RedisError:
-            # Then only the visibility timeout brings it back if this worker dies holding it.
-            log.warning("could not record message %s as held by %s", delivery_tag, self.name, exc_info=True)
+    def transport_options(self) -> dict[str, str]:
+        """Celery's ``broker_transport_options`` that make ``Transport`` record what this
+        process takes."""
+        return {"holder": self.name, "held_key": self.keys.held(self.name), "holders_key": self.keys.holders}
 
     def start(self) -> threading.Thread:
         def loop() -> None:

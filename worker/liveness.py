@@ -7,7 +7,8 @@ dead worker still owns it, so two reapers cannot both requeue it. The broker's o
 message (given back by the reaper too, ``worker.held``, or restored by Kombu after the visibility
 timeout) then finds the job taken or finished and is dropped, so no job runs twice at once. A job
 whose message a dead worker took but never claimed is still ``queued``: the reaper gives that
-message back to its queue at once (``worker.held``).
+message back to its queue at once (``worker.held``), and the same loop puts back a message lost
+as it was taken, before Kombu held it (``worker.lost``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore
 from routing.jobs.workers import heartbeat
 from worker import held
+from worker.lost import LostSweep
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +167,14 @@ def start(
     state: Callable[[], dict] | None = None,
     sweep: Callable[[], None] | None = None,
     expiry: ExpirySweep | None = None,
+    lost: LostSweep | None = None,
 ) -> threading.Thread:
     """Beat and reap from a thread: a long job must not make its worker look dead. ``state``
     gives what the heartbeat reports besides (resident models, GPU memory); ``sweep`` is called
     each round (the local store's retention: ``routing.io.retention.RetentionSweep``);
-    ``expiry`` also expires jobs queued too long, on any class (``routing.jobs.expiry``)."""
+    ``expiry`` also expires jobs queued too long, on any class (``routing.jobs.expiry``);
+    ``lost`` puts back the messages taken off a queue and lost before Kombu held them
+    (``worker.lost``)."""
 
     reaper = Reaper(store, ttl_s)
 
@@ -186,6 +191,8 @@ def start(
                     reaper.forget()
                 if expiry is not None:
                     expiry.maybe_sweep()
+                if lost is not None:
+                    lost.maybe_sweep()
             except redis.RedisError:
                 log.warning("heartbeat failed; retrying")
             if sweep is not None:
