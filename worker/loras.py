@@ -31,10 +31,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routing.io.storage import Storage
-
 if TYPE_CHECKING:
     import torch
+
+    from routing.io.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -40,14 +40,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec, SpeedProfile, TaskKind
 from routing.classes import VramClass
-from routing.io.storage import Storage
 from routing.settings import Settings
 from worker.adapters.base import Adapter
 from worker.loras import LoraCache, LoraSlot
+
+if TYPE_CHECKING:
+    # Only named here: importing the stores takes boto3, which a GPU bench machine may lack.
+    from routing.io.storage import Storage
 
 log = logging.getLogger(__name__)
 
