@@ -34,6 +34,8 @@ PROMPTS = (
     "from her cup, photographed on medium format film with a fifty millimetre lens",
 )
 SEED = 7
+# What a job's timings (or a row) name as run, beside ``attention_<backend>``.
+TECHNIQUES = ("compile_regional", "lora_slot", "fp8_linear", "cuda_graphs", "tf32")
 # The class whose profile compiles the diffusers models (resident there).
 COMPILED_CLASS = "gpu80"
 # --cpu: warm sizes and a case size between them, never warmed (frames for the videos only).
@@ -230,7 +232,9 @@ class Row:
                 out["stock_s"] = round(statistics.median(stock.times), 4)
         if stock is not None and stock.output is not None and self.output is not None:
             out["deviation"] = deviation(self.output, stock.output)
-        out["techniques"] = {k: v for k, v in self.techniques.items() if v}
+        out["techniques"] = {
+            k: v for k, v in self.techniques.items() if v and (k in TECHNIQUES or k.startswith("attention_"))
+        }
         if self.peak_reserved_gib:
             out["peak_reserved_gib"] = self.peak_reserved_gib
         return out
