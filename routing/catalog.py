@@ -58,6 +58,10 @@ class SpeedProfile:
     # blocks shape-dynamic, so a size not listed runs without compiling again.
     warm_sizes: tuple[tuple[int, int, int], ...] = ()
     attention: tuple[str, ...] = ("_flash_3", "flash", "_native_cudnn", "native")
+    # FP8 linear layers (torchao) and CUDA graphs for the compiled blocks: off until a GPU run of
+    # bench/gpu_speed.py shows they win on the model (neither has been measured yet).
+    fp8: bool = False
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     # Attention backend (a diffusers name such as "flash" or "native"); "auto" takes the first of
     # the profile's list that the device has.
     attention_backend: str = "auto"
+    # FP8 linear layers and CUDA graphs: "auto" as the model's profile says (off everywhere until
+    # measured), "on" or "off" for every model. A device without them runs without, and says why.
+    fp8: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     # Sizes to warm a compiled model on, by model key ([width, height, frames or 0], ...), over the
     # catalog's class sizes (tests warm small ones).
     warm_sizes: dict[str, list[tuple[int, int, int]]] = Field(default_factory=dict)

@@ -13,6 +13,9 @@ with zeros to the slot's rank, then hotswapped in (diffusers ``load_lora_weights
 the weights are copied into the slot's tensors, so a compiled transformer runs on without
 compiling again. After the job the slot is zeroed: the next job sees exactly the base weights.
 
+The slot is switched off (peft's adapters disabled) for jobs without LoRAs: they compute the base
+layers alone, and pay nothing for the slot (``switch``).
+
 A variant's distillation LoRA is read and converted once and kept on the device; a variant job
 copies it into the slot with the request's LoRAs (its rows first). A second adapter switched on
 with ``set_adapters`` was tried and refused: on a compiled transformer it changed the base
@@ -28,10 +31,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routing.io.storage import Storage
-
 if TYPE_CHECKING:
     import torch
+
+    from routing.io.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,17 @@ class LoraSlot:
             zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, module.in_features)
             zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
         pipe.load_lora_weights(zeros, adapter_name=SLOT, **self._load)
+        # The LoRA-wrapped layers, whose adapters ``switch`` turns off and on.
+        self.layers = [m for m in self.transformer.modules() if hasattr(m, "_disable_adapters")]
         self._measure()
+
+    def switch(self, on: bool) -> None:
+        """Off: every wrapped layer computes its base weights alone, as before the slot was put
+        there (peft's disabled adapters); on: base plus the slot. Set on the layers directly:
+        peft's own ``enable_adapters`` also marks the slot's weights trainable, which a compiled
+        graph would be guarded on and recompile for."""
+        for layer in self.layers:
+            layer._disable_adapters = not on
 
     def _measure(self) -> None:
         # Memory the LoRA adapters take on the transformer (the slot and any variant), measured

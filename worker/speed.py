@@ -3,21 +3,33 @@
 At load, in this order (the LoRA slot must exist before compiling, or hotswapping into it would
 recompile):
 
-1. the request LoRA slot on the transformer (worker/loras.py), when the model takes LoRAs;
+1. the request LoRA slot on the transformer (worker/loras.py), when the model takes LoRAs. It is
+   switched off (peft's adapters disabled, so each layer computes its base weights alone) for
+   every job that names no LoRA and no variant, and on only for the jobs that do: a base job pays
+   nothing for the slot, and is bit for bit the output of a transformer that never had one;
 2. the attention backend: the first of the profile's list the device has (``native`` SDPA
    always; on the CPU only that);
-3. regional compilation: ``compile_repeated_blocks`` compiles the transformer's one repeated block
+3. FP8 linear layers (torchao: FP8 weights, activations scaled per row as they come), where the
+   profile asks for them and the device has them (CUDA, compute capability 8.9 or more, torchao
+   installed); otherwise bf16, with the reason logged;
+4. regional compilation: ``compile_repeated_blocks`` compiles the transformer's one repeated block
    class once and reuses it for every block (tens of times faster to compile than the whole
-   model, nearly as fast to run);
-4. warm-up: one short job at each of the class's common sizes. The first size compiles the
-   blocks for that shape; the second makes dynamo mark the changing sizes dynamic and compile a
-   shape-general graph. After two sizes, a size not warmed runs without compiling again: the
-   choice here is dynamic shapes after warm-up rather than one graph per size, which would make
-   every new size pay a compile in some job.
+   model, nearly as fast to run); with CUDA graphs (inductor's ``reduce-overhead``) where the
+   profile asks for them and the device is CUDA;
+5. warm-up: a short job at each of the class's common sizes, each with the slot off and on, and
+   with prompts of two lengths. The first size compiles the blocks for that shape; the second,
+   of other image and text token counts, makes dynamo mark those sizes dynamic and compile a
+   shape-general graph. After that, a size or prompt length not warmed runs without compiling
+   again: the choice here is dynamic shapes after warm-up rather than one graph per size, which
+   would make every new size pay a compile in some job.
+
+A job with a step cache runs the compiled blocks' eager code: diffusers' cache hooks decide per
+step in Python whether a block runs, which a full-graph compiled block cannot trace.
 
 The catalog holds the profile per model and class; settings turn it on or off (``auto``: on a
 GPU only). What ran is logged at start-up and recorded in every job's timings (numbers only:
-``compile_regional`` 1 or 0, ``attention_<backend>`` 1, ``compiled_graphs`` compiled during the job).
+``compile_regional`` 1 or 0, ``attention_<backend>`` 1, ``lora_slot`` 1 when the job ran through
+the slot, ``fp8_linear`` and ``cuda_graphs`` 1 or 0, ``compiled_graphs`` compiled during the job).
 """
 
 from __future__ import annotations
@@ -28,14 +40,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routing.catalog import ModelSpec, SpeedProfile, TaskKind
 from routing.classes import VramClass
-from routing.io.storage import Storage
 from routing.settings import Settings
 from worker.adapters.base import Adapter
 from worker.loras import LoraCache, LoraSlot
+
+if TYPE_CHECKING:
+    # Only named here: importing the stores takes boto3, which a GPU bench machine may lack.
+    from routing.io.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +70,33 @@ class Speed:
     # A two-expert model's second slot, on ``transformer_2`` (the low-noise expert); ``slot`` is
     # then the high-noise expert's.
     slot_2: LoraSlot | None = None
+    fp8: bool = False  # the transformer's linear layers run FP8 GEMMs
+    cuda_graphs: bool = False  # the compiled blocks replay CUDA graphs
+    # The compiled blocks (``compile_repeated_blocks``), switched to their eager code for a job
+    # with a step cache.
+    compiled_blocks: list[Any] = field(default_factory=list)
 
     @property
     def extra_bytes(self) -> int:
         """Memory beyond the catalog footprint: the LoRA slots and loaded variants."""
-        return sum(slot.nbytes for slot in (self.slot, self.slot_2) if slot is not None)
+        return sum(slot.nbytes for slot in self.slots)
+
+    @property
+    def slots(self) -> list[LoraSlot]:
+        return [slot for slot in (self.slot, self.slot_2) if slot is not None]
 
     def timings(self) -> dict[str, float]:
-        return {"compile_regional": float(self.compiled), f"attention_{self.attention}": 1.0}
+        return {
+            "compile_regional": float(self.compiled),
+            f"attention_{self.attention}": 1.0,
+            "lora_slot": 0.0,
+            "fp8_linear": float(self.fp8),
+            "cuda_graphs": float(self.cuda_graphs),
+        }
+
+    def switch_slots(self, on: bool) -> None:
+        for slot in self.slots:
+            slot.switch(on)
 
     @contextmanager
     def for_job(self, request: Any, storage: Storage, timings: dict[str, float]) -> Iterator[None]:
@@ -70,11 +104,39 @@ class Speed:
         timings.update(self.timings())
         graphs_before = _compiled_graphs()
         loras = list(request.loras or [])
-        if self.slot is None:
-            if loras or request.variant:
-                raise ValueError(f"{self.model} runs no LoRAs on this worker")
+        if self.slot is None and (loras or request.variant):
+            raise ValueError(f"{self.model} runs no LoRAs on this worker")
+        try:
+            with self._eager_for_cache(request, timings):
+                if self.slot is None or (not loras and not request.variant):
+                    yield  # no slot, or the slot stays off: the base weights alone
+                else:
+                    with self._slot_for_job(request, loras, storage, timings):
+                        yield
+        finally:
+            timings["compiled_graphs"] = float(_compiled_graphs() - graphs_before)
+
+    @contextmanager
+    def _eager_for_cache(self, request: Any, timings: dict[str, float]) -> Iterator[None]:
+        """A job with a step cache runs the compiled blocks' eager code (see the module docstring)."""
+        if not self.compiled_blocks or getattr(request, "cache", None) is None:
             yield
             return
+        saved = [block._compiled_call_impl for block in self.compiled_blocks]
+        for block in self.compiled_blocks:
+            block._compiled_call_impl = None
+        timings["compile_regional"] = 0.0
+        timings["cuda_graphs"] = 0.0
+        try:
+            yield
+        finally:
+            for block, compiled in zip(self.compiled_blocks, saved, strict=True):
+                block._compiled_call_impl = compiled
+
+    @contextmanager
+    def _slot_for_job(
+        self, request: Any, loras: list[Any], storage: Storage, timings: dict[str, float]
+    ) -> Iterator[None]:
         t0 = time.perf_counter()
         # Per slot, a variant's LoRA (kept on the device) takes the first rows, the request's the rest.
         slots = {"high": self.slot, "low": self.slot_2} if self.slot_2 is not None else {"both": self.slot}
@@ -97,13 +159,15 @@ class Speed:
             for expert, slot in slots.items():
                 if entries[expert]:
                     slot.apply(entries[expert])
+            self.switch_slots(True)
+            timings["lora_slot"] = 1.0
             timings["lora_s"] = round(time.perf_counter() - t0, 4)
             yield
         finally:
+            self.switch_slots(False)
             for expert, slot in slots.items():
                 if entries[expert]:
                     slot.clear()
-            timings["compiled_graphs"] = float(_compiled_graphs() - graphs_before)
 
     def _variant(self, name: str, timings: dict[str, float]) -> str:
         """Load variant ``name``'s LoRA into the slot once (a two-expert model: each expert's
@@ -132,7 +196,8 @@ class Speed:
 
 
 def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, device: str) -> SpeedProfile:
-    """The catalog's profile for this class, with compilation as the settings and device say."""
+    """The catalog's profile for this class, with compilation, FP8 and CUDA graphs as the settings
+    and device say (the device may still lack FP8 or CUDA graphs: ``prepare`` falls back)."""
     profile = spec.speed.get(vram_class, SpeedProfile(compile=False))
     compile_on = {"compile": profile.compile, "eager": False, "auto": profile.compile and device != "cpu"}
     sizes = settings.warm_sizes.get(spec.key)
@@ -140,6 +205,8 @@ def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, devi
         compile=compile_on[settings.compile_profile],
         warm_sizes=tuple(tuple(size) for size in sizes) if sizes is not None else profile.warm_sizes,
         attention=profile.attention,
+        fp8={"auto": profile.fp8, "on": True, "off": False}[settings.fp8],
+        cuda_graphs={"auto": profile.cuda_graphs, "on": True, "off": False}[settings.cuda_graphs],
     )
 
 
@@ -162,16 +229,34 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         if second is not None:
             slot_2 = LoraSlot(pipe, spec.lora_modules, rank, component="transformer_2")
     transformer = pipe.transformer if can.compile else None
+    transformers = [t for t in (transformer, second if transformer is not None else None) if t is not None]
     # 2. Attention.
     attention = _set_attention(transformer, profile, settings.attention_backend, device)
     if transformer is not None and second is not None:
         _set_attention(second, profile, attention, device)
-    # 3. Regional compilation of the transformer's repeated blocks.
-    compiled = bool(profile.compile and transformer is not None)
+    # 3. FP8 linear layers, where the profile asks and the device has them.
+    fp8 = False
+    if profile.fp8 and transformers:
+        reason = _fp8(transformers, device)
+        fp8 = reason is None
+        if reason is not None:
+            log.warning("%s: FP8 asked for, runs bf16: %s", spec.key, reason)
+    # 4. Regional compilation of the transformer's repeated blocks, with CUDA graphs where asked.
+    compiled = bool(profile.compile and transformers)
+    cuda_graphs = False
+    if profile.cuda_graphs:
+        reason = cuda_graphs_refused(compiled, device)
+        cuda_graphs = reason is None
+        if reason is not None:
+            log.warning("%s: CUDA graphs asked for, runs without: %s", spec.key, reason)
+    blocks: list[Any] = []
     if compiled:
-        transformer.compile_repeated_blocks(fullgraph=True)
-        if second is not None:
-            second.compile_repeated_blocks(fullgraph=True)
+        _allow_recompiles()
+        for module in transformers:
+            module.compile_repeated_blocks(
+                fullgraph=True, **({"mode": "reduce-overhead"} if cuda_graphs else {})
+            )
+            blocks += [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     speed = Speed(
         spec.key,
         compiled,
@@ -180,19 +265,26 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         cache=LoraCache(Path(settings.lora_cache_dir), settings.lora_cache_bytes) if slot else None,
         settings=settings,
         slot_2=slot_2,
+        fp8=fp8,
+        cuda_graphs=cuda_graphs,
+        compiled_blocks=blocks,
     )
-    # 4. Warm-up at the class's common sizes, so no job pays a compile.
+    # Base jobs run with the slot off; a job with LoRAs or a variant switches it on.
+    speed.switch_slots(False)
+    # 5. Warm-up at the class's common sizes, so no job pays a compile.
     if compiled and can.warm_up:
         t0 = time.perf_counter()
-        for size in profile.warm_sizes:
-            if _warm(adapter, spec, size):
+        for index, size in enumerate(profile.warm_sizes):
+            if _warm(adapter, spec, size, WARM_PROMPTS[index % len(WARM_PROMPTS)], speed):
                 speed.warmed.append(size)
         speed.warm_s = time.perf_counter() - t0
     adapter.use_speed(speed)
     log.info(
-        "%s: %s, attention %s, LoRA slot %s, warmed %s in %.1f s",
+        "%s: %s%s%s, attention %s, LoRA slot %s, warmed %s in %.1f s",
         spec.key,
         "regional compile" if compiled else "eager",
+        " with CUDA graphs" if cuda_graphs else "",
+        ", FP8 linear layers" if fp8 else "",
         attention,
         f"rank {slot.rank} ({speed.extra_bytes / 2**20:.1f} MiB{', two experts' if slot_2 else ''})"
         if slot
@@ -220,16 +312,93 @@ def _set_attention(transformer: Any, profile: SpeedProfile, forced: str, device:
     return "native"
 
 
-def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int]) -> bool:
-    """One two-step job at ``size``; False for kinds whose inputs cannot be made up here (an
-    adapter declaring ``warm_up`` serves none of those)."""
+# Every compiled block of every resident model is an entry in the cache of one code object (the
+# module call that regional compilation compiles); each block class has one per LoRA-slot state,
+# attention backend and shape class (static at the first size, dynamic after the second). Dynamo's
+# default of 8 entries is one Z-Image's: a second model past it would fail to compile.
+RECOMPILE_LIMIT = 64
+
+
+def _allow_recompiles() -> None:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+
+
+def fp8_refused(device: str) -> str | None:
+    """Why FP8 linear layers cannot run on ``device``; None when they can."""
+    if not device.startswith("cuda"):
+        return f"FP8 GEMMs need a CUDA device, not {device}"
+    import importlib.util
+
+    import torch
+
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < (8, 9):
+        return f"FP8 GEMMs need compute capability 8.9 or more, this GPU has {capability[0]}.{capability[1]}"
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed"
+    return None
+
+
+def _fp8(transformers: list[Any], device: str) -> str | None:
+    """Give the transformers' linear layers FP8 weights and per-row dynamic FP8 activations
+    (torchao); the reason it cannot, or None once done. The LoRA slot's own layers stay as they
+    are: a hotswap copies into them."""
+    reason = fp8_refused(device)
+    if reason is not None:
+        return reason
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    for transformer in transformers:
+        quantize_(transformer, config, filter_fn=_fp8_layer)
+    return None
+
+
+def _fp8_layer(module: Any, name: str) -> bool:
+    import torch
+
+    # FP8 GEMMs take dimensions in multiples of 16.
+    return (
+        isinstance(module, torch.nn.Linear)
+        and "lora_" not in name
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def cuda_graphs_refused(compiled: bool, device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return f"CUDA graphs need a CUDA device, not {device}"
+    if not compiled:
+        return "CUDA graphs come with the compiled blocks, and this profile runs eager"
+    return None
+
+
+# Warm-up prompts of two lengths, taken in turn at the warm sizes: with one length, the text's
+# token count would stay a constant of the compiled graphs and a longer prompt would recompile.
+WARM_PROMPTS = (
+    "warm-up",
+    "a warm-up prompt of a few dozen words, so that the text encoder's output, and with it the "
+    "transformer's text tokens, differ in length from the first size's: a portrait of a woman in "
+    "a red coat on a rainy street at night, neon signs reflected in the puddles, cinematic light, "
+    "shallow depth of field, highly detailed photograph",
+)
+
+
+def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt: str, speed: Speed) -> bool:
+    """A two-step job at ``size`` with the LoRA slot off, and another with it on where there is
+    one; False for kinds whose inputs cannot be made up here (an adapter declaring ``warm_up``
+    serves none of those)."""
     from PIL import Image
 
     from routing.schemas import parse_request
 
     width, height, frames = size
     kind = spec.task_kinds[0]
-    data: dict[str, Any] = {"model": spec.key, "prompt": "warm-up", "width": width, "height": height}
+    data: dict[str, Any] = {"model": spec.key, "prompt": prompt, "width": width, "height": height}
     data |= {"steps": 2, "seed": 0, "kind": kind.value}
     inputs: dict[str, Any] = {}
     if kind is TaskKind.TEXT_TO_VIDEO:
@@ -239,7 +408,15 @@ def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int]) -> bool
         inputs["images"] = [Image.new("RGB", (width, height), (128, 128, 128))]
     elif kind is not TaskKind.TEXT_TO_IMAGE:
         return False  # animate's pose and face videos: not warmed yet, its first job compiles
-    adapter.run(parse_request(data), inputs, lambda step, total: None)
+    request = parse_request(data)
+    adapter.run(request, inputs, lambda step, total: None)
+    if speed is not None and speed.slots:
+        # The slot holds zeros here: switched on, it computes what the base does.
+        speed.switch_slots(True)
+        try:
+            adapter.run(request, inputs, lambda step, total: None)
+        finally:
+            speed.switch_slots(False)
     return True
 
 

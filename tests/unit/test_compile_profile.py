@@ -1,7 +1,8 @@
 """The compile profile on the CPU (inductor), on the smallest model at small sizes: outputs equal
 eager within 2/255 a pixel (float32; inductor reorders sums), a second job at a warmed size, a job
-at a size never warmed and a job with a LoRA hotswapped into the compiled transformer compile
-nothing (dynamo's count of graphs), and the job after the LoRA is bitwise the one before it.
+at a size never warmed, a prompt far longer than the warm-up's and a job with a LoRA hotswapped
+into the compiled transformer compile nothing (dynamo's count of graphs), base jobs run with the
+LoRA slot off and LoRA jobs with it on, and the job after the LoRA is bitwise the one before it.
 
 Compiling is slow on a shared CPU: one compiled pipeline serves every test here."""
 
@@ -81,6 +82,13 @@ def test_a_size_never_warmed_compiles_nothing(setup):
     assert timings["compiled_graphs"] == 0
 
 
+def test_a_prompt_longer_than_the_warm_ups_compiles_nothing(setup):
+    # Z-Image pads the text to 32 tokens: this prompt is several times that, the warm-up's not.
+    prompt = "a red fox in the snow at sunrise, highly detailed photograph, " * 12
+    _, timings = _run(setup["compiled"], _request(64, 64, prompt=prompt), setup["storage"])
+    assert timings["compiled_graphs"] == 0
+
+
 def test_a_lora_on_the_compiled_transformer_compiles_nothing(setup):
     from producer.inputs import InputLimits, resolve_loras
     from producer.tenant_keys import KeyScope
@@ -96,10 +104,14 @@ def test_a_lora_on_the_compiled_transformer_compiles_nothing(setup):
         KeyScope("", lambda _: None),
     )
     styled, timings = _run(setup["compiled"], request, storage)
-    assert timings["compiled_graphs"] == 0
+    assert timings["compiled_graphs"] == 0 and timings["lora_slot"] == 1
     assert np.abs(styled - before).max() > 10
     after, timings = _run(setup["compiled"], _request(64, 64), storage)
     assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
+    assert timings["lora_slot"] == 0  # a base job: the slot is off
+    # With the slot on, at a size never warmed: nothing compiles either.
+    _, timings = _run(setup["compiled"], request.model_copy(update={"width": 192, "height": 128}), storage)
+    assert timings["compiled_graphs"] == 0 and timings["lora_slot"] == 1
 
 
 def test_a_variants_lora_on_the_compiled_transformer_compiles_nothing(
@@ -113,9 +125,11 @@ def test_a_variants_lora_on_the_compiled_transformer_compiles_nothing(
     timings: dict[str, float] = {}
     with job_context(setup["compiled"], _request(64, 64), storage, timings):
         slot.apply([slot.variants["variant-test"]])
+        setup["speed"].switch_slots(True)  # as a variant job does
         fast = np.asarray(setup["compiled"].run(_request(64, 64), {}, lambda s, t: None).images[0]).astype(
             int
         )
+        setup["speed"].switch_slots(False)
         slot.clear()
     assert timings["compiled_graphs"] == 0 and np.abs(fast - before).max() > 10
     after, timings = _run(setup["compiled"], _request(64, 64), storage)

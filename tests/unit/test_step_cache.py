@@ -132,3 +132,52 @@ def test_taylorseer_on_qwen_image_predicts_blocks(qwen):
     cached, cached_blocks, _ = run(qwen, image_request(cache))
     assert cached.cache == "taylorseer"
     assert cached_blocks < plain_blocks
+
+
+def test_a_cached_job_on_compiled_blocks_runs_their_eager_code_and_compiles_nothing(
+    small_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The cache hooks decide per step in Python whether a block runs: a full-graph compiled block
+    cannot trace them (dynamo refuses the hook's ``torch.compiler.disable``d check), so before
+    this the compiled profile failed every cached job. Dynamo traces with its eager backend here:
+    the refusal is dynamo's, whatever compiles the graph after, and tracing takes seconds where
+    inductor takes a minute."""
+    from diffusers import ModelMixin
+
+    from routing.classes import VramClass
+    from routing.io.storage import LocalStorage
+    from routing.schemas import parse_request
+    from routing.settings import Settings
+    from worker.speed import job_context, prepare
+
+    compile_repeated_blocks = ModelMixin.compile_repeated_blocks
+    monkeypatch.setattr(
+        ModelMixin,
+        "compile_repeated_blocks",
+        lambda self, **kwargs: compile_repeated_blocks(self, **kwargs, backend="eager"),
+    )
+    spec = CATALOG["qwen-image"]
+    adapter = QwenImageAdapter(spec, str(small_models_dir / spec.key), CPU)
+    settings = Settings(
+        compile_profile="compile", warm_sizes={spec.key: [(64, 64, 0)]}, lora_cache_dir=tmp_path / "cache"
+    )
+    speed = prepare(adapter, spec, VramClass.GPU80, settings)
+    assert speed.compiled and speed.compiled_blocks
+    storage = LocalStorage(tmp_path / "objects")
+    data = {"model": spec.key, "prompt": "a red fox", "width": 64, "height": 64, "steps": 6, "seed": 3}
+
+    def job(**extra: Any) -> tuple[np.ndarray, dict[str, float]]:
+        request, timings = parse_request(data | extra), {}
+        with job_context(adapter, request, storage, timings):
+            image = adapter.run(request, {}, lambda done, total: None).images[0]
+        return np.asarray(image), timings
+
+    before, timings = job()
+    assert timings["compile_regional"] == 1 and timings["compiled_graphs"] == 0
+    for cache in ({"method": "first_block", "threshold": 1.0}, {"method": "taylorseer"}):
+        cached, timings = job(cache=cache)
+        assert timings["compile_regional"] == 0 and timings["compiled_graphs"] == 0
+        assert not np.array_equal(cached, before)
+    after, timings = job()
+    assert timings["compile_regional"] == 1 and timings["compiled_graphs"] == 0
+    assert np.array_equal(after, before)

@@ -1,0 +1,90 @@
+"""What a job runs with, on the real small Z-Image (eager, CPU): FP8 linear layers and CUDA graphs
+asked for on a device without them are not applied and the reason is logged; a base job runs
+with the LoRA slot off (every wrapped layer computes its base weights alone) and a LoRA job with
+it on; every job's timings name the techniques it ran."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from producer.inputs import InputLimits, resolve_loras
+from producer.tenant_keys import KeyScope
+from routing.catalog import CATALOG
+from routing.classes import VramClass
+from routing.io.net import UrlPolicy
+from routing.io.storage import LocalStorage
+from routing.schemas import parse_request
+from routing.settings import Settings
+from testkit.small_models.lora import build_lora
+from worker.adapters.base import Runtime
+from worker.adapters.z_image import ZImageAdapter
+from worker.speed import job_context, prepare
+
+SPEC = CATALOG["z-image-turbo"]
+RUNTIME = Runtime(device="cpu", dtype=torch.float32)
+
+
+def test_fp8_and_cuda_graphs_asked_for_on_the_cpu_run_without_and_say_why(
+    small_models_dir: Path, tmp_path: Path, caplog: Any
+) -> None:
+    adapter = ZImageAdapter(SPEC, str(small_models_dir / SPEC.key), RUNTIME)
+    settings = Settings(fp8="on", cuda_graphs="on", lora_cache_dir=tmp_path / "cache", lora_max_rank=8)
+    with caplog.at_level(logging.WARNING, logger="worker.speed"):
+        speed = prepare(adapter, SPEC, VramClass.GPU80, settings)
+
+    assert not speed.fp8 and not speed.cuda_graphs
+    assert "FP8 asked for, runs bf16: FP8 GEMMs need a CUDA device, not cpu" in caplog.text
+    assert "CUDA graphs asked for, runs without: CUDA graphs need a CUDA device, not cpu" in caplog.text
+    request, timings = parse_request({"model": SPEC.key, "prompt": "a fox", "width": 64, "height": 64}), {}
+    with job_context(adapter, request, LocalStorage(tmp_path / "objects"), timings):
+        adapter.run(request.model_copy(update={"steps": 1}), {}, lambda done, total: None)
+    assert timings["fp8_linear"] == 0 and timings["cuda_graphs"] == 0
+    assert timings["compile_regional"] == 0 and timings["attention_native"] == 1
+    assert timings["lora_slot"] == 0
+
+
+def test_the_lora_slot_is_on_only_for_a_job_with_loras(small_models_dir: Path, tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "objects")
+    lora = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp_path / "style.safetensors")
+    storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
+    never_had_one = ZImageAdapter(SPEC, str(small_models_dir / SPEC.key), RUNTIME)
+    adapter = ZImageAdapter(SPEC, str(small_models_dir / SPEC.key), RUNTIME)
+    speed = prepare(
+        adapter, SPEC, VramClass.GPU80, Settings(lora_cache_dir=tmp_path / "cache", lora_max_rank=8)
+    )
+    layers = speed.slot.layers
+    assert layers and all(layer._disable_adapters for layer in layers)  # off from the start
+
+    data = {"model": SPEC.key, "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    styled = resolve_loras(
+        parse_request(data | {"loras": [{"source": "uploads/_/style.safetensors"}]}),
+        storage,
+        UrlPolicy(),
+        InputLimits(lora_max_rank=8),
+        KeyScope("", lambda _: None),
+    )
+
+    def run(on: Any, request: Any) -> tuple[np.ndarray, dict[str, float], set[bool]]:
+        seen: set[bool] = set()
+        timings: dict[str, float] = {}
+        with job_context(on, request, storage, timings):
+            image = on.run(
+                request, {}, lambda done, total: seen.update(not x._disable_adapters for x in layers)
+            )
+        return np.asarray(image.images[0]), timings, seen
+
+    reference, _, _ = run(never_had_one, parse_request(data))
+    base, timings, seen = run(adapter, parse_request(data))
+    assert seen == {False} and timings["lora_slot"] == 0
+    assert np.array_equal(base, reference)  # bit for bit the model that never had a slot
+    with_lora, timings, seen = run(adapter, styled)
+    assert seen == {True} and timings["lora_slot"] == 1
+    assert np.abs(with_lora.astype(int) - reference.astype(int)).max() > 10
+    assert all(layer._disable_adapters for layer in layers)  # off again after the job
+    after, timings, _ = run(adapter, parse_request(data))
+    assert np.array_equal(after, reference) and timings["lora_slot"] == 0
