@@ -27,7 +27,8 @@ def test_cuda_oom_on_gpu16_escalates_to_gpu80_and_succeeds_there(
     assert record.error.type == "out_of_memory" and record.error.exception == "OutOfMemoryError"
     assert event_types(client.store, job.id) == ["job.queued", "job.started", "job.queued"]
     assert fault_redis.client().llen("gpu80") == 1
-    assert "ran out of memory on gpu16; escalated to gpu80" in small.log()
+    # The worker logs the escalation after the store has made it: wait for the line.
+    wait_for(lambda: "ran out of memory on gpu16; escalated to gpu80" in small.log(), 30, "escalation logged")
     gpu16_worker = record.worker
 
     big = start_worker(fleet_settings.model_copy(update={"worker_class": "gpu80"}))
