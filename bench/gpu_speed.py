@@ -176,6 +176,7 @@ class Case:
     goal_s: float
     # A stock run's seconds on one H200 (earlier runs, the anchors): for the plan's estimates.
     run_s: float
+    # None: the catalog's default guidance, as a job that names none gets.
     guidance: float | None = None
     input_images: int = 0
     variant: str | None = None
@@ -196,7 +197,6 @@ CASES = [
         "SGLang 0.906 s on 1 H100 (0.753 s on 2), end to end",
         0.75,
         1.45,
-        guidance=0.0,
     ),
     Case(
         "qwen-image/1024/50",
@@ -207,7 +207,6 @@ CASES = [
         "SGLang 12.77 s (H100); stock diffusers 18.2-18.5 s",
         11.5,
         18.3,
-        guidance=4.0,
     ),
     Case(
         "qwen-image/1024/50/cache",
@@ -218,7 +217,6 @@ CASES = [
         "SGLang + Cache-DiT 4.53 s (H100)",
         4.0,
         18.3,
-        guidance=4.0,
         cache=(("method", "taylorseer"),),
         rows=("stock", "stock-kernel", "stock+cache", "fleet"),
         lossless_goal=False,
@@ -249,7 +247,6 @@ CASES = [
         "SGLang 38.6 s",
         30.0,
         40.0,
-        guidance=4.0,
         input_images=2,
     ),
     Case(
@@ -261,7 +258,6 @@ CASES = [
         "ours 1.878 s (H200, the first run's fleet profile)",
         1.70,
         2.07,
-        guidance=5.0,
     ),
     Case(
         "wan2.2-ti2v-5b/1280x704x121/fast-e2e",

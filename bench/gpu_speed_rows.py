@@ -4,18 +4,21 @@ A/B/B/A order, graphs compiled, reserved memory, deviation from stock). See benc
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# The one way a bench hands built components to an adapter's from_pretrained (bench/ is on the
+# path of the scripts that import this).
+from gpu_memory import given_components
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ROOT / "var" / "small-models"
@@ -127,24 +130,6 @@ def fill_zeros(module: torch.nn.Module) -> None:
         for param in module.parameters():
             if param.dim() >= 2 and not bool(param.any()):
                 param.normal_(0.0, 0.02)
-
-
-@contextlib.contextmanager
-def given_components(components: dict[str, Any]) -> Iterator[None]:
-    """diffusers pipelines' ``from_pretrained`` handed ``components`` instead of reading those
-    from the (small) model folder: how an adapter is loaded over built components."""
-    import diffusers
-
-    original = diffusers.DiffusionPipeline.from_pretrained.__func__
-
-    def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        return original(cls, *args, **(components | kwargs))
-
-    diffusers.DiffusionPipeline.from_pretrained = classmethod(from_pretrained)
-    try:
-        yield
-    finally:
-        diffusers.DiffusionPipeline.from_pretrained = classmethod(original)
 
 
 class Model:

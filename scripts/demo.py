@@ -151,23 +151,7 @@ def jobs(client: Client) -> list[dict]:
             "frames": 9,
             "steps": 2,
         },
-        {
-            "model": "wan2.2-t2v-a14b",
-            "prompt": "waves on a beach",
-            "width": 64,
-            "height": 64,
-            "frames": 9,
-            "steps": 4,
-        },
-        {
-            "model": "wan2.2-i2v-a14b",
-            "prompt": "the person waves",
-            "image": person,
-            "width": 64,
-            "height": 64,
-            "frames": 9,
-            "steps": 4,
-        },
+        *a14b_jobs(person, width=64, steps=4),
         {
             "model": "wan2.2-animate-14b",
             "mode": "move",
@@ -224,16 +208,16 @@ def jobs(client: Client) -> list[dict]:
 def group_jobs(client: Client) -> list[dict]:
     """One A14B job of each kind for the 8xH100 class's group (the official code)."""
     person = client.upload(encode_png(picture((64, 64), 200, "person")))
+    return a14b_jobs(person, width=96)
+
+
+def a14b_jobs(person: str, width: int, steps: int | None = None) -> list[dict]:
+    """One job of each Wan2.2-A14B model: text to video at ``width``, image to video from
+    ``person`` (64x64); ``steps`` None: the catalog's default."""
+    common = {"height": 64, "frames": 9} | ({"steps": steps} if steps else {})
     return [
-        {"model": "wan2.2-t2v-a14b", "prompt": "waves on a beach", "width": 96, "height": 64, "frames": 9},
-        {
-            "model": "wan2.2-i2v-a14b",
-            "prompt": "the person waves",
-            "image": person,
-            "width": 64,
-            "height": 64,
-            "frames": 9,
-        },
+        {"model": "wan2.2-t2v-a14b", "prompt": "waves on a beach", "width": width, **common},
+        {"model": "wan2.2-i2v-a14b", "prompt": "the person waves", "image": person, "width": 64, **common},
     ]
 
 
