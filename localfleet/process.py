@@ -18,6 +18,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, SecretStr
 
+from localfleet import forkserver
 from routing.settings import Settings
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -59,19 +60,32 @@ class ServiceProcess:
     name = "service"
 
     def __init__(
-        self, args: list[str], settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+        self,
+        args: list[str],
+        settings: Settings,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+        warm: bool = False,
     ):
+        """``warm``: forked from this process's fork server when one is enabled and can start it
+        (``localfleet.forkserver``); else, and by default, a new ``python``."""
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=_ROOT,
-            env=settings_env(settings) | (extra_env or {}),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        env = settings_env(settings) | (extra_env or {})
+        server = forkserver.current() if warm else None
+        self.proc: subprocess.Popen[bytes] | forkserver.ForkedProcess
+        if server is not None and server.can_start(args, env, _ROOT):
+            self.proc = server.start(args, env, _ROOT, log_path)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=_ROOT,
+                env=env,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def wait_ready(self, timeout_s: float = 120) -> Self:
         deadline = time.monotonic() + timeout_s
@@ -120,10 +134,16 @@ class WorkerProcess(ServiceProcess):
         log_path: Path,
         extra_env: dict[str, str] | None = None,
         module: str = "worker",
+        cold: bool = False,
     ):
+        """``cold``: a new ``python`` even where a fork server is enabled (the production start)."""
         # Mingle and gossip talk to other workers at start; a lone worker only waits on them.
         super().__init__(
-            ["-m", module, "--without-mingle", "--without-gossip"], settings, log_path, extra_env
+            ["-m", module, "--without-mingle", "--without-gossip"],
+            settings,
+            log_path,
+            extra_env,
+            warm=not cold,
         )
 
 

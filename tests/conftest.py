@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
+from localfleet import forkserver
 from localfleet.process import WorkerProcess
 from producer.client import Client
 from routing.settings import Settings
@@ -37,6 +38,15 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
     parallel.share_run_dir(node)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Workers start forked from a fork server that has imported torch, diffusers and Celery once
+    # (localfleet.forkserver): seconds of CPU less per worker, the suite's most repeated cost.
+    # FLEET_TEST_COLD_WORKERS=1 starts every one as production does, ``python -m worker``; a
+    # test that passes ``cold=True`` always does.
+    if os.environ.get("FLEET_TEST_COLD_WORKERS", "") != "1":
+        forkserver.enable()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -181,10 +191,13 @@ def start_worker(fleet_settings: Settings, tmp_path: Path) -> Iterator[Callable[
     """Start workers on the test's settings; all are stopped when the test ends."""
     started: list[WorkerProcess] = []
 
-    def start(settings: Settings | None = None, *, module: str = "worker", **extra_env: str) -> WorkerProcess:
-        """``module``: the worker's entry point (``testkit.storage.SLOW_WORKER``: a slow store)."""
+    def start(
+        settings: Settings | None = None, *, module: str = "worker", cold: bool = False, **extra_env: str
+    ) -> WorkerProcess:
+        """``module``: the worker's entry point (``testkit.storage.SLOW_WORKER``: a slow store);
+        ``cold``: started as production starts it, not forked from the fork server."""
         log = tmp_path / f"worker-{len(started)}.log"
-        worker = WorkerProcess(settings or fleet_settings, log, extra_env, module=module)
+        worker = WorkerProcess(settings or fleet_settings, log, extra_env, module=module, cold=cold)
         started.append(worker)
         worker.wait_ready()
         return worker

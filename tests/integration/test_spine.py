@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 def test_submit_runs_to_succeeded_with_a_png_of_the_requested_size(
     client: Client, start_worker, fleet_settings
 ):
-    start_worker()
+    # Started as production starts it (``python -m worker``): the suite's other workers are
+    # forked from a fork server that has imported the libraries already (tests/conftest.py).
+    start_worker(cold=True)
     job = client.submit(
         {"model": "z-image-turbo", "prompt": "a red fox in snow", "width": 96, "height": 64, "steps": 4}
     )
