@@ -15,12 +15,16 @@ processes than cores pay off. Each xdist worker gets things of its own:
 
 Scheduling (``--dist=loadgroup``):
 
-* ``@pytest.mark.alone``: the test runs with no other test running beside it: it loads the
-  machine heavily or measures time (the soak, the S2V CPU group, time-limit and SIGTERM
-  tests). Every test holds a shared lock on a file of the run while it runs (setup, call and
+* ``@pytest.mark.alone``: the test runs with no other test running beside it: it measures
+  time, or its faults would not be its own under load (the soak, time-limit, SIGTERM and
+  overlap tests). Every test holds a shared lock on a file of the run while it runs (setup, call and
   teardown); an ``alone`` test holds it exclusively. A turnstile lock in front of it keeps new
   tests from slipping in while an ``alone`` test waits for the running ones to end. The
   ``alone`` tests also form one xdist group, so one xdist worker runs them one after another.
+* ``@pytest.mark.heavy``: the test keeps both cores busy for a while (a torchrun group of two
+  CPU ranks, a thread each): other tests run beside it, but it is in the
+  ``alone`` group, so no two heavy tests run at once and an ``alone`` test never waits on one
+  (a heavy test lasts up to a minute and a half; every other test would wait with it).
 * A module whose tests share a module-scoped fixture (a model built once, a server started
   once) is one xdist group: built once, not once per xdist worker.
 * ``-n0`` runs everything in this process, one test at a time (``-p no:xdist`` also needs
@@ -42,6 +46,7 @@ from pathlib import Path
 import pytest
 
 ALONE = "alone"
+HEAVY = "heavy"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 PROCESSES_ENV = "FLEET_TEST_PROCESSES"
 # The tests mostly wait (worker processes, HTTP, Redis), so more processes than cores pay off.
@@ -134,9 +139,11 @@ def record_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_dir = getattr(config, "workerinput", {}).get(_RUN_DIR)
     if run_dir is None:
         return
-    # A module with an alone test and a module-scoped fixture goes to the alone group whole: its
-    # fixture is then set up once, and only its alone tests hold the lock exclusively.
-    alone_modules = {_module(item) for item in items if item.get_closest_marker(ALONE) is not None}
+    # A module with an alone or heavy test and a module-scoped fixture goes to the alone group
+    # whole: its fixture is then set up once, and only its alone tests hold the lock exclusively.
+    alone_modules = {
+        _module(item) for item in items if any(item.get_closest_marker(m) for m in (ALONE, HEAVY))
+    }
     groups = {item.nodeid: name for item in items if (name := _group_of(item, alone_modules)) is not None}
     path = Path(run_dir) / _GROUPS_FILE
     partial = path.with_name(f"{path.name}.{os.getpid()}")
@@ -149,7 +156,7 @@ def _module(item: pytest.Item) -> str:
 
 
 def _group_of(item: pytest.Item, alone_modules: set[str]) -> str | None:
-    if item.get_closest_marker(ALONE) is not None:
+    if any(item.get_closest_marker(mark) is not None for mark in (ALONE, HEAVY)):
         return ALONE
     if (mark := item.get_closest_marker("xdist_group")) is not None:
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))

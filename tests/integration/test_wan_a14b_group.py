@@ -37,8 +37,8 @@ from testkit.s2v import A14B_GROUP_MODEL
 from testkit.small_models.lora import build_lora
 from worker.media import encode_png
 
-# alone: two CPU ranks take both cores, and their collectives time out (tests/parallel.py).
-pytestmark = [pytest.mark.integration, pytest.mark.alone, pytest.mark.timeout(420)]
+# heavy: two CPU ranks take both cores while they compute (tests/parallel.py).
+pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(420)]
 
 T2V = "wan2.2-t2v-a14b"
 I2V = "wan2.2-i2v-a14b"

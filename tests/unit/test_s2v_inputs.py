@@ -344,8 +344,6 @@ def test_the_torchvision_stand_in_resizes_and_crops_as_torchvision(wan) -> None:
     assert torch.allclose(standins.Resize(20)(flat), torch.full((1, 3, 30, 20), 0.25))
 
 
-# alone: the official S2V code on the CPU takes both cores for minutes (tests/parallel.py).
-@pytest.mark.alone
 def test_the_official_wan_s2v_runs_on_the_cpu_and_the_pose_video_drives_it(
     small_s2v: Path, wan, tmp_path: Path
 ) -> None:
