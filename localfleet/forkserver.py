@@ -50,8 +50,10 @@ PRELOAD = (
 )
 # Environment variables the preloaded libraries read when they are imported: a start whose
 # values differ from the server's would run with the server's, so it starts cold.
-_READ_AT_IMPORT = ("TORCH", "PYTORCH", "CUDA", "OMP_", "MKL_", "KMP_", "HF_", "TRANSFORMERS", "DIFFUSERS")
-_READ_AT_IMPORT += ("HUGGINGFACE", "NCCL", "PYTHON", "LD_")
+_READ_AT_IMPORT = (
+    *("TORCH", "PYTORCH", "CUDA", "NCCL", "OMP_", "MKL_", "KMP_"),
+    *("HF_", "HUGGINGFACE", "TRANSFORMERS", "DIFFUSERS", "PYTHON", "LD_"),
+)
 
 _enabled = False
 _server: ForkServer | None = None
