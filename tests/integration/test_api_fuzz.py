@@ -230,6 +230,8 @@ def fuzz_log() -> FuzzLog:
     return FuzzLog()
 
 
+# A hang guard, not a bound: one operation's cases took 256 s with two suites running.
+@pytest.mark.timeout(900)
 @schema.parametrize()
 @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)
 def test_api_survives_fuzzing_and_queues_nothing_it_refuses(
