@@ -231,7 +231,7 @@ def fuzz_log() -> FuzzLog:
     return FuzzLog()
 
 
-# A hang guard, not a bound: one operation's cases took 256 s with two suites running.
+# A hang guard, not a bound: one operation's cases took up to 406 s with two suites running.
 @pytest.mark.timeout(900)
 @schema.parametrize()
 @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, database=None)

@@ -31,7 +31,7 @@ from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
 from worker.media import encode_png, encode_wav
 
 # heavy: two CPU ranks take both cores while they compute (tests/parallel.py). The timeout is a
-# hang guard: the eviction test takes about 180 s alone and 300 s with another suite beside it.
+# hang guard: the eviction test takes about 180 s alone and up to 304 s with another suite beside it.
 pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(600)]
 
 S2V = "wan2.2-s2v-14b"
