@@ -28,11 +28,11 @@ from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from testkit.s2v import GROUP_MODEL as S2V_GROUP_MODEL
+from tests import parallel
 from worker.media import encode_png, encode_wav
 
-# heavy: two CPU ranks take both cores while they compute (tests/parallel.py). The timeout is a
-# hang guard: the eviction test takes about 180 s alone and up to 304 s with another suite beside it.
-pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(600)]
+# heavy: two CPU ranks take both cores while they compute (tests/parallel.py).
+pytestmark = [pytest.mark.integration, *parallel.CPU_GROUP_MARKS]
 
 S2V = "wan2.2-s2v-14b"
 SPEECH_S = 1.5

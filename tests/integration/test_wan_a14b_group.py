@@ -35,11 +35,11 @@ from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.s2v import A14B_GROUP_MODEL
 from testkit.small_models.lora import build_lora
+from tests import parallel
 from worker.media import encode_png
 
-# heavy: two CPU ranks take both cores while they compute (tests/parallel.py). The timeout is a
-# hang guard, with the margin another suite beside this one needs (as in test_group.py).
-pytestmark = [pytest.mark.integration, pytest.mark.heavy, pytest.mark.timeout(600)]
+# heavy: two CPU ranks take both cores while they compute (tests/parallel.py).
+pytestmark = [pytest.mark.integration, *parallel.CPU_GROUP_MARKS]
 
 T2V = "wan2.2-t2v-a14b"
 I2V = "wan2.2-i2v-a14b"
