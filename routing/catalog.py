@@ -9,6 +9,7 @@ patch size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -82,6 +83,9 @@ class Variant:
     lora_file_2: str | None = None
     # The scheduler's flow shift the LoRA was distilled with; None: the repository's own.
     flow_shift: float | None = None
+    # The scheduler configuration the variant was distilled with, as changes to the repository's
+    # (``from_config`` keyword arguments); empty: the repository's scheduler as it is.
+    scheduler: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,23 @@ _WAN_14B_I2V_LORA = (
 )
 
 _QWEN_LIGHTNING = "lightx2v/Qwen-Image-Lightning"
+# The scheduler the Qwen-Image-Lightning LoRAs were distilled with (their repository's diffusers
+# example): the models' FlowMatchEulerDiscreteScheduler at a fixed shift of 3 (mu = log 3 at
+# every image size) and without the repository's terminal shift (0.02).
+_QWEN_LIGHTNING_SCHEDULER = (
+    ("base_shift", math.log(3)),
+    ("max_shift", math.log(3)),
+    ("shift_terminal", None),
+)
+
+
+def _qwen_lightning(steps: int, lora_file: str) -> Variant:
+    """A Qwen-Image-Lightning variant: ``steps`` steps without guidance, at its scheduler."""
+    return Variant(
+        f"lightning-{steps}", steps, 1.0, _QWEN_LIGHTNING, lora_file, scheduler=_QWEN_LIGHTNING_SCHEDULER
+    )
+
+
 _WAN_LIGHTNING = "lightx2v/Wan2.2-Lightning"
 
 
@@ -359,12 +380,8 @@ CATALOG: dict[str, ModelSpec] = {
             },
             lora_modules=_QWEN_LORA,
             variants=_variants(
-                Variant(
-                    "lightning-8", 8, 1.0, _QWEN_LIGHTNING, "Qwen-Image-Lightning-8steps-V1.1.safetensors"
-                ),
-                Variant(
-                    "lightning-4", 4, 1.0, _QWEN_LIGHTNING, "Qwen-Image-Lightning-4steps-V1.0.safetensors"
-                ),
+                _qwen_lightning(8, "Qwen-Image-Lightning-8steps-V1.1.safetensors"),
+                _qwen_lightning(4, "Qwen-Image-Lightning-4steps-V1.0.safetensors"),
             ),
         ),
         ModelSpec(
@@ -385,20 +402,8 @@ CATALOG: dict[str, ModelSpec] = {
             speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (1184, 880, 0)))},
             lora_modules=_QWEN_LORA,
             variants=_variants(
-                Variant(
-                    "lightning-8",
-                    8,
-                    1.0,
-                    _QWEN_LIGHTNING,
-                    "Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors",
-                ),
-                Variant(
-                    "lightning-4",
-                    4,
-                    1.0,
-                    _QWEN_LIGHTNING,
-                    "Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors",
-                ),
+                _qwen_lightning(8, "Qwen-Image-Edit-Lightning-8steps-V1.0.safetensors"),
+                _qwen_lightning(4, "Qwen-Image-Edit-Lightning-4steps-V1.0.safetensors"),
             ),
         ),
         ModelSpec(
@@ -419,6 +424,15 @@ CATALOG: dict[str, ModelSpec] = {
             served=True,
             speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1024, 1024, 0), (1184, 880, 0)))},
             lora_modules=_QWEN_LORA,
+            # Published in bf16 and fp32 only, in a folder of the repository.
+            variants=_variants(
+                _qwen_lightning(
+                    8, "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-8steps-V1.0-bf16.safetensors"
+                ),
+                _qwen_lightning(
+                    4, "Qwen-Image-Edit-2509/Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"
+                ),
+            ),
         ),
         ModelSpec(
             key="wan2.2-ti2v-5b",

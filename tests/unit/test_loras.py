@@ -1,10 +1,11 @@
 """LoRAs on the real small pipelines (eager, CPU): a request's LoRA changes the output, the next
 job without one is bit for bit the output of a pipeline that never had a LoRA, the second job with
-the same LoRA reads nothing from the store, a variant runs with its steps and its LoRA, and several
+the same LoRA reads nothing from the store, a variant runs with its steps, its LoRA and its scheduler, and several
 LoRAs (or a variant's and a request's) give what diffusers' own multi-adapter LoRAs give."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
 from worker.adapters.base import Runtime
-from worker.adapters.qwen_image import QwenImageAdapter
+from worker.adapters.qwen_image import QwenImageAdapter, QwenImageEditAdapter, QwenImageEditPlusAdapter
 from worker.adapters.z_image import ZImageAdapter, ZImageOmniAdapter
 from worker.speed import job_context, prepare
 
@@ -179,42 +180,97 @@ def test_several_loras_on_one_job_match_diffusers_multi_adapter_result(
     assert min(apart.values()) > 2 * SAME_LEVELS, apart
 
 
-def test_a_variant_runs_its_steps_and_its_lora_on_its_models_class(
-    small_models_dir: Path, tmp_path: Path, storage
-):
-    model_dir = small_models_dir / "qwen-image"
-    lightning = build_lora(model_dir, "qwen-image", tmp_path / "lightning.safetensors", seed=3)
-    settings = _settings(tmp_path, variant_weights={"qwen-image:lightning-8": str(lightning)})
-    request = _submit(
-        {
-            "model": "qwen-image",
-            "prompt": "a red fox",
-            "width": 64,
-            "height": 64,
-            "seed": 7,
-            "variant": "lightning-8",
-        },
-        storage,
-    )
-    variant = CATALOG["qwen-image"].variants["lightning-8"]
-    assert (request.steps, request.guidance_scale) == (variant.steps, variant.guidance) == (8, 1.0)
-    assert route(request).vram_class is CATALOG["qwen-image"].vram_class  # routed like its model
+# The scheduler the Qwen-Image-Lightning LoRAs were distilled with, written out in full as their
+# repository's diffusers example has it: shift 3 at every size (mu = log 3), no terminal shift.
+LIGHTNING_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
 
-    adapter = QwenImageAdapter(CATALOG["qwen-image"], str(model_dir), RUNTIME)
-    speed = prepare(adapter, CATALOG["qwen-image"], CATALOG["qwen-image"].vram_class, settings)
+# The Qwen-Image models with Lightning variants, each with the adapter and inputs of its kind.
+VARIANT_JOBS = [
+    ("qwen-image", QwenImageAdapter, {}, None),
+    ("qwen-image-edit", QwenImageEditAdapter, {"kind": "edit", "images": [{"key": "a.png"}]}, _EDIT_INPUT),
+    (
+        "qwen-image-edit-2509",
+        QwenImageEditPlusAdapter,
+        {"kind": "edit", "images": [{"key": "a.png"}, {"key": "b.png"}]},
+        {"images": _EDIT_INPUT["images"] * 2},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "adapter_class", "extra", "inputs"), VARIANT_JOBS, ids=[j[0] for j in VARIANT_JOBS]
+)
+def test_a_variant_runs_its_steps_its_lora_and_its_scheduler_on_its_models_class(
+    small_models_dir: Path, tmp_path: Path, storage, model, adapter_class, extra, inputs
+):
+    """A Lightning job runs the variant's steps with its LoRA at the card's scheduler: the
+    transformer sees the timesteps of a shift of 3 (not the repository's), and the output is what
+    diffusers' own pipeline gives with that LoRA loaded and that scheduler set."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    spec = CATALOG[model]
+    model_dir = small_models_dir / model
+    lightning = build_lora(model_dir, model, tmp_path / "lightning.safetensors", seed=3)
+    settings = _settings(tmp_path, variant_weights={f"{model}:lightning-8": str(lightning)})
+    base = {"model": model, "prompt": "a red fox", "width": 64, "height": 64, "seed": 7} | extra
+    request = _submit(base | {"variant": "lightning-8"}, storage)
+    variant = spec.variants["lightning-8"]
+    assert (request.steps, request.guidance_scale) == (variant.steps, variant.guidance) == (8, 1.0)
+    assert route(request).vram_class is spec.vram_class  # routed like its model
+
+    adapter = adapter_class(spec, str(model_dir), RUNTIME)
+    speed = prepare(adapter, spec, spec.vram_class, settings)
     slot_bytes = speed.extra_bytes
     steps: list[int] = []
     timings: dict[str, float] = {}
     with job_context(adapter, request, storage, timings):
-        fast = np.asarray(adapter.run(request, {}, lambda step, total: steps.append(step)).images[0])
+        fast = np.asarray(
+            adapter.run(request, inputs or {}, lambda step, total: steps.append(step)).images[0]
+        )
     assert steps == list(range(1, 9)) and "variant_load_s" in timings
     assert speed.extra_bytes > slot_bytes  # the variant's LoRA stays loaded, and is counted
+    own_scheduler = adapter.pipe.scheduler
+    assert own_scheduler.config.shift_terminal == 0.02  # the repository's, back after the job
 
     same_steps = request.model_copy(update={"variant": None})
-    base, _ = _run(adapter, same_steps, storage)
-    assert not np.array_equal(fast, base)  # the variant's LoRA took part
-    again, timings = _run(adapter, request, storage)
+    base_image, _ = _run(adapter, same_steps, storage, inputs)
+    assert not np.array_equal(fast, base_image)  # the variant's LoRA took part
+    again, timings = _run(adapter, request, storage, inputs)
     assert np.array_equal(again, fast) and "variant_load_s" not in timings  # loaded once, kept
+
+    diffusers_own = adapter_class(spec, str(model_dir), RUNTIME)
+    diffusers_own.pipe.load_lora_weights(str(lightning), adapter_name="lightning")
+    diffusers_own.pipe.set_adapters(["lightning"], adapter_weights=[variant.lora_scale])
+    diffusers_own.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER)
+    reference, _ = _run(diffusers_own, same_steps, storage, inputs)
+    assert _levels_apart(fast, reference) <= SAME_LEVELS
+
+
+def _timesteps_seen(transformer: Any) -> list[float]:
+    """The timesteps ``transformer`` is called with from now on (the Qwen-Image pipelines pass the
+    sigma, t / 1000), one per call."""
+    seen: list[float] = []
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        seen.append(float(kwargs["timestep"].flatten()[0]))
+
+    transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
 
 
 def test_a_variant_with_a_requests_lora_matches_diffusers_multi_adapter_result(
@@ -241,6 +297,9 @@ def test_a_variant_with_a_requests_lora_matches_diffusers_multi_adapter_result(
     diffusers_own.pipe.load_lora_weights(str(lightning), adapter_name="lightning")
     diffusers_own.pipe.load_lora_weights(str(style), adapter_name="style")
     same_steps = _submit(base | {"variant": "lightning-8"}, storage).model_copy(update={"variant": None})
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    diffusers_own.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER)
     reference = _with_adapters(diffusers_own, same_steps, storage, {"lightning": variant_scale, "style": 3.0})
     assert _levels_apart(merged, reference) <= SAME_LEVELS
     # (The variant's own LoRA taking part: the test above.)

@@ -352,6 +352,23 @@ def step_cache(transformer: Any, cache: Any) -> Iterator[str | None]:
         transformer.disable_cache()
 
 
+@contextmanager
+def variant_scheduler(pipe: Any, spec: ModelSpec, request: Any) -> Iterator[None]:
+    """For a job of a variant that names its scheduler (``Variant.scheduler``), ``pipe`` runs the
+    repository's scheduler with the variant's changes: the one its LoRA was distilled with. Every
+    other job, and every job after it, runs the repository's own."""
+    variant = spec.variants.get(request.variant) if getattr(request, "variant", None) else None
+    if variant is None or not variant.scheduler:
+        yield
+        return
+    own = pipe.scheduler
+    pipe.scheduler = type(own).from_config(own.config, **dict(variant.scheduler))
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
+
+
 def step_callback_for(on_step: StepCallback) -> Callable[..., dict[str, Any]]:
     """A diffusers ``callback_on_step_end`` that reports each step to ``on_step``.
 

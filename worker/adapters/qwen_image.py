@@ -24,6 +24,7 @@ from worker.adapters.base import (
     seeded_generator,
     step_cache,
     step_callback_for,
+    variant_scheduler,
 )
 
 if TYPE_CHECKING:
@@ -50,9 +51,13 @@ class QwenImageAdapter(Adapter):
         #    image can be redone alone.
         seeds = output_seeds(request.seed, request.num_outputs)
 
-        # 3. Denoise and decode, one call per output, with the request's step cache if any.
+        # 3. Denoise and decode, one call per output, with the request's step cache if any (and a
+        #    variant's scheduler).
         images = []
-        with step_cache(self.pipe.transformer, request.cache) as cache:
+        with (
+            step_cache(self.pipe.transformer, request.cache) as cache,
+            variant_scheduler(self.pipe, self.spec, request),
+        ):
             for generator, callback in per_output(seeds, on_step):
                 output = self.pipe(
                     prompt=request.prompt,
@@ -97,8 +102,12 @@ class QwenImageEditAdapter(Adapter):
         # 2. Seed: drawn here when the caller gave none, and reported so the image can be redone.
         seed, generator = seeded_generator(request.seed)
 
-        # 3. Encode the images (vision tower and VAE), denoise and decode.
-        with step_cache(self.pipe.transformer, request.cache) as cache:
+        # 3. Encode the images (vision tower and VAE), denoise and decode (a variant: at its
+        #    scheduler).
+        with (
+            step_cache(self.pipe.transformer, request.cache) as cache,
+            variant_scheduler(self.pipe, self.spec, request),
+        ):
             output = self.pipe(
                 image=images[0] if self.max_images == 1 else images,
                 prompt=request.prompt,
