@@ -67,15 +67,16 @@ class SpeedProfile:
 
 @dataclass(frozen=True)
 class Variant:
-    """A step-distilled way to run a model: a published distillation LoRA kept loaded by the
-    worker (copied into the LoRA slot for the variant's jobs), with the steps and guidance it was
-    distilled for."""
+    """A step-distilled way to run a model, with the steps and guidance it was distilled for:
+    either a published distillation LoRA kept loaded by the worker (copied into the LoRA slot for
+    the variant's jobs), or a published distilled checkpoint of the transformer (``checkpoint``),
+    kept loaded beside the model's and swapped into it for the variant's jobs."""
 
     key: str
     steps: int
     guidance: float
-    lora_repo: str  # hub repository of the LoRA
-    lora_file: str  # its weight file in that repository
+    lora_repo: str = ""  # hub repository of the LoRA
+    lora_file: str = ""  # its weight file in that repository
     lora_scale: float = 1.0
     notes: str = ""
     # Models with two experts (Wan2.2-A14B): the low-noise expert's LoRA file in the same
@@ -86,6 +87,13 @@ class Variant:
     # The scheduler configuration the variant was distilled with, as changes to the repository's
     # (``from_config`` keyword arguments); empty: the repository's scheduler as it is.
     scheduler: tuple[tuple[str, float | None], ...] = ()
+    # A full checkpoint instead of a LoRA: the hub repository (diffusers layout) whose
+    # ``transformer/`` runs the variant's jobs in place of the model's, same architecture.
+    checkpoint: str | None = None
+    # Distribution-matching-distilled (DMD) sampling: the fixed timesteps of its steps (as many as
+    # ``steps``, which a request cannot change); at each the model's prediction gives the clean
+    # latents, noised afresh to the next timestep's level. Empty: the model's own sampler.
+    dmd_timesteps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -461,6 +469,17 @@ CATALOG: dict[str, ModelSpec] = {
                 VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 704, 121), (704, 1280, 121))),
             },
             lora_modules=_WAN_5B_LORA,
+            variants=_variants(
+                # FastVideo's DMD-distilled TI2V-5B (dense attention): 3 steps without guidance,
+                # at the timesteps of its pipeline config.
+                Variant(
+                    "fastwan-3",
+                    3,
+                    1.0,
+                    checkpoint="FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
+                    dmd_timesteps=(1000, 757, 522),
+                ),
+            ),
         ),
         ModelSpec(
             key="wan2.2-t2v-a14b",

@@ -445,6 +445,15 @@ def _check_variant_and_loras(request: RequestBase, spec: ModelSpec, max_loras: i
         errors.append(
             FieldError("variant", f"{spec.key} has no variant {request.variant!r}; its variants: {known}")
         )
+    variant = spec.variants.get(request.variant) if request.variant else None
+    if variant is not None and variant.dmd_timesteps and request.steps not in (None, variant.steps):
+        errors.append(
+            FieldError(
+                "steps",
+                f"variant {variant.key} of {spec.key} runs exactly {variant.steps} steps, at the timesteps "
+                f"it was distilled for ({', '.join(map(str, variant.dmd_timesteps))}); got {request.steps}",
+            )
+        )
     if request.loras:
         if spec.lora_modules is None:
             errors.append(FieldError("loras", f"{spec.key} takes no LoRAs: its runner cannot load them"))

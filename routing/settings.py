@@ -226,8 +226,8 @@ class Settings(BaseSettings):
     # Least seconds between two progress events of one preprocessing stage (the first of each
     # stage goes out at once); a cancel is looked for at every frame all the same.
     preprocess_progress_interval_s: float = Field(default=0.5, ge=0)
-    # A variant's LoRA file by "<model key>:<variant>", over the catalog's hub file (as
-    # `weights` does for models).
+    # A variant's LoRA file (a checkpoint variant: its diffusers folder) by "<model key>:<variant>",
+    # over the catalog's hub file (as `weights` does for models).
     variant_weights: dict[str, str] = Field(default_factory=dict)
     # Rank the LoRA slot keeps for a variant's LoRA, beside the request's, on models with variants.
     variant_lora_rank: int = Field(default=64, ge=1, le=1024)

@@ -26,6 +26,10 @@ recompile):
 A job with a step cache runs the compiled blocks' eager code: diffusers' cache hooks decide per
 step in Python whether a block runs, which a full-graph compiled block cannot trace.
 
+A variant job: a LoRA variant's LoRA is copied into the slot (its first rows, the request's LoRAs
+after it); a checkpoint variant's weights change places with the transformer's for the job
+(worker/checkpoints.py). Either way the modules the warm-up compiled run it, compiling nothing.
+
 The catalog holds the profile per model and class; settings turn it on or off (``auto``: on a
 GPU only). What ran is logged at start-up and recorded in every job's timings (numbers only:
 ``compile_regional`` 1 or 0, ``attention_<backend>`` 1, ``lora_slot`` 1 when the job ran through
@@ -42,10 +46,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routing.catalog import ModelSpec, SpeedProfile, TaskKind
+from routing.catalog import ModelSpec, SpeedProfile, TaskKind, Variant, get_model
 from routing.classes import VramClass
 from routing.settings import Settings
 from worker.adapters.base import Adapter
+from worker.checkpoints import CheckpointVariant
 from worker.loras import LoraCache, LoraSlot
 
 if TYPE_CHECKING:
@@ -75,11 +80,20 @@ class Speed:
     # The compiled blocks (``compile_repeated_blocks``), switched to their eager code for a job
     # with a step cache.
     compiled_blocks: list[Any] = field(default_factory=list)
+    # The transformer, and the checkpoint variants loaded for it (worker/checkpoints.py) by name.
+    transformer: Any = None
+    checkpoints: dict[str, CheckpointVariant] = field(default_factory=dict)
+
+    # Where the model computes (``Runtime.device``).
+    device: str = "cpu"
 
     @property
     def extra_bytes(self) -> int:
-        """Memory beyond the catalog footprint: the LoRA slots and loaded variants."""
-        return sum(slot.nbytes for slot in self.slots)
+        """Memory beyond the catalog footprint: the LoRA slots and loaded variants (a checkpoint
+        variant where it is kept on the model's device: an offloaded model keeps it in host
+        memory, as it keeps its own transformer)."""
+        on_device = [c for c in self.checkpoints.values() if c.device.type == self.device.split(":")[0]]
+        return sum(slot.nbytes for slot in self.slots) + sum(c.nbytes for c in on_device)
 
     @property
     def slots(self) -> list[LoraSlot]:
@@ -104,17 +118,43 @@ class Speed:
         timings.update(self.timings())
         graphs_before = _compiled_graphs()
         loras = list(request.loras or [])
-        if self.slot is None and (loras or request.variant):
+        variant = get_model(self.model).variants.get(request.variant) if request.variant else None
+        # A LoRA variant goes into the slot; a checkpoint variant swaps the transformer's weights.
+        lora_variant = variant is not None and variant.checkpoint is None
+        if self.slot is None and (loras or lora_variant):
             raise ValueError(f"{self.model} runs no LoRAs on this worker")
         try:
-            with self._eager_for_cache(request, timings):
-                if self.slot is None or (not loras and not request.variant):
+            with self._eager_for_cache(request, timings), self._checkpoint_for_job(variant, timings):
+                if self.slot is None or (not loras and not lora_variant):
                     yield  # no slot, or the slot stays off: the base weights alone
                 else:
-                    with self._slot_for_job(request, loras, storage, timings):
+                    with self._slot_for_job(request, loras, lora_variant, storage, timings):
                         yield
         finally:
             timings["compiled_graphs"] = float(_compiled_graphs() - graphs_before)
+
+    @contextmanager
+    def _checkpoint_for_job(self, variant: Variant | None, timings: dict[str, float]) -> Iterator[None]:
+        """A checkpoint variant's weights in the transformer for the job (read once, then kept)."""
+        if variant is None or variant.checkpoint is None:
+            yield
+            return
+        if variant.key not in self.checkpoints:
+            if self.transformer is None:
+                raise ValueError(f"{self.model} runs no checkpoint variants on this worker")
+            t0 = time.perf_counter()
+            setting = f"{self.model}:{variant.key}"
+            source = self.settings.variant_weights.get(setting) if self.settings else None
+            if source is None:
+                from huggingface_hub import snapshot_download
+
+                source = snapshot_download(variant.checkpoint, allow_patterns=["transformer/*"])
+            self.checkpoints[variant.key] = CheckpointVariant(self.transformer, source)
+            log.info("%s: variant %s loaded from %s", self.model, variant.key, source)
+            timings["variant_load_s"] = round(time.perf_counter() - t0, 4)
+        timings["variant_checkpoint"] = 1.0
+        with self.checkpoints[variant.key].swapped_in():
+            yield
 
     @contextmanager
     def _eager_for_cache(self, request: Any, timings: dict[str, float]) -> Iterator[None]:
@@ -135,13 +175,13 @@ class Speed:
 
     @contextmanager
     def _slot_for_job(
-        self, request: Any, loras: list[Any], storage: Storage, timings: dict[str, float]
+        self, request: Any, loras: list[Any], lora_variant: bool, storage: Storage, timings: dict[str, float]
     ) -> Iterator[None]:
         t0 = time.perf_counter()
         # Per slot, a variant's LoRA (kept on the device) takes the first rows, the request's the rest.
         slots = {"high": self.slot, "low": self.slot_2} if self.slot_2 is not None else {"both": self.slot}
         entries: dict[str, list[tuple[Any, float]]] = {expert: [] for expert in slots}
-        if request.variant:
+        if lora_variant:
             loaded = self._variant(request.variant, timings)
             for expert, slot in slots.items():
                 entries[expert].append(slot.variants[loaded])
@@ -174,8 +214,6 @@ class Speed:
         file into its own slot); returns the name the slots keep it under."""
         adapter_name = f"variant-{name}"
         if adapter_name not in self.slot.variants:
-            from routing.catalog import get_model
-
             variant = get_model(self.model).variants[name]
             t0 = time.perf_counter()
             files = [(self.slot, variant.lora_file, f"{self.model}:{name}")]
@@ -268,6 +306,9 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         fp8=fp8,
         cuda_graphs=cuda_graphs,
         compiled_blocks=blocks,
+        # A two-expert model has no checkpoint variant: its variants are LoRAs, one per expert.
+        transformer=pipe.transformer if pipe is not None and second is None else None,
+        device=device,
     )
     # Base jobs run with the slot off; a job with LoRAs or a variant switches it on.
     speed.switch_slots(False)

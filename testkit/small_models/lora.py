@@ -1,6 +1,7 @@
 """Small LoRAs for the small models, built with peft (the ``dev`` extra), for tests and
 benchmarks: a random LoRA on the transformer layers the catalog lets LoRAs target, saved as
-safetensors in diffusers' layout (``transformer.<module>.lora_A.weight``)."""
+safetensors in diffusers' layout (``transformer.<module>.lora_A.weight``); and small distilled
+checkpoints of a transformer, for the variants that are one (``build_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,22 @@ def build_lora(
     state = get_peft_model_state_dict(transformer)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"transformer.{name}": tensor.contiguous() for name, tensor in state.items()}, out)
+    return out
+
+
+def build_checkpoint(model_dir: Path, out: Path, seed: int = 0, spread: float = 0.5) -> Path:
+    """Write a distilled checkpoint of the small model at ``model_dir``'s transformer to
+    ``out/transformer`` (diffusers' layout, as FastWan's repository has it): the same class and
+    configuration, every weight moved by ``spread`` of its tensor's own spread, at random."""
+    import torch
+    from diffusers import AutoModel
+
+    transformer = AutoModel.from_pretrained(str(model_dir), subfolder="transformer")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            scale = parameter.float().std() if parameter.numel() > 1 else parameter.abs().float()
+            noise = torch.randn(parameter.shape, generator=generator) * scale * spread
+            parameter.add_(noise.to(parameter.dtype))
+    transformer.save_pretrained(str(out / "transformer"))
     return out

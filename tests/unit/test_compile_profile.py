@@ -1,8 +1,9 @@
 """The compile profile on the CPU (inductor), on the smallest model at small sizes: outputs equal
 eager within 2/255 a pixel (float32; inductor reorders sums), a second job at a warmed size, a job
 at a size never warmed, a prompt far longer than the warm-up's and a job with a LoRA hotswapped
-into the compiled transformer compile nothing (dynamo's count of graphs), base jobs run with the
-LoRA slot off and LoRA jobs with it on, and the job after the LoRA is bitwise the one before it.
+into the compiled transformer compile nothing (dynamo's count of graphs), nor does a checkpoint
+variant's weights swapped into it, base jobs run with the LoRA slot off and LoRA jobs with it on,
+and the job after the LoRA (or the checkpoint) is bitwise the one before it.
 
 Compiling is slow on a shared CPU: one compiled pipeline serves every test here."""
 
@@ -132,6 +133,34 @@ def test_a_variants_lora_on_the_compiled_transformer_compiles_nothing(
         setup["speed"].switch_slots(False)
         slot.clear()
     assert timings["compiled_graphs"] == 0 and np.abs(fast - before).max() > 10
+    after, timings = _run(setup["compiled"], _request(64, 64), storage)
+    assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
+
+
+def test_a_checkpoint_variant_swapped_into_the_compiled_transformer_compiles_nothing(
+    setup, small_models_dir: Path, tmp_path
+):
+    """A checkpoint variant's weights change places with the compiled transformer's (the modules
+    stay): the job compiles nothing and gives what the checkpoint loaded as the model gives."""
+    import shutil
+
+    from testkit.small_models.lora import build_checkpoint
+    from worker.checkpoints import CheckpointVariant
+
+    storage = setup["storage"]
+    checkpoint = build_checkpoint(small_models_dir / SPEC.key, tmp_path / "distilled", seed=4)
+    as_model = tmp_path / "as-model"
+    shutil.copytree(small_models_dir / SPEC.key, as_model)
+    shutil.rmtree(as_model / "transformer")
+    shutil.copytree(checkpoint / "transformer", as_model / "transformer")
+    reference, _ = _run(ZImageAdapter(SPEC, str(as_model), RUNTIME), _request(64, 64), storage)
+
+    before, _ = _run(setup["compiled"], _request(64, 64), storage)
+    variant = CheckpointVariant(setup["speed"].transformer, str(checkpoint))
+    with variant.swapped_in():
+        swapped, timings = _run(setup["compiled"], _request(64, 64), storage)
+    assert timings["compiled_graphs"] == 0
+    assert np.abs(swapped - reference).max() <= 2 and np.abs(swapped - before).max() > 10
     after, timings = _run(setup["compiled"], _request(64, 64), storage)
     assert np.array_equal(after, before) and timings["compiled_graphs"] == 0
 

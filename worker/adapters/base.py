@@ -353,16 +353,25 @@ def step_cache(transformer: Any, cache: Any) -> Iterator[str | None]:
 
 
 @contextmanager
-def variant_scheduler(pipe: Any, spec: ModelSpec, request: Any) -> Iterator[None]:
-    """For a job of a variant that names its scheduler (``Variant.scheduler``), ``pipe`` runs the
-    repository's scheduler with the variant's changes: the one its LoRA was distilled with. Every
-    other job, and every job after it, runs the repository's own."""
+def variant_scheduler(
+    pipe: Any, spec: ModelSpec, request: Any, generator: torch.Generator | None = None
+) -> Iterator[None]:
+    """For a job of a variant that names its sampling, ``pipe`` runs the scheduler the variant was
+    distilled with: DMD steps at its fixed timesteps (``Variant.dmd_timesteps``, fresh noise from
+    ``generator``, see ``worker.adapters.dmd``), or the repository's scheduler with the variant's
+    changes (``Variant.scheduler``). Every other job, and every job after it, runs the
+    repository's own."""
     variant = spec.variants.get(request.variant) if getattr(request, "variant", None) else None
-    if variant is None or not variant.scheduler:
+    if variant is None or not (variant.scheduler or variant.dmd_timesteps):
         yield
         return
     own = pipe.scheduler
-    pipe.scheduler = type(own).from_config(own.config, **dict(variant.scheduler))
+    if variant.dmd_timesteps:
+        from worker.adapters.dmd import dmd_scheduler
+
+        pipe.scheduler = dmd_scheduler(variant.dmd_timesteps, generator)
+    else:
+        pipe.scheduler = type(own).from_config(own.config, **dict(variant.scheduler))
     try:
         yield
     finally:

@@ -36,6 +36,7 @@ from worker.adapters.base import (
     seeded_generator,
     step_cache,
     step_callback_for,
+    variant_scheduler,
 )
 
 if TYPE_CHECKING:
@@ -112,8 +113,11 @@ class WanTI2VAdapter(Adapter):
         # 2. Seed: drawn here when the caller gave none, and reported so the video can be redone.
         seed, generator = seeded_generator(request.seed)
 
-        # 3. Denoise and decode, with the request's step cache if any.
-        with step_cache(pipe.transformer, request.cache) as cache:
+        # 3. Denoise and decode, with the request's step cache if any (a variant: at its sampler).
+        with (
+            step_cache(pipe.transformer, request.cache) as cache,
+            variant_scheduler(pipe, self.spec, request, generator),
+        ):
             output = pipe(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
