@@ -14,9 +14,10 @@ schedule, so random weights cost what real ones do); ``qwen-image/1024/lightning
 through the fleet's LoRA slot, against stock diffusers with the same LoRA loaded);
 ``qwen-image-edit-2509/1024/40`` (two input images); ``wan2.2-ti2v-5b/1280x704x121/step`` (one
 denoising step with CFG, the pipeline's own per-token timesteps, latents out, text encoded
-before); ``wan2.2-ti2v-5b/1280x704x121/fast-e2e`` (3 steps without CFG, as FastWan2.2-TI2V-5B
-runs: that checkpoint is not in the catalog, and with random weights the base model at its
-steps costs the same); ``wan2.2-s2v-14b/1024x704/step`` (one forward of the official S2V DiT).
+before); ``wan2.2-ti2v-5b/1280x704x121/fast-e2e`` (the ``fastwan-3`` variant: FastWan2.2-TI2V-5B's
+3 DMD steps without CFG, its checkpoint swapped into the fleet's transformer, against stock
+diffusers with it loaded as the model, by the same sampler); ``wan2.2-s2v-14b/1024x704/step`` (one
+forward of the official S2V DiT).
 
 Models are full size with random weights made on the card from ``routing/memory/configs.json``
 (nothing is downloaded; tokenizers, schedulers and processors come from the small models, built
@@ -113,7 +114,6 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-kernel   # ~260 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
-    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+fp8   # ~473 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile   # ~374 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile+tf32+cudnn   # ~374 s
@@ -269,9 +269,12 @@ CASES = [
         10.0,
         20.0,
         guidance=1.0,
-        rows=("stock", "stock-kernel", "fleet", "stock-compile", "fleet+fp8"),
+        variant="fastwan-3",
+        # No FP8 row: a checkpoint variant does not swap into FP8 layers (worker/checkpoints.py).
+        rows=("stock", "stock-kernel", "fleet", "stock-compile"),
         lossless_goal=False,
-        note="the base model at FastWan's 3 steps without CFG (its checkpoint is not in the catalog)",
+        note="the fastwan-3 variant (DMD steps at 1000, 757, 522) on the model's random weights saved "
+        "as its checkpoint; stock runs them loaded as the model, by the same sampler",
     ),
     Case(
         "wan2.2-s2v-14b/1024x704/step",
@@ -425,24 +428,41 @@ def diffusers_case(
     warm_sizes = [(w, h, f if spec.video is not None else 0) for w, h, f in warm_sizes]
     if device.cpu and not trace:
         warm_sizes = []  # nothing is compiled: nothing to warm
-    lora_path = None
-    if case.variant:
+    # The variant's weights: a random LoRA of the distillation LoRA's rank, or for a checkpoint
+    # variant the model's own random transformer saved as one (it costs what the real one does).
+    lora_path = variant_path = None
+    checkpoint = bool(case.variant) and spec.variants[case.variant].checkpoint is not None
+    # A DMD variant runs its own steps only: every call, short ones and the CPU's included.
+    fixed_steps = len(spec.variants[case.variant].dmd_timesteps) if case.variant else 0
+    if checkpoint:
+        variant_path = work / "checkpoint"
+        model.transformer.save_pretrained(str(variant_path / "transformer"))
+    elif case.variant:
         rank = 64 if not device.cpu else 4
-        lora_path = random_lora(model.transformer, spec.lora_modules, rank, work / "variant.safetensors")
+        lora_path = variant_path = random_lora(
+            model.transformer, spec.lora_modules, rank, work / "variant.safetensors"
+        )
     noise = np.random.default_rng(SEED_IMAGES).integers(0, 255, (height, width, 3), dtype=np.uint8)
     images = [Image.fromarray(noise), Image.fromarray(noise[::-1].copy())][: case.input_images]
 
     def request(index: int, size: tuple[int, int, int] | None, steps_: int | None, fleet: bool, cached: bool):
         w, h, f = size or (width, height, frames)
         data: dict[str, Any] = {"model": spec.key, "prompt": g.PROMPTS[index], "seed": g.SEED}
-        data |= {"width": w, "height": h, "steps": steps_ or steps, "kind": spec.task_kinds[0].value}
+        data |= {
+            "width": w,
+            "height": h,
+            "steps": fixed_steps or steps_ or steps,
+            "kind": spec.task_kinds[0].value,
+        }
         if case.guidance is not None:
             data["guidance_scale"] = case.guidance
         if f:
             data["frames"] = f
         if images:
             data["images"] = [{"key": f"inputs/{i}.png"} for i in range(len(images))]
-        if case.variant and fleet:
+        # Stock runs a checkpoint variant too: its weights are the model's, its sampler the
+        # adapter's (diffusers' own scheduler); stock runs a LoRA variant's LoRA, unfused.
+        if case.variant and (fleet or checkpoint):
             data["variant"] = case.variant
         if case.cache and cached:
             data["cache"] = dict(case.cache)
@@ -453,7 +473,12 @@ def diffusers_case(
             req = request(index, size, steps_, fleet, cached)
             timings: dict[str, float] = {}
             done: list[int] = []
-            with torch.no_grad(), job_context(adapter, req, storage, timings):
+            # Stock adapters have no speed profile, which job_context would need for the variant.
+            plain = checkpoint and not fleet
+            with (
+                torch.no_grad(),
+                contextlib.nullcontext() if plain else job_context(adapter, req, storage, timings),
+            ):
                 if case.scope == "step":
                     positive, negative = model.wan_embeddings(adapter, g.PROMPTS[index])
                     out = adapter.t2v(
@@ -502,7 +527,7 @@ def diffusers_case(
                 compile_profile="compile",
                 lora_cache_dir=work / "lora-cache",
                 warm_sizes={spec.key: warm_sizes},
-                variant_weights={f"{spec.key}:{case.variant}": str(lora_path)} if lora_path else {},
+                variant_weights={f"{spec.key}:{case.variant}": str(variant_path)} if variant_path else {},
                 variant_lora_rank=64 if not device.cpu else 4,
                 **overrides,
             )

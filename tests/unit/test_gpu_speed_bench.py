@@ -70,6 +70,9 @@ def test_every_case_runs_on_the_cpu_and_is_written_beside_not_into_the_results(
     # The fleet's techniques, as its jobs' timings name them.
     assert by_key["z-image-turbo/1024/e2e"]["rows"]["fleet"]["techniques"]["attention_native"] == 1
     assert by_key["qwen-image/1024/lightning-8"]["rows"]["fleet"]["techniques"]["lora_slot"] == 1
+    # FastWan's checkpoint swapped in, by the same sampler as stock with it loaded: the same video.
+    fast = by_key["wan2.2-ti2v-5b/1280x704x121/fast-e2e"]["rows"]["fleet"]
+    assert fast["techniques"]["variant_checkpoint"] == 1 and fast["deviation"]["identical"]
     # The cache changes the output: stock's uncached output is no longer matched bit for bit.
     assert by_key["qwen-image/1024/50/cache"]["rows"]["stock+cache"]["deviation"].get("psnr_db")
     assert "ERROR" not in capsys.readouterr().out
