@@ -1,6 +1,7 @@
 """LoRAs and variants through the fleet: refused at submit with the field named and nothing
 queued, or stored by content hash and run by a real worker process, whose second job with the
-same LoRA reads it from its own cache."""
+same LoRA reads it from its own cache; a checkpoint variant (FastWan) run by one, and the model's
+own jobs the same bytes before and after."""
 
 from __future__ import annotations
 
@@ -113,3 +114,43 @@ def test_a_worker_applies_a_lora_then_runs_the_base_model_again(
     after, timings = run(GOOD)
     assert after == plain  # the same PNG bytes: the base weights, exactly
     assert timings["compile_regional"] == 0 and timings["attention_native"] == 1  # the CPU runs eager
+
+
+def test_a_worker_runs_the_fastwan_checkpoint_variant_then_the_model_again(
+    client: Client, start_worker, fleet_settings, small_models_dir: Path, tmp_path: Path, redis_client
+):
+    from testkit.small_models.lora import build_checkpoint
+
+    base = {
+        "model": "wan2.2-ti2v-5b",
+        "kind": "text-to-video",
+        "prompt": "waves",
+        "width": 64,
+        "height": 64,
+        "frames": 5,
+        "seed": 3,
+    }
+    queued = _queued(redis_client)
+    with pytest.raises(InvalidRequest) as raised:
+        client.submit(base | {"variant": "fastwan-3", "steps": 8})
+    assert raised.value.errors[0].field == "steps" and _queued(redis_client) == queued
+
+    checkpoint = build_checkpoint(small_models_dir / "wan2.2-ti2v-5b", tmp_path / "fastwan", seed=3)
+    variants = {"wan2.2-ti2v-5b:fastwan-3": str(checkpoint)}
+    start_worker(fleet_settings.model_copy(update={"variant_weights": variants}))
+    storage = LocalStorage(fleet_settings.storage_dir)
+
+    def run(request: dict) -> tuple[bytes, dict[str, float], dict]:
+        record = client.submit(request).wait(timeout_s=300)
+        assert record.status is JobStatus.SUCCEEDED, record.error
+        return storage.get(record.outputs[0].key), record.timings, record.request
+
+    plain, timings, _ = run(base | {"steps": 3, "guidance_scale": 1.0})
+    assert "variant_checkpoint" not in timings
+    fast, timings, request = run(base | {"variant": "fastwan-3"})
+    assert (request["steps"], request["guidance_scale"]) == (3, 1.0)
+    assert fast != plain and timings["variant_checkpoint"] == 1 and "variant_load_s" in timings
+    again, timings, _ = run(base | {"variant": "fastwan-3"})
+    assert again == fast and "variant_load_s" not in timings  # read once, kept
+    after, _, _ = run(base | {"steps": 3, "guidance_scale": 1.0})
+    assert after == plain  # the same MP4 bytes: the model's own weights, exactly
