@@ -41,6 +41,9 @@ transformer a copy sharing them), timed in A/B/B/A order (each round the reverse
 - ``fleet+fp8``, ``fleet+cuda-graphs``: the profile with FP8 linear layers (torchao) or CUDA
   graphs (``FLEET_FP8=on``, ``FLEET_CUDA_GRAPHS=on``); skipped, with the reason, where the card
   or the install lacks them;
+- ``fleet+te-compile``: the profile with the text encoder's layers compiled too
+  (``FLEET_COMPILE_TEXT_ENCODER=on``), on the end-to-end cases whose text encoding is a share
+  worth trying (Z-Image, Qwen-Image Lightning, FastWan);
 - the cache case: ``stock`` (uncached), ``stock+cache`` and ``fleet`` (the request's cache);
 - S2V: ``stock`` (the official code as the fleet's group runs it, SDPA), ``tf32``, ``cudnn``
   (SDPA's cuDNN kernel), ``compile`` (its blocks compiled), ``compile+tf32+cudnn``.
@@ -92,7 +95,8 @@ Qwen-Image-Edit-2509's two-row runs are estimated past 8 minutes, so give them a
 sit beside the bf16 ones the other rows run). The first run of a case makes the deviation floor
 (``stock-kernel``); every run makes ``stock``:
 
-    --only z-image-turbo/1024/e2e   # ~437 s
+    --only z-image-turbo/1024/e2e --rows stock stock-kernel fleet stock-compile attention lora-slot-on fleet+fp8 fleet+cuda-graphs   # ~437 s
+    --only z-image-turbo/1024/e2e --rows stock fleet+te-compile   # ~98 s
     --only qwen-image/1024/50 --rows stock stock-kernel fleet   # ~339 s
     --only qwen-image/1024/50 --rows stock stock-compile   # ~320 s
     --only qwen-image/1024/50 --rows stock attention   # ~320 s
@@ -101,7 +105,7 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only qwen-image/1024/50 --rows stock fleet+cuda-graphs   # ~320 s
     --only qwen-image/1024/50/cache   # ~431 s
     --only qwen-image/1024/lightning-8 --rows stock stock-kernel fleet stock-compile fleet+fp8   # ~402 s
-    --only qwen-image/1024/lightning-8 --rows stock fleet+cuda-graphs   # ~168 s
+    --only qwen-image/1024/lightning-8 --rows stock fleet+cuda-graphs fleet+te-compile   # ~283 s
     --only qwen-image-edit-2509/1024/40 --rows stock stock-kernel   # ~288 s
     --only qwen-image-edit-2509/1024/40 --rows stock fleet   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock stock-compile   # ~550 s
@@ -114,6 +118,7 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-kernel   # ~260 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
+    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+te-compile   # ~473 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile   # ~374 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile+tf32+cudnn   # ~374 s
@@ -197,6 +202,7 @@ CASES = [
         "SGLang 0.906 s on 1 H100 (0.753 s on 2), end to end",
         0.75,
         1.45,
+        rows=(*DIFFUSERS_ROWS, "fleet+te-compile"),
     ),
     Case(
         "qwen-image/1024/50",
@@ -235,7 +241,15 @@ CASES = [
         guidance=1.0,
         variant="lightning-8",
         lossless_goal=False,
-        rows=("stock", "stock-kernel", "fleet", "stock-compile", "fleet+fp8", "fleet+cuda-graphs"),
+        rows=(
+            "stock",
+            "stock-kernel",
+            "fleet",
+            "stock-compile",
+            "fleet+fp8",
+            "fleet+cuda-graphs",
+            "fleet+te-compile",
+        ),
         note="random rank-64 weights in the Lightning LoRA's layout; stock has it loaded (unfused)",
     ),
     Case(
@@ -271,7 +285,7 @@ CASES = [
         guidance=1.0,
         variant="fastwan-3",
         # No FP8 row: a checkpoint variant does not swap into FP8 layers (worker/checkpoints.py).
-        rows=("stock", "stock-kernel", "fleet", "stock-compile"),
+        rows=("stock", "stock-kernel", "fleet", "stock-compile", "fleet+te-compile"),
         lossless_goal=False,
         note="the fastwan-3 variant (DMD steps at 1000, 757, 522) on the model's random weights saved "
         "as its checkpoint; stock runs them loaded as the model, by the same sampler",
@@ -366,9 +380,11 @@ def cpu_compile(trace: bool) -> Iterator[None]:
     """--cpu: regional compiles asked for, but traced by nobody (dynamo takes minutes over these
     models on a small CPU); with ``--trace``, traced by dynamo with its eager backend (no code
     generation): graph breaks, guards and recompiles then behave as compiled."""
+    import torch
     from diffusers import ModelMixin
 
     original = ModelMixin.compile_repeated_blocks
+    original_layer = torch.nn.Module.compile  # the text encoder's layers (FLEET_COMPILE_TEXT_ENCODER)
 
     def compile_repeated_blocks(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not trace:
@@ -376,11 +392,16 @@ def cpu_compile(trace: bool) -> Iterator[None]:
         kwargs.pop("mode", None)
         return original(self, *args, **(kwargs | {"backend": "eager"}))
 
+    def compile_layer(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return original_layer(self, *args, **(kwargs | {"backend": "eager"})) if trace else None
+
     ModelMixin.compile_repeated_blocks = compile_repeated_blocks
+    torch.nn.Module.compile = compile_layer
     try:
         yield
     finally:
         ModelMixin.compile_repeated_blocks = original
+        torch.nn.Module.compile = original_layer
 
 
 def random_lora(transformer: Any, pattern: str, rank: int, path: Path) -> Path:
@@ -507,6 +528,11 @@ def diffusers_case(
             transformer.set_attention_backend(backend)
             if lora_path is not None:
                 adapter.pipeline.load_lora_weights(str(lora_path), adapter_name="variant")
+                # With the scheduler the variant names, as its card's example sets it.
+                changes = dict(spec.variants[case.variant].scheduler)
+                if changes:
+                    own = adapter.pipeline.scheduler
+                    adapter.pipeline.scheduler = type(own).from_config(own.config, **changes)
             if compiled:
                 transformer.compile_repeated_blocks(fullgraph=True)
                 for index, size in enumerate(warm_sizes):
@@ -548,6 +574,7 @@ def diffusers_case(
         "fleet": fleet(),
         "fleet+fp8": fleet(fp8="on"),
         "fleet+cuda-graphs": fleet(cuda_graphs="on"),
+        "fleet+te-compile": fleet(compile_text_encoder="on"),
     }
     backends = CPU_ATTENTION if device.cpu else available_backends()
     names = expand_rows(case, wanted, backends)

@@ -63,6 +63,9 @@ class SpeedProfile:
     # bench/gpu_speed.py shows they win on the model (neither has been measured yet).
     fp8: bool = False
     cuda_graphs: bool = False
+    # The text encoder's repeated layers compiled too (with the transformer, warmed on the same
+    # jobs): off until a GPU run shows it wins on the model (not measured yet).
+    compile_text_encoder: bool = False
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ recompile):
 4. regional compilation: ``compile_repeated_blocks`` compiles the transformer's one repeated block
    class once and reuses it for every block (tens of times faster to compile than the whole
    model, nearly as fast to run); with CUDA graphs (inductor's ``reduce-overhead``) where the
-   profile asks for them and the device is CUDA;
+   profile asks for them and the device is CUDA; and where the profile asks, the text encoder's
+   repeated layers the same way (each layer's ``compile``: one graph for them all);
 5. warm-up: a short job at each of the class's common sizes, each with the slot off and on, and
    with prompts of two lengths. The first size compiles the blocks for that shape; the second,
    of other image and text token counts, makes dynamo mark those sizes dynamic and compile a
@@ -77,6 +78,7 @@ class Speed:
     slot_2: LoraSlot | None = None
     fp8: bool = False  # the transformer's linear layers run FP8 GEMMs
     cuda_graphs: bool = False  # the compiled blocks replay CUDA graphs
+    text_encoder_compiled: bool = False  # the text encoder's repeated layers are compiled too
     # The compiled blocks (``compile_repeated_blocks``), switched to their eager code for a job
     # with a step cache.
     compiled_blocks: list[Any] = field(default_factory=list)
@@ -106,6 +108,7 @@ class Speed:
             "lora_slot": 0.0,
             "fp8_linear": float(self.fp8),
             "cuda_graphs": float(self.cuda_graphs),
+            "compile_text_encoder": float(self.text_encoder_compiled),
         }
 
     def switch_slots(self, on: bool) -> None:
@@ -245,6 +248,9 @@ def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, devi
         attention=profile.attention,
         fp8={"auto": profile.fp8, "on": True, "off": False}[settings.fp8],
         cuda_graphs={"auto": profile.cuda_graphs, "on": True, "off": False}[settings.cuda_graphs],
+        compile_text_encoder={"auto": profile.compile_text_encoder, "on": True, "off": False}[
+            settings.compile_text_encoder
+        ],
     )
 
 
@@ -295,6 +301,16 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
                 fullgraph=True, **({"mode": "reduce-overhead"} if cuda_graphs else {})
             )
             blocks += [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    # 4b. The text encoder's repeated layers, where the transformer is compiled and it is asked.
+    text_encoder_compiled = False
+    if profile.compile_text_encoder:
+        layers = repeated_layers(getattr(pipe, "text_encoder", None)) if compiled else []
+        for layer in layers:
+            layer.compile()
+        text_encoder_compiled = bool(layers)
+        if not layers:
+            why = "no repeated layers found" if compiled else "the profile runs eager"
+            log.warning("%s: text encoder compile asked for, runs eager: %s", spec.key, why)
     speed = Speed(
         spec.key,
         compiled,
@@ -306,6 +322,7 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         fp8=fp8,
         cuda_graphs=cuda_graphs,
         compiled_blocks=blocks,
+        text_encoder_compiled=text_encoder_compiled,
         # A two-expert model has no checkpoint variant: its variants are LoRAs, one per expert.
         transformer=pipe.transformer if pipe is not None and second is None else None,
         device=device,
@@ -321,11 +338,12 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         speed.warm_s = time.perf_counter() - t0
     adapter.use_speed(speed)
     log.info(
-        "%s: %s%s%s, attention %s, LoRA slot %s, warmed %s in %.1f s",
+        "%s: %s%s%s%s, attention %s, LoRA slot %s, warmed %s in %.1f s",
         spec.key,
         "regional compile" if compiled else "eager",
         " with CUDA graphs" if cuda_graphs else "",
         ", FP8 linear layers" if fp8 else "",
+        ", text encoder compiled" if text_encoder_compiled else "",
         attention,
         f"rank {slot.rank} ({speed.extra_bytes / 2**20:.1f} MiB{', two experts' if slot_2 else ''})"
         if slot
@@ -334,6 +352,26 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         speed.warm_s,
     )
     return speed
+
+
+def repeated_layers(module: Any) -> list[Any]:
+    """The layers of ``module``'s heaviest list of like layers outside a vision tower: a text
+    encoder's decoder layers (Qwen2.5-VL's, not its vision blocks); none for a module without."""
+    import torch
+
+    if module is None:
+        return []
+    best: list[Any] = []
+    best_size = 0
+    for name, candidate in module.named_modules():
+        if not isinstance(candidate, torch.nn.ModuleList) or len(candidate) < 2:
+            continue
+        if "visual" in name or "vision" in name or len({type(layer) for layer in candidate}) != 1:
+            continue
+        size = sum(p.numel() for p in candidate.parameters())
+        if size > best_size:
+            best, best_size = list(candidate), size
+    return best
 
 
 def _set_attention(transformer: Any, profile: SpeedProfile, forced: str, device: str) -> str:

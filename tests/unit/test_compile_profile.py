@@ -1,9 +1,10 @@
-"""The compile profile on the CPU (inductor), on the smallest model at small sizes: outputs equal
-eager within 2/255 a pixel (float32; inductor reorders sums), a second job at a warmed size, a job
-at a size never warmed, a prompt far longer than the warm-up's and a job with a LoRA hotswapped
-into the compiled transformer compile nothing (dynamo's count of graphs), nor does a checkpoint
-variant's weights swapped into it, base jobs run with the LoRA slot off and LoRA jobs with it on,
-and the job after the LoRA (or the checkpoint) is bitwise the one before it.
+"""The compile profile on the CPU (inductor), on the smallest model at small sizes, its text encoder
+compiled too: outputs equal eager within 2/255 a pixel (float32; inductor reorders sums), a second
+job at a warmed size, a job at a size never warmed, a prompt far longer than the warm-up's and a
+job with a LoRA hotswapped into the compiled transformer compile nothing (dynamo's count of
+graphs), nor does a checkpoint variant's weights swapped into it, base jobs run with the LoRA slot
+off and LoRA jobs with it on, and the job after the LoRA (or the checkpoint) is bitwise the one
+before it.
 
 Compiling is slow on a shared CPU: one compiled pipeline serves every test here."""
 
@@ -58,6 +59,7 @@ def setup(small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         warm_sizes={SPEC.key: WARM},
         lora_cache_dir=tmp / "lora-cache",
         lora_max_rank=8,
+        compile_text_encoder="on",
     )
     storage = LocalStorage(tmp / "objects")
     lora = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp / "style.safetensors")
@@ -71,11 +73,16 @@ def setup(small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def test_compiled_output_equals_eager_and_a_warmed_size_compiles_nothing(setup):
     assert setup["speed"].compiled and setup["speed"].warmed == WARM
+    # The text encoder's layers are compiled too (FLEET_COMPILE_TEXT_ENCODER=on).
+    layers = setup["compiled"].pipeline.text_encoder.layers
+    assert setup["speed"].text_encoder_compiled and all(layer._compiled_call_impl for layer in layers)
     for width, height, _ in WARM:
-        eager, _ = _run(setup["eager"], _request(width, height), setup["storage"])
+        eager, timings = _run(setup["eager"], _request(width, height), setup["storage"])
+        assert timings["compile_text_encoder"] == 0
         compiled, timings = _run(setup["compiled"], _request(width, height), setup["storage"])
         assert np.abs(compiled - eager).max() <= 2
         assert timings["compiled_graphs"] == 0 and timings["compile_regional"] == 1
+        assert timings["compile_text_encoder"] == 1
 
 
 def test_a_size_never_warmed_compiles_nothing(setup):

@@ -1,5 +1,7 @@
 """What a job runs with, on the real small Z-Image (eager, CPU): FP8 linear layers and CUDA graphs
-asked for on a device without them are not applied and the reason is logged; a base job runs
+asked for on a device without them, and the text encoder's compile on an eager profile, are not
+applied and the reason is logged; the text encoder's layers to compile are its language layers,
+not a vision tower's; a base job runs
 with the LoRA slot off (every wrapped layer computes its base weights alone) and a LoRA job with
 it on; every job's timings name the techniques it ran."""
 
@@ -33,17 +35,24 @@ def test_fp8_and_cuda_graphs_asked_for_on_the_cpu_run_without_and_say_why(
     small_models_dir: Path, tmp_path: Path, caplog: Any
 ) -> None:
     adapter = ZImageAdapter(SPEC, str(small_models_dir / SPEC.key), RUNTIME)
-    settings = Settings(fp8="on", cuda_graphs="on", lora_cache_dir=tmp_path / "cache", lora_max_rank=8)
+    settings = Settings(
+        fp8="on",
+        cuda_graphs="on",
+        compile_text_encoder="on",
+        lora_cache_dir=tmp_path / "cache",
+        lora_max_rank=8,
+    )
     with caplog.at_level(logging.WARNING, logger="worker.speed"):
         speed = prepare(adapter, SPEC, VramClass.GPU80, settings)
 
-    assert not speed.fp8 and not speed.cuda_graphs
+    assert not speed.fp8 and not speed.cuda_graphs and not speed.text_encoder_compiled
     assert "FP8 asked for, runs bf16: FP8 GEMMs need a CUDA device, not cpu" in caplog.text
     assert "CUDA graphs asked for, runs without: CUDA graphs need a CUDA device, not cpu" in caplog.text
+    assert "text encoder compile asked for, runs eager: the profile runs eager" in caplog.text
     request, timings = parse_request({"model": SPEC.key, "prompt": "a fox", "width": 64, "height": 64}), {}
     with job_context(adapter, request, LocalStorage(tmp_path / "objects"), timings):
         adapter.run(request.model_copy(update={"steps": 1}), {}, lambda done, total: None)
-    assert timings["fp8_linear"] == 0 and timings["cuda_graphs"] == 0
+    assert timings["fp8_linear"] == 0 and timings["cuda_graphs"] == 0 and timings["compile_text_encoder"] == 0
     assert timings["compile_regional"] == 0 and timings["attention_native"] == 1
     assert timings["lora_slot"] == 0
 
@@ -88,3 +97,19 @@ def test_the_lora_slot_is_on_only_for_a_job_with_loras(small_models_dir: Path, t
     assert all(layer._disable_adapters for layer in layers)  # off again after the job
     after, timings, _ = run(adapter, parse_request(data))
     assert np.array_equal(after, reference) and timings["lora_slot"] == 0
+
+
+def test_the_text_encoders_layers_to_compile_are_its_language_layers(small_models_dir: Path) -> None:
+    """Qwen2.5-VL has two lists of like layers, the vision tower's blocks and the language model's
+    decoder layers: the heavier, the language layers, are the ones a text prompt runs through."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from worker.speed import repeated_layers
+
+    encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(small_models_dir / "qwen-image"), subfolder="text_encoder"
+    )
+    layers = repeated_layers(encoder)
+    assert layers and all(type(layer).__name__ == "Qwen2_5_VLDecoderLayer" for layer in layers)
+    assert len(layers) == encoder.config.text_config.num_hidden_layers
+    assert repeated_layers(None) == []
