@@ -97,6 +97,22 @@ class Variant:
     # ``steps``, which a request cannot change); at each the model's prediction gives the clean
     # latents, noised afresh to the next timestep's level. Empty: the model's own sampler.
     dmd_timesteps: tuple[int, ...] = ()
+    # The hub revision of its repository that `python -m worker.weights pull <model>:<variant>`
+    # takes (``ModelSpec.revision`` says how a revision pins).
+    revision: str = "main"
+
+    @property
+    def repo(self) -> str:
+        """The hub repository of its weights: the checkpoint's, or the LoRA's."""
+        return self.checkpoint or self.lora_repo
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Its files in that repository, as hub allow-patterns: the LoRA file(s), or the
+        checkpoint's transformer (the rest of its repository is the model's own)."""
+        if self.checkpoint is not None:
+            return ("transformer/*",)
+        return tuple(f for f in (self.lora_file, self.lora_file_2) if f)
 
 
 @dataclass(frozen=True)
@@ -215,6 +231,9 @@ class ModelSpec:
     # Where the torchrun group (a sharded placement) runs the official code on another repository
     # than ``hub_id``: that checkpoint. None: ``hub_id`` is what every class loads.
     official: OfficialCheckpoint | None = None
+    # The repository files its weights folder holds, as hub allow-patterns; empty: those its
+    # pipeline loads (worker.weights.files.patterns). A variant's weights (``variant_spec``) name theirs.
+    weights_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -611,9 +630,35 @@ def checkpoint_spec(spec: ModelSpec) -> ModelSpec:
     )
 
 
+# A variant's weights key: ``<model>:<variant>`` (the key FLEET_VARIANT_WEIGHTS takes too).
+VARIANT_SEPARATOR = ":"
+
+
+def variant_spec(spec: ModelSpec, name: str) -> ModelSpec:
+    """The weights of ``spec``'s variant ``name`` as a spec of their own (key
+    ``<model>:<variant>``, the variant's repository and revision, only its files), so pulling,
+    mirroring, the node cache and ``FLEET_MODEL_ROOT`` find them as they find a model's."""
+    from dataclasses import replace
+
+    variant = spec.variants[name]
+    return replace(
+        spec,
+        key=f"{spec.key}{VARIANT_SEPARATOR}{name}",
+        hub_id=variant.repo,
+        revision=variant.revision,
+        weights_files=variant.files,
+        variants={},
+        extra_files=(),
+        official=None,
+    )
+
+
 def weights_spec(key: str) -> ModelSpec:
-    """The spec whose weights ``key`` names: a catalog model, or an official checkpoint
-    (``<key>-official``); KeyError names the known keys."""
+    """The spec whose weights ``key`` names: a catalog model, an official checkpoint
+    (``<key>-official``) or a variant (``<key>:<variant>``); KeyError names the known keys."""
+    model, _, variant = key.partition(VARIANT_SEPARATOR)
+    if variant and model in CATALOG and variant in CATALOG[model].variants:
+        return variant_spec(CATALOG[model], variant)
     if key.endswith(OFFICIAL_SUFFIX) and key.removesuffix(OFFICIAL_SUFFIX) in CATALOG:
         spec = CATALOG[key.removesuffix(OFFICIAL_SUFFIX)]
         if spec.official is not None:
@@ -624,8 +669,10 @@ def weights_spec(key: str) -> ModelSpec:
 
 
 def weights_keys() -> list[str]:
-    """Every model's weights key, and each official checkpoint's."""
-    return sorted([*CATALOG, *(key + OFFICIAL_SUFFIX for key, spec in CATALOG.items() if spec.official)])
+    """Every model's weights key, each official checkpoint's and each variant's."""
+    official = [key + OFFICIAL_SUFFIX for key, spec in CATALOG.items() if spec.official]
+    variants = [f"{key}{VARIANT_SEPARATOR}{name}" for key, spec in CATALOG.items() for name in spec.variants]
+    return sorted([*CATALOG, *official, *variants])
 
 
 def get_model(key: str) -> ModelSpec:

@@ -47,7 +47,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from routing.catalog import ModelSpec, SpeedProfile, TaskKind, Variant, get_model
+from routing.catalog import (
+    VARIANT_SEPARATOR,
+    ModelSpec,
+    SpeedProfile,
+    TaskKind,
+    Variant,
+    get_model,
+    variant_spec,
+)
 from routing.classes import VramClass
 from routing.settings import Settings
 from worker.adapters.base import Adapter
@@ -127,7 +135,7 @@ class Speed:
         if self.slot is None and (loras or lora_variant):
             raise ValueError(f"{self.model} runs no LoRAs on this worker")
         try:
-            with self._eager_for_cache(request, timings), self._checkpoint_for_job(variant, timings):
+            with self._eager_for_cache(request, timings), self._checkpoint_for_job(variant, storage, timings):
                 if self.slot is None or (not loras and not lora_variant):
                     yield  # no slot, or the slot stays off: the base weights alone
                 else:
@@ -137,7 +145,9 @@ class Speed:
             timings["compiled_graphs"] = float(_compiled_graphs() - graphs_before)
 
     @contextmanager
-    def _checkpoint_for_job(self, variant: Variant | None, timings: dict[str, float]) -> Iterator[None]:
+    def _checkpoint_for_job(
+        self, variant: Variant | None, storage: Storage, timings: dict[str, float]
+    ) -> Iterator[None]:
         """A checkpoint variant's weights in the transformer for the job (read once, then kept)."""
         if variant is None or variant.checkpoint is None:
             yield
@@ -146,12 +156,7 @@ class Speed:
             if self.transformer is None:
                 raise ValueError(f"{self.model} runs no checkpoint variants on this worker")
             t0 = time.perf_counter()
-            setting = f"{self.model}:{variant.key}"
-            source = self.settings.variant_weights.get(setting) if self.settings else None
-            if source is None:
-                from huggingface_hub import snapshot_download
-
-                source = snapshot_download(variant.checkpoint, allow_patterns=["transformer/*"])
+            source = self._variant_source(variant, None, storage)
             self.checkpoints[variant.key] = CheckpointVariant(self.transformer, source)
             log.info("%s: variant %s loaded from %s", self.model, variant.key, source)
             timings["variant_load_s"] = round(time.perf_counter() - t0, 4)
@@ -185,7 +190,7 @@ class Speed:
         slots = {"high": self.slot, "low": self.slot_2} if self.slot_2 is not None else {"both": self.slot}
         entries: dict[str, list[tuple[Any, float]]] = {expert: [] for expert in slots}
         if lora_variant:
-            loaded = self._variant(request.variant, timings)
+            loaded = self._variant(request.variant, storage, timings)
             for expert, slot in slots.items():
                 entries[expert].append(slot.variants[loaded])
         if loras:
@@ -212,28 +217,53 @@ class Speed:
                 if entries[expert]:
                     slot.clear()
 
-    def _variant(self, name: str, timings: dict[str, float]) -> str:
+    def _variant(self, name: str, storage: Storage, timings: dict[str, float]) -> str:
         """Load variant ``name``'s LoRA into the slot once (a two-expert model: each expert's
         file into its own slot); returns the name the slots keep it under."""
         adapter_name = f"variant-{name}"
         if adapter_name not in self.slot.variants:
             variant = get_model(self.model).variants[name]
             t0 = time.perf_counter()
-            files = [(self.slot, variant.lora_file, f"{self.model}:{name}")]
+            files = [(self.slot, variant.lora_file, "")]
             if self.slot_2 is not None:
                 if variant.lora_file_2 is None:
                     raise ValueError(f"variant {name} of {self.model} has no LoRA for the low-noise expert")
-                files.append((self.slot_2, variant.lora_file_2, f"{self.model}:{name}:low"))
-            for slot, hub_file, setting in files:
-                source = self.settings.variant_weights.get(setting) if self.settings else None
-                if source is None:
-                    from huggingface_hub import hf_hub_download
-
-                    source = hf_hub_download(variant.lora_repo, hub_file)
+                files.append((self.slot_2, variant.lora_file_2, ":low"))
+            for slot, hub_file, suffix in files:
+                source = self._variant_source(variant, hub_file, storage, suffix)
                 slot.add_variant(adapter_name, source, variant.lora_scale)
                 log.info("%s: variant %s loaded into %s from %s", self.model, name, slot.component, source)
             timings["variant_load_s"] = round(time.perf_counter() - t0, 4)
         return adapter_name
+
+    def _variant_source(
+        self, variant: Variant, hub_file: str | None, storage: Storage, suffix: str = ""
+    ) -> str:
+        """Where a variant's weights are read: its LoRA file (``hub_file``), or for a checkpoint
+        variant its folder. In order: ``FLEET_VARIANT_WEIGHTS`` (key ``<model>:<variant>``, a
+        two-expert model's low-noise file ``...:low``); the variant's own weights folder as a
+        model's is found (``<model>:<variant>``: the node cache, filled from the store's mirror,
+        ``FLEET_WEIGHTS``, ``FLEET_MODEL_ROOT``); else the hub, at its revision."""
+        from worker.weights import local_weights
+
+        key = f"{self.model}{VARIANT_SEPARATOR}{variant.key}"
+        given = self.settings.variant_weights.get(key + suffix) if self.settings else None
+        if given is not None:
+            return given
+        if self.settings is not None:
+            folder = Path(
+                local_weights(self.settings, variant_spec(get_model(self.model), variant.key), storage)
+            )
+            wanted = folder / hub_file if hub_file else folder / "transformer"
+            if wanted.exists():
+                return str(wanted if hub_file else folder)
+        if hub_file:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(variant.repo, hub_file, revision=variant.revision)
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(variant.repo, revision=variant.revision, allow_patterns=list(variant.files))
 
 
 def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, device: str) -> SpeedProfile:

@@ -96,6 +96,41 @@ def test_a_worker_fills_an_empty_node_cache_from_the_store_and_runs_a_job(
     assert f"fetching {len(manifest.files)} of {len(manifest.files)} files" in worker.log()
 
 
+def test_a_variants_checkpoint_comes_to_the_node_through_the_store_as_a_models_weights_do(
+    s3: S3Storage, s3_settings: Settings, small_models_dir: Path, tmp_path: Path, start_worker
+) -> None:
+    """FastWan's checkpoint, mirrored under its own key (``<model>:<variant>``), is filled into
+    the node cache by the worker on the first job that asks for the variant: no hub, no
+    FLEET_VARIANT_WEIGHTS."""
+    from routing.catalog import weights_spec
+    from testkit.small_models.lora import build_checkpoint
+
+    model, key = "wan2.2-ti2v-5b", "wan2.2-ti2v-5b:fastwan-3"
+    mirror(s3, CATALOG[model], small_models_dir / model)
+    manifest = mirror(s3, weights_spec(key), build_checkpoint(small_models_dir / model, tmp_path / "fastwan"))
+    assert [f.path for f in manifest.files] == [
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ]
+
+    worker = start_worker(s3_settings)
+    base = {
+        "model": model,
+        "kind": "text-to-video",
+        "prompt": "waves",
+        "width": 64,
+        "height": 64,
+        "frames": 5,
+    }
+    with Client(s3_settings) as client:
+        record = client.submit(base | {"variant": "fastwan-3", "seed": 1}).wait(timeout_s=180)
+
+    assert record.status is JobStatus.SUCCEEDED, record.error
+    assert record.timings["variant_checkpoint"] == 1 and record.timings["variant_load_s"] > 0
+    _same_as_mirror(s3_settings.weights_cache_dir / key, manifest)
+    assert f"variant fastwan-3 loaded from {s3_settings.weights_cache_dir / key}" in worker.log()
+
+
 def test_a_truncated_or_altered_cache_file_is_fetched_again(
     s3: S3Storage, s3_settings: Settings, small_models_dir: Path
 ) -> None:

@@ -394,3 +394,42 @@ def test_lora_targets_tell_omni_base_loras_from_z_image_ones(small_models_dir: P
     # A base LoRA touches only the blocks Omni-Base shares with it, so it runs there too.
     omni_request = {"model": "z-image-omni-base", "kind": "text-to-image", "prompt": "a fox"}
     assert _submit(omni_request | {"loras": [{"source": "uploads/_/base.safetensors"}]}, storage).loras
+
+
+def test_a_variants_lora_is_found_in_its_own_weights_folder_as_a_model_is(
+    small_models_dir: Path, tmp_path: Path, storage
+):
+    """Without FLEET_VARIANT_WEIGHTS, a worker reads a variant's LoRA from the variant's weights
+    folder (``<FLEET_MODEL_ROOT>/<model>:<variant>/<its file>``, where `python -m worker.weights
+    pull` puts it and the node cache keeps it), never the hub."""
+    spec = CATALOG["qwen-image"]
+    variant = spec.variants["lightning-8"]
+    lightning = build_lora(small_models_dir / spec.key, spec.key, tmp_path / "lightning.safetensors", seed=3)
+    placed = tmp_path / "models" / f"{spec.key}:lightning-8" / variant.lora_file
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(lightning.read_bytes())
+    request = _submit(
+        {
+            "model": spec.key,
+            "prompt": "a fox",
+            "width": 64,
+            "height": 64,
+            "seed": 7,
+            "variant": "lightning-8",
+        },
+        storage,
+    )
+
+    from_folder = QwenImageAdapter(spec, str(small_models_dir / spec.key), RUNTIME)
+    prepare(from_folder, spec, spec.vram_class, _settings(tmp_path, model_root=tmp_path / "models"))
+    named = QwenImageAdapter(spec, str(small_models_dir / spec.key), RUNTIME)
+    prepare(
+        named,
+        spec,
+        spec.vram_class,
+        _settings(tmp_path, variant_weights={"qwen-image:lightning-8": str(lightning)}),
+    )
+
+    image, timings = _run(from_folder, request, storage)
+    assert "variant_load_s" in timings
+    assert np.array_equal(image, _run(named, request, storage)[0])

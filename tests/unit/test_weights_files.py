@@ -126,6 +126,50 @@ def test_an_a14b_official_checkpoint_is_a_weights_key_of_its_own_with_its_files(
         weights_spec("wan2.2-ti2v-5b-official")
 
 
+def test_each_variant_is_a_weights_key_of_its_own_with_only_its_files(
+    tmp_path: Path, small_models_dir: Path
+) -> None:
+    """A variant's weights are pulled, mirrored and filled as a model's are, under
+    ``<model>:<variant>``: FastWan's transformer (not the rest of its repository, which is the
+    model's own), a Lightning LoRA's one file, or an A14B variant's two."""
+    from testkit.small_models.lora import build_checkpoint, build_lora
+
+    spec = CATALOG["wan2.2-ti2v-5b"]
+    fastwan = weights_spec("wan2.2-ti2v-5b:fastwan-3")
+    assert fastwan.key == "wan2.2-ti2v-5b:fastwan-3" and fastwan.key in weights_keys()
+    assert fastwan.hub_id == spec.variants["fastwan-3"].checkpoint and not fastwan.variants
+    # FastWan's repository is a whole diffusers one: the model's folder with its transformer.
+    repo = _repo(tmp_path, small_models_dir, spec.key, EXTRAS)
+    shutil.rmtree(repo / "transformer")
+    build_checkpoint(small_models_dir / spec.key, repo, seed=1)
+    hub = FolderHub(repo)
+    pulled = pull(fastwan, tmp_path / "fastwan", hub)
+    assert pulled.files == ["transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+
+    lightning = weights_spec("qwen-image:lightning-8")
+    variant = CATALOG["qwen-image"].variants["lightning-8"]
+    assert lightning.hub_id == variant.lora_repo
+    lora_repo = tmp_path / "lightning-repo"
+    for name in (variant.lora_file, "Qwen-Image-Lightning-4steps-V1.0.safetensors", "README.md"):
+        (lora_repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(
+            build_lora(small_models_dir / "qwen-image", "qwen-image", tmp_path / "l.safetensors"),
+            lora_repo / name,
+        )
+    assert select(folder_files(lora_repo), lightning) == [variant.lora_file]
+
+    a14b = CATALOG["wan2.2-t2v-a14b"].variants["lightning-4"]
+    two = weights_spec("wan2.2-t2v-a14b:lightning-4")
+    listing = [
+        a14b.lora_file,
+        a14b.lora_file_2,
+        "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1/high_noise_model.safetensors",
+    ]
+    assert select(listing, two) == sorted([a14b.lora_file, a14b.lora_file_2])
+    with pytest.raises(KeyError, match="qwen-image:lightning-8"):
+        weights_spec("qwen-image:lightning-2")
+
+
 def test_a_folder_with_several_safetensors_shards_keeps_them_all() -> None:
     spec = CATALOG["qwen-image"]
     paths = [

@@ -56,7 +56,10 @@ _REDUNDANT_BESIDE_SAFETENSORS = ("*.bin", "*.pt", "*.msgpack", "*.h5", "*.onnx")
 
 
 def patterns(spec: ModelSpec) -> tuple[str, ...]:
-    """The repository files ``spec``'s pipeline loads, as hub allow-patterns."""
+    """The repository files ``spec``'s pipeline loads, as hub allow-patterns (a variant's weights:
+    its own files, ``ModelSpec.weights_files``)."""
+    if spec.weights_files:
+        return spec.weights_files
     return OFFICIAL_FILES if spec.pipeline.startswith("wan.") else DIFFUSERS_FILES
 
 
