@@ -10,7 +10,8 @@ inputs) all serve the variant as they serve the model, and nothing compiles for 
 
 Only the transformer's base weights change places. The LoRA slot's own tensors stay, so a job may
 name LoRAs with the variant. FP8 linear layers are another format than a checkpoint's bf16
-weights: a worker running them refuses the variant, saying so. CUDA graphs (off for every model
+weights: a worker running them refuses the variant, saying so, as does a group-offloaded
+transformer (its hooks onload their own host copies of the weights). CUDA graphs (off for every model
 until a GPU run measures them) record the weights' addresses: a swap would make them record again.
 """
 
@@ -37,7 +38,12 @@ class CheckpointVariant:
         folder itself) and check it has exactly the model's parameters, shape for shape."""
         import torch
         from diffusers import AutoModel
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
+        # Group offloading keeps its own host copy of each weight and onloads from it: a swapped
+        # parameter would never reach the GPU.
+        if _is_group_offload_enabled(transformer):
+            raise ValueError("the transformer is group-offloaded: a checkpoint variant cannot swap into it")
         self.transformer = transformer
         own = self._base_parameters()
         first = next(iter(own.values()))

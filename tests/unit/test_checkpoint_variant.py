@@ -209,3 +209,19 @@ def test_a_requests_lora_runs_on_the_checkpoint_through_the_slot(setup, small_mo
     assert np.abs(styled - fast).max() > 10
     again, timings = _frames(adapter, fast_request, storage)
     assert np.array_equal(again, fast) and timings["lora_slot"] == 0  # the slot off and empty again
+
+
+def test_a_group_offloaded_transformer_refuses_a_checkpoint_saying_why(
+    small_models_dir: Path, tmp_path: Path
+):
+    """Group offloading onloads each weight from a host copy of its own: a swap would not reach the
+    GPU, so it is refused rather than silently running the model's weights."""
+    from diffusers import AutoModel
+
+    from worker.checkpoints import CheckpointVariant
+
+    transformer = AutoModel.from_pretrained(str(small_models_dir / SPEC.key), subfolder="transformer")
+    transformer.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    checkpoint = build_checkpoint(small_models_dir / SPEC.key, tmp_path / "fastwan", seed=1)
+    with pytest.raises(ValueError, match="group-offloaded"):
+        CheckpointVariant(transformer, str(checkpoint))
