@@ -244,13 +244,13 @@ class Speed:
         two-expert model's low-noise file ``...:low``); the variant's own weights folder as a
         model's is found (``<model>:<variant>``: the node cache, filled from the store's mirror,
         ``FLEET_WEIGHTS``, ``FLEET_MODEL_ROOT``); else the hub, at its revision."""
-        from worker.weights import local_weights
-
         key = f"{self.model}{VARIANT_SEPARATOR}{variant.key}"
         given = self.settings.variant_weights.get(key + suffix) if self.settings else None
         if given is not None:
-            return given
+            return given  # before importing the stores (boto3), which a GPU bench machine may lack
         if self.settings is not None:
+            from worker.weights import local_weights
+
             folder = Path(
                 local_weights(self.settings, variant_spec(get_model(self.model), variant.key), storage)
             )
