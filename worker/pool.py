@@ -48,10 +48,15 @@ from routing.memory import (
 )
 from routing.memory.model import GIB, has_data
 from routing.memory.model import predict as predict_placed
+from routing.memory.model import weights as memory_weights
 from routing.memory.model import weights_gib as predicted_weights_gib
 from worker.adapters.base import Adapter, placing_seconds
 
 log = logging.getLogger(__name__)
+
+# Placements that keep the model's transformer on the GPU between jobs (so a checkpoint variant's
+# is kept there too); the offloaded ones keep both in host memory.
+_TRANSFORMER_ON_GPU = (Mode.RESIDENT, Mode.FP8, Mode.TEXT_ENCODER_OFFLOAD)
 
 # Loads a model placed as the worker's class places it (routing.memory.Placement).
 Loader = Callable[[ModelSpec, Placement], Adapter]
@@ -181,7 +186,7 @@ class PipelinePool:
             where = placement(spec, smaller[-1])
             assert where is not None
             model_key = f"{model_key}@{where.mode.value}"
-        need_gib = self._request_gib(spec, where, work)
+        need_gib = self._request_gib(spec, where, work) + self._checkpoint_gib(model_key, spec, where, work)
         if model_key in self._resident:
             self._resident.move_to_end(model_key)
             self._admit(model_key, self._held_gib(model_key), need_gib, work)
@@ -217,6 +222,18 @@ class PipelinePool:
             return 0.0
         found = predict_placed(spec.key, where, work, self._ranks(where))
         return max(0.0, found.peak_gib - self._predicted_gib(spec, where))
+
+    def _checkpoint_gib(self, key: str, spec: ModelSpec, where: Placement, work: Work | None) -> float:
+        """Room for a checkpoint variant the job needs and the model has not loaded yet: a second
+        transformer kept on the GPU beside the model's (in host memory where the placement keeps
+        the model's there); once loaded it is counted in the model's own (``_held_gib``)."""
+        variant = spec.variants.get(work.variant) if work is not None and work.variant else None
+        if variant is None or variant.checkpoint is None or where.mode not in _TRANSFORMER_ON_GPU:
+            return 0.0
+        speed = getattr(self._resident.get(key), "speed", None)
+        if speed is not None and variant.key in getattr(speed, "checkpoints", {}):
+            return 0.0
+        return memory_weights()[spec.key]["transformer"]["bytes"] / GIB
 
     def _ranks(self, where: Placement) -> int:
         """Sharded: a rank of the class's GPUs."""

@@ -103,6 +103,7 @@ def work_of(request: Any, spec: ModelSpec) -> Work:
         input_images=len(images) if images else 0,
         outputs=getattr(request, "num_outputs", 1) or 1,
         loras=bool(getattr(request, "loras", None) or getattr(request, "variant", None)),
+        variant=getattr(request, "variant", None),
     )
 
 

@@ -108,6 +108,9 @@ class Work:
     # The request carries LoRAs or a variant: only a placement that applies them takes it
     # (``applies_loras``).
     loras: bool = False
+    # The request's variant (a checkpoint variant's transformer is kept beside the model's, where
+    # a worker's pool makes room for it before its first job: worker.pool).
+    variant: str | None = None
 
     @property
     def megapixels(self) -> float:

@@ -305,3 +305,35 @@ def test_lora_memory_counts_in_the_budget():
     pool.get("qwen-image")
     assert pool.resident == ["qwen-image"] and pool.evictions == {"z-image-turbo": 1}
     assert pool.used_gb == qwen + 2
+
+
+def test_a_checkpoint_variants_first_job_gets_room_for_its_transformer_and_the_next_counts_it_held():
+    """Catches FastWan's first job admitted as if its transformer (9.3 GiB beside the model's)
+    took nothing: it would run out of memory loading it beside the other resident models."""
+    ti2v, z = weights("wan2.2-ti2v-5b", VramClass.GPU80), weights("z-image-turbo", VramClass.GPU80)
+    checkpoint = 10000624000 / GIB  # routing/memory/weights.json: TI2V-5B's transformer in bf16
+    loaded: dict[str, Any] = {}
+
+    def load(spec: ModelSpec, placement: Placement) -> FakeAdapter:
+        adapter = FakeAdapter(spec, placement)
+        speed = SimpleNamespace(extra_bytes=0, checkpoints={})
+        adapter.use_speed(speed)  # type: ignore[arg-type]
+        loaded[spec.key] = speed
+        return adapter
+
+    fast = Work(64, 64, frames=5, loras=True, variant="fastwan-3")
+    need = request_gib("wan2.2-ti2v-5b", VramClass.GPU80, fast)
+    pool = PipelinePool(load, VramClass.GPU80, budget_gb=ti2v + z + need + checkpoint - 0.5)
+    pool.get("z-image-turbo")
+    pool.get("wan2.2-ti2v-5b", Work(64, 64, frames=5))  # a base job: room for both models
+    assert pool.resident == ["z-image-turbo", "wan2.2-ti2v-5b"]
+
+    pool.get("wan2.2-ti2v-5b", fast)  # the variant's first job: Z-Image makes way for its transformer
+    assert pool.resident == ["wan2.2-ti2v-5b"] and pool.evictions == {"z-image-turbo": 1}
+
+    # Loaded by that job: counted in the model's held memory from then on, not asked for again.
+    loaded["wan2.2-ti2v-5b"].checkpoints["fastwan-3"] = object()
+    loaded["wan2.2-ti2v-5b"].extra_bytes = int(checkpoint * GIB)
+    assert pool.used_gb == pytest.approx(ti2v + checkpoint)
+    pool.get("wan2.2-ti2v-5b", fast)
+    assert pool.resident == ["wan2.2-ti2v-5b"]
