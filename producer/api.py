@@ -33,7 +33,7 @@ from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
 from producer.metrics import FleetCollector
-from routing.catalog import CATALOG
+from routing.catalog import CATALOG, Variant
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
     Conflict,
@@ -540,6 +540,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "max_steps": spec.max_steps,
                     "video": vars(spec.video) if spec.video else None,
                     "max_input_images": spec.max_input_images,
+                    "takes_loras": spec.lora_modules is not None,
+                    "variants": [_variant_info(variant) for variant in spec.variants.values()],
                 }
                 for spec in CATALOG.values()
             ],
@@ -594,3 +596,16 @@ def __getattr__(name: str) -> Any:
         globals()["app"] = create_app()
         return globals()["app"]
     raise AttributeError(name)
+
+
+def _variant_info(variant: Variant) -> dict[str, Any]:
+    """A variant as ``GET /v1/models`` lists it: what a request naming it runs by default."""
+    return {
+        "name": variant.key,
+        "steps": variant.steps,
+        "guidance_scale": variant.guidance,
+        # A DMD checkpoint runs exactly its steps; a LoRA variant's are a default.
+        "fixed_steps": bool(variant.dmd_timesteps),
+        "weights": "checkpoint" if variant.checkpoint else "lora",
+        "hub_id": variant.repo,
+    }

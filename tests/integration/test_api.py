@@ -251,6 +251,20 @@ def test_uploads_models_and_health(api):
     assert api.post("/v1/uploads", content=b"not media", headers=A).status_code == 422
     models = api.get("/v1/models", headers=A).json()
     assert {m["key"] for m in models["models"]} >= {"z-image-turbo", "wan2.2-s2v-14b"}
+    by_key = {m["key"]: m for m in models["models"]}
+    # What a caller may name: the variants, with the steps a request naming one runs.
+    assert {v["name"] for v in by_key["qwen-image-edit-2509"]["variants"]} == {"lightning-4", "lightning-8"}
+    [fastwan] = by_key["wan2.2-ti2v-5b"]["variants"]
+    assert fastwan == {
+        "name": "fastwan-3",
+        "steps": 3,
+        "guidance_scale": 1.0,
+        "fixed_steps": True,
+        "weights": "checkpoint",
+        "hub_id": "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
+    }
+    assert by_key["z-image-turbo"]["variants"] == [] and by_key["z-image-turbo"]["takes_loras"]
+    assert not by_key["wan2.2-s2v-14b"]["takes_loras"]
     assert api.get("/healthz").json() == {"status": "ok"}
     assert "/v1/jobs" in api.get("/openapi.json").json()["paths"]
 
