@@ -49,6 +49,11 @@ class Move:
     dead_letter: DeadLetter | None = None  # written when the job ends failed
     kept_s: int | None = None  # how long a record that ends here is kept; the store's TTL when None
     fields: Mapping[str, Any] = field(default_factory=dict)
+    # A claim of a job its dead worker left running: why it went back. Made from ``running``, the
+    # claim also records the hand-back and its ``job.queued`` event, in the same step, as the
+    # reaper's hand-back does (a reaper and a redelivered message race for such a job: whichever
+    # wins, the record and the events say the same).
+    takeover: str | None = None
 
     def __post_init__(self) -> None:
         allowed = allowed_sources(self.target)
@@ -74,14 +79,16 @@ class Moved:
 def claim(record: JobRecord, worker: str, started_at: float) -> Move:
     """``worker`` takes the job as it read it: only if it is still at that attempt and, when it
     was running (its worker died), still that worker's. Counts an attempt."""
+    running = record.status is JobStatus.RUNNING
     return Move(
         "claim",
         JobStatus.RUNNING,
         (JobStatus.QUEUED, JobStatus.RUNNING),
-        owner=record.worker if record.status is JobStatus.RUNNING else None,
+        owner=record.worker if running else None,
         attempt=record.attempt,
         count_attempt=True,
         fields={"started_at": started_at, "worker": worker, "cancel_requested": 0},
+        takeover=f"worker {record.worker} died" if running and record.worker else None,
     )
 
 

@@ -74,7 +74,8 @@ end
 # event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
 # none), event_id, message (webhook delivery), worker (expected owner, '' for any), attempt
 # (expected attempt, '' for any), requeue ([list, message] to push when the job goes back to
-# queued, [] for none), fields (field/value pairs to set, flat), canceled (for a running job
+# queued, [] for none), fields (field/value pairs to set, flat), takeover ({event_id, message,
+# reason} of the job.queued a claim from running records first; {} for none), canceled (for a running job
 # going back to queued or running: {event_id, message, ttl_s} of the job.canceled it becomes
 # instead when its cancel was asked for; {} otherwise), dead_letter ([list, entry, max]: pushed
 # and the list trimmed to max when the job ends failed, [] for none). Also keeps the queue
@@ -165,6 +166,15 @@ end
 if #a.dead_letter > 0 and a.target == 'failed' then
   redis.call('LPUSH', a.dead_letter[1], a.dead_letter[2])
   redis.call('LTRIM', a.dead_letter[1], 0, tonumber(a.dead_letter[3]) - 1)
+end
+-- A claim of a job its dead worker left running: the hand-back the reaper would have made,
+-- recorded and announced first (see lifecycle.Move.takeover).
+if a.takeover.reason and current == 'running' and a.target == 'running' then
+  redis.call('HSET', keys.job, 'handed_back', a.takeover.reason)
+  local event_id = a.event_id
+  a.event_id = a.takeover.event_id
+  emit(a, 'job.queued', 'queued', a.takeover.message)
+  a.event_id = event_id
 end
 emit(a, a.event_type, a.target, a.message)
 return {1, current, a.target}

@@ -257,6 +257,10 @@ class JobStore:
         if move.cancel_outlives:
             canceled_id, canceled_message = self._webhook_message(job_id, EventType.CANCELED.value, now)
             canceled = {"event_id": canceled_id, "message": canceled_message, "ttl_s": str(self.ttl_s)}
+        takeover: dict[str, str] = {}
+        if move.takeover is not None:
+            queued_id, queued_message = self._webhook_message(job_id, EventType.QUEUED.value, now)
+            takeover = {"event_id": queued_id, "message": queued_message, "reason": move.takeover}
         requeue: list[str] = []
         if move.requeue is not None:
             if self.messages is None:
@@ -297,6 +301,7 @@ class JobStore:
             dead_letter=dead_letter,
             fields=_flatten(values),
             canceled=canceled,
+            takeover=takeover,
         )
         ok, current, *reached = self._transition(args=[args])
         current = _text(current)

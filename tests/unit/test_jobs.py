@@ -123,6 +123,38 @@ def test_redelivery_counts_attempts(store: JobStore):
     assert store.get(job_id).attempt == 2
 
 
+def test_a_dead_workers_job_claimed_from_running_says_what_a_hand_back_says(store: JobStore):
+    """A redelivered message can reach a dead worker's job before the reaper hands it back: the
+    claim then records the hand-back and its job.queued event (and that event's webhook) itself,
+    so the record and the events read the same whichever of the two got there first."""
+    from routing.classes import WEBHOOK_QUEUE
+    from routing.jobs.events import Webhook
+
+    job_id = _create(store, webhook=Webhook("https://example.com/hook", ("queued", "started")))
+    _claim(store, job_id, "w1")
+    webhooks = store.client.llen(WEBHOOK_QUEUE)
+
+    _claim(store, job_id, "w2")  # w1's heartbeat is gone: the runner claims from running
+
+    record = store.get(job_id)
+    assert (record.status, record.worker, record.attempt) == (JobStatus.RUNNING, "w2", 2)
+    assert record.handed_back == "worker w1 died"
+    assert [e["type"] for e in store.events(job_id)] == [
+        "job.queued",
+        "job.started",
+        "job.queued",
+        "job.started",
+    ]
+    assert store.client.llen(WEBHOOK_QUEUE) == webhooks + 2  # queued, then started
+    # The reaper's way gives the same: hand back, then a claim from queued.
+    other = _create(store, "b" * 32)
+    _claim(store, other, "w1")
+    store.move(other, lifecycle.hand_back("gpu16", "worker w1 died", owner="w1"))
+    _claim(store, other, "w2")
+    assert store.get(other).handed_back == record.handed_back
+    assert [e["type"] for e in store.events(other)] == [e["type"] for e in store.events(job_id)]
+
+
 def test_cancel_queued_is_immediate_cancel_running_is_a_request(store: JobStore):
     queued = _create(store, "1" * 32)
     assert store.cancel(queued) is JobStatus.CANCELED
