@@ -121,7 +121,7 @@ class Figures:
             f"{self.kills_overlapped} while storing one and generating the next)",
             f"terminal states:           {fmt(self.statuses)}",
             f"failures by type:          {fmt(self.failures)}; dead-lettered: {self.dead_letters}",
-            f"attempts per job:          {fmt(self.attempts)}; handed back after their worker died (by a reaper, or by the claim that took them over): {self.handed_back}",
+            f"attempts per job:          {fmt(self.attempts)}; handed back (their worker died): {self.handed_back}",
             f"stranded before claim:     {self.stranded} (message held by a killed worker), taken up "
             f"again {len(self.stranded_recovered_s)} within {self.recovered_max_s:.1f} s at most (bound "
             f"{STRANDED_BOUND_S:.0f} s), given back by a reaper",
