@@ -301,7 +301,8 @@ CASES = [
         14.2,
         rows=S2V_ROWS,
         lossless_goal=False,
-        note="fleet_s is stock's: the group runs the official code with no technique on yet",
+        note="fleet_s is stock's: the group's profile turns on none of these rows' techniques until "
+        "they are measured (FLEET_TF32 and FLEET_ATTENTION_BACKEND run them in the group)",
     ),
 ]
 BY_KEY = {case.key: case for case in CASES}
@@ -736,7 +737,7 @@ def s2v_case(case: Case, device: Any, wanted: list[str] | None, runs: int, trace
             lambda: stock_row.call(0)
         )
     result = summarize(case, device, rows, runs, build_s, (width, height, frames), 1)
-    result["fleet_row"] = "stock"  # the group runs the official code as stock does
+    result["fleet_row"] = "stock"  # the group runs the official code as stock does, its profile all off
     return complete(case, result)
 
 

@@ -66,6 +66,9 @@ class SpeedProfile:
     # The text encoder's repeated layers compiled too (with the transformer, warmed on the same
     # jobs): off until a GPU run shows it wins on the model (not measured yet).
     compile_text_encoder: bool = False
+    # TF32 matmuls and convolutions for the float32 parts of the official Wan code the torchrun
+    # group runs (the diffusers pipelines run bfloat16 throughout): off until measured.
+    tf32: bool = False
 
 
 @dataclass(frozen=True)
@@ -592,6 +595,10 @@ CATALOG: dict[str, ModelSpec] = {
             allowed_sizes=((1024, 704), (704, 1024), (832, 480), (480, 832), (1280, 720), (720, 1280)),
             served=True,
             notes="run by the official Wan2.2 code in a resident torchrun group (worker.group)",
+            # The group's techniques (worker.adapters.official_group.GroupSpeed): SDPA's own
+            # kernel choice (where flash-attn is not installed) and no TF32, until
+            # bench/gpu_speed.py's S2V rows measure cuDNN attention and TF32 on a card.
+            speed={VramClass.H100X8: SpeedProfile(compile=False, attention=("native",))},
         ),
     ]
 }

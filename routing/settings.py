@@ -203,6 +203,9 @@ class Settings(BaseSettings):
     # The text encoder's layers compiled with the transformer's blocks: "auto" as the model's
     # profile says (off everywhere until measured), "on" or "off" for every compiled model.
     compile_text_encoder: Literal["auto", "on", "off"] = "auto"
+    # TF32 for the official Wan code's float32 parts in the torchrun group: "auto" as the model's
+    # profile says (off everywhere until measured), "on" or "off" for every group model.
+    tf32: Literal["auto", "on", "off"] = "auto"
     # Sizes to warm a compiled model on, by model key ([width, height, frames or 0], ...), over the
     # catalog's class sizes (tests warm small ones).
     warm_sizes: dict[str, list[tuple[int, int, int]]] = Field(default_factory=dict)

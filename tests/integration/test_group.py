@@ -175,6 +175,9 @@ def test_every_rank_runs_the_job_and_rank_0_stores_one_video_with_the_speech(
     # 832*480 within its 128*64 cap.
     assert (output.width, output.height, output.frames, output.fps) == (128, 64, 77, 16)
     assert output.seed is not None  # drawn once, used by both ranks
+    # What the group ran it with (its speed profile: nothing on until measured, and the CPU has
+    # no TF32): named in the job's timings as every model's techniques are.
+    assert (record.timings["tf32"], record.timings["attention_native"]) == (0, 1)
     storage = LocalStorage(fleet_settings.storage_dir)
     assert storage.list(f"jobs/{job.id}/") == [output.key]
     mp4 = storage.get(output.key)

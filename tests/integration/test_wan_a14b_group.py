@@ -120,6 +120,7 @@ def test_both_a14b_models_run_in_one_group_a_clip_the_80gb_class_does_not_hold_g
     assert len(_frames(storage.get(output.key))) == 9
     # The official t2v-A14B: shift 12 puts 3 of 4 steps at or above the boundary (875).
     timings = t2v_record.timings
+    assert (timings["tf32"], timings["attention_native"], timings["compile_regional"]) == (0, 1, 0)
     assert (timings["expert_high_steps"], timings["expert_low_steps"], timings["expert_boundary_t"]) == (
         3,
         1,

@@ -1,7 +1,8 @@
 """What a job runs with, on the real small Z-Image (eager, CPU): FP8 linear layers and CUDA graphs
 asked for on a device without them, and the text encoder's compile on an eager profile, are not
 applied and the reason is logged; the text encoder's layers to compile are its language layers,
-not a vision tower's; a base job runs
+not a vision tower's; the torchrun group's TF32 and SDPA kernel follow the settings, are put back
+after a job and fall back on the CPU saying why; a base job runs
 with the LoRA slot off (every wrapped layer computes its base weights alone) and a LoRA job with
 it on; every job's timings name the techniques it ran."""
 
@@ -113,3 +114,36 @@ def test_the_text_encoders_layers_to_compile_are_its_language_layers(small_model
     assert layers and all(type(layer).__name__ == "Qwen2_5_VLDecoderLayer" for layer in layers)
     assert len(layers) == encoder.config.text_config.num_hidden_layers
     assert repeated_layers(None) == []
+
+
+def test_the_groups_speed_follows_the_settings_and_falls_back_on_the_cpu_saying_why(caplog: Any) -> None:
+    """The official code in the torchrun group: TF32 and the SDPA kernel its attention prefers,
+    set for a job and put back after it, named in the job's timings; what the CPU lacks is not
+    applied, and the log says why."""
+    from torch.nn.attention import SDPBackend
+
+    from worker.adapters.official_group import GroupSpeed, group_speed
+
+    s2v = CATALOG["wan2.2-s2v-14b"]
+    assert group_speed(s2v, "cpu", Settings()) == GroupSpeed(tf32=False, attention="native")
+    assert GroupSpeed().timings() == {"compile_regional": 0.0, "tf32": 0.0, "attention_native": 1.0}
+    with caplog.at_level(logging.WARNING, logger="worker.adapters.official_group"):
+        cpu = group_speed(s2v, "cpu", Settings(tf32="on", attention_backend="_native_cudnn"))
+    assert cpu == GroupSpeed(tf32=False, attention="native")
+    assert "TF32 asked for, runs without: TF32 needs a CUDA device, not cpu" in caplog.text
+    assert "_native_cudnn" in caplog.text and "SDPA chooses" in caplog.text
+    # On a GPU the settings are taken as they are.
+    assert group_speed(s2v, "cuda:0", Settings(tf32="on", attention_backend="_native_cudnn")) == GroupSpeed(
+        tf32=True, attention="_native_cudnn"
+    )
+
+    tf32_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    order_before = torch._C._get_sdp_priority_order()
+    with GroupSpeed(tf32=True, attention="_native_math").applied():
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        # Preferred first, the others after it: a call the kernel cannot serve still runs.
+        order = torch._C._get_sdp_priority_order()
+        assert order[0] == SDPBackend.MATH.value and SDPBackend.FLASH_ATTENTION.value in order
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32_before
+    assert torch._C._get_sdp_priority_order() == order_before
+    assert GroupSpeed(tf32=True, attention="_native_cudnn").timings()["attention__native_cudnn"] == 1.0

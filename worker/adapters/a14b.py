@@ -94,7 +94,7 @@ class A14BGroupModel(OfficialGroupModel):
         else:
             options["size"] = (width, height)
         self._expert_steps = {"high": 0, "low": 0}
-        with patched(progress.patches(step, (self.module,))):
+        with patched(progress.patches(step, (self.module,))), self.speed.applied():
             video = self.pipe.generate(**options)
         if self.place.rank != 0:
             return None
@@ -108,7 +108,8 @@ class A14BGroupModel(OfficialGroupModel):
             made,
             fps=int(self.config.sample_fps),
             seed=request.seed,
-            timings={
+            timings=self.speed.timings()
+            | {
                 "expert_high_steps": float(self._expert_steps["high"]),
                 "expert_low_steps": float(self._expert_steps["low"]),
                 "expert_boundary_t": round(self.config.boundary * self.config.num_train_timesteps, 4),

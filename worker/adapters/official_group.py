@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import types
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,86 @@ from worker.group.spec import GroupPlace
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+    from routing.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The SDPA kernels a group model's attention may prefer, by the names diffusers gives them (the
+# fleet's attention settings use those names everywhere).
+_SDPA_KERNELS = {
+    "_native_cudnn": "CUDNN_ATTENTION",
+    "_native_flash": "FLASH_ATTENTION",
+    "_native_efficient": "EFFICIENT_ATTENTION",
+    "_native_math": "MATH",
+}
+
+
+@dataclass(frozen=True)
+class GroupSpeed:
+    """What the official code runs with in the group, set for each job and put back after it (one
+    rank process may hold several group models): TF32 for its float32 matmuls and convolutions,
+    and the SDPA kernel its attention prefers (``worker.adapters.wan_s2v.attention`` runs SDPA
+    where flash-attn is not installed; with flash-attn the official code calls it itself)."""
+
+    tf32: bool = False
+    attention: str = "native"  # a key of _SDPA_KERNELS; "native": SDPA's own; "flash"/"_flash_3": flash-attn
+
+    def timings(self) -> dict[str, float]:
+        """Its part of a job's timings (numbers, as the diffusers models' speed profile gives)."""
+        return {"compile_regional": 0.0, "tf32": float(self.tf32), f"attention_{self.attention}": 1.0}
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        import torch
+
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        if self.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        kernel: AbstractContextManager[object] = contextlib.nullcontext()
+        if self.attention in _SDPA_KERNELS:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            first = getattr(SDPBackend, _SDPA_KERNELS[self.attention])
+            rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+            # Preferred, not forced: a call the kernel cannot serve falls back to the others.
+            kernel = sdpa_kernel([first, *(b for b in rest if b != first)], set_priority=True)
+        try:
+            with kernel:
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def group_speed(spec: ModelSpec, device: str, settings: Settings) -> GroupSpeed:
+    """The group speed of ``spec`` on ``device``: the catalog's h100x8 profile (none: the official
+    code as it is), as FLEET_TF32 and FLEET_ATTENTION_BACKEND say; what the device lacks is not
+    applied, and the reason logged."""
+    from routing.classes import VramClass
+    from worker.adapters.wan_s2v.attention import flash_attn_available
+
+    profile = spec.speed.get(VramClass.H100X8)
+    tf32 = {"auto": bool(profile and profile.tf32), "on": True, "off": False}[settings.tf32]
+    cuda = device.split(":")[0] == "cuda"
+    if tf32 and not cuda:
+        log.warning("%s: TF32 asked for, runs without: TF32 needs a CUDA device, not %s", spec.key, device)
+        tf32 = False
+    if flash_attn_available():
+        import importlib.util
+
+        # The official code then calls flash-attn 3 where it is installed, else flash-attn 2.
+        three = importlib.util.find_spec("flash_attn_interface") is not None
+        return GroupSpeed(tf32, "_flash_3" if three else "flash")
+    wanted = (
+        [settings.attention_backend]
+        if settings.attention_backend != "auto"
+        else list(profile.attention if profile else ("native",))
+    )
+    for name in wanted:
+        if name == "native" or (name in _SDPA_KERNELS and (cuda or name == "_native_math")):
+            return GroupSpeed(tf32, name)
+    log.warning("%s: attention %s is not an SDPA kernel this device has; SDPA chooses", spec.key, wanted)
+    return GroupSpeed(tf32, "native")
 
 
 class OfficialGroupModel:
@@ -61,6 +144,10 @@ class OfficialGroupModel:
                 raise ValueError(f"{heads} attention heads do not split over {place.world_size} ranks")
         with self._loading(weights):
             self.pipe = self._build(weights)
+        from routing.settings import get_settings
+
+        self.speed = group_speed(spec, runtime.device, get_settings())
+        log.info("%s in the group: %s", spec.key, self.speed)
 
     # --- what a task sets ---------------------------------------------------------------------
 

@@ -72,7 +72,7 @@ class S2VGroupModel(OfficialGroupModel):
             on_step(steps.done, steps.steps_per_clip * steps.clips)
 
         self._audio_clips = None
-        with patched(progress.patches(step, (self.module,))):
+        with patched(progress.patches(step, (self.module,))), self.speed.applied():
             video = self.pipe.generate(
                 input_prompt=request.prompt,
                 ref_image_path=str(reference),
@@ -102,6 +102,7 @@ class S2VGroupModel(OfficialGroupModel):
             fps=int(self.config.sample_fps),
             seed=request.seed,
             audio=Path(audio_path).read_bytes(),
+            timings=self.speed.timings(),
         )
 
 
