@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from routing.classes import VramClass
 from routing.memory.model import Mode, Placement
@@ -88,11 +89,9 @@ class Variant:
     # Models with two experts (Wan2.2-A14B): the low-noise expert's LoRA file in the same
     # repository; ``lora_file`` is then the high-noise expert's.
     lora_file_2: str | None = None
-    # The scheduler's flow shift the LoRA was distilled with; None: the repository's own.
-    flow_shift: float | None = None
     # The scheduler configuration the variant was distilled with, as changes to the repository's
     # (``from_config`` keyword arguments); empty: the repository's scheduler as it is.
-    scheduler: tuple[tuple[str, float | None], ...] = ()
+    scheduler: tuple[tuple[str, Any], ...] = ()
     # A full checkpoint instead of a LoRA: the hub repository (diffusers layout) whose
     # ``transformer/`` runs the variant's jobs in place of the model's, same architecture.
     checkpoint: str | None = None
@@ -249,9 +248,19 @@ class OfficialCheckpoint:
     revision: str = "main"
 
 
+# The scheduler the Wan2.2-Lightning LoRAs were distilled with: the repository's UniPC at flow
+# shift 5, first order and without its corrector at any step (a request has at most 100), which
+# makes each step an Euler step in flow matching: 4 steps land on timesteps 999, 937, 833 and 625.
+_WAN_LIGHTNING_SCHEDULER = (
+    ("flow_shift", 5.0),
+    ("solver_order", 1),
+    ("disable_corrector", tuple(range(100))),
+)
+
+
 def _wan_lightning(folder: str) -> Variant:
     """A Wan2.2-Lightning 4-step variant of an A14B model: one LoRA per expert in ``folder`` of the
-    repository, run at the flow shift they were distilled with."""
+    repository, run at the scheduler they were distilled with."""
     return Variant(
         "lightning-4",
         4,
@@ -259,7 +268,7 @@ def _wan_lightning(folder: str) -> Variant:
         _WAN_LIGHTNING,
         f"{folder}/high_noise_model.safetensors",
         lora_file_2=f"{folder}/low_noise_model.safetensors",
-        flow_shift=5.0,
+        scheduler=_WAN_LIGHTNING_SCHEDULER,
     )
 
 

@@ -44,8 +44,14 @@ class CheckpointVariant:
         # parameter would never reach the GPU.
         if _is_group_offload_enabled(transformer):
             raise ValueError("the transformer is group-offloaded: a checkpoint variant cannot swap into it")
-        self.transformer = transformer
-        own = self._base_parameters()
+        # The transformer's own weights by their checkpoint names (not the LoRA slot's): the same
+        # Parameter objects for the life of the model, so read once.
+        own = {
+            name.replace(_PEFT_BASE, ""): parameter
+            for name, parameter in transformer.named_parameters()
+            if "lora_" not in name
+        }
+        self.parameters = own
         first = next(iter(own.values()))
         # torchao's FP8 layers hold their weights as tensor subclasses.
         if any(type(p.data) is not torch.Tensor for p in own.values()):
@@ -78,19 +84,10 @@ class CheckpointVariant:
         }
         self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The transformer's own weights by their checkpoint names (not the LoRA slot's)."""
-        return {
-            name.replace(_PEFT_BASE, ""): parameter
-            for name, parameter in self.transformer.named_parameters()
-            if "lora_" not in name
-        }
-
     def _swap(self) -> None:
         # Kept where they were loaded: an offloaded transformer's weights may be on the GPU when
         # a job fails mid-step; what is taken out of it goes back to host memory all the same.
-        own = self._base_parameters()
-        for name, parameter in own.items():
+        for name, parameter in self.parameters.items():
             self.tensors[name], parameter.data = parameter.data.to(self.device), self.tensors[name]
 
     @contextmanager

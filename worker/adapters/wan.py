@@ -217,7 +217,6 @@ class WanA14BAdapter(Adapter):
             )
         self.pipe.set_progress_bar_config(disable=True)
         self.placement = ExpertPlacement(self.pipe, runtime.device)
-        self.scheduler = self.pipe.scheduler
 
     @property
     def pipeline(self) -> Any:
@@ -249,7 +248,7 @@ class WanA14BAdapter(Adapter):
         self.placement.use("transformer")  # the previous job may have left the low-noise one on
         boundary_t = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
         steps = {"transformer": 0, "transformer_2": 0}
-        with self._scheduler_for(request):
+        with variant_scheduler(pipe, self.spec, request):
             output = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds if guided else None,
@@ -290,27 +289,6 @@ class WanA14BAdapter(Adapter):
             return report(pipe, step_index, timestep, tensors)
 
         return callback
-
-    @contextmanager
-    def _scheduler_for(self, request: Any) -> Iterator[None]:
-        """The repository's scheduler, or for a variant the one its LoRAs were distilled with:
-        first-order steps (without UniPC's corrector the flow-matching update is an Euler step)
-        on the flow shift the variant names, which for 4 steps puts them at the timesteps the
-        Lightning LoRAs were distilled on (999, 937, 833, 625)."""
-        variant = self.spec.variants.get(request.variant) if request.variant else None
-        if variant is None or variant.flow_shift is None:
-            yield
-            return
-        self.pipe.scheduler = type(self.scheduler).from_config(
-            self.scheduler.config,
-            flow_shift=variant.flow_shift,
-            solver_order=1,
-            disable_corrector=list(range(request.steps)),
-        )
-        try:
-            yield
-        finally:
-            self.pipe.scheduler = self.scheduler
 
 
 class WanAnimateAdapter(Adapter):
