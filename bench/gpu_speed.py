@@ -44,6 +44,9 @@ transformer a copy sharing them), timed in A/B/B/A order (each round the reverse
 - ``fleet+te-compile``: the profile with the text encoder's layers compiled too
   (``FLEET_COMPILE_TEXT_ENCODER=on``), on the end-to-end cases whose text encoding is a share
   worth trying (Z-Image, Qwen-Image Lightning, FastWan);
+- ``fleet+fused-qkv``: the profile with fused QKV projections (``FLEET_FUSED_QKV=on``: one GEMM
+  for query, key and value, worker/fused.py), on the Wan cases (diffusers runs only Wan's
+  attention fused);
 - the cache case: ``stock`` (uncached), ``stock+cache`` and ``fleet`` (the request's cache);
 - S2V: ``stock`` (the official code as the fleet's group runs it, SDPA), ``tf32``, ``cudnn``
   (SDPA's cuDNN kernel), ``compile`` (its blocks compiled), ``compile+tf32+cudnn``.
@@ -115,10 +118,12 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+cuda-graphs   # ~550 s
     --only wan2.2-ti2v-5b/1280x704x121/step --rows stock stock-kernel fleet stock-compile attention   # ~448 s
     --only wan2.2-ti2v-5b/1280x704x121/step --rows stock lora-slot-on fleet+fp8 fleet+cuda-graphs   # ~446 s
+    --only wan2.2-ti2v-5b/1280x704x121/step --rows stock fleet+fused-qkv   # ~181 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-kernel   # ~260 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+te-compile   # ~473 s
+    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+fused-qkv   # ~473 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile   # ~374 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile+tf32+cudnn   # ~374 s
@@ -272,6 +277,7 @@ CASES = [
         "ours 1.878 s (H200, the first run's fleet profile)",
         1.70,
         2.07,
+        rows=(*DIFFUSERS_ROWS, "fleet+fused-qkv"),
     ),
     Case(
         "wan2.2-ti2v-5b/1280x704x121/fast-e2e",
@@ -285,7 +291,7 @@ CASES = [
         guidance=1.0,
         variant="fastwan-3",
         # No FP8 row: a checkpoint variant does not swap into FP8 layers (worker/checkpoints.py).
-        rows=("stock", "stock-kernel", "fleet", "stock-compile", "fleet+te-compile"),
+        rows=("stock", "stock-kernel", "fleet", "stock-compile", "fleet+te-compile", "fleet+fused-qkv"),
         lossless_goal=False,
         note="the fastwan-3 variant (DMD steps at 1000, 757, 522) on the model's random weights saved "
         "as its checkpoint; stock runs them loaded as the model, by the same sampler",
@@ -559,6 +565,8 @@ def diffusers_case(
                 **overrides,
             )
             speed = prepare(adapter, spec, VramClass.GPU80, settings)
+            if overrides.get("fused_qkv") == "on" and not speed.fused:
+                raise g.Skip("the transformer runs no fused QKV projections (the worker's log says why)")
             if slot_on:
                 speed.switch_slots(True)
             return job(adapter, row, True, case.cache is not None, None)
@@ -576,6 +584,7 @@ def diffusers_case(
         "fleet+fp8": fleet(fp8="on"),
         "fleet+cuda-graphs": fleet(cuda_graphs="on"),
         "fleet+te-compile": fleet(compile_text_encoder="on"),
+        "fleet+fused-qkv": fleet(fused_qkv="on"),
     }
     backends = CPU_ATTENTION if device.cpu else available_backends()
     names = expand_rows(case, wanted, backends)

@@ -38,7 +38,16 @@ PROMPTS = (
 )
 SEED = 7
 # What a job's timings (or a row) name as run, beside ``attention_<backend>``.
-TECHNIQUES = ("compile_regional", "lora_slot", "variant_checkpoint", "fp8_linear", "cuda_graphs", "tf32")
+TECHNIQUES = (
+    "compile_regional",
+    "lora_slot",
+    "variant_checkpoint",
+    "fp8_linear",
+    "cuda_graphs",
+    "compile_text_encoder",
+    "fused_qkv",
+    "tf32",
+)
 # The class whose profile compiles the diffusers models (resident there).
 COMPILED_CLASS = "gpu80"
 # --cpu: warm sizes and a case size between them, never warmed (frames for the videos only).

@@ -8,6 +8,9 @@ back after: the tensors change places (no copy), and the modules stay the very s
 the LoRA slot, the attention backend and the compiled blocks (whose graphs take the parameters as
 inputs) all serve the variant as they serve the model, and nothing compiles for it.
 
+A transformer with fused QKV projections (worker/fused.py) has its parts as views of the fused
+weights: the checkpoint's are read into the same layout, so both swap.
+
 Only the transformer's base weights change places. The LoRA slot's own tensors stay, so a job may
 name LoRAs with the variant. FP8 linear layers are another format than a checkpoint's bf16
 weights: a worker running them refuses the variant, saying so, as does a group-offloaded
@@ -21,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from worker.fused import fuse_tensors, fused_names
 
 if TYPE_CHECKING:
     import torch
@@ -66,23 +71,32 @@ class CheckpointVariant:
                 f"{path} holds a {type(loaded).__name__}, the model a {type(transformer).__name__}"
             )
         state = dict(loaded.named_parameters())
-        missing = sorted(set(own) - set(state))
+        # Fused projections are the model's, not the checkpoint's: made from its parts below.
+        fused = fused_names(list(own))
+        missing = sorted(set(own) - set(state) - set(fused))
         extra = sorted(set(state) - set(own))
         if missing or extra:
             raise ValueError(
                 f"{path} does not match the model's transformer: missing {missing[:3]}, extra {extra[:3]}"
             )
         for name, parameter in own.items():
-            if state[name].shape != parameter.shape:
+            if name not in fused and state[name].shape != parameter.shape:
                 raise ValueError(
                     f"{path}: {name} is {tuple(state[name].shape)}, the model's {tuple(parameter.shape)}"
                 )
         # Where the model keeps its transformer between jobs: the GPU, or host memory (offloaded).
         self.device = device = first.device
         self.tensors = {
-            name: state[name].detach().to(device, parameter.dtype) for name, parameter in own.items()
+            name: state[name].detach().to(device, parameter.dtype)
+            for name, parameter in own.items()
+            if name not in fused
         }
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        fuse_tensors(self.tensors, fused)
+        # Each storage once: a fused layer's parts are views of it.
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors.values()
+        }
+        self.nbytes = sum(storages.values())
 
     def _swap(self) -> None:
         # Kept where they were loaded: an offloaded transformer's weights may be on the GPU when

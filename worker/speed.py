@@ -3,6 +3,9 @@
 At load, in this order (the LoRA slot must exist before compiling, or hotswapping into it would
 recompile):
 
+0. fused QKV projections (worker/fused.py), where the profile asks and the transformer has
+   them (diffusers' Wan attention): one GEMM for query, key and value in base jobs, the three
+   layers (views of the fused weights) in jobs through the LoRA slot, which wraps them;
 1. the request LoRA slot on the transformer (worker/loras.py), when the model takes LoRAs. It is
    switched off (peft's adapters disabled, so each layer computes its base weights alone) for
    every job that names no LoRA and no variant, and on only for the jobs that do: a base job pays
@@ -34,7 +37,8 @@ after it); a checkpoint variant's weights change places with the transformer's f
 The catalog holds the profile per model and class; settings turn it on or off (``auto``: on a
 GPU only). What ran is logged at start-up and recorded in every job's timings (numbers only:
 ``compile_regional`` 1 or 0, ``attention_<backend>`` 1, ``lora_slot`` 1 when the job ran through
-the slot, ``fp8_linear`` and ``cuda_graphs`` 1 or 0, ``compiled_graphs`` compiled during the job).
+the slot, ``fp8_linear``, ``cuda_graphs`` and ``fused_qkv`` 1 or 0, ``compiled_graphs`` compiled
+during the job).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from routing.catalog import (
 )
 from routing.classes import VramClass
 from routing.settings import Settings
+from worker import fused as fused_qkv
 from worker.adapters.base import Adapter
 from worker.checkpoints import CheckpointVariant
 from worker.loras import LoraCache, LoraSlot
@@ -87,6 +92,8 @@ class Speed:
     fp8: bool = False  # the transformer's linear layers run FP8 GEMMs
     cuda_graphs: bool = False  # the compiled blocks replay CUDA graphs
     text_encoder_compiled: bool = False  # the text encoder's repeated layers are compiled too
+    # Attention modules with fused QKV projections: run fused while the LoRA slot is off.
+    fused: list[Any] = field(default_factory=list)
     # The compiled blocks (``compile_repeated_blocks``), switched to their eager code for a job
     # with a step cache.
     compiled_blocks: list[Any] = field(default_factory=list)
@@ -117,11 +124,15 @@ class Speed:
             "fp8_linear": float(self.fp8),
             "cuda_graphs": float(self.cuda_graphs),
             "compile_text_encoder": float(self.text_encoder_compiled),
+            "fused_qkv": float(bool(self.fused)),
         }
 
     def switch_slots(self, on: bool) -> None:
+        """The LoRA slot on (the attention's own query, key and value layers, which it wraps) or
+        off (the fused projections, where the model has them)."""
         for slot in self.slots:
             slot.switch(on)
+        fused_qkv.switch(self.fused, not on)
 
     @contextmanager
     def for_job(self, request: Any, storage: Storage, timings: dict[str, float]) -> Iterator[None]:
@@ -209,6 +220,7 @@ class Speed:
                     slot.apply(entries[expert])
             self.switch_slots(True)
             timings["lora_slot"] = 1.0
+            timings["fused_qkv"] = 0.0
             timings["lora_s"] = round(time.perf_counter() - t0, 4)
             yield
         finally:
@@ -281,6 +293,7 @@ def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, devi
         compile_text_encoder={"auto": profile.compile_text_encoder, "on": True, "off": False}[
             settings.compile_text_encoder
         ],
+        fused_qkv={"auto": profile.fused_qkv, "on": True, "off": False}[settings.fused_qkv],
     )
 
 
@@ -292,18 +305,27 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
     pipe = adapter.pipeline
     device = adapter.runtime.device
     profile = profile_for(spec, vram_class, settings, device)
-    # 1. The LoRA slot, before anything is compiled.
-    slot = slot_2 = None
     # A two-expert model's second transformer takes everything the first does.
     second = getattr(pipe, "transformer_2", None) if pipe is not None else None
+    transformer = pipe.transformer if can.compile else None
+    transformers = [t for t in (transformer, second if transformer is not None else None) if t is not None]
+    # 0. Fused QKV projections, before the LoRA slot wraps their parts.
+    fused: list[Any] = []
+    if profile.fused_qkv:
+        reason = fused_qkv_refused(adapter.runtime, profile.fp8 and fp8_refused(device) is None, transformers)
+        if reason is None:
+            for module in transformers:
+                fused += fused_qkv.fuse(module)
+        else:
+            log.warning("%s: fused QKV asked for, runs unfused: %s", spec.key, reason)
+    # 1. The LoRA slot, before anything is compiled.
+    slot = slot_2 = None
     if can.loras and spec.lora_modules is not None and settings.max_loras > 0:
         # Room for the request's LoRAs, and for a variant's where the model has variants.
         rank = settings.lora_max_rank + (settings.variant_lora_rank if spec.variants else 0)
         slot = LoraSlot(pipe, spec.lora_modules, rank)
         if second is not None:
             slot_2 = LoraSlot(pipe, spec.lora_modules, rank, component="transformer_2")
-    transformer = pipe.transformer if can.compile else None
-    transformers = [t for t in (transformer, second if transformer is not None else None) if t is not None]
     # 2. Attention.
     attention = _set_attention(transformer, profile, settings.attention_backend, device)
     if transformer is not None and second is not None:
@@ -353,11 +375,13 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         cuda_graphs=cuda_graphs,
         compiled_blocks=blocks,
         text_encoder_compiled=text_encoder_compiled,
+        fused=fused,
         # A two-expert model has no checkpoint variant: its variants are LoRAs, one per expert.
         transformer=pipe.transformer if pipe is not None and second is None else None,
         device=device,
     )
-    # Base jobs run with the slot off; a job with LoRAs or a variant switches it on.
+    # Base jobs run with the slot off (and fused, where fused); a job with LoRAs or a variant
+    # switches it on.
     speed.switch_slots(False)
     # 5. Warm-up at the class's common sizes, so no job pays a compile.
     if compiled and can.warm_up:
@@ -368,12 +392,13 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
         speed.warm_s = time.perf_counter() - t0
     adapter.use_speed(speed)
     log.info(
-        "%s: %s%s%s%s, attention %s, LoRA slot %s, warmed %s in %.1f s",
+        "%s: %s%s%s%s%s, attention %s, LoRA slot %s, warmed %s in %.1f s",
         spec.key,
         "regional compile" if compiled else "eager",
         " with CUDA graphs" if cuda_graphs else "",
         ", FP8 linear layers" if fp8 else "",
         ", text encoder compiled" if text_encoder_compiled else "",
+        f", fused QKV in {len(fused)} attention layers" if fused else "",
         attention,
         f"rank {slot.rank} ({speed.extra_bytes / 2**20:.1f} MiB{', two experts' if slot_2 else ''})"
         if slot
@@ -476,6 +501,18 @@ def _fp8_layer(module: Any, name: str) -> bool:
         and module.in_features % 16 == 0
         and module.out_features % 16 == 0
     )
+
+
+def fused_qkv_refused(runtime: Any, fp8: bool, transformers: list[Any]) -> str | None:
+    """Why fused QKV projections cannot run (worker/fused.py); None when they can. ``fp8``: the
+    transformer's linear layers will run FP8."""
+    if runtime.offload or runtime.expert_offload:
+        return "the model moves between host memory and the GPU, and the fused weights' views would not move with it"
+    if fp8:
+        return "FP8 linear layers quantise each layer's own weights: the fused layer and its parts would be two copies"
+    if not any(fused_qkv.fusable(t) for t in transformers):
+        return "the transformer has no attention that diffusers runs fused (Wan's has)"
+    return None
 
 
 def cuda_graphs_refused(compiled: bool, device: str) -> str | None:
