@@ -57,7 +57,10 @@ class SpeedProfile:
 
     compile: bool = True
     # (width, height, frames or 0) the class mostly runs; two or more sizes make the compiled
-    # blocks shape-dynamic, so a size not listed runs without compiling again.
+    # blocks shape-dynamic, so a size not listed runs without compiling again. Dynamo makes
+    # dynamic only the dimensions that changed between the first size and the next, so the first
+    # two differ in width, height and (video) frames: a dimension the same in both stays a
+    # constant of the graphs, and the first job that changes it compiles again.
     warm_sizes: tuple[tuple[int, int, int], ...] = ()
     attention: tuple[str, ...] = ("_flash_3", "flash", "_native_cudnn", "native")
     # FP8 linear layers (torchao) and CUDA graphs for the compiled blocks: off until a GPU run of
@@ -503,7 +506,10 @@ CATALOG: dict[str, ModelSpec] = {
             # so that class runs eager; resident on gpu80, compiled.
             speed={
                 VramClass.GPU16: SpeedProfile(compile=False),
-                VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 704, 121), (704, 1280, 121))),
+                # Portrait at 81 frames: with 121 frames in both, the frame count stayed a constant
+                # and a job of any other length compiled (the warm-up's two sizes also had the
+                # same token count, so the second did not compile a shape-dynamic graph at all).
+                VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 704, 121), (704, 1280, 81))),
             },
             lora_modules=_WAN_5B_LORA,
             variants=_variants(

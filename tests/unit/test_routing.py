@@ -300,3 +300,25 @@ def test_an_a14b_clip_the_80gb_class_does_not_hold_goes_to_the_group_loras_only_
         assert error.field == "frames", error
         assert "with LoRAs or a variant" in error.message and "(gpu80, expert-offload)" in error.message
         assert error.message.endswith("at most 177 frames"), error.message
+
+
+def test_the_first_two_warm_sizes_differ_in_every_dimension():
+    """Dynamo makes dynamic only the dimensions that changed between a graph's first shape and the
+    next: a dimension the first two warm sizes share stays a constant, and the first job that
+    changes it compiles (tests/unit/test_fused_qkv.py shows a job at new sizes compiling nothing
+    after such a warm-up). Animate is not warmed (worker/speed.py's ``_warm``)."""
+    checked = 0
+    for spec in CATALOG.values():
+        if TaskKind.ANIMATE in spec.task_kinds:
+            continue
+        for vram_class, profile in spec.speed.items():
+            if not profile.compile or len(profile.warm_sizes) < 2:
+                continue
+            first, second = profile.warm_sizes[:2]
+            axes = 3 if spec.video is not None else 2
+            assert all(a != b for a, b in zip(first[:axes], second[:axes], strict=True)), (
+                spec.key,
+                vram_class,
+            )
+            checked += 1
+    assert checked >= 5  # Z-Image's three, the Qwen-Image family, TI2V-5B
