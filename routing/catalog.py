@@ -591,7 +591,9 @@ CATALOG: dict[str, ModelSpec] = {
             max_input_images=1,
             notes='modes "move" (character follows a driving video) and "mix" (character replaces one)',
             served=True,
-            speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 720, 77), (720, 1280, 77)))},
+            # A full 77-frame segment, and a short clip's 41-frame one (clips under 77 frames are
+            # made in one segment of their own length): apart in every dimension.
+            speed={VramClass.GPU80: SpeedProfile(warm_sizes=((1280, 720, 77), (720, 1280, 41)))},
             lora_modules=_WAN_14B_I2V_LORA,
             extra_files=(_ANIMATE_PREPROCESS,),
         ),

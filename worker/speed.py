@@ -537,7 +537,8 @@ WARM_PROMPTS = (
 def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt: str, speed: Speed) -> bool:
     """A two-step job at ``size`` with the LoRA slot off, and another with it on where there is
     one; False for kinds whose inputs cannot be made up here (an adapter declaring ``warm_up``
-    serves none of those)."""
+    serves none of those). Inputs are made up: gray images, and for Animate gray driving videos in
+    the request's precomputed form (its preprocessing, from a photo and a video, does not run)."""
     from PIL import Image
 
     from routing.schemas import parse_request
@@ -552,8 +553,16 @@ def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt:
     elif kind is TaskKind.EDIT:
         data["images"] = [{"key": "warm-up.png"}]
         inputs["images"] = [Image.new("RGB", (width, height), (128, 128, 128))]
+    elif kind is TaskKind.ANIMATE:
+        # One segment of ``frames``: the transformer's shapes are a move job's at this size (a mix
+        # job's background and mask go into the same conditioning latents).
+        count = frames or spec.video.default_frames
+        data |= {"mode": "move", "frames": count}
+        data |= {name: {"key": f"warm-up.{name}"} for name in ("image", "pose_video", "face_video")}
+        gray = Image.new("RGB", (width, height), (128, 128, 128))
+        inputs |= {"image": gray, "pose_video": [gray] * count, "face_video": [gray] * count}
     elif kind is not TaskKind.TEXT_TO_IMAGE:
-        return False  # animate's pose and face videos: not warmed yet, its first job compiles
+        return False
     request = parse_request(data)
     adapter.run(request, inputs, lambda step, total: None)
     if speed is not None and speed.slots:

@@ -306,11 +306,9 @@ def test_the_first_two_warm_sizes_differ_in_every_dimension():
     """Dynamo makes dynamic only the dimensions that changed between a graph's first shape and the
     next: a dimension the first two warm sizes share stays a constant, and the first job that
     changes it compiles (tests/unit/test_fused_qkv.py shows a job at new sizes compiling nothing
-    after such a warm-up). Animate is not warmed (worker/speed.py's ``_warm``)."""
+    after such a warm-up)."""
     checked = 0
     for spec in CATALOG.values():
-        if TaskKind.ANIMATE in spec.task_kinds:
-            continue
         for vram_class, profile in spec.speed.items():
             if not profile.compile or len(profile.warm_sizes) < 2:
                 continue
@@ -321,4 +319,4 @@ def test_the_first_two_warm_sizes_differ_in_every_dimension():
                 vram_class,
             )
             checked += 1
-    assert checked >= 5  # Z-Image's three, the Qwen-Image family, TI2V-5B
+    assert checked >= 6  # Z-Image's three, the Qwen-Image family, TI2V-5B, Animate

@@ -295,8 +295,8 @@ class WanAnimateAdapter(Adapter):
     """Wan2.2-Animate-14B: a character image driven by pose and face videos ("move"), or put in
     place of the person of a video ("mix")."""
 
-    # Not warmed: its pose and face videos cannot be made up at load; its first job compiles.
-    capabilities = Capabilities(loras=True, compile=True)
+    # Warmed with made-up driving videos (worker/speed.py's ``_warm``).
+    capabilities = Capabilities(loras=True, compile=True, warm_up=True)
 
     def __init__(self, spec: ModelSpec, weights: str, runtime: Runtime):
         from routing.settings import get_settings
