@@ -115,6 +115,11 @@ def get_runner() -> JobRunner:
                 prepare(adapter, spec, vram_class, settings)  # compiled and warmed before any job
             return adapter
 
+        def warm_work(spec: Any) -> Any:
+            from worker.speed import warm_works
+
+            return warm_works(spec, vram_class, settings, runtime.device)
+
         def count(change: str, model_key: str) -> None:
             counts = store.keys.load_counts if change == "load" else store.keys.eviction_counts
             # By class, not by worker process: a field per process would grow with every restart.
@@ -141,6 +146,8 @@ def get_runner() -> JobRunner:
             margin_gib=settings.vram_margin_gib,
             # Only an h100x8 worker has a group (worker.group.adapter).
             group_models=settings.group_models if vram_class is VramClass.H100X8 else (),
+            # The load's warm-up jobs need room too (worker.speed.prepare warms at the class's sizes).
+            warm_work=warm_work,
         )
         queues = consumed_queues(vram_class)
         _runner = JobRunner(

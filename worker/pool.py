@@ -9,7 +9,10 @@ counted against); ``weights_source`` says which. Before a job runs, its predicte
 the weights its model keeps (routing.memory, the class's placement) must fit beside the resident
 models: the least recently used others are evicted until it does, and a job that does not fit
 even alone raises ``DoesNotFit`` (a ``MemoryError``), which the runner turns into a hand-off to
-the next bigger class. Loads and evictions are counted so tests and benchmarks can tell a warm
+the next bigger class. A model compiled at load is warmed there on jobs of the class's common
+sizes (worker/speed.py), which may be bigger than the job that loads it: the load makes room for
+the biggest of them too (``warm_work``), or the warm-up would run out of memory beside the resident
+models. Loads and evictions are counted so tests and benchmarks can tell a warm
 job from a cold one.
 
 On an h100x8 worker the GPU is also rank 0's, so the group's models count in the same budget
@@ -120,12 +123,16 @@ class PipelinePool:
         gpu: DeviceMemory | None = None,
         margin_gib: float | None = None,
         group_models: Sequence[str] = (),
+        warm_work: Callable[[ModelSpec], Sequence[Work]] | None = None,
     ):
         """``budget_gb``: the budget as given (tests, ``FLEET_VRAM_BUDGET_GB``), else measured on
         ``gpu`` (None: no CUDA here, the class's card). ``margin_gib``: kept free on the card
         (None: the settings'). ``group_models``: the models this worker's torchrun group serves
-        (``settings.group_models`` on an h100x8 worker), which it loads all together."""
+        (``settings.group_models`` on an h100x8 worker), which it loads all together.
+        ``warm_work``: the shapes of the jobs the loader warms a model on (worker.speed.warm_works),
+        each of which must fit beside the weights while it loads."""
         self._loader = loader
+        self._warm_work = warm_work
         self.vram_class = vram_class
         self._gpu = gpu
         self.group_models = tuple(group_models)
@@ -191,8 +198,24 @@ class PipelinePool:
             self._resident.move_to_end(model_key)
             self._admit(model_key, self._held_gib(model_key), need_gib, work)
             return Checkout(self._resident[model_key], loaded=False, load_s=0.0)
-        # Room for the weights as predicted, before loading; then again as measured.
-        self._admit(model_key, self._loaded_gib(model_key, spec, where), need_gib, work)
+        # Room for the weights as predicted and for the warm-up's jobs, before loading; then again
+        # as measured, for the job.
+        own_gib = self._loaded_gib(model_key, spec, where)
+        warm_gib = max(
+            (self._request_gib(spec, where, w) for w in self._warm_works(spec, model_key)), default=0.0
+        )
+        if own_gib + warm_gib > self.budget_gb >= own_gib + need_gib:
+            log.warning(
+                "%s: its warm-up needs a predicted %.2f GiB beside its %.2f GiB of weights, more than this "
+                "worker's %.2f GiB budget: room is made for the job's %.2f GiB only (FLEET_WARM_SIZES)",
+                model_key,
+                warm_gib,
+                own_gib,
+                self.budget_gb,
+                need_gib,
+            )
+            warm_gib = 0.0
+        self._admit(model_key, own_gib, max(need_gib, warm_gib), work)
         started, placed = time.perf_counter(), placing_seconds()
         allocated = self._gpu.allocated_bytes() if self._gpu is not None else 0
         adapter = self._loader(spec, where)
@@ -214,6 +237,13 @@ class PipelinePool:
         )
         self._admit(model_key, self._held_gib(model_key), need_gib, work)
         return Checkout(adapter, loaded=True, load_s=load_s, to_device_s=to_device_s)
+
+    def _warm_works(self, spec: ModelSpec, key: str) -> Sequence[Work]:
+        """The warm-up's jobs for ``spec`` loaded as this class places it (none for a model placed
+        as a smaller class, ``<model>@<mode>``: that load is not warmed as this class's)."""
+        if self._warm_work is None or key != spec.key:
+            return ()
+        return self._warm_work(spec)
 
     def _request_gib(self, spec: ModelSpec, where: Placement, work: Work | None) -> float:
         """What ``work`` takes on the GPU beyond the weights its model keeps there: its predicted

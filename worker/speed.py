@@ -61,6 +61,7 @@ from routing.catalog import (
     variant_spec,
 )
 from routing.classes import VramClass
+from routing.memory import Work
 from routing.settings import Settings
 from worker import fused as fused_qkv
 from worker.adapters.base import Adapter
@@ -534,11 +535,10 @@ WARM_PROMPTS = (
 )
 
 
-def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt: str, speed: Speed) -> bool:
-    """A two-step job at ``size`` with the LoRA slot off, and another with it on where there is
-    one; False for kinds whose inputs cannot be made up here (an adapter declaring ``warm_up``
-    serves none of those). Inputs are made up: gray images, and for Animate gray driving videos in
-    the request's precomputed form (its preprocessing, from a photo and a video, does not run)."""
+def warm_job(spec: ModelSpec, size: tuple[int, int, int], prompt: str) -> tuple[Any, dict[str, Any]] | None:
+    """The warm-up's two-step job at ``size``: its request and made-up inputs (gray images, and for
+    Animate gray driving videos in the request's precomputed form: its preprocessing, from a photo
+    and a video, does not run); None for kinds whose inputs cannot be made up here."""
     from PIL import Image
 
     from routing.schemas import parse_request
@@ -562,8 +562,31 @@ def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt:
         gray = Image.new("RGB", (width, height), (128, 128, 128))
         inputs |= {"image": gray, "pose_video": [gray] * count, "face_video": [gray] * count}
     elif kind is not TaskKind.TEXT_TO_IMAGE:
+        return None
+    return parse_request(data), inputs
+
+
+def warm_works(spec: ModelSpec, vram_class: VramClass, settings: Settings, device: str) -> list[Work]:
+    """The shapes (routing.memory's) of the jobs ``prepare`` warms ``spec`` with on this class and
+    device, none where it compiles nothing: the pool makes room for the biggest before the load,
+    so a job smaller than the warm sizes cannot leave too little for the warm-up."""
+    from routing.memory import work_of
+
+    profile = profile_for(spec, vram_class, settings, device)
+    if not profile.compile or spec.key in settings.adapters:
+        return []
+    jobs = [warm_job(spec, size, WARM_PROMPTS[-1]) for size in profile.warm_sizes]
+    return [work_of(job[0], spec) for job in jobs if job is not None]
+
+
+def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt: str, speed: Speed) -> bool:
+    """``warm_job`` with the LoRA slot off, and again with it on where there is one; False for
+    kinds whose inputs cannot be made up here (an adapter declaring ``warm_up`` serves none of
+    those)."""
+    job = warm_job(spec, size, prompt)
+    if job is None:
         return False
-    request = parse_request(data)
+    request, inputs = job
     adapter.run(request, inputs, lambda step, total: None)
     if speed is not None and speed.slots:
         # The slot holds zeros here: switched on, it computes what the base does.

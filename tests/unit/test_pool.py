@@ -337,3 +337,71 @@ def test_a_checkpoint_variants_first_job_gets_room_for_its_transformer_and_the_n
     assert pool.used_gb == pytest.approx(ti2v + checkpoint)
     pool.get("wan2.2-ti2v-5b", fast)
     assert pool.resident == ["wan2.2-ti2v-5b"]
+
+
+def _warm_work(vram_class: VramClass, **settings: Any) -> Any:
+    """The worker's ``warm_work``: the warm-up jobs ``worker.speed.prepare`` runs at load."""
+    from routing.settings import Settings
+    from worker.speed import warm_works
+
+    compiled = Settings(compile_profile="compile", **settings)
+    return lambda spec: warm_works(spec, vram_class, compiled, "cuda:0")
+
+
+def test_a_load_makes_room_for_its_warm_up_not_only_for_the_smaller_job_that_loads_it():
+    """Catches a warm-up at the class's sizes run out of memory beside a resident model: the job
+    that loads TI2V-5B is small, its warm-up is 1280x704 at 121 frames."""
+    qwen, ti2v = weights("qwen-image", VramClass.GPU80), weights("wan2.2-ti2v-5b", VramClass.GPU80)
+    small = request_gib("wan2.2-ti2v-5b", VramClass.GPU80, Work(832, 480, 41))
+    warm = request_gib("wan2.2-ti2v-5b", VramClass.GPU80, Work(1280, 704, 121))
+    budget = qwen + ti2v + small + request_gib("qwen-image", VramClass.GPU80, SMALL) + 0.1
+    assert qwen + ti2v + warm > budget  # the warm-up does not fit beside Qwen-Image
+
+    for warm_work, resident in (
+        (None, ["qwen-image", "wan2.2-ti2v-5b"]),
+        (_warm_work(VramClass.GPU80), ["wan2.2-ti2v-5b"]),
+    ):
+        pool, changes = make_pool(VramClass.GPU80, budget_gb=budget, warm_work=warm_work)
+        pool.get("qwen-image", SMALL)
+        pool.get("wan2.2-ti2v-5b", Work(832, 480, 41))
+        assert pool.resident == resident
+    assert changes[-2:] == [("evict", "qwen-image"), ("load", "wan2.2-ti2v-5b")]
+
+
+def test_a_warm_up_that_the_budget_cannot_hold_leaves_room_for_the_job_and_says_so(caplog: Any):
+    ti2v = weights("wan2.2-ti2v-5b", VramClass.GPU80)
+    small = request_gib("wan2.2-ti2v-5b", VramClass.GPU80, Work(832, 480, 41))
+    pool, _ = make_pool(VramClass.GPU80, budget_gb=ti2v + small + 0.1, warm_work=_warm_work(VramClass.GPU80))
+    with caplog.at_level("WARNING", logger="worker.pool"):
+        assert pool.get("wan2.2-ti2v-5b", Work(832, 480, 41)).loaded
+    assert (
+        "wan2.2-ti2v-5b: its warm-up needs a predicted" in caplog.text and "FLEET_WARM_SIZES" in caplog.text
+    )
+
+
+def test_every_warm_up_fits_its_class_alone_and_an_eager_one_asks_for_nothing():
+    """The catalog's warm sizes are jobs of the class: each fits its card beside the model alone."""
+    from routing.catalog import CATALOG
+    from routing.memory import budget_gib
+    from routing.settings import Settings
+    from worker.speed import warm_works
+
+    checked = 0
+    for spec in CATALOG.values():
+        for vram_class in spec.speed:
+            works = _warm_work(vram_class)(spec)
+            where = spec.placements.get(vram_class) if spec.placements else None
+            if not works or where is None:
+                continue
+            for work in works:
+                found = predict(spec, vram_class, work)
+                assert found is not None and found.peak_gib <= budget_gib(vram_class, None), (spec.key, work)
+                checked += 1
+    assert checked >= 10
+    animate = warm_works(
+        get_model("wan2.2-animate-14b"), VramClass.GPU80, Settings(compile_profile="compile"), "cuda"
+    )
+    assert [(w.width, w.height, w.frames) for w in animate] == [(1280, 720, 77), (720, 1280, 41)]
+    # Eager (the CPU's auto, or FLEET_COMPILE_PROFILE=eager): nothing is warmed.
+    assert warm_works(get_model("wan2.2-ti2v-5b"), VramClass.GPU80, Settings(), "cpu") == []
+    assert _warm_work(VramClass.GPU80, adapters={"z-image-turbo": "x:Y"})(get_model("z-image-turbo")) == []
