@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,11 +386,7 @@ def prepare(adapter: Adapter, spec: ModelSpec, vram_class: VramClass, settings: 
     speed.switch_slots(False)
     # 5. Warm-up at the class's common sizes, so no job pays a compile.
     if compiled and can.warm_up:
-        t0 = time.perf_counter()
-        for index, size in enumerate(profile.warm_sizes):
-            if _warm(adapter, spec, size, WARM_PROMPTS[index % len(WARM_PROMPTS)], speed):
-                speed.warmed.append(size)
-        speed.warm_s = time.perf_counter() - t0
+        warm_up(adapter, spec, profile.warm_sizes, speed)
     adapter.use_speed(speed)
     log.info(
         "%s: %s%s%s%s%s, attention %s, LoRA slot %s, warmed %s in %.1f s",
@@ -596,6 +592,25 @@ def _warm(adapter: Adapter, spec: ModelSpec, size: tuple[int, int, int], prompt:
         finally:
             speed.switch_slots(False)
     return True
+
+
+def warm_up(adapter: Adapter, spec: ModelSpec, sizes: Sequence[tuple[int, int, int]], speed: Speed) -> None:
+    """Warm ``speed``'s model at ``sizes`` (``_warm``), prompts of two lengths in turn. A size that
+    runs out of GPU memory is skipped, saying so, rather than failing the load: the pool made room
+    for the warm-up as predicted, so this is the prediction's error; the model still serves, and
+    the first job at that size compiles (or runs out of memory and goes to a bigger class)."""
+    import torch
+
+    t0 = time.perf_counter()
+    for index, size in enumerate(sizes):
+        try:
+            if _warm(adapter, spec, size, WARM_PROMPTS[index % len(WARM_PROMPTS)], speed):
+                speed.warmed.append(size)
+        except torch.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            label = "x".join(str(n) for n in size if n)
+            log.warning("%s: warm-up at %s ran out of GPU memory, skipped: %s", spec.key, label, exc)
+    speed.warm_s = time.perf_counter() - t0
 
 
 def _compiled_graphs() -> int:

@@ -2,7 +2,8 @@
 asked for on a device without them, and the text encoder's compile on an eager profile, are not
 applied and the reason is logged; the text encoder's layers to compile are its language layers,
 not a vision tower's; the torchrun group's TF32 and SDPA kernel follow the settings, are put back
-after a job and fall back on the CPU saying why; a base job runs
+after a job and fall back on the CPU saying why; a warm-up size that runs out of GPU memory is
+skipped, saying so, and the load goes on; a base job runs
 with the LoRA slot off (every wrapped layer computes its base weights alone) and a LoRA job with
 it on; every job's timings name the techniques it ran."""
 
@@ -147,3 +148,35 @@ def test_the_groups_speed_follows_the_settings_and_falls_back_on_the_cpu_saying_
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == tf32_before
     assert torch._C._get_sdp_priority_order() == order_before
     assert GroupSpeed(tf32=True, attention="_native_cudnn").timings()["attention__native_cudnn"] == 1.0
+
+
+def test_a_warm_up_size_out_of_gpu_memory_is_skipped_saying_so_and_the_load_goes_on(caplog: Any) -> None:
+    """The GPU is the one thing here that cannot be real: the adapter stands in for a pipeline that
+    runs out of its memory at one size (torch's own error type, as CUDA raises it)."""
+    import pytest
+
+    from worker.speed import Speed, warm_up
+
+    class Warming:
+        def __init__(self, fail_at: tuple[int, int], error: Exception):
+            self.ran: list[tuple[int, int]] = []
+            self.fail_at, self.error = fail_at, error
+
+        def run(self, request: Any, inputs: Any, on_step: Any) -> None:
+            self.ran.append((request.width, request.height))
+            if self.ran[-1] == self.fail_at:
+                raise self.error
+
+    sizes = [(1024, 1024, 0), (768, 1344, 0), (1344, 768, 0)]
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    adapter, speed = Warming((768, 1344), oom), Speed(SPEC.key, compiled=True, attention="native")
+    with caplog.at_level(logging.WARNING, logger="worker.speed"):
+        warm_up(adapter, SPEC, sizes, speed)
+    assert adapter.ran == [(1024, 1024), (768, 1344), (1344, 768)]
+    assert speed.warmed == [(1024, 1024, 0), (1344, 768, 0)]
+    assert (
+        "z-image-turbo: warm-up at 768x1344 ran out of GPU memory, skipped: CUDA out of memory" in caplog.text
+    )
+    # Any other error is the model's: the load fails with it.
+    with pytest.raises(ValueError, match="broken"):
+        warm_up(Warming((768, 1344), ValueError("broken")), SPEC, sizes, Speed(SPEC.key, True, "native"))
