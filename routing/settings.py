@@ -334,6 +334,12 @@ class Settings(BaseSettings):
         return hub_id
 
 
+def switched(setting: str, auto: bool) -> bool:
+    """An ``auto``/``on``/``off`` setting (FLEET_FP8, FLEET_TF32...): on, off, or ``auto``'s value
+    (the model's speed profile)."""
+    return {"auto": auto, "on": True, "off": False}[setting]
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()

@@ -64,18 +64,13 @@ def tie(fused: Any, parts: list[Any]) -> None:
     """Make each layer of ``parts`` hold its rows of ``fused``'s weight and bias (views)."""
     import torch
 
-    row = 0
-    for part in parts:
-        rows = part.weight.shape[0]
-        for name in ("weight", "bias"):
-            whole = getattr(fused, name)
-            if whole is None:
-                continue
-            view = whole.detach()[row : row + rows]
+    rows = [part.weight.shape[0] for part in parts]  # split checks they sum to the fused layer's
+    for name in ("weight", "bias"):
+        whole = getattr(fused, name)
+        if whole is None:
+            continue
+        for part, view in zip(parts, whole.detach().split(rows), strict=True):
             setattr(part, name, torch.nn.Parameter(view, requires_grad=getattr(part, name).requires_grad))
-        row += rows
-    if row != fused.weight.shape[0]:
-        raise ValueError(f"fused layer of {fused.weight.shape[0]} rows made of parts of {row}")
 
 
 def switch(modules: list[Any], on: bool) -> None:
@@ -103,9 +98,6 @@ def fuse_tensors(tensors: dict[str, Any], fused: dict[str, tuple[str, ...]]) -> 
 
     for name, parts in fused.items():
         whole = torch.cat([tensors[part] for part in parts])
-        row = 0
-        for part in parts:
-            rows = tensors[part].shape[0]
-            tensors[part] = whole[row : row + rows]
-            row += rows
+        views = whole.split([tensors[part].shape[0] for part in parts])
+        tensors.update(zip(parts, views, strict=True))
         tensors[name] = whole

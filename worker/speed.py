@@ -62,7 +62,7 @@ from routing.catalog import (
 )
 from routing.classes import VramClass
 from routing.memory import Work
-from routing.settings import Settings
+from routing.settings import Settings, switched
 from worker import fused as fused_qkv
 from worker.adapters.base import Adapter
 from worker.checkpoints import CheckpointVariant
@@ -289,12 +289,10 @@ def profile_for(spec: ModelSpec, vram_class: VramClass, settings: Settings, devi
         compile=compile_on[settings.compile_profile],
         warm_sizes=tuple(tuple(size) for size in sizes) if sizes is not None else profile.warm_sizes,
         attention=profile.attention,
-        fp8={"auto": profile.fp8, "on": True, "off": False}[settings.fp8],
-        cuda_graphs={"auto": profile.cuda_graphs, "on": True, "off": False}[settings.cuda_graphs],
-        compile_text_encoder={"auto": profile.compile_text_encoder, "on": True, "off": False}[
-            settings.compile_text_encoder
-        ],
-        fused_qkv={"auto": profile.fused_qkv, "on": True, "off": False}[settings.fused_qkv],
+        fp8=switched(settings.fp8, profile.fp8),
+        cuda_graphs=switched(settings.cuda_graphs, profile.cuda_graphs),
+        compile_text_encoder=switched(settings.compile_text_encoder, profile.compile_text_encoder),
+        fused_qkv=switched(settings.fused_qkv, profile.fused_qkv),
     )
 
 

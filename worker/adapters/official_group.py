@@ -85,10 +85,11 @@ def group_speed(spec: ModelSpec, device: str, settings: Settings) -> GroupSpeed:
     code as it is), as FLEET_TF32 and FLEET_ATTENTION_BACKEND say; what the device lacks is not
     applied, and the reason logged."""
     from routing.classes import VramClass
+    from routing.settings import switched
     from worker.adapters.wan_s2v.attention import flash_attn_available
 
     profile = spec.speed.get(VramClass.H100X8)
-    tf32 = {"auto": bool(profile and profile.tf32), "on": True, "off": False}[settings.tf32]
+    tf32 = switched(settings.tf32, bool(profile and profile.tf32))
     cuda = device.split(":")[0] == "cuda"
     if tf32 and not cuda:
         log.warning("%s: TF32 asked for, runs without: TF32 needs a CUDA device, not %s", spec.key, device)
