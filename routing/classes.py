@@ -28,6 +28,11 @@ class VramClass(StrEnum):
         return _VRAM_GB[self] // _GPUS[self]
 
     @property
+    def gpus(self) -> int:
+        """GPUs a worker of the class holds: a job's GPU-seconds are this many times its time."""
+        return _GPUS[self]
+
+    @property
     def rank(self) -> int:
         """Position by size: a class serves every class of lower rank."""
         return _ORDER.index(self)

@@ -48,7 +48,8 @@ import pytest
 ALONE = "alone"
 HEAVY = "heavy"
 # The two-rank CPU group modules (S2V, A14B): heavy, and a hang guard with the room another suite
-# beside this one needs (the eviction test: about 180 s alone, up to 304 s so).
+# beside this one needs (the eviction test: about 28 s alone; it took up to 304 s so when the small
+# S2V checkpoint's VAE was wider).
 CPU_GROUP_MARKS = (pytest.mark.heavy, pytest.mark.timeout(600))
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 PROCESSES_ENV = "FLEET_TEST_PROCESSES"

@@ -125,6 +125,15 @@ class Keys:
         the capacity planner reads): producer/metrics.py."""
         return f"{self.prefix}:metrics:{name}"
 
+    def usage(self, day: int, tenant: str) -> str:
+        """Hash of what ``tenant`` (its store folder: ``_`` for no tenant) used on UTC ``day``
+        (days since 1970-01-01), written as its jobs end (``routing.jobs.usage``)."""
+        return f"{self.prefix}:usage:{day}:{tenant}"
+
+    def usage_tenants(self, day: int) -> str:
+        """Set of the tenants (their folders) with a ``usage`` hash on ``day``."""
+        return f"{self.prefix}:usage:{day}"
+
     def webhooks_disabled(self, tenant: str) -> str:
         """Set of the tenant's webhook URLs that answered 410 Gone."""
         return f"{self.prefix}:webhooks:disabled:{tenant}"

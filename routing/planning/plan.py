@@ -46,8 +46,6 @@ GPU_SECONDS_CSV = DATA_DIR / "gpu_seconds.csv"
 INSTANCE_PRICES_CSV = DATA_DIR / "instance_prices.csv"
 
 BASES = ("measured", "published", "estimate")
-# GPUs one worker of each class holds: an h100x8 worker is one torchrun group over eight.
-GPUS_PER_WORKER = {VramClass.GPU16: 1, VramClass.GPU80: 1, VramClass.H100X8: 8}
 DEFAULT_TARGET_UTILISATION = 0.7
 # The GPU-busy share where the fleet has not measured its own: the overlapped worker's goal for
 # 1 s image jobs, not a measurement on a GPU host (bench/gpu_busy.py reached 0.886 on a loaded
@@ -78,7 +76,7 @@ class JobCost:
     @property
     def wall_seconds(self) -> float:
         """How long the job holds a worker of its class."""
-        return self.gpu_seconds / GPUS_PER_WORKER[self.vram_class]
+        return self.gpu_seconds / self.vram_class.gpus
 
 
 @dataclass(frozen=True)
@@ -197,10 +195,10 @@ def load_instances(path: Path = INSTANCE_PRICES_CSV) -> list[Instance]:
                 )
             except (KeyError, ValueError) as exc:
                 raise PlanError(f"{where}: {exc}") from None
-            if instance.gpus % GPUS_PER_WORKER[instance.vram_class]:
+            if instance.gpus % instance.vram_class.gpus:
                 raise PlanError(
                     f"{where}: a {instance.vram_class} worker needs "
-                    f"{GPUS_PER_WORKER[instance.vram_class]} GPUs; {instance.gpus} do not divide"
+                    f"{instance.vram_class.gpus} GPUs; {instance.gpus} do not divide"
                 )
             instances.append(instance)
     return instances

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from testkit.small_models.s2v import check_t5_loads, randomise_zero_weights, save_t5_and_vae
 
-VERSION = 1
+VERSION = 2
 
 # 8 heads of 16: Ulysses splits them over 1, 2, 4 or 8 ranks.
 DIT = {"dim": 128, "ffn_dim": 256, "num_heads": 8, "num_layers": 2}
