@@ -8,6 +8,7 @@ Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (4
 """
 
 import contextlib
+import datetime as dt
 import hmac
 import logging
 import tempfile
@@ -163,6 +164,38 @@ class JobPage(BaseModel):
 
 class Upload(BaseModel):
     key: str
+
+
+class UsageRowOut(BaseModel):
+    date: dt.date = Field(description="the UTC day the jobs ended on")
+    model: str
+    vram_class: str = Field(description="the class the jobs ended on (after any escalation)")
+    status: str = Field(description="how they ended: succeeded, failed or canceled")
+    jobs: int
+    gpu_s: float = Field(description="GPU-seconds: held_s times the class's GPUs (8 on h100x8)")
+    held_s: float = Field(
+        description="seconds the attempts that ended the jobs held their worker, claim to the end "
+        "of generation, less a cold model load; retries the fleet caused are not counted"
+    )
+    outputs: int
+    output_bytes: int
+    video_s: float = Field(description="seconds of video among the outputs")
+
+
+class UsageTotalsOut(BaseModel):
+    jobs: int
+    gpu_s: float
+    outputs: int
+    output_bytes: int
+    video_s: float
+
+
+class UsageOut(BaseModel):
+    tenant: str
+    start: dt.date
+    end: dt.date
+    rows: list[UsageRowOut] = Field(description="one per day, model, class and end; days with none have none")
+    totals: UsageTotalsOut
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -522,6 +555,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Decoding the media takes as long as the file makes it: off the event loop, so every
             # other request (health checks included) is still answered meanwhile.
             return Upload(**await run_in_threadpool(lambda: client.upload(file, tenant=tenant)))
+
+    @app.get("/v1/usage", response_model=UsageOut, responses=_responses(401, 422))
+    def usage(
+        tenant: Tenant,
+        start: Annotated[
+            dt.date | None, Query(description="first UTC day; default: end's month's first")
+        ] = None,
+        end: Annotated[dt.date | None, Query(description="last UTC day; default: today")] = None,
+    ) -> dict[str, Any]:
+        """What the tenant used, by UTC day, model, class and end, ``start`` to ``end`` (both
+        included, at most FLEET_USAGE_MAX_DAYS days, kept FLEET_USAGE_RETENTION_DAYS): the jobs
+        that ended, their GPU-seconds and their outputs. A job counts on the day it ended."""
+        return client.usage(start, end, tenant=tenant).to_json()
 
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:

@@ -14,6 +14,7 @@ python -m producer status JOB_ID
 python -m producer wait JOB_ID --out out/
 python -m producer cancel JOB_ID
 python -m producer list
+python -m producer usage --start 2026-12-01 --end 2026-12-06
 
 Input media and LoRAs are a local file (uploaded first, through the transport's SDK) or an
 http(s) URL (fetched and checked by the fleet at submit); a LoRA may also be a store key or a hub id.
@@ -22,6 +23,7 @@ http(s) URL (fetched and checked by the fleet at submit); a LoRA may also be a s
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -35,6 +37,7 @@ from typing import Any, TextIO
 from routing.catalog import CATALOG
 from routing.errors import FieldError, FleetError, InvalidRequest
 from routing.jobs.record import JobRecord, JobStatus
+from routing.jobs.usage import Usage
 
 _BAR_WIDTH = 30
 _URL = re.compile(r"^https?://", re.IGNORECASE)
@@ -167,7 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list jobs, newest first")
     listing.add_argument("--tenant", default="", help="whose jobs (over --api, the key says)")
     listing.add_argument("--limit", type=int, default=20)
+    usage = commands.add_parser("usage", help="what a tenant used: jobs, GPU-seconds, outputs, by UTC day")
+    usage.add_argument("--tenant", default="", help="whose usage (over --api, the key says)")
+    usage.add_argument("--start", type=_date, help="first UTC day, YYYY-MM-DD (default: end's month's first)")
+    usage.add_argument("--end", type=_date, help="last UTC day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
     return parser
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
 
 
 def _follow_flags(parser: argparse.ArgumentParser, wait_help: str | None) -> None:
@@ -300,9 +315,55 @@ def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
                 file=out,
             )
         return 0
+    if args.command == "usage":
+        usage = client.usage(args.start, args.end, **tenant)
+        if args.json:
+            print(json.dumps(usage.to_json(), indent=2), file=out)
+        else:
+            _print_usage(usage, out)
+        return 0
     record = client.get(args.job_id)
     print(json.dumps(_as_json(record), indent=2), file=out)
     return 0
+
+
+def _print_usage(usage: Usage, out: TextIO) -> None:
+    print(f"tenant {usage.tenant}, {usage.start} to {usage.end} (UTC)", file=out)
+    head = ("date", "model", "class", "status", "jobs", "gpu_s", "outputs", "bytes", "video_s")
+    lines = [head] + [
+        (
+            str(r.date),
+            r.model,
+            r.vram_class,
+            r.status,
+            str(r.jobs),
+            f"{r.gpu_s:.1f}",
+            str(r.outputs),
+            str(r.output_bytes),
+            f"{r.video_s:.1f}",
+        )
+        for r in usage.rows
+    ]
+    t = usage.totals
+    lines.append(
+        (
+            "total",
+            "",
+            "",
+            "",
+            str(t.jobs),
+            f"{t.gpu_s:.1f}",
+            str(t.outputs),
+            str(t.output_bytes),
+            f"{t.video_s:.1f}",
+        )
+    )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        cells = [
+            c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip(), file=out)
 
 
 def _follow(client: Any, job_id: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

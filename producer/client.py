@@ -12,6 +12,7 @@ Errors are those of ``routing.errors`` (``InvalidRequest``, ``NotFound``, ``Conf
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import time
 import uuid
@@ -31,7 +32,7 @@ from producer.inputs import (
     resolve_loras,
     upload,
 )
-from producer.tenant_keys import KeyScope, check_tenant
+from producer.tenant_keys import KeyScope, check_tenant, folder
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
 from routing.decision import route
@@ -52,6 +53,7 @@ from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import Created, Cursor, JobStore, NewJob
+from routing.jobs.usage import Usage, query_range, read_usage
 from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
@@ -81,6 +83,7 @@ class Client:
             messages=self._messages,
             progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
             canceled_ttl_s=self.settings.canceled_job_ttl_s,
+            usage_retention_days=self.settings.usage_retention_days,
         )
         # Where input media and webhooks may point (a resolver of its own for tests).
         self.url_policy = url_policy or UrlPolicy(
@@ -292,6 +295,14 @@ class Client:
                 self._redis.zrem(self.keys.tenant_jobs(tenant), *expired)
         last = str(Cursor(entries[-1][1], entries[-1][0])) if len(entries) == limit else None
         return [r for r in records if r is not None], last
+
+    def usage(self, start: dt.date | None = None, end: dt.date | None = None, *, tenant: str = "") -> Usage:
+        """What ``tenant`` used from ``start`` to ``end`` (UTC days, both included; by default its
+        month to date): a row per day, model, class and end, and their totals
+        (``routing.jobs.usage``). The verb and answer of the HTTP SDK's ``usage``."""
+        start, end = query_range(start, end, self.settings.usage_max_days)
+        with _redis_errors():
+            return read_usage(self._redis, self.keys, folder(check_tenant(tenant)), start, end)
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel: a queued job never runs, a running one stops at its next step. A finished job

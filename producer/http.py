@@ -33,6 +33,7 @@ mapping, the event stream); each does only the I/O.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -69,6 +70,7 @@ from routing.errors import (
 )
 from routing.jobs.events import Webhook
 from routing.jobs.record import JobStatus, Output
+from routing.jobs.usage import Usage
 
 __all__ = [
     "AsyncClient",
@@ -133,6 +135,11 @@ class Client:
     def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
         """The tenant's jobs, newest first, and the cursor of the next page (None: the last)."""
         return self._run(self._core.list(limit, cursor))
+
+    def usage(self, start: dt.date | None = None, end: dt.date | None = None) -> Usage:
+        """What the tenant used from ``start`` to ``end`` (UTC days, both included; by default
+        its month to date): a row per day, model, class and end, and their totals."""
+        return self._run(self._core.usage(start, end))
 
     def upload(self, data: bytes | str | Path) -> dict[str, str]:
         """Store an input file; returns ``{"key": ...}`` to put in a request."""
@@ -256,6 +263,9 @@ class AsyncClient:
 
     async def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
         return await self._run(self._core.list(limit, cursor))
+
+    async def usage(self, start: dt.date | None = None, end: dt.date | None = None) -> Usage:
+        return await self._run(self._core.usage(start, end))
 
     async def upload(self, data: bytes | str | Path) -> dict[str, str]:
         return await self._run(self._core.upload(_content(data)))

@@ -20,6 +20,9 @@ since stopped, and a counter can never disagree with the job records.
                                                            GPU-busy share (worker.busy)
     fleet_model_load_seconds_total{model, class, phase}    cold starts: read (weights) | to_device
     fleet_model_loads_total{model, class}                  cold starts
+    fleet_tenant_jobs_finished_total{tenant, model, class, status}   routing.jobs.usage, all time
+    fleet_tenant_gpu_seconds_total{tenant, model, class, status}     (the tenant: its store folder,
+                                                                     ``_`` for no tenant)
 """
 
 from __future__ import annotations
@@ -82,6 +85,27 @@ class FleetCollector(Collector):
         )
         yield from self._workers()
         yield from self._loads()
+        yield from self._tenants()
+
+    def _tenants(self) -> Iterator[Any]:
+        labels = ["tenant", "model", "class", "status"]
+        jobs = CounterMetricFamily(
+            "fleet_tenant_jobs_finished", "A tenant's jobs that reached a final state", labels=labels
+        )
+        gpu_s = CounterMetricFamily(
+            "fleet_tenant_gpu_seconds",
+            "GPU-seconds of a tenant's ended jobs: the time the ending attempt held its worker, times the class's GPUs",
+            labels=labels,
+        )
+        for label, value in sorted(_hash(self.client, self.keys.metrics("tenants")).items()):
+            tenant, model, vram_class, status, measure = parse_label(label, 5)
+            if measure == "jobs":
+                jobs.add_metric([tenant, model, vram_class, status], float(value))
+            else:
+                seconds = float(value) * VramClass(vram_class).gpus
+                gpu_s.add_metric([tenant, model, vram_class, status], seconds)
+        yield jobs
+        yield gpu_s
 
     def _loads(self) -> Iterator[Any]:
         seconds = CounterMetricFamily(

@@ -18,6 +18,7 @@ sync and the async client share every decision: retries, error mapping, reconnec
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import random
 import time
@@ -42,6 +43,7 @@ from routing.errors import (
 )
 from routing.jobs.events import Webhook
 from routing.jobs.record import JobStatus, JobView, Output
+from routing.jobs.usage import Usage
 
 _RETRIED_STATUS = (429, 503)
 _TERMINAL_EVENTS = ("succeeded", "failed", "canceled")
@@ -172,6 +174,12 @@ class Core:
         params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
         page = (yield from self._call(self.request("GET", "/v1/jobs", params=params))).json()
         return [JobView.from_json(j) for j in page["jobs"]], page["next_cursor"]
+
+    def usage(self, start: dt.date | None = None, end: dt.date | None = None) -> Flow[Usage]:
+        params = {name: day.isoformat() for name, day in (("start", start), ("end", end)) if day is not None}
+        return Usage.from_json(
+            (yield from self._call(self.request("GET", "/v1/usage", params=params))).json()
+        )
 
     def upload(self, content: bytes) -> Flow[dict[str, str]]:
         headers = {"Content-Type": "application/octet-stream"}

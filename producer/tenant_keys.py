@@ -20,11 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from routing.errors import FieldError, InvalidRequest
-from routing.settings import TENANT_NAME
-
-# The folder of jobs submitted without a tenant (the Redis SDK's default): never a tenant's name,
-# which starts with a letter or digit.
-NO_TENANT = "_"
+from routing.settings import NO_TENANT, TENANT_NAME
 
 
 def check_tenant(tenant: str) -> str:

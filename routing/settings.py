@@ -16,11 +16,15 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from routing.classes import Priority
+from routing.jobs import usage
 
 # A tenant's name is a segment of its store keys (``uploads/<tenant>/...``): lowercase letters,
 # digits, '-' and '_', at most 64, starting with a letter or digit. Lowercase only, so that one name
 # is one folder even on a case-insensitive disk.
 TENANT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+# The folder, and the usage, of jobs submitted without a tenant (the Redis SDK's default): never a
+# tenant's name.
+NO_TENANT = "_"
 
 
 class Tenant(BaseModel):
@@ -268,6 +272,10 @@ class Settings(BaseSettings):
     retention_uploads_days: int = Field(default=30, ge=1)
     retention_loras_days: int = Field(default=30, ge=1)
     retention_sweep_interval_s: float = Field(default=3600.0, gt=0)
+    # Days each UTC day of a tenant's usage (routing.jobs.usage: jobs, GPU-seconds, outputs) is
+    # kept after it, and the most days one usage query (GET /v1/usage) may span.
+    usage_retention_days: int = Field(default=usage.DEFAULT_RETENTION_DAYS, ge=1)
+    usage_max_days: int = Field(default=92, ge=1)
     # Newest entries the dead-letter list keeps; older ones are trimmed as new ones come.
     max_dead_letters: int = Field(default=10_000, ge=1)
     # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).

@@ -85,6 +85,7 @@ def _store() -> JobStore:
         ttl_s=settings.job_ttl_s,
         messages=TaskMessages(app),
         progress_webhook_interval_s=settings.progress_webhook_interval_s,
+        usage_retention_days=settings.usage_retention_days,
     )
 
 

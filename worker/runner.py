@@ -279,6 +279,7 @@ class JobRunner:
             finally:
                 self.busy.pipeline(time.perf_counter() - t0)
             timings["inference_s"] = round(time.perf_counter() - t0, 4)
+            _held(timings, started_at)  # what follows (encode, store, record) is the CPU's
         except Superseded:
             log.warning("job %s was handed on while this worker ran it; leaving it", job_id)
             return self._skipped(job_id)
@@ -553,6 +554,8 @@ class JobRunner:
     ) -> Outcome:
         finished_at = time.time()
         timings["run_s"] = round(finished_at - started_at, 4)
+        if "held_s" not in timings:  # it ended before its outputs (failed, canceled)
+            _held(timings, started_at, finished_at)
         # Only while this worker still runs the job as this attempt: one the reaper handed on
         # (this worker was thought dead) now belongs to another, whose outcome counts.
         move = lifecycle.finish(
@@ -616,3 +619,11 @@ def _out_of_memory(exc: BaseException) -> bool:
     torch = sys.modules.get("torch")
     oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
     return isinstance(exc, MemoryError) or (oom_type is not None and isinstance(exc, oom_type))
+
+
+def _held(timings: dict[str, float], started_at: float, now: float | None = None) -> None:
+    """``timings["held_s"]``: seconds the job has held this worker since its claim, less the
+    model's load when it found it cold (the fleet's cost, not the request's): the GPU time a
+    tenant's usage counts (``routing.jobs.usage``)."""
+    held = (time.time() if now is None else now) - started_at - timings.get("load_s", 0.0)
+    timings["held_s"] = round(max(held, 0.0), 4)

@@ -170,7 +170,12 @@ class Deliverer:
         self.settings = settings
         self.client = client or connect(settings)
         self.keys = Keys(settings.key_prefix)
-        self.store = JobStore(self.client, self.keys, ttl_s=settings.job_ttl_s)
+        self.store = JobStore(
+            self.client,
+            self.keys,
+            ttl_s=settings.job_ttl_s,
+            usage_retention_days=settings.usage_retention_days,
+        )
         self.policy = UrlPolicy(
             allow_cidrs=tuple(settings.url_allow_cidrs), allow_ports=tuple(settings.url_allow_ports)
         )

@@ -122,7 +122,8 @@ class Keys:
     def metrics(self, name: str) -> str:
         """Hashes of fleet metrics (``submitted``, ``finished``, ``run_s``; ``load_s``:
         ``<model>|<class>|read|to_device|count``; ``gpu_busy``: ``<class>|busy_s|work_s``, what
-        the capacity planner reads): producer/metrics.py."""
+        the capacity planner reads; ``tenants``: ``<tenant>|<model>|<class>|<status>|jobs|held_s``,
+        all-time usage): producer/metrics.py."""
         return f"{self.prefix}:metrics:{name}"
 
     def usage(self, day: int, tenant: str) -> str:

@@ -162,6 +162,34 @@ if a.ttl_s ~= '0' then
       end
     end
   end
+  -- The tenant's usage (routing.jobs.usage): its day's hash, by model, class and end; the time
+  -- the ending attempt held its worker, as the worker measured it; a succeeded job's outputs.
+  local folder = tenant ~= '' and tenant or a.no_tenant
+  local usage = fill(keys.usage, folder)
+  local used = label .. sep .. a.target .. sep
+  redis.call('HINCRBY', usage, used .. 'jobs', 1)
+  redis.call('HINCRBY', keys.tenants, folder .. sep .. used .. 'jobs', 1)
+  local ok, timings = pcall(cjson.decode, redis.call('HGET', keys.job, 'timings') or '')
+  local held = ok and type(timings) == 'table' and tonumber(timings.held_s) or 0
+  if held > 0 then
+    redis.call('HINCRBYFLOAT', usage, used .. 'held_s', held)
+    redis.call('HINCRBYFLOAT', keys.tenants, folder .. sep .. used .. 'held_s', held)
+  end
+  local got, outputs = pcall(cjson.decode, redis.call('HGET', keys.job, 'outputs') or '')
+  if a.target == 'succeeded' and got and type(outputs) == 'table' and #outputs > 0 then
+    local bytes, video_s = 0, 0
+    for _, output in ipairs(outputs) do
+      bytes = bytes + (tonumber(output.size_bytes) or 0)
+      local frames, fps = tonumber(output.frames), tonumber(output.fps)
+      if frames and fps and fps > 0 then video_s = video_s + frames / fps end
+    end
+    redis.call('HINCRBY', usage, used .. 'outputs', #outputs)
+    redis.call('HINCRBY', usage, used .. 'output_bytes', bytes)
+    if video_s > 0 then redis.call('HINCRBYFLOAT', usage, used .. 'video_s', video_s) end
+  end
+  redis.call('EXPIREAT', usage, a.usage_expire_at)
+  redis.call('SADD', keys.usage_tenants, folder)
+  redis.call('EXPIREAT', keys.usage_tenants, a.usage_expire_at)
 end
 if #a.dead_letter > 0 and a.target == 'failed' then
   redis.call('LPUSH', a.dead_letter[1], a.dead_letter[2])

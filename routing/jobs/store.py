@@ -14,13 +14,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 from typing import Any
 
 import redis
 
 from routing.classes import WEBHOOK_QUEUE, parse_queue
 from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
-from routing.jobs import lifecycle, scripts
+from routing.jobs import lifecycle, scripts, usage
 from routing.jobs.codecs import encode_label
 from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
@@ -28,6 +29,7 @@ from routing.jobs.lifecycle import Move, Moved
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus
 from routing.limits import RequestLimits
+from routing.settings import NO_TENANT
 
 _EVENT_FOR = {
     JobStatus.QUEUED: EventType.QUEUED,
@@ -107,12 +109,15 @@ class JobStore:
         events_maxlen: int = 100_000,
         progress_webhook_interval_s: float = 2.0,
         canceled_ttl_s: int | None = None,
+        usage_retention_days: int = usage.DEFAULT_RETENTION_DAYS,
     ):
         self.client = client
         self.keys = keys
         self.ttl_s = ttl_s
         # How long the record of a job canceled before it started is kept (ttl_s when None).
         self.canceled_ttl_s = canceled_ttl_s or ttl_s
+        # Days each day of a tenant's usage is kept after it (routing.jobs.usage).
+        self.usage_retention_days = usage_retention_days
         # Builds webhook delivery messages; without it no webhook is ever queued.
         self.messages = messages
         self.events_maxlen = events_maxlen
@@ -251,6 +256,7 @@ class JobStore:
         ttl = (move.kept_s or self.ttl_s) if target.is_terminal() else 0
         values = {k: _encode(v) for k, v in move.fields.items()}
         now = repr(time.time())
+        day = usage.day_of(float(now))  # the day a job that ends here is counted on
         event_type = _EVENT_FOR[target].value
         event_id, message = self._webhook_message(job_id, event_type, now)
         canceled: dict[str, str] = {}
@@ -283,12 +289,17 @@ class JobStore:
             "idempotency": self.keys.template(self.keys.idempotency),
             "finished": self.keys.metrics("finished"),
             "run_s": self.keys.metrics("run_s"),
+            "usage": self.keys.template(partial(self.keys.usage, day)),
+            "usage_tenants": self.keys.usage_tenants(day),
+            "tenants": self.keys.metrics("tenants"),
         }
         args = _args(
             keys=keys,
             target=target.value,
             sources=",".join(s.value for s in move.sources),
             now=now,
+            usage_expire_at=str(usage.expire_at(day, self.usage_retention_days)),
+            no_tenant=NO_TENANT,
             event_type=event_type,
             maxlen=str(self.events_maxlen),
             ttl_s=str(ttl),

@@ -4,6 +4,7 @@ import createClient from "openapi-fetch";
 import type { components, paths } from "./schema.js";
 
 export type Job = components["schemas"]["JobOut"];
+export type Usage = components["schemas"]["UsageOut"];
 export type { components, paths };
 
 /** One Server-Sent Event of GET /v1/jobs/{id}/events. */

@@ -33,6 +33,13 @@ test("submit, follow the events until done, fetch the output", async () => {
   assert.equal(download.status, 200);
   const bytes = new Uint8Array(await download.arrayBuffer());
   assert.deepEqual([...bytes.slice(1, 4)], [0x50, 0x4e, 0x47]); // "PNG"
+
+  // The tenant's usage counts the job: its GPU time and its output.
+  const { data: usage, response } = await fleet.GET("/v1/usage");
+  assert.equal(response.status, 200);
+  const row = usage!.rows.find((r) => r.model === "z-image-turbo" && r.status === "succeeded");
+  assert.ok(row && row.jobs >= 1 && row.gpu_s > 0 && row.outputs >= 1, JSON.stringify(usage));
+  assert.equal(usage!.totals.output_bytes >= job!.outputs[0].size_bytes, true);
 });
 
 test("a refused request names its field and queues nothing", async () => {

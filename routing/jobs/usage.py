@@ -1,0 +1,195 @@
+"""What each tenant used, by UTC day: the jobs that ended, the GPU time they took and the outputs
+they stored. What a bill, a quota report or a tenant's own dashboard is made from.
+
+Written by the Lua step that ends a job (``routing.jobs.scripts.TRANSITION``), in the same atomic
+write as its final state: a job is counted once, on the day it ended, however its end was raced,
+and usage never disagrees with the records. One hash per tenant and day (``Keys.usage``; the
+tenant's store folder, ``_`` for jobs submitted with no tenant), its fields
+``<model>|<class>|<status>|<measure>``, the class being the one the job ended on (after any
+escalation) and the status its end:
+
+    jobs           jobs that ended so
+    held_s         seconds the attempt that ended the job held its worker: from its claim to the
+                   end of generation (inputs, preprocessing, denoising, decoding), less the model's
+                   load when the job found it cold (``timings.held_s``, written by the worker).
+                   Attempts that did not end the job (its worker died, was stopped, or ran out of
+                   memory and handed it to a bigger class) are the fleet's, and not counted; nor
+                   is a job that never ran (canceled or expired while queued) or that the time
+                   limit ended (its worker could not say)
+    outputs        files stored (succeeded jobs)
+    output_bytes   their size
+    video_s        seconds of video among them (frames / fps)
+
+GPU-seconds are ``held_s`` times the GPUs of the class (8 on ``h100x8``), counted as usage is
+read. Each day is kept ``usage_retention_days`` after it (FLEET_USAGE_RETENTION_DAYS); the
+all-time GPU-seconds and jobs of every tenant are also Prometheus counters (``producer.metrics``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from routing.classes import VramClass
+from routing.errors import FieldError, InvalidRequest
+from routing.jobs.codecs import parse_label
+from routing.jobs.keys import Keys
+
+if TYPE_CHECKING:  # the HTTP SDK reads Usage with no Redis client installed
+    import redis
+
+DAY_S = 86_400
+DEFAULT_RETENTION_DAYS = 400  # FLEET_USAGE_RETENTION_DAYS
+EPOCH = dt.date(1970, 1, 1)
+# The measures a day's hash counts, in the order a row shows them.
+MEASURES = ("jobs", "held_s", "outputs", "output_bytes", "video_s")
+_INTEGERS = frozenset({"jobs", "outputs", "output_bytes"})
+
+
+def day_of(timestamp: float) -> int:
+    """The UTC day (days since 1970-01-01) ``timestamp`` (Unix seconds) falls on."""
+    return int(timestamp // DAY_S)
+
+
+def day_number(day: dt.date) -> int:
+    return (day - EPOCH).days
+
+
+def expire_at(day: int, retention_days: int) -> int:
+    """When the usage of ``day`` expires (Unix seconds): ``retention_days`` after the day ends."""
+    return (day + 1 + retention_days) * DAY_S
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One day's usage of one model on one class, by the jobs that ended one way."""
+
+    date: dt.date
+    model: str
+    vram_class: str
+    status: str
+    jobs: int = 0
+    gpu_s: float = 0.0  # held_s x the class's GPUs
+    held_s: float = 0.0
+    outputs: int = 0
+    output_bytes: int = 0
+    video_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "date": self.date.isoformat()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageRow:
+        return cls(**{**data, "date": dt.date.fromisoformat(data["date"])})
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    jobs: int = 0
+    gpu_s: float = 0.0
+    outputs: int = 0
+    output_bytes: int = 0
+    video_s: float = 0.0
+
+    @classmethod
+    def of(cls, rows: Iterable[UsageRow]) -> UsageTotals:
+        sums = {f.name: 0 for f in fields(cls)}
+        for row in rows:
+            for name in sums:
+                sums[name] += getattr(row, name)
+        return cls(
+            **{name: round(value, 4) if isinstance(value, float) else value for name, value in sums.items()}
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A tenant's usage from ``start`` to ``end`` (UTC days, both included): a row per day,
+    model, class and end, and their totals. The one JSON shape the API sends, the SDKs return
+    and the CLI prints."""
+
+    tenant: str
+    start: dt.date
+    end: dt.date
+    rows: list[UsageRow]
+    totals: UsageTotals
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "rows": [row.to_json() for row in self.rows],
+            "totals": asdict(self.totals),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Usage:
+        return cls(
+            tenant=data["tenant"],
+            start=dt.date.fromisoformat(data["start"]),
+            end=dt.date.fromisoformat(data["end"]),
+            rows=[UsageRow.from_json(row) for row in data["rows"]],
+            totals=UsageTotals(**data["totals"]),
+        )
+
+
+def query_range(
+    start: dt.date | None, end: dt.date | None, max_days: int, today: dt.date | None = None
+) -> tuple[dt.date, dt.date]:
+    """The days one query reads: ``end`` defaults to today (UTC), ``start`` to the first day of
+    ``end``'s month (its month to date) or, where that spans more than ``max_days``, the
+    earliest day within them. Raises ``InvalidRequest`` for a start after the end, or a span of
+    more than ``max_days`` (FLEET_USAGE_MAX_DAYS)."""
+    end = end or today or dt.datetime.now(dt.UTC).date()
+    if start is None:
+        start = max(end.replace(day=1), end - dt.timedelta(days=max_days - 1))
+    if start > end:
+        raise InvalidRequest([FieldError("start", f"{start} is after end ({end})")])
+    days = (end - start).days + 1
+    if days > max_days:
+        message = (
+            f"{start} to {end} is {days} days; one query spans at most {max_days} (FLEET_USAGE_MAX_DAYS)"
+        )
+        raise InvalidRequest([FieldError("start", message)])
+    return start, end
+
+
+def read_usage(client: redis.Redis, keys: Keys, folder: str, start: dt.date, end: dt.date) -> Usage:
+    """The usage of the tenant whose store folder is ``folder``, ``start`` to ``end``: one
+    round trip, a ``HGETALL`` a day."""
+    days = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+    with client.pipeline(transaction=False) as pipe:
+        for day in days:
+            pipe.hgetall(keys.usage(day_number(day), folder))
+        hashes = pipe.execute()
+    rows = [row for day, raw in zip(days, hashes, strict=True) for row in _rows(day, raw)]
+    return Usage(folder, start, end, rows, UsageTotals.of(rows))
+
+
+def tenants_with_usage(client: redis.Redis, keys: Keys, start: dt.date, end: dt.date) -> list[str]:
+    """The folders of the tenants with any usage from ``start`` to ``end``, sorted."""
+    numbers = range(day_number(start), day_number(end) + 1)
+    with client.pipeline(transaction=False) as pipe:
+        for number in numbers:
+            pipe.smembers(keys.usage_tenants(number))
+        members = pipe.execute()
+    return sorted({m.decode() if isinstance(m, bytes) else m for found in members for m in found})
+
+
+def _rows(day: dt.date, raw: dict[Any, Any]) -> list[UsageRow]:
+    measures: dict[tuple[str, str, str], dict[str, float]] = {}
+    for field, value in raw.items():
+        field = field.decode() if isinstance(field, bytes) else field
+        model, vram_class, status, measure = parse_label(field, 4)
+        measures.setdefault((model, vram_class, status), {})[measure] = float(value)
+    rows = []
+    for (model, vram_class, status), found in sorted(measures.items()):
+        counted = {
+            m: int(found.get(m, 0)) if m in _INTEGERS else round(found.get(m, 0.0), 4) for m in MEASURES
+        }
+        gpu_s = round(counted["held_s"] * VramClass(vram_class).gpus, 4)
+        rows.append(UsageRow(day, model, vram_class, status, gpu_s=gpu_s, **counted))
+    return rows
