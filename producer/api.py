@@ -100,6 +100,19 @@ class ErrorDetail(BaseModel):
     detail: str
 
 
+# A day in a query: ISO 8601's calendar date only (a bare number is not a day).
+_DATE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+
+
+def _day(field: str, text: str | None) -> dt.date | None:
+    if text is None:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest([FieldError(field, f"not a calendar day: {text!r}")]) from None
+
+
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     what = {
         401: "no API key, or an unknown one",
@@ -560,14 +573,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def usage(
         tenant: Tenant,
         start: Annotated[
-            dt.date | None, Query(description="first UTC day; default: end's month's first")
+            str | None,
+            Query(pattern=_DATE, description="first UTC day, YYYY-MM-DD; default: end's month's first"),
         ] = None,
-        end: Annotated[dt.date | None, Query(description="last UTC day; default: today")] = None,
+        end: Annotated[
+            str | None, Query(pattern=_DATE, description="last UTC day, YYYY-MM-DD; default: today")
+        ] = None,
     ) -> dict[str, Any]:
         """What the tenant used, by UTC day, model, class and end, ``start`` to ``end`` (both
         included, at most FLEET_USAGE_MAX_DAYS days, kept FLEET_USAGE_RETENTION_DAYS): the jobs
         that ended, their GPU-seconds and their outputs. A job counts on the day it ended."""
-        return client.usage(start, end, tenant=tenant).to_json()
+        return client.usage(_day("start", start), _day("end", end), tenant=tenant).to_json()
 
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:
