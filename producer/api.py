@@ -1,7 +1,7 @@
 """The HTTP API backends in any language use: ``uvicorn producer.api:app``.
 
 Every route but ``/healthz`` takes ``Authorization: Bearer <api key>``; the key names the tenant
-(``FLEET_TENANTS``), and a tenant sees only its own jobs (anything else is a 404, the same as a job
+(``FLEET_TENANTS``, or a key the tenant made: ``producer.api_keys``), and a tenant sees only its own jobs (anything else is a 404, the same as a job
 that does not exist) and names only its own stored files (any other key reads as a missing one).
 Errors are JSON: ``{"errors": [{"field", "message"}]}`` for a refused request (422),
 ``{"detail": "..."}`` otherwise. The OpenAPI document is at ``/openapi.json``.
@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.admission import RateLimits, Slots, SlotsTaken
+from producer.api_keys import MAX_LABEL, is_managed
 from producer.body_limits import BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
@@ -116,8 +117,8 @@ def _day(field: str, text: str | None) -> dt.date | None:
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     what = {
         401: "no API key, or an unknown one",
-        404: "no such job, or not the tenant's",
-        409: "the Idempotency-Key was used with another body",
+        404: "no such job or key, or not the tenant's",
+        409: "the Idempotency-Key was used with another body; or the tenant has as many keys as it may",
         422: "the request was refused; nothing was queued",
         413: "the body is over the limit (FLEET_MAX_JSON_BODY_BYTES, uploads FLEET_MAX_INPUT_BYTES)",
         429: "the tenant has as many unfinished jobs, submits downloading, uploads or open streams, or made "
@@ -177,6 +178,24 @@ class JobPage(BaseModel):
 
 class Upload(BaseModel):
     key: str
+
+
+class NewKey(BaseModel):
+    label: str = Field(default="", max_length=MAX_LABEL, description="what the key is for, as lists show it")
+
+
+class KeyOut(BaseModel):
+    id: str = Field(description="names the key in lists and DELETE /v1/keys/{key_id}")
+    label: str
+    created_at: float
+
+
+class CreatedKey(KeyOut):
+    key: str = Field(description="the API key itself: shown once, here; the fleet keeps only its SHA-256")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
 
 
 class UsageRowOut(BaseModel):
@@ -259,12 +278,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for known, name in keys_to_tenant:  # compare every key, in constant time each
             if hmac.compare_digest(known, key.encode()):
                 found = name
+        if found is None and is_managed(key):
+            # A key the tenant made (producer/api_keys.py), looked up by its digest on every
+            # request: a revoked one is refused from the next on. Its tenant must still be set.
+            found = client.tenant_of_key(key)
         return found
+
+    async def known_key(key: str) -> bool:
+        if not is_managed(key):  # no Redis call for a key that cannot be a managed one
+            return tenant_for_key(key) is not None
+        try:
+            return await run_in_threadpool(tenant_for_key, key) is not None
+        except Unavailable:  # the route answers 503 itself: the body is not what fails
+            return True
 
     # Bodies are capped, and refused without a key, before FastAPI reads them (producer/body_limits.py).
     app.add_middleware(
         BodyLimits,
-        known_key=lambda key: tenant_for_key(key) is not None,
+        known_key=known_key,
         json_max_bytes=settings.max_json_body_bytes,
         upload_max_bytes=settings.max_input_bytes,
     )
@@ -568,6 +599,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Decoding the media takes as long as the file makes it: off the event loop, so every
             # other request (health checks included) is still answered meanwhile.
             return Upload(**await run_in_threadpool(lambda: client.upload(file, tenant=tenant)))
+
+    @app.post("/v1/keys", status_code=201, response_model=CreatedKey, responses=_responses(401, 409, 422))
+    def create_key(tenant: Tenant, body: NewKey) -> CreatedKey:
+        """A new API key of the tenant, working at once; the answer is the only place it is
+        shown. At most FLEET_MAX_KEYS_PER_TENANT made keys (409 past them), beside the tenant's
+        FLEET_TENANTS keys. Rotate a key by making the next, moving to it, and revoking the old."""
+        try:
+            made, key = client.create_key(body.label, tenant=tenant)
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        return CreatedKey(**made.to_json(), key=key)
+
+    @app.get("/v1/keys", response_model=KeyList, responses=_responses(401))
+    def list_keys(tenant: Tenant) -> KeyList:
+        """The keys the tenant made, oldest first (never the keys themselves; FLEET_TENANTS keys
+        are not listed)."""
+        return KeyList(keys=[KeyOut(**k.to_json()) for k in client.list_keys(tenant=tenant)])
+
+    @app.delete("/v1/keys/{key_id}", status_code=204, responses=_responses(401, 404))
+    def revoke_key(tenant: Tenant, key_id: str) -> Response:
+        """Revoke one of the tenant's keys (any of them, the one calling included): refused from
+        the next request on. Another tenant's key is a 404, as one that does not exist."""
+        try:
+            client.revoke_key(key_id, tenant=tenant)
+        except NotFound:
+            raise HTTPException(404, f"no key {key_id}") from None
+        return Response(status_code=204)
 
     @app.get("/v1/usage", response_model=UsageOut, responses=_responses(401, 422))
     def usage(

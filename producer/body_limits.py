@@ -12,7 +12,7 @@ without this anyone could make the API buffer a body of any size. ``BodyLimits``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -25,7 +25,7 @@ class BodyLimits:
         self,
         app: ASGIApp,
         *,
-        known_key: Callable[[str], bool],
+        known_key: Callable[[str], Awaitable[bool]],
         json_max_bytes: int,
         upload_max_bytes: int,
         upload_paths: frozenset[str] = frozenset({"/v1/uploads"}),
@@ -51,7 +51,7 @@ class BodyLimits:
 
         if scope["path"].startswith(self.keyed_prefix):
             scheme, _, key = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not self.known_key(key.strip()):
+            if scheme.lower() != "bearer" or not await self.known_key(key.strip()):
                 refusal = JSONResponse(
                     {"detail": "send Authorization: Bearer <api key> of your tenant"},
                     401,

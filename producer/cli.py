@@ -15,6 +15,9 @@ python -m producer wait JOB_ID --out out/
 python -m producer cancel JOB_ID
 python -m producer list
 python -m producer usage --start 2026-12-01 --end 2026-12-06
+python -m producer keys create --label "ci deploys"     (prints the new key, once)
+python -m producer keys list
+python -m producer keys revoke KEY_ID
 
 Input media and LoRAs are a local file (uploaded first, through the transport's SDK) or an
 http(s) URL (fetched and checked by the fleet at submit); a LoRA may also be a store key or a hub id.
@@ -175,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--start", type=_date, help="first UTC day, YYYY-MM-DD (default: end's month's first)")
     usage.add_argument("--end", type=_date, help="last UTC day, YYYY-MM-DD (default: today)")
     usage.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+    keys = commands.add_parser("keys", help="the API keys a tenant made: create, list, revoke")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("key_id", nargs="?", help="the key to revoke (its id, as list prints it)")
+    keys.add_argument("--tenant", default="", help="whose keys (over --api, the key says)")
+    keys.add_argument("--label", default="", help="what a new key is for")
     return parser
 
 
@@ -322,8 +330,27 @@ def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
         else:
             _print_usage(usage, out)
         return 0
+    if args.command == "keys":
+        return _keys(client, args, tenant, out, err)
     record = client.get(args.job_id)
     print(json.dumps(_as_json(record), indent=2), file=out)
+    return 0
+
+
+def _keys(client: Any, args: argparse.Namespace, tenant: dict[str, str], out: TextIO, err: TextIO) -> int:
+    if args.action == "create":
+        made, key = client.create_key(args.label, **tenant)
+        print(f"key {made.id} made; it is shown only now", file=err)
+        print(key, file=out)
+    elif args.action == "list":
+        for made in client.list_keys(**tenant):
+            created = dt.datetime.fromtimestamp(made.created_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{made.id}  {created}  {made.label}".rstrip(), file=out)
+    else:
+        if not args.key_id:
+            raise _Usage("keys revoke needs the key's id (keys list prints them)")
+        client.revoke_key(args.key_id, **tenant)
+        print(f"key {args.key_id} revoked", file=err)
     return 0
 
 

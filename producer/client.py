@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import redis
 from celery import Celery
 
+from producer.api_keys import ApiKey, ApiKeys
 from producer.inputs import (
     InputLimits,
     delete_inputs,
@@ -85,6 +86,7 @@ class Client:
             canceled_ttl_s=self.settings.canceled_job_ttl_s,
             usage_retention_days=self.settings.usage_retention_days,
         )
+        self.api_keys = ApiKeys(self._redis, self.keys, self.settings.max_keys_per_tenant)
         # Where input media and webhooks may point (a resolver of its own for tests).
         self.url_policy = url_policy or UrlPolicy(
             allow_cidrs=tuple(self.settings.url_allow_cidrs), allow_ports=tuple(self.settings.url_allow_ports)
@@ -303,6 +305,33 @@ class Client:
         start, end = query_range(start, end, self.settings.usage_max_days)
         with _redis_errors():
             return read_usage(self._redis, self.keys, folder(check_tenant(tenant)), start, end)
+
+    def create_key(self, label: str = "", *, tenant: str) -> tuple[ApiKey, str]:
+        """A new API key of ``tenant`` (one of ``FLEET_TENANTS``): its listing, and the key,
+        which nothing keeps (``producer.api_keys``). The verb and answer of the HTTP SDK's."""
+        with _redis_errors():
+            return self.api_keys.create(self._configured(tenant), label)
+
+    def list_keys(self, *, tenant: str) -> list[ApiKey]:
+        """``tenant``'s managed API keys, oldest first (never the keys themselves)."""
+        with _redis_errors():
+            return self.api_keys.list(self._configured(tenant))
+
+    def revoke_key(self, key_id: str, *, tenant: str) -> None:
+        """Revoke one of ``tenant``'s managed keys: refused from the next request on."""
+        with _redis_errors():
+            self.api_keys.revoke(self._configured(tenant), key_id)
+
+    def tenant_of_key(self, key: str) -> str | None:
+        """The tenant a managed key belongs to while it is one of ``FLEET_TENANTS``, else None."""
+        with _redis_errors():
+            found = self.api_keys.tenant_of(key)
+        return found if found in self.settings.tenants else None
+
+    def _configured(self, tenant: str) -> str:
+        if tenant not in self.settings.tenants:
+            raise InvalidRequest([FieldError("tenant", f"{tenant!r} is not one of FLEET_TENANTS")])
+        return tenant
 
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel: a queued job never runs, a running one stops at its next step. A finished job

@@ -43,6 +43,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
+from producer.api_keys import ApiKey
 from producer.protocol import (
     Close,
     Core,
@@ -140,6 +141,18 @@ class Client:
         """What the tenant used from ``start`` to ``end`` (UTC days, both included; by default
         its month to date): a row per day, model, class and end, and their totals."""
         return self._run(self._core.usage(start, end))
+
+    def create_key(self, label: str = "") -> tuple[ApiKey, str]:
+        """A new API key of the tenant: its listing, and the key (shown only here)."""
+        return self._run(self._core.create_key(label))
+
+    def list_keys(self) -> list[ApiKey]:
+        """The keys the tenant made, oldest first (never the keys themselves)."""
+        return self._run(self._core.list_keys())
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke one of the tenant's keys: refused from the next request on."""
+        self._run(self._core.revoke_key(key_id))
 
     def upload(self, data: bytes | str | Path) -> dict[str, str]:
         """Store an input file; returns ``{"key": ...}`` to put in a request."""
@@ -266,6 +279,15 @@ class AsyncClient:
 
     async def usage(self, start: dt.date | None = None, end: dt.date | None = None) -> Usage:
         return await self._run(self._core.usage(start, end))
+
+    async def create_key(self, label: str = "") -> tuple[ApiKey, str]:
+        return await self._run(self._core.create_key(label))
+
+    async def list_keys(self) -> list[ApiKey]:
+        return await self._run(self._core.list_keys())
+
+    async def revoke_key(self, key_id: str) -> None:
+        await self._run(self._core.revoke_key(key_id))
 
     async def upload(self, data: bytes | str | Path) -> dict[str, str]:
         return await self._run(self._core.upload(_content(data)))

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from producer.api_keys import ApiKey
 from routing.errors import (
     Conflict,
     FieldError,
@@ -181,6 +182,19 @@ class Core:
             (yield from self._call(self.request("GET", "/v1/usage", params=params))).json()
         )
 
+    def create_key(self, label: str = "") -> Flow[tuple[ApiKey, str]]:
+        # Sent once: a retry after a lost answer would make a second key.
+        response = yield from self._call(self.request("POST", "/v1/keys", json={"label": label}), retry=False)
+        made = response.json()
+        return ApiKey.from_json(made), made["key"]
+
+    def list_keys(self) -> Flow[list[ApiKey]]:
+        listed = (yield from self._call(self.request("GET", "/v1/keys"))).json()
+        return [ApiKey.from_json(k) for k in listed["keys"]]
+
+    def revoke_key(self, key_id: str) -> Flow[None]:
+        yield from self._call(self.request("DELETE", f"/v1/keys/{key_id}"))
+
     def upload(self, content: bytes) -> Flow[dict[str, str]]:
         headers = {"Content-Type": "application/octet-stream"}
         response = yield from self._call(
@@ -265,18 +279,18 @@ class Core:
         ).as_dict()
         return request
 
-    def _call(self, request: httpx.Request) -> Flow[httpx.Response]:
-        # Every call may be sent again: reads and cancel are idempotent, a submit carries its
-        # idempotency key, an upload stores the same bytes twice at worst.
-        for attempt in range(self.max_retries + 1):
+    def _call(self, request: httpx.Request, *, retry: bool = True) -> Flow[httpx.Response]:
+        # Every call may be sent again: reads, cancel and revoke are idempotent, a submit carries
+        # its idempotency key, an upload stores the same bytes twice at worst. A new key is not.
+        for attempt in range(self.max_retries + 1 if retry else 1):
             answer = yield Send(request)
             response = None
             if isinstance(answer, httpx.TransportError):
-                if attempt == self.max_retries:
+                if attempt == self.max_retries or not retry:
                     raise Unavailable(f"{request.method} {request.url.path}: {answer!r}") from answer
             else:
                 response = answer
-                if response.status_code not in _RETRIED_STATUS or attempt == self.max_retries:
+                if response.status_code not in _RETRIED_STATUS or attempt == self.max_retries or not retry:
                     return raise_for(response)
             yield Sleep(self.retry_delay(attempt, response))
         raise AssertionError("unreachable")

@@ -276,6 +276,9 @@ class Settings(BaseSettings):
     # kept after it, and the most days one usage query (GET /v1/usage) may span.
     usage_retention_days: int = Field(default=usage.DEFAULT_RETENTION_DAYS, ge=1)
     usage_max_days: int = Field(default=92, ge=1)
+    # API keys one tenant may make itself (POST /v1/keys; producer.api_keys), beside its
+    # FLEET_TENANTS keys.
+    max_keys_per_tenant: int = Field(default=20, ge=1)
     # Newest entries the dead-letter list keeps; older ones are trimmed as new ones come.
     max_dead_letters: int = Field(default=10_000, ge=1)
     # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).

@@ -135,6 +135,14 @@ class Keys:
         """Set of the tenants (their folders) with a ``usage`` hash on ``day``."""
         return f"{self.prefix}:usage:{day}"
 
+    def api_key(self, digest: str) -> str:
+        """``<tenant> <id>`` of the managed API key whose SHA-256 is ``digest`` (producer.api_keys)."""
+        return f"{self.prefix}:apikey:{digest}"
+
+    def tenant_api_keys(self, tenant: str) -> str:
+        """Hash of the tenant's managed API keys: id -> their digest, label and creation time."""
+        return f"{self.prefix}:tenant:{tenant}:apikeys"
+
     def webhooks_disabled(self, tenant: str) -> str:
         """Set of the tenant's webhook URLs that answered 410 Gone."""
         return f"{self.prefix}:webhooks:disabled:{tenant}"
