@@ -28,6 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from producer import openai_images
 from producer.admission import RateLimits, Slots, SlotsTaken
 from producer.api_keys import MAX_LABEL, is_managed
 from producer.body_limits import BodyLimits
@@ -298,6 +299,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         known_key=known_key,
         json_max_bytes=settings.max_json_body_bytes,
         upload_max_bytes=settings.max_input_bytes,
+        # An OpenAI edit carries its images in the body: each at most FLEET_MAX_INPUT_BYTES.
+        upload_paths=frozenset({"/v1/uploads", openai_images.EDITS}),
     )
 
     Tenant = Annotated[str, Depends(tenant_of)]
@@ -436,6 +439,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if slot is not None:
                 slot.release()
         return await run_in_threadpool(lambda: job_out(client.get(job_id)))
+
+    openai_images.add_routes(
+        app,
+        client=client,
+        settings=settings,
+        tenant_of=tenant_of,
+        take_rate=take_rate,
+        waits=waits,
+        wait_finished=live.wait_finished,
+        error_detail=ErrorDetail,
+    )
 
     def queue_job(body: BaseModel, tenant: str, response: Response, idempotency_key: str | None) -> str:
         request = body.model_dump(mode="json", exclude={"priority", "webhook"}, exclude_none=True)

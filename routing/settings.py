@@ -279,6 +279,11 @@ class Settings(BaseSettings):
     # API keys one tenant may make itself (POST /v1/keys; producer.api_keys), beside its
     # FLEET_TENANTS keys.
     max_keys_per_tenant: int = Field(default=20, ge=1)
+    # The OpenAI-compatible Images API (producer.openai_images): how long a call waits for its job
+    # (then 408: the job goes on), and the models a call that names none uses.
+    openai_wait_s: float = Field(default=300.0, gt=0)
+    openai_image_model: str = "z-image-turbo"
+    openai_edit_model: str = "qwen-image-edit-2509"
     # Newest entries the dead-letter list keeps; older ones are trimmed as new ones come.
     max_dead_letters: int = Field(default=10_000, ge=1)
     # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).

@@ -8,6 +8,8 @@ What must hold for every request:
   (``response_schema_conformance``, ``content_type_conformance``, ``response_headers_conformance``),
   invalid data refused with a 4xx (``negative_data_rejection``), requests without the key or with
   a wrong one refused (``ignored_auth``), other methods answered 405 (``unsupported_method``);
+- the OpenAI-compatible calls (POST /v1/images/...) queue one job when they answer 408 (no worker:
+  the job outlasts the 0.2 s wait) and none when they refuse;
 - POST /v1/jobs queues exactly what it says: a refusal (status >= 400) leaves the queue lists
   (gpu16*, gpu80*, h100x8*) as they were, a 201 adds one message, an idempotent 200 adds none,
   and a 202 (``Prefer: wait=N``, the job not ended in time) adds one for a new job and none for
@@ -111,6 +113,16 @@ def check_submit_queued(status: int, body: Any, added: int, earlier_jobs: set[st
         raise AssertionError(f"{status} to POST /v1/jobs: an answer the document does not list")
 
 
+def check_openai_queued(status: int, added: int) -> None:
+    """An OpenAI-compatible call queued exactly what its answer says: with no worker, a job it
+    accepted is still running when the wait ends (408, one message); anything else queued none."""
+    if status == 408:
+        assert added == 1, f"408 to an OpenAI call, {added} messages queued"
+    else:
+        assert status >= 400, f"{status} to an OpenAI call while no worker runs"
+        assert added == 0, f"{status} to an OpenAI call, yet {added} message(s) queued"
+
+
 def _clear_queues(client: redis_lib.Redis) -> None:
     for pattern in (*QUEUE_PATTERNS, "webhooks*"):
         for key in client.scan_iter(pattern):
@@ -144,6 +156,7 @@ def _settings(redis_url: str, storage_dir: Path) -> Settings:
         storage_backend="local",
         storage_dir=storage_dir,
         tenants={"t1": {"api_keys": [API_KEY], "webhook_secret": secret, "max_in_flight": 100_000}},
+        openai_wait_s=0.2,  # no worker runs: an accepted OpenAI call waits this long, then 408
     )
 
 
@@ -239,7 +252,8 @@ def test_api_survives_fuzzing_and_queues_nothing_it_refuses(
     case: schemathesis.Case, fuzz_app: Any, queues: redis_lib.Redis, fuzz_log: FuzzLog
 ) -> None:
     submits = (case.method.upper(), case.path) == ("POST", "/v1/jobs")
-    before = _queued(queues) if submits else 0
+    openai_call = case.path.startswith("/v1/images/")
+    before = _queued(queues) if submits or openai_call else 0
 
     # The answer is checked, not how soon it came: with two suites running, an upload of four
     # bytes waited past schemathesis's 10 s for its turn at the CPU. An event stream keeps that
@@ -252,6 +266,8 @@ def test_api_survives_fuzzing_and_queues_nothing_it_refuses(
     if submits:
         body = response.json() if response.status_code < 400 else None
         check_submit_queued(response.status_code, body, _queued(queues) - before, fuzz_log.jobs)
+    if openai_call:
+        check_openai_queued(response.status_code, _queued(queues) - before)
     case.validate_response(response)
 
 

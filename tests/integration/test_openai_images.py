@@ -1,0 +1,141 @@
+"""The OpenAI-compatible Images API through the OpenAI Python SDK itself, against a real uvicorn API
+process, a real GPU worker process (gpu80: it serves the 16 GB class too), real Redis and the local
+object store: images made and edited by the fleet's small models come back as OpenAI answers;
+refusals are OpenAI errors naming the OpenAI field, with nothing queued or stored; a job that
+outlasts the wait is a 408 the SDK does not retry."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from localfleet.process import ApiProcess
+from routing.io.storage import LocalStorage
+from routing.settings import Settings
+from tests.conftest import _free_port
+from worker.media import encode_png
+
+pytestmark = pytest.mark.integration
+
+KEY = "key-a"
+PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))
+
+
+def _settings(fleet_settings: Settings, **update: object) -> Settings:
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    return Settings.model_validate(
+        fleet_settings.model_dump()
+        | {"tenants": {"a": {"api_keys": [KEY], "webhook_secret": secret}}}
+        | update
+    )
+
+
+@pytest.fixture
+def settings(fleet_settings: Settings) -> Settings:
+    return _settings(fleet_settings, worker_class="gpu80")
+
+
+@pytest.fixture
+def api_url(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+        yield process.url
+
+
+def _sdk(api_url: str, max_retries: int = 0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api_url}/v1", api_key=KEY, max_retries=max_retries, timeout=300)
+
+
+def _image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def _jobs(api_url: str) -> list[dict]:
+    return httpx.get(
+        f"{api_url}/v1/jobs", headers={"Authorization": f"Bearer {KEY}"}, trust_env=False
+    ).json()["jobs"]
+
+
+def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, settings, start_worker):
+    start_worker(settings)
+    sdk = _sdk(api_url)
+
+    made = sdk.images.generate(
+        model="z-image-turbo", prompt="a red fox", size="64x64", n=2, response_format="b64_json"
+    )
+    assert len(made.data) == 2 and made.size == "64x64" and made.output_format == "png"
+    for item in made.data:
+        assert _image(base64.b64decode(item.b64_json)).size == (64, 64)
+    # The default model and answer form: a presigned URL of the stored output.
+    linked = sdk.images.generate(prompt="a lighthouse", size="64x80")
+    [item] = linked.data
+    assert item.url.startswith("file://")  # the local store's URL (S3's is a presigned one)
+    assert _image(Path(urlparse(item.url).path).read_bytes()).size == (64, 80)
+    edited = sdk.images.edit(
+        model="qwen-image-edit-2509",
+        image=[("a.png", PNG, "image/png"), ("b.png", PNG, "image/png")],
+        prompt="put them side by side",
+        size="64x64",
+        response_format="b64_json",
+        output_format="webp",
+    )
+    [item] = edited.data
+    assert edited.output_format == "webp" and _image(base64.b64decode(item.b64_json)).format == "WEBP"
+    # Each call was one job of the tenant's, seen by the fleet's own API as any other.
+    jobs = _jobs(api_url)
+    assert sorted(j["model"] for j in jobs) == ["qwen-image-edit-2509", "z-image-turbo", "z-image-turbo"]
+    edit = next(j for j in jobs if j["model"] == "qwen-image-edit-2509")
+    assert len(edit["request"]["images"]) == 2 and all(j["status"] == "succeeded" for j in jobs)
+
+
+def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queued_or_stored(
+    api_url, settings
+):
+    sdk = _sdk(api_url)
+
+    with pytest.raises(openai.BadRequestError) as size:
+        sdk.images.generate(model="z-image-turbo", prompt="a fox", size="65x64")
+    assert size.value.body["param"] == "size" and "multiple of 16" in size.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as quality:
+        sdk.images.generate(model="z-image-turbo", prompt="a fox", quality="hd")
+    assert quality.value.body["param"] == "quality" and "not supported" in quality.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as too_many:
+        sdk.images.generate(model="z-image-turbo", prompt="a fox", n=settings.max_num_outputs + 1)
+    assert too_many.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as several:
+        sdk.images.edit(image=("a.png", PNG, "image/png"), prompt="a hat", n=2)
+    assert several.value.body["param"] == "n"
+    # An edit's images are stored as it is read: refused, they are deleted again.
+    with pytest.raises(openai.BadRequestError) as edit:
+        sdk.images.edit(image=("a.png", PNG, "image/png"), prompt="a hat", size="64x65")
+    assert edit.value.body["param"] == "size", edit.value.body
+    with pytest.raises(openai.BadRequestError) as not_an_image:
+        sdk.images.edit(image=("a.png", b"not a png", "image/png"), prompt="a hat")
+    assert not_an_image.value.body["param"] == "image"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{api_url}/v1", api_key="wrong", max_retries=0).images.generate(
+            prompt="a fox"
+        )
+
+    assert _jobs(api_url) == []
+    assert LocalStorage(settings.storage_dir).list("uploads/") == []
+
+
+def test_a_job_that_outlasts_the_wait_is_a_408_the_sdk_does_not_retry(fleet_settings, tmp_path):
+    settings = _settings(fleet_settings, openai_wait_s=1)  # and no worker: the job stays queued
+    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+        with pytest.raises(openai.APIStatusError) as waited:
+            _sdk(process.url, max_retries=2).images.generate(prompt="a fox", size="64x64")
+        [job] = _jobs(process.url)  # queued once, though the SDK may retry twice
+
+    assert waited.value.status_code == 408
+    assert waited.value.response.headers["Fleet-Job-Id"] == job["id"] and job["status"] == "queued"
+    assert f"GET /v1/jobs/{job['id']}" in waited.value.body["message"]
