@@ -39,7 +39,12 @@ WORKER_ONLY = {
 }
 API_ONLY = {"fastapi", "starlette", "uvicorn", "prometheus_client", "flower"}
 # Served from the api extra: every other module of producer/ and routing/ is the SDK's.
-API_MODULES = {"producer/api.py", "producer/body_limits.py", "producer/metrics.py"}
+API_MODULES = {
+    "producer/api.py",
+    "producer/body_limits.py",
+    "producer/metrics.py",
+    "producer/openai_images.py",
+}
 
 _IMPORT_ALL = """
 import importlib, importlib.abc, pkgutil, sys
@@ -89,7 +94,8 @@ def test_sdk_cli_and_routing_import_without_torch_worker_or_flower() -> None:
 
 
 def test_http_api_imports_without_torch_or_worker_code() -> None:
-    imported = _import_all(WORKER_ONLY, ["producer.api", "producer.body_limits", "producer.metrics"], set())
+    modules = ["producer.api", "producer.body_limits", "producer.metrics", "producer.openai_images"]
+    imported = _import_all(WORKER_ONLY, modules, set())
     assert "'producer.api'" in imported
 
 
