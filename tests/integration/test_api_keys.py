@@ -5,7 +5,6 @@ its edge. Ops make and revoke keys over Redis with the CLI."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -21,53 +20,27 @@ from localfleet.process import ApiProcess
 from producer.http import Client as HttpClient
 from routing.errors import Unauthorized
 from routing.settings import Settings
+from tests.api_tenants import SMALL, A, B, api_client, tenants
 from tests.conftest import _free_port
 from tests.faults.harness import RedisServer
 
 pytestmark = pytest.mark.integration
 
-A = {"Authorization": "Bearer key-a"}
-B = {"Authorization": "Bearer key-b"}
-SMALL = {
-    "model": "z-image-turbo",
-    "kind": "text-to-image",
-    "prompt": "a fox",
-    "width": 64,
-    "height": 64,
-    "steps": 2,
-}
 MAX_KEYS = 3
-TENANTS = {
-    name: {
-        "api_keys": [f"key-{name}"],
-        "webhook_secret": "whsec_" + base64.b64encode(os.urandom(24)).decode(),
-    }
-    for name in ("a", "b")
-}
+TENANTS = tenants("a", "b")  # the same secrets in the API and the CLI's environment
 
 
 @pytest.fixture
 def settings(fleet_settings: Settings) -> Settings:
     return Settings.model_validate(
-        fleet_settings.model_dump()
-        | {
-            "tenants": {
-                name: {
-                    "api_keys": [f"key-{name}"],
-                    "webhook_secret": "whsec_" + base64.b64encode(os.urandom(24)).decode(),
-                }
-                for name in ("a", "b")
-            },
-            "max_keys_per_tenant": MAX_KEYS,
-        }
+        fleet_settings.model_dump() | {"tenants": TENANTS, "max_keys_per_tenant": MAX_KEYS}
     )
 
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
-        with httpx.Client(base_url=process.url, timeout=60, trust_env=False) as http:
-            yield http
+    with api_client(settings, tmp_path) as http:
+        yield http
 
 
 def _bearer(key: str) -> dict[str, str]:

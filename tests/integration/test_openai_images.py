@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +20,7 @@ from PIL import Image
 from localfleet.process import ApiProcess
 from routing.io.storage import LocalStorage
 from routing.settings import Settings
+from tests.api_tenants import with_tenants
 from tests.conftest import _free_port
 from worker.media import encode_png
 
@@ -31,12 +31,7 @@ PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))
 
 
 def _settings(fleet_settings: Settings, **update: object) -> Settings:
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    return Settings.model_validate(
-        fleet_settings.model_dump()
-        | {"tenants": {"a": {"api_keys": [KEY], "webhook_secret": secret}}}
-        | update
-    )
+    return with_tenants(fleet_settings, "a", **update)
 
 
 @pytest.fixture

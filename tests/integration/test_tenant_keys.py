@@ -5,8 +5,6 @@ that do not exist; and a refused request leaves nothing stored."""
 
 from __future__ import annotations
 
-import base64
-import os
 import threading
 import time
 import uuid
@@ -18,29 +16,19 @@ import httpx
 import pytest
 from PIL import Image
 
-from localfleet.process import ApiProcess
 from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
+from tests.api_tenants import SMALL, A, B, api_client, webhook_secret
 from tests.conftest import _free_port
 from worker.media import encode_png
 
 pytestmark = pytest.mark.integration
 
 PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))
-A = {"Authorization": "Bearer key-a"}
-B = {"Authorization": "Bearer key-b"}
-SMALL = {
-    "model": "z-image-turbo",
-    "kind": "text-to-image",
-    "prompt": "a fox",
-    "width": 64,
-    "height": 64,
-    "steps": 2,
-}
 EDIT = {"model": "qwen-image-edit", "kind": "edit", "prompt": "add a hat", "width": 64, "height": 64}
 
 
@@ -79,18 +67,14 @@ def png_server() -> Iterator[PngServer]:
     server.close()
 
 
-def secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
-
-
 @pytest.fixture
 def settings(fleet_settings: Settings) -> Settings:
     return Settings.model_validate(
         fleet_settings.model_dump()
         | {
             "tenants": {
-                "a": {"api_keys": ["key-a"], "webhook_secret": secret(), "max_in_flight": 100},
-                "b": {"api_keys": ["key-b"], "webhook_secret": secret(), "max_in_flight": 1},
+                "a": {"api_keys": ["key-a"], "webhook_secret": webhook_secret(), "max_in_flight": 100},
+                "b": {"api_keys": ["key-b"], "webhook_secret": webhook_secret(), "max_in_flight": 1},
             },
             "url_allow_cidrs": ["127.0.0.2/32"],
         }
@@ -99,9 +83,8 @@ def settings(fleet_settings: Settings) -> Settings:
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
-        with httpx.Client(base_url=process.url, timeout=60, trust_env=False) as http:
-            yield http
+    with api_client(settings, tmp_path) as http:
+        yield http
 
 
 def stored(settings: Settings, prefix: str) -> list[str]:

@@ -4,11 +4,9 @@ HTTP SDK, the Redis SDK and the CLI, each tenant its own; the query's limits at 
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import io
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,51 +14,27 @@ from pathlib import Path
 import httpx
 import pytest
 
-from localfleet.process import ApiProcess
 from producer import cli
 from producer.client import Client
 from producer.http import Client as HttpClient
 from routing.jobs.usage import Usage
 from routing.settings import Settings
-from tests.conftest import _free_port
+from tests.api_tenants import SMALL, A, B, api_client, with_tenants
 
 pytestmark = pytest.mark.integration
 
-A = {"Authorization": "Bearer key-a"}
-B = {"Authorization": "Bearer key-b"}
-SMALL = {
-    "model": "z-image-turbo",
-    "kind": "text-to-image",
-    "prompt": "a fox",
-    "width": 64,
-    "height": 64,
-    "steps": 2,
-}
 MAX_DAYS = 7
 
 
 @pytest.fixture
 def settings(fleet_settings: Settings) -> Settings:
-    return Settings.model_validate(
-        fleet_settings.model_dump()
-        | {
-            "tenants": {
-                name: {
-                    "api_keys": [f"key-{name}"],
-                    "webhook_secret": "whsec_" + base64.b64encode(os.urandom(24)).decode(),
-                }
-                for name in ("a", "b")
-            },
-            "usage_max_days": MAX_DAYS,
-        }
-    )
+    return with_tenants(fleet_settings, "a", "b", usage_max_days=MAX_DAYS)
 
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
-        with httpx.Client(base_url=process.url, timeout=60, trust_env=False) as http:
-            yield http
+    with api_client(settings, tmp_path) as http:
+        yield http
 
 
 def _wait(api: httpx.Client, job_id: str) -> dict:
