@@ -36,6 +36,7 @@ from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
 from producer.metrics import FleetCollector
+from routing import tracing
 from routing.catalog import CATALOG, Variant
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
@@ -243,6 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        tracing.setup("fleet-api", settings.otlp_endpoint)
         # Metrics read the whole fleet and carry no auth: never on the port tenants reach.
         server = None
         if settings.metrics_port is not None:
@@ -256,6 +258,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             stop_expiry.set()
+            tracing.shutdown()
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -402,6 +405,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response: Response,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
         prefer: Annotated[str | None, Header(max_length=255)] = None,
+        traceparent: Annotated[
+            str | None,
+            Header(max_length=255, description="W3C trace context: the job's spans join the caller's trace"),
+        ] = None,
     ) -> dict[str, Any]:
         """Queue a job. The same ``Idempotency-Key`` and body return the same job (200); the
         same key with another body is a 409.
@@ -420,11 +427,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             await run_in_threadpool(take_rate, "submit", tenant)
             queue = partial(queue_job, body, tenant, response, idempotency_key)
-            if fetches(body):
-                with fetching.holding(tenant):
-                    job_id = await anyio.to_thread.run_sync(queue, limiter=fetch_threads)
-            else:
-                job_id = await run_in_threadpool(queue)
+            # The submit's span (routing.tracing): the job's record keeps it, its runs are under it.
+            with tracing.span("POST /v1/jobs", traceparent, tenant=tenant, model=body.model):
+                if fetches(body):
+                    with fetching.holding(tenant):
+                        job_id = await anyio.to_thread.run_sync(queue, limiter=fetch_threads)
+                else:
+                    job_id = await run_in_threadpool(queue)
             if wait_s:
                 response.headers["Preference-Applied"] = f"wait={wait_s}"
                 try:

@@ -34,6 +34,7 @@ from producer.inputs import (
     upload,
 )
 from producer.tenant_keys import KeyScope, check_tenant, folder
+from routing import tracing
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
 from routing.decision import route
@@ -216,6 +217,7 @@ class Client:
                     webhook=webhook,
                     max_in_flight=max_in_flight,
                     limits=self.limits,
+                    traceparent=tracing.traceparent(),
                 )
             with _redis_errors():
                 if new:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from producer.admission import Slots, SlotsTaken
+from routing import tracing
 from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, TooManyJobs, Unavailable
 from routing.jobs.record import JobRecord, JobStatus
 from routing.settings import Settings
@@ -213,7 +214,9 @@ def add_routes(
         except SlotsTaken as exc:
             raise _Refused(429, str(exc), "rate_limit_error") from None
         try:
-            job_id = await run_in_threadpool(_queue, job, tenant, request.headers.get("idempotency-key"))
+            parent = request.headers.get("traceparent")
+            with tracing.span(f"POST {request.url.path}", parent, tenant=tenant, model=job["model"]):
+                job_id = await run_in_threadpool(_queue, job, tenant, request.headers.get("idempotency-key"))
         except _Refused:
             slot.release()
             raise

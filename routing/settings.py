@@ -284,6 +284,9 @@ class Settings(BaseSettings):
     openai_wait_s: float = Field(default=300.0, gt=0)
     openai_image_model: str = "z-image-turbo"
     openai_edit_model: str = "qwen-image-edit-2509"
+    # Where the API and workers send their traces, over OTLP/HTTP (routing.tracing): the base URL
+    # of an OpenTelemetry Collector, Jaeger or Tempo. Unset: nothing is traced.
+    otlp_endpoint: str | None = None
     # Newest entries the dead-letter list keeps; older ones are trimmed as new ones come.
     max_dead_letters: int = Field(default=10_000, ge=1)
     # Longest a job may wait in a queue (it then fails), and run (time limits: soft 60 s before).

@@ -30,6 +30,7 @@ from celery.signals import (
 )
 from kombu import Connection
 
+from routing import tracing
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass, consumed_queues
 from routing.errors import Conflict, ErrorType, JobError, NotFound
@@ -205,6 +206,7 @@ def _state(pool: PipelinePool, runner: JobRunner) -> dict[str, object]:
 
 @worker_process_init.connect
 def _warm(**_: Any) -> None:
+    tracing.setup("fleet-worker", settings.otlp_endpoint)  # in the pool child: after the fork
     runner = get_runner()
     for model_key in settings.warm_models:
         runner.pool.get(model_key)
@@ -263,6 +265,7 @@ def _finish_pending(**_: Any) -> None:
     # finisher holds are stored and recorded first. A kill skips this: the reaper hands them back.
     if _runner is not None and not _runner.finisher.wait_idle(timeout_s=settings.max_run_s):
         log.warning("exiting with jobs still finishing; the reaper will hand them back")
+    tracing.shutdown()  # the spans not yet exported go now
 
 
 class FleetStats(bootsteps.StartStopStep):

@@ -22,6 +22,7 @@ from functools import partial
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
+from routing import tracing
 from routing.catalog import get_model
 from routing.classes import parse_queue, queue_name
 from routing.decision import escalate
@@ -203,18 +204,22 @@ class JobRunner:
         record, started_at = claimed
         self.busy.job_started(started_at, record.created_at)
         finishing = False
+        # This attempt's span, under the submit's (routing.tracing); the phases are its children.
+        attempt = dict(job_id=job_id, model=record.model, attempt=record.attempt, worker=self.worker_name)
         try:
-            try:
-                generated = self._generate(job_id, record, started_at)
-            finally:
-                self.busy.gpu_done()  # what is left (encode, store, record) is the CPU's
-            if not isinstance(generated, tuple):
-                return generated
+            with tracing.span("job", record.traceparent, **attempt):
+                try:
+                    generated = self._generate(job_id, record, started_at)
+                finally:
+                    self.busy.gpu_done()  # what is left (encode, store, record) is the CPU's
+                if not isinstance(generated, tuple):
+                    return generated
+                parent = tracing.traceparent()
             # 4. Encode and store, then record: on the finisher's thread, while this one takes
             #    the next job (it waits here while max_pending_outputs jobs are finishing).
             try:
                 outcome = self.finisher.submit(
-                    partial(self._complete, job_id, record, started_at, *generated)
+                    partial(self._complete, job_id, record, started_at, *generated, parent=parent)
                 )
             except SoftTimeLimitExceeded as exc:
                 return self._fail(record, exc, Phase.STORE, generated[2], started_at)
@@ -234,12 +239,14 @@ class JobRunner:
             #    Its inputs may have been decoded while the job before it generated.
             request = self._request(record)
             t0 = time.perf_counter()
-            inputs = self._inputs(job_id, request, timings)
+            with tracing.span("inputs"):
+                inputs = self._inputs(job_id, request, timings)
             if inputs:
                 timings["inputs_s"] = round(time.perf_counter() - t0, 4)
             # Room for the request's predicted peak beside the resident models, or the job is
             # handed to a bigger class (``DoesNotFit``, a MemoryError) before anything runs.
-            checkout = self.pool.get(request.model, work_of(request, get_model(request.model)))
+            with tracing.span("checkout"):
+                checkout = self.pool.get(request.model, work_of(request, get_model(request.model)))
             if checkout.loaded:
                 # A cold start: reading the weights, and moving them to the device.
                 timings["load_s"] = round(checkout.load_s, 4)
@@ -260,7 +267,8 @@ class JobRunner:
                     state = self.store.check(job_id, drain, worker=worker, attempt=attempt)
                 _obey(state)
 
-            inputs = checkout.adapter.prepare(request, inputs, timings, on_progress)
+            with tracing.span("prepare"):
+                inputs = checkout.adapter.prepare(request, inputs, timings, on_progress)
 
             # 3. Generate, reporting every step; stop at the first step after a cancel, or hand
             #    the job back at the first step after this worker began shutting down.
@@ -273,8 +281,9 @@ class JobRunner:
                 self.ahead.kick(job_id, now=True)
             t0 = time.perf_counter()
             try:
-                with job_context(checkout.adapter, request, self.storage, timings):
-                    generated = checkout.adapter.run(request, inputs, on_step)
+                with tracing.span("generate", steps=getattr(request, "steps", None)):
+                    with job_context(checkout.adapter, request, self.storage, timings):
+                        generated = checkout.adapter.run(request, inputs, on_step)
                 timings.update(getattr(generated, "timings", {}))
             finally:
                 self.busy.pipeline(time.perf_counter() - t0)
@@ -305,15 +314,16 @@ class JobRunner:
         request: RequestBase,
         generated: Generated,
         timings: dict[str, float],
+        parent: str | None = None,
     ) -> Outcome:
         """Step 4: encode and store under keys of this attempt, then record the outcome. Only the
         attempt that owns the job can record its outputs: a stale one (this worker was thought
         dead and the job ran again) deletes what it stored, and the owner's success deletes what
         earlier attempts left, so the job's objects are its outputs and nothing else."""
         try:
-            return self._report(
-                job_id, self._store_and_record(job_id, record, started_at, request, generated, timings)
-            )
+            with tracing.span("store", parent, job_id=job_id):  # on the finisher's thread
+                outcome = self._store_and_record(job_id, record, started_at, request, generated, timings)
+            return self._report(job_id, outcome)
         finally:
             self._done_with_job()
 

@@ -103,6 +103,8 @@ class JobRecord:
     # What ``step`` of ``total_steps`` counts: None for denoising steps, else a stage of the work
     # before them (``preprocess.<stage>``: Animate's preprocessing, in frames or videos).
     stage: str | None = None
+    # The W3C traceparent of the submit's span (routing.tracing); None when it was not traced.
+    traceparent: str | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[str, str]) -> JobRecord:
@@ -140,6 +142,7 @@ class JobRecord:
             handed_back=raw.get("handed_back") or None,
             limits=RequestLimits.from_json(raw["limits"]) if raw.get("limits") else None,
             stage=raw.get("stage") or None,
+            traceparent=raw.get("traceparent") or None,
         )
 
 

@@ -94,6 +94,7 @@ class NewJob:
     webhook: Webhook | None = None
     max_in_flight: int = 0  # the tenant's limit on unfinished jobs; 0: none
     limits: RequestLimits | None = None  # what the request was accepted under
+    traceparent: str | None = None  # the submit's span (routing.tracing), the parent of its runs
 
 
 class JobStore:
@@ -169,6 +170,7 @@ class JobStore:
             "queued_message": job.message[1],
             "queued_list": job.message[0],
             "limits": job.limits.to_json() if job.limits else "",
+            "traceparent": job.traceparent or "",
         }
         queue_key, payload = job.message
         keys = {
