@@ -255,6 +255,11 @@ class Client:
             )
         return request
 
+    def job_of_idempotency_key(self, idempotency_key: str) -> str | None:
+        """The job ``idempotency_key`` was used for, or None."""
+        with _redis_errors():
+            return self._earlier_jobs([idempotency_key])[0]
+
     def _earlier_jobs(self, idempotency_keys: list[str | None]) -> list[str | None]:
         """The job each idempotency key was used for already; None for a new or absent key."""
         named = [self.keys.idempotency(key) for key in idempotency_keys if key]

@@ -4,7 +4,7 @@ work with ``base_url=<fleet>/v1`` and a fleet API key.
 
 The call is OpenAI's: one request, one answer with the images. It queues a job as ``POST /v1/jobs``
 does (the same tenant, in-flight limit, submit rate and checks; priority ``normal``; an
-``Idempotency-Key`` header is honoured), holds the answer until the job ends, at most
+``Idempotency-Key`` header is honoured, an edit's by its fields other than the images), holds the answer until the job ends, at most
 ``FLEET_OPENAI_WAIT_S`` (a ``Prefer: wait`` slot, ``FLEET_PREFER_WAITS_PER_*``), and answers
 ``{"created", "data": [{"url"} or {"b64_json"}], "size", "output_format"}``. A job still running
 then is answered 408 naming it: it goes on, and ``GET /v1/jobs/{id}`` follows it.
@@ -42,7 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from producer.admission import Slots, SlotsTaken
 from routing import tracing
 from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, TooManyJobs, Unavailable
-from routing.jobs.record import JobRecord, JobStatus
+from routing.jobs.record import JobStatus
 from routing.settings import Settings
 
 GENERATIONS = "/v1/images/generations"
@@ -187,14 +187,17 @@ def add_routes(
         stored: list[str] = []
         try:
             body, files = await _edit_form(request)
+            job = _request(body, body.model or settings.openai_edit_model, "edit")
+            earlier = await run_in_threadpool(
+                _earlier_edit, job, tenant, request.headers.get("idempotency-key")
+            )
+            if earlier is not None:  # a call made again (its answer lost): that job, no new images
+                return await _answer_when_done(earlier, body, tenant)
             # The images are stored as the tenant's uploads, checked as POST /v1/uploads checks
             # them; a request refused after that leaves none of them behind.
             for data in files:
                 stored.append(await run_in_threadpool(_upload, data, tenant))
-            job = _request(body, body.model or settings.openai_edit_model, "edit") | {
-                "images": [{"key": key} for key in stored]
-            }
-            return await _run(job, body, tenant, request)
+            return await _run(job | {"images": [{"key": key} for key in stored]}, body, tenant, request)
         except _Refused as exc:
             if not exc.queued:  # refused: nothing queued, and nothing kept
                 await run_in_threadpool(_delete, stored)
@@ -209,36 +212,37 @@ def add_routes(
                 raise _from_invalid(exc, "image") from None
 
     async def _run(job: dict[str, Any], body: _Options, tenant: str, request: Request) -> Any:
-        try:
-            slot = waits.take(tenant)
-        except SlotsTaken as exc:
-            raise _Refused(429, str(exc), "rate_limit_error") from None
+        """Queue ``job`` and answer when it ends."""
+        slot = _take_slot(tenant)
         try:
             parent = request.headers.get("traceparent")
             with tracing.span(f"POST {request.url.path}", parent, tenant=tenant, model=job["model"]):
                 job_id = await run_in_threadpool(_queue, job, tenant, request.headers.get("idempotency-key"))
-        except _Refused:
-            slot.release()
-            raise
-        try:
-            finished = await wait_finished(job_id, settings.openai_wait_s)
-        except Exception:  # the job is queued: the caller is told which, not an error of its own
-            finished = False
+            finished = await _wait(job_id)
         finally:
             slot.release()
-        record = await run_in_threadpool(client.get, job_id)
-        if not finished or not record.status.is_terminal():
-            refused = _Refused(
-                408,
-                f"job {job_id} has not ended after {settings.openai_wait_s:g} s (FLEET_OPENAI_WAIT_S); "
-                f"it goes on: GET /v1/jobs/{job_id}",
-                "timeout",
-                code="job_running",
-            )
-            refused.headers = {"x-should-retry": "false", "Fleet-Job-Id": job_id}
-            refused.queued = True
-            raise refused
-        return await run_in_threadpool(_answer, record, body.response_format)
+        return await run_in_threadpool(_answer, job_id, finished, body.response_format)
+
+    async def _answer_when_done(job_id: str, body: _Options, tenant: str) -> Any:
+        """Answer with an earlier call's job when it ends, waited for as a new one is."""
+        slot = _take_slot(tenant)
+        try:
+            finished = await _wait(job_id)
+        finally:
+            slot.release()
+        return await run_in_threadpool(_answer, job_id, finished, body.response_format)
+
+    def _take_slot(tenant: str) -> Any:
+        try:
+            return waits.take(tenant)
+        except SlotsTaken as exc:
+            raise _Refused(429, str(exc), "rate_limit_error") from None
+
+    async def _wait(job_id: str) -> bool:
+        try:
+            return await wait_finished(job_id, settings.openai_wait_s)
+        except Exception:  # the job is queued: the caller is told which, not an error of its own
+            return False
 
     def _queue(job: dict[str, Any], tenant: str, idempotency_key: str | None) -> str:
         try:
@@ -267,11 +271,44 @@ def add_routes(
             raise refused from None
         return queued.id
 
+    def _earlier_edit(job: dict[str, Any], tenant: str, idempotency_key: str | None) -> str | None:
+        """The job an edit's ``Idempotency-Key`` was used for: its images are stored under new
+        keys each time they are sent, so an edit made again is matched by its other fields."""
+        if not idempotency_key:
+            return None
+        job_id = client.job_of_idempotency_key(f"{tenant}:openai:{idempotency_key}")
+        if job_id is None:
+            return None
+        asked = {name: value for name, value in job.items() if name != "kind"}
+        kept = client.get(job_id).request
+        if any(kept.get(name) != value for name, value in asked.items()):
+            refused = _Refused(
+                409,
+                f"idempotency key {idempotency_key!r} was used for another request",
+                "invalid_request_error",
+                code="idempotency_key_reused",
+            )
+            refused.headers = {"x-should-retry": "false"}
+            raise refused
+        return job_id
+
     def _delete(keys: list[str]) -> None:
         for key in keys:
             client.storage.delete(key)
 
-    def _answer(record: JobRecord, response_format: str) -> dict[str, Any]:
+    def _answer(job_id: str, finished: bool, response_format: str) -> dict[str, Any]:
+        record = client.get(job_id)
+        if not finished or not record.status.is_terminal():
+            refused = _Refused(
+                408,
+                f"job {job_id} has not ended after {settings.openai_wait_s:g} s (FLEET_OPENAI_WAIT_S); "
+                f"it goes on: GET /v1/jobs/{job_id}",
+                "timeout",
+                code="job_running",
+            )
+            refused.headers = {"x-should-retry": "false", "Fleet-Job-Id": job_id}
+            refused.queued = True
+            raise refused
         if record.status is not JobStatus.SUCCEEDED:
             error = record.error
             status, kind = _FAILED.get(error.type, (500, "server_error")) if error else (409, "canceled")

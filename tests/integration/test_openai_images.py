@@ -74,16 +74,24 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
     [item] = linked.data
     assert item.url.startswith("file://")  # the local store's URL (S3's is a presigned one)
     assert _image(Path(urlparse(item.url).path).read_bytes()).size == (64, 80)
-    edited = sdk.images.edit(
+    edit = dict(
         model="qwen-image-edit-2509",
         image=[("a.png", PNG, "image/png"), ("b.png", PNG, "image/png")],
         prompt="put them side by side",
         size="64x64",
         response_format="b64_json",
         output_format="webp",
+        extra_headers={"Idempotency-Key": "edit-1"},
     )
+    edited = sdk.images.edit(**edit)
     [item] = edited.data
     assert edited.output_format == "webp" and _image(base64.b64decode(item.b64_json)).format == "WEBP"
+    # The same call again (its answer lost, say): the same job's images; the images it sent
+    # again are not kept.
+    assert sdk.images.edit(**edit).data == edited.data
+    assert len(LocalStorage(settings.storage_dir).list("uploads/")) == 2
+    with pytest.raises(openai.ConflictError):  # the same key for another edit: not retried
+        sdk.images.edit(**(edit | {"prompt": "one behind the other"}))
     # Each call was one job of the tenant's, seen by the fleet's own API as any other.
     jobs = _jobs(api_url)
     assert sorted(j["model"] for j in jobs) == ["qwen-image-edit-2509", "z-image-turbo", "z-image-turbo"]
