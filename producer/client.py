@@ -186,6 +186,7 @@ class Client:
             if max_in_flight:
                 room = max_in_flight - self._redis.scard(self.keys.tenant_in_flight(tenant))
         scope = KeyScope(tenant, self._job_tenant)
+        traceparent = tracing.traceparent()  # the caller's span: every job's runs go under it
         outcomes: dict[int, tuple[Created, str]] = {}
         started: dict[int, tuple[str, RequestBase]] = {}  # requests whose inputs may be stored
         new: dict[int, NewJob] = {}
@@ -217,7 +218,7 @@ class Client:
                     webhook=webhook,
                     max_in_flight=max_in_flight,
                     limits=self.limits,
-                    traceparent=tracing.traceparent(),
+                    traceparent=traceparent,
                 )
             with _redis_errors():
                 if new:

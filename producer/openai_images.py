@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import re
-import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -204,12 +203,10 @@ def add_routes(
             return _error(exc)
 
     def _upload(data: bytes, tenant: str) -> str:
-        with tempfile.TemporaryFile() as file:
-            file.write(data)
-            try:
-                return client.upload(file, tenant=tenant)["key"]
-            except InvalidRequest as exc:
-                raise _from_invalid(exc, "image") from None
+        try:
+            return client.upload(data, tenant=tenant)["key"]
+        except InvalidRequest as exc:
+            raise _from_invalid(exc, "image") from None
 
     async def _run(job: dict[str, Any], body: _Options, tenant: str, request: Request) -> Any:
         """Queue ``job`` and answer when it ends."""

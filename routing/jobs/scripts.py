@@ -175,8 +175,11 @@ if a.ttl_s ~= '0' then
     redis.call('HINCRBYFLOAT', usage, used .. 'held_s', held)
     redis.call('HINCRBYFLOAT', keys.tenants, folder .. sep .. used .. 'held_s', held)
   end
-  local got, outputs = pcall(cjson.decode, redis.call('HGET', keys.job, 'outputs') or '')
-  if a.target == 'succeeded' and got and type(outputs) == 'table' and #outputs > 0 then
+  local got, outputs = false, nil
+  if a.target == 'succeeded' then
+    got, outputs = pcall(cjson.decode, redis.call('HGET', keys.job, 'outputs') or '')
+  end
+  if got and type(outputs) == 'table' and #outputs > 0 then
     local bytes, video_s = 0, 0
     for _, output in ipairs(outputs) do
       bytes = bytes + (tonumber(output.size_bytes) or 0)

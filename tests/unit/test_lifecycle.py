@@ -11,31 +11,22 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis as redis_lib
 
-from routing.celery_config import make_celery
 from routing.errors import Conflict, ErrorType, JobError
 from routing.jobs import lifecycle
 from routing.jobs.keys import Keys
 from routing.jobs.lifecycle import DeadLetter, Move, Moved
-from routing.jobs.messages import TaskMessages
 from routing.jobs.record import TRANSITIONS, JobStatus
 from routing.jobs.store import JobStore, NewJob
-from routing.settings import Settings
+from tests.messages import ListMessages
 
 ERROR = JobError(type=ErrorType.MODEL_ERROR, message="it broke")
 QUEUE = "gpu16"  # the jobs' queue
 LIST = "lifecycle-test:gpu16"  # where its messages go here: no worker reads it
 
 
-class _Messages(TaskMessages):
-    """The fleet's run messages, pushed onto ``LIST`` rather than the list a gpu16 worker reads."""
-
-    def run_job(self, job_id: str, queue: str) -> tuple[str, str]:
-        return LIST, super().run_job(job_id, queue)[1]
-
-
 @pytest.fixture
 def store(redis_client: redis_lib.Redis) -> Iterator[JobStore]:
-    messages = _Messages(make_celery(Settings(redis_url="redis://127.0.0.1:1/0")))
+    messages = ListMessages(LIST)
     store = JobStore(redis_client, Keys(f"test-{uuid.uuid4().hex[:8]}"), ttl_s=3600, messages=messages)
     redis_client.delete(LIST)
     yield store

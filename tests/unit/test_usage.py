@@ -14,13 +14,11 @@ import pytest
 import redis as redis_lib
 
 from producer.metrics import FleetCollector
-from routing.celery_config import make_celery
 from routing.errors import Conflict, ErrorType, InvalidRequest, JobError
 from routing.jobs import lifecycle
 from routing.jobs import store as store_module
 from routing.jobs.keys import Keys
 from routing.jobs.lifecycle import DeadLetter
-from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobStatus, Output
 from routing.jobs.store import JobStore, NewJob
 from routing.jobs.usage import (
@@ -33,7 +31,7 @@ from routing.jobs.usage import (
     read_usage,
     tenants_with_usage,
 )
-from routing.settings import Settings
+from tests.messages import ListMessages
 
 LIST = "usage-test:messages"  # where requeued jobs' messages go: no worker reads it
 ERROR = JobError(type=ErrorType.MODEL_ERROR, message="it broke")
@@ -41,14 +39,9 @@ VIDEO = Output("jobs/x/output-0.mp4", "video/mp4", 40_000, 64, 64, 1, frames=121
 IMAGE = Output("jobs/x/output-1.png", "image/png", 1_500, 64, 64, 2)
 
 
-class _Messages(TaskMessages):
-    def run_job(self, job_id: str, queue: str) -> tuple[str, str]:
-        return LIST, super().run_job(job_id, queue)[1]
-
-
 @pytest.fixture
 def store(redis_client: redis_lib.Redis) -> Iterator[JobStore]:
-    messages = _Messages(make_celery(Settings(redis_url="redis://127.0.0.1:1/0")))
+    messages = ListMessages(LIST)
     keys = Keys(f"test-{uuid.uuid4().hex[:8]}")
     yield JobStore(redis_client, keys, ttl_s=3600, messages=messages, usage_retention_days=3)
     redis_client.delete(LIST, *redis_client.keys(f"{keys.prefix}:*"))
