@@ -19,11 +19,15 @@ import asyncio
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
+
+# localfleet (the launchers) and the tests' helpers are not installed: imported from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 import redis
