@@ -5,15 +5,11 @@ checked through Flower's HTTP API, with and without its basic-auth credentials."
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from localfleet.flower import FlowerProcess, flower_command
@@ -21,36 +17,17 @@ from producer.client import Client
 from producer.flower import fleet_queue_names
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
+from tests.conftest import _free_port
 from tests.faults.harness import FAULT_ADAPTER
+from tests.flower_api import flower_get, http, poll, queue_lengths, running_flower
 
 pytestmark = pytest.mark.integration
-
-# A loopback server: never through a proxy the environment may configure.
-_http = httpx.Client(trust_env=False, timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def flower(fleet_settings: Settings, tmp_path: Path) -> Iterator[FlowerProcess]:
-    password = secrets.token_urlsafe(24)
-    for attempt in range(3):  # the free port can be taken before Flower binds it; try another
-        process = FlowerProcess(fleet_settings, tmp_path / f"flower-{attempt}.log", _free_port(), password)
-        try:
-            process.wait_ready()
-            break
-        except RuntimeError:
-            process.stop()
-    else:
-        pytest.fail(f"flower did not start:\n{process.log()[-3000:]}")
-    try:
+    with running_flower(fleet_settings, tmp_path) as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.mark.parametrize("credentials", [None, "", ":", "ops:", ":secret", "ops:secret,:"])
@@ -68,37 +45,14 @@ def test_flower_refuses_to_start_without_credentials(
     assert "Flower refuses to start without credentials" in started.stdout + started.stderr
 
 
-def _get(flower: FlowerProcess, path: str, **params: Any) -> Any:
-    response = _http.get(f"{flower.url}{path}", params=params, auth=flower.auth)
-    assert response.status_code == 200, (path, response.status_code, response.text)
-    return response.json()
-
-
-def _poll(what: str, check: Callable[[], Any], flower: FlowerProcess, timeout_s: float = 60) -> Any:
-    """``check()`` until it returns something truthy: Flower learns of workers and tasks from
-    events and inspect replies, a few seconds after they happen."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    pytest.fail(f"flower did not show {what} in {timeout_s} s (last: {last!r})\n{flower.log()[-3000:]}")
-
-
-def _queue_lengths(flower: FlowerProcess) -> dict[str, int]:
-    return {q["name"]: q["messages"] for q in _get(flower, "/api/queues/length")["active_queues"]}
-
-
 def test_flower_shows_the_worker_the_job_and_the_queues_behind_basic_auth(
     flower: FlowerProcess, client: Client, start_worker
 ):
     # No worker yet: Flower lists the queues its app declares, every fleet queue, with their
     # lengths read from Redis; the job waits in gpu16.
     job = client.submit({"model": "z-image-turbo", "prompt": "x", "width": 64, "height": 64, "steps": 2})
-    lengths = _poll(
-        "the queued job in gpu16", lambda: (q := _queue_lengths(flower)).get("gpu16") == 1 and q, flower
+    lengths = poll(
+        "the queued job in gpu16", lambda: (q := queue_lengths(flower)).get("gpu16") == 1 and q, flower
     )
     assert set(lengths) == set(fleet_queue_names())
     assert sum(lengths.values()) == 1, lengths
@@ -108,18 +62,20 @@ def test_flower_shows_the_worker_the_job_and_the_queues_behind_basic_auth(
     assert record.status is JobStatus.SUCCEEDED, record.error
 
     # The worker, as Flower's inspect sees it, consuming its class's queues.
-    workers = _poll(
+    workers = poll(
         "the gpu16 worker",
-        lambda: {n: w for n, w in _get(flower, "/api/workers", refresh=1).items() if n.startswith("gpu16@")},
+        lambda: {
+            n: w for n, w in flower_get(flower, "/api/workers", refresh=1).items() if n.startswith("gpu16@")
+        },
         flower,
     )
     [(name, info)] = workers.items()
     assert {q["name"] for q in info["active_queues"]} == {"gpu16.high", "gpu16", "gpu16.low"}
 
     # The finished job, as a Celery task whose id is the job id.
-    task = _poll(
+    task = poll(
         "the finished task",
-        lambda: (t := _get(flower, "/api/tasks").get(job.id)) and t["state"] == "SUCCESS" and t,
+        lambda: (t := flower_get(flower, "/api/tasks").get(job.id)) and t["state"] == "SUCCESS" and t,
         flower,
     )
     assert task["uuid"] == job.id
@@ -127,10 +83,10 @@ def test_flower_shows_the_worker_the_job_and_the_queues_behind_basic_auth(
     assert task["worker"] == name
 
     # Queue lengths with the worker up: the queues it consumes, now empty.
-    lengths = _queue_lengths(flower)
+    lengths = queue_lengths(flower)
     assert lengths.get("gpu16") == 0, lengths
     assert {"gpu16.high", "gpu16", "gpu16.low"} <= set(lengths)
-    broker_page = _http.get(f"{flower.url}/broker", auth=flower.auth)
+    broker_page = http.get(f"{flower.url}/broker", auth=flower.auth)
     assert broker_page.status_code == 200 and "gpu16" in broker_page.text
 
     # Without credentials, or with wrong ones, nothing but the health check answers.
@@ -142,10 +98,10 @@ def test_flower_shows_the_worker_the_job_and_the_queues_behind_basic_auth(
         "/broker",
         "/",
     ):
-        assert _http.get(f"{flower.url}{path}").status_code == 401, path
-        assert _http.get(f"{flower.url}{path}", auth=("ops", "wrong")).status_code == 401, path
-    assert _http.post(f"{flower.url}/api/task/send-task/fleet.run_job", json={}).status_code == 401
-    assert _http.get(f"{flower.url}/healthcheck").status_code == 200
+        assert http.get(f"{flower.url}{path}").status_code == 401, path
+        assert http.get(f"{flower.url}{path}", auth=("ops", "wrong")).status_code == 401, path
+    assert http.post(f"{flower.url}/api/task/send-task/fleet.run_job", json={}).status_code == 401
+    assert http.get(f"{flower.url}/healthcheck").status_code == 200
 
 
 def test_flower_shows_failed_and_canceled_jobs_as_such_and_the_workers_models_and_busy_share(
@@ -157,13 +113,13 @@ def test_flower_shows_failed_and_canceled_jobs_as_such_and_the_workers_models_an
     canceled = client.submit(small | {"prompt": "slow fault:sleep=0.5", "steps": 8})
     succeeded = client.submit(small | {"prompt": "fine"})
     assert failed.wait(timeout_s=120).error.type == "model_error"
-    _poll("the canceled job running", lambda: client.get(canceled.id).step >= 1, flower)
+    poll("the canceled job running", lambda: client.get(canceled.id).step >= 1, flower)
     client.cancel(canceled.id)
     assert canceled.wait(timeout_s=60).status is JobStatus.CANCELED
     assert succeeded.wait(timeout_s=60).status is JobStatus.SUCCEEDED
 
     def states() -> dict[str, dict[str, Any]] | None:
-        tasks = _get(flower, "/api/tasks")
+        tasks = flower_get(flower, "/api/tasks")
         found = {job.id: tasks.get(job.id) or {} for job in (failed, canceled, succeeded)}
         return (
             found
@@ -171,18 +127,18 @@ def test_flower_shows_failed_and_canceled_jobs_as_such_and_the_workers_models_an
             else None
         )
 
-    tasks = _poll("every task's final state", states, flower)
+    tasks = poll("every task's final state", states, flower)
     assert tasks[failed.id]["state"] == "FAILURE"
     assert tasks[failed.id]["exception"].startswith("model_error: ")
     assert tasks[canceled.id]["state"] == "REVOKED"
     assert tasks[succeeded.id]["state"] == "SUCCESS"
     # Flower's Failed filter finds the failed job, and only it.
-    assert set(_get(flower, "/api/tasks", state="FAILURE")) == {failed.id}
+    assert set(flower_get(flower, "/api/tasks", state="FAILURE")) == {failed.id}
 
     # The worker's stats (Flower's worker page) carry its pool child's models and busy share,
     # from the child's heartbeat (one beat after the jobs).
     def fleet_stats() -> dict[str, Any] | None:
-        workers = _get(flower, "/api/workers", refresh=1)
+        workers = flower_get(flower, "/api/workers", refresh=1)
         stats = [w.get("stats", {}).get("fleet") for n, w in workers.items() if n.startswith("gpu16@")]
         return next(
             (
@@ -193,6 +149,6 @@ def test_flower_shows_failed_and_canceled_jobs_as_such_and_the_workers_models_an
             None,
         )
 
-    [child] = _poll("the worker's fleet stats", fleet_stats, flower).values()
+    [child] = poll("the worker's fleet stats", fleet_stats, flower).values()
     assert child["resident"] == ["z-image-turbo"], child
     assert 0 < child["gpu_busy_share"] <= 1
