@@ -376,7 +376,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "FLEET_PREFER_WAITS_PER_TENANT, FLEET_PREFER_WAITS_PER_API",
     )
     live = JobEvents(
-        settings.redis_url,
+        settings,
         client.keys,
         settings.events_keepalive_s,
         max_connections=streams.total + waits.total + _SPARE_CONNECTIONS,

@@ -26,6 +26,8 @@ from routing.jobs.keys import Keys
 if TYPE_CHECKING:  # the HTTP SDK reads ApiKey with no Redis client installed
     import redis
 
+    from routing.io.connection import Replication
+
 PREFIX = "fk_"
 _KEY = re.compile(r"fk_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
 _ID = re.compile(r"[0-9a-f]{12}")
@@ -80,10 +82,18 @@ def is_managed(key: str) -> bool:
 class ApiKeys:
     """The managed keys in Redis. Safe to share between threads."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, max_per_tenant: int):
+    def __init__(
+        self, client: redis.Redis, keys: Keys, max_per_tenant: int, replication: Replication | None = None
+    ):
         self.client = client
         self.keys = keys
         self.max_per_tenant = max_per_tenant
+        if replication is None:
+            from routing.io.connection import Replication  # imports redis: not at the HTTP SDK's import
+
+            replication = Replication()
+        # Replicas that must hold a new key before it is handed out (FLEET_REDIS_MIN_REPLICAS).
+        self.replication = replication
         self._create = client.register_script(_CREATE)
         self._revoke = client.register_script(_REVOKE)
 
@@ -105,7 +115,9 @@ class ApiKeys:
             "entry": entry,
             "max": str(self.max_per_tenant),
         }
-        if not self._create(args=[json.dumps(args)]):
+        created, held = self.replication.run(self.client, self._create, [json.dumps(args)])
+        self.replication.warn_if_short(held, f"key {key_id} of tenant {tenant!r}")
+        if not created:
             raise Conflict(
                 f"tenant {tenant!r} has {self.max_per_tenant} keys (FLEET_MAX_KEYS_PER_TENANT); revoke one first"
             )

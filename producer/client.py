@@ -43,11 +43,12 @@ from routing.errors import (
     FieldError,
     InvalidRequest,
     JobNotSucceeded,
+    NotReplicated,
     TooManyJobs,
     Unavailable,
     WaitTimeout,
 )
-from routing.io.connection import connect
+from routing.io.connection import Replication, connect
 from routing.io.net import UrlPolicy
 from routing.io.storage import Storage, make_storage
 from routing.jobs.events import Webhook, check_webhook
@@ -86,8 +87,11 @@ class Client:
             progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
             canceled_ttl_s=self.settings.canceled_job_ttl_s,
             usage_retention_days=self.settings.usage_retention_days,
+            replication=Replication.of(self.settings),
         )
-        self.api_keys = ApiKeys(self._redis, self.keys, self.settings.max_keys_per_tenant)
+        self.api_keys = ApiKeys(
+            self._redis, self.keys, self.settings.max_keys_per_tenant, Replication.of(self.settings)
+        )
         # Where input media and webhooks may point (a resolver of its own for tests).
         self.url_policy = url_policy or UrlPolicy(
             allow_cidrs=tuple(self.settings.url_allow_cidrs), allow_ports=tuple(self.settings.url_allow_ports)
@@ -222,7 +226,13 @@ class Client:
                 )
             with _redis_errors():
                 if new:
-                    outcomes |= dict(zip(new, self.store.create(list(new.values())), strict=True))
+                    try:
+                        created = self.store.create(list(new.values()))
+                    except NotReplicated as exc:
+                        # On the master, and may run: its inputs stay.
+                        outcomes |= dict(zip(new, exc.outcomes, strict=True))
+                        raise
+                    outcomes |= dict(zip(new, created, strict=True))
                 for index, (outcome, found_id) in sorted(outcomes.items()):
                     if outcome is Created.EXISTS and self.store.request_hash(found_id) != hashes[index]:
                         raise Conflict(f"idempotency key {keys[index]!r} was used for another request")

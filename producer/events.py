@@ -32,9 +32,11 @@ import redis
 import redis.asyncio as aioredis
 
 from routing.errors import FieldError, InvalidRequest
+from routing.io.connection import connect_async
 from routing.jobs.events import EventType
 from routing.jobs.keys import Keys
 from routing.jobs.record import JobStatus
+from routing.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ class JobEvents:
     """Reads jobs' own event streams. One per API process; its Redis connections are made in the
     server's event loop on first use."""
 
-    def __init__(self, redis_url: str, keys: Keys, keepalive_s: float, max_connections: int = 50):
-        self._redis_url = redis_url
+    def __init__(self, settings: Settings, keys: Keys, keepalive_s: float, max_connections: int = 50):
+        self.settings = settings
         self._redis: aioredis.Redis | None = None
         self.keys = keys
         self.keepalive_s = keepalive_s
@@ -78,14 +80,12 @@ class JobEvents:
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
             # Reads block up to keepalive_s: a socket silent well past that is a dead connection.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._redis_url,
+            self._redis = connect_async(
+                self.settings,
                 max_connections=self.max_connections,
-                timeout=10,
-                socket_connect_timeout=5,
-                socket_timeout=self.keepalive_s + 10,
+                timeout_s=10,
+                socket_timeout_s=self.keepalive_s + 10,
             )
-            self._redis = aioredis.Redis.from_pool(pool)
         return self._redis
 
     async def tenant_of(self, job_id: str) -> str | None:

@@ -30,6 +30,7 @@ from celery import Celery
 from kombu import Queue
 
 from routing.classes import WEBHOOK_QUEUE, VramClass, consumed_queues
+from routing.io.connection import broker_transport_options, broker_url
 from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
@@ -44,7 +45,8 @@ DELIVER_WEBHOOK_TASK = "fleet.deliver_webhook"
 def celery_settings(settings: Settings) -> dict[str, object]:
     visibility_timeout_s = settings.visibility_timeout_s
     return {
-        "broker_url": settings.redis_url,
+        # The one Redis, or the master the Sentinels name (Kombu's sentinel:// transport).
+        "broker_url": broker_url(settings),
         # No task result is kept: nothing reads one. A job's outcome is its record; Flower
         # builds task states from events (worker/outcomes.py).
         "result_backend": "disabled",
@@ -61,6 +63,7 @@ def celery_settings(settings: Settings) -> dict[str, object]:
             "queue_order_strategy": "priority",
             "unacked_key": UNACKED_KEY,
             "unacked_index_key": UNACKED_INDEX_KEY,
+            **broker_transport_options(settings),
         },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,

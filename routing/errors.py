@@ -8,6 +8,8 @@ FleetError
 │                      is not allowed from the job's current state
 ├── TooManyJobs        the tenant has as many unfinished jobs as it may; nothing was queued
 ├── Unavailable        the broker or the job store could not be reached; nothing was accepted
+│   └── NotReplicated  the job store's master took the submit, but too few replicas confirmed
+│                      it in time; submit again with the same idempotency key
 ├── JobNotSucceeded    asked for the result of a job that failed or was canceled
 └── WaitTimeout        a wait ran out of time (the job goes on)
 
@@ -62,6 +64,16 @@ class Conflict(FleetError):
 
 class Unavailable(FleetError):
     pass
+
+
+class NotReplicated(Unavailable):
+    """The master took the jobs in ``outcomes`` (the store's answer per job), but fewer replicas
+    than ``FLEET_REDIS_MIN_REPLICAS`` confirmed them in time: a failover now would lose them. A
+    submit made again with the same idempotency key answers the job if it lives on."""
+
+    def __init__(self, message: str, outcomes: list | None = None):
+        self.outcomes = outcomes or []
+        super().__init__(message)
 
 
 class TooManyJobs(FleetError):

@@ -7,13 +7,14 @@ object-store directory.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from routing.classes import Priority
 from routing.jobs import usage
@@ -43,6 +44,22 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Sentinel, for a Redis that outlives its master. Empty: the one Redis at redis_url.
+    # Set ("host:port" of each Sentinel, comma-separated as KEDA's redis-sentinel scaler reads
+    # them, or a JSON list): every process (API, workers, Flower, SDK) asks them for the master
+    # named redis_sentinel_master and follows it when they promote a replica; redis_url then gives
+    # only the database, user and password of the data nodes (its host is not used).
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_sentinel_master: str = Field(default="fleet", min_length=1)
+    # The Sentinels' own password (their requirepass), when they have one.
+    redis_sentinel_password: SecretStr | None = None
+    # Replicas that must hold an accepted job before its submit is answered (Redis WAIT on the
+    # submit's connection), and how long to wait for them: a submit they do not confirm in time is
+    # answered 503 (submit again with the same Idempotency-Key). A job's other moves (claimed,
+    # ended, canceled) and a new API key wait too, and go on with a warning after the timeout.
+    # 0: answered once the master has it (a failover may lose the last second of writes).
+    redis_min_replicas: int = Field(default=0, ge=0)
+    redis_replica_timeout_ms: int = Field(default=1000, gt=0)
     # Prefix of every key the fleet writes (job records, idempotency keys, events). Tests give
     # each run its own so they never see another run's state.
     key_prefix: str = "fleet"
@@ -309,6 +326,37 @@ class Settings(BaseSettings):
                     "with a letter or digit (it names the tenant's folder in the store)"
                 )
         return tenants
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [a.strip() for a in text.split(",") if a.strip()]
+            )
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, sentinels: list[str]) -> list[str]:
+        for address in sentinels:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"Sentinel {address!r}: host:port, as in redis-sentinel-1:26379")
+        return sentinels
+
+    @model_validator(mode="after")
+    def _sentinel_data_nodes(self) -> Self:
+        if self.redis_sentinels and not self.redis_url.startswith("redis://"):
+            raise ValueError(
+                "with FLEET_REDIS_SENTINELS, FLEET_REDIS_URL must be redis://[user:password@]host/db: "
+                "it gives the data nodes' database and password (TLS through Sentinel is not "
+                "supported yet)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _webhook_retries_end_before_redelivery(self) -> Self:

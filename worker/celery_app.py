@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import kombu.transport
 from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.signals import (
@@ -34,7 +35,7 @@ from routing import tracing
 from routing.celery_config import RUN_JOB_TASK, make_celery
 from routing.classes import VramClass, consumed_queues
 from routing.errors import Conflict, ErrorType, JobError, NotFound
-from routing.io.connection import connect
+from routing.io.connection import Replication, connect
 from routing.io.retention import RetentionSweep
 from routing.io.storage import Storage, make_storage
 from routing.jobs import lifecycle
@@ -63,9 +64,15 @@ app = make_celery(settings, vram_class)
 app.conf.worker_proc_alive_timeout = 900
 # Time for the running job to reach a step and hand itself back before a cold shutdown.
 app.conf.worker_soft_shutdown_timeout = 60.0
-# Kombu's Redis transport, which also records the messages the main process takes as held by it
-# (worker.held), once ``_start_holding`` has named the holder.
-app.conf.broker_transport = held.TRANSPORT
+# Kombu's Redis transport (its Sentinel one with FLEET_REDIS_SENTINELS), which also records the
+# messages the main process takes as held by it (worker.held), once ``_start_holding`` has named
+# the holder. Through Sentinel, the broker URL is one sentinel:// URL per Sentinel, and Kombu
+# takes the transport from each URL's scheme again as it moves to the next one after a lost
+# connection: so in this process the scheme itself names the fleet's transport.
+if settings.redis_sentinels:
+    kombu.transport.TRANSPORT_ALIASES["sentinel"] = held.SENTINEL_TRANSPORT
+else:
+    app.conf.broker_transport = held.TRANSPORT
 # Named, a transport takes the place of the URL's scheme, and of the TLS options Kombu gives a
 # rediss:// URL with it: those are kept as Kombu chooses them.
 app.conf.broker_use_ssl = Connection(settings.redis_url).ssl
@@ -87,6 +94,7 @@ def _store() -> JobStore:
         messages=TaskMessages(app),
         progress_webhook_interval_s=settings.progress_webhook_interval_s,
         usage_retention_days=settings.usage_retention_days,
+        replication=Replication.of(settings),
     )
 
 

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # The broker transport of a worker's main process (Celery's ``broker_transport``): Kombu's Redis
 # transport, whose unacknowledged writes also record the holder's.
 TRANSPORT = f"{__name__}:Transport"
+# The same on Kombu's Sentinel transport (``FLEET_REDIS_SENTINELS``).
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
 # Forgets the tags of a holder's set that Kombu's set no longer has (acknowledged, or restored).
 _FORGET_ACKNOWLEDGED = """
@@ -157,6 +159,21 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(kombu_redis.SentinelChannel, Channel):
+    """``Channel`` on the master the Sentinels name."""
+
+    from_transport_options = (
+        *kombu_redis.SentinelChannel.from_transport_options,
+        "holder",
+        "held_key",
+        "holders_key",
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
 
 
 class Holder:

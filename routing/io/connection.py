@@ -1,24 +1,239 @@
-"""The Redis connection every process uses, built from settings.
+"""The Redis connections every process uses, built from settings: to one Redis, or to the master
+a set of Redis Sentinels name.
 
 A worker must ride out a Redis restart: a step's progress write or a job's final state change
 that meets a closed connection is retried with backoff for about a minute before the job fails,
 so a restart (with AOF on, nothing is lost) costs a pause, not the job.
+
+With ``FLEET_REDIS_SENTINELS`` every connection is made to the address the Sentinels give for
+the master (redis-py's ``redis.sentinel``): when they promote a replica, a command that meets
+the dead master's closed socket, or the old master's READONLY answer once it is back as a
+replica, is retried by the same backoff, on a connection to the new master. Celery's broker
+(Kombu's ``sentinel://`` transport) and Flower follow the same Sentinels (``broker_url``).
+
+A failover loses what the master had not yet sent to the replica it promoted. So a write the
+fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
+``FLEET_REDIS_MIN_REPLICAS`` replicas (``Replication``).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
 import redis
+import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from routing.settings import Settings
 
+log = logging.getLogger(__name__)
+
+# Sentinels answer at once or not at all: a dead one is skipped after this.
+_SENTINEL_TIMEOUT_S = 2.0
+
+
+class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
+    """redis-py's connection to the master the Sentinels name, whose every reconnect asks them.
+
+    redis-py's own asks them only in ``connect()``: a command sent on a connection the dead master
+    closed (a pipeline's, kept across its retries) reconnects in ``send_packed_command`` through
+    ``connect_check_health``, to the address it had, and keeps retrying the dead master until the
+    retries run out (a minute and more) while the Sentinels name a new one. Here every reconnect
+    goes through ``connect()``."""
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        self.host, self.port = address
+        super().connect_check_health(
+            check_health=self.connection_pool.check_connection, retry_socket_connect=False
+        )
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self._sock:
+            self.connect()
+
+
+class _AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
+    """``_SentinelConnection`` for asyncio."""
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        self.host, self.port = address
+        await super().connect_check_health(
+            check_health=self.connection_pool.check_connection, retry_socket_connect=False
+        )
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected:
+            await self.connect()
+
 
 def connect(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=settings.redis_retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        health_check_interval=30,
-        socket_connect_timeout=5,
+    """A client of the fleet's Redis (its master, through Sentinel) that retries a command across
+    a restart or a failover."""
+    options: dict[str, Any] = {
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=settings.redis_retries),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "health_check_interval": 30,
+        "socket_connect_timeout": 5,
+    }
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(settings.redis_url, **options)
+    sentinel = redis.sentinel.Sentinel(
+        sentinel_addresses(settings), sentinel_kwargs=_sentinel_options(settings), **_data_node(settings)
     )
+    return sentinel.master_for(
+        settings.redis_sentinel_master,
+        redis_class=redis.Redis,
+        connection_class=_SentinelConnection,
+        **options,
+    )
+
+
+class _BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Connections to the master the Sentinels name, at most ``max_connections`` of them: a
+    caller past that waits for one (up to ``timeout``), as with ``BlockingConnectionPool``."""
+
+
+def connect_async(
+    settings: Settings, *, max_connections: int, timeout_s: float, socket_timeout_s: float
+) -> aioredis.Redis:
+    """An asyncio client of the fleet's Redis (its master, through Sentinel), with a bounded
+    pool: a caller past ``max_connections`` waits for a free one up to ``timeout_s``."""
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": timeout_s,
+        "socket_connect_timeout": 5,
+        "socket_timeout": socket_timeout_s,
+    }
+    if not settings.redis_sentinels:
+        return aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
+        )
+    sentinel = aiosentinel.Sentinel(
+        sentinel_addresses(settings), sentinel_kwargs=_sentinel_options(settings), **_data_node(settings)
+    )
+    return sentinel.master_for(
+        settings.redis_sentinel_master,
+        connection_pool_class=_BlockingSentinelPool,
+        connection_class=_AsyncSentinelConnection,
+        **options,
+    )
+
+
+def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
+    addresses = []
+    for address in settings.redis_sentinels:
+        host, _, port = address.rpartition(":")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
+
+
+def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    password = settings.redis_sentinel_password
+    options: dict[str, Any] = {
+        "socket_connect_timeout": _SENTINEL_TIMEOUT_S,
+        "socket_timeout": _SENTINEL_TIMEOUT_S,
+    }
+    if password is not None:
+        options["password"] = password.get_secret_value()
+    return options
+
+
+def _data_node(settings: Settings) -> dict[str, Any]:
+    """The database, user and password of the data nodes, from ``redis_url``."""
+    parsed = redis.connection.parse_url(settings.redis_url)
+    return {key: parsed[key] for key in ("db", "username", "password") if parsed.get(key) is not None}
+
+
+def broker_url(settings: Settings) -> str:
+    """Celery's broker URL: ``redis_url``, or with Sentinels one ``sentinel://`` URL per Sentinel
+    (Kombu's form), each with the data nodes' password and database."""
+    if not settings.redis_sentinels:
+        return settings.redis_url
+    node = _data_node(settings)
+    credentials = ""
+    if "password" in node:
+        credentials = f"{quote(node.get('username', ''), safe='')}:{quote(node['password'], safe='')}@"
+    database = node.get("db", 0)
+    return ";".join(
+        f"sentinel://{credentials}{host if ':' not in host else f'[{host}]'}:{port}/{database}"
+        for host, port in sentinel_addresses(settings)
+    )
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Kombu's transport options for the Sentinels (none without them)."""
+    if not settings.redis_sentinels:
+        return {}
+    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": _sentinel_options(settings)}
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How many replicas must hold a write before the fleet answers for it, and how long to wait
+    for them (``FLEET_REDIS_MIN_REPLICAS``, ``FLEET_REDIS_REPLICA_TIMEOUT_MS``).
+
+    Redis ``WAIT`` counts the replicas that acknowledged the writes of its own connection, so it
+    goes in the same pipeline as the writes (``execute``). Replicas acknowledge one stream in
+    order: a ``WAIT`` answered after a later write covers the earlier ones.
+    """
+
+    replicas: int = 0
+    timeout_ms: int = 1000
+
+    @classmethod
+    def of(cls, settings: Settings) -> Replication:
+        return cls(settings.redis_min_replicas, settings.redis_replica_timeout_ms)
+
+    def execute(
+        self, pipe: redis.client.Pipeline, *, raise_on_error: bool = True
+    ) -> tuple[list[Any], int | None]:
+        """Run ``pipe``'s commands, then wait for the replicas on its connection. Returns the
+        commands' replies and how many replicas hold them (None when none are asked for)."""
+        if not self.replicas:
+            return pipe.execute(raise_on_error=raise_on_error), None
+        pipe.wait(self.replicas, self.timeout_ms)
+        *replies, held = pipe.execute(raise_on_error=raise_on_error)
+        if isinstance(held, Exception):  # WAIT refused (asked of a replica): the writes' answer is unknown
+            raise held
+        return replies, held
+
+    def run(self, client: redis.Redis, script: Script, args: list[str]) -> tuple[Any, int | None]:
+        """Run a registered Lua ``script`` (keys named in its arguments), then wait for the
+        replicas. Returns its reply and how many replicas hold it (None when none are asked for)."""
+        if not self.replicas:
+            return script(args=args), None
+        for _attempt in range(2):
+            with client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, 0, *args)
+                (reply,), held = self.execute(pipe, raise_on_error=False)
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                client.script_load(script.script)  # Redis restarted, or a new master: it did nothing
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            return reply, held
+        raise redis.exceptions.NoScriptError("the script could not be loaded")
+
+    def short(self, held: int | None) -> bool:
+        """Whether fewer replicas than asked for hold the writes."""
+        return held is not None and held < self.replicas
+
+    def warn_if_short(self, held: int | None, what: str) -> None:
+        if self.short(held):
+            log.warning(
+                "%s: %d of %d replicas hold it after %d ms (FLEET_REDIS_MIN_REPLICAS); a failover now "
+                "would lose it",
+                what,
+                held,
+                self.replicas,
+                self.timeout_ms,
+            )

@@ -20,7 +20,8 @@ from typing import Any
 import redis
 
 from routing.classes import WEBHOOK_QUEUE, parse_queue
-from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound
+from routing.errors import Conflict, ErrorType, FieldError, InvalidRequest, JobError, NotFound, NotReplicated
+from routing.io.connection import Replication
 from routing.jobs import lifecycle, scripts, usage
 from routing.jobs.codecs import encode_label
 from routing.jobs.events import EventType, Webhook
@@ -111,8 +112,12 @@ class JobStore:
         progress_webhook_interval_s: float = 2.0,
         canceled_ttl_s: int | None = None,
         usage_retention_days: int = usage.DEFAULT_RETENTION_DAYS,
+        replication: Replication | None = None,
     ):
         self.client = client
+        # Replicas that must hold a new job before ``create`` returns, and a move before ``move``
+        # returns (FLEET_REDIS_MIN_REPLICAS); none by default.
+        self.replication = replication or Replication()
         self.keys = keys
         self.ttl_s = ttl_s
         # How long the record of a job canceled before it started is kept (ttl_s when None).
@@ -141,10 +146,19 @@ class JobStore:
         now = repr(time.time())
         calls = [self._create_call(job, now) for job in jobs]
         if len(calls) == 1:
-            replies = [self._create(args=[calls[0]])]
+            reply, held = self.replication.run(self.client, self._create, [calls[0]])
+            replies = [reply]
         else:
-            replies = self._create_pipelined(calls)
-        return [(Created(int(outcome)), _text(found_id)) for outcome, found_id in replies]
+            replies, held = self._create_pipelined(calls)
+        outcomes = [(Created(int(outcome)), _text(found_id)) for outcome, found_id in replies]
+        if self.replication.short(held) and any(outcome is Created.CREATED for outcome, _ in outcomes):
+            raise NotReplicated(
+                f"the job store's master took the job, but {held} of {self.replication.replicas} "
+                f"replicas (FLEET_REDIS_MIN_REPLICAS) confirmed it within {self.replication.timeout_ms} "
+                "ms: a failover could lose it; submit again with the same Idempotency-Key",
+                outcomes,
+            )
+        return outcomes
 
     def _create_call(self, job: NewJob, now: str) -> str:
         fields = {
@@ -198,10 +212,11 @@ class JobStore:
             fields=_flatten(fields),
         )
 
-    def _create_pipelined(self, calls: list[str]) -> list[Any]:
+    def _create_pipelined(self, calls: list[str]) -> tuple[list[Any], int | None]:
         # EVALSHA straight into the pipeline: redis-py's script objects would add a SCRIPT EXISTS
         # round trip to every batch. A call refused for a missing script (Redis restarted) did
-        # nothing, so exactly those are sent again once the script is loaded.
+        # nothing, so exactly those are sent again once the script is loaded. Replicas confirm
+        # the writes of each round trip in it; the last one's count covers the first's.
         sha = self._create.sha
         replies: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -209,7 +224,7 @@ class JobStore:
             with self.client.pipeline(transaction=False) as pipe:
                 for index in pending:
                     pipe.evalsha(sha, 0, calls[index])
-                results = pipe.execute(raise_on_error=False)
+                results, held = self.replication.execute(pipe, raise_on_error=False)
             missing = []
             for index, result in zip(pending, results, strict=True):
                 if isinstance(result, redis.exceptions.NoScriptError):
@@ -219,7 +234,7 @@ class JobStore:
                 else:
                     replies[index] = result
             if not missing:
-                return replies
+                return replies, held
             self.client.script_load(scripts.CREATE)
             pending = missing
         raise redis.exceptions.NoScriptError("create script could not be loaded")
@@ -316,7 +331,8 @@ class JobStore:
             canceled=canceled,
             takeover=takeover,
         )
-        ok, current, *reached = self._transition(args=[args])
+        (ok, current, *reached), held = self.replication.run(self.client, self._transition, [args])
+        self.replication.warn_if_short(held, f"job {job_id} {move.name}")
         current = _text(current)
         if not current:
             raise NotFound(f"no job {job_id!r}")

@@ -37,10 +37,12 @@ class RedisServer:
     """A ``redis-server`` of the suite's own on 127.0.0.1: append-only file fsynced on every
     write, no RDB snapshots, so a restart loses nothing that was acknowledged."""
 
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None, args: tuple[str, ...] = ()):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
+        # More of redis-server's command line (``--replicaof 127.0.0.1 <port>``).
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -64,7 +66,11 @@ class RedisServer:
                 "protected-mode": "yes",
             }
             self.proc = subprocess.Popen(
-                ["redis-server", *(arg for name, value in options.items() for arg in (f"--{name}", value))],
+                [
+                    "redis-server",
+                    *(arg for name, value in options.items() for arg in (f"--{name}", value)),
+                    *self.args,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -146,6 +152,119 @@ class RedisServer:
     def log(self) -> str:
         path = self.dir / "redis.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+class ReplicatedRedis:
+    """A Redis that outlives its master, of the suite's own on 127.0.0.1: a master, ``replicas``
+    replicas of it (each a ``RedisServer``: AOF fsynced on every write) and ``sentinels``
+    ``redis-server --sentinel`` processes that watch it under ``MASTER`` and agree by majority
+    that it is down after ``DOWN_AFTER_MS``, as a production Sentinel set-up does, only faster."""
+
+    MASTER = "fleet"
+    DOWN_AFTER_MS = 1000
+
+    def __init__(self, directory: Path, replicas: int = 2, sentinels: int = 3):
+        self.dir = Path(directory)
+        self.nodes = [RedisServer(self.dir / "node-0")]
+        self.nodes += [
+            RedisServer(self.dir / f"node-{i}", args=("--replicaof", "127.0.0.1", str(self.nodes[0].port)))
+            for i in range(1, replicas + 1)
+        ]
+        self.sentinel_ports = [_free_port() for _ in range(sentinels)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        """``FLEET_REDIS_SENTINELS``."""
+        return [f"127.0.0.1:{port}" for port in self.sentinel_ports]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        wait_for(lambda: self.online_replicas() == len(self.nodes) - 1, 30, "replicas in sync")
+        quorum = len(self.sentinel_ports) // 2 + 1
+        for index, port in enumerate(self.sentinel_ports):
+            directory = self.dir / f"sentinel-{index}"
+            directory.mkdir(parents=True, exist_ok=True)
+            config = directory / "sentinel.conf"  # Sentinel rewrites it as it learns the set-up
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.nodes[0].port} {quorum}\n"
+                f"sentinel down-after-milliseconds {self.MASTER} {self.DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {self.MASTER} 10000\n"
+                f"sentinel parallel-syncs {self.MASTER} 2\n"
+            )
+            log = open(directory / "sentinel.log", "ab")
+            self.sentinels.append(
+                subprocess.Popen(
+                    ["redis-server", str(config), "--sentinel"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            log.close()
+        # Every Sentinel knows every replica and the other Sentinels: ready to fail over.
+        wait_for(self._sentinels_ready, 30, "Sentinels aware of each other and of the replicas", every_s=0.2)
+
+    def _sentinels_ready(self) -> bool:
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(
+                    host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True
+                ) as sentinel:
+                    master = sentinel.sentinel_master(self.MASTER)
+            except redis.RedisError:
+                return False
+            if master["num-other-sentinels"] < len(self.sentinel_ports) - 1:
+                return False
+            if master["num-slaves"] < len(self.nodes) - 1:
+                return False
+        return True
+
+    def master(self) -> RedisServer:
+        """The node the Sentinels name master now."""
+        with redis.Redis(host="127.0.0.1", port=self.sentinel_ports[0], socket_timeout=2) as sentinel:
+            _host, port = sentinel.sentinel_get_master_addr_by_name(self.MASTER)
+        return next(node for node in self.nodes if node.port == int(port))
+
+    def online_replicas(self) -> int:
+        """Replicas in sync with the master the Sentinels name (or with the first node, before
+        the Sentinels start)."""
+        node = self.master() if self.sentinels else self.nodes[0]
+        with node.client() as client:
+            info = client.info("replication")
+        return sum(
+            1
+            for name, value in info.items()
+            if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+        )
+
+    def kill_master(self) -> tuple[RedisServer, RedisServer]:
+        """SIGKILL the master (a lost machine), and wait until the Sentinels have promoted a
+        replica and the other replicas follow it. Returns the old master and the new one."""
+        old = self.master()
+        old.stop("sigkill")
+        wait_for(lambda: self.master() is not old, 60, "a replica promoted", every_s=0.1)
+        new = self.master()
+        wait_for(
+            lambda: self.online_replicas() >= len(self.nodes) - 2, 60, "replicas following the new master"
+        )
+        return old, new
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait()
+        self.sentinels = []
+        for node in self.nodes:
+            node.stop("sigkill")
+
+    def logs(self) -> str:
+        sentinel_logs = [
+            (self.dir / f"sentinel-{i}" / "sentinel.log") for i in range(len(self.sentinel_ports))
+        ]
+        return "\n".join(path.read_text(errors="replace")[-3000:] for path in sentinel_logs if path.exists())
 
 
 def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.05) -> object:

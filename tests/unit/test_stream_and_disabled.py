@@ -15,6 +15,7 @@ from routing.jobs import webhook_log
 from routing.jobs.keys import Keys
 from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore, NewJob
+from routing.settings import Settings
 
 
 @pytest.mark.parametrize("error", [redis.ConnectionError("gone"), redis.ResponseError("READONLY replica")])
@@ -23,7 +24,7 @@ def test_a_redis_error_mid_stream_ends_it_with_an_error_event(error: redis.Redis
     keys = Keys("unit")
     store = JobStore(fakeredis.FakeRedis(server=server), keys, ttl_s=3600)
     store.create([NewJob("a", "z-image-turbo", "text-to-image", "{}", "gpu16", ("gpu16", "message-a"))])
-    live = JobEvents("redis://unused", keys, keepalive_s=0.05)
+    live = JobEvents(Settings(), keys, keepalive_s=0.05)
     live._redis = fakeredis.FakeAsyncRedis(server=server)
     reads = 0
     xread = live._redis.xread

@@ -1,0 +1,229 @@
+"""Redis fails over: a master with two replicas, watched by three Sentinels (real
+``redis-server --sentinel`` processes), and the fleet configured with ``FLEET_REDIS_SENTINELS``.
+The master is killed -9 while jobs are queued and running; the Sentinels promote a replica and
+the workers, the Redis SDK and the API follow it: no job is lost, each succeeds once, and the
+workers go on consuming. A submit is answered only once ``FLEET_REDIS_MIN_REPLICAS`` replicas
+hold it, tested at its edge."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producer.client import Client
+from routing.errors import NotReplicated
+from routing.io.storage import LocalStorage
+from routing.jobs.record import JobStatus
+from routing.settings import Settings
+from tests.api_tenants import SMALL, A, api_client, tenants
+from tests.faults.conftest import HEARTBEAT_TTL_S, MAX_ATTEMPTS
+from tests.faults.harness import (
+    FAULT_ADAPTER,
+    ReplicatedRedis,
+    event_types,
+    small_request,
+    wait_for,
+    wait_warm,
+)
+from tests.flower_api import poll, queue_lengths, running_flower
+from worker import held
+
+pytestmark = pytest.mark.integration
+
+JOBS = 10
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[ReplicatedRedis]:
+    group = ReplicatedRedis(tmp_path / "redis", replicas=2, sentinels=3)
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture
+def fleet_settings(replicated: ReplicatedRedis, small_models_dir: Path, tmp_path: Path) -> Settings:
+    """Every process on the Sentinels' master; a submit waits for one replica."""
+    return Settings(
+        # The host is not used: the Sentinels name the master. The database is.
+        redis_url="redis://unused-with-sentinels/0",
+        redis_sentinels=replicated.addresses,
+        redis_sentinel_master=ReplicatedRedis.MASTER,
+        redis_min_replicas=1,
+        key_prefix=f"failover-{uuid.uuid4().hex[:8]}",
+        storage_backend="local",
+        storage_dir=tmp_path / "objects",
+        model_root=small_models_dir,
+        heartbeat_ttl_s=HEARTBEAT_TTL_S,
+        max_attempts=MAX_ATTEMPTS,
+        adapters={"z-image-turbo": FAULT_ADAPTER},
+        warm_models=["z-image-turbo"],
+        tenants=tenants("a"),
+    )
+
+
+def test_master_killed_with_jobs_queued_and_running_loses_none(
+    client: Client, start_worker, fleet_settings: Settings, replicated: ReplicatedRedis, tmp_path: Path
+):
+    workers = [start_worker(), start_worker()]
+    for worker in workers:
+        wait_warm(worker)
+    with api_client(fleet_settings, tmp_path) as api:
+        through_api = api.post("/v1/jobs", json={**SMALL, "prompt": "fault:sleep=0.3"}, headers=A)
+        assert through_api.status_code == 201, through_api.text
+        jobs = [client.submit(small_request(f"job {i} fault:sleep=0.3", steps=6)) for i in range(JOBS)]
+        wait_for(
+            lambda: (
+                sum((r := client.get(j.id)).status is JobStatus.RUNNING and r.step >= 1 for j in jobs) >= 2
+                and sum(client.get(j.id).status is JobStatus.QUEUED for j in jobs) >= 4
+            ),
+            60,
+            "some jobs running, more queued",
+        )
+        states = [client.get(j.id).status for j in jobs]
+
+        old, new = replicated.kill_master()
+        assert new is not old
+
+        records = [j.wait(timeout_s=240) for j in jobs]
+        failures = {r.id: (r.status.value, r.error) for r in records if r.status is not JobStatus.SUCCEEDED}
+        assert not failures, (states, failures, replicated.logs())
+        for record in records:
+            assert event_types(client.store, record.id).count("job.succeeded") == 1
+        # The API follows the new master too: its job, read and streamed over its own pools.
+        job_id = through_api.json()["id"]
+        wait_for(
+            lambda: api.get(f"/v1/jobs/{job_id}", headers=A).json()["status"] == "succeeded", 60, "API job"
+        )
+        with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=A) as stream:
+            assert stream.status_code == 200
+            streamed = "".join(stream.iter_text())
+        assert "event: succeeded" in streamed, streamed
+        again = api.post("/v1/jobs", json=SMALL, headers=A)
+        assert again.status_code == 201, again.text
+
+    storage = LocalStorage(fleet_settings.storage_dir)
+    assert len(storage.list("jobs/")) >= JOBS
+    # Both workers still consume, from the new master: a second batch runs on both of them.
+    after = [client.submit(small_request(f"after {i} fault:sleep=0.2", steps=3)) for i in range(6)]
+    # Their main processes still record the messages they take (worker.held): the Sentinel
+    # transport they reconnected with is the fleet's, not Kombu's own.
+    wait_for(lambda: _held_messages(client), 60, "messages taken after the failover recorded as held")
+    after_records = [j.wait(timeout_s=120) for j in after]
+    assert all(r.status is JobStatus.SUCCEEDED for r in after_records)
+    assert all(w.proc.poll() is None for w in workers)
+    assert len({r.worker for r in after_records}) == 2, [r.worker for r in after_records]
+
+    # The old master comes back as a replica of the new one: the set can fail over again.
+    old.start()
+    wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
+    with old.client() as back:
+        assert back.info("replication")["role"] == "slave"
+
+
+def test_producers_submitting_through_the_failover_lose_nothing_and_are_never_refused(
+    fleet_settings: Settings, replicated: ReplicatedRedis
+):
+    # A retry budget of about ten seconds (backoff capped at 2 s): enough for the Sentinels' few
+    # seconds, not for retrying the dead master's address until it runs out.
+    settings = Settings.model_validate(
+        fleet_settings.model_dump() | {"redis_retries": 10, "redis_replica_timeout_ms": 5000}
+    )
+    answered: dict[int, list[tuple[float, str]]] = {thread: [] for thread in range(4)}
+    refused: list[BaseException] = []
+    stop = threading.Event()
+
+    def submit_until_stopped(thread: int) -> None:
+        with Client(settings) as client:
+            while not stop.is_set():
+                try:
+                    job = client.submit(small_request(f"thread {thread}"))
+                except Exception as exc:  # each one is a failure of this test
+                    refused.append(exc)
+                    return
+                answered[thread].append((time.monotonic(), job.id))
+
+    threads = [threading.Thread(target=submit_until_stopped, args=(t,)) for t in answered]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: all(answered.values()), 30, "every producer submitting")
+    replicated.kill_master()
+    promoted_at = time.monotonic()
+    wait_for(
+        lambda: refused or all(jobs[-1][0] > promoted_at for jobs in answered.values()), 60, "submits after"
+    )
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not refused, refused
+    # Every answered submit is on the new master.
+    with Client(settings) as client:
+        for jobs in answered.values():
+            records = client.store.get_many([job_id for _, job_id in jobs])
+            assert all(record is not None and record.status is JobStatus.QUEUED for record in records)
+
+
+def test_a_submit_is_answered_once_the_replicas_it_asks_for_hold_it(fleet_settings: Settings):
+    # Two replicas in sync: two is the most a submit can ask for, and is answered at once.
+    at_edge = Settings.model_validate(
+        fleet_settings.model_dump() | {"redis_min_replicas": 2, "redis_replica_timeout_ms": 2000}
+    )
+    with Client(at_edge) as client:
+        job = client.submit(small_request("two replicas"), idempotency_key="edge")
+        assert client.get(job.id).status is JobStatus.QUEUED
+
+    past_edge = Settings.model_validate(
+        fleet_settings.model_dump() | {"redis_min_replicas": 3, "redis_replica_timeout_ms": 200}
+    )
+    with Client(past_edge) as client:
+        with pytest.raises(NotReplicated, match="2 of 3 replicas") as refused:
+            client.submit(small_request("three replicas"), idempotency_key="past-edge")
+        # The master has it, and so do both replicas: it is queued, its inputs kept, and the
+        # same submit again answers it.
+        (outcome, job_id), *_ = refused.value.outcomes
+        assert client.get(job_id).status is JobStatus.QUEUED
+        again = client.submit(small_request("three replicas"), idempotency_key="past-edge")
+        assert again.id == job_id and not again.created
+
+
+def test_the_api_answers_503_for_a_submit_the_replicas_do_not_confirm(
+    fleet_settings: Settings, tmp_path: Path
+):
+    past_edge = Settings.model_validate(
+        fleet_settings.model_dump() | {"redis_min_replicas": 3, "redis_replica_timeout_ms": 200}
+    )
+    with api_client(past_edge, tmp_path) as api:
+        refused = api.post("/v1/jobs", json=SMALL, headers={**A, "Idempotency-Key": "k1"})
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "5"
+        assert "FLEET_REDIS_MIN_REPLICAS" in refused.json()["detail"]
+        # Submitted again with its key, the job the master took is answered.
+        again = api.post("/v1/jobs", json=SMALL, headers={**A, "Idempotency-Key": "k1"})
+        assert again.status_code == 200, again.text
+        assert again.json()["status"] == "queued"
+
+
+def _held_messages(client: Client) -> int:
+    return sum(
+        client.store.client.scard(client.keys.held(holder))
+        for holder in held.holders(client.store.client, client.keys)
+    )
+
+
+def test_flower_reads_the_queues_of_the_master_the_sentinels_name(
+    client: Client, fleet_settings: Settings, replicated: ReplicatedRedis, tmp_path: Path
+):
+    # No worker: each job waits in gpu16, and Flower counts it there, before and after a failover.
+    with running_flower(fleet_settings, tmp_path) as flower:
+        client.submit(small_request("before"))
+        poll("the job queued before", lambda: queue_lengths(flower).get("gpu16") == 1, flower)
+        replicated.kill_master()
+        client.submit(small_request("after"))
+        poll("both jobs, on the new master", lambda: queue_lengths(flower).get("gpu16") == 2, flower)

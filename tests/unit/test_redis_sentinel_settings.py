@@ -1,0 +1,70 @@
+"""The Sentinel settings: how they are read, what they refuse, and the broker URL and transport
+options Celery, Kombu and Flower get from them (the failover itself runs for real in
+tests/faults/test_redis_failover.py)."""
+
+from __future__ import annotations
+
+import kombu
+import pytest
+from pydantic import ValidationError
+
+from routing.celery_config import celery_settings
+from routing.io.connection import broker_url, sentinel_addresses
+from routing.settings import Settings
+
+
+def test_sentinels_are_read_comma_separated_as_keda_reads_them_or_as_json(monkeypatch) -> None:
+    monkeypatch.setenv("FLEET_REDIS_SENTINELS", "sentinel-0:26379, sentinel-1:26379,sentinel-2:26380")
+    assert Settings().redis_sentinels == ["sentinel-0:26379", "sentinel-1:26379", "sentinel-2:26380"]
+    monkeypatch.setenv("FLEET_REDIS_SENTINELS", '["sentinel-0:26379"]')
+    assert Settings().redis_sentinels == ["sentinel-0:26379"]
+    monkeypatch.setenv("FLEET_REDIS_SENTINELS", "")
+    assert Settings().redis_sentinels == []
+
+
+@pytest.mark.parametrize(
+    "address", ["sentinel-0", "sentinel-0:", ":26379", "sentinel-0:0", "sentinel-0:65536", "s:x"]
+)
+def test_a_sentinel_that_is_not_host_and_port_is_refused(address: str) -> None:
+    with pytest.raises(ValidationError, match="host:port"):
+        Settings(redis_sentinels=[address])
+
+
+def test_the_highest_port_and_an_ipv6_sentinel_are_taken() -> None:
+    settings = Settings(redis_sentinels=["sentinel-0:65535", "[::1]:26379"])
+    assert sentinel_addresses(settings) == [("sentinel-0", 65535), ("::1", 26379)]
+
+
+@pytest.mark.parametrize("url", ["rediss://:secret@redis/0", "unix:///run/redis.sock"])
+def test_tls_or_a_socket_through_sentinel_is_refused(url: str) -> None:
+    with pytest.raises(ValidationError, match="TLS through Sentinel is not supported"):
+        Settings(redis_url=url, redis_sentinels=["sentinel-0:26379"])
+
+
+def test_the_broker_names_every_sentinel_with_the_data_nodes_password_and_database() -> None:
+    settings = Settings(
+        redis_url="redis://:p%40ss%3Aw%2Frd@unused/3",  # p@ss:w/rd
+        redis_sentinels=["sentinel-0:26379", "sentinel-1:26380"],
+        redis_sentinel_master="jobs",
+        redis_sentinel_password="sentinel-secret",
+    )
+    url = broker_url(settings)
+    assert url.count("sentinel://") == 2 and "unused" not in url
+    connection = kombu.Connection(url)
+    # Kombu reads each Sentinel's URL back to the same password and database.
+    assert connection.transport_cls == "sentinel"
+    assert [alternate.split("@")[1] for alternate in connection.alt] == [
+        "sentinel-0:26379/3",
+        "sentinel-1:26380/3",
+    ]
+    assert connection.password == "p@ss:w/rd" and connection.virtual_host == "3"
+    options = celery_settings(settings)["broker_transport_options"]
+    assert options["master_name"] == "jobs"
+    assert options["sentinel_kwargs"]["password"] == "sentinel-secret"
+    assert options["visibility_timeout"] == settings.visibility_timeout_s
+
+
+def test_without_sentinels_the_broker_is_the_one_redis() -> None:
+    settings = Settings(redis_url="redis://:secret@redis:6379/2")
+    assert broker_url(settings) == "redis://:secret@redis:6379/2"
+    assert "master_name" not in celery_settings(settings)["broker_transport_options"]
