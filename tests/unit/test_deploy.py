@@ -374,6 +374,57 @@ def test_scaled_object_follows_its_class_queues(vram_class: VramClass) -> None:
         assert (ref["parameter"], ref["key"]) == ("password", "REDIS_PASSWORD")
 
 
+def _with_component(name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The base manifests with kustomize component ``name``'s JSON patches applied, by (kind,
+    name): the patch operations it uses (add, replace, remove) done as kustomize does them."""
+    docs = {
+        (d["kind"], d["metadata"]["name"]): d
+        for path in sorted(K8S.glob("*.yaml"))
+        for d in yaml.safe_load_all(path.read_text())
+        if d and "metadata" in d
+    }
+    component = yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    for patch in component["patches"]:
+        target = docs[(patch["target"]["kind"], patch["target"]["name"])]
+        for op in yaml.safe_load(patch["patch"]):
+            *parents, last = op["path"].strip("/").split("/")
+            node = target
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            if op["op"] == "remove":
+                del node[last]
+            else:
+                assert (last in node) == (op["op"] == "replace"), op
+                node[last] = op["value"]
+    return docs
+
+
+def test_the_sentinel_component_points_the_fleet_and_keda_at_the_sentinels() -> None:
+    docs = _with_component("sentinel")
+    data = docs[("ConfigMap", "fleet-config")]["data"]
+    settings = Settings(
+        **{
+            key.removeprefix("FLEET_").lower(): value
+            for key, value in data.items()
+            if key.startswith("FLEET_REDIS")
+        }
+    )
+    assert len(settings.redis_sentinels) >= 3 and settings.redis_min_replicas >= 1
+    for vram_class in VramClass:
+        triggers = docs[("ScaledObject", f"worker-{vram_class}")]["spec"]["triggers"]
+        base = _k8s("ScaledObject")[f"worker-{vram_class}"]["spec"]["triggers"]
+        # The same lists and lengths as the base, read through the Sentinels.
+        assert [(t["metadata"]["listName"], t["metadata"]["listLength"]) for t in triggers] == [
+            (t["metadata"]["listName"], t["metadata"]["listLength"]) for t in base
+        ]
+        for trigger in triggers:
+            assert trigger["type"] == "redis-sentinel"
+            assert "addressFromEnv" not in trigger["metadata"]
+            assert data[trigger["metadata"]["addressesFromEnv"]] == data["FLEET_REDIS_SENTINELS"]
+            assert data[trigger["metadata"]["sentinelMasterFromEnv"]] == settings.redis_sentinel_master
+
+
 def test_api_webhooks_and_flower_run_on_kubernetes() -> None:
     deployments = _k8s("Deployment")
     services = _k8s("Service")
