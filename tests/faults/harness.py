@@ -247,10 +247,38 @@ class ReplicatedRedis:
         old.stop("sigkill")
         wait_for(lambda: self.master() is not old, 60, "a replica promoted", every_s=0.1)
         new = self.master()
+        # Every Sentinel names it, up, as a master: what a client asking any of them accepts
+        # (redis-py's discover_master: a master, neither subjectively nor objectively down).
+        try:
+            wait_for(lambda: self._all_name(new), 60, "every Sentinel naming the new master", every_s=0.1)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self._views()}") from None
         wait_for(
             lambda: self.online_replicas() >= len(self.nodes) - 2, 60, "replicas following the new master"
         )
         return old, new
+
+    def _views(self) -> list[dict[str, object] | None]:
+        """What each Sentinel says of the master (None: it does not answer)."""
+        views: list[dict[str, object] | None] = []
+        for port in self.sentinel_ports:
+            try:
+                with redis.Redis(
+                    host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True
+                ) as sentinel:
+                    views.append(sentinel.sentinel_master(self.MASTER))
+            except redis.RedisError:
+                views.append(None)
+        return views
+
+    def _all_name(self, node: RedisServer) -> bool:
+        return all(
+            view is not None
+            and int(view["port"]) == node.port
+            and view["role-reported"] == "master"
+            and not {"s_down", "o_down"} & set(str(view["flags"]).split(","))
+            for view in self._views()
+        )
 
     def stop(self) -> None:
         for proc in self.sentinels:
