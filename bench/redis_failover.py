@@ -14,7 +14,7 @@ through the Redis SDK (``producer.Client``):
 
 Each row prints submits per second and the median and 99th-percentile latency, with the ratio of
 its rate to ``direct``'s. Then ``--submitters`` threads keep submitting with WAIT 1 while the
-master is killed -9: it prints how long the longest pause was (the Sentinels'
+master is killed -9: it prints when every Sentinel names the promoted replica, how long the longest pause was (the Sentinels'
 ``down-after-milliseconds`` of 1 s plus the election, as a caller sees it), how many submits were
 answered, how many were refused (503 in the API: ``NotReplicated`` or unreachable), and how many
 of the answered ones the new master lacks (the point of the WAIT: 0).
@@ -107,7 +107,7 @@ def _failover(group: ReplicatedRedis, settings: Settings, submitters: int) -> No
     with Client(settings) as client:
         missing = sum(client.store.client.exists(client.keys.job(job_id)) == 0 for _, job_id in answered)
     print(
-        f"failover: master on :{old.port} killed -9, :{new.port} promoted after {promoted_s:.1f} s; "
+        f"failover: master on :{old.port} killed -9, :{new.port} promoted and named by every Sentinel after {promoted_s:.1f} s; "
         f"longest pause between answered submits {longest:.2f} s"
     )
     print(f"          {len(answered)} submits answered, {refused} refused, {missing} answered but lost")
