@@ -699,7 +699,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         }
 
-    registry.register(FleetCollector(client.store.client, client.keys))
+    registry.register(FleetCollector(client.store.client, client.keys, settings.redis_min_replicas))
     requests_total = Counter(
         "fleet_api_requests",
         "API requests by route and status",

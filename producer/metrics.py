@@ -23,6 +23,10 @@ since stopped, and a counter can never disagree with the job records.
     fleet_tenant_jobs_finished_total{tenant, model, class, status}   routing.jobs.usage, all time
     fleet_tenant_gpu_seconds_total{tenant, model, class, status}     (the tenant: its store folder,
                                                                      ``_`` for no tenant)
+    fleet_redis_replicas                                   replicas in sync with the master the
+                                                           fleet writes to (Redis INFO replication)
+    fleet_redis_min_replicas                               FLEET_REDIS_MIN_REPLICAS: below it,
+                                                           submits are answered 503
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ def _hash(client: redis.Redis, key: str) -> dict[str, str]:
 
 
 class FleetCollector(Collector):
-    def __init__(self, client: redis.Redis, keys: Keys):
+    def __init__(self, client: redis.Redis, keys: Keys, min_replicas: int = 0):
         self.client = client
         self.keys = keys
+        self.min_replicas = min_replicas
 
     def collect(self) -> Iterator[Any]:
         submitted = CounterMetricFamily(
@@ -86,6 +91,30 @@ class FleetCollector(Collector):
         yield from self._workers()
         yield from self._loads()
         yield from self._tenants()
+        yield from self._replication()
+
+    def _replication(self) -> Iterator[Any]:
+        # Alert on fleet_redis_replicas < fleet_redis_min_replicas before submits are refused.
+        try:
+            info = self.client.info("replication")
+        except redis.ResponseError:  # a managed Redis that refuses INFO: this gauge is left out
+            info = None
+        if info is not None:
+            online = sum(
+                1
+                for name, replica in info.items()
+                if name.startswith("slave") and isinstance(replica, dict) and replica.get("state") == "online"
+            )
+            yield GaugeMetricFamily(
+                "fleet_redis_replicas",
+                "Replicas in sync with the master the fleet writes to",
+                value=float(online),
+            )
+        yield GaugeMetricFamily(
+            "fleet_redis_min_replicas",
+            "Replicas a submit waits for (FLEET_REDIS_MIN_REPLICAS); below it, submits are answered 503",
+            value=float(self.min_replicas),
+        )
 
     def _tenants(self) -> Iterator[Any]:
         labels = ["tenant", "model", "class", "status"]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
 from routing.errors import NotReplicated
@@ -21,6 +22,7 @@ from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, api_client, tenants
+from tests.conftest import _free_port
 from tests.faults.conftest import HEARTBEAT_TTL_S, MAX_ATTEMPTS
 from tests.faults.harness import (
     FAULT_ADAPTER,
@@ -251,3 +253,20 @@ def _gpu16_length(flower) -> int | None:
     if response.status_code != 200:
         return None
     return {q["name"]: q["messages"] for q in response.json()["active_queues"]}.get("gpu16")
+
+
+def test_metrics_show_the_replicas_in_sync_beside_the_ones_a_submit_waits_for(
+    fleet_settings: Settings, replicated: ReplicatedRedis, tmp_path: Path
+):
+    settings = Settings.model_validate(fleet_settings.model_dump() | {"metrics_port": _free_port()})
+
+    def replication() -> tuple[float, float]:
+        text = http.get(f"http://127.0.0.1:{settings.metrics_port}/metrics").text
+        samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        return samples["fleet_redis_replicas"], samples["fleet_redis_min_replicas"]
+
+    with api_client(settings, tmp_path):
+        assert replication() == (2, 1)
+        # The dead master's replica is gone: the new master has the other one, still enough.
+        replicated.kill_master()
+        assert replication() == (1, 1)
