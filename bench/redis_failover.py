@@ -37,18 +37,12 @@ from pathlib import Path
 # The Redis set-up the fault tests run (tests.faults.harness) is imported from this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from enqueue import REQUEST  # the submit bench/enqueue.py times, beside this script
+
 from producer.client import Client
 from routing.errors import Unavailable
 from routing.settings import Settings
 from tests.faults.harness import ReplicatedRedis
-
-REQUEST = {
-    "model": "z-image-turbo",
-    "prompt": "a red fox in the snow",
-    "width": 1024,
-    "height": 1024,
-    "steps": 9,
-}
 
 
 def _timed(client: Client, n: int) -> list[float]:

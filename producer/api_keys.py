@@ -115,7 +115,7 @@ class ApiKeys:
             "entry": entry,
             "max": str(self.max_per_tenant),
         }
-        created, held = self.replication.run(self.client, self._create, [json.dumps(args)])
+        (created,), held = self.replication.run(self.client, self._create, [json.dumps(args)])
         self.replication.warn_if_short(held, f"key {key_id} of tenant {tenant!r}")
         if not created:
             raise Conflict(

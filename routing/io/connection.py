@@ -206,21 +206,33 @@ class Replication:
             raise held
         return replies, held
 
-    def run(self, client: redis.Redis, script: Script, args: list[str]) -> tuple[Any, int | None]:
-        """Run a registered Lua ``script`` (keys named in its arguments), then wait for the
-        replicas. Returns its reply and how many replicas hold it (None when none are asked for)."""
-        if not self.replicas:
-            return script(args=args), None
+    def run(self, client: redis.Redis, script: Script, calls: list[str]) -> tuple[list[Any], int | None]:
+        """Run a registered Lua ``script`` once per call (its one argument names its keys), all in
+        one round trip, then wait for the replicas. Returns the replies and how many replicas hold
+        them (None when none are asked for).
+
+        EVALSHA straight into the pipeline: redis-py's script objects would add a SCRIPT EXISTS
+        round trip to every batch. A call refused for a missing script (Redis restarted, or a new
+        master) did nothing, so exactly those are sent again once the script is loaded."""
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
         for _attempt in range(2):
             with client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, 0, *args)
-                (reply,), held = self.execute(pipe, raise_on_error=False)
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                client.script_load(script.script)  # Redis restarted, or a new master: it did nothing
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            return reply, held
+                for index in pending:
+                    pipe.evalsha(script.sha, 0, calls[index])
+                results, held = self.execute(pipe, raise_on_error=False)
+            missing = []
+            for index, result in zip(pending, results, strict=True):
+                if isinstance(result, redis.exceptions.NoScriptError):
+                    missing.append(index)
+                elif isinstance(result, Exception):
+                    raise result
+                else:
+                    replies[index] = result
+            if not missing:
+                return replies, held
+            client.script_load(script.script)
+            pending = missing
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
     def short(self, held: int | None) -> bool:

@@ -145,11 +145,7 @@ class JobStore:
         """
         now = repr(time.time())
         calls = [self._create_call(job, now) for job in jobs]
-        if len(calls) == 1:
-            reply, held = self.replication.run(self.client, self._create, [calls[0]])
-            replies = [reply]
-        else:
-            replies, held = self._create_pipelined(calls)
+        replies, held = self.replication.run(self.client, self._create, calls)
         outcomes = [(Created(int(outcome)), _text(found_id)) for outcome, found_id in replies]
         if self.replication.short(held) and any(outcome is Created.CREATED for outcome, _ in outcomes):
             raise NotReplicated(
@@ -211,33 +207,6 @@ class JobStore:
             label=encode_label(job.model, parse_queue(job.queue)[0].value),
             fields=_flatten(fields),
         )
-
-    def _create_pipelined(self, calls: list[str]) -> tuple[list[Any], int | None]:
-        # EVALSHA straight into the pipeline: redis-py's script objects would add a SCRIPT EXISTS
-        # round trip to every batch. A call refused for a missing script (Redis restarted) did
-        # nothing, so exactly those are sent again once the script is loaded. Replicas confirm
-        # the writes of each round trip in it; the last one's count covers the first's.
-        sha = self._create.sha
-        replies: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for _attempt in range(2):
-            with self.client.pipeline(transaction=False) as pipe:
-                for index in pending:
-                    pipe.evalsha(sha, 0, calls[index])
-                results, held = self.replication.execute(pipe, raise_on_error=False)
-            missing = []
-            for index, result in zip(pending, results, strict=True):
-                if isinstance(result, redis.exceptions.NoScriptError):
-                    missing.append(index)
-                elif isinstance(result, Exception):
-                    raise result
-                else:
-                    replies[index] = result
-            if not missing:
-                return replies, held
-            self.client.script_load(scripts.CREATE)
-            pending = missing
-        raise redis.exceptions.NoScriptError("create script could not be loaded")
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.client.hgetall(self.keys.job(job_id))
@@ -331,7 +300,7 @@ class JobStore:
             canceled=canceled,
             takeover=takeover,
         )
-        (ok, current, *reached), held = self.replication.run(self.client, self._transition, [args])
+        ((ok, current, *reached),), held = self.replication.run(self.client, self._transition, [args])
         self.replication.warn_if_short(held, f"job {job_id} {move.name}")
         current = _text(current)
         if not current:

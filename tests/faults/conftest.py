@@ -45,8 +45,14 @@ def fleet_settings(fault_redis: RedisServer, small_models_dir: Path, tmp_path: P
     client = fault_redis.client()
     client.flushall()
     client.close()
+    return fault_settings(fault_redis.url, small_models_dir, tmp_path)
+
+
+def fault_settings(redis_url: str, small_models_dir: Path, tmp_path: Path, **extra: object) -> Settings:
+    """Settings of a fault test on ``redis_url``: a key prefix of its own, local storage, the fault
+    adapter on the small Z-Image-Turbo, a short heartbeat; ``extra`` over them."""
     return Settings(
-        redis_url=fault_redis.url,
+        redis_url=redis_url,
         key_prefix=f"faults-{uuid.uuid4().hex[:8]}",
         storage_backend="local",
         storage_dir=tmp_path / "objects",
@@ -56,6 +62,7 @@ def fleet_settings(fault_redis: RedisServer, small_models_dir: Path, tmp_path: P
         adapters={"z-image-turbo": FAULT_ADAPTER},
         # Loaded when the pool child starts: a job's time is its own, not a model load's.
         warm_models=["z-image-turbo"],
+        **extra,
     )
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import redis
 
 from localfleet.process import ServiceProcess
+from producer.client import Client, Job
+from routing.jobs.record import JobStatus
 
 # Workers load it over the built-in Z-Image adapter through settings.adapters.
 FAULT_ADAPTER = "tests.faults.adapters:FaultAdapter"
@@ -305,6 +307,22 @@ def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s} s")
         time.sleep(every_s)
+
+
+def wait_running_and_queued(
+    client: Client, jobs: list[Job], running: int = 2, queued: int = 4
+) -> list[JobStatus]:
+    """Until ``running`` of ``jobs`` are past their first step and ``queued`` more wait: the moment
+    a fault test strikes. Returns every job's status then."""
+    wait_for(
+        lambda: (
+            sum((r := client.get(j.id)).status is JobStatus.RUNNING and r.step >= 1 for j in jobs) >= running
+            and sum(client.get(j.id).status is JobStatus.QUEUED for j in jobs) >= queued
+        ),
+        60,
+        "some jobs running, more queued",
+    )
+    return [client.get(j.id).status for j in jobs]
 
 
 def broker_idle(client: redis.Redis, queues: tuple[str, ...] = ("gpu16",), unacked: str = "unacked") -> bool:

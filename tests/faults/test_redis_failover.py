@@ -23,14 +23,14 @@ from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, api_client, tenants
 from tests.conftest import _free_port
-from tests.faults.conftest import HEARTBEAT_TTL_S, MAX_ATTEMPTS
+from tests.faults.conftest import fault_settings
 from tests.faults.harness import (
-    FAULT_ADAPTER,
     ReplicatedRedis,
     event_types,
     small_request,
     wait_for,
     wait_log,
+    wait_running_and_queued,
     wait_warm,
 )
 from tests.flower_api import http, poll, queue_lengths, running_flower
@@ -54,20 +54,14 @@ def replicated(tmp_path: Path) -> Iterator[ReplicatedRedis]:
 @pytest.fixture
 def fleet_settings(replicated: ReplicatedRedis, small_models_dir: Path, tmp_path: Path) -> Settings:
     """Every process on the Sentinels' master; a submit waits for one replica."""
-    return Settings(
+    return fault_settings(
         # The host is not used: the Sentinels name the master. The database is.
-        redis_url="redis://unused-with-sentinels/0",
+        "redis://unused-with-sentinels/0",
+        small_models_dir,
+        tmp_path,
         redis_sentinels=replicated.addresses,
         redis_sentinel_master=ReplicatedRedis.MASTER,
         redis_min_replicas=1,
-        key_prefix=f"failover-{uuid.uuid4().hex[:8]}",
-        storage_backend="local",
-        storage_dir=tmp_path / "objects",
-        model_root=small_models_dir,
-        heartbeat_ttl_s=HEARTBEAT_TTL_S,
-        max_attempts=MAX_ATTEMPTS,
-        adapters={"z-image-turbo": FAULT_ADAPTER},
-        warm_models=["z-image-turbo"],
         tenants=tenants("a"),
     )
 
@@ -82,15 +76,7 @@ def test_master_killed_with_jobs_queued_and_running_loses_none(
         through_api = api.post("/v1/jobs", json={**SMALL, "prompt": "fault:sleep=0.3"}, headers=A)
         assert through_api.status_code == 201, through_api.text
         jobs = [client.submit(small_request(f"job {i} fault:sleep=0.3", steps=6)) for i in range(JOBS)]
-        wait_for(
-            lambda: (
-                sum((r := client.get(j.id)).status is JobStatus.RUNNING and r.step >= 1 for j in jobs) >= 2
-                and sum(client.get(j.id).status is JobStatus.QUEUED for j in jobs) >= 4
-            ),
-            60,
-            "some jobs running, more queued",
-        )
-        states = [client.get(j.id).status for j in jobs]
+        states = wait_running_and_queued(client, jobs)
 
         old, new = replicated.kill_master()
         assert new is not old

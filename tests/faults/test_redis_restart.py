@@ -12,7 +12,7 @@ import pytest
 from producer.client import Client
 from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
-from tests.faults.harness import event_types, small_request, wait_for, wait_warm
+from tests.faults.harness import event_types, small_request, wait_running_and_queued, wait_warm
 
 pytestmark = pytest.mark.integration
 
@@ -44,15 +44,7 @@ def _restart_with_jobs_queued_and_running(
     for worker in workers:
         wait_warm(worker)
     jobs = [client.submit(small_request(f"job {i} fault:sleep=0.3", steps=steps)) for i in range(JOBS)]
-    wait_for(
-        lambda: (
-            sum((r := client.get(j.id)).status is JobStatus.RUNNING and r.step >= 1 for j in jobs) >= 2
-            and sum(client.get(j.id).status is JobStatus.QUEUED for j in jobs) >= 4
-        ),
-        60,
-        "some jobs running, more queued",
-    )
-    states = [client.get(j.id).status for j in jobs]
+    states = wait_running_and_queued(client, jobs)
 
     unreachable_s = restart_redis(how, down_s=down_s)
 
