@@ -358,6 +358,17 @@ class Client:
             self.store.cancel(job_id)
             return self.store.get(job_id)
 
+    def delete(self, job_id: str) -> None:
+        """Delete an ended job now, rather than at its TTL: its outputs from the store, then its
+        record. Raises ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
+        record = self.get(job_id)
+        if not record.status.is_terminal():
+            raise Conflict(f"job {job_id} is {record.status.value}: only an ended job can be deleted")
+        for output in record.outputs:  # first: a failure here leaves the record to delete again
+            self.storage.delete(output.key)
+        with _redis_errors():
+            self.store.forget(job_id)
+
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_progress: ProgressCallback | None = None
     ) -> JobRecord:

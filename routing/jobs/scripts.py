@@ -318,6 +318,33 @@ return status or ''
 """
 )
 
+# keys: job, job_events, webhook_log, replays (the job's replay counter), jobs (template, by
+# tenant: the tenant's index), idempotency (template, by key).  id, ended (comma list of the
+# statuses a job may be forgotten in). Deletes an ended job's record, its event stream, its
+# webhook log and its place in the tenant's index, as its TTL would have, and its idempotency key
+# while that still names it. Returns 'forgotten', the status of a job not ended, or '' for none.
+FORGET = (
+    ARGS
+    + """
+local keys = a.keys
+local status = redis.call('HGET', keys.job, 'status')
+if not status then return '' end
+local ended = false
+for name in string.gmatch(a.ended, '[^,]+') do
+  if name == status then ended = true end
+end
+if not ended then return status end
+local idempotency_key = redis.call('HGET', keys.job, 'idempotency_key') or ''
+if idempotency_key ~= '' then
+  local idempotency = fill(keys.idempotency, idempotency_key)
+  if redis.call('GET', idempotency) == a.id then redis.call('DEL', idempotency) end
+end
+redis.call('ZREM', fill(keys.jobs, redis.call('HGET', keys.job, 'tenant') or ''), a.id)
+redis.call('DEL', keys.job, keys.job_events, keys.webhook_log, keys.replays)
+return 'forgotten'
+"""
+)
+
 # keys: jobs (the tenant's index, scored by created_at).  limit, and the cursor's created_at and
 # id ('' and '' for the first page). Returns up to ``limit`` flat (id, created_at) pairs, newest
 # first in (created_at, id) order, from just after the cursor: jobs of one batch share a

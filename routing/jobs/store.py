@@ -134,6 +134,7 @@ class JobStore:
         self._check = client.register_script(scripts.CHECK)
         self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
         self._list_page = client.register_script(scripts.LIST_PAGE)
+        self._forget = client.register_script(scripts.FORGET)
 
     def create(self, jobs: list[NewJob]) -> list[tuple[Created, str]]:
         """Write each new job's queued record, its ``job.queued`` event and its queue message in
@@ -462,6 +463,28 @@ class JobStore:
         if not status:
             raise NotFound(f"no job {job_id!r}")
         return JobStatus(status)
+
+    def forget(self, job_id: str) -> None:
+        """Delete an ended job's record, as its TTL would (its stored files are the caller's to
+        delete first). Raises NotFound for no such job and Conflict for one not ended."""
+        keys = {
+            "job": self.keys.job(job_id),
+            "job_events": self.keys.job_events(job_id),
+            "webhook_log": self.keys.webhook_log(job_id),
+            "replays": self.keys.replays_of_job(job_id),
+            "jobs": self.keys.template(self.keys.tenant_jobs),
+            "idempotency": self.keys.template(self.keys.idempotency),
+        }
+        ended = ",".join(status.value for status in JobStatus if status.is_terminal())
+        (reply,), held = self.replication.run(
+            self.client, self._forget, [_args(keys=keys, id=job_id, ended=ended)]
+        )
+        self.replication.warn_if_short(held, f"job {job_id} forgotten")
+        outcome = _text(reply)
+        if not outcome:
+            raise NotFound(f"no job {job_id!r}")
+        if outcome != "forgotten":
+            raise Conflict(f"job {job_id} is {outcome}: only an ended job can be deleted")
 
     def events(self, job_id: str | None = None, count: int = 10_000) -> list[dict[str, str]]:
         """Recent events, oldest first, optionally of one job (for tests and tools; webhooks

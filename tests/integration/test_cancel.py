@@ -7,6 +7,7 @@ import time
 import pytest
 
 from producer.client import Client
+from routing.errors import Conflict, NotFound
 from routing.io.storage import LocalStorage
 from routing.jobs.events import EventType
 from routing.jobs.record import JobStatus
@@ -72,3 +73,33 @@ def test_cancel_of_a_finished_job_leaves_it_as_it_was(client: Client, start_work
     assert job.wait(timeout_s=120).status is JobStatus.SUCCEEDED
 
     assert client.cancel(job.id).status is JobStatus.SUCCEEDED
+
+
+def test_delete_takes_an_ended_jobs_outputs_and_record_and_refuses_one_not_ended(
+    client: Client, start_worker, fleet_settings
+):
+    start_worker()
+    small = {"model": "z-image-turbo", "prompt": "done", "width": 64, "height": 64, "steps": 2}
+    job = client.submit(small, idempotency_key="once", tenant="t")
+    record = job.wait(timeout_s=120)
+    busy = client.submit(SLOW, tenant="t")
+    _wait_for_step(client, busy.id, 1)
+    store = LocalStorage(fleet_settings.storage_dir)
+    [output] = record.outputs
+    assert store.exists(output.key)
+
+    with pytest.raises(Conflict):  # running: cancel it first
+        client.delete(busy.id)
+    client.delete(job.id)
+
+    assert not store.exists(output.key)
+    with pytest.raises(NotFound):
+        client.get(job.id)
+    assert [r.id for r in client.list(tenant="t")[0]] == [busy.id]
+    # Its idempotency key is free again: the same key makes a new job.
+    assert client.submit(small, idempotency_key="once", tenant="t").id != job.id
+    with pytest.raises(NotFound):
+        client.delete(job.id)
+    client.cancel(busy.id)
+    assert busy.wait(timeout_s=60).status is JobStatus.CANCELED
+    client.delete(busy.id)
