@@ -12,7 +12,7 @@ import datetime as dt
 import hmac
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -28,7 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from producer import openai_images
+from producer import openai_images, openai_videos
 from producer.admission import RateLimits, Slots, SlotsTaken
 from producer.api_keys import MAX_LABEL, is_managed
 from producer.body_limits import BodyLimits
@@ -36,6 +36,7 @@ from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
 from producer.metrics import FleetCollector
+from producer.openai_door import Door
 from routing import tracing
 from routing.catalog import CATALOG, Variant
 from routing.classes import Priority, VramClass, consumed_queues
@@ -303,7 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         json_max_bytes=settings.max_json_body_bytes,
         upload_max_bytes=settings.max_input_bytes,
         # An OpenAI edit carries its images in the body: each at most FLEET_MAX_INPUT_BYTES.
-        upload_paths=frozenset({"/v1/uploads", openai_images.EDITS}),
+        upload_paths=frozenset({"/v1/uploads", openai_images.EDITS, openai_videos.VIDEOS}),
     )
 
     Tenant = Annotated[str, Depends(tenant_of)]
@@ -387,6 +388,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     fetch_threads = anyio.CapacityLimiter(settings.api_fetch_threads)
     uploading = Slots(settings.max_concurrent_uploads, None, "uploads", "FLEET_MAX_CONCURRENT_UPLOADS")
     health_threads = anyio.CapacityLimiter(2)
+
+    async def fetching_submit(tenant: str, submit: Callable[[], str]) -> str:
+        """Run a submit that downloads its inputs within the tenant's downloading submits."""
+        with fetching.holding(tenant):
+            return await anyio.to_thread.run_sync(submit, limiter=fetch_threads)
+
     app.router.on_shutdown.append(live.close)
 
     @app.post(
@@ -430,8 +437,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # The submit's span (routing.tracing): the job's record keeps it, its runs are under it.
             with tracing.span("POST /v1/jobs", traceparent, tenant=tenant, model=body.model):
                 if fetches(body):
-                    with fetching.holding(tenant):
-                        job_id = await anyio.to_thread.run_sync(queue, limiter=fetch_threads)
+                    job_id = await fetching_submit(tenant, queue)
                 else:
                     job_id = await run_in_threadpool(queue)
             if wait_s:
@@ -449,15 +455,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 slot.release()
         return await run_in_threadpool(lambda: job_out(client.get(job_id)))
 
-    openai_images.add_routes(
-        app,
+    door = partial(
+        Door,
         client=client,
         settings=settings,
-        tenant_of=tenant_of,
         take_rate=take_rate,
         waits=waits,
         wait_finished=live.wait_finished,
+    )
+    openai_images.add_routes(
+        app, door(names=openai_images.NAMES), tenant_of=tenant_of, error_detail=ErrorDetail
+    )
+    openai_videos.add_routes(
+        app,
+        door(names=openai_videos.NAMES),
+        tenant_of=tenant_of,
         error_detail=ErrorDetail,
+        fetching=fetching_submit,
     )
 
     def queue_job(body: BaseModel, tenant: str, response: Response, idempotency_key: str | None) -> str:

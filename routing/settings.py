@@ -301,6 +301,10 @@ class Settings(BaseSettings):
     openai_wait_s: float = Field(default=300.0, gt=0)
     openai_image_model: str = "z-image-turbo"
     openai_edit_model: str = "qwen-image-edit-2509"
+    # The OpenAI-compatible Videos API (producer.openai_videos): the model a create call that names
+    # none gets, and how long the SDKs' create_and_poll waits between polls of a video being made.
+    openai_video_model: str = "wan2.2-ti2v-5b"
+    openai_poll_after_ms: int = Field(default=2000, ge=100, le=60_000)
     # Where the API and workers send their traces, over OTLP/HTTP (routing.tracing): the base URL
     # of an OpenTelemetry Collector, Jaeger or Tempo. Unset: nothing is traced.
     otlp_endpoint: str | None = None

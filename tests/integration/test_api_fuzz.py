@@ -9,7 +9,8 @@ What must hold for every request:
   invalid data refused with a 4xx (``negative_data_rejection``), requests without the key or with
   a wrong one refused (``ignored_auth``), other methods answered 405 (``unsupported_method``);
 - the OpenAI-compatible calls (POST /v1/images/...) queue one job when they answer 408 (no worker:
-  the job outlasts the 0.2 s wait) and none when they refuse;
+  the job outlasts the 0.2 s wait) and none when they refuse; POST /v1/videos queues one when it
+  answers 200 and none when it refuses;
 - POST /v1/jobs queues exactly what it says: a refusal (status >= 400) leaves the queue lists
   (gpu16*, gpu80*, h100x8*) as they were, a 201 adds one message, an idempotent 200 adds none,
   and a 202 (``Prefer: wait=N``, the job not ended in time) adds one for a new job and none for
@@ -253,7 +254,8 @@ def test_api_survives_fuzzing_and_queues_nothing_it_refuses(
 ) -> None:
     submits = (case.method.upper(), case.path) == ("POST", "/v1/jobs")
     openai_call = case.path.startswith("/v1/images/")
-    before = _queued(queues) if submits or openai_call else 0
+    video_call = (case.method.upper(), case.path) == ("POST", "/v1/videos")
+    before = _queued(queues) if submits or openai_call or video_call else 0
 
     # The answer is checked, not how soon it came: with two suites running, an upload of four
     # bytes waited past schemathesis's 10 s for its turn at the CPU. An event stream keeps that
@@ -268,6 +270,11 @@ def test_api_survives_fuzzing_and_queues_nothing_it_refuses(
         check_submit_queued(response.status_code, body, _queued(queues) - before, fuzz_log.jobs)
     if openai_call:
         check_openai_queued(response.status_code, _queued(queues) - before)
+    if video_call:  # answered at once: a video accepted is one message, a refusal none
+        added = _queued(queues) - before
+        assert added == int(response.status_code == 200), (
+            f"{response.status_code} to POST /v1/videos, {added} queued"
+        )
     case.validate_response(response)
 
 

@@ -43,7 +43,9 @@ API_MODULES = {
     "producer/api.py",
     "producer/body_limits.py",
     "producer/metrics.py",
+    "producer/openai_door.py",
     "producer/openai_images.py",
+    "producer/openai_videos.py",
 }
 
 _IMPORT_ALL = """
@@ -94,7 +96,14 @@ def test_sdk_cli_and_routing_import_without_torch_worker_or_flower() -> None:
 
 
 def test_http_api_imports_without_torch_or_worker_code() -> None:
-    modules = ["producer.api", "producer.body_limits", "producer.metrics", "producer.openai_images"]
+    modules = [
+        "producer.api",
+        "producer.body_limits",
+        "producer.metrics",
+        "producer.openai_door",
+        "producer.openai_images",
+        "producer.openai_videos",
+    ]
     imported = _import_all(WORKER_ONLY, modules, set())
     assert "'producer.api'" in imported
 

@@ -1,0 +1,229 @@
+"""What the OpenAI-compatible routes share (``producer.openai_images``, ``producer.openai_videos``):
+OpenAI's error shape, and ``Door``, which queues a call's job as ``POST /v1/jobs`` does (the same
+tenant, in-flight limit, submit rate and checks; priority ``normal``) and stores the files it
+brings as the tenant's uploads.
+
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, ``param`` naming
+the OpenAI field; an answer after which a retry would queue the job again says
+``x-should-retry: false``, which the OpenAI SDKs obey. An ``Idempotency-Key`` header is honoured
+across both doors (``<tenant>:openai:<key>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from producer.admission import Slots, SlotsTaken
+from routing import tracing
+from routing.errors import Conflict, FieldError, InvalidRequest, TooManyJobs, Unavailable
+from routing.settings import Settings
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+class Refused(Exception):
+    """An OpenAI error answer: ``status``, ``kind`` (the error's ``type``), ``param``, ``code``."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
+        self.headers: dict[str, str] = {}
+        self.queued = False  # said after the job was queued: its inputs are the job's
+
+    def final(self) -> Refused:
+        """The same answer, marked as one a retry would not change (the SDKs obey it)."""
+        self.headers["x-should-retry"] = "false"
+        return self
+
+    def answer(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, self.status, self.headers)
+
+
+def invalid(exc: ValueError) -> Refused:
+    """A body that is not JSON or not the door's schema, as OpenAI says it."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = f"{param}: not supported by this fleet"
+        return Refused(400, message, "invalid_request_error", param)
+    return Refused(400, f"the body is not valid JSON: {exc}", "invalid_request_error")
+
+
+def from_invalid(exc: InvalidRequest, names: dict[str, str], param: str | None = None) -> Refused:
+    """The fleet's refusal of a request, naming the OpenAI fields (``names``: fleet field -> OpenAI
+    field; the others keep their names)."""
+
+    def named(field: str) -> str:
+        return names.get(field.split(".")[0], field)
+
+    first: FieldError = exc.errors[0]
+    message = "; ".join(f"{named(e.field)}: {e.message}" for e in exc.errors)
+    return Refused(400, message, "invalid_request_error", param or named(first.field))
+
+
+async def read_form(
+    request: Request, file_fields: frozenset[str], max_files: int
+) -> tuple[dict[str, str], list[bytes]]:
+    """A multipart body's fields, each given once, and the contents of its ``file_fields`` parts
+    in order (at most ``max_files``)."""
+    try:
+        form = await request.form(max_files=max_files, max_fields=32)
+    except Exception as exc:  # a malformed multipart body, or too many parts
+        raise Refused(400, f"could not read the form: {exc}", "invalid_request_error") from None
+    files: list[bytes] = []
+    fields: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if name in file_fields:
+            files.append(await value.read() if hasattr(value, "read") else str(value).encode())
+        elif name in fields:
+            raise Refused(400, f"{name} is given twice", "invalid_request_error", name)
+        else:
+            fields[name] = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
+    await form.close()
+    return fields, files
+
+
+class Door:
+    """Queues the jobs of OpenAI calls with the API's own rates and slots."""
+
+    def __init__(
+        self,
+        *,
+        client: Any,
+        settings: Settings,
+        take_rate: Callable[[str, str], None],
+        waits: Slots,
+        wait_finished: Callable[[str, float], Awaitable[bool]],
+        names: dict[str, str],
+    ):
+        self.client = client
+        self.settings = settings
+        self.take_rate = take_rate
+        self.waits = waits
+        self.wait_finished = wait_finished
+        self.names = names  # fleet request field -> OpenAI field, in errors
+
+    async def queue(
+        self,
+        job: dict[str, Any],
+        tenant: str,
+        request: Request,
+        run: Callable[[Callable[[], str]], Awaitable[str]] | None = None,
+    ) -> str:
+        """Queue ``job`` as ``tenant``, within the call's trace; ``run`` runs the blocking submit
+        (default: on the shared threads)."""
+        idempotency_key = request.headers.get("idempotency-key")
+        parent = request.headers.get("traceparent")
+        with tracing.span(f"POST {request.url.path}", parent, tenant=tenant, model=job["model"]):
+            submit = partial(self._submit, job, tenant, idempotency_key)
+            try:
+                return await (run(submit) if run else run_in_threadpool(submit))
+            except SlotsTaken as exc:  # the tenant's downloading submits
+                refused = Refused(429, str(exc), "rate_limit_error")
+                refused.headers = {"Retry-After": str(exc.retry_after_s)}
+                raise refused from None
+
+    def rate(self, action: str, tenant: str) -> None:
+        """Count one of the tenant's ``action`` (submit, cancel) in its window, or refuse it."""
+        try:
+            self.take_rate(action, tenant)
+        except HTTPException as exc:
+            refused = Refused(exc.status_code, str(exc.detail), "rate_limit_error")
+            refused.headers = dict(exc.headers or {})
+            raise refused from None
+
+    def _submit(self, job: dict[str, Any], tenant: str, idempotency_key: str | None) -> str:
+        self.rate("submit", tenant)
+        try:
+            queued = self.client.submit(
+                job,
+                idempotency_key=self._idempotency(tenant, idempotency_key),
+                tenant=tenant,
+                max_in_flight=self.settings.tenants[tenant].max_in_flight,
+            )
+        except InvalidRequest as exc:
+            raise from_invalid(exc, self.names) from None
+        except Unavailable as exc:
+            raise Refused(503, str(exc), "server_error") from None
+        except TooManyJobs as exc:
+            refused = Refused(429, str(exc), "rate_limit_error")
+            refused.headers = {"Retry-After": "10"}
+            raise refused from None
+        except Conflict as exc:
+            raise Refused(
+                409, str(exc), "invalid_request_error", code="idempotency_key_reused"
+            ).final() from None
+        return queued.id
+
+    @staticmethod
+    def _idempotency(tenant: str, idempotency_key: str | None) -> str | None:
+        return f"{tenant}:openai:{idempotency_key}" if idempotency_key else None
+
+    def earlier(
+        self, job: dict[str, Any], tenant: str, idempotency_key: str | None, files: str
+    ) -> str | None:
+        """The job an ``Idempotency-Key`` was used for, when the call brings files: they are
+        stored under new keys each time they are sent, so a call made again is matched by its
+        fields other than ``files`` (the request field that names them)."""
+        if not idempotency_key:
+            return None
+        job_id = self.client.job_of_idempotency_key(self._idempotency(tenant, idempotency_key))
+        if job_id is None:
+            return None
+        asked = {name: value for name, value in job.items() if name not in ("kind", files)}
+        kept = self.client.get(job_id).request
+        if any(kept.get(name) != value for name, value in asked.items()):
+            raise Refused(
+                409,
+                f"idempotency key {idempotency_key!r} was used for another request",
+                "invalid_request_error",
+                code="idempotency_key_reused",
+            ).final()
+        return job_id
+
+    def upload(self, data: bytes, tenant: str, param: str) -> str:
+        """Store one file the call brought as the tenant's upload, checked as ``POST /v1/uploads``
+        checks it; its key."""
+        try:
+            return self.client.upload(data, tenant=tenant)["key"]
+        except InvalidRequest as exc:
+            raise from_invalid(exc, self.names, param) from None
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self.client.storage.delete(key)
+
+    def take_slot(self, tenant: str) -> Any:
+        """One of the tenant's ``Prefer: wait`` slots, for a call that waits for its job."""
+        try:
+            return self.waits.take(tenant)
+        except SlotsTaken as exc:
+            raise Refused(429, str(exc), "rate_limit_error") from None
+
+    async def wait(self, job_id: str) -> bool:
+        """Whether the job ended within ``FLEET_OPENAI_WAIT_S``."""
+        try:
+            return await self.wait_finished(job_id, self.settings.openai_wait_s)
+        except Exception:  # the job is queued: the caller is told which, not an error of its own
+            return False
