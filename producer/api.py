@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from producer import openai_images, openai_videos
 from producer.admission import RateLimits, Slots, SlotsTaken
 from producer.api_keys import MAX_LABEL, is_managed
-from producer.body_limits import BodyLimits
+from producer.body_limits import KEY_TENANT, BodyLimits
 from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
@@ -269,10 +269,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     bearer = HTTPBearer(auto_error=False, description="an API key of your tenant")
 
-    def tenant_of(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> str:
+    def tenant_of(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None
+    ) -> str:
         key = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
         if not key:
             raise HTTPException(401, "send Authorization: Bearer <api key>", {"WWW-Authenticate": "Bearer"})
+        checked, tenant = getattr(request.state, KEY_TENANT, ("", ""))
+        if tenant and hmac.compare_digest(checked.encode(), key.encode()):
+            return tenant  # looked up for this request already, by BodyLimits
         found = tenant_for_key(key)
         if found is None:
             raise HTTPException(401, "unknown API key", {"WWW-Authenticate": "Bearer"})
@@ -289,18 +294,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             found = client.tenant_of_key(key)
         return found
 
-    async def known_key(key: str) -> bool:
+    async def key_tenant(key: str) -> str | None:
         if not is_managed(key):  # no Redis call for a key that cannot be a managed one
-            return tenant_for_key(key) is not None
-        try:
-            return await run_in_threadpool(tenant_for_key, key) is not None
-        except Unavailable:  # the route answers 503 itself: the body is not what fails
-            return True
+            return tenant_for_key(key)
+        return await run_in_threadpool(tenant_for_key, key)
 
     # Bodies are capped, and refused without a key, before FastAPI reads them (producer/body_limits.py).
     app.add_middleware(
         BodyLimits,
-        known_key=known_key,
+        tenant_of_key=key_tenant,
         json_max_bytes=settings.max_json_body_bytes,
         upload_max_bytes=settings.max_input_bytes,
         # An OpenAI edit carries its images in the body: each at most FLEET_MAX_INPUT_BYTES.

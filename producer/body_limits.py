@@ -4,7 +4,8 @@ FastAPI reads and parses a JSON body before any dependency runs, the API key che
 without this anyone could make the API buffer a body of any size. ``BodyLimits`` wraps the app:
 
 1. A request that carries a body to a route that needs a key, without a valid key: 401, nothing
-   of the body read.
+   of the body read. The tenant found is kept in the request's state (``KEY_TENANT``), so the
+   route does not look the key up again (a managed key is a Redis round trip).
 2. ``Content-Length`` over the route's cap: 413, nothing read.
 3. A body without a length (chunked) is counted as it is read and cut off with a 413 at the cap:
    no more than the cap plus one network read is ever held.
@@ -19,20 +20,27 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from routing.errors import Unavailable
+
+# The request state's (key, tenant) of the bearer key checked here.
+KEY_TENANT = "key_tenant"
+
 
 class BodyLimits:
     def __init__(
         self,
         app: ASGIApp,
         *,
-        known_key: Callable[[str], Awaitable[bool]],
+        tenant_of_key: Callable[[str], Awaitable[str | None]],
         json_max_bytes: int,
         upload_max_bytes: int,
         upload_paths: frozenset[str] = frozenset({"/v1/uploads"}),
         keyed_prefix: str = "/v1/",
     ) -> None:
         self.app = app
-        self.known_key = known_key
+        # The key's tenant, None for a key of none; raises Unavailable when that cannot be told
+        # now (the body is let through: the route answers 503 itself).
+        self.tenant_of_key = tenant_of_key
         self.json_max_bytes = json_max_bytes
         self.upload_max_bytes = upload_max_bytes
         self.upload_paths = upload_paths
@@ -51,7 +59,15 @@ class BodyLimits:
 
         if scope["path"].startswith(self.keyed_prefix):
             scheme, _, key = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not await self.known_key(key.strip()):
+            tenant = None
+            if scheme.lower() == "bearer":
+                try:
+                    tenant = await self.tenant_of_key(key.strip())
+                except Unavailable:
+                    tenant = ""
+            if tenant:
+                scope.setdefault("state", {})[KEY_TENANT] = (key.strip(), tenant)
+            elif tenant is None:
                 refusal = JSONResponse(
                     {"detail": "send Authorization: Bearer <api key> of your tenant"},
                     401,

@@ -169,3 +169,23 @@ def test_a_made_key_meets_a_redis_outage_with_503_not_401(settings, tmp_path):
     finally:
         if server.is_up():
             server.stop()
+
+
+def test_a_request_with_a_body_looks_its_made_key_up_once(api, settings):
+    key = api.post("/v1/keys", json={"label": "once"}, headers=A).json()["key"]
+    store = redis.Redis.from_url(settings.redis_url)
+    db = store.connection_pool.connection_kwargs.get("db", 0)
+    # Every command the API sends to its database while it answers, as Redis runs them.
+    with store.monitor() as monitor:
+        submitted = api.post("/v1/jobs", json=SMALL, headers=_bearer(key))
+        listed = api.get("/v1/jobs", headers=_bearer(key))
+        api.get("/healthz")  # its PING ends the commands of the two calls above
+        commands: list[str] = []
+        while (seen := monitor.next_command())["command"] != "PING" or seen["db"] != db:
+            if seen["db"] == db:
+                commands.append(seen["command"])
+
+    assert submitted.status_code == 201 and listed.status_code == 200
+    # One lookup for the POST (the body's check; the route takes the tenant it found), one for
+    # the GET, which has no body to check.
+    assert sum(1 for c in commands if c.startswith("GET ") and ":apikey:" in c) == 2, commands
