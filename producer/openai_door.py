@@ -17,13 +17,26 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from producer.admission import Slots, SlotsTaken
 from routing import tracing
 from routing.errors import Conflict, FieldError, InvalidRequest, TooManyJobs, Unavailable
 from routing.settings import Settings
+
+
+class FleetFields(BaseModel):
+    """The fleet's own request fields a call may add to OpenAI's (the SDKs send them as
+    ``extra_body``), checked by the fleet as in ``POST /v1/jobs``."""
+
+    negative_prompt: str | None = Field(default=None, description="the fleet's: what to avoid")
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="the fleet's: the seed")
+    steps: int | None = Field(default=None, ge=1, le=10_000, description="the fleet's: denoising steps")
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0, description="the fleet's")
+
+    def fleet_fields(self) -> dict[str, Any]:
+        return self.model_dump(include=set(FleetFields.model_fields), exclude_none=True)
 
 
 class OpenAIErrorBody(BaseModel):

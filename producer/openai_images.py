@@ -20,6 +20,9 @@ then is answered 408 naming it: it goes on, and ``GET /v1/jobs/{id}`` follows it
     image, image[]    edits: the input images (1 to the model's most), stored as uploads
     user              accepted, and not used
 
+The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
+``extra_body``).
+
 Any other field (``quality``, ``style``, ``mask``, ``background``...) is refused with a 400 naming
 it: the fleet does not do it. Errors are OpenAI's (``producer.openai_door``).
 """
@@ -34,7 +37,7 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import Door, OpenAIError, Refused, invalid, read_form
+from producer.openai_door import Door, FleetFields, OpenAIError, Refused, invalid, read_form
 from routing.errors import ErrorType
 from routing.jobs.record import JobStatus
 
@@ -51,7 +54,7 @@ _FAILED = {
 }
 
 
-class _Options(BaseModel):
+class _Options(FleetFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="what to make, or what to change")
@@ -235,7 +238,7 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
 
 
 def _request(body: _Options, model: str, kind: str) -> dict[str, Any]:
-    job: dict[str, Any] = {"model": model, "kind": kind, "prompt": body.prompt}
+    job: dict[str, Any] = {"model": model, "kind": kind, "prompt": body.prompt, **body.fleet_fields()}
     if body.n != 1:
         if kind == "edit":  # the fleet's edit request makes one image
             raise Refused(400, "n: an edit makes one image", "invalid_request_error", "n")

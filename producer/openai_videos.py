@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import Door, OpenAIError, Refused, invalid, read_form
+from producer.openai_door import Door, FleetFields, OpenAIError, Refused, invalid, read_form
 from producer.openai_images import documented
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import Conflict, NotFound
@@ -58,8 +58,6 @@ _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,(.*)$", re.DOTALL)
 # The most of the tenant's jobs one list call reads looking for videos among its other jobs.
 _LIST_SCAN = 1000
 _CHUNK_BYTES = 1 << 20
-# Fields of the fleet's request a create call may add to OpenAI's.
-_FLEET_FIELDS = ("negative_prompt", "seed", "steps", "guidance_scale")
 _STATUS = {
     JobStatus.QUEUED: "queued",
     JobStatus.RUNNING: "in_progress",
@@ -76,7 +74,7 @@ class ImageReference(BaseModel):
     file_id: str | None = Field(default=None, description="refused: the fleet has no Files API")
 
 
-class VideoCreate(BaseModel):
+class VideoCreate(FleetFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, description="what to make")
@@ -86,11 +84,6 @@ class VideoCreate(BaseModel):
     input_reference: ImageReference | None = Field(
         default=None, description="image-to-video: the first frame (a file part, or image_url)"
     )
-    # The fleet's own request fields beyond OpenAI's (the SDKs send them as ``extra_body``).
-    negative_prompt: str | None = Field(default=None, description="the fleet's: what to avoid")
-    seed: int | None = Field(default=None, ge=0, lt=2**63, description="the fleet's: the seed")
-    steps: int | None = Field(default=None, ge=1, le=10_000, description="the fleet's: denoising steps")
-    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0, description="the fleet's")
 
 
 class VideoError(BaseModel):
@@ -435,7 +428,7 @@ def _request(body: VideoCreate, model: str, with_image: bool) -> dict[str, Any]:
     spec = CATALOG.get(model)
     kind = TaskKind.IMAGE_TO_VIDEO if with_image or body.input_reference else TaskKind.TEXT_TO_VIDEO
     job: dict[str, Any] = {"model": model, "kind": kind.value, "prompt": body.prompt}
-    job |= body.model_dump(include=set(_FLEET_FIELDS), exclude_none=True)
+    job |= body.fleet_fields()
     if spec is None:
         return job  # the fleet's own check names the unknown model
     if spec.video is None or not KINDS & set(spec.task_kinds):

@@ -69,6 +69,11 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
     assert len(made.data) == 2 and made.size == "64x64" and made.output_format == "png"
     for item in made.data:
         assert _image(base64.b64decode(item.b64_json)).size == (64, 64)
+    # The fleet's own fields beyond OpenAI's: the same seed makes the same image.
+    seeded = dict(
+        prompt="a red fox", size="64x64", response_format="b64_json", extra_body={"seed": 5, "steps": 2}
+    )
+    assert sdk.images.generate(**seeded).data == sdk.images.generate(**seeded).data
     # The default model and answer form: a presigned URL of the stored output.
     linked = sdk.images.generate(prompt="a lighthouse", size="64x80")
     [item] = linked.data
@@ -94,7 +99,8 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
         sdk.images.edit(**(edit | {"prompt": "one behind the other"}))
     # Each call was one job of the tenant's, seen by the fleet's own API as any other.
     jobs = _jobs(api_url)
-    assert sorted(j["model"] for j in jobs) == ["qwen-image-edit-2509", "z-image-turbo", "z-image-turbo"]
+    assert sorted(j["model"] for j in jobs) == ["qwen-image-edit-2509"] + ["z-image-turbo"] * 4
+    assert sum(j["request"]["seed"] == 5 and j["request"]["steps"] == 2 for j in jobs) == 2
     edit = next(j for j in jobs if j["model"] == "qwen-image-edit-2509")
     assert len(edit["request"]["images"]) == 2 and all(j["status"] == "succeeded" for j in jobs)
 
