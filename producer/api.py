@@ -715,7 +715,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         }
 
-    registry.register(FleetCollector(client.store.client, client.keys, settings.redis_min_replicas))
+    registry.register(
+        FleetCollector(
+            client.store.client,
+            client.keys,
+            settings.redis_min_replicas,
+            per_tenant=settings.metrics_per_tenant,
+        )
+    )
     requests_total = Counter(
         "fleet_api_requests",
         "API requests by route and status",

@@ -51,10 +51,13 @@ def _hash(client: redis.Redis, key: str) -> dict[str, str]:
 
 
 class FleetCollector(Collector):
-    def __init__(self, client: redis.Redis, keys: Keys, min_replicas: int = 0):
+    def __init__(self, client: redis.Redis, keys: Keys, min_replicas: int = 0, per_tenant: bool = True):
         self.client = client
         self.keys = keys
         self.min_replicas = min_replicas
+        # The fleet_tenant_* series (FLEET_METRICS_PER_TENANT): one per tenant, model, class and
+        # end, which many tenants make many; usage stays in GET /v1/usage either way.
+        self.per_tenant = per_tenant
 
     def collect(self) -> Iterator[Any]:
         submitted = CounterMetricFamily(
@@ -90,7 +93,8 @@ class FleetCollector(Collector):
         )
         yield from self._workers()
         yield from self._loads()
-        yield from self._tenants()
+        if self.per_tenant:
+            yield from self._tenants()
         yield from self._replication()
 
     def _replication(self) -> Iterator[Any]:

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # never served on the API's own port, which tenants reach.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_address: str = "0.0.0.0"
+    # Whether the endpoint shows the fleet_tenant_* series, one per tenant x model x class x end:
+    # turn off where there are many tenants (usage stays in GET /v1/usage).
+    metrics_per_tenant: bool = True
 
     # Most images one text-to-image job may make (its ``num_outputs``).
     max_num_outputs: int = Field(default=4, ge=1, le=16)

@@ -262,3 +262,20 @@ def test_metrics_are_served_on_their_own_port_only(api, settings):
         metrics = http.get(f"http://127.0.0.1:{settings.metrics_port}/metrics")
     assert metrics.status_code == 200
     assert "fleet_queue_depth" in metrics.text and "fleet_api_requests_total" in metrics.text
+
+
+@pytest.mark.parametrize("per_tenant", [True, False])
+def test_the_per_tenant_series_are_served_unless_turned_off(settings, tmp_path, per_tenant):
+    settings = settings.model_copy(update={"metrics_per_tenant": per_tenant, "metrics_port": _free_port()})
+    with (
+        ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api,
+        httpx.Client(trust_env=False, timeout=10) as http,
+    ):
+        job = http.post(f"{api.url}/v1/jobs", json=SMALL, headers=A).json()["id"]
+        assert http.delete(f"{api.url}/v1/jobs/{job}", headers=A).json()["status"] == "canceled"
+        metrics = http.get(f"http://127.0.0.1:{settings.metrics_port}/metrics").text
+
+    # The canceled job is tenant a's: counted, and shown only while the series are on.
+    assert "fleet_jobs_running" in metrics
+    shown = 'fleet_tenant_jobs_finished_total{class="gpu16",model="z-image-turbo",status="canceled",tenant="a"} 1.0'
+    assert (shown in metrics) is per_tenant and ("fleet_tenant_" in metrics) is per_tenant

@@ -103,6 +103,9 @@ def test_a_succeeded_job_counts_once_with_its_gpu_seconds_and_outputs(store: Job
         ("fleet_tenant_jobs_finished_total", "acme", "h100x8", "succeeded"): 1.0,
         ("fleet_tenant_gpu_seconds_total", "acme", "h100x8", "succeeded"): 20.0,
     }
+    # FLEET_METRICS_PER_TENANT=false: none of them, the fleet's own series still there.
+    names = {family.name for family in FleetCollector(store.client, store.keys, per_tenant=False).collect()}
+    assert "fleet_jobs_running" in names and not any(n.startswith("fleet_tenant_") for n in names)
 
 
 def test_every_end_counts_and_only_the_attempt_that_ended_the_job_is_held(store: JobStore) -> None:
