@@ -29,7 +29,6 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
-from kombu import Connection
 
 from routing import tracing
 from routing.celery_config import RUN_JOB_TASK, make_celery
@@ -74,8 +73,7 @@ if settings.redis_sentinels:
 else:
     app.conf.broker_transport = held.TRANSPORT
 # Named, a transport takes the place of the URL's scheme, and of the TLS options Kombu gives a
-# rediss:// URL with it: those are kept as Kombu chooses them.
-app.conf.broker_use_ssl = Connection(settings.redis_url).ssl
+# rediss:// URL with it: routing.celery_config says them again (broker_use_ssl).
 
 # How the worker makes its object store. A program that starts the worker itself may replace it
 # first (the tests' slow store starts the worker through ``testkit.slow_worker``); the pool

@@ -6,12 +6,15 @@ Everything here talks to loopback only.
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import os
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -35,24 +38,85 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate authority of the test's own, and a server certificate it signed for
+    127.0.0.1, in PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        def name(text: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+        def signed(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer, ca: bool):
+            now = dt.datetime.now(dt.UTC)
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(name(subject))
+                .issuer_name(name(issuer))
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            )
+            if not ca:
+                address = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+                builder = builder.add_extension(x509.SubjectAlternativeName([address]), critical=False)
+            return builder.sign(signer, hashes.SHA256())
+
+        directory.mkdir(parents=True, exist_ok=True)
+        ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        files = cls(directory / "ca.pem", directory / "redis.pem", directory / "redis.key")
+        pem = serialization.Encoding.PEM
+        files.ca.write_bytes(signed("fleet test CA", ca_key, "fleet test CA", ca_key, True).public_bytes(pem))
+        server = signed("127.0.0.1", server_key, "fleet test CA", ca_key, False)
+        files.cert.write_bytes(server.public_bytes(pem))
+        files.key.write_bytes(
+            server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+        return files
+
+
 class RedisServer:
     """A ``redis-server`` of the suite's own on 127.0.0.1: append-only file fsynced on every
     write, no RDB snapshots, so a restart loses nothing that was acknowledged."""
 
-    def __init__(self, directory: Path, port: int | None = None, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        args: tuple[str, ...] = (),
+        tls: TlsFiles | None = None,
+    ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         # More of redis-server's command line (``--replicaof 127.0.0.1 <port>``).
         self.args = args
+        # Only TLS on the port, with this server certificate; clients trust its CA.
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.tls.ca}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.tls:
+            return redis.Redis.from_url(self.url, socket_connect_timeout=2)
         return redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=2)
 
     def start(self, timeout_s: float = 20) -> None:
@@ -67,6 +131,15 @@ class RedisServer:
                 "save": "",
                 "protected-mode": "yes",
             }
+            if self.tls:
+                options |= {
+                    "port": "0",
+                    "tls-port": str(self.port),
+                    "tls-cert-file": str(self.tls.cert),
+                    "tls-key-file": str(self.tls.key),
+                    "tls-ca-cert-file": str(self.tls.ca),
+                    "tls-auth-clients": "no",
+                }
             self.proc = subprocess.Popen(
                 [
                     "redis-server",
@@ -118,6 +191,8 @@ class RedisServer:
         supervisor sends; ``sigkill``: a crash (still nothing lost with appendfsync always)."""
         if self.proc is None:
             return
+        if how == "shutdown" and self.tls:
+            how = "sigterm"  # the same clean shutdown; the bare socket below speaks no TLS
         if how == "shutdown":
             # Over a bare socket: a client library would retry the connection that SHUTDOWN
             # closes, for seconds.

@@ -25,11 +25,7 @@ from tests.api_tenants import A, with_tenants
 from tests.conftest import _free_port
 from worker.media import decode_video, encode_png
 
-pytestmark = [
-    pytest.mark.integration,
-    # The SDK marks its Videos API deprecated with OpenAI's own Sora; the door goes on serving it.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-]
+pytestmark = pytest.mark.integration
 
 PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))
 SMALL = {"steps": 2, "seed": 3}  # the fleet's fields, beyond OpenAI's
