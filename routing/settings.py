@@ -357,11 +357,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _sentinel_data_nodes(self) -> Self:
-        if self.redis_sentinels and not self.redis_url.startswith("redis://"):
+        if self.redis_sentinels and not self.redis_url.startswith(("redis://", "rediss://")):
             raise ValueError(
-                "with FLEET_REDIS_SENTINELS, FLEET_REDIS_URL must be redis://[user:password@]host/db: "
-                "it gives the data nodes' database and password (TLS through Sentinel is not "
-                "supported yet)"
+                "with FLEET_REDIS_SENTINELS, FLEET_REDIS_URL must be redis[s]://[user:password@]host/db: "
+                "it gives the data nodes' database, password and TLS options"
             )
         return self
 

@@ -9,7 +9,8 @@ With ``FLEET_REDIS_SENTINELS`` every connection is made to the address the Senti
 the master (redis-py's ``redis.sentinel``): when they promote a replica, a command that meets
 the dead master's closed socket, or the old master's READONLY answer once it is back as a
 replica, is retried by the same backoff, on a connection to the new master. Celery's broker
-(Kombu's ``sentinel://`` transport) and Flower follow the same Sentinels (``broker_url``).
+(Kombu's ``sentinel://`` transport) and Flower follow the same Sentinels (``broker_url``). A
+``rediss://`` ``FLEET_REDIS_URL`` puts the Sentinels and the data nodes on TLS, with its options.
 
 A failover loses what the master had not yet sent to the replica it promoted. So a write the
 fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
@@ -59,6 +60,10 @@ class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
             self.connect()
 
 
+class _SentinelSSLConnection(_SentinelConnection, redis.connection.SSLConnection):
+    """``_SentinelConnection`` over TLS (a ``rediss://`` FLEET_REDIS_URL)."""
+
+
 class _AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
     """``_SentinelConnection`` for asyncio."""
 
@@ -73,6 +78,10 @@ class _AsyncSentinelConnection(aiosentinel.SentinelManagedConnection):
     ) -> None:
         if not self.is_connected:
             await self.connect()
+
+
+class _AsyncSentinelSSLConnection(_AsyncSentinelConnection, aioredis.SSLConnection):
+    """``_AsyncSentinelConnection`` over TLS."""
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -92,7 +101,7 @@ def connect(settings: Settings) -> redis.Redis:
     return sentinel.master_for(
         settings.redis_sentinel_master,
         redis_class=redis.Redis,
-        connection_class=_SentinelConnection,
+        connection_class=_SentinelSSLConnection if _tls(settings) else _SentinelConnection,
         **options,
     )
 
@@ -123,7 +132,7 @@ def connect_async(
     return sentinel.master_for(
         settings.redis_sentinel_master,
         connection_pool_class=_BlockingSentinelPool,
-        connection_class=_AsyncSentinelConnection,
+        connection_class=_AsyncSentinelSSLConnection if _tls(settings) else _AsyncSentinelConnection,
         **options,
     )
 
@@ -137,6 +146,8 @@ def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
 
 
 def _sentinel_options(settings: Settings) -> dict[str, Any]:
+    """How to reach the Sentinels: over TLS, with the data nodes' options, when ``redis_url`` is
+    a ``rediss://`` URL."""
     password = settings.redis_sentinel_password
     options: dict[str, Any] = {
         "socket_connect_timeout": _SENTINEL_TIMEOUT_S,
@@ -144,13 +155,26 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
     }
     if password is not None:
         options["password"] = password.get_secret_value()
+    if tls := _tls(settings):
+        options |= {"ssl": True, **tls}
     return options
 
 
 def _data_node(settings: Settings) -> dict[str, Any]:
-    """The database, user and password of the data nodes, from ``redis_url``."""
+    """The database, user and password of the data nodes, and their TLS options, from
+    ``redis_url``."""
     parsed = redis.connection.parse_url(settings.redis_url)
-    return {key: parsed[key] for key in ("db", "username", "password") if parsed.get(key) is not None}
+    node = {key: parsed[key] for key in ("db", "username", "password") if parsed.get(key) is not None}
+    return node | _tls(settings)
+
+
+def _tls(settings: Settings) -> dict[str, Any]:
+    """The ``ssl_*`` options of a ``rediss://`` ``redis_url`` (its query: ``ssl_cert_reqs``,
+    ``ssl_ca_certs``...); empty for ``redis://``."""
+    parsed = redis.connection.parse_url(settings.redis_url)
+    if not settings.redis_url.startswith("rediss://"):
+        return {}
+    return {key: value for key, value in parsed.items() if key.startswith("ssl_")}
 
 
 def broker_url(settings: Settings) -> str:

@@ -240,15 +240,39 @@ class ReplicatedRedis:
     MASTER = "fleet"
     DOWN_AFTER_MS = 1000
 
-    def __init__(self, directory: Path, replicas: int = 2, sentinels: int = 3):
+    def __init__(self, directory: Path, replicas: int = 2, sentinels: int = 3, tls: TlsFiles | None = None):
         self.dir = Path(directory)
-        self.nodes = [RedisServer(self.dir / "node-0")]
+        # With ``tls``, every node and Sentinel speaks only TLS, to clients and to each other.
+        self.tls = tls
+        replication = ("--tls-replication", "yes") if tls else ()
+        self.nodes = [RedisServer(self.dir / "node-0", args=replication, tls=tls)]
         self.nodes += [
-            RedisServer(self.dir / f"node-{i}", args=("--replicaof", "127.0.0.1", str(self.nodes[0].port)))
+            RedisServer(
+                self.dir / f"node-{i}",
+                args=("--replicaof", "127.0.0.1", str(self.nodes[0].port), *replication),
+                tls=tls,
+            )
             for i in range(1, replicas + 1)
         ]
         self.sentinel_ports = [_free_port() for _ in range(sentinels)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """``FLEET_REDIS_URL``: the data nodes' database, and their TLS options."""
+        return self.nodes[0].url
+
+    def sentinel(self, port: int) -> redis.Redis:
+        if self.tls:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=port,
+                socket_timeout=2,
+                decode_responses=True,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca),
+            )
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
 
     @property
     def addresses(self) -> list[str]:
@@ -264,8 +288,14 @@ class ReplicatedRedis:
             directory = self.dir / f"sentinel-{index}"
             directory.mkdir(parents=True, exist_ok=True)
             config = directory / "sentinel.conf"  # Sentinel rewrites it as it learns the set-up
+            listen = f"port {port}\n"
+            if self.tls:
+                listen = (
+                    f"port 0\ntls-port {port}\ntls-cert-file {self.tls.cert}\ntls-key-file {self.tls.key}\n"
+                    f"tls-ca-cert-file {self.tls.ca}\ntls-auth-clients no\ntls-replication yes\n"
+                )
             config.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"{listen}bind 127.0.0.1\ndir {directory}\n"
                 f"sentinel monitor {self.MASTER} 127.0.0.1 {self.nodes[0].port} {quorum}\n"
                 f"sentinel down-after-milliseconds {self.MASTER} {self.DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {self.MASTER} 10000\n"
@@ -287,9 +317,7 @@ class ReplicatedRedis:
     def _sentinels_ready(self) -> bool:
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(
-                    host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True
-                ) as sentinel:
+                with self.sentinel(port) as sentinel:
                     master = sentinel.sentinel_master(self.MASTER)
             except redis.RedisError:
                 return False
@@ -301,7 +329,7 @@ class ReplicatedRedis:
 
     def master(self) -> RedisServer:
         """The node the Sentinels name master now."""
-        with redis.Redis(host="127.0.0.1", port=self.sentinel_ports[0], socket_timeout=2) as sentinel:
+        with self.sentinel(self.sentinel_ports[0]) as sentinel:
             _host, port = sentinel.sentinel_get_master_addr_by_name(self.MASTER)
         return next(node for node in self.nodes if node.port == int(port))
 
@@ -340,9 +368,7 @@ class ReplicatedRedis:
         views: list[dict[str, object] | None] = []
         for port in self.sentinel_ports:
             try:
-                with redis.Redis(
-                    host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True
-                ) as sentinel:
+                with self.sentinel(port) as sentinel:
                     views.append(sentinel.sentinel_master(self.MASTER))
             except redis.RedisError:
                 views.append(None)

@@ -4,12 +4,14 @@ tests/faults/test_redis_failover.py)."""
 
 from __future__ import annotations
 
+import ssl
+
 import kombu
 import pytest
 from pydantic import ValidationError
 
 from routing.celery_config import celery_settings
-from routing.io.connection import broker_url, sentinel_addresses
+from routing.io.connection import _data_node, _sentinel_options, broker_url, sentinel_addresses
 from routing.settings import Settings
 
 
@@ -35,10 +37,25 @@ def test_the_highest_port_and_an_ipv6_sentinel_are_taken() -> None:
     assert sentinel_addresses(settings) == [("sentinel-0", 65535), ("::1", 26379)]
 
 
-@pytest.mark.parametrize("url", ["rediss://:secret@redis/0", "unix:///run/redis.sock"])
-def test_tls_or_a_socket_through_sentinel_is_refused(url: str) -> None:
-    with pytest.raises(ValidationError, match="TLS through Sentinel is not supported"):
-        Settings(redis_url=url, redis_sentinels=["sentinel-0:26379"])
+def test_a_socket_through_sentinel_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"must be redis\[s\]://"):
+        Settings(redis_url="unix:///run/redis.sock", redis_sentinels=["sentinel-0:26379"])
+
+
+def test_through_sentinel_a_rediss_url_puts_the_sentinels_the_data_nodes_and_the_broker_on_tls() -> None:
+    settings = Settings(
+        redis_url="rediss://:secret@unused/2?ssl_cert_reqs=required&ssl_ca_certs=/etc/fleet/ca.pem",
+        redis_sentinels=["sentinel-0:26379"],
+    )
+    tls = {"ssl_cert_reqs": "required", "ssl_ca_certs": "/etc/fleet/ca.pem"}
+    assert _data_node(settings) == {"db": 2, "password": "secret", **tls}
+    assert {"ssl": True, **tls}.items() <= _sentinel_options(settings).items()
+    config = celery_settings(settings)
+    assert config["broker_transport_options"]["sentinel_kwargs"]["ssl_ca_certs"] == "/etc/fleet/ca.pem"
+    assert config["broker_use_ssl"] == {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": "/etc/fleet/ca.pem",
+    }
 
 
 def test_the_broker_names_every_sentinel_with_the_data_nodes_password_and_database() -> None:
