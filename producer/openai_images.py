@@ -130,7 +130,7 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
         FLEET_OPENAI_IMAGE_MODEL), answered when the job ends."""
         try:
             try:
-                body = ImageGeneration.model_validate(await request.json())
+                body = ImageGeneration.model_validate_json(await request.body(), strict=True)
             except ValueError as exc:  # not JSON, or not the schema
                 raise invalid(exc) from None
             job = _request(body, body.model or settings.openai_image_model, "text-to-image")

@@ -37,13 +37,13 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from producer.openai_door import Door, FleetFields, OpenAIError, Refused, invalid, read_form
 from producer.openai_images import documented
 from routing.catalog import CATALOG, ModelSpec, TaskKind
-from routing.errors import Conflict, NotFound
+from routing.errors import NotFound
 from routing.jobs.keys import is_job_id
 from routing.jobs.record import JobRecord, JobStatus
 from routing.jobs.store import Cursor
@@ -67,6 +67,18 @@ _STATUS = {
 }
 
 
+def _seconds(value: Any) -> Any:
+    """OpenAI's ``seconds`` is a string ("4"); a JSON number is taken too."""
+    if isinstance(value, bool):
+        raise ValueError("a number of seconds, as a string or a number")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("a number of seconds, as a string or a number") from None
+    return value
+
+
 class ImageReference(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,7 +91,9 @@ class VideoCreate(FleetFields):
 
     prompt: str = Field(min_length=1, description="what to make")
     model: str | None = Field(default=None, description="a fleet model that makes videos (GET /v1/models)")
-    seconds: float | None = Field(default=None, gt=0, le=3600, description="length; none: the model's")
+    seconds: Annotated[float | None, BeforeValidator(_seconds)] = Field(
+        default=None, gt=0, le=3600, description="length; none: the model's"
+    )
     size: str | None = Field(default=None, pattern=r"^[0-9]{1,5}x[0-9]{1,5}$", description="WxH")
     input_reference: ImageReference | None = Field(
         default=None, description="image-to-video: the first frame (a file part, or image_url)"
@@ -307,11 +321,9 @@ def add_routes(
                 message = f"video {video_id} was in_progress: it is canceled and stops at its next step; delete it then"
                 raise Refused(409, message, "invalid_request_error", code="video_in_progress").final()
             try:
-                client.delete(video_id)
+                client.delete(video_id)  # ended: it stays so
             except NotFound:
                 pass  # deleted meanwhile by another call
-            except Conflict as exc:  # cannot be: an ended job stays ended
-                raise Refused(409, str(exc), "invalid_request_error").final() from None
         except Refused as exc:
             return exc.answer()
         return {"id": video_id, "object": "video.deleted", "deleted": True}
@@ -391,13 +403,12 @@ def add_routes(
                 data["input_reference"] = nested
             image = files[0] if files else None
         else:
-            try:
-                data = await request.json()
-            except ValueError as exc:
-                raise invalid(exc) from None
-            image = None
-        try:
-            body = VideoCreate.model_validate(data)
+            data, image = None, None
+        try:  # a form's fields are strings, read as numbers; JSON's types are held to
+            if data is not None:
+                body = VideoCreate.model_validate(data)
+            else:
+                body = VideoCreate.model_validate_json(await request.body(), strict=True)
         except ValueError as exc:
             raise invalid(exc) from None
         reference = body.input_reference

@@ -129,6 +129,11 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
     with pytest.raises(openai.BadRequestError) as not_an_image:
         sdk.images.edit(image=("a.png", b"not a png", "image/png"), prompt="a hat")
     assert not_an_image.value.body["param"] == "image"
+    # JSON's types are held to, as in POST /v1/jobs: no true for 1, no "5" for 5.
+    for extra in ({"guidance_scale": False}, {"seed": "5"}, {"n": True}):
+        with pytest.raises(openai.BadRequestError) as typed:
+            sdk.images.generate(prompt="a fox", extra_body=extra)
+        assert typed.value.body["param"] == next(iter(extra))
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{api_url}/v1", api_key="wrong", max_retries=0).images.generate(
             prompt="a fox"

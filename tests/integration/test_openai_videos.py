@@ -165,6 +165,11 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
     )
     assert "base64" in bad_url.json()["error"]["message"]
     assert http.post("/v1/videos", content=b"{").json()["error"]["type"] == "invalid_request_error"
+    # JSON's types are held to, as in POST /v1/jobs (a form's strings are read as numbers); OpenAI's
+    # seconds is a string, and a number is taken too.
+    for field, value in (("seconds", True), ("seed", "5"), ("steps", 2.5), ("guidance_scale", False)):
+        wrong = http.post("/v1/videos", json={"prompt": "waves", field: value})
+        assert (wrong.status_code, wrong.json()["error"]["param"]) == (400, field), wrong.text
     refused("input_reference", input_reference=("a.png", b"not a png", "image/png"))
     assert "not supported" in refused("remix_video_id", extra_body={"remix_video_id": "x"})
     assert "between 64 and 1280" in refused("size", size="16x16")  # 32x32, the model's multiple
