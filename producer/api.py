@@ -305,7 +305,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tenant_of_key=key_tenant,
         json_max_bytes=settings.max_json_body_bytes,
         upload_max_bytes=settings.max_input_bytes,
-        # An OpenAI edit carries its images in the body: each at most FLEET_MAX_INPUT_BYTES.
+        # An OpenAI edit carries its images in the body, an OpenAI video its reference image (a
+        # file part or a data URL): each at most FLEET_MAX_INPUT_BYTES.
         upload_paths=frozenset({"/v1/uploads", openai_images.EDITS, openai_videos.VIDEOS}),
     )
 

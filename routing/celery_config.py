@@ -27,10 +27,10 @@ Settings for long GPU tasks on a Redis broker:
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Connection, Queue
+from kombu import Queue
 
 from routing.classes import WEBHOOK_QUEUE, VramClass, consumed_queues
-from routing.io.connection import broker_transport_options, broker_url
+from routing.io.connection import broker_tls, broker_transport_options, broker_url
 from routing.settings import Settings
 
 RUN_JOB_TASK = "fleet.run_job"
@@ -66,9 +66,10 @@ def celery_settings(settings: Settings) -> dict[str, object]:
             **broker_transport_options(settings),
         },
         # The TLS options of a rediss:// URL (ssl_cert_reqs, ssl_ca_certs...), said here too:
-        # Flower reads them only from here, and a worker that names its transport (worker.held)
-        # loses the ones Kombu takes from the URL's scheme.
-        "broker_use_ssl": Connection(settings.redis_url).ssl,
+        # Flower reads them only from here, a worker that names its transport (worker.held)
+        # loses the ones Kombu takes from the URL's scheme, and Kombu would not check the server
+        # where the URL does not say so.
+        "broker_use_ssl": broker_tls(settings),
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

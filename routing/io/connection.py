@@ -20,6 +20,7 @@ fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -101,7 +102,7 @@ def connect(settings: Settings) -> redis.Redis:
     return sentinel.master_for(
         settings.redis_sentinel_master,
         redis_class=redis.Redis,
-        connection_class=_SentinelSSLConnection if _tls(settings) else _SentinelConnection,
+        connection_class=_SentinelConnection if tls_options(settings) is None else _SentinelSSLConnection,
         **options,
     )
 
@@ -132,7 +133,9 @@ def connect_async(
     return sentinel.master_for(
         settings.redis_sentinel_master,
         connection_pool_class=_BlockingSentinelPool,
-        connection_class=_AsyncSentinelSSLConnection if _tls(settings) else _AsyncSentinelConnection,
+        connection_class=_AsyncSentinelConnection
+        if tls_options(settings) is None
+        else _AsyncSentinelSSLConnection,
         **options,
     )
 
@@ -155,7 +158,7 @@ def _sentinel_options(settings: Settings) -> dict[str, Any]:
     }
     if password is not None:
         options["password"] = password.get_secret_value()
-    if tls := _tls(settings):
+    if (tls := tls_options(settings)) is not None:
         options |= {"ssl": True, **tls}
     return options
 
@@ -165,16 +168,31 @@ def _data_node(settings: Settings) -> dict[str, Any]:
     ``redis_url``."""
     parsed = redis.connection.parse_url(settings.redis_url)
     node = {key: parsed[key] for key in ("db", "username", "password") if parsed.get(key) is not None}
-    return node | _tls(settings)
+    return node | (tls_options(settings) or {})
 
 
-def _tls(settings: Settings) -> dict[str, Any]:
+def tls_options(settings: Settings) -> dict[str, Any] | None:
     """The ``ssl_*`` options of a ``rediss://`` ``redis_url`` (its query: ``ssl_cert_reqs``,
-    ``ssl_ca_certs``...); empty for ``redis://``."""
-    parsed = redis.connection.parse_url(settings.redis_url)
+    ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``); None for ``redis://``. The server's
+    certificate is checked unless the URL says ``ssl_cert_reqs=none``: redis-py's default, which
+    Kombu's (no check) is brought in line with (``broker_tls``)."""
     if not settings.redis_url.startswith("rediss://"):
-        return {}
-    return {key: value for key, value in parsed.items() if key.startswith("ssl_")}
+        return None
+    parsed = redis.connection.parse_url(settings.redis_url)
+    return {"ssl_cert_reqs": "required"} | {
+        key: value for key, value in parsed.items() if key.startswith("ssl_")
+    }
+
+
+def broker_tls(settings: Settings) -> dict[str, Any] | bool:
+    """Celery's ``broker_use_ssl``: ``tls_options`` in Kombu's form, False without TLS."""
+    options = tls_options(settings)
+    if options is None:
+        return False
+    reqs = options["ssl_cert_reqs"]
+    if isinstance(reqs, str):
+        reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL}.get(reqs.lower(), ssl.CERT_REQUIRED)
+    return options | {"ssl_cert_reqs": reqs}
 
 
 def broker_url(settings: Settings) -> str:

@@ -16,9 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from kombu.exceptions import OperationalError
 
 from localfleet.process import ApiProcess
 from producer.client import Client
+from routing.celery_config import make_celery
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, with_tenants
@@ -66,9 +68,16 @@ def test_every_process_speaks_tls_to_redis_and_checks_its_certificate(
         workers = poll("the worker in Flower", lambda: flower_get(flower, "/api/workers"), flower)
         assert any(name.startswith("gpu16@") for name in workers)
 
-    # The certificate is checked: without the CA, or without TLS, no connection.
-    untrusted = tls_redis.url.partition("?")[0] + "?ssl_cert_reqs=required"
+    # The certificate is checked: without the CA, or without TLS, no connection. Celery's broker
+    # checks it too where the URL does not ask for it (Kombu's own default would not).
+    untrusted = tls_redis.url.partition("?")[0]
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
         redis.Redis.from_url(untrusted).ping()
     with pytest.raises(redis.ConnectionError):
         redis.Redis(host="127.0.0.1", port=tls_redis.port, socket_timeout=2).ping()
+    broker = make_celery(settings.model_copy(update={"redis_url": untrusted})).connection_for_write()
+    with pytest.raises(OperationalError, match="certificate verify failed"):
+        broker.ensure_connection(max_retries=1)
+    broker.release()
+    with make_celery(settings).connection_for_write() as trusted:
+        trusted.ensure_connection(max_retries=1)

@@ -85,3 +85,15 @@ def test_without_sentinels_the_broker_is_the_one_redis() -> None:
     settings = Settings(redis_url="redis://:secret@redis:6379/2")
     assert broker_url(settings) == "redis://:secret@redis:6379/2"
     assert "master_name" not in celery_settings(settings)["broker_transport_options"]
+
+
+def test_a_rediss_url_has_every_process_check_the_server_unless_it_says_not_to() -> None:
+    def broker_tls(url: str) -> object:
+        return celery_settings(Settings(redis_url=url))["broker_use_ssl"]
+
+    # Kombu alone would take rediss://host/0 as "no check"; redis-py checks: the fleet checks.
+    assert broker_tls("rediss://redis:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert broker_tls("rediss://redis:6380/0?ssl_cert_reqs=none") == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert broker_tls("redis://redis:6379/0") is False
+    through_sentinel = Settings(redis_url="rediss://redis:6380/0", redis_sentinels=["sentinel-0:26379"])
+    assert _sentinel_options(through_sentinel)["ssl_cert_reqs"] == "required"
