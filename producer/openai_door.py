@@ -95,6 +95,15 @@ def from_invalid(exc: InvalidRequest, names: dict[str, str], param: str | None =
     return Refused(400, message, "invalid_request_error", param or named(first.field))
 
 
+def documented(
+    model: type[BaseModel], media_type: str, files: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A route's request body in its OpenAPI document, ``files`` as binary parts."""
+    schema = model.model_json_schema()
+    schema["properties"] |= files or {}
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+
+
 async def read_form(
     request: Request, file_fields: frozenset[str], max_files: int
 ) -> tuple[dict[str, str], list[bytes]]:

@@ -37,7 +37,7 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import Door, FleetFields, OpenAIError, Refused, invalid, read_form
+from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
 from routing.errors import ErrorType
 from routing.jobs.record import JobStatus
 
@@ -86,15 +86,6 @@ class ImagesOut(BaseModel):
     data: list[ImageData]
     size: str
     output_format: str
-
-
-def documented(
-    model: type[BaseModel], media_type: str, files: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """A route's request body in its OpenAPI document, ``files`` as binary parts."""
-    schema = model.model_json_schema()
-    schema["properties"] |= files or {}
-    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
 
 
 def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[BaseModel]) -> None:

@@ -40,8 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import Door, FleetFields, OpenAIError, Refused, invalid, read_form
-from producer.openai_images import documented
+from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import NotFound
 from routing.jobs.keys import is_job_id

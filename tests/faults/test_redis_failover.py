@@ -3,7 +3,7 @@
 The master is killed -9 while jobs are queued and running; the Sentinels promote a replica and
 the workers, the Redis SDK and the API follow it: no job is lost, each succeeds once, and the
 workers go on consuming. A submit is answered only once ``FLEET_REDIS_MIN_REPLICAS`` replicas
-hold it, tested at its edge."""
+hold it, tested at its edge. The same failover with TLS everywhere, once."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +27,7 @@ from tests.conftest import _free_port
 from tests.faults.conftest import fault_settings
 from tests.faults.harness import (
     ReplicatedRedis,
+    TlsFiles,
     event_types,
     small_request,
     wait_for,
@@ -42,8 +44,11 @@ JOBS = 10
 
 
 @pytest.fixture
-def replicated(tmp_path: Path) -> Iterator[ReplicatedRedis]:
-    group = ReplicatedRedis(tmp_path / "redis", replicas=2, sentinels=3)
+def replicated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ReplicatedRedis]:
+    """The master, replicas and Sentinels; parametrized ``"tls"`` (indirect), they speak only
+    TLS, replication and the Sentinels' own links included, with a CA of the test's own."""
+    tls = TlsFiles.make(tmp_path / "tls") if getattr(request, "param", None) == "tls" else None
+    group = ReplicatedRedis(tmp_path / "redis", replicas=2, sentinels=3, tls=tls)
     try:
         group.start()
         yield group
@@ -55,8 +60,9 @@ def replicated(tmp_path: Path) -> Iterator[ReplicatedRedis]:
 def fleet_settings(replicated: ReplicatedRedis, small_models_dir: Path, tmp_path: Path) -> Settings:
     """Every process on the Sentinels' master; a submit waits for one replica."""
     return fault_settings(
-        # The host is not used: the Sentinels name the master. The database is.
-        "redis://unused-with-sentinels/0",
+        # The host is not used: the Sentinels name the master. The database and, with rediss://,
+        # the TLS options are.
+        replicated.url,
         small_models_dir,
         tmp_path,
         redis_sentinels=replicated.addresses,
@@ -86,15 +92,7 @@ def test_master_killed_with_jobs_queued_and_running_loses_none(
         assert not failures, (states, failures, replicated.logs())
         for record in records:
             assert event_types(client.store, record.id).count("job.succeeded") == 1
-        # The API follows the new master too: its job, read and streamed over its own pools.
-        job_id = through_api.json()["id"]
-        wait_for(
-            lambda: api.get(f"/v1/jobs/{job_id}", headers=A).json()["status"] == "succeeded", 60, "API job"
-        )
-        with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=A) as stream:
-            assert stream.status_code == 200
-            streamed = "".join(stream.iter_text())
-        assert "event: succeeded" in streamed, streamed
+        _api_follows(api, through_api.json()["id"])
         again = api.post("/v1/jobs", json=SMALL, headers=A)
         assert again.status_code == 201, again.text
 
@@ -118,6 +116,45 @@ def test_master_killed_with_jobs_queued_and_running_loses_none(
     wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
     with old.client() as back:
         assert back.info("replication")["role"] == "slave"
+
+
+def _api_follows(api: httpx.Client, job_id: str) -> None:
+    """The API follows the new master: its job, read and streamed over its own pools."""
+    wait_for(lambda: api.get(f"/v1/jobs/{job_id}", headers=A).json()["status"] == "succeeded", 60, "API job")
+    with api.stream("GET", f"/v1/jobs/{job_id}/events", headers=A) as stream:
+        assert stream.status_code == 200
+        streamed = "".join(stream.iter_text())
+    assert "event: succeeded" in streamed, streamed
+
+
+@pytest.mark.parametrize("replicated", ["tls"], indirect=True)
+def test_over_tls_every_process_follows_the_failover_and_loses_no_job(
+    client: Client, start_worker, fleet_settings: Settings, replicated: ReplicatedRedis, tmp_path: Path
+):
+    """With TLS everywhere and the fleet on a rediss:// FLEET_REDIS_URL that names the CA beside
+    FLEET_REDIS_SENTINELS: the Redis SDK, a worker (its broker, and the transport that records
+    what it holds), the API and Flower reach the Sentinels and the new master over TLS."""
+    worker = start_worker()
+    wait_warm(worker)
+    with api_client(fleet_settings, tmp_path) as api, running_flower(fleet_settings, tmp_path) as flower:
+        through_api = api.post("/v1/jobs", json={**SMALL, "prompt": "fault:sleep=0.3"}, headers=A)
+        assert through_api.status_code == 201, through_api.text
+        jobs = [client.submit(small_request(f"job {i} fault:sleep=0.3", steps=6)) for i in range(6)]
+        wait_running_and_queued(client, jobs, running=1, queued=3)
+
+        replicated.kill_master()
+
+        records = [j.wait(timeout_s=240) for j in jobs]
+        assert all(r.status is JobStatus.SUCCEEDED for r in records), (records, replicated.logs())
+        _api_follows(api, through_api.json()["id"])
+        # Flower reads the new master's queues over TLS (no job waits there now).
+        poll("gpu16 on the new master", lambda: _gpu16_length(flower) == 0, flower)
+
+    # The worker's broker came back through a Sentinel, over TLS, with its own transport.
+    wait_log(worker, "Connected to sentinel://", count=2)
+    after = [client.submit(small_request(f"after {i} fault:sleep=0.2", steps=3)) for i in range(3)]
+    wait_for(lambda: _held_messages(client), 60, "messages taken after the failover recorded as held")
+    assert all(j.wait(timeout_s=120).status is JobStatus.SUCCEEDED for j in after)
 
 
 def test_producers_submitting_through_the_failover_lose_nothing(
