@@ -54,8 +54,6 @@ NAMES = {"width": "size", "height": "size", "frames": "seconds", "image": "input
 KINDS = frozenset({TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO})
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,(.*)$", re.DOTALL)
-# The most of the tenant's jobs one list call reads looking for videos among its other jobs.
-_LIST_SCAN = 1000
 _CHUNK_BYTES = 1 << 20
 _STATUS = {
     JobStatus.QUEUED: "queued",
@@ -209,15 +207,16 @@ def add_routes(
         order: Annotated[str, Query(max_length=8, description="desc (newest first) only")] = "desc",
     ) -> Any:
         """OpenAI's ``videos.list``: the tenant's videos, newest first. One call reads at most
-        1,000 of the tenant's jobs looking for videos among the rest: ``has_more`` and ``last_id``
-        then say where to go on, though the page holds fewer than ``limit``."""
+        FLEET_OPENAI_LIST_SCAN of the tenant's jobs looking for videos among the rest:
+        ``has_more`` and ``last_id`` then say where to go on, though the page holds fewer than
+        ``limit``."""
         try:
             if order != "desc":
                 raise Refused(400, "order: only desc (newest first)", "invalid_request_error", "order")
             cursor = str(_cursor(_own(after, tenant, "after", any_kind=True))) if after else None
             found: list[JobRecord] = []
             read: JobRecord | None = None  # the last job read: the next page starts after it
-            left = _LIST_SCAN
+            left = settings.openai_list_scan
             more = True
             while more and len(found) < limit and left > 0:
                 records, cursor = client.list(min(100, left), cursor, tenant=tenant)

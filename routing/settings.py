@@ -308,6 +308,9 @@ class Settings(BaseSettings):
     # none gets, and how long the SDKs' create_and_poll waits between polls of a video being made.
     openai_video_model: str = "wan2.2-ti2v-5b"
     openai_poll_after_ms: int = Field(default=2000, ge=100, le=60_000)
+    # The most of a tenant's jobs one GET /v1/videos reads looking for videos among its other
+    # jobs (then has_more: the caller goes on from last_id).
+    openai_list_scan: int = Field(default=1000, ge=1, le=100_000)
     # Where the API and workers send their traces, over OTLP/HTTP (routing.tracing): the base URL
     # of an OpenTelemetry Collector, Jaeger or Tempo. Unset: nothing is traced.
     otlp_endpoint: str | None = None

@@ -224,3 +224,31 @@ def test_deleting_a_video_being_made_cancels_it_and_deletes_it_once_stopped(api_
     assert stopped.status == "failed" and stopped.error.code == "canceled"
     assert sdk.videos.delete(made.id).deleted
     assert _jobs(api_url) == []
+
+
+def test_a_list_reads_at_most_list_scan_jobs_and_says_where_to_go_on(settings, tmp_path):
+    scan = 3  # FLEET_OPENAI_LIST_SCAN: the tenant's jobs one list call reads
+    settings = settings.model_copy(update={"openai_list_scan": scan})
+    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api:
+        sdk = _sdk(api.url)
+        video = sdk.videos.create(prompt="waves", size="64x64", extra_body=SMALL)  # no worker: it waits
+
+        def image_job() -> str:
+            return httpx.post(f"{api.url}/v1/jobs", headers=A, json=IMAGE_JOB, trust_env=False).json()["id"]
+
+        images = [image_job(), image_job()]
+        # The video is the third job back: one call reads it.
+        assert [v.id for v in sdk.videos.list(limit=5).data] == [video.id]
+        images.append(image_job())
+        # Now the fourth: the call reads three image jobs, finds no video, and says to go on.
+        first = sdk.videos.list(limit=5)
+        assert (first.data, first.has_more, first.last_id) == ([], True, images[0])
+        assert [v.id for v in sdk.videos.list(limit=5, after=first.last_id).data] == [video.id]
+        # limit is 1 to 100.
+        headers = {"Authorization": "Bearer key-a"}
+        assert (
+            httpx.get(f"{api.url}/v1/videos?limit=100", headers=headers, trust_env=False).status_code == 200
+        )
+        assert (
+            httpx.get(f"{api.url}/v1/videos?limit=101", headers=headers, trust_env=False).status_code == 422
+        )
