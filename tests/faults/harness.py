@@ -244,17 +244,13 @@ class ReplicatedRedis:
         self.dir = Path(directory)
         # With ``tls``, every node and Sentinel speaks only TLS, to clients and to each other.
         self.tls = tls
-        replication = ("--tls-replication", "yes") if tls else ()
-        self.nodes = [RedisServer(self.dir / "node-0", args=replication, tls=tls)]
-        self.nodes += [
-            RedisServer(
-                self.dir / f"node-{i}",
-                args=("--replicaof", "127.0.0.1", str(self.nodes[0].port), *replication),
-                tls=tls,
-            )
-            for i in range(1, replicas + 1)
+        self.replication = ("--tls-replication", "yes") if tls else ()
+        # Each replica is told the master's port once the master has bound it: a free port can
+        # be taken before redis binds it, and the master then starts on another.
+        self.nodes = [
+            RedisServer(self.dir / f"node-{i}", args=self.replication, tls=tls) for i in range(replicas + 1)
         ]
-        self.sentinel_ports = [_free_port() for _ in range(sentinels)]
+        self.sentinel_ports = [0] * sentinels  # chosen as each Sentinel starts, for the same reason
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -280,13 +276,32 @@ class ReplicatedRedis:
         return [f"127.0.0.1:{port}" for port in self.sentinel_ports]
 
     def start(self) -> None:
-        for node in self.nodes:
-            node.start()
-        wait_for(lambda: self.online_replicas() == len(self.nodes) - 1, 30, "replicas in sync")
+        master, *replicas = self.nodes
+        master.start()
+        for replica in replicas:
+            replica.args = ("--replicaof", "127.0.0.1", str(master.port), *self.replication)
+            replica.start()
+        try:
+            wait_for(lambda: self.online_replicas() == len(self.nodes) - 1, 30, "replicas in sync")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}:\n{self.node_logs()}") from None
+        for index in range(len(self.sentinel_ports)):
+            self._start_sentinel(index)
+        # Every Sentinel knows every replica and the other Sentinels: ready to fail over.
+        try:
+            wait_for(
+                self._sentinels_ready, 30, "Sentinels aware of each other and of the replicas", every_s=0.2
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self._views()}\n{self.logs()}") from None
+
+    def _start_sentinel(self, index: int) -> None:
+        """Start Sentinel ``index`` on a free port, and on another if that one was taken first."""
+        directory = self.dir / f"sentinel-{index}"
+        directory.mkdir(parents=True, exist_ok=True)
         quorum = len(self.sentinel_ports) // 2 + 1
-        for index, port in enumerate(self.sentinel_ports):
-            directory = self.dir / f"sentinel-{index}"
-            directory.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            port = self.sentinel_ports[index] = _free_port()
             config = directory / "sentinel.conf"  # Sentinel rewrites it as it learns the set-up
             listen = f"port {port}\n"
             if self.tls:
@@ -302,17 +317,31 @@ class ReplicatedRedis:
                 f"sentinel parallel-syncs {self.MASTER} 2\n"
             )
             log = open(directory / "sentinel.log", "ab")
-            self.sentinels.append(
-                subprocess.Popen(
-                    ["redis-server", str(config), "--sentinel"],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            proc = subprocess.Popen(
+                ["redis-server", str(config), "--sentinel"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             log.close()
-        # Every Sentinel knows every replica and the other Sentinels: ready to fail over.
-        wait_for(self._sentinels_ready, 30, "Sentinels aware of each other and of the replicas", every_s=0.2)
+            if self._sentinel_up(proc, port):
+                self.sentinels.append(proc)
+                return
+            proc.kill()
+            proc.wait()
+        raise RuntimeError(f"Sentinel {index} did not start:\n{self.logs()}")
+
+    def _sentinel_up(self, proc: subprocess.Popen[bytes], port: int, timeout_s: float = 20) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with self.sentinel(port) as sentinel:
+                    # Only a Sentinel knows the command: not some other server on the port.
+                    sentinel.sentinel_master(self.MASTER)
+                    return True
+            except redis.RedisError:
+                time.sleep(0.05)
+        return False
 
     def _sentinels_ready(self) -> bool:
         for port in self.sentinel_ports:
@@ -396,6 +425,9 @@ class ReplicatedRedis:
             (self.dir / f"sentinel-{i}" / "sentinel.log") for i in range(len(self.sentinel_ports))
         ]
         return "\n".join(path.read_text(errors="replace")[-3000:] for path in sentinel_logs if path.exists())
+
+    def node_logs(self) -> str:
+        return "\n".join(f"node {node.port}:\n{node.log()[-2000:]}" for node in self.nodes)
 
 
 def wait_for(check: Callable[[], object], timeout_s: float, what: str, every_s: float = 0.05) -> object:
