@@ -11,6 +11,7 @@ across both doors (``<tenant>:openai:<key>``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from producer.admission import Slots, SlotsTaken
 from routing import tracing
 from routing.errors import Conflict, FieldError, InvalidRequest, TooManyJobs, Unavailable
+from routing.io.storage import StorageError
 from routing.settings import Settings
 
 
@@ -203,11 +205,13 @@ class Door:
         return f"{tenant}:openai:{idempotency_key}" if idempotency_key else None
 
     def earlier(
-        self, job: dict[str, Any], tenant: str, idempotency_key: str | None, files: str
+        self, job: dict[str, Any], tenant: str, idempotency_key: str | None, files: str, sent: list[bytes]
     ) -> str | None:
-        """The job an ``Idempotency-Key`` was used for, when the call brings files: they are
-        stored under new keys each time they are sent, so a call made again is matched by its
-        fields other than ``files`` (the request field that names them)."""
+        """The job an ``Idempotency-Key`` was used for, when the call brings files (``sent``):
+        they are stored under new keys each time they are sent, so a call made again is matched
+        by its fields other than ``files`` (the request field that names them) and by the bytes
+        of the files that job was given, read back from the store. Any difference, or files no
+        longer stored to compare, is a 409: a key never answers a job of another request."""
         if not idempotency_key:
             return None
         job_id = self.client.job_of_idempotency_key(self._idempotency(tenant, idempotency_key))
@@ -215,7 +219,10 @@ class Door:
             return None
         asked = {name: value for name, value in job.items() if name not in ("kind", files)}
         kept = self.client.get(job_id).request
-        if any(kept.get(name) != value for name, value in asked.items()):
+        same = all(kept.get(name) == value for name, value in asked.items()) and self._same_files(
+            kept.get(files), sent
+        )
+        if not same:
             raise Refused(
                 409,
                 f"idempotency key {idempotency_key!r} was used for another request",
@@ -223,6 +230,20 @@ class Door:
                 code="idempotency_key_reused",
             ).final()
         return job_id
+
+    def _same_files(self, kept: Any, sent: list[bytes]) -> bool:
+        """Whether the files a job names (one ``{"key"}`` or a list of them) hold ``sent``, in order."""
+        refs = kept if isinstance(kept, list) else [kept]
+        if len(refs) != len(sent) or not all(isinstance(ref, dict) and "key" in ref for ref in refs):
+            return False
+        for ref, data in zip(refs, sent, strict=True):
+            try:
+                stored = self.client.storage.get(ref["key"])
+            except StorageError:  # gone with its retention: it cannot be shown to be the same
+                return False
+            if hashlib.sha256(stored).digest() != hashlib.sha256(data).digest():
+                return False
+        return True
 
     def upload(self, data: bytes, tenant: str, param: str) -> str:
         """Store one file the call brought as the tenant's upload, checked as ``POST /v1/uploads``

@@ -4,7 +4,8 @@ work with ``base_url=<fleet>/v1`` and a fleet API key.
 
 The call is OpenAI's: one request, one answer with the images. It queues a job as ``POST /v1/jobs``
 does (the same tenant, in-flight limit, submit rate and checks; priority ``normal``; an
-``Idempotency-Key`` header is honoured, an edit's by its fields other than the images), holds the answer until the job ends, at most
+``Idempotency-Key`` header is honoured, an edit's by its fields and the bytes of its images),
+holds the answer until the job ends, at most
 ``FLEET_OPENAI_WAIT_S`` (a ``Prefer: wait`` slot, ``FLEET_PREFER_WAITS_PER_*``), and answers
 ``{"created", "data": [{"url"} or {"b64_json"}], "size", "output_format"}``. A job still running
 then is answered 408 naming it: it goes on, and ``GET /v1/jobs/{id}`` follows it.
@@ -144,7 +145,7 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
             body, files = await _edit_form(request)
             job = _request(body, body.model or settings.openai_edit_model, "edit")
             earlier = await run_in_threadpool(
-                door.earlier, job, tenant, request.headers.get("idempotency-key"), "images"
+                door.earlier, job, tenant, request.headers.get("idempotency-key"), "images", files
             )
             if earlier is not None:  # a call made again (its answer lost): that job, no new images
                 return await _answer_when_done(earlier, body, tenant)

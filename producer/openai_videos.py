@@ -172,7 +172,9 @@ def add_routes(
             job = _request(body, body.model or settings.openai_video_model, image is not None)
             idempotency_key = request.headers.get("idempotency-key")
             if image is not None:
-                earlier = await run_in_threadpool(door.earlier, job, tenant, idempotency_key, "image")
+                earlier = await run_in_threadpool(
+                    door.earlier, job, tenant, idempotency_key, "image", [image]
+                )
                 if earlier is not None:  # a call made again (its answer lost): that video
                     return await run_in_threadpool(_video, client.get(earlier))
                 stored.append(await run_in_threadpool(door.upload, image, tenant, "input_reference"))

@@ -97,6 +97,13 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
     assert len(LocalStorage(settings.storage_dir).list("uploads/")) == 2
     with pytest.raises(openai.ConflictError):  # the same key for another edit: not retried
         sdk.images.edit(**(edit | {"prompt": "one behind the other"}))
+    # The same fields with another image: another edit too, told by the bytes of the images.
+    other = encode_png(Image.new("RGB", (64, 64), (200, 10, 30)))
+    with pytest.raises(openai.ConflictError):
+        sdk.images.edit(**(edit | {"image": [("a.png", PNG, "image/png"), ("b.png", other, "image/png")]}))
+    with pytest.raises(openai.ConflictError):  # or fewer of them
+        sdk.images.edit(**(edit | {"image": [("a.png", PNG, "image/png")]}))
+    assert len(LocalStorage(settings.storage_dir).list("uploads/")) == 2
     # Each call was one job of the tenant's, seen by the fleet's own API as any other.
     jobs = _jobs(api_url)
     assert sorted(j["model"] for j in jobs) == ["qwen-image-edit-2509"] + ["z-image-turbo"] * 4

@@ -86,6 +86,11 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     # The same call again (its answer lost, say): the same video; the image it sent again is not kept.
     again = sdk.videos.create(**from_image)
     assert again.id == from_file.id and len(store.list("uploads/")) == 1
+    # The same key and fields with another image is another request: refused, and not kept.
+    other = encode_png(Image.new("RGB", (64, 64), (200, 10, 30)))
+    with pytest.raises(openai.ConflictError):
+        sdk.videos.create(**(from_image | {"input_reference": ("a.png", other, "image/png")}))
+    assert len(store.list("uploads/")) == 1
     # From a base64 data URL, as JSON (SGLang's and curl's way).
     data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
     from_url = httpx.post(
