@@ -417,7 +417,6 @@ def _sniff(data: bytes | BinaryIO, limits: InputLimits) -> str:
         pass
     try:
         # A LoRA: checked against its model when a request names it.
-        # A LoRA: checked against its model when a request names it.
         read_header(data, max_header_bytes=limits.lora_max_header_bytes, max_tensors=limits.lora_max_tensors)
         return "safetensors"
     except LoraError as exc:
