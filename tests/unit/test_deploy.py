@@ -20,6 +20,7 @@ import yaml
 
 from routing.catalog import CATALOG, checkpoint_spec
 from routing.classes import VramClass, consumed_queues
+from routing.io.connection import tls_options
 from routing.memory import Mode, placement
 from routing.planning.plan import load_job_costs
 from routing.planning.sim import DEFAULT_MIX, own_queues, service_means
@@ -374,29 +375,34 @@ def test_scaled_object_follows_its_class_queues(vram_class: VramClass) -> None:
         assert (ref["parameter"], ref["key"]) == ("password", "REDIS_PASSWORD")
 
 
-def _with_component(name: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """The base manifests with kustomize component ``name``'s JSON patches applied, by (kind,
-    name): the patch operations it uses (add, replace, remove) done as kustomize does them."""
+def _with_component(*names: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The base manifests with kustomize components ``names``' JSON patches applied in turn, by
+    (kind, name): the patch operations they use (add, replace, remove; ``-`` appends to a list)
+    done as kustomize does them."""
     docs = {
         (d["kind"], d["metadata"]["name"]): d
         for path in sorted(K8S.glob("*.yaml"))
         for d in yaml.safe_load_all(path.read_text())
         if d and "metadata" in d
     }
-    component = yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
-    assert component["kind"] == "Component"
-    for patch in component["patches"]:
-        target = docs[(patch["target"]["kind"], patch["target"]["name"])]
-        for op in yaml.safe_load(patch["patch"]):
-            *parents, last = op["path"].strip("/").split("/")
-            node = target
-            for part in parents:
-                node = node[int(part)] if isinstance(node, list) else node[part]
-            if op["op"] == "remove":
-                del node[last]
-            else:
-                assert (last in node) == (op["op"] == "replace"), op
-                node[last] = op["value"]
+    for name in names:
+        component = yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
+        assert component["kind"] == "Component"
+        for patch in component["patches"]:
+            target = docs[(patch["target"]["kind"], patch["target"]["name"])]
+            for op in yaml.safe_load(patch["patch"]):
+                *parents, last = op["path"].strip("/").split("/")
+                node = target
+                for part in parents:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                if isinstance(node, list):
+                    assert op["op"] == "add" and last == "-", op
+                    node.append(op["value"])
+                elif op["op"] == "remove":
+                    del node[last]
+                else:
+                    assert (last in node) == (op["op"] == "replace"), op
+                    node[last] = op["value"]
     return docs
 
 
@@ -423,6 +429,54 @@ def test_the_sentinel_component_points_the_fleet_and_keda_at_the_sentinels() -> 
             assert "addressFromEnv" not in trigger["metadata"]
             assert data[trigger["metadata"]["addressesFromEnv"]] == data["FLEET_REDIS_SENTINELS"]
             assert data[trigger["metadata"]["sentinelMasterFromEnv"]] == settings.redis_sentinel_master
+
+
+@pytest.mark.parametrize("with_sentinel", [False, True], ids=["alone", "with-sentinel"])
+def test_the_redis_tls_component_gives_every_redis_client_and_keda_the_ca(with_sentinel: bool) -> None:
+    """What the component's comment says to make (the Secret, the rediss:// URL) is what its
+    patches read: every container that talks to Redis sees the CA at the URL's ssl_ca_certs, and
+    KEDA's triggers get tls and ca from the same Secret."""
+    text = (K8S / "redis-tls" / "kustomization.yaml").read_text()
+    [url] = re.findall(r"rediss://:\S+", text)  # the example URL, with its password
+    secret = re.search(
+        r"create secret generic (\S+) .*?--from-file=([\w.]+)=.*?--from-literal=tls=enable", text, re.S
+    )
+    assert secret is not None
+    secret_name, ca_key = secret.groups()
+    options = tls_options(
+        Settings(
+            redis_url=url.replace("<password>", "pw").replace("<host>", "redis").replace("<port>", "6380")
+        )
+    )
+    assert options is not None and options["ssl_cert_reqs"] == "required"
+    docs = _with_component(*(["sentinel"] if with_sentinel else []), "redis-tls")
+    talks_to_redis = ["api", "webhooks", "flower", *(f"worker-{c}" for c in VramClass)]
+    for name in talks_to_redis:
+        pod = docs[("Deployment", name)]["spec"]["template"]["spec"]
+        [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret_name]
+        [item] = volume["secret"]["items"]
+        assert item["key"] == ca_key
+        container = pod["containers"][0]
+        assert {"secretRef": {"name": "fleet-secrets"}} in container["envFrom"]  # where the URL is
+        [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert f"{mount['mountPath']}/{item['path']}" == options["ssl_ca_certs"] and mount["readOnly"]
+    # Each pod's other volumes are still there (appended to, not replaced).
+    base = _k8s("Deployment")
+    for name in talks_to_redis:
+        before = base[name]["spec"]["template"]["spec"].get("volumes", [])
+        assert docs[("Deployment", name)]["spec"]["template"]["spec"]["volumes"][: len(before)] == before
+    refs = {
+        r["parameter"]: r for r in docs[("TriggerAuthentication", "fleet-redis")]["spec"]["secretTargetRef"]
+    }
+    assert (refs["password"]["name"], refs["password"]["key"]) == ("fleet-secrets", "REDIS_PASSWORD")
+    assert (refs["tls"]["name"], refs["tls"]["key"]) == (secret_name, "tls")
+    assert (refs["ca"]["name"], refs["ca"]["key"]) == (secret_name, ca_key)
+    for vram_class in VramClass:
+        for trigger in docs[("ScaledObject", f"worker-{vram_class}")]["spec"]["triggers"]:
+            assert trigger["authenticationRef"]["name"] == "fleet-redis"
+            assert trigger["type"] == ("redis-sentinel" if with_sentinel else "redis")
+            # TLS from the TriggerAuthentication: KEDA refuses it beside enableTLS/unsafeSsl.
+            assert not {"enableTLS", "unsafeSsl"} & set(trigger["metadata"])
 
 
 def test_api_webhooks_and_flower_run_on_kubernetes() -> None:
