@@ -266,6 +266,13 @@ def test_flower_reads_the_queues_of_the_master_the_sentinels_name(
         replicated.kill_master()
         client.submit(small_request("after"))
         poll("both jobs, on the new master", lambda: _gpu16_length(flower) == 2, flower)
+        # The Sentinel named first in the settings goes down: Flower asks the others, as every
+        # fleet process does (Flower's own client asked only the first).
+        first = replicated.sentinels[0]
+        first.kill()
+        first.wait()
+        client.submit(small_request("with the first Sentinel down"))
+        poll("three jobs, the first Sentinel down", lambda: _gpu16_length(flower) == 3, flower)
 
 
 def _gpu16_length(flower) -> int | None:
