@@ -50,7 +50,7 @@ from routing.errors import (
 )
 from routing.io.connection import Replication, connect
 from routing.io.net import UrlPolicy
-from routing.io.storage import Storage, make_storage
+from routing.io.storage import Storage, job_folder, make_storage
 from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
@@ -359,13 +359,15 @@ class Client:
             return self.store.get(job_id)
 
     def delete(self, job_id: str) -> None:
-        """Delete an ended job now, rather than at its TTL: its outputs from the store, then its
-        record. Raises ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
+        """Delete an ended job now, rather than at its TTL: its outputs from the store (its whole
+        ``jobs/<id>/`` folder: what a killed attempt left, and previews made of a video), then
+        its record. Raises ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
         record = self.get(job_id)
         if not record.status.is_terminal():
             raise Conflict(f"job {job_id} is {record.status.value}: only an ended job can be deleted")
-        for output in record.outputs:  # first: a failure here leaves the record to delete again
-            self.storage.delete(output.key)
+        # First: a failure here leaves the record, to delete again.
+        for key in {o.key for o in record.outputs} | set(self.storage.list(job_folder(job_id))):
+            self.storage.delete(key)
         with _redis_errors():
             self.store.forget(job_id)
 

@@ -20,10 +20,11 @@ ask again, ``FLEET_OPENAI_POLL_AFTER_MS``); ``GET /v1/videos/{id}/content`` stre
 
 The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
 ``extra_body``). ``file_id`` (the fleet has no Files API), remixes, edits, extensions and characters are refused,
-as is any other field, with a 400 naming it. Only ``order=desc`` lists (newest first). A video's
-``thumbnail`` and ``spritesheet`` are not made: ``variant=video`` only. ``DELETE`` deletes an
-ended video's file and record; a queued one is canceled and deleted, a running one is canceled and
-answered 409 until it stops (at its next step).
+as is any other field, with a 400 naming it. Only ``order=desc`` lists (newest first). ``content``'s
+``variant=thumbnail`` (the first frame, WebP) and ``variant=spritesheet`` (16 frames in a grid,
+JPEG) are made from the video when first asked for and kept beside it (``producer.video_previews``).
+``DELETE`` deletes an ended video's files and record; a queued one is canceled and deleted, a
+running one is canceled and answered 409 until it stops (at its next step).
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
+from producer.video_previews import PREVIEWS, preview
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import NotFound
 from routing.jobs.keys import is_job_id
@@ -264,7 +266,10 @@ def add_routes(
         response_class=StreamingResponse,
         responses={
             **keyed,
-            200: {"content": {"video/mp4": {}}, "description": "the MP4"},
+            200: {
+                "content": {"video/mp4": {}, "image/webp": {}, "image/jpeg": {}},
+                "description": "the MP4, its thumbnail (WebP) or its spritesheet (JPEG)",
+            },
             400: {"model": OpenAIError, "description": "a variant the fleet does not make"},
             404: unknown,
             409: {"model": OpenAIError, "description": "the video is not completed"},
@@ -274,12 +279,15 @@ def add_routes(
     def content(
         video_id: str,
         tenant: str = Depends(tenant_of),
-        variant: Annotated[str, Query(max_length=16, description="video only")] = "video",
+        variant: Annotated[
+            str, Query(max_length=16, description="video (the MP4), thumbnail or spritesheet")
+        ] = "video",
     ) -> Any:
-        """OpenAI's ``videos.download_content``: the completed video's MP4, streamed from the store."""
+        """OpenAI's ``videos.download_content``: the completed video's MP4, streamed from the
+        store, or its thumbnail or spritesheet."""
         try:
-            if variant != "video":
-                message = f"variant: the fleet makes the video only, not a {variant}"
+            if variant != "video" and variant not in PREVIEWS:
+                message = f"variant: video, thumbnail or spritesheet, not {variant!r}"
                 raise Refused(400, message, "invalid_request_error", "variant")
             record = _own(video_id, tenant)
             if record.status is not JobStatus.SUCCEEDED:
@@ -289,6 +297,9 @@ def add_routes(
         except Refused as exc:
             return exc.answer()
         output = record.outputs[0]
+        if variant in PREVIEWS:
+            data, made = preview(client.storage, output.key, variant)
+            return Response(data, media_type=made.content_type)
         return StreamingResponse(
             _chunks(output.key, output.size_bytes),
             media_type=output.content_type,

@@ -191,6 +191,36 @@ def check_video(
         return VideoInfo(width, height, frames, fps, duration, has_audio=bool(c.streams.audio))
 
 
+def sample_frames(data: bytes | BinaryIO, count: int) -> list[Image.Image]:
+    """``count`` frames of ``data``'s first video stream, evenly spaced from the first to the last
+    (all of them when it has fewer), as RGB images. For the fleet's own outputs (previews): every
+    frame is decoded, and only the chosen ones are converted."""
+    with open_container(data, VIDEO_DEMUXERS, "a video in a supported container (MP4/MOV, WebM/MKV)") as c:
+        if not c.streams.video:
+            raise MediaError("the file has no video stream")
+        stream = c.streams.video[0]
+        total = stream.frames  # the MP4 header's count; 0 where the container does not say
+        if not total:
+            total = sum(1 for _ in c.decode(stream))
+            c.seek(0)
+        if total == 0:
+            raise MediaError("video has no decodable frames")
+        count = min(count, total)
+        wanted = {round(i * (total - 1) / (count - 1)) if count > 1 else 0 for i in range(count)}
+        frames = []
+        try:
+            for index, frame in enumerate(c.decode(stream)):
+                if index in wanted:
+                    frames.append(frame.to_image().convert("RGB"))
+                    if len(frames) == len(wanted):
+                        break
+        except av.FFmpegError as e:
+            raise MediaError(f"video is corrupt ({type(e).__name__}: {e})") from None
+        if not frames:
+            raise MediaError("video has no decodable frames")
+        return frames
+
+
 def check_audio(data: bytes | BinaryIO, *, max_duration_s: float) -> AudioInfo:
     """Decode ``data``'s first audio stream (WAV, MP3, FLAC); refuse non-audio and over-long audio."""
     with open_container(data, AUDIO_DEMUXERS, "audio in a supported format (WAV, MP3, FLAC)") as c:

@@ -93,6 +93,13 @@ def output_key(job_id: str, attempt: int, index: int, ext: str) -> str:
     return f"jobs/{job_id}/attempt-{attempt}/output-{index}.{ext}"
 
 
+def job_folder(job_id: str) -> str:
+    """``jobs/<job_id>/``: the prefix of every object a job's runs store (``output_key``), and of
+    what is made from them."""
+    output_key(job_id, 1, 0, "x")  # the same check of the id
+    return f"jobs/{job_id}/"
+
+
 def _check_key(key: str) -> str:
     # Segments starting with "." are refused: that rules out "." and "..", and leaves the
     # dot-namespace free for LocalStorage's temp files, which list() can then skip safely.

@@ -7,6 +7,7 @@ with nothing queued or stored."""
 from __future__ import annotations
 
 import base64
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,18 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     mp4 = sdk.videos.download_content(video.id).read()
     frames, fps = decode_video(mp4)
     assert len(frames) == 5 and frames[0].size == (64, 96) and fps == 24
+    # Its previews, made from the video when first asked for and kept beside it: the first
+    # frame, and every frame of so short a video in a sheet (4 columns, then the 5th below).
+    thumbnail = sdk.videos.download_content(video.id, variant="thumbnail").read()
+    assert _image(thumbnail).format == "WEBP" and _differ(_image(thumbnail), frames[0]) < 4
+    sheet = _image(sdk.videos.download_content(video.id, variant="spritesheet").read())
+    assert sheet.format == "JPEG" and sheet.size == (4 * 64, 2 * 96)
+    tiles = [
+        sheet.crop((64 * (i % 4), 96 * (i // 4), 64 * (i % 4) + 64, 96 * (i // 4) + 96)) for i in range(5)
+    ]
+    assert all(_differ(tile, frame) < 8 for tile, frame in zip(tiles, frames, strict=True))
+    assert len(store.list(f"jobs/{video.id}/")) == 3  # the MP4 and its two previews
+    assert sdk.videos.download_content(video.id, variant="thumbnail").read() == thumbnail
 
     # Image to video, from an image file part; OpenAI's 1280x720 would be the model's 1280x704:
     # the size is rounded down to the model's multiple of 32 (here 80x72 -> 64x64).
@@ -123,11 +136,23 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     [output] = _outputs(api_url, video.id)
     deleted = sdk.videos.delete(video.id)
     assert deleted.deleted and deleted.id == video.id and deleted.object == "video.deleted"
-    assert not store.exists(output)
+    assert not store.exists(output) and store.list(f"jobs/{video.id}/") == []  # previews too
     with pytest.raises(openai.NotFoundError):
         sdk.videos.retrieve(video.id)
     assert video.id not in [v.id for v in sdk.videos.list()]
     assert video.id not in [j["id"] for j in _jobs(api_url)]
+
+
+def _image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _differ(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute difference of two same-size images' RGB values (0-255)."""
+    pixels = zip(a.convert("RGB").getdata(), b.convert("RGB").getdata(), strict=True)
+    return sum(abs(x - y) for p, q in pixels for x, y in zip(p, q, strict=True)) / (a.width * a.height * 3)
 
 
 def _outputs(api_url: str, job_id: str) -> list[str]:
@@ -201,8 +226,11 @@ def test_a_video_not_made_yet_has_no_content_and_deleting_it_cancels_it(api_url,
         sdk.videos.download_content(made.id)
     assert content.value.body["code"] == "video_queued"
     assert content.value.response.headers["x-should-retry"] == "false"
-    with pytest.raises(openai.BadRequestError) as variant:
+    with pytest.raises(openai.ConflictError) as thumbnail:  # nor any preview
         sdk.videos.download_content(made.id, variant="thumbnail")
+    assert thumbnail.value.body["code"] == "video_queued"
+    with pytest.raises(openai.BadRequestError) as variant:
+        sdk.videos.download_content(made.id, variant="poster")
     assert variant.value.body["param"] == "variant"
 
     # A queued video deleted is canceled first: it never runs, and nothing of it is left.

@@ -238,6 +238,23 @@ def test_check_video_refuses_non_video(data: bytes) -> None:
         check_video(data, max_frames=100, max_duration_s=10, max_side=1000)
 
 
+@pytest.mark.parametrize("container", CONTAINERS)
+def test_sample_frames_picks_evenly_from_the_first_to_the_last(container: str) -> None:
+    """MP4 says how many frames it holds; Matroska does not, and they are counted first."""
+    source = frames(30)
+    picked = media.sample_frames(CONTAINERS[container](), 4)
+    # Frames 0, 10, 19 and 29: each closest to the source frame of its index, not its neighbours.
+    for image, index in zip(picked, (0, 10, 19, 29), strict=True):
+        distances = [_distance(image, frame) for frame in source]
+        assert distances.index(min(distances)) == index, (index, distances)
+    assert len(media.sample_frames(CONTAINERS[container](), 100)) == 30  # every one of fewer
+    assert len(media.sample_frames(CONTAINERS[container](), 1)) == 1
+
+
+def _distance(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b.convert("RGB"), dtype=np.int16)).mean())
+
+
 def test_check_audio_on_wav() -> None:
     info = check_audio(wav_bytes(1.25, rate=22050, channels=2), max_duration_s=5)
     assert info.duration_s == pytest.approx(1.25, abs=1e-3)
