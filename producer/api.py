@@ -12,6 +12,7 @@ import datetime as dt
 import hmac
 import logging
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -36,9 +37,9 @@ from producer.client import Client
 from producer.events import EVENT_ID, JobEvents, prefer_wait_s
 from producer.inputs import fetches
 from producer.metrics import FleetCollector
-from producer.openai_door import Door
+from producer.openai_door import Door, OpenAIError, Refused
 from routing import tracing
-from routing.catalog import CATALOG, Variant
+from routing.catalog import CATALOG, ModelSpec, Variant
 from routing.classes import Priority, VramClass, consumed_queues
 from routing.errors import (
     Conflict,
@@ -683,9 +684,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         that ended, their GPU-seconds and their outputs. A job counts on the day it ended."""
         return client.usage(_day("start", start), _day("end", end), tenant=tenant).to_json()
 
+    # OpenAI's ``created`` of a model: when this API process began serving it (the fleet keeps
+    # no release dates), as other OpenAI-compatible servers answer it.
+    serving_since = int(time.time())
+
+    def openai_model(spec: ModelSpec) -> dict[str, Any]:
+        return {
+            "id": spec.key,
+            "object": "model",
+            "created": serving_since,
+            "owned_by": spec.hub_id.partition("/")[0],
+        }
+
     @app.get("/v1/models", responses=_responses(401))
     def models(_tenant: Tenant) -> dict[str, Any]:
+        """The catalog (``models``: each model's kinds, class, sizes, steps, step caches, LoRAs and
+        variants) and the classes; and, for the OpenAI SDKs' ``models.list()``, OpenAI's list of
+        the models the fleet serves (``object``, ``data``: ``id``, ``created``, ``owned_by``)."""
         return {
+            "object": "list",
+            "data": [openai_model(spec) for spec in CATALOG.values() if spec.served and spec.released],
             "models": [
                 {
                     "key": spec.key,
@@ -715,6 +733,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for c in VramClass
             ],
         }
+
+    @app.get(
+        "/v1/models/{model_id}",
+        responses={
+            **_responses(401),
+            404: {"model": OpenAIError, "description": "no such model, or one not served"},
+        },
+        tags=["OpenAI-compatible"],
+    )
+    def model(_tenant: Tenant, model_id: str) -> Any:
+        """OpenAI's ``models.retrieve``: a model the fleet serves, in OpenAI's shape."""
+        spec = CATALOG.get(model_id)
+        if spec is None or not (spec.served and spec.released):
+            message = f"no model {model_id!r}: GET /v1/models lists the ones served"
+            return Refused(404, message, "invalid_request_error", "model", "model_not_found").answer()
+        return openai_model(spec)
 
     registry.register(
         FleetCollector(

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from localfleet.process import ApiProcess
+from routing.catalog import CATALOG
 from routing.io.storage import LocalStorage
 from routing.settings import Settings
 from tests.api_tenants import with_tenants
@@ -62,6 +63,20 @@ def _jobs(api_url: str) -> list[dict]:
 def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, settings, start_worker):
     start_worker(settings)
     sdk = _sdk(api_url)
+    # The SDK's models.list() names the models the fleet serves (not the unreleased ones), as
+    # OpenAI's API shapes them; the fleet's own catalog stays beside them in the same answer.
+    served = [key for key, spec in CATALOG.items() if spec.served and spec.released]
+    listed = list(sdk.models.list())
+    assert [m.id for m in listed] == served and "z-image-edit" not in served
+    assert {m.object for m in listed} == {"model"} and all(m.created > 0 for m in listed)
+    qwen = sdk.models.retrieve("qwen-image-edit-2509")
+    assert (qwen.id, qwen.owned_by) == ("qwen-image-edit-2509", "Qwen")
+    for unknown in ("z-image-edit", "dall-e-3"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.models.retrieve(unknown)
+        assert missing.value.body["code"] == "model_not_found"
+    catalog = httpx.get(f"{api_url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, trust_env=False)
+    assert [m["key"] for m in catalog.json()["models"]] == list(CATALOG)
 
     made = sdk.images.generate(
         model="z-image-turbo", prompt="a red fox", size="64x64", n=2, response_format="b64_json"
