@@ -38,7 +38,6 @@ from routing.jobs.keys import Keys
 from routing.jobs.record import JobStatus
 from routing.jobs.store import JobStore
 from routing.settings import Settings
-from tests.conftest import _free_port
 
 REQUEST = {"model": "z-image-turbo", "kind": "text-to-image", "prompt": "a fox", "width": 64, "height": 64}
 AUTH = {"Authorization": "Bearer bench-key"}
@@ -125,7 +124,7 @@ def main() -> None:
     raw = redis.Redis.from_url(args.redis_url)
     store = JobStore(raw, Keys(prefix), ttl_s=3600)
     try:
-        with ApiProcess(settings, workdir / "api.log", _free_port()).wait_ready(60) as api:
+        with ApiProcess(settings, workdir / "api.log").wait_ready(60) as api:
             submit_latencies_ms(api.url, 50)  # warm the process, connections and scripts
             quiet = submit_latencies_ms(api.url, args.submits)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,15 +149,23 @@ class WorkerProcess(ServiceProcess):
 
 
 class ApiProcess(ServiceProcess):
-    """The HTTP API under uvicorn on ``host:port``."""
+    """The HTTP API under uvicorn on ``host:port``. Port 0 (the default): a port the kernel
+    gives as uvicorn binds, so none can be taken between choosing and binding it; ``url`` names
+    it once ``wait_ready`` returns."""
 
     ready_text = "Uvicorn running on"
     name = "api"
 
-    def __init__(self, settings: Settings, log_path: Path, port: int, host: str = "127.0.0.1"):
+    def __init__(self, settings: Settings, log_path: Path, port: int = 0, host: str = "127.0.0.1"):
         super().__init__(
             ["-m", "uvicorn", "producer.api:app", "--host", host, "--port", str(port), "--no-access-log"],
             settings,
             log_path,
         )
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://{host}:{port}" if port else ""
+
+    def wait_ready(self, timeout_s: float = 120) -> Self:
+        super().wait_ready(timeout_s)
+        # "Uvicorn running on http://127.0.0.1:43817 (Press CTRL+C to quit)": the bound port.
+        self.url = re.search(r"Uvicorn running on (http://\S+)", self.log()).group(1)
+        return self

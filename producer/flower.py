@@ -54,29 +54,6 @@ def make_flower_celery(settings: Settings) -> Any:
     return app
 
 
-def read_queues_through_every_sentinel(settings: Settings) -> None:
-    """Flower reads queue lengths with a Redis client of its own (``flower.utils.broker``), and
-    on a ``sentinel://`` broker its client asks only the Sentinel the URL names first: with that
-    one down, its queue pages fail while the others name a serving master. Its Sentinel broker is
-    given the fleet's own asyncio client instead (``routing.io.connection.connect_async``): every
-    Sentinel of ``FLEET_REDIS_SENTINELS``, the same TLS options, the same master discovery as every
-    fleet process. A no-op without Sentinels."""
-    if not settings.redis_sentinels:
-        return
-    from flower.utils import broker
-
-    from routing.io.connection import connect_async
-
-    class FleetSentinel(broker.RedisSentinel):
-        def _get_redis_client(self, broker_options: Any, broker_use_ssl: Any) -> Any:
-            # One per request, closed after it by Flower (``queues``): two connections at most.
-            return connect_async(
-                settings, max_connections=2, timeout_s=5, socket_timeout_s=self.socket_timeout
-            )
-
-    broker.RedisSentinel = FleetSentinel  # Flower's Broker picks its class by this name, per request
-
-
 def check_basic_auth(value: str | None) -> None:
     """Raise unless ``value`` (``FLOWER_BASIC_AUTH``) names at least one user, each with a user
     name and a password."""
@@ -95,6 +72,8 @@ def __getattr__(name: str) -> Any:
         from routing.settings import get_settings
 
         check_basic_auth(os.environ.get("FLOWER_BASIC_AUTH"))
+        from producer.flower_sentinel import read_queues_through_every_sentinel
+
         settings = get_settings()
         read_queues_through_every_sentinel(settings)
         globals()["app"] = make_flower_celery(settings)

@@ -14,7 +14,6 @@ import httpx
 
 from localfleet.process import ApiProcess
 from routing.settings import Settings
-from tests.conftest import _free_port
 
 A = {"Authorization": "Bearer key-a"}
 B = {"Authorization": "Bearer key-b"}
@@ -48,6 +47,6 @@ def with_tenants(settings: Settings, *names: str, **update: Any) -> Settings:
 @contextlib.contextmanager
 def api_client(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
     """A uvicorn API process on ``settings``, and an HTTP client of it."""
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         with httpx.Client(base_url=process.url, timeout=60, trust_env=False) as http:
             yield http

@@ -72,7 +72,7 @@ def settings(fleet_settings: Settings, s3_server: str) -> Settings:
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         with httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http:
             yield http
 

@@ -52,7 +52,7 @@ def settings(fleet_settings: Settings) -> Settings:
 
 
 def start_api(settings: Settings, tmp_path: Path) -> ApiProcess:
-    return ApiProcess(settings, tmp_path / f"api-{_free_port()}.log", _free_port()).wait_ready(60)
+    return ApiProcess(settings, tmp_path / f"api-{_free_port()}.log").wait_ready(60)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from producer.http import Client as HttpClient
 from routing.errors import Unauthorized
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, B, api_client, tenants
-from tests.conftest import _free_port
 from tests.faults.harness import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -157,7 +156,7 @@ def test_a_made_key_meets_a_redis_outage_with_503_not_401(settings, tmp_path):
     server.start()
     own = settings.model_copy(update={"redis_url": server.url, "redis_retries": 0})
     try:
-        with ApiProcess(own, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+        with ApiProcess(own, tmp_path / "api.log").wait_ready(60) as process:
             with httpx.Client(base_url=process.url, timeout=60, trust_env=False) as api:
                 key = api.post("/v1/keys", json={}, headers=A).json()["key"]
                 server.stop()

@@ -60,7 +60,7 @@ def settings(fleet_settings: Settings) -> Settings:
 
 @pytest.fixture
 def api(settings: Settings, tmp_path: Path) -> Iterator[ApiProcess]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         yield process
 
 
@@ -201,7 +201,7 @@ def test_other_requests_are_answered_while_an_upload_is_checked(settings: Settin
     # a /healthz far past the 1 s it is given, on a fast machine too.
     data = slow_to_check_video(frames=400)
     big = settings.model_copy(update={"max_input_bytes": 2 * len(data), "metrics_port": _free_port()})
-    with ApiProcess(big, tmp_path / "api-big.log", _free_port()).wait_ready(60) as api:
+    with ApiProcess(big, tmp_path / "api-big.log").wait_ready(60) as api:
         _answered_while_checked(api, data)
 
 
@@ -268,7 +268,7 @@ def test_metrics_are_served_on_their_own_port_only(api, settings):
 def test_the_per_tenant_series_are_served_unless_turned_off(settings, tmp_path, per_tenant):
     settings = settings.model_copy(update={"metrics_per_tenant": per_tenant, "metrics_port": _free_port()})
     with (
-        ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api,
+        ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api,
         httpx.Client(trust_env=False, timeout=10) as http,
     ):
         job = http.post(f"{api.url}/v1/jobs", json=SMALL, headers=A).json()["id"]

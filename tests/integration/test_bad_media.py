@@ -12,7 +12,6 @@ from PIL import Image
 from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
-from tests.conftest import _free_port
 from worker.media import encode_mp4, encode_png
 
 pytestmark = pytest.mark.integration
@@ -44,7 +43,7 @@ class _Server:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, _free_port()), Handler)
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.url = f"http://{host}:{self.httpd.server_port}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

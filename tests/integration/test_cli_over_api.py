@@ -20,7 +20,7 @@ from producer.client import Client
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT
 from tests.faults.harness import FAULT_ADAPTER
 from tests.integration.test_api import settings  # noqa: F401  (the S3 + tenants settings fixture)
 
@@ -43,7 +43,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 def test_submit_with_a_progress_bar_then_the_saved_output(settings, start_worker, tmp_path: Path):  # noqa: F811
     start_worker(settings)
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api:
         done = cli(
             "--api", api.url, "--key", "key-a",
             "submit", "z-image-turbo", "--prompt", "a fox", "--width", "64", "--height", "80", "--steps", "2",
@@ -100,7 +100,7 @@ def test_failed_and_canceled_jobs_end_the_cli_with_their_error_and_no_traceback(
     start_worker(settings.model_copy(update={"adapters": {"z-image-turbo": FAULT_ADAPTER}}))
     small = ("--width", "64", "--height", "64", "--steps", "2")
     with (
-        ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api,
+        ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api,
         Client(settings) as fleet,
     ):
         key = ("--api", api.url, "--key", "key-a")
@@ -141,7 +141,7 @@ def test_the_same_flags_make_the_same_request_over_http_and_over_redis(
         "--num-outputs", "2", "--format", "webp", "--quality", "70", "--priority", "low",
         "--lora", f"{lora}@0.5",
     )  # fmt: skip
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api:
         over_http = cli("--api", api.url, "--key", "key-a", *flags)
         assert over_http.returncode == 0, over_http.stderr
         code, out, err = in_process(*flags, "--tenant", "a")
@@ -174,7 +174,7 @@ def test_edit_image_to_video_and_lora_jobs_from_local_files(
     start_worker(settings.model_copy(update={"worker_class": "gpu80"}))  # runs gpu80 and gpu16 jobs
     lora = build_lora(small_models_dir / "z-image-turbo", "z-image-turbo", tmp_path / "style.safetensors")
     small = ("--width", "64", "--height", "64", "--steps", "2", "--seed", "5", "--wait")
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api:
         key = ("--api", api.url, "--key", "key-a")
         edit = cli(*key, "submit", "qwen-image-edit", "--prompt", "add a hat",
                    "--image", str(picture(tmp_path / "cat.png", 40)), *small, "--out", str(tmp_path / "edit"))  # fmt: skip

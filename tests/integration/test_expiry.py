@@ -19,7 +19,6 @@ from routing.jobs import lifecycle
 from routing.jobs.events import Webhook
 from routing.jobs.record import JobStatus
 from routing.settings import Settings, Tenant
-from tests.conftest import _free_port
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)
 from tests.webhook_receiver import Receiver
 
@@ -44,7 +43,7 @@ def quick(settings: Settings) -> Settings:  # noqa: F811
 @pytest.fixture
 def api(quick: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
     with (
-        ApiProcess(quick, tmp_path / "api.log", _free_port()).wait_ready(60) as process,
+        ApiProcess(quick, tmp_path / "api.log").wait_ready(60) as process,
         httpx.Client(base_url=process.url, timeout=30) as http,
     ):
         yield http

@@ -25,7 +25,6 @@ from producer.http import (
 )
 from routing.jobs.keys import Keys
 from routing.settings import Settings
-from tests.conftest import _free_port
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)
 
 pytestmark = pytest.mark.integration
@@ -41,7 +40,7 @@ def png() -> bytes:
 
 @pytest.fixture
 def api_url(settings: Settings, tmp_path: Path) -> Iterator[str]:  # noqa: F811
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         yield process.url
 
 
@@ -240,7 +239,7 @@ def test_prefer_wait_gives_202_when_the_job_outlasts_it_and_is_refused_past_the_
     redis_client,
 ):
     edge = Settings.model_validate(settings.model_dump() | {"max_prefer_wait_s": 3})
-    with ApiProcess(edge, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(edge, tmp_path / "api.log").wait_ready(60) as process:
         auth = {"Authorization": "Bearer key-a"}
         started = time.monotonic()
         at_edge = httpx.post(

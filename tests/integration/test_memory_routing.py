@@ -17,7 +17,6 @@ from routing.classes import VramClass
 from routing.errors import InvalidRequest
 from routing.memory import Work, predict
 from routing.settings import Settings
-from tests.conftest import _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +69,7 @@ def test_the_sdk_refuses_what_no_class_holds_and_queues_nothing(tight: Settings,
 
 @pytest.fixture
 def api(tight: Settings, tmp_path: Path) -> Iterator[httpx.Client]:
-    with ApiProcess(tight, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(tight, tmp_path / "api.log").wait_ready(60) as process:
         with httpx.Client(base_url=process.url, timeout=30, trust_env=False) as http:
             yield http
 

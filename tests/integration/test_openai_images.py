@@ -22,7 +22,6 @@ from routing.catalog import CATALOG
 from routing.io.storage import LocalStorage
 from routing.settings import Settings
 from tests.api_tenants import with_tenants
-from tests.conftest import _free_port
 from worker.media import encode_png
 
 pytestmark = pytest.mark.integration
@@ -42,7 +41,7 @@ def settings(fleet_settings: Settings) -> Settings:
 
 @pytest.fixture
 def api_url(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         yield process.url
 
 
@@ -167,7 +166,7 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
 
 def test_a_job_that_outlasts_the_wait_is_a_408_the_sdk_does_not_retry(fleet_settings, tmp_path):
     settings = _settings(fleet_settings, openai_wait_s=1)  # and no worker: the job stays queued
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         with pytest.raises(openai.APIStatusError) as waited:
             _sdk(process.url, max_retries=2).images.generate(prompt="a fox", size="64x64")
         [job] = _jobs(process.url)  # queued once, though the SDK may retry twice

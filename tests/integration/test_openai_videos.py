@@ -23,7 +23,6 @@ from routing.io.storage import LocalStorage
 from routing.settings import Settings
 from tests.api_tenants import SMALL as IMAGE_JOB
 from tests.api_tenants import A, with_tenants
-from tests.conftest import _free_port
 from worker.media import decode_video, encode_png
 
 pytestmark = pytest.mark.integration
@@ -39,7 +38,7 @@ def settings(fleet_settings: Settings) -> Settings:
 
 @pytest.fixture
 def api_url(settings: Settings, tmp_path: Path) -> Iterator[str]:
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         yield process.url
 
 
@@ -262,7 +261,7 @@ def test_deleting_a_video_being_made_cancels_it_and_deletes_it_once_stopped(api_
 def test_a_list_reads_at_most_list_scan_jobs_and_says_where_to_go_on(settings, tmp_path):
     scan = 3  # FLEET_OPENAI_LIST_SCAN: the tenant's jobs one list call reads
     settings = settings.model_copy(update={"openai_list_scan": scan})
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api:
         sdk = _sdk(api.url)
         video = sdk.videos.create(prompt="waves", size="64x64", extra_body=SMALL)  # no worker: it waits
 

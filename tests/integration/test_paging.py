@@ -13,7 +13,6 @@ from localfleet.process import ApiProcess
 from producer import http
 from producer.client import Client
 from routing.settings import Settings
-from tests.conftest import _free_port
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)
 
 pytestmark = pytest.mark.integration
@@ -49,7 +48,7 @@ def test_the_redis_sdk_lists_each_job_of_a_batch_once(client: Client):
 
 @pytest.fixture
 def api_url(settings: Settings, tmp_path: Path) -> Iterator[str]:  # noqa: F811
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         yield process.url
 
 

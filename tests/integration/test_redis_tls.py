@@ -24,7 +24,6 @@ from routing.celery_config import make_celery
 from routing.jobs.record import JobStatus
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, with_tenants
-from tests.conftest import _free_port
 from tests.faults.harness import RedisServer, TlsFiles
 from tests.flower_api import flower_get, poll, queue_lengths, running_flower
 from worker import held
@@ -55,7 +54,7 @@ def test_every_process_speaks_tls_to_redis_and_checks_its_certificate(
         assert held.holders(client.store.client, client.keys) != []
 
     with (
-        ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api,
+        ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api,
         httpx.Client(base_url=api.url, headers=A, timeout=90, trust_env=False) as http,
     ):
         waited = http.post("/v1/jobs", json=SMALL, headers={"Prefer": "wait=60"})

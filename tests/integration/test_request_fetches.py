@@ -29,7 +29,6 @@ from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
-from tests.conftest import _free_port
 from tests.integration.test_url_fetch import Server
 
 pytestmark = pytest.mark.integration
@@ -153,7 +152,7 @@ def api(fleet_settings: Settings, tmp_path: Path) -> Iterator[ApiProcess]:
             "max_fetching_submits": FETCHING,
         }
     )
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as process:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as process:
         yield process
 
 

@@ -23,7 +23,6 @@ from routing.io.storage import LocalStorage
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
 from tests.api_tenants import SMALL, A, B, api_client, webhook_secret
-from tests.conftest import _free_port
 from worker.media import encode_png
 
 pytestmark = pytest.mark.integration
@@ -51,7 +50,7 @@ class PngServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.2", _free_port()), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
         self.url = f"http://127.0.0.2:{self.httpd.server_port}/img.png"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from localfleet.process import ApiProcess
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT
 from tests.integration.test_api import settings  # noqa: F401  (the S3 + tenants settings fixture)
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def _npm(*args: str, env: dict[str, str] | None = None, timeout_s: float = 300) 
 def test_the_generated_typescript_client_runs_a_job(settings, start_worker, tmp_path: Path):  # noqa: F811
     _npm("ci", "--no-audit", "--no-fund")
     start_worker(settings)
-    with ApiProcess(settings, tmp_path / "api.log", _free_port()).wait_ready(60) as api:
+    with ApiProcess(settings, tmp_path / "api.log").wait_ready(60) as api:
         env = os.environ | {
             "FLEET_API_URL": api.url,
             "FLEET_API_KEY": "key-a",

@@ -42,6 +42,7 @@ API_ONLY = {"fastapi", "starlette", "uvicorn", "prometheus_client", "flower"}
 API_MODULES = {
     "producer/api.py",
     "producer/body_limits.py",
+    "producer/flower_sentinel.py",
     "producer/metrics.py",
     "producer/openai_door.py",
     "producer/openai_images.py",
@@ -99,6 +100,7 @@ def test_http_api_imports_without_torch_or_worker_code() -> None:
     modules = [
         "producer.api",
         "producer.body_limits",
+        "producer.flower_sentinel",
         "producer.metrics",
         "producer.openai_door",
         "producer.openai_images",
