@@ -45,6 +45,7 @@ from producer.openai_door import Door, FleetFields, OpenAIError, Refused, docume
 from producer.video_previews import PREVIEWS, preview
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import NotFound
+from routing.io.storage import ObjectNotFound
 from routing.jobs.keys import is_job_id
 from routing.jobs.record import JobRecord, JobStatus
 from routing.jobs.store import Cursor
@@ -271,7 +272,7 @@ def add_routes(
                 "description": "the MP4, its thumbnail (WebP) or its spritesheet (JPEG)",
             },
             400: {"model": OpenAIError, "description": "a variant the fleet does not make"},
-            404: unknown,
+            404: {"model": OpenAIError, "description": "no such video, or its file is no longer stored"},
             409: {"model": OpenAIError, "description": "the video is not completed"},
         },
         tags=["OpenAI-compatible"],
@@ -294,12 +295,20 @@ def add_routes(
                 status = _STATUS[record.status]
                 message = f"video {video_id} is {status}: it has no content"
                 raise Refused(409, message, "invalid_request_error", code=f"video_{status}").final()
+            output = record.outputs[0]
+            if variant in PREVIEWS:
+                data, made = preview(client.storage, output.key, variant)
+                return Response(data, media_type=made.content_type)
+            if not client.storage.exists(output.key):  # before the answer starts: a clear error
+                raise ObjectNotFound(output.key)
         except Refused as exc:
             return exc.answer()
-        output = record.outputs[0]
-        if variant in PREVIEWS:
-            data, made = preview(client.storage, output.key, variant)
-            return Response(data, media_type=made.content_type)
+        except ObjectNotFound:
+            message = (
+                f"video {video_id}'s file is no longer stored "
+                "(kept FLEET_RETENTION_OUTPUTS_DAYS, or deleted with the video)"
+            )
+            return Refused(404, message, "invalid_request_error", code="video_file_gone").final().answer()
         return StreamingResponse(
             _chunks(output.key, output.size_bytes),
             media_type=output.content_type,

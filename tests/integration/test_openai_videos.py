@@ -131,6 +131,14 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     with pytest.raises(openai.NotFoundError):
         sdk.videos.retrieve(image_job["id"])
 
+    # A video whose file the store no longer keeps (its retention ran out before its record's
+    # TTL): a 404 saying so, before any answer starts, for the MP4 and for a preview not made yet.
+    store.delete(_outputs(api_url, from_url["id"])[0])
+    for variant in ("video", "spritesheet"):
+        with pytest.raises(openai.NotFoundError) as gone:
+            sdk.videos.download_content(from_url["id"], variant=variant)
+        assert gone.value.body["code"] == "video_file_gone", gone.value.body
+
     # Deleted: its file and its record are gone at once, not at the record's TTL.
     [output] = _outputs(api_url, video.id)
     deleted = sdk.videos.delete(video.id)
