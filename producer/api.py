@@ -545,14 +545,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def status(job_id: str, tenant: Tenant) -> dict[str, Any]:
         return job_out(own_job(job_id, tenant))
 
-    @app.delete("/v1/jobs/{job_id}", response_model=JobOut, responses=_responses(401, 404, 422, 429))
-    def cancel(job_id: str, tenant: Tenant) -> dict[str, Any]:
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        response_model=JobOut,
+        responses=_responses(401, 404, 422, 429)
+        | {
+            204: {"description": "with purge=true: the ended job and its files are deleted"},
+            409: {"model": ErrorDetail, "description": "purge=true on a job that has not ended"},
+        },
+    )
+    def cancel(
+        job_id: str,
+        tenant: Tenant,
+        purge: Annotated[
+            bool, Query(description="delete the ended job now: its files, then its record (204)")
+        ] = False,
+    ) -> Any:
         """Cancel: a queued job never runs; a running one stops at its next step. A finished job
-        is returned as it is. Cancels are rationed per tenant (``FLEET_CANCELS_PER_TENANT`` in
-        windows of ``FLEET_RATE_WINDOW_S``)."""
+        is returned as it is. With ``purge=true``, an ended job is deleted now rather than at its
+        TTL: every file of its runs, then its record, events, webhook log and idempotency key
+        (204; a job not ended is a 409: cancel it first). Both are rationed per tenant
+        (``FLEET_CANCELS_PER_TENANT`` in windows of ``FLEET_RATE_WINDOW_S``)."""
         take_rate("cancel", tenant)
         own_job(job_id, tenant)
-        return job_out(client.cancel(job_id))
+        if not purge:
+            return job_out(client.cancel(job_id))
+        try:
+            client.delete(job_id)
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        except NotFound:  # deleted meanwhile by another call: gone, as asked
+            pass
+        return Response(status_code=204)
 
     @app.get("/v1/jobs/{job_id}/webhooks", responses=_responses(401, 404, 422))
     def webhook_deliveries(job_id: str, tenant: Tenant) -> dict[str, Any]:

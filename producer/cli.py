@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "print a job's record"),
         ("wait", "follow a job to its end"),
         ("cancel", "cancel a job"),
+        ("delete", "delete an ended job now: its files, then its record"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("job_id")
@@ -313,6 +314,10 @@ def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
             + (" (stops at its next step)" if record.status is JobStatus.RUNNING else ""),
             file=out,
         )
+        return 0
+    if args.command == "delete":
+        client.delete(args.job_id)
+        print(f"{args.job_id} deleted", file=out)
         return 0
     if args.command == "list":
         records, _cursor = client.list(limit=args.limit, **tenant)

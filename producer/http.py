@@ -19,7 +19,7 @@ Errors are ``routing.errors``, drawn from the API's status and error body:
     ├── Unauthorized       401: no API key, or an unknown one
     ├── NotFound           404: no such job, or not the tenant's
     ├── Conflict           409: the idempotency key was used with another request; result() of
-    │                      an unfinished job
+    │                      an unfinished job; delete() of one not ended
     ├── TooManyJobs        429 after the retries (each waits out ``Retry-After``)
     ├── Unavailable        503 after the retries, or the API could not be reached
     ├── JobNotSucceeded    result() of a job that failed or was canceled
@@ -132,6 +132,11 @@ class Client:
 
     def cancel(self, job_id: str) -> JobView:
         return self._run(self._core.cancel(job_id))
+
+    def delete(self, job_id: str) -> None:
+        """Delete an ended job now, rather than at its TTL: its files, then its record. Raises
+        ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
+        self._run(self._core.delete(job_id))
 
     def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
         """The tenant's jobs, newest first, and the cursor of the next page (None: the last)."""
@@ -273,6 +278,9 @@ class AsyncClient:
 
     async def cancel(self, job_id: str) -> JobView:
         return await self._run(self._core.cancel(job_id))
+
+    async def delete(self, job_id: str) -> None:
+        await self._run(self._core.delete(job_id))
 
     async def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
         return await self._run(self._core.list(limit, cursor))

@@ -171,6 +171,11 @@ class Core:
         response = yield from self._call(self.request("DELETE", f"/v1/jobs/{job_id}"))
         return JobView.from_json(response.json())
 
+    def delete(self, job_id: str) -> Flow[None]:
+        # Sent again after a lost answer, it finds the job gone: the deletion it asked for.
+        request = self.request("DELETE", f"/v1/jobs/{job_id}", params={"purge": "true"})
+        yield from self._call(request, gone_after_lost=True)
+
     def list(self, limit: int = 20, cursor: str | None = None) -> Flow[tuple[list[JobView], str | None]]:
         params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
         page = (yield from self._call(self.request("GET", "/v1/jobs", params=params))).json()
@@ -279,17 +284,25 @@ class Core:
         ).as_dict()
         return request
 
-    def _call(self, request: httpx.Request, *, retry: bool = True) -> Flow[httpx.Response]:
+    def _call(
+        self, request: httpx.Request, *, retry: bool = True, gone_after_lost: bool = False
+    ) -> Flow[httpx.Response]:
         # Every call may be sent again: reads, cancel and revoke are idempotent, a submit carries
         # its idempotency key, an upload stores the same bytes twice at worst. A new key is not.
+        # ``gone_after_lost``: a 404 after an attempt whose answer was lost is that attempt's
+        # deletion, not an error.
+        lost = False
         for attempt in range(self.max_retries + 1 if retry else 1):
             answer = yield Send(request)
             response = None
             if isinstance(answer, httpx.TransportError):
+                lost = True
                 if attempt == self.max_retries or not retry:
                     raise Unavailable(f"{request.method} {request.url.path}: {answer!r}") from answer
             else:
                 response = answer
+                if gone_after_lost and lost and response.status_code == 404:
+                    return response
                 if response.status_code not in _RETRIED_STATUS or attempt == self.max_retries or not retry:
                     return raise_for(response)
             yield Sleep(self.retry_delay(attempt, response))

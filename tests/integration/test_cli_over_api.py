@@ -126,6 +126,12 @@ def test_failed_and_canceled_jobs_end_the_cli_with_their_error_and_no_traceback(
         reason = f": {record.error.message}" if record.error else ""
         assert f"job {slow_id} canceled{reason}" in waited.stderr
         assert "Traceback" not in waited.stderr
+        # Ended, both are deleted now; asked again, the CLI says there is no such job.
+        for ended in (job_id, slow_id):
+            deleted = cli(*key, "delete", ended)
+            assert deleted.returncode == 0 and deleted.stdout.strip() == f"{ended} deleted", deleted.stderr
+        again = cli(*key, "delete", job_id)
+        assert again.returncode == 1 and "Traceback" not in again.stderr and job_id in again.stderr
 
 
 def test_the_same_flags_make_the_same_request_over_http_and_over_redis(

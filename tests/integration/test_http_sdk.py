@@ -7,7 +7,7 @@ import asyncio
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,11 +18,13 @@ from localfleet.process import ApiProcess
 from producer.http import (
     AsyncClient,
     Client,
+    Conflict,
     InvalidRequest,
     NotFound,
     TooManyJobs,
     Unauthorized,
 )
+from routing.io.storage import make_storage
 from routing.jobs.keys import Keys
 from routing.settings import Settings
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)
@@ -68,6 +70,11 @@ def test_sync_client_submits_follows_waits_uploads_and_downloads(api_url, settin
         assert [o.key for o in fleet.result(job.id)] == [f"jobs/{job.id}/attempt-1/output-0.png"]
         jobs, _cursor = fleet.list()
         assert job.id in [j.id for j in jobs]
+        # Deleted now: every file of its runs, then its record.
+        fleet.delete(job.id)
+        assert make_storage(settings).list(f"jobs/{job.id}/") == []
+        with pytest.raises(NotFound):
+            fleet.get(job.id)
 
     with pytest.raises(Unauthorized), Client(api_url, "wrong") as stranger:
         stranger.get(job.id)
@@ -114,16 +121,18 @@ def test_a_429_is_retried_after_its_retry_after(api_url, settings):  # noqa: F81
     assert 9.5 <= elapsed_s < 20
 
 
-class DropFirstSubmitResponse(httpx.HTTPTransport):
-    """Sends the request, lets the server answer, then loses the answer (a dropped connection)."""
+class DropFirstResponse(httpx.HTTPTransport):
+    """Sends the request, lets the server answer, then loses the answer (a dropped connection):
+    once, for the first request ``which`` picks."""
 
-    def __init__(self) -> None:
+    def __init__(self, which: Callable[[httpx.Request], bool]) -> None:
         super().__init__()
+        self.which = which
         self.dropped = 0
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)
-        if request.method == "POST" and request.url.path == "/v1/jobs" and not self.dropped:
+        if self.which(request) and not self.dropped:
             response.read()
             response.close()
             self.dropped += 1
@@ -132,7 +141,7 @@ class DropFirstSubmitResponse(httpx.HTTPTransport):
 
 
 def test_a_submit_retried_after_a_dropped_connection_makes_one_job(api_url, settings, redis_client):  # noqa: F811
-    transport = DropFirstSubmitResponse()
+    transport = DropFirstResponse(lambda r: r.method == "POST" and r.url.path == "/v1/jobs")
     with Client(api_url, "key-a", transport=transport) as fleet:
         job = fleet.submit(SMALL)
         jobs, _ = fleet.list()
@@ -140,6 +149,29 @@ def test_a_submit_retried_after_a_dropped_connection_makes_one_job(api_url, sett
     assert not job.created  # the retry found the job the lost answer was about
     assert [j.id for j in jobs] == [job.id]
     assert redis_client.zcard(Keys(settings.key_prefix).tenant_jobs("a")) == 1
+
+
+def test_only_an_ended_job_is_deleted_and_a_delete_whose_answer_was_lost_is_done(api_url, settings):  # noqa: F811
+    purge = DropFirstResponse(lambda r: r.method == "DELETE" and r.url.params.get("purge") == "true")
+    with (
+        Client(api_url, "key-a") as fleet,
+        Client(api_url, "key-a", transport=purge) as dropping,
+        Client(api_url, "key-b") as b,
+    ):
+        job = fleet.submit(SMALL)  # no worker: it waits
+        with pytest.raises(Conflict):  # not ended: cancel it first
+            fleet.delete(job.id)
+        assert fleet.get(job.id).status.value == "queued"
+        assert fleet.cancel(job.id).status.value == "canceled"
+        with pytest.raises(NotFound):  # another tenant's job is as unknown as none
+            b.delete(job.id)
+        # The first answer is lost; the retry finds the job gone, which is what was asked.
+        dropping.delete(job.id)
+        assert purge.dropped == 1
+        with pytest.raises(NotFound):
+            fleet.get(job.id)
+        with pytest.raises(NotFound):  # asked again, with no answer lost: a plain 404
+            fleet.delete(job.id)
 
 
 def test_a_tenant_never_sees_another_tenants_job_through_the_sdk(api_url, settings, tmp_path):  # noqa: F811
