@@ -766,7 +766,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         },
         tags=["OpenAI-compatible"],
     )
-    def model(_tenant: Tenant, model_id: str) -> Any:
+    def retrieve_model(_tenant: Tenant, model_id: str) -> Any:
         """OpenAI's ``models.retrieve``: a model the fleet serves, in OpenAI's shape."""
         spec = CATALOG.get(model_id)
         if spec is None or not (spec.served and spec.released):
