@@ -24,6 +24,7 @@ from producer.admission import Slots, SlotsTaken
 from routing import tracing
 from routing.errors import Conflict, FieldError, InvalidRequest, TooManyJobs, Unavailable
 from routing.io.storage import StorageError
+from routing.jobs.events import Webhook
 from routing.settings import Settings
 
 
@@ -35,9 +36,14 @@ class FleetFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="the fleet's: the seed")
     steps: int | None = Field(default=None, ge=1, le=10_000, description="the fleet's: denoising steps")
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0, description="the fleet's")
+    webhook: Webhook | None = Field(
+        default=None,
+        description="the fleet's: where the job's events are POSTed, signed, as POST /v1/jobs takes it",
+    )
 
     def fleet_fields(self) -> dict[str, Any]:
-        return self.model_dump(include=set(FleetFields.model_fields), exclude_none=True)
+        """The request fields among them (``webhook`` is how the job is handled, not one)."""
+        return self.model_dump(include=set(FleetFields.model_fields) - {"webhook"}, exclude_none=True)
 
 
 class OpenAIErrorBody(BaseModel):
@@ -115,16 +121,29 @@ async def read_form(
     except Exception as exc:  # a malformed multipart body, or too many parts
         raise Refused(400, f"could not read the form: {exc}", "invalid_request_error") from None
     files: list[bytes] = []
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     for name, value in form.multi_items():
         if name in file_fields:
             files.append(await value.read() if hasattr(value, "read") else str(value).encode())
+            continue
+        text = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
+        if name.endswith("[]"):  # a list, one part per item (the SDKs' brackets)
+            fields.setdefault(name, []).append(text)
         elif name in fields:
             raise Refused(400, f"{name} is given twice", "invalid_request_error", name)
         else:
-            fields[name] = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
+            fields[name] = text
     await form.close()
     return fields, files
+
+
+def nested(fields: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The object a form sends as ``name[key]`` parts (and a list as ``name[key][]``), as the
+    OpenAI SDKs send one in multipart, taken out of ``fields``; None when it sends none."""
+    found = {}
+    for field in [f for f in fields if f.startswith(f"{name}[") and f.endswith("]")]:
+        found[field[len(name) + 1 :].removesuffix("[]").removesuffix("]")] = fields.pop(field)
+    return found or None
 
 
 class Door:
@@ -153,13 +172,14 @@ class Door:
         tenant: str,
         request: Request,
         run: Callable[[Callable[[], str]], Awaitable[str]] | None = None,
+        webhook: Webhook | None = None,
     ) -> str:
-        """Queue ``job`` as ``tenant``, within the call's trace; ``run`` runs the blocking submit
-        (default: on the shared threads)."""
+        """Queue ``job`` as ``tenant``, within the call's trace, its events sent to ``webhook``;
+        ``run`` runs the blocking submit (default: on the shared threads)."""
         idempotency_key = request.headers.get("idempotency-key")
         parent = request.headers.get("traceparent")
         with tracing.span(f"POST {request.url.path}", parent, tenant=tenant, model=job["model"]):
-            submit = partial(self._submit, job, tenant, idempotency_key)
+            submit = partial(self._submit, job, tenant, idempotency_key, webhook)
             try:
                 return await (run(submit) if run else run_in_threadpool(submit))
             except SlotsTaken as exc:  # the tenant's downloading submits
@@ -176,12 +196,15 @@ class Door:
             refused.headers = dict(exc.headers or {})
             raise refused from None
 
-    def _submit(self, job: dict[str, Any], tenant: str, idempotency_key: str | None) -> str:
+    def _submit(
+        self, job: dict[str, Any], tenant: str, idempotency_key: str | None, webhook: Webhook | None
+    ) -> str:
         self.rate("submit", tenant)
         try:
             queued = self.client.submit(
                 job,
                 idempotency_key=self._idempotency(tenant, idempotency_key),
+                webhook=webhook,
                 tenant=tenant,
                 max_in_flight=self.settings.tenants[tenant].max_in_flight,
             )
@@ -204,22 +227,30 @@ class Door:
         return f"{tenant}:openai:{idempotency_key}" if idempotency_key else None
 
     def earlier(
-        self, job: dict[str, Any], tenant: str, idempotency_key: str | None, files: str, sent: list[bytes]
+        self,
+        job: dict[str, Any],
+        tenant: str,
+        idempotency_key: str | None,
+        files: str,
+        sent: list[bytes],
+        webhook: Webhook | None = None,
     ) -> str | None:
         """The job an ``Idempotency-Key`` was used for, when the call brings files (``sent``):
         they are stored under new keys each time they are sent, so a call made again is matched
-        by its fields other than ``files`` (the request field that names them) and by the bytes
-        of the files that job was given, read back from the store. Any difference, or files no
-        longer stored to compare, is a 409: a key never answers a job of another request."""
+        by its fields other than ``files`` (the request field that names them), its webhook, and
+        the bytes of the files that job was given, read back from the store. Any difference, or
+        files no longer stored to compare, is a 409: a key never answers a job of another request."""
         if not idempotency_key:
             return None
         job_id = self.client.job_of_idempotency_key(self._idempotency(tenant, idempotency_key))
         if job_id is None:
             return None
         asked = {name: value for name, value in job.items() if name not in ("kind", files)}
-        kept = self.client.get(job_id).request
-        same = all(kept.get(name) == value for name, value in asked.items()) and self._same_files(
-            kept.get(files), sent
+        record = self.client.get(job_id)
+        same = (
+            all(record.request.get(name) == value for name, value in asked.items())
+            and record.webhook == webhook
+            and self._same_files(record.request.get(files), sent)
         )
         if not same:
             raise Refused(

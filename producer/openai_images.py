@@ -22,7 +22,7 @@ then is answered 408 naming it: it goes on, and ``GET /v1/jobs/{id}`` follows it
     user              accepted, and not used
 
 The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
-``extra_body``).
+``extra_body``), and its ``webhook`` (the job's events, POSTed signed as for ``POST /v1/jobs``).
 
 Any other field (``quality``, ``style``, ``mask``, ``background``...) is refused with a 400 naming
 it: the fleet does not do it. Errors are OpenAI's (``producer.openai_door``).
@@ -38,7 +38,16 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
+from producer.openai_door import (
+    Door,
+    FleetFields,
+    OpenAIError,
+    Refused,
+    documented,
+    invalid,
+    nested,
+    read_form,
+)
 from routing.errors import ErrorType
 from routing.jobs.record import JobStatus
 
@@ -145,7 +154,13 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
             body, files = await _edit_form(request)
             job = _request(body, body.model or settings.openai_edit_model, "edit")
             earlier = await run_in_threadpool(
-                door.earlier, job, tenant, request.headers.get("idempotency-key"), "images", files
+                door.earlier,
+                job,
+                tenant,
+                request.headers.get("idempotency-key"),
+                "images",
+                files,
+                body.webhook,
             )
             if earlier is not None:  # a call made again (its answer lost): that job, no new images
                 return await _answer_when_done(earlier, body, tenant)
@@ -163,7 +178,7 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
         """Queue ``job`` and answer when it ends."""
         slot = door.take_slot(tenant)
         try:
-            job_id = await door.queue(job, tenant, request)
+            job_id = await door.queue(job, tenant, request, webhook=body.webhook)
             finished = await door.wait(job_id)
         finally:
             slot.release()
@@ -222,8 +237,11 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
         fields, files = await read_form(request, frozenset({"image", "image[]"}), max_files=16)
         if not files:
             raise Refused(400, "image: at least one image file", "invalid_request_error", "image")
+        webhook = nested(fields, "webhook")
         try:
-            body = ImageEdit.model_validate({**fields, "image": files})
+            body = ImageEdit.model_validate(
+                {**fields, "image": files} | ({"webhook": webhook} if webhook else {})
+            )
         except ValueError as exc:
             raise invalid(exc) from None
         return body, files

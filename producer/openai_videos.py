@@ -19,7 +19,7 @@ ask again, ``FLEET_OPENAI_POLL_AFTER_MS``); ``GET /v1/videos/{id}/content`` stre
                       the fleet fetches, or a base64 data URL}; stored as the tenant's upload
 
 The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
-``extra_body``). ``file_id`` (the fleet has no Files API), remixes, edits, extensions and characters are refused,
+``extra_body``), and its ``webhook`` (the job's events, POSTed signed as for ``POST /v1/jobs``). ``file_id`` (the fleet has no Files API), remixes, edits, extensions and characters are refused,
 as is any other field, with a 400 naming it. Only ``order=desc`` lists (newest first). ``content``'s
 ``variant=thumbnail`` (the first frame, WebP) and ``variant=spritesheet`` (16 frames in a grid,
 JPEG) are made from the video when first asked for and kept beside it (``producer.video_previews``).
@@ -41,7 +41,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
+from producer.openai_door import (
+    Door,
+    FleetFields,
+    OpenAIError,
+    Refused,
+    documented,
+    invalid,
+    nested,
+    read_form,
+)
 from producer.video_previews import PREVIEWS, preview
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import NotFound
@@ -176,7 +185,7 @@ def add_routes(
             idempotency_key = request.headers.get("idempotency-key")
             if image is not None:
                 earlier = await run_in_threadpool(
-                    door.earlier, job, tenant, idempotency_key, "image", [image]
+                    door.earlier, job, tenant, idempotency_key, "image", [image], body.webhook
                 )
                 if earlier is not None:  # a call made again (its answer lost): that video
                     return await run_in_threadpool(_video, client.get(earlier))
@@ -185,9 +194,11 @@ def add_routes(
             url = body.input_reference.image_url if body.input_reference else None
             if url is not None and image is None:  # an http(s) URL: the fleet fetches it at submit
                 job["image"] = {"url": url}
-                job_id = await door.queue(job, tenant, request, run=lambda submit: fetching(tenant, submit))
+                job_id = await door.queue(
+                    job, tenant, request, run=lambda submit: fetching(tenant, submit), webhook=body.webhook
+                )
             else:
-                job_id = await door.queue(job, tenant, request)
+                job_id = await door.queue(job, tenant, request, webhook=body.webhook)
             return await run_in_threadpool(_video, client.get(job_id))
         except Refused as exc:
             if not exc.queued:  # refused: nothing queued, and nothing kept
@@ -412,15 +423,9 @@ def add_routes(
             fields, files = await read_form(request, frozenset({"input_reference"}), max_files=2)
             if len(files) > 1:
                 raise Refused(400, "input_reference: one image", "invalid_request_error", "input_reference")
-            # The SDKs send an input_reference object as input_reference[image_url] fields.
-            nested = {
-                name[len("input_reference[") : -1]: fields.pop(name)
-                for name in list(fields)
-                if name.startswith("input_reference[") and name.endswith("]")
-            }
-            data: dict[str, Any] = dict(fields)
-            if nested:
-                data["input_reference"] = nested
+            # The SDKs send an object as its fields: input_reference[image_url], webhook[url].
+            data: dict[str, Any] = {name: nested(fields, name) for name in ("input_reference", "webhook")}
+            data = {name: value for name, value in data.items() if value is not None} | fields
             image = files[0] if files else None
         else:
             data, image = None, None

@@ -89,7 +89,9 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
     )
     assert sdk.images.generate(**seeded).data == sdk.images.generate(**seeded).data
     # The default model and answer form: a presigned URL of the stored output.
-    linked = sdk.images.generate(prompt="a lighthouse", size="64x80")
+    # With the fleet's webhook, sent as JSON.
+    hook = {"url": "https://93.184.215.14/fleet", "events": ["succeeded"]}
+    linked = sdk.images.generate(prompt="a lighthouse", size="64x80", extra_body={"webhook": hook})
     [item] = linked.data
     assert item.url.startswith("file://")  # the local store's URL (S3's is a presigned one)
     assert _image(Path(urlparse(item.url).path).read_bytes()).size == (64, 80)
@@ -100,6 +102,7 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
         size="64x64",
         response_format="b64_json",
         output_format="webp",
+        extra_body={"webhook": hook},  # as webhook[url] and webhook[events][] parts
         extra_headers={"Idempotency-Key": "edit-1"},
     )
     edited = sdk.images.edit(**edit)
@@ -117,6 +120,8 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
         sdk.images.edit(**(edit | {"image": [("a.png", PNG, "image/png"), ("b.png", other, "image/png")]}))
     with pytest.raises(openai.ConflictError):  # or fewer of them
         sdk.images.edit(**(edit | {"image": [("a.png", PNG, "image/png")]}))
+    with pytest.raises(openai.ConflictError):  # or its events sent elsewhere
+        sdk.images.edit(**(edit | {"extra_body": {"webhook": hook | {"events": ["failed"]}}}))
     assert len(LocalStorage(settings.storage_dir).list("uploads/")) == 2
     # Each call was one job of the tenant's, seen by the fleet's own API as any other.
     jobs = _jobs(api_url)
@@ -124,6 +129,7 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
     assert sum(j["request"]["seed"] == 5 and j["request"]["steps"] == 2 for j in jobs) == 2
     edit = next(j for j in jobs if j["model"] == "qwen-image-edit-2509")
     assert len(edit["request"]["images"]) == 2 and all(j["status"] == "succeeded" for j in jobs)
+    assert [j["webhook"] for j in jobs if j.get("webhook")] == [hook, hook]  # the edit's, the lighthouse's
 
 
 def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queued_or_stored(

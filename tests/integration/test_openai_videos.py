@@ -85,16 +85,19 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
 
     # Image to video, from an image file part; OpenAI's 1280x720 would be the model's 1280x704:
     # the size is rounded down to the model's multiple of 32 (here 80x72 -> 64x64).
+    # The fleet's webhook rides along (the SDK sends it as webhook[url] and webhook[events][] parts).
+    hook = {"url": "https://93.184.215.14/fleet", "events": ["succeeded", "failed"]}
     from_image = dict(
         prompt="it moves",
         input_reference=("a.png", PNG, "image/png"),
         size="80x72",
         seconds="0.2",
-        extra_body=SMALL,
+        extra_body=SMALL | {"webhook": hook},
         extra_headers={"Idempotency-Key": "v-1"},
     )
     from_file = sdk.videos.create(**from_image)
     assert from_file.model == settings.openai_video_model and from_file.size == "64x64"
+    assert _job(api_url, from_file.id)["webhook"] == hook
     # The same call again (its answer lost, say): the same video; the image it sent again is not kept.
     again = sdk.videos.create(**from_image)
     assert again.id == from_file.id and len(store.list("uploads/")) == 1
@@ -102,6 +105,10 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     other = encode_png(Image.new("RGB", (64, 64), (200, 10, 30)))
     with pytest.raises(openai.ConflictError):
         sdk.videos.create(**(from_image | {"input_reference": ("a.png", other, "image/png")}))
+    with pytest.raises(openai.ConflictError):  # or the same with its events sent elsewhere
+        sdk.videos.create(
+            **(from_image | {"extra_body": SMALL | {"webhook": hook | {"url": "https://93.184.215.15/"}}})
+        )
     assert len(store.list("uploads/")) == 1
     # From a base64 data URL, as JSON (SGLang's and curl's way).
     data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
@@ -162,6 +169,12 @@ def _differ(a: Image.Image, b: Image.Image) -> float:
     return sum(abs(x - y) for p, q in pixels for x, y in zip(p, q, strict=True)) / (a.width * a.height * 3)
 
 
+def _job(api_url: str, job_id: str) -> dict:
+    return httpx.get(
+        f"{api_url}/v1/jobs/{job_id}", headers={"Authorization": "Bearer key-a"}, trust_env=False
+    ).json()
+
+
 def _outputs(api_url: str, job_id: str) -> list[str]:
     headers = {"Authorization": "Bearer key-a"}
     job = httpx.get(f"{api_url}/v1/jobs/{job_id}", headers=headers, trust_env=False).json()
@@ -186,6 +199,11 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
     assert "takes an input_reference" in refused("input_reference", model="wan2.2-i2v-a14b")
     assert "takes no input_reference" in refused(
         "input_reference", model="wan2.2-t2v-a14b", input_reference=("a.png", PNG, "image/png")
+    )
+    # A webhook the fleet would not call, checked as POST /v1/jobs checks it, before queueing.
+    assert "10.0.0.1" in refused("webhook.url", extra_body={"webhook": {"url": "http://10.0.0.1/hook"}})
+    assert refused(
+        "webhook.events.0", extra_body={"webhook": {"url": "https://93.184.215.14/", "events": ["done"]}}
     )
     # An input_reference object, as JSON and as the form fields a multipart client makes of it
     # (the Python SDK sends files only).
