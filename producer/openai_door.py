@@ -105,8 +105,23 @@ def from_invalid(exc: InvalidRequest, names: dict[str, str], param: str | None =
 def documented(
     model: type[BaseModel], media_type: str, files: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A route's request body in its OpenAPI document, ``files`` as binary parts."""
+    """A route's request body in its OpenAPI document, ``files`` as binary parts. The model's
+    own definitions (``$defs``: the webhook's) are written in place: a ``#/$defs`` reference
+    means nothing inside the OpenAPI document."""
     schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inlined(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inlined(definitions[ref.removeprefix("#/$defs/")])
+            return {key: inlined(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inlined(value) for value in node]
+        return node
+
+    schema = inlined(schema)
     schema["properties"] |= files or {}
     return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
 
