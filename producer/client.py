@@ -365,8 +365,8 @@ class Client:
         record = self.get(job_id)
         if not record.status.is_terminal():
             raise Conflict(f"job {job_id} is {record.status.value}: only an ended job can be deleted")
-        # First: a failure here leaves the record, to delete again.
-        for key in {o.key for o in record.outputs} | set(self.storage.list(job_folder(job_id))):
+        # First: a failure here leaves the record, to delete again. Every output is in the folder.
+        for key in self.storage.list(job_folder(job_id)):
             self.storage.delete(key)
         with _redis_errors():
             self.store.forget(job_id)

@@ -11,6 +11,7 @@ across both doors (``<tenant>:openai:<key>``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -128,9 +129,11 @@ def documented(
 
 async def read_form(
     request: Request, file_fields: frozenset[str], max_files: int
-) -> tuple[dict[str, str], list[bytes]]:
+) -> tuple[dict[str, Any], list[bytes]]:
     """A multipart body's fields, each given once, and the contents of its ``file_fields`` parts
-    in order (at most ``max_files``)."""
+    in order (at most ``max_files``). The parts the OpenAI SDKs make of an object and a list are
+    read back into them: ``name[key]`` into ``{"name": {"key": ...}}``, ``name[]`` and
+    ``name[key][]`` into lists."""
     try:
         form = await request.form(max_files=max_files, max_fields=32)
     except Exception as exc:  # a malformed multipart body, or too many parts
@@ -142,23 +145,27 @@ async def read_form(
             files.append(await value.read() if hasattr(value, "read") else str(value).encode())
             continue
         text = value if isinstance(value, str) else (await value.read()).decode(errors="replace")
-        if name.endswith("[]"):  # a list, one part per item (the SDKs' brackets)
-            fields.setdefault(name, []).append(text)
-        elif name in fields:
+        parts = _FORM_NAME.fullmatch(name)
+        base, key, listed = parts.groups() if parts else (name, None, None)
+        into = fields
+        if key is not None:  # one level of object, as the SDKs send input_reference and webhook
+            into = fields.setdefault(base, {})
+            if not isinstance(into, dict):
+                raise Refused(400, f"{base} is given twice", "invalid_request_error", base)
+            base = key
+        if listed:
+            into.setdefault(base, []).append(text)
+        elif base in into:
             raise Refused(400, f"{name} is given twice", "invalid_request_error", name)
         else:
-            fields[name] = text
+            into[base] = text
     await form.close()
     return fields, files
 
 
-def nested(fields: dict[str, Any], name: str) -> dict[str, Any] | None:
-    """The object a form sends as ``name[key]`` parts (and a list as ``name[key][]``), as the
-    OpenAI SDKs send one in multipart, taken out of ``fields``; None when it sends none."""
-    found = {}
-    for field in [f for f in fields if f.startswith(f"{name}[") and f.endswith("]")]:
-        found[field[len(name) + 1 :].removesuffix("[]").removesuffix("]")] = fields.pop(field)
-    return found or None
+# A form part's name: ``name``, ``name[]``, ``name[key]`` or ``name[key][]`` (any other name is
+# taken whole, and refused by the schema as a field it does not know).
+_FORM_NAME = re.compile(r"([^\[\]]+)(?:\[([^\[\]]+)\])?(\[\])?")
 
 
 class Door:

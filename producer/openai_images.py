@@ -38,16 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import (
-    Door,
-    FleetFields,
-    OpenAIError,
-    Refused,
-    documented,
-    invalid,
-    nested,
-    read_form,
-)
+from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
 from routing.errors import ErrorType
 from routing.jobs.record import JobStatus
 
@@ -237,11 +228,8 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
         fields, files = await read_form(request, frozenset({"image", "image[]"}), max_files=16)
         if not files:
             raise Refused(400, "image: at least one image file", "invalid_request_error", "image")
-        webhook = nested(fields, "webhook")
         try:
-            body = ImageEdit.model_validate(
-                {**fields, "image": files} | ({"webhook": webhook} if webhook else {})
-            )
+            body = ImageEdit.model_validate({**fields, "image": files})
         except ValueError as exc:
             raise invalid(exc) from None
         return body, files

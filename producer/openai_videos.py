@@ -41,16 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from producer.openai_door import (
-    Door,
-    FleetFields,
-    OpenAIError,
-    Refused,
-    documented,
-    invalid,
-    nested,
-    read_form,
-)
+from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
 from producer.video_previews import PREVIEWS, preview
 from routing.catalog import CATALOG, ModelSpec, TaskKind
 from routing.errors import NotFound
@@ -423,9 +414,7 @@ def add_routes(
             fields, files = await read_form(request, frozenset({"input_reference"}), max_files=2)
             if len(files) > 1:
                 raise Refused(400, "input_reference: one image", "invalid_request_error", "input_reference")
-            # The SDKs send an object as its fields: input_reference[image_url], webhook[url].
-            data: dict[str, Any] = {name: nested(fields, name) for name in ("input_reference", "webhook")}
-            data = {name: value for name, value in data.items() if value is not None} | fields
+            data: dict[str, Any] = fields  # input_reference[image_url] read back into an object
             image = files[0] if files else None
         else:
             data, image = None, None
