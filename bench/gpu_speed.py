@@ -96,35 +96,36 @@ earlier H200 figures and the anchors: a first run of a case measures its build a
 Qwen-Image-Edit-2509's two-row runs are estimated past 8 minutes, so give them all of a run's
 10); the Qwen models' ``fleet+fp8`` rows need an H200 (``kind: nvidia-h200``: the FP8 weights
 sit beside the bf16 ones the other rows run). The first run of a case makes the deviation floor
-(``stock-kernel``); every run makes ``stock``:
+(``stock-kernel``); every run makes ``stock``. The first 13 runs give every case its figures
+(``stock_s``, ``stock_compiled_s``, ``fleet_s``, the deviation), the rest the ablation:
 
     --only z-image-turbo/1024/e2e --rows stock stock-kernel fleet stock-compile attention lora-slot-on fleet+fp8 fleet+cuda-graphs   # ~437 s
-    --only z-image-turbo/1024/e2e --rows stock fleet+te-compile   # ~98 s
     --only qwen-image/1024/50 --rows stock stock-kernel fleet   # ~339 s
     --only qwen-image/1024/50 --rows stock stock-compile   # ~320 s
+    --only qwen-image/1024/50/cache   # ~431 s
+    --only qwen-image/1024/lightning-8 --rows stock stock-kernel fleet stock-compile fleet+fp8   # ~402 s
+    --only qwen-image-edit-2509/1024/40 --rows stock stock-kernel   # ~288 s
+    --only qwen-image-edit-2509/1024/40 --rows stock fleet   # ~550 s
+    --only qwen-image-edit-2509/1024/40 --rows stock stock-compile   # ~550 s
+    --only wan2.2-ti2v-5b/1280x704x121/step --rows stock stock-kernel fleet stock-compile attention   # ~448 s
+    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-kernel   # ~260 s
+    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
+    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
+    --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
+    --only z-image-turbo/1024/e2e --rows stock fleet+te-compile   # ~98 s
     --only qwen-image/1024/50 --rows stock attention   # ~320 s
     --only qwen-image/1024/50 --rows stock lora-slot-on   # ~320 s
     --only qwen-image/1024/50 --rows stock fleet+fp8   # ~320 s
     --only qwen-image/1024/50 --rows stock fleet+cuda-graphs   # ~320 s
-    --only qwen-image/1024/50/cache   # ~431 s
-    --only qwen-image/1024/lightning-8 --rows stock stock-kernel fleet stock-compile fleet+fp8   # ~402 s
     --only qwen-image/1024/lightning-8 --rows stock fleet+cuda-graphs fleet+te-compile   # ~283 s
-    --only qwen-image-edit-2509/1024/40 --rows stock stock-kernel   # ~288 s
-    --only qwen-image-edit-2509/1024/40 --rows stock fleet   # ~550 s
-    --only qwen-image-edit-2509/1024/40 --rows stock stock-compile   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock attention   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock lora-slot-on   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+fp8   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+cuda-graphs   # ~550 s
-    --only wan2.2-ti2v-5b/1280x704x121/step --rows stock stock-kernel fleet stock-compile attention   # ~448 s
     --only wan2.2-ti2v-5b/1280x704x121/step --rows stock lora-slot-on fleet+fp8 fleet+cuda-graphs   # ~446 s
     --only wan2.2-ti2v-5b/1280x704x121/step --rows stock fleet+fused-qkv   # ~181 s
-    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-kernel   # ~260 s
-    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
-    --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+te-compile   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+fused-qkv   # ~473 s
-    --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile   # ~374 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile+tf32+cudnn   # ~374 s
 """
@@ -163,6 +164,8 @@ DIFFUSERS_ROWS = (
     "fleet+cuda-graphs",
 )
 S2V_ROWS = ("stock", "stock-kernel", "tf32", "cudnn", "compile", "compile+tf32+cudnn")
+# The rows that make a case's figures in the results file, beside stock (S2V's fleet is stock).
+CORE_ROWS = {"stock-kernel", "fleet", "stock-compile"}
 # Rows that compile nothing (for the plan's estimates), and the untimed floor row.
 EAGER_ROWS = ("stock", "stock-kernel", "stock+cache", "tf32", "cudnn")
 # Attention backends tried for the ``attention`` rows (diffusers' names), those the install has;
@@ -376,7 +379,9 @@ def plan(runs: int, budget_s: float) -> list[tuple[list[str], list[str], float]]
                 chunk = []
             chunk.append(name)
         out.append(([case.key], ["stock", *chunk], estimate_s(case, ["stock", *chunk], runs)))
-    return out
+    # GPU time comes a run at a time: the runs that give every case its figures (stock_s,
+    # stock_compiled_s, fleet_s) and its deviation floor go first, the ablation after them.
+    return sorted(out, key=lambda run: not (not run[1] or CORE_ROWS & set(run[1])))
 
 
 # -- the diffusers cases ---------------------------------------------------------------------

@@ -121,6 +121,14 @@ def test_the_readme_table_is_made_from_the_results_file() -> None:
 
 def test_the_docstring_names_every_run_of_the_plan() -> None:
     bench = _bench()
-    for keys, rows, _ in bench.plan(5, 480.0):
+    runs = bench.plan(5, 480.0)
+    for keys, rows, _ in runs:
         line = f"--only {' '.join(keys)}" + (f" --rows {' '.join(rows)}" if rows else "")
         assert line in bench.__doc__, line
+    # The runs that give each case its figures come first, and the README and docstring count them.
+    core = [not rows or bool(bench.CORE_ROWS & set(rows)) for _, rows, _ in runs]
+    first = core.index(False)
+    assert not any(core[first:]) and {key for keys, _, _ in runs[:first] for key in keys} == set(bench.BY_KEY)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"prints the {len(runs)} runs, the {first} that give every case its figures first" in readme
+    assert f"The first {first} runs give every case its figures" in " ".join(bench.__doc__.split())
