@@ -224,7 +224,9 @@ class Client:
                     limits=self.limits,
                     traceparent=traceparent,
                 )
+            found = [outcome for outcome in outcomes.values() if outcome[0] is Created.EXISTS]
             with _redis_errors():
+                created: list[tuple[Created, str]] = []
                 if new:
                     try:
                         created = self.store.create(list(new.values()))
@@ -236,6 +238,10 @@ class Client:
                 for index, (outcome, found_id) in sorted(outcomes.items()):
                     if outcome is Created.EXISTS and self.store.request_hash(found_id) != hashes[index]:
                         raise Conflict(f"idempotency key {keys[index]!r} was used for another request")
+                # Earlier jobs are answered once the replicas hold them, as new ones are: create's
+                # wait covers them when it answered for a job, else they are waited for here.
+                if found and all(outcome is Created.LIMITED for outcome, _ in created):
+                    self.store.confirm(found)
         finally:
             # Nothing stays stored for a request that was not queued.
             for index, (job_id, request) in started.items():
@@ -270,6 +276,12 @@ class Client:
         """The job ``idempotency_key`` was used for, or None."""
         with _redis_errors():
             return self._earlier_jobs([idempotency_key])[0]
+
+    def confirm_replicated(self, job_id: str) -> None:
+        """Return once ``FLEET_REDIS_MIN_REPLICAS`` replicas hold the job (an earlier job about to
+        be answered again), else raise ``NotReplicated``; at once without replicas asked for."""
+        with _redis_errors():
+            self.store.confirm([(Created.EXISTS, job_id)])
 
     def _earlier_jobs(self, idempotency_keys: list[str | None]) -> list[str | None]:
         """The job each idempotency key was used for already; None for a new or absent key."""

@@ -23,9 +23,17 @@ from starlette.concurrency import run_in_threadpool
 
 from producer.admission import Slots, SlotsTaken
 from routing import tracing
-from routing.errors import Conflict, FieldError, InvalidRequest, TooManyJobs, Unavailable
+from routing.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotReplicated,
+    TooManyJobs,
+    Unavailable,
+)
 from routing.io.storage import StorageError
 from routing.jobs.events import Webhook
+from routing.jobs.store import Created
 from routing.settings import Settings
 
 
@@ -232,8 +240,14 @@ class Door:
             )
         except InvalidRequest as exc:
             raise from_invalid(exc, self.names) from None
+        except NotReplicated as exc:
+            # Taken by the master, which may keep it: its files are the job's, and a call made
+            # again with its key is matched by them.
+            refused = _unavailable(exc)
+            refused.queued = any(outcome is Created.CREATED for outcome, _ in exc.outcomes)
+            raise refused from None
         except Unavailable as exc:
-            raise Refused(503, str(exc), "server_error") from None
+            raise _unavailable(exc) from None
         except TooManyJobs as exc:
             refused = Refused(429, str(exc), "rate_limit_error")
             refused.headers = {"Retry-After": "10"}
@@ -281,6 +295,10 @@ class Door:
                 "invalid_request_error",
                 code="idempotency_key_reused",
             ).final()
+        try:  # answered with a new job's promise: the replicas hold it
+            self.client.confirm_replicated(job_id)
+        except Unavailable as exc:
+            raise _unavailable(exc) from None
         return job_id
 
     def _same_files(self, kept: Any, sent: list[bytes]) -> bool:
@@ -322,3 +340,11 @@ class Door:
             return await self.wait_finished(job_id, self.settings.openai_wait_s)
         except Exception:  # the job is queued: the caller is told which, not an error of its own
             return False
+
+
+def _unavailable(exc: Unavailable) -> Refused:
+    """The store unreachable, or its replicas short of a submit: a 503 to retry, as the fleet's
+    own routes answer it (the OpenAI SDKs retry it, after ``Retry-After``)."""
+    refused = Refused(503, str(exc), "server_error")
+    refused.headers = {"Retry-After": "5"}
+    return refused

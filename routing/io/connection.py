@@ -8,9 +8,11 @@ so a restart (with AOF on, nothing is lost) costs a pause, not the job.
 With ``FLEET_REDIS_SENTINELS`` every connection is made to the address the Sentinels give for
 the master (redis-py's ``redis.sentinel``): when they promote a replica, a command that meets
 the dead master's closed socket, or the old master's READONLY answer once it is back as a
-replica, is retried by the same backoff, on a connection to the new master. Celery's broker
-(Kombu's ``sentinel://`` transport) and Flower follow the same Sentinels (``broker_url``). A
-``rediss://`` ``FLEET_REDIS_URL`` puts the Sentinels and the data nodes on TLS, with its options.
+replica, is retried by the same backoff, on a connection to the new master; a client leaves a
+master the Sentinels replaced while it was still up the moment they announce it
+(``_MasterWatch``). Celery's broker (Kombu's ``sentinel://`` transport) and Flower follow the
+same Sentinels (``broker_url``). A ``rediss://`` ``FLEET_REDIS_URL`` puts the Sentinels and the
+data nodes on TLS, with its options.
 
 A failover loses what the master had not yet sent to the replica it promoted. So a write the
 fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
@@ -20,7 +22,11 @@ fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -99,12 +105,134 @@ def connect(settings: Settings) -> redis.Redis:
     sentinel = redis.sentinel.Sentinel(
         sentinel_addresses(settings), sentinel_kwargs=_sentinel_options(settings), **_data_node(settings)
     )
-    return sentinel.master_for(
+    client = sentinel.master_for(
         settings.redis_sentinel_master,
-        redis_class=redis.Redis,
+        redis_class=_FollowingRedis,
         connection_class=_SentinelConnection if tls_options(settings) is None else _SentinelSSLConnection,
         **options,
     )
+    client.watch = _MasterWatch(
+        client.connection_pool, sentinel_addresses(settings), _sentinel_options(settings), settings
+    )
+    client.watch.start()
+    return client
+
+
+class _MasterWatch:
+    """Moves a Sentinel-managed pool to the new master the moment the Sentinels announce it
+    (``+switch-master`` on their pub/sub), as Jedis's pool does; redis-py asks them only when a
+    connection is made.
+
+    A master the Sentinels replaced while it was still up (split off by the network, or paused
+    past ``down-after-milliseconds`` and failed over on a false alarm) goes on answering the
+    connections it had, writes included, until they turn it into a replica: ten seconds and more.
+    A worker's move made there is lost with it, and a job then runs twice. Here idle connections
+    are dropped and busy ones are not given back (redis-py's pool, once its master address
+    changes): the next command goes to the new master.
+
+    One thread per pool, subscribed to one Sentinel at a time (the next when it goes), asking
+    them all afresh every ``RECHECK_S`` too, in case an announcement was missed; it ends with
+    the client's ``close()`` or the pool, and is started again in a forked child."""
+
+    RECHECK_S = 5.0
+    _live: weakref.WeakSet[_MasterWatch] = weakref.WeakSet()
+
+    def __init__(
+        self,
+        pool: redis.sentinel.SentinelConnectionPool,
+        sentinels: list[tuple[str, int]],
+        options: dict[str, Any],
+        settings: Settings,
+    ):
+        self._pool = weakref.ref(pool)
+        self._sentinels = sentinels
+        self._options = options
+        self._master = settings.redis_sentinel_master
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self._live.add(self)
+        threading.Thread(target=self._run, name=f"sentinel-watch:{self._master}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._live.discard(self)
+
+    @classmethod
+    def _restart_all(cls) -> None:
+        """In a forked child: the parent's threads are not there."""
+        for watch in list(cls._live):
+            threading.Thread(target=watch._run, name=f"sentinel-watch:{watch._master}", daemon=True).start()
+
+    def _run(self) -> None:
+        index = 0
+        while not self._stop.is_set():
+            host, port = self._sentinels[index % len(self._sentinels)]
+            index += 1
+            try:
+                with redis.Redis(host=host, port=port, **self._options) as sentinel:
+                    with sentinel.pubsub(ignore_subscribe_messages=True) as pubsub:
+                        pubsub.subscribe("+switch-master")
+                        self._listen(pubsub)
+            except (redis.RedisError, OSError) as exc:
+                log.debug("Sentinel %s:%d: %s; watching through the next", host, port, exc)
+                self._stop.wait(0.5)
+
+    def _listen(self, pubsub: redis.client.PubSub) -> None:
+        """Until stopped or the Sentinel goes: follow each switch of the master, and recheck."""
+        self._follow()  # a switch while no Sentinel was listened to
+        recheck_at = time.monotonic() + self.RECHECK_S
+        while not self._stop.is_set():
+            message = pubsub.get_message(timeout=1.0)
+            if message is not None:
+                # "<name> <old ip> <old port> <new ip> <new port>"
+                name, *_old, new_host, new_port = _decoded(message["data"]).split(" ")
+                if name == self._master:
+                    log.warning("the Sentinels named a new master: %s:%s", new_host, new_port)
+                    self._follow((new_host, int(new_port)))
+            elif time.monotonic() >= recheck_at:
+                self._follow()
+            else:
+                continue
+            recheck_at = time.monotonic() + self.RECHECK_S
+
+    def _follow(self, announced: tuple[str, int] | None = None) -> None:
+        """Ask the Sentinels for the master: a new address drops the pool's connections to the
+        old one. After an announcement, until they name the ``announced`` master (it reaches the
+        other Sentinels within seconds) or ``RECHECK_S`` has passed."""
+        deadline = time.monotonic() + self.RECHECK_S
+        while not self._stop.is_set():
+            pool = self._pool()
+            if pool is None:
+                self._stop.set()
+                return
+            try:
+                named = pool.get_master_address()
+            except redis.RedisError as exc:  # none names one now: the next command retries
+                log.debug("no master named: %s", exc)
+                named = None
+            del pool
+            if announced is None or named == announced or time.monotonic() > deadline:
+                return
+            self._stop.wait(0.1)
+
+
+class _FollowingRedis(redis.Redis):
+    """The client of the master the Sentinels name, its pool moved by a ``_MasterWatch``."""
+
+    watch: _MasterWatch | None = None
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+        super().close()
+
+
+def _decoded(data: bytes | str) -> str:
+    return data.decode() if isinstance(data, bytes) else data
+
+
+os.register_at_fork(after_in_child=_MasterWatch._restart_all)
 
 
 class _BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -225,7 +353,10 @@ class Replication:
 
     Redis ``WAIT`` counts the replicas that acknowledged the writes of its own connection, so it
     goes in the same pipeline as the writes (``execute``). Replicas acknowledge one stream in
-    order: a ``WAIT`` answered after a later write covers the earlier ones.
+    order: a ``WAIT`` answered after a later write covers the earlier ones, whichever connection
+    made them. So an answer for writes made elsewhere (a job found by its idempotency key) writes
+    a fence key first (``fence``): without it a connection that wrote nothing is answered at once,
+    even by a master the Sentinels have replaced and whose replicas have left it.
     """
 
     replicas: int = 0
@@ -236,22 +367,39 @@ class Replication:
         return cls(settings.redis_min_replicas, settings.redis_replica_timeout_ms)
 
     def execute(
-        self, pipe: redis.client.Pipeline, *, raise_on_error: bool = True
+        self, pipe: redis.client.Pipeline, *, raise_on_error: bool = True, fence: str | None = None
     ) -> tuple[list[Any], int | None]:
-        """Run ``pipe``'s commands, then wait for the replicas on its connection. Returns the
-        commands' replies and how many replicas hold them (None when none are asked for)."""
+        """Run ``pipe``'s commands, then wait for the replicas on its connection (after writing
+        ``fence``, when given). Returns the commands' replies and how many replicas hold them
+        (None when none are asked for)."""
         if not self.replicas:
             return pipe.execute(raise_on_error=raise_on_error), None
+        if fence:
+            pipe.set(fence, repr(time.time()))
         pipe.wait(self.replicas, self.timeout_ms)
         *replies, held = pipe.execute(raise_on_error=raise_on_error)
         if isinstance(held, Exception):  # WAIT refused (asked of a replica): the writes' answer is unknown
             raise held
+        if fence:
+            fenced = replies.pop()
+            if isinstance(fenced, Exception):  # READONLY: a replica now, and the WAIT answered nothing
+                raise fenced
         return replies, held
 
-    def run(self, client: redis.Redis, script: Script, calls: list[str]) -> tuple[list[Any], int | None]:
+    def confirm(self, client: redis.Redis, fence: str) -> int | None:
+        """How many replicas hold every write the master has taken (None when none are asked
+        for): ``fence`` written, then ``WAIT``."""
+        if not self.replicas:
+            return None
+        with client.pipeline(transaction=False) as pipe:
+            return self.execute(pipe, fence=fence)[1]
+
+    def run(
+        self, client: redis.Redis, script: Script, calls: list[str], fence: str | None = None
+    ) -> tuple[list[Any], int | None]:
         """Run a registered Lua ``script`` once per call (its one argument names its keys), all in
-        one round trip, then wait for the replicas. Returns the replies and how many replicas hold
-        them (None when none are asked for).
+        one round trip, then wait for the replicas (after writing ``fence``, when given). Returns
+        the replies and how many replicas hold them (None when none are asked for).
 
         EVALSHA straight into the pipeline: redis-py's script objects would add a SCRIPT EXISTS
         round trip to every batch. A call refused for a missing script (Redis restarted, or a new
@@ -262,7 +410,7 @@ class Replication:
             with client.pipeline(transaction=False) as pipe:
                 for index in pending:
                     pipe.evalsha(script.sha, 0, calls[index])
-                results, held = self.execute(pipe, raise_on_error=False)
+                results, held = self.execute(pipe, raise_on_error=False, fence=fence)
             missing = []
             for index, result in zip(pending, results, strict=True):
                 if isinstance(result, redis.exceptions.NoScriptError):

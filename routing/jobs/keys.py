@@ -46,6 +46,12 @@ class Keys:
         return f"{self.prefix}:idem:{idempotency_key}"
 
     @property
+    def replication_fence(self) -> str:
+        """Written before a ``WAIT`` that answers for writes of other connections (an earlier job
+        a submit answers again): its count then covers them (``routing.io.connection.Replication``)."""
+        return f"{self.prefix}:replication-fence"
+
+    @property
     def events(self) -> str:
         """Stream of every job state change and progress step (``routing.jobs.events.EventType``)."""
         return f"{self.prefix}:events"

@@ -142,20 +142,33 @@ class JobStore:
 
         Returns (outcome, job id) per job: ``CREATED``; ``EXISTS`` when its idempotency key was
         used already (nothing written, the id is the earlier job's); ``LIMITED`` when its tenant
-        has ``max_in_flight`` unfinished jobs (nothing written).
+        has ``max_in_flight`` unfinished jobs (nothing written). With ``FLEET_REDIS_MIN_REPLICAS``
+        it returns once the replicas hold the created jobs and the earlier ones alike (and every
+        job the master took before), else raises ``NotReplicated``.
         """
         now = repr(time.time())
         calls = [self._create_call(job, now) for job in jobs]
-        replies, held = self.replication.run(self.client, self._create, calls)
+        replies, held = self.replication.run(
+            self.client, self._create, calls, fence=self.keys.replication_fence
+        )
         outcomes = [(Created(int(outcome)), _text(found_id)) for outcome, found_id in replies]
-        if self.replication.short(held) and any(outcome is Created.CREATED for outcome, _ in outcomes):
+        self._check_replicated(held, outcomes)
+        return outcomes
+
+    def confirm(self, outcomes: list[tuple[Created, str]]) -> None:
+        """Return once the replicas hold the jobs of ``outcomes`` (jobs found by their idempotency
+        keys, written by an earlier submit), else raise ``NotReplicated``: a submit answers an
+        earlier job with the same promise as a new one. Without ``FLEET_REDIS_MIN_REPLICAS``, at once."""
+        self._check_replicated(self.replication.confirm(self.client, self.keys.replication_fence), outcomes)
+
+    def _check_replicated(self, held: int | None, outcomes: list[tuple[Created, str]]) -> None:
+        if self.replication.short(held) and any(outcome is not Created.LIMITED for outcome, _ in outcomes):
             raise NotReplicated(
-                f"the job store's master took the job, but {held} of {self.replication.replicas} "
+                f"the job store's master holds the job, but {held} of {self.replication.replicas} "
                 f"replicas (FLEET_REDIS_MIN_REPLICAS) confirmed it within {self.replication.timeout_ms} "
                 "ms: a failover could lose it; submit again with the same Idempotency-Key",
                 outcomes,
             )
-        return outcomes
 
     def _create_call(self, job: NewJob, now: str) -> str:
         fields = {

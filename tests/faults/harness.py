@@ -379,6 +379,22 @@ class ReplicatedRedis:
         replica and the other replicas follow it. Returns the old master and the new one."""
         old = self.master()
         old.stop("sigkill")
+        return old, self._promoted(old)
+
+    def pause_master(self) -> tuple[RedisServer, RedisServer]:
+        """SIGSTOP the master until the Sentinels have promoted a replica, then SIGCONT it: a
+        master split off, or one failed over on a false alarm. It is back with the connections it
+        had, a master in its own eyes until the Sentinels turn it into a replica (ten seconds and
+        more). Returns the old master and the new one."""
+        old = self.master()
+        assert old.proc is not None
+        old.proc.send_signal(signal.SIGSTOP)
+        try:
+            return old, self._promoted(old)
+        finally:
+            old.proc.send_signal(signal.SIGCONT)
+
+    def _promoted(self, old: RedisServer) -> RedisServer:
         wait_for(lambda: self.master() is not old, 60, "a replica promoted", every_s=0.1)
         new = self.master()
         # Every Sentinel names it, up, as a master: what a client asking any of them accepts
@@ -390,7 +406,7 @@ class ReplicatedRedis:
         wait_for(
             lambda: self.online_replicas() >= len(self.nodes) - 2, 60, "replicas following the new master"
         )
-        return old, new
+        return new
 
     def _views(self) -> list[dict[str, object] | None]:
         """What each Sentinel says of the master (None: it does not answer)."""

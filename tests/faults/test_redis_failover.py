@@ -3,7 +3,8 @@
 The master is killed -9 while jobs are queued and running; the Sentinels promote a replica and
 the workers, the Redis SDK and the API follow it: no job is lost, each succeeds once, and the
 workers go on consuming. A submit is answered only once ``FLEET_REDIS_MIN_REPLICAS`` replicas
-hold it, tested at its edge. The same failover with TLS everywhere, once."""
+hold it, tested at its edge, and so is a job answered again by its idempotency key (the Redis
+SDK, the API and the OpenAI door). The same failover with TLS everywhere, once."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
 from routing.errors import NotReplicated
 from routing.io.storage import LocalStorage
 from routing.jobs.record import JobStatus
+from routing.jobs.store import Created
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, api_client, tenants
 from tests.conftest import _free_port
@@ -37,10 +40,12 @@ from tests.faults.harness import (
 )
 from tests.flower_api import http, poll, queue_lengths, running_flower
 from worker import held
+from worker.media import encode_png
 
 pytestmark = pytest.mark.integration
 
 JOBS = 10
+PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))  # an image to edit
 
 
 @pytest.fixture
@@ -160,9 +165,13 @@ def test_over_tls_every_process_follows_the_failover_and_loses_no_job(
 def test_producers_submitting_through_the_failover_lose_nothing(
     fleet_settings: Settings, replicated: ReplicatedRedis
 ):
+    # Every submit waits for both replicas: whichever the Sentinels promote holds every answered
+    # job (with one of two, a job answered as the master died can be held by the other alone).
     # A retry budget of about ten seconds (backoff capped at 2 s): enough for the Sentinels' few
     # seconds, not for retrying the dead master's address until it runs out.
-    settings = Settings.model_validate(fleet_settings.model_dump() | {"redis_retries": 10})
+    settings = Settings.model_validate(
+        fleet_settings.model_dump() | {"redis_retries": 10, "redis_min_replicas": 2}
+    )
     answered: dict[int, list[tuple[float, str]]] = {thread: [] for thread in range(4)}
     not_replicated: list[str] = []
     failed: list[BaseException] = []
@@ -177,8 +186,8 @@ def test_producers_submitting_through_the_failover_lose_nothing(
                         job = client.submit(small_request(f"thread {thread}"), idempotency_key=key)
                         break
                     except NotReplicated:
-                        # The new master before the other replica follows it: taken, not yet
-                        # confirmed. Submitted again with its key, as the HTTP SDK does a 503.
+                        # The new master, with one replica until the lost node is back: taken,
+                        # not confirmed. Submitted again with its key, as the HTTP SDK does a 503.
                         not_replicated.append(key)
                     except Exception as exc:  # unreachable past the retries: a failure of this test
                         failed.append(exc)
@@ -189,8 +198,11 @@ def test_producers_submitting_through_the_failover_lose_nothing(
     for thread in threads:
         thread.start()
     wait_for(lambda: all(answered.values()), 30, "every producer submitting")
-    replicated.kill_master()
+    old, _new = replicated.kill_master()
     promoted_at = time.monotonic()
+    # The lost node is replaced: it comes back as the new master's second replica.
+    old.start()
+    wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
     wait_for(
         lambda: failed or all(jobs[-1][0] > promoted_at for jobs in answered.values()), 60, "submits after"
     )
@@ -203,10 +215,39 @@ def test_producers_submitting_through_the_failover_lose_nothing(
     with Client(settings) as client:
         for jobs in answered.values():
             records = client.store.get_many([job_id for _, job_id in jobs])
-            assert all(record is not None and record.status is JobStatus.QUEUED for record in records)
+            lost = [
+                (round(at - promoted_at, 2), job_id)
+                for (at, job_id), record in zip(jobs, records, strict=True)
+                if record is None or record.status is not JobStatus.QUEUED
+            ]
+            assert not lost, (lost, replicated.logs())
         job_ids = [job_id for jobs in answered.values() for _, job_id in jobs]
         assert len(set(job_ids)) == len(job_ids)
+        assert not_replicated, "no submit met the new master before its second replica"
         assert all(client.job_of_idempotency_key(key) in job_ids for key in not_replicated)
+
+
+def test_a_master_failed_over_while_up_is_left_by_the_fleets_connections(
+    fleet_settings: Settings, replicated: ReplicatedRedis
+):
+    """The split brain: the master, paused past down-after-milliseconds, is failed over and comes
+    back a master in its own eyes, with the connections it had, until the Sentinels turn it into
+    a replica. The Redis SDK's pool moves to the new master as they announce it, so the next
+    submit is written there: on the old master it would be lost with the old master's data."""
+    # No replicas asked for: nothing but the move keeps the submit off the old master.
+    settings = Settings.model_validate(fleet_settings.model_dump() | {"redis_min_replicas": 0})
+    with Client(settings) as client:
+        client.submit(small_request("before"))  # the pool holds a connection to the master
+        old, new = replicated.pause_master()
+        pool = client.store.client.connection_pool
+        wait_for(lambda: pool.master_address == ("127.0.0.1", new.port), 5, "the pool on the new master")
+        after = client.submit(small_request("after"))
+        with old.client() as on_old, new.client() as on_new:
+            assert on_old.info("replication")["role"] == "master"  # not yet turned into a replica
+            assert on_new.exists(client.keys.job(after.id)) and not on_old.exists(client.keys.job(after.id))
+        # Once the Sentinels have turned the old master into a replica, the job is still there.
+        wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
+        assert client.get(after.id).status is JobStatus.QUEUED
 
 
 def test_a_submit_is_answered_once_the_replicas_it_asks_for_hold_it(fleet_settings: Settings):
@@ -224,12 +265,20 @@ def test_a_submit_is_answered_once_the_replicas_it_asks_for_hold_it(fleet_settin
     with Client(past_edge) as client:
         with pytest.raises(NotReplicated, match="2 of 3 replicas") as refused:
             client.submit(small_request("three replicas"), idempotency_key="past-edge")
-        # The master has it, and so do both replicas: it is queued, its inputs kept, and the
-        # same submit again answers it.
+        # The master has it, and so do both replicas: it is queued, its inputs kept. The same
+        # submit again answers it with a new job's promise, so while three replicas are asked for
+        # it is refused again; asking for the two there are, it is answered.
         (outcome, job_id), *_ = refused.value.outcomes
         assert client.get(job_id).status is JobStatus.QUEUED
+        with pytest.raises(NotReplicated, match="2 of 3 replicas") as again_refused:
+            client.submit(small_request("three replicas"), idempotency_key="past-edge")
+        assert again_refused.value.outcomes == [(Created.EXISTS, job_id)]
+        with pytest.raises(NotReplicated, match="2 of 3 replicas"):
+            client.confirm_replicated(job_id)
+    with Client(at_edge) as client:
         again = client.submit(small_request("three replicas"), idempotency_key="past-edge")
         assert again.id == job_id and not again.created
+        client.confirm_replicated(job_id)
 
 
 def test_the_api_answers_503_for_a_submit_the_replicas_do_not_confirm(
@@ -238,15 +287,34 @@ def test_the_api_answers_503_for_a_submit_the_replicas_do_not_confirm(
     past_edge = Settings.model_validate(
         fleet_settings.model_dump() | {"redis_min_replicas": 3, "redis_replica_timeout_ms": 200}
     )
-    with api_client(past_edge, tmp_path) as api:
+    with api_client(past_edge, tmp_path / "past") as api:
         refused = api.post("/v1/jobs", json=SMALL, headers={**A, "Idempotency-Key": "k1"})
         assert refused.status_code == 503, refused.text
         assert refused.headers["Retry-After"] == "5"
         assert "FLEET_REDIS_MIN_REPLICAS" in refused.json()["detail"]
-        # Submitted again with its key, the job the master took is answered.
+        # Submitted again with its key while the replicas still fall short: 503 again, not the
+        # job the master took (an answer promises the replicas hold it).
+        again = api.post("/v1/jobs", json=SMALL, headers={**A, "Idempotency-Key": "k1"})
+        assert again.status_code == 503, again.text
+        # The OpenAI door: an edit's images stay with the job the master took, so the call
+        # made again with its key is matched to it, not refused as another request.
+        edit = {"data": {"prompt": "a hat", "size": "64x64"}, "files": {"image": ("a.png", PNG, "image/png")}}
+        door_key = {**A, "Idempotency-Key": "e1"}
+        door_refused = api.post("/v1/images/edits", headers=door_key, **edit)
+        assert door_refused.status_code == 503, door_refused.text
+        assert door_refused.headers["Retry-After"] == "5"
+        assert api.post("/v1/images/edits", headers=door_key, **edit).status_code == 503
+    # Asking for the two replicas there are, the same calls answer the jobs the master took.
+    at_edge = Settings.model_validate(past_edge.model_dump() | {"redis_min_replicas": 2, "openai_wait_s": 1})
+    with api_client(at_edge, tmp_path / "edge") as api:
         again = api.post("/v1/jobs", json=SMALL, headers={**A, "Idempotency-Key": "k1"})
         assert again.status_code == 200, again.text
         assert again.json()["status"] == "queued"
+        # No worker: the edit outlasts the wait, a 408 naming the job, the one the master took.
+        waited = api.post("/v1/images/edits", headers=door_key, **edit)
+        assert waited.status_code == 408, waited.text
+        jobs = {job["kind"]: job["id"] for job in api.get("/v1/jobs", headers=A).json()["jobs"]}
+        assert jobs == {SMALL["kind"]: again.json()["id"], "edit": waited.headers["Fleet-Job-Id"]}
 
 
 def _held_messages(client: Client) -> int:
