@@ -160,9 +160,13 @@ class _MasterWatch:
 
     @classmethod
     def _restart_all(cls) -> None:
-        """In a forked child: the parent's threads are not there."""
+        """In a forked child: the parent's threads are not there, and a lock one of them held
+        as the process forked would stay held, so each watch gets a new stop event."""
         for watch in list(cls._live):
-            threading.Thread(target=watch._run, name=f"sentinel-watch:{watch._master}", daemon=True).start()
+            stopped = watch._stop.is_set()
+            watch._stop = threading.Event()
+            if not stopped:
+                watch.start()
 
     def _run(self) -> None:
         index = 0
@@ -186,10 +190,10 @@ class _MasterWatch:
             message = pubsub.get_message(timeout=1.0)
             if message is not None:
                 # "<name> <old ip> <old port> <new ip> <new port>"
-                name, *_old, new_host, new_port = _decoded(message["data"]).split(" ")
-                if name == self._master:
-                    log.warning("the Sentinels named a new master: %s:%s", new_host, new_port)
-                    self._follow((new_host, int(new_port)))
+                parts = _decoded(message["data"]).split(" ")
+                if len(parts) == 5 and parts[0] == self._master and parts[4].isdigit():
+                    log.warning("the Sentinels named a new master: %s:%s", parts[3], parts[4])
+                    self._follow((parts[3], int(parts[4])))
             elif time.monotonic() >= recheck_at:
                 self._follow()
             else:

@@ -8,11 +8,13 @@ SDK, the API and the OpenAI door). The same failover with TLS everywhere, once."
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -236,18 +238,40 @@ def test_a_master_failed_over_while_up_is_left_by_the_fleets_connections(
     submit is written there: on the old master it would be lost with the old master's data."""
     # No replicas asked for: nothing but the move keeps the submit off the old master.
     settings = Settings.model_validate(fleet_settings.model_dump() | {"redis_min_replicas": 0})
+    fork = multiprocessing.get_context("fork")
     with Client(settings) as client:
         client.submit(small_request("before"))  # the pool holds a connection to the master
+        # A process forked with the client (as Celery's pool children are), with a connection
+        # of its own to the master, follows on its own.
+        to_child, from_child = fork.Queue(), fork.Queue()
+        child = fork.Process(target=_submit_through_the_failover, args=(client, from_child, to_child))
+        child.start()
+        assert from_child.get(timeout=30) == "connected"
         old, new = replicated.pause_master()
         pool = client.store.client.connection_pool
         wait_for(lambda: pool.master_address == ("127.0.0.1", new.port), 5, "the pool on the new master")
         after = client.submit(small_request("after"))
+        to_child.put(("127.0.0.1", new.port))
+        child_job = from_child.get(timeout=30)
+        child.join(30)
         with old.client() as on_old, new.client() as on_new:
             assert on_old.info("replication")["role"] == "master"  # not yet turned into a replica
-            assert on_new.exists(client.keys.job(after.id)) and not on_old.exists(client.keys.job(after.id))
+            for job_id in (after.id, child_job):
+                assert on_new.exists(client.keys.job(job_id)) and not on_old.exists(client.keys.job(job_id))
         # Once the Sentinels have turned the old master into a replica, the job is still there.
         wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
         assert client.get(after.id).status is JobStatus.QUEUED
+
+
+def _submit_through_the_failover(client: Client, to_parent: Any, from_parent: Any) -> None:
+    """In the forked child: a submit (a connection to the master), then, told the new master's
+    address, one more once its own pool names it."""
+    client.submit(small_request("from a forked child, before"))
+    to_parent.put("connected")
+    address = from_parent.get(timeout=60)
+    pool = client.store.client.connection_pool
+    wait_for(lambda: pool.master_address == address, 5, "the child's pool on the new master")
+    to_parent.put(client.submit(small_request("from a forked child, after")).id)
 
 
 def test_a_submit_is_answered_once_the_replicas_it_asks_for_hold_it(fleet_settings: Settings):
