@@ -630,10 +630,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cursor: Annotated[
             str | None, Query(max_length=100, pattern=r"^[0-9]+(\.[0-9]+)?:[0-9a-f]{1,64}$")
         ] = None,
+        order: Annotated[
+            Literal["desc", "asc"], Query(description="desc: newest first; asc: oldest first")
+        ] = "desc",
     ) -> JobPage:
-        """The tenant's jobs, newest first; pass ``next_cursor`` back, as it is, for the next
-        page. Every job is listed once, jobs submitted together included."""
-        records, last = client.list(limit, cursor, tenant=tenant)
+        """The tenant's jobs, newest first (``order=asc``: oldest first); pass ``next_cursor``
+        back, as it is, with the same ``order``, for the next page. Every job is listed once,
+        jobs submitted together included."""
+        records, last = client.list(limit, cursor, tenant=tenant, order=order)
         unfinished = any(not r.status.is_terminal() for r in records)
         fleet = read_fleet(client.store.client, client.keys) if unfinished else None  # once for the page
         return JobPage(jobs=[job_out(r, fleet) for r in records], next_cursor=last)

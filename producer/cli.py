@@ -171,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job_id")
         if name == "wait":
             _follow_flags(command, None)
-    listing = commands.add_parser("list", help="list jobs, newest first")
+    listing = commands.add_parser("list", help="list jobs, newest first (--order asc: oldest)")
     listing.add_argument("--tenant", default="", help="whose jobs (over --api, the key says)")
     listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--order", choices=["desc", "asc"], default="desc", help="asc: oldest first")
     usage = commands.add_parser("usage", help="what a tenant used: jobs, GPU-seconds, outputs, by UTC day")
     usage.add_argument("--tenant", default="", help="whose usage (over --api, the key says)")
     usage.add_argument("--start", type=_date, help="first UTC day, YYYY-MM-DD (default: end's month's first)")
@@ -320,7 +321,7 @@ def _dispatch(client: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -
         print(f"{args.job_id} deleted", file=out)
         return 0
     if args.command == "list":
-        records, _cursor = client.list(limit=args.limit, **tenant)
+        records, _cursor = client.list(limit=args.limit, order=args.order, **tenant)
         for record in records:
             progress = f"{record.step}/{record.total_steps}" if record.total_steps else "-"
             print(

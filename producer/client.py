@@ -55,7 +55,7 @@ from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus, Output
-from routing.jobs.store import Created, Cursor, JobStore, NewJob
+from routing.jobs.store import ORDERS, Created, Cursor, JobStore, NewJob
 from routing.jobs.usage import Usage, query_range, read_usage
 from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
@@ -308,18 +308,21 @@ class Client:
             return self.store.get(job_id)
 
     def list(
-        self, limit: int = 20, cursor: str | None = None, *, tenant: str = ""
+        self, limit: int = 20, cursor: str | None = None, *, tenant: str = "", order: str = "desc"
     ) -> tuple[list[JobRecord], str | None]:
-        """A tenant's jobs, newest first, and the cursor of the next page (None when this page is
-        the last): the verb and answer of the HTTP SDK's ``list``.
+        """A tenant's jobs, newest first (``order="asc"``: oldest first), and the cursor of the
+        next page (None when this page is the last): the verb and answer of the HTTP SDK's
+        ``list``.
 
-        Jobs are ordered by (``created_at``, id), newest first, and the cursor names the last
-        one listed (``<created_at>:<id>``, to be passed back as it is): the jobs of one
-        ``submit_many`` share a ``created_at``, and each is listed once. Two round trips
+        Jobs are ordered by (``created_at``, id), and the cursor names the last one listed
+        (``<created_at>:<id>``, to be passed back as it is, with the same ``order``): the jobs of
+        one ``submit_many`` share a ``created_at``, and each is listed once. Two round trips
         whatever ``limit`` is."""
+        if order not in ORDERS:
+            raise InvalidRequest([FieldError("order", "must be desc (newest first) or asc (oldest first)")])
         after = Cursor.parse(cursor) if cursor else None
         with _redis_errors():
-            entries = self.store.page(tenant, limit, after)
+            entries = self.store.page(tenant, limit, after, order)
             ids = [job_id for job_id, _created_at in entries]
             records = self.store.get_many(ids)
             expired = [job_id for job_id, record in zip(ids, records, strict=True) if record is None]

@@ -138,9 +138,12 @@ class Client:
         ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
         self._run(self._core.delete(job_id))
 
-    def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
-        """The tenant's jobs, newest first, and the cursor of the next page (None: the last)."""
-        return self._run(self._core.list(limit, cursor))
+    def list(
+        self, limit: int = 20, cursor: str | None = None, order: str = "desc"
+    ) -> tuple[list[JobView], str | None]:
+        """The tenant's jobs, newest first (``order="asc"``: oldest first), and the cursor of
+        the next page (None: the last), to pass back with the same ``order``."""
+        return self._run(self._core.list(limit, cursor, order))
 
     def usage(self, start: dt.date | None = None, end: dt.date | None = None) -> Usage:
         """What the tenant used from ``start`` to ``end`` (UTC days, both included; by default
@@ -282,8 +285,10 @@ class AsyncClient:
     async def delete(self, job_id: str) -> None:
         await self._run(self._core.delete(job_id))
 
-    async def list(self, limit: int = 20, cursor: str | None = None) -> tuple[list[JobView], str | None]:
-        return await self._run(self._core.list(limit, cursor))
+    async def list(
+        self, limit: int = 20, cursor: str | None = None, order: str = "desc"
+    ) -> tuple[list[JobView], str | None]:
+        return await self._run(self._core.list(limit, cursor, order))
 
     async def usage(self, start: dt.date | None = None, end: dt.date | None = None) -> Usage:
         return await self._run(self._core.usage(start, end))

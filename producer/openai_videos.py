@@ -19,8 +19,10 @@ ask again, ``FLEET_OPENAI_POLL_AFTER_MS``); ``GET /v1/videos/{id}/content`` stre
                       the fleet fetches, or a base64 data URL}; stored as the tenant's upload
 
 The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
-``extra_body``), and its ``webhook`` (the job's events, POSTed signed as for ``POST /v1/jobs``). ``file_id`` (the fleet has no Files API), remixes, edits, extensions and characters are refused,
-as is any other field, with a 400 naming it. Only ``order=desc`` lists (newest first). ``content``'s
+``extra_body``), and its ``webhook`` (the job's events, POSTed signed as for ``POST /v1/jobs``).
+``file_id`` (the fleet has no Files API), remixes, edits, extensions and characters are refused,
+as is any other field, with a 400 naming it. ``list`` takes ``order=desc`` (newest first, the
+default) and ``order=asc``. ``content``'s
 ``variant=thumbnail`` (the first frame, WebP) and ``variant=spritesheet`` (16 frames in a grid,
 JPEG) are made from the video when first asked for and kept beside it (``producer.video_previews``).
 ``DELETE`` deletes an ended video's files and record; a queued one is canceled and deleted, a
@@ -48,7 +50,7 @@ from routing.errors import NotFound
 from routing.io.storage import ObjectNotFound
 from routing.jobs.keys import is_job_id
 from routing.jobs.record import JobRecord, JobStatus
-from routing.jobs.store import Cursor
+from routing.jobs.store import ORDERS, Cursor
 
 VIDEOS = "/v1/videos"
 # Fleet request fields as OpenAI names them, in an error's ``param``.
@@ -211,22 +213,27 @@ def add_routes(
             str | None, Query(max_length=64, description="the last id of the page before")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
-        order: Annotated[str, Query(max_length=8, description="desc (newest first) only")] = "desc",
+        order: Annotated[
+            str, Query(max_length=8, description="desc (newest first, the default) or asc (oldest first)")
+        ] = "desc",
     ) -> Any:
-        """OpenAI's ``videos.list``: the tenant's videos, newest first. One call reads at most
+        """OpenAI's ``videos.list``: the tenant's videos, newest first (``order=asc``: oldest
+        first). One call reads at most
         FLEET_OPENAI_LIST_SCAN of the tenant's jobs looking for videos among the rest:
         ``has_more`` and ``last_id`` then say where to go on, though the page holds fewer than
         ``limit``."""
         try:
-            if order != "desc":
-                raise Refused(400, "order: only desc (newest first)", "invalid_request_error", "order")
+            if order not in ORDERS:
+                raise Refused(
+                    400, "order: desc (newest first) or asc (oldest first)", "invalid_request_error", "order"
+                )
             cursor = str(_cursor(_own(after, tenant, "after", any_kind=True))) if after else None
             found: list[JobRecord] = []
             read: JobRecord | None = None  # the last job read: the next page starts after it
             left = settings.openai_list_scan
             more = True
             while more and len(found) < limit and left > 0:
-                records, cursor = client.list(min(100, left), cursor, tenant=tenant)
+                records, cursor = client.list(min(100, left), cursor, tenant=tenant, order=order)
                 left -= max(1, len(records))
                 more = cursor is not None
                 for index, record in enumerate(records):

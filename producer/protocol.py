@@ -176,8 +176,10 @@ class Core:
         request = self.request("DELETE", f"/v1/jobs/{job_id}", params={"purge": "true"})
         yield from self._call(request, gone_after_lost=True)
 
-    def list(self, limit: int = 20, cursor: str | None = None) -> Flow[tuple[list[JobView], str | None]]:
-        params: dict[str, Any] = {"limit": limit} | ({"cursor": cursor} if cursor else {})
+    def list(
+        self, limit: int = 20, cursor: str | None = None, order: str = "desc"
+    ) -> Flow[tuple[list[JobView], str | None]]:
+        params: dict[str, Any] = {"limit": limit, "order": order} | ({"cursor": cursor} if cursor else {})
         page = (yield from self._call(self.request("GET", "/v1/jobs", params=params))).json()
         return [JobView.from_json(j) for j in page["jobs"]], page["next_cursor"]
 

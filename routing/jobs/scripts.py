@@ -354,19 +354,24 @@ LIST_PAGE = (
     ARGS
     + """
 local keys = a.keys
+local asc = a.order == 'asc'  -- else newest first
 local start = 0
 if a.created_at ~= '' then
-  local rank = redis.call('ZREVRANK', keys.jobs, a.id)
+  local rank = redis.call(asc and 'ZRANK' or 'ZREVRANK', keys.jobs, a.id)
   if rank and tonumber(redis.call('ZSCORE', keys.jobs, a.id)) == tonumber(a.created_at) then
     start = rank + 1
   else
     -- The cursor's job has left the index (its record expired): count what sorts before it.
-    start = redis.call('ZCOUNT', keys.jobs, '(' .. a.created_at, '+inf')
+    if asc then
+      start = redis.call('ZCOUNT', keys.jobs, '-inf', '(' .. a.created_at)
+    else
+      start = redis.call('ZCOUNT', keys.jobs, '(' .. a.created_at, '+inf')
+    end
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', keys.jobs, a.created_at, a.created_at)) do
-      if id >= a.id then start = start + 1 end
+      if (asc and id <= a.id) or (not asc and id >= a.id) then start = start + 1 end
     end
   end
 end
-return redis.call('ZREVRANGE', keys.jobs, start, start + tonumber(a.limit) - 1, 'WITHSCORES')
+return redis.call(asc and 'ZRANGE' or 'ZREVRANGE', keys.jobs, start, start + tonumber(a.limit) - 1, 'WITHSCORES')
 """
 )

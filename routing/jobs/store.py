@@ -74,6 +74,10 @@ class Cursor:
         return cursor
 
 
+# The orders a tenant's jobs are listed in: newest first, oldest first.
+ORDERS = ("desc", "asc")
+
+
 class Created(IntEnum):
     EXISTS = 0
     CREATED = 1
@@ -392,14 +396,17 @@ class JobStore:
             ended.append(job_id)
         return ended
 
-    def page(self, tenant: str, limit: int, after: Cursor | None = None) -> list[tuple[str, float]]:
-        """Up to ``limit`` of the tenant's (job id, created_at), newest first, from just after
-        ``after`` (None: from the newest)."""
+    def page(
+        self, tenant: str, limit: int, after: Cursor | None = None, order: str = "desc"
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` of the tenant's (job id, created_at), newest first (``order``
+        ``"asc"``: oldest first), from just after ``after`` (None: from the first)."""
         args = _args(
             keys={"jobs": self.keys.tenant_jobs(tenant)},
             limit=str(limit),
             created_at=repr(after.created_at) if after else "",
             id=after.job_id if after else "",
+            order=order,
         )
         flat = self._list_page(args=[args])
         return [(_text(flat[i]), float(flat[i + 1])) for i in range(0, len(flat), 2)]

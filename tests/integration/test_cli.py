@@ -45,6 +45,15 @@ def test_submit_list_status_cancel(redis_client):
 
     code, out, _ = run("list", "--tenant", "cli")
     assert code == 0 and out.startswith(job_id) and "queued" in out
+    # A later job lists first, and last with --order asc.
+    code, later, _ = run(
+        "submit", "z-image-turbo", "--prompt", "a hen", "--width", "64", "--height", "64", "--tenant", "cli"
+    )
+    assert code == 0
+    code, out, _ = run("list", "--tenant", "cli")
+    assert [line.split()[0] for line in out.splitlines()] == [later.strip(), job_id]
+    code, out, _ = run("list", "--tenant", "cli", "--order", "asc")
+    assert [line.split()[0] for line in out.splitlines()] == [job_id, later.strip()]
 
     code, out, _ = run("status", job_id)
     record = json.loads(out)

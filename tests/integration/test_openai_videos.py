@@ -131,6 +131,9 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     assert listed == [from_url["id"], from_file.id, video.id]
     assert image_job["id"] not in listed and sdk.videos.list(limit=2).has_more
     assert [v.id for v in sdk.videos.list(after=from_url["id"])] == [from_file.id, video.id]
+    # Oldest first, page by page too, and from a video on.
+    assert [v.id for v in sdk.videos.list(limit=1, order="asc")] == [video.id, from_file.id, from_url["id"]]
+    assert [v.id for v in sdk.videos.list(after=video.id, order="asc")] == [from_file.id, from_url["id"]]
     # Another tenant's videos are not there, and its ids are unknown here.
     assert list(_sdk(api_url, "b").videos.list()) == []
     with pytest.raises(openai.NotFoundError):
@@ -234,7 +237,7 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
     with pytest.raises(openai.AuthenticationError):
         _sdk(api_url, "nobody").videos.create(prompt="waves")
     with pytest.raises(openai.BadRequestError) as order:
-        sdk.videos.list(order="asc")
+        sdk.videos.list(order="sideways")  # type: ignore[arg-type]
     assert order.value.body["param"] == "order"
 
     assert _jobs(api_url) == []

@@ -12,6 +12,7 @@ import pytest
 from localfleet.process import ApiProcess
 from producer import http
 from producer.client import Client
+from routing.errors import InvalidRequest
 from routing.settings import Settings
 from tests.integration.test_api import SMALL, settings  # noqa: F401  (the S3 + tenants settings fixture)
 
@@ -45,6 +46,21 @@ def test_the_redis_sdk_lists_each_job_of_a_batch_once(client: Client):
     assert len(seen) == len(set(seen))
     assert seen[-1] == older  # newest first
 
+    # Oldest first: the same jobs the other way round (less the one taken out of the index above),
+    # and a page still starts right after a job that left the index.
+    ascending, cursor = [], None
+    while True:
+        records, cursor = client.list(limit=9, cursor=cursor, tenant="t", order="asc")
+        ascending += [r.id for r in records]
+        if cursor is None:
+            break
+        if len(ascending) == 90:
+            client.store.client.zrem(client.keys.tenant_jobs("t"), ascending[-1])
+    assert ascending == [job_id for job_id in reversed(seen) if job_id != seen[69]]
+    assert ascending[0] == older
+    with pytest.raises(InvalidRequest, match="order"):
+        client.list(tenant="t", order="up")
+
 
 @pytest.fixture
 def api_url(settings: Settings, tmp_path: Path) -> Iterator[str]:  # noqa: F811
@@ -75,4 +91,14 @@ def test_the_api_and_the_http_sdk_list_each_job_of_a_batch_once(api_url: str, se
             seen += [j.id for j in jobs]
             if cursor is None:
                 break
-    assert sorted(seen) == sorted(ids) and len(seen) == BATCH
+        assert sorted(seen) == sorted(ids) and len(seen) == BATCH
+        # Oldest first: the same pages the other way round.
+        ascending, cursor = [], None
+        while True:
+            jobs, cursor = fleet.list(limit=100, cursor=cursor, order="asc")
+            ascending += [j.id for j in jobs]
+            if cursor is None:
+                break
+        assert ascending == seen[::-1]
+        with pytest.raises(InvalidRequest):
+            fleet.list(order="up")
