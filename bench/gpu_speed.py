@@ -112,7 +112,7 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
-    --only z-image-turbo/1024/e2e --rows stock fleet+te-compile   # ~98 s
+    --only z-image-turbo/1024/e2e wan2.2-ti2v-5b/1280x704x121/step --rows stock fleet+te-compile fleet+fused-qkv   # ~279 s
     --only qwen-image/1024/50 --rows stock attention   # ~320 s
     --only qwen-image/1024/50 --rows stock lora-slot-on   # ~320 s
     --only qwen-image/1024/50 --rows stock fleet+fp8   # ~320 s
@@ -123,7 +123,6 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+fp8   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+cuda-graphs   # ~550 s
     --only wan2.2-ti2v-5b/1280x704x121/step --rows stock lora-slot-on fleet+fp8 fleet+cuda-graphs   # ~446 s
-    --only wan2.2-ti2v-5b/1280x704x121/step --rows stock fleet+fused-qkv   # ~181 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+te-compile   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+fused-qkv   # ~473 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock compile   # ~374 s
@@ -353,7 +352,8 @@ def estimate_s(case: Case, rows: list[str], runs: int) -> float:
 
 def plan(runs: int, budget_s: float) -> list[tuple[list[str], list[str], float]]:
     """Runs of at most ``budget_s`` each (by estimate): the cases of a model together while they
-    fit, a case's rows split over runs where it does not fit alone."""
+    fit, a case's rows split over runs where it does not fit alone, and short runs of other
+    models put together (``_packed``)."""
     out: list[tuple[list[str], list[str], float]] = []
     for case in CASES:
         rows = expand_rows(case, None, ("_native_cudnn",))
@@ -381,7 +381,43 @@ def plan(runs: int, budget_s: float) -> list[tuple[list[str], list[str], float]]
         out.append(([case.key], ["stock", *chunk], estimate_s(case, ["stock", *chunk], runs)))
     # GPU time comes a run at a time: the runs that give every case its figures (stock_s,
     # stock_compiled_s, fleet_s) and its deviation floor go first, the ablation after them.
-    return sorted(out, key=lambda run: not (not run[1] or CORE_ROWS & set(run[1])))
+    return sorted(_packed(out, budget_s), key=lambda run: not _core(run[1]))
+
+
+def _core(rows: list[str]) -> bool:
+    """Whether a run's rows give a case its figures (no rows: the whole case)."""
+    return not rows or bool(CORE_ROWS & set(rows))
+
+
+def _packed(
+    runs: list[tuple[list[str], list[str], float]], budget_s: float
+) -> list[tuple[list[str], list[str], float]]:
+    """``runs`` with those of other cases put together where both fit one run (the bench frees
+    one model before it builds the next): first fit, core runs with core runs. ``--rows`` is
+    one list for the run, so two are put together only where each case keeps its own rows."""
+    out: list[tuple[list[str], list[str], float]] = []
+    for keys, rows, seconds in runs:
+        for index, (into_keys, into_rows, into_seconds) in enumerate(out):
+            if (
+                not rows
+                or not into_rows
+                or _core(rows) != _core(into_rows)
+                or into_seconds + seconds > budget_s
+                or set(keys) & set(into_keys)
+            ):
+                continue
+            union = [*into_rows, *(row for row in rows if row not in into_rows)]
+            keeps = all(
+                expand_rows(BY_KEY[key], union, ATTENTION[:1]) == expand_rows(BY_KEY[key], own, ATTENTION[:1])
+                for own, group in ((rows, keys), (into_rows, into_keys))
+                for key in group
+            )
+            if keeps:
+                out[index] = ([*into_keys, *keys], union, into_seconds + seconds)
+                break
+        else:
+            out.append((keys, rows, seconds))
+    return out
 
 
 # -- the diffusers cases ---------------------------------------------------------------------

@@ -125,6 +125,23 @@ def test_the_docstring_names_every_run_of_the_plan() -> None:
     for keys, rows, _ in runs:
         line = f"--only {' '.join(keys)}" + (f" --rows {' '.join(rows)}" if rows else "")
         assert line in bench.__doc__, line
+    # Every row of every case (stock aside) is in one run, once: runs put together for two
+    # models take no row of one case into the other's run.
+    rows_run = [
+        (key, row)
+        for keys, rows, _ in runs
+        for key in keys
+        for row in bench.expand_rows(bench.BY_KEY[key], rows, ("_native_cudnn",))
+        if row != "stock"
+    ]
+    every = [
+        (case.key, row)
+        for case in bench.CASES
+        for row in bench.expand_rows(case, None, ("_native_cudnn",))
+        if row != "stock"
+    ]
+    assert sorted(rows_run) == sorted(every)
+    assert any(len({bench.BY_KEY[key].model for key in keys}) > 1 for keys, _, _ in runs)
     # The runs that give each case its figures come first, and the README and docstring count them.
     core = [not rows or bool(bench.CORE_ROWS & set(rows)) for _, rows, _ in runs]
     first = core.index(False)
