@@ -226,7 +226,6 @@ class Client:
                 )
             found = [outcome for outcome in outcomes.values() if outcome[0] is Created.EXISTS]
             with _redis_errors():
-                created: list[tuple[Created, str]] = []
                 if new:
                     try:
                         created = self.store.create(list(new.values()))
@@ -238,9 +237,7 @@ class Client:
                 for index, (outcome, found_id) in sorted(outcomes.items()):
                     if outcome is Created.EXISTS and self.store.request_hash(found_id) != hashes[index]:
                         raise Conflict(f"idempotency key {keys[index]!r} was used for another request")
-                # Earlier jobs are answered once the replicas hold them, as new ones are: create's
-                # wait covers them when it answered for a job, else they are waited for here.
-                if found and all(outcome is Created.LIMITED for outcome, _ in created):
+                if found:  # earlier jobs are answered once the replicas hold them, as new ones are
                     self.store.confirm(found)
         finally:
             # Nothing stays stored for a request that was not queued.

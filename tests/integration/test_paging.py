@@ -3,8 +3,9 @@ real API process and the HTTP SDK in front of it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,35 +28,46 @@ def submit_batch(fleet: Client, tenant: str) -> list[str]:
     return [j.id for j in jobs]
 
 
+def every_page(
+    page: Callable[[str | None], tuple[list[Any], str | None]],
+    between: Callable[[list[str]], None] = lambda seen: None,
+) -> list[str]:
+    """The ids of every page ``page(cursor)`` gives (records, views or JSON jobs), following its
+    cursors from the first; ``between`` gets the ids so far after each page but the last."""
+    seen: list[str] = []
+    cursor = None
+    while True:
+        jobs, cursor = page(cursor)
+        seen += [job["id"] if isinstance(job, dict) else job.id for job in jobs]
+        if cursor is None:
+            return seen
+        between(seen)
+
+
 def test_the_redis_sdk_lists_each_job_of_a_batch_once(client: Client):
     older = client.submit(SMALL, tenant="t").id
     ids = submit_batch(client, "t")
 
-    seen, cursor = [], None
-    while True:
-        records, cursor = client.list(limit=7, cursor=cursor, tenant="t")
-        seen += [r.id for r in records]
-        if cursor is None:
-            break
-        if len(seen) == 70:
-            # The last job listed leaves the index (its record expired): the next page still
-            # starts right after it.
-            client.store.client.zrem(client.keys.tenant_jobs("t"), seen[-1])
+    def leaves_the_index_at(count: int) -> Callable[[list[str]], None]:
+        """The last job listed leaves the index (its record expired) once ``count`` are listed:
+        the next page still starts right after it."""
 
+        def between(seen: list[str]) -> None:
+            if len(seen) == count:
+                client.store.client.zrem(client.keys.tenant_jobs("t"), seen[-1])
+
+        return between
+
+    seen = every_page(lambda cursor: client.list(7, cursor, tenant="t"), leaves_the_index_at(70))
     assert sorted(seen) == sorted(ids + [older])
     assert len(seen) == len(set(seen))
     assert seen[-1] == older  # newest first
 
     # Oldest first: the same jobs the other way round (less the one taken out of the index above),
     # and a page still starts right after a job that left the index.
-    ascending, cursor = [], None
-    while True:
-        records, cursor = client.list(limit=9, cursor=cursor, tenant="t", order="asc")
-        ascending += [r.id for r in records]
-        if cursor is None:
-            break
-        if len(ascending) == 90:
-            client.store.client.zrem(client.keys.tenant_jobs("t"), ascending[-1])
+    ascending = every_page(
+        lambda cursor: client.list(9, cursor, tenant="t", order="asc"), leaves_the_index_at(90)
+    )
     assert ascending == [job_id for job_id in reversed(seen) if job_id != seen[69]]
     assert ascending[0] == older
     with pytest.raises(InvalidRequest, match="order"):
@@ -72,33 +84,21 @@ def test_the_api_and_the_http_sdk_list_each_job_of_a_batch_once(api_url: str, se
     with Client(settings) as fleet:
         ids = submit_batch(fleet, "a")  # tenant a's key is key-a
 
-    seen, cursor = [], None
     with httpx.Client(base_url=api_url, headers={"Authorization": "Bearer key-a"}) as api:
-        while True:
+
+        def api_page(cursor: str | None) -> tuple[list[dict], str | None]:
             page = api.get("/v1/jobs", params={"limit": 30} | ({"cursor": cursor} if cursor else {})).json()
-            seen += [j["id"] for j in page["jobs"]]
-            cursor = page["next_cursor"]
-            if cursor is None:
-                break
+            return page["jobs"], page["next_cursor"]
+
+        seen = every_page(api_page)
         assert sorted(seen) == sorted(ids) and len(seen) == BATCH
         # A created_at alone (the old cursor) would skip the rest of a batch: refused.
         assert api.get("/v1/jobs", params={"cursor": "1712345678.5"}).status_code == 422
 
-    seen, cursor = [], None
     with http.Client(api_url, "key-a") as fleet:
-        while True:
-            jobs, cursor = fleet.list(limit=100, cursor=cursor)
-            seen += [j.id for j in jobs]
-            if cursor is None:
-                break
+        seen = every_page(lambda cursor: fleet.list(100, cursor))
         assert sorted(seen) == sorted(ids) and len(seen) == BATCH
         # Oldest first: the same pages the other way round.
-        ascending, cursor = [], None
-        while True:
-            jobs, cursor = fleet.list(limit=100, cursor=cursor, order="asc")
-            ascending += [j.id for j in jobs]
-            if cursor is None:
-                break
-        assert ascending == seen[::-1]
+        assert every_page(lambda cursor: fleet.list(100, cursor, order="asc")) == seen[::-1]
         with pytest.raises(InvalidRequest):
             fleet.list(order="up")

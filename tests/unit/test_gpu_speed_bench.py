@@ -143,7 +143,7 @@ def test_the_docstring_names_every_run_of_the_plan() -> None:
     assert sorted(rows_run) == sorted(every)
     assert any(len({bench.BY_KEY[key].model for key in keys}) > 1 for keys, _, _ in runs)
     # The runs that give each case its figures come first, and the README and docstring count them.
-    core = [not rows or bool(bench.CORE_ROWS & set(rows)) for _, rows, _ in runs]
+    core = [bench._core(rows) for _, rows, _ in runs]
     first = core.index(False)
     assert not any(core[first:]) and {key for keys, _, _ in runs[:first] for key in keys} == set(bench.BY_KEY)
     readme = " ".join((ROOT / "README.md").read_text().split())
