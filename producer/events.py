@@ -85,6 +85,7 @@ class JobEvents:
                 max_connections=self.max_connections,
                 timeout_s=10,
                 socket_timeout_s=self.keepalive_s + 10,
+                follow=True,
             )
         return self._redis
 

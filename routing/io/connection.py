@@ -10,9 +10,10 @@ the master (redis-py's ``redis.sentinel``): when they promote a replica, a comma
 the dead master's closed socket, or the old master's READONLY answer once it is back as a
 replica, is retried by the same backoff, on a connection to the new master; a client leaves a
 master the Sentinels replaced while it was still up the moment they announce it
-(``_MasterWatch``). Celery's broker (Kombu's ``sentinel://`` transport) and Flower follow the
-same Sentinels (``broker_url``). A ``rediss://`` ``FLEET_REDIS_URL`` puts the Sentinels and the
-data nodes on TLS, with its options.
+(``_MasterWatch``), and so does the API's asyncio client of event streams (``follow=True``).
+Celery's broker (Kombu's ``sentinel://`` transport) and Flower follow the same Sentinels
+(``broker_url``). A ``rediss://`` ``FLEET_REDIS_URL`` puts the Sentinels and the data nodes on
+TLS, with its options.
 
 A failover loses what the master had not yet sent to the replica it promoted. So a write the
 fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
@@ -21,6 +22,8 @@ fleet answers for is followed, on the same connection, by Redis ``WAIT`` for
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import os
 import ssl
@@ -33,6 +36,7 @@ from urllib.parse import quote
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
 import redis.asyncio.sentinel as aiosentinel
 import redis.sentinel
 from redis.backoff import ExponentialBackoff
@@ -132,7 +136,11 @@ class _MasterWatch:
 
     One thread per pool, subscribed to one Sentinel at a time (the next when it goes), asking
     them all afresh every ``RECHECK_S`` too, in case an announcement was missed; it ends with
-    the client's ``close()`` or the pool, and is started again in a forked child."""
+    the client's ``close()`` or the pool, and is started again in a forked child.
+
+    An asyncio pool (``loop`` given) is moved in its own event loop, busy connections included
+    (``_BlockingSentinelPool.follow_master``); its watch ends with the loop, and is not started
+    again in a forked child, where that loop does not run."""
 
     RECHECK_S = 5.0
     _live: weakref.WeakSet[_MasterWatch] = weakref.WeakSet()
@@ -143,11 +151,13 @@ class _MasterWatch:
         sentinels: list[tuple[str, int]],
         options: dict[str, Any],
         settings: Settings,
+        loop: asyncio.AbstractEventLoop | None = None,
     ):
-        self._pool = weakref.ref(pool)
+        self._pool: weakref.ref[Any] = weakref.ref(pool)
         self._sentinels = sentinels
         self._options = options
         self._master = settings.redis_sentinel_master
+        self._loop = loop
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -163,10 +173,13 @@ class _MasterWatch:
         """In a forked child: the parent's threads are not there, and a lock one of them held
         as the process forked would stay held, so each watch gets a new stop event."""
         for watch in list(cls._live):
-            stopped = watch._stop.is_set()
+            # An asyncio pool's loop does not run in the child.
+            following = not watch._stop.is_set() and watch._loop is None
             watch._stop = threading.Event()
-            if not stopped:
+            if following:
                 watch.start()
+            else:
+                watch.stop()
 
     def _run(self) -> None:
         index = 0
@@ -211,14 +224,26 @@ class _MasterWatch:
                 self._stop.set()
                 return
             try:
-                named = pool.get_master_address()
-            except redis.RedisError as exc:  # none names one now: the next command retries
-                log.debug("no master named: %s", exc)
+                named = self._ask(pool)
+            except (redis.RedisError, concurrent.futures.TimeoutError) as exc:
+                log.debug("no master named: %s", exc)  # none names one now: the next command retries
                 named = None
             del pool
             if announced is None or named == announced or time.monotonic() > deadline:
                 return
             self._stop.wait(0.1)
+
+    def _ask(self, pool: Any) -> tuple[str, int] | None:
+        """The master the Sentinels name, the pool moved to it."""
+        if self._loop is None:
+            return pool.get_master_address()
+        try:
+            moved = asyncio.run_coroutine_threadsafe(pool.follow_master(), self._loop)
+        except RuntimeError:  # the loop is closed: its clients with it
+            self._stop.set()
+            return None
+        # Each Sentinel is asked within its timeout: past them all, the loop is stuck or gone.
+        return moved.result(timeout=_SENTINEL_TIMEOUT_S * len(self._sentinels) + 5)
 
 
 class _FollowingRedis(redis.Redis):
@@ -243,17 +268,57 @@ class _BlockingSentinelPool(aiosentinel.SentinelConnectionPool, aioredis.Blockin
     """Connections to the master the Sentinels name, at most ``max_connections`` of them: a
     caller past that waits for one (up to ``timeout``), as with ``BlockingConnectionPool``."""
 
+    async def follow_master(self) -> tuple[str, int]:
+        """The master the Sentinels name now, and every connection to another one closed: idle
+        ones (redis-py's pool, on a new address), and busy ones, whose command then fails and is
+        retried by the client on the new master: a read blocked on the old master (an event
+        stream's ``XREAD``) is sent again to the new one. So this pool's clients only read: a write
+        cut off this way could be made twice."""
+        named = await self.get_master_address()
+        busy = [
+            connection
+            for connection in self._in_use_connections
+            if connection.is_connected and (connection.host, connection.port) != named
+        ]
+        await asyncio.gather(*(connection.disconnect() for connection in busy), return_exceptions=True)
+        return named
+
+
+class _FollowingAsyncRedis(aioredis.Redis):
+    """``_FollowingRedis`` for asyncio."""
+
+    watch: _MasterWatch | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+        await super().aclose(close_connection_pool)
+
 
 def connect_async(
-    settings: Settings, *, max_connections: int, timeout_s: float, socket_timeout_s: float
+    settings: Settings,
+    *,
+    max_connections: int,
+    timeout_s: float,
+    socket_timeout_s: float,
+    follow: bool = False,
 ) -> aioredis.Redis:
     """An asyncio client of the fleet's Redis (its master, through Sentinel), with a bounded
-    pool: a caller past ``max_connections`` waits for a free one up to ``timeout_s``."""
+    pool: a caller past ``max_connections`` waits for a free one up to ``timeout_s``.
+
+    ``follow``: a long-lived client, made in the event loop it serves, of reads only, whose pool
+    a ``_MasterWatch`` moves to a new master the moment the Sentinels announce it (a client made
+    per request needs none: its next request asks them)."""
     options: dict[str, Any] = {
         "max_connections": max_connections,
         "timeout": timeout_s,
         "socket_connect_timeout": 5,
         "socket_timeout": socket_timeout_s,
+        # A read cut off (by a failover, or the pool moved to a new master) is sent again on a
+        # new connection, briefly: a store still away ends a caller's event stream with an error
+        # event to resume from, rather than holding it silent.
+        "retry": redis.asyncio.retry.Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
     }
     if not settings.redis_sentinels:
         return aioredis.Redis.from_pool(
@@ -262,14 +327,25 @@ def connect_async(
     sentinel = aiosentinel.Sentinel(
         sentinel_addresses(settings), sentinel_kwargs=_sentinel_options(settings), **_data_node(settings)
     )
-    return sentinel.master_for(
+    client = sentinel.master_for(
         settings.redis_sentinel_master,
+        redis_class=_FollowingAsyncRedis,
         connection_pool_class=_BlockingSentinelPool,
         connection_class=_AsyncSentinelConnection
         if tls_options(settings) is None
         else _AsyncSentinelSSLConnection,
         **options,
     )
+    if follow:
+        client.watch = _MasterWatch(
+            client.connection_pool,
+            sentinel_addresses(settings),
+            _sentinel_options(settings),
+            settings,
+            loop=asyncio.get_running_loop(),
+        )
+        client.watch.start()
+    return client
 
 
 def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:

@@ -8,7 +8,9 @@ SDK, the API and the OpenAI door). The same failover with TLS everywhere, once."
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import queue
 import threading
 import time
 import uuid
@@ -22,8 +24,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.client import Client
+from producer.events import JobEvents
 from routing.errors import NotReplicated
 from routing.io.storage import LocalStorage
+from routing.jobs.events import EventType
+from routing.jobs.keys import Keys
 from routing.jobs.record import JobStatus
 from routing.jobs.store import Created
 from routing.settings import Settings
@@ -235,12 +240,17 @@ def test_a_master_failed_over_while_up_is_left_by_the_fleets_connections(
     """The split brain: the master, paused past down-after-milliseconds, is failed over and comes
     back a master in its own eyes, with the connections it had, until the Sentinels turn it into
     a replica. The Redis SDK's pool moves to the new master as they announce it, so the next
-    submit is written there: on the old master it would be lost with the old master's data."""
+    submit is written there: on the old master it would be lost with the old master's data. The
+    API's event stream, blocked on the old master, is read again from the new one."""
     # No replicas asked for: nothing but the move keeps the submit off the old master.
     settings = Settings.model_validate(fleet_settings.model_dump() | {"redis_min_replicas": 0})
     fork = multiprocessing.get_context("fork")
     with Client(settings) as client:
-        client.submit(small_request("before"))  # the pool holds a connection to the master
+        before = client.submit(small_request("before"))  # the pool holds a connection to the master
+        seen: queue.Queue[EventType] = queue.Queue()
+        stream = threading.Thread(target=_follow, args=(settings, client.keys, before.id, seen), daemon=True)
+        stream.start()
+        assert seen.get(timeout=30) is EventType.QUEUED  # then it blocks, on the master
         # A process forked with the client (as Celery's pool children are), with a connection
         # of its own to the master, follows on its own.
         to_child, from_child = fork.Queue(), fork.Queue()
@@ -251,6 +261,9 @@ def test_a_master_failed_over_while_up_is_left_by_the_fleets_connections(
         pool = client.store.client.connection_pool
         wait_for(lambda: pool.master_address == ("127.0.0.1", new.port), 5, "the pool on the new master")
         after = client.submit(small_request("after"))
+        client.cancel(before.id)  # its event written on the new master
+        assert seen.get(timeout=10) is EventType.CANCELED
+        stream.join(10)
         to_child.put(("127.0.0.1", new.port))
         child_job = from_child.get(timeout=30)
         child.join(30)
@@ -261,6 +274,22 @@ def test_a_master_failed_over_while_up_is_left_by_the_fleets_connections(
         # Once the Sentinels have turned the old master into a replica, the job is still there.
         wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
         assert client.get(after.id).status is JobStatus.QUEUED
+
+
+def _follow(settings: Settings, keys: Keys, job_id: str, seen: queue.Queue[EventType]) -> None:
+    """The API's event stream of the job (``JobEvents``, in an event loop of its own), each
+    event's type put in ``seen``, to its end."""
+
+    async def follow() -> None:
+        events = JobEvents(settings, keys, keepalive_s=30)
+        try:
+            async for event in events.follow(job_id):
+                if event is not None:
+                    seen.put(event.type)
+        finally:
+            await events.close()
+
+    asyncio.run(follow())
 
 
 def _submit_through_the_failover(client: Client, to_parent: Any, from_parent: Any) -> None:
