@@ -563,7 +563,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Any:
         """Cancel: a queued job never runs; a running one stops at its next step. A finished job
         is returned as it is. With ``purge=true``, an ended job is deleted now rather than at its
-        TTL: every file of its runs, then its record, events, webhook log and idempotency key
+        TTL: every file of its runs and the copies of the media it was given by URL, then its
+        record, events, webhook log and idempotency key
         (204; a job not ended is a 409: cancel it first). Both are rationed per tenant
         (``FLEET_CANCELS_PER_TENANT`` in windows of ``FLEET_RATE_WINDOW_S``)."""
         take_rate("cancel", tenant)

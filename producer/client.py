@@ -33,7 +33,7 @@ from producer.inputs import (
     resolve_loras,
     upload,
 )
-from producer.tenant_keys import KeyScope, check_tenant, folder
+from producer.tenant_keys import KeyScope, check_tenant, folder, input_prefix
 from routing import tracing
 from routing.celery_config import make_celery
 from routing.classes import Priority, queue_name
@@ -371,15 +371,18 @@ class Client:
             return self.store.get(job_id)
 
     def delete(self, job_id: str) -> None:
-        """Delete an ended job now, rather than at its TTL: its outputs from the store (its whole
-        ``jobs/<id>/`` folder: what a killed attempt left, and previews made of a video), then
-        its record. Raises ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
+        """Delete an ended job now, rather than at its TTL: its files from the store (its whole
+        ``jobs/<id>/`` folder: its outputs, what a killed attempt left, previews made of a video;
+        and the copies of the media it was given by URL, ``inputs/<tenant>/<id>/``), then its
+        record. The tenant's uploads stay: other requests may name them. Raises ``Conflict`` for
+        a job not ended (cancel it first) and ``NotFound``."""
         record = self.get(job_id)
         if not record.status.is_terminal():
             raise Conflict(f"job {job_id} is {record.status.value}: only an ended job can be deleted")
         # First: a failure here leaves the record, to delete again. Every output is in the folder.
-        for key in self.storage.list(job_folder(job_id)):
-            self.storage.delete(key)
+        for prefix in (job_folder(job_id), input_prefix(record.tenant, job_id)):
+            for key in self.storage.list(prefix):
+                self.storage.delete(key)
         with _redis_errors():
             self.store.forget(job_id)
 

@@ -204,6 +204,19 @@ def test_one_idempotency_key_twice_in_a_batch_keeps_the_first_jobs_inputs_only(
     assert stored(fleet_settings, "inputs/") == [f"inputs/a/{first.id}/images.0.png"]
 
 
+def test_deleting_an_ended_job_deletes_the_copies_of_its_inputs_and_keeps_its_uploads(
+    client, fleet_settings, png_server
+):
+    upload = client.upload(PNG, tenant="a")["key"]
+    two = EDIT | {"model": "qwen-image-edit-2509", "images": [{"url": png_server.url}, {"key": upload}]}
+    fetched = client.submit(two, tenant="a")
+    other = client.submit(EDIT | {"images": [{"url": png_server.url}]}, tenant="a")
+    client.cancel(fetched.id)  # no worker here: canceled while queued, an ended job
+    client.delete(fetched.id)
+    assert stored(fleet_settings, "inputs/") == [f"inputs/a/{other.id}/images.0.png"]
+    assert stored(fleet_settings, "uploads/") == [upload]
+
+
 def test_the_redis_sdk_uploads_under_its_tenant_and_refuses_unsafe_names(client, fleet_settings):
     key = client.upload(PNG, tenant="a")["key"]
     assert key.startswith("uploads/a/")
