@@ -47,6 +47,7 @@ from routing.errors import (
     FieldError,
     InvalidRequest,
     NotFound,
+    OverBudget,
     TooManyJobs,
     Unavailable,
     field_error,
@@ -125,6 +126,8 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         409: "the Idempotency-Key was used with another body; or the tenant has as many keys as it may",
         422: "the request was refused; nothing was queued",
         413: "the body is over the limit (FLEET_MAX_JSON_BODY_BYTES, uploads FLEET_MAX_INPUT_BYTES)",
+        402: "the tenant's jobs this UTC month have used its GPU budget (gpu_s_per_month in FLEET_TENANTS); "
+        "nothing was queued; Retry-After: the seconds until the next month",
         429: "the tenant has as many unfinished jobs, submits downloading, uploads or open streams, or made "
         "as many of these calls in the window, as it may; retry after Retry-After seconds",
         503: "the job store is unreachable; nothing was queued",
@@ -407,7 +410,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={
             200: {"model": JobOut, "description": "the earlier job of this Idempotency-Key and body"},
             202: {"model": JobOut, "description": "with Prefer: wait=N, the job had not ended after N s"},
-            **_responses(401, 409, 413, 422, 429, 503),
+            **_responses(401, 402, 409, 413, 422, 429, 503),
         },
     )
     async def submit(
@@ -489,11 +492,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 webhook=body.webhook,
                 tenant=tenant,
                 max_in_flight=limits.max_in_flight,
+                gpu_s_per_month=limits.gpu_s_per_month,
             )
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from None
         except TooManyJobs as exc:
             raise HTTPException(429, str(exc), {"Retry-After": "10"}) from None
+        except OverBudget as exc:
+            raise HTTPException(402, str(exc), {"Retry-After": str(exc.retry_after_s())}) from None
         if not job.created:
             response.status_code = 200  # the earlier job, not a new one
         return job.id

@@ -44,6 +44,7 @@ from routing.errors import (
     InvalidRequest,
     JobNotSucceeded,
     NotReplicated,
+    OverBudget,
     TooManyJobs,
     Unavailable,
     WaitTimeout,
@@ -56,7 +57,7 @@ from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import ORDERS, Created, Cursor, JobStore, NewJob
-from routing.jobs.usage import Usage, query_range, read_usage
+from routing.jobs.usage import Usage, month_start, next_month_at, query_range, read_usage
 from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
@@ -126,13 +127,16 @@ class Client:
         webhook: Webhook | None = None,
         tenant: str = "",
         max_in_flight: int = 0,
+        gpu_s_per_month: float | None = None,
     ) -> Job:
         """Validate, route and queue ``request``. Nothing is queued, and nothing stays stored,
         when it raises or returns an earlier job.
 
         With ``idempotency_key``, a second submit of the same request (and options) returns the
         first job; the same key with anything else raises ``Conflict``. ``webhook`` gets the
-        job's events signed with the tenant's secret.
+        job's events signed with the tenant's secret. ``max_in_flight`` and ``gpu_s_per_month``
+        are the tenant's limits (``FLEET_TENANTS``; the API passes them): past them it raises
+        ``TooManyJobs`` and ``OverBudget``.
         """
         jobs = self.submit_many(
             [request],
@@ -141,6 +145,7 @@ class Client:
             webhook=webhook,
             tenant=tenant,
             max_in_flight=max_in_flight,
+            gpu_s_per_month=gpu_s_per_month,
         )
         return jobs[0]
 
@@ -153,11 +158,14 @@ class Client:
         webhook: Webhook | None = None,
         tenant: str = "",
         max_in_flight: int = 0,
+        gpu_s_per_month: float | None = None,
     ) -> list[Job]:
         """Submit several requests in one round trip to Redis.
 
         Every request is validated first: if any is invalid, ``InvalidRequest`` names it by index
         (``"3.width"``) and none is queued. Each accepted job is written atomically on its own.
+        A tenant whose jobs this UTC month used ``gpu_s_per_month`` is refused the whole batch
+        (``OverBudget``) unless every request repeats an idempotency key, which answers its job.
         """
         try:
             priority = Priority(priority)
@@ -186,6 +194,8 @@ class Client:
         # idempotency key, and a tenant at its limit. The store's create checks both again.
         with _redis_errors():
             earlier = self._earlier_jobs(keys)
+            if gpu_s_per_month is not None and any(found is None for found in earlier):
+                self._check_budget(tenant, gpu_s_per_month)
             room = len(requests)
             if max_in_flight:
                 room = max_in_flight - self._redis.scard(self.keys.tenant_in_flight(tenant))
@@ -254,6 +264,19 @@ class Client:
                 ],
             )
         return [Job(self, found_id, created=outcome is Created.CREATED) for outcome, found_id in results]
+
+    def _check_budget(self, tenant: str, gpu_s_per_month: float) -> None:
+        """Raise ``OverBudget`` when the tenant's jobs that ended this UTC month used
+        ``gpu_s_per_month`` GPU-seconds, as its usage counts them. Jobs still queued or running
+        count once they end: a tenant just under its budget may pass it by those."""
+        today = dt.datetime.now(dt.UTC).date()
+        used = read_usage(self._redis, self.keys, folder(tenant), month_start(today), today).totals.gpu_s
+        if used >= gpu_s_per_month:
+            raise OverBudget(
+                f"tenant {tenant!r} has used {used:g} of its {gpu_s_per_month:g} GPU-seconds this month "
+                f"(gpu_s_per_month); no job was queued",
+                retry_at=next_month_at(today),
+            )
 
     def _resolve(self, request: RequestBase, job_id: str, scope: KeyScope) -> RequestBase:
         """``request`` with its media and LoRAs checked and named by store key; its downloads,

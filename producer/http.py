@@ -21,6 +21,7 @@ Errors are ``routing.errors``, drawn from the API's status and error body:
     ├── Conflict           409: the idempotency key was used with another request; result() of
     │                      an unfinished job; delete() of one not ended
     ├── TooManyJobs        429 after the retries (each waits out ``Retry-After``)
+    ├── OverBudget         402, at once: the tenant's GPU budget for this UTC month is used
     ├── Unavailable        503 after the retries, or the API could not be reached
     ├── JobNotSucceeded    result() of a job that failed or was canceled
     └── WaitTimeout        wait() ran out of time (the job goes on)
@@ -64,6 +65,7 @@ from routing.errors import (
     InvalidRequest,
     JobNotSucceeded,
     NotFound,
+    OverBudget,
     TooManyJobs,
     Unauthorized,
     Unavailable,
@@ -84,6 +86,7 @@ __all__ = [
     "JobStatus",
     "JobView",
     "NotFound",
+    "OverBudget",
     "TooManyJobs",
     "Unauthorized",
     "Unavailable",

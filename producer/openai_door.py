@@ -28,6 +28,7 @@ from routing.errors import (
     FieldError,
     InvalidRequest,
     NotReplicated,
+    OverBudget,
     TooManyJobs,
     Unavailable,
 )
@@ -237,6 +238,7 @@ class Door:
                 webhook=webhook,
                 tenant=tenant,
                 max_in_flight=self.settings.tenants[tenant].max_in_flight,
+                gpu_s_per_month=self.settings.tenants[tenant].gpu_s_per_month,
             )
         except InvalidRequest as exc:
             raise from_invalid(exc, self.names) from None
@@ -252,6 +254,10 @@ class Door:
             refused = Refused(429, str(exc), "rate_limit_error")
             refused.headers = {"Retry-After": "10"}
             raise refused from None
+        except OverBudget as exc:  # OpenAI's answer to a spent quota; its SDKs are told not to retry
+            refused = Refused(429, str(exc), "insufficient_quota", code="insufficient_quota")
+            refused.headers = {"Retry-After": str(exc.retry_after_s())}
+            raise refused.final() from None
         except Conflict as exc:
             raise Refused(
                 409, str(exc), "invalid_request_error", code="idempotency_key_reused"

@@ -37,6 +37,7 @@ from routing.errors import (
     FleetError,
     InvalidRequest,
     NotFound,
+    OverBudget,
     TooManyJobs,
     Unauthorized,
     Unavailable,
@@ -350,6 +351,9 @@ def raise_for(response: httpx.Response) -> httpx.Response:
     message = str(detail or response.text or f"HTTP {status}")
     if status == 422 and isinstance(body, dict) and "errors" in body:
         raise InvalidRequest([FieldError(e["field"], e["message"]) for e in body["errors"]])
+    if status == 402:
+        retry_after = response.headers.get("Retry-After", "")
+        raise OverBudget(message, time.time() + int(retry_after) if retry_after.isdigit() else None)
     raise {
         401: Unauthorized,
         404: NotFound,

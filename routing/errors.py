@@ -7,6 +7,7 @@ FleetError
 ├── Conflict           the idempotency key was used with another request, or a state change
 │                      is not allowed from the job's current state
 ├── TooManyJobs        the tenant has as many unfinished jobs as it may; nothing was queued
+├── OverBudget         the tenant's jobs this UTC month have used its GPU budget; nothing was queued
 ├── Unavailable        the broker or the job store could not be reached; nothing was accepted
 │   └── NotReplicated  the job store's master took the submit, but too few replicas confirmed
 │                      it in time; submit again with the same idempotency key
@@ -21,6 +22,8 @@ A failed job is not an exception but a result: its record holds a ``JobError`` w
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -83,6 +86,20 @@ class TooManyJobs(FleetError):
     def __init__(self, message: str, accepted: list | None = None):
         self.accepted = accepted or []
         super().__init__(message)
+
+
+class OverBudget(FleetError):
+    """The tenant's jobs that ended this UTC month used its GPU-seconds budget
+    (``gpu_s_per_month`` in ``FLEET_TENANTS``); no new job was queued. ``retry_at``: when the
+    next month starts (Unix seconds), or None where the HTTP answer did not say."""
+
+    def __init__(self, message: str, retry_at: float | None = None):
+        self.retry_at = retry_at
+        super().__init__(message)
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until ``retry_at``, at least 1: an HTTP ``Retry-After``."""
+        return max(1, math.ceil((self.retry_at or 0) - time.time()))
 
 
 class JobNotSucceeded(FleetError):

@@ -30,14 +30,16 @@ NO_TENANT = "_"
 
 class Tenant(BaseModel):
     """A backend that uses the fleet: its API keys, the secret its webhooks are signed with
-    (Standard Webhooks ``whsec_...``), how many of its jobs may be unfinished at once, and the
+    (Standard Webhooks ``whsec_...``), how many of its jobs may be unfinished at once, the
     priorities its jobs may ask for (``high`` jumps ahead of every other tenant's work, so it is
-    given, not taken)."""
+    given, not taken), and the GPU-seconds its jobs may use in one UTC month (as ``GET
+    /v1/usage`` counts them; None: no budget)."""
 
     api_keys: list[SecretStr] = Field(min_length=1)
     webhook_secret: SecretStr
     max_in_flight: int = Field(default=100, gt=0)
     priorities: list[Priority] = Field(default_factory=lambda: [Priority.NORMAL, Priority.LOW], min_length=1)
+    gpu_s_per_month: float | None = Field(default=None, gt=0)
 
 
 class Settings(BaseSettings):

@@ -145,7 +145,7 @@ def query_range(
     more than ``max_days`` (FLEET_USAGE_MAX_DAYS)."""
     end = end or today or dt.datetime.now(dt.UTC).date()
     if start is None:
-        start = max(end.replace(day=1), end - dt.timedelta(days=max_days - 1))
+        start = max(month_start(end), end - dt.timedelta(days=max_days - 1))
     if start > end:
         raise InvalidRequest([FieldError("start", f"{start} is after end ({end})")])
     days = (end - start).days + 1
@@ -155,6 +155,16 @@ def query_range(
         )
         raise InvalidRequest([FieldError("start", message)])
     return start, end
+
+
+def month_start(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def next_month_at(day: dt.date) -> float:
+    """When the UTC month after ``day``'s starts (Unix seconds): a monthly budget's renewal."""
+    first = (month_start(day) + dt.timedelta(days=31)).replace(day=1)
+    return day_number(first) * DAY_S
 
 
 def read_usage(client: redis.Redis, keys: Keys, folder: str, start: dt.date, end: dt.date) -> Usage:

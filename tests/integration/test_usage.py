@@ -1,6 +1,8 @@
 """A tenant's usage through a real uvicorn API process, a real GPU worker process and real Redis:
 the GPU time the worker measured and the outputs it stored, read back by ``GET /v1/usage``, the
-HTTP SDK, the Redis SDK and the CLI, each tenant its own; the query's limits at their edge."""
+HTTP SDK, the Redis SDK and the CLI, each tenant its own; the query's limits at their edge. A
+tenant's GPU budget for the month refuses its new jobs once its ended ones used it, on every door,
+at its edge."""
 
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from producer import cli
 from producer.client import Client
 from producer.http import Client as HttpClient
-from routing.jobs.usage import Usage
+from routing.errors import OverBudget
+from routing.jobs.usage import Usage, next_month_at
 from routing.settings import Settings
-from tests.api_tenants import SMALL, A, B, api_client, with_tenants
+from tests.api_tenants import SMALL, A, B, api_client, tenants, with_tenants
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +137,47 @@ def test_a_usage_query_is_refused_past_its_limits(api, settings):
     start = str(today - dt.timedelta(days=MAX_DAYS))
     code, _out, err = _cli("--api", str(api.base_url), "--key", "key-a", "usage", "--start", start)
     assert code == 2 and "FLEET_USAGE_MAX_DAYS" in err
+
+
+def test_a_tenant_past_its_gpu_budget_for_the_month_gets_no_new_job_on_any_door(
+    fleet_settings, tmp_path, start_worker
+):
+    budget = 0.01  # GPU-seconds: less than any job the worker runs
+    settings = Settings.model_validate(
+        fleet_settings.model_dump() | {"tenants": tenants("a", gpu_s_per_month=budget) | tenants("b")}
+    )
+    once = A | {"Idempotency-Key": "once"}
+    with api_client(settings, tmp_path) as api:
+        first = api.post("/v1/jobs", json=SMALL, headers=once)
+        assert first.status_code == 201, first.text  # nothing used yet this month
+        start_worker(settings)
+        job = _wait(api, first.json()["id"])
+        assert job["status"] == "succeeded" and job["timings"]["held_s"] >= budget
+
+        refused = api.post("/v1/jobs", json=SMALL, headers=A)
+
+        assert refused.status_code == 402, refused.text
+        assert "gpu_s_per_month" in refused.json()["detail"]
+        next_month = next_month_at(dt.datetime.now(dt.UTC).date())
+        assert abs(time.time() + int(refused.headers["Retry-After"]) - next_month) <= 5
+        assert [j["id"] for j in api.get("/v1/jobs", headers=A).json()["jobs"]] == [job["id"]]
+        # Its job asked for again by its key is answered: it is no new job.
+        again = api.post("/v1/jobs", json=SMALL, headers=once)
+        assert (again.status_code, again.json()["id"]) == (200, job["id"])
+        with HttpClient(str(api.base_url), "key-a") as fleet, pytest.raises(OverBudget) as raised:
+            fleet.submit(SMALL)
+        assert abs(raised.value.retry_at - next_month) <= 5
+        sdk = openai.OpenAI(base_url=f"{str(api.base_url).rstrip('/')}/v1", api_key="key-a", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as quota:
+            sdk.images.generate(model="z-image-turbo", prompt="a fox", size="64x64")
+        assert quota.value.code == "insufficient_quota"
+        assert quota.value.response.headers["x-should-retry"] == "false"
+        # Another tenant's budget is its own: b has none.
+        assert api.post("/v1/jobs", json=SMALL, headers=B).status_code == 201
+        assert [j["id"] for j in api.get("/v1/jobs", headers=A).json()["jobs"]] == [job["id"]]
+    # The edge, through the Redis SDK: what the month used refuses; a hair more takes one more job.
+    with Client(settings) as client:
+        used = client.usage(tenant="a").totals.gpu_s
+        with pytest.raises(OverBudget):
+            client.submit(SMALL, tenant="a", gpu_s_per_month=used)
+        assert client.submit(SMALL, tenant="a", gpu_s_per_month=used + 0.001).created

@@ -21,6 +21,7 @@ SURFACE = {
     "JobStatus",
     "JobView",
     "NotFound",
+    "OverBudget",
     "TooManyJobs",
     "Unauthorized",
     "Unavailable",
