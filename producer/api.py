@@ -235,6 +235,10 @@ class UsageOut(BaseModel):
     end: dt.date
     rows: list[UsageRowOut] = Field(description="one per day, model, class and end; days with none have none")
     totals: UsageTotalsOut
+    gpu_s_per_month: float | None = Field(
+        description="the tenant's GPU budget for a UTC month (gpu_s_per_month in FLEET_TENANTS), which "
+        "the month to date (the default query) counts against; null: none"
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

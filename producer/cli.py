@@ -362,6 +362,8 @@ def _keys(client: Any, args: argparse.Namespace, tenant: dict[str, str], out: Te
 
 def _print_usage(usage: Usage, out: TextIO) -> None:
     print(f"tenant {usage.tenant}, {usage.start} to {usage.end} (UTC)", file=out)
+    if usage.gpu_s_per_month is not None:
+        print(f"GPU budget: {usage.gpu_s_per_month:g} GPU-seconds a month", file=out)
     head = ("date", "model", "class", "status", "jobs", "gpu_s", "outputs", "bytes", "video_s")
     lines = [head] + [
         (

@@ -12,6 +12,7 @@ Errors are those of ``routing.errors`` (``InvalidRequest``, ``NotFound``, ``Conf
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import time
@@ -354,10 +355,13 @@ class Client:
     def usage(self, start: dt.date | None = None, end: dt.date | None = None, *, tenant: str = "") -> Usage:
         """What ``tenant`` used from ``start`` to ``end`` (UTC days, both included; by default its
         month to date): a row per day, model, class and end, and their totals
-        (``routing.jobs.usage``). The verb and answer of the HTTP SDK's ``usage``."""
+        (``routing.jobs.usage``), with its GPU budget for a month where ``FLEET_TENANTS`` gives
+        it one. The verb and answer of the HTTP SDK's ``usage``."""
         start, end = query_range(start, end, self.settings.usage_max_days)
         with _redis_errors():
-            return read_usage(self._redis, self.keys, folder(check_tenant(tenant)), start, end)
+            usage = read_usage(self._redis, self.keys, folder(check_tenant(tenant)), start, end)
+        configured = self.settings.tenants.get(tenant)
+        return dataclasses.replace(usage, gpu_s_per_month=configured.gpu_s_per_month if configured else None)
 
     def create_key(self, label: str = "", *, tenant: str) -> tuple[ApiKey, str]:
         """A new API key of ``tenant`` (one of ``FLEET_TENANTS``): its listing, and the key,

@@ -107,14 +107,16 @@ class UsageTotals:
 @dataclass(frozen=True)
 class Usage:
     """A tenant's usage from ``start`` to ``end`` (UTC days, both included): a row per day,
-    model, class and end, and their totals. The one JSON shape the API sends, the SDKs return
-    and the CLI prints."""
+    model, class and end, and their totals; beside them the tenant's GPU budget for a month
+    (``gpu_s_per_month``, None for none), which the month to date, the default query, counts
+    against. The one JSON shape the API sends, the SDKs return and the CLI prints."""
 
     tenant: str
     start: dt.date
     end: dt.date
     rows: list[UsageRow]
     totals: UsageTotals
+    gpu_s_per_month: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,6 +125,7 @@ class Usage:
             "end": self.end.isoformat(),
             "rows": [row.to_json() for row in self.rows],
             "totals": asdict(self.totals),
+            "gpu_s_per_month": self.gpu_s_per_month,
         }
 
     @classmethod
@@ -133,6 +136,7 @@ class Usage:
             end=dt.date.fromisoformat(data["end"]),
             rows=[UsageRow.from_json(row) for row in data["rows"]],
             totals=UsageTotals(**data["totals"]),
+            gpu_s_per_month=data.get("gpu_s_per_month"),
         )
 
 

@@ -175,6 +175,12 @@ def test_a_tenant_past_its_gpu_budget_for_the_month_gets_no_new_job_on_any_door(
         # Another tenant's budget is its own: b has none.
         assert api.post("/v1/jobs", json=SMALL, headers=B).status_code == 201
         assert [j["id"] for j in api.get("/v1/jobs", headers=A).json()["jobs"]] == [job["id"]]
+        # Its usage says what it counts against.
+        usage = api.get("/v1/usage", headers=A).json()
+        assert (usage["gpu_s_per_month"], usage["totals"]["gpu_s"]) == (budget, job["timings"]["held_s"])
+        assert api.get("/v1/usage", headers=B).json()["gpu_s_per_month"] is None
+        code, out, _err = _cli("--api", str(api.base_url), "--key", "key-a", "usage")
+        assert code == 0 and "GPU budget: 0.01 GPU-seconds a month" in out
     # The edge, through the Redis SDK: what the month used refuses; a hair more takes one more job.
     with Client(settings) as client:
         used = client.usage(tenant="a").totals.gpu_s
