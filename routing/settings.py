@@ -39,7 +39,7 @@ class Tenant(BaseModel):
     webhook_secret: SecretStr
     max_in_flight: int = Field(default=100, gt=0)
     priorities: list[Priority] = Field(default_factory=lambda: [Priority.NORMAL, Priority.LOW], min_length=1)
-    gpu_s_per_month: float | None = Field(default=None, gt=0)
+    gpu_s_per_month: float | None = Field(default=None, ge=0)
 
 
 class Settings(BaseSettings):
