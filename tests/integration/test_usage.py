@@ -187,3 +187,5 @@ def test_a_tenant_past_its_gpu_budget_for_the_month_gets_no_new_job_on_any_door(
         with pytest.raises(OverBudget):
             client.submit(SMALL, tenant="a", gpu_s_per_month=used)
         assert client.submit(SMALL, tenant="a", gpu_s_per_month=used + 0.001).created
+        with pytest.raises(OverBudget):  # 0: no new job, whatever was used
+            client.submit(SMALL, tenant="fresh", gpu_s_per_month=0)
