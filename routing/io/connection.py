@@ -242,8 +242,11 @@ class _MasterWatch:
         except RuntimeError:  # the loop is closed: its clients with it
             self._stop.set()
             return None
-        # Each Sentinel is asked within its timeout: past them all, the loop is stuck or gone.
-        return moved.result(timeout=_SENTINEL_TIMEOUT_S * len(self._sentinels) + 5)
+        try:  # each Sentinel is asked within its timeout: past them all, the loop is stuck or gone
+            return moved.result(timeout=_SENTINEL_TIMEOUT_S * len(self._sentinels) + 5)
+        except concurrent.futures.CancelledError:  # the loop is shutting down
+            self._stop.set()
+            return None
 
 
 class _FollowingRedis(redis.Redis):
