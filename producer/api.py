@@ -795,6 +795,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             client.keys,
             settings.redis_min_replicas,
             per_tenant=settings.metrics_per_tenant,
+            budgets={
+                name: tenant.gpu_s_per_month
+                for name, tenant in settings.tenants.items()
+                if tenant.gpu_s_per_month is not None
+            },
         )
     )
     requests_total = Counter(

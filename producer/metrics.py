@@ -23,6 +23,10 @@ since stopped, and a counter can never disagree with the job records.
     fleet_tenant_jobs_finished_total{tenant, model, class, status}   routing.jobs.usage, all time
     fleet_tenant_gpu_seconds_total{tenant, model, class, status}     (the tenant: its store folder,
                                                                      ``_`` for no tenant)
+    fleet_tenant_gpu_budget_seconds{tenant}                a tenant's GPU budget for a UTC month
+                                                           (gpu_s_per_month in FLEET_TENANTS)
+    fleet_tenant_month_gpu_seconds{tenant}                 what its jobs used this month, as the
+                                                           budget counts it (tenants with one)
     fleet_redis_replicas                                   replicas in sync with the master the
                                                            fleet writes to (Redis INFO replication)
     fleet_redis_min_replicas                               FLEET_REDIS_MIN_REPLICAS: below it,
@@ -31,7 +35,8 @@ since stopped, and a counter can never disagree with the job records.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -43,6 +48,7 @@ from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
 from routing.jobs.codecs import encode_label, parse_label
 from routing.jobs.keys import Keys
 from routing.jobs.scripts import RUN_S_BUCKETS
+from routing.jobs.usage import month_start, read_usage
 from routing.jobs.workers import worker_states
 
 
@@ -51,13 +57,23 @@ def _hash(client: redis.Redis, key: str) -> dict[str, str]:
 
 
 class FleetCollector(Collector):
-    def __init__(self, client: redis.Redis, keys: Keys, min_replicas: int = 0, per_tenant: bool = True):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        min_replicas: int = 0,
+        per_tenant: bool = True,
+        budgets: Mapping[str, float] | None = None,
+    ):
         self.client = client
         self.keys = keys
         self.min_replicas = min_replicas
         # The fleet_tenant_* series (FLEET_METRICS_PER_TENANT): one per tenant, model, class and
         # end, which many tenants make many; usage stays in GET /v1/usage either way.
         self.per_tenant = per_tenant
+        # The tenants' GPU budgets for a month (gpu_s_per_month), by tenant: a series or two per
+        # tenant that has one, whatever per_tenant says, so that ops can see one coming to its end.
+        self.budgets = dict(budgets or {})
 
     def collect(self) -> Iterator[Any]:
         submitted = CounterMetricFamily(
@@ -95,6 +111,8 @@ class FleetCollector(Collector):
         yield from self._loads()
         if self.per_tenant:
             yield from self._tenants()
+        if self.budgets:
+            yield from self._budgets()
         yield from self._replication()
 
     def _replication(self) -> Iterator[Any]:
@@ -139,6 +157,27 @@ class FleetCollector(Collector):
                 gpu_s.add_metric([tenant, model, vram_class, status], seconds)
         yield jobs
         yield gpu_s
+
+    def _budgets(self) -> Iterator[Any]:
+        # Alert on fleet_tenant_month_gpu_seconds / fleet_tenant_gpu_budget_seconds before the
+        # tenant's submits are refused (402).
+        budget = GaugeMetricFamily(
+            "fleet_tenant_gpu_budget_seconds",
+            "A tenant's GPU-seconds for a UTC month (gpu_s_per_month in FLEET_TENANTS)",
+            labels=["tenant"],
+        )
+        used = GaugeMetricFamily(
+            "fleet_tenant_month_gpu_seconds",
+            "GPU-seconds of a tenant's jobs that ended this UTC month, which its budget counts",
+            labels=["tenant"],
+        )
+        today = dt.datetime.now(dt.UTC).date()
+        for tenant, seconds in sorted(self.budgets.items()):
+            budget.add_metric([tenant], seconds)
+            month = read_usage(self.client, self.keys, tenant, month_start(today), today)
+            used.add_metric([tenant], month.totals.gpu_s)
+        yield budget
+        yield used
 
     def _loads(self) -> Iterator[Any]:
         seconds = CounterMetricFamily(

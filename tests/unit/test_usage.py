@@ -103,6 +103,19 @@ def test_a_succeeded_job_counts_once_with_its_gpu_seconds_and_outputs(store: Job
         ("fleet_tenant_jobs_finished_total", "acme", "h100x8", "succeeded"): 1.0,
         ("fleet_tenant_gpu_seconds_total", "acme", "h100x8", "succeeded"): 20.0,
     }
+    # A tenant's GPU budget for the month, and what its month used, for each tenant that has one.
+    budgets = FleetCollector(store.client, store.keys, per_tenant=False, budgets={"acme": 50.0, "quiet": 5.0})
+    assert {
+        (s.name, s.labels["tenant"]): s.value
+        for family in budgets.collect()
+        if family.name.startswith("fleet_tenant_")
+        for s in family.samples
+    } == {
+        ("fleet_tenant_gpu_budget_seconds", "acme"): 50.0,
+        ("fleet_tenant_gpu_budget_seconds", "quiet"): 5.0,
+        ("fleet_tenant_month_gpu_seconds", "acme"): 20.0,
+        ("fleet_tenant_month_gpu_seconds", "quiet"): 0.0,
+    }
     # FLEET_METRICS_PER_TENANT=false: none of them, the fleet's own series still there.
     names = {family.name for family in FleetCollector(store.client, store.keys, per_tenant=False).collect()}
     assert "fleet_jobs_running" in names and not any(n.startswith("fleet_tenant_") for n in names)
