@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak openapi redis compose-validator bench small-models clean
+.PHONY: demo test soak openapi redis compose-validator prometheus-tools bench small-models clean
 
 # Reinstall when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -30,6 +30,12 @@ compose-validator:
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
 
+# Prometheus and promtool run the alerting rules of deploy/prometheus (tests/integration/test_alert_rules.py).
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 small-models: $(STAMP)
 	$(PY) -m testkit.small_models --out var/small-models
 
@@ -37,7 +43,7 @@ demo: $(STAMP) redis
 	$(PY) scripts/demo.py
 
 # Lint and format check first: a style error fails in seconds, before the suite's minutes.
-test: $(STAMP) redis compose-validator
+test: $(STAMP) redis compose-validator prometheus-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
