@@ -20,7 +20,8 @@ Errors are ``routing.errors``, drawn from the API's status and error body:
     ├── NotFound           404: no such job, or not the tenant's
     ├── Conflict           409: the idempotency key was used with another request; result() of
     │                      an unfinished job; delete() of one not ended
-    ├── TooManyJobs        429 after the retries (each waits out ``Retry-After``)
+    ├── TooManyJobs        429 after the retries (each waits out ``Retry-After``; one past
+    │                      ``max_retry_wait_s`` is raised at once)
     ├── OverBudget         402, at once: the tenant's GPU budget for this UTC month is used
     ├── Unavailable        503 after the retries, or the API could not be reached
     ├── JobNotSucceeded    result() of a job that failed or was canceled

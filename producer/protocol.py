@@ -306,15 +306,26 @@ class Core:
                 response = answer
                 if gone_after_lost and lost and response.status_code == 404:
                     return response
-                if response.status_code not in _RETRIED_STATUS or attempt == self.max_retries or not retry:
+                if (
+                    response.status_code not in _RETRIED_STATUS
+                    or attempt == self.max_retries
+                    or not retry
+                    or self._waits_too_long(response)
+                ):
                     return raise_for(response)
             yield Sleep(self.retry_delay(attempt, response))
         raise AssertionError("unreachable")
 
+    def _waits_too_long(self, response: httpx.Response) -> bool:
+        """Whether the answer asks for a wait past ``max_retry_wait_s``: a retry sooner would be
+        refused again, so the error is the caller's at once."""
+        retry_after = response.headers.get("Retry-After", "")
+        return retry_after.isdigit() and float(retry_after) > self.max_retry_wait_s
+
     def retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
         retry_after = response.headers.get("Retry-After", "") if response is not None else ""
         if retry_after.isdigit():
-            return min(float(retry_after), self.max_retry_wait_s)
+            return float(retry_after)  # at most max_retry_wait_s: a longer one is not waited for
         return random.uniform(0, min(self.max_retry_wait_s, 0.5 * 2**attempt))  # full jitter
 
     def _events_request(self, job_id: str, last_id: str, deadline: float | None) -> httpx.Request:

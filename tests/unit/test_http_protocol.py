@@ -73,6 +73,16 @@ def test_errors_come_from_the_status_and_body_and_the_last_retry_raises():
         flow.send(answer(request, 429, {"detail": "at the limit"}))
 
 
+def test_a_retry_after_longer_than_the_sdk_waits_is_raised_at_once():
+    core = Core("http://fleet.test", "key-a", max_retries=3, max_retry_wait_s=60)
+    flow = core.get("j1")
+    request = next(flow).request
+    assert flow.send(answer(request, 503, {"detail": "busy"}, **{"Retry-After": "60"})) == Sleep(60.0)
+    assert next(flow) == Send(request)
+    with pytest.raises(TooManyJobs):  # a sooner retry would be refused again
+        flow.send(answer(request, 429, {"detail": "too many"}, **{"Retry-After": "61"}))
+
+
 def test_wait_reads_progress_from_the_stream_and_reconnects_from_the_last_event():
     core = Core("http://fleet.test", "key-a")
     seen = []
