@@ -58,7 +58,7 @@ from routing.jobs.keys import Keys
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import ORDERS, Created, Cursor, JobStore, NewJob
-from routing.jobs.usage import Usage, month_start, next_month_at, query_range, read_usage
+from routing.jobs.usage import Usage, month_gpu_s, next_month_at, query_range, read_usage
 from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
 from routing.settings import Settings, get_settings
@@ -270,13 +270,12 @@ class Client:
         """Raise ``OverBudget`` when the tenant's jobs that ended this UTC month used
         ``gpu_s_per_month`` GPU-seconds, as its usage counts them. Jobs still queued or running
         count once they end: a tenant just under its budget may pass it by those."""
-        today = dt.datetime.now(dt.UTC).date()
-        used = read_usage(self._redis, self.keys, folder(tenant), month_start(today), today).totals.gpu_s
+        used = month_gpu_s(self._redis, self.keys, folder(tenant))
         if used >= gpu_s_per_month:
             raise OverBudget(
                 f"tenant {tenant!r} has used {used:g} of its {gpu_s_per_month:g} GPU-seconds this month "
                 f"(gpu_s_per_month); no job was queued",
-                retry_at=next_month_at(today),
+                retry_at=next_month_at(dt.datetime.now(dt.UTC).date()),
             )
 
     def _resolve(self, request: RequestBase, job_id: str, scope: KeyScope) -> RequestBase:

@@ -35,7 +35,6 @@ since stopped, and a counter can never disagree with the job records.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
@@ -48,7 +47,7 @@ from routing.classes import WEBHOOK_QUEUE, VramClass, class_queues
 from routing.jobs.codecs import encode_label, parse_label
 from routing.jobs.keys import Keys
 from routing.jobs.scripts import RUN_S_BUCKETS
-from routing.jobs.usage import month_start, read_usage
+from routing.jobs.usage import month_gpu_s
 from routing.jobs.workers import worker_states
 
 
@@ -171,11 +170,9 @@ class FleetCollector(Collector):
             "GPU-seconds of a tenant's jobs that ended this UTC month, which its budget counts",
             labels=["tenant"],
         )
-        today = dt.datetime.now(dt.UTC).date()
         for tenant, seconds in sorted(self.budgets.items()):
             budget.add_metric([tenant], seconds)
-            month = read_usage(self.client, self.keys, tenant, month_start(today), today)
-            used.add_metric([tenant], month.totals.gpu_s)
+            used.add_metric([tenant], month_gpu_s(self.client, self.keys, tenant))
         yield budget
         yield used
 

@@ -319,13 +319,13 @@ class Core:
     def _waits_too_long(self, response: httpx.Response) -> bool:
         """Whether the answer asks for a wait past ``max_retry_wait_s``: a retry sooner would be
         refused again, so the error is the caller's at once."""
-        retry_after = response.headers.get("Retry-After", "")
-        return retry_after.isdigit() and float(retry_after) > self.max_retry_wait_s
+        asked = _retry_after_s(response)
+        return asked is not None and asked > self.max_retry_wait_s
 
     def retry_delay(self, attempt: int, response: httpx.Response | None) -> float:
-        retry_after = response.headers.get("Retry-After", "") if response is not None else ""
-        if retry_after.isdigit():
-            return float(retry_after)  # at most max_retry_wait_s: a longer one is not waited for
+        asked = _retry_after_s(response) if response is not None else None
+        if asked is not None:
+            return asked  # at most max_retry_wait_s: a longer one is not waited for
         return random.uniform(0, min(self.max_retry_wait_s, 0.5 * 2**attempt))  # full jitter
 
     def _events_request(self, job_id: str, last_id: str, deadline: float | None) -> httpx.Request:
@@ -349,6 +349,12 @@ def submit_body(request: Mapping[str, Any], priority: str, webhook: Webhook | No
     return body
 
 
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """The seconds an answer's ``Retry-After`` asks for (the fleet sends whole seconds)."""
+    retry_after = response.headers.get("Retry-After", "")
+    return float(retry_after) if retry_after.isdigit() else None
+
+
 def raise_for(response: httpx.Response) -> httpx.Response:
     """The response when it is a success, else the ``FleetError`` its status and body say."""
     status = response.status_code
@@ -363,8 +369,8 @@ def raise_for(response: httpx.Response) -> httpx.Response:
     if status == 422 and isinstance(body, dict) and "errors" in body:
         raise InvalidRequest([FieldError(e["field"], e["message"]) for e in body["errors"]])
     if status == 402:
-        retry_after = response.headers.get("Retry-After", "")
-        raise OverBudget(message, time.time() + int(retry_after) if retry_after.isdigit() else None)
+        asked = _retry_after_s(response)
+        raise OverBudget(message, time.time() + asked if asked is not None else None)
     raise {
         401: Unauthorized,
         404: NotFound,

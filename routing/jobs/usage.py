@@ -183,6 +183,13 @@ def read_usage(client: redis.Redis, keys: Keys, folder: str, start: dt.date, end
     return Usage(folder, start, end, rows, UsageTotals.of(rows))
 
 
+def month_gpu_s(client: redis.Redis, keys: Keys, folder: str) -> float:
+    """The GPU-seconds of the jobs of the tenant whose store folder is ``folder`` that ended this
+    UTC month: what its ``gpu_s_per_month`` budget counts."""
+    today = dt.datetime.now(dt.UTC).date()
+    return read_usage(client, keys, folder, month_start(today), today).totals.gpu_s
+
+
 def tenants_with_usage(client: redis.Redis, keys: Keys, start: dt.date, end: dt.date) -> list[str]:
     """The folders of the tenants with any usage from ``start`` to ``end``, sorted."""
     numbers = range(day_number(start), day_number(end) + 1)

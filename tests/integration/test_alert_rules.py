@@ -5,10 +5,12 @@ rule evaluates without error, and a tenant whose GPU budget is spent raises its 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,49 +92,45 @@ def test_prometheus_runs_the_rules_on_the_apis_metrics_and_a_spent_budget_fires(
             assert firing == [("FleetTenantBudgetSpent", "a", "firing")]
 
 
-class _prometheus:
+@contextlib.contextmanager
+def _prometheus(binary: str, tmp_path: Path, metrics_port: int) -> Iterator[Callable[..., Any]]:
     """A Prometheus server scraping ``127.0.0.1:<metrics_port>`` every second and evaluating the
-    rules as often; entered, a function that GETs its HTTP API and answers the ``data``."""
+    rules as often; yields a function that GETs its HTTP API and answers the ``data``."""
+    port = _free_port()
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": "fleet", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "prometheus.log"
+    command = [
+        binary,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if http.get("/-/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
 
-    def __init__(self, binary: str, tmp_path: Path, metrics_port: int):
-        self.port = _free_port()
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [
-                {"job_name": "fleet", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
-            ],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = tmp_path / "prometheus.log"
-        self.command = [
-            binary,
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-        ]
+            def query(path: str, **params: str) -> Any:
+                answer = http.get(path, params=params).json()
+                assert answer["status"] == "success", answer
+                return answer["data"]
 
-    def __enter__(self) -> Any:
-        self.process = subprocess.Popen(self.command, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", trust_env=False, timeout=10)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if self.http.get("/-/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.2)
-
-        def query(path: str, **params: str) -> Any:
-            answer = self.http.get(path, params=params).json()
-            assert answer["status"] == "success", answer
-            return answer["data"]
-
-        return query
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
-        self.process.terminate()
-        self.process.wait(30)
+            yield query
+    finally:
+        process.terminate()
+        process.wait(30)
