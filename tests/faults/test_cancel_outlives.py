@@ -74,7 +74,10 @@ def test_a_cancel_asked_just_before_a_sigterm_hand_back_ends_the_job_canceled(
     assert client.store.cancel(job.id) is JobStatus.RUNNING  # asked; no step will see it
 
     _ended_canceled_once(client, job.id, fleet_settings)
-    assert f"job {job.id} canceled instead of handed back (worker {owner} shut down)" in stopped.log()
+    # Logged after the move the record already shows: waited for, not read at once.
+    wait_log(
+        stopped, f"job {job.id} canceled instead of handed back (worker {owner} shut down)", timeout_s=10
+    )
     # The stopped worker exits, and no copy of the message is left anywhere to run the job again.
     assert stopped.proc.wait(timeout=30) == 0, stopped.log()[-3000:]
     assert _copies(fault_redis.client(), job.id) == 0
@@ -95,7 +98,7 @@ def test_a_cancel_asked_just_before_an_escalation_ends_the_job_canceled(
     assert client.store.cancel(job.id) is JobStatus.RUNNING
 
     _ended_canceled_once(client, job.id, fleet_settings)
-    assert f"job {job.id} ran out of memory after its cancel was asked for; canceled" in worker.log()
+    wait_log(worker, f"job {job.id} ran out of memory after its cancel was asked for; canceled", timeout_s=10)
     # Nothing waits on gpu80 for it; the message it ran from is acknowledged as the task ends.
     wait_for(lambda: _copies(fault_redis.client(), job.id) == 0, 30, "no copy of the message left")
 
