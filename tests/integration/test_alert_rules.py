@@ -85,11 +85,20 @@ def test_prometheus_runs_the_rules_on_the_apis_metrics_and_a_spent_budget_fires(
             rules = [r for g in query("/api/v1/rules")["groups"] for r in g["rules"]]
             assert {r["name"] for r in rules} == {rule["alert"] for rule in _rules()}
             assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
-            firing = [
-                (a["labels"]["alertname"], a["labels"].get("tenant"), a["state"])
-                for a in query("/api/v1/alerts")["alerts"]
-            ]
-            assert firing == [("FleetTenantBudgetSpent", "a", "firing")]
+            # A rule evaluated before the scrape that brought its series holds no alert yet: the
+            # next evaluation, a second later, does.
+            expected = [("FleetTenantBudgetSpent", "a", "firing")]
+            firing: list[tuple[str, str | None, str]] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                firing = [
+                    (a["labels"]["alertname"], a["labels"].get("tenant"), a["state"])
+                    for a in query("/api/v1/alerts")["alerts"]
+                ]
+                if firing == expected:
+                    break
+                time.sleep(0.5)
+            assert firing == expected
 
 
 @contextlib.contextmanager
