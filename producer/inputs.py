@@ -1,14 +1,17 @@
 """Input media of a request, made safe to queue.
 
-Before a job is queued every image and video it names is read (from the fleet's store, or from
-an http(s) URL through the SSRF-guarded fetcher), decoded and checked against limits. Media given
-by URL is stored under ``inputs/<tenant>/<job id>/``, and the queued request names every input by
-store key: the worker reads only bytes that were checked, and never reaches out to the internet.
+Before a job is queued every image and video it names is read (from the fleet's store, from an
+http(s) URL through the SSRF-guarded fetcher, or from a base64 data URL), decoded and checked
+against limits. Media given by URL (a data URL too) is stored under ``inputs/<tenant>/<job id>/``,
+deleted with the job, and the queued request names every input by store key: the worker reads only
+bytes that were checked, and never reaches out to the internet.
 A store key is read only if the tenant may name it (``producer.tenant_keys``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import hashlib
 import io
@@ -44,7 +47,7 @@ from routing.io.media import (
 )
 from routing.io.net import UrlError, UrlPolicy, fetch_into
 from routing.io.storage import ObjectNotFound, Storage, StorageError
-from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase
+from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase, is_data_url
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ def fetch_deadline(limits: InputLimits) -> float:
 
 def fetches(request: RequestBase) -> bool:
     """Whether resolving ``request`` downloads anything (a media URL, a LoRA by URL or hub id)."""
-    urls = any(ref.url is not None for ref in _refs(request))
+    urls = any(ref.url is not None and not is_data_url(ref.url) for ref in _refs(request))
     return urls or any(not _is_store_key(lora.source) for lora in request.loras or [])
 
 
@@ -320,11 +323,39 @@ def _resolve_one(
 ) -> tuple[MediaRef, ImageInfo | VideoInfo | AudioInfo]:
     if ref.url is None:
         return ref, _check(_read(storage, ref.key, scope), name, spec, limits, budget)[1]
+    key = input_prefix(scope.tenant, job_id) + field
+    if is_data_url(ref.url):
+        data = _data_url_bytes(ref.url, limits.max_bytes)
+        ext, info = _check(data, name, spec, limits, budget)
+        storage.put(f"{key}.{ext}", data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+        return MediaRef(key=f"{key}.{ext}"), info
     with _download(ref.url, limits.max_bytes, deadline, policy) as (file, _digest):
         ext, info = _check(file, name, spec, limits, budget)
-        key = f"{input_prefix(scope.tenant, job_id)}{field}.{ext}"
-        storage.put_file(key, file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
-    return MediaRef(key=key), info
+        storage.put_file(f"{key}.{ext}", file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+    return MediaRef(key=f"{key}.{ext}"), info
+
+
+# data:[<media type>][;parameters];base64,<data> (RFC 2397). The media type is not trusted: the
+# bytes are decoded and checked as any input's are.
+_DATA_URL = re.compile(r"^data:([^,]*),", re.IGNORECASE)
+
+
+def _data_url_bytes(url: str, max_bytes: int) -> bytes:
+    """The file a base64 data URL holds; a ``MediaError`` for one that is not base64, is not valid
+    base64, or holds more than ``max_bytes`` (told from its length, before decoding it)."""
+    head = _DATA_URL.match(url)
+    if head is None or not head.group(1).lower().endswith(";base64"):
+        raise MediaError("a data URL must be base64: data:<media type>;base64,<data>")
+    encoded = url[head.end() :]
+    if len(encoded) // 4 * 3 > max_bytes + 2:  # base64's length, padding aside
+        raise MediaError(f"larger than {max_bytes} bytes")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("the data URL is not valid base64") from None
+    if len(data) > max_bytes:
+        raise MediaError(f"larger than {max_bytes} bytes")
+    return data
 
 
 def _read(storage: Storage, key: str, scope: KeyScope) -> bytes:

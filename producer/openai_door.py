@@ -32,7 +32,6 @@ from routing.errors import (
     TooManyJobs,
     Unavailable,
 )
-from routing.io.storage import StorageError
 from routing.jobs.events import Webhook
 from routing.jobs.store import Created
 from routing.settings import Settings
@@ -267,71 +266,6 @@ class Door:
     @staticmethod
     def _idempotency(tenant: str, idempotency_key: str | None) -> str | None:
         return f"{tenant}:openai:{idempotency_key}" if idempotency_key else None
-
-    def earlier(
-        self,
-        job: dict[str, Any],
-        tenant: str,
-        idempotency_key: str | None,
-        files: str,
-        sent: list[bytes],
-        webhook: Webhook | None = None,
-    ) -> str | None:
-        """The job an ``Idempotency-Key`` was used for, when the call brings files (``sent``):
-        they are stored under new keys each time they are sent, so a call made again is matched
-        by its fields other than ``files`` (the request field that names them), its webhook, and
-        the bytes of the files that job was given, read back from the store. Any difference, or
-        files no longer stored to compare, is a 409: a key never answers a job of another request."""
-        if not idempotency_key:
-            return None
-        job_id = self.client.job_of_idempotency_key(self._idempotency(tenant, idempotency_key))
-        if job_id is None:
-            return None
-        asked = {name: value for name, value in job.items() if name not in ("kind", files)}
-        record = self.client.get(job_id)
-        same = (
-            all(record.request.get(name) == value for name, value in asked.items())
-            and record.webhook == webhook
-            and self._same_files(record.request.get(files), sent)
-        )
-        if not same:
-            raise Refused(
-                409,
-                f"idempotency key {idempotency_key!r} was used for another request",
-                "invalid_request_error",
-                code="idempotency_key_reused",
-            ).final()
-        try:  # answered with a new job's promise: the replicas hold it
-            self.client.confirm_replicated(job_id)
-        except Unavailable as exc:
-            raise _unavailable(exc) from None
-        return job_id
-
-    def _same_files(self, kept: Any, sent: list[bytes]) -> bool:
-        """Whether the files a job names (one ``{"key"}`` or a list of them) hold ``sent``, in order."""
-        refs = kept if isinstance(kept, list) else [kept]
-        if len(refs) != len(sent) or not all(isinstance(ref, dict) and "key" in ref for ref in refs):
-            return False
-        for ref, data in zip(refs, sent, strict=True):
-            try:
-                stored = self.client.storage.get(ref["key"])
-            except StorageError:  # gone with its retention: it cannot be shown to be the same
-                return False
-            if stored != data:
-                return False
-        return True
-
-    def upload(self, data: bytes, tenant: str, param: str) -> str:
-        """Store one file the call brought as the tenant's upload, checked as ``POST /v1/uploads``
-        checks it; its key."""
-        try:
-            return self.client.upload(data, tenant=tenant)["key"]
-        except InvalidRequest as exc:
-            raise from_invalid(exc, self.names, param) from None
-
-    def delete(self, keys: list[str]) -> None:
-        for key in keys:
-            self.client.storage.delete(key)
 
     def take_slot(self, tenant: str) -> Any:
         """One of the tenant's ``Prefer: wait`` slots, for a call that waits for its job."""

@@ -18,7 +18,8 @@ then is answered 408 naming it: it goes on, and ``GET /v1/jobs/{id}`` follows it
     size              "WxH": width, height; "auto" or none: the model's default
     response_format   url (presigned for FLEET_PRESIGN_EXPIRY_S) | b64_json
     output_format     png | jpeg | webp
-    image, image[]    edits: the input images (1 to the model's most), stored as uploads
+    image, image[]    edits: the input images (1 to the model's most), stored with the job's
+                      inputs (inputs/<tenant>/<job>/), deleted with the job
     user              accepted, and not used
 
 The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
@@ -140,29 +141,18 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
     async def edits(request: Request, tenant: str = Depends(tenant_of)) -> Any:
         """OpenAI's ``images.edit``: an edit of one or more images with a fleet model (default
         FLEET_OPENAI_EDIT_MODEL), answered when the job ends. No ``mask``."""
-        stored: list[str] = []
         try:
             body, files = await _edit_form(request)
             job = _request(body, body.model or settings.openai_edit_model, "edit")
-            earlier = await run_in_threadpool(
-                door.earlier,
-                job,
-                tenant,
-                request.headers.get("idempotency-key"),
-                "images",
-                files,
-                body.webhook,
-            )
-            if earlier is not None:  # a call made again (its answer lost): that job, no new images
-                return await _answer_when_done(earlier, body, tenant)
-            # The images are stored as the tenant's uploads, checked as POST /v1/uploads checks
-            # them; a request refused after that leaves none of them behind.
-            for data in files:
-                stored.append(await run_in_threadpool(door.upload, data, tenant, "image"))
-            return await _run(job | {"images": [{"key": key} for key in stored]}, body, tenant, request)
+            # The images go in as base64 data URLs: checked at submit as any input is, and stored
+            # with the job's inputs (inputs/<tenant>/<job>/), deleted with the job. A call made
+            # again with its Idempotency-Key is matched by its fields and these bytes.
+            images = [
+                {"url": "data:application/octet-stream;base64," + base64.b64encode(data).decode()}
+                for data in files
+            ]
+            return await _run(job | {"images": images}, body, tenant, request)
         except Refused as exc:
-            if not exc.queued:  # refused: nothing queued, and nothing kept
-                await run_in_threadpool(door.delete, stored)
             return exc.answer()
 
     async def _run(job: dict[str, Any], body: _Options, tenant: str, request: Request) -> Any:
@@ -170,15 +160,6 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
         slot = door.take_slot(tenant)
         try:
             job_id = await door.queue(job, tenant, request, webhook=body.webhook)
-            finished = await door.wait(job_id)
-        finally:
-            slot.release()
-        return await run_in_threadpool(_answer, job_id, finished, body.response_format)
-
-    async def _answer_when_done(job_id: str, body: _Options, tenant: str) -> Any:
-        """Answer with an earlier call's job when it ends, waited for as a new one is."""
-        slot = door.take_slot(tenant)
-        try:
             finished = await door.wait(job_id)
         finally:
             slot.release()

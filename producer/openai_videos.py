@@ -16,7 +16,8 @@ ask again, ``FLEET_OPENAI_POLL_AFTER_MS``); ``GET /v1/videos/{id}/content`` stre
     size              "WxH": width, height, each rounded down to the model's multiple (OpenAI's
                       1280x720 is 1280x704 on Wan2.2-TI2V-5B); none: the model's default
     input_reference   image-to-video: an image file part, or {"image_url": an http(s) URL, which
-                      the fleet fetches, or a base64 data URL}; stored as the tenant's upload
+                      the fleet fetches, or a base64 data URL}; stored with the job's inputs
+                      (inputs/<tenant>/<job>/), and deleted with the video
 
 The fleet's ``negative_prompt``, ``seed``, ``steps`` and ``guidance_scale`` may be added (the SDKs'
 ``extra_body``), and its ``webhook`` (the job's events, POSTed signed as for ``POST /v1/jobs``).
@@ -32,7 +33,6 @@ running one is canceled and answered 409 until it stops (at its next step).
 from __future__ import annotations
 
 import base64
-import binascii
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,6 +51,7 @@ from routing.io.storage import ObjectNotFound
 from routing.jobs.keys import is_job_id
 from routing.jobs.record import JobRecord, JobStatus
 from routing.jobs.store import ORDERS, Cursor
+from routing.schemas import is_data_url
 
 VIDEOS = "/v1/videos"
 # Fleet request fields as OpenAI names them, in an error's ``param``.
@@ -58,7 +59,6 @@ NAMES = {"width": "size", "height": "size", "frames": "seconds", "image": "input
 # The jobs this door shows as videos: the ones it makes.
 KINDS = frozenset({TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO})
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
-_DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+;base64,(.*)$", re.DOTALL)
 _CHUNK_BYTES = 1 << 20
 _STATUS = {
     JobStatus.QUEUED: "queued",
@@ -171,31 +171,25 @@ def add_routes(
     async def create(request: Request, tenant: str = Depends(tenant_of)) -> Any:
         """OpenAI's ``videos.create``: a text- or image-to-video job with a fleet model (default
         FLEET_OPENAI_VIDEO_MODEL), answered at once; multipart (as the SDKs send it) or JSON."""
-        stored: list[str] = []
         try:
-            body, image = await _create_body(request)
-            job = _request(body, body.model or settings.openai_video_model, image is not None)
-            idempotency_key = request.headers.get("idempotency-key")
-            if image is not None:
-                earlier = await run_in_threadpool(
-                    door.earlier, job, tenant, idempotency_key, "image", [image], body.webhook
-                )
-                if earlier is not None:  # a call made again (its answer lost): that video
-                    return await run_in_threadpool(_video, client.get(earlier))
-                stored.append(await run_in_threadpool(door.upload, image, tenant, "input_reference"))
-                job["image"] = {"key": stored[0]}
-            url = body.input_reference.image_url if body.input_reference else None
-            if url is not None and image is None:  # an http(s) URL: the fleet fetches it at submit
-                job["image"] = {"url": url}
-                job_id = await door.queue(
-                    job, tenant, request, run=lambda submit: fetching(tenant, submit), webhook=body.webhook
-                )
-            else:
+            body, image_url = await _create_body(request)
+            job = _request(body, body.model or settings.openai_video_model, image_url is not None)
+            if image_url is None:
                 job_id = await door.queue(job, tenant, request, webhook=body.webhook)
+            elif is_data_url(image_url):  # the image itself: stored with the job's inputs at submit
+                job_id = await door.queue(
+                    job | {"image": {"url": image_url}}, tenant, request, webhook=body.webhook
+                )
+            else:  # an http(s) URL: the fleet fetches it at submit
+                job_id = await door.queue(
+                    job | {"image": {"url": image_url}},
+                    tenant,
+                    request,
+                    run=lambda submit: fetching(tenant, submit),
+                    webhook=body.webhook,
+                )
             return await run_in_threadpool(_video, client.get(job_id))
         except Refused as exc:
-            if not exc.queued:  # refused: nothing queued, and nothing kept
-                await run_in_threadpool(door.delete, stored)
             return exc.answer()
 
     @app.get(
@@ -415,8 +409,9 @@ def add_routes(
         for offset in range(0, size_bytes, _CHUNK_BYTES):
             yield client.storage.get_range(key, offset, min(_CHUNK_BYTES, size_bytes - offset))
 
-    async def _create_body(request: Request) -> tuple[VideoCreate, bytes | None]:
-        """The call's fields and its reference image's bytes (None without one, or when it is a URL)."""
+    async def _create_body(request: Request) -> tuple[VideoCreate, str | None]:
+        """The call's fields and its reference image as a URL (None without one): an image file
+        part becomes a base64 data URL, which the fleet stores with the job's inputs."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             fields, files = await read_form(request, frozenset({"input_reference"}), max_files=2)
             if len(files) > 1:
@@ -436,23 +431,18 @@ def add_routes(
         if reference is not None and image is not None:
             message = "input_reference: an image file or an object, not both"
             raise Refused(400, message, "invalid_request_error", "input_reference")
-        if reference is not None:
-            if reference.file_id is not None:
-                message = (
-                    "input_reference.file_id: the fleet has no Files API; send the image, or its image_url"
-                )
-                raise Refused(400, message, "invalid_request_error", "input_reference")
-            url = reference.image_url or ""
-            if match := _DATA_URL.match(url):
-                try:
-                    image = base64.b64decode(match.group(1), validate=True)
-                except (binascii.Error, ValueError):
-                    message = "input_reference.image_url: the data URL is not valid base64"
-                    raise Refused(400, message, "invalid_request_error", "input_reference") from None
-            elif not url.lower().startswith(("http://", "https://")):
-                message = "input_reference.image_url: an http(s) URL or a base64 data:image/... URL"
-                raise Refused(400, message, "invalid_request_error", "input_reference")
-        return body, image
+        if image is not None:
+            return body, "data:application/octet-stream;base64," + base64.b64encode(image).decode()
+        if reference is None:
+            return body, None
+        if reference.file_id is not None:
+            message = "input_reference.file_id: the fleet has no Files API; send the image, or its image_url"
+            raise Refused(400, message, "invalid_request_error", "input_reference")
+        url = reference.image_url or ""
+        if not (url.lower().startswith(("http://", "https://")) or is_data_url(url)):
+            message = "input_reference.image_url: an http(s) URL or a base64 data:image/... URL"
+            raise Refused(400, message, "invalid_request_error", "input_reference")
+        return body, url
 
 
 def _request(body: VideoCreate, model: str, with_image: bool) -> dict[str, Any]:

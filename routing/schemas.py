@@ -29,10 +29,17 @@ VIDEO_FIELDS = frozenset({"video", "pose_video", "face_video", "background_video
 AUDIO_FIELDS = frozenset({"audio"})
 
 
+# The longest http(s) URL a request may give for its media (a data URL is held to the input
+# byte limit instead, FLEET_MAX_INPUT_BYTES, and over HTTP to the JSON body limit).
+MAX_URL_CHARS = 4096
+
+
 class MediaRef(BaseModel):
-    """Input media: an object already in the fleet's store (``key``, e.g. from an upload) or an
-    http(s) ``url``. At submit a URL is fetched, checked and stored, and the queued request
-    refers to it by key only: workers never reach out to the internet."""
+    """Input media: an object already in the fleet's store (``key``, e.g. from an upload), an
+    http(s) ``url``, or the file itself as a base64 data URL (``data:image/png;base64,...``,
+    RFC 2397). At submit a URL is fetched (a data URL decoded), checked and stored under the job's
+    ``inputs/`` folder, and the queued request refers to it by key only: workers never reach out
+    to the internet."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -42,15 +49,30 @@ class MediaRef(BaseModel):
     )
 
     key: str | None = Field(default=None, min_length=1, max_length=1024)
-    url: str | None = Field(default=None, min_length=1, max_length=4096, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://")
+    url: str | None = Field(
+        default=None,
+        min_length=1,
+        pattern=r"^([Hh][Tt][Tt][Pp][Ss]?://|[Dd][Aa][Tt][Aa]:)",
+        description=f"an http(s) URL of at most {MAX_URL_CHARS} characters, or a base64 data URL",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> MediaRef:
         if (self.key is None) == (self.url is None):
             raise ValueError("give exactly one of key or url")
-        if self.url is not None and not self.url.lower().startswith(("http://", "https://")):
-            raise ValueError("url must be http or https")
+        if self.url is not None:
+            if is_data_url(self.url):
+                return self
+            if not self.url.lower().startswith(("http://", "https://")):
+                raise ValueError("url must be http(s) or a data URL")
+            if len(self.url) > MAX_URL_CHARS:
+                raise ValueError(f"an http(s) url has at most {MAX_URL_CHARS} characters")
         return self
+
+
+def is_data_url(url: str) -> bool:
+    """Whether ``url`` is a data URL (the media inline), not one to fetch."""
+    return url[:5].lower() == "data:"
 
 
 class FirstBlockCache(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +13,7 @@ from PIL import Image
 from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
+from routing.io.storage import LocalStorage
 from worker.media import encode_mp4, encode_png
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,45 @@ def test_a_fetchable_url_is_accepted_and_stored_so_the_worker_reads_only_checked
     [image] = fleet.get(job.id).request["images"]
     assert image == {"key": f"inputs/_/{job.id}/images.0.png", "url": None}
     assert fleet.storage.get(image["key"]) == PNG
+
+
+def _data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+def test_a_data_url_is_decoded_checked_stored_with_the_jobs_inputs_and_deleted_with_it(fleet):
+    # The media type is not trusted: the bytes are checked, and named by what they are.
+    job = fleet.submit(EDIT | {"images": [{"url": _data_url(PNG, "application/octet-stream")}]})
+    [image] = fleet.get(job.id).request["images"]
+    assert image == {"key": f"inputs/_/{job.id}/images.0.png", "url": None}
+    assert fleet.storage.get(image["key"]) == PNG
+    fleet.cancel(job.id)
+    fleet.delete(job.id)
+    assert fleet.storage.list(f"inputs/_/{job.id}/") == []
+
+
+def test_bad_data_urls_are_refused_naming_the_field_and_nothing_is_stored(fleet_settings, redis_client):
+    with Client(fleet_settings.model_copy(update={"max_input_bytes": len(PNG)})) as fits:
+        for url, words in [
+            (_data_url(PNG).replace(";base64", ""), "a data URL must be base64"),
+            ("data:image/png;base64,iVBORw0KGgo=!", "not valid base64"),
+            (_data_url(b"plain text", "text/plain"), "not an image"),
+        ]:
+            refused(fits, redis_client, EDIT | {"images": [{"url": url}]}, "images.0", words)
+        # FLEET_MAX_INPUT_BYTES holds a data URL's file too: at the limit it is taken, a byte past
+        # it is refused (told from the URL's length, before decoding).
+        assert fits.submit(EDIT | {"images": [{"url": _data_url(PNG)}]}).created
+    with Client(fleet_settings.model_copy(update={"max_input_bytes": len(PNG) - 1})) as tight:
+        words = f"larger than {len(PNG) - 1} bytes"
+        refused(tight, redis_client, EDIT | {"images": [{"url": _data_url(PNG)}]}, "images.0", words)
+        long = _data_url(PNG + bytes(3 * len(PNG))) + "!"  # not base64 either: refused unread
+        refused(tight, redis_client, EDIT | {"images": [{"url": long}]}, "images.0", words)
+    # Only the one accepted job's file is stored.
+    assert len(LocalStorage(fleet_settings.storage_dir).list("inputs/")) == 1
+    # An http(s) URL has at most 4,096 characters; a data URL is held to the byte limit instead.
+    too_long = "https://example.com/" + "a" * 4077
+    with Client(fleet_settings) as client:
+        refused(client, redis_client, EDIT | {"images": [{"url": too_long}]}, "images.0", "4096 characters")
 
 
 def test_edit_without_an_image(fleet, redis_client):

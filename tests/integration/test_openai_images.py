@@ -109,9 +109,11 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
     [item] = edited.data
     assert edited.output_format == "webp" and _image(base64.b64decode(item.b64_json)).format == "WEBP"
     # The same call again (its answer lost, say): the same job's images; the images it sent
-    # again are not kept.
+    # again are not kept. The first call's are the job's inputs.
+    store = LocalStorage(settings.storage_dir)
     assert sdk.images.edit(**edit).data == edited.data
-    assert len(LocalStorage(settings.storage_dir).list("uploads/")) == 2
+    kept = sorted(store.list("inputs/"))
+    assert len(kept) == 2 and all(store.get(key) == PNG for key in kept) and store.list("uploads/") == []
     with pytest.raises(openai.ConflictError):  # the same key for another edit: not retried
         sdk.images.edit(**(edit | {"prompt": "one behind the other"}))
     # The same fields with another image: another edit too, told by the bytes of the images.
@@ -122,12 +124,21 @@ def test_the_openai_sdk_makes_and_edits_images_with_the_fleets_models(api_url, s
         sdk.images.edit(**(edit | {"image": [("a.png", PNG, "image/png")]}))
     with pytest.raises(openai.ConflictError):  # or its events sent elsewhere
         sdk.images.edit(**(edit | {"extra_body": {"webhook": hook | {"events": ["failed"]}}}))
-    assert len(LocalStorage(settings.storage_dir).list("uploads/")) == 2
+    assert store.list("inputs/") == kept
     # Each call was one job of the tenant's, seen by the fleet's own API as any other.
     jobs = _jobs(api_url)
     assert sorted(j["model"] for j in jobs) == ["qwen-image-edit-2509"] + ["z-image-turbo"] * 4
     assert sum(j["request"]["seed"] == 5 and j["request"]["steps"] == 2 for j in jobs) == 2
     edit = next(j for j in jobs if j["model"] == "qwen-image-edit-2509")
+    assert sorted(image["key"] for image in edit["request"]["images"]) == kept
+    # Deleted through the fleet's API, the edit takes its images with it.
+    purged = httpx.delete(
+        f"{api_url}/v1/jobs/{edit['id']}?purge=true",
+        headers={"Authorization": f"Bearer {KEY}"},
+        trust_env=False,
+    )
+    assert purged.status_code == 204, purged.text
+    assert store.list("inputs/") == [] and store.list(f"jobs/{edit['id']}/") == []
     assert len(edit["request"]["images"]) == 2 and all(j["status"] == "succeeded" for j in jobs)
     assert [j["webhook"] for j in jobs if j.get("webhook")] == [hook, hook]  # the edit's, the lighthouse's
 
@@ -167,6 +178,7 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
         )
 
     assert _jobs(api_url) == []
+    assert LocalStorage(settings.storage_dir).list("inputs/") == []
     assert LocalStorage(settings.storage_dir).list("uploads/") == []
 
 

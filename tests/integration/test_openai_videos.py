@@ -100,7 +100,12 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     assert _job(api_url, from_file.id)["webhook"] == hook
     # The same call again (its answer lost, say): the same video; the image it sent again is not kept.
     again = sdk.videos.create(**from_image)
-    assert again.id == from_file.id and len(store.list("uploads/")) == 1
+    # The image is the job's input, stored with it as a data URL's file is.
+    [kept] = store.list("inputs/")
+    assert (
+        kept == _job(api_url, from_file.id)["request"]["image"]["key"] == f"inputs/a/{from_file.id}/image.png"
+    )
+    assert again.id == from_file.id and store.list("inputs/") == [kept] and store.get(kept) == PNG
     # The same key and fields with another image is another request: refused, and not kept.
     other = encode_png(Image.new("RGB", (64, 64), (200, 10, 30)))
     with pytest.raises(openai.ConflictError):
@@ -109,7 +114,7 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
         sdk.videos.create(
             **(from_image | {"extra_body": SMALL | {"webhook": hook | {"url": "https://93.184.215.15/"}}})
         )
-    assert len(store.list("uploads/")) == 1
+    assert store.list("inputs/") == [kept]
     # From a base64 data URL, as JSON (SGLang's and curl's way).
     data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
     from_url = httpx.post(
@@ -122,7 +127,7 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
     for video_id in (from_file.id, from_url["id"]):
         assert sdk.videos.poll(video_id).status == "completed"
     assert [j["request"]["kind"] for j in _jobs(api_url)] == ["image-to-video"] * 2 + ["text-to-video"]
-    assert len(store.list("uploads/")) == 2
+    assert len(store.list("inputs/")) == 2 and store.list("uploads/") == []
 
     # An image job of the tenant's is not a video: the list skips it, newest first, page by page.
     image_job = httpx.post(f"{api_url}/v1/jobs", headers=A, json=IMAGE_JOB, trust_env=False).json()
@@ -158,6 +163,9 @@ def test_the_openai_sdk_makes_lists_downloads_and_deletes_videos(api_url, settin
         sdk.videos.retrieve(video.id)
     assert video.id not in [v.id for v in sdk.videos.list()]
     assert video.id not in [j["id"] for j in _jobs(api_url)]
+    # A video made from an image: the image goes with it.
+    assert sdk.videos.delete(from_file.id).deleted
+    assert store.list(f"inputs/a/{from_file.id}/") == [] and store.list(f"jobs/{from_file.id}/") == []
 
 
 def _image(data: bytes) -> Image.Image:
@@ -241,6 +249,7 @@ def test_a_refused_call_is_an_openai_error_naming_its_field_and_nothing_is_queue
     assert order.value.body["param"] == "order"
 
     assert _jobs(api_url) == []
+    assert LocalStorage(settings.storage_dir).list("inputs/") == []
     assert LocalStorage(settings.storage_dir).list("uploads/") == []
 
 
