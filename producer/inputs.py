@@ -327,12 +327,16 @@ def _resolve_one(
     if is_data_url(ref.url):
         data = _data_url_bytes(ref.url, limits.max_bytes)
         ext, info = _check(data, name, spec, limits, budget)
-        storage.put(f"{key}.{ext}", data, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+        storage.put(f"{key}.{ext}", data, _content_type(ext))
         return MediaRef(key=f"{key}.{ext}"), info
     with _download(ref.url, limits.max_bytes, deadline, policy) as (file, _digest):
         ext, info = _check(file, name, spec, limits, budget)
-        storage.put_file(f"{key}.{ext}", file, mimetypes.types_map.get(f".{ext}", "application/octet-stream"))
+        storage.put_file(f"{key}.{ext}", file, _content_type(ext))
     return MediaRef(key=f"{key}.{ext}"), info
+
+
+def _content_type(ext: str) -> str:
+    return mimetypes.types_map.get(f".{ext}", "application/octet-stream")
 
 
 # data:[<media type>][;parameters];base64,<data> (RFC 2397). The media type is not trusted: the
@@ -406,7 +410,7 @@ def upload(storage: Storage, data: bytes | BinaryIO, limits: InputLimits, tenant
     same tenant uses."""
     ext = _sniff(data, limits)
     key = upload_key(tenant, ext)
-    content_type = mimetypes.types_map.get(f".{ext}", "application/octet-stream")
+    content_type = _content_type(ext)
     if isinstance(data, bytes):
         storage.put(key, data, content_type)
     else:

@@ -99,7 +99,7 @@ def invalid(exc: ValueError) -> Refused:
     return Refused(400, f"the body is not valid JSON: {exc}", "invalid_request_error")
 
 
-def from_invalid(exc: InvalidRequest, names: dict[str, str], param: str | None = None) -> Refused:
+def from_invalid(exc: InvalidRequest, names: dict[str, str]) -> Refused:
     """The fleet's refusal of a request, naming the OpenAI fields (``names``: fleet field -> OpenAI
     field; the others keep their names)."""
 
@@ -108,7 +108,7 @@ def from_invalid(exc: InvalidRequest, names: dict[str, str], param: str | None =
 
     first: FieldError = exc.errors[0]
     message = "; ".join(f"{named(e.field)}: {e.message}" for e in exc.errors)
-    return Refused(400, message, "invalid_request_error", param or named(first.field))
+    return Refused(400, message, "invalid_request_error", named(first.field))
 
 
 def documented(

@@ -42,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from producer.openai_door import Door, FleetFields, OpenAIError, Refused, documented, invalid, read_form
 from routing.errors import ErrorType
 from routing.jobs.record import JobStatus
+from routing.schemas import data_url
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -147,11 +148,9 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
             # The images go in as base64 data URLs: checked at submit as any input is, and stored
             # with the job's inputs (inputs/<tenant>/<job>/), deleted with the job. A call made
             # again with its Idempotency-Key is matched by its fields and these bytes.
-            images = [
-                {"url": "data:application/octet-stream;base64," + base64.b64encode(data).decode()}
-                for data in files
-            ]
-            return await _run(job | {"images": images}, body, tenant, request)
+            return await _run(
+                job | {"images": [{"url": data_url(data)} for data in files]}, body, tenant, request
+            )
         except Refused as exc:
             return exc.answer()
 

@@ -32,7 +32,6 @@ running one is canceled and answered 409 until it stops (at its next step).
 
 from __future__ import annotations
 
-import base64
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,7 +50,7 @@ from routing.io.storage import ObjectNotFound
 from routing.jobs.keys import is_job_id
 from routing.jobs.record import JobRecord, JobStatus
 from routing.jobs.store import ORDERS, Cursor
-from routing.schemas import is_data_url
+from routing.schemas import data_url, is_data_url
 
 VIDEOS = "/v1/videos"
 # Fleet request fields as OpenAI names them, in an error's ``param``.
@@ -174,20 +173,12 @@ def add_routes(
         try:
             body, image_url = await _create_body(request)
             job = _request(body, body.model or settings.openai_video_model, image_url is not None)
-            if image_url is None:
-                job_id = await door.queue(job, tenant, request, webhook=body.webhook)
-            elif is_data_url(image_url):  # the image itself: stored with the job's inputs at submit
-                job_id = await door.queue(
-                    job | {"image": {"url": image_url}}, tenant, request, webhook=body.webhook
-                )
-            else:  # an http(s) URL: the fleet fetches it at submit
-                job_id = await door.queue(
-                    job | {"image": {"url": image_url}},
-                    tenant,
-                    request,
-                    run=lambda submit: fetching(tenant, submit),
-                    webhook=body.webhook,
-                )
+            if image_url is not None:  # a data URL is stored with the job's inputs at submit
+                job["image"] = {"url": image_url}
+            # An http(s) URL is fetched at submit, within the tenant's downloading submits.
+            fetched = image_url is not None and not is_data_url(image_url)
+            run = (lambda submit: fetching(tenant, submit)) if fetched else None
+            job_id = await door.queue(job, tenant, request, run=run, webhook=body.webhook)
             return await run_in_threadpool(_video, client.get(job_id))
         except Refused as exc:
             return exc.answer()
@@ -432,7 +423,7 @@ def add_routes(
             message = "input_reference: an image file or an object, not both"
             raise Refused(400, message, "invalid_request_error", "input_reference")
         if image is not None:
-            return body, "data:application/octet-stream;base64," + base64.b64encode(image).decode()
+            return body, data_url(image)
         if reference is None:
             return body, None
         if reference.file_id is not None:

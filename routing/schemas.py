@@ -11,6 +11,7 @@ a stored request is complete.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -73,6 +74,11 @@ class MediaRef(BaseModel):
 def is_data_url(url: str) -> bool:
     """Whether ``url`` is a data URL (the media inline), not one to fetch."""
     return url[:5].lower() == "data:"
+
+
+def data_url(data: bytes) -> str:
+    """``data`` as a base64 data URL, a request's media ``url`` (its type is told from its bytes)."""
+    return "data:application/octet-stream;base64," + base64.b64encode(data).decode()
 
 
 class FirstBlockCache(BaseModel):
