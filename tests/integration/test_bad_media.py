@@ -103,6 +103,10 @@ def test_a_fetchable_url_is_accepted_and_stored_so_the_worker_reads_only_checked
     [image] = fleet.get(job.id).request["images"]
     assert image == {"key": f"inputs/_/{job.id}/images.0.png", "url": None}
     assert fleet.storage.get(image["key"]) == PNG
+    # A URL of 4,096 characters, the most, is fetched as any other.
+    longest = f"{allowed.url}/img.png?"
+    longest += "a" * (4096 - len(longest))
+    assert fleet.submit(EDIT | {"images": [{"url": longest}]}).created
 
 
 def _data_url(data: bytes, media_type: str = "image/png") -> str:
