@@ -1,5 +1,6 @@
-"""Warm starts for ``python -m worker``: a fork server that has imported torch, diffusers,
-transformers and Celery once, and forks a worker process from itself for each start.
+"""Warm starts for ``python -m worker`` and the API: a fork server that has imported torch,
+diffusers, transformers, Celery, FastAPI and boto3 once, and forks a process from itself for
+each start.
 
 A worker started cold spends about four CPU seconds importing those libraries before its first
 job (``import diffusers`` alone is most of it); a host that starts many short-lived workers, the
@@ -45,8 +46,16 @@ PRELOAD = (
     "transformers",
     "diffusers",
     "celery.apps.worker",
+    "celery.bin.celery",  # the command line ``worker_main`` runs, with its plugins' commands
     "celery.concurrency.prefork",
     "kombu.transport.redis",
+    "redis",
+    "pydantic_settings",
+    "PIL.Image",
+    "av",  # the outputs' encoder
+    "boto3",  # S3 storage, in workers and the API
+    "fastapi",
+    "uvicorn",  # ``python -m uvicorn producer.api:app``, the API (``localfleet.process.ApiProcess``)
 )
 # Environment variables the preloaded libraries read when they are imported: a start whose
 # values differ from the server's would run with the server's, so it starts cold.

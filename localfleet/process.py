@@ -151,7 +151,7 @@ class WorkerProcess(ServiceProcess):
 class ApiProcess(ServiceProcess):
     """The HTTP API under uvicorn on ``host:port``. Port 0 (the default): a port the kernel
     gives as uvicorn binds, so none can be taken between choosing and binding it; ``url`` names
-    it once ``wait_ready`` returns."""
+    it once ``wait_ready`` returns. Forked from the fork server where one is enabled, as workers are."""
 
     ready_text = "Uvicorn running on"
     name = "api"
@@ -161,6 +161,7 @@ class ApiProcess(ServiceProcess):
             ["-m", "uvicorn", "producer.api:app", "--host", host, "--port", str(port), "--no-access-log"],
             settings,
             log_path,
+            warm=True,
         )
         self.url = f"http://{host}:{port}" if port else ""
 
