@@ -79,10 +79,11 @@ pytestmark = pytest.mark.integration
 
 API_KEY = "key-1"
 QUEUE_PATTERNS = ("gpu16*", "gpu80*", "h100x8*")
-# Fuzzing-phase examples per operation (FLEET_FUZZ_EXAMPLES to hunt longer). Eight operations take
-# input (/healthz stops after a case or two): 8 x 250 = 2000, plus the coverage phase's cases
-# (about 1,300 for POST /v1/jobs alone) and one request per unsupported method. About 3,500
-# requests in about 30 s on two cores.
+# Fuzzing-phase examples per operation (FLEET_FUZZ_EXAMPLES to hunt longer). Twenty-four operations
+# take input (/healthz stops after a case or two): about 250 requests each, POST /v1/jobs about
+# 1,300 with the coverage phase's cases, and one request per unsupported method. About 7,000
+# requests in about 175 s of one process on two cores (test_api_fuzz.py alone, -n0, -s prints
+# the count).
 MAX_EXAMPLES = int(os.environ.get("FLEET_FUZZ_EXAMPLES", "250"))
 MIN_REQUESTS = 1000
 REQUEST_TIMEOUT_S = 120  # a hang guard for one request (see the test)
