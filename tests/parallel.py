@@ -15,12 +15,17 @@ processes than cores pay off. Each xdist worker gets things of its own:
 
 Scheduling (``--dist=loadgroup``):
 
-* ``@pytest.mark.alone``: the test runs with no other test running beside it: it measures
-  time, or its faults would not be its own under load (the soak, time-limit, SIGTERM and
-  overlap tests). Every test holds a shared lock on a file of the run while it runs (setup, call and
-  teardown); an ``alone`` test holds it exclusively. A turnstile lock in front of it keeps new
-  tests from slipping in while an ``alone`` test waits for the running ones to end. The
-  ``alone`` tests also form one xdist group, so one xdist worker runs them one after another.
+* ``@pytest.mark.alone``: the test must have the CPU whenever it wants it: it measures time, or
+  its faults would not be its own under load (the soak, time-limit, SIGTERM and overlap tests).
+  While it runs, every other process of the run (the other xdist workers and whatever they
+  started) is set to nice 19, and set back when it ends: the kernel's scheduler then gives the
+  ``alone`` test's processes nearly all of a core they ask for, and the other tests the time
+  they leave idle (these tests mostly wait on sleeps and kills). Setting a nice value back down
+  takes root; elsewhere an ``alone`` test runs with no other test beside it: every test holds a
+  shared lock on a file of the run while it runs (setup, call and teardown), an ``alone`` test
+  holds it exclusively, and a turnstile lock in front of it keeps new tests from slipping in while
+  it waits for the running ones to end. The ``alone`` tests also form one xdist group, so one
+  xdist worker runs them one after another.
 * ``@pytest.mark.heavy``: the test keeps both cores busy for a while (a torchrun group of two
   CPU ranks, a thread each): other tests run beside it, but it is in the
   ``alone`` group, so no two heavy tests run at once and an ``alone`` test never waits on one
@@ -55,6 +60,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 PROCESSES_ENV = "FLEET_TEST_PROCESSES"
 # The tests mostly wait (worker processes, HTTP, Redis), so more processes than cores pay off.
 PROCESSES_PER_CORE = 2
+# The nice value of every other process of the run while an ``alone`` test runs.
+LOWEST_PRIORITY = 19
 # Below it: the demo's database (0) and the benchmarks' (1).
 LOWEST_DATABASE = 2
 _RUN_DIR = "fleet_parallel_dir"  # workerinput key: the run's folder (lock files, groups)
@@ -208,13 +215,22 @@ def scheduler(config: pytest.Config, log):
 
 @contextlib.contextmanager
 def turn(item: pytest.Item) -> Iterator[None]:
-    """Hold the run's lock while ``item`` runs: shared, or exclusive for an ``alone`` test.
-    Outside an xdist run, nothing runs beside the test: no lock."""
+    """While ``item`` runs: for an ``alone`` test, every other process of the run at nice 19 (as
+    root) or the run's lock held exclusively; for any other test, the lock held shared. Outside
+    an xdist run, nothing runs beside the test: no lock."""
     run_dir = getattr(item.config, "workerinput", {}).get(_RUN_DIR)
     if run_dir is None:
         yield
         return
     turnstile, running = Path(run_dir) / "turnstile.lock", Path(run_dir) / "running.lock"
+    if item.get_closest_marker(ALONE) is not None and os.geteuid() == 0:
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        _renice_others(LOWEST_PRIORITY)
+        try:
+            yield
+        finally:
+            _renice_others(own)
+        return
     if item.get_closest_marker(ALONE) is not None:
         with _flock(turnstile, fcntl.LOCK_EX), _flock(running, fcntl.LOCK_EX):
             yield
@@ -223,3 +239,30 @@ def turn(item: pytest.Item) -> Iterator[None]:
         pass  # wait here while an alone test runs or waits to
     with _flock(running, fcntl.LOCK_SH):
         yield
+
+
+def _renice_others(value: int) -> None:
+    """Set the nice value of every other xdist worker of the run (this one's siblings) and of every
+    process started under one (``PYTEST_XDIST_WORKER`` in its environment names another worker);
+    processes they start meanwhile inherit it. A process gone meanwhile is skipped."""
+    me = os.environ.get("PYTEST_XDIST_WORKER", "")
+    parent = os.getppid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+            ppid = int(stat.rsplit(") ", 1)[1].split()[1])
+            marks = [
+                e
+                for e in Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
+                if e.startswith(b"PYTEST_XDIST_WORKER=")
+            ]
+        except (OSError, IndexError, ValueError):
+            continue
+        other = ppid == parent or (marks and marks[0].split(b"=", 1)[1].decode() != me)
+        if other:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(name), value)
+            except OSError:
+                pass
