@@ -223,7 +223,8 @@ def turn(item: pytest.Item) -> Iterator[None]:
         yield
         return
     turnstile, running = Path(run_dir) / "turnstile.lock", Path(run_dir) / "running.lock"
-    if item.get_closest_marker(ALONE) is not None and os.geteuid() == 0:
+    alone = item.get_closest_marker(ALONE) is not None
+    if alone and os.geteuid() == 0:  # root may set the others' nice value back down
         own = os.getpriority(os.PRIO_PROCESS, 0)
         _renice_others(LOWEST_PRIORITY)
         try:
@@ -231,7 +232,7 @@ def turn(item: pytest.Item) -> Iterator[None]:
         finally:
             _renice_others(own)
         return
-    if item.get_closest_marker(ALONE) is not None:
+    if alone:
         with _flock(turnstile, fcntl.LOCK_EX), _flock(running, fcntl.LOCK_EX):
             yield
         return
@@ -239,6 +240,9 @@ def turn(item: pytest.Item) -> Iterator[None]:
         pass  # wait here while an alone test runs or waits to
     with _flock(running, fcntl.LOCK_SH):
         yield
+
+
+_WORKER_VAR = b"PYTEST_XDIST_WORKER="
 
 
 def _renice_others(value: int) -> None:
@@ -253,15 +257,11 @@ def _renice_others(value: int) -> None:
         try:
             stat = Path(f"/proc/{name}/stat").read_text()
             ppid = int(stat.rsplit(") ", 1)[1].split()[1])
-            marks = [
-                e
-                for e in Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
-                if e.startswith(b"PYTEST_XDIST_WORKER=")
-            ]
+            environ = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        other = ppid == parent or (marks and marks[0].split(b"=", 1)[1].decode() != me)
-        if other:
+        worker = next((e.partition(b"=")[2].decode() for e in environ if e.startswith(_WORKER_VAR)), me)
+        if ppid == parent or worker != me:
             try:
                 os.setpriority(os.PRIO_PROCESS, int(name), value)
             except OSError:
