@@ -23,6 +23,7 @@ from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_checkpoint
+from tests.loras import resolved
 from worker.adapters.base import Runtime
 from worker.adapters.dmd import dmd_scheduler
 from worker.adapters.wan import WanTI2VAdapter
@@ -187,21 +188,15 @@ def test_a_checkpoint_that_is_not_the_models_is_refused_naming_what_differs(
 
 
 def test_a_requests_lora_runs_on_the_checkpoint_through_the_slot(setup, small_models_dir: Path, tmp_path):
-    from producer.inputs import InputLimits, resolve_loras
-    from producer.tenant_keys import KeyScope
-    from routing.io.net import UrlPolicy
     from testkit.small_models.lora import build_lora
 
     adapter, storage = setup["adapter"], setup["storage"]
     lora = build_lora(small_models_dir / SPEC.key, SPEC.key, tmp_path / "style.safetensors", seed=2)
     storage.put("uploads/_/style.safetensors", lora.read_bytes(), "application/octet-stream")
     fast_request = parse_request(BASE | {"variant": "fastwan-3"})
-    styled_request = resolve_loras(
+    styled_request = resolved(
         parse_request(BASE | {"variant": "fastwan-3", "loras": [{"source": "uploads/_/style.safetensors"}]}),
         storage,
-        UrlPolicy(),
-        InputLimits(lora_max_rank=8),
-        KeyScope("", lambda _: None),
     )
     fast, _ = _frames(adapter, fast_request, storage)
     styled, timings = _frames(adapter, styled_request, storage)

@@ -23,6 +23,7 @@ from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
+from tests.loras import resolved
 from worker.adapters.base import Runtime
 from worker.adapters.z_image import ZImageAdapter
 from worker.speed import job_context, prepare
@@ -98,19 +99,10 @@ def test_a_prompt_longer_than_the_warm_ups_compiles_nothing(setup):
 
 
 def test_a_lora_on_the_compiled_transformer_compiles_nothing(setup):
-    from producer.inputs import InputLimits, resolve_loras
-    from producer.tenant_keys import KeyScope
-    from routing.io.net import UrlPolicy
 
     storage = setup["storage"]
     before, _ = _run(setup["compiled"], _request(64, 64), storage)
-    request = resolve_loras(
-        _request(64, 64, loras=[{"source": "uploads/_/style.safetensors"}]),
-        storage,
-        UrlPolicy(),
-        InputLimits(lora_max_rank=8),
-        KeyScope("", lambda _: None),
-    )
+    request = resolved(_request(64, 64, loras=[{"source": "uploads/_/style.safetensors"}]), storage)
     styled, timings = _run(setup["compiled"], request, storage)
     assert timings["compiled_graphs"] == 0 and timings["lora_slot"] == 1
     assert np.abs(styled - before).max() > 10
@@ -175,9 +167,6 @@ def test_a_checkpoint_variant_swapped_into_the_compiled_transformer_compiles_not
 def test_omni_base_takes_a_lora_in_its_compiled_transformer_without_compiling(
     small_models_dir: Path, tmp_path: Path
 ):
-    from producer.inputs import InputLimits, resolve_loras
-    from producer.tenant_keys import KeyScope
-    from routing.io.net import UrlPolicy
     from worker.adapters.z_image import ZImageOmniAdapter
 
     spec = CATALOG["z-image-omni-base"]
@@ -200,12 +189,9 @@ def test_omni_base_takes_a_lora_in_its_compiled_transformer_without_compiling(
     plain = parse_request(data | {"steps": 2, "seed": 3})
     before, timings = _run(adapter, plain, storage)
     assert timings["compiled_graphs"] == 0 and timings["compile_regional"] == 1
-    with_lora = resolve_loras(
+    with_lora = resolved(
         parse_request(data | {"steps": 2, "seed": 3, "loras": [{"source": "uploads/_/style.safetensors"}]}),
         storage,
-        UrlPolicy(),
-        InputLimits(lora_max_rank=8),
-        KeyScope("", lambda _: None),
     )
     styled, timings = _run(adapter, with_lora, storage)
     assert timings["compiled_graphs"] == 0 and np.abs(styled - before).max() > 10

@@ -16,15 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from producer.inputs import InputLimits, resolve_loras
-from producer.tenant_keys import KeyScope
 from routing.catalog import CATALOG
 from routing.classes import VramClass
-from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_lora
+from tests.loras import resolved
 from worker.adapters.base import Runtime
 from worker.adapters.z_image import ZImageAdapter
 from worker.speed import job_context, prepare
@@ -72,13 +70,7 @@ def test_the_lora_slot_is_on_only_for_a_job_with_loras(small_models_dir: Path, t
     assert layers and all(layer._disable_adapters for layer in layers)  # off from the start
 
     data = {"model": SPEC.key, "prompt": "a red fox", "width": 64, "height": 64, "steps": 2, "seed": 5}
-    styled = resolve_loras(
-        parse_request(data | {"loras": [{"source": "uploads/_/style.safetensors"}]}),
-        storage,
-        UrlPolicy(),
-        InputLimits(lora_max_rank=8),
-        KeyScope("", lambda _: None),
-    )
+    styled = resolved(parse_request(data | {"loras": [{"source": "uploads/_/style.safetensors"}]}), storage)
 
     def run(on: Any, request: Any) -> tuple[np.ndarray, dict[str, float], set[bool]]:
         seen: set[bool] = set()
