@@ -45,8 +45,9 @@ transformer a copy sharing them), timed in A/B/B/A order (each round the reverse
   (``FLEET_COMPILE_TEXT_ENCODER=on``), on the end-to-end cases whose text encoding is a share
   worth trying (Z-Image, Qwen-Image Lightning, FastWan);
 - ``fleet+fused-qkv``: the profile with fused QKV projections (``FLEET_FUSED_QKV=on``: one GEMM
-  for query, key and value, worker/fused.py), on the Wan cases (diffusers runs only Wan's
-  attention fused);
+  for query, key and value, worker/fused.py; Qwen-Image's and Z-Image's through the fleet's
+  processors, worker/fused_attention.py), on the cases whose jobs run no LoRA (a LoRA variant's
+  run the three layers through the slot) and no step cache;
 - the cache case: ``stock`` (uncached), ``stock+cache`` and ``fleet`` (the request's cache);
 - S2V: ``stock`` (the official code as the fleet's group runs it, SDPA), ``tf32``, ``cudnn``
   (SDPA's cuDNN kernel), ``compile`` (its blocks compiled), ``compile+tf32+cudnn``.
@@ -112,16 +113,18 @@ sit beside the bf16 ones the other rows run). The first run of a case makes the 
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock stock-compile   # ~473 s
     --only wan2.2-s2v-14b/1024x704/step --rows stock stock-kernel tf32 cudnn   # ~413 s
-    --only z-image-turbo/1024/e2e wan2.2-ti2v-5b/1280x704x121/step --rows stock fleet+te-compile fleet+fused-qkv   # ~279 s
+    --only z-image-turbo/1024/e2e wan2.2-ti2v-5b/1280x704x121/step --rows stock fleet+te-compile fleet+fused-qkv   # ~347 s
     --only qwen-image/1024/50 --rows stock attention   # ~320 s
     --only qwen-image/1024/50 --rows stock lora-slot-on   # ~320 s
     --only qwen-image/1024/50 --rows stock fleet+fp8   # ~320 s
     --only qwen-image/1024/50 --rows stock fleet+cuda-graphs   # ~320 s
+    --only qwen-image/1024/50 --rows stock fleet+fused-qkv   # ~320 s
     --only qwen-image/1024/lightning-8 --rows stock fleet+cuda-graphs fleet+te-compile   # ~283 s
     --only qwen-image-edit-2509/1024/40 --rows stock attention   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock lora-slot-on   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+fp8   # ~550 s
     --only qwen-image-edit-2509/1024/40 --rows stock fleet+cuda-graphs   # ~550 s
+    --only qwen-image-edit-2509/1024/40 --rows stock fleet+fused-qkv   # ~550 s
     --only wan2.2-ti2v-5b/1280x704x121/step --rows stock lora-slot-on fleet+fp8 fleet+cuda-graphs   # ~446 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+te-compile   # ~473 s
     --only wan2.2-ti2v-5b/1280x704x121/fast-e2e --rows stock fleet+fused-qkv   # ~473 s
@@ -209,7 +212,7 @@ CASES = [
         "SGLang 0.906 s on 1 H100 (0.753 s on 2), end to end",
         0.75,
         1.45,
-        rows=(*DIFFUSERS_ROWS, "fleet+te-compile"),
+        rows=(*DIFFUSERS_ROWS, "fleet+te-compile", "fleet+fused-qkv"),
     ),
     Case(
         "qwen-image/1024/50",
@@ -220,6 +223,7 @@ CASES = [
         "SGLang 12.77 s (H100); stock diffusers 18.2-18.5 s",
         11.5,
         18.3,
+        rows=(*DIFFUSERS_ROWS, "fleet+fused-qkv"),
     ),
     Case(
         "qwen-image/1024/50/cache",
@@ -269,6 +273,7 @@ CASES = [
         30.0,
         40.0,
         input_images=2,
+        rows=(*DIFFUSERS_ROWS, "fleet+fused-qkv"),
     ),
     Case(
         "wan2.2-ti2v-5b/1280x704x121/step",

@@ -70,8 +70,8 @@ class SpeedProfile:
     # The text encoder's repeated layers compiled too (with the transformer, warmed on the same
     # jobs): off until a GPU run shows it wins on the model (not measured yet).
     compile_text_encoder: bool = False
-    # Query, key and value computed by one GEMM in base jobs (worker/fused.py; diffusers' Wan
-    # attention only): off until a GPU run shows it wins on the model (not measured yet).
+    # Query, key and value computed by one GEMM in base jobs (worker/fused.py; Wan's, Qwen-Image's
+    # and Z-Image's attention): off until a GPU run shows it wins on the model (not measured yet).
     fused_qkv: bool = False
     # TF32 matmuls and convolutions for the float32 parts of the official Wan code the torchrun
     # group runs (the diffusers pipelines run bfloat16 throughout): off until measured.

@@ -229,9 +229,10 @@ class Settings(BaseSettings):
     # The text encoder's layers compiled with the transformer's blocks: "auto" as the model's
     # profile says (off everywhere until measured), "on" or "off" for every compiled model.
     compile_text_encoder: Literal["auto", "on", "off"] = "auto"
-    # Fused QKV projections in the Wan transformers' attention (one GEMM for query, key and value
-    # in base jobs): "auto" as the model's profile says (off everywhere until measured), "on" or
-    # "off" for every model that has them. An offloaded model or FP8 layers run without, saying why.
+    # Fused QKV projections in the Wan, Qwen-Image and Z-Image attention (one GEMM for query, key
+    # and value in base jobs): "auto" as the model's profile says (off everywhere until measured),
+    # "on" or "off" for every model that has them. An offloaded model or FP8 layers run without,
+    # saying why.
     fused_qkv: Literal["auto", "on", "off"] = "auto"
     # TF32 for the official Wan code's float32 parts in the torchrun group: "auto" as the model's
     # profile says (off everywhere until measured), "on" or "off" for every group model.

@@ -1,11 +1,15 @@
-"""Fused QKV projections for the Wan transformers, with no second copy of the weights.
+"""Fused QKV projections for the Wan, Qwen-Image and Z-Image transformers, with no second copy
+of the weights.
 
 diffusers' Wan attention computes query, key and value with one GEMM when its
 ``fused_projections`` is set: ``to_qkv`` in self-attention, ``to_kv`` (key and value of the text)
-in cross-attention, ``to_added_kv`` for image-to-video's image tokens. Its own
-``fuse_projections`` makes those layers from copies of ``to_q``, ``to_k`` and ``to_v``: both sets
-then live on the card. Here the parts are made views of the fused weights instead (the same
-storage, rows after rows), so fusing costs no memory.
+in cross-attention, ``to_added_kv`` for image-to-video's image tokens. Qwen-Image's and Z-Image's
+processors in diffusers never read the flag; the fleet's (worker/fused_attention.py) do, and are
+set in their place when fusing: ``to_qkv`` for the image stream (Z-Image's one stream),
+``to_added_qkv`` for Qwen-Image's text stream. diffusers' ``fuse_projections`` makes the fused
+layers from copies of ``to_q``, ``to_k`` and ``to_v``: both sets then live on the card. Here the
+parts are made views of the fused weights instead (the same storage, rows after rows), so fusing
+costs no memory.
 
 The parts stay where they are because the LoRA slot wraps them (worker/loras.py): a job that runs
 through the slot runs the parts, each with its LoRA, and a base job (the slot off) runs the fused
@@ -29,6 +33,7 @@ FUSED_PARTS: dict[str, tuple[str, ...]] = {
     "to_qkv": ("to_q", "to_k", "to_v"),
     "to_kv": ("to_k", "to_v"),
     "to_added_kv": ("add_k_proj", "add_v_proj"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
 }
 
 # The attention classes whose processors run the fused layers when ``fused_projections`` is set
@@ -42,15 +47,32 @@ _FUSABLE = frozenset(
 
 
 def fusable(transformer: Any) -> list[Any]:
-    """The attention modules of ``transformer`` that can run fused projections."""
-    return [m for m in transformer.modules() if f"{type(m).__module__}.{type(m).__qualname__}" in _FUSABLE]
+    """The attention modules of ``transformer`` that can run fused projections: Wan's, and those
+    whose processor the fleet has a fused one for (or already set)."""
+    from worker.fused_attention import FUSED_PROCESSORS
+
+    processors = (*FUSED_PROCESSORS, *FUSED_PROCESSORS.values())
+    return [
+        m
+        for m in transformer.modules()
+        if f"{type(m).__module__}.{type(m).__qualname__}" in _FUSABLE
+        or type(getattr(m, "processor", None)) in processors
+    ]
 
 
 def fuse(transformer: Any) -> list[Any]:
     """Fuse every fusable attention of ``transformer`` (its parts made views of the fused
-    weights), left switched off; returns the fused modules ([] when it has none)."""
+    weights; the fleet's processor set where diffusers' does not read the flag), left switched
+    off; returns the fused modules ([] when it has none)."""
+    from worker.fused_attention import FUSED_PROCESSORS
+
     modules = fusable(transformer)
     for module in modules:
+        fused_processor = FUSED_PROCESSORS.get(type(module.processor))
+        if fused_processor is not None:  # keeps what was set on it (an attention backend)
+            processor = fused_processor()
+            processor.__dict__.update(module.processor.__dict__)
+            module.set_processor(processor)
         module.fuse_projections()
         for fused_name, parts in FUSED_PARTS.items():
             fused = getattr(module, fused_name, None)

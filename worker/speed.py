@@ -506,7 +506,7 @@ def fused_qkv_refused(runtime: Any, fp8: bool, transformers: list[Any]) -> str |
     if fp8:
         return "FP8 linear layers quantise each layer's own weights: the fused layer and its parts would be two copies"
     if not any(fused_qkv.fusable(t) for t in transformers):
-        return "the transformer has no attention that diffusers runs fused (Wan's has)"
+        return "the transformer has no attention that runs fused (Wan's, Qwen-Image's and Z-Image's have)"
     return None
 
 

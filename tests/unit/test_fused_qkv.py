@@ -2,8 +2,8 @@
 the fused layers share their parts' storage (no memory), a base job runs them and gives the
 unfused model's video, a LoRA job runs the parts through the slot and gives the unfused model's
 LoRA video, FastWan's checkpoint swaps into both, the model's own video is bit for bit the same
-after each; a model that moves between devices, FP8 layers and a transformer without Wan's
-attention run unfused, saying why. Compiled (inductor): fused and slot states are both warmed, so
+after each; a model that moves between devices, FP8 layers and a transformer without an attention
+that runs fused run unfused, saying why. Compiled (inductor): fused and slot states are both warmed, so
 no job compiles."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from routing.io.storage import LocalStorage
 from routing.schemas import parse_request
 from routing.settings import Settings
 from testkit.small_models.lora import build_checkpoint, build_lora
+from tests.loras import calls, resolved
 from worker.adapters.base import Runtime
 from worker.adapters.wan import WanTI2VAdapter
 from worker.speed import fused_qkv_refused, job_context, prepare
@@ -52,13 +53,6 @@ def _frames(adapter: Any, request: Any, storage: Any) -> tuple[np.ndarray, dict[
     return np.stack([np.asarray(frame) for frame in video.frames]).astype(int), timings
 
 
-def _calls(module: Any) -> list[int]:
-    """A list that grows by one at each call of ``module``."""
-    seen: list[int] = []
-    module.register_forward_pre_hook(lambda *_: seen.append(1))
-    return seen
-
-
 def _storage_bytes(transformer: Any) -> int:
     """The bytes of the transformer's own weights (not the LoRA slot's), each storage once."""
     storages = {
@@ -71,10 +65,6 @@ def _storage_bytes(transformer: Any) -> int:
 
 @pytest.fixture(scope="module")
 def setup(small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from producer.inputs import InputLimits, resolve_loras
-    from producer.tenant_keys import KeyScope
-    from routing.io.net import UrlPolicy
-
     tmp = tmp_path_factory.mktemp("fused")
     model_dir = small_models_dir / SPEC.key
     storage = LocalStorage(tmp / "objects")
@@ -91,13 +81,7 @@ def setup(small_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     plain_speed = prepare(plain, SPEC, VramClass.GPU80, settings)
     fused = WanTI2VAdapter(SPEC, str(model_dir), RUNTIME)
     speed = prepare(fused, SPEC, VramClass.GPU80, settings.model_copy(update={"fused_qkv": "on"}))
-    styled = resolve_loras(
-        parse_request(BASE | {"loras": [{"source": "uploads/_/style.safetensors"}]}),
-        storage,
-        UrlPolicy(),
-        InputLimits(lora_max_rank=8),
-        KeyScope("", lambda _: None),
-    )
+    styled = resolved(parse_request(BASE | {"loras": [{"source": "uploads/_/style.safetensors"}]}), storage)
     return {
         "plain": plain,
         "plain_speed": plain_speed,
@@ -132,7 +116,7 @@ def test_the_fused_layers_hold_their_parts_weights_and_cost_no_memory(setup):
 
 def test_a_base_job_runs_the_fused_layers_and_gives_the_unfused_models_video(setup):
     attention = setup["fused"].pipeline.transformer.blocks[0].attn1
-    fused_calls, part_calls = _calls(attention.to_qkv), _calls(attention.to_q)
+    fused_calls, part_calls = calls(attention.to_qkv), calls(attention.to_q)
     request = parse_request(BASE)
     video, timings = _frames(setup["fused"], request, setup["storage"])
     assert fused_calls and not part_calls
@@ -146,7 +130,7 @@ def test_a_lora_job_runs_the_parts_through_the_slot_and_the_base_comes_back(setu
     adapter, storage = setup["fused"], setup["storage"]
     before, _ = _frames(adapter, parse_request(BASE), storage)
     attention = adapter.pipeline.transformer.blocks[0].attn1
-    fused_calls, part_calls = _calls(attention.to_qkv), _calls(attention.to_q)
+    fused_calls, part_calls = calls(attention.to_qkv), calls(attention.to_q)
     styled, timings = _frames(adapter, setup["styled"], storage)
     assert part_calls and not fused_calls
     assert timings["fused_qkv"] == 0 and timings["lora_slot"] == 1
@@ -172,19 +156,17 @@ def test_a_checkpoint_variant_swaps_into_the_fused_layers_too(setup):
 
 
 def test_fused_qkv_runs_unfused_where_it_cannot_and_says_why(setup, small_models_dir: Path, caplog: Any):
-    from worker.adapters.z_image import ZImageAdapter
-
     settings = setup["settings"].model_copy(update={"fused_qkv": "on"})
     moving = Runtime(device="cpu", dtype=torch.float32, offload=True)
     with caplog.at_level(logging.WARNING, logger="worker.speed"):
         offloaded = WanTI2VAdapter(SPEC, str(small_models_dir / SPEC.key), moving)
         speed = prepare(offloaded, SPEC, VramClass.GPU80, settings)
-        z_spec = CATALOG["z-image-turbo"]
-        z_image = ZImageAdapter(z_spec, str(small_models_dir / z_spec.key), RUNTIME)
-        z_speed = prepare(z_image, z_spec, VramClass.GPU80, settings)
-    assert not speed.fused and not z_speed.fused
+    assert not speed.fused
     assert "fused QKV asked for, runs unfused: the model moves between host memory and the GPU" in caplog.text
-    assert "the transformer has no attention that diffusers runs fused" in caplog.text
+    # Every diffusers transformer the catalog serves has one (Qwen-Image's and Z-Image's:
+    # tests/unit/test_fused_attention.py); a module with no attention has none.
+    no_attention = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert "no attention that runs fused" in fused_qkv_refused(RUNTIME, False, [no_attention])
     _, timings = _frames(offloaded, parse_request(BASE), setup["storage"])
     assert timings["fused_qkv"] == 0
     experts = Runtime(device="cpu", dtype=torch.float32, expert_offload=True)

@@ -73,8 +73,11 @@ def test_every_case_runs_on_the_cpu_and_is_written_beside_not_into_the_results(
     # FastWan's checkpoint swapped in, by the same sampler as stock with it loaded: the same video.
     fast = by_key["wan2.2-ti2v-5b/1280x704x121/fast-e2e"]["rows"]["fleet"]
     assert fast["techniques"]["variant_checkpoint"] == 1 and fast["deviation"]["identical"]
-    # The Wan cases' fused QKV rows ran fused (FastWan's checkpoint swapped into the fused layers).
-    for key in ("wan2.2-ti2v-5b/1280x704x121/step", "wan2.2-ti2v-5b/1280x704x121/fast-e2e"):
+    # The fused QKV rows ran fused: Wan's attention, Qwen-Image's and Z-Image's through the
+    # fleet's processors (FastWan's checkpoint swapped into the fused layers).
+    fused_cases = [key for key, case in by_key.items() if "fleet+fused-qkv" in case["rows"]]
+    assert len(fused_cases) == 4
+    for key in fused_cases:
         assert by_key[key]["rows"]["fleet+fused-qkv"]["techniques"]["fused_qkv"] == 1, key
     assert by_key["wan2.2-ti2v-5b/1280x704x121/fast-e2e"]["rows"]["fleet+fused-qkv"]["deviation"]["identical"]
     # The cache changes the output: stock's uncached output is no longer matched bit for bit.
