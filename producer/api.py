@@ -575,9 +575,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         is returned as it is. With ``purge=true``, an ended job is deleted now rather than at its
         TTL: every file of its runs and the copies of the media it was given by URL, then its
         record, events, webhook log and idempotency key
-        (204; a job not ended is a 409: cancel it first). Both are rationed per tenant
+        (204; a job not ended is a 409: cancel it first; a job the tenant deleted within
+        ``FLEET_DELETED_JOB_TTL_S`` is 204 again). Both are rationed per tenant
         (``FLEET_CANCELS_PER_TENANT`` in windows of ``FLEET_RATE_WINDOW_S``)."""
         take_rate("cancel", tenant)
+        if purge and is_job_id(job_id) and client.deleted_by(job_id) == tenant:
+            return Response(status_code=204)  # deleted already: a repeat (a retry) is answered alike
         own_job(job_id, tenant)
         if not purge:
             return job_out(client.cancel(job_id))

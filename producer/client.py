@@ -44,6 +44,7 @@ from routing.errors import (
     FieldError,
     InvalidRequest,
     JobNotSucceeded,
+    NotFound,
     NotReplicated,
     OverBudget,
     TooManyJobs,
@@ -88,6 +89,7 @@ class Client:
             messages=self._messages,
             progress_webhook_interval_s=self.settings.progress_webhook_interval_s,
             canceled_ttl_s=self.settings.canceled_job_ttl_s,
+            deleted_ttl_s=self.settings.deleted_job_ttl_s,
             usage_retention_days=self.settings.usage_retention_days,
             replication=Replication.of(self.settings),
         )
@@ -400,9 +402,15 @@ class Client:
         """Delete an ended job now, rather than at its TTL: its files from the store (its whole
         ``jobs/<id>/`` folder: its outputs, what a killed attempt left, previews made of a video;
         and the copies of the media it was given by URL, ``inputs/<tenant>/<id>/``), then its
-        record. The tenant's uploads stay: other requests may name them. Raises ``Conflict`` for
-        a job not ended (cancel it first) and ``NotFound``."""
-        record = self.get(job_id)
+        record. The tenant's uploads stay: other requests may name them. A job deleted within
+        ``FLEET_DELETED_JOB_TTL_S`` is deleted already: a repeat returns as the first did. Raises
+        ``Conflict`` for a job not ended (cancel it first) and ``NotFound``."""
+        try:
+            record = self.get(job_id)
+        except NotFound:
+            if self.deleted_by(job_id) is None:
+                raise
+            return
         if not record.status.is_terminal():
             raise Conflict(f"job {job_id} is {record.status.value}: only an ended job can be deleted")
         # First: a failure here leaves the record, to delete again. Every output is in the folder.
@@ -411,6 +419,12 @@ class Client:
                 self.storage.delete(key)
         with _redis_errors():
             self.store.forget(job_id)
+
+    def deleted_by(self, job_id: str) -> str | None:
+        """The tenant of ``job_id`` if it was deleted within ``FLEET_DELETED_JOB_TTL_S``, else
+        None (its record is gone: nothing else of it is kept)."""
+        with _redis_errors():
+            return self.store.deleted_by(job_id)
 
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_progress: ProgressCallback | None = None

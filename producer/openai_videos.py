@@ -325,7 +325,12 @@ def add_routes(
     )
     def delete(video_id: str, tenant: str = Depends(tenant_of)) -> Any:
         """OpenAI's ``videos.delete``: the video's file and record are deleted now (a queued one is
-        canceled first; a running one is canceled, and answered 409 until it stops)."""
+        canceled first; a running one is canceled, and answered 409 until it stops). A video the
+        tenant deleted within ``FLEET_DELETED_JOB_TTL_S`` is answered deleted again (an SDK's
+        retry after a lost answer)."""
+        deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
+        if is_job_id(video_id) and client.deleted_by(video_id) == tenant:
+            return deleted
         try:
             record = _own(video_id, tenant)
             if not record.status.is_terminal():
@@ -340,7 +345,7 @@ def add_routes(
                 pass  # deleted meanwhile by another call
         except Refused as exc:
             return exc.answer()
-        return {"id": video_id, "object": "video.deleted", "deleted": True}
+        return deleted
 
     def _own(video_id: str, tenant: str, param: str | None = None, any_kind: bool = False) -> JobRecord:
         """The tenant's video ``video_id`` (with ``any_kind``, any of its jobs: a list's

@@ -283,6 +283,10 @@ class Settings(BaseSettings):
     # (a submit-and-cancel loop must not fill Redis for days).
     job_ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
     canceled_job_ttl_s: int = Field(default=3600, gt=0)
+    # How long the id of a job deleted on request is remembered (with its tenant, nothing else),
+    # so a delete repeated meanwhile (an SDK's retry after a lost answer) is answered as the first
+    # was, not 404. 0: not remembered.
+    deleted_job_ttl_s: int = Field(default=3600, ge=0)
     # Days a stored object is kept, by kind (its key's first segment): outputs (jobs/), inputs
     # fetched or stored for a job (inputs/), uploads (uploads/), checked LoRAs (loras/, counted
     # from the last request that named one); routing.io.retention reads retention_<kind>_days.

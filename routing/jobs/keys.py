@@ -37,6 +37,11 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def deleted_job(self, job_id: str) -> str:
+        """The tenant of a job deleted on request, for ``deleted_job_ttl_s`` after (a repeated
+        delete is answered as the first: ``JobStore.deleted_by``)."""
+        return f"{self.prefix}:deleted:{job_id}"
+
     def job_events(self, job_id: str) -> str:
         """Stream of one job's events (the API's ``/v1/jobs/{id}/events``), written with each
         event of ``events`` and expiring with the record (``routing.jobs.scripts.JOB_EMIT``)."""

@@ -319,10 +319,12 @@ return status or ''
 )
 
 # keys: job, job_events, webhook_log, replays (the job's replay counter), jobs (template, by
-# tenant: the tenant's index), idempotency (template, by key).  id, ended (comma list of the
-# statuses a job may be forgotten in). Deletes an ended job's record, its event stream, its
-# webhook log and its place in the tenant's index, as its TTL would have, and its idempotency key
-# while that still names it. Returns 'forgotten', the status of a job not ended, or '' for none.
+# tenant: the tenant's index), idempotency (template, by key), deleted (the job's id remembered).
+# id, ended (comma list of the statuses a job may be forgotten in), remember_s. Deletes an ended
+# job's record, its event stream, its webhook log and its place in the tenant's index, as its TTL
+# would have, and its idempotency key while that still names it; remembers the id with its
+# tenant for remember_s (0: not). Returns 'forgotten', the status of a job not ended, or '' for
+# none.
 FORGET = (
     ARGS
     + """
@@ -339,8 +341,10 @@ if idempotency_key ~= '' then
   local idempotency = fill(keys.idempotency, idempotency_key)
   if redis.call('GET', idempotency) == a.id then redis.call('DEL', idempotency) end
 end
-redis.call('ZREM', fill(keys.jobs, redis.call('HGET', keys.job, 'tenant') or ''), a.id)
+local tenant = redis.call('HGET', keys.job, 'tenant') or ''
+redis.call('ZREM', fill(keys.jobs, tenant), a.id)
 redis.call('DEL', keys.job, keys.job_events, keys.webhook_log, keys.replays)
+if tonumber(a.remember_s) > 0 then redis.call('SET', keys.deleted, tenant, 'EX', a.remember_s) end
 return 'forgotten'
 """
 )

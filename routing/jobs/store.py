@@ -115,6 +115,7 @@ class JobStore:
         events_maxlen: int = 100_000,
         progress_webhook_interval_s: float = 2.0,
         canceled_ttl_s: int | None = None,
+        deleted_ttl_s: int = 3600,
         usage_retention_days: int = usage.DEFAULT_RETENTION_DAYS,
         replication: Replication | None = None,
     ):
@@ -126,6 +127,8 @@ class JobStore:
         self.ttl_s = ttl_s
         # How long the record of a job canceled before it started is kept (ttl_s when None).
         self.canceled_ttl_s = canceled_ttl_s or ttl_s
+        # How long a job deleted on request is remembered (``deleted_by``).
+        self.deleted_ttl_s = deleted_ttl_s
         # Days each day of a tenant's usage is kept after it (routing.jobs.usage).
         self.usage_retention_days = usage_retention_days
         # Builds webhook delivery messages; without it no webhook is ever queued.
@@ -486,7 +489,8 @@ class JobStore:
 
     def forget(self, job_id: str) -> None:
         """Delete an ended job's record, as its TTL would (its stored files are the caller's to
-        delete first). Raises NotFound for no such job and Conflict for one not ended."""
+        delete first), and remember its id with its tenant for ``deleted_ttl_s``. Raises NotFound
+        for no such job and Conflict for one not ended."""
         keys = {
             "job": self.keys.job(job_id),
             "job_events": self.keys.job_events(job_id),
@@ -494,17 +498,23 @@ class JobStore:
             "replays": self.keys.replays_of_job(job_id),
             "jobs": self.keys.template(self.keys.tenant_jobs),
             "idempotency": self.keys.template(self.keys.idempotency),
+            "deleted": self.keys.deleted_job(job_id),
         }
         ended = ",".join(status.value for status in JobStatus if status.is_terminal())
-        (reply,), held = self.replication.run(
-            self.client, self._forget, [_args(keys=keys, id=job_id, ended=ended)]
-        )
+        args = _args(keys=keys, id=job_id, ended=ended, remember_s=self.deleted_ttl_s)
+        (reply,), held = self.replication.run(self.client, self._forget, [args])
         self.replication.warn_if_short(held, f"job {job_id} forgotten")
         outcome = _text(reply)
         if not outcome:
             raise NotFound(f"no job {job_id!r}")
         if outcome != "forgotten":
             raise Conflict(f"job {job_id} is {outcome}: only an ended job can be deleted")
+
+    def deleted_by(self, job_id: str) -> str | None:
+        """The tenant of ``job_id`` if it was deleted on request within ``deleted_ttl_s``, else
+        None: a delete repeated meanwhile is answered as the first was."""
+        tenant = self.client.get(self.keys.deleted_job(job_id))
+        return None if tenant is None else _text(tenant)
 
     def events(self, job_id: str | None = None, count: int = 10_000) -> list[dict[str, str]]:
         """Recent events, oldest first, optionally of one job (for tests and tools; webhooks

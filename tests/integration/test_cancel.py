@@ -98,8 +98,24 @@ def test_delete_takes_an_ended_jobs_outputs_and_record_and_refuses_one_not_ended
     assert [r.id for r in client.list(tenant="t")[0]] == [busy.id]
     # Its idempotency key is free again: the same key makes a new job.
     assert client.submit(small, idempotency_key="once", tenant="t").id != job.id
+    # Deleted again (a retry after a lost answer): answered as the first, while its id is
+    # remembered (FLEET_DELETED_JOB_TTL_S, its tenant and nothing else).
+    client.delete(job.id)
+    remembered = client.keys.deleted_job(job.id)
+    assert client.deleted_by(job.id) == "t" and client.store.client.get(remembered) == b"t"
+    assert (
+        fleet_settings.deleted_job_ttl_s - 5
+        < client.store.client.ttl(remembered)
+        <= fleet_settings.deleted_job_ttl_s
+    )
+    client.store.client.delete(remembered)  # what its TTL does
     with pytest.raises(NotFound):
         client.delete(job.id)
     client.cancel(busy.id)
     assert busy.wait(timeout_s=60).status is JobStatus.CANCELED
-    client.delete(busy.id)
+    # At 0 the id is not remembered: a repeat is a NotFound at once.
+    with Client(fleet_settings.model_copy(update={"deleted_job_ttl_s": 0})) as forgetful:
+        forgetful.delete(busy.id)
+        assert forgetful.deleted_by(busy.id) is None
+        with pytest.raises(NotFound):
+            forgetful.delete(busy.id)
