@@ -201,7 +201,8 @@ class Core:
         return [ApiKey.from_json(k) for k in listed["keys"]]
 
     def revoke_key(self, key_id: str) -> Flow[None]:
-        yield from self._call(self.request("DELETE", f"/v1/keys/{key_id}"))
+        # Sent again after a lost answer, it finds the key gone: the revocation it asked for.
+        yield from self._call(self.request("DELETE", f"/v1/keys/{key_id}"), gone_after_lost=True)
 
     def upload(self, content: bytes) -> Flow[dict[str, str]]:
         headers = {"Content-Type": "application/octet-stream"}

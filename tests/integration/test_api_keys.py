@@ -18,9 +18,10 @@ import redis
 
 from localfleet.process import ApiProcess
 from producer.http import Client as HttpClient
-from routing.errors import Unauthorized
+from routing.errors import NotFound, Unauthorized
 from routing.settings import Settings
 from tests.api_tenants import SMALL, A, B, api_client, tenants
+from tests.dropped import DropFirstResponse
 from tests.faults.harness import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -147,6 +148,14 @@ def test_the_http_sdk_makes_lists_and_revokes_the_tenants_keys(api):
             with pytest.raises(Unauthorized):
                 rotated.list_keys()
         assert fleet.list_keys() == []
+        # The first answer is lost; the retry finds the key gone, which is what was asked.
+        second, _ = fleet.create_key("lost answer")
+        dropping = DropFirstResponse(lambda r: r.method == "DELETE")
+        with HttpClient(str(api.base_url), "key-b", transport=dropping) as retrying:
+            retrying.revoke_key(second.id)
+        assert dropping.dropped == 1 and fleet.list_keys() == []
+        with pytest.raises(NotFound):  # asked again, with no answer lost: a plain 404
+            fleet.revoke_key(second.id)
 
 
 def test_a_made_key_meets_a_redis_outage_with_503_not_401(settings, tmp_path):
