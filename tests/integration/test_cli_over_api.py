@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -126,12 +127,14 @@ def test_failed_and_canceled_jobs_end_the_cli_with_their_error_and_no_traceback(
         reason = f": {record.error.message}" if record.error else ""
         assert f"job {slow_id} canceled{reason}" in waited.stderr
         assert "Traceback" not in waited.stderr
-        # Ended, both are deleted now; asked again, the CLI says there is no such job.
-        for ended in (job_id, slow_id):
+        # Ended, both are deleted now, and asked again (FLEET_DELETED_JOB_TTL_S) they are deleted
+        # still; a job that never was is an error naming it.
+        for ended in (job_id, slow_id, job_id):
             deleted = cli(*key, "delete", ended)
             assert deleted.returncode == 0 and deleted.stdout.strip() == f"{ended} deleted", deleted.stderr
-        again = cli(*key, "delete", job_id)
-        assert again.returncode == 1 and "Traceback" not in again.stderr and job_id in again.stderr
+        unknown = uuid.uuid4().hex
+        never = cli(*key, "delete", unknown)
+        assert never.returncode == 1 and "Traceback" not in never.stderr and unknown in never.stderr
 
 
 def test_the_same_flags_make_the_same_request_over_http_and_over_redis(
