@@ -97,9 +97,7 @@ class Client:
             self._redis, self.keys, self.settings.max_keys_per_tenant, Replication.of(self.settings)
         )
         # Where input media and webhooks may point (a resolver of its own for tests).
-        self.url_policy = url_policy or UrlPolicy(
-            allow_cidrs=tuple(self.settings.url_allow_cidrs), allow_ports=tuple(self.settings.url_allow_ports)
-        )
+        self.url_policy = url_policy or UrlPolicy.of(self.settings)
         self._input_limits = InputLimits(
             max_bytes=self.settings.max_input_bytes,
             fetch_timeout_s=self.settings.fetch_timeout_s,

@@ -47,7 +47,7 @@ from routing.io.media import (
 )
 from routing.io.net import UrlError, UrlPolicy, fetch_into
 from routing.io.storage import ObjectNotFound, Storage, StorageError
-from routing.schemas import AUDIO_FIELDS, VIDEO_FIELDS, MediaRef, RequestBase, is_data_url
+from routing.schemas import AUDIO_FIELDS, MAX_KEY_CHARS, VIDEO_FIELDS, MediaRef, RequestBase, is_data_url
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,8 @@ def _read_lora(
         with _download(f"https://huggingface.co/{owner}/{repo}/resolve/main/{path}", *fetch) as found:
             yield found
         return
+    if len(source) > MAX_KEY_CHARS:
+        raise LoraError(f"a store key has at most {MAX_KEY_CHARS} characters (an upload's key is shorter)")
     data = _read(storage, source, scope)
     yield io.BytesIO(data), hashlib.sha256(data).hexdigest()
 

@@ -30,9 +30,8 @@ VIDEO_FIELDS = frozenset({"video", "pose_video", "face_video", "background_video
 AUDIO_FIELDS = frozenset({"audio"})
 
 
-# The longest http(s) URL a request may give for its media (a data URL is held to the input
-# byte limit instead, FLEET_MAX_INPUT_BYTES, and over HTTP to the JSON body limit).
-MAX_URL_CHARS = 4096
+# The longest store key a request may name (S3's own limit is 1,024 bytes).
+MAX_KEY_CHARS = 1024
 
 
 class MediaRef(BaseModel):
@@ -49,12 +48,13 @@ class MediaRef(BaseModel):
         json_schema_extra={"oneOf": [{"required": ["key"]}, {"required": ["url"]}]},
     )
 
-    key: str | None = Field(default=None, min_length=1, max_length=1024)
+    key: str | None = Field(default=None, min_length=1, max_length=MAX_KEY_CHARS)
     url: str | None = Field(
         default=None,
         min_length=1,
         pattern=r"^([Hh][Tt][Tt][Pp][Ss]?://|[Dd][Aa][Tt][Aa]:)",
-        description=f"an http(s) URL of at most {MAX_URL_CHARS} characters, or a base64 data URL",
+        description="an http(s) URL of at most FLEET_MAX_URL_CHARS (4096) characters, or a base64 data URL "
+        "(its file at most FLEET_MAX_INPUT_BYTES)",
     )
 
     @model_validator(mode="after")
@@ -66,8 +66,6 @@ class MediaRef(BaseModel):
                 return self
             if not self.url.lower().startswith(("http://", "https://")):
                 raise ValueError("url must be http(s) or a data URL")
-            if len(self.url) > MAX_URL_CHARS:
-                raise ValueError(f"an http(s) url has at most {MAX_URL_CHARS} characters")
         return self
 
 
@@ -118,7 +116,7 @@ class LoraRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(min_length=1, max_length=4096)
+    source: str = Field(min_length=1)  # a URL is held to FLEET_MAX_URL_CHARS when fetched
     scale: float = Field(default=1.0, ge=-4.0, le=4.0, strict=True)
     # Which expert of a two-expert model (Wan2.2-A14B) it goes on: the high-noise one (the
     # early steps), the low-noise one (the late steps), or both. Other models: both.

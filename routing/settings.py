@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     url_allow_cidrs: list[str] = Field(default_factory=list)
     # Ports a fetched or webhook URL may name on a public host.
     url_allow_ports: list[int] = Field(default_factory=lambda: [80, 443])
+    # The longest http(s) URL a request may give: its media, its LoRAs, its webhook (a data URL
+    # is held to FLEET_MAX_INPUT_BYTES instead).
+    max_url_chars: int = Field(default=4096, ge=64)
     # Longest all the fetches of one request (its media URLs and LoRA URLs together) may take,
     # connect to last byte, redirects included: one deadline per request.
     fetch_timeout_s: float = Field(default=15.0, gt=0)

@@ -176,9 +176,7 @@ class Deliverer:
             ttl_s=settings.job_ttl_s,
             usage_retention_days=settings.usage_retention_days,
         )
-        self.policy = UrlPolicy(
-            allow_cidrs=tuple(settings.url_allow_cidrs), allow_ports=tuple(settings.url_allow_ports)
-        )
+        self.policy = UrlPolicy.of(settings)
         self._lock = threading.Lock()
         self._posting: dict[str, int] = {}  # tenant -> deliveries in flight in this process
 

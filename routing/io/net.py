@@ -23,7 +23,10 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from routing.settings import Settings
 
 MAX_REDIRECTS = 5
 DEFAULT_PORTS = (80, 443)
@@ -64,12 +67,30 @@ class UrlPolicy:
     # Ports a URL may name on a public host. Addresses in allow_cidrs are exempt (tests run
     # their servers on ephemeral ports).
     allow_ports: tuple[int, ...] = DEFAULT_PORTS
+    # The longest URL a request may give to be fetched or posted to (FLEET_MAX_URL_CHARS),
+    # checked at submit; redirects the fleet follows are held to it too.
+    max_chars: int = 4096
     _allowed: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
         init=False, repr=False, compare=False
     )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_allowed", tuple(ipaddress.ip_network(c) for c in self.allow_cidrs))
+
+    @classmethod
+    def of(cls, settings: Settings) -> UrlPolicy:
+        """The policy ``settings`` give (``FLEET_URL_ALLOW_CIDRS``, ``FLEET_URL_ALLOW_PORTS``,
+        ``FLEET_MAX_URL_CHARS``)."""
+        return cls(
+            allow_cidrs=tuple(settings.url_allow_cidrs),
+            allow_ports=tuple(settings.url_allow_ports),
+            max_chars=settings.max_url_chars,
+        )
+
+    def check_length(self, url: str) -> None:
+        """Raise ``UrlError`` for a URL longer than ``max_chars``."""
+        if len(url) > self.max_chars:
+            raise UrlError(f"an http(s) url has at most {self.max_chars} characters (got {len(url)})")
 
     def allowed_network(self, ip: IPAddress) -> bool:
         return any(ip in net for net in self._allowed)
@@ -329,6 +350,7 @@ def fetch_into(
     returns the body's size. On a ``UrlError``, ``out`` may hold part of a body."""
     for _ in range(MAX_REDIRECTS + 1):
         _remaining(deadline)
+        policy.check_length(url)
         target = _Target.parse(url)
         location = _get(target, _checked_addresses(target, policy), deadline, max_bytes, out)
         if location is None:
@@ -339,6 +361,7 @@ def fetch_into(
 
 def check_url(url: str, policy: UrlPolicy = DEFAULT_POLICY) -> list[str]:
     """The checked addresses of ``url``'s host; raises ``UrlError`` if it may not be used."""
+    policy.check_length(url)
     target = _Target.parse(url)
     return _checked_addresses(target, policy)
 

@@ -42,13 +42,14 @@ class Webhook:
 
     __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid")
 
-    url: Annotated[str, Field(min_length=1, max_length=4096)]
+    url: Annotated[str, Field(min_length=1)]  # at most FLEET_MAX_URL_CHARS: check_webhook
     events: Annotated[tuple[WebhookEvent, ...], Field(min_length=1)] = WEBHOOK_EVENTS
 
 
 def check_webhook(webhook: Webhook, policy: UrlPolicy) -> None:
-    """Refuse a webhook whose URL or events are not acceptable, naming the field. (The HTTP API's
-    schema refuses unknown events already; an SDK caller's reach here.)"""
+    """Refuse a webhook whose URL (its address, its length: ``policy.max_chars``) or events are
+    not acceptable, naming the field. (The HTTP API's schema refuses unknown events already; an
+    SDK caller's reach here.)"""
     errors = []
     unknown = [e for e in webhook.events if e not in WEBHOOK_EVENTS]
     if unknown or not webhook.events:

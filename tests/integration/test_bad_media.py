@@ -14,6 +14,7 @@ from producer.client import Client
 from routing.errors import InvalidRequest
 from routing.io.net import UrlPolicy
 from routing.io.storage import LocalStorage
+from routing.jobs.events import Webhook
 from worker.media import encode_mp4, encode_png
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,33 @@ def test_a_fetchable_url_is_accepted_and_stored_so_the_worker_reads_only_checked
     assert fleet.submit(EDIT | {"images": [{"url": longest}]}).created
 
 
+def test_the_url_length_cap_is_a_setting_held_at_its_edge_for_media_loras_and_webhooks(
+    fleet_settings, allowed, redis_client
+):
+    most = 100  # FLEET_MAX_URL_CHARS, from the settings as the API has it
+    settings = fleet_settings.model_copy(update={"max_url_chars": most, "url_allow_cidrs": ["127.0.0.2/32"]})
+
+    def url(length: int) -> str:
+        head = f"{allowed.url}/img.png?"
+        return head + "a" * (length - len(head))
+
+    words = f"at most {most} characters"
+    hook = Webhook(url(most + 1))
+    with Client(settings) as client:
+        assert client.url_policy.max_chars == most
+        job = client.submit(EDIT | {"images": [{"url": url(most)}]}, webhook=Webhook(url(most)))
+        assert job.created and client.get(job.id).request["images"][0]["key"].startswith("inputs/")
+        refused(client, redis_client, EDIT | {"images": [{"url": url(most + 1)}]}, "images.0", words)
+        refused(
+            client, redis_client, EDIT | {"images": [{"url": url(most)}]}, "webhook.url", words, webhook=hook
+        )
+        lora = EDIT | {"images": [{"url": url(most)}], "loras": [{"source": url(most + 1)}]}
+        refused(client, redis_client, lora, "loras.0.source", words)
+        # A store key is held to the store's own cap instead.
+        lora = EDIT | {"images": [{"url": url(most)}], "loras": [{"source": "uploads/_/" + "k" * 1020}]}
+        refused(client, redis_client, lora, "loras.0.source", "at most 1024 characters")
+
+
 def _data_url(data: bytes, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64," + base64.b64encode(data).decode()
 
@@ -142,7 +170,8 @@ def test_bad_data_urls_are_refused_naming_the_field_and_nothing_is_stored(fleet_
         refused(tight, redis_client, EDIT | {"images": [{"url": long}]}, "images.0", words)
     # Only the one accepted job's file is stored.
     assert len(LocalStorage(fleet_settings.storage_dir).list("inputs/")) == 1
-    # An http(s) URL has at most 4,096 characters; a data URL is held to the byte limit instead.
+    # An http(s) URL has at most 4,096 characters by default (FLEET_MAX_URL_CHARS); a data URL
+    # is held to the byte limit instead.
     too_long = "https://example.com/" + "a" * 4077
     with Client(fleet_settings) as client:
         refused(client, redis_client, EDIT | {"images": [{"url": too_long}]}, "images.0", "4096 characters")
