@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import kombu.transport
 from celery import bootsteps
 from celery.exceptions import Ignore
 from celery.signals import (
@@ -63,17 +62,9 @@ app = make_celery(settings, vram_class)
 app.conf.worker_proc_alive_timeout = 900
 # Time for the running job to reach a step and hand itself back before a cold shutdown.
 app.conf.worker_soft_shutdown_timeout = 60.0
-# Kombu's Redis transport (its Sentinel one with FLEET_REDIS_SENTINELS), which also records the
-# messages the main process takes as held by it (worker.held), once ``_start_holding`` has named
-# the holder. Through Sentinel, the broker URL is one sentinel:// URL per Sentinel, and Kombu
-# takes the transport from each URL's scheme again as it moves to the next one after a lost
-# connection: so in this process the scheme itself names the fleet's transport.
-if settings.redis_sentinels:
-    kombu.transport.TRANSPORT_ALIASES["sentinel"] = held.SENTINEL_TRANSPORT
-else:
-    app.conf.broker_transport = held.TRANSPORT
-# Named, a transport takes the place of the URL's scheme, and of the TLS options Kombu gives a
-# rediss:// URL with it: routing.celery_config says them again (broker_use_ssl).
+# The fleet's broker transport (worker.held), which also records the messages the main process
+# takes as held by it, once ``_start_holding`` has named the holder.
+held.use_transport(app, settings)
 
 # How the worker makes its object store. A program that starts the worker itself may replace it
 # first (the tests' slow store starts the worker through ``testkit.slow_worker``); the pool

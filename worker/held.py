@@ -26,6 +26,11 @@ finds the job taken or finished and is dropped (``JobRunner._claim``).
 
 The instant before Kombu's write, when the message is already off its queue, is
 ``worker.lost``'s.
+
+The same transport leaves a master that stops answering (cut off from the network, its
+connections never closed): an acknowledgement it does not answer within Kombu's socket timeout is
+given up, and the channel's connections are dropped with its blocking pop's, so each asks the
+Sentinels again (``QoS``, ``Channel``). The webhook workers run it too, with no holder.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import kombu.transport
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -43,6 +51,7 @@ from kombu.utils.json import dumps
 
 from routing.celery_config import UNACKED_INDEX_KEY, UNACKED_KEY
 from routing.jobs.keys import Keys
+from routing.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +151,30 @@ class QoS(kombu_redis.QoS):
             pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)  # Kombu's in-process record of it
 
+    def ack(self, delivery_tag: str) -> None:
+        with self._given_up_if_unanswered(delivery_tag):
+            super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        with self._given_up_if_unanswered(delivery_tag):
+            super().reject(delivery_tag, requeue)
+
+    @contextmanager
+    def _given_up_if_unanswered(self, delivery_tag: str) -> Iterator[None]:
+        """An acknowledgement the broker did not answer (a master cut off from the network,
+        past Kombu's socket timeout) leaves the message in the unacknowledged set, whence the
+        visibility timeout or the reaper gives it back and the job's fence drops the copy. Kombu
+        would keep counting it as held, and with one message a worker (prefetch 1) would never
+        take another; so it is given up here, and the channel's connections are dropped, so its
+        next command asks the Sentinels for the master. The error still reaches Celery, which
+        logs it."""
+        try:
+            yield
+        except self.channel.connection_errors:
+            virtual.QoS.ack(self, delivery_tag)
+            self.channel.drop_connections()
+            raise
+
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
@@ -155,6 +188,24 @@ class Channel(kombu_redis.Channel):
         "held_key",
         "holders_key",
     )
+
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        """The blocking pop's connection dropped (Kombu's health check: its master stopped
+        answering) drops the pool's other connections too. They lead to the same master, and the
+        pop's next connection asks the Sentinels: a message it takes from the new master would
+        otherwise have its unacknowledged record written through one of them, fail, and be lost
+        between the two."""
+        polling = connection is not None and connection is self._in_poll
+        super()._on_connection_disconnect(connection)
+        if polling:
+            self.drop_connections()
+
+    def drop_connections(self) -> None:
+        """Close every connection of the channel, its commands' pool and its pop's: the next
+        command on each opens one to the master the Sentinels name then."""
+        self.pool.disconnect()
+        if self._async_pool is not None:
+            self._async_pool.disconnect()
 
 
 class Transport(kombu_redis.Transport):
@@ -174,6 +225,20 @@ class SentinelChannel(kombu_redis.SentinelChannel, Channel):
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
+
+
+def use_transport(app: Any, settings: Settings) -> None:
+    """Give the Celery ``app`` of this process the fleet's broker transport: Kombu's Redis
+    transport (its Sentinel one with FLEET_REDIS_SENTINELS) with this module's ``QoS``. Through
+    Sentinel the broker URL is one sentinel:// URL per Sentinel, and Kombu takes the transport
+    from each URL's scheme again as it moves to the next one after a lost connection: so in this
+    process the scheme itself names the fleet's transport. Named, a transport takes the place of
+    the URL's scheme, and of the TLS options Kombu gives a rediss:// URL with it:
+    routing.celery_config says them again (broker_use_ssl)."""
+    if settings.redis_sentinels:
+        kombu.transport.TRANSPORT_ALIASES["sentinel"] = SENTINEL_TRANSPORT
+    else:
+        app.conf.broker_transport = TRANSPORT
 
 
 class Holder:

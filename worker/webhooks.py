@@ -79,6 +79,7 @@ from routing.jobs.keys import Keys
 from routing.jobs.record import JobRecord, JobView
 from routing.jobs.store import JobStore
 from routing.settings import Settings, get_settings
+from worker import held
 
 # The retry schedule (settings.webhook_retry_base_s, webhook_retry_cap_s): delay before attempt n+1
 # is uniform in [0, min(cap, base * factor^(n-1))] (full jitter: a receiver that was down is not
@@ -329,6 +330,9 @@ class Deliverer:
 def create_app(settings: Settings) -> Celery:
     """The webhook worker's Celery app, with ``fleet.deliver_webhook`` registered."""
     app = make_celery(settings)
+    # Kombu's transport with the fleet's acknowledgements (worker.held: no holder here, so only
+    # an unanswered ack given up, where Kombu's would keep a thread's slot for good).
+    held.use_transport(app, settings)
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         **webhook_transport_options(settings),

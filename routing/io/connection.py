@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 
 # Sentinels answer at once or not at all: a dead one is skipped after this.
 _SENTINEL_TIMEOUT_S = 2.0
+# Kombu's broker connections (a worker's blocking pop, its acks): a command's answer waited for at
+# most this long, and a pop whose answer is overdue dropped within about twice the check's
+# interval (Kombu's health check). Kombu's default waits forever: a master cut off from the
+# network, answering nothing and closing nothing, held a worker's ack, and with it the worker,
+# for good. Its longest command (restoring unacknowledged messages) takes milliseconds.
+BROKER_SOCKET_TIMEOUT_S = 5.0
+BROKER_HEALTH_CHECK_S = 10
 
 
 class _SentinelConnection(redis.sentinel.SentinelManagedConnection):
@@ -423,10 +430,20 @@ def broker_url(settings: Settings) -> str:
 
 
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    """Kombu's transport options for the Sentinels (none without them)."""
+    """Kombu's transport options: its connections' timeouts, and the Sentinels where there are
+    some (Kombu then asks them for the master at each reconnect)."""
+    timeouts = {
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": 5,
+        "health_check_interval": BROKER_HEALTH_CHECK_S,
+    }
     if not settings.redis_sentinels:
-        return {}
-    return {"master_name": settings.redis_sentinel_master, "sentinel_kwargs": _sentinel_options(settings)}
+        return timeouts
+    sentinels = {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_kwargs": _sentinel_options(settings),
+    }
+    return timeouts | sentinels
 
 
 @dataclass(frozen=True)

@@ -394,6 +394,15 @@ class ReplicatedRedis:
         finally:
             old.proc.send_signal(signal.SIGCONT)
 
+    def cut_off_master(self) -> tuple[RedisServer, RedisServer]:
+        """SIGSTOP the master and leave it so: a master cut off from the network for good, whose
+        connections neither answer nor close. Returns it and the replica promoted in its place
+        (``stop`` ends it)."""
+        old = self.master()
+        assert old.proc is not None
+        old.proc.send_signal(signal.SIGSTOP)
+        return old, self._promoted(old)
+
     def _promoted(self, old: RedisServer) -> RedisServer:
         wait_for(lambda: self.master() is not old, 60, "a replica promoted", every_s=0.1)
         new = self.master()

@@ -23,11 +23,12 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from localfleet.process import WorkerProcess
 from producer.client import Client
 from producer.events import JobEvents
 from routing.errors import NotReplicated
 from routing.io.storage import LocalStorage
-from routing.jobs.events import EventType
+from routing.jobs.events import EventType, Webhook
 from routing.jobs.keys import Keys
 from routing.jobs.record import JobStatus
 from routing.jobs.store import Created
@@ -46,6 +47,7 @@ from tests.faults.harness import (
     wait_warm,
 )
 from tests.flower_api import http, poll, queue_lengths, running_flower
+from tests.webhook_receiver import Receiver
 from worker import held
 from worker.media import encode_png
 
@@ -274,6 +276,46 @@ def test_a_master_failed_over_while_up_is_left_by_the_fleets_connections(
         # Once the Sentinels have turned the old master into a replica, the job is still there.
         wait_for(lambda: replicated.online_replicas() == 2, 60, "the old master following the new one")
         assert client.get(after.id).status is JobStatus.QUEUED
+
+
+def test_workers_leave_a_master_cut_off_for_good_and_lose_no_job(
+    fleet_settings: Settings, start_worker, replicated: ReplicatedRedis, tmp_path: Path
+):
+    """The master stops answering and never closes its connections (a network cut): the GPU
+    worker's and the webhook worker's broker connections, their blocking pops and the ack of the
+    job running then among them, give it up and find the master the Sentinels promoted. That
+    job and the next ones end succeeded once each, and each one's webhook is delivered."""
+    settings = fleet_settings.model_copy(update={"url_allow_cidrs": ["127.0.0.2/32"]})
+    receiver = Receiver(settings.tenants["a"].webhook_secret.get_secret_value())
+    hook = Webhook(receiver.url("/hook"), events=("succeeded",))
+    webhooks = WorkerProcess(settings, tmp_path / "webhooks.log", module="worker.webhooks").wait_ready(60)
+    worker = start_worker(settings)
+    try:
+        wait_warm(worker)
+        with Client(settings) as client:
+            running = client.submit(
+                small_request("running fault:sleep=1.5", steps=4), webhook=hook, tenant="a"
+            )
+            wait_for(lambda: client.get(running.id).step >= 1, 60, "the job running")
+            old, _ = replicated.cut_off_master()
+            after = [client.submit(small_request(f"after {i}"), webhook=hook, tenant="a") for i in range(3)]
+            records = [job.wait(timeout_s=120) for job in (running, *after)]
+            failures = {
+                r.id: (r.status.value, r.error) for r in records if r.status is not JobStatus.SUCCEEDED
+            }
+            assert not failures, (failures, replicated.logs())
+            for record in records:
+                assert event_types(client.store, record.id).count("job.succeeded") == 1
+            # The running job's ack went to the master cut off, and was given up (worker.held).
+            wait_log(worker, "Couldn't ack", timeout_s=5)
+            wait_for(lambda: len(receiver.events("job.succeeded")) == len(records), 60, "every webhook")
+            assert {e["data"]["id"] for e in receiver.events("job.succeeded").values()} == {
+                r.id for r in records
+            }
+        assert old.proc is not None and old.proc.poll() is None  # cut off all along, never back
+    finally:
+        webhooks.stop()
+        receiver.close()
 
 
 def _follow(settings: Settings, keys: Keys, job_id: str, seen: queue.Queue[EventType]) -> None:
