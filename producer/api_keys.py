@@ -79,6 +79,12 @@ def is_managed(key: str) -> bool:
     return _KEY.fullmatch(key) is not None
 
 
+def key_id(key: str) -> str | None:
+    """The id of a key this module makes (what lists and revocations name), else None."""
+    found = _KEY.fullmatch(key)
+    return found.group(1) if found else None
+
+
 class ApiKeys:
     """The managed keys in Redis. Safe to share between threads."""
 

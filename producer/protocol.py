@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from producer.api_keys import ApiKey
+from producer.api_keys import ApiKey, key_id
 from routing.errors import (
     Conflict,
     FieldError,
@@ -141,6 +141,7 @@ class Core:
         self.max_retries = max_retries
         self.max_retry_wait_s = max_retry_wait_s
         self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._key_id = key_id(api_key)  # a made key's id: revoking it ends this client's access
 
     # The verbs.
 
@@ -175,7 +176,7 @@ class Core:
     def delete(self, job_id: str) -> Flow[None]:
         # Sent again after a lost answer, it finds the job gone: the deletion it asked for.
         request = self.request("DELETE", f"/v1/jobs/{job_id}", params={"purge": "true"})
-        yield from self._call(request, gone_after_lost=True)
+        yield from self._call(request, gone_after_lost={404})
 
     def list(
         self, limit: int = 20, cursor: str | None = None, order: str = "desc"
@@ -201,8 +202,10 @@ class Core:
         return [ApiKey.from_json(k) for k in listed["keys"]]
 
     def revoke_key(self, key_id: str) -> Flow[None]:
-        # Sent again after a lost answer, it finds the key gone: the revocation it asked for.
-        yield from self._call(self.request("DELETE", f"/v1/keys/{key_id}"), gone_after_lost=True)
+        # Sent again after a lost answer, it finds the key gone (404), or, where it revoked the
+        # key it calls with, is refused it (401): the revocation it asked for, either way.
+        gone = {404, 401} if key_id == self._key_id else {404}
+        yield from self._call(self.request("DELETE", f"/v1/keys/{key_id}"), gone_after_lost=gone)
 
     def upload(self, content: bytes) -> Flow[dict[str, str]]:
         headers = {"Content-Type": "application/octet-stream"}
@@ -289,12 +292,12 @@ class Core:
         return request
 
     def _call(
-        self, request: httpx.Request, *, retry: bool = True, gone_after_lost: bool = False
+        self, request: httpx.Request, *, retry: bool = True, gone_after_lost: set[int] | None = None
     ) -> Flow[httpx.Response]:
         # Every call may be sent again: reads, cancel and revoke are idempotent, a submit carries
         # its idempotency key, an upload stores the same bytes twice at worst. A new key is not.
-        # ``gone_after_lost``: a 404 after an attempt whose answer was lost is that attempt's
-        # deletion, not an error.
+        # ``gone_after_lost``: statuses that, after an attempt whose answer was lost, are that
+        # attempt's deletion, not an error (a 404: what it deleted is gone).
         lost = False
         for attempt in range(self.max_retries + 1 if retry else 1):
             answer = yield Send(request)
@@ -305,7 +308,7 @@ class Core:
                     raise Unavailable(f"{request.method} {request.url.path}: {answer!r}") from answer
             else:
                 response = answer
-                if gone_after_lost and lost and response.status_code == 404:
+                if lost and response.status_code in (gone_after_lost or ()):
                     return response
                 if (
                     response.status_code not in _RETRIED_STATUS

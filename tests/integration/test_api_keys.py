@@ -156,6 +156,16 @@ def test_the_http_sdk_makes_lists_and_revokes_the_tenants_keys(api):
         assert dropping.dropped == 1 and fleet.list_keys() == []
         with pytest.raises(NotFound):  # asked again, with no answer lost: a plain 404
             fleet.revoke_key(second.id)
+        # A key revoking itself, the answer lost: the retry is refused the key (401), which is
+        # the revocation asked for too.
+        third, key = fleet.create_key("itself")
+        dropping = DropFirstResponse(lambda r: r.method == "DELETE")
+        with HttpClient(str(api.base_url), key, transport=dropping) as itself:
+            itself.revoke_key(third.id)
+            assert dropping.dropped == 1
+            with pytest.raises(Unauthorized):
+                itself.list_keys()
+        assert fleet.list_keys() == []
 
 
 def test_a_made_key_meets_a_redis_outage_with_503_not_401(settings, tmp_path):
