@@ -579,9 +579,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ``FLEET_DELETED_JOB_TTL_S`` is 204 again). Both are rationed per tenant
         (``FLEET_CANCELS_PER_TENANT`` in windows of ``FLEET_RATE_WINDOW_S``)."""
         take_rate("cancel", tenant)
-        if purge and is_job_id(job_id) and client.deleted_by(job_id) == tenant:
-            return Response(status_code=204)  # deleted already: a repeat (a retry) is answered alike
-        own_job(job_id, tenant)
+        try:
+            own_job(job_id, tenant)
+        except HTTPException:
+            if purge and client.deleted_by(job_id) == tenant:
+                return Response(status_code=204)  # deleted already: a repeat (a retry) is answered alike
+            raise
         if not purge:
             return job_out(client.cancel(job_id))
         try:

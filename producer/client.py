@@ -55,7 +55,7 @@ from routing.io.connection import Replication, connect
 from routing.io.net import UrlPolicy
 from routing.io.storage import Storage, job_folder, make_storage
 from routing.jobs.events import Webhook, check_webhook
-from routing.jobs.keys import Keys
+from routing.jobs.keys import Keys, is_job_id
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus, Output
 from routing.jobs.store import ORDERS, Created, Cursor, JobStore, NewJob
@@ -421,6 +421,8 @@ class Client:
     def deleted_by(self, job_id: str) -> str | None:
         """The tenant of ``job_id`` if it was deleted within ``FLEET_DELETED_JOB_TTL_S``, else
         None (its record is gone: nothing else of it is kept)."""
+        if not is_job_id(job_id):  # never cut into a key name: no job has it
+            return None
         with _redis_errors():
             return self.store.deleted_by(job_id)
 

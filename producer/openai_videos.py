@@ -329,10 +329,11 @@ def add_routes(
         tenant deleted within ``FLEET_DELETED_JOB_TTL_S`` is answered deleted again (an SDK's
         retry after a lost answer)."""
         deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
-        if is_job_id(video_id) and client.deleted_by(video_id) == tenant:
-            return deleted
         try:
             record = _own(video_id, tenant)
+        except Refused as exc:  # deleted by the tenant a moment ago is deleted still
+            return deleted if client.deleted_by(video_id) == tenant else exc.answer()
+        try:
             if not record.status.is_terminal():
                 door.rate("cancel", tenant)
                 record = client.cancel(video_id)
