@@ -152,6 +152,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_gone(pids: list[int], timeout_s: float, what: str) -> None:
+    """Until no process of ``pids`` runs (a zombie counts as gone)."""
+    _wait_for(lambda: not any(_alive(p) for p in pids), timeout_s, f"{what} {pids} still running")
+
+
 def _audio_seconds(mp4: bytes) -> float:
     with av.open(io.BytesIO(mp4)) as container:
         stream = container.streams.audio[0]
@@ -200,7 +205,7 @@ def test_every_rank_runs_the_job_rank_0_stores_the_video_and_a_job_that_does_not
     spilled_record = spilled.wait(timeout_s=180)
     assert spilled_record.status is JobStatus.SUCCEEDED, spilled_record.error
     assert spilled_record.worker.startswith("h100x8@")
-    _wait_for(lambda: not any(_alive(p) for p in pids), 60, f"group ranks {pids} still running")
+    _wait_gone(pids, 60, "group ranks")
 
     # S2V again: a new group starts.
     again = client.submit(_s2v(client, SPEECH_S, steps=2))
@@ -211,7 +216,7 @@ def test_every_rank_runs_the_job_rank_0_stores_the_video_and_a_job_that_does_not
     # Stopping the worker takes the group with it: rank 0 sees its connection close.
     pids = _rank_pids(second_log)
     group_worker.stop()
-    _wait_for(lambda: not any(_alive(p) for p in pids), 60, f"group ranks {pids} still running")
+    _wait_gone(pids, 60, "group ranks")
 
 
 def test_cancel_stops_every_rank_at_the_same_step_and_the_group_serves_on_with_each_outputs_seed(
@@ -267,7 +272,7 @@ def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     message = record.error.message
     assert "rank 1" in message and "SIGKILL" in message, message
     assert record.error.type == "group_error", record.error  # the group died, not the model
-    _wait_for(lambda: not _alive(rank0), 60, "rank 0 of the dead group still running")
+    _wait_gone([rank0], 60, "rank 0 of the dead group")
 
     after = client.submit(_s2v(client, SPEECH_S, steps=2))
     after_record = after.wait(timeout_s=300)
@@ -300,7 +305,7 @@ def test_a_ranks_own_error_fails_the_job_naming_it_and_one_while_the_others_wait
     assert "rank 1: RuntimeError: fault injected on rank 1" in message, message
     assert "the other ranks had not finished 3 s after it; it was killed" in message, message
     rank0, rank1 = _rank_pids(_logs(group_logs)[-1])
-    _wait_for(lambda: not _alive(rank0) and not _alive(rank1), 30, "the stalled group still running")
+    _wait_gone([rank0, rank1], 30, "the stalled group")
 
     after = client.submit(FAST_IMAGE)
     assert after.wait(timeout_s=180).status is JobStatus.SUCCEEDED
