@@ -582,7 +582,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             own_job(job_id, tenant)
         except HTTPException:
-            if purge and client.deleted_by(job_id) == tenant:
+            if purge and (deleted := client.deleted(job_id)) and deleted.tenant == tenant:
                 return Response(status_code=204)  # deleted already: a repeat (a retry) is answered alike
             raise
         if not purge:

@@ -58,7 +58,7 @@ from routing.jobs.events import Webhook, check_webhook
 from routing.jobs.keys import Keys, is_job_id
 from routing.jobs.messages import TaskMessages
 from routing.jobs.record import JobRecord, JobStatus, Output
-from routing.jobs.store import ORDERS, Created, Cursor, JobStore, NewJob
+from routing.jobs.store import ORDERS, Created, Cursor, Deleted, JobStore, NewJob
 from routing.jobs.usage import Usage, month_gpu_s, next_month_at, query_range, read_usage
 from routing.limits import RequestLimits
 from routing.schemas import RequestBase, parse_request
@@ -406,7 +406,7 @@ class Client:
         try:
             record = self.get(job_id)
         except NotFound:
-            if self.deleted_by(job_id) is None:
+            if self.deleted(job_id) is None:
                 raise
             return
         if not record.status.is_terminal():
@@ -418,13 +418,13 @@ class Client:
         with _redis_errors():
             self.store.forget(job_id)
 
-    def deleted_by(self, job_id: str) -> str | None:
-        """The tenant of ``job_id`` if it was deleted within ``FLEET_DELETED_JOB_TTL_S``, else
-        None (its record is gone: nothing else of it is kept)."""
+    def deleted(self, job_id: str) -> Deleted | None:
+        """Whose ``job_id`` was, and its kind, if it was deleted within
+        ``FLEET_DELETED_JOB_TTL_S``, else None (its record is gone: nothing else of it is kept)."""
         if not is_job_id(job_id):  # never cut into a key name: no job has it
             return None
         with _redis_errors():
-            return self.store.deleted_by(job_id)
+            return self.store.deleted(job_id)
 
     def wait(
         self, job_id: str, timeout_s: float | None = None, on_progress: ProgressCallback | None = None

@@ -327,12 +327,16 @@ def add_routes(
         """OpenAI's ``videos.delete``: the video's file and record are deleted now (a queued one is
         canceled first; a running one is canceled, and answered 409 until it stops). A video the
         tenant deleted within ``FLEET_DELETED_JOB_TTL_S`` is answered deleted again (an SDK's
-        retry after a lost answer)."""
+        retry after a lost answer); any other job of the tenant deleted then is as unknown as
+        ever."""
         deleted = {"id": video_id, "object": "video.deleted", "deleted": True}
         try:
             record = _own(video_id, tenant)
         except Refused as exc:  # deleted by the tenant a moment ago is deleted still
-            return deleted if client.deleted_by(video_id) == tenant else exc.answer()
+            gone = client.deleted(video_id)
+            return (
+                deleted if gone and gone.tenant == tenant and TaskKind(gone.kind) in KINDS else exc.answer()
+            )
         try:
             if not record.status.is_terminal():
                 door.rate("cancel", tenant)

@@ -38,8 +38,8 @@ class Keys:
         return f"{self.prefix}:job:{job_id}"
 
     def deleted_job(self, job_id: str) -> str:
-        """The tenant of a job deleted on request, for ``deleted_job_ttl_s`` after (a repeated
-        delete is answered as the first: ``JobStore.deleted_by``)."""
+        """Hash of the tenant and kind of a job deleted on request, for ``deleted_job_ttl_s``
+        after (a repeated delete is answered as the first: ``JobStore.deleted``)."""
         return f"{self.prefix}:deleted:{job_id}"
 
     def job_events(self, job_id: str) -> str:

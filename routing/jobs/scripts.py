@@ -323,8 +323,8 @@ return status or ''
 # id, ended (comma list of the statuses a job may be forgotten in), remember_s. Deletes an ended
 # job's record, its event stream, its webhook log and its place in the tenant's index, as its TTL
 # would have, and its idempotency key while that still names it; remembers the id with its
-# tenant for remember_s (0: not). Returns 'forgotten', the status of a job not ended, or '' for
-# none.
+# tenant and kind (a hash) for remember_s (0: not). Returns 'forgotten', the status of a job not
+# ended, or '' for none.
 FORGET = (
     ARGS
     + """
@@ -342,9 +342,14 @@ if idempotency_key ~= '' then
   if redis.call('GET', idempotency) == a.id then redis.call('DEL', idempotency) end
 end
 local tenant = redis.call('HGET', keys.job, 'tenant') or ''
+local kind = redis.call('HGET', keys.job, 'kind') or ''
 redis.call('ZREM', fill(keys.jobs, tenant), a.id)
 redis.call('DEL', keys.job, keys.job_events, keys.webhook_log, keys.replays)
-if tonumber(a.remember_s) > 0 then redis.call('SET', keys.deleted, tenant, 'EX', a.remember_s) end
+if tonumber(a.remember_s) > 0 then
+  redis.call('DEL', keys.deleted)
+  redis.call('HSET', keys.deleted, 'tenant', tenant, 'kind', kind)
+  redis.call('EXPIRE', keys.deleted, a.remember_s)
+end
 return 'forgotten'
 """
 )

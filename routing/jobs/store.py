@@ -52,6 +52,15 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Deleted:
+    """What is kept of a job deleted on request, for ``deleted_ttl_s``: whose it was, and its
+    kind (so a door answers a repeat only for the jobs it shows)."""
+
+    tenant: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class Cursor:
     """Where a page of a tenant's jobs ended: its last job's ``created_at`` and id. Written
     ``<created_at>:<id>``; callers pass it back as they got it."""
@@ -127,7 +136,7 @@ class JobStore:
         self.ttl_s = ttl_s
         # How long the record of a job canceled before it started is kept (ttl_s when None).
         self.canceled_ttl_s = canceled_ttl_s or ttl_s
-        # How long a job deleted on request is remembered (``deleted_by``).
+        # How long a job deleted on request is remembered (``deleted``).
         self.deleted_ttl_s = deleted_ttl_s
         # Days each day of a tenant's usage is kept after it (routing.jobs.usage).
         self.usage_retention_days = usage_retention_days
@@ -489,7 +498,7 @@ class JobStore:
 
     def forget(self, job_id: str) -> None:
         """Delete an ended job's record, as its TTL would (its stored files are the caller's to
-        delete first), and remember its id with its tenant for ``deleted_ttl_s``. Raises NotFound
+        delete first), and remember its id with its tenant and kind for ``deleted_ttl_s``. Raises NotFound
         for no such job and Conflict for one not ended."""
         keys = {
             "job": self.keys.job(job_id),
@@ -510,11 +519,11 @@ class JobStore:
         if outcome != "forgotten":
             raise Conflict(f"job {job_id} is {outcome}: only an ended job can be deleted")
 
-    def deleted_by(self, job_id: str) -> str | None:
-        """The tenant of ``job_id`` if it was deleted on request within ``deleted_ttl_s``, else
-        None: a delete repeated meanwhile is answered as the first was."""
-        tenant = self.client.get(self.keys.deleted_job(job_id))
-        return None if tenant is None else _text(tenant)
+    def deleted(self, job_id: str) -> Deleted | None:
+        """Whose ``job_id`` was, and its kind, if it was deleted on request within
+        ``deleted_ttl_s``, else None: a delete repeated meanwhile is answered as the first was."""
+        kept = {_text(k): _text(v) for k, v in self.client.hgetall(self.keys.deleted_job(job_id)).items()}
+        return Deleted(kept["tenant"], kept["kind"]) if kept else None
 
     def events(self, job_id: str | None = None, count: int = 10_000) -> list[dict[str, str]]:
         """Recent events, oldest first, optionally of one job (for tests and tools; webhooks

@@ -11,6 +11,7 @@ from routing.errors import Conflict, NotFound
 from routing.io.storage import LocalStorage
 from routing.jobs.events import EventType
 from routing.jobs.record import JobStatus
+from routing.jobs.store import Deleted
 from tests.faults.harness import wait_broker_idle
 
 pytestmark = pytest.mark.integration
@@ -99,10 +100,11 @@ def test_delete_takes_an_ended_jobs_outputs_and_record_and_refuses_one_not_ended
     # Its idempotency key is free again: the same key makes a new job.
     assert client.submit(small, idempotency_key="once", tenant="t").id != job.id
     # Deleted again (a retry after a lost answer): answered as the first, while its id is
-    # remembered (FLEET_DELETED_JOB_TTL_S, its tenant and nothing else).
+    # remembered (FLEET_DELETED_JOB_TTL_S, its tenant and kind, nothing else).
     client.delete(job.id)
     remembered = client.keys.deleted_job(job.id)
-    assert client.deleted_by(job.id) == "t" and client.store.client.get(remembered) == b"t"
+    assert client.deleted(job.id) == Deleted("t", "text-to-image")
+    assert client.store.client.hgetall(remembered) == {b"tenant": b"t", b"kind": b"text-to-image"}
     assert (
         fleet_settings.deleted_job_ttl_s - 5
         < client.store.client.ttl(remembered)
@@ -116,6 +118,6 @@ def test_delete_takes_an_ended_jobs_outputs_and_record_and_refuses_one_not_ended
     # At 0 the id is not remembered: a repeat is a NotFound at once.
     with Client(fleet_settings.model_copy(update={"deleted_job_ttl_s": 0})) as forgetful:
         forgetful.delete(busy.id)
-        assert forgetful.deleted_by(busy.id) is None
+        assert forgetful.deleted(busy.id) is None
         with pytest.raises(NotFound):
             forgetful.delete(busy.id)

@@ -288,6 +288,13 @@ def test_a_video_not_made_yet_has_no_content_and_deleting_it_cancels_it(api_url,
     with pytest.raises(openai.NotFoundError):
         sdk.videos.retrieve(made.id)
 
+    # An image job the tenant deleted is no video of this door's, its delete repeated or not.
+    image_job = httpx.post(f"{api_url}/v1/jobs", headers=A, json=IMAGE_JOB, trust_env=False).json()["id"]
+    for query in ("", "?purge=true", "?purge=true"):  # cancel, delete, and the repeat of the delete
+        assert httpx.delete(f"{api_url}/v1/jobs/{image_job}{query}", headers=A, trust_env=False).is_success
+    with pytest.raises(openai.NotFoundError):
+        sdk.videos.delete(image_job)
+
 
 def test_deleting_a_video_being_made_cancels_it_and_deletes_it_once_stopped(api_url, settings, start_worker):
     start_worker(settings)
