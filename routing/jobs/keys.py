@@ -142,6 +142,12 @@ class Keys:
         (days since 1970-01-01), written as its jobs end (``routing.jobs.usage``)."""
         return f"{self.prefix}:usage:{day}:{tenant}"
 
+    def usage_month(self, month: str, tenant: str) -> str:
+        """Hash of the seconds ``tenant``'s jobs that ended in UTC ``month`` (``YYYY-MM``) held
+        workers, by class, and ``counted`` once it holds the whole month: what a monthly GPU
+        budget is checked against on each submit (``routing.jobs.usage.month_gpu_s``)."""
+        return f"{self.prefix}:usage-month:{month}:{tenant}"
+
     def usage_tenants(self, day: int) -> str:
         """Set of the tenants (their folders) with a ``usage`` hash on ``day``."""
         return f"{self.prefix}:usage:{day}"

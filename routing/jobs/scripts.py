@@ -70,8 +70,10 @@ end
 )
 
 # keys: job, events, webhooks (queue), queued (template, by queue), waiting, running, sequence,
-# in_flight (template, by tenant), idempotency (template, by key), finished and run_s (metrics).  target, sources (comma list), now,
-# event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
+# in_flight (template, by tenant), idempotency (template, by key), finished and run_s (metrics),
+# usage and usage_month (templates, by tenant folder: its day's hash and its month's),
+# usage_tenants (the day's), tenants (metrics).  target, sources (comma list), now, usage_expire_at,
+# no_tenant, event_type, maxlen (of the stream), ttl_s ('0': keep), count (field to increment, '' for
 # none), event_id, message (webhook delivery), worker (expected owner, '' for any), attempt
 # (expected attempt, '' for any), requeue ([list, message] to push when the job goes back to
 # queued, [] for none), fields (field/value pairs to set, flat), takeover ({event_id, message,
@@ -174,6 +176,10 @@ if a.ttl_s ~= '0' then
   if held > 0 then
     redis.call('HINCRBYFLOAT', usage, used .. 'held_s', held)
     redis.call('HINCRBYFLOAT', keys.tenants, folder .. sep .. used .. 'held_s', held)
+    -- The month's total, once MONTH_HELD has counted the month into it (until then, that
+    -- script counts this job from the day's hash).
+    local month = fill(keys.usage_month, folder)
+    if redis.call('HEXISTS', month, 'counted') == 1 then redis.call('HINCRBYFLOAT', month, class, held) end
   end
   local got, outputs = false, nil
   if a.target == 'succeeded' then
@@ -316,6 +322,32 @@ local status = redis.call('HGET', a.keys.job, 'status')
 if status == 'running' then redis.call('HSET', a.keys.job, 'cancel_requested', '1') end
 return status or ''
 """
+)
+
+# keys: month (the tenant's Keys.usage_month), days (its Keys.usage of every day of that month).
+# expire_at. The month's held seconds by class, as flat field/value pairs: read from the month's
+# hash once it is counted; before that (the tenant's first read of the month), counted from the
+# days' hashes into it first, atomically with every job's end (TRANSITION adds to a counted month
+# only). No class is named "counted".
+MONTH_HELD = (
+    ARGS
+    + """
+local keys = a.keys
+if redis.call('HEXISTS', keys.month, 'counted') == 0 then
+  local held = {}
+  for _, day in ipairs(keys.days) do
+    local flat = redis.call('HGETALL', day)
+    for i = 1, #flat, 2 do
+      local class = string.match(flat[i], '^[^LABEL_SEP]+LABEL_SEP([^LABEL_SEP]+)LABEL_SEP[^LABEL_SEP]+LABEL_SEPheld_s$')
+      if class then held[class] = (held[class] or 0) + tonumber(flat[i + 1]) end
+    end
+  end
+  for class, seconds in pairs(held) do redis.call('HINCRBYFLOAT', keys.month, class, seconds) end
+  redis.call('HSET', keys.month, 'counted', '1')
+  redis.call('EXPIREAT', keys.month, a.expire_at)
+end
+return redis.call('HGETALL', keys.month)
+""".replace("LABEL_SEP", LABEL_SEP)
 )
 
 # keys: job, job_events, webhook_log, replays (the job's replay counter), jobs (template, by

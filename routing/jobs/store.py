@@ -306,6 +306,7 @@ class JobStore:
             "finished": self.keys.metrics("finished"),
             "run_s": self.keys.metrics("run_s"),
             "usage": self.keys.template(partial(self.keys.usage, day)),
+            "usage_month": self.keys.template(partial(self.keys.usage_month, usage.month_of(day))),
             "usage_tenants": self.keys.usage_tenants(day),
             "tenants": self.keys.metrics("tenants"),
         }

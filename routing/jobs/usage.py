@@ -21,19 +21,24 @@ escalation) and the status its end:
     video_s        seconds of video among them (frames / fps)
 
 GPU-seconds are ``held_s`` times the GPUs of the class (8 on ``h100x8``), counted as usage is
-read. Each day is kept ``usage_retention_days`` after it (FLEET_USAGE_RETENTION_DAYS); the
+read. A monthly GPU budget is checked on every submit, so the month's held seconds by class are
+also kept whole (``Keys.usage_month``): counted from the days once, on the tenant's first read of
+the month, then added to by each job's end in the same step (``month_gpu_s``), one small read
+per submit rather than a month of day hashes. Each day is kept ``usage_retention_days`` after it (FLEET_USAGE_RETENTION_DAYS); the
 all-time GPU-seconds and jobs of every tenant are also Prometheus counters (``producer.metrics``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from routing.classes import VramClass
 from routing.errors import FieldError, InvalidRequest
+from routing.jobs import scripts
 from routing.jobs.codecs import parse_label
 from routing.jobs.keys import Keys
 
@@ -183,11 +188,31 @@ def read_usage(client: redis.Redis, keys: Keys, folder: str, start: dt.date, end
     return Usage(folder, start, end, rows, UsageTotals.of(rows))
 
 
-def month_gpu_s(client: redis.Redis, keys: Keys, folder: str) -> float:
+def month_of(day: int) -> str:
+    """The UTC month ``day`` (days since 1970-01-01) falls in, as ``YYYY-MM``."""
+    date = EPOCH + dt.timedelta(days=day)
+    return f"{date.year:04d}-{date.month:02d}"
+
+
+def month_gpu_s(client: redis.Redis, keys: Keys, folder: str, today: dt.date | None = None) -> float:
     """The GPU-seconds of the jobs of the tenant whose store folder is ``folder`` that ended this
-    UTC month: what its ``gpu_s_per_month`` budget counts."""
-    today = dt.datetime.now(dt.UTC).date()
-    return read_usage(client, keys, folder, month_start(today), today).totals.gpu_s
+    UTC month (``today``'s): what its ``gpu_s_per_month`` budget counts, as ``read_usage``'s
+    totals of the month would say. One round trip and a hash of a field a class; the tenant's
+    first read of a month counts its days into that hash."""
+    today = today or dt.datetime.now(dt.UTC).date()
+    first, after = day_number(month_start(today)), int(next_month_at(today)) // DAY_S
+    # Every day of the month, those to come too: a worker's clock a little ahead of this one's
+    # may have counted a job on tomorrow already.
+    days = [keys.usage(day, folder) for day in range(first, after)]
+    # Kept a day past the month: a worker's clock a little behind may still end a job in it.
+    named = {
+        "keys": {"month": keys.usage_month(month_of(first), folder), "days": days},
+        "expire_at": str((after + 1) * DAY_S),
+    }
+    held = client.register_script(scripts.MONTH_HELD)(args=[json.dumps(named)])
+    by_class = {_decoded(held[i]): float(held[i + 1]) for i in range(0, len(held), 2)}
+    by_class.pop("counted")
+    return round(sum(round(seconds * VramClass(name).gpus, 4) for name, seconds in by_class.items()), 4)
 
 
 def tenants_with_usage(client: redis.Redis, keys: Keys, start: dt.date, end: dt.date) -> list[str]:
@@ -197,13 +222,17 @@ def tenants_with_usage(client: redis.Redis, keys: Keys, start: dt.date, end: dt.
         for number in numbers:
             pipe.smembers(keys.usage_tenants(number))
         members = pipe.execute()
-    return sorted({m.decode() if isinstance(m, bytes) else m for found in members for m in found})
+    return sorted({_decoded(m) for found in members for m in found})
+
+
+def _decoded(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _rows(day: dt.date, raw: dict[Any, Any]) -> list[UsageRow]:
     measures: dict[tuple[str, str, str], dict[str, float]] = {}
     for field, value in raw.items():
-        field = field.decode() if isinstance(field, bytes) else field
+        field = _decoded(field)
         model, vram_class, status, measure = parse_label(field, 4)
         measures.setdefault((model, vram_class, status), {})[measure] = float(value)
     rows = []

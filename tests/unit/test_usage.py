@@ -27,6 +27,10 @@ from routing.jobs.usage import (
     UsageRow,
     UsageTotals,
     day_number,
+    month_gpu_s,
+    month_of,
+    month_start,
+    next_month_at,
     query_range,
     read_usage,
     tenants_with_usage,
@@ -204,6 +208,42 @@ def test_a_job_counts_on_the_utc_day_it_ended_and_the_day_expires_after_the_rete
         expires = store.client.expiretime(store.keys.usage(day_number(kept), "acme"))
         assert expires == (day_number(kept) + 1 + 3) * DAY_S
     assert store.client.expiretime(store.keys.usage_tenants(day_number(day))) == (day_number(day) + 4) * DAY_S
+
+
+def test_a_budget_reads_the_month_counted_from_its_days_once_then_added_to_by_each_end(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def ended(held_s: float, queue: str, at: float | None = None) -> None:
+        job_id = _queued(store, queue=queue)
+        _claim(store, job_id)
+        if at is not None:
+            monkeypatch.setattr(store_module, "time", types.SimpleNamespace(time=lambda: at))
+        _finish(store, job_id, JobStatus.SUCCEEDED, held_s, outputs=[IMAGE])
+        monkeypatch.undo()
+
+    today = _today()
+    month = store.keys.usage_month(month_of(day_number(today)), "acme")
+    # Ended before the month's total was first read (a tenant's first submit of the month, or a
+    # fleet just upgraded): counted from the day's hash on the first read.
+    ended(2.5, "h100x8")
+    assert not store.client.exists(month)
+    assert month_gpu_s(store.client, store.keys, "acme") == 20.0  # 2.5 s on eight GPUs
+    next_month = next_month_at(today)
+    assert store.client.expiretime(month) == next_month + DAY_S  # a day past the month
+    # From then on, each end adds to it in the step that ends the job, as to the day's hash.
+    ended(0.75, "gpu16")
+    ended(1.5, "gpu80")
+    by_days = read_usage(store.client, store.keys, "acme", month_start(today), today).totals.gpu_s
+    assert month_gpu_s(store.client, store.keys, "acme") == by_days == 22.25
+    # The days are not read again: the month's hash alone is the budget's figure.
+    store.client.delete(store.keys.usage(day_number(today), "acme"))
+    assert month_gpu_s(store.client, store.keys, "acme") == 22.25
+    # A job that ends as the next month starts is the next month's, counted from its day.
+    ended(1.0, "gpu16", at=next_month)
+    assert month_gpu_s(store.client, store.keys, "acme") == 22.25
+    first_of_next = dt.datetime.fromtimestamp(next_month, dt.UTC).date()
+    assert month_gpu_s(store.client, store.keys, "acme", today=first_of_next) == 1.0
+    assert month_gpu_s(store.client, store.keys, "nobody") == 0.0
 
 
 def test_a_query_is_the_month_to_date_by_default_and_at_most_max_days() -> None:
