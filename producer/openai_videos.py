@@ -1,6 +1,9 @@
 """An OpenAI-compatible door: the Videos API over the fleet's text- and image-to-video jobs, so
 the OpenAI SDKs' ``videos.create``, ``retrieve``, ``list``, ``download_content``, ``delete`` and
-``create_and_poll`` work with ``base_url=<fleet>/v1`` and a fleet API key.
+``create_and_poll`` work with ``base_url=<fleet>/v1`` and a fleet API key. ``retrieve``, ``list``,
+``download_content`` and ``delete`` take every video job of the tenant: Animate's and S2V's,
+made through ``POST /v1/jobs`` (their inputs are no OpenAI field), too; their ``seconds`` is
+``"0"`` until made where the request left the length to its inputs.
 
 The calls are OpenAI's, and asynchronous as OpenAI's are: ``POST /v1/videos`` queues a job as
 ``POST /v1/jobs`` does (``producer.openai_door``) and answers at once with the video (its id is
@@ -55,8 +58,11 @@ from routing.schemas import data_url, is_data_url
 VIDEOS = "/v1/videos"
 # Fleet request fields as OpenAI names them, in an error's ``param``.
 NAMES = {"width": "size", "height": "size", "frames": "seconds", "image": "input_reference"}
-# The jobs this door shows as videos: the ones it makes.
-KINDS = frozenset({TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO})
+# The jobs this door makes (``videos.create``), and the ones it shows as videos: every kind a
+# video model runs, so the SDKs follow, download and delete the Animate and S2V videos made
+# through ``POST /v1/jobs`` too.
+MADE = frozenset({TaskKind.TEXT_TO_VIDEO, TaskKind.IMAGE_TO_VIDEO})
+SHOWN = frozenset(kind for spec in CATALOG.values() if spec.video is not None for kind in spec.task_kinds)
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _CHUNK_BYTES = 1 << 20
 _STATUS = {
@@ -223,7 +229,7 @@ def add_routes(
                 more = cursor is not None
                 for index, record in enumerate(records):
                     read = record
-                    if TaskKind(record.kind) in KINDS:
+                    if TaskKind(record.kind) in SHOWN:
                         found.append(record)
                     if len(found) == limit:
                         more = more or index + 1 < len(records)
@@ -335,7 +341,7 @@ def add_routes(
         except Refused as exc:  # deleted by the tenant a moment ago is deleted still
             gone = client.deleted(video_id)
             return (
-                deleted if gone and gone.tenant == tenant and TaskKind(gone.kind) in KINDS else exc.answer()
+                deleted if gone and gone.tenant == tenant and TaskKind(gone.kind) in SHOWN else exc.answer()
             )
         try:
             if not record.status.is_terminal():
@@ -362,7 +368,7 @@ def add_routes(
                 record = client.get(video_id)
             except NotFound:
                 pass
-        if record is None or record.tenant != tenant or not (any_kind or TaskKind(record.kind) in KINDS):
+        if record is None or record.tenant != tenant or not (any_kind or TaskKind(record.kind) in SHOWN):
             status = 400 if param else 404
             raise Refused(status, f"no video {video_id!r}", "invalid_request_error", param, "not_found")
         return record
@@ -375,7 +381,7 @@ def add_routes(
             seconds = output.frames / output.fps
         else:
             fps = spec.video.fps if spec and spec.video else 0
-            seconds = request.get("frames", 0) / fps if fps else 0.0
+            seconds = (request.get("frames") or 0) / fps if fps else 0.0  # none: its inputs say, once made
         status = _STATUS[record.status]
         progress = 0
         if record.status is JobStatus.SUCCEEDED:
@@ -454,7 +460,7 @@ def _request(body: VideoCreate, model: str, with_image: bool) -> dict[str, Any]:
     job |= body.fleet_fields()
     if spec is None:
         return job  # the fleet's own check names the unknown model
-    if spec.video is None or not KINDS & set(spec.task_kinds):
+    if spec.video is None or not MADE & set(spec.task_kinds):
         message = f"model: {model} does not make videos; see GET /v1/models"
         raise Refused(400, message, "invalid_request_error", "model")
     if kind not in spec.task_kinds:

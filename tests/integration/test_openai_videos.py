@@ -24,11 +24,20 @@ from routing.settings import Settings
 from tests.api_tenants import SMALL as IMAGE_JOB
 from tests.api_tenants import A, with_tenants
 from tests.dropped import DropFirstResponse
-from worker.media import decode_video, encode_png
+from worker.media import decode_video, encode_mp4, encode_png
 
 pytestmark = pytest.mark.integration
 
 PNG = encode_png(Image.new("RGB", (64, 64), (10, 200, 30)))
+MP4 = encode_mp4([Image.new("RGB", (64, 64), (10 * i, 60, 60)) for i in range(9)], 16)
+ANIMATE = {
+    "model": "wan2.2-animate-14b",
+    "kind": "animate",
+    "mode": "move",
+    "prompt": "a dance",
+    "width": 64,
+    "height": 64,
+}
 SMALL = {"steps": 2, "seed": 3}  # the fleet's fields, beyond OpenAI's
 
 
@@ -47,6 +56,16 @@ def _sdk(api_url: str, tenant: str = "a", max_retries: int = 0) -> openai.OpenAI
     return openai.OpenAI(
         base_url=f"{api_url}/v1", api_key=f"key-{tenant}", max_retries=max_retries, timeout=120
     )
+
+
+def _api(api_url: str, path: str, **kwargs) -> dict:
+    answer = httpx.post(f"{api_url}{path}", headers=A | kwargs.pop("headers", {}), trust_env=False, **kwargs)
+    assert answer.is_success, answer.text
+    return answer.json()
+
+
+def _upload(api_url: str, data: bytes, media_type: str) -> dict[str, str]:
+    return {"key": _api(api_url, "/v1/uploads", content=data, headers={"Content-Type": media_type})["key"]}
 
 
 def _jobs(api_url: str, tenant: str = "a") -> list[dict]:
@@ -287,6 +306,28 @@ def test_a_video_not_made_yet_has_no_content_and_deleting_it_cancels_it(api_url,
     assert _jobs(api_url) == []
     with pytest.raises(openai.NotFoundError):
         sdk.videos.retrieve(made.id)
+
+    # An Animate job, made through the fleet's API (its inputs are no OpenAI field), is a video
+    # here too: listed, followed, not downloadable yet, deleted; to another tenant, unknown.
+    animate = _api(
+        api_url,
+        "/v1/jobs",
+        json=ANIMATE
+        | {"image": _upload(api_url, PNG, "image/png"), "video": _upload(api_url, MP4, "video/mp4")},
+    )["id"]
+    [listed] = sdk.videos.list().data
+    assert (listed.id, listed.model, listed.status, listed.prompt) == (
+        animate,
+        "wan2.2-animate-14b",
+        "queued",
+        "a dance",
+    )
+    assert (listed.size, listed.seconds) == ("64x64", "0")  # its length follows its driving video, once made
+    with pytest.raises(openai.ConflictError):
+        sdk.videos.download_content(animate)
+    with pytest.raises(openai.NotFoundError):
+        _sdk(api_url, "b").videos.retrieve(animate)
+    assert sdk.videos.delete(animate).deleted and _jobs(api_url) == []
 
     # An image job the tenant deleted is no video of this door's, its delete repeated or not.
     image_job = httpx.post(f"{api_url}/v1/jobs", headers=A, json=IMAGE_JOB, trust_env=False).json()["id"]
