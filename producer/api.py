@@ -472,6 +472,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         take_rate=take_rate,
         waits=waits,
+        uploads=uploading,
         wait_finished=live.wait_finished,
     )
     openai_images.add_routes(

@@ -12,7 +12,8 @@ across both doors (``<tenant>:openai:<key>``).
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -186,6 +187,7 @@ class Door:
         settings: Settings,
         take_rate: Callable[[str, str], None],
         waits: Slots,
+        uploads: Slots,
         wait_finished: Callable[[str, float], Awaitable[bool]],
         names: dict[str, str],
     ):
@@ -193,6 +195,7 @@ class Door:
         self.settings = settings
         self.take_rate = take_rate
         self.waits = waits
+        self.uploads = uploads
         self.wait_finished = wait_finished
         self.names = names  # fleet request field -> OpenAI field, in errors
 
@@ -273,6 +276,28 @@ class Door:
             return self.waits.take(tenant)
         except SlotsTaken as exc:
             raise Refused(429, str(exc), "rate_limit_error") from None
+
+    @contextmanager
+    def reading_files(self, request: Request, tenant: str) -> Iterator[None]:
+        """For a call whose body may carry files (multipart, or past ``FLEET_MAX_JSON_BODY_BYTES``:
+        a data URL), one of the tenant's upload slots (``FLEET_MAX_CONCURRENT_UPLOADS``) while the
+        block reads, checks and stores them: files held in memory are bounded per tenant as its
+        uploads are. A 429 with ``Retry-After`` when the tenant holds all its slots."""
+        length = request.headers.get("content-length", "")
+        small = length.isdigit() and int(length) <= self.settings.max_json_body_bytes
+        if small and not request.headers.get("content-type", "").startswith("multipart/"):
+            yield
+            return
+        try:
+            slot = self.uploads.take(tenant)
+        except SlotsTaken as exc:
+            refused = Refused(429, str(exc), "rate_limit_error")
+            refused.headers = {"Retry-After": str(exc.retry_after_s)}
+            raise refused from None
+        try:
+            yield
+        finally:
+            slot.release()
 
     async def wait(self, job_id: str) -> bool:
         """Whether the job ended within ``FLEET_OPENAI_WAIT_S``."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -128,7 +129,11 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
             except ValueError as exc:  # not JSON, or not the schema
                 raise invalid(exc) from None
             job = _request(body, body.model or settings.openai_image_model, "text-to-image")
-            return await _run(job, body, tenant, request)
+
+            async def queue() -> tuple[str, str]:
+                return await door.queue(job, tenant, request, webhook=body.webhook), body.response_format
+
+            return await _run(queue, tenant)
         except Refused as exc:
             return exc.answer()
 
@@ -142,27 +147,34 @@ def add_routes(app: FastAPI, door: Door, *, tenant_of: Any, error_detail: type[B
     async def edits(request: Request, tenant: str = Depends(tenant_of)) -> Any:
         """OpenAI's ``images.edit``: an edit of one or more images with a fleet model (default
         FLEET_OPENAI_EDIT_MODEL), answered when the job ends. No ``mask``."""
+
+        async def queue() -> tuple[str, str]:
+            # The images are read within one of the tenant's upload slots, and nothing of them
+            # outlives this call: the wait for the job holds none of them in memory. They go in
+            # as base64 data URLs: checked at submit as any input is, and stored with the job's
+            # inputs (inputs/<tenant>/<job>/), deleted with the job. A call made again with its
+            # Idempotency-Key is matched by its fields and these bytes.
+            with door.reading_files(request, tenant):
+                body, files = await _edit_form(request)
+                job = _request(body, body.model or settings.openai_edit_model, "edit")
+                job["images"] = [{"url": data_url(data)} for data in files]
+                return await door.queue(job, tenant, request, webhook=body.webhook), body.response_format
+
         try:
-            body, files = await _edit_form(request)
-            job = _request(body, body.model or settings.openai_edit_model, "edit")
-            # The images go in as base64 data URLs: checked at submit as any input is, and stored
-            # with the job's inputs (inputs/<tenant>/<job>/), deleted with the job. A call made
-            # again with its Idempotency-Key is matched by its fields and these bytes.
-            return await _run(
-                job | {"images": [{"url": data_url(data)} for data in files]}, body, tenant, request
-            )
+            return await _run(queue, tenant)
         except Refused as exc:
             return exc.answer()
 
-    async def _run(job: dict[str, Any], body: _Options, tenant: str, request: Request) -> Any:
-        """Queue ``job`` and answer when it ends."""
+    async def _run(queue: Callable[[], Awaitable[tuple[str, str]]], tenant: str) -> Any:
+        """Queue a job (``queue`` answers its id and the call's response format) within one of
+        the tenant's wait slots, and answer when it ends."""
         slot = door.take_slot(tenant)
         try:
-            job_id = await door.queue(job, tenant, request, webhook=body.webhook)
+            job_id, response_format = await queue()
             finished = await door.wait(job_id)
         finally:
             slot.release()
-        return await run_in_threadpool(_answer, job_id, finished, body.response_format)
+        return await run_in_threadpool(_answer, job_id, finished, response_format)
 
     def _answer(job_id: str, finished: bool, response_format: str) -> dict[str, Any]:
         record = client.get(job_id)

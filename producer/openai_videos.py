@@ -177,14 +177,17 @@ def add_routes(
         """OpenAI's ``videos.create``: a text- or image-to-video job with a fleet model (default
         FLEET_OPENAI_VIDEO_MODEL), answered at once; multipart (as the SDKs send it) or JSON."""
         try:
-            body, image_url = await _create_body(request)
-            job = _request(body, body.model or settings.openai_video_model, image_url is not None)
-            if image_url is not None:  # a data URL is stored with the job's inputs at submit
-                job["image"] = {"url": image_url}
-            # An http(s) URL is fetched at submit, within the tenant's downloading submits.
-            fetched = image_url is not None and not is_data_url(image_url)
-            run = (lambda submit: fetching(tenant, submit)) if fetched else None
-            job_id = await door.queue(job, tenant, request, run=run, webhook=body.webhook)
+            # A reference image sent as a file or a data URL is read, checked and stored within
+            # one of the tenant's upload slots.
+            with door.reading_files(request, tenant):
+                body, image_url = await _create_body(request)
+                job = _request(body, body.model or settings.openai_video_model, image_url is not None)
+                if image_url is not None:  # a data URL is stored with the job's inputs at submit
+                    job["image"] = {"url": image_url}
+                # An http(s) URL is fetched at submit, within the tenant's downloading submits.
+                fetched = image_url is not None and not is_data_url(image_url)
+                run = (lambda submit: fetching(tenant, submit)) if fetched else None
+                job_id = await door.queue(job, tenant, request, run=run, webhook=body.webhook)
             return await run_in_threadpool(_video, client.get(job_id))
         except Refused as exc:
             return exc.answer()

@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     max_fetching_submits: int = Field(default=4, ge=1)
     api_fetch_threads: int = Field(default=16, ge=1)
     # Uploads of one tenant that one API process takes at once (more: 429). Each is streamed to
-    # a temporary file, never held in memory.
+    # a temporary file, never held in memory; the OpenAI-compatible calls that send files (held
+    # in memory while read, checked and stored) count among them.
     max_concurrent_uploads: int = Field(default=2, ge=1)
     # Decoded pixels (width x height x frames, summed over a job's input videos) one job may
     # bring: what a worker holds in host memory at 3 bytes a pixel (the default: about 3 GB).

@@ -20,6 +20,7 @@ import av
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from localfleet.process import ApiProcess
 from producer.client import Client
@@ -176,6 +177,46 @@ def test_a_tenant_has_only_so_many_uploads_at_once(api):
         held.close()
         assert answer.startswith(b"HTTP/1.1 201"), answer
         assert http.post("/v1/uploads", content=data, headers=A).status_code == 201  # the slot is free
+
+
+def test_an_openai_call_that_sends_a_file_holds_one_of_the_tenants_upload_slots(api):
+    # A video made from an image file part, its body held half sent: the tenant's one upload slot
+    # (FLEET_MAX_CONCURRENT_UPLOADS=1) is taken until the file is read, checked and stored.
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(png, "PNG")
+    form = {
+        "data": {"prompt": "waves", "size": "64x64"},
+        "files": {"input_reference": ("a.png", png.getvalue())},
+    }
+    video = httpx.Request("POST", f"{api.url}/v1/videos", headers=A, **form)
+    body = video.read()
+    head = "".join(f"{name}: {value}\n" for name, value in video.headers.items() if name.lower() != "host")
+    host, port = api.url.removeprefix("http://").split(":")
+    held = socket.create_connection((host, int(port)), timeout=10)
+    head = f"POST /v1/videos HTTP/1.1\nHost: x\n{head}".replace("\n", "\r\n").encode()
+    held.sendall(head + b"\r\n" + body[:1000])  # the rest later
+    with httpx.Client(base_url=api.url, trust_env=False, timeout=30) as http:
+        deadline = time.monotonic() + 10
+        while (second := http.post("/v1/videos", headers=A, **form)).status_code != 429:
+            assert second.status_code == 200 and time.monotonic() < deadline, (
+                second.text
+            )  # the first not in yet
+        assert (
+            "FLEET_MAX_CONCURRENT_UPLOADS" in second.json()["error"]["message"]
+            and second.headers["Retry-After"]
+        )
+        # An image edit's files too; a call that sends no file takes no upload slot.
+        edit = {"data": {"prompt": "a hat", "size": "64x64"}, "files": {"image": ("a.png", png.getvalue())}}
+        assert http.post("/v1/images/edits", headers=A, **edit).status_code == 429
+        text_only = http.post("/v1/videos", json={"prompt": "waves", "size": "64x64"}, headers=A)
+        assert text_only.status_code == 200, text_only.text
+        held.sendall(body[1000:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += held.recv(65536)
+        held.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert http.post("/v1/videos", headers=A, **form).status_code == 200  # the slot is free
 
 
 def slow_to_check_video(frames: int = 60) -> bytes:
