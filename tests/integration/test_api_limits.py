@@ -159,23 +159,38 @@ def test_an_upload_is_streamed_to_the_store_so_memory_does_not_grow_with_its_siz
     assert growth[56] < growth[8] + 16 * 1024 * 1024, growth
 
 
-def test_a_tenant_has_only_so_many_uploads_at_once(api):
-    data = lora_upload(1 << 20)
-    head = f"POST /v1/uploads HTTP/1.1\nHost: x\nAuthorization: Bearer key-a\nContent-Length: {len(data)}\n"
+def half_sent(api: ApiProcess, head: str, body: bytes) -> socket.socket:
+    """A request of ``head`` whose ``body`` is sent up to its first 1,000 bytes: the rest later
+    (``rest_sent``)."""
     host, port = api.url.removeprefix("http://").split(":")
     held = socket.create_connection((host, int(port)), timeout=10)
-    held.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + data[:1000])  # the rest later
+    held.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body[:1000])
+    return held
+
+
+def rest_sent(held: socket.socket, body: bytes) -> bytes:
+    """The rest of a ``half_sent`` request's ``body`` sent, and the head of its answer."""
+    held.sendall(body[1000:])
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += held.recv(65536)
+    held.close()
+    return answer
+
+
+def test_a_tenant_has_only_so_many_uploads_at_once(api):
+    data = lora_upload(1 << 20)
+    held = half_sent(
+        api,
+        f"POST /v1/uploads HTTP/1.1\nHost: x\nAuthorization: Bearer key-a\nContent-Length: {len(data)}\n",
+        data,
+    )
     with httpx.Client(base_url=api.url, trust_env=False, timeout=30) as http:
         deadline = time.monotonic() + 10
         while (second := http.post("/v1/uploads", content=data, headers=A)).status_code != 429:
             assert second.status_code == 201 and time.monotonic() < deadline  # the first not in yet
         assert "FLEET_MAX_CONCURRENT_UPLOADS" in second.json()["detail"] and second.headers["Retry-After"]
-        held.sendall(data[1000:])
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            answer += held.recv(65536)
-        held.close()
-        assert answer.startswith(b"HTTP/1.1 201"), answer
+        assert rest_sent(held, data).startswith(b"HTTP/1.1 201")
         assert http.post("/v1/uploads", content=data, headers=A).status_code == 201  # the slot is free
 
 
@@ -191,10 +206,7 @@ def test_an_openai_call_that_sends_a_file_holds_one_of_the_tenants_upload_slots(
     video = httpx.Request("POST", f"{api.url}/v1/videos", headers=A, **form)
     body = video.read()
     head = "".join(f"{name}: {value}\n" for name, value in video.headers.items() if name.lower() != "host")
-    host, port = api.url.removeprefix("http://").split(":")
-    held = socket.create_connection((host, int(port)), timeout=10)
-    head = f"POST /v1/videos HTTP/1.1\nHost: x\n{head}".replace("\n", "\r\n").encode()
-    held.sendall(head + b"\r\n" + body[:1000])  # the rest later
+    held = half_sent(api, f"POST /v1/videos HTTP/1.1\nHost: x\n{head}", body)
     with httpx.Client(base_url=api.url, trust_env=False, timeout=30) as http:
         deadline = time.monotonic() + 10
         while (second := http.post("/v1/videos", headers=A, **form)).status_code != 429:
@@ -210,12 +222,7 @@ def test_an_openai_call_that_sends_a_file_holds_one_of_the_tenants_upload_slots(
         assert http.post("/v1/images/edits", headers=A, **edit).status_code == 429
         text_only = http.post("/v1/videos", json={"prompt": "waves", "size": "64x64"}, headers=A)
         assert text_only.status_code == 200, text_only.text
-        held.sendall(body[1000:])
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            answer += held.recv(65536)
-        held.close()
-        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert rest_sent(held, body).startswith(b"HTTP/1.1 200")
         assert http.post("/v1/videos", headers=A, **form).status_code == 200  # the slot is free
 
 
