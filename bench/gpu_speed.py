@@ -86,9 +86,13 @@ prints, after:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \\
       .whl/*.whl && export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 || exit; \\
-      timeout 570 python3 bench/gpu_speed.py ...
+      timeout 570 python3 bench/gpu_speed.py --deadline-s 540 ...
 
 (the script builds the small models it takes tokenizers and schedulers from, in seconds).
+``--deadline-s`` ends the run on its own before the timeout, with what it measured: past it no
+case or row starts (a row not made says so), and no timed round that would end after it, by the
+last round's length (a row then has fewer runs than ``--runs``: its ``runs_s`` and the case's
+``runs`` say how many, and the table shows it); the peak memory calls are left out past it.
 
 Each run's ``$OUT/gpu-speed.json`` comes back (written after every case, so a run cut short
 keeps the cases it finished); merge it here (``--merge``) before the next run, so the next one
@@ -478,7 +482,14 @@ def random_lora(transformer: Any, pattern: str, rank: int, path: Path) -> Path:
 
 
 def diffusers_case(
-    case: Case, model: Any, device: Any, wanted: list[str] | None, runs: int, work: Path, trace: bool
+    case: Case,
+    model: Any,
+    device: Any,
+    wanted: list[str] | None,
+    runs: int,
+    work: Path,
+    trace: bool,
+    deadline: float | None = None,
 ) -> dict:
     import gpu_speed_rows as g
     import numpy as np
@@ -642,12 +653,14 @@ def diffusers_case(
             if name.startswith("attention:")
             else makers[name]
         )
+        if name != "stock" and g.past(deadline):
+            make = g.out_of_time
         g.build_row(name, make, rows, device, first_steps, timed=name != "stock-kernel")
-    g.time_rows(device, rows, runs)
+    runs = g.time_rows(device, rows, runs, deadline)
     by_name = {row.name: row for row in rows}
     for name in ("stock", "fleet"):
         row = by_name.get(name)
-        if row is None or row.call is None or row.error:
+        if row is None or row.call is None or row.error or g.past(deadline):
             continue
         short = 1 if case.scope == "step" else 2
         sizes = [(width, height, frames)] + (warm_sizes if name == "fleet" else [])
@@ -682,7 +695,9 @@ def available_backends() -> tuple[str, ...]:
 # -- S2V: the official DiT ---------------------------------------------------------------------
 
 
-def s2v_case(case: Case, device: Any, wanted: list[str] | None, runs: int, trace: bool) -> dict:
+def s2v_case(
+    case: Case, device: Any, wanted: list[str] | None, runs: int, trace: bool, deadline: float | None = None
+) -> dict:
     import gpu_speed_rows as g
     import torch
     from accelerate import init_on_device
@@ -784,10 +799,11 @@ def s2v_case(case: Case, device: Any, wanted: list[str] | None, runs: int, trace
     }
     rows: list[Any] = []
     for name in expand_rows(case, wanted, ()):
-        g.build_row(name, makers[name], rows, device, None, timed=name != "stock-kernel")
-    g.time_rows(device, rows, runs)
+        make = g.out_of_time if name != "stock" and g.past(deadline) else makers[name]
+        g.build_row(name, make, rows, device, None, timed=name != "stock-kernel")
+    runs = g.time_rows(device, rows, runs, deadline)
     stock_row = rows[0]
-    if stock_row.call is not None and not stock_row.error:
+    if stock_row.call is not None and not stock_row.error and not g.past(deadline):
         stock_row.peak_reserved_gib[f"{width}x{height}"] = device.reserved_gib_second_call(
             lambda: stock_row.call(0)
         )
@@ -893,6 +909,9 @@ def table(results: dict) -> str:
         fleet = s(got["fleet_s"])
         if got["fleet_s"] is not None and got.get("spread") is not None:
             fleet += f" ({got['spread'] * 100:.0f}%)" + (" **met**" if got.get("goal_met") else " not met")
+        runs = len(got["rows"].get(got.get("fleet_row", "fleet"), {}).get("runs_s", []))
+        if got["fleet_s"] is not None and runs < 5:
+            fleet += f", {runs} runs (its run stopped at its deadline)"
         dev = got.get("deviation") or {}
         floor = got.get("floor") or {}
         shown = "identical" if dev.get("identical") else ", ".join(f"{k} {v}" for k, v in dev.items())
@@ -942,21 +961,27 @@ def run_cases(args: argparse.Namespace, save: Callable[[dict], None]) -> dict:
         )
     model = None
     context = cpu_compile(args.trace) if args.cpu else contextlib.nullcontext()
+    deadline = args.deadline
     with context, tempfile.TemporaryDirectory(prefix="gpu-speed-") as work:
         for case in cases:
+            if g.past(deadline):
+                print(f"== {case.key}: not run, no time left before --deadline-s ==", flush=True)
+                continue
             started = time.perf_counter()
             print(f"== {case.key} ({case.anchor}; goal {case.goal_s:g} s) ==", flush=True)
             if case.scope == "dit":
                 model = None
                 device.free()
-                result = s2v_case(case, device, args.rows, args.runs, args.trace)
+                result = s2v_case(case, device, args.rows, args.runs, args.trace, deadline)
             else:
                 if model is None or model.spec.key != case.model:
                     model = None
                     torch._dynamo.reset()
                     device.free()
                     model = g.Model(device, case.model)
-                result = diffusers_case(case, model, device, args.rows, args.runs, Path(work), args.trace)
+                result = diffusers_case(
+                    case, model, device, args.rows, args.runs, Path(work), args.trace, deadline
+                )
             result["case_s"] = round(time.perf_counter() - started, 1)
             run["cases"].append(result)
             save(run)
@@ -977,6 +1002,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", metavar="ROW", help="rows to run (stock always runs)")
     parser.add_argument("--runs", type=int, help="timed rounds (default 5; --cpu 2)")
     parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="seconds from the start: past it no row or case starts, and no round that would end after it",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     )
     parser.add_argument("--plan", action="store_true", help="print the GPU runs, each within --budget-s")
@@ -986,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--table", action="store_true", help="print the README's GPU table")
     args = parser.parse_args(argv)
+    args.deadline = time.monotonic() + args.deadline_s if args.deadline_s is not None else None
     if args.plan:
         for keys, rows, seconds in plan(5, args.budget_s):
             print(

@@ -293,12 +293,31 @@ def _safely(row: Row, function: Callable[[], Any]) -> Any:
         return None
 
 
-def time_rows(device: Device, rows: list[Row], runs: int) -> None:
+def past(deadline: float | None) -> bool:
+    """Whether ``deadline`` (``time.monotonic()``; None: none) has passed."""
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def out_of_time(row: Row) -> Any:
+    """A row's maker once the run's deadline has passed: skipped, saying so."""
+    raise Skip("no time left before --deadline-s")
+
+
+def time_rows(device: Device, rows: list[Row], runs: int, deadline: float | None = None) -> int:
     """``runs`` rounds in A/B/B/A order (each round the reverse of the last, so a drift in the
-    card's clock or temperature falls on every row alike), a prompt length a round."""
+    card's clock or temperature falls on every row alike), a prompt length a round; past the
+    first, only rounds that end before ``deadline`` (``time.monotonic()``, by the last round's
+    length). Returns the rounds timed."""
     live = [row for row in rows if row.call is not None]
     timed = [row for row in live if row.timed and not row.error]
+    done, round_s = 0, 0.0
     for round_ in range(runs):
+        if done and deadline is not None and time.monotonic() + round_s > deadline:
+            print(
+                f"  stopped after {done} of {runs} rounds: one more would end past --deadline-s", flush=True
+            )
+            break
+        round_started = time.monotonic()
         index = round_ % len(PROMPTS)
         for row in timed if round_ % 2 == 0 else timed[::-1]:
             if row.error:
@@ -314,6 +333,7 @@ def time_rows(device: Device, rows: list[Row], runs: int) -> None:
             row.recompiles += compiled_graphs() - graphs
             if index == 0:
                 row.output = output  # the same prompt and seed in every row: the deviation's
+        done, round_s = done + 1, time.monotonic() - round_started
     for row in live:
         if row.times:
             print(
@@ -322,6 +342,7 @@ def time_rows(device: Device, rows: list[Row], runs: int) -> None:
                 f"({row.first_graphs} graphs)  recompiles {row.recompiles}",
                 flush=True,
             )
+    return done
 
 
 def as_array(output: Any) -> Any:

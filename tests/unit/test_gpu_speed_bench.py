@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,40 @@ def test_every_case_runs_on_the_cpu_and_is_written_beside_not_into_the_results(
     assert bench.RESULTS.read_bytes() == committed
 
 
+def test_a_deadline_stops_the_rounds_that_would_pass_it_and_starts_no_row_or_case_after_it(
+    small_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bench = _bench()
+    import gpu_speed_rows as g
+
+    device = g.Device(True)
+    rows: list = []
+
+    def sleeper(row):  # a row whose every call takes 0.1 s: a round of two takes 0.2 s
+        return lambda index, size=None, steps=None: time.sleep(0.1)
+
+    for name in ("stock", "fleet"):
+        g.build_row(name, sleeper, rows, device, 1)
+    deadline = time.monotonic() + 0.7
+    done = g.time_rows(device, rows, 10, deadline)
+    # Every round that ends before the deadline, by the last one's length (three here; two on a
+    # machine slow enough to stretch them), and no more.
+    assert 2 <= done <= 3 and all(len(row.times) == done for row in rows)
+    assert time.monotonic() <= deadline + 0.2
+    # Past it: one round still (a figure for each row), and a row not made yet is skipped.
+    fresh: list = []
+    g.build_row("stock", sleeper, fresh, device, 1)
+    g.build_row("fleet", g.out_of_time, fresh, device, 1)
+    assert fresh[1].skipped == "no time left before --deadline-s"
+    assert g.time_rows(device, fresh, 5, time.monotonic() - 1) == 1 and len(fresh[0].times) == 1
+    # A case that would start past it is not run, and nothing is written for it.
+    assert (
+        bench.main(["--cpu", "--only", bench.CASES[0].key, "--deadline-s", "0", "--out", str(tmp_path)]) == 0
+    )
+    assert "not run, no time left before --deadline-s" in capsys.readouterr().out
+    assert not (tmp_path / "gpu-speed.json").exists()
+
+
 def test_a_run_merged_in_keeps_the_rows_and_cases_it_did_not_run() -> None:
     bench = _bench()
     key = "z-image-turbo/1024/e2e"
@@ -108,6 +143,13 @@ def test_a_run_merged_in_keeps_the_rows_and_cases_it_did_not_run() -> None:
     assert set(other["cases"][0]["rows"]) == {"stock"} and other["cases"][0]["fleet_s"] is None
     with pytest.raises(ValueError, match="CPU"):
         bench.merge(other, {"device": "cpu", "torch": "t", "diffusers": "d", "date": "x", "cases": []})
+    # A fleet row of fewer runs than five (its run stopped at its deadline) says so in the table.
+    for runs, shown in ((5, False), (3, True)):
+        timed = row | {"runs_s": [1.0] * runs}
+        results = bench.merge(
+            {"cases": []}, first | {"cases": [case("GPU A", {"stock": timed, "fleet": timed})]}
+        )
+        assert ("3 runs (its run stopped at its deadline)" in bench.table(results)) is shown
 
 
 def test_the_readme_table_is_made_from_the_results_file() -> None:
