@@ -499,8 +499,8 @@ class JobStore:
 
     def forget(self, job_id: str) -> None:
         """Delete an ended job's record, as its TTL would (its stored files are the caller's to
-        delete first), and remember its id with its tenant and kind for ``deleted_ttl_s``. Raises NotFound
-        for no such job and Conflict for one not ended."""
+        delete first), and remember its id with its tenant and kind for ``deleted_ttl_s``.
+        Raises NotFound for no such job and Conflict for one not ended."""
         keys = {
             "job": self.keys.job(job_id),
             "job_events": self.keys.job_events(job_id),

@@ -24,8 +24,9 @@ GPU-seconds are ``held_s`` times the GPUs of the class (8 on ``h100x8``), counte
 read. A monthly GPU budget is checked on every submit, so the month's held seconds by class are
 also kept whole (``Keys.usage_month``): counted from the days once, on the tenant's first read of
 the month, then added to by each job's end in the same step (``month_gpu_s``), one small read
-per submit rather than a month of day hashes. Each day is kept ``usage_retention_days`` after it (FLEET_USAGE_RETENTION_DAYS); the
-all-time GPU-seconds and jobs of every tenant are also Prometheus counters (``producer.metrics``).
+per submit rather than a month of day hashes. Each day is kept ``usage_retention_days`` after it
+(FLEET_USAGE_RETENTION_DAYS); the all-time GPU-seconds and jobs of every tenant are also
+Prometheus counters (``producer.metrics``).
 """
 
 from __future__ import annotations
