@@ -32,10 +32,20 @@ def small_request(prompt: str = "a small one", **extra: object) -> dict[str, obj
     return {**SMALL, "prompt": prompt, **extra}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, and not one this process handed out before: the servers
+    of a replicated set are given theirs before any of them binds, and the kernel can offer a
+    port again until it is bound."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @dataclass(frozen=True)
@@ -167,8 +177,12 @@ class RedisServer:
                 if self.proc is not None and self.proc.poll() is not None:
                     return False
                 try:
-                    # Answers PING while still loading the AOF; wait until it is loaded.
-                    if client.info("persistence").get("loading") == 0:
+                    # Answers PING while still loading the AOF; wait until it is loaded. The
+                    # server that answers must be this one: another on the port (it was taken
+                    # before this one bound it, which then exits) would pass for it.
+                    info = client.info()
+                    ours = self.proc is None or info.get("process_id") == self.proc.pid
+                    if ours and info.get("loading") == 0:
                         return True
                 except redis.RedisError:
                     pass
@@ -336,11 +350,14 @@ class ReplicatedRedis:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with self.sentinel(port) as sentinel:
-                    # Only a Sentinel knows the command: not some other server on the port.
+                    # Only a Sentinel knows the command, and only this one has its pid: not
+                    # another server or Sentinel that had the port first.
                     sentinel.sentinel_master(self.MASTER)
-                    return True
+                    if sentinel.info("server")["process_id"] == proc.pid:
+                        return True
             except redis.RedisError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         return False
 
     def _sentinels_ready(self) -> bool:
