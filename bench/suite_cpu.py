@@ -6,7 +6,8 @@ Runs ``python -m pytest`` (the suite as ``make test`` runs it, or the arguments 
 beside a sampler that reads every process's CPU ticks from /proc once a second. A process is
 charged to the xdist worker it descends from (the worker's own processes: the ones whose child
 has its ``PYTEST_XDIST_WORKER``), and each second of it to the test that worker was running then
-(this file is also a pytest plugin that writes when each test starts and ends). Printed:
+(this file is also a pytest plugin, ``-p bench.suite_cpu``, that writes when each test starts
+and ends; the environment is the suite's own: the fork server's starts stay warm). Printed:
 CPU-seconds by kind of process (the machine's own too), by test file and by test, and how busy the
 CPU was each minute. A process that lives less than a second is missed. Linux only.
 """
@@ -44,7 +45,7 @@ KINDS = (
 )
 
 
-# --- The plugin: loaded in each pytest process with -p suite_cpu --------------------------------
+# --- The plugin: loaded in each pytest process with -p bench.suite_cpu -----------------------
 
 
 def _timeline(event: str, nodeid: str) -> None:
@@ -218,11 +219,10 @@ def main() -> int:
         timeline_path = Path(tmp) / "timeline.jsonl"
         env = dict(os.environ)
         env[TIMELINE_ENV] = str(timeline_path)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), env.get("PYTHONPATH")]))
         sampler.start()
         started = time.monotonic()
         code = subprocess.call(
-            [sys.executable, "-m", "pytest", "-p", "suite_cpu", *args.pytest_args], cwd=ROOT, env=env
+            [sys.executable, "-m", "pytest", "-p", "bench.suite_cpu", *args.pytest_args], cwd=ROOT, env=env
         )
         wall = time.monotonic() - started
         stop.set()
