@@ -164,9 +164,9 @@ def charge(samples: Samples, timeline: list[dict], top: int) -> str:
             started[key] = event["t"]
         elif key in started:
             runs[event["worker"]].append((started.pop(key), event["t"], event["test"]))
-    starts = {worker: [r[0] for r in sorted(rs)] for worker, rs in runs.items()}
     for worker in runs:
         runs[worker].sort()
+    starts = {worker: [run[0] for run in worker_runs] for worker, worker_runs in runs.items()}
 
     def test_at(worker: str, t: float) -> str:
         i = bisect.bisect_right(starts.get(worker, []), t) - 1
