@@ -391,9 +391,28 @@ class ReplicatedRedis:
             if name.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
         )
 
+    def tilted(self) -> list[int]:
+        """The ports of the Sentinels in TILT mode: one whose timer ran more than 2 s late (the
+        machine stalled, or its clock jumped) acts on nothing for 30 s."""
+        tilted = []
+        for port in self.sentinel_ports:
+            with self.sentinel(port) as sentinel:
+                if sentinel.info("sentinel")["sentinel_tilt"]:
+                    tilted.append(port)
+        return tilted
+
+    def _out_of_tilt(self) -> None:
+        """Wait until no Sentinel is in TILT. A master lost during one is noticed only when it
+        ends, up to 30 s later; the replicas have then been cut off from it for longer than ten
+        down-after periods (``DOWN_AFTER_MS``), and the Sentinels promote none of them ("no good
+        slave"), then or ever. Production's longer down-after period covers a TILT; here each
+        fault waits one out instead."""
+        wait_for(lambda: not self.tilted(), 40, "Sentinels out of TILT", every_s=0.2)
+
     def kill_master(self) -> tuple[RedisServer, RedisServer]:
         """SIGKILL the master (a lost machine), and wait until the Sentinels have promoted a
         replica and the other replicas follow it. Returns the old master and the new one."""
+        self._out_of_tilt()
         old = self.master()
         old.stop("sigkill")
         return old, self._promoted(old)
@@ -403,6 +422,7 @@ class ReplicatedRedis:
         master split off, or one failed over on a false alarm. It is back with the connections it
         had, a master in its own eyes until the Sentinels turn it into a replica (ten seconds and
         more). Returns the old master and the new one."""
+        self._out_of_tilt()
         old = self.master()
         assert old.proc is not None
         old.proc.send_signal(signal.SIGSTOP)
@@ -415,13 +435,17 @@ class ReplicatedRedis:
         """SIGSTOP the master and leave it so: a master cut off from the network for good, whose
         connections neither answer nor close. Returns it and the replica promoted in its place
         (``stop`` ends it)."""
+        self._out_of_tilt()
         old = self.master()
         assert old.proc is not None
         old.proc.send_signal(signal.SIGSTOP)
         return old, self._promoted(old)
 
     def _promoted(self, old: RedisServer) -> RedisServer:
-        wait_for(lambda: self.master() is not old, 60, "a replica promoted", every_s=0.1)
+        try:
+            wait_for(lambda: self.master() is not old, 60, "a replica promoted", every_s=0.1)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}: {self._views()}\n{self.logs()}") from None
         new = self.master()
         # Every Sentinel names it, up, as a master: what a client asking any of them accepts
         # (redis-py's discover_master: a master, neither subjectively nor objectively down).

@@ -4,13 +4,15 @@ The master is killed -9 while jobs are queued and running; the Sentinels promote
 the workers, the Redis SDK and the API follow it: no job is lost, each succeeds once, and the
 workers go on consuming. A submit is answered only once ``FLEET_REDIS_MIN_REPLICAS`` replicas
 hold it, tested at its edge, and so is a job answered again by its idempotency key (the Redis
-SDK, the API and the OpenAI door). The same failover with TLS everywhere, once."""
+SDK, the API and the OpenAI door). The same failover with TLS everywhere, once; and once just
+after the Sentinels stalled into TILT, which the harness waits out before a fault."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -469,3 +471,20 @@ def test_metrics_show_the_replicas_in_sync_beside_the_ones_a_submit_waits_for(
         # The dead master's replica is gone: the new master has the other one, still enough.
         replicated.kill_master()
         assert replication() == (1, 1)
+
+
+def test_a_master_lost_just_after_the_sentinels_stalled_is_still_failed_over(replicated: ReplicatedRedis):
+    # Every Sentinel stalls past 2 s (as when the machine pauses or its clock jumps): TILT, 30 s
+    # in which they act on nothing. A master lost then is noticed only when the TILT ends, with
+    # the replicas cut off from it too long for any to be promoted; the harness waits it out.
+    for proc in replicated.sentinels:
+        proc.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)
+    for proc in replicated.sentinels:
+        proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: len(replicated.tilted()) == 3, 10, "every Sentinel in TILT")
+
+    old, new = replicated.kill_master()
+
+    assert new is not old and new.port != old.port
+    assert replicated.master() is new
