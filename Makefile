@@ -46,7 +46,10 @@ demo: $(STAMP) redis
 test: $(STAMP) redis compose-validator prometheus-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest
+	# Bytecode is cached even where the environment sets PYTHONDONTWRITEBYTECODE: else every
+	# process compiles the project's modules again (each fleet worker and API a test starts, each
+	# group rank) and pytest rewrites every plugin's asserts again in each of its processes.
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
 
 # The API's OpenAPI document, saved for the TypeScript client (a test keeps it current).
 openapi: $(STAMP)
