@@ -54,7 +54,8 @@ ALONE = "alone"
 HEAVY = "heavy"
 # The two-rank CPU group modules (S2V, A14B): heavy, and a hang guard with the room another suite
 # beside this one needs (the eviction test: about 28 s alone; it took up to 304 s so when the small
-# S2V checkpoint's VAE was wider).
+# S2V checkpoint's VAE was wider). The group's whole life in test_group.py, about 48 s alone, has
+# 900 s of its own.
 CPU_GROUP_MARKS = (pytest.mark.heavy, pytest.mark.timeout(600))
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 PROCESSES_ENV = "FLEET_TEST_PROCESSES"

@@ -163,9 +163,16 @@ def _audio_seconds(mp4: bytes) -> float:
         return sum(f.samples for f in container.decode(stream)) / stream.codec_context.sample_rate
 
 
-def test_every_rank_runs_the_job_rank_0_stores_the_video_and_a_job_that_does_not_fit_evicts_the_group(
+# One worker's groups from start to stop, in one test: a group start is two CPU ranks importing
+# torch, diffusers and the official code and loading both models (about 20 CPU-seconds), so the
+# group each step leaves behind is the next step's.
+@pytest.mark.timeout(900)
+def test_a_groups_life_every_rank_runs_each_job_a_cancel_stops_them_together_an_eviction_or_a_killed_rank_ends_it(
     client: Client, group_worker, group_logs: Path, fleet_settings: Settings
 ):
+    storage = LocalStorage(fleet_settings.storage_dir)
+
+    # Every rank runs the job; rank 0 stores the video, with the speech in it.
     job = client.submit(_s2v(client, SPEECH_S, steps=2))
     record = job.wait(timeout_s=300)
 
@@ -188,12 +195,45 @@ def test_every_rank_runs_the_job_rank_0_stores_the_video_and_a_job_that_does_not
     # What the group ran it with (its speed profile: nothing on until measured, and the CPU has
     # no TF32): named in the job's timings as every model's techniques are.
     assert (record.timings["tf32"], record.timings["attention_native"]) == (0, 1)
-    storage = LocalStorage(fleet_settings.storage_dir)
     assert storage.list(f"jobs/{job.id}/") == [output.key]
     mp4 = storage.get(output.key)
     # The speech is muxed whole (AAC adds a frame or two of encoder delay).
     assert _audio_seconds(mp4) == pytest.approx(SPEECH_S, abs=0.1)
     pids = _rank_pids(log)
+
+    # A cancel stops every rank at the same step. 12 s of speech: three clips of 40 steps, tens of
+    # seconds on two CPU ranks.
+    job = client.submit(_s2v(client, 12.0, steps=40))
+    _wait_for_step(client, job.id, 2)
+
+    client.cancel(job.id)
+    record = job.wait(timeout_s=120)
+
+    assert record.status is JobStatus.CANCELED
+    assert record.outputs == [] and record.step < 3 * 40
+    assert storage.list(f"jobs/{job.id}/") == []
+    [log] = _logs(group_logs)
+    stopped = {
+        rank: int(step) for rank, step in re.findall(rf"rank (\d) stopped job {job.id} at step (\d+)", log)
+    }
+    assert set(stopped) == {"0", "1"}, log[-3000:]
+    assert len(set(stopped.values())) == 1  # both at the same step
+
+    # The same group (no second log, same processes) runs the next job, of its other model: two
+    # images, each with its own seed reported by the group, encoded by the consumer as asked.
+    after = client.submit({**FAST_IMAGE, "num_outputs": 2, "seed": 9, "output_format": "webp"})
+    after_record = after.wait(timeout_s=180)
+    assert after_record.status is JobStatus.SUCCEEDED, after_record.error
+    assert [(o.width, o.height) for o in after_record.outputs] == [(64, 64), (64, 64)]
+    assert [o.seed for o in after_record.outputs] == [9, 10]
+    assert [o.content_type for o in after_record.outputs] == ["image/webp", "image/webp"]
+    assert [o.key for o in after_record.outputs] == [
+        f"jobs/{after.id}/attempt-1/output-{i}.webp" for i in range(2)
+    ]
+    assert after_record.worker.startswith("h100x8@")
+    [log] = _logs(group_logs)
+    assert f"rank 1 got job {after.id} (z-image-turbo)" in log
+    assert _rank_pids(log) == pids and all(_alive(p) for p in pids)
 
     # A gpu80 job the idle h100x8 worker takes: Qwen-Image at 512x512, predicted at 54.9 GiB
     # (53.7 of it weights), does not fit beside the group's weights on rank 0 (S2V's rank share,
@@ -213,57 +253,10 @@ def test_every_rank_runs_the_job_rank_0_stores_the_video_and_a_job_that_does_not
     first_log, second_log = _logs(group_logs)
     assert f"rank 1 got job {again.id}" in second_log
 
-    # Stopping the worker takes the group with it: rank 0 sees its connection close.
-    pids = _rank_pids(second_log)
-    group_worker.stop()
-    _wait_gone(pids, 60, "group ranks")
-
-
-def test_cancel_stops_every_rank_at_the_same_step_and_the_group_serves_on_with_each_outputs_seed(
-    client: Client, group_worker, group_logs: Path, fleet_settings: Settings
-):
-    # 12 s of speech: three clips of 40 steps, tens of seconds on two CPU ranks.
+    # A rank killed mid-job fails that job, as the group's fault, and the next job gets a new group.
     job = client.submit(_s2v(client, 12.0, steps=40))
     _wait_for_step(client, job.id, 2)
-
-    client.cancel(job.id)
-    record = job.wait(timeout_s=120)
-
-    assert record.status is JobStatus.CANCELED
-    assert record.outputs == [] and record.step < 3 * 40
-    assert LocalStorage(fleet_settings.storage_dir).list(f"jobs/{job.id}/") == []
-    [log] = _logs(group_logs)
-    stopped = {
-        rank: int(step) for rank, step in re.findall(rf"rank (\d) stopped job {job.id} at step (\d+)", log)
-    }
-    assert set(stopped) == {"0", "1"}, log[-3000:]
-    assert len(set(stopped.values())) == 1  # both at the same step
-
-    # The same group (no second log, same processes) runs the next job, of its other model: two
-    # images, each with its own seed reported by the group, encoded by the consumer as asked.
-    pids = _rank_pids(log)
-    after = client.submit({**FAST_IMAGE, "num_outputs": 2, "seed": 9, "output_format": "webp"})
-    after_record = after.wait(timeout_s=180)
-    assert after_record.status is JobStatus.SUCCEEDED, after_record.error
-    assert [(o.width, o.height) for o in after_record.outputs] == [(64, 64), (64, 64)]
-    assert [o.seed for o in after_record.outputs] == [9, 10]
-    assert [o.content_type for o in after_record.outputs] == ["image/webp", "image/webp"]
-    assert [o.key for o in after_record.outputs] == [
-        f"jobs/{after.id}/attempt-1/output-{i}.webp" for i in range(2)
-    ]
-    assert after_record.worker.startswith("h100x8@")
-    [log] = _logs(group_logs)
-    assert f"rank 1 got job {after.id} (z-image-turbo)" in log
-    assert all(_alive(p) for p in pids)
-
-
-def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
-    client: Client, group_worker, group_logs: Path
-):
-    job = client.submit(_s2v(client, 12.0, steps=40))
-    _wait_for_step(client, job.id, 2)
-    [log] = _logs(group_logs)
-    rank0, rank1 = _rank_pids(log)
+    rank0, rank1 = _rank_pids(_logs(group_logs)[1])
 
     os.kill(rank1, signal.SIGKILL)
     record = job.wait(timeout_s=150)
@@ -277,9 +270,14 @@ def test_a_rank_killed_mid_job_fails_that_job_and_the_next_gets_a_new_group(
     after = client.submit(_s2v(client, SPEECH_S, steps=2))
     after_record = after.wait(timeout_s=300)
     assert after_record.status is JobStatus.SUCCEEDED, after_record.error
-    first, second = _logs(group_logs)
-    assert f"rank 1 got job {after.id}" in second
-    assert set(_rank_pids(second)).isdisjoint({rank0, rank1})
+    *_, third_log = _logs(group_logs)
+    assert len(_logs(group_logs)) == 3 and f"rank 1 got job {after.id}" in third_log
+    pids = _rank_pids(third_log)
+    assert set(pids).isdisjoint({rank0, rank1})
+
+    # Stopping the worker takes the group with it: rank 0 sees its connection close.
+    group_worker.stop()
+    _wait_gone(pids, 60, "group ranks")
 
 
 def test_a_ranks_own_error_fails_the_job_naming_it_and_one_while_the_others_wait_ends_after_the_grace(
