@@ -68,7 +68,9 @@ def test_a_tenants_usage_is_its_jobs_gpu_time_and_outputs_on_every_door(api, set
 
     assert response.status_code == 200, response.text
     usage = response.json()
-    assert (usage["tenant"], usage["start"], usage["end"]) == ("a", str(today.replace(day=1)), str(today))
+    # By default the month to date; past its 7th day, the last FLEET_USAGE_MAX_DAYS (7 here) days.
+    month_to_date = max(today.replace(day=1), today - dt.timedelta(days=MAX_DAYS - 1))
+    assert (usage["tenant"], usage["start"], usage["end"]) == ("a", str(month_to_date), str(today))
     held = job["timings"]["held_s"]
     # The worker's measure: claim to the end of generation, less the cold load; the store and
     # the record's write come after it.
