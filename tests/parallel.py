@@ -63,6 +63,8 @@ PROCESSES_ENV = "FLEET_TEST_PROCESSES"
 PROCESSES_PER_CORE = 2
 # The nice value of every other process of the run while an ``alone`` test runs.
 LOWEST_PRIORITY = 19
+# The unit tests' folder: ``spread`` leaves them last, in file order.
+UNIT_TESTS = "tests/unit/"
 # Below it: the demo's database (0) and the benchmarks' (1).
 LOWEST_DATABASE = 2
 _RUN_DIR = "fleet_parallel_dir"  # workerinput key: the run's folder (lock files, groups)
@@ -202,7 +204,18 @@ def scheduler(config: pytest.Config, log):
                 self.groups = json.loads((run_dir / _GROUPS_FILE).read_text())
             return self.groups.get(nodeid, nodeid)
 
+        spread_out = False
+
         def _assign_work_unit(self, node) -> None:
+            if not self.spread_out:  # the queue is whole once the first unit is handed out
+                self.spread_out = True
+                queue = dict(self.workqueue)
+                single = [scope for scope, unit in queue.items() if list(unit) == [scope]]
+                singles = set(single)
+                groups = [scope for scope in queue if scope not in singles]
+                self.workqueue.clear()
+                for scope in groups + spread(single):
+                    self.workqueue[scope] = queue[scope]
             # xdist's own sends the first item of each node id: items that share one (the fuzz
             # test's, one per API operation) would all but one go unrun. Send every item.
             scope, work_unit = self.workqueue.popitem(last=False)
@@ -212,6 +225,24 @@ def scheduler(config: pytest.Config, log):
             node.send_runtest_some([i for i, nodeid in enumerate(collection) if nodeid in pending])
 
     return GroupScheduling(config, log)
+
+
+def spread(tests: list[str]) -> list[str]:
+    """The tests that are no group, each module's spread evenly over the run instead of one after
+    another. Handed out in file order, a module's tests ran on every worker at once: the Redis
+    failover and restart tests, which mostly wait on Redis and the Sentinels, then left both
+    cores three-quarters idle for a minute. The unit tests, short, stay last, in file order: spread
+    too, a long test came last and the run ended on one worker waiting for it."""
+    by_module: dict[str, list[str]] = {}
+    for nodeid in tests:
+        by_module.setdefault(nodeid.split("::", 1)[0], []).append(nodeid)
+    placed = []
+    for order, (module, module_tests) in enumerate(by_module.items()):
+        unit = module.startswith(UNIT_TESTS)
+        for index, nodeid in enumerate(module_tests):
+            share = 0.0 if unit else (index + 0.5) / len(module_tests)
+            placed.append((unit, share, order, index, nodeid))
+    return [nodeid for *_, nodeid in sorted(placed)]
 
 
 @contextlib.contextmanager
