@@ -32,6 +32,9 @@ Scheduling (``--dist=loadgroup``):
   (a heavy test lasts up to a minute and a half; every other test would wait with it).
 * A module whose tests share a module-scoped fixture (a model built once, a server started
   once) is one xdist group: built once, not once per xdist worker.
+* The groups are handed out first, the largest first; then the other tests, each module's spread
+  evenly over the run and the unit tests last (``spread``), so that no module's tests, all
+  waiting on the same kind of thing, run on every worker at once.
 * ``-n0`` runs everything in this process, one test at a time (``-p no:xdist`` also needs
   ``-o addopts=`` to drop the ``-n`` it does not know); the locks are then not taken.
 * ``FLEET_TEST_PROCESSES=N`` (or ``-n N``) sets how many processes ``-n auto`` starts.
@@ -189,7 +192,7 @@ def _shares_module_fixture(item: pytest.Item) -> bool:
 def scheduler(config: pytest.Config, log):
     """``--dist=loadgroup``: xdist's scope scheduling (a group goes to one worker whole, the
     groups with the most tests first) over the groups ``record_groups`` wrote; other tests are
-    handed out one by one."""
+    handed out one by one, in the order ``spread`` gives them."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
