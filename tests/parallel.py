@@ -159,7 +159,7 @@ def record_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A module with an alone or heavy test and a module-scoped fixture goes to the alone group
     # whole: its fixture is then set up once, and only its alone tests hold the lock exclusively.
     alone_modules = {
-        _module(item) for item in items if any(item.get_closest_marker(m) for m in (ALONE, HEAVY))
+        _module(item.nodeid) for item in items if any(item.get_closest_marker(m) for m in (ALONE, HEAVY))
     }
     groups = {item.nodeid: name for item in items if (name := _group_of(item, alone_modules)) is not None}
     path = Path(run_dir) / _GROUPS_FILE
@@ -168,8 +168,8 @@ def record_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
     os.replace(partial, path)  # every worker writes the same: the last one stays, whole
 
 
-def _module(item: pytest.Item) -> str:
-    return item.nodeid.split("::", 1)[0]
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 def _group_of(item: pytest.Item, alone_modules: set[str]) -> str | None:
@@ -178,7 +178,7 @@ def _group_of(item: pytest.Item, alone_modules: set[str]) -> str | None:
     if (mark := item.get_closest_marker("xdist_group")) is not None:
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
     if _shares_module_fixture(item):
-        return ALONE if _module(item) in alone_modules else _module(item)
+        return ALONE if _module(item.nodeid) in alone_modules else _module(item.nodeid)
     return None
 
 
@@ -213,12 +213,11 @@ def scheduler(config: pytest.Config, log):
             if not self.spread_out:  # the queue is whole once the first unit is handed out
                 self.spread_out = True
                 queue = dict(self.workqueue)
-                single = [scope for scope, unit in queue.items() if list(unit) == [scope]]
-                singles = set(single)
-                groups = [scope for scope in queue if scope not in singles]
+                tests = [scope for scope, unit in queue.items() if list(unit) == [scope]]  # no group
+                ungrouped = set(tests)
+                groups = [scope for scope in queue if scope not in ungrouped]
                 self.workqueue.clear()
-                for scope in groups + spread(single):
-                    self.workqueue[scope] = queue[scope]
+                self.workqueue.update((scope, queue[scope]) for scope in groups + spread(tests))
             # xdist's own sends the first item of each node id: items that share one (the fuzz
             # test's, one per API operation) would all but one go unrun. Send every item.
             scope, work_unit = self.workqueue.popitem(last=False)
@@ -238,7 +237,7 @@ def spread(tests: list[str]) -> list[str]:
     too, a long test came last and the run ended on one worker waiting for it."""
     by_module: dict[str, list[str]] = {}
     for nodeid in tests:
-        by_module.setdefault(nodeid.split("::", 1)[0], []).append(nodeid)
+        by_module.setdefault(_module(nodeid), []).append(nodeid)
     placed = []
     for order, (module, module_tests) in enumerate(by_module.items()):
         unit = module.startswith(UNIT_TESTS)
